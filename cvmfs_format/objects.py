@@ -1,0 +1,128 @@
+"""Content-addressed objects: type suffixes, zlib, naming, and streaming verification."""
+
+from __future__ import annotations
+
+import enum
+import re
+import zlib
+from dataclasses import dataclass
+
+from cvmfs_format.errors import FormatError, IntegrityError
+from cvmfs_format.hashes import Algorithm, ContentHash
+
+
+class Suffix(enum.StrEnum):
+    """Object type suffix appended to the hash in ``data/`` names."""
+
+    FILE = ""
+    CATALOG = "C"
+    PARTIAL = "P"
+    CERTIFICATE = "X"
+    HISTORY = "H"
+    METAINFO = "M"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectName:
+    """An object's identity as served: its content hash and type suffix."""
+
+    hash: ContentHash
+    suffix: Suffix = Suffix.FILE
+
+    @property
+    def path(self) -> str:
+        return self.hash.object_path(self.suffix)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+_OBJECT_PATH = re.compile(
+    r"data/(?P<a>[0-9a-f]{2})/(?P<b>[0-9a-f]{38})(?P<algo>-rmd160|-shake128)?(?P<suffix>[CPXHM]?)"
+)
+
+
+def parse_object_path(path: str) -> ObjectName:
+    """Parse ``data/XX/<hex><algo><suffix>`` strictly (the proxy relies on this for safety)."""
+    m = _OBJECT_PATH.fullmatch(path)
+    if m is None:
+        raise FormatError(f"not an object path: {path[:120]!r}")
+    algorithm = Algorithm(m["algo"] or "")
+    digest = bytes.fromhex(m["a"] + m["b"])
+    return ObjectName(ContentHash(algorithm, digest), Suffix(m["suffix"]))
+
+
+def compress(data: bytes) -> bytes:
+    """zlib container, default level: what cvmfs_server writes."""
+    return zlib.compress(data, 6)
+
+
+def decompress(data: bytes, what: str = "object") -> bytes:
+    try:
+        d = zlib.decompressobj()
+        out = d.decompress(data)
+        if not d.eof:
+            raise FormatError(f"{what}: truncated zlib stream")
+        return out
+    except zlib.error as e:
+        raise FormatError(f"{what}: corrupt zlib data ({e})") from None
+
+
+def make_object(raw: bytes, algorithm: Algorithm = Algorithm.SHA1) -> tuple[ContentHash, bytes]:
+    """Compress ``raw`` and name it by the hash of the compressed bytes."""
+    stored = compress(raw)
+    return ContentHash.of(stored, algorithm), stored
+
+
+class StreamVerifier:
+    """Feed stored (compressed) chunks, get decompressed bytes; ``finish()`` checks the hash.
+
+    Data handed out before ``finish()`` is unverified: callers must not publish it until
+    ``finish()`` returned without raising.
+    """
+
+    def __init__(self, expected: ContentHash, what: str = "", compressed: bool = True) -> None:
+        self.expected = expected
+        self.what = what or expected.hex
+        self._hasher = expected.algorithm.new()
+        self._inflate = zlib.decompressobj() if compressed else None
+        self.stored_size = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._hasher.update(chunk)
+        self.stored_size += len(chunk)
+        if self._inflate is None:
+            return chunk
+        try:
+            return self._inflate.decompress(chunk)
+        except zlib.error as e:
+            raise IntegrityError(f"{self.what}: corrupt zlib data ({e})") from None
+
+    def finish(self) -> bytes:
+        """Verify; returns any remaining decompressed bytes."""
+        got = ContentHash(self.expected.algorithm, self._hasher.digest())
+        if got != self.expected:
+            raise IntegrityError(f"{self.what}: content hash mismatch (got {got.hex})")
+        if self._inflate is None:
+            return b""
+        try:
+            tail = self._inflate.flush()
+        except zlib.error as e:
+            raise IntegrityError(f"{self.what}: corrupt zlib data ({e})") from None
+        if not self._inflate.eof:
+            raise IntegrityError(f"{self.what}: truncated zlib stream")
+        return tail
+
+
+def verify_object(stored: bytes, expected: ContentHash, what: str = "") -> bytes:
+    """Check stored bytes against their hash and return them decompressed."""
+    v = StreamVerifier(expected, what)
+    out = v.feed(stored)
+    return out + v.finish()
+
+
+def verify_stored(stored: bytes, expected: ContentHash, what: str = "") -> None:
+    """Check stored bytes against their hash without decompressing (store/proxy use)."""
+    got = ContentHash.of(stored, expected.algorithm)
+    if got != expected:
+        raise IntegrityError(f"{what or expected.hex}: content hash mismatch (got {got.hex})")

@@ -1,0 +1,84 @@
+"""A repository in the Stratum-1 layout on local disk: ``<root>/<fqrn>/{.cvmfs*,data/}``.
+
+Writes are atomic (temp file in ``data/txn`` + rename), and the manifest goes last, so a
+reader or a static web server never sees a half-written object or a manifest that points at
+missing objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from cvmfs_format.errors import FormatError
+
+MANIFEST = ".cvmfspublished"
+WHITELIST = ".cvmfswhitelist"
+
+
+def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None, sync: bool = False) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new bytes."""
+    tmp_dir = tmp_dir or path.parent
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class LocalRepository:
+    """One repository directory; ``read`` is the Reader used by :mod:`cvmfs_format.verify`."""
+
+    def __init__(self, root: Path, fqrn: str) -> None:
+        self.fqrn = fqrn
+        self.dir = Path(root) / fqrn
+
+    @property
+    def exists(self) -> bool:
+        return (self.dir / MANIFEST).is_file()
+
+    def read(self, relpath: str) -> bytes:
+        try:
+            return (self.dir / relpath).read_bytes()
+        except FileNotFoundError:
+            raise FormatError(f"{self.dir / relpath}: missing") from None
+        except OSError as e:
+            raise FormatError(f"{self.dir / relpath}: cannot read ({e.strerror})") from None
+
+    def read_manifest(self) -> bytes:
+        if not self.exists:
+            raise FormatError(f"{self.dir}: not a CVMFS repository (no {MANIFEST})")
+        return self.read(MANIFEST)
+
+    def has(self, relpath: str) -> bool:
+        return (self.dir / relpath).exists()
+
+    def prepare(self) -> None:
+        (self.dir / "data" / "txn").mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (self.dir / "data" / f"{i:02x}").mkdir(exist_ok=True)
+
+    def write_object(self, relpath: str, stored: bytes) -> bool:
+        """Store an object unless present; returns True if it was written."""
+        target = self.dir / relpath
+        if target.exists():
+            return False
+        atomic_write(target, stored, self.dir / "data" / "txn")
+        return True
+
+    def write_whitelist(self, raw: bytes) -> None:
+        atomic_write(self.dir / WHITELIST, raw, self.dir / "data" / "txn", sync=True)
+
+    def write_manifest(self, raw: bytes) -> None:
+        """Last step of any update: makes the new revision visible at once."""
+        atomic_write(self.dir / MANIFEST, raw, self.dir / "data" / "txn", sync=True)

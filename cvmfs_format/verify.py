@@ -1,0 +1,143 @@
+"""Whole-repository verification over a ``read(path) -> bytes`` callback.
+
+The callback is the only I/O: a directory, an HTTP client or a test dict can stand behind it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from cvmfs_format.catalog import Catalog, CatalogTree, DirEntry, NeedCatalog, NestedRef
+from cvmfs_format.errors import FormatError
+from cvmfs_format.hashes import ContentHash
+from cvmfs_format.manifest import Manifest, load_certificate, parse_manifest, verify_manifest
+from cvmfs_format.objects import Suffix, verify_object
+from cvmfs_format.whitelist import parse_whitelist, verify_certificate_listed, verify_whitelist
+
+Reader = Callable[[str], bytes]
+T = TypeVar("T")
+
+
+def verify_ensemble(
+    manifest_raw: bytes,
+    whitelist_raw: bytes,
+    read: Reader,
+    fqrn: str,
+    master_keys: list[rsa.RSAPublicKey],
+    now: dt.datetime,
+    allow_expired: bool = False,
+) -> Manifest:
+    """Master key -> whitelist -> certificate -> manifest, as the cvmfs client checks them."""
+    signed = parse_manifest(manifest_raw)
+    cert_hash = signed.manifest.certificate
+    if cert_hash is None:
+        raise FormatError(".cvmfspublished: no certificate (key X)")
+    cert_pem = verify_object(
+        read(cert_hash.object_path(Suffix.CERTIFICATE)), cert_hash, "certificate object"
+    )
+    manifest = verify_manifest(signed, cert_pem, fqrn)
+    wl = parse_whitelist(whitelist_raw)
+    verify_whitelist(wl, master_keys, fqrn, now, allow_expired)
+    verify_certificate_listed(wl, load_certificate(cert_pem))
+    return manifest
+
+
+def load_catalog(read: Reader, content: ContentHash, what: str) -> Catalog:
+    stored = read(content.object_path(Suffix.CATALOG))
+    return Catalog(verify_object(stored, content, what), what)
+
+
+def open_tree(read: Reader, manifest: Manifest) -> CatalogTree:
+    return CatalogTree(load_catalog(read, manifest.root_catalog, "root catalog"))
+
+
+def walk(tree: CatalogTree, read: Reader, start: str = "") -> Iterator[DirEntry]:
+    """Depth-first over every entry below ``start`` (inclusive), loading nested catalogs."""
+
+    def attach(ref: NestedRef) -> None:
+        tree.attach(ref.path, load_catalog(read, ref.hash, f"nested catalog {ref.path}"))
+
+    stack = [start]
+    while stack:
+        path = stack.pop()
+        entry = loading(attach, partial(tree.lookup, path))
+        if entry is None:
+            raise FormatError(f"catalog: {path or '/'} is listed but has no entry")
+        yield entry
+        if entry.is_dir:
+            children = loading(attach, partial(tree.listing, path))
+            stack.extend(c.path for c in reversed(children))
+
+
+def loading(attach: Callable[[NestedRef], None], query: Callable[[], T]) -> T:
+    """Run a CatalogTree query, attaching nested catalogs until it can be answered."""
+    while True:
+        try:
+            return query()
+        except NeedCatalog as need:
+            attach(need.ref)
+
+
+@dataclass
+class VerifyReport:
+    """What a full verification saw."""
+
+    revision: int = 0
+    catalogs: int = 0
+    entries: int = 0
+    objects: int = 0
+    stored_bytes: int = 0
+    file_bytes: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+
+
+def verify_repository(read: Reader, manifest: Manifest) -> VerifyReport:
+    """Every catalog and every referenced object (files and chunks) checked by hash."""
+    report = VerifyReport(revision=manifest.revision)
+    tree = open_tree(read, manifest)
+    if tree.root.revision != manifest.revision:
+        raise FormatError(
+            f"root catalog revision {tree.root.revision} != manifest revision {manifest.revision}"
+        )
+    seen: set[ContentHash] = set()
+    for entry in walk(tree, read):
+        report.entries += 1
+        kind = (
+            "dir"
+            if entry.is_dir
+            else "symlink"
+            if entry.is_symlink
+            else ("file" if entry.is_regular else "special")
+        )
+        report.kinds[kind] = report.kinds.get(kind, 0) + 1
+        if entry.is_regular and not entry.is_external:
+            report.file_bytes += entry.size
+            if entry.is_chunked:
+                parts = [(c.hash, Suffix.PARTIAL) for c in tree.chunks(entry.path)]
+                total = sum(c.size for c in tree.chunks(entry.path))
+                if total != entry.size:
+                    raise FormatError(f"{entry.path}: chunks cover {total} of {entry.size} bytes")
+            elif entry.hash is not None:
+                parts = [(entry.hash, Suffix.FILE)]
+            else:
+                raise FormatError(f"{entry.path}: regular file without content hash")
+            for h, suffix in parts:
+                if h in seen:
+                    continue
+                seen.add(h)
+                stored = read(h.object_path(suffix))
+                data = verify_object(stored, h, f"{entry.path} ({h.object_path(suffix)})")
+                if suffix is Suffix.FILE and len(data) != entry.size:
+                    raise FormatError(
+                        f"{entry.path}: object has {len(data)} bytes, catalog says {entry.size}"
+                    )
+                report.objects += 1
+                report.stored_bytes += len(stored)
+    report.catalogs = len(tree.catalogs)
+    return report

@@ -1,0 +1,1 @@
+"""hep-publish: turn a directory tree into a genuine signed CVMFS repository."""

@@ -1,0 +1,2 @@
+DEMO_RELEASE="demo-1.0"
+export DEMO_RELEASE

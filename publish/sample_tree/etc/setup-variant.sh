@@ -1,0 +1,1 @@
+setup-$(DEMO_FLAVOUR:-default).sh

@@ -1,0 +1,25 @@
+"""Shared fixtures: the real 2015 repository and freshly published ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.repos import FIXTURE_DIR, SHARED_MISSING, Repo, unpack_fixture
+
+
+@pytest.fixture(scope="session")
+def fixture_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    """The real ``legacy_aufs.cern.ch`` repository with a re-signed (valid) whitelist."""
+    if not FIXTURE_DIR.is_dir():
+        pytest.skip(SHARED_MISSING)
+    return unpack_fixture(tmp_path_factory.mktemp("legacy_aufs"))
+
+
+@pytest.fixture
+def fresh_fixture_repo(tmp_path: Path) -> Repo:
+    """A private copy of the fixture that a test may tamper with."""
+    if not FIXTURE_DIR.is_dir():
+        pytest.skip(SHARED_MISSING)
+    return unpack_fixture(tmp_path)
