@@ -162,14 +162,13 @@ class CatalogWriter:
         )
         self.counters["nested"] += 1
 
-    def finish(
+    def properties(
         self,
         revision: int,
         last_modified: int,
-        subtree: dict[str, int],
         previous_revision: str | None = None,
         ttl: int | None = None,
-    ) -> bytes:
+    ) -> dict[str, str]:
         props: dict[str, str] = {
             "schema": SCHEMA,
             "schema_revision": str(SCHEMA_REVISION),
@@ -182,12 +181,33 @@ class CatalogWriter:
             props["previous_revision"] = previous_revision
         if ttl is not None:
             props["TTL"] = str(ttl)
-        self._db.executemany("INSERT INTO properties VALUES (?,?)", props.items())
+        return props
+
+    def serialize(self, properties: dict[str, str], subtree: dict[str, int]) -> bytes:
+        """The SQLite file with these properties; may be called again with others.
+
+        Identical rows and properties give identical bytes, which lets the publisher keep an
+        unchanged nested catalog (and its old revision) instead of writing a new object.
+        """
+        self._db.execute("DELETE FROM properties")
+        self._db.execute("DELETE FROM statistics")
+        self._db.executemany("INSERT INTO properties VALUES (?,?)", sorted(properties.items()))
         rows = [(f"self_{k}", v) for k, v in self.counters.items()]
         rows += [(f"subtree_{k}", subtree.get(k, 0)) for k in COUNTER_NAMES]
         self._db.executemany("INSERT INTO statistics VALUES (?,?)", rows)
         self._db.commit()
         self._db.execute("VACUUM")
-        data = self._db.serialize()
+        return self._db.serialize()
+
+    def finish(
+        self,
+        revision: int,
+        last_modified: int,
+        subtree: dict[str, int],
+        previous_revision: str | None = None,
+        ttl: int | None = None,
+    ) -> bytes:
+        props = self.properties(revision, last_modified, previous_revision, ttl)
+        data = self.serialize(props, subtree)
         self._db.close()
         return data

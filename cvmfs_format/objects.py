@@ -86,6 +86,7 @@ class StreamVerifier:
         self.what = what or expected.hex
         self._hasher = expected.algorithm.new()
         self._inflate = zlib.decompressobj() if compressed else None
+        self._zlib_error: str | None = None
         self.stored_size = 0
 
     def feed(self, chunk: bytes) -> bytes:
@@ -93,10 +94,14 @@ class StreamVerifier:
         self.stored_size += len(chunk)
         if self._inflate is None:
             return chunk
+        if self._zlib_error is not None:
+            return b""
         try:
             return self._inflate.decompress(chunk)
         except zlib.error as e:
-            raise IntegrityError(f"{self.what}: corrupt zlib data ({e})") from None
+            # Report it in finish(): a hash mismatch is the more useful diagnosis.
+            self._zlib_error = str(e)
+            return b""
 
     def finish(self) -> bytes:
         """Verify; returns any remaining decompressed bytes."""
@@ -105,6 +110,8 @@ class StreamVerifier:
             raise IntegrityError(f"{self.what}: content hash mismatch (got {got.hex})")
         if self._inflate is None:
             return b""
+        if self._zlib_error is not None:
+            raise IntegrityError(f"{self.what}: corrupt zlib data ({self._zlib_error})")
         try:
             tail = self._inflate.flush()
         except zlib.error as e:

@@ -65,6 +65,16 @@ def _parse_fingerprint(line: str) -> ContentHash | None:
         raise WhitelistError(f".cvmfswhitelist: bad fingerprint line {line[:80]!r}") from None
 
 
+def _check_hash_line(body: bytes, hash_line: str) -> None:
+    """Checked before anything else is parsed: a body that fails it is tampered with."""
+    try:
+        algorithm = ContentHash.parse(hash_line).algorithm
+    except FormatError:
+        raise WhitelistError(f".cvmfswhitelist: bad hash line {hash_line[:60]!r}") from None
+    if ContentHash.of(body, algorithm).hex != hash_line:
+        raise WhitelistError(".cvmfswhitelist: body does not match its hash line")
+
+
 def parse_whitelist(raw: bytes) -> Whitelist:
     idx = raw.find(b"\n--\n")
     if idx < 0:
@@ -76,6 +86,7 @@ def parse_whitelist(raw: bytes) -> Whitelist:
         raise WhitelistError(".cvmfswhitelist: truncated after the '--' line")
     hash_line = rest[:nl].decode("ascii", "replace")
     signature = rest[nl + 1 :]
+    _check_hash_line(body, hash_line)
     try:
         lines = body.decode("ascii").split("\n")[:-1]
     except UnicodeDecodeError:
@@ -149,12 +160,7 @@ def verify_whitelist(
     """Signature by one of the master keys, hash line, name and expiry."""
     if wl.hash_line is None or wl.signature is None:
         raise WhitelistError(".cvmfswhitelist: not signed")
-    try:
-        algorithm = ContentHash.parse(wl.hash_line).algorithm
-    except FormatError:
-        raise WhitelistError(f".cvmfswhitelist: bad hash line {wl.hash_line[:60]!r}") from None
-    if ContentHash.of(wl.body, algorithm).hex != wl.hash_line:
-        raise WhitelistError(".cvmfswhitelist: body does not match its hash line")
+    _check_hash_line(wl.body, wl.hash_line)
     if not master_keys:
         raise WhitelistError(".cvmfswhitelist: no master public keys to verify it with")
     expected = wl.hash_line.encode()

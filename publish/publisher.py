@@ -9,12 +9,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfs_format.catalog import Catalog
 from cvmfs_format.catalog_writer import CatalogWriter, NewEntry
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import Algorithm, ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest, sign_manifest
 from cvmfs_format.objects import Suffix, make_object
 from cvmfs_format.store import LocalRepository
+from cvmfs_format.verify import load_catalog
 from cvmfs_format.whitelist import make_whitelist
 from cvmfs_format.xattrs import encode_xattrs
 from publish.keys import KeySet
@@ -37,12 +39,31 @@ class PublishResult:
     kinds: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True)
+class PreviousCatalog:
+    hash: ContentHash
+    catalog: Catalog
+
+
+def _previous_catalogs(repo: LocalRepository, manifest: Manifest) -> dict[str, PreviousCatalog]:
+    """Every catalog of the previous revision, by mountpoint (to keep unchanged ones)."""
+    out: dict[str, PreviousCatalog] = {}
+    todo = [("", manifest.root_catalog)]
+    while todo:
+        mountpoint, h = todo.pop()
+        catalog = load_catalog(repo.read, h, f"previous catalog {mountpoint or '/'}")
+        out[mountpoint] = PreviousCatalog(h, catalog)
+        todo.extend((ref.path, ref.hash) for ref in catalog.nested())
+    return out
+
+
 class _Builder:
     def __init__(self, repo: LocalRepository, source_root: Path, algorithm: Algorithm) -> None:
         self.repo = repo
         self.source_root = source_root
         self.algorithm = algorithm
         self.stats = PublishResult(0, ContentHash(algorithm, bytes(20)))
+        self.previous: dict[str, PreviousCatalog] = {}
 
     def put(self, raw: bytes, suffix: Suffix) -> tuple[ContentHash, int]:
         h, stored = make_object(raw, self.algorithm)
@@ -164,13 +185,20 @@ def _build_catalog(
                 writer.add(e)
                 if child.is_dir:
                     stack.append(child)
-    data = writer.finish(
-        revision,
-        now,
-        dict(subtree),
-        previous_revision=previous_root,
-        ttl=DEFAULT_TTL if mountpoint.path == "" else None,
-    )
+    data = None
+    old = builder.previous.get(mountpoint.path)
+    if old is not None and mountpoint.path != "":
+        candidate = writer.serialize(old.catalog.properties, dict(subtree))
+        if make_object(candidate, builder.algorithm)[0] == old.hash:
+            data = candidate  # unchanged: keep the old object and its revision
+    if data is None:
+        props = writer.properties(
+            revision,
+            now,
+            previous_revision=previous_root,
+            ttl=DEFAULT_TTL if mountpoint.path == "" else None,
+        )
+        data = writer.serialize(props, dict(subtree))
     h, _ = builder.put(data, Suffix.CATALOG)
     builder.stats.catalogs += 1
     total = Counter(writer.counters)
@@ -198,6 +226,8 @@ def publish(
     revision = previous.revision + 1 if previous else 1
     repo.prepare()
     builder = _Builder(repo, source_root, algorithm)
+    if previous is not None:
+        builder.previous = _previous_catalogs(repo, previous)
     timestamp = int(now.timestamp())
     root_hash, root_size, _ = _build_catalog(
         tree, builder, revision, timestamp, previous.root_catalog.hex if previous else None

@@ -65,7 +65,9 @@ def unpack_fixture(dest: Path, resign: bool = True) -> Repo:
     return repo
 
 
-def publish_tree(source: Path, store: Path, fqrn: str, keys_dir: Path) -> tuple[Repo, PublishResult]:
+def publish_tree(
+    source: Path, store: Path, fqrn: str, keys_dir: Path
+) -> tuple[Repo, PublishResult]:
     """Publish ``source`` with the real publisher (same code path as hep-publish)."""
     keys, _ = load_or_create_keys(keys_dir, fqrn, dt.datetime.now(dt.UTC))
     result = publish(scan(source), source, LocalRepository(store, fqrn), keys)
