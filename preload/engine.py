@@ -84,9 +84,14 @@ class RepoPreload:
         if signed.certificate is None:
             raise FormatError(f"{server}/{MANIFEST}: no certificate (key X)")
         whitelist_raw = await self.fetcher.fetch_bytes(WHITELIST)
-        cert_raw = await self.fetcher.fetch_bytes(
-            signed.certificate.object_path(Suffix.CERTIFICATE), signed.certificate
-        )
+        cert_rel = signed.certificate.object_path(Suffix.CERTIFICATE)
+        cert_raw = self._stored_object(cert_rel)
+        if cert_raw is not None and ContentHash.of(cert_raw, signed.certificate.algorithm) != (
+            signed.certificate
+        ):
+            cert_raw = None
+        if cert_raw is None:
+            cert_raw = await self.fetcher.fetch_bytes(cert_rel, signed.certificate)
         return self._verify(manifest_raw, whitelist_raw, cert_raw, server)
 
     def _verify(
@@ -116,6 +121,13 @@ class RepoPreload:
         except FormatError as e:
             raise FormatError(f"{where}: {e}") from None
         return Ensemble(manifest, manifest_raw, whitelist_raw, cert_raw, None, where)
+
+    def _stored_object(self, rel: str) -> bytes | None:
+        """An object already in the store (immutable by name; verified by the caller)."""
+        try:
+            return (self.store.dir / rel).read_bytes()
+        except OSError:
+            return None
 
     async def fetch_ensemble(self) -> Ensemble:
         """Manifest, whitelist and certificate, verified; an invalid set tries the next server."""
