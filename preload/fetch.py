@@ -257,7 +257,10 @@ class Fetcher:
                     raise
                 return size
         except (aiohttp.ClientConnectorError, aiohttp.ClientProxyConnectionError) as e:
-            reason = "connection refused" if "refused" in str(e).lower() else "cannot connect"
+            refused = isinstance(e, aiohttp.ClientConnectorError) and isinstance(
+                e.os_error, ConnectionRefusedError
+            )
+            reason = "connection refused" if refused else "cannot connect"
             raise Attempt(Outcome.RETRY, reason) from None
         except TimeoutError:
             raise Attempt(Outcome.RETRY, "timeout") from None

@@ -92,7 +92,7 @@ http {{
                     if self.proc.poll() is not None or time.monotonic() > deadline:
                         err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                         self.stop()
-                        raise RuntimeError(f"nginx did not start: {err}")
+                        raise RuntimeError(f"nginx did not start: {err}") from None
                     time.sleep(0.05)
 
     def requests(self) -> list[str]:
