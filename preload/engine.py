@@ -293,7 +293,7 @@ class RepoPreload:
                 keep = set(selection.objects) | selection.catalog_paths()
                 keep.add(m.certificate.object_path(Suffix.CERTIFICATE))
                 r.pruned_objects, r.pruned_bytes = await asyncio.to_thread(self.store.prune, keep)
-        except FetchError as e:
+        except (FetchError, FormatError) as e:
             raise PreloadError(str(e)) from None
         finally:
             self.progress.clear()

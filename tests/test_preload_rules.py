@@ -158,3 +158,27 @@ def test_backoff_is_jittered_and_capped() -> None:
     rng = random.Random(0)
     delays = [backoff_delay(a, 0.5, 2.0, rng) for a in range(10) for _ in range(20)]
     assert all(0 <= d <= 2.0 for d in delays) and len(set(delays)) > 100
+
+
+def test_progress_line_and_summary() -> None:
+    import io
+
+    from preload.progress import Progress, RepoReport, summary_lines
+
+    out = io.StringIO()
+    p = Progress(out, enabled=True)
+    p.begin("cms.cern.ch", 4, 4000)
+    p.start -= 10
+    p.advance(1000, 1000)
+    p.draw()
+    line = out.getvalue()
+    assert "cms.cern.ch: 1/4 objects" in line and "25%" in line and "ETA 0m30s" in line
+    r = RepoReport(
+        "cms.cern.ch",
+        revision=7,
+        previous_revision=6,
+        server="http://s1",
+        failover=["switched to server http://s2 after: x (HTTP 500)"],
+    )
+    text = "\n".join(summary_lines(r))
+    assert "revision 7 (was 6)" in text and "fail-over: switched to server" in text
