@@ -354,17 +354,23 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
             stderr=subprocess.DEVNULL,
         )
         tmp_dir = store / ".preload-tmp" / FQRN
+
+        def sizes(d: Path) -> list[int]:
+            out = []
+            for p in d.glob("*") if d.is_dir() else []:
+                try:
+                    out.append(p.stat().st_size)
+                except FileNotFoundError:  # renamed meanwhile
+                    continue
+            return out
+
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            partial = (
-                [p for p in tmp_dir.glob("*") if p.stat().st_size > 100_000]
-                if tmp_dir.is_dir()
-                else []
-            )
-            if partial:
-                break
+        going = False
+        while not going and time.monotonic() < deadline:
+            # a chunk half-way through its download, and some small objects already committed
+            going = any(s > 100_000 for s in sizes(tmp_dir)) and len(data_files(store / FQRN)) >= 5
             time.sleep(0.05)
-        assert partial, "the preload never got going"
+        assert going, "the preload never got going"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         repo_dir = store / FQRN
