@@ -1,0 +1,98 @@
+"""Catalog walk that decides which catalogs and objects a rule set needs (sans-I/O).
+
+The walk lists only directories the rules can reach, so nested catalogs outside the selection
+are never fetched. When a listing needs a nested catalog that is not loaded, the directory is
+parked and :meth:`Selector.step` returns the catalog reference; the caller fetches it, calls
+:meth:`Selector.attach`, and steps again. Files are selected one by one (file granularity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cvmfs_format.catalog import Catalog, CatalogTree, NeedCatalog, NestedRef
+from cvmfs_format.hashes import ContentHash
+from cvmfs_format.objects import Suffix
+from preload.rules import Rules
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """An object to have in the store: where it lives and what it is for."""
+
+    relpath: str
+    hash: ContentHash
+    suffix: Suffix
+    size: int  # uncompressed bytes (file or chunk), for progress estimates
+    path: str  # first repository path that needs it, for messages
+
+
+@dataclass
+class Selection:
+    files: int = 0
+    file_bytes: int = 0
+    objects: dict[str, Wanted] = field(default_factory=dict)
+    catalogs: dict[str, ContentHash] = field(default_factory=dict)  # mountpoint -> hash
+
+    @property
+    def object_bytes(self) -> int:
+        return sum(w.size for w in self.objects.values())
+
+    def catalog_paths(self) -> set[str]:
+        return {h.object_path(Suffix.CATALOG) for h in self.catalogs.values()}
+
+
+class Selector:
+    """Resumable walk of a :class:`CatalogTree` under a :class:`Rules` set."""
+
+    def __init__(self, tree: CatalogTree, root_hash: ContentHash, rules: Rules) -> None:
+        self.tree = tree
+        self.rules = rules
+        self.result = Selection(catalogs={"": root_hash})
+        self._pending: list[str] = [""] if rules.descend("") else []
+        self._parked: dict[str, tuple[NestedRef, list[str]]] = {}
+
+    @property
+    def done(self) -> bool:
+        return not self._pending and not self._parked
+
+    def step(self) -> list[NestedRef]:
+        """Walk as far as the loaded catalogs allow; returns the catalogs needed next."""
+        while self._pending:
+            directory = self._pending.pop()
+            try:
+                children = self.tree.listing(directory)
+            except NeedCatalog as need:
+                _ref, dirs = self._parked.setdefault(need.ref.path, (need.ref, []))
+                dirs.append(directory)
+                continue
+            for child in children:
+                if child.is_dir:
+                    if self.rules.descend(child.path):
+                        self._pending.append(child.path)
+                elif child.is_regular and not child.is_external and self.rules.selects(child.path):
+                    self._select_file(child.path, child.hash, child.size, child.is_chunked)
+        return [ref for ref, _ in self._parked.values()]
+
+    def _select_file(
+        self, path: str, content: ContentHash | None, size: int, chunked: bool
+    ) -> None:
+        self.result.files += 1
+        self.result.file_bytes += size
+        if chunked:
+            for c in self.tree.chunks(path):
+                self._want(c.hash, Suffix.PARTIAL, c.size, path)
+        elif content is not None:
+            self._want(content, Suffix.FILE, size, path)
+
+    def _want(self, h: ContentHash, suffix: Suffix, size: int, path: str) -> None:
+        rel = h.object_path(suffix)
+        if rel not in self.result.objects:
+            self.result.objects[rel] = Wanted(rel, h, suffix, size, path)
+
+    def attach(self, ref: NestedRef, catalog: Catalog) -> None:
+        """A needed catalog arrived (verified by the caller): resume its parked directories."""
+        self.tree.attach(ref.path, catalog)
+        self.result.catalogs[ref.path] = ref.hash
+        _, dirs = self._parked.pop(ref.path)
+        self._pending.extend(dirs)

@@ -1,0 +1,259 @@
+"""The YAML spec: parsed into frozen dataclasses, every error naming file, line and key.
+
+Nothing here touches the network; keys and rule files are read when the spec is loaded, so a
+bad spec is refused before any download.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from cvmfs_format.errors import FormatError
+from cvmfs_format.proxies import ProxyGroups, parse_proxies, parse_server_urls
+from cvmfs_format.whitelist import load_public_key
+from preload.rules import RuleError, Rules
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; ``str()`` is the one-line message."""
+
+
+@dataclass(frozen=True)
+class RepoSpec:
+    name: str
+    servers: tuple[str, ...]
+    proxies: ProxyGroups
+    keys: tuple[Path, ...]
+    rules: Rules
+    revision: int | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    store: Path
+    repositories: tuple[RepoSpec, ...]
+    concurrency: int = 16
+    timeout: float = 10.0
+    connect_timeout: float = 5.0
+    retries: int = 2
+    backoff_init: float = 0.5
+    backoff_max: float = 2.0
+
+
+_FQRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.[A-Za-z0-9_-]+")
+_TOP_KEYS = {
+    "store",
+    "concurrency",
+    "timeout",
+    "connect_timeout",
+    "retries",
+    "backoff_init",
+    "backoff_max",
+    "repositories",
+}
+_REPO_KEYS = {"name", "servers", "proxies", "keys", "include", "exclude", "rules", "revision"}
+
+
+class _Node:
+    """A YAML value with the line it started on (1-based)."""
+
+    def __init__(self, value: Any, line: int) -> None:
+        self.value = value
+        self.line = line
+
+
+def _convert(node: yaml.Node) -> _Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, _Node] = {}
+        for k, v in node.value:
+            out[str(k.value)] = _convert(v)
+            out[str(k.value)].line = k.start_mark.line + 1
+        return _Node(out, line)
+    if isinstance(node, yaml.SequenceNode):
+        return _Node([_convert(v) for v in node.value], line)
+    assert isinstance(node, yaml.ScalarNode)
+    return _Node(
+        yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value,
+        line,
+    )
+
+
+class _Ctx:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, node: _Node | int, key: str, problem: str) -> SpecError:
+        line = node if isinstance(node, int) else node.line
+        return SpecError(f"{self.path}:{line}: {key}: {problem}")
+
+    def string(self, node: _Node, key: str) -> str:
+        if not isinstance(node.value, str) or not node.value.strip():
+            raise self.fail(node, key, f"expected a non-empty string, got {node.value!r}")
+        return node.value.strip()
+
+    def strings(self, node: _Node, key: str) -> list[tuple[str, int]]:
+        """A string (``;`` or newline separated) or a list of strings, with their lines."""
+        if isinstance(node.value, str):
+            return [(s, node.line) for s in re.split(r"[;\n]", node.value) if s.strip()]
+        if isinstance(node.value, list):
+            return [(self.string(n, key), n.line) for n in node.value]
+        raise self.fail(node, key, "expected a string or a list of strings")
+
+    def number(self, node: _Node, key: str, lo: float, hi: float, integer: bool) -> float:
+        v = node.value
+        ok = isinstance(v, int) if integer else isinstance(v, int | float)
+        if not ok or isinstance(v, bool) or not lo <= v <= hi:
+            kind = "an integer" if integer else "a number"
+            raise self.fail(node, key, f"expected {kind} in [{lo:g}, {hi:g}], got {v!r}")
+        return float(v)
+
+
+def _resolve(p: str) -> Path:
+    return Path(p).expanduser()
+
+
+def load_keys(paths: tuple[Path, ...], what: str) -> list[rsa.RSAPublicKey]:
+    """Master public keys: files, or directories whose ``*.pub`` files are all used."""
+    keys = []
+    for p in paths:
+        files = sorted(p.glob("*.pub")) if p.is_dir() else [p]
+        if p.is_dir() and not files:
+            raise SpecError(f"{what}: keys: directory {p} holds no *.pub file")
+        for f in files:
+            try:
+                pem = f.read_bytes()
+            except OSError as e:
+                raise SpecError(f"{what}: keys: {f}: {e.strerror}") from None
+            try:
+                keys.append(load_public_key(pem, str(f)))
+            except FormatError as e:
+                raise SpecError(f"{what}: keys: {e}") from None
+    return keys
+
+
+def _rules(ctx: _Ctx, repo: dict[str, _Node], where: str) -> Rules:
+    lines: list[tuple[str, str]] = []
+    if "rules" in repo:
+        node = repo["rules"]
+        rules_file = _resolve(ctx.string(node, f"{where}.rules"))
+        try:
+            text = rules_file.read_text()
+        except OSError as e:
+            raise ctx.fail(node, f"{where}.rules", f"{rules_file}: {e.strerror}") from None
+        lines += [(t, f"{rules_file}:{i}") for i, t in enumerate(text.splitlines(), 1)]
+    if "include" in repo:
+        for text, line in ctx.strings(repo["include"], f"{where}.include"):
+            lines.append((text, f"{ctx.path}:{line}: {where}.include"))
+    if "exclude" in repo:
+        for text, line in ctx.strings(repo["exclude"], f"{where}.exclude"):
+            t = text.strip()
+            lines.append(("!" + t.lstrip("!"), f"{ctx.path}:{line}: {where}.exclude"))
+    try:
+        return Rules.parse(lines)
+    except RuleError as e:
+        raise SpecError(str(e)) from None
+
+
+def _repository(ctx: _Ctx, node: _Node, index: int) -> RepoSpec:
+    where = f"repositories[{index}]"
+    if not isinstance(node.value, dict):
+        raise ctx.fail(node, where, "expected a mapping with name, servers, keys, …")
+    repo: dict[str, _Node] = node.value
+    for k, v in repo.items():
+        if k not in _REPO_KEYS:
+            raise ctx.fail(
+                v, f"{where}.{k}", f"unknown key (known: {', '.join(sorted(_REPO_KEYS))})"
+            )
+    for required in ("name", "servers", "keys"):
+        if required not in repo:
+            raise ctx.fail(node, where, f"required key {required!r} missing")
+    name = ctx.string(repo["name"], f"{where}.name")
+    if not _FQRN.fullmatch(name):
+        raise ctx.fail(repo["name"], f"{where}.name", f"{name!r} is not a repository name")
+    where = f"repositories[{name}]"
+    server_items = ctx.strings(repo["servers"], f"{where}.servers")
+    try:
+        servers = parse_server_urls([s for s, _ in server_items], name)
+    except FormatError as e:
+        raise ctx.fail(repo["servers"], f"{where}.servers", str(e)) from None
+    proxies_text = None
+    if "proxies" in repo:
+        pnode = repo["proxies"]
+        if isinstance(pnode.value, list):
+            proxies_text = ";".join(ctx.string(n, f"{where}.proxies") for n in pnode.value)
+        else:
+            proxies_text = ctx.string(pnode, f"{where}.proxies")
+    try:
+        proxies = parse_proxies(proxies_text)
+    except FormatError as e:
+        raise ctx.fail(repo["proxies"], f"{where}.proxies", str(e)) from None
+    keys = tuple(_resolve(k) for k, _ in ctx.strings(repo["keys"], f"{where}.keys"))
+    revision = None
+    if "revision" in repo and repo["revision"].value is not None:
+        revision = int(ctx.number(repo["revision"], f"{where}.revision", 1, 2**63, True))
+    return RepoSpec(name, tuple(servers), proxies, keys, _rules(ctx, repo, where), revision)
+
+
+def parse_spec(text: str, path: Path) -> Spec:
+    """YAML text -> Spec; SpecError names ``path``, the line and the key."""
+    ctx = _Ctx(path)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{path}:{line}: not valid YAML ({problem})") from None
+    if root is None:
+        raise SpecError(f"{path}: empty spec")
+    top = _convert(root)
+    if not isinstance(top.value, dict):
+        raise ctx.fail(top, "spec", "expected a mapping at the top level")
+    d: dict[str, _Node] = top.value
+    for k, v in d.items():
+        if k not in _TOP_KEYS:
+            raise ctx.fail(v, k, f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    for required in ("store", "repositories"):
+        if required not in d:
+            raise ctx.fail(top, required, "required key missing")
+    repos_node = d["repositories"]
+    if not isinstance(repos_node.value, list) or not repos_node.value:
+        raise ctx.fail(repos_node, "repositories", "expected a non-empty list")
+    repos = tuple(_repository(ctx, n, i) for i, n in enumerate(repos_node.value))
+    names = [r.name for r in repos]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ctx.fail(repos_node, "repositories", f"{sorted(dup)[0]} listed twice")
+    kw: dict[str, Any] = {}
+    limits = {
+        "concurrency": (1, 1024, True),
+        "timeout": (0.1, 3600, False),
+        "connect_timeout": (0.1, 3600, False),
+        "retries": (0, 100, True),
+        "backoff_init": (0, 600, False),
+        "backoff_max": (0, 3600, False),
+    }
+    for key, (lo, hi, integer) in limits.items():
+        if key in d:
+            num = ctx.number(d[key], key, lo, hi, integer)
+            kw[key] = int(num) if integer else num
+    store = _resolve(ctx.string(d["store"], "store"))
+    return Spec(path=path, store=store, repositories=repos, **kw)
+
+
+def load_spec(path: Path) -> Spec:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text") from None
+    return parse_spec(text, path)

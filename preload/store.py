@@ -1,0 +1,140 @@
+"""The local store: Stratum-1 layout per repository, a lock per store, atomic commits, prune.
+
+Objects are fetched into ``<store>/.preload-tmp/<fqrn>/`` (outside ``data/``, so a crash never
+leaves a partial file where a web server would serve it) and renamed into ``data/XX/`` only
+after their hash verified. The manifest is replaced last.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import aiofiles.os
+
+from cvmfs_format.store import MANIFEST, WHITELIST, LocalRepository, atomic_write
+
+LOCK_NAME = ".preload.lock"
+TMP_NAME = ".preload-tmp"
+
+
+class StoreLocked(Exception):
+    """Another preload holds the store's lock."""
+
+
+class StoreLock:
+    """``flock`` on ``<store>/.preload.lock``; released by the kernel if the process dies."""
+
+    def __init__(self, store: Path) -> None:
+        self.path = store / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> StoreLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreLocked(
+                f"{self.path}: store is locked by a running preload (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(
+        self,
+        t: type[BaseException] | None,
+        e: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class RepoStore:
+    """One repository directory inside a store."""
+
+    root: Path
+    fqrn: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.fqrn
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / TMP_NAME / self.fqrn
+
+    @property
+    def local(self) -> LocalRepository:
+        return LocalRepository(self.root, self.fqrn)
+
+    def manifest_bytes(self) -> bytes | None:
+        try:
+            return (self.dir / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def prepare(self) -> None:
+        """Create ``data/00..ff`` and a clean temp dir (leftovers of a killed run go away)."""
+        for i in range(256):
+            (self.dir / "data" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir(parents=True)
+
+    def present(self) -> set[str]:
+        """Relative paths of every object under ``data/XX/`` (one scandir per directory)."""
+        out: set[str] = set()
+        data = self.dir / "data"
+        if not data.is_dir():
+            return out
+        for i in range(256):
+            sub = f"{i:02x}"
+            try:
+                with os.scandir(data / sub) as it:
+                    out.update(f"data/{sub}/{e.name}" for e in it)
+            except FileNotFoundError:
+                continue
+        return out
+
+    async def commit(self, tmp: Path, relpath: str) -> None:
+        """Verified temp file -> its final name, atomically."""
+        await aiofiles.os.replace(tmp, self.dir / relpath)
+
+    def write_object(self, relpath: str, stored: bytes) -> None:
+        target = self.dir / relpath
+        if not target.exists():
+            atomic_write(target, stored, self.tmp_dir)
+
+    def write_ensemble(self, whitelist: bytes, manifest: bytes) -> None:
+        """Whitelist, then manifest: the manifest is the switch to the new revision."""
+        atomic_write(self.dir / WHITELIST, whitelist, self.tmp_dir, sync=True)
+        atomic_write(self.dir / MANIFEST, manifest, self.tmp_dir, sync=True)
+
+    def prune(self, keep: set[str]) -> tuple[int, int]:
+        """Remove objects not in ``keep``; returns (objects, bytes) removed."""
+        n = size = 0
+        for rel in self.present() - keep:
+            p = self.dir / rel
+            try:
+                size += p.stat().st_size
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                continue
+        return n, size
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
