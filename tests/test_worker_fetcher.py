@@ -187,7 +187,7 @@ def test_retry_with_backoff_after_a_transient_failure(
 
 
 def test_get_many_and_prefetch(store: Store, servers: list[StoreServer]) -> None:
-    items = [(u, h, "") for u, h, _ in store.objects]
+    items: list[tuple[str, ContentHash | None, str]] = [(u, h, "") for u, h, _ in store.objects]
     items.append((f"/cvmfs/{FQRN}/data/00/{'1' * 38}", None, "missing"))
     with fetcher(servers[0].url) as f:
         results = f.get_many(items)

@@ -177,7 +177,7 @@ def test_concurrent_acquires_make_one_load() -> None:
 def test_loader_error_reaches_every_waiter_and_is_not_cached() -> None:
     cache = RamCache(1 << 20)
     gate = threading.Event()
-    errors: list[BaseException] = []
+    errors: list[OSError] = []
 
     def failing() -> bytes:
         gate.wait(5)
