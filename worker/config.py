@@ -201,6 +201,7 @@ _YAML_KEYS = {
     "proxy_reset_after": "proxy_reset_after",
     "mount": "mount",
 }
+_FILE_NAMES = {"proxies": "proxy", "ram_bytes": "ram"}
 _FLAG_NAMES = {
     "proxies": "--proxy",
     "keys": "--keys",
@@ -271,7 +272,7 @@ def build_config(
         elif environ.get(env_name, "").strip():
             raw, where = environ[env_name], env_name
         elif file_values.get(name) is not None:
-            raw, where = file_values[name], f"{file_name}: {name}"
+            raw, where = file_values[name], f"{file_name}: {_FILE_NAMES.get(name, name)}"
         else:
             continue
         try:
