@@ -159,9 +159,9 @@ def test_master_keys(tmp_path: Path) -> None:
         load_master_keys([tmp_path / "missing.pub"])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ConfigError, match="no \\*.pub"):
+    with pytest.raises(ConfigError, match=r"no \*\.pub"):
         load_master_keys([empty])
     junk = tmp_path / "junk.pub"
     junk.write_text("not a key")
-    with pytest.raises(ConfigError, match="junk.pub"):
+    with pytest.raises(ConfigError, match=r"junk\.pub"):
         load_master_keys([junk])
