@@ -70,7 +70,7 @@ class MountedRepository:
     ) -> None:
         self.fqrn = fqrn
         self.fetcher = fetcher
-        self.cache = cache or RamCache(1 << 30)
+        self.cache = cache if cache is not None else RamCache(1 << 30)
         self.verified = bool(master_keys)
         self._lock = threading.RLock()
         self._lookups: LRU[str, DirEntry | None] = LRU(lookup_cache_size)
@@ -285,7 +285,7 @@ class Repositories:
     ) -> None:
         self.fetcher = fetcher
         self.master_keys = list(master_keys)
-        self.cache = cache or RamCache(1 << 30)
+        self.cache = cache if cache is not None else RamCache(1 << 30)
         self.configured = tuple(configured)
         self._mounted: dict[str, MountedRepository] = {}
         self._failed: dict[str, RepositoryError] = {}
