@@ -12,7 +12,9 @@ import datetime as dt
 import errno
 import hashlib
 import logging
+import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -288,7 +290,7 @@ class Repositories:
         self.cache = cache if cache is not None else RamCache(1 << 30)
         self.configured = tuple(configured)
         self._mounted: dict[str, MountedRepository] = {}
-        self._failed: dict[str, RepositoryError] = {}
+        self._failed: dict[str, tuple[RepositoryError, float]] = {}
         self._lock = threading.Lock()
         self._mounting: dict[str, threading.Lock] = {}
 
@@ -310,13 +312,11 @@ class Repositories:
         repo = self._mounted.get(fqrn)
         if repo is not None:
             return repo
-        failed = self._failed.get(fqrn)
-        if failed is not None:
-            raise failed
+        self._raise_if_failed(fqrn)
         if self.configured and fqrn not in self.configured:
             err = RepositoryError(errno.ENOENT, f"/cvmfs/{fqrn}: repository not configured")
             log.warning("%s", err)
-            self._failed[fqrn] = err
+            self._failed[fqrn] = (err, math.inf)
             raise err
         with self._lock:
             lock = self._mounting.setdefault(fqrn, threading.Lock())
@@ -324,13 +324,21 @@ class Repositories:
             repo = self._mounted.get(fqrn)
             if repo is not None:
                 return repo
-            if fqrn in self._failed:
-                raise self._failed[fqrn]
+            self._raise_if_failed(fqrn)
             try:
                 repo = MountedRepository(fqrn, self.fetcher, self.master_keys, self.cache)
             except RepositoryError as e:
                 log.warning("/cvmfs/%s: cannot mount: %s", fqrn, e)
-                self._failed[fqrn] = e
+                # a name the proxy does not serve stays unknown; I/O trouble may pass
+                retry_at = math.inf if e.errno == errno.ENOENT else time.monotonic() + 30
+                self._failed[fqrn] = (e, retry_at)
                 raise
             self._mounted[fqrn] = repo
             return repo
+
+    def _raise_if_failed(self, fqrn: str) -> None:
+        failed = self._failed.get(fqrn)
+        if failed is not None:
+            if time.monotonic() < failed[1]:
+                raise failed[0]
+            del self._failed[fqrn]
