@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from lru import LRU
+
 from cvmfs_format.catalog import DirEntry
 from cvmfs_format.symlinks import expand_symlink
 
@@ -141,6 +143,7 @@ class Namespace:
         parent_ino: int = 2,
         mount_mtime: int | None = None,
         max_symlinks: int = MAX_SYMLINKS,
+        answer_cache_size: int = 1 << 16,
     ) -> None:
         if not mount.startswith(b"/") or mount == b"/":
             raise ValueError(f"mount point must be an absolute directory, not {mount!r}")
@@ -155,6 +158,7 @@ class Namespace:
         self.mount_mtime = int(time.time()) if mount_mtime is None else mount_mtime
         self.max_symlinks = max_symlinks
         self.mount_ino = inode_number("", "/")
+        self._answers: LRU[tuple[bytes, bool], Node | int] = LRU(answer_cache_size)
 
     # ------------------------------------------------------------------ queries
 
@@ -170,12 +174,24 @@ class Namespace:
         """Node for an absolute path, or an errno (ENOENT, ENOTDIR, ELOOP, EIO, EINVAL …).
 
         ``follow`` decides whether a symlink in the *last* component is followed (stat vs
-        lstat); a trailing slash always follows it and requires a directory.
+        lstat); a trailing slash always follows it and requires a directory. Answers that
+        depend neither on the environment nor on I/O trouble are remembered (catalogs are
+        immutable), so a repeated path costs one dictionary lookup.
         """
+        key = (path, follow)
+        hit = self._answers.get(key)
+        if hit is not None:
+            return hit
+        result, cacheable = self._walk(path, follow, env)
+        if cacheable:
+            self._answers[key] = result
+        return result
+
+    def _walk(self, path: bytes, follow: bool, env: Mapping[str, str]) -> tuple[Node | int, bool]:
+        """The path walk; returns (answer, whether it may be cached)."""
         if not path.startswith(b"/") or b"\0" in path:
-            return errno.EINVAL if path else errno.ENOENT
-        parts = path.split(b"/")
-        stack = [p for p in reversed(parts) if p]
+            return (errno.EINVAL if path else errno.ENOENT), True
+        stack = [p for p in reversed(path.split(b"/")) if p]
         if len(path) > 1 and path.endswith(b"/"):
             stack.insert(0, b".")
         mount, depth = self._mount_parts, self._depth
@@ -202,7 +218,7 @@ class Namespace:
                     cur.append(comp)
                     continue
                 rest = [comp, *reversed(stack)]
-                return self._outside(b"/" + b"/".join(cur + rest), variant)
+                return self._outside(b"/" + b"/".join(cur + rest), variant), not variant
             if n == depth:
                 name = comp.decode(_ENC, _ERRORS)
                 try:
@@ -210,30 +226,30 @@ class Namespace:
                     root = repo.lookup("")
                 except OSError as e:
                     log.info("%s: %s", (self.mount + b"/" + comp).decode(_ENC, _ERRORS), e)
-                    return e.errno or errno.EIO
+                    return (e.errno or errno.EIO), False
                 if root is None:
-                    return errno.EIO
+                    return errno.EIO, False
                 cur.append(comp)
                 ents.append(root)
                 continue
             assert repo is not None
-            rel = "/" + b"/".join([*cur[depth + 1 :], comp]).decode(_ENC, _ERRORS)
+            rel = ents[-1].path + "/" + comp.decode(_ENC, _ERRORS)
             try:
                 entry = repo.lookup(rel)
             except OSError as e:
                 log.warning("%s%s: %s", self.mount.decode(_ENC, _ERRORS), rel, e)
-                return e.errno or errno.EIO
+                return (e.errno or errno.EIO), False
             if entry is None:
-                return errno.ENOENT
+                return errno.ENOENT, not variant
             if entry.is_symlink and (stack or follow):
                 links += 1
                 if links > self.max_symlinks:
-                    return errno.ELOOP
+                    return errno.ELOOP, not variant
                 if "$(" in entry.symlink:
                     variant = True
                 target = expand_symlink(entry.symlink, env).encode(_ENC, _ERRORS)
                 if not target:
-                    return errno.ENOENT
+                    return errno.ENOENT, not variant
                 if target.startswith(b"/"):
                     cur, ents, repo = [], [], None
                 comps = [p for p in target.split(b"/") if p]
@@ -246,16 +262,16 @@ class Namespace:
                 ents.append(entry)
                 continue
             if stack:
-                return errno.ENOTDIR
-            return self._entry_node(repo.fqrn, rel, entry, env, variant)
+                return errno.ENOTDIR, not variant
+            return self._entry_node(repo.fqrn, rel, entry, env, variant), not variant
         n = len(cur)
         if n < depth:
-            return self._outside(b"/" + b"/".join(cur), variant)
+            return self._outside(b"/" + b"/".join(cur), variant), not variant
         if n == depth:
-            return self._mount_node(variant)
+            return self._mount_node(variant), False  # nlink follows what gets mounted
         assert repo is not None
-        rel = "" if n == depth + 1 else "/" + b"/".join(cur[depth + 1 :]).decode(_ENC, _ERRORS)
-        return self._entry_node(repo.fqrn, rel, ents[-1], env, variant)
+        last = ents[-1]
+        return self._entry_node(repo.fqrn, last.path, last, env, variant), not variant
 
     def listdir(
         self, path: bytes, env: Mapping[str, str] = _EMPTY_ENV
