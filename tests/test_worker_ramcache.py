@@ -233,3 +233,14 @@ def test_sealed_memfd_passes_to_a_child_and_reads_natively(tmp_path: object) -> 
     assert out.stdout == "from a memfd\n"
     cache.release(obj)
     cache.close()
+
+
+def test_object_count_stays_below_the_fd_limit() -> None:
+    cache = RamCache(1 << 30, max_objects=5)
+    nfds = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        cache.release(cache.acquire(f"o{i}", lambda: b"tiny"))
+    assert len(cache) == 5 and cache.stats.evictions == 15
+    assert len(os.listdir("/proc/self/fd")) == nfds + 5
+    cache.close()
+    assert len(os.listdir("/proc/self/fd")) == nfds

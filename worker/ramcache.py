@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,25 @@ def make_sealed_memfd(name: str, data: bytes | Sequence[bytes]) -> tuple[int, in
         raise
 
 
+def default_max_objects() -> int:
+    """Objects the cache may hold: the soft fd limit minus room for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, soft - max(64, soft // 8))
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit (each cached object is one fd)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
 class _Pending:
     """A load in progress: waiters block on ``done`` and share its result."""
 
@@ -95,8 +115,10 @@ class _Pending:
 class RamCache:
     """Byte-limited LRU of sealed memfds keyed by content hash, with pins and single-flight."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, max_objects: int | None = None) -> None:
         self.limit = limit_bytes
+        # every object holds one fd in this process: stay below RLIMIT_NOFILE
+        self.max_objects = max_objects if max_objects is not None else default_max_objects()
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._pinned: dict[str, CachedObject] = {}
@@ -199,15 +221,25 @@ class RamCache:
         return CacheFull(msg)
 
     def _evict_to(self, target: int) -> None:
-        while self._used > target and len(self._lru):
-            last = self._lru.peek_last_item()
-            assert last is not None
-            key, obj = last
-            del self._lru[key]
-            os.close(obj.fd)
-            self._used -= obj.size
-            self.stats.evictions += 1
-            self.stats.bytes_evicted += obj.size
+        while self._used > target and self._evict_one():
+            pass
+
+    def _evict_count(self, target: int) -> None:
+        while len(self._pinned) + len(self._lru) > target and self._evict_one():
+            pass
+
+    def _evict_one(self) -> bool:
+        """Drop the least recently used unpinned object; False when there is none."""
+        last = self._lru.peek_last_item()
+        if last is None:
+            return False
+        key, obj = last
+        del self._lru[key]
+        os.close(obj.fd)
+        self._used -= obj.size
+        self.stats.evictions += 1
+        self.stats.bytes_evicted += obj.size
+        return True
 
     def _load(self, key: str, loader: Loader, pending: _Pending) -> CachedObject:
         """Called with the lock held; runs the loader without it."""
@@ -228,6 +260,7 @@ class RamCache:
         try:
             del self._pending[key]
             self._evict_to(self.limit - size)
+            self._evict_count(self.max_objects - 1)
             if self._used + size > self.limit:
                 os.close(fd)
                 self.stats.full += 1

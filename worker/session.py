@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from worker.config import ExecConfig, load_master_keys
 from worker.fetcher import Fetcher, object_url
 from worker.namespace import Namespace, Node
-from worker.ramcache import CachedObject, CacheFull, RamCache
+from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.repository import Repositories, RepositoryError
 
 log = logging.getLogger("hep_exec.session")
@@ -48,6 +48,7 @@ class WorkerSession:
             backoff_max=config.backoff_max,
             proxy_reset_after=config.proxy_reset_after,
         ).start()
+        raise_fd_limit()
         self.cache = RamCache(config.ram_bytes)
         self.repos = Repositories(self.fetcher, self.master_keys, self.cache, config.repositories)
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
