@@ -67,10 +67,13 @@ class FetchStats:
 class _Attempt(Exception):
     """One proxy's failure for one request: why, and whether the proxy itself is to blame."""
 
-    def __init__(self, reason: str, proxy_fault: bool, not_found: bool = False) -> None:
+    def __init__(
+        self, reason: str, proxy_fault: bool, not_found: bool = False, corrupt: bool = False
+    ) -> None:
         super().__init__(reason)
         self.proxy_fault = proxy_fault
         self.not_found = not_found
+        self.corrupt = corrupt
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -298,8 +301,8 @@ class Fetcher:
                                 self.proxy_reset_after,
                             )
                         state.dead_until = time.monotonic() + self.proxy_reset_after
-                    if not e.not_found and not e.proxy_fault:
-                        no_cache = True  # corrupt data: ask the next one to bypass caches
+                    if e.corrupt:
+                        no_cache = True  # ask the next one to bypass its caches
             if all_not_found:
                 break  # 404 everywhere: retrying will not make it appear
         summary = "; ".join(dict.fromkeys(errors))
@@ -345,7 +348,7 @@ class Fetcher:
             state.corrupt += 1
             self.stats.corrupt += 1
             log.warning("%s from %s: %s; trying another proxy", what, state.url, e)
-            raise _Attempt(f"bad data ({e})", proxy_fault=False) from None
+            raise _Attempt(f"bad data ({e})", proxy_fault=False, corrupt=True) from None
         return data
 
     # ------------------------------------------------------------------ --check support
