@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -38,7 +38,11 @@ class ObjectSource(Protocol):
     """What a repository needs from the network: verified stored bytes of a URL path."""
 
     def get(
-        self, url_path: str, expected: ContentHash | None = None, what: str = "", check: None = None
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        check: Callable[[bytes], None] | None = None,
     ) -> bytes: ...
 
     def get_many(
@@ -111,7 +115,7 @@ class MountedRepository:
                 object_url(fqrn, ".cvmfspublished"),
                 None,
                 f"{fqrn}/.cvmfspublished",
-                check=_manifest_check,  # type: ignore[arg-type]
+                check=_manifest_check,
             )
             if keys:
                 whitelist = self.fetcher.get(
