@@ -1,0 +1,167 @@
+"""hep-exec configuration: precedence flags > env > file, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from publish.keys import load_or_create_keys
+from worker.config import (
+    ConfigError,
+    ExecConfig,
+    load_master_keys,
+    parse_exec_args,
+    parse_size,
+    total_ram_bytes,
+)
+
+GiB = 1024**3
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> ExecConfig:
+    return parse_exec_args(argv, env or {}, total_ram=8 * GiB)
+
+
+def error(argv: list[str], env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(argv, env)
+    msg = str(info.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_minimal() -> None:
+    cfg = parse(["--proxy", "http://a:3128|http://b:3128;http://c:3128", "--", "ls", "-la"])
+    assert cfg.command == ("ls", "-la")
+    assert [list(g) for g in cfg.proxies.groups] == [
+        ["http://a:3128", "http://b:3128"],
+        ["http://c:3128"],
+    ]
+    assert cfg.ram_bytes == 2 * GiB and cfg.keys == () and not cfg.verify_signatures
+    assert cfg.log_level == "warning" and cfg.repositories == () and cfg.mount == "/cvmfs"
+
+
+def test_command_options_are_not_ours() -> None:
+    cfg = parse(["--proxy", "p:1", "--", "python3", "--ram", "x", "--", "y"])
+    assert cfg.command == ("python3", "--ram", "x", "--", "y")
+    cfg = parse(["--proxy", "p:1", "ls", "-la"])  # without '--' too
+    assert cfg.command == ("ls", "-la")
+    assert cfg.proxies.groups == (("http://p:1",),)
+
+
+def test_precedence_flags_env_file(tmp_path: Path) -> None:
+    conf = tmp_path / "hep-exec.yaml"
+    conf.write_text(
+        "proxy: http://file:1\nram: 1G\nlog-level: debug\nrepositories: [a.org, b.org]\n"
+        "timeout: 7\nretries: 4\n"
+    )
+    env = {"HEP_EXEC_RAM": "512M", "HEP_EXEC_PROXY": "http://env:2", "HEP_EXEC_RETRIES": "2"}
+    cfg = parse(["--config", str(conf), "--proxy", "http://flag:3", "--", "true"], env)
+    assert cfg.proxies.groups == (("http://flag:3",),)  # flag beats env and file
+    assert cfg.ram_bytes == 512 * 1024**2  # env beats file
+    assert cfg.retries == 2
+    assert cfg.log_level == "debug" and cfg.timeout == 7.0  # file beats defaults
+    assert cfg.repositories == ("a.org", "b.org")
+    assert cfg.sources["proxies"] == "--proxy" and cfg.sources["ram_bytes"] == "HEP_EXEC_RAM"
+    assert cfg.config_file == conf
+    # the config file can come from the environment too
+    cfg = parse(["--", "true"], {"HEP_EXEC_CONFIG": str(conf)})
+    assert cfg.proxies.groups == (("http://file:1",),) and cfg.ram_bytes == GiB
+
+
+def test_proxy_list_in_yaml(tmp_path: Path) -> None:
+    conf = tmp_path / "c.yaml"
+    conf.write_text("proxy:\n  - http://a:1|http://b:1\n  - http://c:1\n")
+    cfg = parse(["--config", str(conf), "--", "true"])
+    assert len(cfg.proxies.groups) == 2
+
+
+def test_check_needs_no_command() -> None:
+    cfg = parse(["--check", "--stats", "--proxy", "p:1"])
+    assert cfg.check and cfg.stats and cfg.command == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("2G", 2 * GiB),
+        ("512M", 512 * 1024**2),
+        ("512m", 512 * 1024**2),
+        ("1.5GiB", int(1.5 * GiB)),
+        ("100k", 102400),
+        ("1048576", 1048576),
+        ("4096B", 4096),
+        ("25%", 2 * GiB),
+    ],
+)
+def test_sizes(text: str, value: int) -> None:
+    assert parse_size(text, 8 * GiB) == value
+
+
+def test_total_ram_from_meminfo() -> None:
+    assert total_ram_bytes("MemTotal:       16318404 kB\nMemFree: 1 kB\n") == 16318404 * 1024
+    assert total_ram_bytes("nothing") is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--", "ls"], {}, "no proxy configured"),
+        (["--proxy", "http://p:1"], {}, "no command given"),
+        (["--proxy", "http://p:1", "--ram", "lots", "--", "ls"], {}, "--ram: 'lots': not a size"),
+        (["--proxy", "http://p:1", "--ram", "10k", "--", "ls"], {}, "at least 1M"),
+        (["--proxy", "p:1", "--", "ls"], {"HEP_EXEC_RAM": "2X"}, "HEP_EXEC_RAM: '2X'"),
+        (["--proxy", "ftp://p:1", "--", "ls"], {}, "--proxy"),
+        (["--proxy", "DIRECT", "--", "ls"], {}, "DIRECT is not usable"),
+        (["--proxy", "p:1", "--log-level", "loud", "--", "ls"], {}, "not a log level"),
+        (["--proxy", "p:1", "--timeout", "soon", "--", "ls"], {}, "--timeout: 'soon'"),
+        (["--proxy", "p:1", "--timeout", "0", "--", "ls"], {}, "timeout must be positive"),
+        (["--proxy", "p:1", "--retries", "-1", "--", "ls"], {}, "--retries"),
+        (["--proxy", "p:1", "--repositories", "a/b", "--", "ls"], {}, "not a repository name"),
+        (["--proxy", "p:1", "--frobnicate", "--", "ls"], {}, "unrecognized arguments"),
+        (["--proxy", "p:1", "--config", "/nonexistent.yaml", "--", "ls"], {}, "/nonexistent"),
+        (["--proxy", "p:1", "--ram", "150%", "--", "ls"], {}, "percentage"),
+    ],
+)
+def test_one_line_errors(argv: list[str], env: dict[str, str], needle: str) -> None:
+    assert needle in error(argv, env)
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("proxy: [unclosed\n")
+    msg = error(["--config", str(bad), "--", "ls"])
+    assert str(bad) in msg and "YAML" in msg
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("proxy: http://p:1\ncolour: blue\n")
+    msg = error(["--config", str(unknown), "--", "ls"])
+    assert str(unknown) in msg and "colour" in msg
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    assert "expected a mapping" in error(["--config", str(scalar), "--", "ls"])
+    value = tmp_path / "value.yaml"
+    value.write_text("proxy: http://p:1\nram: huge\n")
+    msg = error(["--config", str(value), "--", "ls"])
+    assert msg.startswith(f"{value}: ram: 'huge'")
+
+
+def test_master_keys(tmp_path: Path) -> None:
+    import datetime as dt
+
+    keys_dir = tmp_path / "keys"
+    load_or_create_keys(keys_dir, "k.example.org", dt.datetime.now(dt.UTC))
+    cfg = parse(["--proxy", "p:1", "--keys", str(keys_dir), "--", "true"])
+    assert cfg.verify_signatures
+    assert len(load_master_keys(cfg.keys)) == 1
+    assert len(load_master_keys([keys_dir / "k.example.org.pub"])) == 1
+    with pytest.raises(ConfigError, match="no such key"):
+        load_master_keys([tmp_path / "missing.pub"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"no \*\.pub"):
+        load_master_keys([empty])
+    junk = tmp_path / "junk.pub"
+    junk.write_text("not a key")
+    with pytest.raises(ConfigError, match=r"junk\.pub"):
+        load_master_keys([junk])

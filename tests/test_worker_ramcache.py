@@ -1,0 +1,246 @@
+"""RAM cache: sealed memfds, byte-limited LRU with pins, single-flight loads."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from worker.ramcache import SEALS, CacheFull, RamCache, make_sealed_memfd
+
+K = 1024
+
+
+def blob(n: int, fill: int = 0x61) -> bytes:
+    return bytes([fill]) * n
+
+
+def test_memfd_is_sealed_against_every_change() -> None:
+    fd, size = make_sealed_memfd("t", [b"hello ", b"world"])
+    try:
+        assert size == 11
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+        assert os.pread(fd, 100, 0) == b"hello world"
+        # a tracee gets its own fd through /proc/<pid>/fd/<n>; even O_RDWR cannot change it
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+        rw = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(PermissionError):
+                os.write(rw, b"X")
+            with pytest.raises(PermissionError):
+                os.ftruncate(rw, 0)
+            with pytest.raises(PermissionError):
+                os.ftruncate(rw, 100)
+            with pytest.raises(PermissionError):
+                mmap.mmap(rw, 11, mmap.MAP_SHARED, mmap.PROT_WRITE | mmap.PROT_READ)
+            with pytest.raises(PermissionError):
+                fcntl.fcntl(rw, fcntl.F_ADD_SEALS, 0)  # F_SEAL_SEAL: no more changes to seals
+        finally:
+            os.close(rw)
+        ro = mmap.mmap(fd, 11, mmap.MAP_SHARED, mmap.PROT_READ)
+        assert ro[:] == b"hello world"
+        ro.close()
+        # and another process reading through the same path sees the bytes
+        out = subprocess.run(["cat", path], capture_output=True, pass_fds=(fd,), check=True)
+        assert out.stdout == b"hello world"
+    finally:
+        os.close(fd)
+
+
+def test_empty_object() -> None:
+    cache = RamCache(1 << 20)
+    obj = cache.acquire("empty", lambda: b"")
+    assert obj.size == 0 and os.fstat(obj.fd).st_size == 0
+    with open(obj.path, "rb") as f:
+        assert f.read() == b""
+    cache.release(obj)
+    cache.close()
+
+
+def test_hits_misses_and_pins() -> None:
+    cache = RamCache(100 * K)
+    a = cache.acquire("a", lambda: blob(10 * K))
+    a2 = cache.acquire("a", lambda: pytest.fail("loaded twice"))
+    assert a is a2 and a.refs == 2
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.bytes_loaded) == (1, 1, 10 * K)
+    cache.release(a)
+    cache.release(a)
+    assert "a" in cache and cache.pinned_bytes == 0
+    with pytest.raises(ValueError):
+        cache.release(a)
+    cache.close()
+
+
+def test_limit_smaller_than_working_set_evicts_lru_never_pinned() -> None:
+    cache = RamCache(100 * K)
+    pinned = cache.acquire("pinned", lambda: blob(30 * K, 0x70))
+    loads = 0
+    for round_ in range(3):
+        for i in range(10):  # 10 x 20 KiB = 200 KiB through a 100 KiB cache
+            key = f"k{i}"
+
+            def load(i: int = i) -> bytes:
+                nonlocal loads
+                loads += 1
+                return blob(20 * K, i)
+
+            obj = cache.acquire(key, load)
+            with open(obj.path, "rb") as f:
+                assert f.read() == blob(20 * K, i), (round_, i)
+            cache.release(obj)
+            assert cache.used_bytes <= cache.limit
+    assert cache.stats.evictions >= 25
+    assert loads == 30  # LRU over a cyclic scan larger than the cache: every access misses
+    assert "pinned" in cache
+    with open(pinned.path, "rb") as f:
+        assert f.read() == blob(30 * K, 0x70)
+    cache.release(pinned)
+    cache.close()
+
+
+def test_lru_order_keeps_recently_used() -> None:
+    cache = RamCache(50 * K)
+    for key in ("a", "b", "c"):
+        cache.release(cache.acquire(key, lambda: blob(15 * K)))
+    cache.release(cache.acquire("a", lambda: pytest.fail("a was evicted")))  # touch a
+    cache.release(cache.acquire("d", lambda: blob(15 * K)))  # evicts b, the LRU one
+    assert "a" in cache and "b" not in cache and "c" in cache and "d" in cache
+    cache.close()
+
+
+def test_cache_full_when_everything_is_pinned(caplog: pytest.LogCaptureFixture) -> None:
+    cache = RamCache(64 * K)
+    held = [cache.acquire(f"p{i}", lambda: blob(20 * K)) for i in range(3)]
+    # the size hint refuses before anything is fetched
+    with pytest.raises(CacheFull) as info:
+        cache.acquire("big", lambda: pytest.fail("fetched although it cannot fit"), 10 * K)
+    assert info.value.errno == errno.ENOMEM
+    assert "RAM cache full" in str(info.value) and "big" in str(info.value)
+    assert any("RAM cache full" in r.getMessage() for r in caplog.records)
+    # without a hint: loaded, found not to fit, dropped (fd closed), error raised
+    nfds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(CacheFull):
+        cache.acquire("big", lambda: blob(10 * K))
+    assert len(os.listdir("/proc/self/fd")) == nfds
+    assert cache.stats.full == 2 and "big" not in cache
+    # releasing one pin makes room again
+    cache.release(held.pop())
+    obj = cache.acquire("big", lambda: blob(10 * K))
+    assert obj.size == 10 * K
+    cache.release(obj)
+    for h in held:
+        cache.release(h)
+    cache.close()
+
+
+def test_concurrent_acquires_make_one_load() -> None:
+    cache = RamCache(1 << 20)
+    calls = 0
+    gate = threading.Event()
+
+    def slow_load() -> bytes:
+        nonlocal calls
+        calls += 1
+        gate.wait(5)
+        return blob(1000)
+
+    results = []
+
+    def worker() -> None:
+        results.append(cache.acquire("same", slow_load))
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while cache.stats.waits < 15 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert calls == 1
+    assert len(results) == 16 and all(r is results[0] for r in results)
+    assert results[0].refs == 16
+    for r in results:
+        cache.release(r)
+    assert cache.pinned_bytes == 0
+    cache.close()
+
+
+def test_loader_error_reaches_every_waiter_and_is_not_cached() -> None:
+    cache = RamCache(1 << 20)
+    gate = threading.Event()
+    errors: list[OSError] = []
+
+    def failing() -> bytes:
+        gate.wait(5)
+        raise OSError(errno.EIO, "proxy said no")
+
+    def worker() -> None:
+        try:
+            cache.acquire("x", failing)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert len(errors) == 4 and all(e.errno == errno.EIO for e in errors)
+    obj = cache.acquire("x", lambda: b"second try works")
+    assert obj.size == 16
+    cache.release(obj)
+    cache.close()
+
+
+def test_catalog_charge_counts_against_the_limit() -> None:
+    cache = RamCache(100 * K)
+    cache.release(cache.acquire("a", lambda: blob(40 * K)))
+    cache.charge(70 * K)
+    assert "a" not in cache and cache.stats.evictions == 1
+    with pytest.raises(CacheFull):
+        cache.acquire("b", lambda: blob(40 * K), 40 * K)
+    cache.close()
+
+
+def test_fd_survives_eviction_for_whoever_opened_it() -> None:
+    """A tracee's own fd (opened via /proc/<pid>/fd/<n>) outlives eviction of the memfd."""
+    cache = RamCache(30 * K)
+    obj = cache.acquire("a", lambda: blob(20 * K, 0x41))
+    own = os.open(obj.path, os.O_RDONLY)
+    cache.release(obj)
+    cache.release(cache.acquire("b", lambda: blob(20 * K)))  # evicts a, closes its memfd
+    assert "a" not in cache
+    assert os.pread(own, 5, 0) == b"AAAAA"
+    os.close(own)
+    cache.close()
+
+
+def test_sealed_memfd_passes_to_a_child_and_reads_natively(tmp_path: object) -> None:
+    cache = RamCache(1 << 20)
+    obj = cache.acquire("code", lambda: b"print('from a memfd')\n")
+    out = subprocess.run([sys.executable, obj.path], capture_output=True, text=True, check=True)
+    assert out.stdout == "from a memfd\n"
+    cache.release(obj)
+    cache.close()
+
+
+def test_object_count_stays_below_the_fd_limit() -> None:
+    cache = RamCache(1 << 30, max_objects=5)
+    nfds = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        cache.release(cache.acquire(f"o{i}", lambda: b"tiny"))
+    assert len(cache) == 5 and cache.stats.evictions == 15
+    assert len(os.listdir("/proc/self/fd")) == nfds + 5
+    cache.close()
+    assert len(os.listdir("/proc/self/fd")) == nfds

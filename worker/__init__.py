@@ -1,0 +1,6 @@
+"""hep-exec: /cvmfs for any program, from a RAM cache filled through hep-proxy.
+
+Data side (pure Python): configuration, fetcher, RAM cache of sealed memfds, mounted
+repositories and the path semantics of the /cvmfs name space. The ptrace tracer calls into
+these through its policy object.
+"""

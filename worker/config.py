@@ -1,0 +1,430 @@
+"""hep-exec configuration: flags > environment (``HEP_EXEC_*``) > YAML file > defaults.
+
+Everything is parsed into one frozen :class:`ExecConfig`; every bad value raises
+:class:`ConfigError` with a one-line message naming the source (flag, variable or file) and the
+problem, so the CLI can print it and exit 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from cvmfs_format.errors import FormatError
+from cvmfs_format.proxies import ProxyGroups, parse_proxies
+from cvmfs_format.whitelist import load_public_key
+
+PROG = "hep-exec"
+ENV_PREFIX = "HEP_EXEC_"
+DEFAULT_RAM = 2 * 1024**3
+MIN_RAM = 1024 * 1024
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_FQRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class ConfigError(Exception):
+    """A bad configuration value; ``str()`` is the one-line message for the user."""
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    """What hep-exec runs with; built by :func:`parse_exec_args` or :func:`build_config`."""
+
+    proxies: ProxyGroups
+    command: tuple[str, ...] = ()
+    keys: tuple[Path, ...] = ()
+    ram_bytes: int = DEFAULT_RAM
+    repositories: tuple[str, ...] = ()
+    log_level: str = "warning"
+    timeout: float = 5.0
+    connect_timeout: float = 2.0
+    retries: int = 1
+    backoff_init: float = 0.1
+    backoff_max: float = 2.0
+    proxy_reset_after: float = 300.0
+    mount: str = "/cvmfs"
+    check: bool = False
+    stats: bool = False
+    config_file: Path | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def log_level_number(self) -> int:
+        return int(getattr(logging, self.log_level.upper()))
+
+    @property
+    def verify_signatures(self) -> bool:
+        """Signature checks are on whenever master keys are configured."""
+        return bool(self.keys)
+
+
+# ---------------------------------------------------------------- value parsers (pure)
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+
+
+def parse_size(text: str, total_ram: int | None = None) -> int:
+    """``2G``, ``512M``, ``1.5GiB``, ``1048576``, or ``25%`` of ``total_ram``; binary units."""
+    t = text.strip()
+    if t.endswith("%"):
+        if total_ram is None:
+            raise ValueError(f"{text!r}: percentage given but total RAM unknown")
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            raise ValueError(f"{text!r}: not a percentage") from None
+        if not 0 < pct <= 100:
+            raise ValueError(f"{text!r}: percentage must be in (0, 100]")
+        return int(total_ram * pct / 100)
+    m = _SIZE.fullmatch(t)
+    if m is None or (m[3] and not m[2] and m[3].lower() != "b"):
+        raise ValueError(f"{text!r}: not a size (examples: 2G, 512M, 1.5GiB, 25%)")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def parse_duration(text: str) -> float:
+    """Seconds as a number, or with ``ms``/``s``/``m`` suffix."""
+    t = text.strip().lower()
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if t.endswith(suffix):
+            t, scale = t[: -len(suffix)], factor
+            break
+    else:
+        scale = 1.0
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise ValueError(f"{text!r}: not a duration (examples: 5, 500ms, 2s)") from None
+    if value < 0:
+        raise ValueError(f"{text!r}: must not be negative")
+    return value
+
+
+def parse_repositories(value: str | Sequence[str]) -> tuple[str, ...]:
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        name = str(item).strip()
+        if not _FQRN.fullmatch(name) or name in (".", ".."):
+            raise ValueError(f"{name!r}: not a repository name")
+        out.append(name)
+    return tuple(dict.fromkeys(out))
+
+
+def parse_keys(value: str | Sequence[str]) -> tuple[Path, ...]:
+    """Key files or directories (``:``/``,``-separated); directories contribute ``*.pub``."""
+    items = re.split(r"[:,]", value) if isinstance(value, str) else [str(v) for v in value]
+    return tuple(Path(i.strip()).expanduser() for i in items if i.strip())
+
+
+def total_ram_bytes(meminfo: str) -> int | None:
+    """``MemTotal`` from the text of /proc/meminfo."""
+    m = re.search(r"^MemTotal:\s+(\d+)\s*kB", meminfo, re.MULTILINE)
+    return int(m[1]) * 1024 if m else None
+
+
+def _parse_proxies(text: str) -> ProxyGroups:
+    groups = parse_proxies(text)
+    if not text.strip():
+        raise ValueError("empty proxy list")
+    if any(p is None for g in groups.groups for p in g):
+        raise ValueError(
+            f"{text!r}: DIRECT is not usable here; name hep-proxy (or a Stratum-1) as http://host:port"
+        )
+    return groups
+
+
+def _parse_level(text: str) -> str:
+    t = text.strip().lower()
+    if t not in LOG_LEVELS:
+        raise ValueError(f"{text!r}: not a log level ({', '.join(LOG_LEVELS)})")
+    return t
+
+
+def _parse_int(text: str) -> int:
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r}: not an integer") from None
+    if v < 0:
+        raise ValueError(f"{text!r}: must not be negative")
+    return v
+
+
+def _parse_mount(text: str) -> str:
+    t = "/" + "/".join(p for p in text.split("/") if p)
+    if not text.startswith("/") or t == "/" or any(p in (".", "..") for p in t.split("/")):
+        raise ValueError(f"{text!r}: not an absolute directory path")
+    return t
+
+
+# option name -> (parser, YAML key, environment variable suffix)
+_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "proxies": (_parse_proxies, "PROXY"),
+    "keys": (parse_keys, "KEYS"),
+    "ram_bytes": (parse_size, "RAM"),
+    "repositories": (parse_repositories, "REPOSITORIES"),
+    "log_level": (_parse_level, "LOG_LEVEL"),
+    "timeout": (parse_duration, "TIMEOUT"),
+    "connect_timeout": (parse_duration, "CONNECT_TIMEOUT"),
+    "retries": (_parse_int, "RETRIES"),
+    "backoff_init": (parse_duration, "BACKOFF_INIT"),
+    "backoff_max": (parse_duration, "BACKOFF_MAX"),
+    "proxy_reset_after": (parse_duration, "PROXY_RESET_AFTER"),
+    "mount": (_parse_mount, "MOUNT"),
+}
+# YAML keys: the flag spelling (``proxy``, ``ram``, ``log-level`` or ``log_level`` …)
+_YAML_KEYS = {
+    "proxy": "proxies",
+    "proxies": "proxies",
+    "keys": "keys",
+    "ram": "ram_bytes",
+    "repositories": "repositories",
+    "repos": "repositories",
+    "log_level": "log_level",
+    "timeout": "timeout",
+    "connect_timeout": "connect_timeout",
+    "retries": "retries",
+    "backoff_init": "backoff_init",
+    "backoff_max": "backoff_max",
+    "proxy_reset_after": "proxy_reset_after",
+    "mount": "mount",
+}
+_FILE_NAMES = {"proxies": "proxy", "ram_bytes": "ram"}
+_FLAG_NAMES = {
+    "proxies": "--proxy",
+    "keys": "--keys",
+    "ram_bytes": "--ram",
+    "repositories": "--repositories",
+    "log_level": "--log-level",
+    "timeout": "--timeout",
+    "connect_timeout": "--connect-timeout",
+    "retries": "--retries",
+    "backoff_init": "--backoff-init",
+    "backoff_max": "--backoff-max",
+    "proxy_reset_after": "--proxy-reset-after",
+    "mount": "--mount",
+}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Raw option values from a YAML mapping, keyed by ExecConfig field name."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = _YAML_KEYS.get(str(key).replace("-", "_"))
+        if name is None:
+            raise ConfigError(
+                f"{path}: unknown option {key!r} (known: {', '.join(sorted(set(_YAML_KEYS)))})"
+            )
+        if isinstance(value, list):
+            value = [str(v) for v in value]
+            if name == "proxies":
+                value = ";".join(value)
+        elif value is None or isinstance(value, dict):
+            raise ConfigError(f"{path}: option {key!r} needs a value")
+        else:
+            value = str(value)
+        out[name] = value
+    return out
+
+
+def build_config(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, Any],
+    *,
+    file_name: str = "config file",
+    total_ram: int | None = None,
+    **extra: Any,
+) -> ExecConfig:
+    """Merge raw values (flags > env > file) and parse each once, naming its source on error."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, (parse, env_suffix) in _OPTIONS.items():
+        env_name = ENV_PREFIX + env_suffix
+        if flags.get(name) is not None:
+            raw, where = flags[name], _FLAG_NAMES[name]
+        elif environ.get(env_name, "").strip():
+            raw, where = environ[env_name], env_name
+        elif file_values.get(name) is not None:
+            raw, where = file_values[name], f"{file_name}: {_FILE_NAMES.get(name, name)}"
+        else:
+            continue
+        try:
+            values[name] = parse_size(raw, total_ram) if name == "ram_bytes" else parse(raw)
+        except (ValueError, FormatError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+        sources[name] = where
+    if "proxies" not in values:
+        raise ConfigError(
+            f"no proxy configured: give --proxy URL, {ENV_PREFIX}PROXY or 'proxy:' in a config file"
+        )
+    if values.get("ram_bytes", DEFAULT_RAM) < MIN_RAM:
+        raise ConfigError(f"{sources['ram_bytes']}: RAM limit must be at least 1M")
+    if values.get("timeout", 1.0) <= 0:
+        raise ConfigError(f"{sources['timeout']}: timeout must be positive")
+    return ExecConfig(**values, **extra, sources=sources)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _arg_parser() -> _Parser:
+    p = _Parser(
+        prog=PROG,
+        usage=f"{PROG} [options] -- CMD ARGS…",
+        description="Run CMD so that it and its children see /cvmfs/<repository>/… read-only, "
+        "served from RAM and fetched through hep-proxy; no FUSE, no root, no disk.",
+        epilog="Precedence: flags > HEP_EXEC_* environment variables > --config FILE "
+        "(also HEP_EXEC_CONFIG).",
+    )
+    a = p.add_argument
+    a(
+        "--proxy",
+        dest="proxies",
+        metavar="LIST",
+        help="proxies in CVMFS_HTTP_PROXY syntax, 'http://a:3128|http://b:3128;http://c:3128' "
+        "(| load-balances, ; fails over) [HEP_EXEC_PROXY]",
+    )
+    a(
+        "--keys",
+        metavar="PATH",
+        help="master public keys: *.pub files or directories, "
+        "':'-separated; enables signature checks [HEP_EXEC_KEYS]",
+    )
+    a(
+        "--ram",
+        dest="ram_bytes",
+        metavar="SIZE",
+        help="RAM cache limit, e.g. 2G, 512M, 25%% [HEP_EXEC_RAM, default 2G]",
+    )
+    a(
+        "--repositories",
+        "--repos",
+        dest="repositories",
+        metavar="LIST",
+        help="repositories to offer under /cvmfs (comma-separated) "
+        "[HEP_EXEC_REPOSITORIES, default: whatever the proxy serves that the command touches]",
+    )
+    a("--config", dest="config_file", metavar="FILE", help="YAML file with the same options")
+    a(
+        "--log-level",
+        dest="log_level",
+        metavar="LEVEL",
+        help="debug, info, warning, error [HEP_EXEC_LOG_LEVEL, default warning]",
+    )
+    a("--timeout", metavar="SECONDS", help="per-request timeout [HEP_EXEC_TIMEOUT, 5]")
+    a(
+        "--connect-timeout",
+        dest="connect_timeout",
+        metavar="SECONDS",
+        help="connect timeout [HEP_EXEC_CONNECT_TIMEOUT, 2]",
+    )
+    a("--retries", metavar="N", help="extra rounds over all proxies [HEP_EXEC_RETRIES, 1]")
+    a("--backoff-init", dest="backoff_init", metavar="SECONDS", help=argparse.SUPPRESS)
+    a("--backoff-max", dest="backoff_max", metavar="SECONDS", help=argparse.SUPPRESS)
+    a(
+        "--proxy-reset-after",
+        dest="proxy_reset_after",
+        metavar="SECONDS",
+        help="how long a failed proxy is avoided [HEP_EXEC_PROXY_RESET_AFTER, 300]",
+    )
+    a("--mount", metavar="DIR", help=argparse.SUPPRESS)
+    a("--check", action="store_true", help="report ptrace, seccomp, proxies, repositories, RAM")
+    a("--stats", action="store_true", help="print cache and syscall statistics at exit")
+    a("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_exec_args(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    total_ram: int | None = None,
+) -> ExecConfig:
+    """``hep-exec [options] -- CMD ARGS…`` -> ExecConfig; raises ConfigError (one line)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    environ = os.environ if environ is None else environ
+    if "--" in argv:
+        cut = argv.index("--")
+        options, command = argv[:cut], argv[cut + 1 :]
+    else:
+        options, command = argv, []
+    ns = _arg_parser().parse_args(options)
+    if ns.command:
+        if command:
+            raise ConfigError(f"unexpected argument {ns.command[0]!r} before '--'")
+        command = list(ns.command)
+    if not command and not ns.check:
+        raise ConfigError(f"no command given (usage: {PROG} [options] -- CMD ARGS…)")
+    config_file = ns.config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    file_values: dict[str, Any] = {}
+    if config_file:
+        file_values = load_config_file(Path(config_file))
+    if total_ram is None:
+        try:
+            total_ram = total_ram_bytes(Path("/proc/meminfo").read_text())
+        except OSError:
+            total_ram = None
+    flags = {name: getattr(ns, name) for name in _OPTIONS}
+    return build_config(
+        flags,
+        environ,
+        file_values,
+        file_name=str(config_file),
+        total_ram=total_ram,
+        command=tuple(command),
+        check=ns.check,
+        stats=ns.stats,
+        config_file=Path(config_file) if config_file else None,
+    )
+
+
+def load_master_keys(paths: Sequence[Path]) -> list[rsa.RSAPublicKey]:
+    """RSA public keys from files or directories of ``*.pub``; ConfigError names a bad one."""
+    keys: list[rsa.RSAPublicKey] = []
+    for path in paths:
+        if path.is_dir():
+            files = sorted(path.glob("*.pub"))
+            if not files:
+                raise ConfigError(f"{path}: no *.pub master key in this directory")
+        elif path.exists():
+            files = [path]
+        else:
+            raise ConfigError(f"{path}: no such key file or directory")
+        for f in files:
+            try:
+                keys.append(load_public_key(f.read_bytes(), str(f)))
+            except OSError as e:
+                raise ConfigError(f"{f}: cannot read ({e.strerror})") from None
+            except FormatError as e:
+                raise ConfigError(str(e)) from None
+    return keys

@@ -1,0 +1,278 @@
+"""RAM cache of sealed memfds: LRU by bytes, reference counts, single-flight loads.
+
+Objects are decompressed into ``memfd_create`` files sealed against any change, so the tracer
+can hand a tracee ``/proc/<our pid>/fd/<n>`` and every read, mmap and fstat is native. Objects
+a tracee holds open are pinned (reference count > 0) and never evicted; only unpinned objects
+live in the LRU, so eviction is O(1) from its tail.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import resource
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lru import LRU
+
+log = logging.getLogger("hep_exec.cache")
+
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+Loader = Callable[[], "bytes | Sequence[bytes]"]
+
+
+class CacheFull(MemoryError):
+    """No room for an object although everything evictable was evicted (all pinned)."""
+
+    errno = errno.ENOMEM
+
+
+class CachedObject:
+    """One sealed memfd; ``path`` is what a tracee opens to get its own read-only fd."""
+
+    __slots__ = ("fd", "key", "path", "refs", "size")
+
+    def __init__(self, key: str, fd: int, size: int) -> None:
+        self.key = key
+        self.fd = fd
+        self.size = size
+        self.refs = 0
+        self.path = f"/proc/{os.getpid()}/fd/{fd}"
+
+    def __repr__(self) -> str:
+        return f"CachedObject({self.key!r}, fd={self.fd}, size={self.size}, refs={self.refs})"
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    waits: int = 0
+    bytes_loaded: int = 0
+    evictions: int = 0
+    bytes_evicted: int = 0
+    full: int = 0
+    load_errors: int = 0
+
+
+def make_sealed_memfd(name: str, data: bytes | Sequence[bytes]) -> tuple[int, int]:
+    """Write ``data`` (one buffer or pieces in order) into a new memfd and seal it."""
+    fd = os.memfd_create(name[:200], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+        size = sum(len(p) for p in pieces)
+        if size:
+            os.ftruncate(fd, size)
+        offset = 0
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                offset += n
+                view = view[n:]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        return fd, size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def default_max_objects() -> int:
+    """Objects the cache may hold: the soft fd limit minus room for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, soft - max(64, soft // 8))
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit (each cached object is one fd)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
+class _Pending:
+    """A load in progress: waiters block on ``done`` and share its result."""
+
+    __slots__ = ("done", "error", "obj", "waiters")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.obj: CachedObject | None = None
+        self.error: BaseException | None = None
+        self.waiters = 0
+
+
+class RamCache:
+    """Byte-limited LRU of sealed memfds keyed by content hash, with pins and single-flight."""
+
+    def __init__(self, limit_bytes: int, max_objects: int | None = None) -> None:
+        self.limit = limit_bytes
+        # every object holds one fd in this process: stay below RLIMIT_NOFILE
+        self.max_objects = max_objects if max_objects is not None else default_max_objects()
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._pinned: dict[str, CachedObject] = {}
+        # unpinned objects only (count unbounded: bytes are limited by hand)
+        self._lru: LRU[str, CachedObject] = LRU(1 << 30)
+        self._pending: dict[str, _Pending] = {}
+        self._used = 0
+        self._charged = 0  # non-memfd residents (catalogs), never evicted
+
+    # ------------------------------------------------------------------ public API
+
+    def acquire(self, key: str, loader: Loader, size_hint: int | None = None) -> CachedObject:
+        """Return the object pinned once more, loading it (once, whoever asks) if absent.
+
+        Raises CacheFull when it cannot fit beside the pinned objects, or whatever the loader
+        raised (every waiter of that load gets the same exception).
+        """
+        with self._lock:
+            obj = self._pinned.get(key)
+            if obj is None:
+                obj = self._lru.pop(key, None)
+                if obj is not None:
+                    self._pinned[key] = obj
+            if obj is not None:
+                obj.refs += 1
+                self.stats.hits += 1
+                return obj
+            pending = self._pending.get(key)
+            if pending is not None:
+                pending.waiters += 1
+                self.stats.waits += 1
+            else:
+                if size_hint is not None and size_hint > self.limit - self._pinned_bytes():
+                    self.stats.full += 1
+                    raise self._full(key, size_hint)
+                pending = self._pending[key] = _Pending()
+                self.stats.misses += 1
+                return self._load(key, loader, pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.obj is not None
+        return pending.obj
+
+    def release(self, obj: CachedObject) -> None:
+        """Drop one pin; an unpinned object becomes the most recently used LRU entry."""
+        with self._lock:
+            if obj.refs <= 0:
+                raise ValueError(f"release of unpinned cache object {obj.key}")
+            obj.refs -= 1
+            if obj.refs == 0 and self._pinned.get(obj.key) is obj:
+                del self._pinned[obj.key]
+                self._lru[obj.key] = obj
+                self._evict_to(self.limit)
+
+    def charge(self, nbytes: int) -> None:
+        """Account resident non-memfd data (catalogs); may evict, never fails."""
+        with self._lock:
+            self._charged += nbytes
+            self._used += nbytes
+            self._evict_to(self.limit)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._pinned or key in self._lru
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def pinned_bytes(self) -> int:
+        with self._lock:
+            return self._pinned_bytes()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pinned) + len(self._lru)
+
+    def close(self) -> None:
+        """Close every memfd (tracees that opened them keep their own fds)."""
+        with self._lock:
+            for obj in list(self._pinned.values()) + list(self._lru.values()):
+                os.close(obj.fd)
+            self._pinned.clear()
+            self._lru.clear()
+            self._used = self._charged
+
+    # ------------------------------------------------------------------ internals
+
+    def _pinned_bytes(self) -> int:
+        return self._charged + sum(o.size for o in self._pinned.values())
+
+    def _full(self, key: str, size: int) -> CacheFull:
+        msg = (
+            f"RAM cache full: object {key} needs {size} bytes, limit {self.limit}, "
+            f"{self._pinned_bytes()} pinned by open files"
+        )
+        log.error("%s", msg)
+        return CacheFull(msg)
+
+    def _evict_to(self, target: int) -> None:
+        while self._used > target and self._evict_one():
+            pass
+
+    def _evict_count(self, target: int) -> None:
+        while len(self._pinned) + len(self._lru) > target and self._evict_one():
+            pass
+
+    def _evict_one(self) -> bool:
+        """Drop the least recently used unpinned object; False when there is none."""
+        last = self._lru.peek_last_item()
+        if last is None:
+            return False
+        key, obj = last
+        del self._lru[key]
+        os.close(obj.fd)
+        self._used -= obj.size
+        self.stats.evictions += 1
+        self.stats.bytes_evicted += obj.size
+        return True
+
+    def _load(self, key: str, loader: Loader, pending: _Pending) -> CachedObject:
+        """Called with the lock held; runs the loader without it."""
+        self._lock.release()
+        fd = -1
+        try:
+            data = loader()
+            fd, size = make_sealed_memfd(key, data)
+            del data
+        except BaseException as e:
+            self._lock.acquire()
+            del self._pending[key]
+            self.stats.load_errors += 1
+            pending.error = e
+            pending.done.set()
+            raise
+        self._lock.acquire()
+        try:
+            del self._pending[key]
+            self._evict_to(self.limit - size)
+            self._evict_count(self.max_objects - 1)
+            if self._used + size > self.limit:
+                os.close(fd)
+                self.stats.full += 1
+                err = self._full(key, size)
+                pending.error = err
+                raise err
+            obj = CachedObject(key, fd, size)
+            obj.refs = 1 + pending.waiters
+            self._pinned[key] = obj
+            self._used += size
+            self.stats.bytes_loaded += size
+            pending.obj = obj
+            return obj
+        finally:
+            pending.done.set()

@@ -1,0 +1,348 @@
+"""A repository mounted from the proxy: verified manifest, catalogs in RAM, objects in the cache.
+
+``MountedRepository`` does the I/O the sans-I/O pieces ask for: it fetches the manifest ensemble
+(and checks signatures when master keys are given), keeps the root catalog and lazily loaded
+nested catalogs in memory, and loads file objects (whole or chunked) into the RAM cache.
+``Repositories`` mounts repositories on first touch and remembers which names do not exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from lru import LRU
+
+from cvmfs_format.catalog import Catalog, CatalogTree, Chunk, DirEntry, NestedRef
+from cvmfs_format.errors import FormatError
+from cvmfs_format.hashes import ContentHash
+from cvmfs_format.manifest import Manifest, parse_manifest
+from cvmfs_format.objects import Suffix, decompress, parse_object_path, verify_object
+from cvmfs_format.verify import loading, verify_ensemble
+from worker.fetcher import FetchError, NotFound, object_url
+from worker.ramcache import CachedObject, RamCache
+
+log = logging.getLogger("hep_exec.repository")
+_MISSING = object()
+
+
+class ObjectSource(Protocol):
+    """What a repository needs from the network: verified stored bytes of a URL path."""
+
+    def get(
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        check: Callable[[bytes], None] | None = None,
+    ) -> bytes: ...
+
+    def get_many(
+        self, items: Sequence[tuple[str, ContentHash | None, str]]
+    ) -> list[bytes | BaseException]: ...
+
+
+class RepositoryError(OSError):
+    """A repository or object that cannot be used; ``errno`` is what the tracee should see."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MountedRepository:
+    """One repository: bootstrap on construction; lookups are thread-safe and cached."""
+
+    def __init__(
+        self,
+        fqrn: str,
+        fetcher: ObjectSource,
+        master_keys: Sequence[rsa.RSAPublicKey] = (),
+        cache: RamCache | None = None,
+        *,
+        now: dt.datetime | None = None,
+        lookup_cache_size: int = 1 << 16,
+    ) -> None:
+        self.fqrn = fqrn
+        self.fetcher = fetcher
+        self.cache = cache if cache is not None else RamCache(1 << 30)
+        self.verified = bool(master_keys)
+        self._lock = threading.RLock()
+        self._lookups: LRU[str, DirEntry | None] = LRU(lookup_cache_size)
+        self._listings: LRU[str, list[DirEntry]] = LRU(max(256, lookup_cache_size // 16))
+        self.manifest = self._bootstrap(list(master_keys), now or dt.datetime.now(dt.UTC))
+        root = self._load_catalog(self.manifest.root_catalog, "root catalog")
+        if root.revision != self.manifest.revision:
+            raise RepositoryError(
+                errno.EIO,
+                f"{fqrn}: root catalog revision {root.revision} != manifest revision "
+                f"{self.manifest.revision}",
+            )
+        self.tree = CatalogTree(root)
+        self.root_entry = self.lookup("")
+        if self.root_entry is None or not self.root_entry.is_dir:
+            raise RepositoryError(errno.EIO, f"{fqrn}: root catalog has no root directory")
+        log.info(
+            "mounted %s revision %d (root catalog %s%s)",
+            fqrn,
+            self.manifest.revision,
+            self.manifest.root_catalog.hex,
+            ", signature verified" if self.verified else "",
+        )
+
+    # ------------------------------------------------------------------ bootstrap
+
+    def _read(self, relpath: str, what: str = "") -> bytes:
+        """Fetch a repository file; ``data/`` objects are verified against their own name."""
+        expected = parse_object_path(relpath).hash if relpath.startswith("data/") else None
+        return self.fetcher.get(object_url(self.fqrn, relpath), expected, what or relpath)
+
+    def _bootstrap(self, keys: list[rsa.RSAPublicKey], now: dt.datetime) -> Manifest:
+        fqrn = self.fqrn
+        try:
+            raw = self.fetcher.get(
+                object_url(fqrn, ".cvmfspublished"),
+                None,
+                f"{fqrn}/.cvmfspublished",
+                check=_manifest_check,
+            )
+            if keys:
+                whitelist = self.fetcher.get(
+                    object_url(fqrn, ".cvmfswhitelist"), None, f"{fqrn}/.cvmfswhitelist"
+                )
+                manifest = verify_ensemble(raw, whitelist, self._read, fqrn, keys, now)
+            else:
+                manifest = parse_manifest(raw).manifest
+        except NotFound as e:
+            raise RepositoryError(errno.ENOENT, f"{fqrn}: repository not served ({e})") from None
+        except FetchError as e:
+            raise RepositoryError(errno.EIO, str(e)) from None
+        except FormatError as e:
+            raise RepositoryError(errno.EIO, f"{fqrn}: {e}") from None
+        if manifest.name and manifest.name != fqrn:
+            raise RepositoryError(errno.EIO, f"{fqrn}: manifest names repository {manifest.name!r}")
+        return manifest
+
+    def _load_catalog(self, content: ContentHash, what: str) -> Catalog:
+        try:
+            stored = self._read(content.object_path(Suffix.CATALOG), f"{self.fqrn} {what}")
+            catalog = Catalog(verify_object(stored, content, what), f"{self.fqrn} {what}")
+        except FetchError as e:
+            raise RepositoryError(errno.EIO, str(e)) from None
+        except FormatError as e:
+            raise RepositoryError(errno.EIO, f"{self.fqrn}: {e}") from None
+        self.cache.charge(catalog.size)
+        return catalog
+
+    def _attach(self, ref: NestedRef) -> None:
+        catalog = self._load_catalog(ref.hash, f"nested catalog {ref.path}")
+        try:
+            self.tree.attach(ref.path, catalog)
+        except FormatError as e:
+            raise RepositoryError(errno.EIO, f"{self.fqrn}: {e}") from None
+        log.debug("%s: attached nested catalog %s", self.fqrn, ref.path)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def revision(self) -> int:
+        return self.manifest.revision
+
+    @property
+    def catalogs_loaded(self) -> int:
+        return len(self.tree.catalogs)
+
+    def lookup(self, relpath: str) -> DirEntry | None:
+        """Entry for ``""`` (root) or ``/a/b``; loads nested catalogs as needed."""
+        hit = self._lookups.get(relpath, _MISSING)
+        if hit is not _MISSING:
+            return hit  # type: ignore[return-value]
+        with self._lock:
+            try:
+                entry = loading(self._attach, lambda: self.tree.lookup(relpath))
+            except FormatError as e:
+                raise RepositoryError(errno.EIO, f"{self.fqrn}:{relpath}: {e}") from None
+            self._lookups[relpath] = entry
+            return entry
+
+    def listing(self, relpath: str) -> list[DirEntry]:
+        """Children of the directory ``relpath``, sorted by name."""
+        hit = self._listings.get(relpath)
+        if hit is not None:
+            return hit
+        with self._lock:
+            try:
+                entries = loading(self._attach, lambda: self.tree.listing(relpath))
+            except FormatError as e:
+                raise RepositoryError(errno.EIO, f"{self.fqrn}:{relpath}: {e}") from None
+            self._listings[relpath] = entries
+            return entries
+
+    def chunks(self, relpath: str) -> list[Chunk]:
+        with self._lock:
+            return loading(self._attach, lambda: self.tree.chunks(relpath))
+
+    # ------------------------------------------------------------------ objects
+
+    def object_key(self, entry: DirEntry) -> str:
+        """RAM-cache key: the content hash, or a digest of the chunk list for chunked files."""
+        if entry.is_chunked:
+            h = hashlib.sha1(b"chunked")
+            for c in self.chunks(entry.path):
+                h.update(c.hash.digest)
+            return f"chunked-{h.hexdigest()}"
+        if entry.hash is None:
+            raise RepositoryError(errno.EIO, f"{self.fqrn}:{entry.path}: file without content hash")
+        return entry.hash.hex
+
+    def open_object(self, entry: DirEntry) -> CachedObject:
+        """Pin the file's content in the RAM cache (fetching it once); release via the cache."""
+        path = f"{self.fqrn}:{entry.path}"
+        if not entry.is_regular:
+            raise RepositoryError(errno.EINVAL, f"{path}: not a regular file")
+        if entry.is_external:
+            raise RepositoryError(errno.EIO, f"{path}: external files are not supported")
+        key = self.object_key(entry)
+        if entry.is_chunked:
+            chunks = self.chunks(entry.path)
+            return self.cache.acquire(
+                key, lambda: self._load_chunks(entry, chunks), size_hint=entry.size
+            )
+        assert entry.hash is not None
+        return self.cache.acquire(key, lambda: self._load_whole(entry), size_hint=entry.size)
+
+    def _load_whole(self, entry: DirEntry) -> bytes:
+        assert entry.hash is not None
+        what = f"{self.fqrn}:{entry.path}"
+        try:
+            stored = self.fetcher.get(
+                object_url(self.fqrn, entry.hash.object_path()), entry.hash, what
+            )
+            data = decompress(stored, what) if entry.is_compressed else stored
+        except FetchError as e:
+            raise RepositoryError(errno.EIO, str(e)) from None
+        except FormatError as e:
+            raise RepositoryError(errno.EIO, str(e)) from None
+        if len(data) != entry.size:
+            raise RepositoryError(
+                errno.EIO, f"{what}: object has {len(data)} bytes, catalog says {entry.size}"
+            )
+        return data
+
+    def _load_chunks(self, entry: DirEntry, chunks: list[Chunk]) -> list[bytes]:
+        what = f"{self.fqrn}:{entry.path}"
+        expect = 0
+        for c in chunks:
+            if c.offset != expect:
+                raise RepositoryError(errno.EIO, f"{what}: chunk list has a gap at {expect}")
+            expect += c.size
+        if expect != entry.size:
+            raise RepositoryError(errno.EIO, f"{what}: chunks cover {expect} of {entry.size}")
+        results = self.fetcher.get_many(
+            [
+                (
+                    object_url(self.fqrn, c.hash.object_path(Suffix.PARTIAL)),
+                    c.hash,
+                    f"{what} chunk @{c.offset}",
+                )
+                for c in chunks
+            ]
+        )
+        pieces = []
+        for c, r in zip(chunks, results, strict=True):
+            if isinstance(r, BaseException):
+                raise RepositoryError(errno.EIO, str(r))
+            try:
+                data = decompress(r, f"{what} chunk @{c.offset}") if entry.is_compressed else r
+            except FormatError as e:
+                raise RepositoryError(errno.EIO, str(e)) from None
+            if len(data) != c.size:
+                raise RepositoryError(
+                    errno.EIO, f"{what}: chunk @{c.offset} has {len(data)} bytes, not {c.size}"
+                )
+            pieces.append(data)
+        return pieces
+
+
+def _manifest_check(raw: bytes) -> None:
+    parse_manifest(raw)
+
+
+class Repositories:
+    """The repositories under /cvmfs: configured ones, or any the proxy serves (on first touch)."""
+
+    def __init__(
+        self,
+        fetcher: ObjectSource,
+        master_keys: Sequence[rsa.RSAPublicKey] = (),
+        cache: RamCache | None = None,
+        configured: Sequence[str] = (),
+    ) -> None:
+        self.fetcher = fetcher
+        self.master_keys = list(master_keys)
+        self.cache = cache if cache is not None else RamCache(1 << 30)
+        self.configured = tuple(configured)
+        self._mounted: dict[str, MountedRepository] = {}
+        self._failed: dict[str, tuple[RepositoryError, float]] = {}
+        self._lock = threading.Lock()
+        self._mounting: dict[str, threading.Lock] = {}
+
+    def names(self) -> list[str]:
+        """What ``ls /cvmfs`` shows: configured names, else the repositories mounted so far."""
+        if self.configured:
+            return list(self.configured)
+        return sorted(self._mounted)
+
+    def mounted(self) -> dict[str, MountedRepository]:
+        return dict(self._mounted)
+
+    def get(self, fqrn: str) -> MountedRepository:
+        """Mount on first use (once, even when asked from several threads).
+
+        Raises RepositoryError: ENOENT for names not configured or not served, EIO for
+        repositories that fail verification; failures are remembered (one log line each).
+        """
+        repo = self._mounted.get(fqrn)
+        if repo is not None:
+            return repo
+        self._raise_if_failed(fqrn)
+        if self.configured and fqrn not in self.configured:
+            err = RepositoryError(errno.ENOENT, f"/cvmfs/{fqrn}: repository not configured")
+            log.warning("%s", err)
+            self._failed[fqrn] = (err, math.inf)
+            raise err
+        with self._lock:
+            lock = self._mounting.setdefault(fqrn, threading.Lock())
+        with lock:
+            repo = self._mounted.get(fqrn)
+            if repo is not None:
+                return repo
+            self._raise_if_failed(fqrn)
+            try:
+                repo = MountedRepository(fqrn, self.fetcher, self.master_keys, self.cache)
+            except RepositoryError as e:
+                log.warning("/cvmfs/%s: cannot mount: %s", fqrn, e)
+                # a name the proxy does not serve stays unknown; I/O trouble may pass
+                retry_at = math.inf if e.errno == errno.ENOENT else time.monotonic() + 30
+                self._failed[fqrn] = (e, retry_at)
+                raise
+            self._mounted[fqrn] = repo
+            return repo
+
+    def _raise_if_failed(self, fqrn: str) -> None:
+        failed = self._failed.get(fqrn)
+        if failed is not None:
+            if time.monotonic() < failed[1]:
+                raise failed[0]
+            del self._failed[fqrn]

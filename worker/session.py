@@ -1,0 +1,174 @@
+"""The data side of one hep-exec run, built from an ExecConfig: what the tracer's policy calls.
+
+Joins fetcher, RAM cache, repositories and name space, and turns their exceptions into the
+errno a tracee must see (with one log line naming the path). Also produces the ``--check`` and
+``--stats`` reports.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+from worker.config import ExecConfig, load_master_keys
+from worker.fetcher import Fetcher, object_url
+from worker.namespace import Namespace, Node
+from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
+from worker.repository import Repositories, RepositoryError
+
+log = logging.getLogger("hep_exec.session")
+
+
+@dataclass(frozen=True)
+class CheckLine:
+    ok: bool
+    what: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.what}: {self.detail}"
+
+
+class WorkerSession:
+    """Fetcher thread + RAM cache + repositories + name space; ``close()`` when done."""
+
+    def __init__(self, config: ExecConfig) -> None:
+        self.config = config
+        self.master_keys = load_master_keys(config.keys)
+        self.fetcher = Fetcher(
+            config.proxies,
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            retries=config.retries,
+            backoff_init=config.backoff_init,
+            backoff_max=config.backoff_max,
+            proxy_reset_after=config.proxy_reset_after,
+        ).start()
+        raise_fd_limit()
+        self.cache = RamCache(config.ram_bytes)
+        self.repos = Repositories(self.fetcher, self.master_keys, self.cache, config.repositories)
+        self.namespace = Namespace(self.repos, os.fsencode(config.mount))
+        self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here
+
+    def open_file(self, node: Node) -> CachedObject | int:
+        """Pin a file's memfd for an open(); errno (ENOMEM, EIO …) with one log line otherwise."""
+        if node.kind != "file" or node.entry is None or node.repo is None:
+            return errno.EINVAL
+        try:
+            return self.repos.get(node.repo).open_object(node.entry)
+        except CacheFull:
+            return errno.ENOMEM  # the cache logged the line
+        except RepositoryError as e:
+            log.error("%s: %s", os.fsdecode(node.path), e)
+            return e.errno or errno.EIO
+
+    def release(self, obj: CachedObject) -> None:
+        self.cache.release(obj)
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.cache.close()
+
+    def __enter__(self) -> WorkerSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reports
+
+    def check(self, now: dt.datetime | None = None) -> list[CheckLine]:
+        """``--check``: proxies reachable, repositories mountable and fresh, RAM limit."""
+        now = now or dt.datetime.now(dt.UTC)
+        lines: list[CheckLine] = []
+        names = list(self.config.repositories)
+        probe_path = object_url(names[0], ".cvmfspublished") if names else "/cvmfs/"
+        for url, ok, detail in self.fetcher.probe(probe_path):
+            if not names and detail.startswith("HTTP "):
+                ok = True  # any HTTP answer means the proxy is up
+            lines.append(CheckLine(ok, f"proxy {url}", detail))
+        for name in names:
+            try:
+                repo = self.repos.get(name)
+            except RepositoryError as e:
+                lines.append(CheckLine(False, f"repository {name}", str(e)))
+                continue
+            age = now - dt.datetime.fromtimestamp(repo.manifest.timestamp, dt.UTC)
+            signed = "signature verified" if repo.verified else "no keys: signature not checked"
+            lines.append(
+                CheckLine(
+                    True,
+                    f"repository {name}",
+                    f"revision {repo.revision}, published {_age(age)} ago, {signed}",
+                )
+            )
+        if not names:
+            lines.append(
+                CheckLine(True, "repositories", "none configured: mounted on first access")
+            )
+        avail = _mem_available()
+        ram_ok = avail is None or self.config.ram_bytes <= avail
+        detail = f"{_size(self.config.ram_bytes)}"
+        if avail is not None:
+            detail += f" ({_size(avail)} available now)"
+        lines.append(CheckLine(ram_ok, "RAM cache limit", detail))
+        return lines
+
+    def stats_lines(self) -> list[str]:
+        """``--stats``: cache and fetch counters, trapped syscalls per kind."""
+        c, f = self.cache.stats, self.fetcher.stats
+        out = [
+            f"cache: {c.hits} hits, {c.misses} misses, {c.waits} waits, "
+            f"{_size(c.bytes_loaded)} loaded, {c.evictions} evictions "
+            f"({_size(c.bytes_evicted)}), {c.full} cache-full, "
+            f"{_size(self.cache.used_bytes)} of {_size(self.cache.limit)} used",
+            f"fetch: {f.requests} requests, {_size(f.bytes_fetched)} fetched, "
+            f"{f.failures} failures, {f.corrupt} corrupt, {f.not_found} not found, "
+            f"{f.collapsed} collapsed",
+        ]
+        for name, repo in sorted(self.repos.mounted().items()):
+            out.append(
+                f"repository {name}: revision {repo.revision}, "
+                f"{repo.catalogs_loaded} catalogs loaded"
+            )
+        if self.syscalls:
+            calls = ", ".join(f"{k} {n}" for k, n in self.syscalls.most_common())
+            out.append(f"trapped syscalls: {calls}")
+        return out
+
+
+def _age(delta: dt.timedelta) -> str:
+    s = int(delta.total_seconds())
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h"
+    return f"{s // 86400} days"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
