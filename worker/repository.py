@@ -198,10 +198,7 @@ class MountedRepository:
     def object_key(self, entry: DirEntry) -> str:
         """RAM-cache key: the content hash, or a digest of the chunk list for chunked files."""
         if entry.is_chunked:
-            h = hashlib.sha1(b"chunked")
-            for c in self.chunks(entry.path):
-                h.update(c.hash.digest)
-            return f"chunked-{h.hexdigest()}"
+            return chunked_key(self.chunks(entry.path))
         if entry.hash is None:
             raise RepositoryError(errno.EIO, f"{self.fqrn}:{entry.path}: file without content hash")
         return entry.hash.hex
@@ -224,55 +221,84 @@ class MountedRepository:
 
     def _load_whole(self, entry: DirEntry) -> bytes:
         assert entry.hash is not None
-        what = f"{self.fqrn}:{entry.path}"
-        try:
-            stored = self.fetcher.get(
-                object_url(self.fqrn, entry.hash.object_path()), entry.hash, what
-            )
-            data = decompress(stored, what) if entry.is_compressed else stored
-        except FetchError as e:
-            raise RepositoryError(errno.EIO, str(e)) from None
-        except FormatError as e:
-            raise RepositoryError(errno.EIO, str(e)) from None
-        if len(data) != entry.size:
-            raise RepositoryError(
-                errno.EIO, f"{what}: object has {len(data)} bytes, catalog says {entry.size}"
-            )
-        return data
+        return load_whole(
+            self.fetcher, self.fqrn, entry.path, entry.hash, entry.is_compressed, entry.size
+        )
 
     def _load_chunks(self, entry: DirEntry, chunks: list[Chunk]) -> list[bytes]:
-        what = f"{self.fqrn}:{entry.path}"
-        expect = 0
-        for c in chunks:
-            if c.offset != expect:
-                raise RepositoryError(errno.EIO, f"{what}: chunk list has a gap at {expect}")
-            expect += c.size
-        if expect != entry.size:
-            raise RepositoryError(errno.EIO, f"{what}: chunks cover {expect} of {entry.size}")
-        results = self.fetcher.get_many(
-            [
-                (
-                    object_url(self.fqrn, c.hash.object_path(Suffix.PARTIAL)),
-                    c.hash,
-                    f"{what} chunk @{c.offset}",
-                )
-                for c in chunks
-            ]
+        return load_chunks(
+            self.fetcher, self.fqrn, entry.path, chunks, entry.is_compressed, entry.size
         )
-        pieces = []
-        for c, r in zip(chunks, results, strict=True):
-            if isinstance(r, BaseException):
-                raise RepositoryError(errno.EIO, str(r))
-            try:
-                data = decompress(r, f"{what} chunk @{c.offset}") if entry.is_compressed else r
-            except FormatError as e:
-                raise RepositoryError(errno.EIO, str(e)) from None
-            if len(data) != c.size:
-                raise RepositoryError(
-                    errno.EIO, f"{what}: chunk @{c.offset} has {len(data)} bytes, not {c.size}"
-                )
-            pieces.append(data)
-        return pieces
+
+
+def chunked_key(chunks: Sequence[Chunk]) -> str:
+    """Cache key of a chunked file: a digest of its chunk hashes in order."""
+    h = hashlib.sha1(b"chunked")
+    for c in chunks:
+        h.update(c.hash.digest)
+    return f"chunked-{h.hexdigest()}"
+
+
+def load_whole(
+    fetcher: ObjectSource, fqrn: str, path: str, content: ContentHash, compressed: bool, size: int
+) -> bytes:
+    """A whole-file object, verified and decompressed; RepositoryError (EIO) otherwise."""
+    what = f"{fqrn}:{path}"
+    try:
+        stored = fetcher.get(object_url(fqrn, content.object_path()), content, what)
+        data = decompress(stored, what) if compressed else stored
+    except FetchError as e:
+        raise RepositoryError(errno.EIO, str(e)) from None
+    except FormatError as e:
+        raise RepositoryError(errno.EIO, str(e)) from None
+    if len(data) != size:
+        raise RepositoryError(
+            errno.EIO, f"{what}: object has {len(data)} bytes, catalog says {size}"
+        )
+    return data
+
+
+def load_chunks(
+    fetcher: ObjectSource,
+    fqrn: str,
+    path: str,
+    chunks: Sequence[Chunk],
+    compressed: bool,
+    size: int,
+) -> list[bytes]:
+    """The pieces of a chunked file (fetched concurrently), verified and decompressed."""
+    what = f"{fqrn}:{path}"
+    expect = 0
+    for c in chunks:
+        if c.offset != expect:
+            raise RepositoryError(errno.EIO, f"{what}: chunk list has a gap at {expect}")
+        expect += c.size
+    if expect != size:
+        raise RepositoryError(errno.EIO, f"{what}: chunks cover {expect} of {size}")
+    results = fetcher.get_many(
+        [
+            (
+                object_url(fqrn, c.hash.object_path(Suffix.PARTIAL)),
+                c.hash,
+                f"{what} chunk @{c.offset}",
+            )
+            for c in chunks
+        ]
+    )
+    pieces = []
+    for c, r in zip(chunks, results, strict=True):
+        if isinstance(r, BaseException):
+            raise RepositoryError(errno.EIO, str(r))
+        try:
+            data = decompress(r, f"{what} chunk @{c.offset}") if compressed else r
+        except FormatError as e:
+            raise RepositoryError(errno.EIO, str(e)) from None
+        if len(data) != c.size:
+            raise RepositoryError(
+                errno.EIO, f"{what}: chunk @{c.offset} has {len(data)} bytes, not {c.size}"
+            )
+        pieces.append(data)
+    return pieces
 
 
 def _manifest_check(raw: bytes) -> None:
