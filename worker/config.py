@@ -55,6 +55,13 @@ class ExecConfig:
     mount: str = "/cvmfs"
     check: bool = False
     stats: bool = False
+    shared_cache: bool = True  # one RAM cache service per user and node (worker.cache_service)
+    cache_dir: Path | None = None  # its runtime directory; None: $XDG_RUNTIME_DIR or /dev/shm
+    cache_idle: float = 60.0  # the service exits this long after its last client left
+    record_path: Path | None = None  # write the objects opened here, in first-use order
+    prefetch_path: Path | None = None  # fetch the objects of this access list at start
+    prefetch_concurrency: int = 16
+    cache_daemon: bool = False  # run the cache service itself instead of a command
     config_file: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -162,6 +169,28 @@ def _parse_int(text: str) -> int:
     return v
 
 
+def _parse_bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("1", "yes", "true", "on"):
+        return True
+    if t in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{text!r}: not a boolean (1/0, yes/no, true/false, on/off)")
+
+
+def _parse_path(text: str) -> Path:
+    if not str(text).strip():
+        raise ValueError("empty path")
+    return Path(str(text).strip()).expanduser()
+
+
+def _parse_concurrency(text: str) -> int:
+    v = _parse_int(text)
+    if not 1 <= v <= 1024:
+        raise ValueError(f"{text!r}: must be between 1 and 1024")
+    return v
+
+
 def _parse_mount(text: str) -> str:
     t = "/" + "/".join(p for p in text.split("/") if p)
     if not text.startswith("/") or t == "/" or any(p in (".", "..") for p in t.split("/")):
@@ -183,6 +212,12 @@ _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "backoff_max": (parse_duration, "BACKOFF_MAX"),
     "proxy_reset_after": (parse_duration, "PROXY_RESET_AFTER"),
     "mount": (_parse_mount, "MOUNT"),
+    "shared_cache": (_parse_bool, "SHARED_CACHE"),
+    "cache_dir": (_parse_path, "CACHE_DIR"),
+    "cache_idle": (parse_duration, "CACHE_IDLE"),
+    "record_path": (_parse_path, "RECORD"),
+    "prefetch_path": (_parse_path, "PREFETCH"),
+    "prefetch_concurrency": (_parse_concurrency, "PREFETCH_CONCURRENCY"),
 }
 # YAML keys: the flag spelling (``proxy``, ``ram``, ``log-level`` or ``log_level`` …)
 _YAML_KEYS = {
@@ -200,8 +235,19 @@ _YAML_KEYS = {
     "backoff_max": "backoff_max",
     "proxy_reset_after": "proxy_reset_after",
     "mount": "mount",
+    "shared_cache": "shared_cache",
+    "cache_dir": "cache_dir",
+    "cache_idle": "cache_idle",
+    "record": "record_path",
+    "prefetch": "prefetch_path",
+    "prefetch_concurrency": "prefetch_concurrency",
 }
-_FILE_NAMES = {"proxies": "proxy", "ram_bytes": "ram"}
+_FILE_NAMES = {
+    "proxies": "proxy",
+    "ram_bytes": "ram",
+    "record_path": "record",
+    "prefetch_path": "prefetch",
+}
 _FLAG_NAMES = {
     "proxies": "--proxy",
     "keys": "--keys",
@@ -215,6 +261,12 @@ _FLAG_NAMES = {
     "backoff_max": "--backoff-max",
     "proxy_reset_after": "--proxy-reset-after",
     "mount": "--mount",
+    "shared_cache": "--no-shared-cache",
+    "cache_dir": "--cache-dir",
+    "cache_idle": "--cache-idle",
+    "record_path": "--record",
+    "prefetch_path": "--prefetch",
+    "prefetch_concurrency": "--prefetch-concurrency",
 }
 
 
@@ -361,6 +413,52 @@ def _arg_parser() -> _Parser:
     a("--mount", metavar="DIR", help=argparse.SUPPRESS)
     a("--check", action="store_true", help="report ptrace, seccomp, proxies, repositories, RAM")
     a("--stats", action="store_true", help="print cache and syscall statistics at exit")
+    a(
+        "--no-shared-cache",
+        dest="shared_cache",
+        action="store_const",
+        const="0",
+        help="keep a private RAM cache instead of the node's shared cache service "
+        "[HEP_EXEC_SHARED_CACHE=0]",
+    )
+    a(
+        "--cache-dir",
+        dest="cache_dir",
+        metavar="DIR",
+        help="runtime directory of the shared cache service (mode 0700, yours) "
+        "[HEP_EXEC_CACHE_DIR, default $XDG_RUNTIME_DIR/hep-exec or /dev/shm/hep-exec-UID]",
+    )
+    a(
+        "--cache-idle",
+        dest="cache_idle",
+        metavar="SECONDS",
+        help="the shared cache service exits this long after its last client "
+        "[HEP_EXEC_CACHE_IDLE, 60]",
+    )
+    a(
+        "--cache-daemon",
+        action="store_true",
+        help="run the shared cache service in the foreground (no command)",
+    )
+    a(
+        "--record",
+        dest="record_path",
+        metavar="FILE",
+        help="write the access list (objects opened, first use first) at exit [HEP_EXEC_RECORD]",
+    )
+    a(
+        "--prefetch",
+        dest="prefetch_path",
+        metavar="FILE",
+        help="fetch the objects of this access list in parallel while the command starts "
+        "[HEP_EXEC_PREFETCH]",
+    )
+    a(
+        "--prefetch-concurrency",
+        dest="prefetch_concurrency",
+        metavar="N",
+        help="parallel fetches of --prefetch [HEP_EXEC_PREFETCH_CONCURRENCY, 16]",
+    )
     a("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
@@ -383,7 +481,7 @@ def parse_exec_args(
         if command:
             raise ConfigError(f"unexpected argument {ns.command[0]!r} before '--'")
         command = list(ns.command)
-    if not command and not ns.check:
+    if not command and not ns.check and not ns.cache_daemon:
         raise ConfigError(f"no command given (usage: {PROG} [options] -- CMD ARGS…)")
     config_file = ns.config_file or environ.get(ENV_PREFIX + "CONFIG") or None
     file_values: dict[str, Any] = {}
@@ -404,6 +502,7 @@ def parse_exec_args(
         command=tuple(command),
         check=ns.check,
         stats=ns.stats,
+        cache_daemon=ns.cache_daemon,
         config_file=Path(config_file) if config_file else None,
     )
 

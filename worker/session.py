@@ -14,9 +14,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-from worker.config import ExecConfig, load_master_keys
+from worker.access_list import AccessListError, AccessRecorder, read_access_list
+from worker.cache_client import CacheClient, SharedObject, open_shared
+from worker.config import ConfigError, ExecConfig, load_master_keys
 from worker.fetcher import Fetcher, object_url
 from worker.namespace import Namespace, Node
+from worker.prefetch import Prefetch
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.repository import Repositories, RepositoryError
 
@@ -39,6 +42,11 @@ class WorkerSession:
     def __init__(self, config: ExecConfig) -> None:
         self.config = config
         self.master_keys = load_master_keys(config.keys)
+        try:
+            prefetch_list = read_access_list(config.prefetch_path) if config.prefetch_path else []
+        except AccessListError as e:
+            raise ConfigError(str(e)) from None
+        self.prefetch: Prefetch | None = None
         self.fetcher = Fetcher(
             config.proxies,
             timeout=config.timeout,
@@ -53,23 +61,53 @@ class WorkerSession:
         self.repos = Repositories(self.fetcher, self.master_keys, self.cache, config.repositories)
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
         self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here
+        # node-level pieces: shared cache service, access list recording and prefetch
+        self.shared = CacheClient.connect(config) if config.shared_cache else None
+        self.recorder = AccessRecorder() if config.record_path else None
+        if prefetch_list:
+            pf_client = CacheClient.connect(config, start=False) if self.shared else None
+            self.prefetch = Prefetch(
+                prefetch_list, self.repos, pf_client, config.prefetch_concurrency
+            ).start()
 
     def open_file(self, node: Node) -> CachedObject | int:
         """Pin a file's memfd for an open(); errno (ENOMEM, EIO …) with one log line otherwise."""
         if node.kind != "file" or node.entry is None or node.repo is None:
             return errno.EINVAL
         try:
-            return self.repos.get(node.repo).open_object(node.entry)
+            repo = self.repos.get(node.repo)
+            obj: CachedObject | None = None
+            if self.shared is not None:
+                obj = open_shared(self.shared, repo, node.entry)
+            if obj is None:  # no service (or it died): private cache
+                obj = repo.open_object(node.entry)
         except CacheFull:
             return errno.ENOMEM  # the cache logged the line
         except RepositoryError as e:
             log.error("%s: %s", os.fsdecode(node.path), e)
             return e.errno or errno.EIO
+        if self.recorder is not None:
+            self.recorder.add(node.repo, node.entry.path, obj.key, obj.size)
+        return obj
 
     def release(self, obj: CachedObject) -> None:
-        self.cache.release(obj)
+        if isinstance(obj, SharedObject) and self.shared is not None:
+            self.shared.release(obj)
+        else:
+            self.cache.release(obj)
 
     def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.cancel()
+            if self.prefetch.shared is not None:
+                self.prefetch.shared.close()
+        if self.recorder is not None and self.config.record_path is not None:
+            try:
+                self.recorder.write(self.config.record_path)
+            except OSError as e:
+                log.error("%s: cannot write access list (%s)", self.config.record_path, e)
+        if self.shared is not None:
+            self.shared.close()
         self.fetcher.close()
         self.cache.close()
 
@@ -130,6 +168,21 @@ class WorkerSession:
             f"{f.failures} failures, {f.corrupt} corrupt, {f.not_found} not found, "
             f"{f.collapsed} collapsed",
         ]
+        if self.shared is not None:
+            svc = self.shared.stats()
+            out.append(
+                f"shared cache: {self.shared.opens} objects received, "
+                f"{self.shared.fallbacks} private fallbacks"
+                + (
+                    f"; service pid {svc['pid']}: {svc['objects']} objects, "
+                    f"{_size(svc['used_bytes'])} of {_size(svc['limit'])}, "
+                    f"{svc['requests']} fetches, {svc['clients']} clients"
+                    if svc
+                    else "; service gone"
+                )
+            )
+        if self.prefetch is not None:
+            out.append(f"prefetch: {dict(self.prefetch.counts)}")
         for name, repo in sorted(self.repos.mounted().items()):
             out.append(
                 f"repository {name}: revision {repo.revision}, "

@@ -1,0 +1,120 @@
+"""Messages between hep-exec and the node's cache service (sans-I/O).
+
+Transport: an AF_UNIX SOCK_SEQPACKET socket, so every message is one datagram-sized packet
+(no framing to get wrong) holding one JSON object; an object's memfd travels as SCM_RIGHTS
+ancillary data of the ``open`` reply. Requests carry ``op``:
+
+- ``hello`` {version} -> {ok, pid, version}
+- ``open`` {object} -> {ok, key, size} + one fd, or {ok: false, errno, error}
+- ``release`` {key} -> no reply (drops one of this connection's pins)
+- ``prefetch`` {objects: [...]} -> {ok, queued} (fetched in the background, not pinned)
+- ``stats`` -> {ok, ...counters}
+
+An object is described by how to load it, never by a key the client chose: the service
+derives the key itself (content hash, or the digest of the chunk list) and verifies every
+byte against the content hashes, so even a confused client cannot plant wrong content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cvmfs_format.catalog import Chunk, DirEntry
+from cvmfs_format.errors import FormatError
+from cvmfs_format.hashes import ContentHash
+from worker.repository import chunked_key
+
+VERSION = 1
+MAX_MESSAGE = 1 << 20  # bytes per packet; prefetch batches stay far below
+PREFETCH_BATCH = 256
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectSpec:
+    """Everything the service needs to load one file object."""
+
+    fqrn: str
+    path: str
+    size: int
+    compressed: bool
+    hash: ContentHash | None = None
+    chunks: tuple[Chunk, ...] = ()
+
+    @property
+    def key(self) -> str:
+        if self.chunks:
+            return chunked_key(self.chunks)
+        assert self.hash is not None
+        return self.hash.hex
+
+    @classmethod
+    def of_entry(cls, fqrn: str, entry: DirEntry, chunks: tuple[Chunk, ...] = ()) -> ObjectSpec:
+        return cls(fqrn, entry.path, entry.size, entry.is_compressed, entry.hash, chunks)
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "fqrn": self.fqrn,
+            "path": self.path,
+            "size": self.size,
+            "compressed": self.compressed,
+        }
+        if self.chunks:
+            d["chunks"] = [[c.hash.hex, c.offset, c.size] for c in self.chunks]
+        else:
+            assert self.hash is not None
+            d["hash"] = self.hash.hex
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Any) -> ObjectSpec:
+        if not isinstance(d, Mapping):
+            raise ProtocolError("object: expected a mapping")
+        try:
+            fqrn, path, size, compressed = d["fqrn"], d["path"], d["size"], d["compressed"]
+            if not (
+                isinstance(fqrn, str)
+                and fqrn
+                and "/" not in fqrn
+                and isinstance(path, str)
+                and isinstance(size, int)
+                and size >= 0
+                and isinstance(compressed, bool)
+            ):
+                raise ProtocolError("object: bad fqrn, path, size or compressed")
+            if "chunks" in d:
+                chunks = tuple(
+                    Chunk(int(off), int(sz), ContentHash.parse(str(h)))
+                    for h, off, sz in d["chunks"]
+                )
+                if not chunks:
+                    raise ProtocolError("object: empty chunk list")
+                return cls(fqrn, path, size, compressed, None, chunks)
+            return cls(fqrn, path, size, compressed, ContentHash.parse(str(d["hash"])))
+        except (KeyError, TypeError, ValueError, FormatError) as e:
+            if isinstance(e, ProtocolError):
+                raise
+            raise ProtocolError(f"object: {type(e).__name__}: {e}") from None
+
+
+def encode(msg: Mapping[str, Any]) -> bytes:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    try:
+        msg = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProtocolError("not a JSON message") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("message is not a JSON object")
+    return msg

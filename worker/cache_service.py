@@ -1,0 +1,417 @@
+"""The node's shared RAM cache: one process per user and node, serving memfds over a socket.
+
+All hep-exec runs of one user on a node connect to it, so each object is fetched and held once
+per node however many jobs ask (concurrent requests for one object share one fetch: the RAM
+cache's single-flight). It listens on an AF_UNIX SOCK_SEQPACKET socket in a private runtime
+directory (ours, mode 0700, checked, refused otherwise), checks every peer with SO_PEERCRED
+(same uid only), and hands each object's sealed memfd to the client with SCM_RIGHTS; the client
+then holds a real fd that stays valid whatever happens to this process. Pins are counted per
+connection and dropped when the connection closes, so a dead client never pins forever. The
+service exits ``cache_idle`` seconds after its last client left.
+
+Started on demand by the first client (``--background``: bind, then fork, so the socket is
+listening before the starter returns; a lock file makes racing starters safe) or explicitly
+with ``python -m worker.cache_service [hep-exec options]`` (= ``hep-exec --cache-daemon``).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from worker.cache_protocol import (
+    MAX_MESSAGE,
+    VERSION,
+    ObjectSpec,
+    ProtocolError,
+    decode,
+    encode,
+)
+from worker.config import ConfigError, ExecConfig, parse_exec_args
+from worker.fetcher import Fetcher
+from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
+from worker.repository import RepositoryError, load_chunks, load_whole
+
+log = logging.getLogger("hep_exec.cache_service")
+
+SOCKET_NAME = "cache.sock"
+LOCK_NAME = "cache.lock"
+LOG_NAME = "cache.log"
+
+
+class CacheDirError(OSError):
+    """The runtime directory is missing, not ours or not private; ``str()`` says which."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def default_runtime_dir(environ: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
+    """``$XDG_RUNTIME_DIR/hep-exec`` when that directory exists, else ``/dev/shm/hep-exec-UID``."""
+    environ = os.environ if environ is None else environ
+    uid = os.getuid() if uid is None else uid
+    xdg = environ.get("XDG_RUNTIME_DIR", "")
+    if xdg.startswith("/") and os.path.isdir(xdg):
+        return Path(xdg) / "hep-exec"
+    return Path(f"/dev/shm/hep-exec-{uid}")
+
+
+def ensure_private_dir(path: Path, uid: int | None = None) -> Path:
+    """Create ``path`` (mode 0700) or check that it is a real directory of ours, mode 0700.
+
+    Another user who created the directory first, a symlink, or loose permissions make us
+    refuse: the socket and lock inside must be reachable by us alone.
+    """
+    uid = os.getuid() if uid is None else uid
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise CacheDirError(
+            f"{path}: cannot create cache service directory ({e.strerror})"
+        ) from None
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise CacheDirError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheDirError(f"{path}: not a directory (refusing a symlink or file)")
+    if st.st_uid != uid:
+        raise CacheDirError(f"{path}: owned by uid {st.st_uid}, not by us (uid {uid})")
+    if st.st_mode & 0o077:
+        raise CacheDirError(f"{path}: mode {stat.S_IMODE(st.st_mode):04o}, must be 0700")
+    return path
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def bind_service(directory: Path) -> tuple[socket.socket, int] | None:
+    """Under the directory's lock: None if a live service answers, else (listener, lock fd).
+
+    The caller unlocks (``os.close(lock fd)``) once it is ready to accept.
+    """
+    lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        path = str(directory / SOCKET_NAME)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(path)
+            return_none = True
+        except OSError:
+            return_none = False
+        finally:
+            probe.close()
+        if return_none:
+            os.close(lock_fd)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o077)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old)
+        listener.listen(256)
+        return listener, lock_fd
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+class _Conn:
+    """One client connection and the pins it holds."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.held: Counter[str] = Counter()
+        self.objects: dict[str, CachedObject] = {}
+
+
+class CacheService:
+    """RamCache + Fetcher behind a listening socket; ``serve_forever()`` until idle or stopped."""
+
+    def __init__(self, config: ExecConfig, listener: socket.socket, directory: Path) -> None:
+        self.config = config
+        self.directory = directory
+        self.listener = listener
+        st = os.stat(directory / SOCKET_NAME)
+        self._socket_id = (st.st_dev, st.st_ino)
+        self.fetcher = Fetcher(
+            config.proxies,
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            retries=config.retries,
+            backoff_init=config.backoff_init,
+            backoff_max=config.backoff_max,
+            proxy_reset_after=config.proxy_reset_after,
+            max_connections=max(32, config.prefetch_concurrency * 2),
+        ).start()
+        raise_fd_limit()
+        self.cache = RamCache(config.ram_bytes)
+        self.idle = config.cache_idle
+        self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
+        self._lock = threading.Lock()
+        self._conns: set[_Conn] = set()
+        self._idle_since = time.monotonic()
+        self._stop = threading.Event()
+        self.counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        self.listener.settimeout(0.2)
+        log.info("cache service pid %d serving %s", os.getpid(), self.directory / SOCKET_NAME)
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock, _ = self.listener.accept()
+                except TimeoutError:
+                    if self._idle_expired():
+                        log.info("no client for %.0f s: exiting", self.idle)
+                        break
+                    continue
+                except InterruptedError:
+                    continue
+                self._admit(sock)
+        finally:
+            self._shutdown()
+
+    def _idle_expired(self) -> bool:
+        with self._lock:
+            return not self._conns and time.monotonic() - self._idle_since >= self.idle
+
+    def _shutdown(self) -> None:
+        """Stop listening (removing our socket, not a successor's) under the start lock."""
+        lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            path = self.directory / SOCKET_NAME
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == self._socket_id:
+                    os.unlink(path)
+            self.listener.close()
+        finally:
+            os.close(lock_fd)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.fetcher.close()
+        self.cache.close()  # clients keep their own fds
+
+    def _admit(self, sock: socket.socket) -> None:
+        pid, uid, _gid = peer_credentials(sock)
+        if uid != os.getuid():
+            self.counters["refused"] += 1
+            log.warning("refused connection from pid %d: uid %d is not %d", pid, uid, os.getuid())
+            sock.close()
+            return
+        sock.setblocking(True)
+        conn = _Conn(sock, pid)
+        with self._lock:
+            self._conns.add(conn)
+            self.counters["connections"] += 1
+        threading.Thread(
+            target=self._serve, args=(conn,), name=f"client-{pid}", daemon=True
+        ).start()
+
+    # ------------------------------------------------------------------ one client
+
+    def _serve(self, conn: _Conn) -> None:
+        try:
+            while True:
+                data, _anc, flags, _ = conn.sock.recvmsg(MAX_MESSAGE)
+                if not data:
+                    break
+                if flags & socket.MSG_TRUNC:
+                    raise ProtocolError("message too long")
+                self._handle(conn, decode(data))
+        except (OSError, ProtocolError) as e:
+            log.debug("client pid %d: %s", conn.pid, e)
+        finally:
+            for key, n in conn.held.items():
+                for _ in range(n):
+                    self.cache.release(conn.objects[key])
+            conn.sock.close()
+            with self._lock:
+                self._conns.discard(conn)
+                if not self._conns:
+                    self._idle_since = time.monotonic()
+
+    def _handle(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "open":
+            self._open(conn, ObjectSpec.from_wire(msg.get("object")))
+        elif op == "release":
+            key = str(msg.get("key"))
+            if conn.held[key] > 0:
+                conn.held[key] -= 1
+                self.cache.release(conn.objects[key])
+                if not conn.held[key]:
+                    del conn.held[key], conn.objects[key]
+        elif op == "prefetch":
+            items = msg.get("objects")
+            if not isinstance(items, list):
+                raise ProtocolError("prefetch: objects must be a list")
+            specs = [ObjectSpec.from_wire(i) for i in items]
+            for spec in specs:
+                self._pool.submit(self._prefetch_one, spec)
+            conn.sock.send(encode({"ok": True, "queued": len(specs)}))
+        elif op == "stats":
+            conn.sock.send(encode({"ok": True, **self.stats()}))
+        elif op == "hello":
+            conn.sock.send(encode({"ok": True, "pid": os.getpid(), "version": VERSION}))
+        else:
+            raise ProtocolError(f"unknown op {op!r}")
+
+    def _open(self, conn: _Conn, spec: ObjectSpec) -> None:
+        self.counters["opens"] += 1
+        try:
+            obj = self._acquire(spec)
+        except (CacheFull, RepositoryError) as e:
+            err = e.errno if isinstance(e.errno, int) else errno.EIO
+            conn.sock.send(encode({"ok": False, "errno": err, "error": str(e)}))
+            return
+        try:
+            conn.sock.sendmsg(
+                [encode({"ok": True, "key": obj.key, "size": obj.size})],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [obj.fd]))],
+            )
+        except BaseException:
+            self.cache.release(obj)
+            raise
+        conn.held[obj.key] += 1
+        conn.objects[obj.key] = obj
+
+    def _acquire(self, spec: ObjectSpec) -> CachedObject:
+        if spec.chunks:
+            return self.cache.acquire(
+                spec.key,
+                lambda: load_chunks(
+                    self.fetcher, spec.fqrn, spec.path, spec.chunks, spec.compressed, spec.size
+                ),
+                size_hint=spec.size,
+            )
+        assert spec.hash is not None
+        content = spec.hash
+        return self.cache.acquire(
+            spec.key,
+            lambda: load_whole(
+                self.fetcher, spec.fqrn, spec.path, content, spec.compressed, spec.size
+            ),
+            size_hint=spec.size,
+        )
+
+    def _prefetch_one(self, spec: ObjectSpec) -> None:
+        """Load without keeping a pin; never pushes out what clients hold."""
+        if self._stop.is_set() or spec.key in self.cache:
+            return
+        if spec.size > self.cache.limit - self.cache.pinned_bytes:
+            self.counters["prefetch_skipped"] += 1
+            return
+        try:
+            self.cache.release(self._acquire(spec))
+            self.counters["prefetched"] += 1
+        except (CacheFull, RepositoryError) as e:
+            self.counters["prefetch_failed"] += 1
+            log.info("prefetch %s:%s: %s", spec.fqrn, spec.path, e)
+
+    def stats(self) -> dict[str, Any]:
+        c, f = self.cache.stats, self.fetcher.stats
+        with self._lock:
+            clients = len(self._conns)
+        return {
+            "pid": os.getpid(),
+            "clients": clients,
+            "objects": len(self.cache),
+            "used_bytes": self.cache.used_bytes,
+            "pinned_bytes": self.cache.pinned_bytes,
+            "limit": self.cache.limit,
+            "hits": c.hits,
+            "misses": c.misses,
+            "waits": c.waits,
+            "evictions": c.evictions,
+            "requests": f.requests,
+            "bytes_fetched": f.bytes_fetched,
+            "collapsed": f.collapsed,
+            **dict(self.counters),
+        }
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _daemonize(log_path: Path) -> None:
+    """Second half of the double fork: the starter's child exits, we live on in a new session."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(logfd, 2)
+    os.close(null)
+    os.close(logfd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m worker.cache_service [--background] [hep-exec options]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    background = "--background" in args
+    args = [a for a in args if a != "--background"]
+    try:
+        config = parse_exec_args([*args, "--cache-daemon"])
+        directory = ensure_private_dir(config.cache_dir or default_runtime_dir())
+    except (ConfigError, CacheDirError) as e:
+        print(f"hep-exec cache service: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level_number,
+        format=f"%(asctime)s hep-exec cache[{os.getpid()}] %(levelname)s %(message)s",
+    )
+    bound = bind_service(directory)
+    if bound is None:
+        print(f"hep-exec cache service: already running at {directory / SOCKET_NAME}")
+        return 0
+    listener, lock_fd = bound
+    if background:
+        _daemonize(directory / LOG_NAME)
+    try:
+        service = CacheService(config, listener, directory)
+    finally:
+        os.close(lock_fd)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: service.stop())
+    service.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

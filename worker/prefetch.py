@@ -1,0 +1,129 @@
+"""``--prefetch FILE``: fetch what an access list names, in parallel, while the command starts.
+
+A background thread looks each path up in the *current* catalogs (so a list recorded against
+an older revision still fetches what the job will open now), then hands the objects to the
+shared cache service in batches (it fetches with bounded concurrency) or, with a private cache,
+loads them with a bounded thread pool. Prefetched objects are not pinned: the job's own opens
+pin them, and they stay evictable otherwise. Errors are counted and logged, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from worker.access_list import AccessEntry
+from worker.cache_client import CacheClient, object_spec
+from worker.cache_protocol import PREFETCH_BATCH, ObjectSpec
+from worker.ramcache import CacheFull
+from worker.repository import Repositories, RepositoryError
+
+log = logging.getLogger("hep_exec.prefetch")
+
+
+class Prefetch:
+    """One prefetch run; ``start()``, then ``wait()`` or ``cancel()``; ``counts`` for --stats."""
+
+    def __init__(
+        self,
+        entries: Sequence[AccessEntry],
+        repos: Repositories,
+        shared: CacheClient | None,
+        concurrency: int = 16,
+    ) -> None:
+        self.entries = list(entries)
+        self.repos = repos
+        self.shared = shared
+        self.concurrency = concurrency
+        self.counts: Counter[str] = Counter()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hep-exec-prefetch", daemon=True)
+
+    def start(self) -> Prefetch:
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _run(self) -> None:
+        pool = None if self.shared is not None else ThreadPoolExecutor(self.concurrency)
+        batch: list[ObjectSpec] = []
+        try:
+            for e in self.entries:
+                if self._cancel.is_set():
+                    break
+                spec = self._resolve(e)
+                if spec is None:
+                    continue
+                if pool is not None:
+                    pool.submit(self._load_private, spec)
+                    continue
+                batch.append(spec)
+                # small first batch: the service starts fetching while we resolve the rest
+                if len(batch) >= (16 if self.counts["queued"] == 0 else PREFETCH_BATCH):
+                    pool = self._flush(batch)
+                    batch = []
+            if batch:
+                if pool is None:
+                    pool = self._flush(batch)
+                else:
+                    for spec in batch:
+                        pool.submit(self._load_private, spec)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=not self._cancel.is_set(), cancel_futures=self._cancel.is_set())
+        log.info("prefetch done: %s", dict(self.counts))
+
+    def _flush(self, batch: list[ObjectSpec]) -> ThreadPoolExecutor | None:
+        """Send a batch to the service; if it is gone, continue privately."""
+        assert self.shared is not None
+        if self.shared.prefetch(batch):
+            self.counts["queued"] += len(batch)
+            return None
+        pool = ThreadPoolExecutor(self.concurrency)
+        self.shared = None
+        for spec in batch:
+            pool.submit(self._load_private, spec)
+        return pool
+
+    def _resolve(self, e: AccessEntry) -> ObjectSpec | None:
+        try:
+            spec = object_spec(self.repos.get(e.fqrn), e.path)
+        except (RepositoryError, OSError) as err:
+            self.counts["failed"] += 1
+            log.info("prefetch %s:%s: %s", e.fqrn, e.path, err)
+            return None
+        if spec is None:
+            self.counts["gone"] += 1
+        elif spec.key != e.key:
+            self.counts["changed"] += 1
+        return spec
+
+    def _load_private(self, spec: ObjectSpec) -> None:
+        if self._cancel.is_set():
+            return
+        repo = self.repos.get(spec.fqrn)
+        cache = repo.cache
+        if spec.key in cache:
+            self.counts["cached"] += 1
+            return
+        if spec.size > cache.limit - cache.pinned_bytes:
+            self.counts["skipped"] += 1
+            return
+        entry = repo.lookup(spec.path)
+        if entry is None:
+            return
+        try:
+            cache.release(repo.open_object(entry))
+            self.counts["loaded"] += 1
+        except (CacheFull, RepositoryError) as err:
+            self.counts["failed"] += 1
+            log.info("prefetch %s:%s: %s", spec.fqrn, spec.path, err)
