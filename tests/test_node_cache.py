@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import random
 import secrets
 import signal
@@ -29,7 +30,7 @@ from tests.store_server import StoreServer
 from worker.access_list import parse_access_list
 from worker.cache_client import CacheClient
 from worker.cache_service import SOCKET_NAME, CacheDirError, ensure_private_dir
-from worker.config import parse_exec_args
+from worker.config import ConfigError, parse_exec_args
 from worker.namespace import Node
 from worker.session import WorkerSession
 
@@ -205,3 +206,235 @@ def test_sixteen_jobs_one_fetch_per_object(tree, server, cache_dir) -> None:
     assert objects and all(server.requests[o] == 1 for o in objects), {
         o: server.requests[o] for o in objects if server.requests[o] != 1
     }
+
+
+def test_sigkill_service_jobs_finish(tree, server, cache_dir) -> None:
+    """4 jobs started together (one starts the service on demand); kill -9 it mid-run."""
+    store, digests = tree
+    paths = sorted(digests)
+    half = len(paths) // 2
+    jobs = [Job(job_argv(server, cache_dir), paths, hold_after=half) for _ in range(4)]
+    pids = {j.expect("ready")["server_pid"] for j in jobs}
+    assert len(pids) == 1 and None not in pids, "racing starters made one service"
+    (pid,) = pids
+    for j in jobs:
+        j.go()
+    for j in jobs:
+        j.expect("holding")
+    os.kill(pid, signal.SIGKILL)
+    for j in jobs:
+        j.go()
+    for j in jobs:
+        out, err = j.result()
+        for i, p in enumerate(paths):
+            f = out["files"][p]
+            assert f["sha256"] == digests[p] and f["again"], p
+            assert f["shared"] == (i < half), p  # before the kill shared, then private
+        assert out["fallbacks"] == len(paths) - half
+        assert err.count("gone") == 1 and "private RAM cache" in err  # one line, no traceback
+        assert "Traceback" not in err
+
+
+def test_idle_exit_and_explicit_start(tree, server, cache_dir) -> None:
+    argv = job_argv(server, cache_dir, "--cache-idle", "0.5")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "worker.cache_service", *argv],
+        env=ENV,
+        cwd=PROJECT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(100):
+            if (cache_dir / SOCKET_NAME).exists():
+                break
+            time.sleep(0.05)
+        client = CacheClient.attach(cache_dir)
+        assert client.server_pid == daemon.pid
+        # a second explicit start sees the live one and leaves it alone
+        second = subprocess.run(
+            [sys.executable, "-m", "worker.cache_service", *argv],
+            env=ENV,
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 0 and "already running" in second.stdout
+        time.sleep(1.0)
+        assert daemon.poll() is None, "a connected client keeps the service alive"
+        client.close()
+        assert daemon.wait(timeout=10) == 0
+        assert not (cache_dir / SOCKET_NAME).exists()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def test_private_dir_checks(tmp_path: Path) -> None:
+    d = tmp_path / "rt"
+    assert ensure_private_dir(d) == d and (d.stat().st_mode & 0o777) == 0o700
+    os.chmod(d, 0o755)
+    with pytest.raises(CacheDirError, match="mode 0755, must be 0700"):
+        ensure_private_dir(d)
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    with pytest.raises(CacheDirError, match="not a directory"):
+        ensure_private_dir(link)
+    with pytest.raises(CacheDirError, match="owned by uid"):
+        ensure_private_dir(d, uid=os.getuid() + 12345)
+
+
+def test_record_then_prefetch(tree, server, cache_dir, tmp_path: Path) -> None:
+    """A recorded run's list, prefetched by the next run: everything there before it asks."""
+    store, digests = tree
+    order = [p for p in sorted(digests) if "/lib/" in p][::-1] + ["/big/chunked.bin"]
+    record = tmp_path / "access.list"
+    cfg = parse_exec_args(job_argv(server, cache_dir, "--record", str(record), "--", "x"), {})
+    with WorkerSession(cfg) as s:
+        for p in order + order[:3]:  # repeats are recorded once, first use first
+            node = s.namespace.resolve(f"/cvmfs/{FQRN}{p}".encode())
+            assert isinstance(node, Node)
+            obj = s.open_file(node)
+            assert not isinstance(obj, int)
+            s.release(obj)
+    entries = parse_access_list(record.read_text())
+    assert [e.path for e in entries] == order and {e.fqrn for e in entries} == {FQRN}
+    assert entries[-1].key.startswith("chunked-") and entries[-1].size == 9 * 1024 * 1024 + 77
+    for shared in (True, False):
+        fresh = Path(tempfile.mkdtemp(prefix="hepnc-", dir="/dev/shm"))
+        server.requests.clear()
+        extra = ["--prefetch", str(record)] + ([] if shared else ["--no-shared-cache"])
+        cfg = parse_exec_args(job_argv(server, fresh, *extra, "--", "x"), {})
+        try:
+            with WorkerSession(cfg) as s:
+                assert s.prefetch is not None and s.prefetch.wait(30)
+                want = len(order)
+                deadline = time.monotonic() + 30
+                while shared and time.monotonic() < deadline:
+                    st = s.shared.stats() if s.shared else None
+                    if st and st.get("prefetched", 0) >= want:
+                        break
+                    time.sleep(0.05)
+                fetched = sum(server.requests.values())
+                for p in order:
+                    node = s.namespace.resolve(f"/cvmfs/{FQRN}{p}".encode())
+                    assert isinstance(node, Node)
+                    obj = s.open_file(node)
+                    assert not isinstance(obj, int)
+                    with open(obj.path, "rb") as f:
+                        assert hashlib.sha256(f.read()).hexdigest() == digests[p]
+                    s.release(obj)
+                assert sum(server.requests.values()) == fetched, "all opens hit RAM"
+                if not shared:
+                    assert s.cache.stats.hits == len(order)
+        finally:
+            kill_service(fresh)
+            subprocess.run(["rm", "-rf", str(fresh)], check=False)
+
+
+def test_bad_access_list_is_one_line(server, cache_dir, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.list"
+    bad.write_text("# hep-exec access list v1\nrepo\t/a\tkey\n")
+    cfg = parse_exec_args(job_argv(server, cache_dir, "--prefetch", str(bad), "--", "x"), {})
+    with pytest.raises(ConfigError, match=r"bad.list:2: expected 4 tab-separated fields"):
+        WorkerSession(cfg)
+
+
+# stdlib only: the project's interpreter may sit where another user cannot run it
+INTRUDER = r"""
+import json, os, socket, sys
+d, targets = sys.argv[1], json.loads(sys.argv[2])
+out = {"uid": os.getuid()}
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+try:
+    s.settimeout(10)
+    s.connect(os.path.join(d, "cache.sock"))
+    s.send(b'{"op":"hello","version":1}')
+    answer = s.recv(4096)
+    out["connect"] = "answered: %r" % answer if answer else "closed by the service"
+except OSError as e:
+    out["connect"] = type(e).__name__
+out["reads"] = {}
+for t in targets:
+    try:
+        with open(t, "rb") as f:
+            out["reads"][t] = "read %d bytes" % len(f.read())
+    except OSError as e:
+        out["reads"][t] = type(e).__name__
+print(json.dumps(out))
+"""
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def other_user() -> Iterator[int]:
+    if os.geteuid() != 0:
+        pytest.skip("creating a second user needs root")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} (for the second user's stdlib-only probe) not found")
+    name = f"hepnc{secrets.token_hex(4)}"
+    try:
+        subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name], check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"useradd failed: {e}")
+    try:
+        yield pwd.getpwnam(name).pw_uid
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+def test_other_user_cannot_connect_or_read(tree, server, cache_dir, other_user) -> None:
+    """Another user can neither reach our service nor read its objects; SO_PEERCRED backstop."""
+    _, digests = tree
+    me, uid_b = os.getuid(), other_user
+    paths = sorted(digests)[:3]
+    job = Job(job_argv(server, cache_dir), paths)
+    try:
+        service_pid = job.expect("ready")["server_pid"]
+        job.go()
+        held = job.expect("files")
+        assert all(held["files"][p]["sha256"] == digests[p] for p in paths)
+        targets = [
+            f"/proc/{pid}/fd/{fd}"
+            for pid in (service_pid, job.proc.pid)
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+        ]
+        assert len(targets) >= 2 * len(paths)
+
+        def intrude() -> dict[str, Any]:
+            r = subprocess.run(
+                [SYSTEM_PYTHON, "-c", INTRUDER, str(cache_dir), json.dumps(targets)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+                user=uid_b,
+                group=65534,
+                extra_groups=[],
+            )
+            assert r.returncode == 0, r.stderr
+            out: dict[str, Any] = json.loads(r.stdout)
+            assert out["uid"] == uid_b
+            assert set(out["reads"].values()) == {"PermissionError"}, out["reads"]
+            return out
+
+        assert intrude()["connect"] == "PermissionError"  # the 0700 directory
+        # even with directory and socket opened up, the service refuses them (SO_PEERCRED)
+        os.chmod(cache_dir, 0o711)
+        os.chmod(cache_dir / SOCKET_NAME, 0o777)
+        assert intrude()["connect"] in (
+            "closed by the service",
+            "ConnectionResetError",
+            "BrokenPipeError",
+        )
+        # and our own clients refuse the loosened directory rather than trust it
+        with pytest.raises(CacheDirError, match="mode 0711, must be 0700"):
+            ensure_private_dir(cache_dir)
+        stats = CacheClient.attach(cache_dir).stats()
+        assert stats is not None and stats["refused"] == 1 and me != uid_b
+    finally:
+        job.proc.kill()
+        job.proc.communicate()
