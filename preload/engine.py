@@ -180,7 +180,9 @@ class RepoPreload:
             raise PreloadError(
                 f"root catalog revision {root.revision} != manifest revision {manifest.revision}"
             )
-        selector = Selector(CatalogTree(root), manifest.root_catalog, self.repo.rules)
+        selector = Selector(
+            CatalogTree(root), manifest.root_catalog, self.repo.rules, self.repo.access_paths
+        )
         while True:
             needed = await asyncio.to_thread(selector.step)
             if not needed:

@@ -45,11 +45,19 @@ class Selection:
 class Selector:
     """Resumable walk of a :class:`CatalogTree` under a :class:`Rules` set."""
 
-    def __init__(self, tree: CatalogTree, root_hash: ContentHash, rules: Rules) -> None:
+    def __init__(
+        self,
+        tree: CatalogTree,
+        root_hash: ContentHash,
+        rules: Rules,
+        exact: frozenset[str] = frozenset(),
+    ) -> None:
         self.tree = tree
         self.rules = rules
+        self.exact = exact  # paths selected besides the rules (an access list)
+        self._exact_dirs = {parent for p in exact for parent in _ancestors(p)}
         self.result = Selection(catalogs={"": root_hash})
-        self._pending: list[str] = [""] if rules.descend("") else []
+        self._pending: list[str] = [""] if self._descend("") else []
         self._parked: dict[str, tuple[NestedRef, list[str]]] = {}
 
     @property
@@ -68,11 +76,18 @@ class Selector:
                 continue
             for child in children:
                 if child.is_dir:
-                    if self.rules.descend(child.path):
+                    if self._descend(child.path):
                         self._pending.append(child.path)
-                elif child.is_regular and not child.is_external and self.rules.selects(child.path):
+                elif (
+                    child.is_regular
+                    and not child.is_external
+                    and (child.path in self.exact or self.rules.selects(child.path))
+                ):
                     self._select_file(child.path, child.hash, child.size, child.is_chunked)
         return [ref for ref, _ in self._parked.values()]
+
+    def _descend(self, directory: str) -> bool:
+        return directory in self._exact_dirs or self.rules.descend(directory)
 
     def _select_file(
         self, path: str, content: ContentHash | None, size: int, chunked: bool
@@ -96,3 +111,9 @@ class Selector:
         self.result.catalogs[ref.path] = ref.hash
         _, dirs = self._parked.pop(ref.path)
         self._pending.extend(dirs)
+
+
+def _ancestors(path: str) -> list[str]:
+    """``/a/b/c`` -> ``["", "/a", "/a/b"]``: the directories a walk passes on its way."""
+    parts = path.split("/")[1:-1]
+    return ["", *("/" + "/".join(parts[: i + 1]) for i in range(len(parts)))]

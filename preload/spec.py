@@ -18,6 +18,7 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.proxies import ProxyGroups, parse_proxies, parse_server_urls
 from cvmfs_format.whitelist import load_public_key
 from preload.rules import RuleError, Rules
+from worker.access_list import AccessListError, read_access_list
 
 
 class SpecError(ValueError):
@@ -32,6 +33,8 @@ class RepoSpec:
     keys: tuple[Path, ...]
     rules: Rules
     revision: int | None = None
+    # paths named by hep-exec access lists (``access_list:``), selected exactly
+    access_paths: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,17 @@ _TOP_KEYS = {
     "backoff_max",
     "repositories",
 }
-_REPO_KEYS = {"name", "servers", "proxies", "keys", "include", "exclude", "rules", "revision"}
+_REPO_KEYS = {
+    "name",
+    "servers",
+    "proxies",
+    "keys",
+    "include",
+    "exclude",
+    "rules",
+    "revision",
+    "access_list",
+}
 
 
 class _Node:
@@ -156,6 +169,9 @@ def _rules(ctx: _Ctx, repo: dict[str, _Node], where: str) -> Rules:
         for text, line in ctx.strings(repo["exclude"], f"{where}.exclude"):
             t = text.strip()
             lines.append(("!" + t.lstrip("!"), f"{ctx.path}:{line}: {where}.exclude"))
+    if "access_list" in repo and not any(not t.strip().startswith(("!", "#")) for t, _ in lines):
+        # an access list alone selects exactly its paths, not the default "everything"
+        lines.insert(0, ("!/", f"{ctx.path}: {where}.access_list"))
     try:
         return Rules.parse(lines)
     except RuleError as e:
@@ -199,7 +215,23 @@ def _repository(ctx: _Ctx, node: _Node, index: int) -> RepoSpec:
     revision = None
     if "revision" in repo and repo["revision"].value is not None:
         revision = int(ctx.number(repo["revision"], f"{where}.revision", 1, 2**63, True))
-    return RepoSpec(name, tuple(servers), proxies, keys, _rules(ctx, repo, where), revision)
+    access: set[str] = set()
+    if "access_list" in repo:
+        for text, _line in ctx.strings(repo["access_list"], f"{where}.access_list"):
+            try:
+                entries = read_access_list(_resolve(text))
+            except AccessListError as e:
+                raise ctx.fail(repo["access_list"], f"{where}.access_list", str(e)) from None
+            access.update(e.path for e in entries if e.fqrn == name)
+    return RepoSpec(
+        name,
+        tuple(servers),
+        proxies,
+        keys,
+        _rules(ctx, repo, where),
+        revision,
+        frozenset(access),
+    )
 
 
 def parse_spec(text: str, path: Path) -> Spec:

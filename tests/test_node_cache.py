@@ -210,7 +210,7 @@ def test_sixteen_jobs_one_fetch_per_object(tree, server, cache_dir) -> None:
 
 def test_sigkill_service_jobs_finish(tree, server, cache_dir) -> None:
     """4 jobs started together (one starts the service on demand); kill -9 it mid-run."""
-    store, digests = tree
+    _store, digests = tree
     paths = sorted(digests)
     half = len(paths) // 2
     jobs = [Job(job_argv(server, cache_dir), paths, hold_after=half) for _ in range(4)]
@@ -288,8 +288,8 @@ def test_private_dir_checks(tmp_path: Path) -> None:
 
 def test_record_then_prefetch(tree, server, cache_dir, tmp_path: Path) -> None:
     """A recorded run's list, prefetched by the next run: everything there before it asks."""
-    store, digests = tree
-    order = [p for p in sorted(digests) if "/lib/" in p][::-1] + ["/big/chunked.bin"]
+    _store, digests = tree
+    order = [*[p for p in sorted(digests) if "/lib/" in p][::-1], "/big/chunked.bin"]
     record = tmp_path / "access.list"
     cfg = parse_exec_args(job_argv(server, cache_dir, "--record", str(record), "--", "x"), {})
     with WorkerSession(cfg) as s:
@@ -438,3 +438,69 @@ def test_other_user_cannot_connect_or_read(tree, server, cache_dir, other_user) 
     finally:
         job.proc.kill()
         job.proc.communicate()
+
+
+def test_preload_selects_exactly_an_access_list(tree, server, tmp_path: Path) -> None:
+    """``access_list:`` in a preload spec: exactly the recorded files (and their catalogs)."""
+    store, _digests = tree
+    picked = ["/lib/pkg3/mod8.py", "/data/d1/blob1.bin", "/big/chunked.bin"]
+    record = tmp_path / "job.list"
+    cfg = parse_exec_args(
+        ["--proxy", server.url, "--no-shared-cache", "--record", str(record), "--", "x"], {}
+    )
+    with WorkerSession(cfg) as s:
+        for p in picked:
+            node = s.namespace.resolve(f"/cvmfs/{FQRN}{p}".encode())
+            assert isinstance(node, Node)
+            obj = s.open_file(node)
+            assert not isinstance(obj, int)
+            s.release(obj)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"store: {tmp_path / 'out'}\nrepositories:\n  - name: {FQRN}\n"
+        f"    servers: [{server.url}/cvmfs/@fqrn@]\n    keys: {store.parent / 'keys'}\n"
+        f"    access_list: {record}\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "preload.cli", "--spec", str(spec)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "selected 3 files" in r.stdout, r.stdout
+    # the store holds exactly the objects of those files: what a job re-opening them needs
+    want = {o.split(f"/cvmfs/{FQRN}/")[1] for o in data_objects(store)}
+    src = store.parent / "src"
+    got = {
+        str(p.relative_to(tmp_path / "out" / FQRN))
+        for p in (tmp_path / "out" / FQRN / "data").rglob("*")
+        if p.is_file() and p.name[-1] not in "CX"
+    }
+    assert got <= want and len(got) == 2 + 3  # two whole files, three chunks
+    stored = StoreServer(tmp_path / "out")
+    try:
+        cfg = parse_exec_args(["--proxy", stored.url, "--no-shared-cache", "--", "x"], {})
+        with WorkerSession(cfg) as s:
+            for p in picked:
+                node = s.namespace.resolve(f"/cvmfs/{FQRN}{p}".encode())
+                assert isinstance(node, Node)
+                obj = s.open_file(node)
+                assert not isinstance(obj, int)
+                data = Path(obj.path).read_bytes()
+                assert data == (src / p.lstrip("/")).read_bytes()
+                s.release(obj)
+    finally:
+        stored.stop()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec.read_text().replace(str(record), str(tmp_path / "missing.list")))
+    r = subprocess.run(
+        [sys.executable, "-m", "preload.cli", "--spec", str(bad)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "missing.list: cannot read access list" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -46,6 +46,7 @@ def test_session_end_to_end(store: tuple[Path, Path]) -> None:
                 "--repositories",
                 FQRN,
                 "--stats",
+                "--no-shared-cache",
                 "--",
                 "true",
             ],
@@ -84,7 +85,9 @@ def test_session_cache_full_is_enomem(store: tuple[Path, Path]) -> None:
     root, _ = store
     server = StoreServer(root)
     try:
-        cfg = parse_exec_args(["--proxy", server.url, "--ram", "2M", "--", "true"], {})
+        cfg = parse_exec_args(
+            ["--proxy", server.url, "--ram", "2M", "--no-shared-cache", "--", "true"], {}
+        )
         with WorkerSession(cfg) as s:
             large = s.namespace.resolve(f"/cvmfs/{FQRN}/large".encode())
             assert isinstance(large, Node)
