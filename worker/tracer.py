@@ -397,8 +397,8 @@ class Session:
             if shebang is None:
                 break
             interp, arg = shebang
-            if not self._in_mount(interp) and not prefix:
-                break  # the kernel handles host interpreters itself
+            if not self._in_mount(interp) and not self._in_mount(script):
+                break  # host script, host interpreter: the kernel's business
             prefix = [interp, *([arg] if arg else []), script, *prefix[1:]]
             if not self._in_mount(interp):
                 file = interp

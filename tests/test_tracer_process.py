@@ -1,0 +1,187 @@
+"""Process semantics under the tracer: exit status, signals, EROFS, EXITKILL, no ptrace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tracing import MOUNT, compile_c, ensure_built, env_with, hep_cmd, needs_ptrace, traced
+
+pytestmark = needs_ptrace
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ensure_built()
+    root = tmp_path_factory.mktemp("repo")
+    (root / "dir").mkdir()
+    (root / "dir/file").write_text("content\n")
+    (root / "link").symlink_to("dir/file")
+    (root / "up").symlink_to("../../../../../../../../etc")
+    (root / "variant").symlink_to("dir/$(HEP_VARIANT:-file)")
+    (root / "dir/other").write_text("other\n")
+    return root
+
+
+def test_exit_status_is_the_commands(repo: Path) -> None:
+    assert traced(repo, ["sh", "-c", "exit 3"]).returncode == 3
+    assert traced(repo, ["true"]).returncode == 0
+
+
+def test_killed_by_signal_gives_128_plus_n(repo: Path) -> None:
+    r = traced(repo, ["sh", "-c", "kill -TERM $$"])
+    assert r.returncode == 128 + signal.SIGTERM
+    r = traced(repo, ["sh", "-c", "kill -KILL $$"])
+    assert r.returncode == 128 + signal.SIGKILL
+
+
+def test_command_not_found_is_127(repo: Path) -> None:
+    r = traced(repo, ["/nonexistent/cmd"])
+    assert r.returncode == 127
+    assert "/nonexistent/cmd" in r.stderr
+
+
+def test_signals_and_group_stop_are_delivered(repo: Path) -> None:
+    script = (
+        "trap 'echo got-usr1' USR1; sleep 5 & p=$!; kill -STOP $p; sleep 0.2; "
+        "ps -o stat= -p $p | cut -c1; kill -CONT $p; kill -TERM $p; wait $p; echo rc=$?; "
+        "kill -USR1 $$; echo end"
+    )
+    r = traced(repo, ["bash", "-c", script])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["T", "rc=143", "got-usr1", "end"]
+
+
+def test_coreutils_basics(repo: Path) -> None:
+    script = (
+        f"cat {MOUNT}/link; readlink {MOUNT}/link; test -r {MOUNT}/dir/file && echo readable; "
+        f"test -e {MOUNT}/missing || echo missing; test -d {MOUNT}/dir && echo isdir; "
+        f"ls {MOUNT}; ls {MOUNT}/up/hostname >/dev/null && echo out-of-mount; "
+        f"cat {MOUNT}/variant; HEP_VARIANT=other cat {MOUNT}/variant; "
+        f"cd {MOUNT}/dir && cat ../dir/./file && pwd && /bin/pwd"
+    )
+    r = traced(repo, ["bash", "-c", script])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n") == [
+        "content", "dir/file", "readable", "missing", "isdir", "test.repo", "out-of-mount",
+        "content", "other", "content", f"{MOUNT}/dir", f"{MOUNT}/dir", "",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        f"touch {MOUNT}/dir/new",
+        f"echo x > {MOUNT}/dir/file",
+        f"mkdir {MOUNT}/dir/d",
+        f"rm {MOUNT}/dir/file",
+        f"mv {MOUNT}/dir/file {MOUNT}/dir/f2",
+        f"chmod 777 {MOUNT}/dir/file",
+        f"ln -s x {MOUNT}/dir/s",
+        f"cd {MOUNT}/dir && touch rel",
+        f"truncate -s 0 {MOUNT}/dir/file",
+    ],
+)
+def test_writes_fail_with_erofs(repo: Path, cmd: str) -> None:
+    r = traced(repo, ["bash", "-c", cmd])
+    assert r.returncode != 0
+    assert "Read-only file system" in r.stderr
+    assert (repo / "dir/file").read_text() == "content\n"
+    assert sorted(p.name for p in (repo / "dir").iterdir()) == ["file", "other"]
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                if k not in out:
+                    out.add(k)
+                    todo.append(k)
+    return out
+
+
+def test_sigkill_of_tracer_leaves_no_tracee(repo: Path) -> None:
+    proc = subprocess.Popen(
+        hep_cmd(repo, ["bash", "-c", "sleep 300 & sleep 300 & (sleep 300) ; wait"]),
+        env=env_with(),
+    )
+    try:
+        kids: set[int] = set()
+        for _ in range(100):
+            kids = _descendants(proc.pid)
+            if len(kids) >= 4:
+                break
+            time.sleep(0.05)
+        assert len(kids) >= 4
+        proc.kill()
+        proc.wait()
+        for _ in range(100):
+            alive = {k for k in kids if Path(f"/proc/{k}").exists() and _state(k) != "Z"}
+            if not alive:
+                break
+            time.sleep(0.05)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+DENY_PTRACE = r"""
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <errno.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_ptrace, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog p = {4, f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &p))
+        return 99;
+    execvp(argv[1], argv + 1);
+    return 98;
+}
+"""
+
+
+def test_no_ptrace_says_so_and_exits_2(repo: Path, tmp_path: Path) -> None:
+    deny = compile_c(DENY_PTRACE, tmp_path / "deny")
+    r = subprocess.run(
+        [str(deny), *hep_cmd(repo, ["true"])], env=env_with(), capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ptrace" in lines[0], r.stderr
+
+
+def test_stats_count_trapped_syscalls(repo: Path) -> None:
+    r = traced(repo, ["cat", f"{MOUNT}/dir/file"], stats=True)
+    assert r.returncode == 0
+    assert "trapped syscalls:" in r.stderr and "openat" in r.stderr
+    assert os.path.basename(MOUNT) not in r.stderr
