@@ -29,7 +29,9 @@ WALKER = r"""
 #include <sys/syscall.h>
 #include <unistd.h>
 struct d64 { uint64_t ino; int64_t off; unsigned short reclen; unsigned char type; char name[]; };
-static int cmp(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+static int cmp(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
 static int list(int dfd, char **names) {
     char buf[512]; int n = 0; long r;
     while ((r = syscall(SYS_getdents64, dfd, buf, sizeof buf)) > 0)

@@ -54,14 +54,16 @@ def test_signals_and_group_stop_are_delivered(repo: Path) -> None:
     )
     r = traced(repo, ["bash", "-c", script])
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["T", "rc=143", "got-usr1", "end"]
+    state, *rest = r.stdout.split()
+    assert state in ("T", "t")  # stopped ("t": stopped while traced)
+    assert rest == ["rc=143", "got-usr1", "end"]
 
 
 def test_coreutils_basics(repo: Path) -> None:
     script = (
         f"cat {MOUNT}/link; readlink {MOUNT}/link; test -r {MOUNT}/dir/file && echo readable; "
         f"test -e {MOUNT}/missing || echo missing; test -d {MOUNT}/dir && echo isdir; "
-        f"ls {MOUNT}; ls {MOUNT}/up/hostname >/dev/null && echo out-of-mount; "
+        f"ls /cvmfs; ls {MOUNT}/up/hostname >/dev/null && echo out-of-mount; "
         f"cat {MOUNT}/variant; HEP_VARIANT=other cat {MOUNT}/variant; "
         f"cd {MOUNT}/dir && cat ../dir/./file && pwd && /bin/pwd"
     )

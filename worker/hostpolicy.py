@@ -91,7 +91,9 @@ class HostDirPolicy:
         try:
             with os.scandir(host) as it:
                 return [
-                    Entry(e.name, Kind(stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)), e.inode())
+                    Entry(
+                        e.name, Kind(stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)), e.inode()
+                    )
                     for e in it
                 ]
         except OSError as e:

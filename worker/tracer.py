@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from worker.policy import Kind, Node, Opened, Policy
+from worker.policy import Kind, Node, Policy
 
 log = logging.getLogger("hep-exec")
 
@@ -95,8 +95,8 @@ class Stats:
         """Human-readable lines for ``--stats``."""
         total = sum(self.trapped.values())
         lines = [
-            f"trapped syscalls: {total} (passed through {self.passed}, "
-            f"C-cache hits {self.hits}, Python upcalls {self.upcalls}, cached answers {self.cached})"
+            f"trapped syscalls: {total} (passed through {self.passed}, C-cache hits "
+            f"{self.hits}, Python upcalls {self.upcalls}, cached answers {self.cached})"
         ]
         lines += [f"  {n:<14} {c}" for n, c in sorted(self.trapped.items(), key=lambda x: -x[1])]
         return "\n".join(lines)
