@@ -18,5 +18,6 @@ def run(
     mount: bytes,
     shadow: bytes,
     handler: Callable[[int, int, int, bytes], Action],
+    spin_us: int = 0,
     /,
 ) -> tuple[int, int, RawStats]: ...

@@ -58,6 +58,7 @@ class Act(IntEnum):
 
 
 F_NOFOLLOW = 0x100
+SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
 
 # (cacheable, kind, ival, bval, stat tuple, argv prefix)
 Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
@@ -147,6 +148,7 @@ class Session:
     dev: int = 0
     _nodes: dict[bytes, Node | int] = field(default_factory=dict)
     _populated: set[bytes] = field(default_factory=set)
+    _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._mparts = self.mount.strip(b"/").split(b"/")
@@ -164,7 +166,42 @@ class Session:
         return node
 
     def resolve(self, pid: int, path: bytes, follow: bool) -> tuple[Found | Outside | int, bool]:
-        """Walk an absolute path; returns the outcome and whether it may be cached."""
+        """Resolve an absolute path; returns the outcome and whether it may be cached.
+
+        Usually one lookup: the parent's resolution is remembered, so only the last
+        component is new; paths with ``..`` or a symlink at the end take the full walk.
+        """
+        key = (path, follow)
+        hit = self._resolved.get(key)
+        if hit is not None:
+            return hit, True
+        res, cacheable = self._resolve(pid, path, follow)
+        if cacheable:
+            self._resolved[key] = res
+        return res, cacheable
+
+    def _resolve(self, pid: int, path: bytes, follow: bool) -> tuple[Found | Outside | int, bool]:
+        if b"/.." in path or path.endswith(b"/") or path.count(b"/") <= len(self._mparts):
+            return self.walk(pid, path, follow)
+        parent, _, name = path.rpartition(b"/")
+        pres, cacheable = self.resolve(pid, parent, True)
+        if isinstance(pres, int):
+            return pres, cacheable
+        if isinstance(pres, Outside):
+            return Outside(pres.path + b"/" + name), cacheable
+        if pres.node.kind != Kind.DIR:
+            return errno.ENOTDIR, cacheable
+        canon = pres.path + b"/" + name
+        got = self._lookup(pid, canon)
+        if isinstance(got, int):
+            return got, cacheable
+        if got.kind == Kind.LNK and follow:
+            res, c2 = self.walk(pid, canon, follow)
+            return res, cacheable and c2
+        return Found(canon, got), cacheable
+
+    def walk(self, pid: int, path: bytes, follow: bool) -> tuple[Found | Outside | int, bool]:
+        """Walk an absolute path component by component (symlinks, ``..``, leaving the mount)."""
         cacheable = True
         if path.endswith(b"/"):
             follow = True
@@ -300,12 +337,12 @@ class Session:
     def answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         """The C side's upcall: never raises (a policy bug becomes EIO and one log line)."""
         try:
-            return self._answer(tid, Cls(cls), flags, path)
+            return self._answer(tid, cls, flags, path)
         except Exception as e:
-            log.error("%s: internal error answering %s: %r", os.fsdecode(path), Cls(cls).name, e)
+            log.error("%s: internal error answering class %d: %r", os.fsdecode(path), cls, e)
             return (False, Act.RETURN, -errno.EIO, None, None, None)
 
-    def _answer(self, tid: int, cls: Cls, flags: int, path: bytes) -> Action:
+    def _answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         if cls == Cls.EXEC:
             return self._exec(tid, path)
         follow = not flags & F_NOFOLLOW and cls != Cls.READLINK
@@ -326,7 +363,7 @@ class Session:
             if isinstance(opened, int):
                 log.warning("%s: %s", os.fsdecode(res.path), os.strerror(opened))
                 return (False, Act.RETURN, -opened, None, None, None)
-            return (cache and opened.stable, Act.REDIRECT, 0, opened.path, None, None)
+            return (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, None, None)
         if cls == Cls.STAT:
             if node.kind == Kind.DIR:
                 return self._to_shadow(tid, res, cache)
@@ -355,7 +392,7 @@ class Session:
         target = self.materialize(tid, res.path)
         if isinstance(target, int):
             return (False, Act.RETURN, -target, None, None, None)
-        return (cache, Act.REDIRECT, 0, target, None, None)
+        return (cache, Act.REDIRECT, SAFE, target, None, None)
 
     # ---- execve ---------------------------------------------------------------------------
 
@@ -447,8 +484,13 @@ def run(
     env: Mapping[str, str] | None = None,
     *,
     mount: bytes = b"/cvmfs",
+    spin_us: int = 30,
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
+
+    ``spin_us``: after each stop the tracer polls this long before sleeping in waitpid; a
+    tracee that traps again soon is then served without waking an idle CPU (which on VMs
+    costs more than the round trip itself).  0 disables it.
 
     Raises :class:`TracerUnavailable` (one line) if ptrace or seccomp is refused.
     """
@@ -462,7 +504,9 @@ def run(
         os.mkdir(shadow, 0o755)
         session = Session(policy, mount.rstrip(b"/"), shadow)
         try:
-            status, exec_errno, raw = _trap.run(args, envl, session.mount, shadow, session.answer)
+            status, exec_errno, raw = _trap.run(
+                args, envl, session.mount, shadow, session.answer, spin_us
+            )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
         if exec_errno:
