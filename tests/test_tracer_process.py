@@ -40,6 +40,19 @@ def test_killed_by_signal_gives_128_plus_n(repo: Path) -> None:
     assert r.returncode == 128 + signal.SIGKILL
 
 
+def test_processes_left_behind_are_killed_with_the_command(repo: Path) -> None:
+    t0 = time.monotonic()
+    r = traced(repo, ["bash", "-c", "sleep 30 & echo $!"])
+    assert r.returncode == 0
+    assert time.monotonic() - t0 < 20
+    pid = int(r.stdout)
+    for _ in range(100):
+        if _state(pid) == "Z" or not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.05)
+    assert _state(pid) == "Z" or not Path(f"/proc/{pid}").exists()
+
+
 def test_command_not_found_is_127(repo: Path) -> None:
     r = traced(repo, ["/nonexistent/cmd"])
     assert r.returncode == 127
@@ -57,6 +70,58 @@ def test_signals_and_group_stop_are_delivered(repo: Path) -> None:
     state, *rest = r.stdout.split()
     assert state in ("T", "t")  # stopped ("t": stopped while traced)
     assert rest == ["rc=143", "got-usr1", "end"]
+
+
+def test_ctrl_c_goes_to_the_command_not_the_tracer(repo: Path) -> None:
+    proc = subprocess.Popen(
+        hep_cmd(
+            repo, ["bash", "-c", "trap 'echo caught; exit 0' INT; echo ready; sleep 20 & wait"]
+        ),
+        env=env_with(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert out == "caught\n"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_opath_symlink_and_trailing_slash(repo: Path, tmp_path: Path) -> None:
+    prog = compile_c(OPATH, tmp_path / "opath")
+    r = traced(repo, [str(prog), f"{MOUNT}/link"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "islnk=1 target=dir/file\nfile/: 20\ndir/: 0\n"
+
+
+OPATH = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int main(int c, char **v) {
+    int fd = open(v[1], O_PATH | O_NOFOLLOW);
+    struct stat st;
+    char b[256];
+    if (fd < 0) { perror("open"); return 1; }
+    fstatat(fd, "", &st, AT_EMPTY_PATH);
+    ssize_t n = readlinkat(fd, "", b, sizeof b);
+    printf("islnk=%d target=%.*s\n", S_ISLNK(st.st_mode), (int)n, b);
+    printf("file/: %d\n", open("/cvmfs/test.repo/dir/file/", O_RDONLY) < 0 ? errno : 0);
+    printf("dir/: %d\n", open("/cvmfs/test.repo/dir/", O_RDONLY) < 0 ? errno : 0);
+    return 0;
+}
+"""
 
 
 def test_coreutils_basics(repo: Path) -> None:

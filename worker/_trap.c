@@ -74,6 +74,7 @@ enum {
     A_EXEC = 5,
 };
 #define F_NOFOLLOW 0x100
+#define F_OPATH 0x200
 
 #define NSYS 512
 #define MAXPATH 4096
@@ -380,6 +381,8 @@ static size_t collapse(const char *in, size_t n, char *out)
     }
     if (o == 0)
         out[o++] = '/';
+    else if (n > 0 && in[n - 1] == '/')
+        out[o++] = '/'; /* "file/" must still fail with ENOTDIR */
     out[o] = 0;
     return o;
 }
@@ -761,6 +764,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             cls = C_WRITE;
         if (fl & O_NOFOLLOW)
             flags |= F_NOFOLLOW;
+        if (fl & O_PATH)
+            flags |= F_OPATH;
         break;
     }
     case SYS_creat: cls = C_WRITE; break;
@@ -1084,9 +1089,24 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         free_cstrings(cenv);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    /* Like a shell running a foreground job: ^C and ^\ are for the command, which gets them
+     * from the terminal; the tracer keeps going until the command has reacted. */
+    static const int quit_sigs[2] = {SIGINT, SIGQUIT};
+    struct sigaction saved[2];
+    int ignored[2] = {0, 0};
+    for (int i = 0; i < 2; i++) {
+        struct sigaction ign;
+        memset(&ign, 0, sizeof ign);
+        ign.sa_handler = SIG_IGN;
+        if (sigaction(quit_sigs[i], NULL, &saved[i]) == 0 && saved[i].sa_handler != SIG_IGN)
+            ignored[i] = sigaction(quit_sigs[i], &ign, NULL) == 0;
+    }
     pid_t parent = getpid();
     pid_t child = fork();
     if (child < 0) {
+        for (int i = 0; i < 2; i++)
+            if (ignored[i])
+                sigaction(quit_sigs[i], &saved[i], NULL);
         free_cstrings(cargv);
         free_cstrings(cenv);
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -1101,9 +1121,12 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
-        int sigs[] = {SIGPIPE, SIGXFSZ, SIGINT, SIGQUIT, SIGTERM, SIGCHLD};
-        for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-            signal(sigs[i], SIG_DFL);
+        /* what Python ignores for itself, and what the tracer ignores while it runs */
+        signal(SIGPIPE, SIG_DFL);
+        signal(SIGXFSZ, SIG_DFL);
+        for (int i = 0; i < 2; i++)
+            if (ignored[i])
+                signal(quit_sigs[i], SIG_DFL);
         if (read(go[0], &c, 1) != 1)
             _exit(127);
         int e[2] = {0, 0};
@@ -1129,6 +1152,9 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
                 PTRACE_O_TRACESYSGOOD;
     if (ptrace(PTRACE_SEIZE, child, 0, (void *)opts) != 0) {
         int e = errno;
+        for (int i = 0; i < 2; i++)
+            if (ignored[i])
+                sigaction(quit_sigs[i], &saved[i], NULL);
         kill(child, SIGKILL);
         waitpid(child, NULL, 0);
         close(go[1]);
@@ -1144,18 +1170,20 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     handler = h;
     Py_INCREF(handler);
     int exit_status = -1;
-    long spin_ns = spin_us * 1000L;
+    long spin_ns = spin_us * 1000L, gap_ns = 0;
     PyObject *failure = NULL, *f_val = NULL, *f_tb = NULL;
     for (;;) {
         int status;
         pid_t tid;
         Py_BEGIN_ALLOW_THREADS
         tid = 0;
-        if (spin_ns > 0) {
-            /* Poll briefly before sleeping: a tracee usually comes back within microseconds,
-             * and on VMs waking an idle CPU costs more than the whole round trip. */
-            struct timespec t0, t1;
-            clock_gettime(CLOCK_MONOTONIC, &t0);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        if (spin_ns > 0 && gap_ns < spin_ns) {
+            /* Poll briefly before sleeping when tracees have been coming back quickly: on
+             * VMs, waking an idle CPU costs more than the whole round trip.  gap_ns (a moving
+             * average of the time between resuming and the next stop) keeps the tracer from
+             * burning CPU while tracees compute. */
             for (;;) {
                 tid = waitpid(-1, &status, __WALL | WNOHANG);
                 if (tid != 0)
@@ -1167,6 +1195,13 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         }
         if (tid == 0)
             tid = waitpid(-1, &status, __WALL);
+        if (spin_ns > 0) {
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            long gap = (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec);
+            if (gap > 4 * spin_ns)
+                gap = 4 * spin_ns;
+            gap_ns = (7 * gap_ns + gap) / 8;
+        }
         Py_END_ALLOW_THREADS
         if (tid < 0) {
             if (errno == EINTR) {
@@ -1179,13 +1214,22 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
             break; /* ECHILD: nothing left */
         }
         if (WIFEXITED(status) || WIFSIGNALED(status)) {
-            if (tid == child)
-                exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
             thread_forget(tid);
+            if (tid == child) {
+                /* The job is over when the command is, as under a batch system: processes
+                 * it left behind are killed rather than waited for. */
+                exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+                kill_all();
+            }
             continue;
         }
         if (!WIFSTOPPED(status))
             continue;
+        if (exit_status >= 0) {
+            kill(tid, SIGKILL); /* a leftover that had not reported yet */
+            ptrace(PTRACE_CONT, tid, 0, 0);
+            continue;
+        }
         tstate_t *t = thread_find(tid, 1);
         int sig = WSTOPSIG(status);
         int event = status >> 16;
@@ -1229,6 +1273,9 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         if (failure)
             kill_all();
     }
+    for (int i = 0; i < 2; i++)
+        if (ignored[i])
+            sigaction(quit_sigs[i], &saved[i], NULL);
     Py_CLEAR(handler);
     size_t cached = table_len;
     cache_clear();

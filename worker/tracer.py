@@ -58,6 +58,7 @@ class Act(IntEnum):
 
 
 F_NOFOLLOW = 0x100
+F_OPATH = 0x200
 SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
 
 # (cacheable, kind, ival, bval, stat tuple, argv prefix)
@@ -356,6 +357,8 @@ class Session:
         node = res.node
         if cls == Cls.OPEN:
             if node.kind == Kind.LNK:
+                if flags & F_OPATH:
+                    return self._symlink_in_shadow(tid, res, cache)
                 return (cache, Act.RETURN, -errno.ELOOP, None, None, None)
             if node.kind == Kind.DIR:
                 return self._to_shadow(tid, res, cache)
@@ -387,6 +390,22 @@ class Session:
         if cls == Cls.XATTR_GET:
             return (cache, Act.RETURN, -errno.ENODATA, None, None, None)
         return (cache, Act.RETURN, 0, None, None, None)  # XATTR_LIST: none
+
+    def _symlink_in_shadow(self, tid: int, res: Found, cache: bool) -> Action:
+        """open(O_PATH|O_NOFOLLOW) of a symlink: a real symlink in the shadow tree, so that
+        fstatat/readlinkat on the fd work natively."""
+        parent = self.materialize(tid, res.path.rpartition(b"/")[0])
+        if isinstance(parent, int):
+            return (False, Act.RETURN, -parent, None, None, None)
+        link = self.shadow_of(res.path)
+        try:
+            if os.readlink(link) != res.node.target:
+                os.unlink(link)
+                os.symlink(res.node.target, link)
+        except OSError as e:
+            log.warning("shadow tree: %s: %s", os.fsdecode(link), e.strerror)
+            return (False, Act.RETURN, -errno.EIO, None, None, None)
+        return (cache and not res.node.volatile, Act.REDIRECT, SAFE, link, None, None)
 
     def _to_shadow(self, tid: int, res: Found, cache: bool) -> Action:
         target = self.materialize(tid, res.path)
