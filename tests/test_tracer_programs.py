@@ -24,6 +24,20 @@ int main(int argc, char **argv) {
 }
 """
 
+SELF_EXE = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    char b[512], p[64];
+    ssize_t n = readlink("/proc/self/exe", b, sizeof b);
+    printf("%.*s\n", (int)n, b);
+    snprintf(p, sizeof p, "/proc/%d/exe", (int)getpid());
+    n = readlink(p, b, sizeof b);
+    printf("%.*s\n", (int)n, b);
+    return 0;
+}
+"""
+
 THREADS = r"""
 #include <fcntl.h>
 #include <pthread.h>
@@ -86,6 +100,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / d).mkdir(parents=True)
     (root / "etc/conf").write_text("conf-line\n")
     compile_c(TOOL, root / "bin/tool")
+    compile_c(SELF_EXE, root / "bin/self-exe")
     compile_c(THREADS, build / "threads", "-pthread")
     compile_c(SPAWN, build / "spawn")
     for i in range(8):
@@ -184,6 +199,12 @@ def test_eight_threads_open_concurrently(repo: Path) -> None:
     r = traced(repo, [f"{MOUNT}/bin/threads"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout == "threads done failures=0\n"
+
+
+def test_proc_self_exe_names_the_cvmfs_path(repo: Path) -> None:
+    r = traced(repo, [f"{MOUNT}/bin/self-exe"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{MOUNT}/bin/self-exe\n" * 2
 
 
 def test_vfork_and_posix_spawn(repo: Path) -> None:

@@ -75,6 +75,7 @@ enum {
 };
 #define F_NOFOLLOW 0x100
 #define F_OPATH 0x200
+#define F_PROCEXE 0x400 /* never cached: answers depend on the process */
 
 #define NSYS 512
 #define MAXPATH 4096
@@ -556,7 +557,7 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
         return tmp;
     }
     Py_DECREF(res);
-    if (!cacheable || *argv_prefix)
+    if (!cacheable || *argv_prefix || (flags & F_PROCEXE))
         return tmp;
     e = calloc(1, sizeof *e);
     char *k = malloc(kn + 1);
@@ -872,6 +873,31 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         }
         skip_with(r, kn);
         return 1;
+    }
+    if (kn == 0 && cls == C_READLINK) {
+        /* /proc/<pid>/exe of a program exec'd from the mount names the file the kernel ran
+         * (a memfd); ld.so's $ORIGIN and relocatable programs need the /cvmfs path. */
+        char raw[MAXPATH];
+        long n = read_string(tid, addr, raw, sizeof raw);
+        if (n > 10 && strncmp(raw, "/proc/", 6) == 0 && strcmp(raw + n - 4, "/exe") == 0) {
+            const char *who = raw + 6;
+            size_t wl = (size_t)n - 10;
+            int ok = (wl == 4 && !strncmp(who, "self", 4)) ||
+                     (wl == 11 && !strncmp(who, "thread-self", 11));
+            if (ok) {
+                kn = snprintf(key, MAXPATH, "/proc/%d/exe", (int)tid);
+            } else {
+                ok = wl > 0 && wl < 12;
+                for (size_t i = 0; ok && i < wl; i++)
+                    ok = who[i] >= '0' && who[i] <= '9';
+                if (ok) {
+                    memcpy(key, raw, (size_t)n + 1);
+                    kn = n;
+                }
+            }
+            if (ok)
+                flags |= F_PROCEXE;
+        }
     }
     if (kn == 0 && cls != C_EXEC) {
         n_pass++;

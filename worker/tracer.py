@@ -59,6 +59,7 @@ class Act(IntEnum):
 
 F_NOFOLLOW = 0x100
 F_OPATH = 0x200
+F_PROCEXE = 0x400  # readlink of /proc/<pid>/exe
 SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
 
 # (cacheable, kind, ival, bval, stat tuple, argv prefix)
@@ -150,6 +151,7 @@ class Session:
     _nodes: dict[bytes, Node | int] = field(default_factory=dict)
     _populated: set[bytes] = field(default_factory=set)
     _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
+    _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
 
     def __post_init__(self) -> None:
         self._mparts = self.mount.strip(b"/").split(b"/")
@@ -346,6 +348,15 @@ class Session:
     def _answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         if cls == Cls.EXEC:
             return self._exec(tid, path)
+        if flags & F_PROCEXE:
+            try:
+                real = os.readlink(path)
+            except OSError:
+                return (False, Act.PASS, 0, None, None, None)
+            exe = self._exe_paths.get(real)
+            if exe is None:
+                return (False, Act.PASS, 0, None, None, None)
+            return (False, Act.READLINK, 0, exe, None, None)
         follow = not flags & F_NOFOLLOW and cls != Cls.READLINK
         res, cache = self.resolve(tid, path, follow)
         if isinstance(res, int):
@@ -464,11 +475,24 @@ class Session:
                 return (False, Act.RETURN, -got, None, None, None)
             file, head = got
             script = interp
+        if self._in_mount(script):
+            self._exe_paths[_exe_link(file)] = script
         if prefix:
             return (False, Act.EXEC, 0, file, None, prefix)
         if file == path:
             return (False, Act.PASS, 0, None, None, None)
         return (False, Act.EXEC, 0, file, None, None)
+
+
+def _exe_link(file: bytes) -> bytes:
+    """What /proc/<pid>/exe will say after exec of ``file`` (a /proc/<pid>/fd/<n> path is
+    replaced by its target, e.g. ``/memfd:name (deleted)``)."""
+    if file.startswith(b"/proc/"):
+        try:
+            return os.readlink(file)
+        except OSError:
+            return file
+    return os.path.realpath(file)
 
 
 def _head(path: bytes) -> bytes:
