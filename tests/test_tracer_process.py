@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -245,6 +246,19 @@ def test_no_ptrace_says_so_and_exits_2(repo: Path, tmp_path: Path) -> None:
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "ptrace" in lines[0], r.stderr
+    r = subprocess.run(
+        [str(deny), sys.executable, "-c", "from worker.tracer import check; print(check())"],
+        env=env_with(),
+        capture_output=True,
+        text=True,
+    )
+    assert "ptrace" in r.stdout and r.stdout.count("\n") == 1
+
+
+def test_check_reports_a_working_tracer() -> None:
+    from worker.tracer import check
+
+    assert check() is None
 
 
 def test_stats_count_trapped_syscalls(repo: Path) -> None:

@@ -448,10 +448,9 @@ static long mount_key(pid_t tid, long dirfd, unsigned long addr, char *key, int 
         }
         if (bn < 0 || base[0] != '/')
             return 0; /* let the kernel report EBADF / ENOTDIR */
-        if (!has_prefix(base, (size_t)bn, shadow_p, shadow_n) &&
-            !(base[1] == 0 && (strncmp(raw, mount_p + 1, mount_n - 1) == 0)) &&
+        if (!has_prefix(base, (size_t)bn, shadow_p, shadow_n) && base[1] != 0 &&
             !strstr(raw, ".."))
-            return 0;
+            return 0; /* relative to a host directory other than "/" */
         memcpy(joined, base, (size_t)bn);
         joined[bn] = '/';
         memcpy(joined + bn + 1, raw, (size_t)n + 1);

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from worker.policy import Kind, Node, Policy
+from worker.policy import Entry, Kind, Node, Opened, Policy
 
 log = logging.getLogger("hep-exec")
 
@@ -564,6 +564,30 @@ def run(
         cached=raw["cached"],
     )
     return Result(status, stats)
+
+
+class _NoRepositories:
+    """An empty /cvmfs, for :func:`check`."""
+
+    def lookup(self, pid: int, path: bytes) -> Node | int:
+        return Node(Kind.DIR, 0o755, 4096, 1, nlink=2) if path == b"/cvmfs" else errno.ENOENT
+
+    def listdir(self, path: bytes) -> list[Entry] | int:
+        return [] if path == b"/cvmfs" else errno.ENOENT
+
+    def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
+        return errno.ENOENT
+
+
+def check() -> str | None:
+    """Can this host trace? None if yes, else the one-line reason (for ``hep-exec --check``)."""
+    try:
+        result = run(["/bin/sh", "-c", "test -d /cvmfs && ! test -e /cvmfs/x"], _NoRepositories())
+    except TracerUnavailable as e:
+        return str(e)
+    except (ImportError, OSError) as e:
+        return f"tracer unusable: {e}"
+    return None if result.status == 0 else f"traced test command failed ({result.status})"
 
 
 def _remove_tree(path: Path) -> None:
