@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.tracing import MOUNT, compile_c, ensure_built, env_with, hep_cmd, needs_ptrace, traced
+from worker.hostpolicy import HostDirPolicy
+from worker.policy import Node, Opened
+from worker.tracer import forget, run
 
 pytestmark = needs_ptrace
 
@@ -266,3 +269,37 @@ def test_stats_count_trapped_syscalls(repo: Path) -> None:
     assert r.returncode == 0
     assert "trapped syscalls:" in r.stderr and "openat" in r.stderr
     assert os.path.basename(MOUNT) not in r.stderr
+
+
+class _Evicting(HostDirPolicy):
+    """Serves /cvmfs/test.repo/a from a new file each time the policy is asked, and
+    withdraws its answer for ``a`` whenever ``b`` is opened (as a cache eviction would)."""
+
+    def __init__(self, root: Path, versions: Path) -> None:
+        super().__init__({"test.repo": root})
+        self.versions = versions
+        self.asked = 0
+
+    def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
+        if path.endswith(b"/a"):
+            self.asked += 1
+            return Opened(os.fsencode(self.versions / f"v{self.asked}"), stable=True)
+        forget(b"/cvmfs/test.repo/a")
+        return super().open(pid, path, node)
+
+
+def test_forget_withdraws_a_stable_open_answer(tmp_path: Path, capfd: pytest.CaptureFixture[str]):
+    root, versions = tmp_path / "root", tmp_path / "versions"
+    root.mkdir()
+    versions.mkdir()
+    for name in ("a", "b"):
+        (root / name).write_text(name)
+    for i in (1, 2, 3):
+        (versions / f"v{i}").write_text(str(i))
+    t = "/cvmfs/test.repo"
+    script = f"cat {t}/a {t}/a {t}/b {t}/a {t}/a"
+    policy = _Evicting(root, versions)
+    result = run(["/bin/sh", "-c", script], policy)
+    assert result.status == 0
+    assert capfd.readouterr().out == "11b22"
+    assert policy.asked == 2

@@ -206,6 +206,32 @@ static void cache_put(entry_t *e)
     table_len++;
 }
 
+/* Remove one entry (linear probing: shift later entries of the run back). */
+static int cache_del(int cls, int flags, const char *k, size_t n)
+{
+    uint64_t h = fnv(cls, flags, k, n);
+    entry_t *e = cache_get(cls, flags, k, n, h);
+    if (!e)
+        return 0;
+    size_t mask = table_cap - 1, i = h & mask;
+    while (table[i] != e)
+        i = (i + 1) & mask;
+    free(e->key);
+    free(e->act.bval);
+    free(e);
+    table[i] = NULL;
+    table_len--;
+    for (size_t j = (i + 1) & mask; table[j]; j = (j + 1) & mask) {
+        entry_t *m = table[j];
+        table[j] = NULL;
+        size_t k2 = m->hash & mask;
+        while (table[k2])
+            k2 = (k2 + 1) & mask;
+        table[k2] = m;
+    }
+    return 1;
+}
+
 static void cache_clear(void)
 {
     for (size_t i = 0; i < table_cap; i++) {
@@ -1327,7 +1353,23 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     return Py_BuildValue("iiN", exit_status, exec_errno, st);
 }
 
+static PyObject *trap_forget(PyObject *self, PyObject *args)
+{
+    const char *k;
+    Py_ssize_t n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#", &k, &n))
+        return NULL;
+    int removed = 0;
+    static const int variants[] = {0, F_NOFOLLOW, F_OPATH, F_NOFOLLOW | F_OPATH};
+    for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++)
+        removed += cache_del(C_OPEN, variants[i], k, (size_t)n);
+    return PyLong_FromLong(removed);
+}
+
 static PyMethodDef methods[] = {
+    {"forget", trap_forget, METH_VARARGS,
+     "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,
      "run(argv, env, mount, shadow, handler, spin_us=0) -> (status, exec_errno, stats)\n"
      "Run argv under ptrace+seccomp; handler(tid, cls, flags, path) answers cache misses."},

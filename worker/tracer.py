@@ -484,6 +484,15 @@ class Session:
         return (False, Act.EXEC, 0, file, None, None)
 
 
+def forget(path: bytes) -> int:
+    """Withdraw a ``stable`` :class:`~worker.policy.Opened` answer for /cvmfs ``path`` (e.g.
+    its memfd was evicted), so the next open asks the policy again.  Call it only from
+    policy methods, which run on the tracer thread; returns the number of answers dropped."""
+    from worker import _trap
+
+    return _trap.forget(path)
+
+
 def _exe_link(file: bytes) -> bytes:
     """What /proc/<pid>/exe will say after exec of ``file`` (a /proc/<pid>/fd/<n> path is
     replaced by its target, e.g. ``/memfd:name (deleted)``)."""
