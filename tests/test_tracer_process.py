@@ -261,6 +261,7 @@ def test_no_ptrace_says_so_and_exits_2(repo: Path, tmp_path: Path) -> None:
 def test_check_reports_a_working_tracer() -> None:
     from worker.tracer import check
 
+    ensure_built()
     assert check() is None
 
 
@@ -289,6 +290,7 @@ class _Evicting(HostDirPolicy):
 
 
 def test_forget_withdraws_a_stable_open_answer(tmp_path: Path, capfd: pytest.CaptureFixture[str]):
+    ensure_built()
     root, versions = tmp_path / "root", tmp_path / "versions"
     root.mkdir()
     versions.mkdir()

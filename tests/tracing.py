@@ -16,8 +16,12 @@ PROJECT = Path(__file__).resolve().parent.parent
 MOUNT = "/cvmfs/test.repo"
 
 
+_unavailable: list[str | None] = []
+
+
 def ensure_built() -> None:
-    """Build worker._trap in place when running from a source tree (no-op once built)."""
+    """Build worker._trap in place when running from a source tree (no-op once built), and
+    skip when this host forbids ptrace or seccomp (some containers)."""
     try:
         import worker._trap  # noqa: F401
     except ImportError:
@@ -27,6 +31,12 @@ def ensure_built() -> None:
             check=True,
             capture_output=True,
         )
+    if not _unavailable:
+        from worker.tracer import check
+
+        _unavailable.append(check())
+    if _unavailable[0]:
+        pytest.skip(f"tracing unavailable here: {_unavailable[0]}")
 
 
 def env_with(extra: Mapping[str, str] | None = None) -> dict[str, str]:
