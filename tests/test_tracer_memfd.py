@@ -35,7 +35,9 @@ class MemfdPolicy(HostDirPolicy):
             host = super().open(pid, path, node)
             if isinstance(host, int):
                 return host
-            fd = os.memfd_create(os.path.basename(path), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fd = os.memfd_create(
+                os.fsdecode(os.path.basename(path)), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            )
             with open(host.path, "rb") as f:
                 os.write(fd, f.read())
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
