@@ -305,3 +305,39 @@ def test_forget_withdraws_a_stable_open_answer(tmp_path: Path, capfd: pytest.Cap
     assert result.status == 0
     assert capfd.readouterr().out == "11b22"
     assert policy.asked == 2
+
+
+CWD_FLIP = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static int check(const char *want) {
+    char b[64] = "";
+    int fd = open("file", O_RDONLY);
+    ssize_t n = fd < 0 ? -1 : read(fd, b, sizeof b - 1);
+    if (fd >= 0) close(fd);
+    return n < 0 || strncmp(b, want, strlen(want)) != 0;
+}
+int main(int argc, char **argv) {
+    int bad = 0, host = open(argv[1], O_RDONLY | O_DIRECTORY);
+    int cv = open("/cvmfs/test.repo/dir", O_RDONLY | O_DIRECTORY);
+    for (int i = 0; i < 50; i++) {
+        chdir("/cvmfs/test.repo/dir"); bad += check("content");
+        fchdir(host); bad += check("host");
+        fchdir(cv); bad += check("content");
+        chdir(argv[1]); bad += check("host");
+    }
+    printf("bad=%d\n", bad);
+    return 0;
+}
+"""
+
+
+def test_relative_paths_follow_chdir_and_fchdir(repo: Path, tmp_path: Path) -> None:
+    prog = compile_c(CWD_FLIP, tmp_path / "flip")
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "file").write_text("host\n")
+    r = traced(repo, [str(prog), str(host)])
+    assert (r.returncode, r.stdout) == (0, "bad=0\n"), r.stderr

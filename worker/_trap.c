@@ -85,7 +85,7 @@ enum {
 static const int trapped[] = {
     SYS_open, SYS_openat, 437 /* openat2 */, SYS_creat, SYS_stat, SYS_lstat, SYS_newfstatat,
     332 /* statx */, SYS_access, SYS_faccessat, 439 /* faccessat2 */, SYS_readlink,
-    SYS_readlinkat, SYS_execve, SYS_execveat, SYS_chdir, SYS_getcwd, SYS_statfs, SYS_truncate,
+    SYS_readlinkat, SYS_execve, SYS_execveat, SYS_chdir, SYS_fchdir, SYS_getcwd, SYS_statfs, SYS_truncate,
     SYS_mkdir, SYS_mkdirat, SYS_rmdir, SYS_unlink, SYS_unlinkat, SYS_rename, SYS_renameat,
     316 /* renameat2 */, SYS_link, SYS_linkat, SYS_symlink, SYS_symlinkat, SYS_chmod,
     SYS_fchmodat, 452 /* fchmodat2 */, SYS_chown, SYS_lchown, SYS_fchownat, SYS_utime,
@@ -254,7 +254,15 @@ typedef struct {
     int nrestore;
     int off[2];
     unsigned long long val[2];
+    int cwd_changes; /* chdir/fchdir in flight: bump cwd_gen at its exit */
+    char *cwd;       /* cached readlink of /proc/<tid>/cwd, valid while cwd_gen matches */
+    size_t cwd_len;
+    unsigned long cwd_gen;
 } tstate_t;
+
+/* Bumped by every chdir/fchdir of any tracee (at entry and exit): invalidates all cached
+ * working directories, which saves a readlink per relative-path call otherwise. */
+static unsigned long cwd_gen = 1;
 
 static tstate_t *threads;
 static size_t threads_cap, threads_used;
@@ -306,8 +314,9 @@ static void thread_forget(pid_t tid)
 {
     tstate_t *t = thread_find(tid, 0);
     if (t) {
+        free(t->cwd);
+        memset(t, 0, sizeof *t);
         t->tid = -1;
-        t->nrestore = 0;
     }
 }
 
@@ -446,7 +455,27 @@ static size_t lexnorm(char *p, size_t n)
  * is not ours.  Returns key length (>0) with the key in `key`, 0 when the call is not ours,
  * or -errno.  `raw` receives the tracee's string.
  */
-static long mount_key(pid_t tid, long dirfd, unsigned long addr, char *key, int allow_empty)
+static ssize_t tracee_cwd(pid_t tid, tstate_t *t, char *out, size_t max)
+{
+    if (t && t->cwd && t->cwd_gen == cwd_gen && t->cwd_len < max) {
+        memcpy(out, t->cwd, t->cwd_len + 1);
+        return (ssize_t)t->cwd_len;
+    }
+    ssize_t n = proc_link(tid, "cwd", out, max);
+    if (n >= 0 && t) {
+        char *c = realloc(t->cwd, (size_t)n + 1);
+        if (c) {
+            memcpy(c, out, (size_t)n + 1);
+            t->cwd = c;
+            t->cwd_len = (size_t)n;
+            t->cwd_gen = cwd_gen;
+        }
+    }
+    return n;
+}
+
+static long mount_key(pid_t tid, tstate_t *t, long dirfd, unsigned long addr, char *key,
+                      int allow_empty)
 {
     char raw[MAXPATH], base[MAXPATH], joined[2 * MAXPATH + 2];
     long n = read_string(tid, addr, raw, sizeof raw);
@@ -466,7 +495,7 @@ static long mount_key(pid_t tid, long dirfd, unsigned long addr, char *key, int 
     } else {
         ssize_t bn;
         if (dirfd == AT_FDCWD) {
-            bn = proc_link(tid, "cwd", base, sizeof base);
+            bn = tracee_cwd(tid, t, base, sizeof base);
         } else {
             char what[32];
             snprintf(what, sizeof what, "fd/%d", (int)dirfd);
@@ -819,7 +848,15 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         cls = C_EXEC; dirfd = (long)(int)r->rdi; path_arg = 1;
         allow_empty = (r->r8 & AT_EMPTY_PATH) != 0;
         break;
-    case SYS_chdir: cls = C_CHDIR; break;
+    case SYS_chdir:
+        cls = C_CHDIR;
+        cwd_gen++;
+        t->cwd_changes = 1;
+        break;
+    case SYS_fchdir:
+        cwd_gen++;
+        t->cwd_changes = 1;
+        return 0;
     case SYS_getcwd: cls = C_GETCWD; break;
     case SYS_statfs: cls = C_STATFS; break;
     case SYS_getxattr: cls = C_XATTR_GET; break;
@@ -837,7 +874,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 
     if (cls == C_GETCWD) {
         char cwd[MAXPATH], out[MAXPATH];
-        ssize_t n = proc_link(tid, "cwd", cwd, sizeof cwd);
+        ssize_t n = tracee_cwd(tid, t, cwd, sizeof cwd);
         if (n < 0 || !has_prefix(cwd, (size_t)n, shadow_p, shadow_n)) {
             n_pass++;
             return 0;
@@ -879,7 +916,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             if (!addr)
                 continue; /* utimensat(fd, NULL, ...) */
             long d = da[i] >= 0 ? (long)(int)*argreg(r, da[i]) : AT_FDCWD;
-            long kn = mount_key(tid, d, addr, key, 1);
+            long kn = mount_key(tid, t, d, addr, key, 1);
             if (kn > 0) {
                 skip_with(r, -EROFS);
                 return 1;
@@ -890,7 +927,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     }
 
     unsigned long addr = *argreg(r, path_arg);
-    long kn = mount_key(tid, dirfd, addr, key, allow_empty);
+    long kn = mount_key(tid, t, dirfd, addr, key, allow_empty);
     if (kn < 0) {
         if (kn == -EFAULT || kn == -ENOENT) {
             n_pass++;
@@ -938,7 +975,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             memcpy(key, raw, (size_t)n + 1);
             kn = n;
         } else {
-            ssize_t bn = dirfd == AT_FDCWD ? proc_link(tid, "cwd", base, sizeof base) : -1;
+            ssize_t bn = dirfd == AT_FDCWD ? tracee_cwd(tid, t, base, sizeof base) : -1;
             if (bn < 0 || (size_t)bn + 1 + (size_t)n >= MAXPATH)
                 return 0;
             memcpy(key, base, (size_t)bn);
@@ -1282,6 +1319,10 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
             continue;
         }
         tstate_t *t = thread_find(tid, 1);
+        if (!t) { /* out of memory: keep the tracee going, untouched */
+            ptrace(PTRACE_CONT, tid, 0, 0);
+            continue;
+        }
         int sig = WSTOPSIG(status);
         int event = status >> 16;
         if (event == PTRACE_EVENT_SECCOMP) {
@@ -1291,10 +1332,14 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
             int changed = handle_syscall(tid, &regs, t);
             if (changed)
                 ptrace(PTRACE_SETREGS, tid, 0, &regs);
-            ptrace(t && t->nrestore ? PTRACE_SYSCALL : PTRACE_CONT, tid, 0, 0);
+            ptrace(t->nrestore || t->cwd_changes ? PTRACE_SYSCALL : PTRACE_CONT, tid, 0, 0);
         } else if (sig == (SIGTRAP | 0x80)) {
             /* syscall exit after a rewrite: put the caller's argument registers back */
             if (t) {
+                if (t->cwd_changes) {
+                    cwd_gen++;
+                    t->cwd_changes = 0;
+                }
                 for (int i = 0; i < t->nrestore; i++)
                     ptrace(PTRACE_POKEUSER, tid,
                            (void *)(offsetof(struct user, regs) + (size_t)t->off[i]),
@@ -1312,7 +1357,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
                 unsigned long former = 0;
                 ptrace(PTRACE_GETEVENTMSG, tid, 0, &former);
                 if (t)
-                    t->nrestore = 0;
+                    t->nrestore = t->cwd_changes = 0;
                 if ((pid_t)former != tid)
                     thread_forget((pid_t)former);
             }
@@ -1330,6 +1375,8 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     Py_CLEAR(handler);
     size_t cached = table_len;
     cache_clear();
+    for (size_t i = 0; i < threads_cap; i++)
+        free(threads[i].cwd);
     free(threads);
     threads = NULL;
     threads_cap = threads_used = 0;
