@@ -1,0 +1,1434 @@
+/*
+ * worker._trap: the ptrace + seccomp trap loop of hep-exec (x86_64 Linux).
+ *
+ * Why C: every trapped syscall costs a waitpid, a register read and a memory read; doing
+ * that in Python caps a tracer near Parrot's rates.  So this loop keeps the hot path in C:
+ * paths outside the mount prefix are let through without any Python call, and answers
+ * for paths inside it are cached in a hash table (answers are immutable during a run).
+ * Python (worker/tracer.py) is called only on a cache miss, with (tid, class, flags, path),
+ * and returns an action tuple that this file applies and, if cacheable, remembers.
+ *
+ * The seccomp filter returns SECCOMP_RET_TRACE only for path-taking syscalls, so read,
+ * write, mmap, fstat ... never stop.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef __x86_64__
+#error "worker._trap supports x86_64 only"
+#endif
+
+#ifndef PTRACE_EVENT_STOP
+#define PTRACE_EVENT_STOP 128
+#endif
+#ifndef AT_EMPTY_PATH
+#define AT_EMPTY_PATH 0x1000
+#endif
+#define X32_SYSCALL_BIT 0x40000000
+
+/* Syscall classes; must match worker/tracer.py (Cls). */
+enum {
+    C_NONE = 0,
+    C_OPEN = 1,
+    C_STAT = 2,
+    C_ACCESS = 3,
+    C_READLINK = 4,
+    C_EXEC = 5,
+    C_CHDIR = 6,
+    C_STATFS = 7,
+    C_XATTR_GET = 8,
+    C_XATTR_LIST = 9,
+    C_WRITE = 10,  /* answered in C: EROFS */
+    C_GETCWD = 11, /* answered in C from the shadow mapping */
+};
+/* Action kinds; must match worker/tracer.py (Act). */
+enum {
+    A_PASS = 0,
+    A_RETURN = 1,
+    A_REDIRECT = 2,
+    A_STAT = 3,
+    A_READLINK = 4,
+    A_EXEC = 5,
+};
+#define F_NOFOLLOW 0x100
+#define F_OPATH 0x200
+#define F_PROCEXE 0x400 /* never cached: answers depend on the process */
+
+#define NSYS 512
+#define MAXPATH 4096
+
+/* ---------- syscalls the filter traps ---------- */
+
+static const int trapped[] = {
+    SYS_open, SYS_openat, 437 /* openat2 */, SYS_creat, SYS_stat, SYS_lstat, SYS_newfstatat,
+    332 /* statx */, SYS_access, SYS_faccessat, 439 /* faccessat2 */, SYS_readlink,
+    SYS_readlinkat, SYS_execve, SYS_execveat, SYS_chdir, SYS_fchdir, SYS_getcwd, SYS_statfs, SYS_truncate,
+    SYS_mkdir, SYS_mkdirat, SYS_rmdir, SYS_unlink, SYS_unlinkat, SYS_rename, SYS_renameat,
+    316 /* renameat2 */, SYS_link, SYS_linkat, SYS_symlink, SYS_symlinkat, SYS_chmod,
+    SYS_fchmodat, 452 /* fchmodat2 */, SYS_chown, SYS_lchown, SYS_fchownat, SYS_utime,
+    SYS_utimes, SYS_futimesat, SYS_utimensat, SYS_mknod, SYS_mknodat, SYS_setxattr,
+    SYS_lsetxattr, SYS_removexattr, SYS_lremovexattr, SYS_getxattr, SYS_lgetxattr,
+    SYS_listxattr, SYS_llistxattr, 463 /* setxattrat */, 464 /* getxattrat */,
+    465 /* listxattrat */, 466 /* removexattrat */,
+};
+
+static int install_filter(void)
+{
+    enum { N = sizeof(trapped) / sizeof(trapped[0]) };
+    struct sock_filter prog[24 + 2 * N];
+    int k = 0;
+    const uint32_t allow = SECCOMP_RET_ALLOW, trace = SECCOMP_RET_TRACE;
+#define STMT(c, v) prog[k++] = (struct sock_filter)BPF_STMT(c, v)
+#define JUMP(c, v, t, f) prog[k++] = (struct sock_filter)BPF_JUMP(c, v, t, f)
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0);
+    STMT(BPF_RET | BPF_K, allow); /* other ABIs (i386) do not see /cvmfs */
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    JUMP(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, 0, 1);
+    STMT(BPF_RET | BPF_K, allow);
+    /* fstat() is newfstatat(fd, "", AT_EMPTY_PATH): never stop for it. */
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_newfstatat, 0, 3);
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[3]));
+    JUMP(BPF_JMP | BPF_JSET | BPF_K, AT_EMPTY_PATH, 0, 1);
+    STMT(BPF_RET | BPF_K, allow);
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, 332, 0, 3);
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[2]));
+    JUMP(BPF_JMP | BPF_JSET | BPF_K, AT_EMPTY_PATH, 0, 1);
+    STMT(BPF_RET | BPF_K, allow);
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    for (int i = 0; i < N; i++) {
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)trapped[i], 0, 1);
+        STMT(BPF_RET | BPF_K, trace);
+    }
+    STMT(BPF_RET | BPF_K, allow);
+#undef STMT
+#undef JUMP
+    struct sock_fprog fprog = {.len = (unsigned short)k, .filter = prog};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        return -1;
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog);
+}
+
+/* ---------- answer cache ---------- */
+
+typedef struct {
+    int kind;
+    int64_t ival;
+    char *bval; /* redirect target (NUL-terminated) or readlink bytes */
+    size_t blen;
+    int64_t st[15]; /* see tracer.py STAT_FIELDS */
+} action_t;
+
+typedef struct {
+    uint64_t hash;
+    int cls;
+    int flags;
+    char *key;
+    size_t klen;
+    action_t act;
+} entry_t;
+
+static entry_t **table;
+static size_t table_cap, table_len;
+
+static uint64_t fnv(int cls, int flags, const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ULL ^ (uint64_t)(cls * 131 + flags);
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 1099511628211ULL;
+    }
+    return h ? h : 1;
+}
+
+static entry_t *cache_get(int cls, int flags, const char *k, size_t n, uint64_t h)
+{
+    if (!table_cap)
+        return NULL;
+    for (size_t i = h & (table_cap - 1);; i = (i + 1) & (table_cap - 1)) {
+        entry_t *e = table[i];
+        if (!e)
+            return NULL;
+        if (e->hash == h && e->cls == cls && e->flags == flags && e->klen == n &&
+            memcmp(e->key, k, n) == 0)
+            return e;
+    }
+}
+
+static void cache_put(entry_t *e)
+{
+    if ((table_len + 1) * 2 > table_cap) {
+        size_t ncap = table_cap ? table_cap * 2 : 4096;
+        entry_t **nt = calloc(ncap, sizeof(*nt));
+        if (!nt)
+            return;
+        for (size_t i = 0; i < table_cap; i++) {
+            entry_t *o = table[i];
+            if (!o)
+                continue;
+            size_t j = o->hash & (ncap - 1);
+            while (nt[j])
+                j = (j + 1) & (ncap - 1);
+            nt[j] = o;
+        }
+        free(table);
+        table = nt;
+        table_cap = ncap;
+    }
+    size_t j = e->hash & (table_cap - 1);
+    while (table[j])
+        j = (j + 1) & (table_cap - 1);
+    table[j] = e;
+    table_len++;
+}
+
+/* Remove one entry (linear probing: shift later entries of the run back). */
+static int cache_del(int cls, int flags, const char *k, size_t n)
+{
+    uint64_t h = fnv(cls, flags, k, n);
+    entry_t *e = cache_get(cls, flags, k, n, h);
+    if (!e)
+        return 0;
+    size_t mask = table_cap - 1, i = h & mask;
+    while (table[i] != e)
+        i = (i + 1) & mask;
+    free(e->key);
+    free(e->act.bval);
+    free(e);
+    table[i] = NULL;
+    table_len--;
+    for (size_t j = (i + 1) & mask; table[j]; j = (j + 1) & mask) {
+        entry_t *m = table[j];
+        table[j] = NULL;
+        size_t k2 = m->hash & mask;
+        while (table[k2])
+            k2 = (k2 + 1) & mask;
+        table[k2] = m;
+    }
+    return 1;
+}
+
+static void cache_clear(void)
+{
+    for (size_t i = 0; i < table_cap; i++) {
+        entry_t *e = table[i];
+        if (e) {
+            free(e->key);
+            free(e->act.bval);
+            free(e);
+        }
+    }
+    free(table);
+    table = NULL;
+    table_cap = table_len = 0;
+}
+
+/* ---------- per-thread state: registers to restore at syscall exit ---------- */
+
+typedef struct {
+    pid_t tid; /* 0 = free, -1 = tombstone */
+    int nrestore;
+    int off[2];
+    unsigned long long val[2];
+    int cwd_changes; /* chdir/fchdir in flight: bump cwd_gen at its exit */
+    char *cwd;       /* cached readlink of /proc/<tid>/cwd, valid while cwd_gen matches */
+    size_t cwd_len;
+    unsigned long cwd_gen;
+} tstate_t;
+
+/* Bumped by every chdir/fchdir of any tracee (at entry and exit): invalidates all cached
+ * working directories, which saves a readlink per relative-path call otherwise. */
+static unsigned long cwd_gen = 1;
+
+static tstate_t *threads;
+static size_t threads_cap, threads_used;
+
+static tstate_t *thread_find(pid_t tid, int create)
+{
+    if (create && (threads_used + 1) * 2 > threads_cap) {
+        size_t ncap = threads_cap ? threads_cap * 2 : 1024;
+        tstate_t *nt = calloc(ncap, sizeof(*nt));
+        if (!nt)
+            return NULL;
+        size_t used = 0;
+        for (size_t i = 0; i < threads_cap; i++) {
+            if (threads[i].tid <= 0)
+                continue;
+            size_t j = (size_t)threads[i].tid & (ncap - 1);
+            while (nt[j].tid)
+                j = (j + 1) & (ncap - 1);
+            nt[j] = threads[i];
+            used++;
+        }
+        free(threads);
+        threads = nt;
+        threads_cap = ncap;
+        threads_used = used;
+    }
+    if (!threads_cap)
+        return NULL;
+    size_t tomb = (size_t)-1;
+    for (size_t i = (size_t)tid & (threads_cap - 1);; i = (i + 1) & (threads_cap - 1)) {
+        if (threads[i].tid == tid)
+            return &threads[i];
+        if (threads[i].tid == -1 && tomb == (size_t)-1)
+            tomb = i;
+        if (threads[i].tid == 0) {
+            if (!create)
+                return NULL;
+            size_t j = tomb != (size_t)-1 ? tomb : i;
+            if (tomb == (size_t)-1)
+                threads_used++;
+            memset(&threads[j], 0, sizeof(threads[j]));
+            threads[j].tid = tid;
+            return &threads[j];
+        }
+    }
+}
+
+static void thread_forget(pid_t tid)
+{
+    tstate_t *t = thread_find(tid, 0);
+    if (t) {
+        free(t->cwd);
+        memset(t, 0, sizeof *t);
+        t->tid = -1;
+    }
+}
+
+/* ---------- run-wide configuration and statistics ---------- */
+
+static char mount_p[MAXPATH], shadow_p[MAXPATH];
+static size_t mount_n, shadow_n;
+static PyObject *handler;
+static unsigned long long n_trapped[NSYS], n_pass, n_hits, n_upcalls;
+static uid_t my_uid;
+
+/* ---------- tracee memory ---------- */
+
+static long read_string(pid_t pid, unsigned long addr, char *buf, size_t max)
+{
+    size_t got = 0;
+    if (!addr)
+        return -EFAULT;
+    while (got < max) {
+        size_t chunk = 4096 - ((addr + got) & 4095);
+        if (chunk > max - got)
+            chunk = max - got;
+        struct iovec l = {buf + got, chunk}, r = {(void *)(addr + got), chunk};
+        ssize_t n = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (n <= 0)
+            return -EFAULT;
+        char *z = memchr(buf + got, 0, (size_t)n);
+        if (z)
+            return z - buf;
+        got += (size_t)n;
+    }
+    return -ENAMETOOLONG;
+}
+
+static int write_mem(pid_t pid, unsigned long addr, const void *data, size_t n)
+{
+    struct iovec l = {(void *)data, n}, r = {(void *)addr, n};
+    ssize_t w = process_vm_writev(pid, &l, 1, &r, 1, 0);
+    return w == (ssize_t)n ? 0 : -EFAULT;
+}
+
+static unsigned long long *argreg(struct user_regs_struct *r, int i)
+{
+    switch (i) {
+    case 0: return &r->rdi;
+    case 1: return &r->rsi;
+    case 2: return &r->rdx;
+    case 3: return &r->r10;
+    case 4: return &r->r8;
+    default: return &r->r9;
+    }
+}
+
+static int argoff(int i)
+{
+    static const int offs[6] = {
+        offsetof(struct user_regs_struct, rdi), offsetof(struct user_regs_struct, rsi),
+        offsetof(struct user_regs_struct, rdx), offsetof(struct user_regs_struct, r10),
+        offsetof(struct user_regs_struct, r8),  offsetof(struct user_regs_struct, r9),
+    };
+    return offs[i];
+}
+
+/* ---------- paths ---------- */
+
+static int has_prefix(const char *p, size_t n, const char *pre, size_t pn)
+{
+    return n >= pn && memcmp(p, pre, pn) == 0 && (n == pn || p[pn] == '/');
+}
+
+/* readlink of /proc/<tid>/<what>; returns length or -1 */
+static ssize_t proc_link(pid_t tid, const char *what, char *out, size_t max)
+{
+    char lp[64];
+    snprintf(lp, sizeof lp, "/proc/%d/%s", (int)tid, what);
+    ssize_t n = readlink(lp, out, max - 1);
+    if (n >= 0)
+        out[n] = 0;
+    return n;
+}
+
+/* Collapse "//" and "/./" (keeps ".."); out must hold n+2. */
+static size_t collapse(const char *in, size_t n, char *out)
+{
+    size_t o = 0, i = 0;
+    while (i < n) {
+        while (i < n && in[i] == '/')
+            i++;
+        size_t s = i;
+        while (i < n && in[i] != '/')
+            i++;
+        size_t len = i - s;
+        if (len == 0 || (len == 1 && in[s] == '.'))
+            continue;
+        out[o++] = '/';
+        memcpy(out + o, in + s, len);
+        o += len;
+    }
+    if (o == 0)
+        out[o++] = '/';
+    else if (n > 0 && in[n - 1] == '/')
+        out[o++] = '/'; /* "file/" must still fail with ENOTDIR */
+    out[o] = 0;
+    return o;
+}
+
+/* Lexical ".." removal on a collapsed absolute path, in place. */
+static size_t lexnorm(char *p, size_t n)
+{
+    size_t o = 0, i = 0;
+    while (i < n) {
+        i++; /* skip '/' */
+        size_t s = i;
+        while (i < n && p[i] != '/')
+            i++;
+        size_t len = i - s;
+        if (len == 2 && p[s] == '.' && p[s + 1] == '.') {
+            while (o > 0 && p[o - 1] != '/')
+                o--;
+            if (o > 0)
+                o--;
+            continue;
+        }
+        p[o++] = '/';
+        memmove(p + o, p + s, len);
+        o += len;
+    }
+    if (o == 0)
+        p[o++] = '/';
+    p[o] = 0;
+    return o;
+}
+
+/*
+ * Turn the path argument of a trapped call into the key under the mount, or decide that it
+ * is not ours.  Returns key length (>0) with the key in `key`, 0 when the call is not ours,
+ * or -errno.  `raw` receives the tracee's string.
+ */
+static ssize_t tracee_cwd(pid_t tid, tstate_t *t, char *out, size_t max)
+{
+    if (t && t->cwd && t->cwd_gen == cwd_gen && t->cwd_len < max) {
+        memcpy(out, t->cwd, t->cwd_len + 1);
+        return (ssize_t)t->cwd_len;
+    }
+    ssize_t n = proc_link(tid, "cwd", out, max);
+    if (n >= 0 && t) {
+        char *c = realloc(t->cwd, (size_t)n + 1);
+        if (c) {
+            memcpy(c, out, (size_t)n + 1);
+            t->cwd = c;
+            t->cwd_len = (size_t)n;
+            t->cwd_gen = cwd_gen;
+        }
+    }
+    return n;
+}
+
+static long mount_key(pid_t tid, tstate_t *t, long dirfd, unsigned long addr, char *key,
+                      int allow_empty)
+{
+    char raw[MAXPATH], base[MAXPATH], joined[2 * MAXPATH + 2];
+    long n = read_string(tid, addr, raw, sizeof raw);
+    if (n < 0)
+        return n;
+    if (n == 0)
+        return allow_empty ? 0 : -ENOENT;
+    size_t jn;
+    if (raw[0] == '/') {
+        /* fast path: absolute and not under /cvmfs (or the shadow tree) */
+        if (raw[1] != '/' && raw[1] != '.' && !has_prefix(raw, (size_t)n, mount_p, mount_n) &&
+            !has_prefix(raw, (size_t)n, shadow_p, shadow_n) && !strstr(raw, "/.") &&
+            !strstr(raw, "//"))
+            return 0;
+        memcpy(joined, raw, (size_t)n + 1);
+        jn = (size_t)n;
+    } else {
+        ssize_t bn;
+        if (dirfd == AT_FDCWD) {
+            bn = tracee_cwd(tid, t, base, sizeof base);
+        } else {
+            char what[32];
+            snprintf(what, sizeof what, "fd/%d", (int)dirfd);
+            bn = proc_link(tid, what, base, sizeof base);
+        }
+        if (bn < 0 || base[0] != '/')
+            return 0; /* let the kernel report EBADF / ENOTDIR */
+        if (!has_prefix(base, (size_t)bn, shadow_p, shadow_n) && base[1] != 0 &&
+            !strstr(raw, ".."))
+            return 0; /* relative to a host directory other than "/" */
+        memcpy(joined, base, (size_t)bn);
+        joined[bn] = '/';
+        memcpy(joined + bn + 1, raw, (size_t)n + 1);
+        jn = (size_t)bn + 1 + (size_t)n;
+    }
+    char col[2 * MAXPATH + 4];
+    size_t cn = collapse(joined, jn, col);
+    if (has_prefix(col, cn, shadow_p, shadow_n)) {
+        /* the shadow tree stands for the mount */
+        size_t rest = cn - shadow_n;
+        if (mount_n + rest >= MAXPATH)
+            return -ENAMETOOLONG;
+        memcpy(key, mount_p, mount_n);
+        memcpy(key + mount_n, col + shadow_n, rest + 1);
+        return (long)(mount_n + rest);
+    }
+    if (!has_prefix(col, cn, mount_p, mount_n)) {
+        if (!strstr(col, "/.."))
+            return 0;
+        cn = lexnorm(col, cn);
+        if (!has_prefix(col, cn, mount_p, mount_n) && !has_prefix(col, cn, shadow_p, shadow_n))
+            return 0;
+        if (has_prefix(col, cn, shadow_p, shadow_n)) {
+            size_t rest = cn - shadow_n;
+            memmove(col + mount_n, col + shadow_n, rest + 1);
+            memcpy(col, mount_p, mount_n);
+            cn = mount_n + rest;
+        }
+    }
+    if (cn >= MAXPATH)
+        return -ENAMETOOLONG;
+    memcpy(key, col, cn + 1);
+    return (long)cn;
+}
+
+/* ---------- upcall ---------- */
+
+static int parse_action(PyObject *res, action_t *a, int *cacheable, PyObject **argv_prefix)
+{
+    /* (cacheable, kind, ival, bval, st_tuple|None, argv_prefix|None) */
+    PyObject *bval, *st, *argv;
+    int c, kind;
+    long long ival;
+    memset(a, 0, sizeof *a);
+    if (!PyArg_ParseTuple(res, "piLOOO", &c, &kind, &ival, &bval, &st, &argv))
+        return -1;
+    a->kind = kind;
+    a->ival = ival;
+    *cacheable = c;
+    if (bval != Py_None) {
+        char *b;
+        Py_ssize_t bl;
+        if (PyBytes_AsStringAndSize(bval, &b, &bl) < 0)
+            return -1;
+        a->bval = malloc((size_t)bl + 1);
+        if (!a->bval) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(a->bval, b, (size_t)bl);
+        a->bval[bl] = 0;
+        a->blen = (size_t)bl;
+    }
+    if (st != Py_None) {
+        if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 15) {
+            PyErr_SetString(PyExc_TypeError, "stat tuple must have 15 ints");
+            return -1;
+        }
+        for (int i = 0; i < 15; i++) {
+            a->st[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(st, i));
+            if (a->st[i] == -1 && PyErr_Occurred())
+                return -1;
+        }
+    }
+    if (argv != Py_None) {
+        Py_INCREF(argv);
+        *argv_prefix = argv;
+    }
+    return 0;
+}
+
+/* Returns a pointer to a cached or temporary action (tmp); *argv_prefix set for A_EXEC. */
+static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t kn, action_t *tmp,
+                        PyObject **argv_prefix)
+{
+    uint64_t h = fnv(cls, flags, key, kn);
+    entry_t *e = cache_get(cls, flags, key, kn, h);
+    if (e) {
+        n_hits++;
+        return &e->act;
+    }
+    n_upcalls++;
+    int cacheable = 0;
+    PyObject *res = PyObject_CallFunction(handler, "iiiy#", (int)tid, cls, flags, key,
+                                          (Py_ssize_t)kn);
+    if (!res || parse_action(res, tmp, &cacheable, argv_prefix) < 0) {
+        PyErr_WriteUnraisable(handler);
+        Py_XDECREF(res);
+        free(tmp->bval);
+        memset(tmp, 0, sizeof *tmp);
+        tmp->kind = A_RETURN;
+        tmp->ival = -EIO;
+        return tmp;
+    }
+    Py_DECREF(res);
+    if (!cacheable || *argv_prefix || (flags & F_PROCEXE))
+        return tmp;
+    e = calloc(1, sizeof *e);
+    char *k = malloc(kn + 1);
+    if (!e || !k) {
+        free(e);
+        free(k);
+        return tmp;
+    }
+    memcpy(k, key, kn + 1);
+    e->hash = h;
+    e->cls = cls;
+    e->flags = flags;
+    e->key = k;
+    e->klen = kn;
+    e->act = *tmp;
+    tmp->bval = NULL;
+    cache_put(e);
+    return &e->act;
+}
+
+/* ---------- applying answers ---------- */
+
+static void skip_with(struct user_regs_struct *r, long long ret)
+{
+    r->orig_rax = (unsigned long long)-1;
+    r->rax = (unsigned long long)ret;
+}
+
+static void fill_stat(const int64_t *f, struct stat *s)
+{
+    memset(s, 0, sizeof *s);
+    s->st_mode = (mode_t)f[0];
+    s->st_ino = (ino_t)f[1];
+    s->st_nlink = (nlink_t)f[2];
+    s->st_uid = (uid_t)f[3];
+    s->st_gid = (gid_t)f[4];
+    s->st_size = (off_t)f[5];
+    s->st_blocks = (blkcnt_t)f[6];
+    s->st_rdev = (dev_t)f[7];
+    s->st_dev = (dev_t)f[8];
+    s->st_blksize = 4096;
+    s->st_atim.tv_sec = f[9];
+    s->st_atim.tv_nsec = f[10];
+    s->st_mtim.tv_sec = f[11];
+    s->st_mtim.tv_nsec = f[12];
+    s->st_ctim.tv_sec = f[13];
+    s->st_ctim.tv_nsec = f[14];
+}
+
+static void fill_statx(const int64_t *f, struct statx *x)
+{
+    memset(x, 0, sizeof *x);
+    x->stx_mask = STATX_BASIC_STATS;
+    x->stx_blksize = 4096;
+    x->stx_nlink = (uint32_t)f[2];
+    x->stx_uid = (uint32_t)f[3];
+    x->stx_gid = (uint32_t)f[4];
+    x->stx_mode = (uint16_t)f[0];
+    x->stx_ino = (uint64_t)f[1];
+    x->stx_size = (uint64_t)f[5];
+    x->stx_blocks = (uint64_t)f[6];
+    x->stx_rdev_major = major((dev_t)f[7]);
+    x->stx_rdev_minor = minor((dev_t)f[7]);
+    x->stx_dev_major = major((dev_t)f[8]);
+    x->stx_dev_minor = minor((dev_t)f[8]);
+    x->stx_atime.tv_sec = f[9];
+    x->stx_atime.tv_nsec = (uint32_t)f[10];
+    x->stx_mtime.tv_sec = f[11];
+    x->stx_mtime.tv_nsec = (uint32_t)f[12];
+    x->stx_ctime.tv_sec = f[13];
+    x->stx_ctime.tv_nsec = (uint32_t)f[14];
+}
+
+/* Write `s` below the red zone and point argument `arg` at it; remember to restore. */
+static int redirect_arg(pid_t tid, struct user_regs_struct *r, int arg, const char *s, size_t n,
+                        tstate_t *t)
+{
+    unsigned long addr = (r->rsp - 128 - (n + 1)) & ~15UL;
+    if (write_mem(tid, addr, s, n + 1) < 0)
+        return -EFAULT;
+    unsigned long long *reg = argreg(r, arg);
+    t->off[t->nrestore] = argoff(arg);
+    t->val[t->nrestore] = *reg;
+    t->nrestore++;
+    *reg = addr;
+    return 0;
+}
+
+/* execve rewrite: filename -> bval, argv -> prefix + old argv[1:] */
+static int rewrite_exec(pid_t tid, struct user_regs_struct *r, int path_arg, int argv_arg,
+                        const action_t *a, PyObject *prefix, tstate_t *t)
+{
+    Py_ssize_t np = PyList_Size(prefix);
+    if (np < 0)
+        return -EIO;
+    unsigned long old = *argreg(r, argv_arg);
+    size_t nold = 0, cap = 64;
+    unsigned long *optr = malloc(cap * sizeof *optr);
+    if (!optr)
+        return -ENOMEM;
+    for (;;) { /* read the old argv pointer array up to NULL */
+        if (nold == cap) {
+            unsigned long *n2 = realloc(optr, 2 * cap * sizeof *optr);
+            if (!n2) {
+                free(optr);
+                return -ENOMEM;
+            }
+            optr = n2;
+            cap *= 2;
+        }
+        unsigned long v = 0;
+        struct iovec l = {&v, sizeof v}, rv = {(void *)(old + nold * sizeof v), sizeof v};
+        if (!old || process_vm_readv(tid, &l, 1, &rv, 1, 0) != sizeof v) {
+            free(optr);
+            return -EFAULT;
+        }
+        optr[nold++] = v;
+        if (!v)
+            break;
+    }
+    /* layout below the red zone: strings, then the new pointer array */
+    unsigned long top = r->rsp - 128;
+    unsigned long addr = top;
+    size_t keep = nold > 1 ? nold - 1 : 1; /* old argv[1:] including NULL */
+    size_t nnew = (size_t)np + keep;
+    unsigned long *nptr = malloc(nnew * sizeof *nptr);
+    if (!nptr) {
+        free(optr);
+        return -ENOMEM;
+    }
+    int rc = 0;
+    addr -= a->blen + 1;
+    if (write_mem(tid, addr, a->bval, a->blen + 1) < 0)
+        rc = -EFAULT;
+    unsigned long fname = addr;
+    for (Py_ssize_t i = 0; i < np && !rc; i++) {
+        char *s;
+        Py_ssize_t sl;
+        if (PyBytes_AsStringAndSize(PyList_GET_ITEM(prefix, i), &s, &sl) < 0) {
+            PyErr_Clear();
+            rc = -EIO;
+            break;
+        }
+        addr -= (unsigned long)sl + 1;
+        if (write_mem(tid, addr, s, (size_t)sl + 1) < 0)
+            rc = -EFAULT;
+        nptr[i] = addr;
+    }
+    if (!rc) {
+        if (nold > 1)
+            memcpy(nptr + np, optr + 1, (nold - 1) * sizeof *nptr);
+        else
+            nptr[np] = 0;
+        addr = (addr - nnew * sizeof *nptr) & ~15UL;
+        if (write_mem(tid, addr, nptr, nnew * sizeof *nptr) < 0)
+            rc = -EFAULT;
+    }
+    free(optr);
+    free(nptr);
+    if (rc)
+        return rc;
+    unsigned long long *pr = argreg(r, path_arg), *ar = argreg(r, argv_arg);
+    t->nrestore = 2;
+    t->off[0] = argoff(path_arg);
+    t->val[0] = *pr;
+    t->off[1] = argoff(argv_arg);
+    t->val[1] = *ar;
+    *pr = fname;
+    *ar = addr;
+    return 0;
+}
+
+/*
+ * Handle one seccomp stop.  Returns 1 if the registers were changed (SETREGS needed),
+ * 0 to continue untouched.  t->nrestore > 0 means "stop at syscall exit".
+ */
+static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
+{
+    long nr = (long)r->orig_rax;
+    int cls = C_NONE, flags = 0, path_arg = 0, allow_empty = 0;
+    long dirfd = AT_FDCWD;
+    char key[MAXPATH];
+    if (nr >= 0 && nr < NSYS)
+        n_trapped[nr]++;
+    switch (nr) {
+    case SYS_open:
+    case SYS_openat:
+    case 437: {
+        unsigned long long fl;
+        if (nr == SYS_open) {
+            path_arg = 0;
+            fl = r->rsi;
+        } else {
+            dirfd = (long)(int)r->rdi;
+            path_arg = 1;
+            fl = r->rdx;
+            if (nr == 437) {
+                struct iovec l = {&fl, sizeof fl}, rv = {(void *)r->rdx, sizeof fl};
+                if (process_vm_readv(tid, &l, 1, &rv, 1, 0) != sizeof fl)
+                    return 0;
+            }
+        }
+        cls = C_OPEN;
+        if ((fl & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC)) || (fl & O_TMPFILE) == O_TMPFILE)
+            cls = C_WRITE;
+        if (fl & O_NOFOLLOW)
+            flags |= F_NOFOLLOW;
+        if (fl & O_PATH)
+            flags |= F_OPATH;
+        break;
+    }
+    case SYS_creat: cls = C_WRITE; break;
+    case SYS_stat: cls = C_STAT; break;
+    case SYS_lstat: cls = C_STAT; flags = F_NOFOLLOW; break;
+    case SYS_newfstatat:
+        cls = C_STAT; dirfd = (long)(int)r->rdi; path_arg = 1; allow_empty = 1;
+        if (r->r10 & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        break;
+    case 332:
+        cls = C_STAT; dirfd = (long)(int)r->rdi; path_arg = 1; allow_empty = 1;
+        if (r->rdx & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        break;
+    case SYS_access: cls = C_ACCESS; flags = (int)(r->rsi & 7); break;
+    case SYS_faccessat:
+    case 439:
+        cls = C_ACCESS; dirfd = (long)(int)r->rdi; path_arg = 1; flags = (int)(r->rdx & 7);
+        if (nr == 439 && (r->r10 & AT_SYMLINK_NOFOLLOW)) flags |= F_NOFOLLOW;
+        if (nr == 439) allow_empty = (r->r10 & AT_EMPTY_PATH) != 0;
+        break;
+    case SYS_readlink: cls = C_READLINK; break;
+    case SYS_readlinkat: cls = C_READLINK; dirfd = (long)(int)r->rdi; path_arg = 1; allow_empty = 1; break;
+    case SYS_execve: cls = C_EXEC; break;
+    case SYS_execveat:
+        cls = C_EXEC; dirfd = (long)(int)r->rdi; path_arg = 1;
+        allow_empty = (r->r8 & AT_EMPTY_PATH) != 0;
+        break;
+    case SYS_chdir:
+        cls = C_CHDIR;
+        cwd_gen++;
+        t->cwd_changes = 1;
+        break;
+    case SYS_fchdir:
+        cwd_gen++;
+        t->cwd_changes = 1;
+        return 0;
+    case SYS_getcwd: cls = C_GETCWD; break;
+    case SYS_statfs: cls = C_STATFS; break;
+    case SYS_getxattr: cls = C_XATTR_GET; break;
+    case SYS_lgetxattr: cls = C_XATTR_GET; flags = F_NOFOLLOW; break;
+    case SYS_listxattr: cls = C_XATTR_LIST; break;
+    case SYS_llistxattr: cls = C_XATTR_LIST; flags = F_NOFOLLOW; break;
+    case 464:
+    case 465:
+        cls = nr == 464 ? C_XATTR_GET : C_XATTR_LIST; dirfd = (long)(int)r->rdi; path_arg = 1;
+        allow_empty = 1;
+        if (r->rdx & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        break;
+    default: cls = C_WRITE; break;
+    }
+
+    if (cls == C_GETCWD) {
+        char cwd[MAXPATH], out[MAXPATH];
+        ssize_t n = tracee_cwd(tid, t, cwd, sizeof cwd);
+        if (n < 0 || !has_prefix(cwd, (size_t)n, shadow_p, shadow_n)) {
+            n_pass++;
+            return 0;
+        }
+        size_t on = mount_n + ((size_t)n - shadow_n);
+        if (on >= sizeof out)
+            return 0;
+        memcpy(out, mount_p, mount_n);
+        memcpy(out + mount_n, cwd + shadow_n, (size_t)n - shadow_n + 1);
+        if (on + 1 > r->rsi)
+            skip_with(r, -ERANGE);
+        else if (write_mem(tid, r->rdi, out, on + 1) < 0)
+            skip_with(r, -EFAULT);
+        else
+            skip_with(r, (long long)on + 1);
+        return 1;
+    }
+
+    if (cls == C_WRITE) {
+        /* every path argument of the call; any one under the mount -> EROFS */
+        int pa[2] = {-1, -1}, da[2] = {-1, -1};
+        switch (nr) {
+        case SYS_open: case SYS_creat: case SYS_truncate: case SYS_mkdir: case SYS_rmdir:
+        case SYS_unlink: case SYS_chmod: case SYS_chown: case SYS_lchown: case SYS_utime:
+        case SYS_utimes: case SYS_mknod: case SYS_setxattr: case SYS_lsetxattr:
+        case SYS_removexattr: case SYS_lremovexattr:
+            pa[0] = 0; break;
+        case SYS_rename: case SYS_link: pa[0] = 0; pa[1] = 1; break;
+        case SYS_symlink: pa[0] = 1; break;
+        case SYS_symlinkat: da[0] = 1; pa[0] = 2; break;
+        case SYS_renameat: case 316: case SYS_linkat:
+            da[0] = 0; pa[0] = 1; da[1] = 2; pa[1] = 3; break;
+        default: da[0] = 0; pa[0] = 1; break; /* *at(dirfd, path, ...) */
+        }
+        for (int i = 0; i < 2; i++) {
+            if (pa[i] < 0)
+                continue;
+            unsigned long addr = *argreg(r, pa[i]);
+            if (!addr)
+                continue; /* utimensat(fd, NULL, ...) */
+            long d = da[i] >= 0 ? (long)(int)*argreg(r, da[i]) : AT_FDCWD;
+            long kn = mount_key(tid, t, d, addr, key, 1);
+            if (kn > 0) {
+                skip_with(r, -EROFS);
+                return 1;
+            }
+        }
+        n_pass++;
+        return 0;
+    }
+
+    unsigned long addr = *argreg(r, path_arg);
+    long kn = mount_key(tid, t, dirfd, addr, key, allow_empty);
+    if (kn < 0) {
+        if (kn == -EFAULT || kn == -ENOENT) {
+            n_pass++;
+            return 0; /* the kernel reports it */
+        }
+        skip_with(r, kn);
+        return 1;
+    }
+    if (kn == 0 && cls == C_READLINK) {
+        /* /proc/<pid>/exe of a program exec'd from the mount names the file the kernel ran
+         * (a memfd); ld.so's $ORIGIN and relocatable programs need the /cvmfs path. */
+        char raw[MAXPATH];
+        long n = read_string(tid, addr, raw, sizeof raw);
+        if (n > 10 && strncmp(raw, "/proc/", 6) == 0 && strcmp(raw + n - 4, "/exe") == 0) {
+            const char *who = raw + 6;
+            size_t wl = (size_t)n - 10;
+            int ok = (wl == 4 && !strncmp(who, "self", 4)) ||
+                     (wl == 11 && !strncmp(who, "thread-self", 11));
+            if (ok) {
+                kn = snprintf(key, MAXPATH, "/proc/%d/exe", (int)tid);
+            } else {
+                ok = wl > 0 && wl < 12;
+                for (size_t i = 0; ok && i < wl; i++)
+                    ok = who[i] >= '0' && who[i] <= '9';
+                if (ok) {
+                    memcpy(key, raw, (size_t)n + 1);
+                    kn = n;
+                }
+            }
+            if (ok)
+                flags |= F_PROCEXE;
+        }
+    }
+    if (kn == 0 && cls != C_EXEC) {
+        n_pass++;
+        return 0;
+    }
+    if (kn == 0) {
+        /* exec of a host path: Python checks for a #! interpreter under the mount */
+        char raw[MAXPATH], base[MAXPATH];
+        long n = read_string(tid, addr, raw, sizeof raw);
+        if (n <= 0)
+            return 0;
+        if (raw[0] == '/') {
+            memcpy(key, raw, (size_t)n + 1);
+            kn = n;
+        } else {
+            ssize_t bn = dirfd == AT_FDCWD ? tracee_cwd(tid, t, base, sizeof base) : -1;
+            if (bn < 0 || (size_t)bn + 1 + (size_t)n >= MAXPATH)
+                return 0;
+            memcpy(key, base, (size_t)bn);
+            key[bn] = '/';
+            memcpy(key + bn + 1, raw, (size_t)n + 1);
+            kn = bn + 1 + n;
+        }
+    }
+
+    action_t tmp;
+    PyObject *prefix = NULL;
+    memset(&tmp, 0, sizeof tmp);
+    action_t *a = lookup(tid, cls, flags, key, (size_t)kn, &tmp, &prefix);
+    int changed = 0;
+    switch (a->kind) {
+    case A_PASS:
+        break;
+    case A_RETURN:
+        skip_with(r, a->ival);
+        changed = 1;
+        break;
+    case A_REDIRECT: {
+        /* ival=1: the target is a regular file or a shadow directory, whose open/stat never
+         * restarts, so the tracee cannot observe the pointer change except in the argument
+         * register after return, which the C ABI and libc wrappers treat as clobbered (one
+         * stop instead of two).  Otherwise, restore the register at syscall exit. */
+        int rc = redirect_arg(tid, r, path_arg, a->bval, a->blen, t);
+        if (a->ival == 1 && rc == 0)
+            t->nrestore = 0;
+        if (rc < 0)
+            skip_with(r, rc);
+        changed = 1;
+        break;
+    }
+    case A_STAT: {
+        int rc;
+        if (nr == 332) {
+            struct statx x;
+            fill_statx(a->st, &x);
+            rc = write_mem(tid, r->r8, &x, sizeof x);
+        } else {
+            struct stat s;
+            fill_stat(a->st, &s);
+            rc = write_mem(tid, nr == SYS_newfstatat ? r->rdx : r->rsi, &s, sizeof s);
+        }
+        skip_with(r, rc);
+        changed = 1;
+        break;
+    }
+    case A_READLINK: {
+        unsigned long buf = nr == SYS_readlink ? r->rsi : r->rdx;
+        long long sz = (long long)(nr == SYS_readlink ? r->rdx : r->r10);
+        if (sz <= 0) {
+            skip_with(r, -EINVAL);
+        } else {
+            size_t n = a->blen < (size_t)sz ? a->blen : (size_t)sz;
+            skip_with(r, write_mem(tid, buf, a->bval, n) < 0 ? -EFAULT : (long long)n);
+        }
+        changed = 1;
+        break;
+    }
+    case A_EXEC: {
+        int argv_arg = nr == SYS_execve ? 1 : 2;
+        int rc;
+        if (prefix)
+            rc = rewrite_exec(tid, r, path_arg, argv_arg, a, prefix, t);
+        else
+            rc = redirect_arg(tid, r, path_arg, a->bval, a->blen, t);
+        if (rc < 0) {
+            t->nrestore = 0;
+            skip_with(r, rc);
+        }
+        changed = 1;
+        break;
+    }
+    }
+    Py_XDECREF(prefix);
+    free(tmp.bval);
+    return changed;
+}
+
+/* ---------- the loop ---------- */
+
+static int is_stop_signal(int sig)
+{
+    return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
+}
+
+static void kill_all(void)
+{
+    for (size_t i = 0; i < threads_cap; i++)
+        if (threads[i].tid > 0)
+            kill(threads[i].tid, SIGKILL);
+}
+
+static PyObject *stats_dict(size_t cached)
+{
+    PyObject *per = PyDict_New();
+    if (!per)
+        return NULL;
+    for (int i = 0; i < NSYS; i++) {
+        if (!n_trapped[i])
+            continue;
+        PyObject *k = PyLong_FromLong(i), *v = PyLong_FromUnsignedLongLong(n_trapped[i]);
+        if (!k || !v || PyDict_SetItem(per, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(per);
+            return NULL;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:n}", "trapped", per, "passed", n_pass, "hits",
+                         n_hits, "upcalls", n_upcalls, "cached", (Py_ssize_t)cached);
+}
+
+static char **to_cstrings(PyObject *seq)
+{
+    Py_ssize_t n = PySequence_Size(seq);
+    if (n < 0)
+        return NULL;
+    char **out = calloc((size_t)n + 1, sizeof *out);
+    if (!out) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PySequence_GetItem(seq, i);
+        char *s;
+        if (!it || PyBytes_AsStringAndSize(it, &s, NULL) < 0) {
+            Py_XDECREF(it);
+            for (Py_ssize_t j = 0; j < i; j++)
+                free(out[j]);
+            free(out);
+            return NULL;
+        }
+        out[i] = strdup(s);
+        Py_DECREF(it);
+    }
+    return out;
+}
+
+static void free_cstrings(char **v)
+{
+    if (!v)
+        return;
+    for (char **p = v; *p; p++)
+        free(*p);
+    free(v);
+}
+
+extern char **environ;
+
+static PyObject *trap_run(PyObject *self, PyObject *args)
+{
+    PyObject *argv_o, *env_o, *h;
+    const char *mnt, *shd;
+    Py_ssize_t mn, sn;
+    long spin_us = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOy#y#O|l", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h, &spin_us))
+        return NULL;
+    if (handler) {
+        PyErr_SetString(PyExc_RuntimeError, "worker._trap.run is not re-entrant");
+        return NULL;
+    }
+    if (mn <= 1 || mn >= MAXPATH || sn <= 1 || sn >= MAXPATH || mnt[0] != '/' || shd[0] != '/') {
+        PyErr_SetString(PyExc_ValueError, "mount and shadow must be absolute paths");
+        return NULL;
+    }
+    char **cargv = to_cstrings(argv_o);
+    if (!cargv)
+        return NULL;
+    char **cenv = to_cstrings(env_o);
+    if (!cenv) {
+        free_cstrings(cargv);
+        return NULL;
+    }
+    if (!cargv[0]) {
+        free_cstrings(cargv);
+        free_cstrings(cenv);
+        PyErr_SetString(PyExc_ValueError, "empty command");
+        return NULL;
+    }
+    memcpy(mount_p, mnt, (size_t)mn);
+    mount_p[mn] = 0;
+    mount_n = (size_t)mn;
+    memcpy(shadow_p, shd, (size_t)sn);
+    shadow_p[sn] = 0;
+    shadow_n = (size_t)sn;
+    memset(n_trapped, 0, sizeof n_trapped);
+    n_pass = n_hits = n_upcalls = 0;
+    my_uid = getuid();
+
+    int go[2], err[2];
+    if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
+        free_cstrings(cargv);
+        free_cstrings(cenv);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    /* Like a shell running a foreground job: ^C and ^\ are for the command, which gets them
+     * from the terminal; the tracer keeps going until the command has reacted. */
+    static const int quit_sigs[2] = {SIGINT, SIGQUIT};
+    struct sigaction saved[2];
+    int ignored[2] = {0, 0};
+    for (int i = 0; i < 2; i++) {
+        struct sigaction ign;
+        memset(&ign, 0, sizeof ign);
+        ign.sa_handler = SIG_IGN;
+        if (sigaction(quit_sigs[i], NULL, &saved[i]) == 0 && saved[i].sa_handler != SIG_IGN)
+            ignored[i] = sigaction(quit_sigs[i], &ign, NULL) == 0;
+    }
+    pid_t parent = getpid();
+    pid_t child = fork();
+    if (child < 0) {
+        for (int i = 0; i < 2; i++)
+            if (ignored[i])
+                sigaction(quit_sigs[i], &saved[i], NULL);
+        free_cstrings(cargv);
+        free_cstrings(cenv);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (child == 0) {
+        char c;
+        close(go[1]);
+        close(err[0]);
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent)
+            _exit(127);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        /* what Python ignores for itself, and what the tracer ignores while it runs */
+        signal(SIGPIPE, SIG_DFL);
+        signal(SIGXFSZ, SIG_DFL);
+        for (int i = 0; i < 2; i++)
+            if (ignored[i])
+                signal(quit_sigs[i], SIG_DFL);
+        if (read(go[0], &c, 1) != 1)
+            _exit(127);
+        int e[2] = {0, 0};
+        if (install_filter() != 0) {
+            e[0] = 'S';
+            e[1] = errno;
+            if (write(err[1], e, sizeof e) < 0) {}
+            _exit(127);
+        }
+        environ = cenv;
+        execvp(cargv[0], cargv);
+        e[0] = 'E';
+        e[1] = errno;
+        if (write(err[1], e, sizeof e) < 0) {}
+        _exit(errno == ENOENT ? 127 : 126);
+    }
+    close(go[0]);
+    close(err[1]);
+    free_cstrings(cargv);
+    free_cstrings(cenv);
+    long opts = PTRACE_O_TRACESECCOMP | PTRACE_O_EXITKILL | PTRACE_O_TRACECLONE |
+                PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEEXEC |
+                PTRACE_O_TRACESYSGOOD;
+    if (ptrace(PTRACE_SEIZE, child, 0, (void *)opts) != 0) {
+        int e = errno;
+        for (int i = 0; i < 2; i++)
+            if (ignored[i])
+                sigaction(quit_sigs[i], &saved[i], NULL);
+        kill(child, SIGKILL);
+        waitpid(child, NULL, 0);
+        close(go[1]);
+        close(err[0]);
+        errno = e;
+        return PyErr_Format(PyExc_PermissionError, "ptrace(PTRACE_SEIZE) failed: %s",
+                            strerror(e));
+    }
+    thread_find(child, 1);
+    if (write(go[1], "g", 1) != 1) {}
+    close(go[1]);
+
+    handler = h;
+    Py_INCREF(handler);
+    int exit_status = -1;
+    long spin_ns = spin_us * 1000L, gap_ns = 0;
+    PyObject *failure = NULL, *f_val = NULL, *f_tb = NULL;
+    for (;;) {
+        int status;
+        pid_t tid;
+        Py_BEGIN_ALLOW_THREADS
+        tid = 0;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        if (spin_ns > 0 && gap_ns < spin_ns) {
+            /* Poll briefly before sleeping when tracees have been coming back quickly: on
+             * VMs, waking an idle CPU costs more than the whole round trip.  gap_ns (a moving
+             * average of the time between resuming and the next stop) keeps the tracer from
+             * burning CPU while tracees compute. */
+            for (;;) {
+                tid = waitpid(-1, &status, __WALL | WNOHANG);
+                if (tid != 0)
+                    break;
+                clock_gettime(CLOCK_MONOTONIC, &t1);
+                if ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec) > spin_ns)
+                    break;
+            }
+        }
+        if (tid == 0)
+            tid = waitpid(-1, &status, __WALL);
+        if (spin_ns > 0) {
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            long gap = (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec);
+            if (gap > 4 * spin_ns)
+                gap = 4 * spin_ns;
+            gap_ns = (7 * gap_ns + gap) / 8;
+        }
+        Py_END_ALLOW_THREADS
+        if (tid < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0 && !failure) {
+                    PyErr_Fetch(&failure, &f_val, &f_tb);
+                    kill_all();
+                }
+                continue;
+            }
+            break; /* ECHILD: nothing left */
+        }
+        if (WIFEXITED(status) || WIFSIGNALED(status)) {
+            thread_forget(tid);
+            if (tid == child) {
+                /* The job is over when the command is, as under a batch system: processes
+                 * it left behind are killed rather than waited for. */
+                exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+                kill_all();
+            }
+            continue;
+        }
+        if (!WIFSTOPPED(status))
+            continue;
+        if (exit_status >= 0) {
+            kill(tid, SIGKILL); /* a leftover that had not reported yet */
+            ptrace(PTRACE_CONT, tid, 0, 0);
+            continue;
+        }
+        tstate_t *t = thread_find(tid, 1);
+        if (!t) { /* out of memory: keep the tracee going, untouched */
+            ptrace(PTRACE_CONT, tid, 0, 0);
+            continue;
+        }
+        int sig = WSTOPSIG(status);
+        int event = status >> 16;
+        if (event == PTRACE_EVENT_SECCOMP) {
+            struct user_regs_struct regs;
+            if (ptrace(PTRACE_GETREGS, tid, 0, &regs) != 0)
+                continue; /* killed meanwhile */
+            int changed = handle_syscall(tid, &regs, t);
+            if (changed)
+                ptrace(PTRACE_SETREGS, tid, 0, &regs);
+            ptrace(t->nrestore || t->cwd_changes ? PTRACE_SYSCALL : PTRACE_CONT, tid, 0, 0);
+        } else if (sig == (SIGTRAP | 0x80)) {
+            /* syscall exit after a rewrite: put the caller's argument registers back */
+            if (t) {
+                if (t->cwd_changes) {
+                    cwd_gen++;
+                    t->cwd_changes = 0;
+                }
+                for (int i = 0; i < t->nrestore; i++)
+                    ptrace(PTRACE_POKEUSER, tid,
+                           (void *)(offsetof(struct user, regs) + (size_t)t->off[i]),
+                           (void *)t->val[i]);
+                t->nrestore = 0;
+            }
+            ptrace(PTRACE_CONT, tid, 0, 0);
+        } else if (event == PTRACE_EVENT_STOP) {
+            if (is_stop_signal(sig))
+                ptrace(PTRACE_LISTEN, tid, 0, 0); /* group-stop: stay stopped */
+            else
+                ptrace(PTRACE_CONT, tid, 0, 0); /* new tracee or interrupt */
+        } else if (event) {
+            if (event == PTRACE_EVENT_EXEC) {
+                unsigned long former = 0;
+                ptrace(PTRACE_GETEVENTMSG, tid, 0, &former);
+                if (t)
+                    t->nrestore = t->cwd_changes = 0;
+                if ((pid_t)former != tid)
+                    thread_forget((pid_t)former);
+            }
+            ptrace(PTRACE_CONT, tid, 0, 0); /* fork/vfork/clone/exec events */
+        } else {
+            /* signal-delivery stop: deliver it */
+            ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig);
+        }
+        if (failure)
+            kill_all();
+    }
+    for (int i = 0; i < 2; i++)
+        if (ignored[i])
+            sigaction(quit_sigs[i], &saved[i], NULL);
+    Py_CLEAR(handler);
+    size_t cached = table_len;
+    cache_clear();
+    for (size_t i = 0; i < threads_cap; i++)
+        free(threads[i].cwd);
+    free(threads);
+    threads = NULL;
+    threads_cap = threads_used = 0;
+
+    int e[2] = {0, 0};
+    ssize_t got = read(err[0], e, sizeof e);
+    close(err[0]);
+    if (failure) {
+        PyErr_Restore(failure, f_val, f_tb);
+        return NULL;
+    }
+    if (got == sizeof e && e[0] == 'S') {
+        errno = e[1];
+        return PyErr_Format(PyExc_PermissionError, "seccomp filter refused: %s",
+                            strerror(e[1]));
+    }
+    PyObject *st = stats_dict(cached);
+    if (!st)
+        return NULL;
+    int exec_errno = got == sizeof e && e[0] == 'E' ? e[1] : 0;
+    return Py_BuildValue("iiN", exit_status, exec_errno, st);
+}
+
+static PyObject *trap_forget(PyObject *self, PyObject *args)
+{
+    const char *k;
+    Py_ssize_t n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#", &k, &n))
+        return NULL;
+    int removed = 0;
+    static const int variants[] = {0, F_NOFOLLOW, F_OPATH, F_NOFOLLOW | F_OPATH};
+    for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++)
+        removed += cache_del(C_OPEN, variants[i], k, (size_t)n);
+    return PyLong_FromLong(removed);
+}
+
+static PyMethodDef methods[] = {
+    {"forget", trap_forget, METH_VARARGS,
+     "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
+    {"run", trap_run, METH_VARARGS,
+     "run(argv, env, mount, shadow, handler, spin_us=0) -> (status, exec_errno, stats)\n"
+     "Run argv under ptrace+seccomp; handler(tid, cls, flags, path) answers cache misses."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "worker._trap", "ptrace + seccomp trap loop for hep-exec", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__trap(void)
+{
+    return PyModule_Create(&module);
+}

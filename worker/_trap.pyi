@@ -1,0 +1,24 @@
+"""Type stub of the C trap loop (worker/_trap.c)."""
+
+from collections.abc import Callable, Sequence
+from typing import TypedDict
+
+Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
+
+class RawStats(TypedDict):
+    trapped: dict[int, int]
+    passed: int
+    hits: int
+    upcalls: int
+    cached: int
+
+def run(
+    argv: Sequence[bytes],
+    env: Sequence[bytes],
+    mount: bytes,
+    shadow: bytes,
+    handler: Callable[[int, int, int, bytes], Action],
+    spin_us: int = 0,
+    /,
+) -> tuple[int, int, RawStats]: ...
+def forget(path: bytes, /) -> int: ...

@@ -1,0 +1,89 @@
+"""The contract between the tracer and whatever knows the /cvmfs namespace.
+
+The tracer (worker/tracer.py + worker/_trap.c) walks paths, follows symlinks, handles ``..``,
+directories, ``#!`` scripts and EROFS itself; a policy only answers three small questions
+about single entries.  The catalog-backed data side implements this protocol; tests use a
+host-directory policy (worker/hostpolicy.py).
+
+Paths given to a policy are absolute, normalised, with no symlink in any parent component:
+``b"/cvmfs"`` (the mount itself, which lists the repositories) or ``b"/cvmfs/<fqrn>/a/b"``.
+Errors are plain ``errno`` integers (``errno.ENOENT``, ``errno.EIO``, ``errno.ENOMEM`` ...).
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+
+class Kind(IntEnum):
+    """File type, as the ``S_IFMT`` bits of ``st_mode``."""
+
+    REG = stat.S_IFREG
+    DIR = stat.S_IFDIR
+    LNK = stat.S_IFLNK
+    FIFO = stat.S_IFIFO
+    CHR = stat.S_IFCHR
+    BLK = stat.S_IFBLK
+    SOCK = stat.S_IFSOCK
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One catalog entry, as stat(2) shows it (uid/gid are the caller's, st_dev the tracer's).
+
+    ``target`` is the symlink target already expanded for the asking process (variant
+    symlinks); set ``volatile`` when the answer depends on that process, so that the tracer
+    never caches it.
+    """
+
+    kind: Kind
+    mode: int  # permission bits (S_IMODE)
+    size: int
+    ino: int
+    nlink: int = 1
+    mtime_ns: int = 0
+    ctime_ns: int | None = None  # None: same as mtime
+    rdev: int = 0
+    target: bytes = b""
+    volatile: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """Where the kernel can open a file's bytes, e.g. ``/proc/<pid>/fd/<n>`` of a memfd.
+
+    ``stable`` promises that the same path stays valid (same content) for the rest of the
+    run, so the C side may answer later opens of this /cvmfs path without asking again.
+    """
+
+    path: bytes
+    stable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One directory entry for getdents64 (d_type comes from ``kind``)."""
+
+    name: bytes
+    kind: Kind
+    ino: int
+
+
+class Policy(Protocol):
+    """What the tracer asks about /cvmfs.  Called on the tracer thread, one call at a time."""
+
+    def lookup(self, pid: int, path: bytes) -> Node | int:
+        """The entry at ``path`` itself (symlinks not followed), or an errno."""
+        ...
+
+    def listdir(self, path: bytes) -> Sequence[Entry] | int:
+        """The entries of directory ``path`` (without ``.`` and ``..``), or an errno."""
+        ...
+
+    def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
+        """A kernel-openable path with the bytes of file ``path``, or an errno (EIO, ENOMEM)."""
+        ...
