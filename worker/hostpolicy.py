@@ -18,20 +18,7 @@ from pathlib import Path
 
 from cvmfs_format.symlinks import expand_symlink
 from worker.policy import Entry, Kind, Node, Opened
-
-
-def _environ(pid: int) -> dict[str, str]:
-    """The environment of a tracee, for variant symlinks."""
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    env: dict[str, str] = {}
-    for item in raw.split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep:
-            env[os.fsdecode(key)] = os.fsdecode(value)
-    return env
+from worker.tracee_env import read_environ
 
 
 class HostDirPolicy:
@@ -67,7 +54,7 @@ class HostDirPolicy:
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(host)
             if b"$(" in target:
-                target = os.fsencode(expand_symlink(os.fsdecode(target), _environ(pid)))
+                target = os.fsencode(expand_symlink(os.fsdecode(target), read_environ(pid)))
                 volatile = True
         return Node(
             kind=Kind(stat.S_IFMT(st.st_mode)),

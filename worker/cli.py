@@ -1,0 +1,73 @@
+"""``hep-exec [options] -- CMD ARGS…``: run CMD with /cvmfs served from a RAM cache."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from worker.config import ConfigError, ExecConfig, parse_exec_args
+
+log = logging.getLogger("hep_exec")
+
+
+def _check(config: ExecConfig) -> int:
+    """``--check``: tracing, proxies, repositories, RAM limit; exit 0 only if all are fine."""
+    from worker.session import WorkerSession
+    from worker.tracer import check as tracer_check
+
+    problem = tracer_check()
+    ok = problem is None
+    print(f"{'ok  ' if ok else 'FAIL'} ptrace + seccomp: {problem or 'a traced test command ran'}")
+    with WorkerSession(config) as session:
+        for line in session.check():
+            print(line)
+            ok = ok and line.ok
+    return 0 if ok else 1
+
+
+def _run(config: ExecConfig) -> int:
+    from worker.catalog_policy import CatalogPolicy
+    from worker.session import WorkerSession
+    from worker.tracer import TracerUnavailable, run
+
+    with WorkerSession(config) as session:
+        policy = CatalogPolicy(session)
+        try:
+            result = run(list(config.command), policy, mount=config.mount.encode())
+        except TracerUnavailable as e:
+            print(f"hep-exec: {e}", file=sys.stderr)
+            return 2
+        finally:
+            policy.close()
+        if config.stats:
+            for line in session.stats_lines():
+                print(f"hep-exec: {line}", file=sys.stderr)
+            for line in result.stats.format().splitlines():
+                print(f"hep-exec: {line}", file=sys.stderr)
+    return result.status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parse_exec_args(args)
+    except ConfigError as e:
+        print(f"hep-exec: {e}", file=sys.stderr)
+        return 2
+    if config.cache_daemon:
+        from worker import cache_service
+
+        return cache_service.main(args)
+    logging.basicConfig(level=config.log_level_number, format="hep-exec: %(message)s")
+    try:
+        return _check(config) if config.check else _run(config)
+    except ConfigError as e:
+        print(f"hep-exec: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
