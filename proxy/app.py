@@ -1,0 +1,383 @@
+"""The aiohttp side: request handler, connection guard, and one worker's serve loop.
+
+Thin adapter around the cores: :func:`proxy.routing.route` decides what a request names,
+:class:`proxy.cache.ObjectCache` holds small hot objects, :mod:`proxy.stores` opens files,
+:class:`proxy.upstream.Filler` fills misses. Small objects go out from memory, large ones
+with sendfile; ``.cvmfs*`` files are re-read when their inode or mtime changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from cvmfs_format.errors import IntegrityError
+from cvmfs_format.objects import verify_stored
+from proxy.access import ClientFilter, RateLimiter
+from proxy.accesslog import AccessLog, logger_class
+from proxy.cache import ObjectCache
+from proxy.config import ProxyConfig
+from proxy.metrics import CONTENT_TYPE as METRICS_TYPE
+from proxy.metrics import Metrics
+from proxy.routing import Kind, Reject, Target, route
+from proxy.sendfile import SendTimeout, sendfile
+from proxy.stores import RepoDir, open_file, read_file
+from proxy.upstream import Filler, UpstreamError
+
+log = logging.getLogger("hep-proxy")
+
+SERVER = "hep-proxy"
+FORBIDDEN = (
+    b"HTTP/1.1 403 Forbidden\r\nServer: hep-proxy\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 26\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    b"client network not allowed"
+)
+
+
+def _no_cache(request: web.BaseRequest) -> bool:
+    h = request.headers
+    return "no-cache" in h.get("Cache-Control", "") or "no-cache" in h.get("Pragma", "")
+
+
+class ProxyApp:
+    """Per-worker state and the request handler."""
+
+    def __init__(self, cfg: ProxyConfig, repos: dict[str, RepoDir], metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.repos = repos
+        self.metrics = metrics
+        self.cache = ObjectCache(cfg.memory_cache_mb << 20, cfg.memory_object_kb << 10)
+        self.filter = ClientFilter(cfg.allow)
+        self.limiter = RateLimiter(cfg.rate_limit, cfg.burst)
+        self.filler = Filler(metrics, cfg.upstream_timeout)
+        self.connections: set[GuardedHandler] = set()
+        self._root_files: dict[tuple[str, str], tuple[tuple[int, int, int], bytes]] = {}
+        self._root_headers = {
+            "Server": SERVER,
+            "Content-Type": "application/x-cvmfs",
+            "Cache-Control": f"max-age={cfg.manifest_max_age}",
+        }
+        self._data_headers = {
+            "Server": SERVER,
+            "Content-Type": "application/octet-stream",
+            "Cache-Control": f"max-age={cfg.data_max_age}",
+        }
+        self._loop = asyncio.get_running_loop()
+        self._count = {k: metrics.requests.labels(k.value, "200") for k in Kind}
+        self._bytes = {k: metrics.bytes.labels(k.value) for k in Kind}
+        self._latency = {k: metrics.latency.labels(k.value) for k in Kind}
+        self._hit = metrics.cache.labels("hit")
+        self._miss = metrics.cache.labels("miss")
+
+    # -- responses -----------------------------------------------------------------------
+
+    def _error(
+        self, status: int, text: str, kind: str = "other", headers: dict[str, str] | None = None
+    ) -> web.Response:
+        self.metrics.requests.labels(kind, str(status)).inc()
+        hdrs = {"Server": SERVER, "Cache-Control": "no-store", **(headers or {})}
+        return web.Response(status=status, text=text + "\n", headers=hdrs)
+
+    def _ok(self, kind: Kind, body: bytes, headers: dict[str, str], head: bool) -> web.Response:
+        self._count[kind].inc()
+        if not head:
+            self._bytes[kind].inc(len(body))
+        return web.Response(body=body, headers=headers)
+
+    # -- handler -------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        start = self._loop.time()
+        proto = request.protocol
+        if isinstance(proto, GuardedHandler):
+            proto.partial_since = None
+        if self.limiter.enabled and not self.limiter.allow(request.remote or "", start):
+            return self._error(429, "too many requests", headers={"Retry-After": "1"})
+        decision = route(request.method, request.raw_path, self.repos)
+        if isinstance(decision, Reject):
+            extra = {"Allow": "GET, HEAD"} if decision.status == 405 else None
+            return self._error(decision.status, decision.reason, headers=extra)
+        self.metrics.inflight.inc()
+        try:
+            return await self._serve(request, decision)
+        except UpstreamError as e:
+            log.warning("%s", e)
+            if e.status == 404:
+                return self._error(404, "not found", decision.kind.value)
+            return self._error(
+                502,
+                "upstream fill failed",
+                decision.kind.value,
+                {"Proxy-Status": f'{SERVER}; error=http_response_incomplete; details="{e}"'},
+            )
+        except OSError as e:
+            self.metrics.errors.labels("io").inc()
+            log.error(
+                "%s%s: %s",
+                self.repos[decision.fqrn].prefix if decision.fqrn else "",
+                decision.relpath,
+                e.strerror or e,
+            )
+            return self._error(
+                500,
+                "cannot read object",
+                decision.kind.value,
+                {"Proxy-Status": f"{SERVER}; error=proxy_internal_error"},
+            )
+        finally:
+            self.metrics.inflight.dec()
+            self._latency[decision.kind].observe(self._loop.time() - start)
+
+    async def _serve(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
+        head = request.method == "HEAD"
+        if t.kind is Kind.DATA:
+            return await self._data(request, t, head)
+        if t.kind in (Kind.MANIFEST, Kind.WHITELIST, Kind.ROOT_FILE):
+            repo = self.repos[t.fqrn]
+            if t.kind is Kind.MANIFEST and repo.upstream:
+                await self.filler.refresh_manifest(repo, self.cfg.manifest_max_age)
+            body = self._root_file(repo, t.relpath)
+            if body is None:
+                return self._error(404, "not found", t.kind.value)
+            return self._ok(t.kind, body, self._root_headers, head)
+        if t.kind is Kind.HEALTH:
+            return self._ok(
+                t.kind,
+                b"ok\n",
+                {"Server": SERVER, "Cache-Control": "no-store", "Content-Type": "text/plain"},
+                head,
+            )
+        if t.kind is Kind.METRICS:
+            body = self.metrics.render()
+            return self._ok(
+                t.kind,
+                body,
+                {"Server": SERVER, "Cache-Control": "no-store", "Content-Type": METRICS_TYPE},
+                head,
+            )
+        listing = {
+            "schema": 1,
+            "repositories": [{"name": n, "url": f"/cvmfs/{n}"} for n in sorted(self.repos)],
+            "replicas": [],
+        }
+        return self._ok(
+            t.kind,
+            json.dumps(listing).encode(),
+            {
+                "Server": SERVER,
+                "Content-Type": "application/json",
+                "Cache-Control": f"max-age={self.cfg.manifest_max_age}",
+            },
+            head,
+        )
+
+    def _root_file(self, repo: RepoDir, relpath: str) -> bytes | None:
+        """Small mutable root files: re-read only when inode, mtime or size change."""
+        key = (repo.fqrn, relpath)
+        try:
+            st = os.lstat(repo.prefix + relpath)
+        except FileNotFoundError:
+            return None
+        ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._root_files.get(key)
+        if cached is not None and cached[0] == ident:
+            return cached[1]
+        body = read_file(repo, relpath)
+        if body is not None:
+            self._root_files[key] = (ident, body)
+        return body
+
+    async def _data(self, request: web.BaseRequest, t: Target, head: bool) -> web.StreamResponse:
+        key = (t.fqrn, t.relpath)
+        verify = _no_cache(request)
+        if not verify:
+            body = self.cache.get(key)
+            if body is not None:
+                self._hit.inc()
+                return self._ok(Kind.DATA, body, self._data_headers, head)
+        self._miss.inc()
+        repo = self.repos[t.fqrn]
+        opened = open_file(repo, t.relpath)
+        if opened is None and repo.upstream:
+            assert t.object is not None
+            await self.filler.fetch_object(repo, t.relpath, t.object.hash)
+            opened = open_file(repo, t.relpath)
+        if opened is None:
+            self.metrics.store_misses.inc()
+            return self._error(404, "not found", Kind.DATA.value)
+        fd, size = opened
+        try:
+            if verify:
+                body = await self._verified(repo, t, fd, size)
+                if body is None:
+                    return self._error(
+                        502,
+                        "stored object is corrupt",
+                        Kind.DATA.value,
+                        {
+                            "Proxy-Status": f"{SERVER}; error=proxy_internal_error; "
+                            'details="stored object fails its hash check"'
+                        },
+                    )
+                return self._ok(Kind.DATA, body, self._data_headers, head)
+            if size <= self.cache.max_object:
+                body = os.pread(fd, size, 0)
+                self.cache.put(key, body)
+                return self._ok(Kind.DATA, body, self._data_headers, head)
+            return await self._send_large(request, fd, size, head)
+        finally:
+            os.close(fd)
+
+    async def _verified(self, repo: RepoDir, t: Target, fd: int, size: int) -> bytes | None:
+        """Client asked for no-cache: re-read from disk and check the hash (refetch if we can)."""
+        assert t.object is not None
+        body = (
+            await asyncio.to_thread(os.pread, fd, size, 0)
+            if size > 1 << 20
+            else os.pread(fd, size, 0)
+        )
+        try:
+            verify_stored(body, t.object.hash, f"{repo.prefix}{t.relpath}")
+        except IntegrityError as e:
+            self.metrics.errors.labels("corrupt_store").inc()
+            log.error("%s", e)
+            if not repo.upstream:
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(repo.prefix + t.relpath)
+            await self.filler.fetch_object(repo, t.relpath, t.object.hash)
+            refetched = read_file(repo, t.relpath)
+            if refetched is None:
+                return None
+            body = refetched
+        self.cache.put((t.fqrn, t.relpath), body)
+        return body
+
+    async def _send_large(
+        self, request: web.BaseRequest, fd: int, size: int, head: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=self._data_headers)
+        resp.content_length = size
+        await resp.prepare(request)
+        if not head:
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("connection lost")
+            try:
+                await sendfile(transport, fd, 0, size, self.cfg.send_timeout)
+            except SendTimeout:
+                transport.abort()
+                raise ConnectionResetError("client stalled") from None
+            self._bytes[Kind.DATA].inc(size)
+        await resp.write_eof()
+        self._count[Kind.DATA].inc()
+        return resp
+
+    # -- connection guard ----------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Close connections that took longer than header_timeout to send a request head."""
+        limit = self.cfg.header_timeout
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, limit / 4)))
+            now = self._loop.time()
+            for conn in list(self.connections):
+                since = conn.partial_since
+                if since is not None and now - since > limit:
+                    self.metrics.rejected.labels("header_timeout").inc()
+                    conn.force_close()
+                    self.connections.discard(conn)
+
+    async def close(self) -> None:
+        await self.filler.close()
+
+
+class GuardedHandler(RequestHandler):
+    """aiohttp's protocol plus the allow-list check and a timer for slow request heads."""
+
+    app: ProxyApp
+    partial_since: float | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if not self.app.filter.allowed(peer[0] if peer else None):
+            self.app.metrics.rejected.labels("not_allowed").inc()
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(FORBIDDEN)
+            self.force_close()
+            return
+        self.partial_since = self.app._loop.time()
+        self.app.connections.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.app.connections.discard(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.partial_since is None:
+            self.partial_since = self.app._loop.time()
+        super().data_received(data)
+
+
+class GuardedServer(web.Server):
+    """web.Server that builds GuardedHandler connections bound to our ProxyApp."""
+
+    def __init__(self, app: ProxyApp, **kwargs: Any) -> None:
+        super().__init__(app.handle, **kwargs)
+        self.app = app
+
+    def __call__(self) -> RequestHandler:
+        handler = GuardedHandler(self, loop=self._loop, **self._kwargs)
+        handler.app = self.app
+        return handler
+
+
+async def run_worker(cfg: ProxyConfig, repos: dict[str, RepoDir], sock: socket.socket) -> None:
+    """Serve on ``sock`` until SIGTERM/SIGINT, then finish in-flight responses and return."""
+    loop = asyncio.get_running_loop()
+    metrics = Metrics()
+    app = ProxyApp(cfg, repos, metrics)
+    access = AccessLog(cfg.access_log)
+    server = GuardedServer(
+        app,
+        keepalive_timeout=cfg.keepalive_timeout,
+        max_line_size=cfg.max_line_size,
+        max_field_size=cfg.max_field_size,
+        max_headers=cfg.max_headers,
+        access_log_class=logger_class(access),
+        access_log=log if access.enabled else None,
+    )
+    runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_timeout)
+    await runner.setup()
+    site = web.SockSite(runner, sock, backlog=cfg.backlog)
+    await site.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def flush_log() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            access.flush()
+
+    tasks = [asyncio.ensure_future(app.sweep()), asyncio.ensure_future(flush_log())]
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        for task in tasks:
+            task.cancel()
+        await app.close()
+        access.close()
+        sys.stdout.flush()
