@@ -16,6 +16,8 @@ import os
 import signal
 import socket
 import sys
+import time
+from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
@@ -24,9 +26,10 @@ from aiohttp.web_protocol import RequestHandler
 from cvmfs_format.errors import IntegrityError
 from cvmfs_format.objects import verify_stored
 from proxy.access import ClientFilter, RateLimiter
-from proxy.accesslog import AccessLog, logger_class
+from proxy.accesslog import AccessLog, combined_line, logger_class
 from proxy.cache import ObjectCache
 from proxy.config import ProxyConfig
+from proxy.fastpath import SimpleRequest, has_body_headers, parse_simple
 from proxy.metrics import CONTENT_TYPE as METRICS_TYPE
 from proxy.metrics import Metrics
 from proxy.routing import Kind, Reject, Target, route
@@ -56,11 +59,14 @@ class ProxyApp:
         self.cfg = cfg
         self.repos = repos
         self.metrics = metrics
+        self.tally = metrics.tally
         self.cache = ObjectCache(cfg.memory_cache_mb << 20, cfg.memory_object_kb << 10)
         self.filter = ClientFilter(cfg.allow)
         self.limiter = RateLimiter(cfg.rate_limit, cfg.burst)
         self.filler = Filler(metrics, cfg.upstream_timeout)
+        self.access = AccessLog(cfg.access_log)
         self.connections: set[GuardedHandler] = set()
+        self._routes: dict[tuple[str, str], Target | Reject] = {}
         self._root_files: dict[tuple[str, str], tuple[tuple[int, int, int], bytes]] = {}
         self._root_headers = {
             "Server": SERVER,
@@ -72,29 +78,78 @@ class ProxyApp:
             "Content-Type": "application/octet-stream",
             "Cache-Control": f"max-age={cfg.data_max_age}",
         }
+        self._data_head = "".join(f"{k}: {v}\r\n" for k, v in self._data_headers.items()).encode()
         self._loop = asyncio.get_running_loop()
-        self._count = {k: metrics.requests.labels(k.value, "200") for k in Kind}
-        self._bytes = {k: metrics.bytes.labels(k.value) for k in Kind}
-        self._latency = {k: metrics.latency.labels(k.value) for k in Kind}
-        self._hit = metrics.cache.labels("hit")
-        self._miss = metrics.cache.labels("miss")
+        self._date_second = -1
+        self._date = b""
 
-    # -- responses -----------------------------------------------------------------------
+    # -- shared helpers ------------------------------------------------------------------
+
+    def route(self, method: str, target: str) -> Target | Reject:
+        """:func:`route`, memoised (it is pure and the repository set is fixed per worker)."""
+        key = (method, target)
+        decision = self._routes.get(key)
+        if decision is None:
+            decision = route(method, target, self.repos)
+            if len(self._routes) >= 65536:
+                self._routes.clear()
+            self._routes[key] = decision
+        return decision
 
     def _error(
         self, status: int, text: str, kind: str = "other", headers: dict[str, str] | None = None
     ) -> web.Response:
-        self.metrics.requests.labels(kind, str(status)).inc()
+        self.tally.answered(kind, status, 0, 0.0)
         hdrs = {"Server": SERVER, "Cache-Control": "no-store", **(headers or {})}
         return web.Response(status=status, text=text + "\n", headers=hdrs)
 
-    def _ok(self, kind: Kind, body: bytes, headers: dict[str, str], head: bool) -> web.Response:
-        self._count[kind].inc()
-        if not head:
-            self._bytes[kind].inc(len(body))
-        return web.Response(body=body, headers=headers)
+    # -- fast path: memory-cache hits answered straight from data_received ---------------
 
-    # -- handler -------------------------------------------------------------------------
+    def fast(self, req: SimpleRequest, peer: str) -> bytes | None:
+        """Whole response for a simple request whose object is in memory, else None."""
+        if req.no_cache:
+            return None
+        now = self._loop.time()
+        if self.limiter.enabled and not self.limiter.allow(peer, now):
+            return None
+        t = self.route(req.method, req.target)
+        if not isinstance(t, Target) or t.kind is not Kind.DATA:
+            return None
+        body = self.cache.get((t.fqrn, t.relpath))
+        if body is None:
+            return None
+        wall = time.time()
+        sec = int(wall)
+        if sec != self._date_second:
+            self._date_second = sec
+            self._date = formatdate(sec, usegmt=True).encode()
+        head = req.method == "HEAD"
+        out = b"".join(
+            (
+                b"HTTP/1.1 200 OK\r\n",
+                self._data_head,
+                b"Content-Length: %d\r\nDate: %s\r\n" % (len(body), self._date),
+                b"Connection: close\r\n\r\n" if req.close else b"\r\n",
+                b"" if head else body,
+            )
+        )
+        self.tally.cache["hit"] += 1
+        self.tally.answered("data", 200, 0 if head else len(body), self._loop.time() - now)
+        if self.access.enabled:
+            self.access.write(
+                combined_line(
+                    peer,
+                    self.access.stamp(wall),
+                    f"{req.method} {req.target} HTTP/1.1",
+                    200,
+                    0 if head else len(body),
+                    req.referer,
+                    req.user_agent,
+                )
+            )
+        return out
+
+    # -- general path --------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         start = self._loop.time()
@@ -103,42 +158,48 @@ class ProxyApp:
             proto.partial_since = None
         if self.limiter.enabled and not self.limiter.allow(request.remote or "", start):
             return self._error(429, "too many requests", headers={"Retry-After": "1"})
-        decision = route(request.method, request.raw_path, self.repos)
+        decision = self.route(request.method, request.raw_path)
         if isinstance(decision, Reject):
             extra = {"Allow": "GET, HEAD"} if decision.status == 405 else None
             return self._error(decision.status, decision.reason, headers=extra)
+        kind = decision.kind.value
         self.metrics.inflight.inc()
+        status, sent = 500, 0
         try:
-            return await self._serve(request, decision)
+            resp, sent = await self._serve(request, decision)
+            status = resp.status
+            return resp
         except UpstreamError as e:
             log.warning("%s", e)
             if e.status == 404:
-                return self._error(404, "not found", decision.kind.value)
+                status = 404
+                return self._error(404, "not found", kind)
+            status = 502
             return self._error(
                 502,
                 "upstream fill failed",
-                decision.kind.value,
+                kind,
                 {"Proxy-Status": f'{SERVER}; error=http_response_incomplete; details="{e}"'},
             )
         except OSError as e:
             self.metrics.errors.labels("io").inc()
-            log.error(
-                "%s%s: %s",
-                self.repos[decision.fqrn].prefix if decision.fqrn else "",
-                decision.relpath,
-                e.strerror or e,
-            )
+            where = self.repos[decision.fqrn].prefix if decision.fqrn else ""
+            log.error("%s%s: %s", where, decision.relpath, e.strerror or e)
             return self._error(
                 500,
                 "cannot read object",
-                decision.kind.value,
+                kind,
                 {"Proxy-Status": f"{SERVER}; error=proxy_internal_error"},
             )
         finally:
             self.metrics.inflight.dec()
-            self._latency[decision.kind].observe(self._loop.time() - start)
+            if status < 400:
+                self.tally.answered(kind, status, sent, self._loop.time() - start)
 
-    async def _serve(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
+    def _ok(self, body: bytes, headers: dict[str, str], head: bool) -> tuple[web.Response, int]:
+        return web.Response(body=body, headers=headers), 0 if head else len(body)
+
+    async def _serve(self, request: web.BaseRequest, t: Target) -> tuple[web.StreamResponse, int]:
         head = request.method == "HEAD"
         if t.kind is Kind.DATA:
             return await self._data(request, t, head)
@@ -148,38 +209,20 @@ class ProxyApp:
                 await self.filler.refresh_manifest(repo, self.cfg.manifest_max_age)
             body = self._root_file(repo, t.relpath)
             if body is None:
-                return self._error(404, "not found", t.kind.value)
-            return self._ok(t.kind, body, self._root_headers, head)
+                return self._error(404, "not found", t.kind.value), 0
+            return self._ok(body, self._root_headers, head)
+        plain = {"Server": SERVER, "Cache-Control": "no-store"}
         if t.kind is Kind.HEALTH:
-            return self._ok(
-                t.kind,
-                b"ok\n",
-                {"Server": SERVER, "Cache-Control": "no-store", "Content-Type": "text/plain"},
-                head,
-            )
+            return self._ok(b"ok\n", {**plain, "Content-Type": "text/plain"}, head)
         if t.kind is Kind.METRICS:
-            body = self.metrics.render()
-            return self._ok(
-                t.kind,
-                body,
-                {"Server": SERVER, "Cache-Control": "no-store", "Content-Type": METRICS_TYPE},
-                head,
-            )
+            return self._ok(self.metrics.render(), {**plain, "Content-Type": METRICS_TYPE}, head)
         listing = {
             "schema": 1,
             "repositories": [{"name": n, "url": f"/cvmfs/{n}"} for n in sorted(self.repos)],
             "replicas": [],
         }
-        return self._ok(
-            t.kind,
-            json.dumps(listing).encode(),
-            {
-                "Server": SERVER,
-                "Content-Type": "application/json",
-                "Cache-Control": f"max-age={self.cfg.manifest_max_age}",
-            },
-            head,
-        )
+        hdrs = {**self._root_headers, "Content-Type": "application/json"}
+        return self._ok(json.dumps(listing).encode(), hdrs, head)
 
     def _root_file(self, repo: RepoDir, relpath: str) -> bytes | None:
         """Small mutable root files: re-read only when inode, mtime or size change."""
@@ -197,15 +240,17 @@ class ProxyApp:
             self._root_files[key] = (ident, body)
         return body
 
-    async def _data(self, request: web.BaseRequest, t: Target, head: bool) -> web.StreamResponse:
+    async def _data(
+        self, request: web.BaseRequest, t: Target, head: bool
+    ) -> tuple[web.StreamResponse, int]:
         key = (t.fqrn, t.relpath)
         verify = _no_cache(request)
         if not verify:
             body = self.cache.get(key)
             if body is not None:
-                self._hit.inc()
-                return self._ok(Kind.DATA, body, self._data_headers, head)
-        self._miss.inc()
+                self.tally.cache["hit"] += 1
+                return self._ok(body, self._data_headers, head)
+        self.tally.cache["miss"] += 1
         repo = self.repos[t.fqrn]
         opened = open_file(repo, t.relpath)
         if opened is None and repo.upstream:
@@ -214,26 +259,22 @@ class ProxyApp:
             opened = open_file(repo, t.relpath)
         if opened is None:
             self.metrics.store_misses.inc()
-            return self._error(404, "not found", Kind.DATA.value)
+            return self._error(404, "not found", Kind.DATA.value), 0
         fd, size = opened
         try:
             if verify:
                 body = await self._verified(repo, t, fd, size)
                 if body is None:
-                    return self._error(
-                        502,
-                        "stored object is corrupt",
-                        Kind.DATA.value,
-                        {
-                            "Proxy-Status": f"{SERVER}; error=proxy_internal_error; "
-                            'details="stored object fails its hash check"'
-                        },
-                    )
-                return self._ok(Kind.DATA, body, self._data_headers, head)
+                    hdr = {
+                        "Proxy-Status": f"{SERVER}; error=proxy_internal_error; "
+                        'details="stored object fails its hash check"'
+                    }
+                    return self._error(502, "stored object is corrupt", "data", hdr), 0
+                return self._ok(body, self._data_headers, head)
             if size <= self.cache.max_object:
                 body = os.pread(fd, size, 0)
                 self.cache.put(key, body)
-                return self._ok(Kind.DATA, body, self._data_headers, head)
+                return self._ok(body, self._data_headers, head)
             return await self._send_large(request, fd, size, head)
         finally:
             os.close(fd)
@@ -241,11 +282,10 @@ class ProxyApp:
     async def _verified(self, repo: RepoDir, t: Target, fd: int, size: int) -> bytes | None:
         """Client asked for no-cache: re-read from disk and check the hash (refetch if we can)."""
         assert t.object is not None
-        body = (
-            await asyncio.to_thread(os.pread, fd, size, 0)
-            if size > 1 << 20
-            else os.pread(fd, size, 0)
-        )
+        if size > 1 << 20:
+            body = await asyncio.to_thread(os.pread, fd, size, 0)
+        else:
+            body = os.pread(fd, size, 0)
         try:
             verify_stored(body, t.object.hash, f"{repo.prefix}{t.relpath}")
         except IntegrityError as e:
@@ -265,7 +305,7 @@ class ProxyApp:
 
     async def _send_large(
         self, request: web.BaseRequest, fd: int, size: int, head: bool
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, int]:
         resp = web.StreamResponse(headers=self._data_headers)
         resp.content_length = size
         await resp.prepare(request)
@@ -278,10 +318,8 @@ class ProxyApp:
             except SendTimeout:
                 transport.abort()
                 raise ConnectionResetError("client stalled") from None
-            self._bytes[Kind.DATA].inc(size)
         await resp.write_eof()
-        self._count[Kind.DATA].inc()
-        return resp
+        return resp, 0 if head else size
 
     # -- connection guard ----------------------------------------------------------------
 
@@ -300,17 +338,29 @@ class ProxyApp:
 
     async def close(self) -> None:
         await self.filler.close()
+        self.metrics.flush()
+        self.access.close()
 
 
 class GuardedHandler(RequestHandler):
-    """aiohttp's protocol plus the allow-list check and a timer for slow request heads."""
+    """aiohttp's protocol plus the allow-list check, a timer for slow request heads, and the
+    fast path for memory-cache hits.
+
+    The fast path only runs when aiohttp holds no request of this connection (``_pending``)
+    and no partial data (everything handed to aiohttp so far ended on a request boundary),
+    so responses can never be reordered.
+    """
 
     app: ProxyApp
     partial_since: float | None = None
+    _pending = 0
+    _fast = True
+    _peer = "-"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if peer else "-"
         if not self.app.filter.allowed(peer[0] if peer else None):
             self.app.metrics.rejected.labels("not_allowed").inc()
             assert isinstance(transport, asyncio.Transport)
@@ -325,9 +375,40 @@ class GuardedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if (
+            self._fast
+            and not self._pending
+            and transport is not None
+            and not self._force_close
+            and not self._close
+        ):
+            req = parse_simple(data, self.app.cfg.max_line_size, self.app.cfg.max_headers)
+            if req is not None:
+                out = self.app.fast(req, self._peer)
+                if out is not None:
+                    transport.write(out)
+                    self.partial_since = None
+                    self._next_keepalive_close_time = (
+                        self.app._loop.time() + self._keepalive_timeout
+                    )
+                    if req.close:
+                        self._fast = False
+                        self.force_close()
+                    return
+        if not data.endswith(b"\r\n\r\n") or has_body_headers(data):
+            self._fast = False
         if self.partial_since is None:
             self.partial_since = self.app._loop.time()
+        before = self._request_count
         super().data_received(data)
+        self._pending += self._request_count - before
+
+    def log_access(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        self._pending = max(0, self._pending - 1)
+        super().log_access(request, response, time)
 
 
 class GuardedServer(web.Server):
@@ -348,7 +429,7 @@ async def run_worker(cfg: ProxyConfig, repos: dict[str, RepoDir], sock: socket.s
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     app = ProxyApp(cfg, repos, metrics)
-    access = AccessLog(cfg.access_log)
+    access = app.access
     server = GuardedServer(
         app,
         keepalive_timeout=cfg.keepalive_timeout,
@@ -370,6 +451,7 @@ async def run_worker(cfg: ProxyConfig, repos: dict[str, RepoDir], sock: socket.s
         while True:
             await asyncio.sleep(0.5)
             access.flush()
+            metrics.flush()
 
     tasks = [asyncio.ensure_future(app.sweep()), asyncio.ensure_future(flush_log())]
     try:
@@ -379,5 +461,4 @@ async def run_worker(cfg: ProxyConfig, repos: dict[str, RepoDir], sock: socket.s
         for task in tasks:
             task.cancel()
         await app.close()
-        access.close()
         sys.stdout.flush()
