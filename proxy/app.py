@@ -21,6 +21,7 @@ from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import InvalidURLError
 from aiohttp.web_protocol import RequestHandler
 
 from cvmfs_format.errors import IntegrityError
@@ -403,6 +404,37 @@ class GuardedHandler(RequestHandler):
         before = self._request_count
         super().data_received(data)
         self._pending += self._request_count - before
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Unparseable requests: one log line, our headers, and 404 for unservable targets.
+
+        aiohttp's own version logs a traceback for every bad request and answers with its
+        server banner; malformed input is routine for a public-facing service.
+        """
+        if status >= 500:
+            log.error("error handling request from %s", request.remote, exc_info=exc)
+        else:
+            log.info("bad request from %s: %s", request.remote, exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
+        if isinstance(exc, InvalidURLError):
+            status, text = 404, "not found"
+        else:
+            text = "bad request" if status < 500 else "internal error"
+        self.app.tally.answered("other", status, 0, 0.0)
+        resp = web.Response(
+            status=status,
+            text=text + "\n",
+            headers={"Server": SERVER, "Cache-Control": "no-store", "Connection": "close"},
+        )
+        resp.force_close()
+        return resp
 
     def log_access(
         self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
