@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
@@ -110,15 +110,15 @@ class ProxyApp:
         """Whole response for a simple request whose object is in memory, else None."""
         if req.no_cache:
             return None
-        now = self._loop.time()
-        if self.limiter.enabled and not self.limiter.allow(peer, now):
-            return None
         t = self.route(req.method, req.target)
         if not isinstance(t, Target) or t.kind is not Kind.DATA:
             return None
         body = self.cache.get((t.fqrn, t.relpath))
         if body is None:
             return None
+        now = self._loop.time()
+        if self.limiter.enabled and not self.limiter.allow(peer, now):
+            return None  # the general path answers 429 (a refused request costs no token)
         wall = time.time()
         sec = int(wall)
         if sec != self._date_second:
@@ -364,8 +364,8 @@ class GuardedHandler(RequestHandler):
         self._peer = peer[0] if peer else "-"
         if not self.app.filter.allowed(peer[0] if peer else None):
             self.app.metrics.rejected.labels("not_allowed").inc()
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(FORBIDDEN)
+            # uvloop transports do not subclass asyncio.Transport: duck typing
+            cast(asyncio.Transport, transport).write(FORBIDDEN)
             self.force_close()
             return
         self.partial_since = self.app._loop.time()

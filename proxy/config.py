@@ -124,7 +124,7 @@ def _coerce(key: str, value: Any, what: str) -> Any:
                 raise ValueError
             return f
     except (TypeError, ValueError):
-        raise ConfigError(f"{what}: {key}: not a non-negative number: {value!r}") from None
+        raise ConfigError(f"{what}: not a non-negative number: {value!r}") from None
     return value
 
 
@@ -138,18 +138,24 @@ def _as_list(value: Any) -> list[str]:
     raise TypeError
 
 
+_FLAG_NAMES = {"stores": "--store", "upstreams": "--upstream"}
+
+
 def settings_from_mapping(data: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """Validate raw settings (from YAML or flags) into ProxyConfig keyword arguments."""
+    """Validate raw settings (from YAML, or flags when ``what`` is ``""``) into ProxyConfig
+    keyword arguments."""
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
+        flag = _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+        label = f"{what}: {raw_key}" if what else flag
         if key not in KNOWN:
             raise ConfigError(f"{what}: unknown setting {raw_key!r}")
         try:
             if key in ("stores", "store"):
                 out["stores"] = tuple(Path(p) for p in _as_list(value))
             elif key == "listen":
-                out["host"], out["port"] = parse_listen(str(value), f"{what}: listen")
+                out["host"], out["port"] = parse_listen(str(value), label)
             elif key == "allow":
                 out["allow"] = parse_networks(_as_list(value))
             elif key == "upstreams":
@@ -157,15 +163,15 @@ def settings_from_mapping(data: Mapping[str, Any], what: str) -> dict[str, Any]:
                     items = [f"{k}={';'.join(_as_list(v))}" for k, v in value.items()]
                 else:
                     items = _as_list(value)
-                out["upstreams"] = dict(parse_upstream(i, f"{what}: upstreams") for i in items)
+                out["upstreams"] = dict(parse_upstream(i, label) for i in items)
             elif key in ("host", "access_log"):
                 out[key] = str(value)
             else:
-                out[key] = _coerce(key, value, what)
+                out[key] = _coerce(key, value, label)
         except TypeError:
-            raise ConfigError(f"{what}: {raw_key}: expected a string or a list") from None
+            raise ConfigError(f"{label}: expected a string or a list") from None
         except ValueError as e:
-            raise ConfigError(f"{what}: {e}") from None
+            raise ConfigError(f"{label}: {e}") from None
     return out
 
 
@@ -193,7 +199,7 @@ def build(config_file: Path | None, flags: Mapping[str, Any]) -> ProxyConfig:
     if config_file is not None:
         cfg = replace(cfg, **load_file(config_file))
     given = {k: v for k, v in flags.items() if v is not None and v != []}
-    cfg = replace(cfg, **settings_from_mapping(given, "command line"))
+    cfg = replace(cfg, **settings_from_mapping(given, ""))
     if not cfg.stores:
         raise ConfigError("no store given (--store DIR or 'stores:' in the config file)")
     return cfg

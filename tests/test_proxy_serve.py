@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_format.objects import make_object
 from tests.proxy_support import (
     ProxyProcess,
     raw_exchange,
@@ -149,9 +150,7 @@ def test_absolute_uri_requests(server: ProxyProcess, demo: Repo) -> None:
             _check_headers(resp, rel, body)
             assert resp.body == body
     # a client configured with the proxy as its HTTP proxy (as cvmfs does with curl)
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({"http": server.url("")})
-    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": server.url("")}))
     with opener.open(f"http://cvmfs-s1.example.org/cvmfs/{DEMO}/.cvmfspublished") as r:
         assert r.read() == (demo.dir / ".cvmfspublished").read_bytes()
 
@@ -292,7 +291,7 @@ def test_metrics_and_access_log(server: ProxyProcess) -> None:
     assert re.search(r'hep_proxy_requests_total\{kind="other",status="404"\} (\d+)', text)
     log = server.access_log.read_text()
     line = re.compile(
-        r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
+        r"^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "
         r'"GET /cvmfs/demo\.example\.org/\.cvmfspublished HTTP/1\.1" 200 \d+ "-" '
         r'"cvmfs Fuse 2\.11\.2"$',
         re.M,
@@ -300,15 +299,16 @@ def test_metrics_and_access_log(server: ProxyProcess) -> None:
     assert line.search(log), log[-2000:]
 
 
-def test_graceful_shutdown_finishes_inflight_response(
-    demo: Repo, tmp_path: Path
-) -> None:
+def test_graceful_shutdown_finishes_inflight_response(demo: Repo, tmp_path: Path) -> None:
+    # bigger than any socket buffers, so the response is still being sent at SIGTERM
+    digest, body = make_object(os.urandom(32 << 20))
+    big = digest.object_path()
+    demo.local.write_object(big, body)
     p = start_proxy(tmp_path, "--store", str(demo.store), workers=2)
-    files = _store_files(demo.dir)
-    big = max(files[2:], key=lambda f: (demo.dir / f).stat().st_size)
-    body = (demo.dir / big).read_bytes()
-    with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", p.port))
         s.sendall(f"GET /cvmfs/{DEMO}/{big} HTTP/1.1\r\nHost: s1\r\n\r\n".encode())
         first = s.recv(4096)
         assert first.startswith(b"HTTP/1.1 200")
@@ -323,7 +323,7 @@ def test_graceful_shutdown_finishes_inflight_response(
             buf += chunk
             if len(buf) >= len(body) + 100 and buf.endswith(body[-100:]):
                 break
-        head, _, got = bytes(buf).partition(b"\r\n\r\n")
+        _, _, got = bytes(buf).partition(b"\r\n\r\n")
         assert got == body
     assert p.proc.wait(30) == 0
     # and the port is closed for new connections
