@@ -186,7 +186,7 @@ def test_no_cache_reverifies_from_disk(tmp_path: Path, started) -> None:
         s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert read_response(s, buf).body == good
         os.chmod(repo.dir / rel, 0o644)
-        (repo.dir / rel).write_bytes(b"x" + good[1:])  # bit rot on disk
+        (repo.dir / rel).write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # bit rot
         s.sendall(
             f"GET {target} HTTP/1.1\r\nHost: x\r\nPragma: no-cache\r\n"
             "Cache-Control: no-cache\r\n\r\n".encode()
