@@ -182,6 +182,9 @@ class ProxyApp:
                 kind,
                 {"Proxy-Status": f'{SERVER}; error=http_response_incomplete; details="{e}"'},
             )
+        except ConnectionError:
+            self.metrics.errors.labels("client_gone").inc()
+            raise  # nothing left to answer; aiohttp closes the connection
         except OSError as e:
             self.metrics.errors.labels("io").inc()
             where = self.repos[decision.fqrn].prefix if decision.fqrn else ""
@@ -417,7 +420,9 @@ class GuardedHandler(RequestHandler):
         aiohttp's own version logs a traceback for every bad request and answers with its
         server banner; malformed input is routine for a public-facing service.
         """
-        if status >= 500:
+        if isinstance(exc, ConnectionError):
+            log.info("%s: connection lost: %s", request.remote, exc)
+        elif status >= 500:
             log.error("error handling request from %s", request.remote, exc_info=exc)
         else:
             log.info("bad request from %s: %s", request.remote, exc)
@@ -459,6 +464,11 @@ class GuardedServer(web.Server):
 async def run_worker(cfg: ProxyConfig, repos: dict[str, RepoDir], sock: socket.socket) -> None:
     """Serve on ``sock`` until SIGTERM/SIGINT, then finish in-flight responses and return."""
     loop = asyncio.get_running_loop()
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format=f"hep-proxy[{os.getpid()}]: %(levelname)s: %(message)s",
+    )
     metrics = Metrics()
     app = ProxyApp(cfg, repos, metrics)
     access = app.access

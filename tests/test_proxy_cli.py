@@ -195,3 +195,67 @@ def test_no_cache_reverifies_from_disk(tmp_path: Path, started) -> None:
         assert resp.status == 502
         assert "error=" in (resp.header("Proxy-Status") or "")
     assert "hash mismatch" in p.errors() or "content hash" in p.errors()
+
+
+def test_workers_share_the_port_and_are_restarted(repo: Repo, tmp_path: Path, started) -> None:
+    import signal
+    import time
+    import urllib.request
+
+    p = start_proxy(tmp_path, "--store", str(repo.store), workers=2)
+    started.append(p)
+    pids = p.worker_pids()
+    assert len(pids) == 2 and p.proc.pid not in pids
+    for _ in range(20):
+        req = f"GET /cvmfs/{DEMO}/.cvmfspublished HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert status_of(raw_exchange(p.port, req.encode())) == 200
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = p.worker_pids()
+        if len(now) == 2 and pids[0] not in now:
+            break
+        time.sleep(0.1)
+    assert len(p.worker_pids()) == 2 and pids[0] not in p.worker_pids()
+    for _ in range(20):
+        with urllib.request.urlopen(p.url("/healthz"), timeout=5) as r:
+            assert r.status == 200
+    assert "restarting it" in p.errors()
+
+
+def test_ipv6_loopback(repo: Repo, tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    port = 0
+    with socket.socket(socket.AF_INET6) as s:
+        try:
+            s.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback")
+        port = s.getsockname()[1]
+    import subprocess
+    import sys
+
+    from tests.proxy_support import proxy_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--store", str(repo.store),
+         "--listen", f"[::1]:{port}", "--workers", "1", "--access-log", "off"],
+        env=proxy_env(), stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        import time
+
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("::1", port), timeout=2) as c:
+                    c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    assert c.recv(100).startswith(b"HTTP/1.1 200")
+                    break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
