@@ -346,6 +346,9 @@ class ProxyApp:
         self.access.close()
 
 
+_INTERNALS = ("_request_count", "_next_keepalive_close_time", "_keepalive_timeout", "_close")
+
+
 class GuardedHandler(RequestHandler):
     """aiohttp's protocol plus the allow-list check, a timer for slow request heads, and the
     fast path for memory-cache hits.
@@ -363,6 +366,8 @@ class GuardedHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # the fast path relies on these aiohttp internals; without them, aiohttp does it all
+        self._fast = all(hasattr(self, a) for a in _INTERNALS)
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if peer else "-"
         if not self.app.filter.allowed(peer[0] if peer else None):
