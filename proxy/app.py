@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -41,6 +42,7 @@ from proxy.upstream import Filler, UpstreamError
 log = logging.getLogger("hep-proxy")
 
 SERVER = "hep-proxy"
+_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')  # kept out of quoted header parameters
 FORBIDDEN = (
     b"HTTP/1.1 403 Forbidden\r\nServer: hep-proxy\r\nContent-Type: text/plain\r\n"
     b"Content-Length: 26\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
@@ -171,16 +173,18 @@ class ProxyApp:
             status = resp.status
             return resp
         except UpstreamError as e:
-            log.warning("%s", e)
             if e.status == 404:
+                log.info("%s", e)
                 status = 404
                 return self._error(404, "not found", kind)
+            log.warning("%s", e)
             status = 502
+            details = _UNSAFE.sub("_", str(e))[:200]
             return self._error(
                 502,
                 "upstream fill failed",
                 kind,
-                {"Proxy-Status": f'{SERVER}; error=http_response_incomplete; details="{e}"'},
+                {"Proxy-Status": f'{SERVER}; error=http_response_incomplete; details="{details}"'},
             )
         except ConnectionError:
             self.metrics.errors.labels("client_gone").inc()

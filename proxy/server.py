@@ -75,6 +75,11 @@ def _worker(cfg: ProxyConfig, repos: dict[str, RepoDir], sock: socket.socket) ->
 def serve(cfg: ProxyConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
     repos = discover(cfg.stores, cfg.upstreams)
+    if cfg.access_log not in ("-", "off"):
+        try:
+            os.close(os.open(cfg.access_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as e:
+            raise ServeError(f"{cfg.access_log}: cannot open access log ({e.strerror})") from None
     n = cfg.worker_count
     socks = bind_sockets(cfg.host, cfg.port, n, cfg.backlog)
     host, port = socks[0].getsockname()[:2]

@@ -89,6 +89,12 @@ def test_port_in_use_by_another_hep_proxy(repo: Repo, tmp_path: Path, started) -
     _one_line_error(r, "address already in use")
 
 
+def test_unwritable_access_log(repo: Repo, tmp_path: Path) -> None:
+    log = tmp_path / "no" / "such" / "dir" / "access.log"
+    r = run_cli("serve", "--store", str(repo.store), "--access-log", str(log))
+    _one_line_error(r, str(log), "cannot open access log")
+
+
 def test_config_errors_are_one_line(repo: Repo, tmp_path: Path) -> None:
     r = run_cli("serve", "--store", str(repo.store), "--config", str(tmp_path / "none.yaml"))
     _one_line_error(r, "none.yaml", "cannot read config")
