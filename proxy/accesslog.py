@@ -16,6 +16,11 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 
+def quote(s: str) -> str:
+    """A field inside double quotes: backslash and quote escaped, empty as ``-``."""
+    return s.replace("\\", "\\\\").replace('"', '\\"') if s else "-"
+
+
 def combined_line(
     host: str,
     when: str,
@@ -26,10 +31,7 @@ def combined_line(
     agent: str,
 ) -> str:
     """``%h - - [%t] "%r" %s %b "%{Referer}i" "%{User-Agent}i"``; quotes in fields escaped."""
-
-    def q(s: str) -> str:
-        return s.replace("\\", "\\\\").replace('"', '\\"') if s else "-"
-
+    q = quote
     return (
         f'{host} - - [{when}] "{q(request_line)}" {status} {size if size else "-"} '
         f'"{q(referer)}" "{q(agent)}"\n'

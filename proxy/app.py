@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, cast
 
@@ -28,7 +29,8 @@ from aiohttp.web_protocol import RequestHandler
 from cvmfs_format.errors import IntegrityError
 from cvmfs_format.objects import verify_stored
 from proxy.access import ClientFilter, RateLimiter
-from proxy.accesslog import AccessLog, combined_line, logger_class
+from proxy.accesslog import AccessLog, logger_class
+from proxy.accesslog import quote as _log_quote
 from proxy.cache import ObjectCache
 from proxy.config import ProxyConfig
 from proxy.fastpath import SimpleRequest, has_body_headers, parse_simple
@@ -55,6 +57,16 @@ def _no_cache(request: web.BaseRequest) -> bool:
     return "no-cache" in h.get("Cache-Control", "") or "no-cache" in h.get("Pragma", "")
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A parsed simple request for a data object, with its access-log line parts."""
+
+    request: SimpleRequest
+    key: tuple[str, str]
+    log_head: str
+    log_tail: str
+
+
 class ProxyApp:
     """Per-worker state and the request handler."""
 
@@ -70,6 +82,7 @@ class ProxyApp:
         self.access = AccessLog(cfg.access_log)
         self.connections: set[GuardedHandler] = set()
         self._routes: dict[tuple[str, str], Target | Reject] = {}
+        self._prepared: dict[bytes, Prepared | None] = {}
         self._root_files: dict[tuple[str, str], tuple[tuple[int, int, int], bytes]] = {}
         self._root_headers = {
             "Server": SERVER,
@@ -108,16 +121,33 @@ class ProxyApp:
 
     # -- fast path: memory-cache hits answered straight from data_received ---------------
 
-    def fast(self, req: SimpleRequest, peer: str) -> bytes | None:
-        """Whole response for a simple request whose object is in memory, else None."""
-        if req.no_cache:
-            return None
-        t = self.route(req.method, req.target)
-        if not isinstance(t, Target) or t.kind is not Kind.DATA:
-            return None
-        body = self.cache.get((t.fqrn, t.relpath))
+    def prepare(self, data: bytes) -> Prepared | None:
+        """Parse and route a simple request; memoised on the raw bytes (clients repeat them)."""
+        try:
+            return self._prepared[data]
+        except KeyError:
+            pass
+        req = parse_simple(data, self.cfg.max_line_size, self.cfg.max_headers)
+        prepared = None
+        if req is not None and not req.no_cache:
+            t = self.route(req.method, req.target)
+            if isinstance(t, Target) and t.kind is Kind.DATA:
+                q = _log_quote
+                tail = f'"{q(req.method + " " + req.target + " HTTP/1.1")}" 200 '
+                extra = f' "{q(req.referer)}" "{q(req.user_agent)}"\n'
+                prepared = Prepared(req, (t.fqrn, t.relpath), tail, extra)
+        if len(data) <= 2048:  # bounded memo: at most 4096 entries of at most 2 KiB
+            if len(self._prepared) >= 4096:
+                self._prepared.clear()
+            self._prepared[data] = prepared
+        return prepared
+
+    def fast(self, p: Prepared, peer: str) -> tuple[bytes, ...] | None:
+        """Response buffers for a simple request whose object is in memory, else None."""
+        body = self.cache.get(p.key)
         if body is None:
             return None
+        req = p.request
         now = self._loop.time()
         if self.limiter.enabled and not self.limiter.allow(peer, now):
             return None  # the general path answers 429 (a refused request costs no token)
@@ -126,31 +156,23 @@ class ProxyApp:
         if sec != self._date_second:
             self._date_second = sec
             self._date = formatdate(sec, usegmt=True).encode()
-        head = req.method == "HEAD"
-        out = b"".join(
+        size = 0 if req.method == "HEAD" else len(body)
+        head = b"".join(
             (
                 b"HTTP/1.1 200 OK\r\n",
                 self._data_head,
                 b"Content-Length: %d\r\nDate: %s\r\n" % (len(body), self._date),
                 b"Connection: close\r\n\r\n" if req.close else b"\r\n",
-                b"" if head else body,
             )
         )
-        self.tally.cache["hit"] += 1
-        self.tally.answered("data", 200, 0 if head else len(body), self._loop.time() - now)
+        tally = self.tally
+        tally.cache["hit"] += 1
+        tally.answered("data", 200, size, self._loop.time() - now)
         if self.access.enabled:
             self.access.write(
-                combined_line(
-                    peer,
-                    self.access.stamp(wall),
-                    f"{req.method} {req.target} HTTP/1.1",
-                    200,
-                    0 if head else len(body),
-                    req.referer,
-                    req.user_agent,
-                )
+                f"{peer} - - [{self.access.stamp(wall)}] {p.log_head}{size or '-'}{p.log_tail}"
             )
-        return out
+        return (head, body) if size else (head,)
 
     # -- general path --------------------------------------------------------------------
 
@@ -396,11 +418,12 @@ class GuardedHandler(RequestHandler):
             and not self._force_close
             and not self._close
         ):
-            req = parse_simple(data, self.app.cfg.max_line_size, self.app.cfg.max_headers)
-            if req is not None:
-                out = self.app.fast(req, self._peer)
+            prepared = self.app.prepare(data)
+            if prepared is not None:
+                out = self.app.fast(prepared, self._peer)
                 if out is not None:
-                    transport.write(out)
+                    transport.writelines(out)
+                    req = prepared.request
                     self.partial_since = None
                     self._next_keepalive_close_time = (
                         self.app._loop.time() + self._keepalive_timeout

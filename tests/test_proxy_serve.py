@@ -269,12 +269,19 @@ def test_repositories_json(server: ProxyProcess) -> None:
     assert names == [DEMO, "legacy_aufs.cern.ch"]
 
 
-def test_metrics_and_access_log(server: ProxyProcess) -> None:
+def test_metrics_and_access_log(server: ProxyProcess, demo: Repo) -> None:
     target = f"/cvmfs/{DEMO}/.cvmfspublished"
     with urllib.request.urlopen(
         urllib.request.Request(server.url(target), headers={"User-Agent": "cvmfs Fuse 2.11.2"})
     ) as r:
         r.read()
+    rel = _store_files(demo.dir)[-1]
+    size = (demo.dir / rel).stat().st_size
+    with _connect(server) as s:  # the second answer comes from the memory cache
+        buf = bytearray()
+        assert _get(s, buf, "/cvmfs/nothing.here/x").status == 404
+        for _ in range(2):
+            _get(s, buf, f"/cvmfs/{DEMO}/{rel}", extra='User-Agent: say "hi"\r\n')
     time.sleep(1.2)  # workers publish their counters twice a second
     with urllib.request.urlopen(server.url("/metrics")) as r:
         text = r.read().decode()
@@ -297,6 +304,12 @@ def test_metrics_and_access_log(server: ProxyProcess) -> None:
         re.M,
     )
     assert line.search(log), log[-2000:]
+    data_line = re.compile(
+        rf'^127\.0\.0\.1 - - \[[^]]+\] "GET /cvmfs/demo\.example\.org/{rel} HTTP/1\.1" '
+        rf'200 {size} "-" "say \\"hi\\""$',
+        re.M,
+    )
+    assert len(data_line.findall(log)) >= 2, log[-2000:]
 
 
 def test_graceful_shutdown_finishes_inflight_response(demo: Repo, tmp_path: Path) -> None:
