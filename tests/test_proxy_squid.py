@@ -103,7 +103,7 @@ def test_squid_caches_objects_and_refetches_manifest(squid: int, tmp_path: Path)
     (src / "a.txt").write_text("revision one\n" * 100)
     repo: Repo
     repo, _ = publish_tree(src, tmp_path / "store", FQRN, tmp_path / "keys")
-    p = start_proxy(tmp_path, "--store", str(repo.store), "--manifest-max-age", "2")
+    p = start_proxy(tmp_path, "--store", str(repo.store), "--manifest-max-age", "4")
     try:
         base = f"http://127.0.0.1:{p.port}/cvmfs/{FQRN}"
         objects = [
@@ -120,14 +120,14 @@ def test_squid_caches_objects_and_refetches_manifest(squid: int, tmp_path: Path)
         manifest_path = f"/cvmfs/{FQRN}/.cvmfspublished"
         raw, h = _via(squid, base + "/.cvmfspublished")
         assert parse_manifest(raw).manifest.revision == 1
-        assert h.get("Cache-Control") == "max-age=2"
+        assert h.get("Cache-Control") == "max-age=4"
         (src / "b.txt").write_text("revision two\n")
         publish_tree(src, repo.store, FQRN, repo.keys_dir)
         raw, h = _via(squid, base + "/.cvmfspublished")
         assert parse_manifest(raw).manifest.revision == 1  # still fresh in squid
         assert "HIT" in h.get("X-Cache", "")
         assert _origin_hits(p, manifest_path) == 1
-        time.sleep(2.5)
+        time.sleep(4.5)
         raw, h = _via(squid, base + "/.cvmfspublished")
         assert parse_manifest(raw).manifest.revision == 2  # stale: squid went to the origin
         assert _origin_hits(p, manifest_path) == 2
