@@ -1,0 +1,242 @@
+"""Upstream fill: fetch a missing object from the Stratum-1, verify its hash, store it atomically.
+
+Concurrent misses for one object make one upstream request: within a worker through a shared
+task, across worker processes through an ``flock`` on a per-object lock file in ``data/txn``
+(whoever gets the lock second finds the object already stored). The manifest is refreshed
+only after the root catalog, certificate and whitelist it needs are in the store, so the
+store always backs the ``.cvmfspublished`` it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from cvmfs_format.errors import FormatError
+from cvmfs_format.hashes import ContentHash
+from cvmfs_format.manifest import parse_manifest
+from cvmfs_format.objects import Suffix
+from cvmfs_format.store import MANIFEST, WHITELIST, atomic_write
+from proxy.metrics import Metrics
+from proxy.stores import RepoDir
+
+
+class UpstreamError(Exception):
+    """A fill that failed; ``status`` is what the client gets (404 or 502)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class Filler:
+    """Upstream fill for one worker process."""
+
+    def __init__(self, metrics: Metrics, timeout: float, user_agent: str = "hep-proxy") -> None:
+        self.metrics = metrics
+        self.timeout = timeout
+        self.user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._manifest_checked: dict[str, float] = {}
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=10),
+                headers={"User-Agent": self.user_agent},
+                auto_decompress=False,
+                connector=aiohttp.TCPConnector(limit=64),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _single_flight(
+        self, key: tuple[str, str], make: Callable[[], Awaitable[None]]
+    ) -> None:
+        task = self._inflight.get(key)
+        if task is None:
+
+            async def run() -> None:
+                try:
+                    await make()
+                finally:
+                    self._inflight.pop(key, None)
+
+            task = asyncio.ensure_future(run())
+            task.add_done_callback(_consume)
+            self._inflight[key] = task
+        await asyncio.shield(task)
+
+    async def fetch_object(self, repo: RepoDir, relpath: str, expected: ContentHash) -> None:
+        """Make sure ``relpath`` is in the store (verified), fetching it once if needed."""
+        await self._single_flight((repo.fqrn, relpath), lambda: self._fill(repo, relpath, expected))
+
+    @contextlib.asynccontextmanager
+    async def _file_lock(self, path: Path) -> AsyncIterator[None]:
+        deadline = time.monotonic() + self.timeout * 2
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise UpstreamError(
+                                502, f"{path.name}: timed out waiting for lock"
+                            ) from None
+                        await asyncio.sleep(0.01)
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    try:
+                        yield
+                    finally:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+                    return
+            finally:
+                os.close(fd)
+
+    async def _fill(self, repo: RepoDir, relpath: str, expected: ContentHash) -> None:
+        final = repo.dir / relpath
+        lock = repo.dir / "data" / "txn" / (relpath.replace("/", "_") + ".lock")
+        async with self._file_lock(lock):
+            if final.exists():
+                return
+            last: UpstreamError | None = None
+            for base in repo.upstream:
+                try:
+                    await self._download(f"{base}/{relpath}", final, expected, repo)
+                    return
+                except UpstreamError as e:
+                    last = e
+            raise last or UpstreamError(404, f"{repo.fqrn}/{relpath}: no upstream")
+
+    async def _download(self, url: str, final: Path, expected: ContentHash, repo: RepoDir) -> None:
+        tmp_dir = repo.dir / "data" / "txn"
+        final.parent.mkdir(exist_ok=True)
+        try:
+            async with self.session.get(url) as resp:
+                if resp.status == 404:
+                    self.metrics.upstream.labels("missing").inc()
+                    raise UpstreamError(404, f"{url}: not found upstream")
+                if resp.status != 200:
+                    self.metrics.upstream.labels("error").inc()
+                    raise UpstreamError(502, f"{url}: upstream answered HTTP {resp.status}")
+                hasher = expected.algorithm.new()
+                fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".fill-")
+                try:
+                    total = 0
+                    async for chunk in resp.content.iter_chunked(1 << 20):
+                        hasher.update(chunk)
+                        total += len(chunk)
+                        os.write(fd, chunk)
+                    os.close(fd)
+                    fd = -1
+                    got = ContentHash(expected.algorithm, hasher.digest())
+                    if got != expected:
+                        self.metrics.upstream.labels("corrupt").inc()
+                        raise UpstreamError(
+                            502, f"{url}: content hash mismatch (got {got.hex}); not stored"
+                        )
+                    os.chmod(tmp, 0o644)
+                    os.replace(tmp, final)
+                    tmp = ""
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+                    if tmp:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(tmp)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            self.metrics.upstream.labels("error").inc()
+            raise UpstreamError(502, f"{url}: {type(e).__name__}: {e}") from None
+        self.metrics.upstream.labels("ok").inc()
+        self.metrics.upstream_bytes.inc(total)
+
+    async def _get_root_file(self, repo: RepoDir, name: str) -> bytes:
+        last: UpstreamError | None = None
+        for base in repo.upstream:
+            url = f"{base}/{name}"
+            try:
+                async with self.session.get(url, headers={"Cache-Control": "max-age=0"}) as resp:
+                    if resp.status != 200:
+                        self.metrics.upstream.labels("error").inc()
+                        last = UpstreamError(502, f"{url}: upstream answered HTTP {resp.status}")
+                        continue
+                    data = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                self.metrics.upstream.labels("error").inc()
+                last = UpstreamError(502, f"{url}: {type(e).__name__}: {e}")
+                continue
+            self.metrics.upstream.labels("ok").inc()
+            self.metrics.upstream_bytes.inc(len(data))
+            return data
+        raise last or UpstreamError(502, f"{repo.fqrn}: no upstream")
+
+    async def refresh_manifest(self, repo: RepoDir, max_age: float) -> None:
+        """At most every ``max_age`` s: adopt a newer upstream manifest once the store backs it.
+
+        Raises UpstreamError only when the store has no manifest at all to fall back on.
+        """
+        have = (repo.dir / MANIFEST).is_file()
+        now = time.monotonic()
+        if have and now - self._manifest_checked.get(repo.fqrn, -1e18) < max_age:
+            return
+        try:
+            await self._single_flight((repo.fqrn, MANIFEST), lambda: self._refresh(repo))
+        except UpstreamError:
+            if not have:
+                raise
+        finally:
+            self._manifest_checked[repo.fqrn] = time.monotonic()
+
+    async def _refresh(self, repo: RepoDir) -> None:
+        raw = await self._get_root_file(repo, MANIFEST)
+        try:
+            new = parse_manifest(raw).manifest
+        except FormatError as e:
+            raise UpstreamError(502, f"{repo.fqrn}: upstream {e}") from None
+        if new.name and new.name != repo.fqrn:
+            raise UpstreamError(502, f"{repo.fqrn}: upstream manifest names {new.name!r}")
+        current_path = repo.dir / MANIFEST
+        with contextlib.suppress(FileNotFoundError):
+            current_raw = current_path.read_bytes()
+            if current_raw == raw:
+                return
+            with contextlib.suppress(FormatError):
+                if parse_manifest(current_raw).manifest.revision > new.revision:
+                    return
+        await self.fetch_object(
+            repo, new.root_catalog.object_path(Suffix.CATALOG), new.root_catalog
+        )
+        if new.certificate is not None:
+            await self.fetch_object(
+                repo, new.certificate.object_path(Suffix.CERTIFICATE), new.certificate
+            )
+        whitelist = await self._get_root_file(repo, WHITELIST)
+        tmp_dir = repo.dir / "data" / "txn"
+        atomic_write(repo.dir / WHITELIST, whitelist, tmp_dir)
+        atomic_write(current_path, raw, tmp_dir)
