@@ -8,7 +8,6 @@ Run by ``./demo`` (after it installed the project into .venv). Everything it sta
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -60,15 +59,29 @@ def port_in_use(port: int) -> bool:
 def serve(store: Path, port: int, log: Path) -> Iterator[str]:
     """hep-proxy serving ``store`` on 127.0.0.1:port until the block ends."""
     proc = subprocess.Popen(
-        [str(BIN / "hep-proxy"), "serve", "--store", str(store), "--listen", f"127.0.0.1:{port}",
-         "--workers", "1", "--access-log", str(log)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            str(BIN / "hep-proxy"),
+            "serve",
+            "--store",
+            str(store),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--access-log",
+            str(log),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
             if proc.poll() is not None:
-                raise SystemExit(f"demo: hep-proxy on port {port} exited: {proc.stderr.read().strip()}")  # type: ignore[union-attr]
+                err = proc.stderr.read().strip() if proc.stderr else ""
+                raise SystemExit(f"demo: hep-proxy on port {port} exited: {err}")
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"{url}/healthz", timeout=1).read()
                 break
@@ -86,8 +99,11 @@ def serve(store: Path, port: int, log: Path) -> Iterator[str]:
 
 def main() -> int:
     if port_in_use(STRATUM1_PORT):
-        print(f"demo: 127.0.0.1:{STRATUM1_PORT} is in use (configs/demo.yaml serves the demo "
-              "Stratum-1 there); stop whatever listens on it and run ./demo again", file=sys.stderr)
+        print(
+            f"demo: 127.0.0.1:{STRATUM1_PORT} is in use (configs/demo.yaml serves the demo "
+            "Stratum-1 there); stop whatever listens on it and run ./demo again",
+            file=sys.stderr,
+        )
         return 2
     t_all = time.perf_counter()
     for sub in ("src", "stratum1", "preload-store", "logs"):
@@ -102,37 +118,42 @@ def main() -> int:
     run(BIN / "hep-publish", src, "--name", FQRN, "--out", OUT / "stratum1", "--keys", OUT / "keys")
     done(t0)
 
-    with serve(OUT / "stratum1", STRATUM1_PORT, OUT / "logs" / "stratum1.log") as s1:
-        t0 = step(f"2. a Stratum-1 on {s1} (hep-proxy serving the published repository)")
+    t0 = step(f"2. a Stratum-1 on 127.0.0.1:{STRATUM1_PORT} (hep-proxy serving the repository)")
+    with serve(OUT / "stratum1", STRATUM1_PORT, OUT / "logs" / "stratum1.log"):
         done(t0)
         t0 = step("3. preload --spec configs/demo.yaml (login node: verify, select, fetch)")
         run(BIN / "preload", "--spec", "configs/demo.yaml", "--no-progress")
         done(t0)
 
     proxy_port = free_port()
+    t0 = step(
+        f"4. the site proxy on 127.0.0.1:{proxy_port} (hep-proxy serving the preloaded store; "
+        "the Stratum-1 is gone)"
+    )
     with serve(OUT / "preload-store", proxy_port, OUT / "logs" / "site-proxy.log") as proxy:
-        t0 = step(f"4. the site proxy on {proxy} (hep-proxy serving the preloaded store; "
-                  "the Stratum-1 is gone)")
         done(t0)
-        job = (
-            "set -e\n"
-            f"cd /cvmfs/{FQRN}\n"
-            "echo \"   shell script: $(bin/hello.sh)\"\n"
-            "if [ -x bin/hello ]; then echo \"   compiled binary: $(bin/hello)\"; fi\n"
-            f"PYTHONPATH=/cvmfs/{FQRN}/lib/python python3 -c 'import hepdemo, hepdemo.physics as p; "
-            "print(\"   python import:\", hepdemo.greet(\"the demo\"), "
-            "\"| m =\", round(p.invariant_mass(45.6, 45.6, 3.14159), 1), \"GeV\")'\n"
-            "echo \"   variant symlink: etc/setup-variant.sh -> $(readlink etc/setup-variant.sh)\"\n"
-            "echo \"   files: $(find . -type f | wc -l), directories: $(find . -type d | wc -l)\"\n"
-            "touch /cvmfs/x 2>/dev/null || echo '   writing to /cvmfs: refused (read-only)'\n"
-        )
+        job = (ROOT / "scripts" / "demo-job.sh").read_text()
         t0 = step(f"5. hep-exec -- bash: a job on a worker node sees /cvmfs/{FQRN}")
-        run(BIN / "hep-exec", "--proxy", proxy, "--keys", OUT / "keys" / f"{FQRN}.pub",
-            "--ram", "256M", "--no-shared-cache", "--", "bash", "-c", job)
+        run(
+            BIN / "hep-exec",
+            "--proxy",
+            proxy,
+            "--keys",
+            OUT / "keys" / f"{FQRN}.pub",
+            "--ram",
+            "256M",
+            "--no-shared-cache",
+            "--",
+            "bash",
+            "-c",
+            job,
+        )
         done(t0)
 
-    print(f"\ndemo finished in {time.perf_counter() - t_all:.1f} s; everything it started is "
-          f"stopped. Files and logs: {OUT.relative_to(ROOT)}/")
+    print(
+        f"\ndemo finished in {time.perf_counter() - t_all:.1f} s; everything it started is "
+        f"stopped. Files and logs: {OUT.relative_to(ROOT)}/"
+    )
     return 0
 
 
