@@ -185,6 +185,8 @@ def test_variant_symlinks_use_the_callers_environment(mounted: Mounted) -> None:
     # lstat shows the expanded target and its length
     link = ns.resolve(p("variant/pick"), follow=False, env={"WHICH": "bb"})
     assert isinstance(link, Node) and link.target == b"bb.txt" and link.size == 6
+    again = ns.resolve(p("variant/pick"), follow=False, env={"WHICH": "b"})
+    assert isinstance(again, Node) and again.target == b"b.txt"  # not the cached bb.txt
     top = ns.resolve(p("variant/top/hostname"), env={})
     assert isinstance(top, Node) and top.outside_path == b"/etc/hostname"
     plain = ns.resolve(p("hello.txt"))

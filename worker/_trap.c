@@ -700,6 +700,41 @@ static int redirect_arg(pid_t tid, struct user_regs_struct *r, int arg, const ch
     return 0;
 }
 
+/* An open answered with a memfd (/proc/<pid>/fd/<n>, a "magic link") must not carry
+ * O_NOFOLLOW (tar, find -exec, openat2 users pass it): the /cvmfs path was already resolved
+ * without following its last component, so drop the flag (and openat2's RESOLVE_* limits,
+ * which would refuse the /proc link) for the redirected call only.  Called right after
+ * redirect_arg, which used one restore slot. */
+static int allow_magic_link(pid_t tid, struct user_regs_struct *r, long nr, tstate_t *t)
+{
+    if (nr != 437) {
+        unsigned long long *reg = nr == SYS_open ? &r->rsi : &r->rdx;
+        t->off[t->nrestore] = nr == SYS_open ? argoff(1) : argoff(2);
+        t->val[t->nrestore] = *reg;
+        t->nrestore++;
+        *reg &= ~(unsigned long long)O_NOFOLLOW;
+        return 0;
+    }
+    unsigned long long how[8] = {0}; /* struct open_how: flags, mode, resolve (+ future) */
+    size_t size = (size_t)r->r10;
+    if (size < 24 || size > sizeof how)
+        return -EINVAL;
+    struct iovec l = {how, size}, rv = {(void *)r->rdx, size};
+    if (process_vm_readv(tid, &l, 1, &rv, 1, 0) != (ssize_t)size)
+        return -EFAULT;
+    how[0] &= ~(unsigned long long)O_NOFOLLOW;
+    how[2] = 0;
+    unsigned long addr = (unsigned long)(t->nrestore ? r->rsi : r->rsp - 128);
+    addr = (addr - size) & ~15UL; /* below the path string redirect_arg wrote */
+    if (write_mem(tid, addr, how, size) < 0)
+        return -EFAULT;
+    t->off[t->nrestore] = argoff(2);
+    t->val[t->nrestore] = r->rdx;
+    t->nrestore++;
+    r->rdx = addr;
+    return 0;
+}
+
 /* execve rewrite: filename -> bval, argv -> prefix + old argv[1:] */
 static int rewrite_exec(pid_t tid, struct user_regs_struct *r, int path_arg, int argv_arg,
                         const action_t *a, PyObject *prefix, tstate_t *t)
@@ -1003,10 +1038,15 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
          * register after return, which the C ABI and libc wrappers treat as clobbered (one
          * stop instead of two).  Otherwise, restore the register at syscall exit. */
         int rc = redirect_arg(tid, r, path_arg, a->bval, a->blen, t);
+        if (rc == 0 && cls == C_OPEN && (flags & F_NOFOLLOW) && !(flags & F_OPATH) &&
+            a->blen > 6 && memcmp(a->bval, "/proc/", 6) == 0)
+            rc = allow_magic_link(tid, r, nr, t);
         if (a->ival == 1 && rc == 0)
             t->nrestore = 0;
-        if (rc < 0)
+        if (rc < 0) {
+            t->nrestore = 0;
             skip_with(r, rc);
+        }
         changed = 1;
         break;
     }

@@ -4,9 +4,15 @@ Opens hand the tracee ``/proc/<pid>/fd/<n>`` of a sealed memfd. Such an answer i
 ``stable`` so the C side can repeat it without asking Python, which is only safe while the
 memfd stays pinned: the policy keeps what it handed out pinned up to a budget (half the RAM
 limit), and beyond it unpins the least recently handed-out objects, first withdrawing their
-cached answers with :func:`worker.tracer.forget`. An object handed out less than
-``grace`` seconds ago is never unpinned, so a tracee thread that was answered but not yet
-scheduled cannot open a recycled fd number.
+cached answers with :func:`worker.tracer.forget`.
+
+A tracee thread that was answered but has not run its open yet must never open a different
+object under the same fd number. So the policy hands out its own duplicate of each memfd, and
+on unpinning puts a *tombstone* (a socket: opening it through /proc fails with ENXIO) on that
+number instead of closing it; the memfd's memory is freed at once, the number is reused only
+``grace`` seconds later. Unpinning prefers objects handed out more than ``grace`` ago; when
+the cache is full it unpins younger ones too and retries (a late opener then gets an error,
+never wrong bytes) rather than failing every later open with ENOMEM.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +50,7 @@ _KIND_OF_DTYPE = {
 @dataclass
 class _Pin:
     obj: CachedObject
+    fd: int  # our duplicate of obj.fd: the number tracees open through /proc
     paths: set[bytes]
     handed_out: float
 
@@ -57,6 +65,9 @@ class CatalogPolicy:
         self.budget = session.config.ram_bytes // 2
         self._pins: OrderedDict[str, _Pin] = OrderedDict()  # by cache key, LRU first
         self._pinned_bytes = 0
+        self._tomb = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._tombs: deque[tuple[int, float]] = deque()  # fd numbers held by a tombstone
+        self.unpinned = 0  # objects unpinned while the command ran (--stats)
 
     def _resolve(self, pid: int, path: bytes) -> NsNode | int:
         return self.namespace.resolve(path, False, LazyEnviron(pid))
@@ -95,13 +106,20 @@ class CatalogPolicy:
         ns = self._resolve(pid, path)
         if isinstance(ns, int):
             return ns
+        now = time.monotonic()
+        self._close_old_tombs(now)
+        cache = self.session.cache
+        if self.session.shared is None and cache.pinned_bytes + ns.size > cache.limit:
+            self._unpin(now, cache.limit - ns.size - cache.pinned_bytes + self._pinned_bytes, 0.0)
         obj = self.session.open_file(ns)
+        if obj == errno.ENOMEM and self._pins:
+            self._unpin(now, self.budget // 2, grace=0.0)  # make room, then one more try
+            obj = self.session.open_file(ns)
         if isinstance(obj, int):
             return obj
-        now = time.monotonic()
         pin = self._pins.get(obj.key)
         if pin is None:
-            pin = _Pin(obj, set(), now)
+            pin = _Pin(obj, os.dup(obj.fd), set(), now)
             self._pins[obj.key] = pin
             self._pinned_bytes += obj.size
         else:
@@ -109,22 +127,35 @@ class CatalogPolicy:
         pin.paths.add(path)
         pin.handed_out = now
         self._pins.move_to_end(pin.obj.key)
-        self._unpin_over_budget(now)
-        return Opened(os.fsencode(pin.obj.path), stable=True)
+        self._unpin(now, self.budget, self.grace)
+        return Opened(f"/proc/{os.getpid()}/fd/{pin.fd}".encode(), stable=True)
 
-    def _unpin_over_budget(self, now: float) -> None:
-        while self._pinned_bytes > self.budget and self._pins:
+    def _unpin(self, now: float, budget: int, grace: float) -> None:
+        """Unpin least recently handed-out objects until at most ``budget`` bytes are pinned,
+        sparing those handed out less than ``grace`` seconds ago."""
+        while self._pinned_bytes > budget and self._pins:
             key, pin = next(iter(self._pins.items()))
-            if now - pin.handed_out < self.grace:
-                return  # everything older is still in flight; retry at the next open
+            if now - pin.handed_out < grace:
+                return  # everything newer may still be in flight; retry at the next open
             del self._pins[key]
             for p in pin.paths:
                 forget(p)
+            os.dup2(self._tomb.fileno(), pin.fd)  # frees the memfd, keeps the number taken
+            self._tombs.append((pin.fd, now))
             self._pinned_bytes -= pin.obj.size
             self.session.release(pin.obj)
+            self.unpinned += 1
+
+    def _close_old_tombs(self, now: float) -> None:
+        while self._tombs and now - self._tombs[0][1] >= self.grace:
+            os.close(self._tombs.popleft()[0])
 
     def close(self) -> None:
         for pin in self._pins.values():
+            os.close(pin.fd)
             self.session.release(pin.obj)
         self._pins.clear()
         self._pinned_bytes = 0
+        while self._tombs:
+            os.close(self._tombs.popleft()[0])
+        self._tomb.close()

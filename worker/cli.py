@@ -43,6 +43,7 @@ def _run(config: ExecConfig) -> int:
         if config.stats:
             for line in session.stats_lines():
                 print(f"hep-exec: {line}", file=sys.stderr)
+            print(f"hep-exec: open files: {policy.unpinned} objects unpinned", file=sys.stderr)
             for line in result.stats.format().splitlines():
                 print(f"hep-exec: {line}", file=sys.stderr)
     return result.status

@@ -183,7 +183,7 @@ class Namespace:
         if hit is not None:
             return hit
         result, cacheable = self._walk(path, follow, env)
-        if cacheable:
+        if cacheable and not (isinstance(result, Node) and result.env_dependent):
             self._answers[key] = result
         return result
 

@@ -201,7 +201,7 @@ class Session:
         if got.kind == Kind.LNK and follow:
             res, c2 = self.walk(pid, canon, follow)
             return res, cacheable and c2
-        return Found(canon, got), cacheable
+        return Found(canon, got), cacheable and not got.volatile
 
     def walk(self, pid: int, path: bytes, follow: bool) -> tuple[Found | Outside | int, bool]:
         """Walk an absolute path component by component (symlinks, ``..``, leaving the mount)."""
@@ -261,7 +261,7 @@ class Session:
             node = got
         if path.endswith(b"/") and node.kind != Kind.DIR:
             return errno.ENOTDIR, cacheable
-        return Found(canon, node), cacheable
+        return Found(canon, node), cacheable and not node.volatile
 
     # ---- the shadow tree --------------------------------------------------------------
 
