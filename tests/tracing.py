@@ -20,11 +20,11 @@ _unavailable: list[str | None] = []
 
 
 def ensure_built() -> None:
-    """Build worker._trap in place when running from a source tree (no-op once built), and
+    """Build worker._trap in place when its source is newer than the build (or absent), and
     skip when this host forbids ptrace or seccomp (some containers)."""
-    try:
-        import worker._trap  # noqa: F401
-    except ImportError:
+    source = PROJECT / "worker" / "_trap.c"
+    built = list((PROJECT / "worker").glob("_trap.*.so"))
+    if not built or any(so.stat().st_mtime < source.stat().st_mtime for so in built):
         subprocess.run(
             [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
             cwd=PROJECT,
