@@ -9,9 +9,12 @@ then holds a real fd that stays valid whatever happens to this process. Pins are
 connection and dropped when the connection closes, so a dead client never pins forever. The
 service exits ``cache_idle`` seconds after its last client left.
 
-Started on demand by the first client (``--background``: bind, then fork, so the socket is
-listening before the starter returns; a lock file makes racing starters safe) or explicitly
-with ``python -m worker.cache_service [hep-exec options]`` (= ``hep-exec --cache-daemon``).
+Started on demand by the first client, as a fork of that hep-exec (:func:`fork_service`: no
+interpreter start, so the job waits milliseconds, not the second a fresh Python with aiohttp
+takes), or by a fresh interpreter (``--background``) when the client already runs threads;
+either way the socket is bound before the fork, so it listens before the starter returns, and
+a lock file makes racing starters safe. Or explicitly with ``python -m worker.cache_service
+[hep-exec options]`` (= ``hep-exec --cache-daemon``).
 """
 
 from __future__ import annotations
@@ -143,13 +146,15 @@ def bind_service(directory: Path) -> tuple[socket.socket, int] | None:
 
 
 class _Conn:
-    """One client connection and the pins it holds."""
+    """One client connection and the pins it holds; ``lock`` guards pins and sending."""
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.pid = pid
         self.held: Counter[str] = Counter()
         self.objects: dict[str, CachedObject] = {}
+        self.lock = threading.Lock()
+        self.closed = False
 
 
 class CacheService:
@@ -175,6 +180,8 @@ class CacheService:
         self.cache = RamCache(config.ram_bytes)
         self.idle = config.cache_idle
         self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
+        # misses of ``open`` wait for their fetch here, not on the connection's reader
+        self._open_pool = ThreadPoolExecutor(32, "cache-open")
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()
         self._idle_since = time.monotonic()
@@ -222,6 +229,7 @@ class CacheService:
         finally:
             os.close(lock_fd)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._open_pool.shutdown(wait=False, cancel_futures=True)
         self.fetcher.close()
         self.cache.close()  # clients keep their own fds
 
@@ -255,9 +263,13 @@ class CacheService:
         except (OSError, ProtocolError) as e:
             log.debug("client pid %d: %s", conn.pid, e)
         finally:
-            for key, n in conn.held.items():
-                for _ in range(n):
-                    self.cache.release(conn.objects[key])
+            with conn.lock:
+                conn.closed = True
+                for key, n in conn.held.items():
+                    for _ in range(n):
+                        self.cache.release(conn.objects[key])
+                conn.held.clear()
+                conn.objects.clear()
             conn.sock.close()
             with self._lock:
                 self._conns.discard(conn)
@@ -267,47 +279,76 @@ class CacheService:
     def _handle(self, conn: _Conn, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "open":
-            self._open(conn, ObjectSpec.from_wire(msg.get("object")))
+            spec = ObjectSpec.from_wire(msg.get("object"))
+            self.counters["opens"] += 1
+            if spec.key in self.cache:  # a hit costs no thread switch
+                self._open(conn, spec)
+            else:
+                self._open_pool.submit(self._open, conn, spec)
         elif op == "release":
-            key = str(msg.get("key"))
-            if conn.held[key] > 0:
-                conn.held[key] -= 1
-                self.cache.release(conn.objects[key])
-                if not conn.held[key]:
-                    del conn.held[key], conn.objects[key]
+            keys = msg.get("keys")
+            if not isinstance(keys, list):
+                raise ProtocolError("release: keys must be a list")
+            with conn.lock:
+                for key in map(str, keys):
+                    if conn.held[key] > 0:
+                        conn.held[key] -= 1
+                        self.cache.release(conn.objects[key])
+                        if not conn.held[key]:
+                            del conn.held[key], conn.objects[key]
         elif op == "prefetch":
             items = msg.get("objects")
             if not isinstance(items, list):
                 raise ProtocolError("prefetch: objects must be a list")
             specs = [ObjectSpec.from_wire(i) for i in items]
+            target = conn if msg.get("push") else None
             for spec in specs:
-                self._pool.submit(self._prefetch_one, spec)
-            conn.sock.send(encode({"ok": True, "queued": len(specs)}))
+                self._pool.submit(self._prefetch_one, spec, target)
+            self.counters["prefetch_queued"] += len(specs)
         elif op == "stats":
-            conn.sock.send(encode({"ok": True, **self.stats()}))
+            self._send(conn, {"op": "stats", "ok": True, **self.stats()})
         elif op == "hello":
-            conn.sock.send(encode({"ok": True, "pid": os.getpid(), "version": VERSION}))
+            self._send(conn, {"op": "hello", "ok": True, "pid": os.getpid(), "version": VERSION})
         else:
             raise ProtocolError(f"unknown op {op!r}")
 
+    def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        with conn.lock:
+            if not conn.closed:
+                conn.sock.send(encode(msg))
+
+    def _hand_over(self, conn: _Conn, obj: CachedObject, op: str) -> bool:
+        """Send one pinned object's fd; the pin becomes the connection's (False: not sent)."""
+        with conn.lock:
+            if not conn.closed:
+                try:
+                    conn.sock.sendmsg(
+                        [encode({"op": op, "ok": True, "key": obj.key, "size": obj.size})],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [obj.fd]))],
+                    )
+                except OSError as e:
+                    log.debug("client pid %d: %s", conn.pid, e)
+                else:
+                    conn.held[obj.key] += 1
+                    conn.objects[obj.key] = obj
+                    return True
+        self.cache.release(obj)
+        return False
+
     def _open(self, conn: _Conn, spec: ObjectSpec) -> None:
-        self.counters["opens"] += 1
+        if conn.closed:
+            return
         try:
             obj = self._acquire(spec)
         except (CacheFull, RepositoryError) as e:
             err = e.errno if isinstance(e.errno, int) else errno.EIO
-            conn.sock.send(encode({"ok": False, "errno": err, "error": str(e)}))
+            with contextlib.suppress(OSError):
+                self._send(
+                    conn,
+                    {"op": "open", "ok": False, "key": spec.key, "errno": err, "error": str(e)},
+                )
             return
-        try:
-            conn.sock.sendmsg(
-                [encode({"ok": True, "key": obj.key, "size": obj.size})],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [obj.fd]))],
-            )
-        except BaseException:
-            self.cache.release(obj)
-            raise
-        conn.held[obj.key] += 1
-        conn.objects[obj.key] = obj
+        self._hand_over(conn, obj, "open")
 
     def _acquire(self, spec: ObjectSpec) -> CachedObject:
         if spec.chunks:
@@ -328,19 +369,29 @@ class CacheService:
             size_hint=spec.size,
         )
 
-    def _prefetch_one(self, spec: ObjectSpec) -> None:
-        """Load without keeping a pin; never pushes out what clients hold."""
-        if self._stop.is_set() or spec.key in self.cache:
+    def _prefetch_one(self, spec: ObjectSpec, push: _Conn | None) -> None:
+        """Load (and with ``push`` hand over) one object; never pushes out what clients hold."""
+        if self._stop.is_set():
             return
-        if spec.size > self.cache.limit - self.cache.pinned_bytes:
+        if push is None:
+            if spec.key in self.cache:
+                return
+        elif push.closed or spec.key in push.objects:
+            return
+        if spec.key not in self.cache and spec.size > self.cache.limit - self.cache.pinned_bytes:
             self.counters["prefetch_skipped"] += 1
             return
         try:
-            self.cache.release(self._acquire(spec))
-            self.counters["prefetched"] += 1
+            obj = self._acquire(spec)
         except (CacheFull, RepositoryError) as e:
             self.counters["prefetch_failed"] += 1
             log.info("prefetch %s:%s: %s", spec.fqrn, spec.path, e)
+            return
+        self.counters["prefetched"] += 1
+        if push is None:
+            self.cache.release(obj)
+        elif self._hand_over(push, obj, "ready"):
+            self.counters["pushed"] += 1
 
     def stats(self) -> dict[str, Any]:
         c, f = self.cache.stats, self.fetcher.stats
@@ -381,6 +432,60 @@ def _daemonize(log_path: Path) -> None:
     os.close(logfd)
 
 
+def _run(config: ExecConfig, listener: socket.socket, lock_fd: int, directory: Path) -> None:
+    """Serve until idle or signalled; the start lock is dropped once the service is built."""
+    try:
+        service = CacheService(config, listener, directory)
+    finally:
+        os.close(lock_fd)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: service.stop())
+    service.serve_forever()
+
+
+def fork_service(config: ExecConfig, directory: Path) -> None:
+    """Start the service as a fork of this (single-threaded) process: no interpreter start.
+
+    Binding happens here, before the fork, so the socket accepts connections (they wait in
+    its backlog) by the time this returns, a few milliseconds later. The service is
+    double-forked into its own session, its standard streams go to ``cache.log``, and every
+    other inherited descriptor is closed (a job's pipes must not stay open behind it).
+    """
+    if threading.active_count() != 1:
+        raise RuntimeError("fork_service needs a single-threaded process")
+    bound = bind_service(directory)
+    if bound is None:
+        return  # a racing starter won
+    listener, lock_fd = bound
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked service
+        code = 1
+        try:
+            _daemonize(directory / LOG_NAME)
+            keep = {listener.fileno(), lock_fd}
+            low = 3
+            for fd in sorted(keep):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, 1 << 16)
+            with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+                f.write("hep-exec-cache")
+            logging.basicConfig(
+                level=config.log_level_number,
+                format=f"%(asctime)s hep-exec cache[{os.getpid()}] %(levelname)s %(message)s",
+                force=True,
+            )
+            _run(config, listener, lock_fd, directory)
+            code = 0
+        except BaseException:
+            log.exception("cache service failed")
+        finally:
+            os._exit(code)
+    listener.close()
+    os.close(lock_fd)
+    os.waitpid(pid, 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m worker.cache_service [--background] [hep-exec options]``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -403,13 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listener, lock_fd = bound
     if background:
         _daemonize(directory / LOG_NAME)
-    try:
-        service = CacheService(config, listener, directory)
-    finally:
-        os.close(lock_fd)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: service.stop())
-    service.serve_forever()
+    _run(config, listener, lock_fd, directory)
     return 0
 
 
