@@ -24,6 +24,7 @@ from typing import Any
 
 from cvmfs_format.catalog import DirEntry
 from worker.cache_protocol import (
+    MAX_FDS,
     MAX_MESSAGE,
     PREFETCH_BATCH,
     VERSION,
@@ -393,7 +394,7 @@ class CacheClient:
         try:
             while True:
                 data, anc, flags, _ = self.sock.recvmsg(
-                    MAX_MESSAGE, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+                    MAX_MESSAGE, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC
                 )
                 fds: list[int] = []
                 for level, kind, payload in anc:
@@ -405,42 +406,48 @@ class CacheClient:
                     for fd in fds:
                         os.close(fd)
                     raise ServiceGone("connection closed")
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > 1:
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     for fd in fds:
                         os.close(fd)
-                    raise ProtocolError("unexpected message")
-                self._dispatch(decode(data), fds[0] if fds else None)
+                    raise ProtocolError("truncated message")
+                self._dispatch(decode(data), fds)
         except (OSError, ServiceGone, ProtocolError, KeyError, TypeError, ValueError) as e:
             self._mark_gone(e)
 
-    def _dispatch(self, msg: dict[str, Any], fd: int | None) -> None:
+    def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
+        if op == "ready":
+            items = msg.get("objects")
+            if not isinstance(items, list) or len(items) != len(fds):
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError("ready: one fd per object expected")
+            for (key, size), fd in zip(items, fds, strict=True):
+                self._received(str(key), int(size), fd, pushed=True)
+            return
+        if op == "open" and msg.get("ok") and len(fds) == 1:
+            self._received(str(msg["key"]), int(msg["size"]), fds[0], pushed=False)
+            return
+        for fd in fds:
+            os.close(fd)
         if op == "stats":
-            if fd is not None:
-                os.close(fd)
             self._stats_reply = msg
             self._stats_done.set()
-            return
-        if op not in ("open", "ready"):
-            if fd is not None:
-                os.close(fd)
-            raise ProtocolError(f"unexpected message {op!r}")
-        key = str(msg["key"])
-        if not msg.get("ok"):
-            if fd is not None:
-                os.close(fd)
+        elif op == "open" and not msg.get("ok"):
             err = msg.get("errno")
             with self._lock:
-                wait = self._waits.pop(key, None)
+                wait = self._waits.pop(str(msg["key"]), None)
             if wait is not None:
                 wait.error = (
                     err if isinstance(err, int) else errno.EIO,
                     str(msg.get("error", "cache service")),
                 )
                 wait.done.set()
-            return
-        if fd is None:
-            raise ProtocolError(f"{op} reply without the object's fd")
+        else:
+            raise ProtocolError(f"unexpected message {op!r} with {len(fds)} fds")
+
+    def _received(self, key: str, size: int, fd: int, pushed: bool) -> None:
+        """An object's fd arrived: hand it to whoever waits, or keep it idle."""
         flush = False
         with self._lock:
             if key in self._objects or self.gone:  # a push and a reply crossed: keep one
@@ -448,11 +455,10 @@ class CacheClient:
                 if not self.gone:
                     self._releases.append(key)
                     flush = len(self._releases) >= PREFETCH_BATCH // 4
-                obj = None
             else:
-                obj = SharedObject(key, fd, int(msg["size"]))
+                obj = SharedObject(key, fd, size)
                 self._objects[key] = obj
-                if op == "ready":
+                if pushed:
                     self.pushed += 1
                 else:
                     self.opens += 1

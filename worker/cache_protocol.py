@@ -10,8 +10,9 @@ answers, so a client can keep several requests in flight and read them on one th
   answered out of order (a miss does not hold up later requests)
 - ``release`` {keys: [...]} -> no reply (drops one of this connection's pins per key)
 - ``prefetch`` {objects: [...], push} -> no reply; fetched in the background. With ``push``
-  each object is sent as soon as it is in RAM, as {op: "ready", key, size} + one fd, pinned
-  for this connection like an ``open`` (so the job's later open needs no round trip)
+  objects are sent as soon as they are in RAM, as {op: "ready", objects: [[key, size], …]}
+  + one fd each (those ready together travel in one message), pinned for this connection
+  like an ``open`` (so the job's later open needs no round trip)
 - ``stats`` -> {op, ok, ...counters}
 
 An object is described by how to load it, never by a key the client chose: the service
@@ -34,6 +35,7 @@ from worker.repository import chunked_key
 VERSION = 2
 MAX_MESSAGE = 1 << 20  # bytes per packet; prefetch batches stay far below
 PREFETCH_BATCH = 256
+MAX_FDS = 250  # fds per message (the kernel's SCM_MAX_FD is 253)
 
 
 class ProtocolError(ValueError):

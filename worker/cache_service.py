@@ -25,6 +25,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import signal
 import socket
 import stat
@@ -33,12 +34,15 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_format.hashes import ContentHash
 from worker.cache_protocol import (
+    MAX_FDS,
     MAX_MESSAGE,
     VERSION,
     ObjectSpec,
@@ -47,7 +51,7 @@ from worker.cache_protocol import (
     encode,
 )
 from worker.config import ConfigError, ExecConfig, parse_exec_args
-from worker.fetcher import Fetcher
+from worker.fetcher import Fetcher, FetchError, object_url
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.repository import RepositoryError, load_chunks, load_whole
 
@@ -145,6 +149,36 @@ def bind_service(directory: Path) -> tuple[socket.socket, int] | None:
         raise
 
 
+@dataclass(frozen=True)
+class _Fetch:
+    """A prefetch whose bytes are on their way (or here)."""
+
+    spec: ObjectSpec
+    push: _Conn | None
+    future: Future[Any]
+
+
+class _Fetched:
+    """An ObjectSource holding bytes the fetcher already verified (for load_whole)."""
+
+    def __init__(self, stored: bytes) -> None:
+        self.stored = stored
+
+    def get(
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        check: Callable[[bytes], None] | None = None,
+    ) -> bytes:
+        return self.stored
+
+    def get_many(
+        self, items: Sequence[tuple[str, ContentHash | None, str]]
+    ) -> list[bytes | BaseException]:
+        raise NotImplementedError
+
+
 class _Conn:
     """One client connection and the pins it holds; ``lock`` guards pins and sending."""
 
@@ -155,6 +189,8 @@ class _Conn:
         self.objects: dict[str, CachedObject] = {}
         self.lock = threading.Lock()
         self.closed = False
+        self.outbox: list[CachedObject] = []  # pushed objects waiting to be sent (pinned)
+        self.send_lock = threading.Lock()  # whoever holds it drains the outbox
 
 
 class CacheService:
@@ -182,6 +218,14 @@ class CacheService:
         self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
         # misses of ``open`` wait for their fetch here, not on the connection's reader
         self._open_pool = ThreadPoolExecutor(32, "cache-open")
+        # prefetch: a feeder starts fetches on the fetcher's event loop (at most
+        # prefetch_concurrency in flight), a finisher turns their bytes into memfds and pushes
+        # them; no thread per fetch. Cache hits and chunked files go through ``_pool``.
+        self._slots = threading.Semaphore(config.prefetch_concurrency)
+        self._feed: queue.SimpleQueue[tuple[ObjectSpec, _Conn | None] | None] = queue.SimpleQueue()
+        self._fetched: queue.SimpleQueue[_Fetch | None] = queue.SimpleQueue()
+        for target, name in ((self._feeder, "cache-feeder"), (self._finisher, "cache-finisher")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()
         self._idle_since = time.monotonic()
@@ -228,6 +272,8 @@ class CacheService:
             self.listener.close()
         finally:
             os.close(lock_fd)
+        self._feed.put(None)
+        self._fetched.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._open_pool.shutdown(wait=False, cancel_futures=True)
         self.fetcher.close()
@@ -265,6 +311,9 @@ class CacheService:
         finally:
             with conn.lock:
                 conn.closed = True
+                for obj in conn.outbox:
+                    self.cache.release(obj)
+                conn.outbox.clear()
                 for key, n in conn.held.items():
                     for _ in range(n):
                         self.cache.release(conn.objects[key])
@@ -303,7 +352,7 @@ class CacheService:
             specs = [ObjectSpec.from_wire(i) for i in items]
             target = conn if msg.get("push") else None
             for spec in specs:
-                self._pool.submit(self._prefetch_one, spec, target)
+                self._feed.put((spec, target))
             self.counters["prefetch_queued"] += len(specs)
         elif op == "stats":
             self._send(conn, {"op": "stats", "ok": True, **self.stats()})
@@ -369,17 +418,73 @@ class CacheService:
             size_hint=spec.size,
         )
 
-    def _prefetch_one(self, spec: ObjectSpec, push: _Conn | None) -> None:
-        """Load (and with ``push`` hand over) one object; never pushes out what clients hold."""
+    def _prefetch_wanted(self, spec: ObjectSpec, push: _Conn | None) -> bool:
+        """Worth loading: not held already, and room beside what clients hold."""
         if self._stop.is_set():
-            return
+            return False
         if push is None:
             if spec.key in self.cache:
-                return
+                return False
         elif push.closed or spec.key in push.objects:
-            return
+            return False
         if spec.key not in self.cache and spec.size > self.cache.limit - self.cache.pinned_bytes:
             self.counters["prefetch_skipped"] += 1
+            return False
+        return True
+
+    def _feeder(self) -> None:
+        """Start each prefetch's fetch on the event loop, prefetch_concurrency at a time."""
+        while (item := self._feed.get()) is not None:
+            spec, push = item
+            if not self._prefetch_wanted(spec, push):
+                continue
+            if spec.chunks or spec.hash is None or spec.key in self.cache:
+                self._pool.submit(self._prefetch_one, spec, push)
+                continue
+            self._slots.acquire()
+            url = object_url(spec.fqrn, spec.hash.object_path())
+            future = self.fetcher.prefetch([(url, spec.hash, f"{spec.fqrn}:{spec.path}")])
+            future.add_done_callback(
+                lambda f, s=spec, c=push: self._fetch_done(_Fetch(s, c, f))  # type: ignore[misc]
+            )
+
+    def _fetch_done(self, fetch: _Fetch) -> None:
+        """On the event loop: free the slot, leave the rest to the finisher."""
+        self._slots.release()
+        self._fetched.put(fetch)
+
+    def _finisher(self) -> None:
+        """Decompress fetched objects into memfds (single-flight with opens) and push them."""
+        while (fetch := self._fetched.get()) is not None:
+            spec = fetch.spec
+            try:
+                obj = self._finish(fetch)
+            except (CacheFull, RepositoryError, FetchError) as e:
+                self.counters["prefetch_failed"] += 1
+                log.info("prefetch %s:%s: %s", spec.fqrn, spec.path, e)
+                continue
+            except Exception as e:  # never let the finisher die
+                self.counters["prefetch_failed"] += 1
+                log.warning("prefetch %s:%s: %s: %s", spec.fqrn, spec.path, type(e).__name__, e)
+                continue
+            self._prefetched(obj, fetch.push)
+
+    def _finish(self, fetch: _Fetch) -> CachedObject:
+        spec, content = fetch.spec, fetch.spec.hash
+        assert content is not None
+        (stored,) = fetch.future.result()
+        if isinstance(stored, BaseException):
+            raise stored
+        source = _Fetched(stored)
+        return self.cache.acquire(
+            spec.key,
+            lambda: load_whole(source, spec.fqrn, spec.path, content, spec.compressed, spec.size),
+            size_hint=spec.size,
+        )
+
+    def _prefetch_one(self, spec: ObjectSpec, push: _Conn | None) -> None:
+        """Load (or find) one object in a pool thread: cache hits and chunked files."""
+        if not self._prefetch_wanted(spec, push):
             return
         try:
             obj = self._acquire(spec)
@@ -387,11 +492,60 @@ class CacheService:
             self.counters["prefetch_failed"] += 1
             log.info("prefetch %s:%s: %s", spec.fqrn, spec.path, e)
             return
+        self._prefetched(obj, push)
+
+    def _prefetched(self, obj: CachedObject, push: _Conn | None) -> None:
         self.counters["prefetched"] += 1
         if push is None:
             self.cache.release(obj)
-        elif self._hand_over(push, obj, "ready"):
-            self.counters["pushed"] += 1
+        else:
+            self._push(push, obj)
+
+    def _push(self, conn: _Conn, obj: CachedObject) -> None:
+        """Queue a pinned object for the client; whoever gets ``send_lock`` sends the queue.
+
+        Objects that become ready while a message is being sent go out together in the next
+        one (up to MAX_FDS fds per message), so a burst of pushes costs a few messages.
+        """
+        with conn.lock:
+            if conn.closed or obj.key in conn.objects:
+                self.cache.release(obj)
+                return
+            conn.outbox.append(obj)
+        while True:
+            if not conn.send_lock.acquire(blocking=False):
+                return  # the holder re-checks the outbox after it lets go
+            try:
+                with conn.lock:
+                    batch, conn.outbox = conn.outbox[:MAX_FDS], conn.outbox[MAX_FDS:]
+                if batch:
+                    self._send_batch(conn, batch)
+            finally:
+                conn.send_lock.release()
+            with conn.lock:
+                if not conn.outbox:
+                    return
+
+    def _send_batch(self, conn: _Conn, batch: list[CachedObject]) -> None:
+        msg = encode({"op": "ready", "ok": True, "objects": [[o.key, o.size] for o in batch]})
+        fds = array.array("i", [o.fd for o in batch])
+        try:
+            conn.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            sent = True
+        except OSError as e:
+            log.debug("client pid %d: %s", conn.pid, e)
+            sent = False
+        with conn.lock:
+            for obj in batch:
+                if sent and not conn.closed and obj.key not in conn.objects:
+                    conn.held[obj.key] += 1
+                    conn.objects[obj.key] = obj
+                elif sent and not conn.closed:  # an open reply crossed: the client returns it
+                    conn.held[obj.key] += 1
+                else:
+                    self.cache.release(obj)
+        if sent:
+            self.counters["pushed"] += len(batch)
 
     def stats(self) -> dict[str, Any]:
         c, f = self.cache.stats, self.fetcher.stats
