@@ -36,14 +36,14 @@ def main() -> int:
         held[path] = f
         st = os.fstat(f.fileno())
         out[path] = {"sha256": hashlib.sha256(data).hexdigest(), "ino": [st.st_dev, st.st_ino]}
-    for path, f in held.items():  # still readable at the end, whatever happened meanwhile
-        size = os.fstat(f.fileno()).st_size
-        again = hashlib.sha256(os.pread(f.fileno(), size + 1, 0)).hexdigest()
+    for path, g in held.items():  # still readable at the end, whatever happened meanwhile
+        size = os.fstat(g.fileno()).st_size
+        again = hashlib.sha256(os.pread(g.fileno(), size + 1, 0)).hexdigest()
         out[path]["again"] = again == out[path]["sha256"]
     print(json.dumps({"files": out}), flush=True)
     sys.stdin.readline()  # keep holding until told (or stdin closes)
-    for f in held.values():
-        f.close()
+    for g in held.values():
+        g.close()
     return 0
 
 
