@@ -2,9 +2,11 @@
 
 A background thread looks each path up in the *current* catalogs (so a list recorded against
 an older revision still fetches what the job will open now), then hands the objects to the
-shared cache service in batches (it fetches with bounded concurrency) or, with a private cache,
-loads them with a bounded thread pool. Prefetched objects are not pinned: the job's own opens
-pin them, and they stay evictable otherwise. Errors are counted and logged, never raised.
+shared cache service in batches: it fetches them with bounded concurrency and pushes each fd
+to us as soon as the object is in RAM, so the job's opens are answered without a round trip.
+With a private cache, a bounded thread pool loads them here. Prefetched objects are not pinned
+by the job until it opens them (pushed ones stay within the client's idle budget). Errors are
+counted and logged, never raised.
 """
 
 from __future__ import annotations
