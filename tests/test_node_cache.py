@@ -420,6 +420,38 @@ def test_record_then_prefetch(tree, server, cache_dir, tmp_path: Path) -> None:
             subprocess.run(["rm", "-rf", str(fresh)], check=False)
 
 
+def test_released_objects_stay_idle_up_to_a_budget(tree, server, cache_dir) -> None:
+    """Released objects keep their fds (re-open: no round trip) up to a quarter of --ram; the
+    least recently used beyond it go back to the service, which may then evict them."""
+    _store, digests = tree
+    blobs = [p for p in sorted(digests) if "/data/" in p][:8]  # 512 KiB each
+    argv = ["--proxy", server.url, "--cache-dir", str(cache_dir), "--ram", "8M", "--", "x"]
+    cfg = parse_exec_args(argv, {})
+    with WorkerSession(cfg) as s:
+        assert s.shared is not None and s.shared.idle_budget == 2 * 2**20
+        objs = []
+        for p in blobs:
+            node = s.namespace.resolve(f"/cvmfs/{FQRN}{p}".encode())
+            assert isinstance(node, Node)
+            obj = s.open_file(node)
+            assert not isinstance(obj, int)
+            objs.append(obj)
+        for obj in objs:
+            s.release(obj)
+        kept = [s.shared.holds(o.key) for o in objs]
+        assert kept == [False] * 4 + [True] * 4, kept  # the 4 most recent fit in 2 MiB
+        st = s.shared.stats()
+        assert st is not None and st["pinned_bytes"] == 4 * 512 * 1024, st
+        node = s.namespace.resolve(f"/cvmfs/{FQRN}{blobs[-1]}".encode())
+        assert isinstance(node, Node)
+        hits = s.shared.local_hits
+        again = s.open_file(node)
+        assert not isinstance(again, int) and s.shared.local_hits == hits + 1
+        with open(again.path, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digests[blobs[-1]]
+        s.release(again)
+
+
 def test_bad_access_list_is_one_line(server, cache_dir, tmp_path: Path) -> None:
     bad = tmp_path / "bad.list"
     bad.write_text("# hep-exec access list v1\nrepo\t/a\tkey\n")

@@ -369,8 +369,12 @@ class CacheClient:
 
     # ------------------------------------------------------------------ internals
 
-    def _trim_idle(self) -> bool:
-        """With the lock: hand back least recently used idle objects beyond the budget."""
+    def _trim_idle(self, batch: int = 1) -> bool:
+        """With the lock: hand back least recently used idle objects beyond the budget.
+
+        True when ``batch`` or more releases wait to be sent (pushes arriving in bursts
+        collect theirs; a job's own release sends at once, so the service may evict soon).
+        """
         while self._idle_bytes > self.idle_budget and self._idle:
             key, obj = self._idle.popitem(last=False)
             self._idle_bytes -= obj.size
@@ -378,7 +382,7 @@ class CacheClient:
             os.close(obj.fd)
             if not self.gone:
                 self._releases.append(key)
-        return len(self._releases) >= PREFETCH_BATCH // 4
+        return len(self._releases) >= batch
 
     def _send_releases(self) -> None:
         with self._lock:
@@ -470,7 +474,7 @@ class CacheClient:
                 else:
                     self._idle[key] = obj
                     self._idle_bytes += obj.size
-                    flush = self._trim_idle()
+                    flush = self._trim_idle(PREFETCH_BATCH // 4)
         if flush:
             self._send_releases()
 
