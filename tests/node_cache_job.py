@@ -1,64 +1,49 @@
-"""A job process for node cache tests: a WorkerSession opening /cvmfs files like a traced job.
+"""A job for node cache tests, run *under hep-exec*: reads /cvmfs files like any program would.
 
-``python -m tests.node_cache_job JSON`` with ``{"argv": [hep-exec options], "fqrn": …,
-"paths": [...], "hold_after": n | null}``. Prints ``ready`` after the session is up and waits
-for a line on stdin; with ``hold_after`` prints ``holding`` after that many opens and waits for
-another line. Keeps every object pinned, re-reads them all at the end, prints one JSON line,
-and holds on until stdin gives one more line or closes.
+``hep-exec … -- python3 tests/node_cache_job.py JSON`` with ``{"root": "/cvmfs/<fqrn>",
+"paths": [...], "hold_after": n | null}`` (stdlib only: it runs as the traced command).
+Prints ``ready`` and waits for a line on stdin; with ``hold_after`` prints ``holding`` after
+that many files and waits for another line. Keeps every file open, re-reads them all at the
+end (pread on the open fds), prints one JSON line with each file's sha256 and inode, and holds
+its files open until stdin gives one more line or closes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import sys
-
-from worker.cache_client import SharedObject
-from worker.config import parse_exec_args
-from worker.namespace import Node
-from worker.ramcache import CachedObject
-from worker.session import WorkerSession
+from typing import BinaryIO
 
 
 def main() -> int:
     job = json.loads(sys.argv[1])
-    logging.basicConfig(level=logging.WARNING, format="job %(levelname)s %(message)s")
-    session = WorkerSession(parse_exec_args([*job["argv"], "--", "true"], {}))
-    server_pid = session.shared.server_pid if session.shared else None
-    print(json.dumps({"ready": os.getpid(), "server_pid": server_pid}), flush=True)
+    print(json.dumps({"ready": os.getpid()}), flush=True)
     sys.stdin.readline()
-    held: dict[str, CachedObject] = {}
+    held: dict[str, BinaryIO] = {}
     out: dict[str, dict[str, object]] = {}
     for i, path in enumerate(job["paths"]):
         if i == job.get("hold_after"):
             print(json.dumps({"holding": i}), flush=True)
             sys.stdin.readline()
-        node = session.namespace.resolve(f"/cvmfs/{job['fqrn']}{path}".encode())
-        assert isinstance(node, Node), (path, node)
-        obj = session.open_file(node)
-        if isinstance(obj, int):
-            out[path] = {"errno": obj}
+        try:
+            f = open(job["root"] + path, "rb")  # noqa: SIM115 - held open on purpose
+        except OSError as e:
+            out[path] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        with open(obj.path, "rb") as f:  # what a tracee does with the rewritten path
-            data = f.read()
-        held[path] = obj
-        out[path] = {
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "ino": os.fstat(obj.fd).st_ino,
-            "shared": isinstance(obj, SharedObject),
-        }
-    for path, obj in held.items():  # still readable at the end, whatever happened meanwhile
-        data = os.pread(obj.fd, obj.size + 1, 0)
-        out[path]["again"] = hashlib.sha256(data).hexdigest() == out[path]["sha256"]
-    fallbacks = session.shared.fallbacks if session.shared else None
-    print(json.dumps({"files": out, "fallbacks": fallbacks, "stats": session.stats_lines()}))
-    sys.stdout.flush()
+        data = f.read()
+        held[path] = f
+        st = os.fstat(f.fileno())
+        out[path] = {"sha256": hashlib.sha256(data).hexdigest(), "ino": [st.st_dev, st.st_ino]}
+    for path, g in held.items():  # still readable at the end, whatever happened meanwhile
+        size = os.fstat(g.fileno()).st_size
+        again = hashlib.sha256(os.pread(g.fileno(), size + 1, 0)).hexdigest()
+        out[path]["again"] = again == out[path]["sha256"]
+    print(json.dumps({"files": out}), flush=True)
     sys.stdin.readline()  # keep holding until told (or stdin closes)
-    for obj in held.values():
-        session.release(obj)
-    session.close()
+    for g in held.values():
+        g.close()
     return 0
 
 

@@ -9,6 +9,7 @@ does later (eviction, a crash) can take it away. When the service is gone, ``ope
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import os
@@ -16,12 +17,14 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cvmfs_format.catalog import DirEntry
 from worker.cache_protocol import (
+    MAX_FDS,
     MAX_MESSAGE,
     PREFETCH_BATCH,
     VERSION,
@@ -35,6 +38,7 @@ from worker.cache_service import (
     CacheDirError,
     default_runtime_dir,
     ensure_private_dir,
+    fork_service,
     peer_credentials,
 )
 from worker.config import ExecConfig
@@ -139,18 +143,49 @@ def start_service(config: ExecConfig, directory: Path) -> None:
         raise OSError(lines[-1] if lines else f"cache service exited {done.returncode}")
 
 
-class CacheClient:
-    """One connection to the service; thread-safe (one request at a time)."""
+class _Wait:
+    """Threads waiting for one key's ``open`` reply (or push): how many, and the outcome."""
 
-    def __init__(self, sock: socket.socket, server_pid: int, directory: Path) -> None:
+    __slots__ = ("count", "done", "error", "obj")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done = threading.Event()
+        self.obj: SharedObject | None = None
+        self.error: tuple[int, str] | None = None
+
+
+class CacheClient:
+    """One connection to the service; thread-safe, several requests in flight.
+
+    A receiver thread reads everything the service sends: ``open`` replies, objects pushed by
+    a prefetch, stats. Objects we hold but nobody uses (released, or pushed and not yet
+    opened) stay here, fds open and pinned at the service, up to ``idle_budget`` bytes (least
+    recently used beyond it are handed back), so opening them again costs no round trip.
+    """
+
+    def __init__(
+        self, sock: socket.socket, server_pid: int, directory: Path, idle_budget: int = 0
+    ) -> None:
         self.sock = sock
         self.server_pid = server_pid
         self.directory = directory
+        self.idle_budget = idle_budget
         self.gone = False
-        self.opens = 0
+        self.opens = 0  # objects received from the service
+        self.local_hits = 0  # opens answered from what we held already
+        self.pushed = 0  # objects received from a prefetch
         self.fallbacks = 0
         self._lock = threading.Lock()
-        self._objects: dict[str, SharedObject] = {}
+        self._objects: dict[str, SharedObject] = {}  # every object we hold an fd of
+        self._idle: OrderedDict[str, SharedObject] = OrderedDict()  # refs == 0, LRU first
+        self._idle_bytes = 0
+        self._waits: dict[str, _Wait] = {}
+        self._releases: list[str] = []
+        self._stats_lock = threading.Lock()
+        self._stats_reply: dict[str, Any] | None = None
+        self._stats_done = threading.Event()
+        self._receiver: threading.Thread | None = None
 
     # ------------------------------------------------------------------ connecting
 
@@ -165,13 +200,16 @@ class CacheClient:
         problem = "not running"
         for attempt in range(3):
             try:
-                return cls.attach(directory)
+                return cls.attach(directory, idle_budget=config.ram_bytes // 4).start()
             except (OSError, ServiceGone, ProtocolError) as e:
                 problem = str(e) or type(e).__name__
             if not start:
                 break
             try:
-                start_service(config, directory)
+                if threading.active_count() == 1:
+                    fork_service(config, directory)
+                else:
+                    start_service(config, directory)
             except OSError as e:
                 problem = f"cannot start it: {e}"
                 if attempt:
@@ -184,8 +222,11 @@ class CacheClient:
         return None
 
     @classmethod
-    def attach(cls, directory: Path) -> CacheClient:
-        """Connect to a running service and check who it is; raises OSError/ServiceGone."""
+    def attach(cls, directory: Path, idle_budget: int = 0) -> CacheClient:
+        """Connect to a running service and check who it is; raises OSError/ServiceGone.
+
+        The client is not yet receiving: call :meth:`start` (or only :meth:`close` it).
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.settimeout(10)
@@ -193,16 +234,26 @@ class CacheClient:
             _pid, uid, _gid = peer_credentials(sock)
             if uid != os.getuid():
                 raise OSError(f"service runs as uid {uid}, not as us (uid {os.getuid()})")
-            sock.settimeout(None)
-            client = cls(sock, 0, directory)
-            reply = client._request({"op": "hello", "version": VERSION})
+            sock.send(encode({"op": "hello", "version": VERSION}))
+            data = sock.recv(MAX_MESSAGE)
+            if not data:
+                raise ServiceGone("connection closed")
+            reply = decode(data)
             if reply.get("version") != VERSION:
                 raise OSError(f"service speaks protocol {reply.get('version')}, not {VERSION}")
-            client.server_pid = int(reply["pid"])
-            return client
+            sock.settimeout(None)
+            return cls(sock, int(reply["pid"]), directory, idle_budget)
         except BaseException:
             sock.close()
             raise
+
+    def start(self) -> CacheClient:
+        """Start the receiver thread."""
+        self._receiver = threading.Thread(
+            target=self._receive, name="hep-exec-cache-client", daemon=True
+        )
+        self._receiver.start()
+        return self
 
     # ------------------------------------------------------------------ objects
 
@@ -216,117 +267,235 @@ class CacheClient:
         with self._lock:
             obj = self._objects.get(key)
             if obj is not None:
+                if obj.refs == 0:
+                    del self._idle[key]
+                    self._idle_bytes -= obj.size
                 obj.refs += 1
+                self.local_hits += 1
                 return obj
             if self.gone:
                 self.fallbacks += 1
                 return None
+            wait = self._waits.get(key)
+            ask = wait is None
+            if wait is None:
+                wait = self._waits[key] = _Wait()
+            wait.count += 1
+            releases, self._releases = self._releases, []
+        if ask:
             try:
-                reply, fd = self._exchange({"op": "open", "object": spec.to_wire()}, want_fd=True)
-            except (OSError, ServiceGone, ProtocolError) as e:
+                if releases:
+                    self.sock.send(encode({"op": "release", "keys": releases}))
+                self.sock.send(encode({"op": "open", "object": spec.to_wire()}))
+            except OSError as e:
                 self._mark_gone(e)
+        wait.done.wait()
+        if wait.error is not None:
+            err, message = wait.error
+            raise RepositoryError(err, message)
+        if wait.obj is None:
+            with self._lock:
                 self.fallbacks += 1
-                return None
-            if not reply.get("ok"):
-                err = reply.get("errno")
-                raise RepositoryError(
-                    err if isinstance(err, int) else errno.EIO,
-                    str(reply.get("error", "cache service")),
-                )
-            if fd is None or reply.get("key") != key:
-                self._mark_gone(ProtocolError("open reply without the object's fd"))
-                if fd is not None:
-                    os.close(fd)
-                self.fallbacks += 1
-                return None
-            obj = SharedObject(key, fd, int(reply["size"]))
-            obj.refs = 1
-            self._objects[key] = obj
-            self.opens += 1
-            return obj
+            return None
+        return wait.obj
 
     def release(self, obj: SharedObject) -> None:
-        """Drop one pin; the last one closes our fd and tells the service."""
+        """Drop one pin; unused objects stay idle here up to the budget."""
         with self._lock:
             if obj.refs <= 0:
                 raise ValueError(f"release of unpinned shared object {obj.key}")
             obj.refs -= 1
             if obj.refs:
                 return
-            if self._objects.get(obj.key) is obj:
-                del self._objects[obj.key]
-            os.close(obj.fd)
-            if not self.gone:
-                try:
-                    self.sock.send(encode({"op": "release", "key": obj.key}))
-                except OSError as e:
-                    self._mark_gone(e)
+            if self._objects.get(obj.key) is not obj:  # closed meanwhile
+                os.close(obj.fd)
+                return
+            self._idle[obj.key] = obj
+            self._idle_bytes += obj.size
+            flush = self._trim_idle()
+        if flush:
+            self._send_releases()
 
-    def prefetch(self, specs: Sequence[ObjectSpec]) -> bool:
-        """Ask the service to fetch these in the background; False if it is gone."""
+    def prefetch(self, specs: Sequence[ObjectSpec], push: bool = True) -> bool:
+        """Ask the service to fetch these (and push them to us); False if it is gone."""
         with self._lock:
-            if self.gone:
-                return False
-            try:
-                for i in range(0, len(specs), PREFETCH_BATCH):
-                    batch = [s.to_wire() for s in specs[i : i + PREFETCH_BATCH]]
-                    self._exchange({"op": "prefetch", "objects": batch})
-            except (OSError, ServiceGone, ProtocolError) as e:
-                self._mark_gone(e)
-                return False
-            return True
+            todo = [s for s in specs if s.key not in self._objects and s.key not in self._waits]
+        if self.gone:
+            return False
+        try:
+            for i in range(0, len(todo), PREFETCH_BATCH):
+                batch = [s.to_wire() for s in todo[i : i + PREFETCH_BATCH]]
+                self.sock.send(encode({"op": "prefetch", "objects": batch, "push": push}))
+        except OSError as e:
+            self._mark_gone(e)
+            return False
+        return True
+
+    def holds(self, key: str) -> bool:
+        """Whether we hold an fd of this object (pinned or idle)."""
+        with self._lock:
+            return key in self._objects
 
     def stats(self) -> dict[str, Any] | None:
-        with self._lock:
+        with self._stats_lock:
             if self.gone:
                 return None
+            self._stats_done.clear()
             try:
-                return self._exchange({"op": "stats"})[0]
-            except (OSError, ServiceGone, ProtocolError) as e:
+                self.sock.send(encode({"op": "stats"}))
+            except OSError as e:
                 self._mark_gone(e)
                 return None
+            if not self._stats_done.wait(10):
+                return None
+            return self._stats_reply
 
     def close(self) -> None:
-        """Disconnect (the service drops our pins); objects handed out keep their fds."""
+        """Disconnect (the service drops our pins); objects in use keep their fds."""
         with self._lock:
-            self.gone = True
-            self.sock.close()
+            gone, self.gone = self.gone, True
+            for obj in self._idle.values():
+                os.close(obj.fd)
+            for key in self._idle:
+                del self._objects[key]
+            self._idle.clear()
+            self._idle_bytes = 0
+            self._objects.clear()  # pinned ones close on their last release
+        if not gone:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._wake_all()
 
     # ------------------------------------------------------------------ internals
 
-    def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            return self._exchange(msg)[0]
+    def _trim_idle(self, batch: int = 1) -> bool:
+        """With the lock: hand back least recently used idle objects beyond the budget.
 
-    def _exchange(
-        self, msg: dict[str, Any], want_fd: bool = False
-    ) -> tuple[dict[str, Any], int | None]:
-        self.sock.send(encode(msg))
-        data, anc, flags, _ = self.sock.recvmsg(
-            MAX_MESSAGE, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
-        )
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
-        if not data:
-            for fd in fds:
+        True when ``batch`` or more releases wait to be sent (pushes arriving in bursts
+        collect theirs; a job's own release sends at once, so the service may evict soon).
+        """
+        while self._idle_bytes > self.idle_budget and self._idle:
+            key, obj = self._idle.popitem(last=False)
+            self._idle_bytes -= obj.size
+            del self._objects[key]
+            os.close(obj.fd)
+            if not self.gone:
+                self._releases.append(key)
+        return len(self._releases) >= batch
+
+    def _send_releases(self) -> None:
+        with self._lock:
+            releases, self._releases = self._releases, []
+        if releases and not self.gone:
+            try:
+                self.sock.send(encode({"op": "release", "keys": releases}))
+            except OSError as e:
+                self._mark_gone(e)
+
+    def _receive(self) -> None:
+        """Receiver thread: dispatch every message until the connection ends."""
+        try:
+            while True:
+                data, anc, flags, _ = self.sock.recvmsg(
+                    MAX_MESSAGE, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC
+                )
+                fds: list[int] = []
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        arr = array.array("i")
+                        arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                        fds.extend(arr)
+                if not data:
+                    for fd in fds:
+                        os.close(fd)
+                    raise ServiceGone("connection closed")
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    for fd in fds:
+                        os.close(fd)
+                    raise ProtocolError("truncated message")
+                self._dispatch(decode(data), fds)
+        except (OSError, ServiceGone, ProtocolError, KeyError, TypeError, ValueError) as e:
+            self._mark_gone(e)
+
+    def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
+        op = msg.get("op")
+        if op == "ready":
+            items = msg.get("objects")
+            if not isinstance(items, list) or len(items) != len(fds):
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError("ready: one fd per object expected")
+            for (key, size), fd in zip(items, fds, strict=True):
+                self._received(str(key), int(size), fd, pushed=True)
+            return
+        if op == "open" and msg.get("ok") and len(fds) == 1:
+            self._received(str(msg["key"]), int(msg["size"]), fds[0], pushed=False)
+            return
+        for fd in fds:
+            os.close(fd)
+        if op == "stats":
+            self._stats_reply = msg
+            self._stats_done.set()
+        elif op == "open" and not msg.get("ok"):
+            err = msg.get("errno")
+            with self._lock:
+                wait = self._waits.pop(str(msg["key"]), None)
+            if wait is not None:
+                wait.error = (
+                    err if isinstance(err, int) else errno.EIO,
+                    str(msg.get("error", "cache service")),
+                )
+                wait.done.set()
+        else:
+            raise ProtocolError(f"unexpected message {op!r} with {len(fds)} fds")
+
+    def _received(self, key: str, size: int, fd: int, pushed: bool) -> None:
+        """An object's fd arrived: hand it to whoever waits, or keep it idle."""
+        flush = False
+        with self._lock:
+            if key in self._objects or self.gone:  # a push and a reply crossed: keep one
                 os.close(fd)
-            raise ServiceGone("connection closed")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > (1 if want_fd else 0):
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError("unexpected reply")
-        return decode(data), (fds[0] if fds else None)
+                if not self.gone:
+                    self._releases.append(key)
+                    flush = len(self._releases) >= PREFETCH_BATCH // 4
+            else:
+                obj = SharedObject(key, fd, size)
+                self._objects[key] = obj
+                if pushed:
+                    self.pushed += 1
+                else:
+                    self.opens += 1
+                wait = self._waits.pop(key, None)
+                if wait is not None:
+                    obj.refs = wait.count
+                    wait.obj = obj
+                    wait.done.set()
+                else:
+                    self._idle[key] = obj
+                    self._idle_bytes += obj.size
+                    flush = self._trim_idle(PREFETCH_BATCH // 4)
+        if flush:
+            self._send_releases()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            waits = list(self._waits.values())
+            self._waits.clear()
+        for wait in waits:
+            wait.done.set()
+        self._stats_reply = None
+        self._stats_done.set()
 
     def _mark_gone(self, why: BaseException) -> None:
-        if not self.gone:
-            self.gone = True
+        with self._lock:
+            was, self.gone = self.gone, True
+        if not was:
             log.warning(
                 "shared RAM cache service (pid %d) gone (%s); new opens use a private RAM cache",
                 self.server_pid,
                 why or type(why).__name__,
             )
-            self.sock.close()
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        self._wake_all()

@@ -2,13 +2,18 @@
 
 Transport: an AF_UNIX SOCK_SEQPACKET socket, so every message is one datagram-sized packet
 (no framing to get wrong) holding one JSON object; an object's memfd travels as SCM_RIGHTS
-ancillary data of the ``open`` reply. Requests carry ``op``:
+ancillary data. Requests carry ``op``; every message from the service carries the ``op`` it
+answers, so a client can keep several requests in flight and read them on one thread:
 
-- ``hello`` {version} -> {ok, pid, version}
-- ``open`` {object} -> {ok, key, size} + one fd, or {ok: false, errno, error}
-- ``release`` {key} -> no reply (drops one of this connection's pins)
-- ``prefetch`` {objects: [...]} -> {ok, queued} (fetched in the background, not pinned)
-- ``stats`` -> {ok, ...counters}
+- ``hello`` {version} -> {op, ok, pid, version}
+- ``open`` {object} -> {op, ok, key, size} + one fd, or {op, ok: false, key, errno, error};
+  answered out of order (a miss does not hold up later requests)
+- ``release`` {keys: [...]} -> no reply (drops one of this connection's pins per key)
+- ``prefetch`` {objects: [...], push} -> no reply; fetched in the background. With ``push``
+  objects are sent as soon as they are in RAM, as {op: "ready", objects: [[key, size], …]}
+  + one fd each (those ready together travel in one message), pinned for this connection
+  like an ``open`` (so the job's later open needs no round trip)
+- ``stats`` -> {op, ok, ...counters}
 
 An object is described by how to load it, never by a key the client chose: the service
 derives the key itself (content hash, or the digest of the chunk list) and verifies every
@@ -27,9 +32,10 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from worker.repository import chunked_key
 
-VERSION = 1
+VERSION = 2
 MAX_MESSAGE = 1 << 20  # bytes per packet; prefetch batches stay far below
 PREFETCH_BATCH = 256
+MAX_FDS = 250  # fds per message (the kernel's SCM_MAX_FD is 253)
 
 
 class ProtocolError(ValueError):

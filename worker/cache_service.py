@@ -9,9 +9,12 @@ then holds a real fd that stays valid whatever happens to this process. Pins are
 connection and dropped when the connection closes, so a dead client never pins forever. The
 service exits ``cache_idle`` seconds after its last client left.
 
-Started on demand by the first client (``--background``: bind, then fork, so the socket is
-listening before the starter returns; a lock file makes racing starters safe) or explicitly
-with ``python -m worker.cache_service [hep-exec options]`` (= ``hep-exec --cache-daemon``).
+Started on demand by the first client, as a fork of that hep-exec (:func:`fork_service`: no
+interpreter start, so the job waits milliseconds, not the second a fresh Python with aiohttp
+takes), or by a fresh interpreter (``--background``) when the client already runs threads;
+either way the socket is bound before the fork, so it listens before the starter returns, and
+a lock file makes racing starters safe. Or explicitly with ``python -m worker.cache_service
+[hep-exec options]`` (= ``hep-exec --cache-daemon``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import signal
 import socket
 import stat
@@ -30,12 +34,15 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_format.hashes import ContentHash
 from worker.cache_protocol import (
+    MAX_FDS,
     MAX_MESSAGE,
     VERSION,
     ObjectSpec,
@@ -44,7 +51,7 @@ from worker.cache_protocol import (
     encode,
 )
 from worker.config import ConfigError, ExecConfig, parse_exec_args
-from worker.fetcher import Fetcher
+from worker.fetcher import Fetcher, FetchError, object_url
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.repository import RepositoryError, load_chunks, load_whole
 
@@ -142,14 +149,48 @@ def bind_service(directory: Path) -> tuple[socket.socket, int] | None:
         raise
 
 
+@dataclass(frozen=True)
+class _Fetch:
+    """A prefetch whose bytes are on their way (or here)."""
+
+    spec: ObjectSpec
+    push: _Conn | None
+    future: Future[Any]
+
+
+class _Fetched:
+    """An ObjectSource holding bytes the fetcher already verified (for load_whole)."""
+
+    def __init__(self, stored: bytes) -> None:
+        self.stored = stored
+
+    def get(
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        check: Callable[[bytes], None] | None = None,
+    ) -> bytes:
+        return self.stored
+
+    def get_many(
+        self, items: Sequence[tuple[str, ContentHash | None, str]]
+    ) -> list[bytes | BaseException]:
+        raise NotImplementedError
+
+
 class _Conn:
-    """One client connection and the pins it holds."""
+    """One client connection and the pins it holds; ``lock`` guards pins and sending."""
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.pid = pid
         self.held: Counter[str] = Counter()
         self.objects: dict[str, CachedObject] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+        self.outbox: list[CachedObject] = []  # pushed objects waiting to be sent (pinned)
+        self.send_lock = threading.Lock()  # whoever holds it drains the outbox
 
 
 class CacheService:
@@ -175,6 +216,16 @@ class CacheService:
         self.cache = RamCache(config.ram_bytes)
         self.idle = config.cache_idle
         self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
+        # misses of ``open`` wait for their fetch here, not on the connection's reader
+        self._open_pool = ThreadPoolExecutor(32, "cache-open")
+        # prefetch: a feeder starts fetches on the fetcher's event loop (at most
+        # prefetch_concurrency in flight), a finisher turns their bytes into memfds and pushes
+        # them; no thread per fetch. Cache hits and chunked files go through ``_pool``.
+        self._slots = threading.Semaphore(config.prefetch_concurrency)
+        self._feed: queue.SimpleQueue[tuple[ObjectSpec, _Conn | None] | None] = queue.SimpleQueue()
+        self._fetched: queue.SimpleQueue[_Fetch | None] = queue.SimpleQueue()
+        for target, name in ((self._feeder, "cache-feeder"), (self._finisher, "cache-finisher")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()
         self._idle_since = time.monotonic()
@@ -221,7 +272,10 @@ class CacheService:
             self.listener.close()
         finally:
             os.close(lock_fd)
+        self._feed.put(None)
+        self._fetched.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._open_pool.shutdown(wait=False, cancel_futures=True)
         self.fetcher.close()
         self.cache.close()  # clients keep their own fds
 
@@ -255,9 +309,16 @@ class CacheService:
         except (OSError, ProtocolError) as e:
             log.debug("client pid %d: %s", conn.pid, e)
         finally:
-            for key, n in conn.held.items():
-                for _ in range(n):
-                    self.cache.release(conn.objects[key])
+            with conn.lock:
+                conn.closed = True
+                for obj in conn.outbox:
+                    self.cache.release(obj)
+                conn.outbox.clear()
+                for key, n in conn.held.items():
+                    for _ in range(n):
+                        self.cache.release(conn.objects[key])
+                conn.held.clear()
+                conn.objects.clear()
             conn.sock.close()
             with self._lock:
                 self._conns.discard(conn)
@@ -267,47 +328,76 @@ class CacheService:
     def _handle(self, conn: _Conn, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "open":
-            self._open(conn, ObjectSpec.from_wire(msg.get("object")))
+            spec = ObjectSpec.from_wire(msg.get("object"))
+            self.counters["opens"] += 1
+            if spec.key in self.cache:  # a hit costs no thread switch
+                self._open(conn, spec)
+            else:
+                self._open_pool.submit(self._open, conn, spec)
         elif op == "release":
-            key = str(msg.get("key"))
-            if conn.held[key] > 0:
-                conn.held[key] -= 1
-                self.cache.release(conn.objects[key])
-                if not conn.held[key]:
-                    del conn.held[key], conn.objects[key]
+            keys = msg.get("keys")
+            if not isinstance(keys, list):
+                raise ProtocolError("release: keys must be a list")
+            with conn.lock:
+                for key in map(str, keys):
+                    if conn.held[key] > 0:
+                        conn.held[key] -= 1
+                        self.cache.release(conn.objects[key])
+                        if not conn.held[key]:
+                            del conn.held[key], conn.objects[key]
         elif op == "prefetch":
             items = msg.get("objects")
             if not isinstance(items, list):
                 raise ProtocolError("prefetch: objects must be a list")
             specs = [ObjectSpec.from_wire(i) for i in items]
+            target = conn if msg.get("push") else None
             for spec in specs:
-                self._pool.submit(self._prefetch_one, spec)
-            conn.sock.send(encode({"ok": True, "queued": len(specs)}))
+                self._feed.put((spec, target))
+            self.counters["prefetch_queued"] += len(specs)
         elif op == "stats":
-            conn.sock.send(encode({"ok": True, **self.stats()}))
+            self._send(conn, {"op": "stats", "ok": True, **self.stats()})
         elif op == "hello":
-            conn.sock.send(encode({"ok": True, "pid": os.getpid(), "version": VERSION}))
+            self._send(conn, {"op": "hello", "ok": True, "pid": os.getpid(), "version": VERSION})
         else:
             raise ProtocolError(f"unknown op {op!r}")
 
+    def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        with conn.lock:
+            if not conn.closed:
+                conn.sock.send(encode(msg))
+
+    def _hand_over(self, conn: _Conn, obj: CachedObject, op: str) -> bool:
+        """Send one pinned object's fd; the pin becomes the connection's (False: not sent)."""
+        with conn.lock:
+            if not conn.closed:
+                try:
+                    conn.sock.sendmsg(
+                        [encode({"op": op, "ok": True, "key": obj.key, "size": obj.size})],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [obj.fd]))],
+                    )
+                except OSError as e:
+                    log.debug("client pid %d: %s", conn.pid, e)
+                else:
+                    conn.held[obj.key] += 1
+                    conn.objects[obj.key] = obj
+                    return True
+        self.cache.release(obj)
+        return False
+
     def _open(self, conn: _Conn, spec: ObjectSpec) -> None:
-        self.counters["opens"] += 1
+        if conn.closed:
+            return
         try:
             obj = self._acquire(spec)
         except (CacheFull, RepositoryError) as e:
             err = e.errno if isinstance(e.errno, int) else errno.EIO
-            conn.sock.send(encode({"ok": False, "errno": err, "error": str(e)}))
+            with contextlib.suppress(OSError):
+                self._send(
+                    conn,
+                    {"op": "open", "ok": False, "key": spec.key, "errno": err, "error": str(e)},
+                )
             return
-        try:
-            conn.sock.sendmsg(
-                [encode({"ok": True, "key": obj.key, "size": obj.size})],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [obj.fd]))],
-            )
-        except BaseException:
-            self.cache.release(obj)
-            raise
-        conn.held[obj.key] += 1
-        conn.objects[obj.key] = obj
+        self._hand_over(conn, obj, "open")
 
     def _acquire(self, spec: ObjectSpec) -> CachedObject:
         if spec.chunks:
@@ -328,19 +418,134 @@ class CacheService:
             size_hint=spec.size,
         )
 
-    def _prefetch_one(self, spec: ObjectSpec) -> None:
-        """Load without keeping a pin; never pushes out what clients hold."""
-        if self._stop.is_set() or spec.key in self.cache:
-            return
-        if spec.size > self.cache.limit - self.cache.pinned_bytes:
+    def _prefetch_wanted(self, spec: ObjectSpec, push: _Conn | None) -> bool:
+        """Worth loading: not held already, and room beside what clients hold."""
+        if self._stop.is_set():
+            return False
+        if push is None:
+            if spec.key in self.cache:
+                return False
+        elif push.closed or spec.key in push.objects:
+            return False
+        if spec.key not in self.cache and spec.size > self.cache.limit - self.cache.pinned_bytes:
             self.counters["prefetch_skipped"] += 1
+            return False
+        return True
+
+    def _feeder(self) -> None:
+        """Start each prefetch's fetch on the event loop, prefetch_concurrency at a time."""
+        while (item := self._feed.get()) is not None:
+            spec, push = item
+            if not self._prefetch_wanted(spec, push):
+                continue
+            if spec.chunks or spec.hash is None or spec.key in self.cache:
+                self._pool.submit(self._prefetch_one, spec, push)
+                continue
+            self._slots.acquire()
+            url = object_url(spec.fqrn, spec.hash.object_path())
+            future = self.fetcher.prefetch([(url, spec.hash, f"{spec.fqrn}:{spec.path}")])
+            future.add_done_callback(
+                lambda f, s=spec, c=push: self._fetch_done(_Fetch(s, c, f))  # type: ignore[misc]
+            )
+
+    def _fetch_done(self, fetch: _Fetch) -> None:
+        """On the event loop: free the slot, leave the rest to the finisher."""
+        self._slots.release()
+        self._fetched.put(fetch)
+
+    def _finisher(self) -> None:
+        """Decompress fetched objects into memfds (single-flight with opens) and push them."""
+        while (fetch := self._fetched.get()) is not None:
+            spec = fetch.spec
+            try:
+                obj = self._finish(fetch)
+            except (CacheFull, RepositoryError, FetchError) as e:
+                self.counters["prefetch_failed"] += 1
+                log.info("prefetch %s:%s: %s", spec.fqrn, spec.path, e)
+                continue
+            except Exception as e:  # never let the finisher die
+                self.counters["prefetch_failed"] += 1
+                log.warning("prefetch %s:%s: %s: %s", spec.fqrn, spec.path, type(e).__name__, e)
+                continue
+            self._prefetched(obj, fetch.push)
+
+    def _finish(self, fetch: _Fetch) -> CachedObject:
+        spec, content = fetch.spec, fetch.spec.hash
+        assert content is not None
+        (stored,) = fetch.future.result()
+        if isinstance(stored, BaseException):
+            raise stored
+        source = _Fetched(stored)
+        return self.cache.acquire(
+            spec.key,
+            lambda: load_whole(source, spec.fqrn, spec.path, content, spec.compressed, spec.size),
+            size_hint=spec.size,
+        )
+
+    def _prefetch_one(self, spec: ObjectSpec, push: _Conn | None) -> None:
+        """Load (or find) one object in a pool thread: cache hits and chunked files."""
+        if not self._prefetch_wanted(spec, push):
             return
         try:
-            self.cache.release(self._acquire(spec))
-            self.counters["prefetched"] += 1
+            obj = self._acquire(spec)
         except (CacheFull, RepositoryError) as e:
             self.counters["prefetch_failed"] += 1
             log.info("prefetch %s:%s: %s", spec.fqrn, spec.path, e)
+            return
+        self._prefetched(obj, push)
+
+    def _prefetched(self, obj: CachedObject, push: _Conn | None) -> None:
+        self.counters["prefetched"] += 1
+        if push is None:
+            self.cache.release(obj)
+        else:
+            self._push(push, obj)
+
+    def _push(self, conn: _Conn, obj: CachedObject) -> None:
+        """Queue a pinned object for the client; whoever gets ``send_lock`` sends the queue.
+
+        Objects that become ready while a message is being sent go out together in the next
+        one (up to MAX_FDS fds per message), so a burst of pushes costs a few messages.
+        """
+        with conn.lock:
+            if conn.closed or obj.key in conn.objects:
+                self.cache.release(obj)
+                return
+            conn.outbox.append(obj)
+        while True:
+            if not conn.send_lock.acquire(blocking=False):
+                return  # the holder re-checks the outbox after it lets go
+            try:
+                with conn.lock:
+                    batch, conn.outbox = conn.outbox[:MAX_FDS], conn.outbox[MAX_FDS:]
+                if batch:
+                    self._send_batch(conn, batch)
+            finally:
+                conn.send_lock.release()
+            with conn.lock:
+                if not conn.outbox:
+                    return
+
+    def _send_batch(self, conn: _Conn, batch: list[CachedObject]) -> None:
+        msg = encode({"op": "ready", "ok": True, "objects": [[o.key, o.size] for o in batch]})
+        fds = array.array("i", [o.fd for o in batch])
+        try:
+            conn.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            sent = True
+        except OSError as e:
+            log.debug("client pid %d: %s", conn.pid, e)
+            sent = False
+        with conn.lock:
+            for obj in batch:
+                if sent and not conn.closed and obj.key not in conn.objects:
+                    conn.held[obj.key] += 1
+                    conn.objects[obj.key] = obj
+                elif sent and not conn.closed:  # an open reply crossed: the client returns it
+                    conn.held[obj.key] += 1
+                else:
+                    self.cache.release(obj)
+        if sent:
+            self.counters["pushed"] += len(batch)
 
     def stats(self) -> dict[str, Any]:
         c, f = self.cache.stats, self.fetcher.stats
@@ -381,6 +586,60 @@ def _daemonize(log_path: Path) -> None:
     os.close(logfd)
 
 
+def _run(config: ExecConfig, listener: socket.socket, lock_fd: int, directory: Path) -> None:
+    """Serve until idle or signalled; the start lock is dropped once the service is built."""
+    try:
+        service = CacheService(config, listener, directory)
+    finally:
+        os.close(lock_fd)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: service.stop())
+    service.serve_forever()
+
+
+def fork_service(config: ExecConfig, directory: Path) -> None:
+    """Start the service as a fork of this (single-threaded) process: no interpreter start.
+
+    Binding happens here, before the fork, so the socket accepts connections (they wait in
+    its backlog) by the time this returns, a few milliseconds later. The service is
+    double-forked into its own session, its standard streams go to ``cache.log``, and every
+    other inherited descriptor is closed (a job's pipes must not stay open behind it).
+    """
+    if threading.active_count() != 1:
+        raise RuntimeError("fork_service needs a single-threaded process")
+    bound = bind_service(directory)
+    if bound is None:
+        return  # a racing starter won
+    listener, lock_fd = bound
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked service
+        code = 1
+        try:
+            _daemonize(directory / LOG_NAME)
+            keep = {listener.fileno(), lock_fd}
+            low = 3
+            for fd in sorted(keep):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, 1 << 16)
+            with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+                f.write("hep-exec-cache")
+            logging.basicConfig(
+                level=config.log_level_number,
+                format=f"%(asctime)s hep-exec cache[{os.getpid()}] %(levelname)s %(message)s",
+                force=True,
+            )
+            _run(config, listener, lock_fd, directory)
+            code = 0
+        except BaseException:
+            log.exception("cache service failed")
+        finally:
+            os._exit(code)
+    listener.close()
+    os.close(lock_fd)
+    os.waitpid(pid, 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m worker.cache_service [--background] [hep-exec options]``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -403,13 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listener, lock_fd = bound
     if background:
         _daemonize(directory / LOG_NAME)
-    try:
-        service = CacheService(config, listener, directory)
-    finally:
-        os.close(lock_fd)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: service.stop())
-    service.serve_forever()
+    _run(config, listener, lock_fd, directory)
     return 0
 
 

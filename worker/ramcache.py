@@ -122,6 +122,7 @@ class RamCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._pinned: dict[str, CachedObject] = {}
+        self._pinned_size = 0  # bytes of the pinned memfds, kept up to date (O(1) checks)
         # unpinned objects only (count unbounded: bytes are limited by hand)
         self._lru: LRU[str, CachedObject] = LRU(1 << 30)
         self._pending: dict[str, _Pending] = {}
@@ -142,6 +143,7 @@ class RamCache:
                 obj = self._lru.pop(key, None)
                 if obj is not None:
                     self._pinned[key] = obj
+                    self._pinned_size += obj.size
             if obj is not None:
                 obj.refs += 1
                 self.stats.hits += 1
@@ -171,6 +173,7 @@ class RamCache:
             obj.refs -= 1
             if obj.refs == 0 and self._pinned.get(obj.key) is obj:
                 del self._pinned[obj.key]
+                self._pinned_size -= obj.size
                 self._lru[obj.key] = obj
                 self._evict_to(self.limit)
 
@@ -204,13 +207,14 @@ class RamCache:
             for obj in list(self._pinned.values()) + list(self._lru.values()):
                 os.close(obj.fd)
             self._pinned.clear()
+            self._pinned_size = 0
             self._lru.clear()
             self._used = self._charged
 
     # ------------------------------------------------------------------ internals
 
     def _pinned_bytes(self) -> int:
-        return self._charged + sum(o.size for o in self._pinned.values())
+        return self._charged + self._pinned_size
 
     def _full(self, key: str, size: int) -> CacheFull:
         msg = (
@@ -270,6 +274,7 @@ class RamCache:
             obj = CachedObject(key, fd, size)
             obj.refs = 1 + pending.waiters
             self._pinned[key] = obj
+            self._pinned_size += size
             self._used += size
             self.stats.bytes_loaded += size
             pending.obj = obj

@@ -47,6 +47,8 @@ class WorkerSession:
         except AccessListError as e:
             raise ConfigError(str(e)) from None
         self.prefetch: Prefetch | None = None
+        # before any thread of ours exists: a service we start is then a cheap fork of us
+        self.shared = CacheClient.connect(config) if config.shared_cache else None
         self.fetcher = Fetcher(
             config.proxies,
             timeout=config.timeout,
@@ -61,13 +63,12 @@ class WorkerSession:
         self.repos = Repositories(self.fetcher, self.master_keys, self.cache, config.repositories)
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
         self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here
-        # node-level pieces: shared cache service, access list recording and prefetch
-        self.shared = CacheClient.connect(config) if config.shared_cache else None
+        # node-level pieces: access list recording and prefetch (into the shared service and
+        # pushed to us, or into our private cache)
         self.recorder = AccessRecorder() if config.record_path else None
         if prefetch_list:
-            pf_client = CacheClient.connect(config, start=False) if self.shared else None
             self.prefetch = Prefetch(
-                prefetch_list, self.repos, pf_client, config.prefetch_concurrency
+                prefetch_list, self.repos, self.shared, config.prefetch_concurrency
             ).start()
 
     def open_file(self, node: Node) -> CachedObject | int:
@@ -99,8 +100,6 @@ class WorkerSession:
     def close(self) -> None:
         if self.prefetch is not None:
             self.prefetch.cancel()
-            if self.prefetch.shared is not None:
-                self.prefetch.shared.close()
         if self.recorder is not None and self.config.record_path is not None:
             try:
                 self.recorder.write(self.config.record_path)
@@ -172,6 +171,7 @@ class WorkerSession:
             svc = self.shared.stats()
             out.append(
                 f"shared cache: {self.shared.opens} objects received, "
+                f"{self.shared.pushed} pushed by prefetch, {self.shared.local_hits} local hits, "
                 f"{self.shared.fallbacks} private fallbacks"
                 + (
                     f"; service pid {svc['pid']}: {svc['objects']} objects, "
