@@ -503,6 +503,19 @@ def other_user() -> Iterator[int]:
         subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
+def _memfd_paths(pid: int) -> list[str]:
+    """/proc paths of the memfds ``pid`` holds (fds closed while we look are skipped)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if os.readlink(path).startswith("/memfd:"):
+                out.append(path)
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def test_other_user_cannot_connect_or_read(tracing, tree, proxy, cache_dir, other_user) -> None:
     """Another user can neither reach our service nor read its objects; SO_PEERCRED backstop."""
     _, digests = tree
@@ -516,10 +529,7 @@ def test_other_user_cannot_connect_or_read(tracing, tree, proxy, cache_dir, othe
         assert all(held[p]["sha256"] == digests[p] for p in paths)
         service = int(service_stats(cache_dir)["pid"])
         targets = [
-            f"/proc/{pid}/fd/{fd}"
-            for pid in (service, job.proc.pid, job.tracee)
-            for fd in os.listdir(f"/proc/{pid}/fd")
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+            path for pid in (service, job.proc.pid, job.tracee) for path in _memfd_paths(pid)
         ]
         assert len(targets) >= 3 * len(paths)
 

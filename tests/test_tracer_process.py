@@ -89,6 +89,15 @@ def test_ctrl_c_goes_to_the_command_not_the_tracer(repo: Path) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
+        # the script must be in `wait` (its background sleep started) before the ^C
+        deadline = time.monotonic() + 10
+        while (
+            not subprocess.run(
+                ["pgrep", "-g", str(proc.pid), "-x", "sleep"], capture_output=True
+            ).stdout
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
         time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does
         out, _ = proc.communicate(timeout=20)
