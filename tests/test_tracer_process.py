@@ -85,6 +85,9 @@ def test_ctrl_c_goes_to_the_command_not_the_tracer(repo: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as a terminal's shell starts a foreground job: ^C at its default, even when this
+        # test runs in a background job (which inherits SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None
