@@ -202,15 +202,8 @@ class CacheService:
         self.listener = listener
         st = os.stat(directory / SOCKET_NAME)
         self._socket_id = (st.st_dev, st.st_ino)
-        self.fetcher = Fetcher(
-            config.proxies,
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            retries=config.retries,
-            backoff_init=config.backoff_init,
-            backoff_max=config.backoff_max,
-            proxy_reset_after=config.proxy_reset_after,
-            max_connections=max(32, config.prefetch_concurrency * 2),
+        self.fetcher = Fetcher.from_config(
+            config, max_connections=max(32, config.prefetch_concurrency * 2)
         ).start()
         raise_fd_limit()
         self.cache = RamCache(config.ram_bytes)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -27,6 +27,9 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.objects import verify_stored
 from cvmfs_format.proxies import ProxyGroups
+
+if TYPE_CHECKING:
+    from worker.config import ExecConfig
 
 log = logging.getLogger("hep_exec.fetcher")
 T = TypeVar("T")
@@ -87,6 +90,20 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 class Fetcher:
     """Thread-safe object fetcher; start() spawns the loop thread, close() stops it."""
+
+    @classmethod
+    def from_config(cls, config: ExecConfig, max_connections: int = 32) -> Fetcher:
+        """A fetcher with the proxies, timeouts and retry policy of a hep-exec config."""
+        return cls(
+            config.proxies,
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            retries=config.retries,
+            backoff_init=config.backoff_init,
+            backoff_max=config.backoff_max,
+            proxy_reset_after=config.proxy_reset_after,
+            max_connections=max_connections,
+        )
 
     def __init__(
         self,

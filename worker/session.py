@@ -49,15 +49,7 @@ class WorkerSession:
         self.prefetch: Prefetch | None = None
         # before any thread of ours exists: a service we start is then a cheap fork of us
         self.shared = CacheClient.connect(config) if config.shared_cache else None
-        self.fetcher = Fetcher(
-            config.proxies,
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            retries=config.retries,
-            backoff_init=config.backoff_init,
-            backoff_max=config.backoff_max,
-            proxy_reset_after=config.proxy_reset_after,
-        ).start()
+        self.fetcher = Fetcher.from_config(config).start()
         raise_fd_limit()
         self.cache = RamCache(config.ram_bytes)
         self.repos = Repositories(self.fetcher, self.master_keys, self.cache, config.repositories)
