@@ -150,12 +150,16 @@ def test_killed_publish_leaves_previous_revision_intact(tmp_path: Path) -> None:
     store, keys = tmp_path / "store", tmp_path / "keys"
     assert _cli(src, "--name", FQRN, "--out", store, "--keys", keys).returncode == 0
     before = (store / FQRN / ".cvmfspublished").read_bytes()
-    many = src / "many"
-    many.mkdir()
-    for i in range(2000):
-        (many / f"{i}.dat").write_bytes(os.urandom(32768))
+    data = store / FQRN / "data"
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
-    for delay in (0.3, 0.8, 1.5):
+    # Each round adds 2,000 new objects and kills publish once a share of them
+    # is on disk: killed mid-write whatever the machine's speed.
+    for round_, share in enumerate((0.05, 0.4, 0.8)):
+        many = src / f"many{round_}"
+        many.mkdir()
+        for i in range(2000):
+            (many / f"{i}.dat").write_bytes(os.urandom(32768))
+        objects_before = sum(1 for _ in data.glob("*/*"))
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -173,7 +177,9 @@ def test_killed_publish_leaves_previous_revision_intact(tmp_path: Path) -> None:
             env=env,
             stdout=subprocess.DEVNULL,
         )
-        time.sleep(delay)
+        while sum(1 for _ in data.glob("*/*")) < objects_before + 2000 * share:
+            assert proc.poll() is None, "publish finished before it could be killed"
+            time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, "publish finished before it could be killed"
         repo = Repo(store, FQRN, keys / f"{FQRN}.pub", keys)
