@@ -23,3 +23,13 @@ def fresh_fixture_repo(tmp_path: Path) -> Repo:
     if not FIXTURE_DIR.is_dir():
         pytest.skip(SHARED_MISSING)
     return unpack_fixture(tmp_path)
+
+
+@pytest.fixture(params=["notify", "ptrace"])
+def trap_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a tracer test in both trap modes (HEP_EXEC_TRAP, inherited by traced commands):
+    seccomp user notification where the kernel has it, and ptrace stops only, which is what
+    kernels older than 6.6 get."""
+    mode: str = request.param
+    monkeypatch.setenv("HEP_EXEC_TRAP", mode)
+    return mode

@@ -17,7 +17,7 @@ from worker.hostpolicy import HostDirPolicy
 from worker.policy import Node, Opened
 from worker.tracer import run
 
-pytestmark = needs_ptrace
+pytestmark = [needs_ptrace, pytest.mark.usefixtures("trap_mode")]
 
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 

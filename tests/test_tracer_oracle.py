@@ -15,7 +15,7 @@ import pytest
 
 from tests.tracing import MOUNT, compile_c, ensure_built, native, needs_ptrace, ram_dir, traced
 
-pytestmark = needs_ptrace
+pytestmark = [needs_ptrace, pytest.mark.usefixtures("trap_mode")]
 
 WALKER = r"""
 #define _GNU_SOURCE

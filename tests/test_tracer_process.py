@@ -16,7 +16,7 @@ from worker.hostpolicy import HostDirPolicy
 from worker.policy import Node, Opened
 from worker.tracer import forget, run
 
-pytestmark = needs_ptrace
+pytestmark = [needs_ptrace, pytest.mark.usefixtures("trap_mode")]
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +282,99 @@ def test_stats_count_trapped_syscalls(repo: Path) -> None:
     assert r.returncode == 0
     assert "trapped syscalls:" in r.stderr and "openat" in r.stderr
     assert os.path.basename(MOUNT) not in r.stderr
+
+
+def test_stats_say_how_calls_were_answered(repo: Path, trap_mode: str) -> None:
+    from worker.tracer import check_mode
+
+    r = traced(repo, ["sh", "-c", f"cat {MOUNT}/dir/file; test -e {MOUNT}/dir"], stats=True)
+    assert r.returncode == 0, r.stderr
+    _, auto = check_mode()
+    if trap_mode == "ptrace":
+        assert "trap mode: ptrace (0 answered by notification" in r.stderr
+    elif auto == "seccomp-notify":
+        # opens and stats by notification; only the execs (sh's PATH search) by ptrace stop
+        lines = r.stderr.splitlines()
+        line = next(x for x in lines if x.startswith("trap mode"))
+        execs = next(int(x.split()[1]) for x in lines if x.split()[:1] == ["execve"])
+        notified = int(line.split("(")[1].split()[0])
+        assert line.startswith("trap mode: seccomp-notify") and notified > 10, line
+        assert line.endswith(f", {execs} by ptrace stop)"), line
+
+
+EINTR_PROBE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+static volatile long ticks;
+static void on_alarm(int s) { (void)s; ticks++; }
+int main(int argc, char **argv) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm; /* no SA_RESTART: an interrupted call would fail with EINTR */
+    sigaction(SIGALRM, &sa, NULL);
+    struct itimerval it = {{0, 100}, {0, 100}};
+    setitimer(ITIMER_REAL, &it, NULL);
+    long eintr = 0, other = 0;
+    struct stat st;
+    for (int i = 0; i < 20000; i++) {
+        const char *p = argv[1 + i % (argc - 1)];
+        int fd = open(p, O_RDONLY);
+        if (fd < 0) { if (errno == EINTR) eintr++; else other++; } else close(fd);
+        if (stat(p, &st) < 0) { if (errno == EINTR) eintr++; else other++; }
+        if (access(p, R_OK) < 0) { if (errno == EINTR) eintr++; else other++; }
+    }
+    printf("eintr=%ld other=%ld ticked=%d\n", eintr, other, ticks > 0);
+    return 0;
+}
+"""
+
+FIFO_OPEN = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static void on_alarm(int s) { (void)s; }
+int main(int argc, char **argv) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sigaction(SIGALRM, &sa, NULL);
+    alarm(1);
+    int fd = open(argv[1], O_RDONLY); /* no writer: blocks until the alarm */
+    printf("%s\n", fd < 0 && errno == EINTR ? "EINTR" : "opened");
+    return 0;
+}
+"""
+
+
+def test_signals_never_make_answered_calls_fail_with_eintr(repo: Path, tmp_path: Path) -> None:
+    """A handler without SA_RESTART firing every 100 us: open/stat/access of /cvmfs and host
+    files never fail (a notification interrupted before it was read is restarted)."""
+    prog = compile_c(EINTR_PROBE, tmp_path / "eintr")
+    r = traced(repo, [str(prog), f"{MOUNT}/dir/file", f"{MOUNT}/link", "/etc/hostname"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "eintr=0 other=0 ticked=1"
+
+
+def test_blocking_fifo_open_is_still_interrupted(repo: Path, tmp_path: Path) -> None:
+    """Native semantics where the kernel really blocked: open of a FIFO with no writer is
+    ended by a signal with EINTR, not restarted forever."""
+    prog = compile_c(FIFO_OPEN, tmp_path / "fifo_open")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in (str(fifo), fifo.name):
+        r = traced(repo, [str(prog), target], cwd=tmp_path, timeout=20)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "EINTR"
 
 
 class _Evicting(HostDirPolicy):

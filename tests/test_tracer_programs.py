@@ -11,7 +11,7 @@ import pytest
 
 from tests.tracing import MOUNT, compile_c, ensure_built, needs_ptrace, traced
 
-pytestmark = needs_ptrace
+pytestmark = [needs_ptrace, pytest.mark.usefixtures("trap_mode")]
 
 TOOL = r"""
 #include <stdio.h>

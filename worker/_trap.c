@@ -20,6 +20,9 @@
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <poll.h>
+#include <sched.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -27,11 +30,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/xattr.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/user.h>
 #include <sys/wait.h>
@@ -48,6 +56,15 @@
 #define AT_EMPTY_PATH 0x1000
 #endif
 #define X32_SYSCALL_BIT 0x40000000
+#ifndef SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+#define SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (1UL << 5)
+#endif
+#ifndef SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP
+#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (1UL << 0)
+#endif
+#ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64)
+#endif
 
 /* Syscall classes; must match worker/tracer.py (Cls). */
 enum {
@@ -95,12 +112,34 @@ static const int trapped[] = {
     465 /* listxattrat */, 466 /* removexattrat */,
 };
 
-static int install_filter(void)
+/* In seccomp-notify mode these still take a ptrace stop: exec and chdir change the tracee
+ * (registers, cwd), which only ptrace can do; openat2 and the *xattrat calls are rare. */
+static int ptrace_only(int nr)
+{
+    switch (nr) {
+    case SYS_execve: case SYS_execveat: case SYS_chdir: case SYS_fchdir:
+    case 437: /* openat2: O_PATH hides in struct open_how (see below) */
+    case 464: case 465:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/*
+ * notify=0: every trapped syscall is a ptrace stop (SECCOMP_RET_TRACE).
+ * notify=1: the hot ones (open, stat, access, readlink, getcwd, writes) are sent to a
+ * seccomp user-notification listener instead, whose fd is returned: answering one costs two
+ * context switches and no ptrace register traffic.
+ * Returns the listener fd (notify), 0 (ptrace), or -1 with errno.
+ */
+static int install_filter(int notify)
 {
     enum { N = sizeof(trapped) / sizeof(trapped[0]) };
-    struct sock_filter prog[24 + 2 * N];
+    struct sock_filter prog[36 + 2 * N];
     int k = 0;
     const uint32_t allow = SECCOMP_RET_ALLOW, trace = SECCOMP_RET_TRACE;
+    const uint32_t hot = notify ? SECCOMP_RET_USER_NOTIF : trace;
 #define STMT(c, v) prog[k++] = (struct sock_filter)BPF_STMT(c, v)
 #define JUMP(c, v, t, f) prog[k++] = (struct sock_filter)BPF_JUMP(c, v, t, f)
     STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
@@ -119,10 +158,23 @@ static int install_filter(void)
     STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[2]));
     JUMP(BPF_JMP | BPF_JSET | BPF_K, AT_EMPTY_PATH, 0, 1);
     STMT(BPF_RET | BPF_K, allow);
+    if (notify) {
+        /* O_PATH opens take a ptrace stop: an O_PATH fd cannot be installed with ADDFD. */
+        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_open, 0, 3);
+        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1]));
+        JUMP(BPF_JMP | BPF_JSET | BPF_K, O_PATH, 0, 1);
+        STMT(BPF_RET | BPF_K, trace);
+        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_openat, 0, 3);
+        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[2]));
+        JUMP(BPF_JMP | BPF_JSET | BPF_K, O_PATH, 0, 1);
+        STMT(BPF_RET | BPF_K, trace);
+    }
     STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
     for (int i = 0; i < N; i++) {
         JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)trapped[i], 0, 1);
-        STMT(BPF_RET | BPF_K, trace);
+        STMT(BPF_RET | BPF_K, ptrace_only(trapped[i]) ? trace : hot);
     }
     STMT(BPF_RET | BPF_K, allow);
 #undef STMT
@@ -130,7 +182,42 @@ static int install_filter(void)
     struct sock_fprog fprog = {.len = (unsigned short)k, .filter = prog};
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         return -1;
-    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog);
+    unsigned long flags = notify ? SECCOMP_FILTER_FLAG_NEW_LISTENER |
+                                       SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+                                 : 0;
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &fprog);
+}
+
+/* Can this kernel run notify mode well?  It needs a listener that wakes us on the trapping
+ * task's CPU (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, Linux 6.6, which implies WAIT_KILLABLE_RECV
+ * and ADDFD_FLAG_SEND): without it a notification costs a cross-CPU wake-up each way and
+ * ptrace with polling is faster.  A listener cannot be installed under another one (nested
+ * hep-exec, container runtimes), which this finds too.  Probed in a throwaway child. */
+static int probe_notify(void)
+{
+    static int known = -1;
+    if (known >= 0)
+        return known;
+    pid_t c = fork();
+    if (c < 0)
+        return known = 0;
+    if (c == 0) {
+        struct sock_filter prog[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+        struct sock_fprog fprog = {.len = 1, .filter = prog};
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+            _exit(1);
+        int fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+                              SECCOMP_FILTER_FLAG_NEW_LISTENER |
+                                  SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
+                              &fprog);
+        if (fd < 0)
+            _exit(1);
+        _exit(ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0)
+                  ? 1 : 0);
+    }
+    int st = 0;
+    while (waitpid(c, &st, 0) < 0 && errno == EINTR) {}
+    return known = WIFEXITED(st) && WEXITSTATUS(st) == 0;
 }
 
 /* ---------- answer cache ---------- */
@@ -325,8 +412,20 @@ static void thread_forget(pid_t tid)
 static char mount_p[MAXPATH], shadow_p[MAXPATH];
 static size_t mount_n, shadow_n;
 static PyObject *handler;
-static unsigned long long n_trapped[NSYS], n_pass, n_hits, n_upcalls;
+static unsigned long long n_trapped[NSYS], n_pass, n_hits, n_upcalls, n_notified;
 static uid_t my_uid;
+
+/* Two threads answer tracees in notify mode: the ptrace loop (the thread that called run)
+ * and the notification loop.  `big` serialises them over all the state above and below,
+ * and over calls into Python; lock order is big, then the GIL. */
+static pthread_mutex_t big = PTHREAD_MUTEX_INITIALIZER;
+static int notify_fd = -1;
+/* The notification being answered (notification thread only, under big). */
+static struct {
+    int active;
+    uint64_t id;
+    int replied; /* answered already, by SECCOMP_IOCTL_NOTIF_ADDFD with ADDFD_FLAG_SEND */
+} cur_notif;
 
 /* ---------- tracee memory ---------- */
 
@@ -599,11 +698,13 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
     }
     n_upcalls++;
     int cacheable = 0;
+    PyGILState_STATE gil = PyGILState_Ensure(); /* the notification thread has no GIL */
     PyObject *res = PyObject_CallFunction(handler, "iiiy#", (int)tid, cls, flags, key,
                                           (Py_ssize_t)kn);
     if (!res || parse_action(res, tmp, &cacheable, argv_prefix) < 0) {
         PyErr_WriteUnraisable(handler);
         Py_XDECREF(res);
+        PyGILState_Release(gil);
         free(tmp->bval);
         memset(tmp, 0, sizeof *tmp);
         tmp->kind = A_RETURN;
@@ -611,6 +712,7 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
         return tmp;
     }
     Py_DECREF(res);
+    PyGILState_Release(gil);
     if (!cacheable || *argv_prefix || (flags & F_PROCEXE))
         return tmp;
     e = calloc(1, sizeof *e);
@@ -630,6 +732,160 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
     tmp->bval = NULL;
     cache_put(e);
     return &e->act;
+}
+
+/* ---------- notify mode: doing a redirected call on the tracee's behalf ---------- */
+
+/* A target naming the caller's own process (a host symlink to /proc/self/..., /dev/fd/N)
+ * must be resolved as the tracee, not as us. */
+static const char *as_tracee(pid_t tid, const char *target, char *buf, size_t max)
+{
+    static const char *const selfs[] = {"/proc/self/", "/proc/thread-self/", "/dev/fd/"};
+    static const char *const tails[] = {"", "", "fd/"};
+    for (int i = 0; i < 3; i++) {
+        size_t n = strlen(selfs[i]);
+        if (strncmp(target, selfs[i], n) == 0) {
+            snprintf(buf, max, "/proc/%d/%s%s", (int)tid, tails[i], target + n);
+            return buf;
+        }
+    }
+    if (strncmp(target, "/dev/std", 8) == 0) {
+        static const char *const names[] = {"in", "out", "err"};
+        for (int i = 0; i < 3; i++)
+            if (strcmp(target + 8, names[i]) == 0) {
+                snprintf(buf, max, "/proc/%d/fd/%d", (int)tid, i);
+                return buf;
+            }
+    }
+    return target;
+}
+
+/* open/openat: open the target ourselves and install the fd in the tracee as the call's
+ * result (SECCOMP_ADDFD_FLAG_SEND), so the tracee gets its own open file description.
+ * (O_PATH opens and openat2 take a ptrace stop instead: see install_filter.) */
+static long notify_open(long nr, struct user_regs_struct *r, const char *path, int magic)
+{
+    unsigned long long fl = nr == SYS_open ? r->rsi : r->rdx;
+    unsigned long long mode = nr == SYS_open ? r->rdx : r->r10;
+    if (magic)
+        fl &= ~(unsigned long long)O_NOFOLLOW; /* a memfd's /proc link: see allow_magic_link */
+    /* Never block or take a controlling terminal on the tracee's behalf (a FIFO reached
+     * through a symlink out of /cvmfs); O_NONBLOCK is taken back below. */
+    int ours = magic || has_prefix(path, strlen(path), shadow_p, shadow_n);
+    unsigned long long extra = O_CLOEXEC | O_NOCTTY | (ours ? 0 : O_NONBLOCK);
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, path, (long)(fl | extra), (long)mode);
+    if (fd < 0)
+        return -errno;
+    if ((extra & O_NONBLOCK) && !(fl & O_NONBLOCK)) {
+        int cur = fcntl(fd, F_GETFL);
+        if (cur >= 0)
+            fcntl(fd, F_SETFL, cur & ~O_NONBLOCK);
+    }
+    struct seccomp_notif_addfd add = {
+        .id = cur_notif.id,
+        .flags = SECCOMP_ADDFD_FLAG_SEND,
+        .srcfd = (uint32_t)fd,
+        .newfd = 0,
+        .newfd_flags = (uint32_t)(fl & O_CLOEXEC),
+    };
+    long got = ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
+    int e = errno;
+    close(fd);
+    if (got >= 0 || e == ENOENT) {
+        cur_notif.replied = 1; /* ENOENT: the caller is gone or was interrupted */
+        return got >= 0 ? got : -ENOENT;
+    }
+    return -e; /* EMFILE ...: the caller gets the error in the ordinary reply */
+}
+
+/* getxattr/lgetxattr/listxattr/llistxattr on a redirected path, through our own buffer. */
+static long notify_xattr(pid_t tid, long nr, struct user_regs_struct *r, const char *path)
+{
+    enum { XMAX = 65536 };
+    int get = nr == SYS_getxattr || nr == SYS_lgetxattr;
+    unsigned long dst = get ? r->rdx : r->rsi;
+    size_t size = (size_t)(get ? r->r10 : r->rdx);
+    char name[256];
+    if (get && read_string(tid, r->rsi, name, sizeof name) < 0)
+        return -ERANGE;
+    char *buf = size ? malloc(size < XMAX ? size : XMAX) : NULL;
+    if (size && !buf)
+        return -ENOMEM;
+    size_t cap = size < XMAX ? size : XMAX;
+    ssize_t n = nr == SYS_getxattr    ? getxattr(path, name, buf, cap)
+                : nr == SYS_lgetxattr ? lgetxattr(path, name, buf, cap)
+                : nr == SYS_listxattr ? listxattr(path, buf, cap)
+                                      : llistxattr(path, buf, cap);
+    long rc = n < 0 ? -errno : n;
+    if (n > 0 && size && write_mem(tid, dst, buf, (size_t)n) < 0)
+        rc = -EFAULT;
+    free(buf);
+    return rc;
+}
+
+/* The other redirected calls, done here on the target and copied out. */
+static long notify_redirect(pid_t tid, long nr, struct user_regs_struct *r, const char *target)
+{
+    char buf[MAXPATH + 64];
+    const char *path = as_tracee(tid, target, buf, sizeof buf);
+    int magic = strncmp(target, "/proc/", 6) == 0;
+    switch (nr) {
+    case SYS_open:
+    case SYS_openat:
+        return notify_open(nr, r, path, magic && strcmp(path, target) == 0);
+    case SYS_statfs: {
+        struct statfs sf;
+        if (statfs(path, &sf) != 0)
+            return -errno;
+        return write_mem(tid, r->rsi, &sf, sizeof sf);
+    }
+    case SYS_getxattr:
+    case SYS_lgetxattr:
+    case SYS_listxattr:
+    case SYS_llistxattr:
+        return notify_xattr(tid, nr, r, path);
+    case SYS_stat:
+    case SYS_lstat:
+    case SYS_newfstatat: {
+        struct stat st;
+        int fl = nr == SYS_lstat ? AT_SYMLINK_NOFOLLOW
+                 : nr == SYS_stat ? 0
+                                  : (int)(r->r10 & (AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT));
+        if (fstatat(AT_FDCWD, path, &st, fl) != 0)
+            return -errno;
+        return write_mem(tid, nr == SYS_newfstatat ? r->rdx : r->rsi, &st, sizeof st);
+    }
+    case 332: {
+        struct statx x;
+        int fl = (int)(r->rdx & ~(unsigned long long)AT_EMPTY_PATH);
+        if (statx(AT_FDCWD, path, fl, (unsigned)r->r10, &x) != 0)
+            return -errno;
+        return write_mem(tid, r->r8, &x, sizeof x);
+    }
+    case SYS_access:
+        return syscall(SYS_faccessat, AT_FDCWD, path, (long)r->rsi) ? -errno : 0;
+    case SYS_faccessat:
+        return syscall(SYS_faccessat, AT_FDCWD, path, (long)r->rdx) ? -errno : 0;
+    case 439:
+        return syscall(439, AT_FDCWD, path, (long)r->rdx,
+                       (long)(r->r10 & ~(unsigned long long)AT_EMPTY_PATH))
+                   ? -errno
+                   : 0;
+    case SYS_readlink:
+    case SYS_readlinkat: {
+        char out[MAXPATH];
+        unsigned long dst = nr == SYS_readlink ? r->rsi : r->rdx;
+        long long sz = (long long)(nr == SYS_readlink ? r->rdx : r->r10);
+        if (sz <= 0)
+            return -EINVAL;
+        ssize_t n = readlink(path, out, sizeof out < (size_t)sz ? sizeof out : (size_t)sz);
+        if (n < 0)
+            return -errno;
+        return write_mem(tid, dst, out, (size_t)n) < 0 ? -EFAULT : n;
+    }
+    default:
+        return -EIO; /* the filter sends no other redirectable call here */
+    }
 }
 
 /* ---------- applying answers ---------- */
@@ -1033,6 +1289,11 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         changed = 1;
         break;
     case A_REDIRECT: {
+        if (cur_notif.active) {
+            skip_with(r, notify_redirect(tid, nr, r, a->bval));
+            changed = 1;
+            break;
+        }
         /* ival=1: the target is a regular file or a shadow directory, whose open/stat never
          * restarts, so the tracee cannot observe the pointer change except in the argument
          * register after return, which the C ABI and libc wrappers treat as clobbered (one
@@ -1111,7 +1372,7 @@ static void kill_all(void)
             kill(threads[i].tid, SIGKILL);
 }
 
-static PyObject *stats_dict(size_t cached)
+static PyObject *stats_dict(size_t cached, const char *mode)
 {
     PyObject *per = PyDict_New();
     if (!per)
@@ -1129,8 +1390,9 @@ static PyObject *stats_dict(size_t cached)
         Py_DECREF(k);
         Py_DECREF(v);
     }
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:n}", "trapped", per, "passed", n_pass, "hits",
-                         n_hits, "upcalls", n_upcalls, "cached", (Py_ssize_t)cached);
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:n,s:K,s:s}", "trapped", per, "passed", n_pass,
+                         "hits", n_hits, "upcalls", n_upcalls, "cached", (Py_ssize_t)cached,
+                         "notified", n_notified, "mode", mode);
 }
 
 static char **to_cstrings(PyObject *seq)
@@ -1170,14 +1432,297 @@ static void free_cstrings(char **v)
 
 extern char **environ;
 
+/* ---------- the notification loop (notify mode) ---------- */
+
+static int stop_efd = -1;
+static struct seccomp_notif *notif_req;
+static struct seccomp_notif_resp *notif_resp;
+static size_t notif_req_size, notif_resp_size;
+
+static void answer_notification(const struct seccomp_notif *req, struct seccomp_notif_resp *resp)
+{
+    struct user_regs_struct regs;
+    memset(&regs, 0, sizeof regs);
+    regs.orig_rax = (unsigned long long)req->data.nr;
+    regs.rdi = req->data.args[0];
+    regs.rsi = req->data.args[1];
+    regs.rdx = req->data.args[2];
+    regs.r10 = req->data.args[3];
+    regs.r8 = req->data.args[4];
+    regs.r9 = req->data.args[5];
+    memset(resp, 0, notif_resp_size);
+    resp->id = req->id;
+    resp->flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+    pthread_mutex_lock(&big);
+    n_notified++;
+    tstate_t *t = thread_find((pid_t)req->pid, 1);
+    if (t) {
+        cur_notif.active = 1;
+        cur_notif.id = req->id;
+        cur_notif.replied = 0;
+        int changed = handle_syscall((pid_t)req->pid, &regs, t);
+        cur_notif.active = 0;
+        if (cur_notif.replied) {
+            resp->id = 0; /* answered by ADDFD_FLAG_SEND */
+        } else if (changed && regs.orig_rax == (unsigned long long)-1) {
+            long long v = (long long)regs.rax;
+            resp->flags = 0;
+            if (v < 0 && v >= -4095)
+                resp->error = (int32_t)v;
+            else
+                resp->val = v;
+        }
+    }
+    pthread_mutex_unlock(&big);
+}
+
+static void *notify_main(void *arg)
+{
+    (void)arg;
+    struct pollfd pf[2] = {{notify_fd, POLLIN, 0}, {stop_efd, POLLIN, 0}};
+    for (;;) {
+        if (poll(pf, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (pf[1].revents)
+            break;
+        if (!(pf[0].revents & POLLIN)) {
+            if (pf[0].revents & (POLLHUP | POLLERR | POLLNVAL))
+                break; /* no tracee left */
+            continue;
+        }
+        memset(notif_req, 0, notif_req_size);
+        if (ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_RECV, notif_req) != 0)
+            continue; /* ENOENT: the caller went away */
+        answer_notification(notif_req, notif_resp);
+        if (notif_resp->id)
+            ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SEND, notif_resp); /* ENOENT: gone, fine */
+    }
+    return NULL;
+}
+
+static int start_notify_thread(pthread_t *th)
+{
+    struct seccomp_notif_sizes sz;
+    notif_req_size = sizeof(struct seccomp_notif);
+    notif_resp_size = sizeof(struct seccomp_notif_resp);
+    if (syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sz) == 0) {
+        if (sz.seccomp_notif > notif_req_size)
+            notif_req_size = sz.seccomp_notif;
+        if (sz.seccomp_notif_resp > notif_resp_size)
+            notif_resp_size = sz.seccomp_notif_resp;
+    }
+    notif_req = calloc(1, notif_req_size);
+    notif_resp = calloc(1, notif_resp_size);
+    stop_efd = eventfd(0, EFD_CLOEXEC);
+    if (!notif_req || !notif_resp || stop_efd < 0)
+        return -1;
+    /* Wake us on the trapping task's CPU and hand the CPU straight back on reply. */
+    if (ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0)) {}
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay with Python's threads */
+    int rc = pthread_create(th, NULL, notify_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc ? -1 : 0;
+}
+
+static void stop_notify_thread(pthread_t th, int started)
+{
+    if (started) {
+        uint64_t one = 1;
+        if (write(stop_efd, &one, sizeof one) < 0) {}
+        pthread_join(th, NULL);
+    }
+    if (stop_efd >= 0)
+        close(stop_efd);
+    if (notify_fd >= 0)
+        close(notify_fd);
+    stop_efd = notify_fd = -1;
+    free(notif_req);
+    free(notif_resp);
+    notif_req = NULL;
+    notif_resp = NULL;
+}
+
+/* ---------- the ptrace loop ---------- */
+
+#define ERESTARTSYS 512
+#define ERESTARTNOINTR 513
+
+/*
+ * A signal that arrives while a call waits for its notification to be read interrupts the
+ * wait, and the kernel ends the call with -ERESTARTSYS: without SA_RESTART on the handler the
+ * program would see EINTR from an open or stat of a plain file, which it never expects (and
+ * ptrace mode never shows).  At the signal-delivery stop, before the kernel decides, turn
+ * that into -ERESTARTNOINTR so the call is always restarted.  Calls we let through to the
+ * kernel can still block there for real (open of a FIFO or a terminal): those keep EINTR.
+ */
+static void restart_notified_call(pid_t tid)
+{
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, tid, 0, &r) != 0 || (long long)r.rax != -ERESTARTSYS)
+        return;
+    long nr = (long)r.orig_rax;
+    int ours = 0;
+    for (size_t i = 0; i < sizeof trapped / sizeof trapped[0] && !ours; i++)
+        ours = trapped[i] == nr && !ptrace_only((int)nr);
+    if (!ours)
+        return;
+    if (nr == SYS_open || nr == SYS_openat) {
+        char raw[MAXPATH], path[2 * MAXPATH + 2];
+        long n = read_string(tid, nr == SYS_open ? r.rdi : r.rsi, raw, sizeof raw);
+        int dirfd = nr == SYS_open ? AT_FDCWD : (int)r.rdi;
+        ssize_t bn = 0;
+        if (n > 0 && raw[0] != '/') { /* the host file the kernel was opening */
+            char what[32];
+            snprintf(what, sizeof what, dirfd == AT_FDCWD ? "cwd" : "fd/%d", dirfd);
+            bn = proc_link(tid, what, path, MAXPATH);
+            if (bn > 0)
+                path[bn++] = '/';
+        }
+        struct stat st;
+        if (n > 0 && bn >= 0) {
+            memcpy(path + bn, raw, (size_t)n + 1);
+            if (!has_prefix(path, strlen(path), mount_p, mount_n) &&
+                !has_prefix(path, strlen(path), shadow_p, shadow_n) && stat(path, &st) == 0 &&
+                (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode)))
+                return; /* may have blocked in the kernel: EINTR is real */
+        }
+    }
+    r.rax = (unsigned long long)-ERESTARTNOINTR;
+    ptrace(PTRACE_SETREGS, tid, 0, &r);
+}
+
+/* Handle one waitpid report (under big and the GIL). */
+static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
+{
+    if (WIFEXITED(status) || WIFSIGNALED(status)) {
+        thread_forget(tid);
+        if (tid == child) {
+            /* The job is over when the command is, as under a batch system: processes
+             * it left behind are killed rather than waited for. */
+            *exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+            kill_all();
+        }
+        return;
+    }
+    if (!WIFSTOPPED(status))
+        return;
+    if (*exit_status >= 0) {
+        kill(tid, SIGKILL); /* a leftover that had not reported yet */
+        ptrace(PTRACE_CONT, tid, 0, 0);
+        return;
+    }
+    tstate_t *t = thread_find(tid, 1);
+    if (!t) { /* out of memory: keep the tracee going, untouched */
+        ptrace(PTRACE_CONT, tid, 0, 0);
+        return;
+    }
+    int sig = WSTOPSIG(status);
+    int event = status >> 16;
+    if (event == PTRACE_EVENT_SECCOMP) {
+        struct user_regs_struct regs;
+        if (ptrace(PTRACE_GETREGS, tid, 0, &regs) != 0)
+            return; /* killed meanwhile */
+        int changed = handle_syscall(tid, &regs, t);
+        if (changed)
+            ptrace(PTRACE_SETREGS, tid, 0, &regs);
+        ptrace(t->nrestore || t->cwd_changes ? PTRACE_SYSCALL : PTRACE_CONT, tid, 0, 0);
+    } else if (sig == (SIGTRAP | 0x80)) {
+        /* syscall exit after a rewrite: put the caller's argument registers back */
+        if (t->cwd_changes) {
+            cwd_gen++;
+            t->cwd_changes = 0;
+        }
+        for (int i = 0; i < t->nrestore; i++)
+            ptrace(PTRACE_POKEUSER, tid, (void *)(offsetof(struct user, regs) + (size_t)t->off[i]),
+                   (void *)t->val[i]);
+        t->nrestore = 0;
+        ptrace(PTRACE_CONT, tid, 0, 0);
+    } else if (event == PTRACE_EVENT_STOP) {
+        if (is_stop_signal(sig))
+            ptrace(PTRACE_LISTEN, tid, 0, 0); /* group-stop: stay stopped */
+        else
+            ptrace(PTRACE_CONT, tid, 0, 0); /* new tracee or interrupt */
+    } else if (event) {
+        unsigned long msg = 0;
+        ptrace(PTRACE_GETEVENTMSG, tid, 0, &msg);
+        if (event == PTRACE_EVENT_EXEC) {
+            t->nrestore = t->cwd_changes = 0;
+            if ((pid_t)msg != tid)
+                thread_forget((pid_t)msg);
+        } else if (event == PTRACE_EVENT_FORK || event == PTRACE_EVENT_VFORK ||
+                   event == PTRACE_EVENT_CLONE) {
+            thread_forget((pid_t)msg); /* a reused tid must not inherit a dead one's cwd */
+        }
+        ptrace(PTRACE_CONT, tid, 0, 0); /* fork/vfork/clone/exec events */
+    } else {
+        /* signal-delivery stop: deliver it */
+        if (notify_fd >= 0)
+            restart_notified_call(tid);
+        ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig);
+    }
+}
+
+/* The child's report after installing its filter: mode 'N' (+ listener fd), 'P', or 'S'. */
+static int send_report(int sock, char mode, int err, int fd)
+{
+    int body[2] = {mode, err};
+    struct iovec io = {body, sizeof body};
+    char cbuf[CMSG_SPACE(sizeof(int))];
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    memset(cbuf, 0, sizeof cbuf);
+    m.msg_iov = &io;
+    m.msg_iovlen = 1;
+    if (fd >= 0) {
+        m.msg_control = cbuf;
+        m.msg_controllen = sizeof cbuf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    }
+    return sendmsg(sock, &m, MSG_NOSIGNAL) == (ssize_t)sizeof body ? 0 : -1;
+}
+
+static int recv_report(int sock, int *err, int *fd)
+{
+    int body[2] = {0, 0};
+    struct iovec io = {body, sizeof body};
+    char cbuf[CMSG_SPACE(sizeof(int))];
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &io;
+    m.msg_iovlen = 1;
+    m.msg_control = cbuf;
+    m.msg_controllen = sizeof cbuf;
+    ssize_t n;
+    do {
+        n = recvmsg(sock, &m, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    *fd = -1;
+    *err = body[1];
+    struct cmsghdr *c = n > 0 ? CMSG_FIRSTHDR(&m) : NULL;
+    if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+        memcpy(fd, CMSG_DATA(c), sizeof *fd);
+    return n == (ssize_t)sizeof body ? body[0] : 0;
+}
+
 static PyObject *trap_run(PyObject *self, PyObject *args)
 {
     PyObject *argv_o, *env_o, *h;
     const char *mnt, *shd;
     Py_ssize_t mn, sn;
     long spin_us = 0;
+    int mode = 2; /* 0 ptrace, 1 notify, 2 notify where the kernel does it well */
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOy#y#O|l", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h, &spin_us))
+    if (!PyArg_ParseTuple(args, "OOy#y#O|li", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h, &spin_us,
+                          &mode))
         return NULL;
     if (handler) {
         PyErr_SetString(PyExc_RuntimeError, "worker._trap.run is not re-entrant");
@@ -1201,6 +1746,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "empty command");
         return NULL;
     }
+    int notify = mode == 1 || (mode == 2 && probe_notify());
     memcpy(mount_p, mnt, (size_t)mn);
     mount_p[mn] = 0;
     mount_n = (size_t)mn;
@@ -1208,11 +1754,12 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     shadow_p[sn] = 0;
     shadow_n = (size_t)sn;
     memset(n_trapped, 0, sizeof n_trapped);
-    n_pass = n_hits = n_upcalls = 0;
+    n_pass = n_hits = n_upcalls = n_notified = 0;
     my_uid = getuid();
 
-    int go[2], err[2];
-    if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
+    int go[2], err[2], ctl[2];
+    if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
+        socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, ctl) < 0) {
         free_cstrings(cargv);
         free_cstrings(cenv);
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -1243,6 +1790,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         char c;
         close(go[1]);
         close(err[0]);
+        close(ctl[0]);
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != parent)
             _exit(127);
@@ -1255,31 +1803,50 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         for (int i = 0; i < 2; i++)
             if (ignored[i])
                 signal(quit_sigs[i], SIG_DFL);
-        if (read(go[0], &c, 1) != 1)
-            _exit(127);
-        int e[2] = {0, 0};
-        if (install_filter() != 0) {
-            e[0] = 'S';
-            e[1] = errno;
-            if (write(err[1], e, sizeof e) < 0) {}
+        /* The filter goes in before the tracer attaches: nothing it traps runs until exec,
+         * which waits for "go". */
+        int lfd = install_filter(notify);
+        char got = notify ? 'N' : 'P';
+        if (lfd < 0 && notify && (errno == EBUSY || errno == EINVAL)) {
+            lfd = install_filter(0); /* a listener above us already, or an old kernel */
+            got = 'P';
+        }
+        if (lfd < 0) {
+            send_report(ctl[1], 'S', errno, -1);
             _exit(127);
         }
+        if (send_report(ctl[1], got, 0, got == 'N' ? lfd : -1) < 0)
+            _exit(127);
+        if (got == 'N')
+            close(lfd);
+        close(ctl[1]);
+        if (read(go[0], &c, 1) != 1)
+            _exit(127);
         environ = cenv;
         execvp(cargv[0], cargv);
-        e[0] = 'E';
-        e[1] = errno;
+        int e[2] = {'E', errno};
         if (write(err[1], e, sizeof e) < 0) {}
         _exit(errno == ENOENT ? 127 : 126);
     }
     close(go[0]);
     close(err[1]);
+    close(ctl[1]);
     free_cstrings(cargv);
     free_cstrings(cenv);
+    int report_err = 0, lfd = -1, report;
+    Py_BEGIN_ALLOW_THREADS
+    report = recv_report(ctl[0], &report_err, &lfd);
+    Py_END_ALLOW_THREADS
+    close(ctl[0]);
     long opts = PTRACE_O_TRACESECCOMP | PTRACE_O_EXITKILL | PTRACE_O_TRACECLONE |
                 PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEEXEC |
                 PTRACE_O_TRACESYSGOOD;
-    if (ptrace(PTRACE_SEIZE, child, 0, (void *)opts) != 0) {
-        int e = errno;
+    int seize_err = 0;
+    if (report != 'N' && report != 'P')
+        seize_err = -1;
+    else if (ptrace(PTRACE_SEIZE, child, 0, (void *)opts) != 0)
+        seize_err = errno;
+    if (seize_err) {
         for (int i = 0; i < 2; i++)
             if (ignored[i])
                 sigaction(quit_sigs[i], &saved[i], NULL);
@@ -1287,11 +1854,35 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         waitpid(child, NULL, 0);
         close(go[1]);
         close(err[0]);
-        errno = e;
+        if (lfd >= 0)
+            close(lfd);
+        if (report == 'S')
+            return PyErr_Format(PyExc_PermissionError, "seccomp filter refused: %s",
+                                strerror(report_err));
+        if (seize_err < 0)
+            return PyErr_Format(PyExc_OSError, "the traced command did not start");
         return PyErr_Format(PyExc_PermissionError, "ptrace(PTRACE_SEIZE) failed: %s",
-                            strerror(e));
+                            strerror(seize_err));
     }
     thread_find(child, 1);
+    pthread_t nthread;
+    int nstarted = 0;
+    if (lfd >= 0) {
+        notify_fd = lfd;
+        nstarted = start_notify_thread(&nthread) == 0;
+        if (!nstarted) {
+            kill(child, SIGKILL); /* nobody would answer its notifications */
+            waitpid(child, NULL, __WALL);
+            stop_notify_thread(nthread, 0);
+            close(go[1]);
+            close(err[0]);
+            for (int i = 0; i < 2; i++)
+                if (ignored[i])
+                    sigaction(quit_sigs[i], &saved[i], NULL);
+            thread_forget(child);
+            return PyErr_Format(PyExc_OSError, "cannot start the notification thread");
+        }
+    }
     if (write(go[1], "g", 1) != 1) {}
     close(go[1]);
 
@@ -1330,85 +1921,29 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
                 gap = 4 * spin_ns;
             gap_ns = (7 * gap_ns + gap) / 8;
         }
+        if (tid >= 0)
+            pthread_mutex_lock(&big); /* before the GIL: the lock order */
         Py_END_ALLOW_THREADS
         if (tid < 0) {
             if (errno == EINTR) {
                 if (PyErr_CheckSignals() < 0 && !failure) {
                     PyErr_Fetch(&failure, &f_val, &f_tb);
+                    pthread_mutex_lock(&big);
                     kill_all();
+                    pthread_mutex_unlock(&big);
                 }
                 continue;
             }
             break; /* ECHILD: nothing left */
         }
-        if (WIFEXITED(status) || WIFSIGNALED(status)) {
-            thread_forget(tid);
-            if (tid == child) {
-                /* The job is over when the command is, as under a batch system: processes
-                 * it left behind are killed rather than waited for. */
-                exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-                kill_all();
-            }
-            continue;
-        }
-        if (!WIFSTOPPED(status))
-            continue;
-        if (exit_status >= 0) {
-            kill(tid, SIGKILL); /* a leftover that had not reported yet */
-            ptrace(PTRACE_CONT, tid, 0, 0);
-            continue;
-        }
-        tstate_t *t = thread_find(tid, 1);
-        if (!t) { /* out of memory: keep the tracee going, untouched */
-            ptrace(PTRACE_CONT, tid, 0, 0);
-            continue;
-        }
-        int sig = WSTOPSIG(status);
-        int event = status >> 16;
-        if (event == PTRACE_EVENT_SECCOMP) {
-            struct user_regs_struct regs;
-            if (ptrace(PTRACE_GETREGS, tid, 0, &regs) != 0)
-                continue; /* killed meanwhile */
-            int changed = handle_syscall(tid, &regs, t);
-            if (changed)
-                ptrace(PTRACE_SETREGS, tid, 0, &regs);
-            ptrace(t->nrestore || t->cwd_changes ? PTRACE_SYSCALL : PTRACE_CONT, tid, 0, 0);
-        } else if (sig == (SIGTRAP | 0x80)) {
-            /* syscall exit after a rewrite: put the caller's argument registers back */
-            if (t) {
-                if (t->cwd_changes) {
-                    cwd_gen++;
-                    t->cwd_changes = 0;
-                }
-                for (int i = 0; i < t->nrestore; i++)
-                    ptrace(PTRACE_POKEUSER, tid,
-                           (void *)(offsetof(struct user, regs) + (size_t)t->off[i]),
-                           (void *)t->val[i]);
-                t->nrestore = 0;
-            }
-            ptrace(PTRACE_CONT, tid, 0, 0);
-        } else if (event == PTRACE_EVENT_STOP) {
-            if (is_stop_signal(sig))
-                ptrace(PTRACE_LISTEN, tid, 0, 0); /* group-stop: stay stopped */
-            else
-                ptrace(PTRACE_CONT, tid, 0, 0); /* new tracee or interrupt */
-        } else if (event) {
-            if (event == PTRACE_EVENT_EXEC) {
-                unsigned long former = 0;
-                ptrace(PTRACE_GETEVENTMSG, tid, 0, &former);
-                if (t)
-                    t->nrestore = t->cwd_changes = 0;
-                if ((pid_t)former != tid)
-                    thread_forget((pid_t)former);
-            }
-            ptrace(PTRACE_CONT, tid, 0, 0); /* fork/vfork/clone/exec events */
-        } else {
-            /* signal-delivery stop: deliver it */
-            ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig);
-        }
+        ptrace_event(tid, status, child, &exit_status);
         if (failure)
             kill_all();
+        pthread_mutex_unlock(&big);
     }
+    Py_BEGIN_ALLOW_THREADS
+    stop_notify_thread(nthread, nstarted);
+    Py_END_ALLOW_THREADS
     for (int i = 0; i < 2; i++)
         if (ignored[i])
             sigaction(quit_sigs[i], &saved[i], NULL);
@@ -1428,12 +1963,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         PyErr_Restore(failure, f_val, f_tb);
         return NULL;
     }
-    if (got == sizeof e && e[0] == 'S') {
-        errno = e[1];
-        return PyErr_Format(PyExc_PermissionError, "seccomp filter refused: %s",
-                            strerror(e[1]));
-    }
-    PyObject *st = stats_dict(cached);
+    PyObject *st = stats_dict(cached, report == 'N' ? "seccomp-notify" : "ptrace");
     if (!st)
         return NULL;
     int exec_errno = got == sizeof e && e[0] == 'E' ? e[1] : 0;
@@ -1458,7 +1988,8 @@ static PyMethodDef methods[] = {
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,
-     "run(argv, env, mount, shadow, handler, spin_us=0) -> (status, exec_errno, stats)\n"
+     "run(argv, env, mount, shadow, handler, spin_us=0, mode=2) -> (status, exec_errno, stats)\n"
+     "mode: 0 ptrace only, 1 seccomp user notification for hot calls, 2 1 where it is fast.\n"
      "Run argv under ptrace+seccomp; handler(tid, cls, flags, path) answers cache misses."},
     {NULL, NULL, 0, NULL},
 };

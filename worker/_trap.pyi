@@ -11,6 +11,8 @@ class RawStats(TypedDict):
     hits: int
     upcalls: int
     cached: int
+    notified: int
+    mode: str
 
 def run(
     argv: Sequence[bytes],
@@ -19,6 +21,7 @@ def run(
     shadow: bytes,
     handler: Callable[[int, int, int, bytes], Action],
     spin_us: int = 0,
+    mode: int = 2,
     /,
 ) -> tuple[int, int, RawStats]: ...
 def forget(path: bytes, /) -> int: ...

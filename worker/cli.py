@@ -14,11 +14,12 @@ log = logging.getLogger("hep_exec")
 def _check(config: ExecConfig) -> int:
     """``--check``: tracing, proxies, repositories, RAM limit; exit 0 only if all are fine."""
     from worker.session import WorkerSession
-    from worker.tracer import check as tracer_check
+    from worker.tracer import check_mode
 
-    problem = tracer_check()
+    problem, mode = check_mode()
     ok = problem is None
-    print(f"{'ok  ' if ok else 'FAIL'} ptrace + seccomp: {problem or 'a traced test command ran'}")
+    how = f"a traced test command ran (trap mode: {mode})"
+    print(f"{'ok  ' if ok else 'FAIL'} ptrace + seccomp: {problem or how}")
     with WorkerSession(config) as session:
         for line in session.check():
             print(line)
