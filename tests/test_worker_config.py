@@ -54,7 +54,7 @@ def test_precedence_flags_env_file(tmp_path: Path) -> None:
     conf = tmp_path / "hep-exec.yaml"
     conf.write_text(
         "proxy: http://file:1\nram: 1G\nlog-level: debug\nrepositories: [a.org, b.org]\n"
-        "timeout: 7\nretries: 4\n"
+        "timeout: 7\nretries: 4\ntrap: ptrace\n"
     )
     env = {"HEP_EXEC_RAM": "512M", "HEP_EXEC_PROXY": "http://env:2", "HEP_EXEC_RETRIES": "2"}
     cfg = parse(["--config", str(conf), "--proxy", "http://flag:3", "--", "true"], env)
@@ -62,6 +62,8 @@ def test_precedence_flags_env_file(tmp_path: Path) -> None:
     assert cfg.ram_bytes == 512 * 1024**2  # env beats file
     assert cfg.retries == 2
     assert cfg.log_level == "debug" and cfg.timeout == 7.0  # file beats defaults
+    assert cfg.trap == "ptrace"
+    assert parse(["--trap", "notify", "--config", str(conf), "--", "true"], env).trap == "notify"
     assert cfg.repositories == ("a.org", "b.org")
     assert cfg.sources["proxies"] == "--proxy" and cfg.sources["ram_bytes"] == "HEP_EXEC_RAM"
     assert cfg.config_file == conf
@@ -115,6 +117,7 @@ def test_total_ram_from_meminfo() -> None:
         (["--proxy", "ftp://p:1", "--", "ls"], {}, "--proxy"),
         (["--proxy", "DIRECT", "--", "ls"], {}, "DIRECT is not usable"),
         (["--proxy", "p:1", "--log-level", "loud", "--", "ls"], {}, "not a log level"),
+        (["--proxy", "p:1", "--", "ls"], {"HEP_EXEC_TRAP": "fuse"}, "HEP_EXEC_TRAP: 'fuse'"),
         (["--proxy", "p:1", "--timeout", "soon", "--", "ls"], {}, "--timeout: 'soon'"),
         (["--proxy", "p:1", "--timeout", "0", "--", "ls"], {}, "timeout must be positive"),
         (["--proxy", "p:1", "--retries", "-1", "--", "ls"], {}, "--retries"),

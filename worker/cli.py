@@ -16,7 +16,7 @@ def _check(config: ExecConfig) -> int:
     from worker.session import WorkerSession
     from worker.tracer import check_mode
 
-    problem, mode = check_mode()
+    problem, mode = check_mode(config.trap)
     ok = problem is None
     how = f"a traced test command ran (trap mode: {mode})"
     print(f"{'ok  ' if ok else 'FAIL'} ptrace + seccomp: {problem or how}")
@@ -35,7 +35,9 @@ def _run(config: ExecConfig) -> int:
     with WorkerSession(config) as session:
         policy = CatalogPolicy(session)
         try:
-            result = run(list(config.command), policy, mount=config.mount.encode())
+            result = run(
+                list(config.command), policy, mount=config.mount.encode(), trap=config.trap
+            )
         except TracerUnavailable as e:
             print(f"hep-exec: {e}", file=sys.stderr)
             return 2

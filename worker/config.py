@@ -29,6 +29,7 @@ ENV_PREFIX = "HEP_EXEC_"
 DEFAULT_RAM = 2 * 1024**3
 MIN_RAM = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+TRAP_MODES = ("auto", "notify", "ptrace")
 _FQRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -46,6 +47,7 @@ class ExecConfig:
     ram_bytes: int = DEFAULT_RAM
     repositories: tuple[str, ...] = ()
     log_level: str = "warning"
+    trap: str = "auto"  # how hot path calls reach the tracer (worker.tracer.run)
     timeout: float = 5.0
     connect_timeout: float = 2.0
     retries: int = 1
@@ -159,6 +161,13 @@ def _parse_level(text: str) -> str:
     return t
 
 
+def _parse_trap(text: str) -> str:
+    t = str(text).strip().lower()
+    if t not in TRAP_MODES:
+        raise ValueError(f"{text!r}: not a trap mode ({', '.join(TRAP_MODES)})")
+    return t
+
+
 def _parse_int(text: str) -> int:
     try:
         v = int(str(text).strip())
@@ -205,6 +214,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "ram_bytes": (parse_size, "RAM"),
     "repositories": (parse_repositories, "REPOSITORIES"),
     "log_level": (_parse_level, "LOG_LEVEL"),
+    "trap": (_parse_trap, "TRAP"),
     "timeout": (parse_duration, "TIMEOUT"),
     "connect_timeout": (parse_duration, "CONNECT_TIMEOUT"),
     "retries": (_parse_int, "RETRIES"),
@@ -228,6 +238,7 @@ _YAML_KEYS = {
     "repositories": "repositories",
     "repos": "repositories",
     "log_level": "log_level",
+    "trap": "trap",
     "timeout": "timeout",
     "connect_timeout": "connect_timeout",
     "retries": "retries",
@@ -254,6 +265,7 @@ _FLAG_NAMES = {
     "ram_bytes": "--ram",
     "repositories": "--repositories",
     "log_level": "--log-level",
+    "trap": "--trap",
     "timeout": "--timeout",
     "connect_timeout": "--connect-timeout",
     "retries": "--retries",
@@ -393,6 +405,12 @@ def _arg_parser() -> _Parser:
         dest="log_level",
         metavar="LEVEL",
         help="debug, info, warning, error [HEP_EXEC_LOG_LEVEL, default warning]",
+    )
+    a(
+        "--trap",
+        metavar="MODE",
+        help="auto, notify (seccomp user notification, Linux >= 6.6) or ptrace: how open/stat "
+        "reach the tracer [HEP_EXEC_TRAP, default auto]",
     )
     a("--timeout", metavar="SECONDS", help="per-request timeout [HEP_EXEC_TIMEOUT, 5]")
     a(

@@ -615,10 +615,12 @@ def check() -> str | None:
     return check_mode()[0]
 
 
-def check_mode() -> tuple[str | None, str]:
+def check_mode(trap: str | None = None) -> tuple[str | None, str]:
     """:func:`check`, and the trap mode the test command ran in ("seccomp-notify", "ptrace")."""
     try:
-        result = run(["/bin/sh", "-c", "test -d /cvmfs && ! test -e /cvmfs/x"], _NoRepositories())
+        result = run(
+            ["/bin/sh", "-c", "test -d /cvmfs && ! test -e /cvmfs/x"], _NoRepositories(), trap=trap
+        )
     except TracerUnavailable as e:
         return str(e), ""
     except (ImportError, OSError) as e:
