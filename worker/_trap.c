@@ -8,8 +8,9 @@
  * Python (worker/tracer.py) is called only on a cache miss, with (tid, class, flags, path),
  * and returns an action tuple that this file applies and, if cacheable, remembers.
  *
- * The seccomp filter returns SECCOMP_RET_TRACE only for path-taking syscalls, so read,
- * write, mmap, fstat ... never stop.
+ * The seccomp filter traps only path-taking syscalls, so read, write, mmap, fstat ... never
+ * stop.  Where the kernel allows (notify mode), the hot ones go to a seccomp user-notification
+ * fd answered by a second thread instead of a ptrace stop; see worker/TRACER.md.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE

@@ -494,7 +494,8 @@ class Session:
 def forget(path: bytes) -> int:
     """Withdraw a ``stable`` :class:`~worker.policy.Opened` answer for /cvmfs ``path`` (e.g.
     its memfd was evicted), so the next open asks the policy again.  Call it only from
-    policy methods, which run on the tracer thread; returns the number of answers dropped."""
+    policy methods, which run on a tracer thread holding the answer table's lock; returns the
+    number of answers dropped."""
     from worker import _trap
 
     return _trap.forget(path)
