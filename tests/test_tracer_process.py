@@ -377,6 +377,37 @@ def test_blocking_fifo_open_is_still_interrupted(repo: Path, tmp_path: Path) -> 
         assert r.stdout.strip() == "EINTR"
 
 
+FD_FLAGS = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int a = open(argv[1], O_RDONLY), b = open(argv[1], O_RDONLY | O_CLOEXEC);
+    int h = open(argv[2], O_RDONLY); /* a host file reached through a symlink out of /cvmfs */
+    char x[4] = {0}, y[4] = {0};
+    if (a < 0 || b < 0 || h < 0) { perror("open"); return 1; }
+    if (read(a, x, 3) != 3 || read(b, y, 3) != 3) { perror("read"); return 1; }
+    printf("own offsets=%d\n", x[0] == y[0] && lseek(a, 0, SEEK_CUR) == 3);
+    printf("cloexec a=%d b=%d\n", fcntl(a, F_GETFD) & FD_CLOEXEC, fcntl(b, F_GETFD) & FD_CLOEXEC);
+    printf("host nonblock=%d\n", (fcntl(h, F_GETFL) & O_NONBLOCK) != 0);
+    printf("lowest=%d\n", a == 3 && b == 4 && h == 5);
+    return 0;
+}
+"""
+
+
+def test_open_gives_a_fresh_description_with_the_callers_flags(repo: Path, tmp_path: Path):
+    """Each open is its own open file description (own offset), O_CLOEXEC as asked and no
+    other flag added, on the lowest free fd; in notify mode the fd is installed by ADDFD."""
+    prog = compile_c(FD_FLAGS, tmp_path / "fdflags")
+    r = traced(repo, [str(prog), f"{MOUNT}/dir/file", f"{MOUNT}/up/hostname"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "own offsets=1", "cloexec a=0 b=1", "host nonblock=0", "lowest=1",
+    ]  # fmt: skip
+
+
 class _Evicting(HostDirPolicy):
     """Serves /cvmfs/test.repo/a from a new file each time the policy is asked, and
     withdraws its answer for ``a`` whenever ``b`` is opened (as a cache eviction would)."""
