@@ -113,6 +113,10 @@ static const int trapped[] = {
     465 /* listxattrat */, 466 /* removexattrat */,
 };
 
+/* A listener fd, and callers that stop being interruptible once we have read their call. */
+#define NOTIFY_FILTER_FLAGS \
+    (SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV)
+
 /* In seccomp-notify mode these still take a ptrace stop: exec and chdir change the tracee
  * (registers, cwd), which only ptrace can do; openat2 and the *xattrat calls are rare. */
 static int ptrace_only(int nr)
@@ -183,10 +187,8 @@ static int install_filter(int notify)
     struct sock_fprog fprog = {.len = (unsigned short)k, .filter = prog};
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         return -1;
-    unsigned long flags = notify ? SECCOMP_FILTER_FLAG_NEW_LISTENER |
-                                       SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
-                                 : 0;
-    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &fprog);
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, notify ? NOTIFY_FILTER_FLAGS : 0,
+                        &fprog);
 }
 
 /* Can this kernel run notify mode well?  It needs a listener that wakes us on the trapping
@@ -207,10 +209,7 @@ static int probe_notify(void)
         struct sock_fprog fprog = {.len = 1, .filter = prog};
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
             _exit(1);
-        int fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
-                              SECCOMP_FILTER_FLAG_NEW_LISTENER |
-                                  SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
-                              &fprog);
+        int fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, NOTIFY_FILTER_FLAGS, &fprog);
         if (fd < 0)
             _exit(1);
         _exit(ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0)
@@ -809,10 +808,10 @@ static long notify_xattr(pid_t tid, long nr, struct user_regs_struct *r, const c
     char name[256];
     if (get && read_string(tid, r->rsi, name, sizeof name) < 0)
         return -ERANGE;
-    char *buf = size ? malloc(size < XMAX ? size : XMAX) : NULL;
-    if (size && !buf)
-        return -ENOMEM;
     size_t cap = size < XMAX ? size : XMAX;
+    char *buf = cap ? malloc(cap) : NULL;
+    if (cap && !buf)
+        return -ENOMEM;
     ssize_t n = nr == SYS_getxattr    ? getxattr(path, name, buf, cap)
                 : nr == SYS_lgetxattr ? lgetxattr(path, name, buf, cap)
                 : nr == SYS_listxattr ? listxattr(path, buf, cap)
@@ -829,11 +828,10 @@ static long notify_redirect(pid_t tid, long nr, struct user_regs_struct *r, cons
 {
     char buf[MAXPATH + 64];
     const char *path = as_tracee(tid, target, buf, sizeof buf);
-    int magic = strncmp(target, "/proc/", 6) == 0;
     switch (nr) {
     case SYS_open:
-    case SYS_openat:
-        return notify_open(nr, r, path, magic && strcmp(path, target) == 0);
+    case SYS_openat: /* one of our memfds, by /proc/<our pid>/fd/N: a magic link */
+        return notify_open(nr, r, path, path == target && strncmp(path, "/proc/", 6) == 0);
     case SYS_statfs: {
         struct statfs sf;
         if (statfs(path, &sf) != 0)

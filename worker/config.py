@@ -23,13 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cvmfs_format.errors import FormatError
 from cvmfs_format.proxies import ProxyGroups, parse_proxies
 from cvmfs_format.whitelist import load_public_key
+from worker.tracer import TRAP_MODES
 
 PROG = "hep-exec"
 ENV_PREFIX = "HEP_EXEC_"
 DEFAULT_RAM = 2 * 1024**3
 MIN_RAM = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-TRAP_MODES = ("auto", "notify", "ptrace")
 _FQRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -164,7 +164,7 @@ def _parse_level(text: str) -> str:
 def _parse_trap(text: str) -> str:
     t = str(text).strip().lower()
     if t not in TRAP_MODES:
-        raise ValueError(f"{text!r}: not a trap mode ({', '.join(TRAP_MODES)})")
+        raise ValueError(f"{text!r}: not a trap mode ({', '.join(sorted(TRAP_MODES))})")
     return t
 
 

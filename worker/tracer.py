@@ -555,7 +555,7 @@ def run(
     rate of a ptrace stop on the 2-vCPU test VM).  ``"ptrace"``: every trapped call is a
     ptrace stop.  ``"auto"`` (default, or ``$HEP_EXEC_TRAP``): notify where the kernel has
     the synchronous wake-up and no other listener sits above us, else ptrace.  exec, chdir,
-    statfs and xattrs always take a ptrace stop.
+    O_PATH opens, openat2 and the ``*xattrat`` calls always take a ptrace stop.
 
     ``spin_us``: poll this long before sleeping in waitpid while tracees trap in quick
     succession (0 disables it). Waking a tracer that sleeps on an idle CPU costs far more than
