@@ -4,7 +4,7 @@
 "paths": [...], "hold_after": n | null}`` (stdlib only: it runs as the traced command).
 Prints ``ready`` and waits for a line on stdin; with ``hold_after`` prints ``holding`` after
 that many files and waits for another line. Keeps every file open, re-reads them all at the
-end (pread on the open fds), prints one JSON line with each file's sha256 and inode, and holds
+end (pread on the open fds), prints one JSON line with each file's sha256 and fd number, and holds
 its files open until stdin gives one more line or closes.
 """
 
@@ -34,8 +34,9 @@ def main() -> int:
             continue
         data = f.read()
         held[path] = f
-        st = os.fstat(f.fileno())
-        out[path] = {"sha256": hashlib.sha256(data).hexdigest(), "ino": [st.st_dev, st.st_ino]}
+        # the fd's number, not its fstat: under hep-exec fstat shows the /cvmfs file, and the
+        # test looks at the memfd behind it from outside (/proc/<pid>/fd/<n>)
+        out[path] = {"sha256": hashlib.sha256(data).hexdigest(), "fd": f.fileno()}
     for path, g in held.items():  # still readable at the end, whatever happened meanwhile
         size = os.fstat(g.fileno()).st_size
         again = hashlib.sha256(os.pread(g.fileno(), size + 1, 0)).hexdigest()

@@ -159,7 +159,7 @@ def test_oracle_tools_agree_with_the_source_directory(world: World, seed: int) -
     assert got.returncode == 0, got.stderr
     w = sections(normalise(want.stdout.replace(str(source), mount)))
     g = sections(normalise(got.stdout))
-    assert list(g) == ["find", "ls", "stat", "sha256", "du", "tar", "walker"]
+    assert list(g) == ["find", "ls", "stat", "sha256", "du", "tar", "walker", "cp"]
     for name in w:
         assert g[name] == w[name], (name, got.stderr[-3000:])
     assert "rewind mismatch" not in g["walker"]
@@ -257,6 +257,45 @@ def test_variant_and_outside_symlinks(world: World) -> None:
     assert lines[5:105] == ["leaf"] * 100 and lines[105] == "hello"
     h1, h3 = lines[-2:]
     assert h1 == h3 and h1.startswith("3 ")
+
+
+# per path: fstat of the open file == stat of the path? and the inode (the same content
+# under another inode, "single", comes third: each open's answer is its own path's)
+FSTAT_EACH = """
+import os, sys
+for p in sys.argv[1:]:
+    with open(p, "rb") as f:
+        a, b = os.fstat(f.fileno()), os.stat(p)
+        print(a == b and a.st_dev == b.st_dev, a.st_ino)
+"""
+
+
+def test_fstat_of_an_open_file_says_what_stat_of_its_path_says(
+    world: World, trap_mode: str, tmp_path: Path
+) -> None:
+    """An open /cvmfs file is a memfd underneath; fstat, statx and stat of /dev/stdin still
+    show the catalog's inode, mode and times, so cp and install accept it (they compare)."""
+    f, h1, h3 = f"{ODD}/hard/h1", f"{ODD}/hard/h1", f"{ODD}/hard/h3"
+    fmt = "%i %h %a %s %Y %d"
+    script = (
+        f"cp {f} {tmp_path}/plain && cp -p {f} {tmp_path}/kept && "
+        f"install -m 600 {f} {tmp_path}/installed && "
+        f"stat -c '{fmt}' {f} && stat -L -c '{fmt}' /dev/stdin < {f} && "
+        f"python3 -c '{FSTAT_EACH}' {h1} {h3} {ODD}/hard/single {h1}"
+    )
+    r = run(world, ["bash", "-c", script], keys=world.key("odd.test.org"))
+    assert r.returncode == 0, r.stderr
+    by_path, by_fd, *each = r.stdout.splitlines()
+    assert by_fd == by_path
+    ino, nlink, mode, _size, mtime, _dev = by_path.split()
+    assert nlink == "3"
+    assert [line.split()[0] for line in each] == ["True"] * 4, each
+    assert each[0].split()[1] == each[1].split()[1] == ino != each[2].split()[1], "hardlinks"
+    for name in ("plain", "kept", "installed"):
+        assert (tmp_path / name).read_bytes() == (world.src / "odd/hard/h1").read_bytes()
+    kept = os.stat(tmp_path / "kept")
+    assert (oct(kept.st_mode & 0o7777)[2:], int(kept.st_mtime)) == (mode, int(mtime))
+    assert os.stat(tmp_path / "installed").st_mode & 0o777 == 0o600
 
 
 def test_chunked_file_reads_whole(world: World) -> None:

@@ -231,6 +231,10 @@ def test_sixteen_hep_exec_jobs_one_fetch_per_object(tracing, tree, proxy, cache_
     for j in jobs:
         j.go()
     outs = [j.expect("files")["files"] for j in jobs]  # every job still holds its files
+    for j, out in zip(jobs, outs, strict=True):  # the kernel's file behind each job's fd
+        for f in out.values():
+            st = os.stat(f"/proc/{j.tracee}/fd/{f['fd']}")
+            f["ino"] = [st.st_dev, st.st_ino]
     service = int(svc["pid"])
     in_service = memfds([service])
     everywhere = memfds([service] + [j.proc.pid for j in jobs] + [j.tracee for j in jobs])

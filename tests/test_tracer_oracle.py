@@ -27,8 +27,20 @@ WALKER = r"""
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 struct d64 { uint64_t ino; int64_t off; unsigned short reclen; unsigned char type; char name[]; };
+/* fstat and statx of an open fd say what stat of its path said (cp and install check) */
+static int same(int fd, const struct stat *st) {
+    struct stat fs; struct statx x;
+    if (fstat(fd, &fs) || statx(fd, "", AT_EMPTY_PATH, STATX_BASIC_STATS, &x)) return 0;
+    return fs.st_ino == st->st_ino && fs.st_dev == st->st_dev && fs.st_mode == st->st_mode &&
+           fs.st_nlink == st->st_nlink && fs.st_uid == st->st_uid && fs.st_size == st->st_size &&
+           fs.st_mtim.tv_sec == st->st_mtim.tv_sec && fs.st_mtim.tv_nsec == st->st_mtim.tv_nsec &&
+           x.stx_ino == st->st_ino && x.stx_mode == st->st_mode && x.stx_nlink == st->st_nlink &&
+           x.stx_mtime.tv_sec == st->st_mtim.tv_sec &&
+           makedev(x.stx_dev_major, x.stx_dev_minor) == st->st_dev;
+}
 static int cmp(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -70,12 +82,13 @@ static void walk(int dfd, const char *rel) {
                 for (off_t j = 0; j < fs.st_size; j++) { h ^= p[j]; h *= 1099511628211ULL; }
                 munmap(p, fs.st_size);
             }
-            printf(" fsize=%lld hash=%016llx", (long long)fs.st_size, (unsigned long long)h);
+            printf(" fsize=%lld hash=%016llx same=%d", (long long)fs.st_size, (unsigned long long)h,
+                   same(fd, &st));
             close(fd);
         } else if (type == 4) {
             int sub = openat(dfd, name, O_RDONLY | O_DIRECTORY);
             struct stat ds; fstat(sub, &ds);
-            printf(" isdir=%d\n", S_ISDIR(ds.st_mode));
+            printf(" isdir=%d same=%d\n", S_ISDIR(ds.st_mode), same(sub, &st));
             char r2[4096]; snprintf(r2, sizeof r2, "%s/%s", rel, name);
             walk(sub, r2);
             close(sub);
@@ -105,6 +118,10 @@ echo "== sha256"; find top -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256s
 echo "== du"; du -sb top; du -abl top | LC_ALL=C sort -k2
 echo "== tar"; tar c top | tar t | LC_ALL=C sort
 echo "== walker"; "$2" top
+echo "== cp"; d=$(mktemp -d); cp -a top "$d/top"; cd "$d"
+find top -printf '%p %y %s %m %l %n\n' | LC_ALL=C sort
+find top ! -type l -print0 | LC_ALL=C sort -z | xargs -0 stat -c '%n %Y'
+cd /; rm -rf "$d"
 """
 
 
@@ -169,7 +186,7 @@ def test_tools_agree_with_host_directory(seed: int, tmp_path: Path) -> None:
     assert got.returncode == 0, got.stderr
     w = sections(normalise(want.stdout.replace(str(repo), MOUNT)))
     g = sections(normalise(got.stdout))
-    assert list(g) == ["find", "ls", "stat", "sha256", "du", "tar", "walker"]
+    assert list(g) == ["find", "ls", "stat", "sha256", "du", "tar", "walker", "cp"]
     for name in w:
         assert g[name] == w[name], name
     assert "rewind mismatch" not in g["walker"]

@@ -33,6 +33,7 @@
 #include <time.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
@@ -102,7 +103,7 @@ enum {
 
 static const int trapped[] = {
     SYS_open, SYS_openat, 437 /* openat2 */, SYS_creat, SYS_stat, SYS_lstat, SYS_newfstatat,
-    332 /* statx */, SYS_access, SYS_faccessat, 439 /* faccessat2 */, SYS_readlink,
+    332 /* statx */, SYS_fstat, SYS_access, SYS_faccessat, 439 /* faccessat2 */, SYS_readlink,
     SYS_readlinkat, SYS_execve, SYS_execveat, SYS_chdir, SYS_fchdir, SYS_getcwd, SYS_statfs, SYS_truncate,
     SYS_mkdir, SYS_mkdirat, SYS_rmdir, SYS_unlink, SYS_unlinkat, SYS_rename, SYS_renameat,
     316 /* renameat2 */, SYS_link, SYS_linkat, SYS_symlink, SYS_symlinkat, SYS_chmod,
@@ -153,16 +154,7 @@ static int install_filter(int notify)
     STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
     JUMP(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, 0, 1);
     STMT(BPF_RET | BPF_K, allow);
-    /* fstat() is newfstatat(fd, "", AT_EMPTY_PATH): never stop for it. */
-    JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_newfstatat, 0, 3);
-    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[3]));
-    JUMP(BPF_JMP | BPF_JSET | BPF_K, AT_EMPTY_PATH, 0, 1);
-    STMT(BPF_RET | BPF_K, allow);
-    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
-    JUMP(BPF_JMP | BPF_JEQ | BPF_K, 332, 0, 3);
-    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[2]));
-    JUMP(BPF_JMP | BPF_JSET | BPF_K, AT_EMPTY_PATH, 0, 1);
-    STMT(BPF_RET | BPF_K, allow);
+    /* fstat (newfstatat/statx with AT_EMPTY_PATH too) stops as well: see fd_stat. */
     if (notify) {
         /* O_PATH opens take a ptrace stop: an O_PATH fd cannot be installed with ADDFD. */
         STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
@@ -228,6 +220,7 @@ typedef struct {
     char *bval; /* redirect target (NUL-terminated) or readlink bytes */
     size_t blen;
     int64_t st[15]; /* see tracer.py STAT_FIELDS */
+    uint64_t memfd_ino; /* open of a file served from a memfd: that memfd's inode, or 0 */
 } action_t;
 
 typedef struct {
@@ -332,6 +325,73 @@ static void cache_clear(void)
     free(table);
     table = NULL;
     table_cap = table_len = 0;
+}
+
+/* ---------- what fstat of a /cvmfs file descriptor says ---------- */
+
+/*
+ * An open /cvmfs file is a memfd, whose own fstat shows another inode, device, mode and
+ * times than stat of its path; cp and install compare the two and refuse ("replaced while
+ * being copied"), cp -p would copy the memfd's mode and times.  So every open served from a
+ * memfd records memfd inode -> the path's stat answer, and fstat of a tracee fd whose target
+ * is one of those memfds gets that answer (several paths with the same content share one
+ * memfd: the one opened last wins).
+ */
+typedef struct {
+    uint64_t ino; /* 0 = free */
+    int64_t st[15];
+} fdid_t;
+
+static fdid_t *ids;
+static size_t ids_cap, ids_len;
+static dev_t memfd_dev; /* the kernel's internal shmem mount, where every memfd lives */
+#define IDS_MAX (1u << 18) /* forget them all beyond this (a job opening that many files) */
+
+static fdid_t *ids_find(uint64_t ino)
+{
+    if (!ids_cap)
+        return NULL;
+    size_t mask = ids_cap - 1;
+    for (size_t i = (ino * 0x9E3779B97F4A7C15ull) >> 20 & mask;; i = (i + 1) & mask) {
+        if (ids[i].ino == ino || ids[i].ino == 0)
+            return &ids[i];
+    }
+}
+
+static void ids_put(uint64_t ino, const int64_t *st)
+{
+    if (!ino)
+        return;
+    if ((ids_len + 1) * 2 > ids_cap) {
+        size_t cap = ids_len >= IDS_MAX || !ids_cap ? 1024 : ids_cap * 2;
+        fdid_t *old = ids;
+        size_t old_cap = ids_cap;
+        fdid_t *n = calloc(cap, sizeof *n);
+        if (!n)
+            return;
+        ids = n;
+        ids_cap = cap;
+        ids_len = 0;
+        if (cap > old_cap) /* grow; past IDS_MAX start again empty */
+            for (size_t i = 0; i < old_cap; i++)
+                if (old[i].ino) {
+                    *ids_find(old[i].ino) = old[i];
+                    ids_len++;
+                }
+        free(old);
+    }
+    fdid_t *slot = ids_find(ino);
+    if (slot->ino == 0)
+        ids_len++;
+    slot->ino = ino;
+    memcpy(slot->st, st, sizeof slot->st);
+}
+
+static void ids_clear(void)
+{
+    free(ids);
+    ids = NULL;
+    ids_cap = ids_len = 0;
 }
 
 /* ---------- per-thread state: registers to restore at syscall exit ---------- */
@@ -941,6 +1001,73 @@ static void fill_statx(const int64_t *f, struct statx *x)
 }
 
 /* Write `s` below the red zone and point argument `arg` at it; remember to restore. */
+/* An open served from a memfd: remember what fstat of the tracee's fd must say. */
+static void note_open(action_t *a)
+{
+    if (!a->memfd_ino) {
+        struct stat s;
+        if (stat(a->bval, &s) != 0 || s.st_dev != memfd_dev || !S_ISREG(s.st_mode))
+            return;
+        a->memfd_ino = (uint64_t)s.st_ino;
+    }
+    ids_put(a->memfd_ino, a->st);
+}
+
+/* Is the path argument at addr "" (fstatat/statx of the fd itself)?  statx accepts NULL. */
+static int empty_path(pid_t tid, unsigned long addr, int null_ok)
+{
+    char c;
+    if (!addr)
+        return null_ok;
+    struct iovec l = {&c, 1}, rv = {(void *)addr, 1};
+    return process_vm_readv(tid, &l, 1, &rv, 1, 0) == 1 && c == 0;
+}
+
+/* stat of a path that names a file we handed out (/proc/<pid>/fd/N): the /cvmfs path's stat
+ * (note_open), else let the kernel answer.  buf: the tracee's struct stat (statx for 332). */
+static int memfd_stat(pid_t tid, struct user_regs_struct *r, long nr, const char *p,
+                      unsigned long buf)
+{
+    struct stat s;
+    fdid_t *id = NULL;
+    if (ids_len) {
+        if (stat(p, &s) == 0 && s.st_dev == memfd_dev) {
+            id = ids_find((uint64_t)s.st_ino);
+            if (!id || id->ino != (uint64_t)s.st_ino || id->st[5] != (int64_t)s.st_size)
+                id = NULL;
+        }
+    }
+    if (!id) {
+        n_pass++;
+        return 0;
+    }
+    int rc;
+    if (nr == 332) {
+        struct statx x;
+        fill_statx(id->st, &x);
+        rc = write_mem(tid, buf, &x, sizeof x);
+    } else {
+        struct stat o;
+        fill_stat(id->st, &o);
+        rc = write_mem(tid, buf, &o, sizeof o);
+    }
+    n_hits++;
+    skip_with(r, rc);
+    return 1;
+}
+
+/* fstat of a tracee fd */
+static int fd_stat(pid_t tid, struct user_regs_struct *r, long nr, long fd, unsigned long buf)
+{
+    char p[48];
+    if (fd < 0 || !ids_len) {
+        n_pass++;
+        return 0;
+    }
+    snprintf(p, sizeof p, "/proc/%d/fd/%d", (int)tid, (int)fd);
+    return memfd_stat(tid, r, nr, p, buf);
+}
+
 static int redirect_arg(pid_t tid, struct user_regs_struct *r, int arg, const char *s, size_t n,
                         tstate_t *t)
 {
@@ -1116,13 +1243,19 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     case SYS_creat: cls = C_WRITE; break;
     case SYS_stat: cls = C_STAT; break;
     case SYS_lstat: cls = C_STAT; flags = F_NOFOLLOW; break;
+    case SYS_fstat:
+        return fd_stat(tid, r, nr, (long)(int)r->rdi, r->rsi);
     case SYS_newfstatat:
         cls = C_STAT; dirfd = (long)(int)r->rdi; path_arg = 1; allow_empty = 1;
         if (r->r10 & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        if ((r->r10 & AT_EMPTY_PATH) && dirfd >= 0 && empty_path(tid, r->rsi, 0))
+            return fd_stat(tid, r, nr, dirfd, r->rdx);
         break;
     case 332:
         cls = C_STAT; dirfd = (long)(int)r->rdi; path_arg = 1; allow_empty = 1;
         if (r->rdx & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        if ((r->rdx & AT_EMPTY_PATH) && dirfd >= 0 && empty_path(tid, r->rsi, 1))
+            return fd_stat(tid, r, nr, dirfd, r->r8);
         break;
     case SYS_access: cls = C_ACCESS; flags = (int)(r->rsi & 7); break;
     case SYS_faccessat:
@@ -1251,6 +1384,15 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
                 flags |= F_PROCEXE;
         }
     }
+    if (kn == 0 && cls == C_STAT && !(flags & F_NOFOLLOW) && ids_len) {
+        /* stat -L /dev/stdin, /proc/self/fd/N ... of a file opened from the mount */
+        char raw[MAXPATH], mapped[MAXPATH];
+        long n = read_string(tid, addr, raw, sizeof raw);
+        if (n > 5 && (!strncmp(raw, "/proc/", 6) || !strncmp(raw, "/dev/", 5))) {
+            unsigned long buf = nr == 332 ? r->r8 : nr == SYS_newfstatat ? r->rdx : r->rsi;
+            return memfd_stat(tid, r, nr, as_tracee(tid, raw, mapped, sizeof mapped), buf);
+        }
+    }
     if (kn == 0 && cls != C_EXEC) {
         n_pass++;
         return 0;
@@ -1288,6 +1430,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         changed = 1;
         break;
     case A_REDIRECT: {
+        if (cls == C_OPEN && a->st[0])
+            note_open(a);
         if (cur_notif.active) {
             skip_with(r, notify_redirect(tid, nr, r, a->bval));
             changed = 1;
@@ -1755,6 +1899,11 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     memset(n_trapped, 0, sizeof n_trapped);
     n_pass = n_hits = n_upcalls = n_notified = 0;
     my_uid = getuid();
+    int probe = memfd_create("hep-exec-probe", MFD_CLOEXEC);
+    struct stat pst;
+    memfd_dev = probe >= 0 && fstat(probe, &pst) == 0 ? pst.st_dev : (dev_t)-1;
+    if (probe >= 0)
+        close(probe);
 
     int go[2], err[2], ctl[2];
     if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
@@ -1949,6 +2098,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     Py_CLEAR(handler);
     size_t cached = table_len;
     cache_clear();
+    ids_clear();
     for (size_t i = 0; i < threads_cap; i++)
         free(threads[i].cwd);
     free(threads);

@@ -66,7 +66,7 @@ SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore t
 Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
 
 SYSCALL_NAMES = {
-    2: "open", 257: "openat", 437: "openat2", 85: "creat", 4: "stat", 6: "lstat",
+    2: "open", 257: "openat", 5: "fstat", 437: "openat2", 85: "creat", 4: "stat", 6: "lstat",
     262: "newfstatat", 332: "statx", 21: "access", 269: "faccessat", 439: "faccessat2",
     89: "readlink", 267: "readlinkat", 59: "execve", 322: "execveat", 80: "chdir",
     79: "getcwd", 137: "statfs", 76: "truncate", 83: "mkdir", 258: "mkdirat", 84: "rmdir",
@@ -384,7 +384,9 @@ class Session:
             if isinstance(opened, int):
                 log.warning("%s: %s", os.fsdecode(res.path), os.strerror(opened))
                 return (False, Act.RETURN, -opened, None, None, None)
-            return (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, None, None)
+            # the stat tuple: what fstat of the fd must say (C records it per memfd)
+            st = self._stat_tuple(node)
+            return (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, st, None)
         if cls == Cls.STAT:
             if node.kind == Kind.DIR:
                 return self._to_shadow(tid, res, cache)
