@@ -298,6 +298,49 @@ def test_fstat_of_an_open_file_says_what_stat_of_its_path_says(
     assert os.stat(tmp_path / "installed").st_mode & 0o777 == 0o600
 
 
+def test_host_symlinks_into_cvmfs(world: World, trap_mode: str, tmp_path: Path) -> None:
+    """Links on the host that point into /cvmfs (a CMSSW work area, ln -s /cvmfs/..., a
+    site's /opt/exp_soft -> /cvmfs/...) lead where they point; the links themselves stay host
+    symlinks, and a path that is missing stays missing."""
+    area = tmp_path / "area"
+    area.mkdir()
+    (area / "hello").symlink_to(f"{ODD}/hello.txt")
+    (area / "odd").symlink_to(ODD)
+    (area / "rel").symlink_to("../area/odd/dir")  # relative, through another host link
+    (area / "exe").symlink_to(f"{ODD}/exec.sh")
+    (area / "gone").symlink_to(f"{ODD}/no/such")
+    (area / "loop").symlink_to("loop")
+    script = (
+        "cat hello; head -n1 odd/dir/sub/deep/leaf.txt; head -n1 rel/sub/deep/leaf.txt; "
+        "./exe; ls odd/hard | tr '\\n' ' '; echo; readlink hello; stat -c %F hello; "
+        "stat -L -c '%F %s' hello; cat odd/links/chain2 | wc -l; "
+        "cd odd/dir && pwd -P && wc -c < a.txt; cd ..; "
+        f"cd {area}; cat gone 2>&1; cat loop 2>&1; cat odd/nothing 2>&1; "
+        "echo x > odd/new || true; rm odd/hello.txt || true; rm hello && echo link removed"
+    )
+    r = run(world, ["bash", "-c", script], keys=world.key("odd.test.org"), cwd=area)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "hello",
+        "leaf",
+        "leaf",
+        "hi",
+        "h1 h2 h3 single ",
+        f"{ODD}/hello.txt",
+        "symbolic link",
+        "regular file 6",
+        "100",
+        f"{ODD}/dir",
+        "5000",
+        "cat: gone: No such file or directory",
+        "cat: loop: Too many levels of symbolic links",
+        "cat: odd/nothing: No such file or directory",
+        "link removed",
+    ], r.stderr
+    assert "odd/new: Read-only file system" in r.stderr
+    assert "'odd/hello.txt': Read-only file system" in r.stderr
+
+
 def test_chunked_file_reads_whole(world: World) -> None:
     r = run(world, ["sha256sum", f"{ODD}/big.bin"])
     want = subprocess.run(["sha256sum", str(world.src / "odd/big.bin")], capture_output=True)

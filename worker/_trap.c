@@ -700,6 +700,132 @@ static long mount_key(pid_t tid, tstate_t *t, long dirfd, unsigned long addr, ch
     return (long)cn;
 }
 
+/*
+ * A host path that reaches the mount through a symlink: a CMSSW work area (full of links
+ * into the release), ln -s /cvmfs/..., a site's /opt/exp_soft -> /cvmfs/....  The kernel
+ * cannot follow it (there is no /cvmfs here), so when it would fail, resolve the path the way
+ * the kernel does, component by component, and if it enters the mount hand back the /cvmfs
+ * key.  Costs one stat for every host path (the kernel finds it: done), three for a path
+ * missing from an existing host directory, a walk only when a symlink is involved.
+ */
+static long resolve_into_mount(const char *path, int follow, char *key)
+{
+    char done[MAXPATH], todo[2 * MAXPATH + 2], link[MAXPATH], next[2 * MAXPATH + 2];
+    size_t dn = 0, tn = strlen(path);
+    int links = 0;
+    if (tn >= sizeof todo)
+        return 0;
+    memcpy(todo, path, tn + 1);
+    done[0] = 0;
+    char *c = todo;
+    for (;;) {
+        while (*c == '/')
+            c++;
+        if (!*c)
+            return 0; /* resolved entirely on the host */
+        char *end = strchr(c, '/');
+        size_t cn = end ? (size_t)(end - c) : strlen(c);
+        const char *rest = end ? end : "";
+        int last = !end || !end[strspn(end, "/")];
+        if (cn == 1 && c[0] == '.') {
+            c += cn;
+            continue;
+        }
+        if (cn == 2 && c[0] == '.' && c[1] == '.') {
+            while (dn > 0 && done[dn - 1] != '/')
+                dn--;
+            if (dn > 0)
+                dn--;
+            done[dn] = 0;
+            c += cn;
+            continue;
+        }
+        if (dn + 1 + cn >= sizeof done)
+            return 0;
+        done[dn] = '/';
+        memcpy(done + dn + 1, c, cn);
+        size_t cand = dn + 1 + cn;
+        done[cand] = 0;
+        if (has_prefix(done, cand, mount_p, mount_n)) {
+            int kn = snprintf(next, sizeof next, "%s%s", done, rest);
+            if (kn <= 0 || (size_t)kn + 2 > MAXPATH)
+                return 0;
+            size_t n = collapse(next, (size_t)kn, key);
+            while (n > mount_n && key[n - 1] == '/')
+                key[--n] = 0;
+            return (long)n;
+        }
+        struct stat st;
+        if (lstat(done, &st) != 0)
+            return 0; /* really missing */
+        if (!S_ISLNK(st.st_mode) || (last && !follow)) {
+            dn = cand;
+            c += cn;
+            continue;
+        }
+        if (++links > 40)
+            return 0; /* ELOOP: the kernel says so */
+        ssize_t ln = readlink(done, link, sizeof link - 1);
+        if (ln <= 0)
+            return 0;
+        link[ln] = 0;
+        done[dn] = 0; /* a relative target starts from the link's directory */
+        if (link[0] == '/')
+            dn = 0, done[0] = 0;
+        int nn = snprintf(next, sizeof next, "%s%s", link, rest);
+        if (nn <= 0 || (size_t)nn >= sizeof todo)
+            return 0;
+        memcpy(todo, next, (size_t)nn + 1);
+        c = todo;
+    }
+}
+
+static long via_host_symlink(pid_t tid, tstate_t *t, long dirfd, unsigned long addr, int follow,
+                             char *key)
+{
+    char raw[MAXPATH], base[MAXPATH], path[2 * MAXPATH + 2];
+    long n = read_string(tid, addr, raw, sizeof raw);
+    if (n <= 0)
+        return 0;
+    if (raw[0] == '/') {
+        if (!strncmp(raw, "/proc/", 6) || !strncmp(raw, "/dev/", 5))
+            return 0; /* names the caller's own process: not for us to resolve */
+        memcpy(path, raw, (size_t)n + 1);
+    } else {
+        ssize_t bn;
+        if (dirfd == AT_FDCWD) {
+            bn = tracee_cwd(tid, t, base, sizeof base);
+        } else {
+            char what[32];
+            snprintf(what, sizeof what, "fd/%d", (int)dirfd);
+            bn = proc_link(tid, what, base, sizeof base);
+        }
+        if (bn <= 0 || base[0] != '/')
+            return 0;
+        memcpy(path, base, (size_t)bn);
+        path[bn] = '/';
+        memcpy(path + bn + 1, raw, (size_t)n + 1);
+    }
+    struct stat st;
+    if ((follow ? stat(path, &st) : lstat(path, &st)) == 0 || errno != ENOENT)
+        return 0; /* the kernel finds it (or fails for another reason) */
+    if (!follow || lstat(path, &st) != 0) {
+        /* missing: from an existing host directory (resolved on the host), it stays so */
+        char *slash = strrchr(path, '/');
+        if (!slash)
+            return 0;
+        while (slash > path && slash[-1] == '/')
+            slash--;
+        char keep = *slash;
+        *slash = 0;
+        int parent_ok = slash == path || stat(path, &st) == 0;
+        *slash = keep;
+        if (parent_ok)
+            return 0;
+    }
+    return resolve_into_mount(path, follow, key);
+}
+
 /* ---------- upcall ---------- */
 
 static int parse_action(PyObject *res, action_t *a, int *cacheable, PyObject **argv_prefix)
@@ -1205,6 +1331,20 @@ static int rewrite_exec(pid_t tid, struct user_regs_struct *r, int path_arg, int
  * Handle one seccomp stop.  Returns 1 if the registers were changed (SETREGS needed),
  * 0 to continue untouched.  t->nrestore > 0 means "stop at syscall exit".
  */
+/* Does this write call follow a symlink in the last component of its path? */
+static int follows_last(long nr, const struct user_regs_struct *r)
+{
+    switch (nr) {
+    case SYS_open: return !(r->rsi & O_NOFOLLOW);
+    case SYS_openat: return !(r->rdx & O_NOFOLLOW);
+    case SYS_creat: case SYS_truncate: case SYS_chmod: case SYS_chown: case SYS_utime:
+    case SYS_utimes: case SYS_setxattr: case SYS_removexattr:
+        return 1;
+    default:
+        return 0; /* creates, removes, renames name the link itself */
+    }
+}
+
 static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 {
     long nr = (long)r->orig_rax;
@@ -1340,6 +1480,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
                 continue; /* utimensat(fd, NULL, ...) */
             long d = da[i] >= 0 ? (long)(int)*argreg(r, da[i]) : AT_FDCWD;
             long kn = mount_key(tid, t, d, addr, key, 1);
+            if (kn == 0) /* through a host symlink: does the last component follow? */
+                kn = via_host_symlink(tid, t, d, addr, follows_last(nr, r), key);
             if (kn > 0) {
                 skip_with(r, -EROFS);
                 return 1;
@@ -1351,6 +1493,9 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 
     unsigned long addr = *argreg(r, path_arg);
     long kn = mount_key(tid, t, dirfd, addr, key, allow_empty);
+    if (kn == 0)
+        kn = via_host_symlink(tid, t, dirfd, addr, !(flags & F_NOFOLLOW) && cls != C_READLINK,
+                              key);
     if (kn < 0) {
         if (kn == -EFAULT || kn == -ENOENT) {
             n_pass++;
