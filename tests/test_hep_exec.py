@@ -313,7 +313,7 @@ def test_host_symlinks_into_cvmfs(world: World, trap_mode: str, tmp_path: Path) 
     script = (
         "cat hello; head -n1 odd/dir/sub/deep/leaf.txt; head -n1 rel/sub/deep/leaf.txt; "
         "./exe; ls odd/hard | tr '\\n' ' '; echo; readlink hello; stat -c %F hello; "
-        "stat -L -c '%F %s' hello; cat odd/links/chain2 | wc -l; "
+        "stat -L -c '%F %s' hello; stat -c %F odd/; cat odd/links/chain2 | wc -l; "
         "cd odd/dir && pwd -P && wc -c < a.txt; cd ..; "
         f"cd {area}; cat gone 2>&1; cat loop 2>&1; cat odd/nothing 2>&1; "
         "echo x > odd/new || true; rm odd/hello.txt || true; rm hello && echo link removed"
@@ -329,6 +329,7 @@ def test_host_symlinks_into_cvmfs(world: World, trap_mode: str, tmp_path: Path) 
         f"{ODD}/hello.txt",
         "symbolic link",
         "regular file 6",
+        "directory",
         "100",
         f"{ODD}/dir",
         "5000",

@@ -787,6 +787,8 @@ static long via_host_symlink(pid_t tid, tstate_t *t, long dirfd, unsigned long a
     long n = read_string(tid, addr, raw, sizeof raw);
     if (n <= 0)
         return 0;
+    if (raw[n - 1] == '/')
+        follow = 1; /* "link/" names the directory the link points to, even for lstat */
     if (raw[0] == '/') {
         if (!strncmp(raw, "/proc/", 6) || !strncmp(raw, "/dev/", 5))
             return 0; /* names the caller's own process: not for us to resolve */
