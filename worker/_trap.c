@@ -1005,9 +1005,9 @@ static long notify_open(long nr, struct user_regs_struct *r, const char *path, i
      * thread may answer the caller's next call (nothing shared is touched in between).
      * Handing it the wait costs a wake-up, worth it only where ADDFD is slow: one ADDFD in
      * 64 is timed without the hand-over (5 µs with a CPU to spare, 40 µs waking idle vCPUs). */
-    int probe = (addfd_count++ & 63) == 0;
+    int probe = (addfd_count++ & 63) == 0, hand_over = !probe && addfd_slow;
     pthread_mutex_unlock(&big);
-    if (!probe && addfd_slow)
+    if (hand_over)
         pass_lead();
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
