@@ -658,11 +658,21 @@ static ssize_t tracee_cwd(pid_t tid, tstate_t *t, char *out, size_t max)
     return n;
 }
 
-static long mount_key(pid_t tid, tstate_t *t, long dirfd, unsigned long addr, char *key,
+/* The directory a relative path starts from: the tracee's cwd, or where its dirfd points. */
+static ssize_t dirfd_path(pid_t tid, tstate_t *t, long dirfd, char *out, size_t max)
+{
+    if (dirfd == AT_FDCWD)
+        return tracee_cwd(tid, t, out, max);
+    char what[32];
+    snprintf(what, sizeof what, "fd/%d", (int)dirfd);
+    return proc_link(tid, what, out, max);
+}
+
+/* raw/n: the path argument as read_string returned it (n < 0: its error). */
+static long mount_key(pid_t tid, tstate_t *t, long dirfd, const char *raw, long n, char *key,
                       int allow_empty)
 {
-    char raw[MAXPATH], base[MAXPATH], joined[2 * MAXPATH + 2];
-    long n = read_string(tid, addr, raw, sizeof raw);
+    char base[MAXPATH], joined[2 * MAXPATH + 2];
     if (n < 0)
         return n;
     if (n == 0)
@@ -677,14 +687,7 @@ static long mount_key(pid_t tid, tstate_t *t, long dirfd, unsigned long addr, ch
         memcpy(joined, raw, (size_t)n + 1);
         jn = (size_t)n;
     } else {
-        ssize_t bn;
-        if (dirfd == AT_FDCWD) {
-            bn = tracee_cwd(tid, t, base, sizeof base);
-        } else {
-            char what[32];
-            snprintf(what, sizeof what, "fd/%d", (int)dirfd);
-            bn = proc_link(tid, what, base, sizeof base);
-        }
+        ssize_t bn = dirfd_path(tid, t, dirfd, base, sizeof base);
         if (bn < 0 || base[0] != '/')
             return 0; /* let the kernel report EBADF / ENOTDIR */
         if (!has_prefix(base, (size_t)bn, shadow_p, shadow_n) && base[1] != 0 &&
@@ -805,11 +808,10 @@ static long resolve_into_mount(const char *path, int follow, char *key)
     }
 }
 
-static long via_host_symlink(pid_t tid, tstate_t *t, long dirfd, unsigned long addr, int follow,
-                             char *key)
+static long via_host_symlink(pid_t tid, tstate_t *t, long dirfd, const char *raw, long n,
+                             int follow, char *key)
 {
-    char raw[MAXPATH], base[MAXPATH], path[2 * MAXPATH + 2];
-    long n = read_string(tid, addr, raw, sizeof raw);
+    char base[MAXPATH], path[2 * MAXPATH + 2];
     if (n <= 0)
         return 0;
     if (raw[n - 1] == '/')
@@ -819,14 +821,7 @@ static long via_host_symlink(pid_t tid, tstate_t *t, long dirfd, unsigned long a
             return 0; /* names the caller's own process: not for us to resolve */
         memcpy(path, raw, (size_t)n + 1);
     } else {
-        ssize_t bn;
-        if (dirfd == AT_FDCWD) {
-            bn = tracee_cwd(tid, t, base, sizeof base);
-        } else {
-            char what[32];
-            snprintf(what, sizeof what, "fd/%d", (int)dirfd);
-            bn = proc_link(tid, what, base, sizeof base);
-        }
+        ssize_t bn = dirfd_path(tid, t, dirfd, base, sizeof base);
         if (bn <= 0 || base[0] != '/')
             return 0;
         memcpy(path, base, (size_t)bn);
@@ -1523,9 +1518,11 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             if (!addr)
                 continue; /* utimensat(fd, NULL, ...) */
             long d = da[i] >= 0 ? (long)(int)*argreg(r, da[i]) : AT_FDCWD;
-            long kn = mount_key(tid, t, d, addr, key, 1);
+            char raw[MAXPATH];
+            long n = read_string(tid, addr, raw, sizeof raw);
+            long kn = mount_key(tid, t, d, raw, n, key, 1);
             if (kn == 0) /* through a host symlink: does the last component follow? */
-                kn = via_host_symlink(tid, t, d, addr, follows_last(nr, r), key);
+                kn = via_host_symlink(tid, t, d, raw, n, follows_last(nr, r), key);
             if (kn > 0) {
                 skip_with(r, -EROFS);
                 return 1;
@@ -1535,10 +1532,11 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         return 0;
     }
 
-    unsigned long addr = *argreg(r, path_arg);
-    long kn = mount_key(tid, t, dirfd, addr, key, allow_empty);
+    char raw[MAXPATH];
+    long n = read_string(tid, *argreg(r, path_arg), raw, sizeof raw);
+    long kn = mount_key(tid, t, dirfd, raw, n, key, allow_empty);
     if (kn == 0)
-        kn = via_host_symlink(tid, t, dirfd, addr, !(flags & F_NOFOLLOW) && cls != C_READLINK,
+        kn = via_host_symlink(tid, t, dirfd, raw, n, !(flags & F_NOFOLLOW) && cls != C_READLINK,
                               key);
     if (kn < 0) {
         if (kn == -EFAULT || kn == -ENOENT) {
@@ -1551,8 +1549,6 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     if (kn == 0 && cls == C_READLINK) {
         /* /proc/<pid>/exe of a program exec'd from the mount names the file the kernel ran
          * (a memfd); ld.so's $ORIGIN and relocatable programs need the /cvmfs path. */
-        char raw[MAXPATH];
-        long n = read_string(tid, addr, raw, sizeof raw);
         if (n > 10 && strncmp(raw, "/proc/", 6) == 0 && strcmp(raw + n - 4, "/exe") == 0) {
             const char *who = raw + 6;
             size_t wl = (size_t)n - 10;
@@ -1575,8 +1571,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     }
     if (kn == 0 && cls == C_STAT && !(flags & F_NOFOLLOW) && ids_len) {
         /* stat -L /dev/stdin, /proc/self/fd/N ... of a file opened from the mount */
-        char raw[MAXPATH], mapped[MAXPATH];
-        long n = read_string(tid, addr, raw, sizeof raw);
+        char mapped[MAXPATH];
         if (n > 5 && (!strncmp(raw, "/proc/", 6) || !strncmp(raw, "/dev/", 5))) {
             unsigned long buf = nr == 332 ? r->r8 : nr == SYS_newfstatat ? r->rdx : r->rsi;
             return memfd_stat(tid, r, nr, as_tracee(tid, raw, mapped, sizeof mapped), buf);
@@ -1588,8 +1583,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     }
     if (kn == 0) {
         /* exec of a host path: Python checks for a #! interpreter under the mount */
-        char raw[MAXPATH], base[MAXPATH];
-        long n = read_string(tid, addr, raw, sizeof raw);
+        char base[MAXPATH];
         if (n <= 0)
             return 0;
         if (raw[0] == '/') {
