@@ -778,10 +778,7 @@ static long resolve_into_mount(const char *path, int follow, char *key)
             int kn = snprintf(next, sizeof next, "%s%s", done, rest);
             if (kn <= 0 || (size_t)kn + 2 > MAXPATH)
                 return 0;
-            size_t n = collapse(next, (size_t)kn, key);
-            while (n > mount_n && key[n - 1] == '/')
-                key[--n] = 0;
-            return (long)n;
+            return (long)collapse(next, (size_t)kn, key); /* a trailing '/' stays: a dir */
         }
         struct stat st;
         if (lstat(done, &st) != 0)
