@@ -315,7 +315,7 @@ def test_host_symlinks_into_cvmfs(world: World, trap_mode: str, tmp_path: Path) 
         "./exe; ls odd/hard | tr '\\n' ' '; echo; readlink hello; stat -c %F hello; "
         "stat -L -c '%F %s' hello; stat -c %F odd/; cat odd/links/chain2 | wc -l; "
         "cd odd/dir && pwd -P && wc -c < a.txt; cd ..; "
-        f"cd {area}; cat gone 2>&1; cat loop 2>&1; cat odd/nothing 2>&1; "
+        f"cd {area}; cat gone 2>&1; cat loop 2>&1; cat odd/nothing 2>&1; cat hello/ 2>&1; "
         "echo x > odd/new || true; rm odd/hello.txt || true; rm hello && echo link removed"
     )
     r = run(world, ["bash", "-c", script], keys=world.key("odd.test.org"), cwd=area)
@@ -336,6 +336,7 @@ def test_host_symlinks_into_cvmfs(world: World, trap_mode: str, tmp_path: Path) 
         "cat: gone: No such file or directory",
         "cat: loop: Too many levels of symbolic links",
         "cat: odd/nothing: No such file or directory",
+        "cat: hello/: Not a directory",
         "link removed",
     ], r.stderr
     assert "odd/new: Read-only file system" in r.stderr
