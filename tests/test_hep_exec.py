@@ -275,12 +275,12 @@ def test_fstat_of_an_open_file_says_what_stat_of_its_path_says(
 ) -> None:
     """An open /cvmfs file is a memfd underneath; fstat, statx and stat of /dev/stdin still
     show the catalog's inode, mode and times, so cp and install accept it (they compare)."""
-    f, h1, h3 = f"{ODD}/hard/h1", f"{ODD}/hard/h1", f"{ODD}/hard/h3"
+    h1, h3 = f"{ODD}/hard/h1", f"{ODD}/hard/h3"
     fmt = "%i %h %a %s %Y %d"
     script = (
-        f"cp {f} {tmp_path}/plain && cp -p {f} {tmp_path}/kept && "
-        f"install -m 600 {f} {tmp_path}/installed && "
-        f"stat -c '{fmt}' {f} && stat -L -c '{fmt}' /dev/stdin < {f} && "
+        f"cp {h1} {tmp_path}/plain && cp -p {h1} {tmp_path}/kept && "
+        f"install -m 600 {h1} {tmp_path}/installed && "
+        f"stat -c '{fmt}' {h1} && stat -L -c '{fmt}' /dev/stdin < {h1} && "
         f"python3 -c '{FSTAT_EACH}' {h1} {h3} {ODD}/hard/single {h1}"
     )
     r = run(world, ["bash", "-c", script], keys=world.key("odd.test.org"))
