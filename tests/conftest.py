@@ -33,3 +33,19 @@ def trap_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     mode: str = request.param
     monkeypatch.setenv("HEP_EXEC_TRAP", mode)
     return mode
+
+
+@pytest.fixture(params=["tmpfs", "memfd"])
+def ram_files(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a hep-exec test with both kinds of RAM file (HEP_EXEC_RAM_FILES): the private
+    huge-page tmpfs that ``auto`` picks on most nodes, and the sealed memfds it falls back to."""
+    kind: str = request.param
+    if kind == "tmpfs":
+        from worker.ramfiles import RamFiles, RamFilesError
+
+        try:
+            RamFiles("tmpfs").close()
+        except RamFilesError as e:
+            pytest.skip(f"no private tmpfs on this machine: {e}")
+    monkeypatch.setenv("HEP_EXEC_RAM_FILES", kind)
+    return kind

@@ -19,6 +19,7 @@ import random
 import re
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -188,14 +189,24 @@ def job_argv(proxy: ProxyProcess | StoreServer, cache_dir: Path, *extra: str) ->
     return ["--proxy", url, "--cache-dir", str(cache_dir), "--ram", RAM, *extra]
 
 
-def memfds(pids: list[int]) -> dict[tuple[int, int], int]:
-    """Distinct memfds open in these processes: (dev, inode) -> size."""
+def is_ram_file(fd_path: str) -> bool:
+    """Is this /proc/<pid>/fd/<n> one of a cache's RAM files (a memfd, or an unlinked file of
+    its private tmpfs)?  Raises OSError if the fd went away."""
+    link = os.readlink(fd_path)
+    if link.startswith("/memfd:"):
+        return True
+    st = os.stat(fd_path)
+    return link.endswith(" (deleted)") and stat.S_ISREG(st.st_mode) and st.st_nlink == 0
+
+
+def ram_files(pids: list[int]) -> dict[tuple[int, int], int]:
+    """Distinct RAM files open in these processes: (dev, inode) -> size."""
     seen: dict[tuple[int, int], int] = {}
     for pid in pids:
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                    if is_ram_file(f"/proc/{pid}/fd/{fd}"):
                         st = os.stat(f"/proc/{pid}/fd/{fd}")
                         seen[(st.st_dev, st.st_ino)] = st.st_size
     return seen
@@ -236,23 +247,23 @@ def test_sixteen_hep_exec_jobs_one_fetch_per_object(tracing, tree, proxy, cache_
             st = os.stat(f"/proc/{j.tracee}/fd/{f['fd']}")
             f["ino"] = [st.st_dev, st.st_ino]
     service = int(svc["pid"])
-    in_service = memfds([service])
-    everywhere = memfds([service] + [j.proc.pid for j in jobs] + [j.tracee for j in jobs])
+    in_service = ram_files([service])
+    everywhere = ram_files([service] + [j.proc.pid for j in jobs] + [j.tracee for j in jobs])
     shm_delta = shmem_bytes() - shm0
     errs = [j.finish() for j in jobs]
     for out in outs:
         for p in paths:
             f = out[p]
             assert f.get("sha256") == digests[p] and f["again"], (p, f)
-    # every job's fd of a file is the service's memfd: one copy per node
+    # every job's fd of a file is the service's RAM file: one copy per node
     for p in paths:
         assert len({tuple(out[p]["ino"]) for out in outs}) == 1, p
     assert {tuple(out[p]["ino"]) for out in outs for p in paths} <= set(in_service)
     held = sum(in_service.values())
     total = sum(everywhere.values())
     print(
-        f"\n16 jobs x {tree_bytes / 2**20:.1f} MiB: service holds {len(in_service)} memfds, "
-        f"{held / 2**20:.1f} MiB; all memfds of service, hep-exec and tracees "
+        f"\n16 jobs x {tree_bytes / 2**20:.1f} MiB: service holds {len(in_service)} files, "
+        f"{held / 2**20:.1f} MiB; all RAM files of service, hep-exec and tracees "
         f"{total / 2**20:.1f} MiB; Shmem +{shm_delta / 2**20:.1f} MiB"
     )
     assert tree_bytes <= held <= tree_bytes * 1.01, (held, tree_bytes)
@@ -507,13 +518,13 @@ def other_user() -> Iterator[int]:
         subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
-def _memfd_paths(pid: int) -> list[str]:
-    """/proc paths of the memfds ``pid`` holds (fds closed while we look are skipped)."""
+def _ram_file_paths(pid: int) -> list[str]:
+    """/proc paths of the RAM files ``pid`` holds (fds closed while we look are skipped)."""
     out = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         path = f"/proc/{pid}/fd/{fd}"
         try:
-            if os.readlink(path).startswith("/memfd:"):
+            if is_ram_file(path):
                 out.append(path)
         except FileNotFoundError:
             continue
@@ -533,7 +544,7 @@ def test_other_user_cannot_connect_or_read(tracing, tree, proxy, cache_dir, othe
         assert all(held[p]["sha256"] == digests[p] for p in paths)
         service = int(service_stats(cache_dir)["pid"])
         targets = [
-            path for pid in (service, job.proc.pid, job.tracee) for path in _memfd_paths(pid)
+            path for pid in (service, job.proc.pid, job.tracee) for path in _ram_file_paths(pid)
         ]
         assert len(targets) >= 3 * len(paths)
 

@@ -54,7 +54,7 @@ def test_precedence_flags_env_file(tmp_path: Path) -> None:
     conf = tmp_path / "hep-exec.yaml"
     conf.write_text(
         "proxy: http://file:1\nram: 1G\nlog-level: debug\nrepositories: [a.org, b.org]\n"
-        "timeout: 7\nretries: 4\ntrap: ptrace\n"
+        "timeout: 7\nretries: 4\ntrap: ptrace\nram-files: memfd\n"
     )
     env = {"HEP_EXEC_RAM": "512M", "HEP_EXEC_PROXY": "http://env:2", "HEP_EXEC_RETRIES": "2"}
     cfg = parse(["--config", str(conf), "--proxy", "http://flag:3", "--", "true"], env)
@@ -64,6 +64,12 @@ def test_precedence_flags_env_file(tmp_path: Path) -> None:
     assert cfg.log_level == "debug" and cfg.timeout == 7.0  # file beats defaults
     assert cfg.trap == "ptrace"
     assert parse(["--trap", "notify", "--config", str(conf), "--", "true"], env).trap == "notify"
+    assert cfg.ram_files == "memfd"
+    assert (
+        parse(["--config", str(conf), "--", "true"], {"HEP_EXEC_RAM_FILES": "TMPFS"}).ram_files
+        == "tmpfs"
+    )
+    assert parse(["--ram-files", "auto", "--config", str(conf), "--", "true"]).ram_files == "auto"
     assert cfg.repositories == ("a.org", "b.org")
     assert cfg.sources["proxies"] == "--proxy" and cfg.sources["ram_bytes"] == "HEP_EXEC_RAM"
     assert cfg.config_file == conf
@@ -118,6 +124,7 @@ def test_total_ram_from_meminfo() -> None:
         (["--proxy", "DIRECT", "--", "ls"], {}, "DIRECT is not usable"),
         (["--proxy", "p:1", "--log-level", "loud", "--", "ls"], {}, "not a log level"),
         (["--proxy", "p:1", "--", "ls"], {"HEP_EXEC_TRAP": "fuse"}, "HEP_EXEC_TRAP: 'fuse'"),
+        (["--proxy", "p:1", "--ram-files", "hugetlb", "--", "ls"], {}, "--ram-files: 'hugetlb'"),
         (["--proxy", "p:1", "--timeout", "soon", "--", "ls"], {}, "--timeout: 'soon'"),
         (["--proxy", "p:1", "--timeout", "0", "--", "ls"], {}, "timeout must be positive"),
         (["--proxy", "p:1", "--retries", "-1", "--", "ls"], {}, "--retries"),

@@ -220,7 +220,7 @@ typedef struct {
     char *bval; /* redirect target (NUL-terminated) or readlink bytes */
     size_t blen;
     int64_t st[15]; /* see tracer.py STAT_FIELDS */
-    uint64_t memfd_ino; /* open of a file served from a memfd: that memfd's inode, or 0 */
+    uint64_t ram_dev, ram_ino; /* open served from a RAM file: its device and inode, or 0 */
 } action_t;
 
 typedef struct {
@@ -330,35 +330,36 @@ static void cache_clear(void)
 /* ---------- what fstat of a /cvmfs file descriptor says ---------- */
 
 /*
- * An open /cvmfs file is a memfd, whose own fstat shows another inode, device, mode and
- * times than stat of its path; cp and install compare the two and refuse ("replaced while
- * being copied"), cp -p would copy the memfd's mode and times.  So every open served from a
- * memfd records memfd inode -> the path's stat answer, and fstat of a tracee fd whose target
- * is one of those memfds gets that answer (several paths with the same content share one
- * memfd: the one opened last wins).
+ * An open /cvmfs file is one of the cache's RAM files (a memfd, or a file on its private
+ * tmpfs: worker/ramfiles.py), whose own fstat shows another inode, device, mode and times
+ * than stat of its path; cp and install compare the two and refuse ("replaced while being
+ * copied"), cp -p would copy the RAM file's mode and times.  So every open served from a RAM
+ * file (a regular file with no links left) records its (device, inode) -> the path's stat
+ * answer, and fstat of a tracee fd whose target is one of those files gets that answer
+ * (several paths with the same content share one file: the one opened last wins).
  */
 typedef struct {
-    uint64_t ino; /* 0 = free */
+    uint64_t dev, ino; /* ino 0 = free */
     int64_t st[15];
 } fdid_t;
 
 static fdid_t *ids;
 static size_t ids_cap, ids_len;
-static dev_t memfd_dev; /* the kernel's internal shmem mount, where every memfd lives */
 #define IDS_MAX (1u << 18) /* forget them all beyond this (a job opening that many files) */
 
-static fdid_t *ids_find(uint64_t ino)
+static fdid_t *ids_find(uint64_t dev, uint64_t ino)
 {
     if (!ids_cap)
         return NULL;
     size_t mask = ids_cap - 1;
-    for (size_t i = (ino * 0x9E3779B97F4A7C15ull) >> 20 & mask;; i = (i + 1) & mask) {
-        if (ids[i].ino == ino || ids[i].ino == 0)
+    for (size_t i = ((ino ^ dev << 40) * 0x9E3779B97F4A7C15ull) >> 20 & mask;;
+         i = (i + 1) & mask) {
+        if ((ids[i].ino == ino && ids[i].dev == dev) || ids[i].ino == 0)
             return &ids[i];
     }
 }
 
-static void ids_put(uint64_t ino, const int64_t *st)
+static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
 {
     if (!ino)
         return;
@@ -375,14 +376,15 @@ static void ids_put(uint64_t ino, const int64_t *st)
         if (cap > old_cap) /* grow; past IDS_MAX start again empty */
             for (size_t i = 0; i < old_cap; i++)
                 if (old[i].ino) {
-                    *ids_find(old[i].ino) = old[i];
+                    *ids_find(old[i].dev, old[i].ino) = old[i];
                     ids_len++;
                 }
         free(old);
     }
-    fdid_t *slot = ids_find(ino);
+    fdid_t *slot = ids_find(dev, ino);
     if (slot->ino == 0)
         ids_len++;
+    slot->dev = dev;
     slot->ino = ino;
     memcpy(slot->st, st, sizeof slot->st);
 }
@@ -973,7 +975,7 @@ static long notify_open(long nr, struct user_regs_struct *r, const char *path, i
     unsigned long long fl = nr == SYS_open ? r->rsi : r->rdx;
     unsigned long long mode = nr == SYS_open ? r->rdx : r->r10;
     if (magic)
-        fl &= ~(unsigned long long)O_NOFOLLOW; /* a memfd's /proc link: see allow_magic_link */
+        fl &= ~(unsigned long long)O_NOFOLLOW; /* a RAM file's /proc link: see allow_magic_link */
     /* Never block or take a controlling terminal on the tracee's behalf (a FIFO reached
      * through a symlink out of /cvmfs); O_NONBLOCK is taken back below. */
     int ours = magic || has_prefix(path, strlen(path), shadow_p, shadow_n);
@@ -1052,7 +1054,7 @@ static long notify_redirect(pid_t tid, long nr, struct user_regs_struct *r, cons
     const char *path = as_tracee(tid, target, buf, sizeof buf);
     switch (nr) {
     case SYS_open:
-    case SYS_openat: /* one of our memfds, by /proc/<our pid>/fd/N: a magic link */
+    case SYS_openat: /* one of our RAM files, by /proc/<our pid>/fd/N: a magic link */
         return notify_open(nr, r, path, path == target && strncmp(path, "/proc/", 6) == 0);
     case SYS_statfs: {
         struct statfs sf;
@@ -1163,16 +1165,17 @@ static void fill_statx(const int64_t *f, struct statx *x)
 }
 
 /* Write `s` below the red zone and point argument `arg` at it; remember to restore. */
-/* An open served from a memfd: remember what fstat of the tracee's fd must say. */
+/* An open served from a RAM file: remember what fstat of the tracee's fd must say. */
 static void note_open(action_t *a)
 {
-    if (!a->memfd_ino) {
+    if (!a->ram_ino) {
         struct stat s;
-        if (stat(a->bval, &s) != 0 || s.st_dev != memfd_dev || !S_ISREG(s.st_mode))
+        if (stat(a->bval, &s) != 0 || !S_ISREG(s.st_mode) || s.st_nlink != 0)
             return;
-        a->memfd_ino = (uint64_t)s.st_ino;
+        a->ram_dev = (uint64_t)s.st_dev;
+        a->ram_ino = (uint64_t)s.st_ino;
     }
-    ids_put(a->memfd_ino, a->st);
+    ids_put(a->ram_dev, a->ram_ino, a->st);
 }
 
 /* Is the path argument at addr "" (fstatat/statx of the fd itself)?  statx accepts NULL. */
@@ -1187,14 +1190,14 @@ static int empty_path(pid_t tid, unsigned long addr, int null_ok)
 
 /* stat of a path that names a file we handed out (/proc/<pid>/fd/N): the /cvmfs path's stat
  * (note_open), else let the kernel answer.  buf: the tracee's struct stat (statx for 332). */
-static int memfd_stat(pid_t tid, struct user_regs_struct *r, long nr, const char *p,
+static int ram_file_stat(pid_t tid, struct user_regs_struct *r, long nr, const char *p,
                       unsigned long buf)
 {
     struct stat s;
     fdid_t *id = NULL;
     if (ids_len) {
-        if (stat(p, &s) == 0 && s.st_dev == memfd_dev) {
-            id = ids_find((uint64_t)s.st_ino);
+        if (stat(p, &s) == 0 && s.st_nlink == 0) {
+            id = ids_find((uint64_t)s.st_dev, (uint64_t)s.st_ino);
             if (!id || id->ino != (uint64_t)s.st_ino || id->st[5] != (int64_t)s.st_size)
                 id = NULL;
         }
@@ -1227,7 +1230,7 @@ static int fd_stat(pid_t tid, struct user_regs_struct *r, long nr, long fd, unsi
         return 0;
     }
     snprintf(p, sizeof p, "/proc/%d/fd/%d", (int)tid, (int)fd);
-    return memfd_stat(tid, r, nr, p, buf);
+    return ram_file_stat(tid, r, nr, p, buf);
 }
 
 static int redirect_arg(pid_t tid, struct user_regs_struct *r, int arg, const char *s, size_t n,
@@ -1244,7 +1247,7 @@ static int redirect_arg(pid_t tid, struct user_regs_struct *r, int arg, const ch
     return 0;
 }
 
-/* An open answered with a memfd (/proc/<pid>/fd/<n>, a "magic link") must not carry
+/* An open answered with a RAM file (/proc/<pid>/fd/<n>, a "magic link") must not carry
  * O_NOFOLLOW (tar, find -exec, openat2 users pass it): the /cvmfs path was already resolved
  * without following its last component, so drop the flag (and openat2's RESOLVE_* limits,
  * which would refuse the /proc link) for the redirected call only.  Called right after
@@ -1545,7 +1548,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     }
     if (kn == 0 && cls == C_READLINK) {
         /* /proc/<pid>/exe of a program exec'd from the mount names the file the kernel ran
-         * (a memfd); ld.so's $ORIGIN and relocatable programs need the /cvmfs path. */
+         * (a RAM file); ld.so's $ORIGIN and relocatable programs need the /cvmfs path. */
         if (n > 10 && strncmp(raw, "/proc/", 6) == 0 && strcmp(raw + n - 4, "/exe") == 0) {
             const char *who = raw + 6;
             size_t wl = (size_t)n - 10;
@@ -1571,7 +1574,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         char mapped[MAXPATH];
         if (n > 5 && (!strncmp(raw, "/proc/", 6) || !strncmp(raw, "/dev/", 5))) {
             unsigned long buf = nr == 332 ? r->r8 : nr == SYS_newfstatat ? r->rdx : r->rsi;
-            return memfd_stat(tid, r, nr, as_tracee(tid, raw, mapped, sizeof mapped), buf);
+            return ram_file_stat(tid, r, nr, as_tracee(tid, raw, mapped, sizeof mapped), buf);
         }
     }
     if (kn == 0 && cls != C_EXEC) {
@@ -2105,11 +2108,6 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     memset(n_trapped, 0, sizeof n_trapped);
     n_pass = n_hits = n_upcalls = n_notified = 0;
     my_uid = getuid();
-    int probe = memfd_create("hep-exec-probe", MFD_CLOEXEC);
-    struct stat pst;
-    memfd_dev = probe >= 0 && fstat(probe, &pst) == 0 ? pst.st_dev : (dev_t)-1;
-    if (probe >= 0)
-        close(probe);
 
     int go[2], err[2], ctl[2];
     if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||

@@ -53,6 +53,7 @@ from worker.cache_protocol import (
 from worker.config import ConfigError, ExecConfig, parse_exec_args
 from worker.fetcher import Fetcher, FetchError, object_url
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
+from worker.ramfiles import RamFiles
 from worker.repository import RepositoryError, load_chunks, load_whole
 
 log = logging.getLogger("hep_exec.cache_service")
@@ -206,7 +207,7 @@ class CacheService:
             config, max_connections=max(32, config.prefetch_concurrency * 2)
         ).start()
         raise_fd_limit()
-        self.cache = RamCache(config.ram_bytes)
+        self.cache = RamCache(config.ram_bytes, files=RamFiles(config.ram_files))
         self.idle = config.cache_idle
         self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
         # misses of ``open`` wait for their fetch here, not on the connection's reader

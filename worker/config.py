@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cvmfs_format.errors import FormatError
 from cvmfs_format.proxies import ProxyGroups, parse_proxies
 from cvmfs_format.whitelist import load_public_key
+from worker.ramfiles import BACKINGS
 from worker.tracer import TRAP_MODES
 
 PROG = "hep-exec"
@@ -48,6 +49,7 @@ class ExecConfig:
     repositories: tuple[str, ...] = ()
     log_level: str = "warning"
     trap: str = "auto"  # how hot path calls reach the tracer (worker.tracer.run)
+    ram_files: str = "auto"  # what cached objects are kept in (worker.ramfiles)
     timeout: float = 5.0
     connect_timeout: float = 2.0
     retries: int = 1
@@ -161,6 +163,13 @@ def _parse_level(text: str) -> str:
     return t
 
 
+def _parse_ram_files(text: str) -> str:
+    t = str(text).strip().lower()
+    if t not in BACKINGS:
+        raise ValueError(f"{text!r}: expected one of {', '.join(BACKINGS)}")
+    return t
+
+
 def _parse_trap(text: str) -> str:
     t = str(text).strip().lower()
     if t not in TRAP_MODES:
@@ -215,6 +224,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "repositories": (parse_repositories, "REPOSITORIES"),
     "log_level": (_parse_level, "LOG_LEVEL"),
     "trap": (_parse_trap, "TRAP"),
+    "ram_files": (_parse_ram_files, "RAM_FILES"),
     "timeout": (parse_duration, "TIMEOUT"),
     "connect_timeout": (parse_duration, "CONNECT_TIMEOUT"),
     "retries": (_parse_int, "RETRIES"),
@@ -239,6 +249,7 @@ _YAML_KEYS = {
     "repos": "repositories",
     "log_level": "log_level",
     "trap": "trap",
+    "ram_files": "ram_files",
     "timeout": "timeout",
     "connect_timeout": "connect_timeout",
     "retries": "retries",
@@ -266,6 +277,7 @@ _FLAG_NAMES = {
     "repositories": "--repositories",
     "log_level": "--log-level",
     "trap": "--trap",
+    "ram_files": "--ram-files",
     "timeout": "--timeout",
     "connect_timeout": "--connect-timeout",
     "retries": "--retries",
@@ -411,6 +423,14 @@ def _arg_parser() -> _Parser:
         metavar="MODE",
         help="auto, notify (seccomp user notification, Linux >= 6.6) or ptrace: how open/stat "
         "reach the tracer [HEP_EXEC_TRAP, default auto]",
+    )
+    a(
+        "--ram-files",
+        dest="ram_files",
+        metavar="KIND",
+        help="what the RAM cache keeps files in: tmpfs (a private huge-page tmpfs, needs "
+        "user namespaces; 1 MiB reads ~1.5x faster), memfd, or auto (tmpfs where it helps "
+        "and works) [HEP_EXEC_RAM_FILES, default auto]",
     )
     a("--timeout", metavar="SECONDS", help="per-request timeout [HEP_EXEC_TIMEOUT, 5]")
     a(

@@ -1,7 +1,8 @@
-"""RAM cache of sealed memfds: LRU by bytes, reference counts, single-flight loads.
+"""RAM cache of read-only RAM files: LRU by bytes, reference counts, single-flight loads.
 
-Objects are decompressed into ``memfd_create`` files sealed against any change, so the tracer
-can hand a tracee ``/proc/<our pid>/fd/<n>`` and every read, mmap and fstat is native. Objects
+Objects are decompressed into files no one can change (worker.ramfiles: a private huge-page
+tmpfs or sealed memfds), so the tracer can hand a tracee ``/proc/<our pid>/fd/<n>`` and every
+read, mmap and fstat is native. Objects
 a tracee holds open are pinned (reference count > 0) and never evicted; only unpinned objects
 live in the LRU, so eviction is O(1) from its tail.
 """
@@ -9,7 +10,6 @@ live in the LRU, so eviction is O(1) from its tail.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import resource
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from lru import LRU
 
+from worker.ramfiles import RamFiles, default_ram_files
+
 log = logging.getLogger("hep_exec.cache")
 
-SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 Loader = Callable[[], "bytes | Sequence[bytes]"]
 
 
@@ -32,7 +33,7 @@ class CacheFull(MemoryError):
 
 
 class CachedObject:
-    """One sealed memfd; ``path`` is what a tracee opens to get its own read-only fd."""
+    """One read-only RAM file; ``path`` is what a tracee opens to get its own read-only fd."""
 
     __slots__ = ("fd", "key", "path", "refs", "size")
 
@@ -57,28 +58,6 @@ class CacheStats:
     bytes_evicted: int = 0
     full: int = 0
     load_errors: int = 0
-
-
-def make_sealed_memfd(name: str, data: bytes | Sequence[bytes]) -> tuple[int, int]:
-    """Write ``data`` (one buffer or pieces in order) into a new memfd and seal it."""
-    fd = os.memfd_create(name[:200], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data
-        size = sum(len(p) for p in pieces)
-        if size:
-            os.ftruncate(fd, size)
-        offset = 0
-        for piece in pieces:
-            view = memoryview(piece)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                offset += n
-                view = view[n:]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        return fd, size
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def default_max_objects() -> int:
@@ -113,21 +92,24 @@ class _Pending:
 
 
 class RamCache:
-    """Byte-limited LRU of sealed memfds keyed by content hash, with pins and single-flight."""
+    """Byte-limited LRU of RAM files keyed by content hash, with pins and single-flight."""
 
-    def __init__(self, limit_bytes: int, max_objects: int | None = None) -> None:
+    def __init__(
+        self, limit_bytes: int, max_objects: int | None = None, files: RamFiles | None = None
+    ) -> None:
         self.limit = limit_bytes
+        self.files = files if files is not None else default_ram_files()
         # every object holds one fd in this process: stay below RLIMIT_NOFILE
         self.max_objects = max_objects if max_objects is not None else default_max_objects()
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._pinned: dict[str, CachedObject] = {}
-        self._pinned_size = 0  # bytes of the pinned memfds, kept up to date (O(1) checks)
+        self._pinned_size = 0  # bytes of the pinned files, kept up to date (O(1) checks)
         # unpinned objects only (count unbounded: bytes are limited by hand)
         self._lru: LRU[str, CachedObject] = LRU(1 << 30)
         self._pending: dict[str, _Pending] = {}
         self._used = 0
-        self._charged = 0  # non-memfd residents (catalogs), never evicted
+        self._charged = 0  # residents that are not files (catalogs), never evicted
 
     # ------------------------------------------------------------------ public API
 
@@ -178,7 +160,7 @@ class RamCache:
                 self._evict_to(self.limit)
 
     def charge(self, nbytes: int) -> None:
-        """Account resident non-memfd data (catalogs); may evict, never fails."""
+        """Account resident data that is not a file (catalogs); may evict, never fails."""
         with self._lock:
             self._charged += nbytes
             self._used += nbytes
@@ -202,7 +184,7 @@ class RamCache:
             return len(self._pinned) + len(self._lru)
 
     def close(self) -> None:
-        """Close every memfd (tracees that opened them keep their own fds)."""
+        """Close every file (tracees that opened them keep their own fds)."""
         with self._lock:
             for obj in list(self._pinned.values()) + list(self._lru.values()):
                 os.close(obj.fd)
@@ -251,7 +233,7 @@ class RamCache:
         fd = -1
         try:
             data = loader()
-            fd, size = make_sealed_memfd(key, data)
+            fd, size = self.files.make(key, data)
             del data
         except BaseException as e:
             self._lock.acquire()

@@ -21,6 +21,7 @@ from worker.fetcher import Fetcher, object_url
 from worker.namespace import Namespace, Node
 from worker.prefetch import Prefetch
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
+from worker.ramfiles import RamFiles, RamFilesError
 from worker.repository import Repositories, RepositoryError
 
 log = logging.getLogger("hep_exec.session")
@@ -47,11 +48,15 @@ class WorkerSession:
         except AccessListError as e:
             raise ConfigError(str(e)) from None
         self.prefetch: Prefetch | None = None
+        try:
+            files = RamFiles(config.ram_files)
+        except RamFilesError as e:
+            raise ConfigError(str(e)) from None
         # before any thread of ours exists: a service we start is then a cheap fork of us
         self.shared = CacheClient.connect(config) if config.shared_cache else None
         self.fetcher = Fetcher.from_config(config).start()
         raise_fd_limit()
-        self.cache = RamCache(config.ram_bytes)
+        self.cache = RamCache(config.ram_bytes, files=files)
         self.repos = Repositories(self.fetcher, self.master_keys, self.cache, config.repositories)
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
         self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here
@@ -145,6 +150,7 @@ class WorkerSession:
         if avail is not None:
             detail += f" ({_size(avail)} available now)"
         lines.append(CheckLine(ram_ok, "RAM cache limit", detail))
+        lines.append(CheckLine(True, "RAM files", self.cache.files.describe()))
         return lines
 
     def stats_lines(self) -> list[str]:

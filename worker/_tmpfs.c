@@ -1,0 +1,174 @@
+/*
+ * A private tmpfs for the RAM cache, mounted without privileges.
+ *
+ * memfds live on the kernel's internal shmem mount, which follows the node's
+ * transparent_hugepage/shmem_enabled setting (usually "never"): every memfd page is 4 KiB
+ * and a 1 MiB read copies 256 of them, at ~0.6 of a read from ext4's page cache (which uses
+ * large folios).  A tmpfs mounted with huge=within_size gets large folios sized to the file
+ * whatever that setting says, and an unprivileged user may mount one inside a user + mount
+ * namespace of its own.  So a short-lived child makes those namespaces, mounts the tmpfs,
+ * bind-mounts it read-only, and sends us a directory fd of each mount; then it exits, the
+ * namespace goes, and the mounts live on through the fds alone (nothing to unmount, nothing
+ * left behind if we are killed).  We create each object under the read-write mount and hand
+ * tracees fds opened through the read-only one: a tracee cannot write, reopen for writing or
+ * chmod them (EROFS), as with sealed memfds.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+enum { STEP_UNSHARE = 1, STEP_MAP, STEP_MOUNT, STEP_BIND, STEP_RDONLY, STEP_OPEN, STEP_SEND };
+
+static const char *const step_names[] = {
+    "?", "unshare(CLONE_NEWUSER|CLONE_NEWNS)", "writing the uid/gid map",
+    "mount -t tmpfs", "bind mount", "read-only remount", "open of the mount", "sending fds",
+};
+
+static int write_file(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : -1; /* setgroups: absent before Linux 3.19 */
+    ssize_t n = write(fd, text, strlen(text));
+    int e = errno;
+    close(fd);
+    errno = e;
+    return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+/* In the child: only system calls from here to _exit (the parent may have threads). */
+static void child(int sock, const char *dir, const char *options, const char *uid_map,
+                  const char *gid_map)
+{
+    int step = 0, fds[2] = {-1, -1};
+    if (unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0) {
+        step = STEP_UNSHARE;
+    } else if (write_file("/proc/self/setgroups", "deny") != 0 ||
+               write_file("/proc/self/uid_map", uid_map) != 0 ||
+               write_file("/proc/self/gid_map", gid_map) != 0) {
+        step = STEP_MAP;
+    } else if (mount("hep-exec", dir, "tmpfs", MS_NOSUID | MS_NODEV, options) != 0) {
+        step = STEP_MOUNT;
+    } else if ((fds[0] = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) {
+        step = STEP_OPEN;
+    } else if (mount(dir, dir, NULL, MS_BIND, NULL) != 0) {
+        step = STEP_BIND;
+    } else if (mount(NULL, dir, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV,
+                     NULL) != 0) {
+        step = STEP_RDONLY;
+    } else if ((fds[1] = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) {
+        step = STEP_OPEN;
+    }
+    int report[2] = {step, step ? errno : 0};
+    struct iovec io = {report, sizeof report};
+    union {
+        struct cmsghdr h;
+        char b[CMSG_SPACE(sizeof fds)];
+    } u;
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    memset(&u, 0, sizeof u);
+    m.msg_iov = &io;
+    m.msg_iovlen = 1;
+    if (!step) {
+        m.msg_control = u.b;
+        m.msg_controllen = sizeof u.b;
+        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+        h->cmsg_level = SOL_SOCKET;
+        h->cmsg_type = SCM_RIGHTS;
+        h->cmsg_len = CMSG_LEN(sizeof fds);
+        memcpy(CMSG_DATA(h), fds, sizeof fds);
+    }
+    _exit(sendmsg(sock, &m, 0) == (ssize_t)sizeof report ? 0 : 1);
+}
+
+static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
+{
+    const char *dir, *options;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "yy", &dir, &options))
+        return NULL;
+    char uid_map[64], gid_map[64];
+    snprintf(uid_map, sizeof uid_map, "%u %u 1", (unsigned)getuid(), (unsigned)getuid());
+    snprintf(gid_map, sizeof gid_map, "%u %u 1", (unsigned)getgid(), (unsigned)getgid());
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(sv[0]);
+        child(sv[1], dir, options, uid_map, gid_map);
+    }
+    int fork_errno = errno;
+    close(sv[1]);
+    if (pid < 0) {
+        close(sv[0]);
+        errno = fork_errno;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int report[2] = {STEP_SEND, EPIPE}, fds[2] = {-1, -1};
+    union {
+        struct cmsghdr h;
+        char b[CMSG_SPACE(sizeof fds)];
+    } u;
+    struct iovec io = {report, sizeof report};
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &io;
+    m.msg_iovlen = 1;
+    m.msg_control = u.b;
+    m.msg_controllen = sizeof u.b;
+    ssize_t got;
+    Py_BEGIN_ALLOW_THREADS
+    do
+        got = recvmsg(sv[0], &m, MSG_CMSG_CLOEXEC);
+    while (got < 0 && errno == EINTR);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+        ;
+    Py_END_ALLOW_THREADS
+    close(sv[0]);
+    struct cmsghdr *h = got == (ssize_t)sizeof report ? CMSG_FIRSTHDR(&m) : NULL;
+    if (h && h->cmsg_type == SCM_RIGHTS && h->cmsg_len == CMSG_LEN(sizeof fds))
+        memcpy(fds, CMSG_DATA(h), sizeof fds);
+    if (report[0] == 0 && fds[0] >= 0 && fds[1] >= 0)
+        return Py_BuildValue("ii", fds[0], fds[1]);
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    int step = report[0] > 0 && report[0] <= STEP_SEND ? report[0] : STEP_SEND;
+    int e = report[1] ? report[1] : EIO;
+    PyObject *err = Py_BuildValue("iss", e, strerror(e), step_names[step]);
+    if (err) {
+        PyErr_SetObject(PyExc_OSError, err);
+        Py_DECREF(err);
+    }
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"mount", tmpfs_mount, METH_VARARGS,
+     "mount(dir, options) -> (rw_dirfd, ro_dirfd): a tmpfs mounted with `options` on `dir` "
+     "in a private user + mount namespace, as O_PATH fds of a read-write and a read-only "
+     "mount; OSError(errno, strerror, step) if the kernel refuses."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "worker._tmpfs", "a private tmpfs without privileges", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__tmpfs(void)
+{
+    return PyModule_Create(&module);
+}

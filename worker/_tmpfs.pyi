@@ -1,0 +1,3 @@
+"""Type stub of the private tmpfs helper (worker/_tmpfs.c)."""
+
+def mount(dir: bytes, options: bytes, /) -> tuple[int, int]: ...

@@ -1,0 +1,198 @@
+"""The RAM files the cache keeps objects in: sealed memfds, or a private huge-page tmpfs.
+
+A tracee reads a /cvmfs file through its own fd on one of these files, so their read speed is
+the job's.  memfds live on the kernel's internal shmem mount and follow the node's
+``transparent_hugepage/shmem_enabled`` (``never`` on most nodes): 4 KiB pages, and a 1 MiB
+read runs at ~0.6 of one from ext4's page cache, which uses large folios.  A tmpfs mounted
+with ``huge=within_size`` gets folios sized to each file whatever that setting says, and an
+unprivileged user can mount one in a user + mount namespace of its own (worker/_tmpfs.c):
+reads then match or beat the page cache.  Objects there are created under the read-write
+mount and handed out through a read-only bind of it, so nothing a tracee does can change
+them (EROFS), as with sealed memfds.  ``auto`` uses the tmpfs where shmem_enabled would give
+memfds small pages and user namespaces are allowed, memfds otherwise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+
+log = logging.getLogger("hep_exec.cache")
+
+BACKINGS = ("auto", "tmpfs", "memfd")
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+# size=0, nr_inodes=0: no limits of its own (the cache's byte limit is the limit)
+TMPFS_OPTIONS = b"huge=within_size,size=0,nr_inodes=0,mode=0700"
+
+Data = bytes | bytearray | memoryview | Sequence[bytes]
+
+
+class RamFilesError(Exception):
+    """The tmpfs was asked for and cannot be had; ``str()`` is one line."""
+
+
+def shmem_setting(text: str) -> str:
+    """The selected value of a sysfs THP setting: ``always [never] deny`` -> ``never``."""
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return text.strip()
+
+
+def choose_backing(requested: str, shmem_enabled: str | None) -> tuple[str, str]:
+    """(backing to try, why) for a requested backing and the node's shmem_enabled setting
+    (None: no transparent huge pages in this kernel)."""
+    if requested not in BACKINGS:
+        raise ValueError(f"{requested!r}: expected one of {', '.join(BACKINGS)}")
+    if requested != "auto":
+        return requested, f"{requested} requested"
+    if shmem_enabled is None:
+        return "memfd", "no transparent huge pages in this kernel"
+    setting = shmem_setting(shmem_enabled)
+    if setting in ("never", "advise"):
+        return "tmpfs", f"memfds get 4 KiB pages here (shmem_enabled={setting})"
+    if setting == "deny":
+        return "memfd", "huge pages denied to tmpfs too (shmem_enabled=deny)"
+    return "memfd", f"memfds get huge pages already (shmem_enabled={setting})"
+
+
+def _pieces(data: Data) -> Sequence[bytes | bytearray | memoryview]:
+    return [data] if isinstance(data, bytes | bytearray | memoryview) else data
+
+
+def _write_all(fd: int, data: Data) -> int:
+    """Size the file first (so the tmpfs picks folios for its whole size), then fill it."""
+    pieces = _pieces(data)
+    size = sum(len(p) for p in pieces)
+    if size:
+        os.ftruncate(fd, size)
+    offset = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            offset += n
+            view = view[n:]
+    return size
+
+
+def make_sealed_memfd(name: str, data: Data) -> tuple[int, int]:
+    """Write ``data`` (one buffer or pieces in order) into a new memfd and seal it."""
+    fd = os.memfd_create(name[:200], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        size = _write_all(fd, data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        return fd, size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class RamFiles:
+    """Makes the cache's object files: ``make(name, data) -> (read-only fd, size)``.
+
+    The tmpfs is mounted on first use (a fork and two namespaces, a few milliseconds), so a
+    process that never caches a file never pays for it.
+    """
+
+    def __init__(self, requested: str = "auto", shmem_enabled: str | None = "") -> None:
+        """``shmem_enabled``: the sysfs text, None for no THP, "" to read it here."""
+        if shmem_enabled == "":
+            try:
+                with open(SHMEM_ENABLED) as f:
+                    shmem_enabled = f.read()
+            except OSError:
+                shmem_enabled = None
+        self.requested = requested
+        self._try, self.reason = choose_backing(requested, shmem_enabled)
+        self._lock = threading.Lock()
+        self._dirs: tuple[int, int] | None = None  # (read-write, read-only) mount dirfds
+        self._names = itertools.count()
+        self._backing: str | None = None if self._try == "tmpfs" else "memfd"
+        if requested == "tmpfs":
+            self._resolve()  # refuse now, not at the first open
+
+    @property
+    def backing(self) -> str:
+        """``tmpfs`` or ``memfd``: what objects are made of (mounts the tmpfs if need be)."""
+        return self._backing or self._resolve()
+
+    def _resolve(self) -> str:
+        with self._lock:
+            if self._backing is None:
+                self._backing = self._mount()
+            return self._backing
+
+    def _mount(self) -> str:
+        from worker import _tmpfs
+
+        try:
+            self._dirs = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), TMPFS_OPTIONS)
+        except OSError as e:
+            why = f"private tmpfs refused ({e.filename}: {e.strerror})"
+            if self.requested == "tmpfs":
+                raise RamFilesError(
+                    f"--ram-files tmpfs: {why}; it needs unprivileged user namespaces"
+                ) from None
+            self.reason = f"{why}; sealed memfds instead"
+            log.info("RAM cache: %s", self.reason)
+            return "memfd"
+        log.debug("RAM cache: private tmpfs with huge=within_size (%s)", self.reason)
+        return "tmpfs"
+
+    def make(self, name: str, data: Data) -> tuple[int, int]:
+        """A new read-only file holding ``data``, as (fd, size); the caller closes the fd."""
+        if self.backing == "memfd":
+            return make_sealed_memfd(name, data)
+        assert self._dirs is not None
+        rw_dir, ro_dir = self._dirs
+        while True:
+            leaf = f"{name[:160]}.{os.getpid()}.{next(self._names)}"
+            try:
+                wfd = os.open(
+                    leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o555, dir_fd=rw_dir
+                )
+                break
+            except FileExistsError:  # a fork of ours counts from the same number
+                continue
+        try:
+            try:
+                size = _write_all(wfd, data)
+            finally:
+                os.close(wfd)
+            return os.open(leaf, os.O_RDONLY | os.O_CLOEXEC, dir_fd=ro_dir), size
+        finally:
+            os.unlink(leaf, dir_fd=rw_dir)
+
+    def describe(self) -> str:
+        """One line for ``hep-exec --check``."""
+        if self.backing == "tmpfs":
+            return f"private tmpfs, huge=within_size ({self.reason})"
+        return f"sealed memfds ({self.reason})"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._dirs is not None:
+                for fd in self._dirs:
+                    os.close(fd)
+                self._dirs = None
+                self._backing = None if self._try == "tmpfs" else "memfd"
+
+
+_default: RamFiles | None = None
+_default_lock = threading.Lock()
+
+
+def default_ram_files() -> RamFiles:
+    """The process-wide ``auto`` RamFiles of caches made without one (one mount each)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = RamFiles()
+        return _default
