@@ -105,10 +105,12 @@ def test_tmpfs_file_cannot_be_reopened_for_writing_or_chmodded(tmpfs_files: RamF
             with pytest.raises(OSError) as e:
                 os.open(path, flags)
             assert e.value.errno == errno.EROFS
-        for change in (lambda: os.chmod(path, 0o777), lambda: os.truncate(path, 0)):
-            with pytest.raises(OSError) as e:
-                change()
-            assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            os.chmod(path, 0o777)
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            os.truncate(path, 0)
+        assert e.value.errno == errno.EROFS
         with pytest.raises(OSError) as e:
             os.write(fd, b"X")
         assert e.value.errno == errno.EBADF
