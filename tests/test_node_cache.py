@@ -189,14 +189,17 @@ def job_argv(proxy: ProxyProcess | StoreServer, cache_dir: Path, *extra: str) ->
     return ["--proxy", url, "--cache-dir", str(cache_dir), "--ram", RAM, *extra]
 
 
+# a file on a cache's private tmpfs, as /proc/<pid>/fd links name it: /<key>.<pid>.<n>
+_TMPFS_OBJECT = re.compile(r"/[^/ ]+\.\d+\.\d+( \(deleted\))?")
+
+
 def is_ram_file(fd_path: str) -> bool:
-    """Is this /proc/<pid>/fd/<n> one of a cache's RAM files (a memfd, or an unlinked file of
-    its private tmpfs)?  Raises OSError if the fd went away."""
+    """Is this /proc/<pid>/fd/<n> one of a cache's RAM files (a memfd, or a file of its
+    private tmpfs)?  Raises OSError if the fd went away."""
     link = os.readlink(fd_path)
     if link.startswith("/memfd:"):
         return True
-    st = os.stat(fd_path)
-    return link.endswith(" (deleted)") and stat.S_ISREG(st.st_mode) and st.st_nlink == 0
+    return bool(_TMPFS_OBJECT.fullmatch(link)) and stat.S_ISREG(os.stat(fd_path).st_mode)
 
 
 def ram_files(pids: list[int]) -> dict[tuple[int, int], int]:

@@ -9,7 +9,6 @@ import mmap
 import os
 import re
 import shutil
-import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,70 +97,83 @@ def test_memfd_is_sealed_against_every_change() -> None:
 def test_tmpfs_file_cannot_be_reopened_for_writing_or_chmodded(tmpfs_files: RamFiles) -> None:
     """Handed out through a read-only bind mount: the EROFS a /cvmfs file should give."""
     assert tmpfs_files.backing == "tmpfs"
-    fd, _ = tmpfs_files.make("ro", b"hello world")
-    path = f"/proc/{os.getpid()}/fd/{fd}"
+    f = tmpfs_files.make("ro", b"hello world")
     try:
-        for flags in (os.O_RDWR, os.O_WRONLY, os.O_WRONLY | os.O_TRUNC):
+        for path in (f.path, f"/proc/{os.getpid()}/fd/{f.fd}"):
+            for flags in (os.O_RDWR, os.O_WRONLY, os.O_WRONLY | os.O_TRUNC):
+                with pytest.raises(OSError) as e:
+                    os.open(path, flags)
+                assert e.value.errno == errno.EROFS
             with pytest.raises(OSError) as e:
-                os.open(path, flags)
+                os.chmod(path, 0o777)
+            assert e.value.errno == errno.EROFS
+            with pytest.raises(OSError) as e:
+                os.truncate(path, 0)
             assert e.value.errno == errno.EROFS
         with pytest.raises(OSError) as e:
-            os.chmod(path, 0o777)
-        assert e.value.errno == errno.EROFS
-        with pytest.raises(OSError) as e:
-            os.truncate(path, 0)
-        assert e.value.errno == errno.EROFS
-        with pytest.raises(OSError) as e:
-            os.write(fd, b"X")
+            os.write(f.fd, b"X")
         assert e.value.errno == errno.EBADF
         with pytest.raises(PermissionError):
-            mmap.mmap(fd, 11, mmap.MAP_SHARED, mmap.PROT_WRITE | mmap.PROT_READ)
-        assert os.pread(fd, 100, 0) == b"hello world"
-        # nothing of it is left by name: only fds keep it
-        st = os.fstat(fd)
-        assert stat.S_ISREG(st.st_mode) and st.st_nlink == 0
-        assert os.readlink(path).endswith(" (deleted)")
+            mmap.mmap(f.fd, 11, mmap.MAP_SHARED, mmap.PROT_WRITE | mmap.PROT_READ)
+        assert os.pread(f.fd, 100, 0) == b"hello world"
     finally:
-        os.close(fd)
+        tmpfs_files.discard(f.fd, f.name)
+
+
+def test_tmpfs_file_is_opened_by_a_name_that_dies_with_it(tmpfs_files: RamFiles) -> None:
+    """A tracee opens /proc/<pid>/fd/<dir>/<name>: right while the object lives, ENOENT
+    after (never another object's bytes: names are not reused)."""
+    f = tmpfs_files.make("named", b"one")
+    g = tmpfs_files.make("named", b"two")
+    assert f.name and g.name and f.name != g.name
+    assert f.path.startswith(f"/proc/{os.getpid()}/fd/") and f.path.endswith("/" + f.name)
+    with open(f.path, "rb") as r:
+        assert r.read() == b"one"
+        assert os.fstat(r.fileno())[:2] == os.fstat(f.fd)[:2]  # the same file
+    tmpfs_files.discard(f.fd, f.name)
+    with pytest.raises(FileNotFoundError):
+        Path(f.path).read_bytes()
+    assert Path(g.path).read_bytes() == b"two"
+    tmpfs_files.discard(g.fd, g.name)
+
+
+def test_memfd_path_reopens_its_fd() -> None:
+    f = RamFiles("memfd").make("m", b"bytes")
+    assert f.name is None and f.path == f"/proc/{os.getpid()}/fd/{f.fd}"
+    assert Path(f.path).read_bytes() == b"bytes"
+    os.close(f.fd)
 
 
 def test_every_backing_reads_maps_and_passes_to_a_child(files: RamFiles) -> None:
     pieces = [os.urandom(5000), b"", os.urandom(300_000)]
-    fd, size = files.make("blob", pieces)
+    f = files.make("blob", pieces)
     try:
-        assert size == 305_000 == os.fstat(fd).st_size
-        assert os.pread(fd, size + 1, 0) == b"".join(pieces)
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        assert f.size == 305_000 == os.fstat(f.fd).st_size
+        assert os.pread(f.fd, f.size + 1, 0) == b"".join(pieces)
+        with mmap.mmap(f.fd, f.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
             assert m[:] == b"".join(pieces)
-        out = subprocess.run(
-            ["sha256sum", f"/proc/{os.getpid()}/fd/{fd}"],
-            capture_output=True,
-            pass_fds=(fd,),
-            check=True,
-        )
+        out = subprocess.run(["sha256sum", f.path], capture_output=True, check=True)
         assert out.stdout.split()[0].decode() == hashlib.sha256(b"".join(pieces)).hexdigest()
     finally:
-        os.close(fd)
-    fd, size = files.make("empty", b"")
-    assert size == 0 == os.fstat(fd).st_size
-    os.close(fd)
+        files.discard(f.fd, f.name)
+    f = files.make("empty", b"")
+    assert f.size == 0 == os.fstat(f.fd).st_size
+    files.discard(f.fd, f.name)
 
 
 def test_every_backing_executes_binaries_and_scripts(files: RamFiles) -> None:
-    """exec of /proc/<pid>/fd/<n> is how hep-exec runs /cvmfs programs."""
+    """exec of the file's path is how hep-exec runs /cvmfs programs."""
     true = shutil.which("true")
     assert true
-    fd, _ = files.make("true", Path(true).read_bytes())
-    script, _ = files.make("script", b"#!/bin/sh\necho from a RAM file\n")
+    binary = files.make("true", Path(true).read_bytes())
+    script = files.make("script", b"#!/bin/sh\necho from a RAM file\n")
     try:
-        subprocess.run([f"/proc/{os.getpid()}/fd/{fd}"], pass_fds=(fd,), check=True)
-        out = subprocess.run(
-            [f"/proc/{os.getpid()}/fd/{script}"], pass_fds=(script,), capture_output=True
-        )
+        subprocess.run([binary.path], check=True)
+        out = subprocess.run([script.path], capture_output=True, check=True)
         assert out.stdout == b"from a RAM file\n"
     finally:
-        os.close(fd)
-        os.close(script)
+        files.discard(binary.fd, binary.name)
+        files.discard(script.fd, script.name)
 
 
 def test_tmpfs_gives_large_files_huge_pages(tmpfs_files: RamFiles) -> None:
@@ -169,16 +181,16 @@ def test_tmpfs_gives_large_files_huge_pages(tmpfs_files: RamFiles) -> None:
     enabled = (THP / "enabled").read_text() if (THP / "enabled").exists() else "[never]"
     if "[never]" in enabled or "[deny]" in (THP / "shmem_enabled").read_text():
         pytest.skip(f"transparent huge pages are off on this node ({enabled.strip()})")
-    fd, size = tmpfs_files.make("big", os.urandom(4 << 20))
+    f = tmpfs_files.make("big", os.urandom(4 << 20))
     try:
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-            assert m[: 1 << 20] == os.pread(fd, 1 << 20, 0)
-            assert m[size - 1] == os.pread(fd, 1, size - 1)[0]  # the whole mapping
+        with mmap.mmap(f.fd, f.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            assert m[: 1 << 20] == os.pread(f.fd, 1 << 20, 0)
+            assert m[f.size - 1] == os.pread(f.fd, 1, f.size - 1)[0]  # the whole mapping
             smaps = Path("/proc/self/smaps").read_text()
         pmd = [int(k) for k in re.findall(r"ShmemPmdMapped:\s+(\d+) kB", smaps)]
         assert max(pmd) >= 2048, "no huge page mapped for a 4 MiB tmpfs file"
     finally:
-        os.close(fd)
+        tmpfs_files.discard(f.fd, f.name)
 
 
 def test_unknown_backing_is_refused() -> None:

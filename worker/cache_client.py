@@ -43,6 +43,7 @@ from worker.cache_service import (
 )
 from worker.config import ExecConfig
 from worker.ramcache import CachedObject
+from worker.ramfiles import named_path
 from worker.repository import MountedRepository, RepositoryError
 
 log = logging.getLogger("hep_exec.cache_client")
@@ -143,6 +144,24 @@ def start_service(config: ExecConfig, directory: Path) -> None:
         raise OSError(lines[-1] if lines else f"cache service exited {done.returncode}")
 
 
+def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the fds that came with it; ProtocolError if either was cut short."""
+    data, anc, flags, _ = sock.recvmsg(
+        MAX_MESSAGE, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("truncated message")
+    return data, fds
+
+
 class _Wait:
     """Threads waiting for one key's ``open`` reply (or push): how many, and the outcome."""
 
@@ -165,9 +184,17 @@ class CacheClient:
     """
 
     def __init__(
-        self, sock: socket.socket, server_pid: int, directory: Path, idle_budget: int = 0
+        self,
+        sock: socket.socket,
+        server_pid: int,
+        directory: Path,
+        idle_budget: int = 0,
+        names_dir: int | None = None,
     ) -> None:
         self.sock = sock
+        # the service's read-only tmpfs directory: its objects opened by name (see
+        # worker.ramfiles.named_path); kept while any object handed out through it is pinned
+        self.names_dir = names_dir
         self.server_pid = server_pid
         self.directory = directory
         self.idle_budget = idle_budget
@@ -235,14 +262,19 @@ class CacheClient:
             if uid != os.getuid():
                 raise OSError(f"service runs as uid {uid}, not as us (uid {os.getuid()})")
             sock.send(encode({"op": "hello", "version": VERSION}))
-            data = sock.recv(MAX_MESSAGE)
+            data, fds = _recv_with_fds(sock)
             if not data:
                 raise ServiceGone("connection closed")
             reply = decode(data)
             if reply.get("version") != VERSION:
+                for fd in fds:
+                    os.close(fd)
                 raise OSError(f"service speaks protocol {reply.get('version')}, not {VERSION}")
+            names_dir = fds.pop() if reply.get("named") and len(fds) == 1 else None
+            for fd in fds:
+                os.close(fd)
             sock.settimeout(None)
-            return cls(sock, int(reply["pid"]), directory, idle_budget)
+            return cls(sock, int(reply["pid"]), directory, idle_budget, names_dir)
         except BaseException:
             sock.close()
             raise
@@ -360,7 +392,11 @@ class CacheClient:
                 del self._objects[key]
             self._idle.clear()
             self._idle_bytes = 0
+            pinned = bool(self._objects)
             self._objects.clear()  # pinned ones close on their last release
+            if self.names_dir is not None and not pinned:
+                os.close(self.names_dir)  # else kept: tracees may still open through it
+                self.names_dir = None
         if not gone:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -397,23 +433,11 @@ class CacheClient:
         """Receiver thread: dispatch every message until the connection ends."""
         try:
             while True:
-                data, anc, flags, _ = self.sock.recvmsg(
-                    MAX_MESSAGE, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC
-                )
-                fds: list[int] = []
-                for level, kind, payload in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        arr = array.array("i")
-                        arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                        fds.extend(arr)
+                data, fds = _recv_with_fds(self.sock)
                 if not data:
                     for fd in fds:
                         os.close(fd)
                     raise ServiceGone("connection closed")
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                    for fd in fds:
-                        os.close(fd)
-                    raise ProtocolError("truncated message")
                 self._dispatch(decode(data), fds)
         except (OSError, ServiceGone, ProtocolError, KeyError, TypeError, ValueError) as e:
             self._mark_gone(e)
@@ -426,11 +450,11 @@ class CacheClient:
                 for fd in fds:
                     os.close(fd)
                 raise ProtocolError("ready: one fd per object expected")
-            for (key, size), fd in zip(items, fds, strict=True):
-                self._received(str(key), int(size), fd, pushed=True)
+            for (key, size, name), fd in zip(items, fds, strict=True):
+                self._received(str(key), int(size), fd, name, pushed=True)
             return
         if op == "open" and msg.get("ok") and len(fds) == 1:
-            self._received(str(msg["key"]), int(msg["size"]), fds[0], pushed=False)
+            self._received(str(msg["key"]), int(msg["size"]), fds[0], msg.get("name"), False)
             return
         for fd in fds:
             os.close(fd)
@@ -450,8 +474,14 @@ class CacheClient:
         else:
             raise ProtocolError(f"unexpected message {op!r} with {len(fds)} fds")
 
-    def _received(self, key: str, size: int, fd: int, pushed: bool) -> None:
+    def _received(self, key: str, size: int, fd: int, name: object, pushed: bool) -> None:
         """An object's fd arrived: hand it to whoever waits, or keep it idle."""
+        path = None
+        if isinstance(name, str) and self.names_dir is not None:
+            if "/" in name or name in ("", ".", ".."):
+                os.close(fd)
+                raise ProtocolError(f"object name {name!r}")
+            path = named_path(self.names_dir, name)
         flush = False
         with self._lock:
             if key in self._objects or self.gone:  # a push and a reply crossed: keep one
@@ -460,7 +490,7 @@ class CacheClient:
                     self._releases.append(key)
                     flush = len(self._releases) >= PREFETCH_BATCH // 4
             else:
-                obj = SharedObject(key, fd, size)
+                obj = SharedObject(key, fd, size, path)
                 self._objects[key] = obj
                 if pushed:
                     self.pushed += 1

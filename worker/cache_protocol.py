@@ -5,12 +5,14 @@ Transport: an AF_UNIX SOCK_SEQPACKET socket, so every message is one datagram-si
 ancillary data. Requests carry ``op``; every message from the service carries the ``op`` it
 answers, so a client can keep several requests in flight and read them on one thread:
 
-- ``hello`` {version} -> {op, ok, pid, version}
-- ``open`` {object} -> {op, ok, key, size} + one fd, or {op, ok: false, key, errno, error};
-  answered out of order (a miss does not hold up later requests)
+- ``hello`` {version} -> {op, ok, pid, version, named} (+ with ``named``, one fd: the
+  service's read-only tmpfs directory, where its objects can be opened by name)
+- ``open`` {object} -> {op, ok, key, size, name} + one fd, or {op, ok: false, key, errno,
+  error}; answered out of order (a miss does not hold up later requests); ``name``: the
+  object's name in that directory, or null for a memfd
 - ``release`` {keys: [...]} -> no reply (drops one of this connection's pins per key)
 - ``prefetch`` {objects: [...], push} -> no reply; fetched in the background. With ``push``
-  objects are sent as soon as they are in RAM, as {op: "ready", objects: [[key, size], …]}
+  objects are sent as soon as they are in RAM, as {op: "ready", objects: [[key, size, name], …]}
   + one fd each (those ready together travel in one message), pinned for this connection
   like an ``open`` (so the job's later open needs no round trip)
 - ``stats`` -> {op, ok, ...counters}
@@ -32,7 +34,7 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from worker.repository import chunked_key
 
-VERSION = 2
+VERSION = 3
 MAX_MESSAGE = 1 << 20  # bytes per packet; prefetch batches stay far below
 PREFETCH_BATCH = 256
 MAX_FDS = 250  # fds per message (the kernel's SCM_MAX_FD is 253)

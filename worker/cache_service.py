@@ -351,7 +351,18 @@ class CacheService:
         elif op == "stats":
             self._send(conn, {"op": "stats", "ok": True, **self.stats()})
         elif op == "hello":
-            self._send(conn, {"op": "hello", "ok": True, "pid": os.getpid(), "version": VERSION})
+            # the read-only tmpfs dir (if ours are tmpfs files): clients then open objects by
+            # name, which the tracer does faster than reopening an fd number through /proc
+            shared = self.cache.files.shared_dir
+            hello = {"op": "hello", "ok": True, "pid": os.getpid(), "version": VERSION}
+            with conn.lock:
+                if not conn.closed:
+                    conn.sock.sendmsg(
+                        [encode({**hello, "named": shared is not None})],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [shared]))]
+                        if shared is not None
+                        else [],
+                    )
         else:
             raise ProtocolError(f"unknown op {op!r}")
 
@@ -362,11 +373,12 @@ class CacheService:
 
     def _hand_over(self, conn: _Conn, obj: CachedObject, op: str) -> bool:
         """Send one pinned object's fd; the pin becomes the connection's (False: not sent)."""
+        reply = {"op": op, "ok": True, "key": obj.key, "size": obj.size, "name": obj.name}
         with conn.lock:
             if not conn.closed:
                 try:
                     conn.sock.sendmsg(
-                        [encode({"op": op, "ok": True, "key": obj.key, "size": obj.size})],
+                        [encode(reply)],
                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [obj.fd]))],
                     )
                 except OSError as e:
@@ -521,7 +533,8 @@ class CacheService:
                     return
 
     def _send_batch(self, conn: _Conn, batch: list[CachedObject]) -> None:
-        msg = encode({"op": "ready", "ok": True, "objects": [[o.key, o.size] for o in batch]})
+        objects = [[o.key, o.size, o.name] for o in batch]
+        msg = encode({"op": "ready", "ok": True, "objects": objects})
         fds = array.array("i", [o.fd for o in batch])
         try:
             conn.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])

@@ -1,15 +1,17 @@
 """The tracer's policy backed by the real data side: catalogs, fetcher and RAM cache.
 
-Opens hand the tracee ``/proc/<pid>/fd/<n>`` of a sealed memfd. Such an answer is marked
+Opens hand the tracee the path of the object's RAM file: ``/proc/<pid>/fd/<dir>/<name>`` on
+the private tmpfs, ``/proc/<pid>/fd/<n>`` of a sealed memfd. Such an answer is marked
 ``stable`` so the C side can repeat it without asking Python, which is only safe while the
-memfd stays pinned: the policy keeps what it handed out pinned up to a budget (half the RAM
+object stays pinned: the policy keeps what it handed out pinned up to a budget (half the RAM
 limit), and beyond it unpins the least recently handed-out objects, first withdrawing their
 cached answers with :func:`worker.tracer.forget`.
 
 A tracee thread that was answered but has not run its open yet must never open a different
-object under the same fd number. So the policy hands out its own duplicate of each memfd, and
-on unpinning puts a *tombstone* (a socket: opening it through /proc fails with ENXIO) on that
-number instead of closing it; the memfd's memory is freed at once, the number is reused only
+object. A tmpfs name is never reused (it fails with ENOENT once the object is evicted); an fd
+number is, so for memfds the policy hands out its own duplicate, and on unpinning puts a
+*tombstone* (a socket: opening it through /proc fails with ENXIO) on that number instead of
+closing it; the memfd's memory is freed at once, the number is reused only
 ``grace`` seconds later. Unpinning prefers objects handed out more than ``grace`` ago; when
 the cache is full it unpins younger ones too and retries (a late opener then gets an error,
 never wrong bytes) rather than failing every later open with ENOMEM.
@@ -50,7 +52,7 @@ _KIND_OF_DTYPE = {
 @dataclass
 class _Pin:
     obj: CachedObject
-    fd: int  # our duplicate of obj.fd: the number tracees open through /proc
+    fd: int  # our duplicate of obj.fd: the number tracees open through /proc (-1: by name)
     paths: set[bytes]
     handed_out: float
 
@@ -119,7 +121,7 @@ class CatalogPolicy:
             return obj
         pin = self._pins.get(obj.key)
         if pin is None:
-            pin = _Pin(obj, os.dup(obj.fd), set(), now)
+            pin = _Pin(obj, -1 if obj.by_name else os.dup(obj.fd), set(), now)
             self._pins[obj.key] = pin
             self._pinned_bytes += obj.size
         else:
@@ -128,7 +130,8 @@ class CatalogPolicy:
         pin.handed_out = now
         self._pins.move_to_end(pin.obj.key)
         self._unpin(now, self.budget, self.grace)
-        return Opened(f"/proc/{os.getpid()}/fd/{pin.fd}".encode(), stable=True)
+        target = pin.obj.path if pin.fd < 0 else f"/proc/{os.getpid()}/fd/{pin.fd}"
+        return Opened(target.encode(), stable=True)
 
     def _unpin(self, now: float, budget: int, grace: float) -> None:
         """Unpin least recently handed-out objects until at most ``budget`` bytes are pinned,
@@ -140,8 +143,9 @@ class CatalogPolicy:
             del self._pins[key]
             for p in pin.paths:
                 forget(p)
-            os.dup2(self._tomb.fileno(), pin.fd)  # frees the memfd, keeps the number taken
-            self._tombs.append((pin.fd, now))
+            if pin.fd >= 0:
+                os.dup2(self._tomb.fileno(), pin.fd)  # frees the memfd, keeps the number
+                self._tombs.append((pin.fd, now))
             self._pinned_bytes -= pin.obj.size
             self.session.release(pin.obj)
             self.unpinned += 1
@@ -152,7 +156,8 @@ class CatalogPolicy:
 
     def close(self) -> None:
         for pin in self._pins.values():
-            os.close(pin.fd)
+            if pin.fd >= 0:
+                os.close(pin.fd)
             self.session.release(pin.obj)
         self._pins.clear()
         self._pinned_bytes = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import resource
 import threading
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 from lru import LRU
 
-from worker.ramfiles import RamFiles, default_ram_files
+from worker.ramfiles import RamFiles, default_ram_files, fd_path
 
 log = logging.getLogger("hep_exec.cache")
 
@@ -33,16 +32,25 @@ class CacheFull(MemoryError):
 
 
 class CachedObject:
-    """One read-only RAM file; ``path`` is what a tracee opens to get its own read-only fd."""
+    """One read-only RAM file; ``path`` is what a tracee opens to get its own read-only fd.
 
-    __slots__ = ("fd", "key", "path", "refs", "size")
+    ``by_name``: ``path`` names the file in a directory (a tmpfs object) rather than reopening
+    our fd number, so it stays right as long as the object lives and fails (ENOENT), never
+    leads elsewhere, after; ``name``: that name when it is ours to remove on eviction.
+    """
 
-    def __init__(self, key: str, fd: int, size: int) -> None:
+    __slots__ = ("by_name", "fd", "key", "name", "path", "refs", "size")
+
+    def __init__(
+        self, key: str, fd: int, size: int, path: str | None = None, name: str | None = None
+    ) -> None:
         self.key = key
         self.fd = fd
         self.size = size
         self.refs = 0
-        self.path = f"/proc/{os.getpid()}/fd/{fd}"
+        self.path = path or fd_path(fd)
+        self.by_name = path is not None and path != fd_path(fd)
+        self.name = name
 
     def __repr__(self) -> str:
         return f"CachedObject({self.key!r}, fd={self.fd}, size={self.size}, refs={self.refs})"
@@ -187,7 +195,7 @@ class RamCache:
         """Close every file (tracees that opened them keep their own fds)."""
         with self._lock:
             for obj in list(self._pinned.values()) + list(self._lru.values()):
-                os.close(obj.fd)
+                self.files.discard(obj.fd, obj.name)
             self._pinned.clear()
             self._pinned_size = 0
             self._lru.clear()
@@ -221,7 +229,7 @@ class RamCache:
             return False
         key, obj = last
         del self._lru[key]
-        os.close(obj.fd)
+        self.files.discard(obj.fd, obj.name)
         self._used -= obj.size
         self.stats.evictions += 1
         self.stats.bytes_evicted += obj.size
@@ -230,10 +238,9 @@ class RamCache:
     def _load(self, key: str, loader: Loader, pending: _Pending) -> CachedObject:
         """Called with the lock held; runs the loader without it."""
         self._lock.release()
-        fd = -1
         try:
             data = loader()
-            fd, size = self.files.make(key, data)
+            file = self.files.make(key, data)
             del data
         except BaseException as e:
             self._lock.acquire()
@@ -245,15 +252,16 @@ class RamCache:
         self._lock.acquire()
         try:
             del self._pending[key]
+            size = file.size
             self._evict_to(self.limit - size)
             self._evict_count(self.max_objects - 1)
             if self._used + size > self.limit:
-                os.close(fd)
+                self.files.discard(file.fd, file.name)
                 self.stats.full += 1
                 err = self._full(key, size)
                 pending.error = err
                 raise err
-            obj = CachedObject(key, fd, size)
+            obj = CachedObject(key, file.fd, size, file.path, file.name)
             obj.refs = 1 + pending.waiters
             self._pinned[key] = obj
             self._pinned_size += size

@@ -14,6 +14,7 @@ memfds small pages and user namespaces are allowed, memfds otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import logging
@@ -21,6 +22,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 log = logging.getLogger("hep_exec.cache")
 
@@ -31,6 +33,28 @@ SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 TMPFS_OPTIONS = b"huge=within_size,size=0,nr_inodes=0,mode=0700"
 
 Data = bytes | bytearray | memoryview | Sequence[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class RamFile:
+    """One object's file: ``path`` is what a tracee opens to get its own read-only fd."""
+
+    fd: int
+    size: int
+    path: str
+    name: str | None = None  # its name on our tmpfs (None: a memfd, reached by fd number)
+
+
+def fd_path(fd: int) -> str:
+    """The /proc path of one of our fds: opening it gives a new open file description."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
+
+
+def named_path(dir_fd: int, name: str) -> str:
+    """A file by name in a directory we hold an fd of: valid while the name exists, so it can
+    never lead to another object; the tracer opens it with openat(dir_fd, name), which is
+    2 µs cheaper than reopening an fd through /proc."""
+    return f"/proc/{os.getpid()}/fd/{dir_fd}/{name}"
 
 
 class RamFilesError(Exception):
@@ -146,10 +170,17 @@ class RamFiles:
         log.debug("RAM cache: private tmpfs with huge=within_size (%s)", self.reason)
         return "tmpfs"
 
-    def make(self, name: str, data: Data) -> tuple[int, int]:
-        """A new read-only file holding ``data``, as (fd, size); the caller closes the fd."""
+    @property
+    def shared_dir(self) -> int | None:
+        """The read-only mount's dirfd (after :attr:`backing` says tmpfs), else None: what a
+        cache service sends its clients so they open its files by name."""
+        return self._dirs[1] if self.backing == "tmpfs" and self._dirs else None
+
+    def make(self, name: str, data: Data) -> RamFile:
+        """A new read-only file holding ``data``; give it back with :meth:`discard`."""
         if self.backing == "memfd":
-            return make_sealed_memfd(name, data)
+            fd, size = make_sealed_memfd(name, data)
+            return RamFile(fd, size, fd_path(fd))
         assert self._dirs is not None
         rw_dir, ro_dir = self._dirs
         while True:
@@ -166,9 +197,20 @@ class RamFiles:
                 size = _write_all(wfd, data)
             finally:
                 os.close(wfd)
-            return os.open(leaf, os.O_RDONLY | os.O_CLOEXEC, dir_fd=ro_dir), size
-        finally:
+            fd = os.open(leaf, os.O_RDONLY | os.O_CLOEXEC, dir_fd=ro_dir)
+        except BaseException:
             os.unlink(leaf, dir_fd=rw_dir)
+            raise
+        return RamFile(fd, size, named_path(ro_dir, leaf), leaf)
+
+    def discard(self, fd: int, name: str | None) -> None:
+        """Close a file of ours; its name goes with it (its memory once no tracee holds it)."""
+        os.close(fd)
+        if name is not None:
+            with self._lock:
+                if self._dirs is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=self._dirs[0])
 
     def describe(self) -> str:
         """One line for ``hep-exec --check``."""

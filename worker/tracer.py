@@ -505,12 +505,13 @@ def forget(path: bytes) -> int:
 
 def _exe_link(file: bytes) -> bytes:
     """What /proc/<pid>/exe will say after exec of ``file`` (a /proc/<pid>/fd/<n> path is
-    replaced by its target, e.g. ``/memfd:name (deleted)``)."""
+    replaced by its target, e.g. ``/memfd:name (deleted)``; a RAM file by name on our tmpfs,
+    /proc/<pid>/fd/<dir>/<name>, says ``/<name>``)."""
     if file.startswith(b"/proc/"):
         try:
             return os.readlink(file)
         except OSError:
-            return file
+            pass
     return os.path.realpath(file)
 
 
