@@ -97,3 +97,43 @@ def test_session_cache_full_is_enomem(store: tuple[Path, Path]) -> None:
             assert "mounted on first access" in report
     finally:
         server.stop()
+
+
+def test_answer_for_an_evicted_tmpfs_object_fails_never_opens_another(
+    store: tuple[Path, Path],
+) -> None:
+    """An open's answer names the object's file on the private tmpfs; once the object is gone
+    that name fails (ENOENT) and is never given to another object, so a tracee thread that
+    was answered but opened late can never read other bytes."""
+    from worker.catalog_policy import CatalogPolicy
+    from worker.ramfiles import RamFiles, RamFilesError
+
+    try:
+        RamFiles("tmpfs").close()
+    except RamFilesError as e:
+        pytest.skip(f"no private tmpfs on this machine: {e}")
+    root, _ = store
+    server = StoreServer(root)
+    small = f"/cvmfs/{FQRN}/small".encode()
+    try:
+        argv = ["--proxy", server.url, "--ram-files", "tmpfs", "--no-shared-cache", "--", "true"]
+        with WorkerSession(parse_exec_args(argv, {})) as s:
+            policy = CatalogPolicy(s)
+            node = policy.lookup(os.getpid(), small)
+            assert not isinstance(node, int)
+            first = policy.open(os.getpid(), small, node)
+            assert not isinstance(first, int) and first.stable
+            assert Path(os.fsdecode(first.path)).read_bytes() == b"x" * 1000
+            policy.close()
+            s.cache.close()  # evicts (and unlinks) everything
+            with pytest.raises(FileNotFoundError):
+                Path(os.fsdecode(first.path)).read_bytes()
+            again = CatalogPolicy(s)
+            second = again.open(os.getpid(), small, node)
+            assert not isinstance(second, int) and second.path != first.path
+            assert Path(os.fsdecode(second.path)).read_bytes() == b"x" * 1000
+            with pytest.raises(FileNotFoundError):
+                Path(os.fsdecode(first.path)).read_bytes()
+            again.close()
+    finally:
+        server.stop()
