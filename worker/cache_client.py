@@ -1,7 +1,7 @@
 """Client of the node's cache service, as WorkerSession uses it.
 
 ``CacheClient.connect`` finds (or starts) the service of this user; ``open`` returns a
-:class:`SharedObject` whose fd is our own copy of the service's memfd, so nothing the service
+:class:`SharedObject` whose fd is our own copy of the service's RAM file, so nothing the service
 does later (eviction, a crash) can take it away. When the service is gone, ``open`` returns None
 (after one log line) and the session falls back to its private RAM cache: never a failed job.
 """

@@ -1,7 +1,7 @@
 """Messages between hep-exec and the node's cache service (sans-I/O).
 
 Transport: an AF_UNIX SOCK_SEQPACKET socket, so every message is one datagram-sized packet
-(no framing to get wrong) holding one JSON object; an object's memfd travels as SCM_RIGHTS
+(no framing to get wrong) holding one JSON object; an object's RAM file travels as SCM_RIGHTS
 ancillary data. Requests carry ``op``; every message from the service carries the ``op`` it
 answers, so a client can keep several requests in flight and read them on one thread:
 

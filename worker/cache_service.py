@@ -1,11 +1,13 @@
-"""The node's shared RAM cache: one process per user and node, serving memfds over a socket.
+"""The node's shared RAM cache: one process per user and node, serving RAM files over a socket.
 
 All hep-exec runs of one user on a node connect to it, so each object is fetched and held once
 per node however many jobs ask (concurrent requests for one object share one fetch: the RAM
 cache's single-flight). It listens on an AF_UNIX SOCK_SEQPACKET socket in a private runtime
 directory (ours, mode 0700, checked, refused otherwise), checks every peer with SO_PEERCRED
-(same uid only), and hands each object's sealed memfd to the client with SCM_RIGHTS; the client
-then holds a real fd that stays valid whatever happens to this process. Pins are counted per
+(same uid only), and hands each object's read-only RAM file (worker.ramfiles) to the client
+with SCM_RIGHTS, plus its name in our read-only tmpfs directory (sent once per connection),
+which the client's tracees open it by; the client then holds a real fd that stays valid
+whatever happens to this process. Pins are counted per
 connection and dropped when the connection closes, so a dead client never pins forever. The
 service exits ``cache_idle`` seconds after its last client left.
 
@@ -213,7 +215,7 @@ class CacheService:
         # misses of ``open`` wait for their fetch here, not on the connection's reader
         self._open_pool = ThreadPoolExecutor(32, "cache-open")
         # prefetch: a feeder starts fetches on the fetcher's event loop (at most
-        # prefetch_concurrency in flight), a finisher turns their bytes into memfds and pushes
+        # prefetch_concurrency in flight), a finisher turns their bytes into RAM files and pushes
         # them; no thread per fetch. Cache hits and chunked files go through ``_pool``.
         self._slots = threading.Semaphore(config.prefetch_concurrency)
         self._feed: queue.SimpleQueue[tuple[ObjectSpec, _Conn | None] | None] = queue.SimpleQueue()
@@ -460,7 +462,7 @@ class CacheService:
         self._fetched.put(fetch)
 
     def _finisher(self) -> None:
-        """Decompress fetched objects into memfds (single-flight with opens) and push them."""
+        """Decompress fetched objects into RAM files (single-flight with opens) and push them."""
         while (fetch := self._fetched.get()) is not None:
             spec = fetch.spec
             try:

@@ -69,7 +69,7 @@ class WorkerSession:
             ).start()
 
     def open_file(self, node: Node) -> CachedObject | int:
-        """Pin a file's memfd for an open(); errno (ENOMEM, EIO …) with one log line otherwise."""
+        """Pin a file's object for an open(); errno (ENOMEM, EIO …) with one log line otherwise."""
         if node.kind != "file" or node.entry is None or node.repo is None:
             return errno.EINVAL
         try:

@@ -384,7 +384,7 @@ class Session:
             if isinstance(opened, int):
                 log.warning("%s: %s", os.fsdecode(res.path), os.strerror(opened))
                 return (False, Act.RETURN, -opened, None, None, None)
-            # the stat tuple: what fstat of the fd must say (C records it per memfd)
+            # the stat tuple: what fstat of the fd must say (C records it per RAM file)
             st = self._stat_tuple(node)
             return (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, st, None)
         if cls == Cls.STAT:
@@ -495,7 +495,7 @@ class Session:
 
 def forget(path: bytes) -> int:
     """Withdraw a ``stable`` :class:`~worker.policy.Opened` answer for /cvmfs ``path`` (e.g.
-    its memfd was evicted), so the next open asks the policy again.  Call it only from
+    its RAM file was evicted), so the next open asks the policy again.  Call it only from
     policy methods, which run on a tracer thread holding the answer table's lock; returns the
     number of answers dropped."""
     from worker import _trap
