@@ -520,6 +520,46 @@ def test_no_ptrace_says_so_in_one_line_and_exits_2(world: World, tmp_path: Path)
     assert len(lines) == 1 and "ptrace" in lines[0], r.stderr
 
 
+def _without_user_namespaces(argv: list[str]) -> list[str]:
+    """``argv`` run where no user namespace can be made (a site that disabled them): in a
+    user namespace of ours whose ``user.max_user_namespaces`` is 0."""
+    limit = 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"'
+    return ["unshare", "--user", "--map-root-user", "sh", "-c", limit, "sh", *argv]
+
+
+def test_ram_files_without_user_namespaces(world: World) -> None:
+    """auto falls back to sealed memfds (and --check says why); tmpfs refuses in one line."""
+    probe = subprocess.run(_without_user_namespaces(["true"]), capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a user namespace here: {probe.stderr.decode().strip()}")
+    cat = ["cat", f"{ODD}/hello.txt"]
+    r = subprocess.run(
+        _without_user_namespaces(hep_exec_cmd(world.proxy, cat)),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+    )
+    assert (r.returncode, r.stdout) == (0, (world.src / "odd/hello.txt").read_text()), r.stderr
+    check = [sys.executable, "-m", "worker.cli", "--check", "--no-shared-cache"]
+    r = subprocess.run(
+        _without_user_namespaces([*check, "--proxy", world.proxy]),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+    )
+    line = [ln for ln in r.stdout.splitlines() if "RAM files" in ln]
+    assert line and "sealed memfds" in line[0] and "refused" in line[0], r.stdout
+    r = subprocess.run(
+        _without_user_namespaces(hep_exec_cmd(world.proxy, cat, options=["--ram-files", "tmpfs"])),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--ram-files tmpfs" in lines[0] and "namespaces" in lines[0], lines
+
+
 def test_check_reports_tracer_proxies_repositories_and_ram(world: World) -> None:
     dead = f"http://127.0.0.1:{_dead_port()}"
     cmd = [sys.executable, "-m", "worker.cli", "--check", "--no-shared-cache", "--ram", "64M"]

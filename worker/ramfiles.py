@@ -15,6 +15,7 @@ memfds small pages and user namespaces are allowed, memfds otherwise.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -27,6 +28,9 @@ from dataclasses import dataclass
 log = logging.getLogger("hep_exec.cache")
 
 BACKINGS = ("auto", "tmpfs", "memfd")
+# unshare(CLONE_NEWUSER) where user namespaces are off: max_user_namespaces 0 (ENOSPC),
+# a container's seccomp profile or kernel.unprivileged_userns_clone=0 (EPERM), no CONFIG (EINVAL)
+NO_USERNS = (errno.ENOSPC, errno.EPERM, errno.EUSERS, errno.EINVAL)
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 # size=0, nr_inodes=0: no limits of its own (the cache's byte limit is the limit)
@@ -159,13 +163,13 @@ class RamFiles:
         try:
             self._dirs = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), TMPFS_OPTIONS)
         except OSError as e:
-            why = f"private tmpfs refused ({e.filename}: {e.strerror})"
+            why = f"private tmpfs refused: {e.filename}: {e.strerror}"
+            if str(e.filename).startswith("unshare") and e.errno in NO_USERNS:
+                why += " (user namespaces disabled on this node?)"
             if self.requested == "tmpfs":
-                raise RamFilesError(
-                    f"--ram-files tmpfs: {why}; it needs unprivileged user namespaces"
-                ) from None
-            self.reason = f"{why}; sealed memfds instead"
-            log.info("RAM cache: %s", self.reason)
+                raise RamFilesError(f"--ram-files tmpfs: {why}") from None
+            self.reason = why
+            log.info("RAM cache: %s; sealed memfds instead", why)
             return "memfd"
         log.debug("RAM cache: private tmpfs with huge=within_size (%s)", self.reason)
         return "tmpfs"
