@@ -335,8 +335,8 @@ static void cache_clear(void)
  * than stat of its path; cp and install compare the two and refuse ("replaced while being
  * copied"), cp -p would copy the RAM file's mode and times.  So every open served from a RAM
  * file (a regular file reached through our /proc/<pid>/fd) records its (device, inode) -> the
- * path's stat answer, and fstat of a tracee fd whose target is one of those files gets that answer
- * (several paths with the same content share one file: the one opened last wins).
+ * path's stat answer, and fstat of a tracee fd whose target is one of those files gets that
+ * answer (several paths with the same content share one file: the one opened last wins).
  */
 typedef struct {
     uint64_t dev, ino; /* ino 0 = free */

@@ -123,10 +123,12 @@ def make_sealed_memfd(name: str, data: Data) -> tuple[int, int]:
 
 
 class RamFiles:
-    """Makes the cache's object files: ``make(name, data) -> (read-only fd, size)``.
+    """Makes the cache's object files: ``make(name, data) -> RamFile``, ``discard`` after.
 
     The tmpfs is mounted on first use (a fork and two namespaces, a few milliseconds), so a
-    process that never caches a file never pays for it.
+    process that never caches a file never pays for it.  Its files keep their (never reused)
+    names until discarded, so tracees can open them by name; the mounts, and whatever is
+    still on them, go when the last fd of them closes (at the latest when we exit).
     """
 
     def __init__(self, requested: str = "auto", shmem_enabled: str | None = "") -> None:
