@@ -1,0 +1,80 @@
+"""CacheClient against a scripted service on a real socketpair: objects by name, bad names."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from cvmfs_format.hashes import ContentHash
+from worker.cache_client import CacheClient
+from worker.cache_protocol import ObjectSpec, decode, encode
+from worker.ramfiles import RamFiles, RamFilesError
+
+
+@pytest.fixture(scope="module")
+def files() -> RamFiles:
+    try:
+        return RamFiles("tmpfs")
+    except RamFilesError as e:
+        pytest.skip(f"no private tmpfs on this machine: {e}")
+
+
+def _serve_one_open(sock: socket.socket, name: str, fd: int, size: int) -> None:
+    """What the service does for one ``open``: reply with the object's fd and name."""
+    msg = decode(sock.recv(1 << 16))
+    assert msg["op"] == "open"
+    key = ObjectSpec.from_wire(msg["object"]).key
+    reply = encode({"op": "open", "ok": True, "key": key, "size": size, "name": name})
+    sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+def _client(files: RamFiles, tmp_path: Path) -> tuple[CacheClient, socket.socket]:
+    ours, service = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    assert files.shared_dir is not None
+    client = CacheClient(ours, os.getpid(), tmp_path, 1 << 20, os.dup(files.shared_dir))
+    return client.start(), service
+
+
+def test_service_objects_are_opened_by_name(files: RamFiles, tmp_path: Path) -> None:
+    f = files.make("obj", b"payload")
+    client, service = _client(files, tmp_path)
+    spec = ObjectSpec("x.org", "/a", 7, False, ContentHash.of(b"payload"))
+    try:
+        t = threading.Thread(target=_serve_one_open, args=(service, f.name, f.fd, 7))
+        t.start()
+        obj = client.open(spec)
+        t.join()
+        assert obj is not None and obj.by_name
+        assert obj.path == f"/proc/{os.getpid()}/fd/{client.names_dir}/{f.name}"
+        assert Path(obj.path).read_bytes() == b"payload"
+        client.release(obj)
+    finally:
+        client.close()
+        service.close()
+        files.discard(f.fd, f.name)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "..", ""])
+def test_a_name_that_is_not_one_file_ends_the_connection(
+    files: RamFiles, tmp_path: Path, bad: str
+) -> None:
+    """A confused service cannot make us hand tracees a path outside its directory: the
+    connection is dropped and the job falls back to its private cache (open -> None)."""
+    f = files.make("obj", b"payload")
+    client, service = _client(files, tmp_path)
+    spec = ObjectSpec("x.org", "/a", 7, False, ContentHash.of(b"payload"))
+    try:
+        t = threading.Thread(target=_serve_one_open, args=(service, bad, f.fd, 7))
+        t.start()
+        assert client.open(spec) is None
+        t.join()
+        assert client.gone
+    finally:
+        client.close()
+        service.close()
+        files.discard(f.fd, f.name)
