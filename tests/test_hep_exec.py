@@ -591,6 +591,7 @@ def test_stats_count_hits_misses_bytes_and_syscalls(world: World) -> None:
     r = run(world, ["bash", "-c", f"cat {ODD}/hello.txt {ODD}/hello.txt"], options=["--stats"])
     assert r.returncode == 0
     assert re.search(r"cache: \d+ hits, [1-9]\d* misses", r.stderr), r.stderr
+    assert re.search(r"used, in (tmpfs|memfd) files", r.stderr), r.stderr
     assert re.search(r"fetch: [1-9]\d* requests, [\d.]+ (B|KiB)", r.stderr)
     assert "trapped syscalls:" in r.stderr and "openat" in r.stderr
 

@@ -274,6 +274,7 @@ def test_sixteen_hep_exec_jobs_one_fetch_per_object(tracing, tree, proxy, cache_
     assert shm_delta < 4 * tree_bytes  # noisy (other processes), but far from 16x
     for err in errs:
         assert "0 private fallbacks" in shared_line(err) and "Traceback" not in err
+        assert re.search(r"fallbacks, (tmpfs files opened by name|memfds)", shared_line(err))
     # the proxy saw each file object exactly once
     assert proxy.stop() == 0
     counts = requests_in(proxy.access_log)

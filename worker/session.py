@@ -160,7 +160,8 @@ class WorkerSession:
             f"cache: {c.hits} hits, {c.misses} misses, {c.waits} waits, "
             f"{_size(c.bytes_loaded)} loaded, {c.evictions} evictions "
             f"({_size(c.bytes_evicted)}), {c.full} cache-full, "
-            f"{_size(self.cache.used_bytes)} of {_size(self.cache.limit)} used",
+            f"{_size(self.cache.used_bytes)} of {_size(self.cache.limit)} used"
+            + (f", in {self.cache.files.backing} files" if c.misses else ""),
             f"fetch: {f.requests} requests, {_size(f.bytes_fetched)} fetched, "
             f"{f.failures} failures, {f.corrupt} corrupt, {f.not_found} not found, "
             f"{f.collapsed} collapsed",
@@ -170,7 +171,8 @@ class WorkerSession:
             out.append(
                 f"shared cache: {self.shared.opens} objects received, "
                 f"{self.shared.pushed} pushed by prefetch, {self.shared.local_hits} local hits, "
-                f"{self.shared.fallbacks} private fallbacks"
+                f"{self.shared.fallbacks} private fallbacks, "
+                f"{'tmpfs files opened by name' if self.shared.names_dir is not None else 'memfds'}"
                 + (
                     f"; service pid {svc['pid']}: {svc['objects']} objects, "
                     f"{_size(svc['used_bytes'])} of {_size(svc['limit'])}, "
