@@ -78,3 +78,17 @@ def test_a_name_that_is_not_one_file_ends_the_connection(
         client.close()
         service.close()
         files.discard(f.fd, f.name)
+
+
+def test_service_args_rebuild_what_the_service_uses(tmp_path: Path) -> None:
+    """A service started as a fresh interpreter gets the job's settings back from its argv."""
+    from worker.cache_client import service_args
+    from worker.config import parse_exec_args
+
+    argv = ["--proxy", "http://a:1|http://b:2;http://c:3", "--ram", "3G", "--ram-files", "memfd"]
+    argv += ["--timeout", "7", "--retries", "3", "--cache-idle", "9", "--", "true"]
+    job = parse_exec_args(argv, {})
+    service = parse_exec_args([*service_args(job, tmp_path), "--cache-daemon"], {})
+    for field in ("proxies", "ram_bytes", "ram_files", "timeout", "retries", "cache_idle"):
+        assert getattr(service, field) == getattr(job, field), field
+    assert service.cache_dir == tmp_path

@@ -115,6 +115,8 @@ def service_args(config: ExecConfig, directory: Path) -> list[str]:
         repr(config.cache_idle),
         "--prefetch-concurrency",
         str(config.prefetch_concurrency),
+        "--ram-files",
+        config.ram_files,
     ]
 
 
