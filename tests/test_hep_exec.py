@@ -535,7 +535,7 @@ def test_ram_files_without_user_namespaces(world: World) -> None:
     cat = ["cat", f"{ODD}/hello.txt"]
     r = subprocess.run(
         _without_user_namespaces(hep_exec_cmd(world.proxy, cat)),
-        env=env_with(),
+        env=env_with({"HEP_EXEC_RAM_FILES": "auto"}),
         capture_output=True,
         text=True,
     )
@@ -543,7 +543,7 @@ def test_ram_files_without_user_namespaces(world: World) -> None:
     check = [sys.executable, "-m", "worker.cli", "--check", "--no-shared-cache"]
     r = subprocess.run(
         _without_user_namespaces([*check, "--proxy", world.proxy]),
-        env=env_with(),
+        env=env_with({"HEP_EXEC_RAM_FILES": "auto"}),
         capture_output=True,
         text=True,
     )
@@ -551,7 +551,7 @@ def test_ram_files_without_user_namespaces(world: World) -> None:
     assert line and "sealed memfds" in line[0] and "refused" in line[0], r.stdout
     r = subprocess.run(
         _without_user_namespaces(hep_exec_cmd(world.proxy, cat, options=["--ram-files", "tmpfs"])),
-        env=env_with(),
+        env=env_with({"HEP_EXEC_RAM_FILES": "auto"}),
         capture_output=True,
         text=True,
     )
