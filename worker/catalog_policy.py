@@ -33,6 +33,7 @@ from worker.namespace import DT_BLK, DT_CHR, DT_DIR, DT_FIFO, DT_LNK, DT_SOCK
 from worker.namespace import Node as NsNode
 from worker.policy import Entry, Kind, Node, Opened
 from worker.ramcache import CachedObject
+from worker.ramfiles import fd_path
 from worker.session import WorkerSession
 from worker.tracee_env import LazyEnviron
 from worker.tracer import forget
@@ -130,7 +131,7 @@ class CatalogPolicy:
         pin.handed_out = now
         self._pins.move_to_end(pin.obj.key)
         self._unpin(now, self.budget, self.grace)
-        target = pin.obj.path if pin.fd < 0 else f"/proc/{os.getpid()}/fd/{pin.fd}"
+        target = pin.obj.path if pin.fd < 0 else fd_path(pin.fd)
         return Opened(target.encode(), stable=True)
 
     def _unpin(self, now: float, budget: int, grace: float) -> None:

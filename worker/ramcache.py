@@ -1,8 +1,8 @@
 """RAM cache of read-only RAM files: LRU by bytes, reference counts, single-flight loads.
 
 Objects are decompressed into files no one can change (worker.ramfiles: a private huge-page
-tmpfs or sealed memfds), so the tracer can hand a tracee ``/proc/<our pid>/fd/<n>`` and every
-read, mmap and fstat is native. Objects
+tmpfs or sealed memfds), so the tracer can hand a tracee the file's ``path`` and every read,
+mmap and fstat is native. Objects
 a tracee holds open are pinned (reference count > 0) and never evicted; only unpinned objects
 live in the LRU, so eviction is O(1) from its tail.
 """
@@ -48,8 +48,9 @@ class CachedObject:
         self.fd = fd
         self.size = size
         self.refs = 0
-        self.path = path or fd_path(fd)
-        self.by_name = path is not None and path != fd_path(fd)
+        by_fd = fd_path(fd)
+        self.path = path or by_fd
+        self.by_name = self.path != by_fd
         self.name = name
 
     def __repr__(self) -> str:
