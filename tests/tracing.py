@@ -20,11 +20,11 @@ _unavailable: list[str | None] = []
 
 
 def ensure_built() -> None:
-    """Build worker._trap in place when its source is newer than the build (or absent), and
+    """Build the extensions in place when a C source is newer than the build (or absent), and
     skip when this host forbids ptrace or seccomp (some containers)."""
-    source = PROJECT / "worker" / "_trap.c"
+    newest = max(p.stat().st_mtime for p in (PROJECT / "worker").glob("_*.[ch]"))
     built = list((PROJECT / "worker").glob("_trap.*.so"))
-    if not built or any(so.stat().st_mtime < source.stat().st_mtime for so in built):
+    if not built or any(so.stat().st_mtime < newest for so in built):
         subprocess.run(
             [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
             cwd=PROJECT,

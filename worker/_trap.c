@@ -47,6 +47,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "_fastopen_sup.h"
+
 #ifndef __x86_64__
 #error "worker._trap supports x86_64 only"
 #endif
@@ -142,7 +144,7 @@ static int ptrace_only(int nr)
 static int install_filter(int notify)
 {
     enum { N = sizeof(trapped) / sizeof(trapped[0]) };
-    struct sock_filter prog[36 + 2 * N];
+    struct sock_filter prog[44 + 2 * N];
     int k = 0;
     const uint32_t allow = SECCOMP_RET_ALLOW, trace = SECCOMP_RET_TRACE;
     const uint32_t hot = notify ? SECCOMP_RET_USER_NOTIF : trace;
@@ -155,6 +157,18 @@ static int install_filter(int notify)
     JUMP(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, 0, 1);
     STMT(BPF_RET | BPF_K, allow);
     /* fstat (newfstatat/statx with AT_EMPTY_PATH too) stops as well: see fd_stat. */
+    if (notify && fo_enabled()) {
+        /* openat from the in-process handler (or injected at exec): its 6th argument is
+         * the run's random cookie (openat has four) */
+        uint64_t cookie = fo_cookie();
+        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_openat, 0, 5);
+        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]));
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)cookie, 0, 3);
+        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]) + 4);
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)(cookie >> 32), 0, 1);
+        STMT(BPF_RET | BPF_K, allow);
+    }
     if (notify) {
         /* O_PATH opens take a ptrace stop: an O_PATH fd cannot be installed with ADDFD. */
         STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
@@ -314,6 +328,7 @@ static int cache_del(int cls, int flags, const char *k, size_t n)
 
 static void cache_clear(void)
 {
+    fo_withdraw_all();
     for (size_t i = 0; i < table_cap; i++) {
         entry_t *e = table[i];
         if (e) {
@@ -341,6 +356,7 @@ static void cache_clear(void)
 typedef struct {
     uint64_t dev, ino; /* ino 0 = free */
     int64_t st[15];
+    int shared; /* opened under paths with different answers: never opened in-process */
 } fdid_t;
 
 static fdid_t *ids;
@@ -373,6 +389,8 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
         ids = n;
         ids_cap = cap;
         ids_len = 0;
+        if (cap <= old_cap)
+            fo_withdraw_all(); /* which files are shared is forgotten too */
         if (cap > old_cap) /* grow; past IDS_MAX start again empty */
             for (size_t i = 0; i < old_cap; i++)
                 if (old[i].ino) {
@@ -384,6 +402,10 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
     fdid_t *slot = ids_find(dev, ino);
     if (slot->ino == 0)
         ids_len++;
+    else if (!slot->shared && memcmp(slot->st, st, sizeof slot->st) != 0) {
+        slot->shared = 1; /* fstat must follow the last open: keep those in the tracer */
+        fo_withdraw_file(dev, ino);
+    }
     slot->dev = dev;
     slot->ino = ino;
     memcpy(slot->st, st, sizeof slot->st);
@@ -391,6 +413,7 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
 
 static void ids_clear(void)
 {
+    fo_withdraw_all();
     free(ids);
     ids = NULL;
     ids_cap = ids_len = 0;
@@ -488,6 +511,7 @@ static __thread struct {
     int active;
     uint64_t id;
     int replied; /* answered already, by SECCOMP_IOCTL_NOTIF_ADDFD with ADDFD_FLAG_SEND */
+    uint64_t ip; /* where the caller's syscall instruction ends */
 } cur_notif;
 
 /* Two notification threads take turns: the leader waits on the listener and answers.  An
@@ -1413,6 +1437,49 @@ static int follows_last(long nr, const struct user_regs_struct *r)
     }
 }
 
+/* "/proc/<pid>/fd/<n>/<name>": a RAM file by name (worker/ramfiles.py named_path), ours
+ * or a node cache service's; names are never reused while the file exists. */
+static int named_ram_file(const char *p)
+{
+    if (strncmp(p, "/proc/", 6) != 0)
+        return 0;
+    p += 6;
+    for (int part = 0; part < 2; part++) {
+        if (*p < '0' || *p > '9')
+            return 0;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        if (part == 0 && strncmp(p, "/fd/", 4) != 0)
+            return 0;
+        p += part == 0 ? 4 : 0;
+    }
+    return *p == '/' && p[1] && !strchr(p + 1, '/');
+}
+
+/* A notified open of `key` (the caller's own path, in normal form) was answered by a
+ * cached redirect: let tracees open the target themselves from now on (worker/_fastopen.c),
+ * and patch the call site.  Not for RAM files opened under other paths with other answers
+ * (fstat follows the last open: see note_open), memfds by number (numbers are reused), or
+ * host targets. */
+static void offer_in_process(pid_t tid, long nr, const action_t *a, const char *key, size_t kn)
+{
+    uint64_t dev = 0, ino = 0;
+    if (strncmp(a->bval, own_fd_prefix, own_fd_prefix_n) == 0) {
+        const char *leaf;
+        fdid_t *f = a->ram_ino ? ids_find(a->ram_dev, a->ram_ino) : NULL;
+        if (own_dir_name(a->bval, &leaf) < 0 || !f || f->ino != a->ram_ino || f->shared)
+            return;
+        dev = a->ram_dev;
+        ino = a->ram_ino;
+    } else if (!named_ram_file(a->bval) &&
+               !(has_prefix(a->bval, a->blen, shadow_p, shadow_n) &&
+                 (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0))) {
+        return;
+    }
+    if (fo_publish(key, kn, a->bval, dev, ino))
+        fo_patch(tid, nr, cur_notif.ip);
+}
+
 static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 {
     long nr = (long)r->orig_rax;
@@ -1644,6 +1711,9 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     case A_REDIRECT: {
         if (cls == C_OPEN && a->st[0])
             note_open(a);
+        if (cur_notif.active && cls == C_OPEN && flags == 0 && a != &tmp && n == kn &&
+            memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
+            offer_in_process(tid, nr, a, key, (size_t)kn);
         if (cur_notif.active) {
             skip_with(r, notify_redirect(tid, nr, r, a->bval));
             changed = 1;
@@ -1745,9 +1815,13 @@ static PyObject *stats_dict(size_t cached, const char *mode)
         Py_DECREF(k);
         Py_DECREF(v);
     }
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:n,s:K,s:s}", "trapped", per, "passed", n_pass,
-                         "hits", n_hits, "upcalls", n_upcalls, "cached", (Py_ssize_t)cached,
-                         "notified", n_notified, "mode", mode);
+    unsigned long long fh, fm, fp, fi;
+    fo_counts(&fh, &fm, &fp, &fi);
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K}", "trapped", per,
+                         "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls, "cached",
+                         (Py_ssize_t)cached, "notified", n_notified, "mode", mode,
+                         "inproc_opens", fh, "inproc_misses", fm, "inproc_sites", fp,
+                         "inproc_images", fi);
 }
 
 static char **to_cstrings(PyObject *seq)
@@ -1812,6 +1886,7 @@ static void answer_notification(const struct seccomp_notif *req, struct seccomp_
         cur_notif.active = 1;
         cur_notif.id = req->id;
         cur_notif.replied = 0;
+        cur_notif.ip = req->data.instruction_pointer;
         int changed = handle_syscall((pid_t)req->pid, &regs, t);
         cur_notif.active = 0;
         if (cur_notif.replied) {
@@ -1984,6 +2059,7 @@ static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
 {
     if (WIFEXITED(status) || WIFSIGNALED(status)) {
         thread_forget(tid);
+        fo_gone(tid);
         if (tid == child) {
             /* The job is over when the command is, as under a batch system: processes
              * it left behind are killed rather than waited for. */
@@ -2035,15 +2111,29 @@ static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
         ptrace(PTRACE_GETEVENTMSG, tid, 0, &msg);
         if (event == PTRACE_EVENT_EXEC) {
             t->nrestore = t->cwd_changes = 0;
-            if ((pid_t)msg != tid)
+            if ((pid_t)msg != tid) {
                 thread_forget((pid_t)msg);
+                fo_gone((pid_t)msg);
+            }
+            int other;
+            if (fo_exec(tid, &other)) { /* map the in-process open handler into the image */
+                ptrace_event(tid, other, child, exit_status); /* it stopped or died meanwhile */
+                return;
+            }
         } else if (event == PTRACE_EVENT_FORK || event == PTRACE_EVENT_VFORK ||
                    event == PTRACE_EVENT_CLONE) {
             thread_forget((pid_t)msg); /* a reused tid must not inherit a dead one's cwd */
+            fo_gone((pid_t)msg);
+            if (event == PTRACE_EVENT_FORK)
+                fo_fork(tid, (pid_t)msg); /* same mapping; vfork children share the parent's */
         }
         ptrace(PTRACE_CONT, tid, 0, 0); /* fork/vfork/clone/exec events */
     } else {
         /* signal-delivery stop: deliver it */
+        if (sig == SIGTRAP && fo_sigtrap(tid)) {
+            ptrace(PTRACE_CONT, tid, 0, 0);
+            return;
+        }
         if (notify_fd >= 0)
             restart_notified_call(tid);
         ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig);
@@ -2103,9 +2193,10 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     Py_ssize_t mn, sn;
     long spin_us = 0;
     int mode = 2; /* 0 ptrace, 1 notify, 2 notify where the kernel does it well */
+    int in_process = 1; /* notify mode: opens of published paths inside tracees */
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOy#y#O|li", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h, &spin_us,
-                          &mode))
+    if (!PyArg_ParseTuple(args, "OOy#y#O|lip", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
+                          &spin_us, &mode, &in_process))
         return NULL;
     if (handler) {
         PyErr_SetString(PyExc_RuntimeError, "worker._trap.run is not re-entrant");
@@ -2141,6 +2232,8 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     my_uid = getuid();
     own_fd_prefix_n = (size_t)snprintf(own_fd_prefix, sizeof own_fd_prefix, "/proc/%d/fd/",
                                        (int)getpid());
+    if (notify && in_process)
+        fo_init(mount_p, mount_n); /* before fork: the filter lets its cookie through */
 
     int go[2], err[2], ctl[2];
     if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
@@ -2223,6 +2316,8 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     report = recv_report(ctl[0], &report_err, &lfd);
     Py_END_ALLOW_THREADS
     close(ctl[0]);
+    if (report != 'N')
+        fo_fini(); /* ptrace mode: its filter has no way through for injected calls */
     long opts = PTRACE_O_TRACESECCOMP | PTRACE_O_EXITKILL | PTRACE_O_TRACECLONE |
                 PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEEXEC |
                 PTRACE_O_TRACESYSGOOD;
@@ -2239,6 +2334,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         waitpid(child, NULL, 0);
         close(go[1]);
         close(err[0]);
+        fo_fini();
         if (lfd >= 0)
             close(lfd);
         if (report == 'S')
@@ -2262,6 +2358,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
                 if (ignored[i])
                     sigaction(quit_sigs[i], &saved[i], NULL);
             thread_forget(child);
+            fo_fini();
             return PyErr_Format(PyExc_OSError, "cannot start the notification thread");
         }
     }
@@ -2343,10 +2440,12 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     ssize_t got = read(err[0], e, sizeof e);
     close(err[0]);
     if (failure) {
+        fo_fini();
         PyErr_Restore(failure, f_val, f_tb);
         return NULL;
     }
     PyObject *st = stats_dict(cached, report == 'N' ? "seccomp-notify" : "ptrace");
+    fo_fini();
     if (!st)
         return NULL;
     int exec_errno = got == sizeof e && e[0] == 'E' ? e[1] : 0;
@@ -2364,6 +2463,7 @@ static PyObject *trap_forget(PyObject *self, PyObject *args)
     static const int variants[] = {0, F_NOFOLLOW, F_OPATH, F_NOFOLLOW | F_OPATH};
     for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++)
         removed += cache_del(C_OPEN, variants[i], k, (size_t)n);
+    fo_withdraw(k, (size_t)n);
     return PyLong_FromLong(removed);
 }
 

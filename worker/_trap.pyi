@@ -13,6 +13,10 @@ class RawStats(TypedDict):
     cached: int
     notified: int
     mode: str
+    inproc_opens: int
+    inproc_misses: int
+    inproc_sites: int
+    inproc_images: int
 
 def run(
     argv: Sequence[bytes],
@@ -22,6 +26,7 @@ def run(
     handler: Callable[[int, int, int, bytes], Action],
     spin_us: int = 0,
     mode: int = 2,
+    in_process: bool = True,
     /,
 ) -> tuple[int, int, RawStats]: ...
 def forget(path: bytes, /) -> int: ...

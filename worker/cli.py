@@ -36,7 +36,11 @@ def _run(config: ExecConfig) -> int:
         policy = CatalogPolicy(session)
         try:
             result = run(
-                list(config.command), policy, mount=config.mount.encode(), trap=config.trap
+                list(config.command),
+                policy,
+                mount=config.mount.encode(),
+                trap=config.trap,
+                in_process=config.in_process,
             )
         except TracerUnavailable as e:
             print(f"hep-exec: {e}", file=sys.stderr)

@@ -50,6 +50,7 @@ class ExecConfig:
     log_level: str = "warning"
     trap: str = "auto"  # how hot path calls reach the tracer (worker.tracer.run)
     ram_files: str = "auto"  # what cached objects are kept in (worker.ramfiles)
+    in_process: bool = True  # opens of /cvmfs files inside tracees (worker/_fastopen.c)
     timeout: float = 5.0
     connect_timeout: float = 2.0
     retries: int = 1
@@ -225,6 +226,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "log_level": (_parse_level, "LOG_LEVEL"),
     "trap": (_parse_trap, "TRAP"),
     "ram_files": (_parse_ram_files, "RAM_FILES"),
+    "in_process": (_parse_bool, "IN_PROCESS"),
     "timeout": (parse_duration, "TIMEOUT"),
     "connect_timeout": (parse_duration, "CONNECT_TIMEOUT"),
     "retries": (_parse_int, "RETRIES"),
@@ -250,6 +252,7 @@ _YAML_KEYS = {
     "log_level": "log_level",
     "trap": "trap",
     "ram_files": "ram_files",
+    "in_process": "in_process",
     "timeout": "timeout",
     "connect_timeout": "connect_timeout",
     "retries": "retries",
@@ -278,6 +281,7 @@ _FLAG_NAMES = {
     "log_level": "--log-level",
     "trap": "--trap",
     "ram_files": "--ram-files",
+    "in_process": "--no-in-process",
     "timeout": "--timeout",
     "connect_timeout": "--connect-timeout",
     "retries": "--retries",
@@ -451,6 +455,14 @@ def _arg_parser() -> _Parser:
     a("--mount", metavar="DIR", help=argparse.SUPPRESS)
     a("--check", action="store_true", help="report ptrace, seccomp, proxies, repositories, RAM")
     a("--stats", action="store_true", help="print cache and syscall statistics at exit")
+    a(
+        "--no-in-process",
+        dest="in_process",
+        action="store_const",
+        const="0",
+        help="answer every open in the tracer, never inside the command's processes "
+        "[HEP_EXEC_IN_PROCESS=0]",
+    )
     a(
         "--no-shared-cache",
         dest="shared_cache",

@@ -98,6 +98,10 @@ class Stats:
     cached: int  # answers in the C table at exit
     mode: str = "ptrace"  # how hot calls stopped: "seccomp-notify" or "ptrace"
     notified: int = 0  # of the trapped calls, those answered through the notification fd
+    inproc_opens: int = 0  # opens done inside tracees from published answers (no trap)
+    inproc_misses: int = 0  # opens from patched call sites handed on to the tracer
+    inproc_sites: int = 0  # call sites patched to call the in-process handler
+    inproc_images: int = 0  # exec'd images the handler was mapped into
 
     def format(self) -> str:
         """Human-readable lines for ``--stats``."""
@@ -109,6 +113,12 @@ class Stats:
             f"{total - self.notified} by ptrace stop)",
         ]
         lines += [f"  {n:<14} {c}" for n, c in sorted(self.trapped.items(), key=lambda x: -x[1])]
+        if self.inproc_images:
+            lines.append(
+                f"in-process opens: {self.inproc_opens} (not trapped; {self.inproc_misses} "
+                f"handed to the tracer; {self.inproc_sites} call sites patched in "
+                f"{self.inproc_images} program images)"
+            )
         return "\n".join(lines)
 
 
@@ -549,6 +559,7 @@ def run(
     mount: bytes = b"/cvmfs",
     spin_us: int = 100,
     trap: str | None = None,
+    in_process: bool | None = None,
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
 
@@ -565,11 +576,20 @@ def run(
     the round trip itself: on the 2-vCPU test VM, stat ran at 9.6k/s without polling and
     27k/s with 100 us when the other CPU was idle, and 38k/s vs 35k/s when it was busy.
 
+    ``in_process`` (notify mode; default on, ``$HEP_EXEC_IN_PROCESS=0`` turns it off): once
+    an open of a /cvmfs path has been answered, tracees open its RAM file themselves through
+    a handler mapped into every program image and the patched libc call site, with no trap
+    at all (worker/_fastopen.c, worker/TRACER.md).
+
     Raises :class:`TracerUnavailable` (one line) if ptrace or seccomp is refused.
     """
     from worker import _trap
 
     trap = trap or os.environ.get("HEP_EXEC_TRAP") or "auto"
+    if in_process is None:
+        in_process = os.environ.get("HEP_EXEC_IN_PROCESS", "1").strip().lower() not in (
+            "0", "no", "false", "off"
+        )  # fmt: skip
     if trap not in TRAP_MODES:
         raise ValueError(f"trap mode {trap!r}: expected one of {', '.join(TRAP_MODES)}")
     envl = [os.fsencode(f"{k}={v}") for k, v in (os.environ if env is None else env).items()]
@@ -581,7 +601,14 @@ def run(
         session = Session(policy, mount.rstrip(b"/"), shadow)
         try:
             status, exec_errno, raw = _trap.run(
-                args, envl, session.mount, shadow, session.answer, spin_us, TRAP_MODES[trap]
+                args,
+                envl,
+                session.mount,
+                shadow,
+                session.answer,
+                spin_us,
+                TRAP_MODES[trap],
+                in_process,
             )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
@@ -597,6 +624,10 @@ def run(
         cached=raw["cached"],
         mode=raw["mode"],
         notified=raw["notified"],
+        inproc_opens=raw["inproc_opens"],
+        inproc_misses=raw["inproc_misses"],
+        inproc_sites=raw["inproc_sites"],
+        inproc_images=raw["inproc_images"],
     )
     return Result(status, stats)
 

@@ -1,0 +1,297 @@
+"""In-process opens (worker/_fastopen.c): after the tracer has answered an open, the call
+site is patched and later opens of published paths happen inside the tracee, untrapped.
+
+Real hep-exec against a repository published by our publisher and served by nginx on
+loopback; a C program compiled here opens, reads and checksums files, and ``--stats`` says
+how many opens were done in-process.  Every figure it prints is compared with the source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.hep_exec_harness import Served, hep_exec
+from tests.tracing import compile_c, ensure_built, needs_ptrace, ram_dir
+
+pytestmark = needs_ptrace
+
+FQRN = "inproc.test.org"
+MOUNT = f"/cvmfs/{FQRN}"
+NFILES = 12
+
+PROGRAM = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static unsigned long long sum(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) { fprintf(stderr, "%s: %s\n", path, strerror(errno)); exit(3); }
+    struct stat a, b;
+    if (stat(path, &a) || fstat(fd, &b) || a.st_ino != b.st_ino || a.st_mode != b.st_mode ||
+        a.st_size != b.st_size) {
+        fprintf(stderr, "%s: fstat differs from stat\n", path); exit(4);
+    }
+    unsigned long long h = 1469598103934665603ULL;
+    unsigned char buf[65536];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        for (ssize_t i = 0; i < n; i++) h = (h ^ buf[i]) * 1099511628211ULL;
+    close(fd);
+    return h;
+}
+
+static char **files;
+static int nfiles, rounds, mismatches;
+static unsigned long long first[256];
+static void *worker(void *arg) {
+    long t = (long)arg;
+    for (int r = 0; r < rounds; r++)
+        for (int i = 0; i < nfiles; i++) {
+            int k = (i + (int)t) % nfiles;
+            if (sum(files[k]) != first[k])
+                __atomic_add_fetch(&mismatches, 1, __ATOMIC_RELAXED);
+        }
+    return NULL;
+}
+
+static void print_all(const char *who) {
+    for (int i = 0; i < nfiles; i++) {
+        first[i] = sum(files[i]);
+        printf("%s %s %016llx\n", who, files[i], first[i]);
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *mode = argv[1];
+    rounds = atoi(argv[2]);
+    files = argv + 3;
+    nfiles = argc - 3;
+    if (!strcmp(mode, "rounds")) {
+        for (int r = 0; r < rounds; r++) print_all("main");
+    } else if (!strcmp(mode, "fork")) {
+        print_all("parent"); /* patches the site in this image */
+        fflush(stdout);
+        pid_t c = fork();
+        if (c == 0) {
+            for (int r = 0; r < rounds; r++) print_all("child");
+            fflush(stdout);
+            _exit(0);
+        }
+        int st;
+        waitpid(c, &st, 0);
+        if (!WIFEXITED(st) || WEXITSTATUS(st)) return 5;
+        print_all("parent");
+    } else if (!strcmp(mode, "threads")) {
+        print_all("main");
+        pthread_t th[8];
+        for (long t = 0; t < 8; t++) pthread_create(&th[t], NULL, worker, (void *)t);
+        for (int t = 0; t < 8; t++) pthread_join(th[t], NULL);
+        printf("threads: %d mismatches\n", mismatches);
+        print_all("main");
+    } else if (!strcmp(mode, "flags")) {
+        const char *f = files[0], *link = files[1];
+        print_all("main");
+        print_all("main");
+        int fd = open(f, O_WRONLY);
+        printf("wronly %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        fd = open(f, O_RDONLY | O_CREAT, 0644);
+        printf("creat %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        fd = open(f, O_RDONLY | O_DIRECTORY);
+        printf("directory %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        fd = open(link, O_RDONLY | O_NOFOLLOW);
+        printf("nofollow %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        fd = open(link, O_RDONLY);
+        printf("follow %s\n", fd >= 0 ? "ok" : strerror(errno));
+        if (fd >= 0) close(fd);
+        int d = open(argv[argc - 1], O_RDONLY | O_DIRECTORY);
+        printf("dir %s\n", d >= 0 ? "ok" : strerror(errno));
+        fd = open("/cvmfs/" "%s/missing", O_RDONLY);
+        printf("missing %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        char odd[4200];
+        snprintf(odd, sizeof odd, "%s", f);
+        char *slash = strrchr(odd, '/');
+        memmove(slash + 1, slash, strlen(slash) + 1); /* "//": not in normal form */
+        printf("double-slash %016llx\n", sum(odd));
+    }
+    return 0;
+}
+"""
+
+
+@dataclass
+class World:
+    served: Served
+    proxy: str
+    src: Path
+    prog: Path
+
+    def want(self, name: str) -> str:
+        h = 1469598103934665603
+        for b in (self.src / name).read_bytes():
+            h = ((h ^ b) * 1099511628211) & (2**64 - 1)
+        return f"{h:016x}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    ensure_built()
+    base = tmp_path_factory.mktemp("inproc")
+    with ram_dir() as src:
+        top = src / "tree"
+        top.mkdir()
+        for i in range(NFILES):
+            (top / f"f{i:02d}").write_bytes(os.urandom(1000 + 40_000 * i))
+        (top / "same1").write_bytes(b"identical content\n")
+        (top / "same2").write_bytes(b"identical content\n")
+        os.chmod(top / "same2", 0o600)
+        (top / "link").symlink_to("f00")
+        (top / "sub").mkdir()
+        served = Served(base / "store", base / "keys")
+        served.publish(top, FQRN)
+        prog = compile_c(PROGRAM.replace('"/cvmfs/" "%s', f'"{MOUNT}'), base / "prog", "-pthread")
+        proxy = served.serve(base / "nginx")
+        try:
+            yield World(served, proxy, top, prog)
+        finally:
+            served.stop()
+
+
+def stats(stderr: str) -> tuple[int, int, int]:
+    """(in-process opens, handed to the tracer, sites patched) from --stats, or zeros."""
+    m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed .*; (\d+) call", stderr)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else (0, 0, 0)
+
+
+def files(n: int = NFILES) -> list[str]:
+    return [f"{MOUNT}/f{i:02d}" for i in range(n)]
+
+
+def expected(w: World, who: str, rounds: int = 1) -> list[str]:
+    one = [f"{who} {MOUNT}/f{i:02d} {w.want(f'f{i:02d}')}" for i in range(NFILES)]
+    return one * rounds
+
+
+def test_later_opens_of_a_path_are_done_in_process(world: World) -> None:
+    r = hep_exec(world.proxy, [str(world.prog), "rounds", "5", *files()], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == expected(world, "main", 5)
+    inproc, _handed, sites = stats(r.stderr)
+    # the first open of each path is the tracer's; the site is patched at the first one
+    assert sites >= 1
+    assert inproc >= 4 * NFILES, r.stderr
+
+
+def test_no_in_process_option_keeps_every_open_in_the_tracer(world: World) -> None:
+    r = hep_exec(
+        world.proxy,
+        [str(world.prog), "rounds", "3", *files()],
+        options=["--stats", "--no-in-process"],
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == expected(world, "main", 3)
+    assert stats(r.stderr) == (0, 0, 0)
+    assert "in-process opens" not in r.stderr
+
+
+def test_forked_child_inherits_the_patched_site(world: World) -> None:
+    r = hep_exec(world.proxy, [str(world.prog), "fork", "3", *files()], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    parent, child = expected(world, "parent"), expected(world, "child", 3)
+    assert r.stdout.splitlines() == parent + child + parent
+    inproc, _, _ = stats(r.stderr)
+    assert inproc >= 4 * NFILES  # the child's rounds and the parent's second pass
+
+
+def test_threads_share_the_handler(world: World) -> None:
+    """Patched while single-threaded; then eight threads open and read concurrently."""
+    r = hep_exec(world.proxy, [str(world.prog), "threads", "20", *files()], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    want = expected(world, "main")
+    assert r.stdout.splitlines() == [*want, "threads: 0 mismatches", *want]
+    inproc, _, _ = stats(r.stderr)
+    assert inproc >= 8 * 20 * NFILES
+
+
+def test_files_with_the_same_content_stay_with_the_tracer(world: World) -> None:
+    """Two paths share one RAM file but not their stat: fstat must follow the last open,
+    which only the tracer sees, so those paths are never opened in-process."""
+    same = [f"{MOUNT}/same1", f"{MOUNT}/same2", f"{MOUNT}/f01"]
+    r = hep_exec(world.proxy, [str(world.prog), "rounds", "4", *same], options=["--stats"])
+    assert r.returncode == 0, r.stderr  # the program checks fstat against stat itself
+    inproc, handed, _ = stats(r.stderr)
+    assert inproc == 3  # f01, rounds 2-4
+    assert handed >= 6  # same1 and same2, rounds 2-4
+
+
+def test_what_the_handler_does_not_answer_still_behaves(world: World) -> None:
+    """Writes (EROFS), O_CREAT, O_DIRECTORY on a file, O_NOFOLLOW on a symlink, a missing
+    path and a path not in normal form, all from the patched site."""
+    argv = [str(world.prog), "flags", "1", f"{MOUNT}/f00", f"{MOUNT}/link", f"{MOUNT}/sub"]
+    r = hep_exec(world.proxy, argv, options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "wronly -1 Read-only file system" in lines
+    assert "creat -1 Read-only file system" in lines
+    assert "directory -1 Not a directory" in lines
+    assert "nofollow -1 Too many levels of symbolic links" in lines
+    assert "follow ok" in lines
+    assert "dir ok" in lines
+    assert "missing -1 No such file or directory" in lines
+    assert f"double-slash {world.want('f00')}" in lines
+    inproc, _, sites = stats(r.stderr)
+    assert sites >= 1 and inproc >= 1
+
+
+def test_evicted_objects_are_fetched_again(world: World) -> None:
+    """A RAM limit below the working set: published names of evicted files are withdrawn or
+    vanish (ENOENT in the tracee's open sends it back to the tracer); bytes stay right."""
+    r = hep_exec(
+        world.proxy,
+        [str(world.prog), "rounds", "4", *files()],
+        options=["--stats", "--ram", "1M"],
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == expected(world, "main", 4)
+    evictions = re.search(r"(\d+) evictions", r.stderr)
+    assert evictions and int(evictions[1]) > 0, r.stderr
+
+
+def test_static_binary_and_shell_still_run(world: World) -> None:
+    """Programs whose open sites do not look like glibc's are never patched."""
+    busybox = "/bin/busybox"
+    if not Path(busybox).exists():
+        pytest.skip("busybox-static not installed")
+    r = hep_exec(
+        world.proxy,
+        [busybox, "sh", "-c", f"for i in 1 2 3; do busybox md5sum {MOUNT}/f03; done"],
+        options=["--stats"],
+    )
+    assert r.returncode == 0, r.stderr
+    digests = {line.split()[0] for line in r.stdout.splitlines()}
+    import hashlib
+
+    assert digests == {hashlib.md5((world.src / "f03").read_bytes()).hexdigest()}
+
+
+def test_tracee_memory_maps_show_the_handler(world: World) -> None:
+    """The handler is mapped into every image exec'd (the memfd's name says whose it is)."""
+    r = hep_exec(world.proxy, ["cat", "/proc/self/maps"])
+    assert r.returncode == 0, r.stderr
+    assert "hep-exec-fastopen" in r.stdout
+    plain = subprocess.run(["cat", "/proc/self/maps"], capture_output=True, text=True)
+    assert "hep-exec-fastopen" not in plain.stdout

@@ -1,0 +1,499 @@
+/*
+ * In-process opens, the tracer's side (see _fastopen.h for why and the layout).
+ *
+ * - fo_init: one memfd holding the handler blob (setup.py embeds it), the header, the
+ *   counters, the slot table and the string arena; mapped read-write here.
+ * - fo_publish / fo_withdraw*: the answers tracees may use by themselves: a /cvmfs path in
+ *   normal form -> a path they open instead (a RAM file by name, a shadow directory).
+ * - fo_exec: at each exec stop, six syscalls injected through ptrace map the memfd and a
+ *   trampoline area into the new image (fork children inherit both).
+ * - fo_patch: when a notified open from a single-threaded tracee was answered from a
+ *   published entry, its call site `mov $imm32,%r32; syscall` (glibc's open wrappers) is
+ *   rewritten into a jump to a trampoline that calls the handler.
+ *
+ * Everything here runs under the tracer's `big` lock.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/ptrace.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "_fastopen.h"
+#include "_fastopen_blob.h"
+#include "_fastopen_sup.h"
+
+_Static_assert(sizeof(fo_blob) <= FO_CODE_MAX, "handler blob too large");
+_Static_assert(sizeof(fo_hdr_t) <= FO_PAGE, "header too large");
+
+static int memfd = -1;
+static char *shm; /* our read-write mapping */
+static fo_hdr_t *hdr;
+static fo_slot_t *slots;
+static size_t nused, arena_used;
+static unsigned long long n_patched, n_injected;
+/* per slot, ours only: the RAM file's identity, to withdraw by file */
+static struct fo_file { uint64_t dev, ino; } *files;
+
+/* Processes we injected into (key: thread-group id): where the mapping is, how much of the
+ * trampoline area is used, the call sites patched (an int3 is briefly among their bytes:
+ * see fo_sigtrap) and those found unpatchable (not tried again). */
+#define FO_SITES 32
+typedef struct {
+    pid_t pid; /* 0 free, -1 tombstone */
+    uint32_t tramp_used;
+    uint64_t base;
+    int nsites, nrefused;
+    uint64_t sites[FO_SITES], refused[FO_SITES];
+} fo_proc_t;
+#define FO_PROCS (1u << 12)
+static fo_proc_t *procs;
+
+static fo_proc_t *proc_find(pid_t pid, int create)
+{
+    if (!procs)
+        return NULL;
+    fo_proc_t *tomb = NULL;
+    for (uint32_t i = (uint32_t)pid * 2654435761u & (FO_PROCS - 1), k = 0; k < FO_PROCS;
+         i = (i + 1) & (FO_PROCS - 1), k++) {
+        if (procs[i].pid == pid)
+            return &procs[i];
+        if (procs[i].pid == -1 && !tomb)
+            tomb = &procs[i];
+        if (procs[i].pid == 0) {
+            if (!create)
+                return NULL;
+            fo_proc_t *p = tomb ? tomb : &procs[i];
+            memset(p, 0, sizeof *p);
+            p->pid = pid;
+            return p;
+        }
+    }
+    if (create && tomb) {
+        memset(tomb, 0, sizeof *tomb);
+        tomb->pid = pid;
+        return tomb;
+    }
+    return NULL;
+}
+
+/* The thread group of a thread (notifications and ptrace name threads): a small cache in
+ * front of /proc/<tid>/status, entries dropped when the thread is gone. */
+#define FO_TIDS 4096
+static struct { pid_t tid, tgid; } tids[FO_TIDS];
+
+static pid_t tgid_of(pid_t tid)
+{
+    unsigned i = (unsigned)tid & (FO_TIDS - 1);
+    if (tids[i].tid == tid)
+        return tids[i].tgid;
+    char path[40], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    char *t = strstr(buf, "\nTgid:");
+    if (!t)
+        return -1;
+    pid_t g = (pid_t)strtol(t + 6, NULL, 10);
+    tids[i].tid = tid;
+    tids[i].tgid = g;
+    return g;
+}
+
+static fo_proc_t *proc_of_thread(pid_t tid)
+{
+    fo_proc_t *p = proc_find(tid, 0);
+    if (p)
+        return p;
+    pid_t g = tgid_of(tid);
+    return g > 0 && g != tid ? proc_find(g, 0) : NULL;
+}
+
+int fo_enabled(void)
+{
+    return shm != NULL;
+}
+
+uint64_t fo_cookie(void)
+{
+    return hdr ? hdr->cookie : 0;
+}
+
+int fo_init(const char *mount, size_t mount_n)
+{
+    if (shm)
+        return 0;
+    if (mount_n >= sizeof hdr->mount)
+        return -ENAMETOOLONG;
+    int fd = (int)syscall(SYS_memfd_create, "hep-exec-fastopen", MFD_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    char *m = MAP_FAILED;
+    if (ftruncate(fd, (off_t)FO_SIZE) == 0)
+        m = mmap(NULL, FO_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    procs = calloc(FO_PROCS, sizeof *procs);
+    files = calloc(FO_NSLOTS, sizeof *files);
+    uint64_t cookie = 0;
+    if (m == MAP_FAILED || !procs || !files ||
+        getrandom(&cookie, sizeof cookie, 0) != sizeof cookie || !cookie) {
+        int e = m == MAP_FAILED ? errno : ENOMEM;
+        if (m != MAP_FAILED)
+            munmap(m, FO_SIZE);
+        close(fd);
+        free(procs);
+        free(files);
+        procs = NULL;
+        files = NULL;
+        return -e;
+    }
+    memfd = fd;
+    shm = m;
+    memcpy(shm, fo_blob, sizeof fo_blob);
+    hdr = (fo_hdr_t *)(shm + FO_HDR_OFF);
+    slots = (fo_slot_t *)(shm + FO_SLOTS_OFF);
+    hdr->magic = FO_MAGIC;
+    hdr->cookie = cookie;
+    hdr->epoch = 1;
+    hdr->mount_len = (uint32_t)mount_n;
+    memcpy(hdr->mount, mount, mount_n);
+    nused = arena_used = 0;
+    n_patched = n_injected = 0;
+    return 0;
+}
+
+void fo_fini(void)
+{
+    if (!shm)
+        return;
+    munmap(shm, FO_SIZE);
+    close(memfd);
+    free(procs);
+    free(files);
+    shm = NULL;
+    hdr = NULL;
+    slots = NULL;
+    procs = NULL;
+    files = NULL;
+    memfd = -1;
+}
+
+static uint64_t key_hash(const char *k, size_t n)
+{
+    uint64_t h = FO_HASH_INIT;
+    for (size_t i = 0; i < n; i++)
+        h = fo_hash_step(h, (unsigned char)k[i]);
+    return h ? h : 1;
+}
+
+/* The live slot for key, or NULL. */
+static fo_slot_t *slot_find(const char *k, size_t n, uint64_t h)
+{
+    for (size_t i = h & (FO_NSLOTS - 1), c = 0; c < FO_NSLOTS; i = (i + 1) & (FO_NSLOTS - 1), c++) {
+        fo_slot_t *s = &slots[i];
+        if (!s->hash)
+            return NULL;
+        if (s->hash == h && s->key_len == n && s->epoch == hdr->epoch &&
+            memcmp(shm + FO_ARENA_OFF + s->key_off, k, n) == 0)
+            return s;
+    }
+    return NULL;
+}
+
+int fo_publish(const char *key, size_t kn, const char *target, uint64_t dev, uint64_t ino)
+{
+    if (!shm)
+        return 0;
+    uint64_t h = key_hash(key, kn);
+    fo_slot_t *s = slot_find(key, kn, h);
+    size_t tn = strlen(target);
+    if (s) {
+        if (strcmp(shm + FO_ARENA_OFF + s->tgt_off, target) == 0)
+            return 1;
+        __atomic_store_n(&s->epoch, 0, __ATOMIC_RELEASE); /* a new answer: replace */
+    }
+    if ((nused + 1) * 2 > FO_NSLOTS || arena_used + kn + tn + 2 > FO_ARENA_SIZE)
+        return 0; /* full: later paths take the tracer's way */
+    size_t i = h & (FO_NSLOTS - 1);
+    while (slots[i].hash)
+        i = (i + 1) & (FO_NSLOTS - 1);
+    s = &slots[i];
+    char *arena = shm + FO_ARENA_OFF;
+    memcpy(arena + arena_used, key, kn);
+    arena[arena_used + kn] = 0;
+    memcpy(arena + arena_used + kn + 1, target, tn + 1);
+    s->key_off = (uint32_t)arena_used;
+    s->key_len = (uint32_t)kn;
+    s->tgt_off = (uint32_t)(arena_used + kn + 1);
+    s->epoch = hdr->epoch;
+    files[i].dev = dev;
+    files[i].ino = ino;
+    arena_used += kn + tn + 2;
+    nused++;
+    __atomic_store_n(&s->hash, h, __ATOMIC_RELEASE);
+    return 1;
+}
+
+void fo_withdraw(const char *key, size_t kn)
+{
+    if (!shm)
+        return;
+    fo_slot_t *s = slot_find(key, kn, key_hash(key, kn));
+    if (s)
+        __atomic_store_n(&s->epoch, 0, __ATOMIC_RELEASE);
+}
+
+void fo_withdraw_file(uint64_t dev, uint64_t ino)
+{
+    if (!shm || !ino)
+        return;
+    for (size_t i = 0; i < FO_NSLOTS; i++)
+        if (files[i].ino == ino && files[i].dev == dev && slots[i].epoch == hdr->epoch)
+            __atomic_store_n(&slots[i].epoch, 0, __ATOMIC_RELEASE);
+}
+
+void fo_withdraw_all(void)
+{
+    if (shm)
+        __atomic_add_fetch(&hdr->epoch, 1, __ATOMIC_RELEASE);
+}
+
+void fo_counts(unsigned long long *hits, unsigned long long *misses, unsigned long long *patched,
+               unsigned long long *injected)
+{
+    fo_counters_t *c = shm ? (fo_counters_t *)(shm + FO_CNT_OFF) : NULL;
+    *hits = c ? __atomic_load_n(&c->hits, __ATOMIC_RELAXED) : 0;
+    *misses = c ? __atomic_load_n(&c->misses, __ATOMIC_RELAXED) : 0;
+    *patched = n_patched;
+    *injected = n_injected;
+}
+
+/* ---------- injection at exec ---------- */
+
+/* One syscall in a ptrace-stopped tracee whose text at r->rip is "syscall; int3".  Returns
+ * 0, or -1 when the tracee stopped for something else (its status in *other) or is gone. */
+static int inject_call(pid_t pid, const struct user_regs_struct *base, long nr, long a0, long a1,
+                       long a2, long a3, long a4, long a5, long *ret, int *other)
+{
+    struct user_regs_struct r = *base;
+    r.rax = (unsigned long long)nr;
+    r.orig_rax = (unsigned long long)-1;
+    r.rdi = (unsigned long long)a0;
+    r.rsi = (unsigned long long)a1;
+    r.rdx = (unsigned long long)a2;
+    r.r10 = (unsigned long long)a3;
+    r.r8 = (unsigned long long)a4;
+    r.r9 = (unsigned long long)a5;
+    if (ptrace(PTRACE_SETREGS, pid, 0, &r) != 0 || ptrace(PTRACE_CONT, pid, 0, 0) != 0)
+        return -1;
+    int st;
+    pid_t w;
+    while ((w = waitpid(pid, &st, __WALL)) < 0 && errno == EINTR) {}
+    if (w != pid)
+        return -1;
+    if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP || (st >> 16) != 0) {
+        *other = st; /* a signal, a group-stop, its death: the caller's to handle */
+        return -1;
+    }
+    if (ptrace(PTRACE_GETREGS, pid, 0, &r) != 0)
+        return -1;
+    *ret = (long)r.rax;
+    return 0;
+}
+
+int fo_exec(pid_t pid, int *other)
+{
+    fo_proc_t *p = proc_find(pid, 0);
+    if (p)
+        p->pid = -1; /* the old image's mapping is gone */
+    tids[(unsigned)pid & (FO_TIDS - 1)].tid = 0;
+    *other = -1;
+    if (!shm)
+        return 0;
+    struct user_regs_struct saved;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &saved) != 0)
+        return 0;
+    errno = 0;
+    unsigned long addr = (unsigned long)saved.rip;
+    long orig = ptrace(PTRACE_PEEKTEXT, pid, (void *)addr, 0);
+    if (errno)
+        return 0;
+    if (ptrace(PTRACE_POKETEXT, pid, (void *)addr, (void *)0xcccccccccccc050fUL) != 0)
+        return 0;
+    char path[64];
+    int pn = snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)getpid(), memfd) + 1;
+    unsigned long sp = ((unsigned long)saved.rsp - 256 - (unsigned long)pn) & ~15UL;
+    struct iovec l = {path, (size_t)pn}, rv = {(void *)sp, (size_t)pn};
+    long fd = -1, base = -1, r = -1;
+    int ok = process_vm_writev(pid, &l, 1, &rv, 1, 0) == pn;
+    /* Still inside execve: its return value (0) lands in rax after we resume, so the first
+     * call made is read(-1, ...) whatever we ask; it fails with EBADF and leaves us at the
+     * int3, outside any syscall, where registers set are registers used. */
+    ok = ok && !inject_call(pid, &saved, SYS_read, -1, 0, 0, 0, 0, 0, &r, other);
+    ok = ok && !inject_call(pid, &saved, SYS_openat, AT_FDCWD, (long)sp, O_RDWR | O_CLOEXEC, 0, 0,
+                            (long)hdr->cookie, &fd, other) && fd >= 0;
+    ok = ok && !inject_call(pid, &saved, SYS_mmap, 0, (long)(FO_SIZE + FO_TRAMP_SIZE),
+                            PROT_READ | PROT_EXEC, MAP_SHARED, fd, 0, &base, other) &&
+         (unsigned long)base < -4096UL;
+    ok = ok && !inject_call(pid, &saved, SYS_mmap, base + (long)FO_SIZE, (long)FO_TRAMP_SIZE,
+                            PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0,
+                            &r, other) && r == base + (long)FO_SIZE;
+    ok = ok && !inject_call(pid, &saved, SYS_mprotect, base + (long)FO_HDR_OFF,
+                            (long)(FO_SIZE - FO_HDR_OFF), PROT_READ, 0, 0, 0, &r, other) && r == 0;
+    ok = ok && !inject_call(pid, &saved, SYS_mmap, base + (long)FO_CNT_OFF, (long)FO_PAGE,
+                            PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (long)FO_CNT_OFF,
+                            &r, other) && r == base + (long)FO_CNT_OFF;
+    if (fd >= 0 && *other < 0)
+        inject_call(pid, &saved, SYS_close, fd, 0, 0, 0, 0, 0, &r, other);
+    if (*other >= 0 && !WIFSTOPPED(*other))
+        return 1; /* gone: nothing to restore */
+    ptrace(PTRACE_POKETEXT, pid, (void *)addr, (void *)orig);
+    ptrace(PTRACE_SETREGS, pid, 0, &saved);
+    if (ok && *other < 0) {
+        p = proc_find(pid, 1);
+        if (p) {
+            p->base = (uint64_t)base;
+            n_injected++;
+        }
+    }
+    /* If something else stopped it meanwhile, the process goes on without the handler (a
+     * half-made mapping is harmless: nothing jumps there) and that stop is handled next. */
+    return *other >= 0;
+}
+
+void fo_fork(pid_t parent, pid_t child)
+{
+    fo_proc_t *p = proc_of_thread(parent);
+    if (!p)
+        return;
+    fo_proc_t copy = *p;
+    fo_proc_t *c = proc_find(child, 1);
+    if (c) {
+        *c = copy;
+        c->pid = child;
+    }
+}
+
+void fo_gone(pid_t tid)
+{
+    fo_proc_t *p = proc_find(tid, 0);
+    if (p)
+        p->pid = -1;
+    unsigned i = (unsigned)tid & (FO_TIDS - 1);
+    if (tids[i].tid == tid)
+        tids[i].tid = 0;
+}
+
+/* ---------- patching call sites ---------- */
+
+static int listed(const uint64_t *v, int n, uint64_t x)
+{
+    for (int i = 0; i < n; i++)
+        if (v[i] == x)
+            return 1;
+    return 0;
+}
+
+/*
+ * The 5-byte `mov $imm32,%r32` before the syscall instruction becomes `jmp trampoline`; the
+ * syscall instruction stays, so a thread stopped between the two (the mov done) still makes
+ * its call the old way.  Other threads may run the site meanwhile, so the bytes change as
+ * the kernel's text_poke_bp does: int3 first, then the jump's offset, then its opcode; a
+ * thread hitting the int3 stops in the tracer, which sends it back to the site
+ * (fo_sigtrap) once the jump is complete.
+ */
+void fo_patch(pid_t tid, long nr, uint64_t ip)
+{
+    fo_proc_t *p = proc_of_thread(tid);
+    if (!p || ip < 7 || (ip >= p->base && ip < p->base + FO_SIZE + FO_TRAMP_SIZE))
+        return;
+    uint64_t site = ip - 7;
+    if (listed(p->sites, p->nsites, site) || listed(p->refused, p->nrefused, site))
+        return;
+    unsigned char code[7];
+    struct iovec l = {code, 7}, rv = {(void *)site, 7};
+    int ok = process_vm_readv(tid, &l, 1, &rv, 1, 0) == 7 && code[5] == 0x0f && code[6] == 0x05;
+    /* mov $imm32 to eax (the number itself), edx, esi or edi: no stack, no RIP */
+    if (ok && code[0] == 0xb8) {
+        int32_t imm;
+        memcpy(&imm, code + 1, 4);
+        ok = imm == nr;
+    } else {
+        ok = ok && (code[0] == 0xba || code[0] == 0xbe || code[0] == 0xbf);
+    }
+    enum { TLEN = 5 + 5 + 10 + 3 + 8 + 5 };
+    uint64_t t = p->base + FO_SIZE + p->tramp_used;
+    int64_t to_t = (int64_t)(t - (site + 5)), back = (int64_t)((site + 7) - (t + TLEN));
+    ok = ok && p->tramp_used + TLEN <= FO_TRAMP_SIZE && to_t == (int32_t)to_t &&
+         back == (int32_t)back && p->nsites < FO_SITES;
+    char mem[40];
+    snprintf(mem, sizeof mem, "/proc/%d/mem", (int)tid);
+    int fd = ok ? open(mem, O_RDWR | O_CLOEXEC) : -1;
+    if (fd < 0) {
+        if (p->nrefused < FO_SITES)
+            p->refused[p->nrefused++] = site;
+        return;
+    }
+    unsigned char tr[TLEN], *q = tr;
+    memcpy(q, code, 5); /* the mov it displaces */
+    q += 5;
+    memcpy(q, "\x48\x8d\x64\x24\x80", 5); /* lea -128(%rsp),%rsp: keep off the red zone */
+    q += 5;
+    q[0] = 0x49; /* movabs $fo_entry,%r11 (syscalls clobber r11 anyway) */
+    q[1] = 0xbb;
+    memcpy(q + 2, &p->base, 8);
+    q += 10;
+    memcpy(q, "\x41\xff\xd3", 3); /* call *%r11 */
+    q += 3;
+    memcpy(q, "\x48\x8d\xa4\x24\x80\x00\x00\x00", 8); /* lea 128(%rsp),%rsp */
+    q += 8;
+    int32_t rel = (int32_t)back;
+    q[0] = 0xe9; /* jmp back, past the syscall instruction */
+    memcpy(q + 1, &rel, 4);
+    rel = (int32_t)to_t;
+    const unsigned char int3 = 0xcc, jmp = 0xe9;
+    if (pwrite(fd, tr, TLEN, (off_t)t) == TLEN) {
+        p->tramp_used += (TLEN + 15) & ~15u;
+        p->sites[p->nsites++] = site; /* from the int3 on, fo_sigtrap knows it */
+        if (pwrite(fd, &int3, 1, (off_t)site) == 1 &&
+            pwrite(fd, &rel, 4, (off_t)site + 1) == 4 && pwrite(fd, &jmp, 1, (off_t)site) == 1)
+            n_patched++;
+        else
+            pwrite(fd, code, 5, (off_t)site); /* put the mov back */
+    }
+    close(fd);
+}
+
+/* A SIGTRAP stop of thread tid: one of our int3s, met while its site was being patched?
+ * Then the thread goes back to the site (now the jump) and the signal is dropped. */
+int fo_sigtrap(pid_t tid)
+{
+    if (!procs)
+        return 0;
+    fo_proc_t *p = proc_of_thread(tid);
+    siginfo_t si;
+    struct user_regs_struct r;
+    if (!p || ptrace(PTRACE_GETSIGINFO, tid, 0, &si) != 0 || si.si_code != SI_KERNEL ||
+        ptrace(PTRACE_GETREGS, tid, 0, &r) != 0 || !listed(p->sites, p->nsites, r.rip - 1))
+        return 0;
+    r.rip -= 1;
+    return ptrace(PTRACE_SETREGS, tid, 0, &r) == 0;
+}

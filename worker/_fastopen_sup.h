@@ -1,0 +1,26 @@
+/* In-process opens: what the tracer (worker/_trap.c) calls in worker/_fastopen.c, always
+ * under its `big` lock.  See _fastopen.h. */
+#ifndef HEP_FASTOPEN_SUP_H
+#define HEP_FASTOPEN_SUP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+int fo_init(const char *mount, size_t mount_n); /* 0 or -errno */
+void fo_fini(void);
+int fo_enabled(void);
+uint64_t fo_cookie(void);
+int fo_publish(const char *key, size_t kn, const char *target, uint64_t dev, uint64_t ino);
+void fo_withdraw(const char *key, size_t kn);
+void fo_withdraw_file(uint64_t dev, uint64_t ino);
+void fo_withdraw_all(void);
+void fo_counts(unsigned long long *hits, unsigned long long *misses, unsigned long long *patched,
+               unsigned long long *injected);
+int fo_exec(pid_t pid, int *other); /* 1: handle waitpid status *other instead */
+void fo_fork(pid_t parent, pid_t child);
+void fo_gone(pid_t tid);
+void fo_patch(pid_t tid, long nr, uint64_t ip);
+int fo_sigtrap(pid_t tid); /* 1: a patching int3, dealt with: continue without the signal */
+
+#endif
