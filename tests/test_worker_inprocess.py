@@ -103,6 +103,24 @@ int main(int argc, char **argv) {
         for (int t = 0; t < 8; t++) pthread_join(th[t], NULL);
         printf("threads: %d mismatches\n", mismatches);
         print_all("main");
+    } else if (!strcmp(mode, "stats")) {
+        for (int r = 0; r < rounds; r++)
+            for (int i = 0; i < nfiles; i++) {
+                struct stat a, l, f;
+                int sa = stat(files[i], &a), ea = errno, sl = lstat(files[i], &l);
+                printf("%s stat %s %o %lld", files[i], sa ? strerror(ea) : "ok",
+                       sa ? 0 : a.st_mode, sa ? 0LL : (long long)a.st_size);
+                printf(" lstat %s %o %lld", sl ? strerror(errno) : "ok", sl ? 0 : l.st_mode,
+                       sl ? 0LL : (long long)l.st_size);
+                int fd = sa ? -1 : open(files[i], O_RDONLY);
+                if (fd >= 0) {
+                    fstat(fd, &f);
+                    printf(" fstat %o %lld same-ino %d", f.st_mode, (long long)f.st_size,
+                           f.st_ino == a.st_ino && f.st_dev == a.st_dev);
+                    close(fd);
+                }
+                printf(" round %d\n", r > 0);
+            }
     } else if (!strcmp(mode, "flags")) {
         const char *f = files[0], *link = files[1];
         print_all("main");
@@ -236,6 +254,34 @@ def test_files_with_the_same_content_stay_with_the_tracer(world: World) -> None:
     inproc, handed, _ = stats(r.stderr)
     assert inproc == 3  # f01, rounds 2-4
     assert handed >= 6  # same1 and same2, rounds 2-4
+
+
+def test_stat_lstat_fstat_answers_are_the_same_in_process(world: World) -> None:
+    """Files, a symlink, a directory, a missing path and a path under a file: the first
+    round is answered by the tracer, the later ones inside the process, identically."""
+    names = ["f00", "f05", "link", "sub", "missing", "f00/below", "same1"]
+    argv = [str(world.prog), "stats", "4", *(f"{MOUNT}/{n}" for n in names)]
+    r = hep_exec(world.proxy, argv, options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    first = [ln.removesuffix(" round 0") for ln in lines[: len(names)]]
+    assert all(ln.endswith(" round 0") for ln in lines[: len(names)])
+    for later in range(1, 4):
+        chunk = lines[later * len(names) : (later + 1) * len(names)]
+        assert [ln.removesuffix(" round 1") for ln in chunk] == first
+    by_name = dict(zip(names, first, strict=True))
+    for n in ("f00", "f05", "same1"):
+        st = (world.src / n).stat()
+        assert f"stat ok {st.st_mode:o} {st.st_size} lstat ok {st.st_mode:o}" in by_name[n]
+        assert by_name[n].endswith(f"fstat {st.st_mode:o} {st.st_size} same-ino 1")
+    assert f"stat ok 100644 {(world.src / 'f00').stat().st_size} lstat ok 120777" in by_name["link"]
+    assert " stat ok 40755 " in by_name["sub"]
+    assert (
+        "stat No such file or directory 0 0 lstat No such file or directory" in by_name["missing"]
+    )
+    assert "stat Not a directory 0 0 lstat Not a directory" in by_name["f00/below"]
+    m = re.search(r"stats: (\d+) \((\d+) handed", r.stderr)
+    assert m and int(m[1]) >= 3 * 2 * len(names), r.stderr
 
 
 def test_what_the_handler_does_not_answer_still_behaves(world: World) -> None:

@@ -196,67 +196,88 @@ void fo_fini(void)
     memfd = -1;
 }
 
-static uint64_t key_hash(const char *k, size_t n)
+static uint64_t key_hash(unsigned kind, const char *k, size_t n)
 {
     uint64_t h = FO_HASH_INIT;
     for (size_t i = 0; i < n; i++)
         h = fo_hash_step(h, (unsigned char)k[i]);
-    return h ? h : 1;
+    return fo_hash_finish(h, kind);
 }
 
-/* The live slot for key, or NULL. */
-static fo_slot_t *slot_find(const char *k, size_t n, uint64_t h)
+/* The live slot for (kind, key), or NULL. */
+static fo_slot_t *slot_find(unsigned kind, const char *k, size_t n, uint64_t h)
 {
     for (size_t i = h & (FO_NSLOTS - 1), c = 0; c < FO_NSLOTS; i = (i + 1) & (FO_NSLOTS - 1), c++) {
         fo_slot_t *s = &slots[i];
         if (!s->hash)
             return NULL;
-        if (s->hash == h && s->key_len == n && s->epoch == hdr->epoch &&
+        if (s->hash == h && s->kind == kind && s->key_len == n && s->epoch == hdr->epoch &&
             memcmp(shm + FO_ARENA_OFF + s->key_off, k, n) == 0)
             return s;
     }
     return NULL;
 }
 
-int fo_publish(const char *key, size_t kn, const char *target, uint64_t dev, uint64_t ino)
+int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size_t dlen,
+               int is_path, int err, uint64_t dev, uint64_t ino)
 {
     if (!shm)
         return 0;
-    uint64_t h = key_hash(key, kn);
-    fo_slot_t *s = slot_find(key, kn, h);
-    size_t tn = strlen(target);
+    uint64_t h = key_hash(kind, key, kn);
+    fo_slot_t *s = slot_find(kind, key, kn, h);
+    char *arena = shm + FO_ARENA_OFF;
     if (s) {
-        if (strcmp(shm + FO_ARENA_OFF + s->tgt_off, target) == 0)
+        if (s->data_len == dlen && s->err == err &&
+            (!dlen || memcmp(arena + s->data_off, data, dlen) == 0))
             return 1;
         __atomic_store_n(&s->epoch, 0, __ATOMIC_RELEASE); /* a new answer: replace */
     }
-    if ((nused + 1) * 2 > FO_NSLOTS || arena_used + kn + tn + 2 > FO_ARENA_SIZE)
-        return 0; /* full: later paths take the tracer's way */
+    size_t koff = (arena_used + 7) & ~(size_t)7, doff = (koff + kn + 1 + 7) & ~(size_t)7;
+    if ((nused + 1) * 2 > FO_NSLOTS || doff + dlen > FO_ARENA_SIZE)
+        return 0; /* full: later answers take the tracer's way */
     size_t i = h & (FO_NSLOTS - 1);
     while (slots[i].hash)
         i = (i + 1) & (FO_NSLOTS - 1);
     s = &slots[i];
-    char *arena = shm + FO_ARENA_OFF;
-    memcpy(arena + arena_used, key, kn);
-    arena[arena_used + kn] = 0;
-    memcpy(arena + arena_used + kn + 1, target, tn + 1);
-    s->key_off = (uint32_t)arena_used;
+    memcpy(arena + koff, key, kn);
+    arena[koff + kn] = 0;
+    if (dlen)
+        memcpy(arena + doff, data, dlen);
+    s->key_off = (uint32_t)koff;
     s->key_len = (uint32_t)kn;
-    s->tgt_off = (uint32_t)(arena_used + kn + 1);
+    s->data_off = (uint32_t)doff;
+    s->data_len = (uint32_t)dlen;
+    s->kind = (uint16_t)kind;
+    s->is_path = (uint16_t)(is_path != 0);
+    s->err = err;
     s->epoch = hdr->epoch;
     files[i].dev = dev;
     files[i].ino = ino;
-    arena_used += kn + tn + 2;
+    arena_used = doff + dlen;
     nused++;
     __atomic_store_n(&s->hash, h, __ATOMIC_RELEASE);
     return 1;
 }
 
-void fo_withdraw(const char *key, size_t kn)
+void fo_add_ram_dev(uint64_t dev)
+{
+    if (!shm || !dev)
+        return;
+    for (int i = 0; i < 4; i++) {
+        if (hdr->ram_devs[i] == dev)
+            return;
+        if (!hdr->ram_devs[i]) {
+            __atomic_store_n(&hdr->ram_devs[i], dev, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
+void fo_withdraw(unsigned kind, const char *key, size_t kn)
 {
     if (!shm)
         return;
-    fo_slot_t *s = slot_find(key, kn, key_hash(key, kn));
+    fo_slot_t *s = slot_find(kind, key, kn, key_hash(kind, key, kn));
     if (s)
         __atomic_store_n(&s->epoch, 0, __ATOMIC_RELEASE);
 }
@@ -276,12 +297,15 @@ void fo_withdraw_all(void)
         __atomic_add_fetch(&hdr->epoch, 1, __ATOMIC_RELEASE);
 }
 
-void fo_counts(unsigned long long *hits, unsigned long long *misses, unsigned long long *patched,
-               unsigned long long *injected)
+void fo_counts(unsigned long long *hits, unsigned long long *misses,
+               unsigned long long *stat_hits, unsigned long long *stat_misses,
+               unsigned long long *patched, unsigned long long *injected)
 {
     fo_counters_t *c = shm ? (fo_counters_t *)(shm + FO_CNT_OFF) : NULL;
     *hits = c ? __atomic_load_n(&c->hits, __ATOMIC_RELAXED) : 0;
     *misses = c ? __atomic_load_n(&c->misses, __ATOMIC_RELAXED) : 0;
+    *stat_hits = c ? __atomic_load_n(&c->stat_hits, __ATOMIC_RELAXED) : 0;
+    *stat_misses = c ? __atomic_load_n(&c->stat_misses, __ATOMIC_RELAXED) : 0;
     *patched = n_patched;
     *injected = n_injected;
 }
@@ -422,6 +446,8 @@ static int listed(const uint64_t *v, int n, uint64_t x)
  */
 void fo_patch(pid_t tid, long nr, uint64_t ip)
 {
+    if (nr != 2 && nr != 257 && nr != 4 && nr != 5 && nr != 6 && nr != 262)
+        return; /* what the handler answers: open, openat, stat, fstat, lstat, newfstatat */
     fo_proc_t *p = proc_of_thread(tid);
     if (!p || ip < 7 || (ip >= p->base && ip < p->base + FO_SIZE + FO_TRAMP_SIZE))
         return;

@@ -31,13 +31,26 @@
 #define FO_TRAMP_SIZE (64 * 1024ul)
 #define FO_MAGIC 0x6e65706f74736166ull /* "fastopen" */
 
-/* A published path: key and target (NUL-terminated) in the arena.  A slot is filled before
- * its hash is stored (release) and never reused; it is live while `epoch` equals the
- * header's (withdrawing one path zeroes it, withdrawing all bumps the header's). */
+/* What a slot answers.  Keys are mount paths in normal form, or for FO_IDENT the 16 bytes
+ * (st_dev, st_ino) of a RAM file; the kind is hashed in. */
+enum {
+    FO_OPEN = 1,       /* open: the target path to open instead */
+    FO_STAT = 2,       /* stat following symlinks: a struct stat, an errno, or a path to stat */
+    FO_LSTAT = 3,      /* the same, not following the last component */
+    FO_IDENT = 4,      /* fstat of an fd on this RAM file: a struct stat */
+};
+
+/* A published answer: key and data in the arena (8-byte aligned).  data_len 0: the answer is
+ * -err; kinds OPEN/STAT/LSTAT with a NUL-terminated path; STAT/LSTAT/IDENT with a struct
+ * stat (144 bytes).  A slot is filled before its hash is stored (release) and never reused;
+ * it is live while `epoch` equals the header's (withdrawing one answer zeroes it,
+ * withdrawing all bumps the header's). */
 typedef struct {
     uint64_t hash; /* 0 = empty */
-    uint32_t key_off, key_len, tgt_off, epoch;
-    uint64_t pad;
+    uint32_t key_off, key_len, data_off, epoch;
+    uint16_t kind, is_path;
+    int32_t err;
+    uint32_t data_len, pad;
 } fo_slot_t;
 
 typedef struct {
@@ -46,11 +59,13 @@ typedef struct {
     uint32_t epoch;
     uint32_t mount_len;
     char mount[256]; /* "/cvmfs" */
+    uint64_t ram_devs[4]; /* st_dev of RAM file systems with FO_IDENT answers (0: unused) */
 } fo_hdr_t;
 
 typedef struct {
     uint64_t hits;   /* opens done in-process */
     uint64_t misses; /* opens from patched sites handed on to the tracer */
+    uint64_t stat_hits, stat_misses; /* the same for stat, lstat, fstat */
 } fo_counters_t;
 
 /* FNV-1a; 0 is kept for empty slots. */
@@ -59,6 +74,12 @@ static inline uint64_t fo_hash_step(uint64_t h, unsigned char c)
     return (h ^ c) * 1099511628211ull;
 }
 #define FO_HASH_INIT 1469598103934665603ull
+
+static inline uint64_t fo_hash_finish(uint64_t h, unsigned kind)
+{
+    h = fo_hash_step(h, (unsigned char)kind);
+    return h ? h : 1;
+}
 
 /* Flags that never take the in-process path: writes and creates (EROFS is the tracer's
  * answer), O_PATH, O_NOFOLLOW (the tracer answers those for symlinks), __O_TMPFILE. */

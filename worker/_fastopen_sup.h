@@ -7,16 +7,23 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "_fastopen.h"
+
 int fo_init(const char *mount, size_t mount_n); /* 0 or -errno */
 void fo_fini(void);
 int fo_enabled(void);
 uint64_t fo_cookie(void);
-int fo_publish(const char *key, size_t kn, const char *target, uint64_t dev, uint64_t ino);
-void fo_withdraw(const char *key, size_t kn);
+/* kind: FO_OPEN/STAT/LSTAT/IDENT (_fastopen.h); data: a path (is_path, with its NUL) or a
+ * struct stat, or none (dlen 0: the answer is -err); dev/ino: the RAM file it depends on */
+int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size_t dlen,
+               int is_path, int err, uint64_t dev, uint64_t ino);
+void fo_add_ram_dev(uint64_t dev);
+void fo_withdraw(unsigned kind, const char *key, size_t kn);
 void fo_withdraw_file(uint64_t dev, uint64_t ino);
 void fo_withdraw_all(void);
-void fo_counts(unsigned long long *hits, unsigned long long *misses, unsigned long long *patched,
-               unsigned long long *injected);
+void fo_counts(unsigned long long *hits, unsigned long long *misses,
+               unsigned long long *stat_hits, unsigned long long *stat_misses,
+               unsigned long long *patched, unsigned long long *injected);
 int fo_exec(pid_t pid, int *other); /* 1: handle waitpid status *other instead */
 void fo_fork(pid_t parent, pid_t child);
 void fo_gone(pid_t tid);

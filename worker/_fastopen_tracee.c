@@ -57,7 +57,8 @@ static inline long fo_syscall6(long nr, long a, long b, long c, long d, long e, 
 }
 
 /* The path, if it is "<mount>/..." already in normal form (no "//", ".", "..", trailing
- * "/"): the tracer publishes keys in that form.  Returns its length, or 0. */
+ * "/"): the tracer publishes keys in that form.  Returns its length (and its hash so far),
+ * or 0. */
 static unsigned long normal_mount_path(const fo_hdr_t *h, const char *p, uint64_t *hash)
 {
     uint64_t x = FO_HASH_INIT;
@@ -87,60 +88,173 @@ static unsigned long normal_mount_path(const fo_hdr_t *h, const char *p, uint64_
     }
     if (i <= m + 1)
         return 0; /* "/cvmfs" itself: the tracer's */
-    *hash = x ? x : 1;
+    *hash = x;
     return i;
+}
+
+/* The live slot answering (kind, key), or NULL. */
+static const fo_slot_t *lookup(const char *base, unsigned kind, const char *key,
+                               unsigned long len, uint64_t partial)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    const fo_slot_t *slots = (const fo_slot_t *)(base + FO_SLOTS_OFF);
+    const char *arena = base + FO_ARENA_OFF;
+    uint64_t hash = fo_hash_finish(partial, kind);
+    uint32_t epoch = __atomic_load_n(&h->epoch, __ATOMIC_ACQUIRE);
+    for (unsigned long i = hash & (FO_NSLOTS - 1), k = 0; k < FO_NSLOTS;
+         i = (i + 1) & (FO_NSLOTS - 1), k++) {
+        const fo_slot_t *s = &slots[i];
+        uint64_t sh = __atomic_load_n(&s->hash, __ATOMIC_ACQUIRE);
+        if (sh == 0)
+            return 0;
+        if (sh != hash || s->key_len != len || s->kind != kind ||
+            __atomic_load_n(&s->epoch, __ATOMIC_ACQUIRE) != epoch)
+            continue;
+        const char *k2 = arena + s->key_off;
+        unsigned long j = 0;
+        while (j < len && k2[j] == key[j])
+            j++;
+        if (j == len)
+            return s;
+    }
+    return 0;
+}
+
+static void copy_stat(void *dst, const void *src)
+{
+    uint64_t *d = dst;
+    const uint64_t *q = src;
+    for (int i = 0; i < 18; i++) /* sizeof(struct stat) on x86_64: 144 */
+        d[i] = q[i];
+}
+
+#define AT_FDCWD_ -100
+#define AT_SYMLINK_NOFOLLOW_ 0x100
+#define AT_NO_AUTOMOUNT_ 0x800
+#define AT_EMPTY_PATH_ 0x1000
+#define ENOENT_ 2
+
+/* open/openat of a published path: open its target here */
+static long do_open(const char *base, const char *path, long fl, long mode, int *done)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
+    uint64_t x;
+    unsigned long len;
+    if ((fl & FO_REFUSE) || !path || !(len = normal_mount_path(h, path, &x)))
+        return 0;
+    const fo_slot_t *s = lookup(base, FO_OPEN, path, len, x);
+    if (s && s->is_path) {
+        long r = fo_syscall6(257, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off), fl, mode,
+                             0, (long)h->cookie);
+        if (r != -ENOENT_) { /* ENOENT: evicted meanwhile; the tracer fetches it again */
+            __atomic_fetch_add(&cnt->hits, 1, __ATOMIC_RELAXED);
+            *done = 1;
+            return r;
+        }
+    }
+    __atomic_fetch_add(&cnt->misses, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* stat/lstat/newfstatat of a published path: its answer, written here */
+static long do_stat(const char *base, const char *path, void *buf, long flags, int *done)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
+    uint64_t x;
+    unsigned long len;
+    if ((flags & ~(long)(AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_)) || !path || !buf ||
+        !(len = normal_mount_path(h, path, &x)))
+        return 0;
+    unsigned kind = flags & AT_SYMLINK_NOFOLLOW_ ? FO_LSTAT : FO_STAT;
+    const fo_slot_t *s = lookup(base, kind, path, len, x);
+    if (s) {
+        long r = 0;
+        if (!s->data_len)
+            r = -(long)s->err;
+        else if (s->is_path) /* a directory: its mirror in the shadow tree */
+            r = fo_syscall6(262, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off),
+                            (long)buf, flags, 0, (long)h->cookie);
+        else
+            copy_stat(buf, base + FO_ARENA_OFF + s->data_off);
+        __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
+        *done = 1;
+        return r;
+    }
+    __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* fstat (newfstatat(fd, "", buf, AT_EMPTY_PATH), glibc's way): the kernel's answer, unless
+ * the fd is on a RAM file, whose answer is its path's (published, or the tracer's). */
+static long do_fstat(const char *base, long fd, void *buf, int *done)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
+    if (!h->ram_devs[0] || !buf)
+        return 0;
+    long r = fo_syscall6(5, fd, (long)buf, 0, 0, 0, (long)h->cookie);
+    const uint64_t *st = buf;
+    uint64_t dev = st[0], ino = st[1];
+    uint32_t mode = ((const uint32_t *)buf)[6];
+    int ours = 0;
+    for (int i = 0; i < 4 && h->ram_devs[i]; i++)
+        ours |= h->ram_devs[i] == dev;
+    if (r < 0 || !ours || (mode & 0170000) != 0100000) {
+        *done = 1; /* the tracer would pass it through */
+        return r;
+    }
+    uint64_t key[2] = {dev, ino}, x = FO_HASH_INIT;
+    const unsigned char *kb = (const unsigned char *)key;
+    for (int i = 0; i < 16; i++)
+        x = fo_hash_step(x, kb[i]);
+    const fo_slot_t *s = lookup(base, FO_IDENT, (const char *)key, 16, x);
+    if (s && s->data_len) {
+        const uint64_t *want = (const uint64_t *)(base + FO_ARENA_OFF + s->data_off);
+        if (want[6] == st[6]) { /* st_size: the same object */
+            copy_stat(buf, want);
+            __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
+            *done = 1;
+            return 0;
+        }
+    }
+    __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
+    return 0;
 }
 
 static long fo_main(const char *base, long nr, const long *a)
 {
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
-    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    const char *path;
-    long fl, mode;
-    if (nr == 257) { /* openat */
-        path = (const char *)a[1];
-        fl = a[2];
-        mode = a[3];
-    } else if (nr == 2) { /* open */
-        path = (const char *)a[0];
-        fl = a[1];
-        mode = a[2];
-    } else {
-        goto pass;
+    int done = 0;
+    long r = 0;
+    switch (nr) {
+    case 257: /* openat(dirfd, path, flags, mode): dirfd does not matter for mount paths */
+        r = do_open(base, (const char *)a[1], a[2], a[3], &done);
+        break;
+    case 2: /* open(path, flags, mode) */
+        r = do_open(base, (const char *)a[0], a[1], a[2], &done);
+        break;
+    case 262: /* newfstatat(dirfd, path, buf, flags) */
+        if ((a[3] & AT_EMPTY_PATH_) && a[1] && !*(const char *)a[1])
+            r = (a[3] & ~(long)(AT_EMPTY_PATH_ | AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_))
+                    ? 0
+                    : do_fstat(base, a[0], (void *)a[2], &done);
+        else
+            r = do_stat(base, (const char *)a[1], (void *)a[2], a[3], &done);
+        break;
+    case 4: /* stat(path, buf) */
+        r = do_stat(base, (const char *)a[0], (void *)a[1], 0, &done);
+        break;
+    case 6: /* lstat(path, buf) */
+        r = do_stat(base, (const char *)a[0], (void *)a[1], AT_SYMLINK_NOFOLLOW_, &done);
+        break;
+    case 5: /* fstat(fd, buf) */
+        r = do_fstat(base, a[0], (void *)a[1], &done);
+        break;
+    default:
+        break;
     }
-    if ((fl & FO_REFUSE) || !path)
-        goto pass;
-    uint64_t hash;
-    unsigned long len = normal_mount_path(h, path, &hash);
-    if (len) {
-        const fo_slot_t *slots = (const fo_slot_t *)(base + FO_SLOTS_OFF);
-        const char *arena = base + FO_ARENA_OFF;
-        uint32_t epoch = __atomic_load_n(&h->epoch, __ATOMIC_ACQUIRE);
-        for (unsigned long i = hash & (FO_NSLOTS - 1), k = 0; k < FO_NSLOTS;
-             i = (i + 1) & (FO_NSLOTS - 1), k++) {
-            const fo_slot_t *s = &slots[i];
-            uint64_t sh = __atomic_load_n(&s->hash, __ATOMIC_ACQUIRE);
-            if (sh == 0)
-                break;
-            if (sh != hash || s->key_len != len ||
-                __atomic_load_n(&s->epoch, __ATOMIC_ACQUIRE) != epoch)
-                continue;
-            const char *key = arena + s->key_off;
-            unsigned long j = 0;
-            while (j < len && key[j] == path[j])
-                j++;
-            if (j != len)
-                continue;
-            long r = fo_syscall6(257, -100 /* AT_FDCWD */, (long)(arena + s->tgt_off), fl,
-                                 mode, 0, (long)h->cookie);
-            if (r != -2 /* ENOENT: evicted meanwhile; the tracer fetches it again */) {
-                __atomic_fetch_add(&cnt->hits, 1, __ATOMIC_RELAXED);
-                return r;
-            }
-            break;
-        }
-        __atomic_fetch_add(&cnt->misses, 1, __ATOMIC_RELAXED);
-    }
-pass:
+    if (done)
+        return r;
     return fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
 }

@@ -158,11 +158,9 @@ static int install_filter(int notify)
     STMT(BPF_RET | BPF_K, allow);
     /* fstat (newfstatat/statx with AT_EMPTY_PATH too) stops as well: see fd_stat. */
     if (notify && fo_enabled()) {
-        /* openat from the in-process handler (or injected at exec): its 6th argument is
-         * the run's random cookie (openat has four) */
+        /* calls made by the in-process handler (or injected at exec): their 6th argument is
+         * the run's random cookie (no trapped call has six) */
         uint64_t cookie = fo_cookie();
-        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
-        JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_openat, 0, 5);
         STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]));
         JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)cookie, 0, 3);
         STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]) + 4);
@@ -1271,6 +1269,8 @@ static int ram_file_stat(pid_t tid, struct user_regs_struct *r, long nr, const c
     }
     n_hits++;
     skip_with(r, rc);
+    if (cur_notif.active && !id->shared && (nr == SYS_fstat || nr == SYS_newfstatat))
+        fo_patch(tid, nr, cur_notif.ip); /* later ones in-process (worker/_fastopen.c) */
     return 1;
 }
 
@@ -1476,7 +1476,38 @@ static void offer_in_process(pid_t tid, long nr, const action_t *a, const char *
                  (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0))) {
         return;
     }
-    if (fo_publish(key, kn, a->bval, dev, ino))
+    if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
+        return;
+    if (ino) { /* and fstat of an fd on it: the path's answer (see note_open) */
+        uint64_t id[2] = {dev, ino};
+        struct stat st;
+        fill_stat(a->st, &st);
+        fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, dev, ino);
+        fo_add_ram_dev(dev);
+    }
+    fo_patch(tid, nr, cur_notif.ip);
+}
+
+/* The same for a stat/lstat/newfstatat answered from the cache: the answer itself (a struct
+ * stat, ENOENT, ENOTDIR) or the shadow directory to stat. */
+static void offer_stat(pid_t tid, long nr, int flags, const action_t *a, const char *key,
+                       size_t kn)
+{
+    unsigned kind = flags & F_NOFOLLOW ? FO_LSTAT : FO_STAT;
+    int ok = 0;
+    if (nr != SYS_newfstatat && nr != SYS_stat && nr != SYS_lstat)
+        return;
+    if (a->kind == A_STAT) {
+        struct stat st;
+        fill_stat(a->st, &st);
+        ok = fo_publish(kind, key, kn, &st, sizeof st, 0, 0, 0, 0);
+    } else if (a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR)) {
+        ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
+    } else if (a->kind == A_REDIRECT && has_prefix(a->bval, a->blen, shadow_p, shadow_n) &&
+               (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0)) {
+        ok = fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0);
+    }
+    if (ok)
         fo_patch(tid, nr, cur_notif.ip);
 }
 
@@ -1701,6 +1732,9 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     memset(&tmp, 0, sizeof tmp);
     action_t *a = lookup(tid, cls, flags, key, (size_t)kn, &tmp, &prefix);
     int changed = 0;
+    if (cur_notif.active && cls == C_STAT && a != &tmp && n == kn &&
+        memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
+        offer_stat(tid, nr, flags, a, key, (size_t)kn);
     switch (a->kind) {
     case A_PASS:
         break;
@@ -1815,13 +1849,13 @@ static PyObject *stats_dict(size_t cached, const char *mode)
         Py_DECREF(k);
         Py_DECREF(v);
     }
-    unsigned long long fh, fm, fp, fi;
-    fo_counts(&fh, &fm, &fp, &fi);
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K}", "trapped", per,
-                         "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls, "cached",
+    unsigned long long fh, fm, sh, sm, fp, fi;
+    fo_counts(&fh, &fm, &sh, &sm, &fp, &fi);
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K}", "trapped",
+                         per, "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls, "cached",
                          (Py_ssize_t)cached, "notified", n_notified, "mode", mode,
-                         "inproc_opens", fh, "inproc_misses", fm, "inproc_sites", fp,
-                         "inproc_images", fi);
+                         "inproc_opens", fh, "inproc_misses", fm, "inproc_stats", sh,
+                         "inproc_stat_misses", sm, "inproc_sites", fp, "inproc_images", fi);
 }
 
 static char **to_cstrings(PyObject *seq)
@@ -2463,7 +2497,7 @@ static PyObject *trap_forget(PyObject *self, PyObject *args)
     static const int variants[] = {0, F_NOFOLLOW, F_OPATH, F_NOFOLLOW | F_OPATH};
     for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++)
         removed += cache_del(C_OPEN, variants[i], k, (size_t)n);
-    fo_withdraw(k, (size_t)n);
+    fo_withdraw(FO_OPEN, k, (size_t)n);
     return PyLong_FromLong(removed);
 }
 

@@ -15,6 +15,8 @@ class RawStats(TypedDict):
     mode: str
     inproc_opens: int
     inproc_misses: int
+    inproc_stats: int
+    inproc_stat_misses: int
     inproc_sites: int
     inproc_images: int
 

@@ -100,6 +100,8 @@ class Stats:
     notified: int = 0  # of the trapped calls, those answered through the notification fd
     inproc_opens: int = 0  # opens done inside tracees from published answers (no trap)
     inproc_misses: int = 0  # opens from patched call sites handed on to the tracer
+    inproc_stats: int = 0  # stat, lstat, fstat answered inside tracees
+    inproc_stat_misses: int = 0  # the same handed on to the tracer
     inproc_sites: int = 0  # call sites patched to call the in-process handler
     inproc_images: int = 0  # exec'd images the handler was mapped into
 
@@ -116,8 +118,9 @@ class Stats:
         if self.inproc_images:
             lines.append(
                 f"in-process opens: {self.inproc_opens} (not trapped; {self.inproc_misses} "
-                f"handed to the tracer; {self.inproc_sites} call sites patched in "
-                f"{self.inproc_images} program images)"
+                f"handed to the tracer), stats: {self.inproc_stats} ({self.inproc_stat_misses} "
+                f"handed to the tracer); {self.inproc_sites} call sites patched in "
+                f"{self.inproc_images} program images"
             )
         return "\n".join(lines)
 
@@ -626,6 +629,8 @@ def run(
         notified=raw["notified"],
         inproc_opens=raw["inproc_opens"],
         inproc_misses=raw["inproc_misses"],
+        inproc_stats=raw["inproc_stats"],
+        inproc_stat_misses=raw["inproc_stat_misses"],
         inproc_sites=raw["inproc_sites"],
         inproc_images=raw["inproc_images"],
     )
