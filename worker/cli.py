@@ -16,7 +16,7 @@ def _check(config: ExecConfig) -> int:
     from worker.session import WorkerSession
     from worker.tracer import check_mode
 
-    problem, mode = check_mode(config.trap)
+    problem, mode = check_mode(config.trap, config.in_process)
     ok = problem is None
     how = f"a traced test command ran (trap mode: {mode})"
     print(f"{'ok  ' if ok else 'FAIL'} ptrace + seccomp: {problem or how}")

@@ -655,11 +655,15 @@ def check() -> str | None:
     return check_mode()[0]
 
 
-def check_mode(trap: str | None = None) -> tuple[str | None, str]:
-    """:func:`check`, and the trap mode the test command ran in ("seccomp-notify", "ptrace")."""
+def check_mode(trap: str | None = None, in_process: bool | None = None) -> tuple[str | None, str]:
+    """:func:`check`, and the trap mode the test command ran in ("seccomp-notify", "ptrace"),
+    with ", in-process opens and stats" when the handler was mapped into it."""
     try:
         result = run(
-            ["/bin/sh", "-c", "test -d /cvmfs && ! test -e /cvmfs/x"], _NoRepositories(), trap=trap
+            ["/bin/sh", "-c", "test -d /cvmfs && ! test -e /cvmfs/x"],
+            _NoRepositories(),
+            trap=trap,
+            in_process=in_process,
         )
     except TracerUnavailable as e:
         return str(e), ""
@@ -667,7 +671,8 @@ def check_mode(trap: str | None = None) -> tuple[str | None, str]:
         return f"tracer unusable: {e}", ""
     if result.status != 0:
         return f"traced test command failed ({result.status})", result.stats.mode
-    return None, result.stats.mode
+    extra = ", in-process opens and stats" if result.stats.inproc_images else ""
+    return None, result.stats.mode + extra
 
 
 def _remove_tree(path: Path) -> None:
