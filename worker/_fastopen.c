@@ -1,15 +1,16 @@
 /*
- * In-process opens, the tracer's side (see _fastopen.h for why and the layout).
+ * In-process answers, the tracer's side (see _fastopen.h for why and the layout).
  *
  * - fo_init: one memfd holding the handler blob (setup.py embeds it), the header, the
- *   counters, the slot table and the string arena; mapped read-write here.
+ *   counters, the slot table and the arena; mapped read-write here.
  * - fo_publish / fo_withdraw*: the answers tracees may use by themselves: a /cvmfs path in
- *   normal form -> a path they open instead (a RAM file by name, a shadow directory).
- * - fo_exec: at each exec stop, six syscalls injected through ptrace map the memfd and a
+ *   normal form -> a path to open instead (a RAM file by name, a shadow directory), its
+ *   stat/lstat answer, and a RAM file's (device, inode) -> what fstat of it says.
+ * - fo_exec: at each exec stop, syscalls injected through ptrace map the memfd and a
  *   trampoline area into the new image (fork children inherit both).
- * - fo_patch: when a notified open from a single-threaded tracee was answered from a
- *   published entry, its call site `mov $imm32,%r32; syscall` (glibc's open wrappers) is
- *   rewritten into a jump to a trampoline that calls the handler.
+ * - fo_patch: when a notified open or stat was answered from a published entry, its call
+ *   site `mov $imm32,%r32; syscall` (glibc's wrappers) becomes a jump to a trampoline that
+ *   calls the handler; fo_sigtrap covers threads that run into a site being patched.
  *
  * Everything here runs under the tracer's `big` lock.
  */
@@ -353,8 +354,8 @@ int fo_exec(pid_t pid, int *other)
     if (!shm)
         return 0;
     struct user_regs_struct saved;
-    if (ptrace(PTRACE_GETREGS, pid, 0, &saved) != 0)
-        return 0;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &saved) != 0 || saved.cs != 0x33)
+        return 0; /* a 32-bit program (cs 0x23): no `syscall` there, and no /cvmfs */
     errno = 0;
     unsigned long addr = (unsigned long)saved.rip;
     long orig = ptrace(PTRACE_PEEKTEXT, pid, (void *)addr, 0);

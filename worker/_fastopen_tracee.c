@@ -1,5 +1,6 @@
 /*
- * The in-process open handler: runs inside tracees (see _fastopen.h).
+ * The in-process handler: open, stat, lstat and fstat answered inside tracees (see
+ * _fastopen.h).
  *
  * Not linked into anything: setup.py compiles it freestanding and position-independent and
  * embeds the bytes of its .text in worker._trap, which copies them into the shared memfd
@@ -9,8 +10,8 @@
  * A patched call site jumps to its trampoline, which steps over the red zone and calls
  * fo_entry with the syscall number in rax and the arguments in the syscall registers;
  * fo_entry returns the syscall's result in rax and preserves every other register a
- * syscall preserves.  Paths it cannot answer from the table, and calls that are not plain
- * read-only opens, are made as they were (and trap to the tracer as before).
+ * syscall preserves.  What it cannot answer from the table (first calls, writes, relative
+ * paths, other flags) is made as it was, and traps to the tracer as before.
  */
 #include "_fastopen.h"
 
