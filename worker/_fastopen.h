@@ -35,7 +35,7 @@
 /* What a slot answers.  Keys are mount paths in normal form, or for FO_IDENT the 16 bytes
  * (st_dev, st_ino) of a RAM file; the kind is hashed in. */
 enum {
-    FO_OPEN = 1,       /* open: the target path to open instead */
+    FO_OPEN = 1,       /* open: the target path to open instead, or an errno */
     FO_STAT = 2,       /* stat following symlinks: a struct stat, an errno, or a path to stat */
     FO_LSTAT = 3,      /* the same, not following the last component */
     FO_IDENT = 4,      /* fstat of an fd on this RAM file: a struct stat */

@@ -145,6 +145,11 @@ static long do_open(const char *base, const char *path, long fl, long mode, int 
     if ((fl & FO_REFUSE) || !path || !(len = normal_mount_path(h, path, &x)))
         return 0;
     const fo_slot_t *s = lookup(base, FO_OPEN, path, len, x);
+    if (s && !s->data_len) { /* a path that does not exist */
+        __atomic_fetch_add(&cnt->hits, 1, __ATOMIC_RELAXED);
+        *done = 1;
+        return -(long)s->err;
+    }
     if (s && s->is_path) {
         long r = fo_syscall6(257, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off), fl, mode,
                              0, (long)h->cookie);

@@ -1461,7 +1461,7 @@ static int named_ram_file(const char *p)
  * and patch the call site.  Not for RAM files opened under other paths with other answers
  * (fstat follows the last open: see note_open), memfds by number (numbers are reused), or
  * host targets. */
-static void offer_in_process(pid_t tid, long nr, const action_t *a, const char *key, size_t kn)
+static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, size_t kn)
 {
     uint64_t dev = 0, ino = 0;
     if (strncmp(a->bval, own_fd_prefix, own_fd_prefix_n) == 0) {
@@ -1488,20 +1488,26 @@ static void offer_in_process(pid_t tid, long nr, const action_t *a, const char *
     fo_patch(tid, nr, cur_notif.ip);
 }
 
-/* The same for a stat/lstat/newfstatat answered from the cache: the answer itself (a struct
- * stat, ENOENT, ENOTDIR) or the shadow directory to stat. */
-static void offer_stat(pid_t tid, long nr, int flags, const action_t *a, const char *key,
-                       size_t kn)
+/* The same for a stat/lstat/newfstatat answered from the cache (the answer itself: a struct
+ * stat, ENOENT, ENOTDIR; or the shadow directory to stat), and for a read-only open of a
+ * path that does not exist (Python tries __pycache__/x.pyc before every x.py). */
+static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t *a,
+                         const char *key, size_t kn)
 {
     unsigned kind = flags & F_NOFOLLOW ? FO_LSTAT : FO_STAT;
-    int ok = 0;
+    int ok = 0, missing = a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR);
+    if (cls == C_OPEN) {
+        if (flags == 0 && missing && fo_publish(FO_OPEN, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0))
+            fo_patch(tid, nr, cur_notif.ip);
+        return;
+    }
     if (nr != SYS_newfstatat && nr != SYS_stat && nr != SYS_lstat)
         return;
     if (a->kind == A_STAT) {
         struct stat st;
         fill_stat(a->st, &st);
         ok = fo_publish(kind, key, kn, &st, sizeof st, 0, 0, 0, 0);
-    } else if (a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR)) {
+    } else if (missing) {
         ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
     } else if (a->kind == A_REDIRECT && has_prefix(a->bval, a->blen, shadow_p, shadow_n) &&
                (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0)) {
@@ -1732,9 +1738,9 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     memset(&tmp, 0, sizeof tmp);
     action_t *a = lookup(tid, cls, flags, key, (size_t)kn, &tmp, &prefix);
     int changed = 0;
-    if (cur_notif.active && cls == C_STAT && a != &tmp && n == kn &&
+    if (cur_notif.active && (cls == C_STAT || cls == C_OPEN) && a != &tmp && n == kn &&
         memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
-        offer_stat(tid, nr, flags, a, key, (size_t)kn);
+        offer_answer(tid, nr, cls, flags, a, key, (size_t)kn);
     switch (a->kind) {
     case A_PASS:
         break;
@@ -1747,7 +1753,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             note_open(a);
         if (cur_notif.active && cls == C_OPEN && flags == 0 && a != &tmp && n == kn &&
             memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
-            offer_in_process(tid, nr, a, key, (size_t)kn);
+            offer_open(tid, nr, a, key, (size_t)kn);
         if (cur_notif.active) {
             skip_with(r, notify_redirect(tid, nr, r, a->bval));
             changed = 1;
