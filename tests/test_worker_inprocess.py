@@ -112,6 +112,15 @@ int main(int argc, char **argv) {
                        sa ? 0 : a.st_mode, sa ? 0LL : (long long)a.st_size);
                 printf(" lstat %s %o %lld", sl ? strerror(errno) : "ok", sl ? 0 : l.st_mode,
                        sl ? 0LL : (long long)l.st_size);
+                struct statx x;
+                int sx = statx(AT_FDCWD, files[i], 0, STATX_BASIC_STATS, &x);
+                printf(" statx %s %o %lld", sx ? strerror(errno) : "ok", sx ? 0 : x.stx_mode,
+                       sx ? 0LL : (long long)x.stx_size);
+                sx = statx(AT_FDCWD, files[i], AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS, &x);
+                printf(" lstatx %s %o", sx ? strerror(errno) : "ok", sx ? 0 : x.stx_mode);
+                printf(" access");
+                for (int m = 0; m < 8; m++)
+                    printf(" %s", access(files[i], m) ? strerror(errno) : "ok");
                 int fd = sa ? -1 : open(files[i], O_RDONLY);
                 if (fd >= 0) {
                     fstat(fd, &f);
@@ -261,8 +270,9 @@ def test_files_with_the_same_content_stay_with_the_tracer(world: World) -> None:
 
 
 def test_stat_lstat_fstat_answers_are_the_same_in_process(world: World) -> None:
-    """Files, a symlink, a directory, a missing path and a path under a file: the first
-    round is answered by the tracer, the later ones inside the process, identically."""
+    """stat, lstat, statx (both ways), access (every mode) and fstat of files, a symlink, a
+    directory, a missing path and a path under a file: the first round is answered by the
+    tracer, the later ones inside the process, identically."""
     names = ["f00", "f05", "link", "sub", "missing", "f00/below", "same1"]
     argv = [str(world.prog), "stats", "4", *(f"{MOUNT}/{n}" for n in names)]
     r = hep_exec(world.proxy, argv, options=["--stats"])
@@ -277,15 +287,25 @@ def test_stat_lstat_fstat_answers_are_the_same_in_process(world: World) -> None:
     for n in ("f00", "f05", "same1"):
         st = (world.src / n).stat()
         assert f"stat ok {st.st_mode:o} {st.st_size} lstat ok {st.st_mode:o}" in by_name[n]
+        assert f"statx ok {st.st_mode:o} {st.st_size} lstatx ok {st.st_mode:o}" in by_name[n]
+        erofs = "Read-only file system"
+        assert (
+            f"access ok ok {erofs} {erofs} ok ok {erofs} {erofs}" in by_name[n]
+            if st.st_mode & 0o100
+            else f"access ok Permission denied {erofs} {erofs} ok Permission denied" in by_name[n]
+        ), by_name[n]
         assert by_name[n].endswith(f"fstat {st.st_mode:o} {st.st_size} same-ino 1")
     assert f"stat ok 100644 {(world.src / 'f00').stat().st_size} lstat ok 120777" in by_name["link"]
-    assert " stat ok 40755 " in by_name["sub"]
+    assert " stat ok 40755 " in by_name["sub"] and " statx ok 40755 " in by_name["sub"]
+    assert " lstatx ok 120777 " in by_name["link"]
+    assert "statx No such file or directory 0 0 lstatx No such file" in by_name["missing"]
+    assert "access No such file or directory" in by_name["missing"]
     assert (
         "stat No such file or directory 0 0 lstat No such file or directory" in by_name["missing"]
     )
     assert "stat Not a directory 0 0 lstat Not a directory" in by_name["f00/below"]
     m = re.search(r"stats: (\d+) \((\d+) handed", r.stderr)
-    assert m and int(m[1]) >= 3 * 2 * len(names), r.stderr
+    assert m and int(m[1]) >= 3 * 12 * len(names), r.stderr
 
 
 def test_what_the_handler_does_not_answer_still_behaves(world: World) -> None:

@@ -447,8 +447,12 @@ static int listed(const uint64_t *v, int n, uint64_t x)
  */
 void fo_patch(pid_t tid, long nr, uint64_t ip)
 {
-    if (nr != 2 && nr != 257 && nr != 4 && nr != 5 && nr != 6 && nr != 262)
-        return; /* what the handler answers: open, openat, stat, fstat, lstat, newfstatat */
+    switch (nr) { /* what the handler answers */
+    case 2: case 257: case 4: case 5: case 6: case 262: case 332: case 21: case 269: case 439:
+        break;
+    default:
+        return;
+    }
     fo_proc_t *p = proc_of_thread(tid);
     if (!p || ip < 7 || (ip >= p->base && ip < p->base + FO_SIZE + FO_TRAMP_SIZE))
         return;

@@ -121,13 +121,14 @@ static const fo_slot_t *lookup(const char *base, unsigned kind, const char *key,
     return 0;
 }
 
-static void copy_stat(void *dst, const void *src)
+static void copy_words(void *dst, const void *src, unsigned long n)
 {
     uint64_t *d = dst;
     const uint64_t *q = src;
-    for (int i = 0; i < 18; i++) /* sizeof(struct stat) on x86_64: 144 */
+    for (unsigned long i = 0; i < n / 8; i++)
         d[i] = q[i];
 }
+#define copy_stat(d, s) copy_words(d, s, 144) /* sizeof(struct stat) on x86_64 */
 
 #define AT_FDCWD_ -100
 #define AT_SYMLINK_NOFOLLOW_ 0x100
@@ -190,6 +191,60 @@ static long do_stat(const char *base, const char *path, void *buf, long flags, i
     }
     __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
     return 0;
+}
+
+/* statx of a published path: a struct statx (the mask asked for does not matter: the
+ * tracer always answers STATX_BASIC_STATS) */
+static long do_statx(const char *base, const char *path, long flags, long mask, void *buf,
+                     int *done)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
+    uint64_t x;
+    unsigned long len;
+    if ((flags & ~(long)(AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_ | 0x6000)) || !path || !buf ||
+        !(len = normal_mount_path(h, path, &x)))
+        return 0;
+    const fo_slot_t *s = lookup(base, flags & AT_SYMLINK_NOFOLLOW_ ? FO_LSTATX : FO_STATX, path,
+                                len, x);
+    if (!s) {
+        __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    long r = 0;
+    if (!s->data_len)
+        r = -(long)s->err;
+    else if (s->is_path)
+        r = fo_syscall6(332, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off), flags, mask,
+                        (long)buf, (long)h->cookie);
+    else
+        copy_words(buf, base + FO_ARENA_OFF + s->data_off, 256);
+    __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
+    *done = 1;
+    return r;
+}
+
+/* access/faccessat/faccessat2 of a published path: its answer (0 or an errno) */
+static long do_access(const char *base, const char *path, long mode, long nofollow, int *done)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
+    uint64_t x;
+    unsigned long len;
+    if ((mode & ~7L) || !path || !(len = normal_mount_path(h, path, &x)))
+        return 0;
+    const fo_slot_t *s = lookup(base, FO_ACCESS + (unsigned)mode + (nofollow ? 8 : 0), path, len,
+                                x);
+    if (!s) {
+        __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    long r = s->is_path ? fo_syscall6(269, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off),
+                                      mode, 0, 0, (long)h->cookie)
+                        : -(long)s->err;
+    __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
+    *done = 1;
+    return r;
 }
 
 /* fstat (newfstatat(fd, "", buf, AT_EMPTY_PATH), glibc's way): the kernel's answer, unless
@@ -256,6 +311,19 @@ static long fo_main(const char *base, long nr, const long *a)
         break;
     case 5: /* fstat(fd, buf) */
         r = do_fstat(base, a[0], (void *)a[1], &done);
+        break;
+    case 332: /* statx(dirfd, path, flags, mask, buf) */
+        r = do_statx(base, (const char *)a[1], a[2], a[3], (void *)a[4], &done);
+        break;
+    case 21: /* access(path, mode) */
+        r = do_access(base, (const char *)a[0], a[1], 0, &done);
+        break;
+    case 269: /* faccessat(dirfd, path, mode) */
+        r = do_access(base, (const char *)a[1], a[2], 0, &done);
+        break;
+    case 439: /* faccessat2(dirfd, path, mode, flags): AT_EACCESS changes nothing here */
+        if (!(a[3] & ~(long)(0x200 | AT_SYMLINK_NOFOLLOW_)))
+            r = do_access(base, (const char *)a[1], a[2], a[3] & AT_SYMLINK_NOFOLLOW_, &done);
         break;
     default:
         break;

@@ -1488,30 +1488,48 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
     fo_patch(tid, nr, cur_notif.ip);
 }
 
-/* The same for a stat/lstat/newfstatat answered from the cache (the answer itself: a struct
- * stat, ENOENT, ENOTDIR; or the shadow directory to stat), and for a read-only open of a
- * path that does not exist (Python tries __pycache__/x.pyc before every x.py). */
+/* The same for other answers from the cache: stat, lstat, newfstatat and statx (a struct
+ * stat or statx, ENOENT, ENOTDIR; or the shadow directory to ask), access and its kin (the
+ * result, or the shadow directory), and a read-only open of a path that does not exist
+ * (Python tries __pycache__/x.pyc before every x.py). */
 static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t *a,
                          const char *key, size_t kn)
 {
-    unsigned kind = flags & F_NOFOLLOW ? FO_LSTAT : FO_STAT;
-    int ok = 0, missing = a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR);
+    int missing = a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR);
+    int shadow = a->kind == A_REDIRECT && has_prefix(a->bval, a->blen, shadow_p, shadow_n) &&
+                 (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0);
+    unsigned kind;
+    int ok = 0;
     if (cls == C_OPEN) {
-        if (flags == 0 && missing && fo_publish(FO_OPEN, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0))
-            fo_patch(tid, nr, cur_notif.ip);
-        return;
-    }
-    if (nr != SYS_newfstatat && nr != SYS_stat && nr != SYS_lstat)
-        return;
-    if (a->kind == A_STAT) {
-        struct stat st;
-        fill_stat(a->st, &st);
-        ok = fo_publish(kind, key, kn, &st, sizeof st, 0, 0, 0, 0);
-    } else if (missing) {
-        ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
-    } else if (a->kind == A_REDIRECT && has_prefix(a->bval, a->blen, shadow_p, shadow_n) &&
-               (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0)) {
-        ok = fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0);
+        ok = flags == 0 && missing && fo_publish(FO_OPEN, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
+    } else if (cls == C_ACCESS && (nr == SYS_access || nr == SYS_faccessat || nr == 439)) {
+        kind = FO_ACCESS + (unsigned)(flags & 7) + (flags & F_NOFOLLOW ? 8 : 0);
+        if (a->kind == A_RETURN && a->ival <= 0 && a->ival >= -4095)
+            ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
+        else if (shadow)
+            ok = fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0);
+    } else if (cls == C_STAT && nr == 332) {
+        kind = flags & F_NOFOLLOW ? FO_LSTATX : FO_STATX;
+        if (a->kind == A_STAT) {
+            struct statx x;
+            fill_statx(a->st, &x);
+            ok = fo_publish(kind, key, kn, &x, sizeof x, 0, 0, 0, 0);
+        } else if (missing) {
+            ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
+        } else if (shadow) {
+            ok = fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0);
+        }
+    } else if (cls == C_STAT && (nr == SYS_newfstatat || nr == SYS_stat || nr == SYS_lstat)) {
+        kind = flags & F_NOFOLLOW ? FO_LSTAT : FO_STAT;
+        if (a->kind == A_STAT) {
+            struct stat st;
+            fill_stat(a->st, &st);
+            ok = fo_publish(kind, key, kn, &st, sizeof st, 0, 0, 0, 0);
+        } else if (missing) {
+            ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
+        } else if (shadow) {
+            ok = fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0);
+        }
     }
     if (ok)
         fo_patch(tid, nr, cur_notif.ip);
@@ -1738,7 +1756,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     memset(&tmp, 0, sizeof tmp);
     action_t *a = lookup(tid, cls, flags, key, (size_t)kn, &tmp, &prefix);
     int changed = 0;
-    if (cur_notif.active && (cls == C_STAT || cls == C_OPEN) && a != &tmp && n == kn &&
+    if (cur_notif.active && (cls == C_STAT || cls == C_OPEN || cls == C_ACCESS) && a != &tmp &&
+        n == kn &&
         memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
         offer_answer(tid, nr, cls, flags, a, key, (size_t)kn);
     switch (a->kind) {
