@@ -36,6 +36,7 @@ PROGRAM = r"""
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <signal.h>
 #include <unistd.h>
 
 static unsigned long long sum(const char *path) {
@@ -103,6 +104,32 @@ int main(int argc, char **argv) {
         for (int t = 0; t < 8; t++) pthread_join(th[t], NULL);
         printf("threads: %d mismatches\n", mismatches);
         print_all("main");
+    } else if (!strcmp(mode, "execchain")) { /* rounds = execs left */
+        unsigned long long a = sum(files[0]), b = sum(files[0]);
+        if (a != b) return 6;
+        if (rounds == 0) { printf("chain %016llx\n", a); return 0; }
+        char n[16];
+        snprintf(n, sizeof n, "%d", rounds - 1);
+        argv[2] = n;
+        execv(argv[0], argv);
+        return 7;
+    } else if (!strcmp(mode, "storm")) { /* signals while a child execs again and again */
+        pid_t c = fork();
+        if (c == 0) {
+            char n[16];
+            snprintf(n, sizeof n, "%d", rounds);
+            char *args[] = {argv[0], "execchain", n, files[0], NULL};
+            execv(argv[0], args);
+            _exit(8);
+        }
+        int st = 0;
+        long sent = 0;
+        while (waitpid(c, &st, WNOHANG) == 0) {
+            kill(c, SIGWINCH); /* ignored by default, but every one stops it in the tracer */
+            sent++;
+        }
+        printf("storm %s %d sent>0 %d\n", WIFEXITED(st) ? "exit" : "signal",
+               WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st), sent > 0);
     } else if (!strcmp(mode, "stats")) {
         for (int r = 0; r < rounds; r++)
             for (int i = 0; i < nfiles; i++) {
@@ -341,6 +368,17 @@ def test_evicted_objects_are_fetched_again(world: World) -> None:
     assert r.stdout.splitlines() == expected(world, "main", 4)
     evictions = re.search(r"(\d+) evictions", r.stderr)
     assert evictions and int(evictions[1]) > 0, r.stderr
+
+
+def test_execs_interrupted_by_signals(world: World) -> None:
+    """A process exec'ing itself 60 times while its parent sends it SIGWINCH as fast as it
+    can: signals stop it in the middle of the handler's injection at exec, which must hand
+    those stops on (the signal delivered, the image fine) and never lose the exit status."""
+    r = hep_exec(world.proxy, [str(world.prog), "storm", "60", f"{MOUNT}/f02"], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"chain {world.want('f02')}", "storm exit 0 sent>0 1"]
+    images = re.search(r"in (\d+) program images", r.stderr)
+    assert images and int(images[1]) >= 2, r.stderr
 
 
 def test_static_binary_and_shell_still_run(world: World) -> None:

@@ -356,6 +356,7 @@ int fo_exec(pid_t pid, int *other)
     struct user_regs_struct saved;
     if (ptrace(PTRACE_GETREGS, pid, 0, &saved) != 0 || saved.cs != 0x33)
         return 0; /* a 32-bit program (cs 0x23): no `syscall` there, and no /cvmfs */
+    saved.rax = 0; /* what execve returns: the registers put back are the image's first */
     errno = 0;
     unsigned long addr = (unsigned long)saved.rip;
     long orig = ptrace(PTRACE_PEEKTEXT, pid, (void *)addr, 0);
