@@ -10,7 +10,7 @@
  * A patched call site jumps to its trampoline, which steps over the red zone and calls
  * fo_entry with the syscall number in rax and the arguments in the syscall registers;
  * fo_entry returns the syscall's result in rax and preserves every other register a
- * syscall preserves.  What it cannot answer from the table (first calls, writes, relative
+ * syscall preserves, flags included.  What it cannot answer from the table (first calls, writes, relative
  * paths, other flags) is made as it was, and traps to the tracer as before.
  */
 #include "_fastopen.h"
@@ -23,6 +23,7 @@ __asm__(".text\n"
         "fo_entry:\n"
         "    push %rbp\n"
         "    mov %rsp, %rbp\n"
+        "    pushfq\n"                  /* a syscall leaves the flags as they were */
         "    push %r9\n"
         "    push %r8\n"
         "    push %r10\n"
@@ -33,14 +34,16 @@ __asm__(".text\n"
         "    mov %rax, %rsi\n"        /* nr */
         "    lea fo_entry(%rip), %rdi\n" /* base: the blob starts here */
         "    and $-16, %rsp\n"
+        "    cld\n"                     /* the C ABI's direction */
         "    call fo_main\n"
-        "    lea -48(%rbp), %rsp\n"
+        "    lea -56(%rbp), %rsp\n"
         "    pop %rdi\n"
         "    pop %rsi\n"
         "    pop %rdx\n"
         "    pop %r10\n"
         "    pop %r8\n"
         "    pop %r9\n"
+        "    popfq\n"
         "    pop %rbp\n"
         "    ret\n");
 
