@@ -70,6 +70,12 @@ def test_precedence_flags_env_file(tmp_path: Path) -> None:
         == "tmpfs"
     )
     assert parse(["--ram-files", "auto", "--config", str(conf), "--", "true"]).ram_files == "auto"
+    assert cfg.in_process  # on unless turned off
+    assert not parse(["--no-in-process", "--", "true"], {"HEP_EXEC_PROXY": "http://e:2"}).in_process
+    assert not parse(["--config", str(conf), "--", "true"], {"HEP_EXEC_IN_PROCESS": "0"}).in_process
+    off = tmp_path / "off.yaml"
+    off.write_text("proxy: http://file:1\nin_process: false\n")
+    assert not parse(["--config", str(off), "--", "true"]).in_process
     assert cfg.repositories == ("a.org", "b.org")
     assert cfg.sources["proxies"] == "--proxy" and cfg.sources["ram_bytes"] == "HEP_EXEC_RAM"
     assert cfg.config_file == conf
