@@ -6,8 +6,8 @@
  * - fo_publish / fo_withdraw*: the answers tracees may use by themselves: a /cvmfs path in
  *   normal form -> a path to open instead (a RAM file by name, a shadow directory), its
  *   stat/lstat answer, and a RAM file's (device, inode) -> what fstat of it says.
- * - fo_exec: at each exec stop, syscalls injected through ptrace map the memfd and a
- *   trampoline area into the new image (fork children inherit both).
+ * - fo_exec: at each exec stop, fo_setup (part of the blob) runs over the image's entry
+ *   point and maps the memfd and a trampoline area into it (fork children inherit both).
  * - fo_patch: when a notified open or stat was answered from a published entry, its call
  *   site `mov $imm32,%r32; syscall` (glibc's wrappers) becomes a jump to a trampoline that
  *   calls the handler; fo_sigtrap covers threads that run into a site being patched.
@@ -313,37 +313,13 @@ void fo_counts(unsigned long long *hits, unsigned long long *misses,
 
 /* ---------- injection at exec ---------- */
 
-/* One syscall in a ptrace-stopped tracee whose text at r->rip is "syscall; int3".  Returns
- * 0, or -1 when the tracee stopped for something else (its status in *other) or is gone. */
-static int inject_call(pid_t pid, const struct user_regs_struct *base, long nr, long a0, long a1,
-                       long a2, long a3, long a4, long a5, long *ret, int *other)
-{
-    struct user_regs_struct r = *base;
-    r.rax = (unsigned long long)nr;
-    r.orig_rax = (unsigned long long)-1;
-    r.rdi = (unsigned long long)a0;
-    r.rsi = (unsigned long long)a1;
-    r.rdx = (unsigned long long)a2;
-    r.r10 = (unsigned long long)a3;
-    r.r8 = (unsigned long long)a4;
-    r.r9 = (unsigned long long)a5;
-    if (ptrace(PTRACE_SETREGS, pid, 0, &r) != 0 || ptrace(PTRACE_CONT, pid, 0, 0) != 0)
-        return -1;
-    int st;
-    pid_t w;
-    while ((w = waitpid(pid, &st, __WALL)) < 0 && errno == EINTR) {}
-    if (w != pid)
-        return -1;
-    if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP || (st >> 16) != 0) {
-        *other = st; /* a signal, a group-stop, its death: the caller's to handle */
-        return -1;
-    }
-    if (ptrace(PTRACE_GETREGS, pid, 0, &r) != 0)
-        return -1;
-    *ret = (long)r.rax;
-    return 0;
-}
-
+/*
+ * At an exec stop: copy fo_setup (from the blob) over the new image's entry point, run it
+ * with its arguments below the stack pointer, and put everything back at its int3.  Execve's
+ * return value lands in rax when the tracee resumes, which fo_setup does not read.  Returns 1
+ * when the tracee stopped for something else meanwhile (or died): its waitpid status is in
+ * *other for the caller to handle; the process then goes on without the handler.
+ */
 int fo_exec(pid_t pid, int *other)
 {
     fo_proc_t *p = proc_find(pid, 0);
@@ -353,55 +329,66 @@ int fo_exec(pid_t pid, int *other)
     *other = -1;
     if (!shm)
         return 0;
-    struct user_regs_struct saved;
+    struct user_regs_struct saved, r;
     if (ptrace(PTRACE_GETREGS, pid, 0, &saved) != 0 || saved.cs != 0x33)
         return 0; /* a 32-bit program (cs 0x23): no `syscall` there, and no /cvmfs */
     saved.rax = 0; /* what execve returns: the registers put back are the image's first */
-    errno = 0;
-    unsigned long addr = (unsigned long)saved.rip;
-    long orig = ptrace(PTRACE_PEEKTEXT, pid, (void *)addr, 0);
-    if (errno)
-        return 0;
-    if (ptrace(PTRACE_POKETEXT, pid, (void *)addr, (void *)0xcccccccccccc050fUL) != 0)
-        return 0;
-    char path[64];
+    char mem[40], path[64];
+    snprintf(mem, sizeof mem, "/proc/%d/mem", (int)pid);
     int pn = snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)getpid(), memfd) + 1;
-    unsigned long sp = ((unsigned long)saved.rsp - 256 - (unsigned long)pn) & ~15UL;
-    struct iovec l = {path, (size_t)pn}, rv = {(void *)sp, (size_t)pn};
-    long fd = -1, base = -1, r = -1;
-    int ok = process_vm_writev(pid, &l, 1, &rv, 1, 0) == pn;
-    /* Still inside execve: its return value (0) lands in rax after we resume, so the first
-     * call made is read(-1, ...) whatever we ask; it fails with EBADF and leaves us at the
-     * int3, outside any syscall, where registers set are registers used. */
-    ok = ok && !inject_call(pid, &saved, SYS_read, -1, 0, 0, 0, 0, 0, &r, other);
-    ok = ok && !inject_call(pid, &saved, SYS_openat, AT_FDCWD, (long)sp, O_RDWR | O_CLOEXEC, 0, 0,
-                            (long)hdr->cookie, &fd, other) && fd >= 0;
-    ok = ok && !inject_call(pid, &saved, SYS_mmap, 0, (long)(FO_SIZE + FO_TRAMP_SIZE),
-                            PROT_READ | PROT_EXEC, MAP_SHARED, fd, 0, &base, other) &&
-         (unsigned long)base < -4096UL;
-    ok = ok && !inject_call(pid, &saved, SYS_mmap, base + (long)FO_SIZE, (long)FO_TRAMP_SIZE,
-                            PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0,
-                            &r, other) && r == base + (long)FO_SIZE;
-    ok = ok && !inject_call(pid, &saved, SYS_mprotect, base + (long)FO_HDR_OFF,
-                            (long)(FO_SIZE - FO_HDR_OFF), PROT_READ, 0, 0, 0, &r, other) && r == 0;
-    ok = ok && !inject_call(pid, &saved, SYS_mmap, base + (long)FO_CNT_OFF, (long)FO_PAGE,
-                            PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (long)FO_CNT_OFF,
-                            &r, other) && r == base + (long)FO_CNT_OFF;
-    if (fd >= 0 && *other < 0)
-        inject_call(pid, &saved, SYS_close, fd, 0, 0, 0, 0, 0, &r, other);
-    if (*other >= 0 && !WIFSTOPPED(*other))
+    unsigned char orig[FO_SETUP_LEN];
+    unsigned long entry = (unsigned long)saved.rip;
+    int mfd = open(mem, O_RDWR | O_CLOEXEC);
+    if (mfd < 0)
+        return 0;
+    if (pread(mfd, orig, sizeof orig, (off_t)entry) != (ssize_t)sizeof orig ||
+        pwrite(mfd, fo_blob + FO_SETUP_OFF, sizeof orig, (off_t)entry) != (ssize_t)sizeof orig) {
+        pwrite(mfd, orig, sizeof orig, (off_t)entry); /* a partial write, if any */
+        close(mfd);
+        return 0;
+    }
+    /* below the red zone: the path, then the arguments; rsp as after a call */
+    unsigned long at = ((unsigned long)saved.rsp - 256 - (unsigned long)pn) & ~15UL;
+    unsigned long args = (at - sizeof(fo_setup_t)) & ~15UL;
+    fo_setup_t a = {.path = at, .cookie = hdr->cookie, .fd = -1, .base = -1, .tramp = -1,
+                    .prot = -1, .counters = -1};
+    struct iovec l[2] = {{path, (size_t)pn}, {&a, sizeof a}};
+    struct iovec rv[2] = {{(void *)at, (size_t)pn}, {(void *)args, sizeof a}};
+    r = saved;
+    r.rip = entry;
+    r.rdi = args;
+    r.rsp = args - 64 - 8;
+    r.orig_rax = (unsigned long long)-1;
+    int st = 0, ok = process_vm_writev(pid, l, 2, rv, 2, 0) == (ssize_t)(pn + sizeof a) &&
+                     ptrace(PTRACE_SETREGS, pid, 0, &r) == 0 && ptrace(PTRACE_CONT, pid, 0, 0) == 0;
+    if (ok) {
+        pid_t w;
+        while ((w = waitpid(pid, &st, __WALL)) < 0 && errno == EINTR) {}
+        if (w != pid) {
+            ok = 0;
+        } else if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP || (st >> 16) != 0) {
+            *other = st; /* a signal, a group-stop, its death: the caller's to handle */
+            ok = 0;
+        }
+    }
+    if (*other >= 0 && !WIFSTOPPED(*other)) {
+        close(mfd);
         return 1; /* gone: nothing to restore */
-    ptrace(PTRACE_POKETEXT, pid, (void *)addr, (void *)orig);
+    }
+    struct iovec back = {&a, sizeof a}, from = {(void *)args, sizeof a};
+    ok = ok && process_vm_readv(pid, &back, 1, &from, 1, 0) == (ssize_t)sizeof a && a.fd >= 0 &&
+         (unsigned long)a.base < -4096UL && a.tramp == a.base + (long)FO_SIZE && a.prot == 0 &&
+         a.counters == a.base + (long)FO_CNT_OFF;
+    pwrite(mfd, orig, sizeof orig, (off_t)entry);
+    close(mfd);
     ptrace(PTRACE_SETREGS, pid, 0, &saved);
-    if (ok && *other < 0) {
+    if (ok) {
         p = proc_find(pid, 1);
         if (p) {
-            p->base = (uint64_t)base;
+            p->base = (uint64_t)a.base;
             n_injected++;
         }
     }
-    /* If something else stopped it meanwhile, the process goes on without the handler (a
-     * half-made mapping is harmless: nothing jumps there) and that stop is handled next. */
     return *other >= 0;
 }
 
@@ -523,9 +510,22 @@ int fo_sigtrap(pid_t tid)
     fo_proc_t *p = proc_of_thread(tid);
     siginfo_t si;
     struct user_regs_struct r;
-    if (!p || ptrace(PTRACE_GETSIGINFO, tid, 0, &si) != 0 || si.si_code != SI_KERNEL ||
-        ptrace(PTRACE_GETREGS, tid, 0, &r) != 0 || !listed(p->sites, p->nsites, r.rip - 1))
+    if (ptrace(PTRACE_GETSIGINFO, tid, 0, &si) != 0 || si.si_code != SI_KERNEL ||
+        ptrace(PTRACE_GETREGS, tid, 0, &r) != 0)
         return 0;
-    r.rip -= 1;
+    uint64_t site = r.rip - 1;
+    int ours = p && listed(p->sites, p->nsites, site);
+    if (!ours && !p) {
+        /* a task sharing the memory of a process we patch without being one of its threads
+         * (clone with CLONE_VM alone): any process's site, if our jump is there now */
+        unsigned char op = 0;
+        struct iovec l = {&op, 1}, rv = {(void *)site, 1};
+        for (uint32_t i = 0; i < FO_PROCS && !ours; i++)
+            ours = procs[i].pid > 0 && listed(procs[i].sites, procs[i].nsites, site);
+        ours = ours && process_vm_readv(tid, &l, 1, &rv, 1, 0) == 1 && op == 0xe9;
+    }
+    if (!ours)
+        return 0;
+    r.rip = site;
     return ptrace(PTRACE_SETREGS, tid, 0, &r) == 0;
 }

@@ -73,6 +73,12 @@ typedef struct {
     uint64_t stat_hits, stat_misses; /* the same for stat, lstat, fstat */
 } fo_counters_t;
 
+/* fo_setup's arguments and results (in the tracee's stack, below its red zone). */
+typedef struct {
+    uint64_t path, cookie;          /* "/proc/<tracer>/fd/<memfd>", the filter's cookie */
+    int64_t fd, base, tramp, prot, counters; /* each call's result */
+} fo_setup_t;
+
 /* FNV-1a; 0 is kept for empty slots. */
 static inline uint64_t fo_hash_step(uint64_t h, unsigned char c)
 {
