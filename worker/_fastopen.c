@@ -148,26 +148,20 @@ int fo_init(const char *mount, size_t mount_n)
     int fd = (int)syscall(SYS_memfd_create, "hep-exec-fastopen", MFD_CLOEXEC);
     if (fd < 0)
         return -errno;
+    memfd = fd;
     char *m = MAP_FAILED;
     if (ftruncate(fd, (off_t)FO_SIZE) == 0)
         m = mmap(NULL, FO_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    shm = m == MAP_FAILED ? NULL : m;
     procs = calloc(FO_PROCS, sizeof *procs);
     files = calloc(FO_NSLOTS, sizeof *files);
     uint64_t cookie = 0;
-    if (m == MAP_FAILED || !procs || !files ||
-        getrandom(&cookie, sizeof cookie, 0) != sizeof cookie || !cookie) {
-        int e = m == MAP_FAILED ? errno : ENOMEM;
-        if (m != MAP_FAILED)
-            munmap(m, FO_SIZE);
-        close(fd);
-        free(procs);
-        free(files);
-        procs = NULL;
-        files = NULL;
+    if (!shm || !procs || !files || getrandom(&cookie, sizeof cookie, 0) != sizeof cookie ||
+        !cookie) {
+        int e = !shm ? errno : ENOMEM;
+        fo_fini();
         return -e;
     }
-    memfd = fd;
-    shm = m;
     memcpy(shm, fo_blob, sizeof fo_blob);
     hdr = (fo_hdr_t *)(shm + FO_HDR_OFF);
     slots = (fo_slot_t *)(shm + FO_SLOTS_OFF);
@@ -183,10 +177,10 @@ int fo_init(const char *mount, size_t mount_n)
 
 void fo_fini(void)
 {
-    if (!shm)
-        return;
-    munmap(shm, FO_SIZE);
-    close(memfd);
+    if (shm)
+        munmap(shm, FO_SIZE);
+    if (memfd >= 0)
+        close(memfd);
     free(procs);
     free(files);
     shm = NULL;

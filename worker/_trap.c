@@ -1495,42 +1495,40 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
 static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t *a,
                          const char *key, size_t kn)
 {
-    int missing = a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR);
     int shadow = a->kind == A_REDIRECT && has_prefix(a->bval, a->blen, shadow_p, shadow_n) &&
                  (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0);
+    int missing = a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR);
+    union {
+        struct stat st;
+        struct statx x;
+    } buf;
+    size_t dlen = 0;
     unsigned kind;
-    int ok = 0;
-    if (cls == C_OPEN) {
-        ok = flags == 0 && missing && fo_publish(FO_OPEN, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
+    if (cls == C_OPEN && flags == 0) { /* found: offer_open */
+        kind = FO_OPEN;
+        shadow = 0;
     } else if (cls == C_ACCESS && (nr == SYS_access || nr == SYS_faccessat || nr == 439)) {
         kind = FO_ACCESS + (unsigned)(flags & 7) + (flags & F_NOFOLLOW ? 8 : 0);
-        if (a->kind == A_RETURN && a->ival <= 0 && a->ival >= -4095)
-            ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
-        else if (shadow)
-            ok = fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0);
+        missing = a->kind == A_RETURN && a->ival <= 0 && a->ival >= -4095; /* any result */
     } else if (cls == C_STAT && nr == 332) {
         kind = flags & F_NOFOLLOW ? FO_LSTATX : FO_STATX;
         if (a->kind == A_STAT) {
-            struct statx x;
-            fill_statx(a->st, &x);
-            ok = fo_publish(kind, key, kn, &x, sizeof x, 0, 0, 0, 0);
-        } else if (missing) {
-            ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
-        } else if (shadow) {
-            ok = fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0);
+            fill_statx(a->st, &buf.x);
+            dlen = sizeof buf.x;
         }
     } else if (cls == C_STAT && (nr == SYS_newfstatat || nr == SYS_stat || nr == SYS_lstat)) {
         kind = flags & F_NOFOLLOW ? FO_LSTAT : FO_STAT;
         if (a->kind == A_STAT) {
-            struct stat st;
-            fill_stat(a->st, &st);
-            ok = fo_publish(kind, key, kn, &st, sizeof st, 0, 0, 0, 0);
-        } else if (missing) {
-            ok = fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
-        } else if (shadow) {
-            ok = fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0);
+            fill_stat(a->st, &buf.st);
+            dlen = sizeof buf.st;
         }
+    } else {
+        return;
     }
+    int ok = dlen      ? fo_publish(kind, key, kn, &buf, dlen, 0, 0, 0, 0)
+             : missing ? fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0)
+             : shadow  ? fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0)
+                       : 0;
     if (ok)
         fo_patch(tid, nr, cur_notif.ip);
 }
