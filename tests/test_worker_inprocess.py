@@ -398,6 +398,38 @@ def test_static_binary_and_shell_still_run(world: World) -> None:
     assert digests == {hashlib.md5((world.src / "f03").read_bytes()).hexdigest()}
 
 
+I386_PROGRAM = """
+.globl _start
+_start:
+    mov $4, %eax
+    mov $1, %ebx
+    mov $msg, %ecx
+    mov $len, %edx
+    int $0x80
+    mov $1, %eax
+    mov $42, %ebx
+    int $0x80
+.data
+msg: .ascii "hello from i386\\n"
+len = . - msg
+"""
+
+
+def test_32_bit_program_is_left_alone(world: World, tmp_path: Path) -> None:
+    """The handler is 64-bit code: an i386 image gets none (it would crash at its entry)."""
+    src, obj, exe = tmp_path / "h.s", tmp_path / "h.o", tmp_path / "h32"
+    src.write_text(I386_PROGRAM)
+    built = subprocess.run(["as", "--32", "-o", str(obj), str(src)], capture_output=True)
+    if built.returncode == 0:
+        built = subprocess.run(
+            ["ld", "-m", "elf_i386", "-o", str(exe), str(obj)], capture_output=True
+        )
+    if built.returncode != 0:
+        pytest.skip(f"binutils cannot build i386 here: {built.stderr.decode().strip()}")
+    r = hep_exec(world.proxy, [str(exe)])
+    assert (r.returncode, r.stdout) == (42, "hello from i386\n"), r.stderr
+
+
 def test_tracee_memory_maps_show_the_handler(world: World) -> None:
     """The handler is mapped into every image exec'd (the memfd's name says whose it is)."""
     r = hep_exec(world.proxy, ["cat", "/proc/self/maps"])
