@@ -41,13 +41,14 @@ enum {
     FO_IDENT = 4,      /* fstat of an fd on this RAM file: a struct stat */
     FO_STATX = 5,      /* statx following symlinks: a struct statx, an errno, or a path */
     FO_LSTATX = 6,     /* the same, AT_SYMLINK_NOFOLLOW */
+    FO_READLINK = 7,   /* readlink: the link's bytes (data_len of them), or an errno */
     FO_ACCESS = 16,    /* + mode (0-7) + 8 for AT_SYMLINK_NOFOLLOW: an errno (0: allowed) or a
                         * path to ask instead */
 };
 
 /* A published answer: key and data in the arena (8-byte aligned).  data_len 0: the answer is
  * -err; is_path: a NUL-terminated path to make the call on instead; else a struct stat
- * (144 bytes) or struct statx (256 bytes).  A slot is filled before its hash is stored (release) and never reused;
+ * (144 bytes), a struct statx (256 bytes) or a symlink's target.  A slot is filled before its hash is stored (release) and never reused;
  * it is live while `epoch` equals the header's (withdrawing one answer zeroes it,
  * withdrawing all bumps the header's). */
 typedef struct {

@@ -250,6 +250,29 @@ static long do_access(const char *base, const char *path, long mode, long nofoll
     return r;
 }
 
+/* readlink/readlinkat of a published path: the link's bytes, or its errno */
+static long do_readlink(const char *base, const char *path, char *buf, long size, int *done)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
+    uint64_t x;
+    unsigned long len;
+    if (size <= 0 || !path || !buf || !(len = normal_mount_path(h, path, &x)))
+        return 0;
+    const fo_slot_t *s = lookup(base, FO_READLINK, path, len, x);
+    if (!s || s->is_path) {
+        __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    long n = s->data_len < (unsigned long)size ? (long)s->data_len : size;
+    const char *q = base + FO_ARENA_OFF + s->data_off;
+    for (long i = 0; i < n; i++)
+        buf[i] = q[i];
+    __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
+    *done = 1;
+    return s->data_len ? n : -(long)s->err;
+}
+
 /* fstat (newfstatat(fd, "", buf, AT_EMPTY_PATH), glibc's way): the kernel's answer, unless
  * the fd is on a RAM file, whose answer is its path's (published, or the tracer's). */
 static long do_fstat(const char *base, long fd, void *buf, int *done)
@@ -348,6 +371,12 @@ static long fo_main(const char *base, long nr, const long *a)
         break;
     case 332: /* statx(dirfd, path, flags, mask, buf) */
         r = do_statx(base, (const char *)a[1], a[2], a[3], (void *)a[4], &done);
+        break;
+    case 89: /* readlink(path, buf, size) */
+        r = do_readlink(base, (const char *)a[0], (char *)a[1], a[2], &done);
+        break;
+    case 267: /* readlinkat(dirfd, path, buf, size) */
+        r = do_readlink(base, (const char *)a[1], (char *)a[2], a[3], &done);
         break;
     case 21: /* access(path, mode) */
         r = do_access(base, (const char *)a[0], a[1], 0, &done);

@@ -1490,8 +1490,8 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
 
 /* The same for other answers from the cache: stat, lstat, newfstatat and statx (a struct
  * stat or statx, ENOENT, ENOTDIR; or the shadow directory to ask), access and its kin (the
- * result, or the shadow directory), and a read-only open of a path that does not exist
- * (Python tries __pycache__/x.pyc before every x.py). */
+ * result, or the shadow directory), readlink (the target, or the error), and a read-only open
+ * of a path that does not exist (Python tries __pycache__/x.pyc before every x.py). */
 static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t *a,
                          const char *key, size_t kn)
 {
@@ -1501,6 +1501,7 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
     union {
         struct stat st;
         struct statx x;
+        char link[MAXPATH];
     } buf;
     size_t dlen = 0;
     unsigned kind;
@@ -1510,6 +1511,14 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
     } else if (cls == C_ACCESS && (nr == SYS_access || nr == SYS_faccessat || nr == 439)) {
         kind = FO_ACCESS + (unsigned)(flags & 7) + (flags & F_NOFOLLOW ? 8 : 0);
         missing = a->kind == A_RETURN && a->ival <= 0 && a->ival >= -4095; /* any result */
+    } else if (cls == C_READLINK && (nr == SYS_readlink || nr == SYS_readlinkat)) {
+        kind = FO_READLINK;
+        missing = a->kind == A_RETURN && a->ival < 0 && a->ival >= -4095; /* EINVAL too */
+        shadow = 0;
+        if (a->kind == A_READLINK && a->blen && a->blen <= sizeof buf) {
+            memcpy(&buf, a->bval, a->blen);
+            dlen = a->blen;
+        }
     } else if (cls == C_STAT && nr == 332) {
         kind = flags & F_NOFOLLOW ? FO_LSTATX : FO_STATX;
         if (a->kind == A_STAT) {
@@ -1754,7 +1763,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     memset(&tmp, 0, sizeof tmp);
     action_t *a = lookup(tid, cls, flags, key, (size_t)kn, &tmp, &prefix);
     int changed = 0;
-    if (cur_notif.active && (cls == C_STAT || cls == C_OPEN || cls == C_ACCESS) && a != &tmp &&
+    if (cur_notif.active &&
+        (cls == C_OPEN || cls == C_STAT || cls == C_ACCESS || cls == C_READLINK) && a != &tmp &&
         n == kn &&
         memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
         offer_answer(tid, nr, cls, flags, a, key, (size_t)kn);
