@@ -256,7 +256,7 @@ int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size
 
 void fo_add_ram_dev(uint64_t dev)
 {
-    if (!shm || !dev)
+    if (!shm)
         return;
     for (int i = 0; i < 4; i++) {
         if (hdr->ram_devs[i] == dev)
@@ -266,6 +266,7 @@ void fo_add_ram_dev(uint64_t dev)
             return;
         }
     }
+    __atomic_store_n(&hdr->ram_devs_full, 1, __ATOMIC_RELEASE);
 }
 
 void fo_withdraw(unsigned kind, const char *key, size_t kn)

@@ -65,7 +65,10 @@ typedef struct {
     uint32_t epoch;
     uint32_t mount_len;
     char mount[256]; /* "/cvmfs" */
-    uint64_t ram_devs[4]; /* st_dev of RAM file systems with FO_IDENT answers (0: unused) */
+    /* st_dev of every file system holding files the tracer answers fstat for (our RAM
+     * files; 0: unused).  fstat of anything else is the kernel's answer. */
+    uint64_t ram_devs[4];
+    uint32_t ram_devs_full; /* more than that: every fstat goes to the tracer */
 } fo_hdr_t;
 
 typedef struct {

@@ -279,7 +279,7 @@ static long do_fstat(const char *base, long fd, void *buf, int *done)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    if (!h->ram_devs[0] || !buf)
+    if (!h->ram_devs[0] || __atomic_load_n(&h->ram_devs_full, __ATOMIC_ACQUIRE) || !buf)
         return 0;
     long r = fo_syscall6(5, fd, (long)buf, 0, 0, 0, (long)h->cookie);
     const uint64_t *st = buf;

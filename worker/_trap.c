@@ -377,6 +377,7 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
 {
     if (!ino)
         return;
+    fo_add_ram_dev(dev); /* fstat from a patched site of any file there comes to us */
     if ((ids_len + 1) * 2 > ids_cap) {
         size_t cap = ids_len >= IDS_MAX || !ids_cap ? 1024 : ids_cap * 2;
         fdid_t *old = ids;
@@ -1483,7 +1484,6 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
         struct stat st;
         fill_stat(a->st, &st);
         fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, dev, ino);
-        fo_add_ram_dev(dev);
     }
     fo_patch(tid, nr, cur_notif.ip);
 }
