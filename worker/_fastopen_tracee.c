@@ -139,61 +139,81 @@ static void copy_words(void *dst, const void *src, unsigned long n)
 #define AT_EMPTY_PATH_ 0x1000
 #define ENOENT_ 2
 
+/* The live answer of this kind for a path under the mount in normal form, or NULL; a path
+ * the tracer publishes no answers for (*published = 0) is not a miss. */
+static const fo_slot_t *find(const char *base, unsigned kind, const char *path, int *published)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    uint64_t x;
+    unsigned long len = path ? normal_mount_path(h, path, &x) : 0;
+    *published = len != 0;
+    return len ? lookup(base, kind, path, len, x) : 0;
+}
+
+static const char *data_of(const char *base, const fo_slot_t *s)
+{
+    return base + FO_ARENA_OFF + s->data_off;
+}
+
+static long cookie_of(const char *base)
+{
+    return (long)((const fo_hdr_t *)(base + FO_HDR_OFF))->cookie;
+}
+
+/* Count an answer given here (or a miss), and return it. */
+static long answered(uint64_t *counter, int *done, long r)
+{
+    __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+    *done = 1;
+    return r;
+}
+
+static void missed(uint64_t *counter, int published)
+{
+    if (published)
+        __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+}
+
 /* open/openat of a published path: open its target here */
 static long do_open(const char *base, const char *path, long fl, long mode, int *done)
 {
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    uint64_t x;
-    unsigned long len;
-    if ((fl & FO_REFUSE) || !path || !(len = normal_mount_path(h, path, &x)))
-        return 0;
-    const fo_slot_t *s = lookup(base, FO_OPEN, path, len, x);
-    if (s && !s->data_len) { /* a path that does not exist */
-        __atomic_fetch_add(&cnt->hits, 1, __ATOMIC_RELAXED);
-        *done = 1;
-        return -(long)s->err;
-    }
+    int published = 0;
+    const fo_slot_t *s = fl & FO_REFUSE ? 0 : find(base, FO_OPEN, path, &published);
+    if (s && !s->data_len) /* a path that does not exist */
+        return answered(&cnt->hits, done, -(long)s->err);
     if (s && s->is_path) {
-        long r = fo_syscall6(257, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off), fl, mode,
-                             0, (long)h->cookie);
-        if (r != -ENOENT_) { /* ENOENT: evicted meanwhile; the tracer fetches it again */
-            __atomic_fetch_add(&cnt->hits, 1, __ATOMIC_RELAXED);
-            *done = 1;
-            return r;
-        }
+        long r = fo_syscall6(257, AT_FDCWD_, (long)data_of(base, s), fl, mode, 0,
+                             cookie_of(base));
+        if (r != -ENOENT_) /* ENOENT: evicted meanwhile; the tracer fetches it again */
+            return answered(&cnt->hits, done, r);
     }
-    __atomic_fetch_add(&cnt->misses, 1, __ATOMIC_RELAXED);
+    missed(&cnt->misses, published);
     return 0;
 }
 
 /* stat/lstat/newfstatat of a published path: its answer, written here */
 static long do_stat(const char *base, const char *path, void *buf, long flags, int *done)
 {
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    uint64_t x;
-    unsigned long len;
-    if ((flags & ~(long)(AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_)) || !path || !buf ||
-        !(len = normal_mount_path(h, path, &x)))
-        return 0;
+    int published = 0;
     unsigned kind = flags & AT_SYMLINK_NOFOLLOW_ ? FO_LSTAT : FO_STAT;
-    const fo_slot_t *s = lookup(base, kind, path, len, x);
-    if (s) {
-        long r = 0;
-        if (!s->data_len)
-            r = -(long)s->err;
-        else if (s->is_path) /* a directory: its mirror in the shadow tree */
-            r = fo_syscall6(262, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off),
-                            (long)buf, flags, 0, (long)h->cookie);
-        else
-            copy_stat(buf, base + FO_ARENA_OFF + s->data_off);
-        __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
-        *done = 1;
-        return r;
+    const fo_slot_t *s = (flags & ~(long)(AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_)) || !buf
+                             ? 0
+                             : find(base, kind, path, &published);
+    if (!s) {
+        missed(&cnt->stat_misses, published);
+        return 0;
     }
-    __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
-    return 0;
+    long r = 0;
+    if (!s->data_len)
+        r = -(long)s->err;
+    else if (s->is_path) /* a directory: its mirror in the shadow tree */
+        r = fo_syscall6(262, AT_FDCWD_, (long)data_of(base, s), (long)buf, flags, 0,
+                        cookie_of(base));
+    else
+        copy_stat(buf, data_of(base, s));
+    return answered(&cnt->stat_hits, done, r);
 }
 
 /* statx of a published path: a struct statx (the mask asked for does not matter: the
@@ -201,76 +221,60 @@ static long do_stat(const char *base, const char *path, void *buf, long flags, i
 static long do_statx(const char *base, const char *path, long flags, long mask, void *buf,
                      int *done)
 {
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    uint64_t x;
-    unsigned long len;
-    if ((flags & ~(long)(AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_ | 0x6000)) || !path || !buf ||
-        !(len = normal_mount_path(h, path, &x)))
-        return 0;
-    const fo_slot_t *s = lookup(base, flags & AT_SYMLINK_NOFOLLOW_ ? FO_LSTATX : FO_STATX, path,
-                                len, x);
+    int published = 0;
+    unsigned kind = flags & AT_SYMLINK_NOFOLLOW_ ? FO_LSTATX : FO_STATX;
+    const fo_slot_t *s = (flags & ~(long)(AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_ | 0x6000)) ||
+                                 !buf
+                             ? 0
+                             : find(base, kind, path, &published);
     if (!s) {
-        __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
+        missed(&cnt->stat_misses, published);
         return 0;
     }
     long r = 0;
     if (!s->data_len)
         r = -(long)s->err;
     else if (s->is_path)
-        r = fo_syscall6(332, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off), flags, mask,
-                        (long)buf, (long)h->cookie);
+        r = fo_syscall6(332, AT_FDCWD_, (long)data_of(base, s), flags, mask, (long)buf,
+                        cookie_of(base));
     else
-        copy_words(buf, base + FO_ARENA_OFF + s->data_off, 256);
-    __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
-    *done = 1;
-    return r;
+        copy_words(buf, data_of(base, s), 256);
+    return answered(&cnt->stat_hits, done, r);
 }
 
 /* access/faccessat/faccessat2 of a published path: its answer (0 or an errno) */
 static long do_access(const char *base, const char *path, long mode, long nofollow, int *done)
 {
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    uint64_t x;
-    unsigned long len;
-    if ((mode & ~7L) || !path || !(len = normal_mount_path(h, path, &x)))
-        return 0;
-    const fo_slot_t *s = lookup(base, FO_ACCESS + (unsigned)mode + (nofollow ? 8 : 0), path, len,
-                                x);
+    int published = 0;
+    unsigned kind = FO_ACCESS + (unsigned)(mode & 7) + (nofollow ? 8 : 0);
+    const fo_slot_t *s = mode & ~7L ? 0 : find(base, kind, path, &published);
     if (!s) {
-        __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
+        missed(&cnt->stat_misses, published);
         return 0;
     }
-    long r = s->is_path ? fo_syscall6(269, AT_FDCWD_, (long)(base + FO_ARENA_OFF + s->data_off),
-                                      mode, 0, 0, (long)h->cookie)
+    long r = s->is_path ? fo_syscall6(269, AT_FDCWD_, (long)data_of(base, s), mode, 0, 0,
+                                      cookie_of(base))
                         : -(long)s->err;
-    __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
-    *done = 1;
-    return r;
+    return answered(&cnt->stat_hits, done, r);
 }
 
 /* readlink/readlinkat of a published path: the link's bytes, or its errno */
 static long do_readlink(const char *base, const char *path, char *buf, long size, int *done)
 {
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    uint64_t x;
-    unsigned long len;
-    if (size <= 0 || !path || !buf || !(len = normal_mount_path(h, path, &x)))
-        return 0;
-    const fo_slot_t *s = lookup(base, FO_READLINK, path, len, x);
+    int published = 0;
+    const fo_slot_t *s = size <= 0 || !buf ? 0 : find(base, FO_READLINK, path, &published);
     if (!s || s->is_path) {
-        __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
+        missed(&cnt->stat_misses, published);
         return 0;
     }
     long n = s->data_len < (unsigned long)size ? (long)s->data_len : size;
-    const char *q = base + FO_ARENA_OFF + s->data_off;
+    const char *q = data_of(base, s);
     for (long i = 0; i < n; i++)
         buf[i] = q[i];
-    __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
-    *done = 1;
-    return s->data_len ? n : -(long)s->err;
+    return answered(&cnt->stat_hits, done, s->data_len ? n : -(long)s->err);
 }
 
 /* fstat (newfstatat(fd, "", buf, AT_EMPTY_PATH), glibc's way): the kernel's answer, unless
@@ -281,7 +285,7 @@ static long do_fstat(const char *base, long fd, void *buf, int *done)
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
     if (!h->ram_devs[0] || __atomic_load_n(&h->ram_devs_full, __ATOMIC_ACQUIRE) || !buf)
         return 0;
-    long r = fo_syscall6(5, fd, (long)buf, 0, 0, 0, (long)h->cookie);
+    long r = fo_syscall6(5, fd, (long)buf, 0, 0, 0, cookie_of(base));
     const uint64_t *st = buf;
     uint64_t dev = st[0], ino = st[1];
     uint32_t mode = ((const uint32_t *)buf)[6];
@@ -298,12 +302,10 @@ static long do_fstat(const char *base, long fd, void *buf, int *done)
         x = fo_hash_step(x, kb[i]);
     const fo_slot_t *s = lookup(base, FO_IDENT, (const char *)key, 16, x);
     if (s && s->data_len) {
-        const uint64_t *want = (const uint64_t *)(base + FO_ARENA_OFF + s->data_off);
+        const uint64_t *want = (const uint64_t *)data_of(base, s);
         if (want[6] == st[6]) { /* st_size: the same object */
             copy_stat(buf, want);
-            __atomic_fetch_add(&cnt->stat_hits, 1, __ATOMIC_RELAXED);
-            *done = 1;
-            return 0;
+            return answered(&cnt->stat_hits, done, 0);
         }
     }
     __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);

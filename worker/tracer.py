@@ -580,9 +580,9 @@ def run(
     27k/s with 100 us when the other CPU was idle, and 38k/s vs 35k/s when it was busy.
 
     ``in_process`` (notify mode; default on, ``$HEP_EXEC_IN_PROCESS=0`` turns it off): once
-    an open of a /cvmfs path has been answered, tracees open its RAM file themselves through
-    a handler mapped into every program image and the patched libc call site, with no trap
-    at all (worker/_fastopen.c, worker/TRACER.md).
+    an open, stat, access or readlink of a /cvmfs path has been answered, tracees answer it
+    themselves through a handler mapped into every program image and the patched libc call
+    site, with no trap at all (worker/_fastopen.c, worker/TRACER.md).
 
     Raises :class:`TracerUnavailable` (one line) if ptrace or seccomp is refused.
     """
