@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.repos import FIXTURE_DIR, SHARED_MISSING, Repo, unpack_fixture
+from tests.support.repos import FIXTURE_DIR, SHARED_MISSING, Repo, unpack_fixture
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``needs_root`` skip for ordinary users, saying why (CI runs as root)."""
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (run ./run-tests as root, as CI does)")
+    for item in items:
+        if item.get_closest_marker("needs_root"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,184 @@
+"""Sans-I/O cores of preload: shrinkwrap rules, spec parsing, fail-over decisions."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from cvmfs_format.proxies import parse_proxies
+from preload.fetch import Failover, Outcome, backoff_delay, classify_status
+from preload.rules import RuleError, Rules
+from preload.spec import SpecError, load_spec, parse_spec
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def rules(*lines: str) -> Rules:
+    return Rules.parse([(line, f"t:{i}") for i, line in enumerate(lines, 1)])
+
+
+def test_deep_flat_exact_exclude() -> None:
+    r = rules("/sw/v1/*", "!/sw/v1/share", "^/etc/*", "/sw/v2/bin/tool", "# comment", "")
+    assert r.selects("/sw/v1/bin/tool") and r.selects("/sw/v1/a/b/c/d")
+    assert not r.selects("/sw/v1/share/doc") and not r.selects("/sw/v1/share")
+    assert r.selects("/etc/conf") and not r.selects("/etc/sub/x")
+    assert r.selects("/sw/v2/bin/tool") and not r.selects("/sw/v2/bin/other")
+    assert not r.selects("/data/x")
+    # directories walked: pass-through to deeper rules, whole subtrees, flat dirs
+    assert r.descend("") and r.descend("/sw") and r.descend("/sw/v2") and r.descend("/sw/v2/bin")
+    assert r.descend("/sw/v1/lib") and r.descend("/etc")
+    assert not r.descend("/sw/v1/share") and not r.descend("/etc/sub") and not r.descend("/data")
+    assert not r.descend("/sw/v2/lib")
+
+
+def test_deeper_include_beats_exclude_and_later_line_wins() -> None:
+    r = rules("!/a", "/a/b/*")
+    assert r.selects("/a/b/c") and not r.selects("/a/c") and r.descend("/a")
+    r = rules("/a/*", "!/a/*")
+    assert not r.selects("/a/x")
+    r = rules("!/a", "/a/*")
+    assert r.selects("/a/x")
+
+
+def test_no_include_means_everything_and_caret_without_star_is_exact() -> None:
+    r = rules("!/big")
+    assert r.selects("/x/y") and not r.selects("/big/y") and not r.descend("/big")
+    r = rules("^/d")
+    assert r.selects("/d") and not r.selects("/d/x")
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("relative/path", "must start with"),
+        ("/a*/b", "only allowed as a final"),
+        ("/a/../b", "not allowed"),
+        ("%/x", "must start with"),
+    ],
+)
+def test_bad_rules_name_their_source(line: str, problem: str) -> None:
+    with pytest.raises(RuleError, match=rf"t:1: rule .*{problem}"):
+        rules(line)
+
+
+GOOD = """\
+store: /tmp/store
+concurrency: 8
+timeout: 20
+retries: 3
+repositories:
+  - name: cms.cern.ch
+    servers:
+      - http://s1.example/cvmfs/@fqrn@
+      - http://s2.example:8000/cvmfs/@org@.cern.ch
+    proxies: "http://p1:3128|http://p2:3128;DIRECT"
+    keys: /etc/cvmfs/keys/cern.ch
+    include:
+      - /SITECONF/*
+      - ^/slc7_amd64_gcc700/*
+    exclude: [/SITECONF/T0]
+    revision: 42
+"""
+
+
+def test_spec_parses_to_frozen_values() -> None:
+    spec = parse_spec(GOOD, Path("cms.yaml"))
+    assert spec.concurrency == 8 and spec.timeout == 20 and spec.retries == 3
+    (repo,) = spec.repositories
+    assert repo.servers == (
+        "http://s1.example/cvmfs/cms.cern.ch",
+        "http://s2.example:8000/cvmfs/cms.cern.ch",
+    )
+    assert str(repo.proxies) == "http://p1:3128|http://p2:3128;DIRECT"
+    assert repo.revision == 42 and repo.keys == (Path("/etc/cvmfs/keys/cern.ch"),)
+    assert repo.rules.selects("/SITECONF/T1/x") and not repo.rules.selects("/SITECONF/T0/x")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("concurrency: 8", "concurrency: 0", r"cms.yaml:2: concurrency: expected an integer"),
+        ("timeout: 20", "timeout: soon", r"cms.yaml:3: timeout: expected a number"),
+        ("retries: 3", "retires: 3", r"cms.yaml:4: retires: unknown key"),
+        ("  - name: cms.cern.ch", "  - name: cms", r"cms.yaml:6: repositories\[0\].name: 'cms'"),
+        ("      - http://s1.example", "      - ftp://s1.example", r"cms.yaml:7: .*servers: .*ftp"),
+        ('DIRECT"', 'DIRECT|ftp://x"', r"cms.yaml:10: .*proxies: "),
+        (
+            "      - /SITECONF/*",
+            "      - SITECONF/*",
+            r"cms.yaml:13: .*include: rule 'SITECONF/\*'",
+        ),
+        ("    revision: 42", "    revision: latest", r"cms.yaml:16: .*revision: expected an int"),
+        ("    keys: /etc/cvmfs/keys/cern.ch\n", "", r"cms.yaml:6: .*required key 'keys'"),
+        ("timeout: 20", "timeout: [", r"cms.yaml:\d+: not valid YAML"),
+    ],
+)
+def test_bad_spec_names_file_line_and_key(old: str, new: str, expected: str) -> None:
+    assert old in GOOD
+    with pytest.raises(SpecError, match=expected):
+        parse_spec(GOOD.replace(old, new), Path("cms.yaml"))
+
+
+def test_shipped_configs_all_parse() -> None:
+    configs = sorted((PROJECT / "configs").glob("*.yaml"))
+    names = {p.stem for p in configs}
+    assert {"cms", "atlas", "lhcb", "alice", "sft", "unpacked", "oasis", "eessi", "demo"} <= names
+    for path in configs:
+        spec = load_spec(path)
+        for repo in spec.repositories:
+            assert repo.servers and repo.keys
+            if path.stem != "demo":
+                assert all(not s.startswith("http://127.") for s in repo.servers)
+                assert all(str(k).startswith("/etc/cvmfs/keys/") for k in repo.keys)
+
+
+def test_status_classification_follows_cvmfs() -> None:
+    assert classify_status(200, {}, False) is Outcome.OK
+    assert classify_status(404, {}, False) is Outcome.HOST
+    assert classify_status(502, {}, True) is Outcome.HOST
+    assert classify_status(502, {"x-squid-error": "ERR_CONNECT_FAIL 111"}, True) is Outcome.PROXY
+    assert classify_status(503, {"proxy-status": "squid; error=x"}, True) is Outcome.PROXY
+    assert classify_status(403, {}, True) is Outcome.PROXY
+    assert classify_status(403, {}, False) is Outcome.HOST
+
+
+def test_failover_plan_and_sticky_switch() -> None:
+    fo = Failover(("s1", "s2"), parse_proxies("p1|p2;DIRECT"), random.Random(1))
+    plan = fo.plan()
+    assert [s for s, _ in plan] == [0, 0, 0, 1, 1, 1]
+    assert fo.proxy_order[2] is None and set(fo.proxy_order[:2]) == {"http://p1", "http://p2"}
+    assert fo.succeeded(1, 0) == "switched to server s2"
+    assert [s for s, _ in fo.plan()][:3] == [1, 1, 1]
+    assert fo.succeeded(1, 0) is None
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    rng = random.Random(0)
+    delays = [backoff_delay(a, 0.5, 2.0, rng) for a in range(10) for _ in range(20)]
+    assert all(0 <= d <= 2.0 for d in delays) and len(set(delays)) > 100
+
+
+def test_progress_line_and_summary() -> None:
+    import io
+
+    from preload.progress import Progress, RepoReport, summary_lines
+
+    out = io.StringIO()
+    p = Progress(out, enabled=True)
+    p.begin("cms.cern.ch", 4, 4000)
+    p.start -= 10
+    p.advance(1000, 1000)
+    p.draw()
+    line = out.getvalue()
+    assert "cms.cern.ch: 1/4 objects" in line and "25%" in line and "ETA 0m30s" in line
+    r = RepoReport(
+        "cms.cern.ch",
+        revision=7,
+        previous_revision=6,
+        server="http://s1",
+        failover=["switched to server http://s2 after: x (HTTP 500)"],
+    )
+    text = "\n".join(summary_lines(r))
+    assert "revision 7 (was 6)" in text and "fail-over: switched to server" in text

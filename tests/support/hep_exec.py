@@ -1,0 +1,84 @@
+"""Running the real ``hep-exec`` against published repositories served by nginx on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.nginx import Nginx, Site
+from tests.support.repos import Repo, publish_tree
+from tests.support.tracing import env_with
+
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+@dataclass
+class Served:
+    """A store of published repositories behind one or more nginx sites."""
+
+    store: Path
+    keys_dir: Path
+    repos: dict[str, Repo] = field(default_factory=dict)
+    servers: list[Nginx] = field(default_factory=list)
+
+    def publish(self, source: Path, fqrn: str) -> Repo:
+        repo, _ = publish_tree(source, self.store, fqrn, self.keys_dir)
+        self.repos[fqrn] = repo
+        return repo
+
+    def serve(self, workdir: Path, root: Path | None = None) -> str:
+        """Start one more nginx serving ``root`` (default: the store); its proxy URL."""
+        site = Site(root=root or self.store)
+        self.servers.append(Nginx(workdir, [site]))
+        return f"http://127.0.0.1:{site.port}"
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+
+def hep_exec_cmd(
+    proxy: str,
+    argv: Sequence[str],
+    *,
+    keys: Path | None = None,
+    options: Sequence[str] = (),
+) -> list[str]:
+    """``hep-exec --proxy … [--keys …] --no-shared-cache OPTIONS -- ARGV``."""
+    key_opt = ["--keys", str(keys)] if keys else []
+    return [*CLI, "--proxy", proxy, *key_opt, "--no-shared-cache", *options, "--", *argv]
+
+
+def hep_exec(
+    proxy: str,
+    argv: Sequence[str],
+    *,
+    keys: Path | None = None,
+    options: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        hep_exec_cmd(proxy, argv, keys=keys, options=options),
+        env=env_with(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def corrupt_copy(store: Path, dest: Path, object_relpath: str) -> None:
+    """A copy of ``store`` (hard links, cheap) in which one object's bytes are flipped."""
+    shutil.copytree(store, dest, copy_function=os.link)
+    victim = dest / object_relpath
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.unlink()  # break the hard link: the original store stays intact
+    victim.write_bytes(bytes(data))

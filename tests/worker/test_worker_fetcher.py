@@ -1,0 +1,212 @@
+"""Fetcher against real loopback servers: fail-over, corruption, single-flight, retries."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cvmfs_format.hashes import ContentHash
+from cvmfs_format.objects import parse_object_path
+from cvmfs_format.proxies import parse_proxies
+from tests.support.network import dead_url
+from tests.support.repos import publish_tree
+from tests.support.store_server import BlackHole, StoreServer
+from tests.support.trees import make_random_tree
+from worker.fetcher import Fetcher, FetchError, NotFound
+
+FQRN = "fetch.example.org"
+
+
+@dataclass
+class Store:
+    root: Path
+    objects: list[tuple[str, ContentHash, bytes]]  # url path, hash, stored bytes
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    base = tmp_path_factory.mktemp("fetch")
+    src = make_random_tree(base / "src", random.Random(1), files=40)
+    publish_tree(src, base / "store", FQRN, base / "keys")
+    repo_dir = base / "store" / FQRN
+    objects = []
+    for f in sorted((repo_dir / "data").glob("??/*")):
+        rel = f.relative_to(repo_dir).as_posix()
+        objects.append((f"/cvmfs/{FQRN}/{rel}", parse_object_path(rel).hash, f.read_bytes()))
+    return Store(base / "store", objects)
+
+
+@pytest.fixture
+def servers(store: Store) -> Iterator[list[StoreServer]]:
+    started = [StoreServer(store.root) for _ in range(2)]
+    yield started
+    for s in started:
+        s.stop()
+
+
+def fetcher(spec: str, **kw: object) -> Fetcher:
+    kw.setdefault("timeout", 2.0)
+    return Fetcher(parse_proxies(spec), **kw).start()  # type: ignore[arg-type]
+
+
+def test_get_verifies_and_returns_stored_bytes(store: Store, servers: list[StoreServer]) -> None:
+    with fetcher(servers[0].url) as f:
+        for url, h, stored in store.objects:
+            assert f.get(url, h) == stored
+        manifest = f.get(f"/cvmfs/{FQRN}/.cvmfspublished")
+        assert manifest.startswith(b"C")
+        assert f.stats.requests == len(store.objects) + 1
+    ua = {h.get("User-Agent", "") for h in servers[0].headers}
+    assert all(u.startswith("hep-exec") for u in ua)
+
+
+def test_dead_first_group_costs_one_attempt(store: Store, servers: list[StoreServer]) -> None:
+    dead = dead_url()
+    with fetcher(f"{dead};{servers[0].url}") as f:
+        for url, h, stored in store.objects[:20]:
+            assert f.get(url, h) == stored
+        assert f.stats.by_proxy[dead].requests == 1  # then avoided
+        assert f.stats.failures == 1
+
+
+def test_black_hole_proxy_costs_one_timeout(store: Store, servers: list[StoreServer]) -> None:
+    hole = BlackHole()
+    try:
+        with fetcher(f"{hole.url};{servers[0].url}", timeout=0.5) as f:
+            for url, h, stored in store.objects[:10]:
+                assert f.get(url, h) == stored
+            assert f.stats.by_proxy[hole.url].requests == 1
+    finally:
+        hole.close()
+
+
+def test_dead_proxy_is_tried_again_after_reset(store: Store, servers: list[StoreServer]) -> None:
+    dead = dead_url()
+    with fetcher(f"{dead};{servers[0].url}", proxy_reset_after=0.2) as f:
+        url, h, stored = store.objects[0]
+        assert f.get(url, h) == stored
+        time.sleep(0.3)
+        assert f.get(url, h) == stored
+        assert f.stats.by_proxy[dead].requests == 2
+
+
+def test_corrupt_object_is_refetched_elsewhere(store: Store, servers: list[StoreServer]) -> None:
+    bad, good = servers
+    url, h, stored = store.objects[3]
+    bad.corrupt.add(url)
+    with fetcher(f"{bad.url};{good.url}") as f:
+        assert f.get(url, h) == stored
+        assert f.stats.corrupt == 1
+    assert bad.requests[url] == 1 and good.requests[url] == 1
+    # the retry elsewhere bypasses caches
+    assert good.headers[-1].get("Cache-Control") == "no-cache"
+
+
+def test_corrupt_everywhere_never_returns_wrong_bytes(
+    store: Store, servers: list[StoreServer]
+) -> None:
+    url, h, _ = store.objects[4]
+    for s in servers:
+        s.corrupt.add(url)
+    with fetcher(f"{servers[0].url}|{servers[1].url}", retries=1, backoff_init=0.01) as f:
+        with pytest.raises(FetchError) as info:
+            f.get(url, h, "the object")
+        msg = str(info.value)
+        assert "the object" in msg and "hash mismatch" in msg and "\n" not in msg
+        assert f.stats.corrupt == 4  # two proxies, two rounds
+
+
+def test_http_errors_fail_over(store: Store, servers: list[StoreServer]) -> None:
+    servers[0].fail_status = 503
+    url, h, stored = store.objects[5]
+    with fetcher(f"{servers[0].url};{servers[1].url}") as f:
+        assert f.get(url, h) == stored
+
+
+def test_not_found_everywhere(store: Store, servers: list[StoreServer]) -> None:
+    with fetcher(f"{servers[0].url};{servers[1].url}", retries=3) as f:
+        with pytest.raises(NotFound) as info:
+            f.get(f"/cvmfs/{FQRN}/data/00/{'0' * 38}")
+        assert "not found" in str(info.value)
+        assert f.stats.retries == 0  # a 404 everywhere is not retried
+
+
+def test_load_balancing_inside_a_group(store: Store, servers: list[StoreServer]) -> None:
+    with fetcher(f"{servers[0].url}|{servers[1].url}", rng=random.Random(3)) as f:
+        for url, h, _ in store.objects:
+            f.get(url, h)
+    a, b = (sum(s.requests.values()) for s in servers)
+    assert a + b == len(store.objects) and a > 5 and b > 5
+
+
+def test_single_flight(store: Store, tmp_path: Path) -> None:
+    slow = StoreServer(store.root, delay=0.3)
+    try:
+        with fetcher(slow.url) as f:
+            url, h, stored = store.objects[6]
+            out: list[bytes] = []
+            threads = [
+                threading.Thread(target=lambda: out.append(f.get(url, h))) for _ in range(12)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert out == [stored] * 12
+            assert slow.requests[url] == 1
+            assert f.stats.collapsed == 11
+    finally:
+        slow.stop()
+
+
+def test_proxy_killed_mid_run(store: Store, servers: list[StoreServer]) -> None:
+    first, second = servers
+    with fetcher(f"{first.url};{second.url}") as f:
+        for i, (url, h, stored) in enumerate(store.objects):
+            if i == len(store.objects) // 2:
+                first.stop()
+            assert f.get(url, h) == stored
+    assert sum(first.requests.values()) > 0 and sum(second.requests.values()) > 0
+
+
+def test_retry_with_backoff_after_a_transient_failure(
+    store: Store, servers: list[StoreServer]
+) -> None:
+    only = servers[0]
+    only.fail_status = 503
+    threading.Timer(0.2, lambda: setattr(only, "fail_status", None)).start()
+    url, h, stored = store.objects[7]
+    with fetcher(only.url, retries=6, backoff_init=0.1, backoff_max=0.4) as f:
+        assert f.get(url, h) == stored
+        assert f.stats.retries >= 1
+
+
+def test_get_many_and_prefetch(store: Store, servers: list[StoreServer]) -> None:
+    items: list[tuple[str, ContentHash | None, str]] = [(u, h, "") for u, h, _ in store.objects]
+    items.append((f"/cvmfs/{FQRN}/data/00/{'1' * 38}", None, "missing"))
+    with fetcher(servers[0].url) as f:
+        results = f.get_many(items)
+        assert results[:-1] == [s for _, _, s in store.objects]
+        assert isinstance(results[-1], NotFound)
+        before = sum(servers[0].requests.values())
+        fut = f.prefetch(items[:5])
+        assert fut.result(10)[:5] == [s for _, _, s in store.objects[:5]]
+        assert sum(servers[0].requests.values()) == before + 5
+
+
+def test_probe(store: Store, servers: list[StoreServer]) -> None:
+    dead = dead_url()
+    with fetcher(f"{servers[0].url};{dead}") as f:
+        report = dict((u, ok) for u, ok, _ in f.probe(f"/cvmfs/{FQRN}/.cvmfspublished"))
+    assert report == {servers[0].url: True, dead: False}
+
+
+def test_direct_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Fetcher(parse_proxies("DIRECT"))

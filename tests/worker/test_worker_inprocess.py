@@ -1,0 +1,465 @@
+"""In-process opens (worker/_fastopen.c): after the tracer has answered an open, the call
+site is patched and later opens of published paths happen inside the tracee, untrapped.
+
+Real hep-exec against a repository published by our publisher and served by nginx on
+loopback; a C program compiled here opens, reads and checksums files, and ``--stats`` says
+how many opens were done in-process.  Every figure it prints is compared with the source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.hep_exec import Served, hep_exec
+from tests.support.tracing import compile_c, ensure_built, needs_ptrace, ram_dir
+
+pytestmark = needs_ptrace
+
+FQRN = "inproc.test.org"
+MOUNT = f"/cvmfs/{FQRN}"
+NFILES = 12
+
+PROGRAM = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <signal.h>
+#include <unistd.h>
+
+static unsigned long long sum(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) { fprintf(stderr, "%s: %s\n", path, strerror(errno)); exit(3); }
+    struct stat a, b;
+    if (stat(path, &a) || fstat(fd, &b) || a.st_ino != b.st_ino || a.st_mode != b.st_mode ||
+        a.st_size != b.st_size) {
+        fprintf(stderr, "%s: fstat differs from stat\n", path); exit(4);
+    }
+    unsigned long long h = 1469598103934665603ULL;
+    unsigned char buf[65536];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        for (ssize_t i = 0; i < n; i++) h = (h ^ buf[i]) * 1099511628211ULL;
+    close(fd);
+    return h;
+}
+
+static char **files;
+static int nfiles, rounds, mismatches;
+static unsigned long long first[256];
+static void *worker(void *arg) {
+    long t = (long)arg;
+    for (int r = 0; r < rounds; r++)
+        for (int i = 0; i < nfiles; i++) {
+            int k = (i + (int)t) % nfiles;
+            if (sum(files[k]) != first[k])
+                __atomic_add_fetch(&mismatches, 1, __ATOMIC_RELAXED);
+        }
+    return NULL;
+}
+
+static void print_all(const char *who) {
+    for (int i = 0; i < nfiles; i++) {
+        first[i] = sum(files[i]);
+        printf("%s %s %016llx\n", who, files[i], first[i]);
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *mode = argv[1];
+    rounds = atoi(argv[2]);
+    files = argv + 3;
+    nfiles = argc - 3;
+    if (!strcmp(mode, "rounds")) {
+        for (int r = 0; r < rounds; r++) print_all("main");
+    } else if (!strcmp(mode, "fork")) {
+        print_all("parent"); /* patches the site in this image */
+        fflush(stdout);
+        pid_t c = fork();
+        if (c == 0) {
+            for (int r = 0; r < rounds; r++) print_all("child");
+            fflush(stdout);
+            _exit(0);
+        }
+        int st;
+        waitpid(c, &st, 0);
+        if (!WIFEXITED(st) || WEXITSTATUS(st)) return 5;
+        print_all("parent");
+    } else if (!strcmp(mode, "threads")) {
+        print_all("main");
+        pthread_t th[8];
+        for (long t = 0; t < 8; t++) pthread_create(&th[t], NULL, worker, (void *)t);
+        for (int t = 0; t < 8; t++) pthread_join(th[t], NULL);
+        printf("threads: %d mismatches\n", mismatches);
+        print_all("main");
+    } else if (!strcmp(mode, "execchain")) { /* rounds = execs left */
+        unsigned long long a = sum(files[0]), b = sum(files[0]);
+        if (a != b) return 6;
+        if (rounds == 0) { printf("chain %016llx\n", a); return 0; }
+        char n[16];
+        snprintf(n, sizeof n, "%d", rounds - 1);
+        argv[2] = n;
+        execv(argv[0], argv);
+        return 7;
+    } else if (!strcmp(mode, "storm")) { /* signals while a child execs again and again */
+        pid_t c = fork();
+        if (c == 0) {
+            char n[16];
+            snprintf(n, sizeof n, "%d", rounds);
+            char *args[] = {argv[0], "execchain", n, files[0], NULL};
+            execv(argv[0], args);
+            _exit(8);
+        }
+        int st = 0;
+        long sent = 0;
+        while (waitpid(c, &st, WNOHANG) == 0) {
+            kill(c, SIGWINCH); /* ignored by default, but every one stops it in the tracer */
+            sent++;
+        }
+        printf("storm %s %d sent>0 %d\n", WIFEXITED(st) ? "exit" : "signal",
+               WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st), sent > 0);
+    } else if (!strcmp(mode, "stats")) {
+        for (int r = 0; r < rounds; r++)
+            for (int i = 0; i < nfiles; i++) {
+                struct stat a, l, f;
+                int sa = stat(files[i], &a), ea = errno, sl = lstat(files[i], &l);
+                printf("%s stat %s %o %lld", files[i], sa ? strerror(ea) : "ok",
+                       sa ? 0 : a.st_mode, sa ? 0LL : (long long)a.st_size);
+                printf(" lstat %s %o %lld", sl ? strerror(errno) : "ok", sl ? 0 : l.st_mode,
+                       sl ? 0LL : (long long)l.st_size);
+                struct statx x;
+                int sx = statx(AT_FDCWD, files[i], 0, STATX_BASIC_STATS, &x);
+                printf(" statx %s %o %lld", sx ? strerror(errno) : "ok", sx ? 0 : x.stx_mode,
+                       sx ? 0LL : (long long)x.stx_size);
+                sx = statx(AT_FDCWD, files[i], AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS, &x);
+                printf(" lstatx %s %o", sx ? strerror(errno) : "ok", sx ? 0 : x.stx_mode);
+                char target[64];
+                ssize_t tn = readlink(files[i], target, sizeof target);
+                printf(" readlink %s %.*s", tn < 0 ? strerror(errno) : "ok", (int)(tn < 0 ? 0 : tn),
+                       target);
+                tn = readlink(files[i], target, 2); /* truncated, as the kernel does */
+                printf(" short %zd", tn);
+                printf(" access");
+                for (int m = 0; m < 8; m++)
+                    printf(" %s", access(files[i], m) ? strerror(errno) : "ok");
+                int fd = sa ? -1 : open(files[i], O_RDONLY);
+                if (fd >= 0) {
+                    fstat(fd, &f);
+                    printf(" fstat %o %lld same-ino %d", f.st_mode, (long long)f.st_size,
+                           f.st_ino == a.st_ino && f.st_dev == a.st_dev);
+                    close(fd);
+                }
+                printf(" round %d\n", r > 0);
+            }
+    } else if (!strcmp(mode, "flags")) {
+        const char *f = files[0], *link = files[1];
+        print_all("main");
+        print_all("main");
+        int fd = open(f, O_WRONLY);
+        printf("wronly %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        fd = open(f, O_RDONLY | O_CREAT, 0644);
+        printf("creat %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        fd = open(f, O_RDONLY | O_DIRECTORY);
+        printf("directory %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        fd = open(link, O_RDONLY | O_NOFOLLOW);
+        printf("nofollow %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        fd = open(link, O_RDONLY);
+        printf("follow %s\n", fd >= 0 ? "ok" : strerror(errno));
+        if (fd >= 0) close(fd);
+        int d = open(argv[argc - 1], O_RDONLY | O_DIRECTORY);
+        printf("dir %s\n", d >= 0 ? "ok" : strerror(errno));
+        for (int k = 0; k < 3; k++) { /* the tracer's answer, then in-process ones */
+            fd = open("/cvmfs/" "%s/missing", O_RDONLY);
+            printf("missing %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+            fd = open("/cvmfs/" "%s/f00/below", O_RDONLY);
+            printf("below %d %s\n", fd, fd < 0 ? strerror(errno) : "");
+        }
+        char odd[4200];
+        snprintf(odd, sizeof odd, "%s", f);
+        char *slash = strrchr(odd, '/');
+        memmove(slash + 1, slash, strlen(slash) + 1); /* "//": not in normal form */
+        printf("double-slash %016llx\n", sum(odd));
+    }
+    return 0;
+}
+"""
+
+
+@dataclass
+class World:
+    served: Served
+    proxy: str
+    src: Path
+    prog: Path
+    backing: str  # what hep-exec's RAM files are made of here ("tmpfs" or "memfd")
+
+    def needs_named_files(self) -> None:
+        """Opens are answered in-process for RAM files by name (tmpfs) only: memfds are
+        handed out by fd number, and numbers are reused."""
+        if self.backing != "tmpfs":
+            pytest.skip(f"RAM files here are {self.backing}s: opens stay with the tracer")
+
+    def want(self, name: str) -> str:
+        h = 1469598103934665603
+        for b in (self.src / name).read_bytes():
+            h = ((h ^ b) * 1099511628211) & (2**64 - 1)
+        return f"{h:016x}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    ensure_built()
+    base = tmp_path_factory.mktemp("inproc")
+    with ram_dir() as src:
+        top = src / "tree"
+        top.mkdir()
+        for i in range(NFILES):
+            (top / f"f{i:02d}").write_bytes(os.urandom(1000 + 40_000 * i))
+        (top / "same1").write_bytes(b"identical content\n")
+        (top / "same2").write_bytes(b"identical content\n")
+        os.chmod(top / "same2", 0o600)
+        (top / "link").symlink_to("f00")
+        (top / "sub").mkdir()
+        served = Served(base / "store", base / "keys")
+        served.publish(top, FQRN)
+        prog = compile_c(PROGRAM.replace('"/cvmfs/" "%s', f'"{MOUNT}'), base / "prog", "-pthread")
+        proxy = served.serve(base / "nginx")
+        from worker.ramfiles import RamFiles
+
+        files = RamFiles(os.environ.get("HEP_EXEC_RAM_FILES", "auto"))
+        backing = files.backing
+        files.close()
+        try:
+            yield World(served, proxy, top, prog, backing)
+        finally:
+            served.stop()
+
+
+def stats(stderr: str) -> tuple[int, int, int]:
+    """(in-process opens, handed to the tracer, sites patched) from --stats, or zeros."""
+    m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed .*; (\d+) call", stderr)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else (0, 0, 0)
+
+
+def files(n: int = NFILES) -> list[str]:
+    return [f"{MOUNT}/f{i:02d}" for i in range(n)]
+
+
+def expected(w: World, who: str, rounds: int = 1) -> list[str]:
+    one = [f"{who} {MOUNT}/f{i:02d} {w.want(f'f{i:02d}')}" for i in range(NFILES)]
+    return one * rounds
+
+
+def test_later_opens_of_a_path_are_done_in_process(world: World) -> None:
+    world.needs_named_files()
+    r = hep_exec(world.proxy, [str(world.prog), "rounds", "5", *files()], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == expected(world, "main", 5)
+    inproc, _handed, sites = stats(r.stderr)
+    # the first open of each path is the tracer's; the site is patched at the first one
+    assert sites >= 1
+    assert inproc >= 4 * NFILES, r.stderr
+
+
+def test_no_in_process_option_keeps_every_open_in_the_tracer(world: World) -> None:
+    r = hep_exec(
+        world.proxy,
+        [str(world.prog), "rounds", "3", *files()],
+        options=["--stats", "--no-in-process"],
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == expected(world, "main", 3)
+    assert stats(r.stderr) == (0, 0, 0)
+    assert "in-process opens" not in r.stderr
+
+
+def test_forked_child_inherits_the_patched_site(world: World) -> None:
+    world.needs_named_files()
+    r = hep_exec(world.proxy, [str(world.prog), "fork", "3", *files()], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    parent, child = expected(world, "parent"), expected(world, "child", 3)
+    assert r.stdout.splitlines() == parent + child + parent
+    inproc, _, _ = stats(r.stderr)
+    assert inproc >= 4 * NFILES  # the child's rounds and the parent's second pass
+
+
+def test_threads_share_the_handler(world: World) -> None:
+    """Patched while single-threaded; then eight threads open and read concurrently."""
+    world.needs_named_files()
+    r = hep_exec(world.proxy, [str(world.prog), "threads", "20", *files()], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    want = expected(world, "main")
+    assert r.stdout.splitlines() == [*want, "threads: 0 mismatches", *want]
+    inproc, _, _ = stats(r.stderr)
+    assert inproc >= 8 * 20 * NFILES
+
+
+def test_files_with_the_same_content_stay_with_the_tracer(world: World) -> None:
+    """Two paths share one RAM file but not their stat: fstat must follow the last open,
+    which only the tracer sees, so those paths are never opened in-process."""
+    world.needs_named_files()
+    same = [f"{MOUNT}/same1", f"{MOUNT}/same2", f"{MOUNT}/f01"]
+    r = hep_exec(world.proxy, [str(world.prog), "rounds", "4", *same], options=["--stats"])
+    assert r.returncode == 0, r.stderr  # the program checks fstat against stat itself
+    inproc, handed, _ = stats(r.stderr)
+    assert inproc == 3  # f01, rounds 2-4
+    assert handed >= 6  # same1 and same2, rounds 2-4
+
+
+def test_stat_lstat_fstat_answers_are_the_same_in_process(world: World) -> None:
+    """stat, lstat, statx (both ways), readlink, access (every mode) and fstat of files, a
+    symlink, a directory, a missing path and a path under a file: the first round is answered
+    by the tracer, the later ones inside the process, identically."""
+    names = ["f00", "f05", "link", "sub", "missing", "f00/below", "same1"]
+    argv = [str(world.prog), "stats", "4", *(f"{MOUNT}/{n}" for n in names)]
+    r = hep_exec(world.proxy, argv, options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    first = [ln.removesuffix(" round 0") for ln in lines[: len(names)]]
+    assert all(ln.endswith(" round 0") for ln in lines[: len(names)])
+    for later in range(1, 4):
+        chunk = lines[later * len(names) : (later + 1) * len(names)]
+        assert [ln.removesuffix(" round 1") for ln in chunk] == first
+    by_name = dict(zip(names, first, strict=True))
+    for n in ("f00", "f05", "same1"):
+        st = (world.src / n).stat()
+        assert f"stat ok {st.st_mode:o} {st.st_size} lstat ok {st.st_mode:o}" in by_name[n]
+        assert f"statx ok {st.st_mode:o} {st.st_size} lstatx ok {st.st_mode:o}" in by_name[n]
+        erofs = "Read-only file system"
+        assert (
+            f"access ok ok {erofs} {erofs} ok ok {erofs} {erofs}" in by_name[n]
+            if st.st_mode & 0o100
+            else f"access ok Permission denied {erofs} {erofs} ok Permission denied" in by_name[n]
+        ), by_name[n]
+        assert by_name[n].endswith(f"fstat {st.st_mode:o} {st.st_size} same-ino 1")
+    assert f"stat ok 100644 {(world.src / 'f00').stat().st_size} lstat ok 120777" in by_name["link"]
+    assert " stat ok 40755 " in by_name["sub"] and " statx ok 40755 " in by_name["sub"]
+    assert " lstatx ok 120777 " in by_name["link"]
+    assert " readlink ok f00 short 2 " in by_name["link"]
+    assert " readlink Invalid argument  short -1 " in by_name["f00"]
+    assert " readlink No such file or directory  short -1 " in by_name["missing"]
+    assert "statx No such file or directory 0 0 lstatx No such file" in by_name["missing"]
+    assert "access No such file or directory" in by_name["missing"]
+    assert (
+        "stat No such file or directory 0 0 lstat No such file or directory" in by_name["missing"]
+    )
+    assert "stat Not a directory 0 0 lstat Not a directory" in by_name["f00/below"]
+    m = re.search(r"stats: (\d+) \((\d+) handed", r.stderr)
+    assert m and int(m[1]) >= 3 * 14 * len(names), r.stderr
+
+
+def test_what_the_handler_does_not_answer_still_behaves(world: World) -> None:
+    """Writes (EROFS), O_CREAT, O_DIRECTORY on a file, O_NOFOLLOW on a symlink, missing
+    paths (ENOENT, ENOTDIR: answered in-process after the first time) and a path not in
+    normal form, all from the patched site."""
+    argv = [str(world.prog), "flags", "1", f"{MOUNT}/f00", f"{MOUNT}/link", f"{MOUNT}/sub"]
+    r = hep_exec(world.proxy, argv, options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "wronly -1 Read-only file system" in lines
+    assert "creat -1 Read-only file system" in lines
+    assert "directory -1 Not a directory" in lines
+    assert "nofollow -1 Too many levels of symbolic links" in lines
+    assert "follow ok" in lines
+    assert "dir ok" in lines
+    assert lines.count("missing -1 No such file or directory") == 3
+    assert lines.count("below -1 Not a directory") == 3
+    assert f"double-slash {world.want('f00')}" in lines
+    inproc, _, sites = stats(r.stderr)
+    # both missing paths twice more, and f00 again where RAM files are opened by name
+    assert sites >= 1 and inproc >= 2 * 2 + (world.backing == "tmpfs")
+
+
+def test_evicted_objects_are_fetched_again(world: World) -> None:
+    """A RAM limit below the working set: published names of evicted files are withdrawn or
+    vanish (ENOENT in the tracee's open sends it back to the tracer); bytes stay right."""
+    r = hep_exec(
+        world.proxy,
+        [str(world.prog), "rounds", "4", *files()],
+        options=["--stats", "--ram", "1M"],
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == expected(world, "main", 4)
+    evictions = re.search(r"(\d+) evictions", r.stderr)
+    assert evictions and int(evictions[1]) > 0, r.stderr
+
+
+def test_execs_interrupted_by_signals(world: World) -> None:
+    """A process exec'ing itself 60 times while its parent sends it SIGWINCH as fast as it
+    can: signals stop it in the middle of the handler's injection at exec, which must hand
+    those stops on (the signal delivered, the image fine) and never lose the exit status."""
+    r = hep_exec(world.proxy, [str(world.prog), "storm", "60", f"{MOUNT}/f02"], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"chain {world.want('f02')}", "storm exit 0 sent>0 1"]
+    images = re.search(r"in (\d+) program images", r.stderr)
+    assert images and int(images[1]) >= 2, r.stderr
+
+
+def test_static_binary_and_shell_still_run(world: World) -> None:
+    """Programs whose open sites do not look like glibc's are never patched."""
+    busybox = "/bin/busybox"
+    if not Path(busybox).exists():
+        pytest.skip("busybox-static not installed")
+    r = hep_exec(
+        world.proxy,
+        [busybox, "sh", "-c", f"for i in 1 2 3; do busybox md5sum {MOUNT}/f03; done"],
+        options=["--stats"],
+    )
+    assert r.returncode == 0, r.stderr
+    digests = {line.split()[0] for line in r.stdout.splitlines()}
+    import hashlib
+
+    assert digests == {hashlib.md5((world.src / "f03").read_bytes()).hexdigest()}
+
+
+I386_PROGRAM = """
+.globl _start
+_start:
+    mov $4, %eax
+    mov $1, %ebx
+    mov $msg, %ecx
+    mov $len, %edx
+    int $0x80
+    mov $1, %eax
+    mov $42, %ebx
+    int $0x80
+.data
+msg: .ascii "hello from i386\\n"
+len = . - msg
+"""
+
+
+def test_32_bit_program_is_left_alone(world: World, tmp_path: Path) -> None:
+    """The handler is 64-bit code: an i386 image gets none (it would crash at its entry)."""
+    src, obj, exe = tmp_path / "h.s", tmp_path / "h.o", tmp_path / "h32"
+    src.write_text(I386_PROGRAM)
+    built = subprocess.run(["as", "--32", "-o", str(obj), str(src)], capture_output=True)
+    if built.returncode == 0:
+        built = subprocess.run(
+            ["ld", "-m", "elf_i386", "-o", str(exe), str(obj)], capture_output=True
+        )
+    if built.returncode != 0:
+        pytest.skip(f"binutils cannot build i386 here: {built.stderr.decode().strip()}")
+    r = hep_exec(world.proxy, [str(exe)])
+    assert (r.returncode, r.stdout) == (42, "hello from i386\n"), r.stderr
+
+
+def test_tracee_memory_maps_show_the_handler(world: World) -> None:
+    """The handler is mapped into every image exec'd (the memfd's name says whose it is)."""
+    r = hep_exec(world.proxy, ["cat", "/proc/self/maps"])
+    assert r.returncode == 0, r.stderr
+    assert "hep-exec-fastopen" in r.stdout
+    plain = subprocess.run(["cat", "/proc/self/maps"], capture_output=True, text=True)
+    assert "hep-exec-fastopen" not in plain.stdout
