@@ -29,6 +29,9 @@ class StoreServer:
         self.missing: set[str] = set()  # url paths answered 404 although stored
         self.fail_status: int | None = None  # answer every request with this status
         self.fail_first = 0  # answer this many more requests with 503, then serve again
+        self.gated: set[str] = set()  # url paths whose answers wait until open_gate()
+        self.held: collections.Counter[str] = collections.Counter()  # requests waiting now
+        self._gate: asyncio.Event | None = None
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -43,6 +46,7 @@ class StoreServer:
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
+        self._gate = asyncio.Event()
         app = web.Application()
         app.router.add_get("/cvmfs/{fqrn}/{rest:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -59,6 +63,13 @@ class StoreServer:
         self.headers.append(dict(request.headers))
         if self.delay and (not self.delay_data_only or "/data/" in path):
             await asyncio.sleep(self.delay)
+        if path in self.gated:
+            assert self._gate is not None
+            self.held[path] += 1
+            try:
+                await self._gate.wait()
+            finally:
+                self.held[path] -= 1
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.Response(status=503, text="injected failure")
@@ -81,8 +92,20 @@ class StoreServer:
     def count(self, suffix: str) -> int:
         return sum(n for p, n in self.requests.items() if p.endswith(suffix))
 
+    @property
+    def total(self) -> int:
+        """Requests answered or waiting, all paths together."""
+        return sum(self.requests.values())
+
+    def open_gate(self) -> None:
+        """Let every held answer go (and every later request to a gated path pass)."""
+        if self._gate is not None:
+            self._loop.call_soon_threadsafe(self._gate.set)
+
     def stop(self) -> None:
         async def cleanup() -> None:
+            if self._gate is not None:
+                self._gate.set()  # held answers go out rather than hang the shutdown
             if self._runner is not None:
                 await self._runner.cleanup()
 

@@ -181,3 +181,33 @@ def test_master_keys(tmp_path: Path) -> None:
     junk.write_text("not a key")
     with pytest.raises(ConfigError, match=r"junk\.pub"):
         load_master_keys([junk])
+
+
+def test_node_cache_options_defaults_and_sources(tmp_path: Path) -> None:
+    """README: the shared cache is on unless ``--no-shared-cache``/``HEP_EXEC_SHARED_CACHE=0``;
+    its directory comes from ``--cache-dir``/``HEP_EXEC_CACHE_DIR`` (default: derived at run
+    time), it exits ``--cache-idle`` (60) seconds after its last client; prefetch runs
+    ``--prefetch-concurrency`` (16) fetches at once; ``--timeout``, ``--connect-timeout``,
+    ``--retries``, ``--proxy-reset-after`` default to 5 s, 2 s, 1, 300 s."""
+    cfg = parse(["--proxy", "p:1", "--", "true"])
+    assert cfg.shared_cache and cfg.cache_dir is None and cfg.cache_idle == 60.0
+    assert cfg.prefetch_concurrency == 16 and cfg.record_path is None
+    assert cfg.prefetch_path is None and not cfg.cache_daemon
+    assert (cfg.timeout, cfg.connect_timeout, cfg.retries) == (5.0, 2.0, 1)
+    assert cfg.proxy_reset_after == 300.0
+    assert not parse(["--proxy", "p:1", "--no-shared-cache", "--", "true"]).shared_cache
+    env = {"HEP_EXEC_SHARED_CACHE": "0", "HEP_EXEC_CACHE_DIR": str(tmp_path / "env")}
+    env |= {"HEP_EXEC_CACHE_IDLE": "5", "HEP_EXEC_PREFETCH_CONCURRENCY": "4"}
+    cfg = parse(["--proxy", "p:1", "--", "true"], env)
+    assert not cfg.shared_cache and cfg.cache_dir == tmp_path / "env"
+    assert cfg.cache_idle == 5.0 and cfg.prefetch_concurrency == 4
+    conf = tmp_path / "c.yaml"
+    conf.write_text(
+        f"proxy: p:1\nshared_cache: false\ncache_dir: {tmp_path / 'file'}\ncache_idle: 7\n"
+        f"record: {tmp_path / 'rec.list'}\nprefetch_concurrency: 8\n"
+    )
+    cfg = parse(["--config", str(conf), "--cache-dir", str(tmp_path / "flag"), "--", "true"], env)
+    assert cfg.cache_dir == tmp_path / "flag"  # flag beats env and file
+    assert cfg.cache_idle == 5.0 and cfg.prefetch_concurrency == 4  # env beats file
+    assert not cfg.shared_cache and cfg.record_path == tmp_path / "rec.list"  # file
+    assert parse(["--cache-daemon", "--proxy", "p:1"]).cache_daemon  # needs no command

@@ -18,6 +18,7 @@ from tests.support.network import dead_url
 from tests.support.repos import publish_tree
 from tests.support.store_server import BlackHole, StoreServer
 from tests.support.trees import make_random_tree
+from tests.support.waiting import wait_until
 from worker.fetcher import Fetcher, FetchError, NotFound
 
 FQRN = "fetch.example.org"
@@ -33,13 +34,12 @@ class Store:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     base = tmp_path_factory.mktemp("fetch")
     src = make_random_tree(base / "src", random.Random(1), files=40)
-    publish_tree(src, base / "store", FQRN, base / "keys")
-    repo_dir = base / "store" / FQRN
-    objects = []
-    for f in sorted((repo_dir / "data").glob("??/*")):
-        rel = f.relative_to(repo_dir).as_posix()
-        objects.append((f"/cvmfs/{FQRN}/{rel}", parse_object_path(rel).hash, f.read_bytes()))
-    return Store(base / "store", objects)
+    repo, _ = publish_tree(src, base / "store", FQRN, base / "keys")
+    objects = [
+        (f"/cvmfs/{FQRN}/{rel}", parse_object_path(rel).hash, (repo.dir / rel).read_bytes())
+        for rel in repo.objects()
+    ]
+    return Store(repo.store, objects)
 
 
 @pytest.fixture
@@ -86,14 +86,23 @@ def test_black_hole_proxy_costs_one_timeout(store: Store, servers: list[StoreSer
         hole.close()
 
 
-def test_dead_proxy_is_tried_again_after_reset(store: Store, servers: list[StoreServer]) -> None:
-    dead = dead_url()
-    with fetcher(f"{dead};{servers[0].url}", proxy_reset_after=0.2) as f:
-        url, h, stored = store.objects[0]
+def test_failed_proxy_is_avoided_then_tried_again_after_reset(
+    store: Store, servers: list[StoreServer]
+) -> None:
+    """A proxy that failed is skipped for ``proxy_reset_after`` seconds, then asked again."""
+    first, second = servers
+    first.fail_first = 1  # its first answer is a 503, later ones are fine
+    url, h, stored = store.objects[0]
+    with fetcher(f"{first.url};{second.url}", proxy_reset_after=0.3) as f:
         assert f.get(url, h) == stored
-        time.sleep(0.3)
-        assert f.get(url, h) == stored
-        assert f.stats.by_proxy[dead].requests == 2
+        assert (first.requests[url], second.requests[url]) == (1, 1)
+        assert f.get(url, h) == stored  # inside the reset time: straight to the second
+        assert (first.requests[url], second.requests[url]) == (1, 2)
+        state = f.stats.by_proxy[first.url]
+        wait_until(lambda: state.dead_until <= time.monotonic(), what="the reset time to pass")
+        assert f.get(url, h) == stored  # asked again, and it answers now
+        assert (first.requests[url], second.requests[url]) == (2, 2)
+        assert state.requests == 2 and state.failures == 1
 
 
 def test_corrupt_object_is_refetched_elsewhere(store: Store, servers: list[StoreServer]) -> None:
@@ -123,10 +132,14 @@ def test_corrupt_everywhere_never_returns_wrong_bytes(
 
 
 def test_http_errors_fail_over(store: Store, servers: list[StoreServer]) -> None:
-    servers[0].fail_status = 503
+    failing, good = servers
+    failing.fail_status = 503
     url, h, stored = store.objects[5]
-    with fetcher(f"{servers[0].url};{servers[1].url}") as f:
+    with fetcher(f"{failing.url};{good.url}") as f:
         assert f.get(url, h) == stored
+        # the failing proxy was asked first (it is the first group), then the next one
+        assert failing.requests[url] == 1 and good.requests[url] == 1
+        assert f.stats.by_proxy[failing.url].failures == 1 and f.stats.failures == 1
 
 
 def test_not_found_everywhere(store: Store, servers: list[StoreServer]) -> None:
@@ -145,24 +158,23 @@ def test_load_balancing_inside_a_group(store: Store, servers: list[StoreServer])
     assert a + b == len(store.objects) and a > 5 and b > 5
 
 
-def test_single_flight(store: Store, tmp_path: Path) -> None:
-    slow = StoreServer(store.root, delay=0.3)
-    try:
-        with fetcher(slow.url) as f:
-            url, h, stored = store.objects[6]
-            out: list[bytes] = []
-            threads = [
-                threading.Thread(target=lambda: out.append(f.get(url, h))) for _ in range(12)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(10)
-            assert out == [stored] * 12
-            assert slow.requests[url] == 1
-            assert f.stats.collapsed == 11
-    finally:
-        slow.stop()
+def test_single_flight(store: Store, servers: list[StoreServer]) -> None:
+    """12 threads ask for one object while its answer is held: one request, 11 collapsed."""
+    server = servers[0]
+    url, h, stored = store.objects[6]
+    server.gated.add(url)
+    with fetcher(server.url) as f:
+        out: list[bytes] = []
+        threads = [threading.Thread(target=lambda: out.append(f.get(url, h))) for _ in range(12)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: f.stats.collapsed == 11, what="11 gets joining the one in flight")
+        assert server.held[url] == 1 and server.requests[url] == 1
+        server.open_gate()
+        for t in threads:
+            t.join(10)
+        assert out == [stored] * 12
+        assert server.requests[url] == 1 and f.stats.requests == 1
 
 
 def test_proxy_killed_mid_run(store: Store, servers: list[StoreServer]) -> None:
@@ -178,13 +190,14 @@ def test_proxy_killed_mid_run(store: Store, servers: list[StoreServer]) -> None:
 def test_retry_with_backoff_after_a_transient_failure(
     store: Store, servers: list[StoreServer]
 ) -> None:
+    """The only proxy fails twice (503), then answers: two rounds of retry, then the bytes."""
     only = servers[0]
-    only.fail_status = 503
-    threading.Timer(0.2, lambda: setattr(only, "fail_status", None)).start()
+    only.fail_first = 2
     url, h, stored = store.objects[7]
-    with fetcher(only.url, retries=6, backoff_init=0.1, backoff_max=0.4) as f:
+    with fetcher(only.url, retries=6, backoff_init=0.01, backoff_max=0.05) as f:
         assert f.get(url, h) == stored
-        assert f.stats.retries >= 1
+        assert only.requests[url] == 3
+        assert f.stats.retries == 2 and f.stats.failures == 2
 
 
 def test_get_many_and_prefetch(store: Store, servers: list[StoreServer]) -> None:

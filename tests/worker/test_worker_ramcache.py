@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Iterable
 
 import pytest
 
+from tests.support.waiting import wait_until
 from worker.ramcache import CacheFull, RamCache
 
 K = 1024
@@ -18,6 +20,28 @@ K = 1024
 
 def blob(n: int, fill: int = 0x61) -> bytes:
     return bytes([fill]) * n
+
+
+def own_files(cache: RamCache, keys: Iterable[str]) -> list[int]:
+    """Our fds on RAM files the cache made for these keys (a memfd shows as ``/memfd:<key>``,
+    a private tmpfs file as ``/<key>.<pid>.<n>``): what the cache holds, not what other
+    threads of this process happen to have open."""
+    wanted = set(keys)
+    pattern = (
+        r"/memfd:(.+?)( \(deleted\))?"
+        if cache.files.backing == "memfd"
+        else rf"/(.+)\.{os.getpid()}\.\d+( \(deleted\))?"
+    )
+    mine = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed while we looked: another thread's, not the cache's
+        m = re.fullmatch(pattern, link)
+        if m and m.group(1) in wanted:
+            mine.append(int(fd))
+    return sorted(mine)
 
 
 def test_empty_object() -> None:
@@ -91,10 +115,11 @@ def test_cache_full_when_everything_is_pinned(caplog: pytest.LogCaptureFixture) 
     assert "RAM cache full" in str(info.value) and "big" in str(info.value)
     assert any("RAM cache full" in r.getMessage() for r in caplog.records)
     # without a hint: loaded, found not to fit, dropped (fd closed), error raised
-    nfds = len(os.listdir("/proc/self/fd"))
+    assert own_files(cache, ["big"]) == []
     with pytest.raises(CacheFull):
         cache.acquire("big", lambda: blob(10 * K))
-    assert len(os.listdir("/proc/self/fd")) == nfds
+    assert own_files(cache, ["big"]) == []
+    assert sorted(o.fd for o in held) == own_files(cache, [f"p{i}" for i in range(3)])
     assert cache.stats.full == 2 and "big" not in cache
     # releasing one pin makes room again
     cache.release(held.pop())
@@ -125,9 +150,7 @@ def test_concurrent_acquires_make_one_load() -> None:
     threads = [threading.Thread(target=worker) for _ in range(16)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 5
-    while cache.stats.waits < 15 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: cache.stats.waits == 15, what="15 acquires waiting for the one load")
     gate.set()
     for t in threads:
         t.join(5)
@@ -158,11 +181,12 @@ def test_loader_error_reaches_every_waiter_and_is_not_cached() -> None:
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    wait_until(lambda: cache.stats.waits == 3, what="3 acquires waiting for the failing load")
     gate.set()
     for t in threads:
         t.join(5)
     assert len(errors) == 4 and all(e.errno == errno.EIO for e in errors)
+    assert cache.stats.misses == 1 and cache.stats.load_errors == 1 and "x" not in cache
     obj = cache.acquire("x", lambda: b"second try works")
     assert obj.size == 16
     cache.release(obj)
@@ -202,11 +226,16 @@ def test_sealed_memfd_passes_to_a_child_and_reads_natively(tmp_path: object) -> 
 
 
 def test_object_count_stays_below_the_fd_limit() -> None:
+    """Each object is one fd of ours: ``max_objects`` bounds them, the LRU ones go first."""
     cache = RamCache(1 << 30, max_objects=5)
-    nfds = len(os.listdir("/proc/self/fd"))
-    for i in range(20):
-        cache.release(cache.acquire(f"o{i}", lambda: b"tiny"))
+    keys = [f"o{i}" for i in range(20)]
+    objs = []
+    for key in keys:
+        obj = cache.acquire(key, lambda: b"tiny")
+        objs.append(obj)
+        cache.release(obj)
     assert len(cache) == 5 and cache.stats.evictions == 15
-    assert len(os.listdir("/proc/self/fd")) == nfds + 5
+    assert own_files(cache, keys) == sorted(o.fd for o in objs[-5:])
+    assert [k for k in keys if k in cache] == keys[-5:]
     cache.close()
-    assert len(os.listdir("/proc/self/fd")) == nfds
+    assert own_files(cache, keys) == []

@@ -196,3 +196,18 @@ def test_tmpfs_gives_large_files_huge_pages(tmpfs_files: RamFiles) -> None:
 def test_unknown_backing_is_refused() -> None:
     with pytest.raises(ValueError, match="expected one of auto, tmpfs, memfd"):
         RamFiles("hugetlb")
+
+
+def test_memfd_never_tries_the_tmpfs() -> None:
+    """``--ram-files memfd`` never mounts a tmpfs, even where ``auto`` would (4 KiB shmem
+    pages): sealed memfds, reached by fd number, no directory for a service to share."""
+    files = RamFiles("memfd", shmem_enabled="always within_size advise [never] deny force")
+    f = files.make("only-memfds", b"x")
+    try:
+        assert files.backing == "memfd" and files.shared_dir is None
+        assert files.describe() == "sealed memfds (memfd requested)"
+        assert f.name is None and os.readlink(f.path).startswith("/memfd:only-memfds")
+        assert fcntl.fcntl(f.fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+    finally:
+        files.discard(f.fd, f.name)
+        files.close()

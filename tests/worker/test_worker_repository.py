@@ -22,21 +22,25 @@ from cvmfs_format.whitelist import load_public_key
 from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
 from tests.support.trees import CHUNKED_SIZE, make_random_tree
+from tests.support.waiting import wait_until
 from worker.fetcher import Fetcher
-from worker.ramcache import CacheFull, RamCache
+from worker.ramcache import CachedObject, CacheFull, RamCache
 from worker.repository import MountedRepository, Repositories, RepositoryError
 
 FQRN = "repo.example.org"
 
 
 @dataclass
-class Served:
+class Mirrors:
+    """The published repository (and its source tree) behind two StoreServers."""
+
     repo: Repo
     src: Path
     servers: list[StoreServer]
 
     @property
     def proxies(self) -> str:
+        """The two servers as fail-over groups: the first, then the second."""
         return ";".join(s.url for s in self.servers)
 
 
@@ -50,10 +54,10 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repo, Path]:
 
 
 @pytest.fixture
-def served(published: tuple[Repo, Path]) -> Iterator[Served]:
+def served(published: tuple[Repo, Path]) -> Iterator[Mirrors]:
     repo, src = published
     servers = [StoreServer(repo.store), StoreServer(repo.store)]
-    yield Served(repo, src, servers)
+    yield Mirrors(repo, src, servers)
     for s in servers:
         s.stop()
 
@@ -83,7 +87,7 @@ def read_object(repo: MountedRepository, rel: str) -> bytes:
         repo.cache.release(obj)
 
 
-def test_signed_mount_and_contents(served: Served) -> None:
+def test_signed_mount_and_contents(served: Mirrors) -> None:
     with Fetcher(parse_proxies(served.proxies)).start() as f:
         repo = MountedRepository(FQRN, f, master_key(served.repo))
         assert repo.verified and repo.revision == 1
@@ -91,7 +95,7 @@ def test_signed_mount_and_contents(served: Served) -> None:
             assert read_object(repo, rel) == (served.src / rel[1:]).read_bytes(), rel
 
 
-def test_wrong_master_key_refuses_to_mount(served: Served, tmp_path: Path) -> None:
+def test_wrong_master_key_refuses_to_mount(served: Mirrors, tmp_path: Path) -> None:
     import datetime as dt
 
     from publish.keys import load_or_create_keys
@@ -107,7 +111,7 @@ def test_wrong_master_key_refuses_to_mount(served: Served, tmp_path: Path) -> No
     assert FQRN in str(info.value) and "\n" not in str(info.value)
 
 
-def test_corrupt_manifest_on_one_proxy(served: Served) -> None:
+def test_corrupt_manifest_on_one_proxy(served: Mirrors) -> None:
     bad = served.servers[0]
     bad.corrupt.add(f"/cvmfs/{FQRN}/.cvmfspublished")
     with Fetcher(parse_proxies(served.proxies)).start() as f:
@@ -115,12 +119,10 @@ def test_corrupt_manifest_on_one_proxy(served: Served) -> None:
         assert repo.revision == 1 and f.stats.corrupt == 1
 
 
-def test_corrupt_objects_never_reach_the_cache(served: Served) -> None:
+def test_corrupt_objects_never_reach_the_cache(served: Mirrors) -> None:
     """Every data object is corrupt on the first proxy: all content still right."""
     bad = served.servers[0]
-    store = served.repo.dir
-    for p in (store / "data").glob("??/*"):
-        bad.corrupt.add(f"/cvmfs/{FQRN}/{p.relative_to(store).as_posix()}")
+    bad.corrupt.update(f"/cvmfs/{FQRN}/{rel}" for rel in served.repo.objects())
     with Fetcher(parse_proxies(served.proxies)).start() as f:
         repo = MountedRepository(FQRN, f, master_key(served.repo))
         assert read_object(repo, "/big.bin") == (served.src / "big.bin").read_bytes()
@@ -129,7 +131,7 @@ def test_corrupt_objects_never_reach_the_cache(served: Served) -> None:
         assert f.stats.corrupt > 3
 
 
-def test_corrupt_everywhere_is_eio(served: Served) -> None:
+def test_corrupt_everywhere_is_eio(served: Mirrors) -> None:
     rel = next(
         r for r in files_of(served.src) if 10 < (served.src / r[1:]).stat().st_size < 1 << 20
     )
@@ -146,32 +148,39 @@ def test_corrupt_everywhere_is_eio(served: Served) -> None:
         assert entry.hash.hex not in repo.cache
 
 
-def test_concurrent_opens_make_one_request(served: Served) -> None:
-    slow = StoreServer(served.repo.store, delay=0.2)
-    try:
-        with Fetcher(parse_proxies(slow.url)).start() as f:
-            repo = MountedRepository(FQRN, f)
-            entry = repo.lookup("/big.bin")
-            assert entry is not None
-            objs = []
-            threads = [
-                threading.Thread(target=lambda: objs.append(repo.open_object(entry)))
-                for _ in range(8)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(20)
-            assert len(objs) == 8 and all(o is objs[0] for o in objs)
-            assert objs[0].refs == 8 and objs[0].size == CHUNKED_SIZE
-            assert slow.count("P") == 3  # each chunk requested once
-            for o in objs:
-                repo.cache.release(o)
-    finally:
-        slow.stop()
+def test_concurrent_opens_make_one_request(served: Mirrors) -> None:
+    """8 threads open a chunked file while its chunks' answers are held: one load, each
+    chunk requested once, every thread gets the same pinned object."""
+    server = served.servers[0]
+    with Fetcher(parse_proxies(server.url)).start() as f:
+        repo = MountedRepository(FQRN, f)
+        entry = repo.lookup("/big.bin")
+        assert entry is not None and entry.is_chunked
+        chunks = [f"/cvmfs/{FQRN}/{c.hash.object_path('P')}" for c in repo.chunks("/big.bin")]
+        assert len(chunks) == 3
+        server.gated.update(chunks)
+        objs: list[CachedObject] = []
+        threads = [
+            threading.Thread(target=lambda: objs.append(repo.open_object(entry))) for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        wait_until(
+            lambda: repo.cache.stats.waits == 7 and sum(server.held.values()) == 3,
+            what="7 opens waiting for the one load, whose 3 chunk requests are held",
+        )
+        server.open_gate()
+        for t in threads:
+            t.join(20)
+        assert len(objs) == 8 and all(o is objs[0] for o in objs)
+        assert objs[0].refs == 8 and objs[0].size == CHUNKED_SIZE
+        assert [server.requests[c] for c in chunks] == [1, 1, 1]  # each chunk requested once
+        assert repo.cache.stats.misses == 1
+        for o in objs:
+            repo.cache.release(o)
 
 
-def test_ram_limit_smaller_than_working_set(served: Served) -> None:
+def test_ram_limit_smaller_than_working_set(served: Mirrors) -> None:
     total = sum((served.src / r[1:]).stat().st_size for r in files_of(served.src))
     cache = RamCache(CHUNKED_SIZE + (total - CHUNKED_SIZE) // 3)
     with Fetcher(parse_proxies(served.proxies)).start() as f:
@@ -225,7 +234,7 @@ def test_the_real_2015_repository(fixture_repo: Repo) -> None:
         server.stop()
 
 
-def test_repositories_mount_once_and_remember_failures(served: Served) -> None:
+def test_repositories_mount_once_and_remember_failures(served: Mirrors) -> None:
     with Fetcher(parse_proxies(served.proxies)).start() as f:
         repos = Repositories(f)
         got: list[MountedRepository] = []
@@ -244,7 +253,7 @@ def test_repositories_mount_once_and_remember_failures(served: Served) -> None:
         assert sum(s.count("missing.example.org/.cvmfspublished") for s in served.servers) == 2
 
 
-def test_store_copy_without_catalog_is_eio(served: Served, tmp_path: Path) -> None:
+def test_store_copy_without_catalog_is_eio(served: Mirrors, tmp_path: Path) -> None:
     """A store that lost its nested or root catalog object gives EIO naming the repository."""
     broken = tmp_path / "store"
     shutil.copytree(served.repo.store, broken)
