@@ -64,7 +64,8 @@ def format_access_list(entries: Iterable[AccessEntry]) -> str:
 def parse_access_list(text: str, name: str = "access list") -> list[AccessEntry]:
     """Entries in file order (duplicates dropped); AccessListError names ``name:line``."""
     out: dict[tuple[str, str], AccessEntry] = {}
-    for no, line in enumerate(text.splitlines(), 1):
+    # only "\n" ends a line (str.splitlines() would also split a path at \r, \v, \x85, …)
+    for no, line in enumerate(text.split("\n"), 1):
         if not line.strip() or line.startswith("#"):
             continue
         where = f"{name}:{no}"
@@ -90,7 +91,7 @@ def parse_access_list(text: str, name: str = "access list") -> list[AccessEntry]
 
 def read_access_list(path: Path) -> list[AccessEntry]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # no newline translation: \r is data
     except OSError as e:
         raise AccessListError(f"{path}: cannot read access list ({e.strerror})") from None
     except UnicodeDecodeError:
