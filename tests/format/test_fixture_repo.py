@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
-from cvmfs_format.catalog import CatalogTree, NeedCatalog
+from cvmfs_format.catalog import NeedCatalog
 from cvmfs_format.errors import WhitelistError
-from cvmfs_format.manifest import Manifest, parse_manifest
-from cvmfs_format.store import LocalRepository
-from cvmfs_format.verify import open_tree, verify_ensemble, verify_repository, walk
-from cvmfs_format.whitelist import load_public_key, parse_whitelist
-from tests.support.repos import FIXTURE_FQRN, Repo, unpack_fixture
+from cvmfs_format.manifest import parse_manifest
+from cvmfs_format.verify import load_catalog, open_tree, verify_repository, walk
+from cvmfs_format.whitelist import parse_whitelist
+from tests.support.repos import FIXTURE_DIR, FIXTURE_FQRN, SHARED_MISSING, Repo, unpack_fixture
 
 # path, type, size, permission bits, symlink target, hardlink group/linkcount — as published
 # by create_repo.sh in 2015 (hardlinks and hardlinked symlinks share a group per directory).
@@ -84,32 +84,18 @@ EXPECTED_TREE = [
 ]
 
 
-def _verified(repo: Repo) -> tuple[Manifest, LocalRepository]:
-    local = repo.local
-    master = load_public_key(repo.master_pub.read_bytes(), str(repo.master_pub))
-    manifest = verify_ensemble(
-        local.read_manifest(),
-        local.read(".cvmfswhitelist"),
-        local.read,
-        FIXTURE_FQRN,
-        [master],
-        dt.datetime.now(dt.UTC),
-    )
-    return manifest, local
-
-
 def test_signature_chain_and_every_object(fixture_repo: Repo) -> None:
-    manifest, local = _verified(fixture_repo)
+    manifest = fixture_repo.verified_manifest()
     assert manifest.revision == 2 and manifest.name == FIXTURE_FQRN
-    report = verify_repository(local.read, manifest)
+    report = verify_repository(fixture_repo.local.read, manifest)
     assert report.catalogs == 7  # root, 3 nested, 3 nested-nested
     assert report.entries == len(EXPECTED_TREE)
     assert report.kinds == {"dir": 10, "file": 45, "symlink": 9}
 
 
 def test_whole_tree_listing(fixture_repo: Repo) -> None:
-    manifest, local = _verified(fixture_repo)
-    tree = open_tree(local.read, manifest)
+    local = fixture_repo.local
+    tree = open_tree(local.read, fixture_repo.verified_manifest())
     got = []
     for e in walk(tree, local.read):
         kind = "d" if e.is_dir else "l" if e.is_symlink else "f"
@@ -137,20 +123,21 @@ def test_catalog_structure_and_counters(fixture_repo: Repo) -> None:
     assert mountpoint is not None and mountpoint.is_nested_mountpoint
     with pytest.raises(NeedCatalog) as need:
         tree.lookup("/needs_migration/foo")
-    assert need.value.ref.path == "/needs_migration"
-    assert isinstance(tree, CatalogTree)
+    ref = need.value.ref
+    assert ref.path == "/needs_migration"
+    tree.attach(ref.path, load_catalog(local.read, ref.hash, ref.path))
+    foo = tree.lookup("/needs_migration/foo")
+    assert foo is not None and foo.is_regular and foo.size == 4
 
 
-def test_original_whitelist_expired_in_2015(tmp_path) -> None:
-    from tests.support.repos import FIXTURE_DIR, SHARED_MISSING
-
+def test_original_whitelist_expired_in_2015(tmp_path: Path) -> None:
     if not FIXTURE_DIR.is_dir():
         pytest.skip(SHARED_MISSING)
     repo = unpack_fixture(tmp_path, resign=False)
     wl = parse_whitelist(repo.local.read(".cvmfswhitelist"))
     assert wl.expires == dt.datetime(2015, 11, 20, 11, 55, 13, tzinfo=dt.UTC)
     with pytest.raises(WhitelistError, match="expired on 2015-11-20 11:55 UTC"):
-        _verified(repo)
+        repo.verified_manifest()
     # Hour granularity: still valid at 10:59 on the expiry day, expired from 11:00.
     assert not wl.is_expired(dt.datetime(2015, 11, 20, 10, 59, tzinfo=dt.UTC))
     assert wl.is_expired(dt.datetime(2015, 11, 20, 11, 0, tzinfo=dt.UTC))

@@ -22,8 +22,8 @@ from cvmfs_format.errors import (
 from cvmfs_format.manifest import Manifest, parse_manifest, sign_manifest
 from cvmfs_format.objects import Suffix, make_object
 from cvmfs_format.store import LocalRepository
-from cvmfs_format.verify import verify_ensemble, verify_repository
-from cvmfs_format.whitelist import load_public_key, make_whitelist
+from cvmfs_format.verify import verify_repository
+from cvmfs_format.whitelist import make_whitelist
 from publish.keys import load_or_create_keys, make_certificate
 from tests.support.repos import Repo, publish_tree
 
@@ -43,17 +43,6 @@ def repo(tmp_path: Path) -> Repo:
     return repo
 
 
-def _check(
-    repo: Repo, name: str = FQRN, keys: list[rsa.RSAPublicKey] | None = None, now: dt.datetime = NOW
-) -> None:
-    local = repo.local
-    master = keys or [load_public_key(repo.master_pub.read_bytes(), str(repo.master_pub))]
-    manifest = verify_ensemble(
-        local.read_manifest(), local.read(".cvmfswhitelist"), local.read, name, master, now
-    )
-    verify_repository(local.read, manifest)
-
-
 def _flip(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset % len(data)] ^= 0x01
@@ -61,7 +50,15 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def test_untouched_repository_verifies(repo: Repo) -> None:
-    _check(repo)
+    manifest = repo.verified_manifest()
+    assert manifest.name == FQRN and manifest.revision == 1
+    report = verify_repository(repo.local.read, manifest)
+    # "", /sub; /sub/.cvmfscatalog, /sub/data.txt, /top.txt, /big.bin (5,120,000 bytes: 2 chunks)
+    assert report.catalogs == 2 and report.kinds == {"dir": 2, "file": 4}
+    assert report.file_bytes == 0 + 8 * 50 + 4 + 5_120_000
+    # every stored object was checked: 1 empty file, 2 small files, 2 chunks; 2 catalogs; 1 cert
+    assert report.objects == 5
+    assert len(repo.objects()) == report.objects + report.catalogs + 1
 
 
 def test_flipped_byte_in_any_object(repo: Repo) -> None:
@@ -73,10 +70,10 @@ def test_flipped_byte_in_any_object(repo: Repo) -> None:
         for offset in (0, len(original) // 2, -1):
             _flip(path, offset)
             with pytest.raises(IntegrityError, match="content hash mismatch") as err:
-                _check(repo)
+                repo.verify()
             assert "\n" not in str(err.value)
             path.write_bytes(original)
-    _check(repo)
+    repo.verify()
 
 
 @pytest.mark.parametrize(
@@ -93,7 +90,7 @@ def test_flipped_byte_in_manifest(
     path = repo.dir / ".cvmfspublished"
     _flip(path, where(path.read_bytes()))
     with pytest.raises(error, match=message):
-        _check(repo)
+        repo.verify()
 
 
 @pytest.mark.parametrize(
@@ -108,7 +105,7 @@ def test_flipped_byte_in_whitelist(repo: Repo, where: Callable[[bytes], int], me
     path = repo.dir / ".cvmfswhitelist"
     _flip(path, where(path.read_bytes()))
     with pytest.raises(WhitelistError, match=message):
-        _check(repo)
+        repo.verify()
 
 
 def test_whitelist_signed_by_another_master_key(repo: Repo, tmp_path: Path) -> None:
@@ -116,12 +113,12 @@ def test_whitelist_signed_by_another_master_key(repo: Repo, tmp_path: Path) -> N
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (repo.dir / ".cvmfswhitelist").write_bytes(make_whitelist(FQRN, keys.certificate, other, NOW))
     with pytest.raises(WhitelistError, match="does not verify with any master key"):
-        _check(repo)
+        repo.verify()
 
 
 def test_expired_whitelist(repo: Repo) -> None:
     with pytest.raises(WhitelistError, match="expired on"):
-        _check(repo, now=NOW + dt.timedelta(days=31))
+        repo.verify(now=NOW + dt.timedelta(days=31))
 
 
 def test_certificate_not_in_whitelist(repo: Repo) -> None:
@@ -131,7 +128,7 @@ def test_certificate_not_in_whitelist(repo: Repo) -> None:
     )
     (repo.dir / ".cvmfswhitelist").write_bytes(make_whitelist(FQRN, stranger, keys.master_key, NOW))
     with pytest.raises(WhitelistError, match="is not listed in .cvmfswhitelist"):
-        _check(repo)
+        repo.verify()
 
 
 def test_manifest_signed_by_another_key(repo: Repo) -> None:
@@ -140,32 +137,41 @@ def test_manifest_signed_by_another_key(repo: Repo) -> None:
     intruder = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     local.write_manifest(sign_manifest(m, intruder))
     with pytest.raises(SignatureError, match="signature does not verify with the certificate"):
-        _check(repo)
+        repo.verify()
 
 
 def test_wrong_repository_name(repo: Repo) -> None:
     with pytest.raises(SignatureError, match="repository name is 'tamper.example.org'"):
-        _check(repo, name="other.example.org")
+        repo.verify(name="other.example.org")
 
 
 # --- malformed input -------------------------------------------------------------------
 
 
-def test_truncated_manifest(repo: Repo) -> None:
-    raw = repo.local.read_manifest()
-    for cut in (5, raw.index(b"--\n") + 3, len(raw) - 100):
-        with pytest.raises(FormatError) as err:
-            m = parse_manifest(raw[:cut])
-            _ = m.manifest
-            verify_ensemble(
-                raw[:cut],
-                repo.local.read(".cvmfswhitelist"),
-                repo.local.read,
-                FQRN,
-                [load_public_key(repo.master_pub.read_bytes(), "pub")],
-                NOW,
-            )
-        assert "\n" not in str(err.value)
+@pytest.mark.parametrize(
+    ("cut", "error", "message"),
+    [
+        (lambda raw: 5, FormatError, r"\.cvmfspublished: required key R missing"),
+        (
+            lambda raw: raw.index(b"--\n") + 3,
+            FormatError,
+            r"\.cvmfspublished: truncated after the '--' line \(no hash line\)",
+        ),
+        (
+            lambda raw: len(raw) - 100,
+            SignatureError,
+            r"\.cvmfspublished: signature does not verify with the certificate",
+        ),
+    ],
+)
+def test_truncated_manifest(
+    repo: Repo, cut: Callable[[bytes], int], error: type[Exception], message: str
+) -> None:
+    path = repo.dir / ".cvmfspublished"
+    path.write_bytes(path.read_bytes()[: cut(path.read_bytes())])
+    with pytest.raises(error, match=message) as err:
+        repo.verified_manifest()
+    assert "\n" not in str(err.value)
 
 
 def _minimal_catalog() -> bytes:
@@ -174,21 +180,28 @@ def _minimal_catalog() -> bytes:
     return w.finish(1, 0, {})
 
 
-def test_garbage_and_truncated_catalogs() -> None:
-    good = _minimal_catalog()
-    assert Catalog(good).lookup("") is not None
-    for bad in (
-        b"",
-        b"garbage" * 100,
-        good[:50],
-        good[: len(good) // 2],
-        b"SQLite format 3\0" + b"\xff" * 4000,
-    ):
-        with pytest.raises(CatalogError) as err:
-            c = Catalog(bad, "catalog X")
-            c.lookup("")
-            c.listing("")
-        assert str(err.value).startswith("catalog X: ")
+def test_minimal_catalog_reads() -> None:
+    root = Catalog(_minimal_catalog()).lookup("")
+    assert root is not None and root.is_dir
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (lambda good: b"", "not an SQLite database"),
+        (lambda good: b"garbage" * 100, "not an SQLite database"),
+        (lambda good: good[:50], "not an SQLite database"),
+        (lambda good: good[: len(good) // 2], r"cannot read catalog \(.+\)"),
+        (
+            lambda good: b"SQLite format 3\0" + b"\xff" * 4000,
+            r"cannot read catalog \(file is not a database\)",
+        ),
+    ],
+)
+def test_garbage_and_truncated_catalogs(bad: Callable[[bytes], bytes], message: str) -> None:
+    data = bad(_minimal_catalog())
+    with pytest.raises(CatalogError, match=f"^catalog X: {message}$"):
+        Catalog(data, "catalog X")
 
 
 def test_catalog_missing_counter(tmp_path: Path) -> None:
@@ -222,7 +235,7 @@ def test_missing_object_is_named(repo: Repo) -> None:
     victim = next(p for p in (repo.dir / "data").rglob("*P"))
     victim.unlink()
     with pytest.raises(FormatError, match=f"{victim}: missing"):
-        _check(repo)
+        repo.verify()
 
 
 def test_catalog_object_that_is_not_sqlite(repo: Repo) -> None:
@@ -234,4 +247,4 @@ def test_catalog_object_that_is_not_sqlite(repo: Repo) -> None:
     fake = Manifest(**{**m.__dict__, "root_catalog": h})
     local.write_manifest(sign_manifest(fake, keys.repository_key))
     with pytest.raises(CatalogError, match="root catalog: not an SQLite database"):
-        _check(repo)
+        repo.verify()

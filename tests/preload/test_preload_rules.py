@@ -64,7 +64,7 @@ def test_bad_rules_name_their_source(line: str, problem: str) -> None:
 
 
 GOOD = """\
-store: /tmp/store
+store: /srv/cvmfs-store
 concurrency: 8
 timeout: 20
 retries: 3
@@ -154,10 +154,37 @@ def test_failover_plan_and_sticky_switch() -> None:
     assert fo.succeeded(1, 0) is None
 
 
-def test_backoff_is_jittered_and_capped() -> None:
-    rng = random.Random(0)
-    delays = [backoff_delay(a, 0.5, 2.0, rng) for a in range(10) for _ in range(20)]
-    assert all(0 <= d <= 2.0 for d in delays) and len(set(delays)) > 100
+class _End(random.Random):
+    """A jitter source that always draws one end of the range it is asked for."""
+
+    def __init__(self, high: bool) -> None:
+        super().__init__(0)
+        self.high = high
+
+    def uniform(self, a: float, b: float) -> float:
+        return b if self.high else a
+
+
+def test_backoff_doubles_from_init_until_the_cap() -> None:
+    """README: retry delay uniform random in [0, min(backoff_max, backoff_init·2ⁿ)]."""
+    spec = parse_spec(GOOD, Path("cms.yaml"))
+    init, cap = spec.backoff_init, spec.backoff_max
+    assert (init, cap) == (0.5, 2.0)  # the documented defaults
+    bounds = [backoff_delay(n, init, cap, _End(high=True)) for n in range(6)]
+    assert bounds == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert [backoff_delay(n, init, cap, _End(high=False)) for n in range(6)] == [0.0] * 6
+    bounds = [backoff_delay(n, 0.1, 5.0, _End(high=True)) for n in range(8)]
+    assert bounds == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
+
+
+def test_backoff_jitter_is_uniform_below_the_bound() -> None:
+    rng = random.Random(0)  # seeded: the draws, and so this test, are the same every run
+    for attempt, bound in enumerate([0.5, 1.0, 2.0, 2.0]):
+        draws = [backoff_delay(attempt, 0.5, 2.0, rng) for _ in range(1000)]
+        assert all(0 <= d <= bound for d in draws), attempt
+        assert min(draws) < 0.02 * bound and max(draws) > 0.98 * bound, attempt
+        assert abs(sum(draws) / len(draws) - bound / 2) < 0.05 * bound, attempt
+        assert len(set(draws)) == len(draws)  # jittered, not a few fixed steps
 
 
 def test_progress_line_and_summary() -> None:

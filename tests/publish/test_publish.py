@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,38 +14,24 @@ import pytest
 from cvmfs_format.catalog import Catalog
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.objects import Suffix, verify_object
-from cvmfs_format.verify import open_tree, verify_ensemble, verify_repository, walk
-from cvmfs_format.whitelist import load_public_key, parse_whitelist
+from cvmfs_format.verify import open_tree, walk
+from cvmfs_format.whitelist import parse_whitelist
 from cvmfs_format.xattrs import decode_xattrs
 from tests.support.repos import PROJECT, Repo, publish_tree
+from tests.support.stores import check_objects_named_right
+from tests.support.waiting import wait_until
 
 FQRN = "pub.example.org"
 
 
+_CMD = [sys.executable, "-m", "publish.cli"]
+_ENV = {**os.environ, "PYTHONPATH": str(PROJECT)}
+
+
 def _cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     return subprocess.run(
-        [sys.executable, "-m", "publish.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
+        [*_CMD, *map(str, args)], capture_output=True, text=True, env=_ENV, timeout=timeout
     )
-
-
-def _verify(repo: Repo) -> int:
-    local = repo.local
-    master = load_public_key(repo.master_pub.read_bytes(), "pub")
-    m = verify_ensemble(
-        local.read_manifest(),
-        local.read(".cvmfswhitelist"),
-        local.read,
-        repo.fqrn,
-        [master],
-        dt.datetime.now(dt.UTC),
-    )
-    verify_repository(local.read, m)
-    return m.revision
 
 
 def _tree(root: Path, n: int = 20) -> Path:
@@ -62,10 +47,10 @@ def test_second_publish_is_next_revision_and_reuses_objects(tmp_path: Path) -> N
     src = _tree(tmp_path / "src")
     repo, first = publish_tree(src, tmp_path / "store", FQRN, tmp_path / "keys")
     cert = (tmp_path / "keys" / f"{FQRN}.crt").read_bytes()
-    assert first.revision == 1 and _verify(repo) == 1
+    assert first.revision == 1 and repo.verify().revision == 1
     (src / "a" / "f3.txt").write_text("changed\n")
     repo, second = publish_tree(src, tmp_path / "store", FQRN, tmp_path / "keys")
-    assert second.revision == 2 and _verify(repo) == 2
+    assert second.revision == 2 and repo.verify().revision == 2
     assert (tmp_path / "keys" / f"{FQRN}.crt").read_bytes() == cert  # keys reused
     # New: the changed file and the root catalog (the nested catalog did not change).
     assert second.objects_written == 2
@@ -145,13 +130,18 @@ def test_whitelist_valid_for_30_days(tmp_path: Path) -> None:
     assert dt.timedelta(days=29, hours=23) < wl.expires - wl.created <= dt.timedelta(days=30)
 
 
+@pytest.mark.slow
 def test_killed_publish_leaves_previous_revision_intact(tmp_path: Path) -> None:
     src = _tree(tmp_path / "src", n=10)
     store, keys = tmp_path / "store", tmp_path / "keys"
-    assert _cli(src, "--name", FQRN, "--out", store, "--keys", keys).returncode == 0
-    before = (store / FQRN / ".cvmfspublished").read_bytes()
-    data = store / FQRN / "data"
-    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    first = _cli(src, "--name", FQRN, "--out", store, "--keys", keys)
+    assert first.returncode == 0, first.stderr
+    repo = Repo(store, FQRN, keys / f"{FQRN}.pub", keys)
+    before = (repo.dir / ".cvmfspublished").read_bytes()
+
+    def stored() -> int:  # objects under their final names (cheaper than repo.objects())
+        return sum(1 for _ in (repo.dir / "data").glob("??/*"))
+
     # Each round adds 2,000 new objects and kills publish once a share of them
     # is on disk: killed mid-write whatever the machine's speed.
     for round_, share in enumerate((0.05, 0.4, 0.8)):
@@ -159,12 +149,10 @@ def test_killed_publish_leaves_previous_revision_intact(tmp_path: Path) -> None:
         many.mkdir()
         for i in range(2000):
             (many / f"{i}.dat").write_bytes(os.urandom(32768))
-        objects_before = sum(1 for _ in data.glob("*/*"))
+        target = stored() + 2000 * share
         proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "publish.cli",
+                *_CMD,
                 str(src),
                 "--name",
                 FQRN,
@@ -174,22 +162,28 @@ def test_killed_publish_leaves_previous_revision_intact(tmp_path: Path) -> None:
                 str(keys),
                 "--no-verify",
             ],
-            env=env,
+            env=_ENV,
             stdout=subprocess.DEVNULL,
         )
-        while sum(1 for _ in data.glob("*/*")) < objects_before + 2000 * share:
-            assert proc.poll() is None, "publish finished before it could be killed"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, "publish finished before it could be killed"
-        repo = Repo(store, FQRN, keys / f"{FQRN}.pub", keys)
-        assert (store / FQRN / ".cvmfspublished").read_bytes() == before
-        assert _verify(repo) == 1
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or stored() >= target,  # noqa: B023
+                60,
+                what=f"{target:.0f} objects in the store",
+            )
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "publish finished before it could be killed"
+        assert len(repo.objects()) >= target
+        assert (repo.dir / ".cvmfspublished").read_bytes() == before
+        assert repo.verify().revision == 1
         # No half-written object is ever visible under its final name.
-        assert not [p for p in (store / FQRN / "data").glob("[0-9a-f][0-9a-f]/.tmp-*")]
+        check_objects_named_right(repo)
     result = _cli(src, "--name", FQRN, "--out", store, "--keys", keys)
     assert result.returncode == 0, result.stderr
     assert "revision 2" in result.stdout and "verified:" in result.stdout
+    assert repo.verify().revision == 2
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -5,27 +5,26 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
-import shutil
 import stat
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cvmfs_format.catalog import CatalogTree, DirEntry
 from cvmfs_format.objects import Suffix, verify_object
-from cvmfs_format.store import LocalRepository
-from cvmfs_format.verify import Reader, load_catalog, loading, verify_ensemble, walk
-from cvmfs_format.whitelist import load_public_key
+from cvmfs_format.verify import Reader, load_catalog, loading, walk
 from publish.keys import KeySet, load_or_create_keys
 from publish.publisher import CHUNK_SIZE, publish
 from publish.scan import CATALOG_MARKER, scan
+from tests.support.repos import Repo
 
 FQRN = "roundtrip.example.org"
-_KEYS: dict[str, KeySet] = {}
 
 # Names: unicode from several scripts, spaces, odd punctuation; never "/", NUL, "." or "..".
 NAME = st.text(
@@ -106,40 +105,41 @@ def _content(tree: CatalogTree, entry: DirEntry, read: Reader) -> bytes:
     return verify_object(read(entry.hash.object_path()), entry.hash)
 
 
-def _read_back(
-    repo: LocalRepository, keys: KeySet
-) -> tuple[dict[str, DirEntry], CatalogTree, Reader]:
-    master = load_public_key(keys.master_public_pem, "master")
-    manifest = verify_ensemble(
-        repo.read_manifest(),
-        repo.read(".cvmfswhitelist"),
-        repo.read,
-        FQRN,
-        [master],
-        dt.datetime.now(dt.UTC),
-    )
-    tree = CatalogTree(load_catalog(repo.read, manifest.root_catalog, "root"))
-    return {e.path: e for e in walk(tree, repo.read)}, tree, repo.read
+def _read_back(repo: Repo) -> tuple[dict[str, DirEntry], CatalogTree, Reader]:
+    read = repo.local.read
+    tree = CatalogTree(load_catalog(read, repo.verified_manifest().root_catalog, "root"))
+    return {e.path: e for e in walk(tree, read)}, tree, read
 
 
-def _keys(tmp: Path) -> KeySet:
-    if "k" not in _KEYS:
-        _KEYS["k"], _ = load_or_create_keys(tmp / "keys", FQRN, dt.datetime.now(dt.UTC))
-    return _KEYS["k"]
+@dataclass(frozen=True)
+class Workshop:
+    """Made once per module: the keys (RSA key generation is slow) and a directory that
+    holds each example's private source tree and store."""
+
+    keys: KeySet
+    keys_dir: Path
+    tmp: Path
 
 
+@pytest.fixture(scope="module")
+def workshop(tmp_path_factory: pytest.TempPathFactory) -> Workshop:
+    keys_dir = tmp_path_factory.mktemp("roundtrip-keys")
+    keys, _ = load_or_create_keys(keys_dir, FQRN, dt.datetime.now(dt.UTC))
+    return Workshop(keys, keys_dir, tmp_path_factory.mktemp("roundtrip"))
+
+
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(TREE, st.integers(0, 2**32))
-def test_random_tree_roundtrip(spec: dict[str, Any], seed: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="roundtrip-"))
-    try:
+@given(spec=TREE, seed=st.integers(0, 2**32))
+def test_random_tree_roundtrip(workshop: Workshop, spec: dict[str, Any], seed: int) -> None:
+    with tempfile.TemporaryDirectory(dir=workshop.tmp) as tmp_name:
+        tmp = Path(tmp_name)
         src = tmp / "src"
         src.mkdir()
         _materialise(spec, src, random.Random(seed))
-        keys = _keys(Path(tempfile.gettempdir()) / "hep-roundtrip-keys")
-        repo = LocalRepository(tmp / "store", FQRN)
-        publish(scan(src), src, repo, keys)
-        entries, tree, read = _read_back(repo, keys)
+        repo = Repo(tmp / "store", FQRN, workshop.keys_dir / f"{FQRN}.pub", workshop.keys_dir)
+        publish(scan(src), src, repo.local, workshop.keys)
+        entries, tree, read = _read_back(repo)
 
         expected: dict[str, os.stat_result] = {"": src.lstat()}
         for dirpath, dirnames, filenames in os.walk(src):
@@ -179,5 +179,3 @@ def test_random_tree_roundtrip(spec: dict[str, Any], seed: int) -> None:
         for group, inodes in inode_groups.items():
             assert len(inodes) == 1
             assert all(m.linkcount == len(members[group]) > 1 for m in members[group])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
