@@ -9,6 +9,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.support.nginx import Nginx, Site
 from tests.support.repos import Repo, publish_tree
@@ -82,3 +85,56 @@ def corrupt_copy(store: Path, dest: Path, object_relpath: str) -> None:
     data[len(data) // 2] ^= 0xFF
     victim.unlink()  # break the hard link: the original store stays intact
     victim.write_bytes(bytes(data))
+
+
+def ram_files_backing(kind: str | None = None) -> str:
+    """What hep-exec's RAM files are made of here for ``--ram-files KIND`` (default: the
+    environment's HEP_EXEC_RAM_FILES, else auto): "tmpfs" or "memfd"."""
+    from worker.ramfiles import RamFiles
+
+    files = RamFiles(kind or os.environ.get("HEP_EXEC_RAM_FILES", "auto"))
+    try:
+        return files.backing
+    finally:
+        files.close()
+
+
+def ram_files_refused(kind: str) -> str | None:
+    """Why this machine cannot give RAM files of ``kind`` ("tmpfs", "memfd"), or None."""
+    from worker.ramfiles import RamFiles, RamFilesError
+
+    try:
+        RamFiles(kind).close()
+    except RamFilesError as e:
+        return str(e)
+    return None
+
+
+@dataclass
+class World:
+    """Repositories published by our publisher and served by nginx on loopback, for a test
+    module: their sources, the programs it compiled, the RAM files hep-exec makes here."""
+
+    served: Served
+    proxy: str
+    src: Path  # the publisher's sources (on tmpfs, like the tracer's mirror, where possible)
+    tools: dict[str, Path] = field(default_factory=dict)  # programs compiled for the module
+    backing: str = field(default_factory=ram_files_backing)  # "tmpfs" or "memfd"
+
+    @property
+    def store(self) -> Path:
+        return self.served.store
+
+    def key(self, fqrn: str) -> Path:
+        """The master public key of repository ``fqrn`` (for ``--keys``)."""
+        return self.served.repos[fqrn].master_pub
+
+    def run(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        """:func:`hep_exec` through this world's proxy."""
+        return hep_exec(self.proxy, argv, **kw)
+
+    def needs_named_files(self) -> None:
+        """Skip unless RAM files are tmpfs files: the handler answers opens in-process for
+        files it can name; memfds are handed out by fd number, and numbers are reused."""
+        if self.backing != "tmpfs":
+            pytest.skip(f"RAM files here are {self.backing}s: opens stay with the tracer")

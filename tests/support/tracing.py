@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -17,6 +20,46 @@ MOUNT = "/cvmfs/test.repo"
 
 
 _unavailable: list[str | None] = []
+
+T = TypeVar("T")
+
+
+def in_child(fn: Callable[[], T]) -> T:
+    """``fn()`` called in a forked child of this process; its result (pickled back), or an
+    AssertionError carrying the child's traceback.
+
+    For calls of ``worker.tracer.run`` (and ``check``) from the test process: the tracer reaps
+    with ``waitpid(-1, __WALL)`` (worker/TRACER.md, known limits: its caller must have no
+    other children), so in a test process that also has nginx or a proxy as children it would
+    not return before they exit.  A fresh child has only the tracees as children.  Its output
+    goes to the same file descriptors (``capfd`` sees it)."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            try:
+                data = pickle.dumps((True, fn()))
+            except BaseException:
+                data = pickle.dumps((False, traceback.format_exc()))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with os.fdopen(w, "wb") as out:
+                out.write(data)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as inp:
+        data = inp.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise AssertionError(f"the child calling {fn!r} died (wait status {status:#x})")
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise AssertionError(f"in the child calling {fn!r}:\n{value}")
+    return value  # type: ignore[no-any-return]
 
 
 def ensure_built() -> None:
@@ -34,7 +77,7 @@ def ensure_built() -> None:
     if not _unavailable:
         from worker.tracer import check
 
-        _unavailable.append(check())
+        _unavailable.append(in_child(check))
     if _unavailable[0]:
         pytest.skip(f"tracing unavailable here: {_unavailable[0]}")
 

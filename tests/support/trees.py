@@ -77,25 +77,80 @@ def make_variant_links(root: Path) -> None:
     os.symlink("$(TOP:-/etc)", v / "top")
 
 
-def make_random_tree(root: Path, rng: random.Random, files: int = 60) -> Path:
-    """A random tree: nested directories, files of many sizes, relative symlinks."""
+ODD_NAMES = ("a", "b", "data", "lib", "x y", "ünï", "README", "v1.2", ".hidden", "z" * 40, "-dash")
+
+
+def make_random_tree(
+    root: Path,
+    rng: random.Random,
+    files: int = 60,
+    *,
+    every_kind: bool = False,
+    hardlinks_across_dirs: bool = False,
+    catalogs: bool = False,
+    fifo: bool = False,
+    chunked: bool = False,
+) -> Path:
+    """A random tree of ``files`` entries drawn one at a time: nested directories and files
+    of many sizes and modes.
+
+    By default the names are ``d<i>``, ``f<i>.dat`` and ``l<i>``: relative symlinks to files
+    made so far, drawn among the rest.  ``every_kind``: what an oracle compares instead: odd
+    names (spaces, unicode, dots, a leading dash, 40 characters), directories 0755/0750/0700
+    at most four deep, setuid files, empty files more often; then five hardlinks (one group of
+    three), twelve relative symlinks to files, directories and nowhere, ``out`` -> /etc
+    (leaving the mount) and an ``empty`` directory.  The hardlinks stay in their file's
+    directory (CVMFS keeps hardlinks within one) unless ``hardlinks_across_dirs`` (a host
+    directory can).  ``catalogs``: about a third of the directories hold a ``.cvmfscatalog``
+    (nested catalogs once published).  ``fifo``: a named pipe ``fifo`` at the top.
+    ``chunked``: ``chunked.bin``, :data:`CHUNKED_SIZE` bytes (the publisher chunks it).
+    """
     root.mkdir(parents=True)
     dirs = [root]
     made: list[Path] = []
+    if every_kind:
+        sizes = [0, 0, 1, 100, 4096, 4097, 70000, 300000]
+        modes = [0o644, 0o755, 0o600, 0o444, 0o4755]
+    else:
+        sizes = [0, 1, 100, 4096, 4097, 65536, 200_000]
+        modes = [0o644, 0o755, 0o600, 0o444]
     for i in range(files):
         parent = rng.choice(dirs)
+        stem = f"{rng.choice(ODD_NAMES)}{i}" if every_kind else ""
         kind = rng.random()
-        if kind < 0.2:
-            d = parent / f"d{i}"
+        too_deep = every_kind and len(parent.relative_to(root).parts) >= 4
+        if kind < (0.25 if every_kind else 0.2) and not too_deep:
+            d = parent / (stem or f"d{i}")
             d.mkdir()
+            if every_kind:
+                os.chmod(d, rng.choice([0o755, 0o750, 0o700]))
             dirs.append(d)
-        elif kind < 0.3 and made:
+            if catalogs and rng.random() < 0.3:
+                (d / ".cvmfscatalog").write_bytes(b"")
+        elif not every_kind and kind < 0.3 and made:
             target = rng.choice(made)
             os.symlink(os.path.relpath(target, parent), parent / f"l{i}")
         else:
-            size = rng.choice([0, 1, 100, 4096, 4097, 65536, 200_000])
-            f = parent / f"f{i}.dat"
+            size = rng.choice(sizes)
+            f = parent / (stem or f"f{i}.dat")
             f.write_bytes(rng.randbytes(size))
-            os.chmod(f, rng.choice([0o644, 0o755, 0o600, 0o444]))
+            os.chmod(f, rng.choice(modes))
             made.append(f)
+    if every_kind:
+        for i, f in enumerate(rng.sample(made, 5)):
+            where = rng.choice(dirs) if hardlinks_across_dirs else f.parent
+            os.link(f, where / f"hard{i}")
+            if i == 0:
+                os.link(f, where / "hard0b")
+        for i in range(12):
+            parent = rng.choice(dirs)
+            target = rng.choice(made + dirs)
+            rel = os.path.relpath(target, parent) if i % 4 else "does/not/exist"
+            (parent / f"sym{i}").symlink_to(rel)
+        (root / "out").symlink_to("/etc")
+        (root / "empty").mkdir()
+    if fifo:
+        os.mkfifo(root / "fifo")
+    if chunked:
+        (root / "chunked.bin").write_bytes(rng.randbytes(CHUNKED_SIZE))
     return root
