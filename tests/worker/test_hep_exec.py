@@ -2,108 +2,47 @@
 
 Every test runs ``python3 -m worker.cli`` (private RAM cache) against a store built by our
 publisher and served by nginx on 127.0.0.1, and checks what the command sees in /cvmfs.
+What must hold for the host-directory policy too (programs, exit status, EROFS, SIGKILL, no
+ptrace, the oracle) runs with both drivers in test_tracer_programs, test_tracer_process and
+test_tracer_oracle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support.hep_exec import Served, corrupt_copy, hep_exec, hep_exec_cmd
+from tests.support.hep_exec import Served, World, corrupt_copy, hep_exec, hep_exec_cmd
 from tests.support.network import dead_url
-from tests.support.tracing import compile_c, ensure_built, env_with, needs_ptrace, ram_dir
-from tests.worker.test_tracer_oracle import SCRIPT, WALKER, normalise, sections
-from tests.worker.test_tracer_process import DENY_PTRACE, _descendants, _state
-from tests.worker.test_tracer_programs import repo  # noqa: F401  (the programs tree, a fixture)
+from tests.support.tracing import ensure_built, env_with, needs_ptrace, ram_dir
+from tests.support.trees import make_odd_tree, make_variant_links
 
 pytestmark = needs_ptrace
 
-PROGS = "/cvmfs/test.repo"  # the programs tree hard-codes this path (shebangs, C sources)
 ODD = "/cvmfs/odd.test.org"
 RAM = "/cvmfs/ram.test.org"
 RAM_FILES = 20
 RAM_FILE_SIZE = 256 * 1024
 
 
-def make_oracle_tree(top: Path, seed: int, chunked: bool) -> None:
-    """A random tree of everything CVMFS keeps: odd names, empty and chunked files, hardlinks
-    (CVMFS keeps them within one directory), symlinks in and out, nested catalogs, a fifo."""
-    rnd = random.Random(seed)
-    top.mkdir(parents=True)
-    dirs, files = [top], []
-    names = ["a", "data", "lib", "x y", "ünï", "README", "v1.2", ".hidden", "z" * 40, "-dash"]
-    for i in range(70):
-        parent = rnd.choice(dirs)
-        name = f"{rnd.choice(names)}{i}"
-        if rnd.random() < 0.25 and len(parent.relative_to(top).parts) < 4:
-            d = parent / name
-            d.mkdir()
-            os.chmod(d, rnd.choice([0o755, 0o750, 0o700]))
-            dirs.append(d)
-            if rnd.random() < 0.3:
-                (d / ".cvmfscatalog").write_bytes(b"")  # a nested catalog
-        else:
-            f = parent / name
-            f.write_bytes(rnd.randbytes(rnd.choice([0, 0, 1, 100, 4096, 4097, 70000, 300000])))
-            os.chmod(f, rnd.choice([0o644, 0o755, 0o600, 0o444, 0o4755]))
-            files.append(f)
-    for i, f in enumerate(rnd.sample(files, 5)):  # hardlinks, one group of 3
-        os.link(f, f.parent / f"hard{i}")
-        if i == 0:
-            os.link(f, f.parent / "hard0b")
-    for i in range(12):  # relative symlinks to files, dirs, dangling
-        parent = rnd.choice(dirs)
-        target = rnd.choice(files + dirs)
-        rel = os.path.relpath(target, parent) if i % 4 else "does/not/exist"
-        (parent / f"sym{i}").symlink_to(rel)
-    (top / "out").symlink_to("/etc")  # leaves the mount
-    (top / "empty").mkdir()
-    os.mkfifo(top / "fifo")
-    if chunked:
-        (top / "chunked.bin").write_bytes(rnd.randbytes(9 * 1024 * 1024 + 17))  # > 4 MiB
-
-
-@dataclass
-class World:
-    served: Served
-    proxy: str
-    src: Path  # publisher sources, on tmpfs like the tracer's shadow tree
-    walker: Path
-
-    @property
-    def store(self) -> Path:
-        return self.served.store
-
-    def key(self, fqrn: str) -> Path:
-        return self.served.repos[fqrn].master_pub
-
-
 @pytest.fixture(scope="module")
-def world(
-    tmp_path_factory: pytest.TempPathFactory,
-    repo: Path,  # noqa: F811
-) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """odd.test.org (tests.support.trees.make_odd_tree and variant links) and ram.test.org
+    (RAM_FILES random files), sources on tmpfs, served by one nginx."""
     ensure_built()
     base = tmp_path_factory.mktemp("hep-exec")
     with ram_dir() as src:
         served = Served(base / "store", base / "keys")
-        for seed in (1, 2):
-            make_oracle_tree(src / f"oracle{seed}" / "top", seed, chunked=seed == 1)
-            served.publish(src / f"oracle{seed}", f"oracle{seed}.test.org")
-        served.publish(repo, "test.repo")
-        from tests.support.trees import make_odd_tree, make_variant_links
-
         make_odd_tree(src / "odd")
         make_variant_links(src / "odd")
         served.publish(src / "odd", "odd.test.org")
@@ -112,140 +51,24 @@ def world(
         for i in range(RAM_FILES):
             (src / "ram" / f"f{i:02d}").write_bytes(rnd.randbytes(RAM_FILE_SIZE))
         served.publish(src / "ram", "ram.test.org")
-        walker = compile_c(WALKER, base / "walker")
         proxy = served.serve(base / "nginx")
         try:
-            yield World(served, proxy, src, walker)
+            yield World(served, proxy, src)
         finally:
             served.stop()
 
 
-def run(w: World, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    return hep_exec(w.proxy, argv, **kw)  # type: ignore[arg-type]
+def run(w: World, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return w.run(argv, **kw)
 
 
 def ram_digest(src: Path) -> str:
     """``sha256sum`` of the RAM-test files as they read under /cvmfs, digested once more."""
-    import hashlib
-
     lines = "".join(
         f"{hashlib.sha256((src / 'ram' / f'f{i:02d}').read_bytes()).hexdigest()}  {RAM}/f{i:02d}\n"
         for i in range(RAM_FILES)
     )
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------ oracle
-
-
-@pytest.mark.parametrize(("seed", "kind"), [(1, "auto"), (2, "memfd")])
-def test_oracle_tools_agree_with_the_source_directory(world: World, seed: int, kind: str) -> None:
-    """find, ls -laR, stat, sha256sum, du, tar and the C walker (openat, fstatat, getdents64,
-    readlinkat, mmap, fchdir+getcwd) print the same on /cvmfs as on the source directory
-    (files from the private tmpfs where this machine allows it, and from memfds).
-
-    Normalised: inode numbers (catalog inodes vs tmpfs ones), times (the tracer shows the
-    catalog's mtime for all three; atime/ctime differ on the source), block counts (tmpfs
-    allocation vs size-derived) and ``total`` lines of ls (sums of blocks)."""
-    fqrn = f"oracle{seed}.test.org"
-    mount = f"/cvmfs/{fqrn}"
-    source = world.src / f"oracle{seed}"
-    want = subprocess.run(
-        ["bash", "-c", SCRIPT, "x", str(source), str(world.walker)],
-        capture_output=True,
-        text=True,
-        env=env_with(),
-    )
-    got = run(
-        world,
-        ["bash", "-c", SCRIPT, "x", mount, str(world.walker)],
-        keys=world.key(fqrn),
-        env={"HEP_EXEC_RAM_FILES": kind},
-    )
-    assert want.returncode == 0, want.stderr
-    assert got.returncode == 0, got.stderr
-    w = sections(normalise(want.stdout.replace(str(source), mount)))
-    g = sections(normalise(got.stdout))
-    assert list(g) == ["find", "ls", "stat", "sha256", "du", "tar", "walker", "cp"]
-    for name in w:
-        assert g[name] == w[name], (name, got.stderr[-3000:])
-    assert "rewind mismatch" not in g["walker"]
-    assert f"cwd {mount}/top" in g["walker"]
-    if seed == 1:
-        assert "top/chunked.bin f 9437201" in g["find"]
-
-
-# ------------------------------------------------------------------------------ programs
-
-
-def test_bash_script_tree_sources_and_calls_binaries(world: World) -> None:
-    r = run(world, [f"{PROGS}/bin/main.sh"])
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == f"tool fromsh conf-line\nA=1 B=2 C=3 pwd={PROGS}/lib\n"
-
-
-def test_python_imports_package_from_cvmfs(world: World) -> None:
-    code = "import pkg, pkg.sub.mod as m; print(pkg.VALUE, m.__file__)"
-    r = run(world, [sys.executable, "-c", code], env={"PYTHONPATH": f"{PROGS}/py"})
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == f"forty-two {PROGS}/py/pkg/sub/mod.py\n"
-
-
-def test_gcc_with_headers_and_library_in_cvmfs(
-    world: World, tmp_path: Path, ram_files: str
-) -> None:
-    out = tmp_path / "prog"
-    r = run(
-        world,
-        ["gcc", f"-I{PROGS}/include", f"{PROGS}/src/main.c", f"-L{PROGS}/lib", "-lmylib",
-         "-o", str(out)],
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    r = run(world, [str(out)], env={"LD_LIBRARY_PATH": f"{PROGS}/lib"})
-    assert (r.returncode, r.stdout) == (0, "answer 42\n"), r.stderr
-
-
-def test_shebang_interpreters_in_cvmfs(world: World, repo: Path, ram_files: str) -> None:  # noqa: F811
-    if not (repo / "bin/busybox").exists():
-        pytest.skip("busybox not installed")
-    r = run(world, [f"{PROGS}/bin/bb-script", "arg1"])
-    assert (r.returncode, r.stdout) == (0, f"bb {PROGS}/bin/bb-script arg1\n"), r.stderr
-    r = run(world, [f"{PROGS}/bin/nested", "z"])
-    assert (r.returncode, r.stdout) == (0, f"interp -x {PROGS}/bin/nested z\n"), r.stderr
-
-
-def test_static_busybox_from_cvmfs(world: World, repo: Path, ram_files: str) -> None:  # noqa: F811
-    if not (repo / "bin/busybox").exists():
-        pytest.skip("busybox not installed")
-    bb = f"{PROGS}/bin/busybox"
-    r = run(world, [bb, "sh", "-c", f"cd {PROGS}/etc && {bb} cat conf && {bb} ls {PROGS}/lib"])
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["conf-line", "a.sh", "b.sh", "c.sh", "libmylib.so"]
-
-
-def test_eight_threads_open_and_read_concurrently(world: World) -> None:
-    r = run(world, [f"{PROGS}/bin/threads"])
-    assert (r.returncode, r.stdout) == (0, "threads done failures=0\n"), r.stderr
-
-
-def test_vfork_and_posix_spawn(world: World) -> None:
-    r = run(world, [f"{PROGS}/bin/spawn"])
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == (
-        "tool spawned conf-line\nposix_spawn status=0\ntool vforked conf-line\nvfork status=0\n"
-    )
-
-
-def test_make_j4_from_cvmfs_makefile(world: World, tmp_path: Path) -> None:
-    r = run(world, ["make", "-j4", "-f", f"{PROGS}/mk/Makefile"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in tmp_path.glob("*.o")) == [f"u{i}.o" for i in range(8)]
-    assert (tmp_path / "libu.a").exists()
-
-
-def test_proc_self_exe_names_the_cvmfs_path(world: World, ram_files: str) -> None:
-    r = run(world, [f"{PROGS}/bin/self-exe"])
-    assert (r.returncode, r.stdout) == (0, f"{PROGS}/bin/self-exe\n" * 2), r.stderr
 
 
 # ------------------------------------------------------------------------------ semantics
@@ -352,29 +175,12 @@ def test_host_symlinks_into_cvmfs(world: World, trap_mode: str, tmp_path: Path) 
     assert "'odd/hello.txt': Read-only file system" in r.stderr
 
 
+@pytest.mark.slow
 def test_chunked_file_reads_whole(world: World) -> None:
     r = run(world, ["sha256sum", f"{ODD}/big.bin"])
     want = subprocess.run(["sha256sum", str(world.src / "odd/big.bin")], capture_output=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == want.stdout.decode().split()[0]
-
-
-@pytest.mark.parametrize(
-    "cmd",
-    [
-        f"touch {ODD}/new",
-        f"echo x > {ODD}/hello.txt",
-        f"mkdir {ODD}/dir/d",
-        f"rm {ODD}/hello.txt",
-        f"mv {ODD}/hello.txt {ODD}/h2",
-        f"chmod 777 {ODD}/hello.txt",
-        f"cd {ODD}/dir && touch rel",
-    ],
-)
-def test_writes_fail_with_erofs(world: World, cmd: str) -> None:
-    r = run(world, ["bash", "-c", f"{cmd}; cat {ODD}/hello.txt"])
-    assert "Read-only file system" in r.stderr
-    assert r.stdout == "hello\n"
 
 
 def test_unknown_repository_is_enoent_with_one_log_line(world: World) -> None:
@@ -392,12 +198,6 @@ def test_cvmfs_lists_the_configured_repositories(world: World) -> None:
         options=["--repositories", "odd.test.org,ram.test.org"],
     )
     assert (r.returncode, r.stdout) == (0, f"odd.test.org\nram.test.org\n{RAM_FILES}\n"), r.stderr
-
-
-def test_exit_status_is_the_commands(world: World) -> None:
-    assert run(world, ["sh", "-c", "exit 3"]).returncode == 3
-    assert run(world, ["sh", "-c", "kill -TERM $$"]).returncode == 128 + signal.SIGTERM
-    assert run(world, ["sh", "-c", f"cat {ODD}/hello.txt"]).returncode == 0
 
 
 def test_wrong_master_key_refuses_the_repository(world: World) -> None:
@@ -450,6 +250,7 @@ def _object_of(store: Path, fqrn: str, content: bytes) -> str:
     raise AssertionError("object not found")
 
 
+@pytest.mark.slow
 def test_corrupt_object_is_refetched_from_the_other_proxy(world: World, tmp_path: Path) -> None:
     content = (world.src / "ram/f03").read_bytes()
     bad_root = tmp_path / "bad-store"
@@ -458,8 +259,6 @@ def test_corrupt_object_is_refetched_from_the_other_proxy(world: World, tmp_path
     good = world.served.serve(tmp_path / "good")
     r = hep_exec(f"{bad};{good}", ["sha256sum", f"{RAM}/f03"], options=["--stats"])
     assert r.returncode == 0, r.stderr
-    import hashlib
-
     assert r.stdout.split()[0] == hashlib.sha256(content).hexdigest()
     assert re.search(r"[1-9]\d* corrupt", r.stderr), r.stderr
     # only the lying proxy: an I/O error, never the wrong bytes
@@ -469,6 +268,7 @@ def test_corrupt_object_is_refetched_from_the_other_proxy(world: World, tmp_path
     assert any(f"{RAM}/f03" in line for line in r.stderr.splitlines() if "hep-exec" in line)
 
 
+@pytest.mark.slow
 def test_ram_limit_smaller_than_the_working_set(world: World) -> None:
     script = f"sha256sum {RAM}/* | sha256sum; sha256sum {RAM}/* | sha256sum; cat {RAM}/* | wc -c"
     r = run(world, ["bash", "-c", script], options=["--ram", "2M", "--stats"])
@@ -480,47 +280,6 @@ def test_ram_limit_smaller_than_the_working_set(world: World) -> None:
     assert "0 cache-full" in r.stderr and "Cannot allocate memory" not in r.stderr
 
 
-def test_sigkill_of_hep_exec_leaves_no_tracee(world: World) -> None:
-    script = f"cat {ODD}/hello.txt; sleep 300 & sleep 300 & (sleep 300); wait"
-    proc = subprocess.Popen(
-        hep_exec_cmd(world.proxy, ["bash", "-c", script]), env=env_with(), stdout=subprocess.PIPE
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"hello\n"
-        kids: set[int] = set()
-        for _ in range(100):
-            kids = _descendants(proc.pid)
-            if len(kids) >= 4:
-                break
-            time.sleep(0.05)
-        assert len(kids) >= 4
-        proc.kill()
-        proc.wait()
-        alive = kids
-        for _ in range(100):
-            alive = {k for k in kids if Path(f"/proc/{k}").exists() and _state(k) != "Z"}
-            if not alive:
-                break
-            time.sleep(0.05)
-        assert not alive
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def test_no_ptrace_says_so_in_one_line_and_exits_2(world: World, tmp_path: Path) -> None:
-    deny = compile_c(DENY_PTRACE, tmp_path / "deny")
-    r = subprocess.run(
-        [str(deny), *hep_exec_cmd(world.proxy, ["true"])],
-        env=env_with(),
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "ptrace" in lines[0], r.stderr
-
-
 def _without_user_namespaces(argv: list[str]) -> list[str]:
     """``argv`` run where no user namespace can be made (a site that disabled them): in a
     user namespace of ours whose ``user.max_user_namespaces`` is 0."""
@@ -528,6 +287,7 @@ def _without_user_namespaces(argv: list[str]) -> list[str]:
     return ["unshare", "--user", "--map-root-user", "sh", "-c", limit, "sh", *argv]
 
 
+@pytest.mark.slow
 def test_ram_files_without_user_namespaces(world: World) -> None:
     """auto falls back to sealed memfds (and --check says why); tmpfs refuses in one line."""
     probe = subprocess.run(_without_user_namespaces(["true"]), capture_output=True)
@@ -561,6 +321,7 @@ def test_ram_files_without_user_namespaces(world: World) -> None:
     assert len(lines) == 1 and "--ram-files tmpfs" in lines[0] and "namespaces" in lines[0], lines
 
 
+@pytest.mark.slow
 def test_check_reports_tracer_proxies_repositories_and_ram(world: World) -> None:
     dead = dead_url()
     cmd = [sys.executable, "-m", "worker.cli", "--check", "--no-shared-cache", "--ram", "64M"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tracing import MOUNT, compile_c, ensure_built, needs_ptrace
+from tests.support.tracing import MOUNT, compile_c, ensure_built, in_child, needs_ptrace
 from worker.hostpolicy import HostDirPolicy
 from worker.policy import Node, Opened
 from worker.tracer import run
@@ -81,11 +81,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_memfd(repo: Path, argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    policy = MemfdPolicy(repo)
-    try:
-        status = run(argv, policy).status
-    finally:
-        policy.close()
+    """Run ``argv`` under the tracer with :class:`MemfdPolicy` (in a forked child of the test
+    process, which :func:`in_child` explains); its exit status and what it printed."""
+
+    def traced_in_process() -> int:
+        policy = MemfdPolicy(repo)
+        try:
+            return run(argv, policy).status
+        finally:
+            policy.close()
+
+    status = in_child(traced_in_process)
     return status, capfd.readouterr().out
 
 

@@ -1,201 +1,73 @@
-"""Oracle: tools see the same tree under /cvmfs (through the tracer) as on the host directory.
+"""Oracle: tools see the same tree under /cvmfs (through the tracer) as in the source directory.
 
-The tree is random (seeded), lives on tmpfs like the tracer's shadow tree, and each tool's
-output is compared with inode numbers, times and block counts normalised.
+The tree is random (seeded) and lives on tmpfs like the tracer's mirror; find, ls, stat,
+sha256sum, du, tar, cp -a and a C walker (tests.support.oracle) print the same on both
+sides once inode numbers, times and block counts are normalised.  Both drivers: the
+host-directory policy shows the tree itself (in both trap modes; hardlinks may cross
+directories there), hep-exec shows it published by our publisher and served by nginx on
+loopback (RAM files as picked here, and sealed memfds; hardlinks within one directory, as
+CVMFS keeps them).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import re
 from pathlib import Path
 
 import pytest
 
-from tests.support.tracing import (
-    MOUNT,
-    compile_c,
-    ensure_built,
-    native,
-    needs_ptrace,
-    ram_dir,
-    traced,
-)
+from tests.support.drivers import Driver
+from tests.support.oracle import SCRIPT, SECTIONS, WALKER, compare
+from tests.support.tracing import compile_c, ensure_built, native, needs_ptrace, ram_dir
+from tests.support.trees import CHUNKED_SIZE, make_random_tree
 
-pytestmark = [needs_ptrace, pytest.mark.usefixtures("trap_mode")]
-
-WALKER = r"""
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <sys/sysmacros.h>
-#include <unistd.h>
-struct d64 { uint64_t ino; int64_t off; unsigned short reclen; unsigned char type; char name[]; };
-/* fstat and statx of an open fd say what stat of its path said (cp and install check) */
-static int same(int fd, const struct stat *st) {
-    struct stat fs; struct statx x;
-    if (fstat(fd, &fs) || statx(fd, "", AT_EMPTY_PATH, STATX_BASIC_STATS, &x)) return 0;
-    return fs.st_ino == st->st_ino && fs.st_dev == st->st_dev && fs.st_mode == st->st_mode &&
-           fs.st_nlink == st->st_nlink && fs.st_uid == st->st_uid && fs.st_size == st->st_size &&
-           fs.st_mtim.tv_sec == st->st_mtim.tv_sec && fs.st_mtim.tv_nsec == st->st_mtim.tv_nsec &&
-           x.stx_ino == st->st_ino && x.stx_mode == st->st_mode && x.stx_nlink == st->st_nlink &&
-           x.stx_mtime.tv_sec == st->st_mtim.tv_sec &&
-           makedev(x.stx_dev_major, x.stx_dev_minor) == st->st_dev;
-}
-static int cmp(const void *a, const void *b) {
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-static int list(int dfd, char **names) {
-    char buf[512]; int n = 0; long r;
-    while ((r = syscall(SYS_getdents64, dfd, buf, sizeof buf)) > 0)
-        for (long o = 0; o < r;) {
-            struct d64 *d = (struct d64 *)(buf + o); o += d->reclen;
-            if (!strcmp(d->name, ".") || !strcmp(d->name, "..")) continue;
-            names[n] = malloc(strlen(d->name) + 2);
-            names[n][0] = '0' + d->type; strcpy(names[n] + 1, d->name); n++;
-        }
-    if (r < 0) { perror("getdents64"); exit(1); }
-    return n;
-}
-static void walk(int dfd, const char *rel) {
-    char *names[4096]; int n = list(dfd, names);
-    lseek(dfd, 0, SEEK_SET);
-    char *again[4096]; int m = list(dfd, again);
-    if (m != n) { printf("rewind mismatch %d %d\n", n, m); }
-    qsort(names, n, sizeof *names, cmp);
-    for (int i = 0; i < n; i++) {
-        const char *name = names[i] + 1; int type = names[i][0] - '0';
-        struct stat st;
-        if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW)) { perror(name); exit(1); }
-        printf("%s/%s type=%d mode=%o size=%lld nlink=%ld", rel, name, type, st.st_mode,
-               (long long)(S_ISDIR(st.st_mode) ? 0 : st.st_size), (long)st.st_nlink);
-        if (type == 10) {
-            char t[4096]; ssize_t k = readlinkat(dfd, name, t, sizeof t);
-            printf(" -> %.*s", (int)k, t);
-        } else if (type == 8) {
-            int fd = openat(dfd, name, O_RDONLY);
-            if (fd < 0) { printf(" open failed\n"); continue; }
-            struct stat fs; fstat(fd, &fs);
-            uint64_t h = 1469598103934665603ULL;
-            if (fs.st_size > 0) {
-                unsigned char *p = mmap(NULL, fs.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-                if (p == MAP_FAILED) { perror("mmap"); exit(1); }
-                for (off_t j = 0; j < fs.st_size; j++) { h ^= p[j]; h *= 1099511628211ULL; }
-                munmap(p, fs.st_size);
-            }
-            printf(" fsize=%lld hash=%016llx same=%d", (long long)fs.st_size, (unsigned long long)h,
-                   same(fd, &st));
-            close(fd);
-        } else if (type == 4) {
-            int sub = openat(dfd, name, O_RDONLY | O_DIRECTORY);
-            struct stat ds; fstat(sub, &ds);
-            printf(" isdir=%d same=%d\n", S_ISDIR(ds.st_mode), same(sub, &st));
-            char r2[4096]; snprintf(r2, sizeof r2, "%s/%s", rel, name);
-            walk(sub, r2);
-            close(sub);
-            continue;
-        }
-        printf("\n");
-    }
-    char cwd[4096];
-    if (fchdir(dfd) || !getcwd(cwd, sizeof cwd)) { perror("fchdir/getcwd"); exit(1); }
-    printf("cwd %s\n", cwd);
-}
-int main(int argc, char **argv) {
-    int dfd = open(argv[1], O_RDONLY | O_DIRECTORY);
-    if (dfd < 0) { perror(argv[1]); return 1; }
-    walk(dfd, ".");
-    return 0;
-}
-"""
-
-SCRIPT = r"""
-set -e
-cd "$1"
-echo "== find"; find top -printf '%p %y %s %m %l %n\n' | LC_ALL=C sort
-echo "== ls"; ls -laR --time-style=+T top
-echo "== stat"; find top | LC_ALL=C sort | xargs -d '\n' stat
-echo "== sha256"; find top -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
-echo "== du"; du -sb top; du -abl top | LC_ALL=C sort -k2
-echo "== tar"; tar c top | tar t | LC_ALL=C sort
-echo "== walker"; "$2" top
-echo "== cp"; d=$(mktemp -d); cp -a top "$d/top"; cd "$d"
-find top -printf '%p %y %s %m %l %n\n' | LC_ALL=C sort
-find top ! -type l -print0 | LC_ALL=C sort -z | xargs -0 stat -c '%n %Y'
-cd /; rm -rf "$d"
-"""
+pytestmark = [needs_ptrace, pytest.mark.slow]
 
 
-def make_random_tree(top: Path, seed: int) -> None:
-    rnd = random.Random(seed)
-    dirs = [top]
-    files: list[Path] = []
-    top.mkdir()
-    names = ["a", "b", "data", "lib", "x y", "ünï", "README", "v1.2", ".hidden", "z" * 40]
-    for i in range(60):
-        parent = rnd.choice(dirs)
-        name = f"{rnd.choice(names)}{i}"
-        kind = rnd.random()
-        if kind < 0.25 and len(parent.relative_to(top).parts) < 4:
-            d = parent / name
-            d.mkdir()
-            os.chmod(d, rnd.choice([0o755, 0o750, 0o700]))
-            dirs.append(d)
-        else:
-            f = parent / name
-            size = rnd.choice([0, 1, 100, 4096, 4097, 70000, 300000])
-            f.write_bytes(rnd.randbytes(size))
-            os.chmod(f, rnd.choice([0o644, 0o755, 0o600, 0o444, 0o4755]))
-            files.append(f)
-    for i, f in enumerate(rnd.sample(files, 5)):  # hardlinks
-        os.link(f, rnd.choice(dirs) / f"hard{i}")
-    for i in range(12):  # relative symlinks to files, dirs, dangling
-        parent = rnd.choice(dirs)
-        target = rnd.choice(files + dirs)
-        rel = os.path.relpath(target, parent) if i % 4 else "does/not/exist"
-        (parent / f"sym{i}").symlink_to(rel)
-    (top / "out").symlink_to("/etc")  # leaves the mount
-    (top / "empty").mkdir()
-
-
-def sections(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in text.split("== ")[1:]:
-        head, _, body = part.partition("\n")
-        out[head] = body
-    return out
-
-
-def normalise(text: str) -> str:
-    text = re.sub(r"Inode: *\d+[ \t]*", "Inode: N ", text)
-    text = re.sub(r"Blocks: *\d+[ \t]*", "Blocks: N ", text)
-    text = re.sub(r"(?m)^(Access|Modify|Change|Birth): [-0-9].*$", r"\1: T", text)
-    text = re.sub(r"(?m)^ Birth: .*$", "", text)
-    text = re.sub(r"(?m)^total \d+$", "total N", text)
-    return text
-
-
-@pytest.mark.parametrize("seed", [1, 2])
-def test_tools_agree_with_host_directory(seed: int, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def walker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ensure_built()
-    walker = compile_c(WALKER, tmp_path / "walker")
-    with ram_dir() as repo:
-        make_random_tree(repo / "top", seed)
-        want = native(["bash", "-c", SCRIPT, "x", str(repo), str(walker)])
-        got = traced(repo, ["bash", "-c", SCRIPT, "x", MOUNT, str(walker)])
+    return compile_c(WALKER, tmp_path_factory.mktemp("walker") / "walker")
+
+
+@pytest.mark.parametrize(
+    ("driver", "seed"),
+    [
+        ("hostpolicy-notify", 1),
+        ("hostpolicy-ptrace", 1),
+        ("hostpolicy-notify", 2),
+        ("hostpolicy-ptrace", 2),
+        ("hep-exec", 1),
+        ("hep-exec-memfd", 2),
+    ],
+    indirect=["driver"],
+)
+def test_tools_agree_with_the_source_directory(driver: Driver, seed: int, walker: Path) -> None:
+    """Every tool's output, section by section; the walker also rewinds each directory
+    (getdents64 twice: same entries) and ends with getcwd in /cvmfs after fchdir."""
+    fqrn = f"oracle{seed}-{driver.kind}.test.org"
+    with ram_dir() as src:
+        make_random_tree(
+            src / "top",
+            random.Random(seed),
+            70,
+            every_kind=True,
+            hardlinks_across_dirs=driver.kind == "hostpolicy",
+            catalogs=True,
+            fifo=True,
+            chunked=seed == 1,
+        )
+        mount = driver.mount(src, fqrn)
+        want = native(["bash", "-c", SCRIPT, "x", str(src), str(walker)])
+        got = driver.run(["bash", "-c", SCRIPT, "x", mount, str(walker)])
+        w, g = compare(want.stdout, got.stdout, str(src), mount)
     assert want.returncode == 0, want.stderr
     assert got.returncode == 0, got.stderr
-    w = sections(normalise(want.stdout.replace(str(repo), MOUNT)))
-    g = sections(normalise(got.stdout))
-    assert list(g) == ["find", "ls", "stat", "sha256", "du", "tar", "walker", "cp"]
-    for name in w:
-        assert g[name] == w[name], name
+    assert list(g) == SECTIONS
+    for name in SECTIONS:
+        assert g[name] == w[name], (name, got.stderr[-3000:])
     assert "rewind mismatch" not in g["walker"]
-    assert f"cwd {MOUNT}/top" in g["walker"]
+    assert f"cwd {mount}/top" in g["walker"]
+    assert "top/fifo p 0" in g["find"] and "top/out l " in g["find"]
+    if seed == 1:
+        assert f"top/chunked.bin f {CHUNKED_SIZE}" in g["find"]

@@ -1,4 +1,10 @@
-"""Process semantics under the tracer: exit status, signals, EROFS, EXITKILL, no ptrace."""
+"""Process semantics under the tracer: exit status, signals, EROFS, EXITKILL, no ptrace.
+
+The tests taking ``driver`` run with both drivers (tests/worker/conftest.py): the
+host-directory policy in both trap modes and the real hep-exec over the same tree published
+and served by nginx on loopback; the others drive the tracer with the host-directory policy
+(``repo``, in both trap modes) or call it in-process.
+"""
 
 from __future__ import annotations
 
@@ -7,62 +13,185 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.support.drivers import Driver
+from tests.support.processes import (
+    DENY_PTRACE,
+    comm,
+    descendants,
+    gone,
+    mirror_of,
+    remove_mirror,
+    waiting_in,
+)
 from tests.support.tracing import (
     MOUNT,
     compile_c,
     ensure_built,
     env_with,
     hep_cmd,
+    in_child,
     needs_ptrace,
     traced,
 )
+from tests.support.waiting import wait_until
 from worker.hostpolicy import HostDirPolicy
 from worker.policy import Node, Opened
 from worker.tracer import forget, run
 
-pytestmark = [needs_ptrace, pytest.mark.usefixtures("trap_mode")]
+pytestmark = needs_ptrace
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def repo(programs_tree: Path, trap_mode: str) -> Path:
+    """The programs tree (its ``dir/file``, ``link``, ``up`` and ``variant`` corner) for the
+    host-directory policy, in both trap modes."""
+    return programs_tree
+
+
+# ------------------------------------------------------------------------ both drivers
+
+
+def test_exit_status_is_the_commands(driver: Driver) -> None:
+    assert driver.run(["sh", "-c", "exit 3"]).returncode == 3
+    assert driver.run(["true"]).returncode == 0
+    r = driver.run(["cat", f"{driver.root}/dir/file"])
+    assert (r.returncode, r.stdout) == (0, "content\n"), r.stderr
+
+
+def test_killed_by_signal_gives_128_plus_n(driver: Driver) -> None:
+    assert driver.run(["sh", "-c", "kill -TERM $$"]).returncode == 128 + signal.SIGTERM
+    assert driver.run(["sh", "-c", "kill -KILL $$"]).returncode == 128 + signal.SIGKILL
+
+
+WRITES = [
+    "touch {root}/dir/new",
+    "echo x > {root}/dir/file",
+    "mkdir {root}/dir/d",
+    "rm {root}/dir/file",
+    "mv {root}/dir/file {root}/dir/f2",
+    "chmod 777 {root}/dir/file",
+    "ln -s x {root}/dir/s",
+    "cd {root}/dir && touch rel",
+    "truncate -s 0 {root}/dir/file",
+]
+
+
+def test_writes_fail_with_erofs(driver: Driver) -> None:
+    """Each write (in a subshell of its own) fails with EROFS; afterwards /cvmfs and the
+    source directory are as they were."""
+    root = driver.root
+    script = "".join(
+        f'( {cmd.format(root=root)} ) 2>&1; echo "== {i} rc=$?"\n' for i, cmd in enumerate(WRITES)
+    )
+    r = driver.run(["bash", "-c", f"{script}cat {root}/dir/file; ls {root}/dir"])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for i, cmd in enumerate(WRITES):
+        said, marker, out = out.partition(f"== {i} rc=")
+        assert marker, (cmd, r.stdout)
+        rc, _, out = out.partition("\n")
+        assert rc != "0" and "Read-only file system" in said, (cmd, rc, said)
+    assert out == "content\nfile\nother\n", r.stdout
+    assert (driver.source / "dir/file").read_text() == "content\n"
+    assert sorted(p.name for p in (driver.source / "dir").iterdir()) == ["file", "other"]
+
+
+@contextmanager
+def killed_tracer(driver: Driver) -> Iterator[tuple[set[int], Path | None]]:
+    """Runs a script that changes into /cvmfs and leaves three sleeps (two in the background,
+    one in a subshell); SIGKILLs the tracer once they all sleep.  Yields the tracees and the
+    tracer's mirror directory they stood in; afterwards kills any tracee still alive and
+    removes the mirror (a killed tracer leaves it behind)."""
+    script = f"cd {driver.root}/dir && cat file; sleep 300 & sleep 300 & (sleep 300); wait"
+    proc = subprocess.Popen(
+        driver.cmd(["bash", "-c", script]), env=env_with(), stdout=subprocess.PIPE
+    )
+    kids: set[int] = set()
+    mirror = None
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"content\n"
+
+        def three_sleeping() -> set[int]:
+            found = descendants(proc.pid)
+            sleeping = [
+                k for k in found if comm(k) == "sleep" and waiting_in(k) == "hrtimer_nanosleep"
+            ]
+            return found if len(sleeping) == 3 else set()
+
+        kids = wait_until(three_sleeping, 30, what="three sleeps under the tracer")
+        mirror = mirror_of(kids)
+        proc.kill()
+        proc.wait()
+        yield kids, mirror
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for k in kids:
+            if not gone(k):
+                os.kill(k, signal.SIGKILL)
+        remove_mirror(mirror)
+
+
+def test_sigkill_of_the_tracer_leaves_no_tracee(driver: Driver) -> None:
+    with killed_tracer(driver) as (kids, _):
+        assert len(kids) >= 4  # bash, its subshell, three sleeps
+        wait_until(lambda: all(gone(k) for k in kids), 10, what="every tracee to die")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="product defect, its own issue: the /dev/shm/hep-exec-* mirror stays behind after "
+    "SIGTERM, SIGHUP, SIGKILL of the tracer (tracer.run removes it in a finally only)",
+)
+@pytest.mark.parametrize("driver", ["hostpolicy-notify", "hep-exec"], indirect=True)
+def test_sigkill_leaves_no_mirror_behind(driver: Driver) -> None:
+    with killed_tracer(driver) as (kids, mirror):
+        assert mirror is not None, "the tracees stood in no /dev/shm/hep-exec-* directory"
+        wait_until(lambda: all(gone(k) for k in kids), 10, what="every tracee to die")
+        wait_until(lambda: not mirror.exists(), 3, what=f"{mirror} to be removed")
+
+
+def test_no_ptrace_says_so_in_one_line_and_exits_2(driver: Driver, tmp_path: Path) -> None:
+    deny = compile_c(DENY_PTRACE, tmp_path / "deny")
+    r = subprocess.run(
+        [str(deny), *driver.cmd(["true"])], env=env_with(), capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ptrace" in lines[0], r.stderr
+
+
+@pytest.mark.usefixtures("trap_mode")
+def test_check_says_ptrace_is_denied_in_one_line(tmp_path: Path) -> None:
     ensure_built()
-    root = tmp_path_factory.mktemp("repo")
-    (root / "dir").mkdir()
-    (root / "dir/file").write_text("content\n")
-    (root / "link").symlink_to("dir/file")
-    (root / "up").symlink_to("../../../../../../../../etc")
-    (root / "variant").symlink_to("dir/$(HEP_VARIANT:-file)")
-    (root / "dir/other").write_text("other\n")
-    return root
+    deny = compile_c(DENY_PTRACE, tmp_path / "deny")
+    r = subprocess.run(
+        [str(deny), sys.executable, "-c", "from worker.tracer import check; print(check())"],
+        env=env_with(),
+        capture_output=True,
+        text=True,
+    )
+    assert "ptrace" in r.stdout and r.stdout.count("\n") == 1, r.stdout + r.stderr
 
 
-def test_exit_status_is_the_commands(repo: Path) -> None:
-    assert traced(repo, ["sh", "-c", "exit 3"]).returncode == 3
-    assert traced(repo, ["true"]).returncode == 0
-
-
-def test_killed_by_signal_gives_128_plus_n(repo: Path) -> None:
-    r = traced(repo, ["sh", "-c", "kill -TERM $$"])
-    assert r.returncode == 128 + signal.SIGTERM
-    r = traced(repo, ["sh", "-c", "kill -KILL $$"])
-    assert r.returncode == 128 + signal.SIGKILL
+# ------------------------------------------------------------- the host-directory policy
 
 
 def test_processes_left_behind_are_killed_with_the_command(repo: Path) -> None:
     t0 = time.monotonic()
     r = traced(repo, ["bash", "-c", "sleep 30 & echo $!"])
     assert r.returncode == 0
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 20  # the tracer did not wait for the sleep
     pid = int(r.stdout)
-    for _ in range(100):
-        if _state(pid) == "Z" or not Path(f"/proc/{pid}").exists():
-            break
-        time.sleep(0.05)
-    assert _state(pid) == "Z" or not Path(f"/proc/{pid}").exists()
+    wait_until(lambda: gone(pid), 10, what=f"the left-behind sleep {pid} to be killed")
 
 
 def test_command_not_found_is_127(repo: Path) -> None:
@@ -71,23 +200,40 @@ def test_command_not_found_is_127(repo: Path) -> None:
     assert "/nonexistent/cmd" in r.stderr
 
 
+STOP_AND_SIGNALS = """
+import os, signal, subprocess
+p = subprocess.Popen(["sleep", "5"])
+os.kill(p.pid, signal.SIGSTOP)
+_, st = os.waitpid(p.pid, os.WUNTRACED)  # returns once the group stop is reported
+print("stopped", os.WIFSTOPPED(st) and os.WSTOPSIG(st))
+print("state", open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0])
+os.kill(p.pid, signal.SIGCONT)
+os.kill(p.pid, signal.SIGTERM)
+_, st = os.waitpid(p.pid, 0)
+print("terminated", os.WIFSIGNALED(st) and os.WTERMSIG(st))
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append("usr1"))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("handled", *got)
+"""
+
+
 def test_signals_and_group_stop_are_delivered(repo: Path) -> None:
-    script = (
-        "trap 'echo got-usr1' USR1; sleep 5 & p=$!; kill -STOP $p; sleep 0.2; "
-        "ps -o stat= -p $p | cut -c1; kill -CONT $p; kill -TERM $p; wait $p; echo rc=$?; "
-        "kill -USR1 $$; echo end"
-    )
-    r = traced(repo, ["bash", "-c", script])
+    """SIGSTOP stops a traced child for good (its parent's waitpid sees the group stop), then
+    SIGCONT and SIGTERM end it, and a handler gets the signal sent to itself."""
+    r = traced(repo, [sys.executable, "-c", STOP_AND_SIGNALS], timeout=30)
     assert r.returncode == 0, r.stderr
-    state, *rest = r.stdout.split()
-    assert state in ("T", "t")  # stopped ("t": stopped while traced)
-    assert rest == ["rc=143", "got-usr1", "end"]
+    stopped, state_, terminated, handled = r.stdout.splitlines()
+    assert stopped == f"stopped {signal.SIGSTOP}"
+    assert state_ in ("state T", "state t")  # "t": stopped while traced
+    assert terminated == f"terminated {signal.SIGTERM}"
+    assert handled == "handled usr1"
 
 
 def test_ctrl_c_goes_to_the_command_not_the_tracer(repo: Path) -> None:
     proc = subprocess.Popen(
         hep_cmd(
-            repo, ["bash", "-c", "trap 'echo caught; exit 0' INT; echo ready; sleep 20 & wait"]
+            repo, ["bash", "-c", "trap 'echo caught; exit 0' INT; sleep 20 & echo ready; wait"]
         ),
         env=env_with(),
         stdout=subprocess.PIPE,
@@ -100,16 +246,16 @@ def test_ctrl_c_goes_to_the_command_not_the_tracer(repo: Path) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
-        # the script must be in `wait` (its background sleep started) before the ^C
-        deadline = time.monotonic() + 10
-        while (
-            not subprocess.run(
-                ["pgrep", "-g", str(proc.pid), "-x", "sleep"], capture_output=True
-            ).stdout
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
-        time.sleep(0.2)
+
+        # the ^C must come while the script waits for its background sleep
+        def in_wait() -> bool:
+            kids = descendants(proc.pid)
+            shells = [k for k in kids if comm(k) == "bash"]
+            return any(comm(k) == "sleep" for k in kids) and any(
+                waiting_in(b) == "do_wait" for b in shells
+            )
+
+        wait_until(in_wait, 10, what="the script in wait with its sleep running")
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does
         out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0
@@ -117,6 +263,7 @@ def test_ctrl_c_goes_to_the_command_not_the_tracer(repo: Path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_opath_symlink_and_trailing_slash(repo: Path, tmp_path: Path) -> None:
@@ -164,125 +311,12 @@ def test_coreutils_basics(repo: Path) -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "cmd",
-    [
-        f"touch {MOUNT}/dir/new",
-        f"echo x > {MOUNT}/dir/file",
-        f"mkdir {MOUNT}/dir/d",
-        f"rm {MOUNT}/dir/file",
-        f"mv {MOUNT}/dir/file {MOUNT}/dir/f2",
-        f"chmod 777 {MOUNT}/dir/file",
-        f"ln -s x {MOUNT}/dir/s",
-        f"cd {MOUNT}/dir && touch rel",
-        f"truncate -s 0 {MOUNT}/dir/file",
-    ],
-)
-def test_writes_fail_with_erofs(repo: Path, cmd: str) -> None:
-    r = traced(repo, ["bash", "-c", cmd])
-    assert r.returncode != 0
-    assert "Read-only file system" in r.stderr
-    assert (repo / "dir/file").read_text() == "content\n"
-    assert sorted(p.name for p in (repo / "dir").iterdir()) == ["file", "other"]
-
-
-def _descendants(pid: int) -> set[int]:
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for k in map(int, kids):
-                if k not in out:
-                    out.add(k)
-                    todo.append(k)
-    return out
-
-
-def test_sigkill_of_tracer_leaves_no_tracee(repo: Path) -> None:
-    proc = subprocess.Popen(
-        hep_cmd(repo, ["bash", "-c", "sleep 300 & sleep 300 & (sleep 300) ; wait"]),
-        env=env_with(),
-    )
-    try:
-        kids: set[int] = set()
-        for _ in range(100):
-            kids = _descendants(proc.pid)
-            if len(kids) >= 4:
-                break
-            time.sleep(0.05)
-        assert len(kids) >= 4
-        proc.kill()
-        proc.wait()
-        for _ in range(100):
-            alive = {k for k in kids if Path(f"/proc/{k}").exists() and _state(k) != "Z"}
-            if not alive:
-                break
-            time.sleep(0.05)
-        assert not alive
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
-
-
-DENY_PTRACE = r"""
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <stddef.h>
-#include <errno.h>
-#include <stdio.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    struct sock_filter f[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_ptrace, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    struct sock_fprog p = {4, f};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &p))
-        return 99;
-    execvp(argv[1], argv + 1);
-    return 98;
-}
-"""
-
-
-def test_no_ptrace_says_so_and_exits_2(repo: Path, tmp_path: Path) -> None:
-    deny = compile_c(DENY_PTRACE, tmp_path / "deny")
-    r = subprocess.run(
-        [str(deny), *hep_cmd(repo, ["true"])], env=env_with(), capture_output=True, text=True
-    )
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "ptrace" in lines[0], r.stderr
-    r = subprocess.run(
-        [str(deny), sys.executable, "-c", "from worker.tracer import check; print(check())"],
-        env=env_with(),
-        capture_output=True,
-        text=True,
-    )
-    assert "ptrace" in r.stdout and r.stdout.count("\n") == 1
-
-
+@pytest.mark.usefixtures("trap_mode")
 def test_check_reports_a_working_tracer() -> None:
     from worker.tracer import check
 
     ensure_built()
-    assert check() is None
+    assert in_child(check) is None
 
 
 def test_stats_count_trapped_syscalls(repo: Path) -> None:
@@ -297,10 +331,12 @@ def test_stats_say_how_calls_were_answered(repo: Path, trap_mode: str) -> None:
 
     r = traced(repo, ["sh", "-c", f"cat {MOUNT}/dir/file; test -e {MOUNT}/dir"], stats=True)
     assert r.returncode == 0, r.stderr
-    _, auto = check_mode()
+    _, mode = in_child(check_mode)
     if trap_mode == "ptrace":
         assert "trap mode: ptrace (0 answered by notification" in r.stderr
-    elif auto.startswith("seccomp-notify"):
+    else:
+        if not mode.startswith("seccomp-notify"):
+            pytest.skip(f"no seccomp user notification on this kernel (trap mode: {mode})")
         # opens and stats by notification; only the execs (sh's PATH search) by ptrace stop
         lines = r.stderr.splitlines()
         line = next(x for x in lines if x.startswith("trap mode"))
@@ -364,6 +400,7 @@ int main(int argc, char **argv) {
 """
 
 
+@pytest.mark.slow
 def test_signals_never_make_answered_calls_fail_with_eintr(repo: Path, tmp_path: Path) -> None:
     """A handler without SA_RESTART firing every 100 us: open/stat/access of /cvmfs and host
     files never fail (a notification interrupted before it was read is restarted)."""
@@ -373,6 +410,7 @@ def test_signals_never_make_answered_calls_fail_with_eintr(repo: Path, tmp_path:
     assert r.stdout.strip() == "eintr=0 other=0 ticked=1"
 
 
+@pytest.mark.slow
 def test_blocking_fifo_open_is_still_interrupted(repo: Path, tmp_path: Path) -> None:
     """Native semantics where the kernel really blocked: open of a FIFO with no writer is
     ended by a signal with EINTR, not restarted forever."""
@@ -433,6 +471,7 @@ class _Evicting(HostDirPolicy):
         return super().open(pid, path, node)
 
 
+@pytest.mark.usefixtures("trap_mode")
 def test_forget_withdraws_a_stable_open_answer(tmp_path: Path, capfd: pytest.CaptureFixture[str]):
     ensure_built()
     root, versions = tmp_path / "root", tmp_path / "versions"
@@ -444,11 +483,15 @@ def test_forget_withdraws_a_stable_open_answer(tmp_path: Path, capfd: pytest.Cap
         (versions / f"v{i}").write_text(str(i))
     t = "/cvmfs/test.repo"
     script = f"cat {t}/a {t}/a {t}/b {t}/a {t}/a"
-    policy = _Evicting(root, versions)
-    result = run(["/bin/sh", "-c", script], policy)
-    assert result.status == 0
+
+    def traced_in_process() -> tuple[int, int]:
+        policy = _Evicting(root, versions)
+        return run(["/bin/sh", "-c", script], policy).status, policy.asked
+
+    status, asked = in_child(traced_in_process)
+    assert status == 0
     assert capfd.readouterr().out == "11b22"
-    assert policy.asked == 2
+    assert asked == 2
 
 
 CWD_FLIP = r"""

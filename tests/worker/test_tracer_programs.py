@@ -1,222 +1,100 @@
-"""Real programs run from /cvmfs under the tracer: shells, Python, gcc, make, threads, spawn."""
+"""Real programs run from /cvmfs under the tracer: shells, Python, gcc, make, threads, spawn.
+
+Each test runs with both drivers (tests/worker/conftest.py ``driver``): the host-directory
+policy in both trap modes, and the real hep-exec against the same tree published by our
+publisher and served by nginx on loopback (with both kinds of RAM file where programs are
+mapped or exec'd from them).
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.tracing import MOUNT, compile_c, ensure_built, needs_ptrace, traced
+from tests.support.drivers import DRIVERS_RAM_FILES, Driver
+from tests.support.tracing import needs_ptrace
 
-pytestmark = [needs_ptrace, pytest.mark.usefixtures("trap_mode")]
+pytestmark = needs_ptrace
 
-TOOL = r"""
-#include <stdio.h>
-int main(int argc, char **argv) {
-    FILE *f = fopen("/cvmfs/test.repo/etc/conf", "r");
-    char line[64] = "";
-    if (!f || !fgets(line, sizeof line, f)) { perror("conf"); return 1; }
-    printf("tool %s %s", argc > 1 ? argv[1] : "-", line);
-    return 0;
-}
-"""
-
-SELF_EXE = r"""
-#include <stdio.h>
-#include <unistd.h>
-int main(void) {
-    char b[512], p[64];
-    ssize_t n = readlink("/proc/self/exe", b, sizeof b);
-    printf("%.*s\n", (int)n, b);
-    snprintf(p, sizeof p, "/proc/%d/exe", (int)getpid());
-    n = readlink(p, b, sizeof b);
-    printf("%.*s\n", (int)n, b);
-    return 0;
-}
-"""
-
-THREADS = r"""
-#include <fcntl.h>
-#include <pthread.h>
-#include <stdio.h>
-#include <string.h>
-#include <unistd.h>
-static int failures;
-static void *worker(void *arg) {
-    long i = (long)arg;
-    char path[128], want[4096], got[4096];
-    snprintf(path, sizeof path, "/cvmfs/test.repo/files/f%ld", i);
-    memset(want, 'a' + (int)i, sizeof want);
-    for (int k = 0; k < 300; k++) {
-        int fd = open(path, O_RDONLY);
-        if (fd < 0 || read(fd, got, sizeof got) != sizeof got || memcmp(got, want, sizeof got)) {
-            __sync_fetch_and_add(&failures, 1);
-        }
-        if (fd >= 0) close(fd);
-    }
-    return NULL;
-}
-int main(void) {
-    pthread_t t[8];
-    for (long i = 0; i < 8; i++) pthread_create(&t[i], NULL, worker, (void *)i);
-    for (int i = 0; i < 8; i++) pthread_join(t[i], NULL);
-    printf("threads done failures=%d\n", failures);
-    return failures != 0;
-}
-"""
-
-SPAWN = r"""
-#include <spawn.h>
-#include <stdio.h>
-#include <sys/wait.h>
-#include <unistd.h>
-extern char **environ;
-int main(void) {
-    char *argv[] = {"tool", "spawned", NULL};
-    pid_t pid; int st;
-    setvbuf(stdout, NULL, _IONBF, 0);
-    if (posix_spawn(&pid, "/cvmfs/test.repo/bin/tool", NULL, NULL, argv, environ)) return 1;
-    waitpid(pid, &st, 0);
-    printf("posix_spawn status=%d\n", WEXITSTATUS(st));
-    char *argv2[] = {"tool", "vforked", NULL};
-    pid = vfork();
-    if (pid == 0) { execve("/cvmfs/test.repo/bin/tool", argv2, environ); _exit(127); }
-    waitpid(pid, &st, 0);
-    printf("vfork status=%d\n", WEXITSTATUS(st));
-    return 0;
-}
-"""
+with_ram_files = pytest.mark.parametrize("driver", DRIVERS_RAM_FILES, indirect=True)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ensure_built()
-    root = tmp_path_factory.mktemp("repo")
-    build = tmp_path_factory.mktemp("build")
-    for d in ("bin", "lib", "etc", "py/pkg/sub", "include", "src", "files", "mk/src"):
-        (root / d).mkdir(parents=True)
-    (root / "etc/conf").write_text("conf-line\n")
-    compile_c(TOOL, root / "bin/tool")
-    compile_c(SELF_EXE, root / "bin/self-exe")
-    compile_c(THREADS, build / "threads", "-pthread")
-    compile_c(SPAWN, build / "spawn")
-    for i in range(8):
-        (root / f"files/f{i}").write_bytes(bytes([ord("a") + i]) * 4096)
-    (root / "bin/main.sh").write_text(
-        '#!/bin/bash\nhere=$(dirname "$0")\n. "$here/../lib/a.sh"\nsource "$here/../lib/b.sh"\n'
-        '"$here/tool" fromsh\ncd "$here/../lib" && . ./c.sh\necho "A=$A B=$B C=$C pwd=$(pwd)"\n'
-    )
-    (root / "lib/a.sh").write_text("A=1\n")
-    (root / "lib/b.sh").write_text('B=2\n. "$(dirname "${BASH_SOURCE[0]}")/a.sh"\n')
-    (root / "lib/c.sh").write_text("C=3\n")
-    (root / "py/pkg/__init__.py").write_text("from .sub import mod\nVALUE = mod.value()\n")
-    (root / "py/pkg/sub/__init__.py").write_text("")
-    (root / "py/pkg/sub/mod.py").write_text(
-        "import os\ndef value():\n"
-        "    with open(os.path.join(os.path.dirname(__file__), 'data.txt')) as f:\n"
-        "        return f.read().strip()\n"
-    )
-    (root / "py/pkg/sub/data.txt").write_text("forty-two\n")
-    (root / "include/mylib.h").write_text("int mylib_answer(void);\n")
-    lib_src = build / "mylib.c"
-    lib_src.write_text("int mylib_answer(void) { return 42; }\n")
-    compile_c(lib_src.read_text(), build / "mylib_o", "-c", "-fPIC")
-    os.system(f"gcc -shared -o {root / 'lib/libmylib.so'} {build / 'mylib_o'}")
-    (root / "src/main.c").write_text(
-        '#include <stdio.h>\n#include <mylib.h>\nint main(void) { printf("answer %d\\n", '
-        "mylib_answer()); return 0; }\n"
-    )
-    busybox = shutil.which("busybox")
-    if busybox:
-        shutil.copy(busybox, root / "bin/busybox")
-        (root / "bin/bb-script").write_text(f'#!{MOUNT}/bin/busybox sh\necho "bb $0 $1"\n')
-    (root / "bin/interp.sh").write_text('#!/bin/sh\necho "interp $*"\n')
-    (root / "bin/nested").write_text(f"#!{MOUNT}/bin/interp.sh -x\nnot shell\n")
-    for i in range(8):
-        (root / f"mk/src/u{i}.c").write_text(f"int u{i}(void) {{ return {i}; }}\n")
-    (root / "mk/Makefile").write_text(
-        "SRC := $(dir $(lastword $(MAKEFILE_LIST)))src\n"
-        "OBJS := $(patsubst $(SRC)/%.c,%.o,$(wildcard $(SRC)/*.c))\n"
-        "all: libu.a\nlibu.a: $(OBJS)\n\tar rcs $@ $^\n%.o: $(SRC)/%.c\n\t$(CC) -c -o $@ $<\n"
-    )
-    for p in (root / "bin").iterdir():
-        p.chmod(0o755)
-    shutil.copy(build / "threads", root / "bin/threads")
-    shutil.copy(build / "spawn", root / "bin/spawn")
-    return root
+def needs_busybox(driver: Driver) -> None:
+    if not (driver.source / "bin/busybox").exists():
+        pytest.skip("busybox not installed")
 
 
-def test_bash_script_tree_sources_and_calls_binaries(repo: Path) -> None:
-    r = traced(repo, [f"{MOUNT}/bin/main.sh"])
+def test_bash_script_tree_sources_and_calls_binaries(driver: Driver) -> None:
+    r = driver.run([f"{driver.root}/bin/main.sh"])
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"tool fromsh conf-line\nA=1 B=2 C=3 pwd={MOUNT}/lib\n"
+    assert r.stdout == f"tool fromsh conf-line\nA=1 B=2 C=3 pwd={driver.root}/lib\n"
 
 
-def test_python_imports_package_from_cvmfs(repo: Path) -> None:
+def test_python_imports_package_from_cvmfs(driver: Driver) -> None:
     code = "import pkg, pkg.sub.mod as m; print(pkg.VALUE, m.__file__)"
-    r = traced(repo, [sys.executable, "-c", code], env={"PYTHONPATH": f"{MOUNT}/py"})
+    r = driver.run([sys.executable, "-c", code], env={"PYTHONPATH": f"{driver.root}/py"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"forty-two {MOUNT}/py/pkg/sub/mod.py\n"
+    assert r.stdout == f"forty-two {driver.root}/py/pkg/sub/mod.py\n"
 
 
-def test_gcc_with_headers_and_library_in_cvmfs(repo: Path, tmp_path: Path) -> None:
-    out = tmp_path / "prog"
-    r = traced(
-        repo,
-        ["gcc", f"-I{MOUNT}/include", f"{MOUNT}/src/main.c", f"-L{MOUNT}/lib", "-lmylib",
+@pytest.mark.slow
+@with_ram_files
+def test_gcc_with_headers_and_library_in_cvmfs(driver: Driver, tmp_path: Path) -> None:
+    root, out = driver.root, tmp_path / "prog"
+    r = driver.run(
+        ["gcc", f"-I{root}/include", f"{root}/src/main.c", f"-L{root}/lib", "-lmylib",
          "-o", str(out)],
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    r = traced(repo, [str(out)], env={"LD_LIBRARY_PATH": f"{MOUNT}/lib"})
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "answer 42\n"
+    r = driver.run([str(out)], env={"LD_LIBRARY_PATH": f"{root}/lib"})
+    assert (r.returncode, r.stdout) == (0, "answer 42\n"), r.stderr
 
 
-def test_shebang_interpreter_in_cvmfs(repo: Path) -> None:
-    if not (repo / "bin/busybox").exists():
-        pytest.skip("busybox not installed")
-    r = traced(repo, [f"{MOUNT}/bin/bb-script", "arg1"])
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == f"bb {MOUNT}/bin/bb-script arg1\n"
-    r = traced(repo, [f"{MOUNT}/bin/nested", "z"])
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == f"interp -x {MOUNT}/bin/nested z\n"
+@with_ram_files
+def test_shebang_interpreters_in_cvmfs(driver: Driver) -> None:
+    """A script whose interpreter is a static binary in /cvmfs, and a script whose
+    interpreter is itself a script in /cvmfs (with an argument on the ``#!`` line)."""
+    needs_busybox(driver)
+    r = driver.run([f"{driver.root}/bin/bb-script", "arg1"])
+    assert (r.returncode, r.stdout) == (0, f"bb {driver.root}/bin/bb-script arg1\n"), r.stderr
+    r = driver.run([f"{driver.root}/bin/nested", "z"])
+    assert (r.returncode, r.stdout) == (0, f"interp -x {driver.root}/bin/nested z\n"), r.stderr
 
 
-def test_static_busybox_from_cvmfs(repo: Path) -> None:
-    if not (repo / "bin/busybox").exists():
-        pytest.skip("busybox not installed")
-    bb = f"{MOUNT}/bin/busybox"
-    r = traced(repo, [bb, "sh", "-c", f"cd {MOUNT}/etc && {bb} cat conf && {bb} ls {MOUNT}/lib"])
+@pytest.mark.slow
+@with_ram_files
+def test_static_busybox_from_cvmfs(driver: Driver) -> None:
+    needs_busybox(driver)
+    root, bb = driver.root, f"{driver.root}/bin/busybox"
+    r = driver.run([bb, "sh", "-c", f"cd {root}/etc && {bb} cat conf && {bb} ls {root}/lib"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["conf-line", "a.sh", "b.sh", "c.sh", "libmylib.so"]
 
 
-def test_eight_threads_open_concurrently(repo: Path) -> None:
-    r = traced(repo, [f"{MOUNT}/bin/threads"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout == "threads done failures=0\n"
+def test_eight_threads_open_and_read_concurrently(driver: Driver) -> None:
+    r = driver.run([f"{driver.root}/bin/threads"])
+    assert (r.returncode, r.stdout) == (0, "threads done failures=0\n"), r.stderr
 
 
-def test_proc_self_exe_names_the_cvmfs_path(repo: Path) -> None:
-    r = traced(repo, [f"{MOUNT}/bin/self-exe"])
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == f"{MOUNT}/bin/self-exe\n" * 2
-
-
-def test_vfork_and_posix_spawn(repo: Path) -> None:
-    r = traced(repo, [f"{MOUNT}/bin/spawn"])
+def test_vfork_and_posix_spawn(driver: Driver) -> None:
+    r = driver.run([f"{driver.root}/bin/spawn"])
     assert r.returncode == 0, r.stderr
     assert r.stdout == (
         "tool spawned conf-line\nposix_spawn status=0\ntool vforked conf-line\nvfork status=0\n"
     )
 
 
-def test_make_j4_from_cvmfs_makefile(repo: Path, tmp_path: Path) -> None:
-    r = traced(repo, ["make", "-j4", "-f", f"{MOUNT}/mk/Makefile"], cwd=tmp_path)
+@pytest.mark.slow
+def test_make_j4_from_cvmfs_makefile(driver: Driver, tmp_path: Path) -> None:
+    r = driver.run(["make", "-j4", "-f", f"{driver.root}/mk/Makefile"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "libu.a").exists()
     assert sorted(p.name for p in tmp_path.glob("*.o")) == [f"u{i}.o" for i in range(8)]
+    assert (tmp_path / "libu.a").exists()
+
+
+@with_ram_files
+def test_proc_self_exe_names_the_cvmfs_path(driver: Driver) -> None:
+    r = driver.run([f"{driver.root}/bin/self-exe"])
+    assert (r.returncode, r.stdout) == (0, f"{driver.root}/bin/self-exe\n" * 2), r.stderr
