@@ -531,7 +531,13 @@ async def run_worker(cfg: ProxyConfig, repos: dict[str, RepoDir], sock: socket.s
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        try:
+            # aiohttp waits up to shutdown_timeout for running handlers and then as long again
+            # for the ones it cancelled; the whole drain is bounded by shutdown_timeout here,
+            # and what is still running then is cut (cancelled with the loop's other tasks)
+            await asyncio.wait_for(runner.cleanup(), cfg.shutdown_timeout)
+        except TimeoutError:
+            log.warning("responses still in flight after %g s; cutting them", cfg.shutdown_timeout)
         for task in tasks:
             task.cancel()
         await app.close()

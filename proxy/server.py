@@ -143,6 +143,10 @@ def _supervise(cfg: ProxyConfig, repos: dict[str, RepoDir], socks: list[socket.s
         if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
             stopping = True
             deadline = time.monotonic() + cfg.shutdown_timeout + 5
+            # the parent's copies of the listening sockets would keep the port accepting
+            # connections that no worker serves any more (they hang until exit): drop them
+            for s in socks:
+                s.close()
             for pid in children:
                 os.kill(pid, signal.SIGTERM)
             continue
@@ -169,6 +173,8 @@ def _supervise(cfg: ProxyConfig, repos: dict[str, RepoDir], socks: list[socket.s
                 print("hep-proxy: workers keep dying; stopping", file=sys.stderr, flush=True)
                 stopping, status = True, 1
                 deadline = now + cfg.shutdown_timeout + 5
+                for s in socks:
+                    s.close()
                 for other in children:
                     os.kill(other, signal.SIGTERM)
                 continue

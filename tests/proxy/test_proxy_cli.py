@@ -4,7 +4,11 @@ rate and header limits, no-cache re-verification."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import pytest
 
 from tests.support.proxy_process import (
     ProxyProcess,
+    proxy_env,
     raw_exchange,
     read_response,
     run_cli,
@@ -19,6 +24,7 @@ from tests.support.proxy_process import (
     status_of,
 )
 from tests.support.repos import Repo, publish_tree
+from tests.support.waiting import wait_until
 
 DEMO = "cli.example.org"
 
@@ -41,12 +47,6 @@ def started() -> Iterator[list[ProxyProcess]]:
     for p in procs:
         assert p.stop() == 0
         assert "Traceback" not in p.errors(), p.errors()
-
-
-def _objects(repo: Repo) -> list[str]:
-    return sorted(
-        str(p.relative_to(repo.dir)) for p in (repo.dir / "data").glob("??/*") if p.is_file()
-    )
 
 
 def _one_line_error(result, *needles: str) -> None:
@@ -115,7 +115,7 @@ def test_config_file_with_flags_winning(repo: Repo, tmp_path: Path, started) -> 
     started.append(p)
     with socket.create_connection(("127.0.0.1", p.port)) as s:
         buf = bytearray()
-        for rel, want in ((".cvmfspublished", "max-age=7"), (_objects(repo)[0], "max-age=3600")):
+        for rel, want in ((".cvmfspublished", "max-age=7"), (repo.objects()[0], "max-age=3600")):
             s.sendall(f"GET /cvmfs/{DEMO}/{rel} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert read_response(s, buf).header("Cache-Control") == want
 
@@ -141,7 +141,7 @@ def test_allow_list(repo: Repo, tmp_path: Path, started) -> None:
 def test_rate_limit_per_client(repo: Repo, tmp_path: Path, started) -> None:
     p = start_proxy(tmp_path, "--store", str(repo.store), "--rate-limit", "2")
     started.append(p)
-    rel = _objects(repo)[0]
+    rel = repo.objects()[0]
     statuses = []
     with socket.create_connection(("127.0.0.1", p.port)) as s:
         buf = bytearray()
@@ -184,7 +184,7 @@ def test_no_cache_reverifies_from_disk(tmp_path: Path, started) -> None:
     repo, _ = publish_tree(src, tmp_path / "store", DEMO, tmp_path / "keys")
     p = start_proxy(tmp_path, "--store", str(repo.store))
     started.append(p)
-    rel = next(r for r in _objects(repo) if not r.endswith(("C", "X")))
+    rel = next(r for r in repo.objects() if not r.endswith(("C", "X")))
     target = f"/cvmfs/{DEMO}/{rel}"
     good = (repo.dir / rel).read_bytes()
     with socket.create_connection(("127.0.0.1", p.port)) as s:
@@ -204,10 +204,6 @@ def test_no_cache_reverifies_from_disk(tmp_path: Path, started) -> None:
 
 
 def test_workers_share_the_port_and_are_restarted(repo: Repo, tmp_path: Path, started) -> None:
-    import signal
-    import time
-    import urllib.request
-
     p = start_proxy(tmp_path, "--store", str(repo.store), workers=2)
     started.append(p)
     pids = p.worker_pids()
@@ -216,13 +212,13 @@ def test_workers_share_the_port_and_are_restarted(repo: Repo, tmp_path: Path, st
         req = f"GET /cvmfs/{DEMO}/.cvmfspublished HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         assert status_of(raw_exchange(p.port, req.encode())) == 200
     os.kill(pids[0], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def replaced() -> list[int]:
         now = p.worker_pids()
-        if len(now) == 2 and pids[0] not in now:
-            break
-        time.sleep(0.1)
-    assert len(p.worker_pids()) == 2 and pids[0] not in p.worker_pids()
+        return now if len(now) == 2 and pids[0] not in now else []
+
+    now = wait_until(replaced, 10, what="the killed worker replaced by a new one")
+    assert pids[1] in now  # the other worker was left alone
     for _ in range(20):
         with urllib.request.urlopen(p.url("/healthz"), timeout=5) as r:
             assert r.status == 200
@@ -239,29 +235,25 @@ def test_ipv6_loopback(repo: Repo, tmp_path: Path) -> None:
         except OSError:
             pytest.skip("no IPv6 loopback")
         port = s.getsockname()[1]
-    import subprocess
-    import sys
-
-    from tests.support.proxy_process import proxy_env
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--store", str(repo.store),
          "--listen", f"[::1]:{port}", "--workers", "1", "--access-log", "off"],
         env=proxy_env(), stderr=subprocess.PIPE,
     )  # fmt: skip
-    try:
-        import time
 
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("::1", port), timeout=2) as c:
-                    c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    assert c.recv(100).startswith(b"HTTP/1.1 200")
-                    break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.1)
+    def listening() -> bool:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            socket.create_connection(("::1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    try:
+        wait_until(listening, 15, what=f"hep-proxy listening on [::1]:{port}", interval=0.05)
+        with socket.create_connection(("::1", port), timeout=5) as c:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert c.recv(100).startswith(b"HTTP/1.1 200")
     finally:
         proc.terminate()
         assert proc.wait(20) == 0

@@ -1,92 +1,59 @@
-"""Upstream fill against a real Stratum-1 stand-in (an aiohttp server on loopback serving a
-published repository): verified fill, corrupted objects refused, single upstream fetch for
-200 concurrent misses across worker processes, manifest never ahead of the store."""
+"""Upstream fill against a real Stratum-1 stand-in (tests.support.store_server.StoreServer on
+loopback serving a published repository): verified fill with one upstream request per object,
+corrupted objects refused, single upstream fetch for 200 concurrent misses across worker
+processes, manifest never ahead of the store."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.objects import Suffix
 from tests.support.proxy_process import ProxyProcess, start_proxy
 from tests.support.repos import Repo, publish_tree
+from tests.support.store_server import StoreServer
+from tests.support.waiting import async_wait_until
 
 FQRN = "up.example.org"
+NOWHERE = "data/00/00000000000000000000000000000000000000"
 
 
-@dataclass
-class Stratum1:
-    """A static server for ``store`` with request counting, delays and fault injection."""
-
-    store: Path
-    port: int = 0
-    delay: float = 0.0
-    hits: Counter[str] = field(default_factory=Counter)
-    corrupt: set[str] = field(default_factory=set)
-    missing: set[str] = field(default_factory=set)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
-        self.hits[path] += 1
-        if self.delay and "/data/" in path:
-            await asyncio.sleep(self.delay)
-        rel = path.removeprefix("/cvmfs/")
-        if rel in self.missing or ".." in rel:
-            raise web.HTTPNotFound()
-        try:
-            body = (self.store / rel).read_bytes()
-        except OSError:
-            raise web.HTTPNotFound() from None
-        if rel in self.corrupt:
-            body = body[:-1] + bytes([body[-1] ^ 0xFF])
-        return web.Response(body=body, content_type="application/octet-stream")
-
-    def rel(self, relpath: str) -> str:
-        return f"{FQRN}/{relpath}"
+def _up(rel: str) -> str:
+    """The URL path the Stratum-1 sees for ``rel``."""
+    return f"/cvmfs/{FQRN}/{rel}"
 
 
 @pytest.fixture
-async def upstream(tmp_path: Path) -> AsyncIterator[tuple[Stratum1, Repo, Path]]:
+def upstream(tmp_path: Path) -> Iterator[tuple[StoreServer, Repo, Path]]:
     src = tmp_path / "src"
     (src / "pkg").mkdir(parents=True)
     for i in range(4):
         (src / "pkg" / f"f{i}.dat").write_bytes(os.urandom(2000 + i))
     repo, _ = publish_tree(src, tmp_path / "s1", FQRN, tmp_path / "keys")
-    s1 = Stratum1(repo.store)
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", s1.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    s1.port = runner.addresses[0][1]
+    s1 = StoreServer(repo.store)
     yield s1, repo, src
-    await runner.cleanup()
+    s1.stop()
 
 
-def _objects(repo: Repo) -> list[str]:
-    return sorted(
-        str(p.relative_to(repo.dir)) for p in (repo.dir / "data").glob("??/*") if p.is_file()
-    )
+def _file_object(repo: Repo) -> str:
+    """A regular file's object (not a catalog, not the certificate)."""
+    return next(r for r in repo.objects() if not r.endswith(("C", "X")))
 
 
-async def _start(tmp: Path, s1: Stratum1, *extra: str, workers: int = 1) -> ProxyProcess:
+async def _start(tmp: Path, s1: StoreServer, *extra: str, workers: int = 1) -> ProxyProcess:
     store = tmp / "proxy-store"
     store.mkdir(exist_ok=True)
     return await asyncio.to_thread(
         start_proxy,
         tmp,
         "--store", str(store),
-        "--upstream", f"{FQRN}=http://127.0.0.1:{s1.port}/cvmfs/@fqrn@",
+        "--upstream", f"{FQRN}={s1.url}/cvmfs/@fqrn@",
         *extra,
         workers=workers,
     )  # fmt: skip
@@ -97,7 +64,9 @@ async def _stop(p: ProxyProcess) -> None:
     assert "Traceback" not in p.errors(), p.errors()
 
 
-async def test_fill_manifest_then_objects(upstream, tmp_path: Path) -> None:
+async def test_fill_manifest_then_objects(
+    upstream: tuple[StoreServer, Repo, Path], tmp_path: Path
+) -> None:
     s1, repo, _ = upstream
     p = await _start(tmp_path, s1)
     local = tmp_path / "proxy-store" / FQRN
@@ -108,33 +77,44 @@ async def test_fill_manifest_then_objects(upstream, tmp_path: Path) -> None:
                 raw = await r.read()
             assert raw == (repo.dir / ".cvmfspublished").read_bytes()
             m = parse_manifest(raw).manifest
-            # what the manifest needs is in the store before it is served
-            assert (local / m.root_catalog.object_path(Suffix.CATALOG)).is_file()
             assert m.certificate is not None
-            assert (local / m.certificate.object_path(Suffix.CERTIFICATE)).is_file()
+            catalog = m.root_catalog.object_path(Suffix.CATALOG)
+            certificate = m.certificate.object_path(Suffix.CERTIFICATE)
+            # the manifest came from upstream, with what it needs, each asked for once ...
+            assert dict(s1.requests) == {
+                _up(".cvmfspublished"): 1,
+                _up(".cvmfswhitelist"): 1,
+                _up(catalog): 1,
+                _up(certificate): 1,
+            }
+            # ... and in the store before the manifest was served
+            assert (local / catalog).is_file() and (local / certificate).is_file()
             assert (local / ".cvmfswhitelist").read_bytes() == (
                 repo.dir / ".cvmfswhitelist"
             ).read_bytes()
-            for rel in _objects(repo):
+            for rel in repo.objects():
                 for _ in range(2):
                     async with http.get(p.url(f"/cvmfs/{FQRN}/{rel}")) as r:
                         assert r.status == 200, rel
                         assert await r.read() == (repo.dir / rel).read_bytes()
                 assert (local / rel).read_bytes() == (repo.dir / rel).read_bytes()
-                assert s1.hits[f"/cvmfs/{s1.rel(rel)}"] == 1, rel
-            async with http.get(
-                p.url(f"/cvmfs/{FQRN}/data/00/00000000000000000000000000000000000000")
-            ) as r:
+                # filled with one upstream request; the second answer came from the store
+                assert s1.requests[_up(rel)] == 1, rel
+            async with http.get(p.url(f"/cvmfs/{FQRN}/{NOWHERE}")) as r:
                 assert r.status == 404
+            assert s1.requests[_up(NOWHERE)] == 1  # asked upstream, which has no such object
+            assert sum(s1.requests.values()) == 2 + len(repo.objects()) + 1
     finally:
         await _stop(p)
     assert not [f for f in (local / "data" / "txn").iterdir()]
 
 
-async def test_corrupted_upstream_object_is_refused(upstream, tmp_path: Path) -> None:
+async def test_corrupted_upstream_object_is_refused(
+    upstream: tuple[StoreServer, Repo, Path], tmp_path: Path
+) -> None:
     s1, repo, _ = upstream
-    rel = next(r for r in _objects(repo) if not r.endswith(("C", "X")))
-    s1.corrupt.add(s1.rel(rel))
+    rel = _file_object(repo)
+    s1.corrupt.add(_up(rel))
     p = await _start(tmp_path, s1)
     local = tmp_path / "proxy-store" / FQRN
     try:
@@ -142,21 +122,28 @@ async def test_corrupted_upstream_object_is_refused(upstream, tmp_path: Path) ->
             async with http.get(p.url(f"/cvmfs/{FQRN}/{rel}")) as r:
                 assert r.status == 502
                 assert "error=" in r.headers.get("Proxy-Status", "")
+            assert s1.requests[_up(rel)] == 1  # the corrupt bytes did come from upstream
             assert not (local / rel).exists()
             assert not [f for f in (local / "data" / "txn").iterdir()]
-            s1.corrupt.clear()  # upstream repaired: no negative caching
+            s1.corrupt.clear()  # upstream repaired: no negative caching, upstream asked again
             async with http.get(p.url(f"/cvmfs/{FQRN}/{rel}")) as r:
                 assert r.status == 200
                 assert await r.read() == (repo.dir / rel).read_bytes()
+            assert s1.requests[_up(rel)] == 2
+            async with http.get(p.url(f"/cvmfs/{FQRN}/{rel}")) as r:
+                assert r.status == 200
+            assert s1.requests[_up(rel)] == 2  # stored now: served without upstream
     finally:
         await _stop(p)
     assert "content hash mismatch" in p.errors()
 
 
-async def test_200_concurrent_misses_make_one_upstream_fetch(upstream, tmp_path: Path) -> None:
+async def test_200_concurrent_misses_make_one_upstream_fetch(
+    upstream: tuple[StoreServer, Repo, Path], tmp_path: Path
+) -> None:
     s1, repo, _ = upstream
-    s1.delay = 0.5
-    rel = next(r for r in _objects(repo) if not r.endswith(("C", "X")))
+    s1.delay, s1.delay_data_only = 0.5, True
+    rel = _file_object(repo)
     body = (repo.dir / rel).read_bytes()
     p = await _start(tmp_path, s1, workers=2)
     try:
@@ -169,33 +156,61 @@ async def test_200_concurrent_misses_make_one_upstream_fetch(upstream, tmp_path:
 
             results = await asyncio.gather(*(one() for _ in range(200)))
         assert all(r == (200, body) for r in results)
-        assert s1.hits[f"/cvmfs/{s1.rel(rel)}"] == 1
+        assert s1.requests[_up(rel)] == 1
+        assert sum(s1.requests.values()) == 1  # nothing else was asked for
     finally:
         await _stop(p)
 
 
-async def test_manifest_never_ahead_of_the_store(upstream, tmp_path: Path) -> None:
+@pytest.mark.slow  # two manifest_max_age periods
+async def test_manifest_never_ahead_of_the_store(
+    upstream: tuple[StoreServer, Repo, Path], tmp_path: Path
+) -> None:
     s1, repo, src = upstream
     p = await _start(tmp_path, s1, "--manifest-max-age", "1")
     url = p.url(f"/cvmfs/{FQRN}/.cvmfspublished")
+    local = tmp_path / "proxy-store" / FQRN
     try:
         async with aiohttp.ClientSession() as http:
-            async with http.get(url) as r:
-                assert parse_manifest(await r.read()).manifest.revision == 1
+
+            async def served_revision() -> int:
+                async with http.get(url) as r:
+                    assert r.status == 200
+                    return parse_manifest(await r.read()).manifest.revision
+
+            assert await served_revision() == 1
             # upstream publishes revision 2, but its root catalog cannot be fetched yet
             (src / "pkg" / "new.dat").write_bytes(b"new in revision 2\n")
             await asyncio.to_thread(publish_tree, src, repo.store, FQRN, repo.keys_dir)
             new = parse_manifest((repo.dir / ".cvmfspublished").read_bytes()).manifest
             catalog = new.root_catalog.object_path(Suffix.CATALOG)
-            s1.missing.add(s1.rel(catalog))
-            await asyncio.sleep(1.2)
-            async with http.get(url) as r:
-                assert r.status == 200
-                assert parse_manifest(await r.read()).manifest.revision == 1
+            s1.missing.add(_up(catalog))
+
+            async def tried_revision_2() -> bool:
+                assert await served_revision() == 1  # never the manifest the store lacks
+                return s1.requests[_up(catalog)] >= 1
+
+            # once manifest_max_age has passed, a manifest request makes the proxy look
+            # upstream, see revision 2 and ask for its catalog (in vain)
+            tried: Callable[[], bool | Awaitable[bool]] = tried_revision_2  # (typed for mypy)
+            await async_wait_until(
+                tried,
+                10,
+                what="the proxy asking upstream for the new catalog",
+                interval=0.05,
+            )
+            assert await served_revision() == 1
+            tries = s1.requests[_up(catalog)]
             s1.missing.clear()
-            await asyncio.sleep(1.2)
-            async with http.get(url) as r:
-                assert parse_manifest(await r.read()).manifest.revision == 2
-            assert (tmp_path / "proxy-store" / FQRN / catalog).is_file()
+
+            async def adopted_revision_2() -> bool:
+                revision = await served_revision()
+                if revision == 2:
+                    assert (local / catalog).is_file()  # the store backs what was served
+                return revision == 2
+
+            adopted: Callable[[], bool | Awaitable[bool]] = adopted_revision_2
+            await async_wait_until(adopted, 10, what="the proxy adopting revision 2", interval=0.05)
+            assert s1.requests[_up(catalog)] == tries + 1  # filled with one request
     finally:
         await _stop(p)

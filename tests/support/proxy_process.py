@@ -1,4 +1,5 @@
-"""Helpers for hep-proxy tests: start the real CLI on a free loopback port, raw HTTP on sockets."""
+"""Helpers for hep-proxy tests: start the real CLI on a free loopback port, read its access
+log and metrics, raw HTTP on sockets."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.support.network import free_port
 from tests.support.repos import PROJECT
+from tests.support.waiting import wait_until
 
 
 @dataclass
@@ -44,6 +48,47 @@ class ProxyProcess:
             ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
         ).stdout.split()
         return [int(p) for p in out] or [self.proc.pid]
+
+    def log_lines(self) -> list[str]:
+        """The access log as written so far (workers write it in batches twice a second)."""
+        if not self.access_log.exists():
+            return []
+        return self.access_log.read_text(errors="replace").splitlines()
+
+    def flushed_log(self, timeout: float = 10) -> list[str]:
+        """The access log once every request answered before this call is in it.
+
+        Sends a marker request and waits for its line: a worker writes its lines in order, so
+        whatever it answered earlier is in the file by then. Only meaningful with one worker
+        (the marker reaches one worker of several). The marker's line is left out.
+        """
+        token = uuid.uuid4().hex
+        with urllib.request.urlopen(self.url(f"/healthz?flush={token}"), timeout=5) as r:
+            r.read()
+
+        wait_until(
+            lambda: any(token in line for line in self.log_lines()),
+            timeout,
+            what=f"the access log of {self.url('')} flushed",
+        )
+        return [line for line in self.log_lines() if token not in line]
+
+    def metrics(self) -> dict[str, float]:
+        """One scrape of /metrics: ``name{label="v",…}`` (labels sorted) → value."""
+        with urllib.request.urlopen(self.url("/metrics"), timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[sample_key(s.name, **s.labels)] = s.value
+        return out
+
+
+def sample_key(name: str, **labels: str) -> str:
+    """The key :meth:`ProxyProcess.metrics` uses for one sample."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
 
 
 def proxy_env() -> dict[str, str]:
@@ -76,18 +121,24 @@ def start_proxy(tmp: Path, *args: str, workers: int = 1, port: int | None = None
     with stderr.open("wb") as err:
         proc = subprocess.Popen(cmd, env=proxy_env(), stderr=err, stdout=subprocess.DEVNULL)
     p = ProxyProcess(proc, port, stderr, access)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"hep-proxy exited with {proc.returncode}: {p.errors()}")
         try:
             with urllib.request.urlopen(p.url("/healthz"), timeout=1) as r:
-                if r.status == 200:
-                    return p
+                status: int = r.status
         except OSError:
-            time.sleep(0.05)
-    p.stop()
-    raise AssertionError(f"hep-proxy did not come up: {p.errors()}")
+            return False
+        return status == 200
+
+    try:
+        wait_until(healthy, 20, what=f"hep-proxy answering /healthz on port {port}", interval=0.05)
+    except BaseException:
+        if proc.poll() is None:
+            p.stop()
+        raise
+    return p
 
 
 @dataclass
