@@ -2122,12 +2122,17 @@ static void restart_notified_call(pid_t tid)
 }
 
 /* Handle one waitpid report (under big and the GIL). */
+/* The command's pid while it runs, for forward_signal (0: nobody to tell; cleared when it
+ * is reaped, so a reused pid never gets a signal meant for it). */
+static volatile pid_t forward_to;
+
 static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
 {
     if (WIFEXITED(status) || WIFSIGNALED(status)) {
         thread_forget(tid);
         fo_gone(tid);
         if (tid == child) {
+            forward_to = 0;
             /* The job is over when the command is, as under a batch system: processes
              * it left behind are killed rather than waited for. */
             *exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -2253,6 +2258,27 @@ static int recv_report(int sock, int *err, int *fd)
     return n == (ssize_t)sizeof body ? body[0] : 0;
 }
 
+#define N_FWD_SIGS 7
+
+/* Pass a signal sent to hep-exec on to the command.  One the kernel made for a terminal's
+ * process group (^C, ^\, a hang-up: si_code SI_KERNEL) has reached the command already. */
+static void forward_signal(int sig, siginfo_t *info, void *uctx)
+{
+    (void)uctx;
+    int saved_errno = errno;
+    if (forward_to > 0 && info->si_code != SI_KERNEL)
+        kill(forward_to, sig);
+    errno = saved_errno;
+}
+
+static void restore_signals(const int *sigs, const struct sigaction *saved, const int *forwarding)
+{
+    forward_to = 0;
+    for (int i = 0; i < N_FWD_SIGS; i++)
+        if (forwarding[i])
+            sigaction(sigs[i], &saved[i], NULL);
+}
+
 static PyObject *trap_run(PyObject *self, PyObject *args)
 {
     PyObject *argv_o, *env_o, *h;
@@ -2310,23 +2336,30 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     /* Like a shell running a foreground job: ^C and ^\ are for the command, which gets them
-     * from the terminal; the tracer keeps going until the command has reacted. */
-    static const int quit_sigs[2] = {SIGINT, SIGQUIT};
-    struct sigaction saved[2];
-    int ignored[2] = {0, 0};
-    for (int i = 0; i < 2; i++) {
-        struct sigaction ign;
-        memset(&ign, 0, sizeof ign);
-        ign.sa_handler = SIG_IGN;
-        if (sigaction(quit_sigs[i], NULL, &saved[i]) == 0 && saved[i].sa_handler != SIG_IGN)
-            ignored[i] = sigaction(quit_sigs[i], &ign, NULL) == 0;
+     * from the terminal; the tracer keeps going until the command has reacted.  What a batch
+     * system sends to hep-exec itself (SIGTERM before SIGKILL, SIGHUP, SIGUSR1/2, SIGXCPU, a
+     * kill -INT) is passed on to the command, whose status hep-exec then exits with: the
+     * command's own handlers get their grace period. */
+    static const int fwd_sigs[N_FWD_SIGS] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP,
+                                             SIGUSR1, SIGUSR2, SIGXCPU};
+    struct sigaction saved[N_FWD_SIGS];
+    int forwarding[N_FWD_SIGS] = {0};
+    forward_to = 0;
+    for (int i = 0; i < N_FWD_SIGS; i++) {
+        struct sigaction fwd;
+        memset(&fwd, 0, sizeof fwd);
+        fwd.sa_sigaction = forward_signal;
+        fwd.sa_flags = SA_SIGINFO | SA_RESTART;
+        sigfillset(&fwd.sa_mask);
+        /* a signal the caller ignores (nohup, a background job) stays ignored, for us and for
+         * the command, which inherits the disposition */
+        if (sigaction(fwd_sigs[i], NULL, &saved[i]) == 0 && saved[i].sa_handler != SIG_IGN)
+            forwarding[i] = sigaction(fwd_sigs[i], &fwd, NULL) == 0;
     }
     pid_t parent = getpid();
     pid_t child = fork();
     if (child < 0) {
-        for (int i = 0; i < 2; i++)
-            if (ignored[i])
-                sigaction(quit_sigs[i], &saved[i], NULL);
+        restore_signals(fwd_sigs, saved, forwarding);
         free_cstrings(cargv);
         free_cstrings(cenv);
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -2345,9 +2378,9 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         /* what Python ignores for itself, and what the tracer ignores while it runs */
         signal(SIGPIPE, SIG_DFL);
         signal(SIGXFSZ, SIG_DFL);
-        for (int i = 0; i < 2; i++)
-            if (ignored[i])
-                signal(quit_sigs[i], SIG_DFL);
+        for (int i = 0; i < N_FWD_SIGS; i++)
+            if (forwarding[i])
+                signal(fwd_sigs[i], SIG_DFL);
         /* The filter goes in before the tracer attaches: nothing it traps runs until exec,
          * which waits for "go". */
         int lfd = install_filter(notify);
@@ -2373,6 +2406,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         if (write(err[1], e, sizeof e) < 0) {}
         _exit(errno == ENOENT ? 127 : 126);
     }
+    forward_to = child;
     close(go[0]);
     close(err[1]);
     close(ctl[1]);
@@ -2394,9 +2428,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     else if (ptrace(PTRACE_SEIZE, child, 0, (void *)opts) != 0)
         seize_err = errno;
     if (seize_err) {
-        for (int i = 0; i < 2; i++)
-            if (ignored[i])
-                sigaction(quit_sigs[i], &saved[i], NULL);
+        restore_signals(fwd_sigs, saved, forwarding);
         kill(child, SIGKILL);
         waitpid(child, NULL, 0);
         close(go[1]);
@@ -2421,9 +2453,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
             stop_notify_threads();
             close(go[1]);
             close(err[0]);
-            for (int i = 0; i < 2; i++)
-                if (ignored[i])
-                    sigaction(quit_sigs[i], &saved[i], NULL);
+            restore_signals(fwd_sigs, saved, forwarding);
             thread_forget(child);
             fo_fini();
             return PyErr_Format(PyExc_OSError, "cannot start the notification thread");
@@ -2490,9 +2520,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     stop_notify_threads();
     Py_END_ALLOW_THREADS
-    for (int i = 0; i < 2; i++)
-        if (ignored[i])
-            sigaction(quit_sigs[i], &saved[i], NULL);
+    restore_signals(fwd_sigs, saved, forwarding);
     Py_CLEAR(handler);
     size_t cached = table_len;
     cache_clear();

@@ -1,0 +1,137 @@
+"""Regression tests for hep-exec defects found by an adversarial run (each failed before its fix).
+
+Real hep-exec against a repository published by our publisher and served by nginx on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.hep_exec import Served, hep_exec_cmd
+from tests.support.tracing import ensure_built, env_with
+
+FQRN = "defects.test.org"
+ROOT = f"/cvmfs/{FQRN}"
+
+
+@dataclass(frozen=True)
+class Job:
+    proxy: str
+    key: Path
+    src: Path
+
+    def popen(self, argv: list[str], *, new_session: bool = False) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            hep_exec_cmd(self.proxy, argv, keys=self.key),
+            env=env_with(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=new_session,
+        )
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
+    ensure_built()
+    base = tmp_path_factory.mktemp("defects")
+    src = base / "src"
+    (src / "data").mkdir(parents=True)
+    (src / "data" / "h1").write_bytes(b"hello\n")
+    served = Served(base / "store", base / "keys")
+    repo = served.publish(src, FQRN)
+    proxy = served.serve(base / "nginx")
+    try:
+        yield Job(proxy, repo.master_pub, src)
+    finally:
+        served.stop()
+
+
+# A command that handles the signal like a payload writing its output in the grace period: it
+# reads a /cvmfs file first (so it runs traced), says it is ready, and on the signal writes a
+# file and exits with a status of its own choosing.
+HANDLER = """
+trap 'echo "got {sig}" > {out}; exit 7' {sig}
+cat {root}/data/h1 >/dev/null || exit 99
+echo ready
+while :; do sleep 0.05; done
+"""
+
+
+@pytest.mark.parametrize("sig", ["TERM", "HUP", "INT", "USR1", "USR2", "XCPU"])
+def test_signal_to_hep_exec_reaches_the_command_which_finishes_its_handler(
+    job: Job, tmp_path: Path, sig: str
+) -> None:
+    """A batch system's SIGTERM (then SIGKILL after a grace period) goes to hep-exec: the
+    command's own handler must run, and hep-exec exits with the command's status."""
+    out = tmp_path / "written-by-handler"
+    script = HANDLER.format(sig=sig, root=ROOT, out=out)
+    before = _mirrors()
+    p = job.popen(["bash", "-c", script], new_session=True)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n", p.stderr.read() if p.stderr else ""
+        p.send_signal(getattr(signal, f"SIG{sig}"))
+        assert p.wait(30) == 7, p.stderr.read() if p.stderr else ""
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert out.read_text() == f"got {sig}\n"
+    assert _mirrors() - before == set()  # hep-exec cleaned up after itself
+
+
+def _mirrors() -> set[str]:
+    """hep-exec's private directories in /dev/shm (the shadow tree of a running job)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith("hep-exec-")}
+
+
+def test_sigterm_without_a_handler_ends_the_command_as_natively(job: Job) -> None:
+    p = job.popen(["bash", "-c", f"cat {ROOT}/data/h1 >/dev/null; echo ready; exec sleep 60"])
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_sigterm_handler_gets_its_grace_period_and_hep_exec_waits(job: Job, tmp_path: Path) -> None:
+    """The issue's case: the command traps SIGTERM, writes a file in its handler (taking its
+    time) and exits 0; the file is there and hep-exec exits 0."""
+    out = tmp_path / "result"
+    code = (
+        "import os, signal, sys, time\n"
+        f"open({ROOT!r} + '/data/h1').read()\n"
+        "def term(*_):\n"
+        "    time.sleep(0.5)\n"
+        f"    with open({str(out)!r} + '.tmp', 'w') as f: f.write('saved')\n"
+        f"    os.rename({str(out)!r} + '.tmp', {str(out)!r})\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    p = job.popen(["python3", "-c", code])
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0, p.stderr.read() if p.stderr else ""
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert out.read_text() == "saved"
+    assert not os.path.exists(str(out) + ".tmp")
