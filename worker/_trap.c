@@ -2126,6 +2126,77 @@ static void restart_notified_call(pid_t tid)
  * is reaped, so a reused pid never gets a signal meant for it). */
 static volatile pid_t forward_to;
 
+/* A sender that signals every process of a job itself (a terminal's process group, kill -PGID,
+ * Slurm's signal to each task) reaches the command directly as well as through hep-exec: of
+ * such a pair the command gets only the first, as it would natively.  Per signal: the last
+ * one passed on (who sent it to hep-exec, when, and which of the pair the command has had)
+ * and the last one the command got directly from someone else. */
+#define FWD_NSIG 32
+typedef struct {
+    pid_t sender;
+    int ours_delivered, direct_delivered;
+    struct timespec at;
+} fwd_rec_t;
+static volatile fwd_rec_t fwd_rec[FWD_NSIG];
+static volatile fwd_rec_t direct_rec[FWD_NSIG];
+
+static int within_a_second(const volatile struct timespec *at)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long ms = (now.tv_sec - at->tv_sec) * 1000L + (now.tv_nsec - at->tv_nsec) / 1000000L;
+    return at->tv_sec != 0 && ms <= 1000;
+}
+
+/* The process a tracee thread belongs to (0 if unknown). */
+static pid_t tgid_of(pid_t tid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    const char *t = strstr(buf, "\nTgid:");
+    return t ? (pid_t)atoi(t + 7) : 0;
+}
+
+/* At a signal-delivery stop of a tracee: true when the command must not get this signal
+ * because it is the second of a pair (see fwd_rec). */
+static int duplicate_forward(pid_t tid, pid_t child, int sig)
+{
+    if (sig <= 0 || sig >= FWD_NSIG)
+        return 0;
+    siginfo_t si;
+    if (ptrace(PTRACE_GETSIGINFO, tid, 0, &si) != 0)
+        return 0;
+    if (si.si_code != SI_USER && si.si_code != SI_TKILL && si.si_code != SI_QUEUE)
+        return 0;
+    if (tid != child && tgid_of(tid) != child)
+        return 0;
+    volatile fwd_rec_t *f = &fwd_rec[sig];
+    int paired = within_a_second(&f->at);
+    if (si.si_pid == getpid()) { /* ours */
+        if (paired && f->direct_delivered)
+            return 1;
+        f->ours_delivered = 1;
+        return 0;
+    }
+    if (paired && si.si_pid == f->sender) {
+        if (f->ours_delivered)
+            return 1;
+        f->direct_delivered = 1;
+        return 0;
+    }
+    direct_rec[sig].sender = si.si_pid; /* hep-exec may be told the same in a moment */
+    clock_gettime(CLOCK_MONOTONIC, (struct timespec *)&direct_rec[sig].at);
+    return 0;
+}
+
 static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
 {
     if (WIFEXITED(status) || WIFSIGNALED(status)) {
@@ -2206,6 +2277,10 @@ static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
             ptrace(PTRACE_CONT, tid, 0, 0);
             return;
         }
+        if (duplicate_forward(tid, child, sig)) {
+            ptrace(PTRACE_CONT, tid, 0, 0);
+            return;
+        }
         if (notify_fd >= 0)
             restart_notified_call(tid);
         ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig);
@@ -2261,13 +2336,20 @@ static int recv_report(int sock, int *err, int *fd)
 #define N_FWD_SIGS 7
 
 /* Pass a signal sent to hep-exec on to the command.  One the kernel made for a terminal's
- * process group (^C, ^\, a hang-up: si_code SI_KERNEL) has reached the command already. */
+ * process group (^C, ^\, a hang-up: si_code SI_KERNEL) has reached the command already; one
+ * the command has just had from the same sender is not sent again (see fwd_rec). */
 static void forward_signal(int sig, siginfo_t *info, void *uctx)
 {
     (void)uctx;
     int saved_errno = errno;
-    if (forward_to > 0 && info->si_code != SI_KERNEL)
-        kill(forward_to, sig);
+    pid_t to = forward_to;
+    if (to > 0 && info->si_code != SI_KERNEL && sig > 0 && sig < FWD_NSIG &&
+        !(direct_rec[sig].sender == info->si_pid && within_a_second(&direct_rec[sig].at))) {
+        fwd_rec[sig].ours_delivered = fwd_rec[sig].direct_delivered = 0;
+        fwd_rec[sig].sender = info->si_pid;
+        clock_gettime(CLOCK_MONOTONIC, (struct timespec *)&fwd_rec[sig].at);
+        kill(to, sig);
+    }
     errno = saved_errno;
 }
 
@@ -2345,6 +2427,8 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     struct sigaction saved[N_FWD_SIGS];
     int forwarding[N_FWD_SIGS] = {0};
     forward_to = 0;
+    memset((void *)fwd_rec, 0, sizeof fwd_rec);
+    memset((void *)direct_rec, 0, sizeof direct_rec);
     for (int i = 0; i < N_FWD_SIGS; i++) {
         struct sigaction fwd;
         memset(&fwd, 0, sizeof fwd);

@@ -6,6 +6,7 @@ Real hep-exec against a repository published by our publisher and served by ngin
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.hep_exec import Served, hep_exec_cmd
-from tests.support.tracing import ensure_built, env_with
+from tests.support.tracing import compile_c, ensure_built, env_with
 
 FQRN = "defects.test.org"
 ROOT = f"/cvmfs/{FQRN}"
@@ -135,3 +136,70 @@ def test_sigterm_handler_gets_its_grace_period_and_hep_exec_waits(job: Job, tmp_
             p.wait()
     assert out.read_text() == "saved"
     assert not os.path.exists(str(out) + ".tmp")
+
+
+COUNTER = r"""
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+static volatile sig_atomic_t n;
+static void one(int s)
+{
+    char out[2] = {(char)('0' + (++n > 9 ? 9 : n)), '\n'};
+    (void)s;
+    (void)!write(1, out, 2);
+}
+int main(int argc, char **argv)
+{
+    int fd = open(argv[1], O_RDONLY); /* traced: the file is in /cvmfs */
+    if (argc < 2 || fd < 0)
+        return 99;
+    close(fd);
+    struct sigaction a = {0};
+    a.sa_handler = one;
+    sigaction(SIGUSR1, &a, 0);
+    (void)!write(1, "ready\n", 6);
+    for (;;)
+        pause();
+}
+"""
+
+
+@pytest.mark.parametrize("how", ["hep-exec only", "whole group", "each, command first"])
+def test_a_signal_reaches_the_command_once(job: Job, tmp_path: Path, how: str) -> None:
+    """Sent to hep-exec alone it is passed on; sent to every process of the job (kill -PGID,
+    Slurm signalling each task) the command also gets it directly: either way the command's
+    handler runs once, as natively. (The second, if it came, would follow within
+    milliseconds: a second of silence is the check.)"""
+    prog = compile_c(COUNTER, tmp_path / "counter")
+    p = job.popen([str(prog), f"{ROOT}/data/h1"], new_session=True)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n", p.stderr.read() if p.stderr else ""
+        if how == "whole group":
+            os.killpg(p.pid, signal.SIGUSR1)
+        elif how == "each, command first":  # as a batch system signalling every task may
+            os.kill(_command_pid(p.pid, prog.name), signal.SIGUSR1)
+            assert p.stdout.readline() == "1\n"
+            p.send_signal(signal.SIGUSR1)
+        else:
+            p.send_signal(signal.SIGUSR1)
+        if how != "each, command first":
+            assert p.stdout.readline() == "1\n"
+        more, _, _ = select.select([p.stdout], [], [], 1.0)
+        assert not more, p.stdout.readline()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _command_pid(hep_exec_pid: int, name: str) -> int:
+    """The traced command: hep-exec's child running ``name``."""
+    out = subprocess.run(
+        ["pgrep", "-P", str(hep_exec_pid), "-x", name], capture_output=True, text=True
+    ).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
