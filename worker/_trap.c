@@ -612,6 +612,7 @@ static ssize_t proc_link(pid_t tid, const char *what, char *out, size_t max)
 static size_t collapse(const char *in, size_t n, char *out)
 {
     size_t o = 0, i = 0;
+    int dir_after = 0; /* a '/' or "." after the last name: it must be a directory */
     while (i < n) {
         while (i < n && in[i] == '/')
             i++;
@@ -619,16 +620,19 @@ static size_t collapse(const char *in, size_t n, char *out)
         while (i < n && in[i] != '/')
             i++;
         size_t len = i - s;
+        if (len == 1 && in[s] == '.')
+            dir_after = 1;
         if (len == 0 || (len == 1 && in[s] == '.'))
             continue;
         out[o++] = '/';
         memcpy(out + o, in + s, len);
         o += len;
+        dir_after = 0;
     }
     if (o == 0)
         out[o++] = '/';
-    else if (n > 0 && in[n - 1] == '/')
-        out[o++] = '/'; /* "file/" must still fail with ENOTDIR */
+    else if (dir_after || (n > 0 && in[n - 1] == '/'))
+        out[o++] = '/'; /* "file/" and "file/." must still fail with ENOTDIR */
     out[o] = 0;
     return o;
 }

@@ -203,3 +203,39 @@ def _command_pid(hep_exec_pid: int, name: str) -> int:
     ).stdout.split()
     assert len(out) == 1, out
     return int(out[0])
+
+
+PROBE = """
+import os, sys
+root = sys.argv[1]
+def access(q):
+    if not os.access(q, os.F_OK):
+        raise OSError(0, "access says no")
+calls = (os.stat, os.lstat, lambda q: os.close(os.open(q, os.O_RDONLY)), access)
+for rel in ["data/h1/.", "data/h1/./", "data/h1/", "data/h1/..", "data/h1/./x", "data/.",
+            "data/./", "data/..", "data/../data/h1", "nope/.", "data/h1/../h1"]:
+    out = []
+    for call in calls:
+        try:
+            call(os.path.join(root, rel))
+            out.append("ok")
+        except OSError as e:
+            out.append(str(e.errno))
+    print(rel, *out)
+"""
+
+
+def test_dot_and_dotdot_after_a_file_fail_with_enotdir(job: Job, trap_mode: str) -> None:
+    """`[ -e file/. ]` was true and `cat file/.` printed the file; natively: ENOTDIR."""
+    native = subprocess.run(
+        ["python3", "-c", PROBE, str(job.src)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "data/h1/. 20 20 20 0" in native.splitlines()  # what the kernel says
+    p = job.popen(["python3", "-c", PROBE, ROOT])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert out == native
+    for shell_test in (f"[ -e {ROOT}/data/h1/. ]", f"cat {ROOT}/data/h1/."):
+        q = job.popen(["sh", "-c", shell_test])
+        q.communicate(timeout=60)
+        assert q.returncode != 0, shell_test
