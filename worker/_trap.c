@@ -103,18 +103,32 @@ enum {
 
 /* ---------- syscalls the filter traps ---------- */
 
-static const int trapped[] = {
-    SYS_open, SYS_openat, 437 /* openat2 */, SYS_creat, SYS_stat, SYS_lstat, SYS_newfstatat,
-    332 /* statx */, SYS_fstat, SYS_access, SYS_faccessat, 439 /* faccessat2 */, SYS_readlink,
-    SYS_readlinkat, SYS_execve, SYS_execveat, SYS_chdir, SYS_fchdir, SYS_getcwd, SYS_statfs, SYS_truncate,
-    SYS_mkdir, SYS_mkdirat, SYS_rmdir, SYS_unlink, SYS_unlinkat, SYS_rename, SYS_renameat,
-    316 /* renameat2 */, SYS_link, SYS_linkat, SYS_symlink, SYS_symlinkat, SYS_chmod,
-    SYS_fchmodat, 452 /* fchmodat2 */, SYS_chown, SYS_lchown, SYS_fchownat, SYS_utime,
-    SYS_utimes, SYS_futimesat, SYS_utimensat, SYS_mknod, SYS_mknodat, SYS_setxattr,
-    SYS_lsetxattr, SYS_removexattr, SYS_lremovexattr, SYS_getxattr, SYS_lgetxattr,
-    SYS_listxattr, SYS_llistxattr, 463 /* setxattrat */, 464 /* getxattrat */,
-    465 /* listxattrat */, 466 /* removexattrat */,
-};
+/* The calls the filter traps, with the names --stats prints (one list, so none is nameless). */
+#define TRAPPED_CALLS(X) \
+    X(SYS_open, "open") X(SYS_openat, "openat") X(437, "openat2") X(SYS_creat, "creat") \
+    X(SYS_stat, "stat") X(SYS_lstat, "lstat") X(SYS_newfstatat, "newfstatat") \
+    X(332, "statx") X(SYS_fstat, "fstat") X(SYS_access, "access") \
+    X(SYS_faccessat, "faccessat") X(439, "faccessat2") X(SYS_readlink, "readlink") \
+    X(SYS_readlinkat, "readlinkat") X(SYS_execve, "execve") X(SYS_execveat, "execveat") \
+    X(SYS_chdir, "chdir") X(SYS_fchdir, "fchdir") X(SYS_getcwd, "getcwd") \
+    X(SYS_statfs, "statfs") X(SYS_truncate, "truncate") X(SYS_mkdir, "mkdir") \
+    X(SYS_mkdirat, "mkdirat") X(SYS_rmdir, "rmdir") X(SYS_unlink, "unlink") \
+    X(SYS_unlinkat, "unlinkat") X(SYS_rename, "rename") X(SYS_renameat, "renameat") \
+    X(316, "renameat2") X(SYS_link, "link") X(SYS_linkat, "linkat") \
+    X(SYS_symlink, "symlink") X(SYS_symlinkat, "symlinkat") X(SYS_chmod, "chmod") \
+    X(SYS_fchmodat, "fchmodat") X(452, "fchmodat2") X(SYS_chown, "chown") \
+    X(SYS_lchown, "lchown") X(SYS_fchownat, "fchownat") X(SYS_utime, "utime") \
+    X(SYS_utimes, "utimes") X(SYS_futimesat, "futimesat") X(SYS_utimensat, "utimensat") \
+    X(SYS_mknod, "mknod") X(SYS_mknodat, "mknodat") X(SYS_setxattr, "setxattr") \
+    X(SYS_lsetxattr, "lsetxattr") X(SYS_removexattr, "removexattr") \
+    X(SYS_lremovexattr, "lremovexattr") X(SYS_getxattr, "getxattr") \
+    X(SYS_lgetxattr, "lgetxattr") X(SYS_listxattr, "listxattr") \
+    X(SYS_llistxattr, "llistxattr") X(463, "setxattrat") X(464, "getxattrat") \
+    X(465, "listxattrat") X(466, "removexattrat")
+#define TRAPPED_NR(nr, name) nr,
+#define TRAPPED_NAME(nr, name) name,
+static const int trapped[] = {TRAPPED_CALLS(TRAPPED_NR)};
+static const char *const trapped_names[] = {TRAPPED_CALLS(TRAPPED_NAME)};
 
 /* A listener fd, and callers that stop being interruptible once we have read their call. */
 #define NOTIFY_FILTER_FLAGS \
@@ -1873,10 +1887,12 @@ static PyObject *stats_dict(size_t cached, const char *mode)
     PyObject *per = PyDict_New();
     if (!per)
         return NULL;
-    for (int i = 0; i < NSYS; i++) {
-        if (!n_trapped[i])
+    for (size_t i = 0; i < sizeof trapped / sizeof trapped[0]; i++) {
+        int nr = trapped[i];
+        if (nr < 0 || nr >= NSYS || !n_trapped[nr])
             continue;
-        PyObject *k = PyLong_FromLong(i), *v = PyLong_FromUnsignedLongLong(n_trapped[i]);
+        PyObject *k = PyUnicode_FromString(trapped_names[i]);
+        PyObject *v = PyLong_FromUnsignedLongLong(n_trapped[nr]);
         if (!k || !v || PyDict_SetItem(per, k, v) < 0) {
             Py_XDECREF(k);
             Py_XDECREF(v);

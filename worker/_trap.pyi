@@ -6,7 +6,7 @@ from typing import TypedDict
 Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
 
 class RawStats(TypedDict):
-    trapped: dict[int, int]
+    trapped: dict[str, int]  # by call name
     passed: int
     hits: int
     upcalls: int

@@ -6,6 +6,7 @@ Real hep-exec against a repository published by our publisher and served by ngin
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -239,3 +240,18 @@ def test_dot_and_dotdot_after_a_file_fail_with_enotdir(job: Job, trap_mode: str)
         q = job.popen(["sh", "-c", shell_test])
         q.communicate(timeout=60)
         assert q.returncode != 0, shell_test
+
+
+def test_stats_name_every_trapped_call(job: Job) -> None:
+    """`--stats` printed fchdir as `81`: the names now come with the C list of trapped calls."""
+    script = f"cd {ROOT}/data && python3 -c 'import os; os.fchdir(os.open(\"{ROOT}\", 0))'"
+    r = subprocess.run(
+        hep_exec_cmd(job.proxy, ["bash", "-c", script], keys=job.key, options=["--stats"]),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^hep-exec:\s+fchdir\s+\d+$", r.stderr, re.M), r.stderr
+    assert not re.search(r"^hep-exec:\s+\d+\s+\d+$", r.stderr, re.M), r.stderr  # no numbers
