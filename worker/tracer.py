@@ -66,7 +66,6 @@ SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore t
 Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
 
 
-
 TRAP_MODES = {"ptrace": 0, "notify": 1, "auto": 2}
 
 
