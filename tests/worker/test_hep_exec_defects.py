@@ -255,3 +255,18 @@ def test_stats_name_every_trapped_call(job: Job) -> None:
     assert r.returncode == 0, r.stderr
     assert re.search(r"^hep-exec:\s+fchdir\s+\d+$", r.stderr, re.M), r.stderr
     assert not re.search(r"^hep-exec:\s+\d+\s+\d+$", r.stderr, re.M), r.stderr  # no numbers
+
+
+def test_a_name_that_is_no_repository_is_enoent_silently(job: Job) -> None:
+    """Python probing /cvmfs/lib printed `cannot mount: lib` into the job's stderr."""
+    code = "import os\nfor n in ('lib', 'lib64', 'python3.11'): print(os.path.exists('/cvmfs/'+n))"
+    r = subprocess.run(
+        hep_exec_cmd(job.proxy, ["python3", "-c", code], keys=job.key),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"] * 3
+    assert r.stderr == ""
