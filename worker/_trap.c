@@ -148,6 +148,9 @@ static int ptrace_only(int nr)
     }
 }
 
+/* Refuse io_uring_setup in the command (see install_filter); set by trap_run. */
+static int refuse_io_uring = 1;
+
 /*
  * notify=0: every trapped syscall is a ptrace stop (SECCOMP_RET_TRACE).
  * notify=1: the hot ones (open, stat, access, readlink, getcwd, writes) are sent to a
@@ -170,6 +173,13 @@ static int install_filter(int notify)
     STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
     JUMP(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, 0, 1);
     STMT(BPF_RET | BPF_K, allow);
+    if (refuse_io_uring) {
+        /* io_uring's opens and stats happen in the kernel's workers, where no filter sees
+         * them: a ring would reach the mirror behind /cvmfs.  ENOSYS is what programs and
+         * libraries take for "no io_uring here" and fall back to ordinary calls. */
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, 425 /* io_uring_setup */, 0, 1);
+        STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA));
+    }
     /* fstat (newfstatat/statx with AT_EMPTY_PATH too) stops as well: see fd_stat. */
     if (notify && fo_enabled()) {
         /* calls made by the in-process handler (or injected at exec): their 6th argument is
@@ -2389,10 +2399,12 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     long spin_us = 0;
     int mode = 2; /* 0 ptrace, 1 notify, 2 notify where the kernel does it well */
     int in_process = 1; /* notify mode: opens of published paths inside tracees */
+    int io_uring = 0;   /* let the command set up io_uring rings (see install_filter) */
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOy#y#O|lip", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
-                          &spin_us, &mode, &in_process))
+    if (!PyArg_ParseTuple(args, "OOy#y#O|lipp", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
+                          &spin_us, &mode, &in_process, &io_uring))
         return NULL;
+    refuse_io_uring = !io_uring;
     if (handler) {
         PyErr_SetString(PyExc_RuntimeError, "worker._trap.run is not re-entrant");
         return NULL;
@@ -2670,7 +2682,8 @@ static PyMethodDef methods[] = {
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,
-     "run(argv, env, mount, shadow, handler, spin_us=0, mode=2) -> (status, exec_errno, stats)\n"
+     "run(argv, env, mount, shadow, handler, spin_us=0, mode=2, in_process=1, io_uring=0)\n"
+     "  -> (status, exec_errno, stats)\n"
      "mode: 0 ptrace only, 1 seccomp user notification for hot calls, 2 1 where it is fast.\n"
      "Run argv under ptrace+seccomp; handler(tid, cls, flags, path) answers cache misses."},
     {NULL, NULL, 0, NULL},

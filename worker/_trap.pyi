@@ -29,6 +29,7 @@ def run(
     spin_us: int = 0,
     mode: int = 2,
     in_process: bool = True,
+    io_uring: bool = False,
     /,
 ) -> tuple[int, int, RawStats]: ...
 def forget(path: bytes, /) -> int: ...

@@ -533,6 +533,14 @@ def _parse_shebang(head: bytes) -> tuple[bytes, bytes] | None:
     return interp, arg.strip(b" ")
 
 
+def _env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable (the tracer reads its own: config imports this module)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    return value not in ("0", "no", "false", "off")
+
+
 def _shadow_parent() -> str:
     for cand in ("/dev/shm", os.environ.get("XDG_RUNTIME_DIR", "")):
         if cand and os.path.isdir(cand) and os.access(cand, os.W_OK | os.X_OK):
@@ -549,6 +557,7 @@ def run(
     spin_us: int = 100,
     trap: str | None = None,
     in_process: bool | None = None,
+    io_uring: bool | None = None,
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
 
@@ -570,15 +579,20 @@ def run(
     themselves through a handler mapped into every program image and the patched libc call
     site, with no trap at all (worker/_fastopen.c, worker/TRACER.md).
 
+    ``io_uring`` (default off, ``$HEP_EXEC_IO_URING=1`` turns it on): let the command set up
+    io_uring rings.  Off, io_uring_setup fails with ENOSYS, which programs and libraries take
+    for "no io_uring" and fall back: a ring's opens and stats are made by kernel workers that
+    no filter sees, so they would reach the mirror behind /cvmfs instead of the repository.
+
     Raises :class:`TracerUnavailable` (one line) if ptrace or seccomp is refused.
     """
     from worker import _trap
 
     trap = trap or os.environ.get("HEP_EXEC_TRAP") or "auto"
     if in_process is None:
-        in_process = os.environ.get("HEP_EXEC_IN_PROCESS", "1").strip().lower() not in (
-            "0", "no", "false", "off"
-        )  # fmt: skip
+        in_process = _env_switch("HEP_EXEC_IN_PROCESS", True)
+    if io_uring is None:
+        io_uring = _env_switch("HEP_EXEC_IO_URING", False)
     if trap not in TRAP_MODES:
         raise ValueError(f"trap mode {trap!r}: expected one of {', '.join(TRAP_MODES)}")
     envl = [os.fsencode(f"{k}={v}") for k, v in (os.environ if env is None else env).items()]
@@ -598,6 +612,7 @@ def run(
                 spin_us,
                 TRAP_MODES[trap],
                 in_process,
+                io_uring,
             )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e

@@ -270,3 +270,68 @@ def test_a_name_that_is_no_repository_is_enoent_silently(job: Job) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False"] * 3
     assert r.stderr == ""
+
+
+URING = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <liburing.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+/* Open and read argv[1] through io_uring if there is one, else as any program falls back. */
+int main(int argc, char **argv)
+{
+    struct io_uring ring;
+    char buf[64] = {0};
+    int fd, r = argc > 1 ? io_uring_queue_init(4, &ring, 0) : -EINVAL;
+    if (r < 0) {
+        printf("no io_uring (%s)\n", strerror(-r));
+        fd = open(argv[1], O_RDONLY);
+    } else {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+        io_uring_prep_openat(sqe, AT_FDCWD, argv[1], O_RDONLY, 0);
+        io_uring_submit(&ring);
+        struct io_uring_cqe *cqe;
+        io_uring_wait_cqe(&ring, &cqe);
+        fd = cqe->res;
+        io_uring_cqe_seen(&ring, cqe);
+        printf("io_uring open: %s\n", fd < 0 ? strerror(-fd) : "ok");
+    }
+    if (fd < 0)
+        return 1;
+    if (read(fd, buf, sizeof buf - 1) < 0)
+        return 2;
+    printf("read: %s", buf);
+    return 0;
+}
+"""
+
+
+def test_io_uring_is_refused_and_programs_fall_back(job: Job, tmp_path: Path) -> None:
+    """IORING_OP_OPENAT of a /cvmfs path gave ENOENT (and relative to a /cvmfs directory fd,
+    the mirror's empty file): io_uring's path calls are made where no filter sees them, so
+    io_uring_setup is refused with ENOSYS, which liburing and programs take as "no io_uring"."""
+    if not Path("/usr/include/liburing.h").exists():
+        pytest.skip("liburing-dev not installed (Debian package liburing-dev)")
+    prog = compile_c(URING, tmp_path / "uring", "-luring")
+    native = subprocess.run([str(prog), str(job.src / "data" / "h1")], capture_output=True)
+    if b"no io_uring" in native.stdout:
+        pytest.skip(f"io_uring unavailable on this host: {native.stdout!r}")
+    assert native.stdout == b"io_uring open: ok\nread: hello\n"
+    p = job.popen([str(prog), f"{ROOT}/data/h1"])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert out == "no io_uring (Function not implemented)\nread: hello\n"
+    r = subprocess.run(
+        hep_exec_cmd(
+            job.proxy, [str(prog), str(job.src / "data" / "h1")], keys=job.key,
+            options=["--allow-io-uring"],
+        ),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "io_uring open: ok\nread: hello\n"  # allowed: host files as natively
