@@ -110,7 +110,8 @@ enum {
     X(332, "statx") X(SYS_fstat, "fstat") X(SYS_access, "access") \
     X(SYS_faccessat, "faccessat") X(439, "faccessat2") X(SYS_readlink, "readlink") \
     X(SYS_readlinkat, "readlinkat") X(SYS_execve, "execve") X(SYS_execveat, "execveat") \
-    X(SYS_chdir, "chdir") X(SYS_fchdir, "fchdir") X(SYS_getcwd, "getcwd") \
+    X(SYS_chdir, "chdir") X(SYS_fchdir, "fchdir") X(SYS_fchmod, "fchmod") \
+    X(SYS_fchown, "fchown") X(SYS_fsetxattr, "fsetxattr") X(SYS_fremovexattr, "fremovexattr") X(SYS_getcwd, "getcwd") \
     X(SYS_statfs, "statfs") X(SYS_truncate, "truncate") X(SYS_mkdir, "mkdir") \
     X(SYS_mkdirat, "mkdirat") X(SYS_rmdir, "rmdir") X(SYS_unlink, "unlink") \
     X(SYS_unlinkat, "unlinkat") X(SYS_rename, "rename") X(SYS_renameat, "renameat") \
@@ -632,6 +633,76 @@ static ssize_t proc_link(pid_t tid, const char *what, char *out, size_t max)
     return n;
 }
 
+/*
+ * A path through one of the kernel's magic links to a directory -- /proc/self/cwd/x,
+ * /proc/<pid>/fd/<n>/x, /dev/fd/<n>/x, /proc/thread-self/... -- that lands in the shadow tree:
+ * the kernel would resolve the rest in the private mirror (empty placeholder files, writable
+ * directories), so spell it out as the shadow path it stands for, which mount_key maps to the
+ * mount.  Returns the length of the rewritten path in `out`, or 0 when `raw` is not such a
+ * path (the kernel resolves it, as before).
+ */
+static long via_magic_link(pid_t tid, const char *raw, size_t n, char *out, size_t max)
+{
+    char link[96], target[MAXPATH];
+    const char *p;
+    size_t ln;
+    if (has_prefix(raw, n, "/dev/fd", 7) && raw[7] == '/') {
+        p = raw + 8;
+        ln = (size_t)snprintf(link, sizeof link, "/proc/%d/fd/", (int)tid);
+    } else if (has_prefix(raw, n, "/proc", 5) && raw[5] == '/') {
+        p = raw + 6;
+        if (!strncmp(p, "self/", 5)) {
+            p += 5;
+            ln = (size_t)snprintf(link, sizeof link, "/proc/%d/", (int)tid);
+        } else if (!strncmp(p, "thread-self/", 12)) {
+            p += 12;
+            ln = (size_t)snprintf(link, sizeof link, "/proc/%d/", (int)tid);
+        } else {
+            size_t d = strspn(p, "0123456789");
+            if (!d || d > 10 || p[d] != '/')
+                return 0;
+            ln = (size_t)snprintf(link, sizeof link, "/proc/%.*s/", (int)d, p);
+            p += d + 1;
+            if (!strncmp(p, "task/", 5)) { /* /proc/<pid>/task/<tid>/... */
+                size_t td = strspn(p + 5, "0123456789");
+                if (!td || td > 10 || p[5 + td] != '/')
+                    return 0;
+                ln += (size_t)snprintf(link + ln, sizeof link - ln, "task/%.*s/", (int)td, p + 5);
+                p += 5 + td + 1;
+            }
+        }
+        if (!strncmp(p, "cwd", 3) && (p[3] == '/' || !p[3])) {
+            memcpy(link + ln, "cwd", 4);
+            p += 3;
+        } else if (!strncmp(p, "root", 4) && (p[4] == '/' || !p[4])) {
+            return 0; /* the root is never in the shadow tree */
+        } else if (!strncmp(p, "fd/", 3)) {
+            p += 3;
+            ln += (size_t)snprintf(link + ln, sizeof link - ln, "fd/");
+        } else {
+            return 0;
+        }
+    } else {
+        return 0;
+    }
+    if (link[strlen(link) - 1] == '/') { /* fd/<n> still to read */
+        size_t d = strspn(p, "0123456789");
+        if (!d || d > 10 || (p[d] != '/' && p[d]))
+            return 0;
+        snprintf(link + strlen(link), sizeof link - strlen(link), "%.*s", (int)d, p);
+        p += d;
+    }
+    ssize_t tn = readlink(link, target, sizeof target - 1);
+    if (tn <= 0 || !has_prefix(target, (size_t)tn, shadow_p, shadow_n))
+        return 0;
+    size_t rest = n - (size_t)(p - raw);
+    if ((size_t)tn + rest + 1 > max)
+        return -ENAMETOOLONG;
+    memcpy(out, target, (size_t)tn);
+    memcpy(out + tn, p, rest + 1);
+    return tn + (long)rest;
+}
+
 /* Collapse "//" and "/./" (keeps ".."); out must hold n+2. */
 static size_t collapse(const char *in, size_t n, char *out)
 {
@@ -732,6 +803,16 @@ static long mount_key(pid_t tid, tstate_t *t, long dirfd, const char *raw, long 
     if (n == 0)
         return allow_empty ? 0 : -ENOENT;
     size_t jn;
+    char magic[MAXPATH];
+    if (raw[0] == '/' && (raw[1] == 'p' || raw[1] == 'd')) {
+        long mn = via_magic_link(tid, raw, (size_t)n, magic, sizeof magic);
+        if (mn < 0)
+            return mn;
+        if (mn > 0) {
+            raw = magic;
+            n = mn;
+        }
+    }
     if (raw[0] == '/') {
         /* fast path: absolute and not under /cvmfs (or the shadow tree) */
         if (raw[1] != '/' && raw[1] != '.' && !has_prefix(raw, (size_t)n, mount_p, mount_n) &&
@@ -1570,6 +1651,24 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
         fo_patch(tid, nr, cur_notif.ip);
 }
 
+/* Is a tracee fd a directory of the shadow tree or one of our RAM files (both stand for
+ * read-only /cvmfs entries)? */
+static int fd_is_ours(pid_t tid, long fd)
+{
+    char what[32], target[MAXPATH];
+    snprintf(what, sizeof what, "fd/%d", (int)fd);
+    ssize_t n = proc_link(tid, what, target, sizeof target);
+    if (n > 0 && has_prefix(target, (size_t)n, shadow_p, shadow_n))
+        return 1;
+    struct stat st;
+    char lp[64];
+    snprintf(lp, sizeof lp, "/proc/%d/fd/%d", (int)tid, (int)fd);
+    if (!ids_len || stat(lp, &st) != 0)
+        return 0;
+    fdid_t *id = ids_find((uint64_t)st.st_dev, (uint64_t)st.st_ino);
+    return id && id->ino != 0;
+}
+
 static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 {
     long nr = (long)r->orig_rax;
@@ -1691,6 +1790,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         case SYS_removexattr: case SYS_lremovexattr:
             pa[0] = 0; break;
         case SYS_rename: case SYS_link: pa[0] = 0; pa[1] = 1; break;
+        case SYS_fchmod: case SYS_fchown: case SYS_fsetxattr: case SYS_fremovexattr:
+            da[0] = 0; break; /* the fd itself */
         case SYS_symlink: pa[0] = 1; break;
         case SYS_symlinkat: da[0] = 1; pa[0] = 2; break;
         case SYS_renameat: case 316: case SYS_linkat:
@@ -1698,14 +1799,21 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         default: da[0] = 0; pa[0] = 1; break; /* *at(dirfd, path, ...) */
         }
         for (int i = 0; i < 2; i++) {
-            if (pa[i] < 0)
-                continue;
-            unsigned long addr = *argreg(r, pa[i]);
-            if (!addr)
-                continue; /* utimensat(fd, NULL, ...) */
             long d = da[i] >= 0 ? (long)(int)*argreg(r, da[i]) : AT_FDCWD;
+            unsigned long addr = pa[i] >= 0 ? *argreg(r, pa[i]) : 0;
             char raw[MAXPATH];
-            long n = read_string(tid, addr, raw, sizeof raw);
+            long n = addr ? read_string(tid, addr, raw, sizeof raw) : 0;
+            if (da[i] >= 0 && d >= 0 && (!addr || n == 0)) {
+                /* the fd itself: fchmod, fchown, f*xattr, utimensat(fd, NULL),
+                 * fchmodat2/fchownat(fd, "", AT_EMPTY_PATH) */
+                if (fd_is_ours(tid, d)) {
+                    skip_with(r, -EROFS);
+                    return 1;
+                }
+                continue;
+            }
+            if (pa[i] < 0 || !addr)
+                continue;
             long kn = mount_key(tid, t, d, raw, n, key, 1);
             if (kn == 0) /* through a host symlink: does the last component follow? */
                 kn = via_host_symlink(tid, t, d, raw, n, follows_last(nr, r), key);

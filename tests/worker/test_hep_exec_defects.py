@@ -62,7 +62,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
 # file and exits with a status of its own choosing.
 HANDLER = """
 trap 'echo "got {sig}" > {out}; exit 7' {sig}
-cat {root}/data/h1 >/dev/null || exit 99
+cd {root}/data && cat h1 >/dev/null || exit 99
 echo ready
 while :; do sleep 0.05; done
 """
@@ -76,11 +76,12 @@ def test_signal_to_hep_exec_reaches_the_command_which_finishes_its_handler(
     command's own handler must run, and hep-exec exits with the command's status."""
     out = tmp_path / "written-by-handler"
     script = HANDLER.format(sig=sig, root=ROOT, out=out)
-    before = _mirrors()
     p = job.popen(["bash", "-c", script], new_session=True)
     try:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n", p.stderr.read() if p.stderr else ""
+        mirror = _private_dir_of(p.pid)
+        assert mirror.is_dir()
         p.send_signal(getattr(signal, f"SIG{sig}"))
         assert p.wait(30) == 7, p.stderr.read() if p.stderr else ""
     finally:
@@ -88,12 +89,18 @@ def test_signal_to_hep_exec_reaches_the_command_which_finishes_its_handler(
             p.kill()
             p.wait()
     assert out.read_text() == f"got {sig}\n"
-    assert _mirrors() - before == set()  # hep-exec cleaned up after itself
+    assert not mirror.exists()  # hep-exec cleaned up after itself
 
 
-def _mirrors() -> set[str]:
-    """hep-exec's private directories in /dev/shm (the shadow tree of a running job)."""
-    return {n for n in os.listdir("/dev/shm") if n.startswith("hep-exec-")}
+def _private_dir_of(hep_exec_pid: int) -> Path:
+    """The job's private directory (the shadow tree, where the traced command's /cvmfs cwd
+    really is), seen from outside: /dev/shm/hep-exec-XXXX or the like."""
+    (child,) = subprocess.run(
+        ["pgrep", "-P", str(hep_exec_pid)], capture_output=True, text=True
+    ).stdout.split()
+    cwd = Path(os.readlink(f"/proc/{child}/cwd"))
+    (private,) = [p for p in (cwd, *cwd.parents) if p.name.startswith("hep-exec-")]
+    return private
 
 
 def test_sigterm_without_a_handler_ends_the_command_as_natively(job: Job) -> None:
@@ -335,3 +342,92 @@ def test_io_uring_is_refused_and_programs_fall_back(job: Job, tmp_path: Path) ->
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout == "io_uring open: ok\nread: hello\n"  # allowed: host files as natively
+
+
+MAGIC = """
+import os, sys
+root = sys.argv[1]
+os.chdir(root + "/data")
+d = os.open(root + "/data", os.O_RDONLY | os.O_DIRECTORY)
+me = os.getpid()
+for p in ("/proc/self/cwd/h1", f"/proc/{me}/cwd/h1", f"/proc/self/fd/{d}/h1",
+          f"/dev/fd/{d}/h1", f"/proc/thread-self/cwd/h1", f"/proc/{me}/task/{me}/fd/{d}/h1"):
+    with open(p, "rb") as f:
+        print(p.replace(str(me), "PID").replace(f"/{d}/", "/D/"), f.read())
+def refused(what, call):
+    try:
+        call()
+        print(what, "succeeded")
+    except OSError as e:
+        print(what, e.errno)
+for base in ("/proc/self/cwd", f"/dev/fd/{d}", f"/proc/{me}/fd/{d}"):
+    refused("create", lambda: os.open(base + "/new", os.O_CREAT | os.O_WRONLY, 0o644))
+    refused("mkdir", lambda: os.mkdir(base + "/newdir"))
+    refused("unlink", lambda: os.unlink(base + "/h1"))
+    refused("chmod", lambda: os.chmod(base + "/h1", 0o777))
+    refused("symlink", lambda: os.symlink("x", base + "/lnk"))
+    refused("truncate", lambda: os.truncate(base + "/h1", 0))
+print(sorted(os.listdir(root + "/data")))
+print(os.stat("/proc/self/cwd").st_size == os.stat(root + "/data").st_size)
+"""
+
+
+def test_paths_through_proc_and_dev_fd_links_see_the_repository(job: Job) -> None:
+    """`cd /cvmfs/R/data; cp /proc/$$/cwd/big.bin x` copied 0 bytes from the private mirror,
+    and creates, mkdir, unlink... through those prefixes succeeded there."""
+    p = job.popen(["python3", "-c", MAGIC, ROOT])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    lines = out.splitlines()
+    reads = [line for line in lines if line.startswith("/")]
+    assert len(reads) == 6 and all(line.endswith(" b'hello\\n'") for line in reads), out
+    refusals = [
+        line
+        for line in lines
+        if line.split()[0] in {"create", "mkdir", "unlink", "chmod", "symlink", "truncate"}
+    ]
+    assert len(refusals) == 18 and all(line.endswith(" 30") for line in refusals), out  # EROFS
+    assert lines[-2] == "['h1']"  # nothing was created in the mirror
+    assert lines[-1] == "True"
+
+
+FD_METADATA = """
+import ctypes, os, sys
+root, uid = sys.argv[1], os.getuid()
+libc = ctypes.CDLL(None, use_errno=True)
+def refused(what, call):
+    try:
+        call()
+        print(what, "succeeded")
+    except OSError as e:
+        print(what, e.errno)
+def fchmodat2(fd):
+    if libc.syscall(452, fd, b"", 0o700, 0x1000) != 0:  # AT_EMPTY_PATH
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+for path in (root + "/data", root + "/data/h1"):
+    before = os.stat(path)
+    fd = os.open(path, os.O_RDONLY)
+    refused("fchmod", lambda: os.fchmod(fd, 0o700))
+    refused("fchown", lambda: os.fchown(fd, uid, uid))
+    refused("futimens", lambda: os.utime(fd, (1, 1)))
+    refused("fsetxattr", lambda: os.setxattr(fd, "user.x", b"1"))
+    refused("fremovexattr", lambda: os.removexattr(fd, "user.x"))
+    refused("fchmodat2", lambda: fchmodat2(fd))
+    after = os.stat(path)
+    print("unchanged", (before.st_mode, before.st_uid, before.st_mtime_ns)
+          == (after.st_mode, after.st_uid, after.st_mtime_ns))
+"""
+
+
+def test_metadata_changes_through_a_cvmfs_fd_fail_with_erofs(job: Job, ram_files: str) -> None:
+    """fchmod, fchown, futimens, fsetxattr, fchmodat2(fd, "", AT_EMPTY_PATH) on a /cvmfs
+    directory fd returned 0 and changed what later stats said (with memfd files, on file fds
+    too)."""
+    p = job.popen(["python3", "-c", FD_METADATA, ROOT])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    lines = out.splitlines()
+    calls = [line for line in lines if not line.startswith("unchanged")]
+    assert len(calls) == 12 and all(line.endswith(" 30") for line in calls), out  # EROFS
+    assert lines.count("unchanged True") == 2, out
