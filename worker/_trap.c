@@ -103,18 +103,33 @@ enum {
 
 /* ---------- syscalls the filter traps ---------- */
 
-static const int trapped[] = {
-    SYS_open, SYS_openat, 437 /* openat2 */, SYS_creat, SYS_stat, SYS_lstat, SYS_newfstatat,
-    332 /* statx */, SYS_fstat, SYS_access, SYS_faccessat, 439 /* faccessat2 */, SYS_readlink,
-    SYS_readlinkat, SYS_execve, SYS_execveat, SYS_chdir, SYS_fchdir, SYS_getcwd, SYS_statfs, SYS_truncate,
-    SYS_mkdir, SYS_mkdirat, SYS_rmdir, SYS_unlink, SYS_unlinkat, SYS_rename, SYS_renameat,
-    316 /* renameat2 */, SYS_link, SYS_linkat, SYS_symlink, SYS_symlinkat, SYS_chmod,
-    SYS_fchmodat, 452 /* fchmodat2 */, SYS_chown, SYS_lchown, SYS_fchownat, SYS_utime,
-    SYS_utimes, SYS_futimesat, SYS_utimensat, SYS_mknod, SYS_mknodat, SYS_setxattr,
-    SYS_lsetxattr, SYS_removexattr, SYS_lremovexattr, SYS_getxattr, SYS_lgetxattr,
-    SYS_listxattr, SYS_llistxattr, 463 /* setxattrat */, 464 /* getxattrat */,
-    465 /* listxattrat */, 466 /* removexattrat */,
-};
+/* The calls the filter traps, with the names --stats prints (one list, so none is nameless). */
+#define TRAPPED_CALLS(X) \
+    X(SYS_open, "open") X(SYS_openat, "openat") X(437, "openat2") X(SYS_creat, "creat") \
+    X(SYS_stat, "stat") X(SYS_lstat, "lstat") X(SYS_newfstatat, "newfstatat") \
+    X(332, "statx") X(SYS_fstat, "fstat") X(SYS_access, "access") \
+    X(SYS_faccessat, "faccessat") X(439, "faccessat2") X(SYS_readlink, "readlink") \
+    X(SYS_readlinkat, "readlinkat") X(SYS_execve, "execve") X(SYS_execveat, "execveat") \
+    X(SYS_chdir, "chdir") X(SYS_fchdir, "fchdir") X(SYS_fchmod, "fchmod") \
+    X(SYS_fchown, "fchown") X(SYS_fsetxattr, "fsetxattr") X(SYS_fremovexattr, "fremovexattr") X(SYS_getcwd, "getcwd") \
+    X(SYS_statfs, "statfs") X(SYS_truncate, "truncate") X(SYS_mkdir, "mkdir") \
+    X(SYS_mkdirat, "mkdirat") X(SYS_rmdir, "rmdir") X(SYS_unlink, "unlink") \
+    X(SYS_unlinkat, "unlinkat") X(SYS_rename, "rename") X(SYS_renameat, "renameat") \
+    X(316, "renameat2") X(SYS_link, "link") X(SYS_linkat, "linkat") \
+    X(SYS_symlink, "symlink") X(SYS_symlinkat, "symlinkat") X(SYS_chmod, "chmod") \
+    X(SYS_fchmodat, "fchmodat") X(452, "fchmodat2") X(SYS_chown, "chown") \
+    X(SYS_lchown, "lchown") X(SYS_fchownat, "fchownat") X(SYS_utime, "utime") \
+    X(SYS_utimes, "utimes") X(SYS_futimesat, "futimesat") X(SYS_utimensat, "utimensat") \
+    X(SYS_mknod, "mknod") X(SYS_mknodat, "mknodat") X(SYS_setxattr, "setxattr") \
+    X(SYS_lsetxattr, "lsetxattr") X(SYS_removexattr, "removexattr") \
+    X(SYS_lremovexattr, "lremovexattr") X(SYS_getxattr, "getxattr") \
+    X(SYS_lgetxattr, "lgetxattr") X(SYS_listxattr, "listxattr") \
+    X(SYS_llistxattr, "llistxattr") X(463, "setxattrat") X(464, "getxattrat") \
+    X(465, "listxattrat") X(466, "removexattrat")
+#define TRAPPED_NR(nr, name) nr,
+#define TRAPPED_NAME(nr, name) name,
+static const int trapped[] = {TRAPPED_CALLS(TRAPPED_NR)};
+static const char *const trapped_names[] = {TRAPPED_CALLS(TRAPPED_NAME)};
 
 /* A listener fd, and callers that stop being interruptible once we have read their call. */
 #define NOTIFY_FILTER_FLAGS \
@@ -133,6 +148,9 @@ static int ptrace_only(int nr)
         return 0;
     }
 }
+
+/* Refuse io_uring_setup in the command (see install_filter); set by trap_run. */
+static int refuse_io_uring = 1;
 
 /*
  * notify=0: every trapped syscall is a ptrace stop (SECCOMP_RET_TRACE).
@@ -156,6 +174,13 @@ static int install_filter(int notify)
     STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
     JUMP(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, 0, 1);
     STMT(BPF_RET | BPF_K, allow);
+    if (refuse_io_uring) {
+        /* io_uring's opens and stats happen in the kernel's workers, where no filter sees
+         * them: a ring would reach the mirror behind /cvmfs.  ENOSYS is what programs and
+         * libraries take for "no io_uring here" and fall back to ordinary calls. */
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, 425 /* io_uring_setup */, 0, 1);
+        STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA));
+    }
     /* fstat (newfstatat/statx with AT_EMPTY_PATH too) stops as well: see fd_stat. */
     if (notify && fo_enabled()) {
         /* calls made by the in-process handler (or injected at exec): their 6th argument is
@@ -608,10 +633,81 @@ static ssize_t proc_link(pid_t tid, const char *what, char *out, size_t max)
     return n;
 }
 
+/*
+ * A path through one of the kernel's magic links to a directory -- /proc/self/cwd/x,
+ * /proc/<pid>/fd/<n>/x, /dev/fd/<n>/x, /proc/thread-self/... -- that lands in the shadow tree:
+ * the kernel would resolve the rest in the private mirror (empty placeholder files, writable
+ * directories), so spell it out as the shadow path it stands for, which mount_key maps to the
+ * mount.  Returns the length of the rewritten path in `out`, or 0 when `raw` is not such a
+ * path (the kernel resolves it, as before).
+ */
+static long via_magic_link(pid_t tid, const char *raw, size_t n, char *out, size_t max)
+{
+    char link[96], target[MAXPATH];
+    const char *p;
+    size_t ln;
+    if (has_prefix(raw, n, "/dev/fd", 7) && raw[7] == '/') {
+        p = raw + 8;
+        ln = (size_t)snprintf(link, sizeof link, "/proc/%d/fd/", (int)tid);
+    } else if (has_prefix(raw, n, "/proc", 5) && raw[5] == '/') {
+        p = raw + 6;
+        if (!strncmp(p, "self/", 5)) {
+            p += 5;
+            ln = (size_t)snprintf(link, sizeof link, "/proc/%d/", (int)tid);
+        } else if (!strncmp(p, "thread-self/", 12)) {
+            p += 12;
+            ln = (size_t)snprintf(link, sizeof link, "/proc/%d/", (int)tid);
+        } else {
+            size_t d = strspn(p, "0123456789");
+            if (!d || d > 10 || p[d] != '/')
+                return 0;
+            ln = (size_t)snprintf(link, sizeof link, "/proc/%.*s/", (int)d, p);
+            p += d + 1;
+            if (!strncmp(p, "task/", 5)) { /* /proc/<pid>/task/<tid>/... */
+                size_t td = strspn(p + 5, "0123456789");
+                if (!td || td > 10 || p[5 + td] != '/')
+                    return 0;
+                ln += (size_t)snprintf(link + ln, sizeof link - ln, "task/%.*s/", (int)td, p + 5);
+                p += 5 + td + 1;
+            }
+        }
+        if (!strncmp(p, "cwd", 3) && (p[3] == '/' || !p[3])) {
+            memcpy(link + ln, "cwd", 4);
+            p += 3;
+        } else if (!strncmp(p, "root", 4) && (p[4] == '/' || !p[4])) {
+            return 0; /* the root is never in the shadow tree */
+        } else if (!strncmp(p, "fd/", 3)) {
+            p += 3;
+            ln += (size_t)snprintf(link + ln, sizeof link - ln, "fd/");
+        } else {
+            return 0;
+        }
+    } else {
+        return 0;
+    }
+    if (link[strlen(link) - 1] == '/') { /* fd/<n> still to read */
+        size_t d = strspn(p, "0123456789");
+        if (!d || d > 10 || (p[d] != '/' && p[d]))
+            return 0;
+        snprintf(link + strlen(link), sizeof link - strlen(link), "%.*s", (int)d, p);
+        p += d;
+    }
+    ssize_t tn = readlink(link, target, sizeof target - 1);
+    if (tn <= 0 || !has_prefix(target, (size_t)tn, shadow_p, shadow_n))
+        return 0;
+    size_t rest = n - (size_t)(p - raw);
+    if ((size_t)tn + rest + 1 > max)
+        return -ENAMETOOLONG;
+    memcpy(out, target, (size_t)tn);
+    memcpy(out + tn, p, rest + 1);
+    return tn + (long)rest;
+}
+
 /* Collapse "//" and "/./" (keeps ".."); out must hold n+2. */
 static size_t collapse(const char *in, size_t n, char *out)
 {
     size_t o = 0, i = 0;
+    int dir_after = 0; /* a '/' or "." after the last name: it must be a directory */
     while (i < n) {
         while (i < n && in[i] == '/')
             i++;
@@ -619,16 +715,19 @@ static size_t collapse(const char *in, size_t n, char *out)
         while (i < n && in[i] != '/')
             i++;
         size_t len = i - s;
+        if (len == 1 && in[s] == '.')
+            dir_after = 1;
         if (len == 0 || (len == 1 && in[s] == '.'))
             continue;
         out[o++] = '/';
         memcpy(out + o, in + s, len);
         o += len;
+        dir_after = 0;
     }
     if (o == 0)
         out[o++] = '/';
-    else if (n > 0 && in[n - 1] == '/')
-        out[o++] = '/'; /* "file/" must still fail with ENOTDIR */
+    else if (dir_after || (n > 0 && in[n - 1] == '/'))
+        out[o++] = '/'; /* "file/" and "file/." must still fail with ENOTDIR */
     out[o] = 0;
     return o;
 }
@@ -704,6 +803,16 @@ static long mount_key(pid_t tid, tstate_t *t, long dirfd, const char *raw, long 
     if (n == 0)
         return allow_empty ? 0 : -ENOENT;
     size_t jn;
+    char magic[MAXPATH];
+    if (raw[0] == '/' && (raw[1] == 'p' || raw[1] == 'd')) {
+        long mn = via_magic_link(tid, raw, (size_t)n, magic, sizeof magic);
+        if (mn < 0)
+            return mn;
+        if (mn > 0) {
+            raw = magic;
+            n = mn;
+        }
+    }
     if (raw[0] == '/') {
         /* fast path: absolute and not under /cvmfs (or the shadow tree) */
         if (raw[1] != '/' && raw[1] != '.' && !has_prefix(raw, (size_t)n, mount_p, mount_n) &&
@@ -1542,6 +1651,24 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
         fo_patch(tid, nr, cur_notif.ip);
 }
 
+/* Is a tracee fd a directory of the shadow tree or one of our RAM files (both stand for
+ * read-only /cvmfs entries)? */
+static int fd_is_ours(pid_t tid, long fd)
+{
+    char what[32], target[MAXPATH];
+    snprintf(what, sizeof what, "fd/%d", (int)fd);
+    ssize_t n = proc_link(tid, what, target, sizeof target);
+    if (n > 0 && has_prefix(target, (size_t)n, shadow_p, shadow_n))
+        return 1;
+    struct stat st;
+    char lp[64];
+    snprintf(lp, sizeof lp, "/proc/%d/fd/%d", (int)tid, (int)fd);
+    if (!ids_len || stat(lp, &st) != 0)
+        return 0;
+    fdid_t *id = ids_find((uint64_t)st.st_dev, (uint64_t)st.st_ino);
+    return id && id->ino != 0;
+}
+
 static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 {
     long nr = (long)r->orig_rax;
@@ -1663,6 +1790,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         case SYS_removexattr: case SYS_lremovexattr:
             pa[0] = 0; break;
         case SYS_rename: case SYS_link: pa[0] = 0; pa[1] = 1; break;
+        case SYS_fchmod: case SYS_fchown: case SYS_fsetxattr: case SYS_fremovexattr:
+            da[0] = 0; break; /* the fd itself */
         case SYS_symlink: pa[0] = 1; break;
         case SYS_symlinkat: da[0] = 1; pa[0] = 2; break;
         case SYS_renameat: case 316: case SYS_linkat:
@@ -1670,14 +1799,21 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         default: da[0] = 0; pa[0] = 1; break; /* *at(dirfd, path, ...) */
         }
         for (int i = 0; i < 2; i++) {
-            if (pa[i] < 0)
-                continue;
-            unsigned long addr = *argreg(r, pa[i]);
-            if (!addr)
-                continue; /* utimensat(fd, NULL, ...) */
             long d = da[i] >= 0 ? (long)(int)*argreg(r, da[i]) : AT_FDCWD;
+            unsigned long addr = pa[i] >= 0 ? *argreg(r, pa[i]) : 0;
             char raw[MAXPATH];
-            long n = read_string(tid, addr, raw, sizeof raw);
+            long n = addr ? read_string(tid, addr, raw, sizeof raw) : 0;
+            if (da[i] >= 0 && d >= 0 && (!addr || n == 0)) {
+                /* the fd itself: fchmod, fchown, f*xattr, utimensat(fd, NULL),
+                 * fchmodat2/fchownat(fd, "", AT_EMPTY_PATH) */
+                if (fd_is_ours(tid, d)) {
+                    skip_with(r, -EROFS);
+                    return 1;
+                }
+                continue;
+            }
+            if (pa[i] < 0 || !addr)
+                continue;
             long kn = mount_key(tid, t, d, raw, n, key, 1);
             if (kn == 0) /* through a host symlink: does the last component follow? */
                 kn = via_host_symlink(tid, t, d, raw, n, follows_last(nr, r), key);
@@ -1869,10 +2005,12 @@ static PyObject *stats_dict(size_t cached, const char *mode)
     PyObject *per = PyDict_New();
     if (!per)
         return NULL;
-    for (int i = 0; i < NSYS; i++) {
-        if (!n_trapped[i])
+    for (size_t i = 0; i < sizeof trapped / sizeof trapped[0]; i++) {
+        int nr = trapped[i];
+        if (nr < 0 || nr >= NSYS || !n_trapped[nr])
             continue;
-        PyObject *k = PyLong_FromLong(i), *v = PyLong_FromUnsignedLongLong(n_trapped[i]);
+        PyObject *k = PyUnicode_FromString(trapped_names[i]);
+        PyObject *v = PyLong_FromUnsignedLongLong(n_trapped[nr]);
         if (!k || !v || PyDict_SetItem(per, k, v) < 0) {
             Py_XDECREF(k);
             Py_XDECREF(v);
@@ -2122,12 +2260,88 @@ static void restart_notified_call(pid_t tid)
 }
 
 /* Handle one waitpid report (under big and the GIL). */
+/* The command's pid while it runs, for forward_signal (0: nobody to tell; cleared when it
+ * is reaped, so a reused pid never gets a signal meant for it). */
+static volatile pid_t forward_to;
+
+/* A sender that signals every process of a job itself (a terminal's process group, kill -PGID,
+ * Slurm's signal to each task) reaches the command directly as well as through hep-exec: of
+ * such a pair the command gets only the first, as it would natively.  Per signal: the last
+ * one passed on (who sent it to hep-exec, when, and which of the pair the command has had)
+ * and the last one the command got directly from someone else. */
+#define FWD_NSIG 32
+typedef struct {
+    pid_t sender;
+    int ours_delivered, direct_delivered;
+    struct timespec at;
+} fwd_rec_t;
+static volatile fwd_rec_t fwd_rec[FWD_NSIG];
+static volatile fwd_rec_t direct_rec[FWD_NSIG];
+
+static int within_a_second(const volatile struct timespec *at)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long ms = (now.tv_sec - at->tv_sec) * 1000L + (now.tv_nsec - at->tv_nsec) / 1000000L;
+    return at->tv_sec != 0 && ms <= 1000;
+}
+
+/* The process a tracee thread belongs to (0 if unknown). */
+static pid_t tgid_of(pid_t tid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    const char *t = strstr(buf, "\nTgid:");
+    return t ? (pid_t)atoi(t + 7) : 0;
+}
+
+/* At a signal-delivery stop of a tracee: true when the command must not get this signal
+ * because it is the second of a pair (see fwd_rec). */
+static int duplicate_forward(pid_t tid, pid_t child, int sig)
+{
+    if (sig <= 0 || sig >= FWD_NSIG)
+        return 0;
+    siginfo_t si;
+    if (ptrace(PTRACE_GETSIGINFO, tid, 0, &si) != 0)
+        return 0;
+    if (si.si_code != SI_USER && si.si_code != SI_TKILL && si.si_code != SI_QUEUE)
+        return 0;
+    if (tid != child && tgid_of(tid) != child)
+        return 0;
+    volatile fwd_rec_t *f = &fwd_rec[sig];
+    int paired = within_a_second(&f->at);
+    if (si.si_pid == getpid()) { /* ours */
+        if (paired && f->direct_delivered)
+            return 1;
+        f->ours_delivered = 1;
+        return 0;
+    }
+    if (paired && si.si_pid == f->sender) {
+        if (f->ours_delivered)
+            return 1;
+        f->direct_delivered = 1;
+        return 0;
+    }
+    direct_rec[sig].sender = si.si_pid; /* hep-exec may be told the same in a moment */
+    clock_gettime(CLOCK_MONOTONIC, (struct timespec *)&direct_rec[sig].at);
+    return 0;
+}
+
 static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
 {
     if (WIFEXITED(status) || WIFSIGNALED(status)) {
         thread_forget(tid);
         fo_gone(tid);
         if (tid == child) {
+            forward_to = 0;
             /* The job is over when the command is, as under a batch system: processes
              * it left behind are killed rather than waited for. */
             *exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -2201,6 +2415,10 @@ static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
             ptrace(PTRACE_CONT, tid, 0, 0);
             return;
         }
+        if (duplicate_forward(tid, child, sig)) {
+            ptrace(PTRACE_CONT, tid, 0, 0);
+            return;
+        }
         if (notify_fd >= 0)
             restart_notified_call(tid);
         ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig);
@@ -2253,6 +2471,34 @@ static int recv_report(int sock, int *err, int *fd)
     return n == (ssize_t)sizeof body ? body[0] : 0;
 }
 
+#define N_FWD_SIGS 7
+
+/* Pass a signal sent to hep-exec on to the command.  One the kernel made for a terminal's
+ * process group (^C, ^\, a hang-up: si_code SI_KERNEL) has reached the command already; one
+ * the command has just had from the same sender is not sent again (see fwd_rec). */
+static void forward_signal(int sig, siginfo_t *info, void *uctx)
+{
+    (void)uctx;
+    int saved_errno = errno;
+    pid_t to = forward_to;
+    if (to > 0 && info->si_code != SI_KERNEL && sig > 0 && sig < FWD_NSIG &&
+        !(direct_rec[sig].sender == info->si_pid && within_a_second(&direct_rec[sig].at))) {
+        fwd_rec[sig].ours_delivered = fwd_rec[sig].direct_delivered = 0;
+        fwd_rec[sig].sender = info->si_pid;
+        clock_gettime(CLOCK_MONOTONIC, (struct timespec *)&fwd_rec[sig].at);
+        kill(to, sig);
+    }
+    errno = saved_errno;
+}
+
+static void restore_signals(const int *sigs, const struct sigaction *saved, const int *forwarding)
+{
+    forward_to = 0;
+    for (int i = 0; i < N_FWD_SIGS; i++)
+        if (forwarding[i])
+            sigaction(sigs[i], &saved[i], NULL);
+}
+
 static PyObject *trap_run(PyObject *self, PyObject *args)
 {
     PyObject *argv_o, *env_o, *h;
@@ -2261,10 +2507,12 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     long spin_us = 0;
     int mode = 2; /* 0 ptrace, 1 notify, 2 notify where the kernel does it well */
     int in_process = 1; /* notify mode: opens of published paths inside tracees */
+    int io_uring = 0;   /* let the command set up io_uring rings (see install_filter) */
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOy#y#O|lip", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
-                          &spin_us, &mode, &in_process))
+    if (!PyArg_ParseTuple(args, "OOy#y#O|lipp", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
+                          &spin_us, &mode, &in_process, &io_uring))
         return NULL;
+    refuse_io_uring = !io_uring;
     if (handler) {
         PyErr_SetString(PyExc_RuntimeError, "worker._trap.run is not re-entrant");
         return NULL;
@@ -2310,23 +2558,32 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     /* Like a shell running a foreground job: ^C and ^\ are for the command, which gets them
-     * from the terminal; the tracer keeps going until the command has reacted. */
-    static const int quit_sigs[2] = {SIGINT, SIGQUIT};
-    struct sigaction saved[2];
-    int ignored[2] = {0, 0};
-    for (int i = 0; i < 2; i++) {
-        struct sigaction ign;
-        memset(&ign, 0, sizeof ign);
-        ign.sa_handler = SIG_IGN;
-        if (sigaction(quit_sigs[i], NULL, &saved[i]) == 0 && saved[i].sa_handler != SIG_IGN)
-            ignored[i] = sigaction(quit_sigs[i], &ign, NULL) == 0;
+     * from the terminal; the tracer keeps going until the command has reacted.  What a batch
+     * system sends to hep-exec itself (SIGTERM before SIGKILL, SIGHUP, SIGUSR1/2, SIGXCPU, a
+     * kill -INT) is passed on to the command, whose status hep-exec then exits with: the
+     * command's own handlers get their grace period. */
+    static const int fwd_sigs[N_FWD_SIGS] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP,
+                                             SIGUSR1, SIGUSR2, SIGXCPU};
+    struct sigaction saved[N_FWD_SIGS];
+    int forwarding[N_FWD_SIGS] = {0};
+    forward_to = 0;
+    memset((void *)fwd_rec, 0, sizeof fwd_rec);
+    memset((void *)direct_rec, 0, sizeof direct_rec);
+    for (int i = 0; i < N_FWD_SIGS; i++) {
+        struct sigaction fwd;
+        memset(&fwd, 0, sizeof fwd);
+        fwd.sa_sigaction = forward_signal;
+        fwd.sa_flags = SA_SIGINFO | SA_RESTART;
+        sigfillset(&fwd.sa_mask);
+        /* a signal the caller ignores (nohup, a background job) stays ignored, for us and for
+         * the command, which inherits the disposition */
+        if (sigaction(fwd_sigs[i], NULL, &saved[i]) == 0 && saved[i].sa_handler != SIG_IGN)
+            forwarding[i] = sigaction(fwd_sigs[i], &fwd, NULL) == 0;
     }
     pid_t parent = getpid();
     pid_t child = fork();
     if (child < 0) {
-        for (int i = 0; i < 2; i++)
-            if (ignored[i])
-                sigaction(quit_sigs[i], &saved[i], NULL);
+        restore_signals(fwd_sigs, saved, forwarding);
         free_cstrings(cargv);
         free_cstrings(cenv);
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -2345,9 +2602,9 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         /* what Python ignores for itself, and what the tracer ignores while it runs */
         signal(SIGPIPE, SIG_DFL);
         signal(SIGXFSZ, SIG_DFL);
-        for (int i = 0; i < 2; i++)
-            if (ignored[i])
-                signal(quit_sigs[i], SIG_DFL);
+        for (int i = 0; i < N_FWD_SIGS; i++)
+            if (forwarding[i])
+                signal(fwd_sigs[i], SIG_DFL);
         /* The filter goes in before the tracer attaches: nothing it traps runs until exec,
          * which waits for "go". */
         int lfd = install_filter(notify);
@@ -2373,6 +2630,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         if (write(err[1], e, sizeof e) < 0) {}
         _exit(errno == ENOENT ? 127 : 126);
     }
+    forward_to = child;
     close(go[0]);
     close(err[1]);
     close(ctl[1]);
@@ -2394,9 +2652,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     else if (ptrace(PTRACE_SEIZE, child, 0, (void *)opts) != 0)
         seize_err = errno;
     if (seize_err) {
-        for (int i = 0; i < 2; i++)
-            if (ignored[i])
-                sigaction(quit_sigs[i], &saved[i], NULL);
+        restore_signals(fwd_sigs, saved, forwarding);
         kill(child, SIGKILL);
         waitpid(child, NULL, 0);
         close(go[1]);
@@ -2421,9 +2677,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
             stop_notify_threads();
             close(go[1]);
             close(err[0]);
-            for (int i = 0; i < 2; i++)
-                if (ignored[i])
-                    sigaction(quit_sigs[i], &saved[i], NULL);
+            restore_signals(fwd_sigs, saved, forwarding);
             thread_forget(child);
             fo_fini();
             return PyErr_Format(PyExc_OSError, "cannot start the notification thread");
@@ -2490,9 +2744,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     stop_notify_threads();
     Py_END_ALLOW_THREADS
-    for (int i = 0; i < 2; i++)
-        if (ignored[i])
-            sigaction(quit_sigs[i], &saved[i], NULL);
+    restore_signals(fwd_sigs, saved, forwarding);
     Py_CLEAR(handler);
     size_t cached = table_len;
     cache_clear();
@@ -2538,7 +2790,8 @@ static PyMethodDef methods[] = {
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,
-     "run(argv, env, mount, shadow, handler, spin_us=0, mode=2) -> (status, exec_errno, stats)\n"
+     "run(argv, env, mount, shadow, handler, spin_us=0, mode=2, in_process=1, io_uring=0)\n"
+     "  -> (status, exec_errno, stats)\n"
      "mode: 0 ptrace only, 1 seccomp user notification for hot calls, 2 1 where it is fast.\n"
      "Run argv under ptrace+seccomp; handler(tid, cls, flags, path) answers cache misses."},
     {NULL, NULL, 0, NULL},

@@ -6,7 +6,7 @@ from typing import TypedDict
 Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
 
 class RawStats(TypedDict):
-    trapped: dict[int, int]
+    trapped: dict[str, int]  # by call name
     passed: int
     hits: int
     upcalls: int
@@ -29,6 +29,7 @@ def run(
     spin_us: int = 0,
     mode: int = 2,
     in_process: bool = True,
+    io_uring: bool = False,
     /,
 ) -> tuple[int, int, RawStats]: ...
 def forget(path: bytes, /) -> int: ...

@@ -41,6 +41,7 @@ def _run(config: ExecConfig) -> int:
                 mount=config.mount.encode(),
                 trap=config.trap,
                 in_process=config.in_process,
+                io_uring=config.io_uring,
             )
         except TracerUnavailable as e:
             print(f"hep-exec: {e}", file=sys.stderr)

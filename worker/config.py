@@ -51,6 +51,7 @@ class ExecConfig:
     trap: str = "auto"  # how hot path calls reach the tracer (worker.tracer.run)
     ram_files: str = "auto"  # what cached objects are kept in (worker.ramfiles)
     in_process: bool = True  # opens of /cvmfs files inside tracees (worker/_fastopen.c)
+    io_uring: bool = False  # let the command use io_uring (its path calls bypass the tracer)
     timeout: float = 5.0
     connect_timeout: float = 2.0
     retries: int = 1
@@ -227,6 +228,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "trap": (_parse_trap, "TRAP"),
     "ram_files": (_parse_ram_files, "RAM_FILES"),
     "in_process": (_parse_bool, "IN_PROCESS"),
+    "io_uring": (_parse_bool, "IO_URING"),
     "timeout": (parse_duration, "TIMEOUT"),
     "connect_timeout": (parse_duration, "CONNECT_TIMEOUT"),
     "retries": (_parse_int, "RETRIES"),
@@ -253,6 +255,7 @@ _YAML_KEYS = {
     "trap": "trap",
     "ram_files": "ram_files",
     "in_process": "in_process",
+    "io_uring": "io_uring",
     "timeout": "timeout",
     "connect_timeout": "connect_timeout",
     "retries": "retries",
@@ -282,6 +285,7 @@ _FLAG_NAMES = {
     "trap": "--trap",
     "ram_files": "--ram-files",
     "in_process": "--no-in-process",
+    "io_uring": "--allow-io-uring",
     "timeout": "--timeout",
     "connect_timeout": "--connect-timeout",
     "retries": "--retries",
@@ -462,6 +466,15 @@ def _arg_parser() -> _Parser:
         const="0",
         help="answer every open in the tracer, never inside the command's processes "
         "[HEP_EXEC_IN_PROCESS=0]",
+    )
+    a(
+        "--allow-io-uring",
+        dest="io_uring",
+        action="store_const",
+        const="1",
+        help="let the command use io_uring; its opens and stats of /cvmfs paths then fail or "
+        "see an empty tree (off: io_uring_setup gives ENOSYS and programs fall back) "
+        "[HEP_EXEC_IO_URING=1]",
     )
     a(
         "--no-shared-cache",

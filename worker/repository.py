@@ -13,6 +13,7 @@ import errno
 import hashlib
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -305,6 +306,9 @@ def _manifest_check(raw: bytes) -> None:
     parse_manifest(raw)
 
 
+REPOSITORY_NAME = re.compile(r"(?:[A-Za-z0-9_-]+\.)+[A-Za-z][A-Za-z0-9-]*")
+
+
 class Repositories:
     """The repositories under /cvmfs: configured ones, or any the proxy serves (on first touch)."""
 
@@ -343,6 +347,13 @@ class Repositories:
         if repo is not None:
             return repo
         self._raise_if_failed(fqrn)
+        if fqrn not in self.configured and not REPOSITORY_NAME.fullmatch(fqrn):
+            # repositories are named like hosts (sft.cern.ch): a program probing /cvmfs/lib
+            # or /cvmfs/python3.11 gets ENOENT with no request and no line in its stderr
+            err = RepositoryError(errno.ENOENT, f"/cvmfs/{fqrn}: not a repository name")
+            log.debug("%s", err)
+            self._failed[fqrn] = (err, math.inf)
+            raise err
         if self.configured and fqrn not in self.configured:
             err = RepositoryError(errno.ENOENT, f"/cvmfs/{fqrn}: repository not configured")
             log.warning("%s", err)

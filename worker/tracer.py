@@ -65,20 +65,6 @@ SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore t
 # (cacheable, kind, ival, bval, stat tuple, argv prefix)
 Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
 
-SYSCALL_NAMES = {
-    2: "open", 257: "openat", 5: "fstat", 437: "openat2", 85: "creat", 4: "stat", 6: "lstat",
-    262: "newfstatat", 332: "statx", 21: "access", 269: "faccessat", 439: "faccessat2",
-    89: "readlink", 267: "readlinkat", 59: "execve", 322: "execveat", 80: "chdir",
-    79: "getcwd", 137: "statfs", 76: "truncate", 83: "mkdir", 258: "mkdirat", 84: "rmdir",
-    87: "unlink", 263: "unlinkat", 82: "rename", 264: "renameat", 316: "renameat2",
-    86: "link", 265: "linkat", 88: "symlink", 266: "symlinkat", 90: "chmod", 268: "fchmodat",
-    452: "fchmodat2", 92: "chown", 94: "lchown", 260: "fchownat", 132: "utime", 235: "utimes",
-    261: "futimesat", 280: "utimensat", 133: "mknod", 259: "mknodat", 188: "setxattr",
-    189: "lsetxattr", 197: "removexattr", 198: "lremovexattr", 191: "getxattr",
-    192: "lgetxattr", 194: "listxattr", 195: "llistxattr", 463: "setxattrat",
-    464: "getxattrat", 465: "listxattrat", 466: "removexattrat",
-}  # fmt: skip
-
 
 TRAP_MODES = {"ptrace": 0, "notify": 1, "auto": 2}
 
@@ -547,6 +533,14 @@ def _parse_shebang(head: bytes) -> tuple[bytes, bytes] | None:
     return interp, arg.strip(b" ")
 
 
+def _env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable (the tracer reads its own: config imports this module)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    return value not in ("0", "no", "false", "off")
+
+
 def _shadow_parent() -> str:
     for cand in ("/dev/shm", os.environ.get("XDG_RUNTIME_DIR", "")):
         if cand and os.path.isdir(cand) and os.access(cand, os.W_OK | os.X_OK):
@@ -563,6 +557,7 @@ def run(
     spin_us: int = 100,
     trap: str | None = None,
     in_process: bool | None = None,
+    io_uring: bool | None = None,
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
 
@@ -584,15 +579,20 @@ def run(
     themselves through a handler mapped into every program image and the patched libc call
     site, with no trap at all (worker/_fastopen.c, worker/TRACER.md).
 
+    ``io_uring`` (default off, ``$HEP_EXEC_IO_URING=1`` turns it on): let the command set up
+    io_uring rings.  Off, io_uring_setup fails with ENOSYS, which programs and libraries take
+    for "no io_uring" and fall back: a ring's opens and stats are made by kernel workers that
+    no filter sees, so they would reach the mirror behind /cvmfs instead of the repository.
+
     Raises :class:`TracerUnavailable` (one line) if ptrace or seccomp is refused.
     """
     from worker import _trap
 
     trap = trap or os.environ.get("HEP_EXEC_TRAP") or "auto"
     if in_process is None:
-        in_process = os.environ.get("HEP_EXEC_IN_PROCESS", "1").strip().lower() not in (
-            "0", "no", "false", "off"
-        )  # fmt: skip
+        in_process = _env_switch("HEP_EXEC_IN_PROCESS", True)
+    if io_uring is None:
+        io_uring = _env_switch("HEP_EXEC_IO_URING", False)
     if trap not in TRAP_MODES:
         raise ValueError(f"trap mode {trap!r}: expected one of {', '.join(TRAP_MODES)}")
     envl = [os.fsencode(f"{k}={v}") for k, v in (os.environ if env is None else env).items()]
@@ -612,6 +612,7 @@ def run(
                 spin_us,
                 TRAP_MODES[trap],
                 in_process,
+                io_uring,
             )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
@@ -620,7 +621,7 @@ def run(
     finally:
         _remove_tree(Path(private))
     stats = Stats(
-        trapped={SYSCALL_NAMES.get(k, str(k)): v for k, v in raw["trapped"].items()},
+        trapped=dict(raw["trapped"]),  # names from the C list of trapped calls
         passed=raw["passed"],
         hits=raw["hits"],
         upcalls=raw["upcalls"],

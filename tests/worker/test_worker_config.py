@@ -76,6 +76,12 @@ def test_precedence_flags_env_file(tmp_path: Path) -> None:
     off = tmp_path / "off.yaml"
     off.write_text("proxy: http://file:1\nin_process: false\n")
     assert not parse(["--config", str(off), "--", "true"]).in_process
+    assert not cfg.io_uring  # off unless allowed
+    env = {"HEP_EXEC_PROXY": "http://e:2"}
+    assert parse(["--allow-io-uring", "--", "true"], env).io_uring
+    assert parse(["--", "true"], {**env, "HEP_EXEC_IO_URING": "1"}).io_uring
+    (tmp_path / "uring.yaml").write_text("proxy: http://file:1\nio_uring: true\n")
+    assert parse(["--config", str(tmp_path / "uring.yaml"), "--", "true"]).io_uring
     assert cfg.repositories == ("a.org", "b.org")
     assert cfg.sources["proxies"] == "--proxy" and cfg.sources["ram_bytes"] == "HEP_EXEC_RAM"
     assert cfg.config_file == conf
