@@ -50,7 +50,7 @@ class Repo:
         return sorted(
             str(p.relative_to(self.dir))
             for p in (self.dir / "data").glob("??/*")
-            if p.is_file() and not p.is_symlink()
+            if p.is_file() and not p.is_symlink() and not p.parent.is_symlink()
         )
 
     def verified_manifest(
