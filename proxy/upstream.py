@@ -29,6 +29,24 @@ from proxy.metrics import Metrics
 from proxy.stores import RepoDir
 
 
+def network_failure(e: BaseException) -> str:
+    """What went wrong talking to an upstream, in a site admin's words (no exception names;
+    a timeout's message is empty)."""
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect ({e.os_error.strerror or e.os_error})"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "the response body was cut short"
+    if isinstance(e, aiohttp.ClientResponseError):
+        return f"bad response ({e.message})"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or "connection failed"
+
+
 class UpstreamError(Exception):
     """A fill that failed; ``status`` is what the client gets (404 or 502)."""
 
@@ -172,7 +190,7 @@ class Filler:
                             os.unlink(tmp)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             self.metrics.upstream.labels("error").inc()
-            raise UpstreamError(502, f"{url}: {type(e).__name__}: {e}") from None
+            raise UpstreamError(502, f"{url}: {network_failure(e)}") from None
         self.metrics.upstream.labels("ok").inc()
         self.metrics.upstream_bytes.inc(total)
 
@@ -189,7 +207,7 @@ class Filler:
                     data = await resp.read()
             except (aiohttp.ClientError, TimeoutError) as e:
                 self.metrics.upstream.labels("error").inc()
-                last = UpstreamError(502, f"{url}: {type(e).__name__}: {e}")
+                last = UpstreamError(502, f"{url}: {network_failure(e)}")
                 continue
             self.metrics.upstream.labels("ok").inc()
             self.metrics.upstream_bytes.inc(len(data))

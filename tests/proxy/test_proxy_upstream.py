@@ -214,3 +214,22 @@ async def test_manifest_never_ahead_of_the_store(
             assert s1.requests[_up(catalog)] == tries + 1  # filled with one request
     finally:
         await _stop(p)
+
+
+async def test_an_upstream_that_times_out_is_said_so_in_words(
+    upstream: tuple[StoreServer, Repo, Path], tmp_path: Path
+) -> None:
+    """The log said `TimeoutError: ` (an exception's name and its empty message)."""
+    s1, repo, _ = upstream
+    s1.delay, s1.delay_data_only = 5.0, True
+    conf = tmp_path / "proxy.yaml"
+    conf.write_text("upstream_timeout: 0.5\n")
+    p = await _start(tmp_path, s1, "--config", str(conf))
+    rel = _file_object(repo)
+    try:
+        async with aiohttp.ClientSession() as http, http.get(p.url(f"/cvmfs/{FQRN}/{rel}")) as r:
+            assert r.status == 502
+    finally:
+        await _stop(p)
+    assert f"{s1.url}/cvmfs/{FQRN}/{rel}: timed out" in p.errors(), p.errors()
+    assert "TimeoutError" not in p.errors()
