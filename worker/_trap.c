@@ -97,6 +97,7 @@ enum {
 #define F_NOFOLLOW 0x100
 #define F_OPATH 0x200
 #define F_PROCEXE 0x400 /* never cached: answers depend on the process */
+#define F_WRITE 0x800   /* open for writing, nothing created or truncated: EROFS but FIFOs */
 
 #define NSYS 512
 #define MAXPATH 4096
@@ -1127,6 +1128,84 @@ static int own_dir_name(const char *path, const char **name)
 /* open/openat: open the target ourselves and install the fd in the tracee as the call's
  * result (SECCOMP_ADDFD_FLAG_SEND), so the tracee gets its own open file description.
  * (O_PATH opens and openat2 take a ptrace stop instead: see install_filter.) */
+/* A blocking open of a FIFO of the shadow tree (a FIFO published in the repository) waits
+ * for the other end in a thread of its own, never in a notification thread: the caller's
+ * notification stays unanswered meanwhile, as its open would block natively. */
+#define FIFO_OPENS 32
+static struct fifo_open {
+    pthread_t th;
+    int used, done, fd;
+    uint64_t id;
+    char path[MAXPATH];
+    int flags;
+    mode_t mode;
+    uint32_t newfd_flags;
+} fifo_opens[FIFO_OPENS];
+
+static void *fifo_open_thread(void *arg)
+{
+    struct fifo_open *f = arg;
+    int fd = open(f->path, f->flags | O_CLOEXEC | O_NOCTTY, f->mode);
+    if (fd >= 0) {
+        struct seccomp_notif_addfd add = {
+            .id = f->id, .flags = SECCOMP_ADDFD_FLAG_SEND, .srcfd = (uint32_t)fd,
+            .newfd = 0, .newfd_flags = f->newfd_flags,
+        };
+        if (ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0) {} /* ENOENT: gone */
+        close(fd);
+    } else {
+        struct seccomp_notif_resp resp = {.id = f->id, .val = 0, .error = -errno, .flags = 0};
+        if (ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_SEND, &resp) < 0) {}
+    }
+    __atomic_store_n(&f->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* Start such an open (called with `big` held); 0 if no slot or thread could be had. */
+static int fifo_open_later(const char *path, unsigned long long fl, unsigned long long mode)
+{
+    size_t n = strlen(path);
+    if (n >= MAXPATH)
+        return 0;
+    for (int i = 0; i < FIFO_OPENS; i++) {
+        struct fifo_open *f = &fifo_opens[i];
+        if (f->used && !__atomic_load_n(&f->done, __ATOMIC_ACQUIRE))
+            continue;
+        if (f->used)
+            pthread_join(f->th, NULL);
+        f->used = 1;
+        f->done = 0;
+        f->id = cur_notif.id;
+        memcpy(f->path, path, n + 1);
+        f->flags = (int)(fl & ~(unsigned long long)O_CLOEXEC);
+        f->mode = (mode_t)mode;
+        f->newfd_flags = (uint32_t)(fl & O_CLOEXEC);
+        if (pthread_create(&f->th, NULL, fifo_open_thread, f) != 0) {
+            f->used = 0;
+            return 0;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+/* At the end of a run: release FIFO opens still waiting (by opening both ends ourselves) and
+ * wait for their threads, before the listener fd they answer through is closed. */
+static void fifo_opens_finish(void)
+{
+    for (int i = 0; i < FIFO_OPENS; i++) {
+        struct fifo_open *f = &fifo_opens[i];
+        if (!f->used)
+            continue;
+        int fd = __atomic_load_n(&f->done, __ATOMIC_ACQUIRE)
+                     ? -1 : open(f->path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+        pthread_join(f->th, NULL);
+        if (fd >= 0)
+            close(fd);
+        f->used = 0;
+    }
+}
+
 static long notify_open(long nr, struct user_regs_struct *r, const char *path, int magic)
 {
     unsigned long long fl = nr == SYS_open ? r->rsi : r->rdx;
@@ -1136,6 +1215,14 @@ static long notify_open(long nr, struct user_regs_struct *r, const char *path, i
     /* Never block or take a controlling terminal on the tracee's behalf (a FIFO reached
      * through a symlink out of /cvmfs); O_NONBLOCK is taken back below. */
     int ours = magic || has_prefix(path, strlen(path), shadow_p, shadow_n);
+    struct stat st;
+    if (ours && !magic && !(fl & O_NONBLOCK) && stat(path, &st) == 0 && S_ISFIFO(st.st_mode)) {
+        if (fifo_open_later(path, fl, mode)) {
+            cur_notif.replied = 1;
+            return 0;
+        }
+        ours = 0; /* no thread to wait in: open it without waiting for the other end */
+    }
     unsigned long long extra = O_CLOEXEC | O_NOCTTY | (ours ? 0 : O_NONBLOCK);
     const char *leaf = NULL;
     int dir = own_dir_name(path, &leaf);
@@ -1696,8 +1783,10 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             }
         }
         cls = C_OPEN;
-        if ((fl & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC)) || (fl & O_TMPFILE) == O_TMPFILE)
+        if ((fl & (O_CREAT | O_TRUNC)) || (fl & O_TMPFILE) == O_TMPFILE)
             cls = C_WRITE;
+        else if (fl & (O_WRONLY | O_RDWR))
+            flags |= F_WRITE; /* Python answers: EROFS, or a FIFO's other end */
         if (fl & O_NOFOLLOW)
             flags |= F_NOFOLLOW;
         if (fl & O_PATH)
@@ -2192,6 +2281,7 @@ static int start_notify_threads(void)
 
 static void stop_notify_threads(void)
 {
+    fifo_opens_finish();
     if (notify_started) {
         uint64_t one = 1;
         if (write(stop_efd, &one, sizeof one) < 0) {}

@@ -60,6 +60,7 @@ class Act(IntEnum):
 F_NOFOLLOW = 0x100
 F_OPATH = 0x200
 F_PROCEXE = 0x400  # readlink of /proc/<pid>/exe
+F_WRITE = 0x800  # open for writing (nothing created or truncated): EROFS, but a FIFO opens
 SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
 
 # (cacheable, kind, ival, bval, stat tuple, argv prefix)
@@ -372,6 +373,8 @@ class Session:
         if isinstance(res, Outside):
             return (cache, Act.REDIRECT, 0, res.path, None, None)
         node = res.node
+        if cls == Cls.OPEN and flags & F_WRITE and node.kind != Kind.FIFO:
+            return (cache, Act.RETURN, -errno.EROFS, None, None, None)
         if cls == Cls.OPEN:
             if node.kind == Kind.LNK:
                 if flags & F_OPATH:
@@ -379,6 +382,8 @@ class Session:
                 return (cache, Act.RETURN, -errno.ELOOP, None, None, None)
             if node.kind == Kind.DIR:
                 return self._to_shadow(tid, res, cache)
+            if node.kind == Kind.FIFO:
+                return self._fifo_in_shadow(tid, res, cache)
             opened = self.policy.open(tid, res.path, node)
             if isinstance(opened, int):
                 log.warning("%s: %s", os.fsdecode(res.path), os.strerror(opened))
@@ -425,6 +430,15 @@ class Session:
             log.warning("shadow tree: %s: %s", os.fsdecode(link), e.strerror)
             return (False, Act.RETURN, -errno.EIO, None, None, None)
         return (cache and not res.node.volatile, Act.REDIRECT, SAFE, link, None, None)
+
+    def _fifo_in_shadow(self, tid: int, res: Found, cache: bool) -> Action:
+        """A FIFO published in the repository: the job's own FIFO in the shadow tree, opened
+        as natively (a reader waits for a writer; O_NONBLOCK and O_PATH do not wait)."""
+        parent = self.materialize(tid, res.path.rpartition(b"/")[0] or self.mount)
+        if isinstance(parent, int):
+            return (False, Act.RETURN, -parent, None, None, None)
+        # not SAFE: the open may block, and be restarted after a signal
+        return (cache, Act.REDIRECT, 0, self.shadow_of(res.path), None, None)
 
     def _to_shadow(self, tid: int, res: Found, cache: bool) -> Action:
         target = self.materialize(tid, res.path)

@@ -48,6 +48,8 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
     src = base / "src"
     (src / "data").mkdir(parents=True)
     (src / "data" / "h1").write_bytes(b"hello\n")
+    (src / "pipes").mkdir()
+    os.mkfifo(src / "pipes" / "fifo")
     served = Served(base / "store", base / "keys")
     repo = served.publish(src, FQRN)
     proxy = served.serve(base / "nginx")
@@ -431,3 +433,42 @@ def test_metadata_changes_through_a_cvmfs_fd_fail_with_erofs(job: Job, ram_files
     calls = [line for line in lines if not line.startswith("unchanged")]
     assert len(calls) == 12 and all(line.endswith(" 30") for line in calls), out  # EROFS
     assert lines.count("unchanged True") == 2, out
+
+
+FIFO = """
+import os, stat, sys, threading
+p = sys.argv[1] + "/pipes/fifo"
+print(stat.S_ISFIFO(os.stat(p).st_mode))
+os.close(os.open(p, os.O_RDONLY | os.O_NONBLOCK))
+os.close(os.open(p, os.O_PATH))
+def writer():
+    w = os.open(p, os.O_WRONLY)
+    os.write(w, b"through the fifo")
+    os.close(w)
+t = threading.Thread(target=writer)
+t.start()
+r = os.open(p, os.O_RDONLY)  # waits for the writer, as natively
+print(os.read(r, 100).decode())
+os.close(r)
+t.join()
+for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
+    try:
+        os.open(sys.argv[1] + "/data/h1", flags)
+    except OSError as e:
+        print(e.errno)
+# a reader that nobody writes to waits (in its own thread), and other calls go on meanwhile
+threading.Thread(target=lambda: os.open(p, os.O_RDONLY), daemon=True).start()
+print(os.stat(sys.argv[1] + "/data/h1").st_size)
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_a_published_fifo_opens_as_natively(job: Job, trap_mode: str) -> None:
+    """Opening a published FIFO failed with EINVAL (O_NONBLOCK and O_PATH too) and logged a
+    line for every call; natively it opens (a reader waits for a writer)."""
+    p = job.popen(["python3", "-c", FIFO, ROOT])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert out.split("\n") == ["True", "through the fifo", "30", "30", "30", "6", ""], out
+    assert err == "", err

@@ -148,8 +148,8 @@ def test_sigkill_of_the_tracer_leaves_no_tracee(driver: Driver) -> None:
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="product defect, its own issue: the /dev/shm/hep-exec-* mirror stays behind after "
-    "SIGTERM, SIGHUP, SIGKILL of the tracer (tracer.run removes it in a finally only)",
+    reason="product defect (hep-exec defects, item 6): the /dev/shm/hep-exec-* mirror stays "
+    "behind after SIGKILL of the tracer (SIGTERM and SIGHUP are passed on and cleaned up)",
 )
 @pytest.mark.parametrize("driver", ["hostpolicy-notify", "hep-exec"], indirect=True)
 def test_sigkill_leaves_no_mirror_behind(driver: Driver) -> None:
