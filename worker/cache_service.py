@@ -56,7 +56,7 @@ from worker.config import ConfigError, ExecConfig, parse_exec_args
 from worker.fetcher import Fetcher, FetchError, object_url
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.ramfiles import RamFiles
-from worker.repository import RepositoryError, load_chunks, load_whole
+from worker.repository import RepositoryError, fill_chunks, load_whole
 
 log = logging.getLogger("hep_exec.cache_service")
 
@@ -176,9 +176,9 @@ class _Fetched:
     ) -> bytes:
         return self.stored
 
-    def get_many(
-        self, items: Sequence[tuple[str, ContentHash | None, str]]
-    ) -> list[bytes | BaseException]:
+    def submit(
+        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+    ) -> Future[bytes]:
         raise NotImplementedError
 
 
@@ -409,12 +409,12 @@ class CacheService:
 
     def _acquire(self, spec: ObjectSpec) -> CachedObject:
         if spec.chunks:
-            return self.cache.acquire(
+            return self.cache.acquire_filled(
                 spec.key,
-                lambda: load_chunks(
-                    self.fetcher, spec.fqrn, spec.path, spec.chunks, spec.compressed, spec.size
+                spec.size,
+                lambda out: fill_chunks(
+                    self.fetcher, spec.fqrn, spec.path, spec.chunks, spec.compressed, spec.size, out
                 ),
-                size_hint=spec.size,
             )
         assert spec.hash is not None
         content = spec.hash

@@ -220,6 +220,15 @@ class Fetcher:
 
         return self._call(all_of())
 
+    def submit(
+        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+    ) -> Future[bytes]:
+        """Start one fetch (single-flight, verified, with fail-over) and return at once:
+        callers stream big files by keeping a few of these in flight."""
+        return asyncio.run_coroutine_threadsafe(
+            self.fetch(url_path, expected, what), self._require_loop()
+        )
+
     def prefetch(self, items: Iterable[tuple[str, ContentHash | None, str]]) -> Future[Any]:
         """Start fetching in the background; the returned future resolves to get_many's list."""
         loop = self._require_loop()

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from lru import LRU
 
-from worker.ramfiles import RamFiles, default_ram_files, fd_path
+from worker.ramfiles import Fill, RamFile, RamFiles, default_ram_files, fd_path
 
 log = logging.getLogger("hep_exec.cache")
 
 Loader = Callable[[], "bytes | Sequence[bytes]"]
+Make = Callable[[], RamFile]
 
 
 class CacheFull(MemoryError):
@@ -118,6 +119,7 @@ class RamCache:
         self._lru: LRU[str, CachedObject] = LRU(1 << 30)
         self._pending: dict[str, _Pending] = {}
         self._used = 0
+        self._reserved = 0  # size hints of loads in progress (their files are filling)
         self._charged = 0  # residents that are not files (catalogs), never evicted
 
     # ------------------------------------------------------------------ public API
@@ -128,6 +130,15 @@ class RamCache:
         Raises CacheFull when it cannot fit beside the pinned objects, or whatever the loader
         raised (every waiter of that load gets the same exception).
         """
+        return self._acquire(key, lambda: self.files.make(key, loader()), size_hint)
+
+    def acquire_filled(self, key: str, size: int, fill: Fill) -> CachedObject:
+        """:meth:`acquire` for an object of known size that ``fill`` writes into its RAM file
+        piece by piece (a chunked file): only the pieces in flight are in our memory, never
+        the whole object; the file is published only once ``fill`` wrote all of it."""
+        return self._acquire(key, lambda: self.files.make_filled(key, size, fill), size)
+
+    def _acquire(self, key: str, make: Make, size_hint: int | None) -> CachedObject:
         with self._lock:
             obj = self._pinned.get(key)
             if obj is None:
@@ -149,7 +160,7 @@ class RamCache:
                     raise self._full(key, size_hint)
                 pending = self._pending[key] = _Pending()
                 self.stats.misses += 1
-                return self._load(key, loader, pending)
+                return self._load(key, make, pending, size_hint or 0)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -236,15 +247,21 @@ class RamCache:
         self.stats.bytes_evicted += obj.size
         return True
 
-    def _load(self, key: str, loader: Loader, pending: _Pending) -> CachedObject:
-        """Called with the lock held; runs the loader without it."""
+    def _load(self, key: str, make: Make, pending: _Pending, reserve: int) -> CachedObject:
+        """Called with the lock held; makes the file without it.
+
+        The file fills while the load runs, so unpinned objects make room for it first:
+        ``_reserved`` holds the sizes of loads in progress until their objects count in
+        ``_used`` (each object is counted once, by one or the other).
+        """
+        self._reserved += reserve
+        self._evict_to(self.limit - self._reserved)
         self._lock.release()
         try:
-            data = loader()
-            file = self.files.make(key, data)
-            del data
+            file = make()
         except BaseException as e:
             self._lock.acquire()
+            self._reserved -= reserve
             del self._pending[key]
             self.stats.load_errors += 1
             pending.error = e
@@ -252,6 +269,7 @@ class RamCache:
             raise
         self._lock.acquire()
         try:
+            self._reserved -= reserve
             del self._pending[key]
             size = file.size
             self._evict_to(self.limit - size)

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 log = logging.getLogger("hep_exec.cache")
@@ -94,29 +94,72 @@ def _pieces(data: Data) -> Sequence[bytes | bytearray | memoryview]:
     return [data] if isinstance(data, bytes | bytearray | memoryview) else data
 
 
-def _write_all(fd: int, data: Data) -> int:
+class RamFileWriter:
+    """A RAM file being filled, piece by piece at its offsets, before anyone can see it.
+
+    Loaders of big objects (chunked files) write each piece as soon as it is verified and
+    drop it, so a file never has to sit in Python memory whole; the file is only handed out
+    (sealed, or reopened read-only) once the fill returned and every byte was written.
+    """
+
+    __slots__ = ("fd", "size", "written")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.written = 0
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` (pieces must not overlap: ``written`` counts bytes)."""
+        view = memoryview(data).cast("B")
+        if offset < 0 or offset + len(view) > self.size:
+            raise ValueError(f"{len(view)} bytes at {offset} outside a file of {self.size}")
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            offset += n
+            self.written += n
+            view = view[n:]
+
+
+Fill = Callable[[RamFileWriter], None]
+
+
+def _fill(fd: int, size: int, fill: Fill) -> None:
     """Size the file first (so the tmpfs picks folios for its whole size), then fill it."""
-    pieces = _pieces(data)
-    size = sum(len(p) for p in pieces)
     if size:
         os.ftruncate(fd, size)
-    offset = 0
-    for piece in pieces:
-        view = memoryview(piece)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            offset += n
-            view = view[n:]
-    return size
+    writer = RamFileWriter(fd, size)
+    fill(writer)
+    if writer.written != size:
+        raise ValueError(f"RAM file filled with {writer.written} of {size} bytes")
+
+
+def _writing(data: Data) -> tuple[int, Fill]:
+    """(size, fill) of data given whole or as pieces in order."""
+    pieces = _pieces(data)
+
+    def fill(out: RamFileWriter) -> None:
+        offset = 0
+        for piece in pieces:
+            out.write_at(offset, piece)
+            offset += len(piece)
+
+    return sum(len(p) for p in pieces), fill
 
 
 def make_sealed_memfd(name: str, data: Data) -> tuple[int, int]:
     """Write ``data`` (one buffer or pieces in order) into a new memfd and seal it."""
+    size, fill = _writing(data)
+    return fill_sealed_memfd(name, size, fill), size
+
+
+def fill_sealed_memfd(name: str, size: int, fill: Fill) -> int:
+    """A new memfd of ``size`` bytes written by ``fill``, sealed; closed if ``fill`` raises."""
     fd = os.memfd_create(name[:200], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        size = _write_all(fd, data)
+        _fill(fd, size, fill)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        return fd, size
+        return fd
     except BaseException:
         os.close(fd)
         raise
@@ -184,8 +227,14 @@ class RamFiles:
 
     def make(self, name: str, data: Data) -> RamFile:
         """A new read-only file holding ``data``; give it back with :meth:`discard`."""
+        size, fill = _writing(data)
+        return self.make_filled(name, size, fill)
+
+    def make_filled(self, name: str, size: int, fill: Fill) -> RamFile:
+        """A new read-only file of ``size`` bytes that ``fill`` writes (every byte, or it
+        raises); nobody can open it before this returns, and nothing is left if it raises."""
         if self.backing == "memfd":
-            fd, size = make_sealed_memfd(name, data)
+            fd = fill_sealed_memfd(name, size, fill)
             return RamFile(fd, size, fd_path(fd))
         assert self._dirs is not None
         rw_dir, ro_dir = self._dirs
@@ -200,7 +249,7 @@ class RamFiles:
                 continue
         try:
             try:
-                size = _write_all(wfd, data)
+                _fill(wfd, size, fill)
             finally:
                 os.close(wfd)
             fd = os.open(leaf, os.O_RDONLY | os.O_CLOEXEC, dir_fd=ro_dir)

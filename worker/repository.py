@@ -11,12 +11,15 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import hashlib
+import itertools
 import logging
 import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -30,6 +33,7 @@ from cvmfs_format.objects import Suffix, decompress, parse_object_path, verify_o
 from cvmfs_format.verify import loading, verify_ensemble
 from worker.fetcher import FetchError, NotFound, object_url
 from worker.ramcache import CachedObject, RamCache
+from worker.ramfiles import RamFileWriter
 
 log = logging.getLogger("hep_exec.repository")
 _MISSING = object()
@@ -46,9 +50,11 @@ class ObjectSource(Protocol):
         check: Callable[[bytes], None] | None = None,
     ) -> bytes: ...
 
-    def get_many(
-        self, items: Sequence[tuple[str, ContentHash | None, str]]
-    ) -> list[bytes | BaseException]: ...
+    def submit(
+        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+    ) -> Future[bytes]:
+        """Start one fetch; the future has its verified stored bytes (or FetchError)."""
+        ...
 
 
 class RepositoryError(OSError):
@@ -214,8 +220,8 @@ class MountedRepository:
         key = self.object_key(entry)
         if entry.is_chunked:
             chunks = self.chunks(entry.path)
-            return self.cache.acquire(
-                key, lambda: self._load_chunks(entry, chunks), size_hint=entry.size
+            return self.cache.acquire_filled(
+                key, entry.size, lambda out: self._fill_chunks(entry, chunks, out)
             )
         assert entry.hash is not None
         return self.cache.acquire(key, lambda: self._load_whole(entry), size_hint=entry.size)
@@ -226,9 +232,9 @@ class MountedRepository:
             self.fetcher, self.fqrn, entry.path, entry.hash, entry.is_compressed, entry.size
         )
 
-    def _load_chunks(self, entry: DirEntry, chunks: list[Chunk]) -> list[bytes]:
-        return load_chunks(
-            self.fetcher, self.fqrn, entry.path, chunks, entry.is_compressed, entry.size
+    def _fill_chunks(self, entry: DirEntry, chunks: list[Chunk], out: RamFileWriter) -> None:
+        fill_chunks(
+            self.fetcher, self.fqrn, entry.path, chunks, entry.is_compressed, entry.size, out
         )
 
 
@@ -259,15 +265,26 @@ def load_whole(
     return data
 
 
-def load_chunks(
+CHUNKS_AHEAD = 4  # chunk fetches in flight while one is inflated and written
+
+
+def fill_chunks(
     fetcher: ObjectSource,
     fqrn: str,
     path: str,
     chunks: Sequence[Chunk],
     compressed: bool,
     size: int,
-) -> list[bytes]:
-    """The pieces of a chunked file (fetched concurrently), verified and decompressed."""
+    out: RamFileWriter,
+    ahead: int = CHUNKS_AHEAD,
+) -> None:
+    """Write a chunked file into its RAM file, one verified, decompressed chunk at a time.
+
+    ``ahead`` chunks are fetched concurrently (each under the fetcher's own timeouts and
+    retries) while the oldest is inflated, written at its offset and dropped: memory holds a
+    few chunks, never the file. Any failure raises RepositoryError (EIO) and the caller
+    throws the partial file away.
+    """
     what = f"{fqrn}:{path}"
     expect = 0
     for c in chunks:
@@ -276,30 +293,35 @@ def load_chunks(
         expect += c.size
     if expect != size:
         raise RepositoryError(errno.EIO, f"{what}: chunks cover {expect} of {size}")
-    results = fetcher.get_many(
-        [
-            (
-                object_url(fqrn, c.hash.object_path(Suffix.PARTIAL)),
-                c.hash,
-                f"{what} chunk @{c.offset}",
-            )
-            for c in chunks
-        ]
-    )
-    pieces = []
-    for c, r in zip(chunks, results, strict=True):
-        if isinstance(r, BaseException):
-            raise RepositoryError(errno.EIO, str(r))
+
+    def start(c: Chunk) -> tuple[Chunk, Future[bytes]]:
+        url = object_url(fqrn, c.hash.object_path(Suffix.PARTIAL))
+        return c, fetcher.submit(url, c.hash, f"{what} chunk @{c.offset}")
+
+    todo = iter(chunks)
+    # a failed load leaves at most ``ahead`` fetches running; their bytes are dropped
+    in_flight = deque(start(c) for c in itertools.islice(todo, max(1, ahead)))
+    while in_flight:
+        c, future = in_flight.popleft()
         try:
-            data = decompress(r, f"{what} chunk @{c.offset}") if compressed else r
+            stored = future.result()
+        except Exception as e:  # FetchError, or the fetcher closing under us
+            raise RepositoryError(errno.EIO, str(e) or type(e).__name__) from None
+        del future  # it holds the stored bytes too: let them go with ``stored``
+        following = next(todo, None)
+        if following is not None:
+            in_flight.append(start(following))
+        try:
+            data = decompress(stored, f"{what} chunk @{c.offset}") if compressed else stored
         except FormatError as e:
             raise RepositoryError(errno.EIO, str(e)) from None
+        del stored
         if len(data) != c.size:
             raise RepositoryError(
                 errno.EIO, f"{what}: chunk @{c.offset} has {len(data)} bytes, not {c.size}"
             )
-        pieces.append(data)
-    return pieces
+        out.write_at(c.offset, data)
+        del data
 
 
 def _manifest_check(raw: bytes) -> None:
