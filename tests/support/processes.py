@@ -72,8 +72,20 @@ def comm(pid: int) -> str:
         return ""
 
 
-def gone(pid: int) -> bool:
-    """``pid`` has exited: reaped, or a zombie nobody has reaped yet."""
+def started(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22): with the pid,
+    it names one process even after the pid is reused (pid_max may be 32768)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def gone(pid: int, since: int | None = None) -> bool:
+    """``pid`` has exited: reaped, or a zombie nobody has reaped yet; with ``since`` (its
+    :func:`started`), also when the pid now belongs to another process."""
+    if since is not None and started(pid) != since:
+        return True
     return state(pid) in ("", "Z")
 
 

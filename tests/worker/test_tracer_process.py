@@ -27,6 +27,7 @@ from tests.support.processes import (
     gone,
     mirror_of,
     remove_mirror,
+    started,
     waiting_in,
 )
 from tests.support.tracing import (
@@ -103,7 +104,7 @@ def test_writes_fail_with_erofs(driver: Driver) -> None:
 
 
 @contextmanager
-def killed_tracer(driver: Driver) -> Iterator[tuple[set[int], Path | None]]:
+def killed_tracer(driver: Driver) -> Iterator[tuple[dict[int, int | None], Path | None]]:
     """Runs a script that changes into /cvmfs and leaves three sleeps (two in the background,
     one in a subshell); SIGKILLs the tracer once they all sleep.  Yields the tracees and the
     tracer's mirror directory they stood in; afterwards kills any tracee still alive and
@@ -113,6 +114,7 @@ def killed_tracer(driver: Driver) -> Iterator[tuple[set[int], Path | None]]:
         driver.cmd(["bash", "-c", script]), env=env_with(), stdout=subprocess.PIPE
     )
     kids: set[int] = set()
+    starts: dict[int, int | None] = {}
     mirror = None
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"content\n"
@@ -125,16 +127,17 @@ def killed_tracer(driver: Driver) -> Iterator[tuple[set[int], Path | None]]:
             return found if len(sleeping) == 3 else set()
 
         kids = wait_until(three_sleeping, 30, what="three sleeps under the tracer")
+        starts.update({k: started(k) for k in kids})
         mirror = mirror_of(kids)
         proc.kill()
         proc.wait()
-        yield kids, mirror
+        yield {k: starts[k] for k in kids}, mirror
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         for k in kids:
-            if not gone(k):
+            if not gone(k, starts.get(k)):  # never a process that got the pid since
                 os.kill(k, signal.SIGKILL)
         remove_mirror(mirror)
 
@@ -142,7 +145,7 @@ def killed_tracer(driver: Driver) -> Iterator[tuple[set[int], Path | None]]:
 def test_sigkill_of_the_tracer_leaves_no_tracee(driver: Driver) -> None:
     with killed_tracer(driver) as (kids, _):
         assert len(kids) >= 4  # bash, its subshell, three sleeps
-        wait_until(lambda: all(gone(k) for k in kids), 10, what="every tracee to die")
+        wait_until(lambda: all(gone(k, t) for k, t in kids.items()), 10, what="every tracee to die")
 
 
 @pytest.mark.slow
@@ -155,7 +158,7 @@ def test_sigkill_of_the_tracer_leaves_no_tracee(driver: Driver) -> None:
 def test_sigkill_leaves_no_mirror_behind(driver: Driver) -> None:
     with killed_tracer(driver) as (kids, mirror):
         assert mirror is not None, "the tracees stood in no /dev/shm/hep-exec-* directory"
-        wait_until(lambda: all(gone(k) for k in kids), 10, what="every tracee to die")
+        wait_until(lambda: all(gone(k, t) for k, t in kids.items()), 10, what="every tracee to die")
         wait_until(lambda: not mirror.exists(), 3, what=f"{mirror} to be removed")
 
 
