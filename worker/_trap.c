@@ -519,8 +519,12 @@ static void thread_forget(pid_t tid)
 
 /* ---------- run-wide configuration and statistics ---------- */
 
-static char mount_p[MAXPATH], shadow_p[MAXPATH];
-static size_t mount_n, shadow_n;
+/* The shadow tree under two names: shadow_p as the kernel spells it in /proc/<pid>/cwd and
+ * fd links (the tracer's private mount renders as "/hep-exec-.../cvmfs"), target_p as tracees
+ * are sent to it (through the tracer's fd of its read-only view: /proc/<pid>/fd/<n>/...).  The
+ * same string where the shadow tree is a plain directory. */
+static char mount_p[MAXPATH], shadow_p[MAXPATH], target_p[MAXPATH];
+static size_t mount_n, shadow_n, target_n;
 static PyObject *handler;
 static unsigned long long n_trapped[NSYS], n_pass, n_hits, n_upcalls, n_notified;
 static uid_t my_uid;
@@ -642,7 +646,8 @@ static ssize_t proc_link(pid_t tid, const char *what, char *out, size_t max)
  * mount.  Returns the length of the rewritten path in `out`, or 0 when `raw` is not such a
  * path (the kernel resolves it, as before).
  */
-static long via_magic_link(pid_t tid, const char *raw, size_t n, char *out, size_t max)
+static long via_magic_link(pid_t tid, const char *raw, size_t n, char *out, size_t max,
+                           int whole)
 {
     char link[96], target[MAXPATH];
     const char *p;
@@ -697,6 +702,8 @@ static long via_magic_link(pid_t tid, const char *raw, size_t n, char *out, size
     if (tn <= 0 || !has_prefix(target, (size_t)tn, shadow_p, shadow_n))
         return 0;
     size_t rest = n - (size_t)(p - raw);
+    if (!rest && !whole)
+        return 0; /* the link itself (readlink, lstat): see magic_readlink */
     if ((size_t)tn + rest + 1 > max)
         return -ENAMETOOLONG;
     memcpy(out, target, (size_t)tn);
@@ -806,7 +813,7 @@ static long mount_key(pid_t tid, tstate_t *t, long dirfd, const char *raw, long 
     size_t jn;
     char magic[MAXPATH];
     if (raw[0] == '/' && (raw[1] == 'p' || raw[1] == 'd')) {
-        long mn = via_magic_link(tid, raw, (size_t)n, magic, sizeof magic);
+        long mn = via_magic_link(tid, raw, (size_t)n, magic, sizeof magic, 0);
         if (mn < 0)
             return mn;
         if (mn > 0) {
@@ -1214,7 +1221,7 @@ static long notify_open(long nr, struct user_regs_struct *r, const char *path, i
         fl &= ~(unsigned long long)O_NOFOLLOW; /* a RAM file's /proc link: see allow_magic_link */
     /* Never block or take a controlling terminal on the tracee's behalf (a FIFO reached
      * through a symlink out of /cvmfs); O_NONBLOCK is taken back below. */
-    int ours = magic || has_prefix(path, strlen(path), shadow_p, shadow_n);
+    int ours = magic || has_prefix(path, strlen(path), target_p, target_n);
     struct stat st;
     if (ours && !magic && !(fl & O_NONBLOCK) && stat(path, &st) == 0 && S_ISFIFO(st.st_mode)) {
         if (fifo_open_later(path, fl, mode)) {
@@ -1302,7 +1309,9 @@ static long notify_redirect(pid_t tid, long nr, struct user_regs_struct *r, cons
     switch (nr) {
     case SYS_open:
     case SYS_openat: /* one of our RAM files, by /proc/<our pid>/fd/N: a magic link */
-        return notify_open(nr, r, path, path == target && strncmp(path, "/proc/", 6) == 0);
+        return notify_open(nr, r, path,
+                           path == target && strncmp(path, "/proc/", 6) == 0 &&
+                               !has_prefix(path, strlen(path), target_p, target_n));
     case SYS_statfs: {
         struct statfs sf;
         if (statfs(path, &sf) != 0)
@@ -1417,9 +1426,10 @@ static void note_open(action_t *a)
 {
     if (!a->ram_ino) {
         struct stat s;
-        if (strncmp(a->bval, own_fd_prefix, own_fd_prefix_n) != 0 || stat(a->bval, &s) != 0 ||
-            !S_ISREG(s.st_mode))
-            return; /* not one of ours: a host file reached through a policy */
+        /* one of our RAM files, or a host file a policy serves a /cvmfs file from (the
+         * host-directory policy): fstat of it must say what stat of the /cvmfs path says */
+        if (stat(a->bval, &s) != 0 || !S_ISREG(s.st_mode))
+            return;
         a->ram_dev = (uint64_t)s.st_dev;
         a->ram_ino = (uint64_t)s.st_ino;
     }
@@ -1502,7 +1512,8 @@ static int redirect_arg(pid_t tid, struct user_regs_struct *r, int arg, const ch
  * without following its last component, so drop the flag (and openat2's RESOLVE_* limits,
  * which would refuse the /proc link) for the redirected call only.  Called right after
  * redirect_arg, which used one restore slot. */
-static int allow_magic_link(pid_t tid, struct user_regs_struct *r, long nr, tstate_t *t)
+static int allow_magic_link(pid_t tid, struct user_regs_struct *r, long nr, tstate_t *t,
+                            int keep_nofollow)
 {
     if (nr != 437) {
         unsigned long long *reg = nr == SYS_open ? &r->rsi : &r->rdx;
@@ -1519,7 +1530,8 @@ static int allow_magic_link(pid_t tid, struct user_regs_struct *r, long nr, tsta
     struct iovec l = {how, size}, rv = {(void *)r->rdx, size};
     if (process_vm_readv(tid, &l, 1, &rv, 1, 0) != (ssize_t)size)
         return -EFAULT;
-    how[0] &= ~(unsigned long long)O_NOFOLLOW;
+    if (!keep_nofollow)
+        how[0] &= ~(unsigned long long)O_NOFOLLOW;
     how[2] = 0;
     unsigned long addr = (unsigned long)(t->nrestore ? r->rsi : r->rsp - 128);
     addr = (addr - size) & ~15UL; /* below the path string redirect_arg wrote */
@@ -1669,8 +1681,7 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
         dev = a->ram_dev;
         ino = a->ram_ino;
     } else if (!named_ram_file(a->bval) &&
-               !(has_prefix(a->bval, a->blen, shadow_p, shadow_n) &&
-                 (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0))) {
+               !has_prefix(a->bval, a->blen, target_p, target_n)) {
         return;
     }
     if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
@@ -1691,8 +1702,7 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
 static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t *a,
                          const char *key, size_t kn)
 {
-    int shadow = a->kind == A_REDIRECT && has_prefix(a->bval, a->blen, shadow_p, shadow_n) &&
-                 (a->bval[shadow_n] == '/' || a->bval[shadow_n] == 0);
+    int shadow = a->kind == A_REDIRECT && has_prefix(a->bval, a->blen, target_p, target_n);
     int missing = a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR);
     union {
         struct stat st;
@@ -1736,6 +1746,33 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
                        : 0;
     if (ok)
         fo_patch(tid, nr, cur_notif.ip);
+}
+
+/* readlink of /proc/<pid>/cwd or /proc/<pid>/fd/N (/dev/fd/N ...) standing in the shadow
+ * tree: the /cvmfs path it stands for, as getcwd says (the kernel would name the shadow). */
+static int magic_readlink(pid_t tid, struct user_regs_struct *r, long nr, const char *raw,
+                          size_t n)
+{
+    char target[MAXPATH], out[MAXPATH];
+    if (raw[0] != '/' || (raw[1] != 'p' && raw[1] != 'd'))
+        return 0;
+    long tn = via_magic_link(tid, raw, n, target, sizeof target, 1);
+    if (tn <= 0 || !has_prefix(target, (size_t)tn, shadow_p, shadow_n))
+        return 0;
+    size_t on = mount_n + (size_t)tn - shadow_n;
+    if (on >= sizeof out)
+        return 0;
+    memcpy(out, mount_p, mount_n);
+    memcpy(out + mount_n, target + shadow_n, (size_t)tn - shadow_n + 1);
+    unsigned long buf = nr == SYS_readlink ? r->rsi : r->rdx;
+    long long sz = (long long)(nr == SYS_readlink ? r->rdx : r->r10);
+    if (sz <= 0) {
+        skip_with(r, -EINVAL);
+        return 1;
+    }
+    size_t w = on < (size_t)sz ? on : (size_t)sz;
+    skip_with(r, write_mem(tid, buf, out, w) < 0 ? -EFAULT : (long long)w);
+    return 1;
 }
 
 /* Is a tracee fd a directory of the shadow tree or one of our RAM files (both stand for
@@ -1917,6 +1954,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 
     char raw[MAXPATH];
     long n = read_string(tid, *argreg(r, path_arg), raw, sizeof raw);
+    if (cls == C_READLINK && n > 0 && magic_readlink(tid, r, nr, raw, (size_t)n))
+        return 1;
     long kn = mount_key(tid, t, dirfd, raw, n, key, allow_empty);
     if (kn == 0)
         kn = via_host_symlink(tid, t, dirfd, raw, n, !(flags & F_NOFOLLOW) && cls != C_READLINK,
@@ -2016,9 +2055,13 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
          * register after return, which the C ABI and libc wrappers treat as clobbered (one
          * stop instead of two).  Otherwise, restore the register at syscall exit. */
         int rc = redirect_arg(tid, r, path_arg, a->bval, a->blen, t);
-        if (rc == 0 && cls == C_OPEN && (flags & F_NOFOLLOW) && !(flags & F_OPATH) &&
-            a->blen > 6 && memcmp(a->bval, "/proc/", 6) == 0)
-            rc = allow_magic_link(tid, r, nr, t);
+        int via_proc = a->blen > 6 && memcmp(a->bval, "/proc/", 6) == 0;
+        int in_shadow = has_prefix(a->bval, a->blen, target_p, target_n);
+        if (rc == 0 && cls == C_OPEN && via_proc && !in_shadow && (flags & F_NOFOLLOW) &&
+            !(flags & F_OPATH))
+            rc = allow_magic_link(tid, r, nr, t, 0);
+        else if (rc == 0 && cls == C_OPEN && in_shadow && via_proc && nr == 437)
+            rc = allow_magic_link(tid, r, nr, t, 1); /* the shadow tree's /proc/<pid>/fd link */
         if (a->ival == 1 && rc == 0)
             t->nrestore = 0;
         if (rc < 0) {
@@ -2598,16 +2641,23 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     int mode = 2; /* 0 ptrace, 1 notify, 2 notify where the kernel does it well */
     int in_process = 1; /* notify mode: opens of published paths inside tracees */
     int io_uring = 0;   /* let the command set up io_uring rings (see install_filter) */
+    const char *rnd = NULL; /* the shadow tree as /proc links spell it (default: shd) */
+    Py_ssize_t rn = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOy#y#O|lipp", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
-                          &spin_us, &mode, &in_process, &io_uring))
+    if (!PyArg_ParseTuple(args, "OOy#y#O|lippy#", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
+                          &spin_us, &mode, &in_process, &io_uring, &rnd, &rn))
         return NULL;
+    if (!rnd) {
+        rnd = shd;
+        rn = sn;
+    }
     refuse_io_uring = !io_uring;
     if (handler) {
         PyErr_SetString(PyExc_RuntimeError, "worker._trap.run is not re-entrant");
         return NULL;
     }
-    if (mn <= 1 || mn >= MAXPATH || sn <= 1 || sn >= MAXPATH || mnt[0] != '/' || shd[0] != '/') {
+    if (mn <= 1 || mn >= MAXPATH || sn <= 1 || sn >= MAXPATH || rn <= 1 || rn >= MAXPATH ||
+        mnt[0] != '/' || shd[0] != '/' || rnd[0] != '/') {
         PyErr_SetString(PyExc_ValueError, "mount and shadow must be absolute paths");
         return NULL;
     }
@@ -2629,9 +2679,12 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     memcpy(mount_p, mnt, (size_t)mn);
     mount_p[mn] = 0;
     mount_n = (size_t)mn;
-    memcpy(shadow_p, shd, (size_t)sn);
-    shadow_p[sn] = 0;
-    shadow_n = (size_t)sn;
+    memcpy(target_p, shd, (size_t)sn);
+    target_p[sn] = 0;
+    target_n = (size_t)sn;
+    memcpy(shadow_p, rnd, (size_t)rn);
+    shadow_p[rn] = 0;
+    shadow_n = (size_t)rn;
     memset(n_trapped, 0, sizeof n_trapped);
     n_pass = n_hits = n_upcalls = n_notified = 0;
     my_uid = getuid();
@@ -2880,7 +2933,8 @@ static PyMethodDef methods[] = {
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,
-     "run(argv, env, mount, shadow, handler, spin_us=0, mode=2, in_process=1, io_uring=0)\n"
+     "run(argv, env, mount, shadow, handler, spin_us=0, mode=2, in_process=1, io_uring=0,\n"
+     "    rendered=shadow)\n"
      "  -> (status, exec_errno, stats)\n"
      "mode: 0 ptrace only, 1 seccomp user notification for hot calls, 2 1 where it is fast.\n"
      "Run argv under ptrace+seccomp; handler(tid, cls, flags, path) answers cache misses."},

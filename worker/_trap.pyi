@@ -30,6 +30,7 @@ def run(
     mode: int = 2,
     in_process: bool = True,
     io_uring: bool = False,
+    rendered: bytes = ...,
     /,
 ) -> tuple[int, int, RawStats]: ...
 def forget(path: bytes, /) -> int: ...

@@ -17,10 +17,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -151,7 +152,8 @@ class Session:
 
     policy: Policy
     mount: bytes
-    shadow: bytes
+    shadow: bytes  # where tracees find the shadow tree (redirect targets)
+    shadow_write: bytes = b""  # where we write it (a read-write view; default: ``shadow``)
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     dev: int = 0
@@ -163,6 +165,7 @@ class Session:
     def __post_init__(self) -> None:
         self._mparts = self.mount.strip(b"/").split(b"/")
         self.dev = os.stat(self.shadow).st_dev
+        self.shadow_write = self.shadow_write or self.shadow
 
     # ---- the walk -------------------------------------------------------------------
 
@@ -275,6 +278,10 @@ class Session:
     def shadow_of(self, path: bytes) -> bytes:
         return self.shadow + path[len(self.mount) :]
 
+    def _writable(self, shadow_path: bytes) -> bytes:
+        """The same place in the read-write view of the shadow tree."""
+        return self.shadow_write + shadow_path[len(self.shadow) :]
+
     def materialize(self, pid: int, path: bytes) -> bytes | int:
         """Make the shadow directory for /cvmfs directory ``path`` (and its parents) exist
         and hold one empty entry per catalog entry; returns its host path."""
@@ -297,7 +304,7 @@ class Session:
         node = self._lookup(pid, path)
         if isinstance(node, int):
             return node
-        target = self.shadow_of(path)
+        target = self._writable(self.shadow_of(path))
         try:
             os.makedirs(target, exist_ok=True)
             for e in entries:
@@ -423,9 +430,10 @@ class Session:
             return (False, Act.RETURN, -parent, None, None, None)
         link = self.shadow_of(res.path)
         try:
-            if os.readlink(link) != res.node.target:
-                os.unlink(link)
-                os.symlink(res.node.target, link)
+            writable = self._writable(link)
+            if os.readlink(writable) != res.node.target:
+                os.unlink(writable)
+                os.symlink(res.node.target, writable)
         except OSError as e:
             log.warning("shadow tree: %s: %s", os.fsdecode(link), e.strerror)
             return (False, Act.RETURN, -errno.EIO, None, None, None)
@@ -555,6 +563,57 @@ def _env_switch(name: str, default: bool) -> bool:
     return value not in ("0", "no", "false", "off")
 
 
+SHADOW_TMPFS_OPTIONS = b"size=0,nr_inodes=0,mode=0755"
+
+
+@dataclass(frozen=True)
+class _ShadowTree:
+    """The shadow tree of one run, under the three names it goes by.
+
+    Where unprivileged user namespaces allow it, it lives on a private tmpfs that exists only
+    through two fds of ours (worker/_tmpfs.c): we write through the read-write one, tracees
+    are sent through the read-only one (/proc/<our pid>/fd/<n>/...: a create, chmod or
+    utimes through a path or fd into it is EROFS from the kernel itself), and nothing of it
+    outlives us, however we end (SIGKILL too).  The kernel spells such paths from the mount's
+    own root ("/hep-exec-<pid>-<random>/cvmfs/...") in /proc/<pid>/cwd and fd links: a name
+    no host path has, which the C side maps back to the mount.  Elsewhere: a directory in
+    /dev/shm, removed at the end (left behind if we are killed).
+    """
+
+    access: bytes  # what tracees are sent to
+    write: bytes  # where we create its entries
+    rendered: bytes  # how /proc/<pid>/{cwd,fd/N} links name it
+    close: Callable[[], None]
+
+    @classmethod
+    def make(cls, mount: bytes) -> _ShadowTree:
+        leaf = mount.strip(b"/").replace(b"/", b"_")
+        try:
+            from worker import _tmpfs
+
+            rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_OPTIONS)
+        except (OSError, ImportError) as e:
+            log.debug("shadow tree in %s: no private tmpfs (%s)", _shadow_parent(), e)
+            private = tempfile.mkdtemp(prefix="hep-exec-", dir=_shadow_parent())
+            plain = os.fsencode(private) + b"/" + leaf
+            os.mkdir(plain, 0o755)
+            return cls(plain, plain, plain, lambda: _remove_tree(Path(private)))
+        top = b"/hep-exec-%d-%s/%s" % (os.getpid(), secrets.token_hex(6).encode(), leaf)
+        write = b"/proc/self/fd/%d%s" % (rw, top)
+        try:
+            os.makedirs(write, 0o755)
+        except OSError:
+            os.close(rw)
+            os.close(ro)
+            raise
+
+        def close() -> None:
+            os.close(rw)
+            os.close(ro)
+
+        return cls(b"/proc/%d/fd/%d%s" % (os.getpid(), ro, top), write, top, close)
+
+
 def _shadow_parent() -> str:
     for cand in ("/dev/shm", os.environ.get("XDG_RUNTIME_DIR", "")):
         if cand and os.path.isdir(cand) and os.access(cand, os.W_OK | os.X_OK):
@@ -611,29 +670,28 @@ def run(
         raise ValueError(f"trap mode {trap!r}: expected one of {', '.join(TRAP_MODES)}")
     envl = [os.fsencode(f"{k}={v}") for k, v in (os.environ if env is None else env).items()]
     args = [os.fsencode(a) for a in argv]
-    private = tempfile.mkdtemp(prefix="hep-exec-", dir=_shadow_parent())
+    mirror = _ShadowTree.make(mount)
     try:
-        shadow = os.fsencode(private) + b"/" + mount.strip(b"/").replace(b"/", b"_")
-        os.mkdir(shadow, 0o755)
-        session = Session(policy, mount.rstrip(b"/"), shadow)
+        session = Session(policy, mount.rstrip(b"/"), mirror.access, mirror.write)
         try:
             status, exec_errno, raw = _trap.run(
                 args,
                 envl,
                 session.mount,
-                shadow,
+                mirror.access,
                 session.answer,
                 spin_us,
                 TRAP_MODES[trap],
                 in_process,
                 io_uring,
+                mirror.rendered,
             )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
         if exec_errno:
             log.error("%s: %s", os.fsdecode(args[0]), os.strerror(exec_errno))
     finally:
-        _remove_tree(Path(private))
+        mirror.close()
     stats = Stats(
         trapped=dict(raw["trapped"]),  # names from the C list of trapped calls
         passed=raw["passed"],

@@ -128,9 +128,11 @@ def sections(text: str) -> dict[str, str]:
 
 
 def normalise(text: str) -> str:
-    """Inode numbers (catalog inodes vs the source's), times (the tracer shows the catalog's
-    mtime for all three), block counts (tmpfs allocation vs size-derived) and ``ls``'s
-    ``total`` lines (sums of blocks) written as placeholders."""
+    """Devices and inode numbers (the shadow tree's private tmpfs and the catalog's inodes vs
+    the source's), times (the tracer shows the catalog's mtime for all three), block counts
+    (tmpfs allocation vs size-derived) and ``ls``'s ``total`` lines (sums of blocks) written
+    as placeholders."""
+    text = re.sub(r"Device: *\S+[ \t]*", "Device: D ", text)
     text = re.sub(r"Inode: *\d+[ \t]*", "Inode: N ", text)
     text = re.sub(r"Blocks: *\d+[ \t]*", "Blocks: N ", text)
     text = re.sub(r"(?m)^(Access|Modify|Change|Birth): [-0-9].*$", r"\1: T", text)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 # The tracer's private directory (tempfile.mkdtemp(prefix="hep-exec-")): /dev/shm/hep-exec-*
 # where /dev/shm is writable.  /dev/shm/hep-exec-UID (the cache service's) never matches.
-MIRROR_NAME = re.compile(r"hep-exec-[a-z0-9_]{8}")
+# the shadow tree's top: on the private tmpfs "hep-exec-<pid>-<hex>" (no host path), else
+# a mkdtemp directory in /dev/shm
+MIRROR_NAME = re.compile(r"hep-exec-(\d+-[0-9a-f]{12}|[a-z0-9_]{8})")
 
 # execs argv[1:] with ptrace refused by a seccomp filter (EPERM), as some containers do
 DENY_PTRACE = r"""

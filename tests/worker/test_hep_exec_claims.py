@@ -597,12 +597,6 @@ def test_statfs_answers_one_file_system_for_a_repository(world: World, trap_mode
     assert all(int(f["bsize"]) > 0 and int(f["namelen"]) >= 255 for f in fields), out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="statfs/statvfs of /cvmfs paths describe the shadow tree's writable tmpfs on /dev/shm "
-    "(no ST_RDONLY, its free space), not a read-only file system",
-)
 def test_statvfs_of_a_repository_says_read_only(world: World) -> None:
     """README: the command sees /cvmfs/<fqrn>/… as a read-only file system; statvfs is how a
     program asks (``ST_RDONLY`` in f_flag)."""
