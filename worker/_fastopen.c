@@ -432,7 +432,7 @@ void fo_patch(pid_t tid, long nr, uint64_t ip)
 {
     switch (nr) { /* what the handler answers */
     case 2: case 257: case 4: case 5: case 6: case 262: case 332: case 21: case 269: case 439:
-    case 89: case 267:
+    case 89: case 267: case 191: case 192: case 194: case 195:
         break;
     default:
         return;

@@ -42,6 +42,8 @@ enum {
     FO_STATX = 5,      /* statx following symlinks: a struct statx, an errno, or a path */
     FO_LSTATX = 6,     /* the same, AT_SYMLINK_NOFOLLOW */
     FO_READLINK = 7,   /* readlink: the link's bytes (data_len of them), or an errno */
+    FO_XATTR = 8,      /* getxattr of any name (+1: lgetxattr): an errno (no attributes) */
+    FO_XATTR_LIST = 10, /* listxattr (+1: llistxattr): 0 (none), or an errno */
     FO_ACCESS = 16,    /* + mode (0-7) + 8 for AT_SYMLINK_NOFOLLOW: an errno (0: allowed) or a
                         * path to ask instead */
 };

@@ -260,6 +260,20 @@ static long do_access(const char *base, const char *path, long mode, long nofoll
     return answered(&cnt->stat_hits, done, r);
 }
 
+/* getxattr/lgetxattr (any name) and listxattr/llistxattr of a published path that has no
+ * extended attributes: its errno (ENODATA), or an empty list */
+static long do_xattr(const char *base, unsigned kind, const char *path, int *done)
+{
+    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
+    int published = 0;
+    const fo_slot_t *s = find(base, kind, path, &published);
+    if (!s || s->is_path || s->data_len) {
+        missed(&cnt->stat_misses, published);
+        return 0;
+    }
+    return answered(&cnt->stat_hits, done, -(long)s->err);
+}
+
 /* readlink/readlinkat of a published path: the link's bytes, or its errno */
 static long do_readlink(const char *base, const char *path, char *buf, long size, int *done)
 {
@@ -389,6 +403,14 @@ static long fo_main(const char *base, long nr, const long *a)
     case 439: /* faccessat2(dirfd, path, mode, flags): AT_EACCESS changes nothing here */
         if (!(a[3] & ~(long)(0x200 | AT_SYMLINK_NOFOLLOW_)))
             r = do_access(base, (const char *)a[1], a[2], a[3] & AT_SYMLINK_NOFOLLOW_, &done);
+        break;
+    case 191: /* getxattr(path, name, value, size) */
+    case 192: /* lgetxattr */
+        r = do_xattr(base, FO_XATTR + (unsigned)(nr == 192), (const char *)a[0], &done);
+        break;
+    case 194: /* listxattr(path, list, size) */
+    case 195: /* llistxattr */
+        r = do_xattr(base, FO_XATTR_LIST + (unsigned)(nr == 195), (const char *)a[0], &done);
         break;
     default:
         break;

@@ -1725,6 +1725,13 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
             memcpy(&buf, a->bval, a->blen);
             dlen = a->blen;
         }
+    } else if ((cls == C_XATTR_GET && (nr == SYS_getxattr || nr == SYS_lgetxattr)) ||
+               (cls == C_XATTR_LIST && (nr == SYS_listxattr || nr == SYS_llistxattr))) {
+        kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) + (flags & F_NOFOLLOW ? 1 : 0);
+        /* no attribute: any errno, or an empty list (0); never a list to copy */
+        missing = a->kind == A_RETURN && a->ival <= 0 && a->ival >= -4095 &&
+                  (cls == C_XATTR_GET ? a->ival < 0 : a->ival == 0);
+        shadow = 0;
     } else if (cls == C_STAT && nr == 332) {
         kind = flags & F_NOFOLLOW ? FO_LSTATX : FO_STATX;
         if (a->kind == A_STAT) {
@@ -2914,6 +2921,79 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     return Py_BuildValue("iiN", exit_status, exec_errno, st);
 }
 
+/*
+ * put([(cls, flags, key, answer), ...]) -> n: answers Python knows before anyone asks (every
+ * entry of a directory it has just listed: ls -l and find stat and getxattr each of them).
+ * Into the answer cache, so those calls never reach Python; lstat and statx answers also into
+ * the in-process table, so patched call sites answer them with no trap at all (the table
+ * holds 64k answers: a huge directory's later entries take the tracer's way).  Only during a
+ * run, from the thread answering a call (it holds `big` and the GIL).
+ */
+static PyObject *trap_put(PyObject *self, PyObject *args)
+{
+    PyObject *items, *item;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &items))
+        return NULL;
+    if (!handler) {
+        PyErr_SetString(PyExc_RuntimeError, "worker._trap.put outside a run");
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(items);
+    if (!it)
+        return NULL;
+    long n = 0;
+    while ((item = PyIter_Next(it))) {
+        int cls, flags, cacheable = 0;
+        const char *key;
+        Py_ssize_t kn;
+        PyObject *res, *argv = NULL;
+        action_t a;
+        memset(&a, 0, sizeof a);
+        int bad = !PyArg_ParseTuple(item, "iiy#O", &cls, &flags, &key, &kn, &res) ||
+                  parse_action(res, &a, &cacheable, &argv) < 0;
+        Py_DECREF(item);
+        if (bad) {
+            free(a.bval);
+            Py_XDECREF(argv);
+            Py_DECREF(it);
+            return NULL;
+        }
+        uint64_t h = fnv(cls, flags, key, (size_t)kn);
+        entry_t *e = NULL;
+        char *k = NULL;
+        if (!cacheable || argv || cache_get(cls, flags, key, (size_t)kn, h) ||
+            !(e = calloc(1, sizeof *e)) || !(k = malloc((size_t)kn + 1))) {
+            free(e);
+            free(a.bval);
+            Py_XDECREF(argv);
+            continue;
+        }
+        memcpy(k, key, (size_t)kn);
+        k[kn] = 0;
+        e->hash = h;
+        e->cls = cls;
+        e->flags = flags;
+        e->key = k;
+        e->klen = (size_t)kn;
+        e->act = a;
+        cache_put(e);
+        n++;
+        if (cls == C_STAT && a.kind == A_STAT && (flags & F_NOFOLLOW) && fo_enabled()) {
+            struct stat st;
+            struct statx x;
+            fill_stat(a.st, &st);
+            fill_statx(a.st, &x);
+            fo_publish(FO_LSTAT, key, (size_t)kn, &st, sizeof st, 0, 0, 0, 0);
+            fo_publish(FO_LSTATX, key, (size_t)kn, &x, sizeof x, 0, 0, 0, 0);
+        }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(n);
+}
+
 static PyObject *trap_forget(PyObject *self, PyObject *args)
 {
     const char *k;
@@ -2930,6 +3010,8 @@ static PyObject *trap_forget(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
+    {"put", trap_put, METH_VARARGS,
+     "put([(cls, flags, key, answer), ...]) -> n: answers given before they are asked for"},
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,

@@ -154,11 +154,14 @@ class Session:
     mount: bytes
     shadow: bytes  # where tracees find the shadow tree (redirect targets)
     shadow_write: bytes = b""  # where we write it (a read-write view; default: ``shadow``)
+    # hands the C side answers before they are asked for (worker._trap.put during a run)
+    put: Callable[[list[tuple[int, int, bytes, Action]]], int] | None = None
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     dev: int = 0
     _nodes: dict[bytes, Node | int] = field(default_factory=dict)
     _populated: set[bytes] = field(default_factory=set)
+    _answered_ahead: set[bytes] = field(default_factory=set)  # directories given to ``put``
     _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
     _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
 
@@ -327,6 +330,34 @@ class Session:
         self._populated.add(path)
         return 0
 
+    def _answer_entries_ahead(self, pid: int, directory: bytes) -> None:
+        """A listed directory whose entries are being looked at one by one (ls -l, find, a
+        Python import scanning a package): answer stat, lstat, statx and getxattr/listxattr of
+        all its files and symlinks at once, so that none of those calls needs Python again
+        (and lstat/statx need no trap).  Directories keep their own answers (the shadow
+        directory); a symlink's followed answers need its target; variant symlinks depend on
+        the process."""
+        entries = self.policy.listdir(directory)
+        if isinstance(entries, int) or self.put is None:
+            return
+        answers: list[tuple[int, int, bytes, Action]] = []
+        for e in entries:
+            key = directory + b"/" + e.name
+            node = self._lookup(pid, key)
+            if isinstance(node, int) or node.kind == Kind.DIR or node.volatile:
+                continue
+            st: Action = (True, Act.STAT, 0, None, self._stat_tuple(node), None)
+            nodata: Action = (True, Act.RETURN, -errno.ENODATA, None, None, None)
+            none: Action = (True, Act.RETURN, 0, None, None, None)
+            for follow in (False, True) if node.kind != Kind.LNK else (False,):
+                flags = 0 if follow else F_NOFOLLOW
+                answers += [
+                    (Cls.STAT, flags, key, st),
+                    (Cls.XATTR_GET, flags, key, nodata),
+                    (Cls.XATTR_LIST, flags, key, none),
+                ]
+        self.put(answers)
+
     # ---- answers ------------------------------------------------------------------------
 
     def _stat_tuple(self, node: Node) -> tuple[int, ...]:
@@ -360,6 +391,11 @@ class Session:
             return (False, Act.RETURN, -errno.EIO, None, None, None)
 
     def _answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
+        if self.put is not None and cls in (Cls.STAT, Cls.XATTR_GET, Cls.XATTR_LIST):
+            parent = path.rpartition(b"/")[0]
+            if parent in self._populated and parent not in self._answered_ahead:
+                self._answered_ahead.add(parent)
+                self._answer_entries_ahead(tid, parent)
         if cls == Cls.EXEC:
             return self._exec(tid, path)
         if flags & F_PROCEXE:
@@ -672,7 +708,7 @@ def run(
     args = [os.fsencode(a) for a in argv]
     mirror = _ShadowTree.make(mount)
     try:
-        session = Session(policy, mount.rstrip(b"/"), mirror.access, mirror.write)
+        session = Session(policy, mount.rstrip(b"/"), mirror.access, mirror.write, _trap.put)
         try:
             status, exec_errno, raw = _trap.run(
                 args,

@@ -90,7 +90,10 @@ def unpack_fixture(dest: Path, resign: bool = True) -> Repo:
     """Unpack the 2015 repository; with ``resign`` its whitelist gets a fresh 30-day expiry."""
     for name in ("legacy_aufs_repo.tar.gz", "keys.tar.gz"):
         with tarfile.open(FIXTURE_DIR / name) as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 (Debian 12 has 3.11.2)
+                tar.extractall(dest, filter="data")
+            else:
+                tar.extractall(dest)  # our own fixture, from ../shared
     keys_dir = dest / "etc" / "cvmfs" / "keys"
     repo = Repo(dest / "srv" / "cvmfs", FIXTURE_FQRN, keys_dir / f"{FIXTURE_FQRN}.pub", keys_dir)
     if resign:

@@ -20,6 +20,7 @@ from tests.support.hep_exec import Served, hep_exec_cmd
 from tests.support.tracing import compile_c, ensure_built, env_with
 
 FQRN = "defects.test.org"
+MANY = 3000  # entries of the large directory
 ROOT = f"/cvmfs/{FQRN}"
 
 
@@ -50,6 +51,9 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
     (src / "data" / "h1").write_bytes(b"hello\n")
     (src / "pipes").mkdir()
     os.mkfifo(src / "pipes" / "fifo")
+    (src / "many").mkdir()
+    for i in range(MANY):
+        (src / "many" / f"entry-{i:05d}").write_bytes(b"%d\n" % i)
     served = Served(base / "store", base / "keys")
     repo = served.publish(src, FQRN)
     proxy = served.serve(base / "nginx")
@@ -471,3 +475,24 @@ def test_a_published_fifo_opens_as_natively(job: Job, trap_mode: str) -> None:
     assert p.returncode == 0, err
     assert out.split("\n") == ["True", "through the fifo", "30", "30", "30", "6", ""], out
     assert err == "", err
+
+
+def test_ls_l_of_a_large_directory_needs_no_python_per_entry(job: Job) -> None:
+    """`ls -l` of a 60,000-entry directory took 21.9 s cold (native 0.12 s): statx and two
+    lgetxattr per entry, each an upcall into Python.  Now the directory's entries are answered
+    in bulk once it is being looked at entry by entry."""
+    r = subprocess.run(
+        hep_exec_cmd(job.proxy, ["ls", "-l", f"{ROOT}/many"], keys=job.key, options=["--stats"]),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    native = subprocess.run(["ls", "-l", str(job.src / "many")], capture_output=True, text=True)
+    names = [line.split()[-1] for line in r.stdout.splitlines()[1:]]
+    assert names == [line.split()[-1] for line in native.stdout.splitlines()[1:]]
+    sizes = {line.split()[4] for line in r.stdout.splitlines()[1:]}
+    assert sizes == {"2", "3", "4", "5"}  # "0\n" ... "2999\n": the catalog's sizes
+    upcalls = int(re.search(r"Python upcalls (\d+)", r.stderr).group(1))  # type: ignore[union-attr]
+    assert upcalls < 100, r.stderr  # was 3 per entry
