@@ -54,6 +54,13 @@ class Squid:
     proc: subprocess.Popen[bytes]
     port: int
     dir: Path
+    service: str  # squid -n: names its shared-memory segments in /dev/shm
+
+    def _remove_shm(self) -> None:
+        """A killed squid leaves its segments behind, and a later squid (another user's, too)
+        of the same service name could not start."""
+        for seg in Path("/dev/shm").glob(f"{self.service}-*.shm"):
+            seg.unlink(missing_ok=True)
 
     @property
     def url(self) -> str:
@@ -73,6 +80,7 @@ class Squid:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._remove_shm()
 
     def stop(self) -> None:
         """SIGTERM (and SIGKILL if it lingers), then remove its directory."""
@@ -83,6 +91,7 @@ class Squid:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._remove_shm()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -108,12 +117,13 @@ def start_squid(directives: str = FORWARD, *, port_options: str = "") -> Squid:
     port = free_port()
     conf = f"http_port 127.0.0.1:{port} {port_options}\n{directives}\n{COMMON.format(dir=d)}"
     (d / "squid.conf").write_text(conf)
+    service = f"heptestsquid{port}"  # alphanumeric only
     proc = subprocess.Popen(
-        [SQUID, "-N", "-f", str(d / "squid.conf")],
+        [SQUID, "-N", "-n", service, "-f", str(d / "squid.conf")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    s = Squid(proc, port, d)
+    s = Squid(proc, port, d, service)
     try:
         wait_until(lambda: _answers(s), 30, what=f"squid answering on port {port}", interval=0.1)
     except BaseException:
