@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -26,14 +25,6 @@ def fixture_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     if not FIXTURE_DIR.is_dir():
         pytest.skip(SHARED_MISSING)
     return unpack_fixture(tmp_path_factory.mktemp("legacy_aufs"))
-
-
-@pytest.fixture
-def fresh_fixture_repo(tmp_path: Path) -> Repo:
-    """A private copy of the fixture that a test may tamper with."""
-    if not FIXTURE_DIR.is_dir():
-        pytest.skip(SHARED_MISSING)
-    return unpack_fixture(tmp_path)
 
 
 @pytest.fixture(params=["notify", "ptrace"])

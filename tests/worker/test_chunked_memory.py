@@ -42,6 +42,7 @@ from cvmfs_format.objects import Suffix, make_object
 from tests.support.hep_exec import CLI, Served, corrupt_copy, hep_exec_cmd
 from tests.support.repos import PROJECT
 from tests.support.tracing import ensure_built, env_with, needs_ptrace
+from tests.support.waiting import wait_until
 from worker.cache_client import CacheClient
 from worker.cache_service import SOCKET_NAME
 from worker.fetcher import FetchError, object_url
@@ -144,11 +145,12 @@ def service(big: Big, cache_dir: Path, proxy: str) -> Iterator[int]:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not (cache_dir / SOCKET_NAME).exists():
+
+        def up() -> bool:
             assert daemon.poll() is None, daemon.communicate()[1]
-            assert time.monotonic() < deadline, "cache service did not start"
-            time.sleep(0.05)
+            return (cache_dir / SOCKET_NAME).exists()
+
+        wait_until(up, 30, what="the cache service's socket")
         yield daemon.pid
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -450,8 +452,9 @@ def test_failed_chunk_leaves_no_file_and_the_next_open_loads_again(
         assert "chunked-y" not in cache and cache.used_bytes == 0
         assert cache.stats.load_errors == 1
         assert not files_on_tmpfs(files), "a half-written file stayed on the tmpfs"
-        time.sleep(0.1)  # the fetches still in flight when it failed end
-        assert set(os.listdir("/proc/self/fd")) <= before | {str(d) for d in files._dirs or ()}
+        ours = before | {str(d) for d in files._dirs or ()}
+        # the fetches still in flight when it failed end, and leave no fd behind
+        wait_until(lambda: set(os.listdir("/proc/self/fd")) <= ours, 10, what="no fd left")
         source.stored = stored  # the proxy has it right now
         obj = load()
         assert Path(obj.path).read_bytes() == raw
