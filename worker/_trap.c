@@ -35,6 +35,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -446,6 +447,10 @@ static void ids_clear(void)
 
 /* ---------- per-thread state: registers to restore at syscall exit ---------- */
 
+/* Whose memory a thread runs in, for the mapping a rewritten exec leaves behind (see
+ * exec_scratch): a vfork child's is its parent's until it execs or exits. */
+enum { ORIGIN_UNKNOWN = 0, ORIGIN_OWN = 1, ORIGIN_VFORK = 2, ORIGIN_THREAD = 3 };
+
 typedef struct {
     pid_t tid; /* 0 = free, -1 = tombstone */
     int nrestore;
@@ -455,6 +460,13 @@ typedef struct {
     char *cwd;       /* cached readlink of /proc/<tid>/cwd, valid while cwd_gen matches */
     size_t cwd_len;
     unsigned long cwd_gen;
+    int origin; /* ORIGIN_*: set by the event that created the thread, OWN after an exec */
+    int execd;  /* has exec'd: a late creation event must not make it a vfork child again */
+    /* An exec running from a scratch mapping (scr_len != 0): where the mapping is and the
+     * caller's own filename and argv registers, put back if the exec fails. */
+    unsigned long scr_addr, scr_len;
+    unsigned long long scr_path0, scr_argv0;
+    int scr_path_arg, scr_argv_arg;
 } tstate_t;
 
 /* Bumped by every chdir/fchdir of any tracee (at entry and exit): invalidates all cached
@@ -1544,94 +1556,161 @@ static int allow_magic_link(pid_t tid, struct user_regs_struct *r, long nr, tsta
     return 0;
 }
 
-/* execve rewrite: filename -> bval, argv -> prefix + old argv[1:] */
-static int rewrite_exec(pid_t tid, struct user_regs_struct *r, int path_arg, int argv_arg,
-                        const action_t *a, PyObject *prefix, tstate_t *t)
+/* ---------- exec of a #! script: the rewritten call's own memory ---------- */
+
+/*
+ * exec of a script whose interpreter is under the mount becomes an exec of the interpreter
+ * (the kernel cannot open /cvmfs paths): filename -> the interpreter's file, argv -> prefix
+ * (interpreter, its argument, the script's /cvmfs path) + the caller's argv[1:].  The new
+ * filename and pointer array must live in the caller's address space, and there is no room
+ * of the caller's we may take: below the stack pointer is the caller's stack (a vfork child
+ * runs on its parent's stack, a Go child on a goroutine's few KiB, a thread on a stack that
+ * does not grow), and a 100,000-argument pointer array needs 800 KB.  So the exec gets a
+ * private anonymous mapping of its own, made by an mmap the tracee runs in place of the
+ * trapped execve (exec_scratch); the exec is then made again from the mapping, which goes
+ * with the old image when the exec succeeds, and is unmapped by the tracee when it fails.
+ * A vfork child's old image is its parent's: the parent unmaps it at PTRACE_EVENT_VFORK_DONE.
+ */
+
+/* execve refuses (E2BIG) when the argv and envp pointers alone reach its limit for strings,
+ * which is at most 3/4 of _STK_LIM (6 MiB) whatever RLIMIT_STACK says: a caller's argv is
+ * read up to this many pointers and no further. */
+#define EXEC_MAX_PTRS ((6UL << 20) / sizeof(unsigned long))
+/* The last 16 bytes of every scratch mapping: the run's cookie and the mapping's address, so
+ * that nothing but a mapping of ours is ever unmapped (see scratch_is_ours). */
+#define SCRATCH_TAIL 16
+static uint64_t scratch_cookie;
+
+/* The image of a rewritten exec (ptrace loop only, under big): the new argv pointer array
+ * (its first nfix entries are offsets into the image, the rest the caller's own pointers),
+ * the new filename, the prefix strings; the mapping is map_len bytes, the tail at its end. */
+static struct {
+    unsigned char *img;
+    size_t cap, used, map_len, nfix, fname_off;
+    int path_arg, argv_arg;
+} pend;
+
+/* The caller's argv pointers up to and including its NULL, read a page-sized run at a time
+ * (a 100,000-argument exec is 200 reads, not 100,000).  A NULL argv is an empty one, as
+ * execve takes it. */
+static long read_argv(pid_t tid, unsigned long at, unsigned long **out, size_t *n)
 {
-    Py_ssize_t np = PyList_Size(prefix);
-    if (np < 0)
-        return -EIO;
-    unsigned long old = *argreg(r, argv_arg);
-    size_t nold = 0, cap = 64;
-    unsigned long *optr = malloc(cap * sizeof *optr);
-    if (!optr)
+    size_t cap = 512, got = 0;
+    unsigned long *v = malloc(cap * sizeof *v);
+    if (!v)
         return -ENOMEM;
-    for (;;) { /* read the old argv pointer array up to NULL */
-        if (nold == cap) {
-            unsigned long *n2 = realloc(optr, 2 * cap * sizeof *optr);
-            if (!n2) {
-                free(optr);
+    if (!at) {
+        v[0] = 0;
+        *out = v;
+        *n = 1;
+        return 0;
+    }
+    for (;;) {
+        if (got == EXEC_MAX_PTRS) {
+            free(v);
+            return -E2BIG;
+        }
+        if (got == cap) {
+            size_t ncap = cap * 4 < EXEC_MAX_PTRS ? cap * 4 : EXEC_MAX_PTRS;
+            unsigned long *nv = realloc(v, ncap * sizeof *nv);
+            if (!nv) {
+                free(v);
                 return -ENOMEM;
             }
-            optr = n2;
-            cap *= 2;
+            v = nv;
+            cap = ncap;
         }
-        unsigned long v = 0;
-        struct iovec l = {&v, sizeof v}, rv = {(void *)(old + nold * sizeof v), sizeof v};
-        if (!old || process_vm_readv(tid, &l, 1, &rv, 1, 0) != sizeof v) {
-            free(optr);
+        unsigned long addr = at + got * sizeof *v;
+        size_t want = 4096 - (addr & 4095); /* to the end of the page, or 2 if one straddles */
+        if (want < sizeof *v)
+            want += 4096;
+        want /= sizeof *v;
+        if (want > cap - got)
+            want = cap - got;
+        struct iovec l = {v + got, want * sizeof *v}, rv = {(void *)addr, want * sizeof *v};
+        ssize_t r = process_vm_readv(tid, &l, 1, &rv, 1, 0);
+        if (r < (ssize_t)sizeof *v) {
+            free(v);
             return -EFAULT;
         }
-        optr[nold++] = v;
-        if (!v)
-            break;
-    }
-    /* layout below the red zone: strings, then the new pointer array */
-    unsigned long top = r->rsp - 128;
-    unsigned long addr = top;
-    size_t keep = nold > 1 ? nold - 1 : 1; /* old argv[1:] including NULL */
-    size_t nnew = (size_t)np + keep;
-    unsigned long *nptr = malloc(nnew * sizeof *nptr);
-    if (!nptr) {
-        free(optr);
-        return -ENOMEM;
-    }
-    int rc = 0;
-    addr -= a->blen + 1;
-    if (write_mem(tid, addr, a->bval, a->blen + 1) < 0)
-        rc = -EFAULT;
-    unsigned long fname = addr;
-    for (Py_ssize_t i = 0; i < np && !rc; i++) {
-        char *s;
-        Py_ssize_t sl;
-        if (PyBytes_AsStringAndSize(PyList_GET_ITEM(prefix, i), &s, &sl) < 0) {
-            PyErr_Clear();
-            rc = -EIO;
-            break;
+        for (size_t i = 0, k = (size_t)r / sizeof *v; i < k; i++) {
+            if (!v[got++]) {
+                *out = v;
+                *n = got;
+                return 0;
+            }
         }
-        addr -= (unsigned long)sl + 1;
-        if (write_mem(tid, addr, s, (size_t)sl + 1) < 0)
-            rc = -EFAULT;
-        nptr[i] = addr;
     }
-    if (!rc) {
-        if (nold > 1)
-            memcpy(nptr + np, optr + 1, (nold - 1) * sizeof *nptr);
-        else
-            nptr[np] = 0;
-        addr = (addr - nnew * sizeof *nptr) & ~15UL;
-        if (write_mem(tid, addr, nptr, nnew * sizeof *nptr) < 0)
-            rc = -EFAULT;
+}
+
+/* Build pend for exec of a.bval with argv prefix + the caller's argv[1:]. */
+static int exec_prepare(pid_t tid, struct user_regs_struct *r, int path_arg, int argv_arg,
+                        const action_t *a, PyObject *prefix)
+{
+    Py_ssize_t np = PyList_Size(prefix);
+    if (np < 0 || np > 64) {
+        PyErr_Clear();
+        return -EIO;
     }
-    free(optr);
-    free(nptr);
-    if (rc)
-        return rc;
-    unsigned long long *pr = argreg(r, path_arg), *ar = argreg(r, argv_arg);
-    t->nrestore = 2;
-    t->off[0] = argoff(path_arg);
-    t->val[0] = *pr;
-    t->off[1] = argoff(argv_arg);
-    t->val[1] = *ar;
-    *pr = fname;
-    *ar = addr;
+    size_t strs = a->blen + 1;
+    for (Py_ssize_t i = 0; i < np; i++) {
+        PyObject *o = PyList_GET_ITEM(prefix, i);
+        if (!PyBytes_Check(o))
+            return -EIO;
+        strs += (size_t)PyBytes_GET_SIZE(o) + 1;
+    }
+    unsigned long *old;
+    size_t nold;
+    long rc = read_argv(tid, *argreg(r, argv_arg), &old, &nold);
+    if (rc < 0)
+        return (int)rc;
+    size_t nnew = (size_t)np + (nold > 1 ? nold - 1 : 1); /* prefix, argv[1:], NULL */
+    if (nnew > EXEC_MAX_PTRS) {
+        free(old);
+        return -E2BIG;
+    }
+    size_t used = nnew * sizeof *old + strs;
+    size_t map_len = (used + SCRATCH_TAIL + 4095) & ~(size_t)4095;
+    if (pend.cap < used) {
+        unsigned char *img = realloc(pend.img, used);
+        if (!img) {
+            free(old);
+            return -ENOMEM;
+        }
+        pend.img = img;
+        pend.cap = used;
+    }
+    unsigned long *ptrs = (unsigned long *)pend.img;
+    size_t off = nnew * sizeof *old;
+    pend.fname_off = off;
+    memcpy(pend.img + off, a->bval, a->blen + 1);
+    off += a->blen + 1;
+    for (Py_ssize_t i = 0; i < np; i++) {
+        PyObject *o = PyList_GET_ITEM(prefix, i);
+        size_t sl = (size_t)PyBytes_GET_SIZE(o);
+        ptrs[i] = off; /* made an address once the mapping's is known */
+        memcpy(pend.img + off, PyBytes_AS_STRING(o), sl + 1);
+        off += sl + 1;
+    }
+    if (nold > 1)
+        memcpy(ptrs + np, old + 1, (nold - 1) * sizeof *old);
+    else
+        ptrs[np] = 0;
+    free(old);
+    pend.used = used;
+    pend.map_len = map_len;
+    pend.nfix = (size_t)np;
+    pend.path_arg = path_arg;
+    pend.argv_arg = argv_arg;
     return 0;
 }
 
 /*
  * Handle one seccomp stop.  Returns 1 if the registers were changed (SETREGS needed),
- * 0 to continue untouched.  t->nrestore > 0 means "stop at syscall exit".
+ * 0 to continue untouched, EXEC_SCRATCH when pend holds a rewritten exec for exec_scratch.
+ * t->nrestore > 0 means "stop at syscall exit".
  */
+#define EXEC_SCRATCH 2
 /* Does this write call follow a symlink in the last component of its path? */
 static int follows_last(long nr, const struct user_regs_struct *r)
 {
@@ -2108,10 +2187,19 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     case A_EXEC: {
         int argv_arg = nr == SYS_execve ? 1 : 2;
         int rc;
-        if (prefix)
-            rc = rewrite_exec(tid, r, path_arg, argv_arg, a, prefix, t);
-        else
+        if (prefix && !cur_notif.active) { /* execve is always a ptrace stop */
+            rc = exec_prepare(tid, r, path_arg, argv_arg, a, prefix);
+            if (rc == 0) {
+                changed = EXEC_SCRATCH; /* the caller runs it: exec_scratch */
+                break;
+            }
+        } else if (prefix) {
+            rc = -EIO;
+        } else {
+            /* exec of a /cvmfs binary: its RAM file's short name goes below the red zone,
+             * as for the other redirected calls */
             rc = redirect_arg(tid, r, path_arg, a->bval, a->blen, t);
+        }
         if (rc < 0) {
             t->nrestore = 0;
             skip_with(r, rc);
@@ -2123,6 +2211,469 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     Py_XDECREF(prefix);
     free(tmp.bval);
     return changed;
+}
+
+/* ---------- calls of our own in a tracee: the exec scratch mapping ---------- */
+
+/*
+ * Scratch mappings nobody is using (a thread holds its in-flight one in its tstate):
+ * SCR_OWN ones lie in tid's own address space (a group-stop came between two of our steps;
+ * the thread's next exec reuses it, its next VFORK_DONE unmaps it), SCR_LEFT ones in the
+ * address space tid left by exec'ing or exiting, which is its vfork parent's if it was one
+ * (unmapped at the parent's VFORK_DONE).
+ * A full table forgets its oldest entry (a leaked mapping at worst: the cookie check means a
+ * forgotten or stale entry can never unmap anything else).
+ */
+enum { SCR_OWN = 1, SCR_LEFT = 2 };
+typedef struct {
+    pid_t tid;
+    int kind;
+    unsigned long addr, len;
+} scratch_t;
+#define SCRATCH_MAX 256
+static scratch_t scratch[SCRATCH_MAX];
+static size_t n_scratch;
+
+static void scratch_add(pid_t tid, int kind, unsigned long addr, unsigned long len)
+{
+    if (n_scratch == SCRATCH_MAX)
+        memmove(scratch, scratch + 1, --n_scratch * sizeof *scratch);
+    scratch[n_scratch++] = (scratch_t){tid, kind, addr, len};
+}
+
+/* Remove and return one entry of tid of this kind (0: any kind). */
+static int scratch_take(pid_t tid, int kind, unsigned long *addr, unsigned long *len)
+{
+    for (size_t i = 0; i < n_scratch; i++) {
+        if (scratch[i].tid != tid || (kind && scratch[i].kind != kind))
+            continue;
+        *addr = scratch[i].addr;
+        *len = scratch[i].len;
+        memmove(scratch + i, scratch + i + 1, (--n_scratch - i) * sizeof *scratch);
+        return 1;
+    }
+    return 0;
+}
+
+static void scratch_drop(pid_t tid, int kind)
+{
+    unsigned long addr, len;
+    while (scratch_take(tid, kind, &addr, &len)) {}
+}
+
+/* Is [addr, addr+len) in tid's address space a mapping of ours (its tail says so)? */
+static int scratch_is_ours(pid_t tid, unsigned long addr, unsigned long len)
+{
+    uint64_t tail[2];
+    struct iovec l = {tail, sizeof tail}, rv = {(void *)(addr + len - sizeof tail), sizeof tail};
+    return len >= sizeof tail &&
+           process_vm_readv(tid, &l, 1, &rv, 1, 0) == (ssize_t)sizeof tail &&
+           tail[0] == scratch_cookie && tail[1] == addr;
+}
+
+/* tid leaves its address space (it exec'd or died): a vfork child's scratch stays behind in
+ * its parent's (whose VFORK_DONE unmaps it), anyone else's goes with it.  A thread whose
+ * creation event we have not seen yet may be a vfork child: kept until that event says. */
+static void scratch_left_mm(pid_t tid)
+{
+    tstate_t *t = thread_find(tid, 0);
+    int shared = !t || t->origin == ORIGIN_VFORK || t->origin == ORIGIN_UNKNOWN;
+    if (t && t->scr_len) {
+        if (shared)
+            scratch_add(tid, SCR_LEFT, t->scr_addr, t->scr_len);
+        t->scr_addr = t->scr_len = 0;
+    }
+    for (size_t i = 0; i < n_scratch; i++) {
+        if (scratch[i].tid != tid || scratch[i].kind != SCR_OWN)
+            continue;
+        if (shared) {
+            scratch[i].kind = SCR_LEFT;
+        } else {
+            memmove(scratch + i, scratch + i + 1, (n_scratch - i - 1) * sizeof *scratch);
+            n_scratch--;
+            i--;
+        }
+    }
+}
+
+static void drop_signals(pid_t tid);
+
+/* A thread died (or was replaced by an exec in another thread): its scratch, the signals held
+ * for it, then its state. */
+static void thread_gone(pid_t tid)
+{
+    scratch_left_mm(tid);
+    drop_signals(tid);
+    thread_forget(tid);
+}
+
+/* Wait for tid alone: other tracees' reports stay queued for the loop.  0, or -1 if it is
+ * gone (nothing to wait for). */
+static int wait_tid(pid_t tid, int *st)
+{
+    pid_t w;
+    while ((w = waitpid(tid, st, __WALL)) < 0 && errno == EINTR) {}
+    return w == tid ? 0 : -1;
+}
+
+static int is_syscall_stop(int st)
+{
+    return WIFSTOPPED(st) && WSTOPSIG(st) == (SIGTRAP | 0x80);
+}
+
+/*
+ * Signals held back while a thread steps from one of our calls to the next.  Every step back
+ * onto a syscall instruction passes through the return to user mode, where a pending signal
+ * is delivered; natively it would have waited for the end of the program's execve.  Running
+ * the handler in between would show the program our registers, and undoing our step instead
+ * (making the call again after the handler) never ends when signals come faster than an exec
+ * is set up (an interval timer).  So the signal-delivery stop is resumed without the signal,
+ * and once the exec (or the unmapping) is done the tracer sends the same signal to the thread
+ * again (tkill) and, at its delivery stop, puts the original siginfo back: the program gets
+ * it with the sender, code and value it had, just after the call, as natively.
+ */
+typedef struct {
+    pid_t tid;
+    int sent; /* tkill'd again: the next delivery stop of this signal is this one */
+    siginfo_t si;
+} held_t;
+#define HELD_MAX 64
+static held_t held[HELD_MAX];
+static size_t n_held;
+
+/* Hold back the signal of this delivery stop; 0 if it cannot be (table full). */
+static int hold_signal(pid_t tid)
+{
+    siginfo_t si;
+    if (n_held == HELD_MAX || ptrace(PTRACE_GETSIGINFO, tid, 0, &si) != 0)
+        return 0;
+    for (size_t i = 0; i < n_held; i++) /* a standard signal pends once, as the kernel's would */
+        if (held[i].tid == tid && !held[i].sent && held[i].si.si_signo == si.si_signo &&
+            si.si_signo < SIGRTMIN)
+            return 1;
+    held[n_held++] = (held_t){tid, 0, si};
+    return 1;
+}
+
+/* Send tid's held signals again (its steps are over).  A standard signal already sent and
+ * not yet delivered again would merge with this one in the kernel: so does its entry. */
+static void release_signals(pid_t tid)
+{
+    for (size_t i = 0; i < n_held; i++) {
+        if (held[i].tid != tid || held[i].sent)
+            continue;
+        int merged = 0;
+        for (size_t j = 0; j < n_held && held[i].si.si_signo < SIGRTMIN; j++)
+            merged |= held[j].tid == tid && held[j].sent &&
+                      held[j].si.si_signo == held[i].si.si_signo;
+        if (merged) {
+            memmove(held + i, held + i + 1, (n_held - i - 1) * sizeof *held);
+            n_held--;
+            i--;
+            continue;
+        }
+        held[i].sent = 1;
+        syscall(SYS_tkill, tid, held[i].si.si_signo);
+    }
+}
+
+static void drop_signals(pid_t tid)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n_held; i++)
+        if (held[i].tid != tid)
+            held[k++] = held[i];
+    n_held = k;
+}
+
+/* At a signal-delivery stop of sig: if it is one of ours sent again, put its siginfo back
+ * and return 1 (deliver it). */
+static int resent_signal(pid_t tid, int sig)
+{
+    for (size_t i = 0; i < n_held; i++) {
+        if (held[i].tid != tid || !held[i].sent || held[i].si.si_signo != sig)
+            continue;
+        siginfo_t si;
+        if (ptrace(PTRACE_GETSIGINFO, tid, 0, &si) != 0 || si.si_code != SI_TKILL ||
+            si.si_pid != getpid())
+            return 0;
+        ptrace(PTRACE_SETSIGINFO, tid, 0, &held[i].si);
+        memmove(held + i, held + i + 1, (n_held - i - 1) * sizeof *held);
+        n_held--;
+        return 1;
+    }
+    return 0;
+}
+
+/* Resume tid with req and wait for its next stop, holding back signals delivered first
+ * (hold_signal).  A group-stop, a signal that cannot be held, or its death is left in *st. */
+static int wait_holding(pid_t tid, int req, int *st)
+{
+    for (;;) {
+        if (ptrace(req, tid, 0, 0) != 0 || wait_tid(tid, st) < 0)
+            return -1;
+        if (!WIFSTOPPED(*st) || (*st >> 16) != 0 || WSTOPSIG(*st) == (SIGTRAP | 0x80) ||
+            !hold_signal(tid))
+            return 0;
+    }
+}
+
+static void set_args(struct user_regs_struct *r, const unsigned long long a[6])
+{
+    r->rdi = a[0];
+    r->rsi = a[1];
+    r->rdx = a[2];
+    r->r10 = a[3];
+    r->r8 = a[4];
+    r->r9 = a[5];
+}
+
+/*
+ * At a seccomp stop (registers *at): make the trapped call nr(a) instead and run it to its
+ * exit stop.  Since Linux 4.8 seccomp checks the new call again; the filter lets mmap,
+ * mremap and munmap through.  No user code runs in between, so only the thread's death can
+ * come first.  Returns 0 with the result in *ret, 1 with another waitpid status in *other
+ * (for the loop), -1 when the thread is gone.
+ */
+static int inject_entry(pid_t tid, const struct user_regs_struct *at, long nr,
+                        const unsigned long long a[6], long long *ret, int *other)
+{
+    struct user_regs_struct r = *at;
+    r.orig_rax = (unsigned long long)nr;
+    set_args(&r, a);
+    int st;
+    if (ptrace(PTRACE_SETREGS, tid, 0, &r) != 0 || ptrace(PTRACE_SYSCALL, tid, 0, 0) != 0 ||
+        wait_tid(tid, &st) < 0)
+        return -1;
+    if (!is_syscall_stop(st)) {
+        *other = st;
+        return 1;
+    }
+    if (ptrace(PTRACE_GETREGS, tid, 0, &r) != 0)
+        return -1;
+    *ret = (long long)r.rax;
+    return 0;
+}
+
+/*
+ * At a syscall-exit stop: run nr(a) by stepping back onto the syscall instruction (2 bytes),
+ * then leave the registers *final (the program's, after its own call).  Stepping back goes
+ * through the return to user mode: signals delivered there are held (wait_holding); a
+ * group-stop taken there puts *final back and is the loop's (1, *other), and our call is not
+ * made.  Returns 0 (thread stopped at our call's exit with *final set, *ret its result), 1,
+ * or -1 (gone).
+ */
+static int inject_exit(pid_t tid, const struct user_regs_struct *final, long nr,
+                       const unsigned long long a[6], long long *ret, int *other)
+{
+    struct user_regs_struct r = *final;
+    r.rip -= 2;
+    r.rax = (unsigned long long)nr;
+    r.orig_rax = (unsigned long long)-1; /* no syscall restart logic on the way back */
+    set_args(&r, a);
+    int st;
+    if (ptrace(PTRACE_SETREGS, tid, 0, &r) != 0 || wait_holding(tid, PTRACE_SYSCALL, &st) < 0)
+        return -1;
+    if (!is_syscall_stop(st)) { /* a group-stop, a signal we could not hold, its death */
+        if (WIFSTOPPED(st))
+            ptrace(PTRACE_SETREGS, tid, 0, final);
+        *other = st;
+        return 1;
+    }
+    /* our call's entry stop (nothing of the program's ran); then its exit */
+    if (ptrace(PTRACE_SYSCALL, tid, 0, 0) != 0 || wait_tid(tid, &st) < 0)
+        return -1;
+    if (!is_syscall_stop(st)) {
+        *other = st;
+        return 1;
+    }
+    if (ptrace(PTRACE_GETREGS, tid, 0, &r) != 0)
+        return -1;
+    *ret = (long long)r.rax;
+    return ptrace(PTRACE_SETREGS, tid, 0, final) == 0 ? 0 : -1;
+}
+
+/* Unmap a scratch mapping from the exit stop the thread is at and resume it with *final.
+ * Returns 1 with *other for the loop (the mapping is then kept as tid's SCR_OWN). */
+static int unmap_and_resume(pid_t tid, const struct user_regs_struct *final, unsigned long addr,
+                            unsigned long len, int *other)
+{
+    const unsigned long long a[6] = {addr, len, 0, 0, 0, 0};
+    long long ret;
+    int rc = inject_exit(tid, final, SYS_munmap, a, &ret, other);
+    if (rc == 1)
+        scratch_add(tid, SCR_OWN, addr, len);
+    release_signals(tid);
+    if (rc == 0)
+        ptrace(PTRACE_CONT, tid, 0, 0);
+    return rc == 1;
+}
+
+/*
+ * Run the exec prepared in pend from a mapping of its own.  The thread is at the execve's
+ * seccomp stop with registers *at.  Steps: mmap (or mremap of a scratch mapping the thread
+ * left, when a signal interrupted an earlier try) in place of the execve; the image into the
+ * mapping; the execve again from the same instruction with filename and argv pointing into
+ * it (its seccomp stop is awaited here and let through, and its exit watched: exec_failed).
+ * Signals delivered on the way are held until the exec is over (wait_holding).  A group-stop
+ * taken on the way instead finds the registers as they were just before the program's
+ * syscall instruction, which it makes again when it goes on (the mapping is kept for it).
+ * Returns 1 with *other when the loop must handle another stop of the thread.
+ */
+static int exec_scratch(pid_t tid, const struct user_regs_struct *at, int *other)
+{
+    long nr = (long)at->orig_rax;
+    unsigned long have = 0, old = 0, len = pend.map_len;
+    while (scratch_take(tid, SCR_OWN, &old, &have) && !scratch_is_ours(tid, old, have))
+        have = 0; /* not ours (any more): forget it */
+    long long ret = 0;
+    int rc = 0;
+    if (have && have == len) {
+        ret = (long long)old;
+    } else if (have) {
+        const unsigned long long a[6] = {old, have, len, MREMAP_MAYMOVE, 0, 0};
+        rc = inject_entry(tid, at, SYS_mremap, a, &ret, other);
+    } else {
+        const unsigned long long a[6] = {0, len, PROT_READ | PROT_WRITE,
+                                         MAP_PRIVATE | MAP_ANONYMOUS, (unsigned long long)-1, 0};
+        rc = inject_entry(tid, at, SYS_mmap, a, &ret, other);
+    }
+    if (rc != 0) {
+        if (rc == 1 && have)
+            scratch_add(tid, SCR_OWN, old, have); /* it died: thread_gone sees to it */
+        return rc == 1;
+    }
+    struct user_regs_struct r = *at, orig = *at;
+    if (ret < 0 && ret >= -4095) { /* no memory for it: the exec fails with that error */
+        if (have)
+            scratch_add(tid, SCR_OWN, old, have); /* a failed mremap leaves it as it was */
+        r.rax = (unsigned long long)ret;
+        ptrace(PTRACE_SETREGS, tid, 0, &r);
+        ptrace(PTRACE_CONT, tid, 0, 0);
+        return 0;
+    }
+    unsigned long base = (unsigned long)ret;
+    unsigned long *ptrs = (unsigned long *)pend.img;
+    for (size_t i = 0; i < pend.nfix; i++)
+        ptrs[i] += base;
+    uint64_t tail[2] = {scratch_cookie, base};
+    struct iovec l[2] = {{pend.img, pend.used}, {tail, sizeof tail}};
+    struct iovec rv[2] = {{(void *)base, pend.used},
+                          {(void *)(base + len - sizeof tail), sizeof tail}};
+    if (process_vm_writev(tid, l, 2, rv, 2, 0) != (ssize_t)(pend.used + sizeof tail)) {
+        r.rax = (unsigned long long)-EFAULT;
+        return unmap_and_resume(tid, &r, base, len, other);
+    }
+    r.rip -= 2; /* back onto the syscall instruction */
+    r.rax = (unsigned long long)nr;
+    r.orig_rax = (unsigned long long)-1;
+    struct user_regs_struct back = r; /* the program's registers just before its call */
+    *argreg(&r, pend.path_arg) = base + pend.fname_off;
+    *argreg(&r, pend.argv_arg) = base;
+    int st;
+    if (ptrace(PTRACE_SETREGS, tid, 0, &r) != 0 || wait_holding(tid, PTRACE_CONT, &st) < 0)
+        return 0;
+    struct user_regs_struct now;
+    if (WIFSTOPPED(st) && st >> 8 == (SIGTRAP | PTRACE_EVENT_SECCOMP << 8) &&
+        ptrace(PTRACE_GETREGS, tid, 0, &now) == 0 && (long)now.orig_rax == nr &&
+        now.rip == at->rip && *argreg(&now, pend.path_arg) == base + pend.fname_off &&
+        *argreg(&now, pend.argv_arg) == base) {
+        tstate_t *t = thread_find(tid, 1);
+        if (t) {
+            t->scr_addr = base;
+            t->scr_len = len;
+            t->scr_path_arg = pend.path_arg;
+            t->scr_argv_arg = pend.argv_arg;
+            t->scr_path0 = *argreg(&orig, pend.path_arg);
+            t->scr_argv0 = *argreg(&orig, pend.argv_arg);
+        }
+        ptrace(PTRACE_SYSCALL, tid, 0, 0); /* to see it fail, if it does */
+        return 0;
+    }
+    /* A group-stop (or a signal we could not hold) came first: the program gets the registers
+     * it had just before its syscall instruction, and makes the call again when it goes on.
+     * (Some other seccomp stop cannot happen: left as it is.) */
+    if (WIFSTOPPED(st) && st >> 8 != (SIGTRAP | PTRACE_EVENT_SECCOMP << 8))
+        ptrace(PTRACE_SETREGS, tid, 0, &back);
+    scratch_add(tid, SCR_OWN, base, len); /* for the call when it is made again */
+    release_signals(tid);
+    *other = st;
+    return 1;
+}
+
+/* The exit stop of an exec made from a scratch mapping: it failed (success ends in
+ * PTRACE_EVENT_EXEC).  Unmap, and return the error with the caller's own registers. */
+static int exec_failed(pid_t tid, tstate_t *t, int *other)
+{
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, tid, 0, &r) != 0)
+        return 0;
+    unsigned char info[88] = {0}; /* struct ptrace_syscall_info: op is its first byte */
+    if (ptrace(PTRACE_GET_SYSCALL_INFO, tid, (void *)sizeof info, info) > 0 ?
+            info[0] == 1 /* PTRACE_SYSCALL_INFO_ENTRY */ :
+            (long long)r.rax == -ENOSYS) {
+        ptrace(PTRACE_SYSCALL, tid, 0, 0); /* not its exit yet */
+        return 0;
+    }
+    unsigned long addr = t->scr_addr, len = t->scr_len;
+    *argreg(&r, t->scr_path_arg) = t->scr_path0;
+    *argreg(&r, t->scr_argv_arg) = t->scr_argv0;
+    t->scr_addr = t->scr_len = 0;
+    return unmap_and_resume(tid, &r, addr, len, other);
+}
+
+/*
+ * PTRACE_EVENT_VFORK_DONE of tid: its vfork child c has exec'd or exited, and any scratch
+ * mapping c made is in tid's address space.  Unmap those (and any tid itself left) from the
+ * vfork call's exit stop, then resume tid with that call's own result.
+ */
+static int vfork_done(pid_t tid, pid_t c, int *other)
+{
+    unsigned long addr[8], len[8];
+    int n = 0;
+    tstate_t *ct = thread_find(c, 0);
+    if (ct && ct->scr_len) {
+        addr[n] = ct->scr_addr;
+        len[n++] = ct->scr_len;
+        ct->scr_addr = ct->scr_len = 0;
+    }
+    while (n < 8 && scratch_take(c, 0, &addr[n], &len[n]))
+        n++;
+    while (n < 8 && scratch_take(tid, SCR_OWN, &addr[n], &len[n]))
+        n++;
+    if (!n) {
+        ptrace(PTRACE_CONT, tid, 0, 0);
+        return 0;
+    }
+    struct user_regs_struct final;
+    int st, i = 0;
+    if (ptrace(PTRACE_SYSCALL, tid, 0, 0) != 0 || wait_tid(tid, &st) < 0)
+        return 0;
+    if (is_syscall_stop(st) && ptrace(PTRACE_GETREGS, tid, 0, &final) == 0) {
+        for (; i < n; i++) {
+            if (!scratch_is_ours(tid, addr[i], len[i]))
+                continue;
+            const unsigned long long a[6] = {addr[i], len[i], 0, 0, 0, 0};
+            long long ret;
+            int rc = inject_exit(tid, &final, SYS_munmap, a, &ret, other);
+            if (rc < 0)
+                return 0;
+            if (rc == 1) {
+                st = *other;
+                break;
+            }
+        }
+        if (i == n) {
+            release_signals(tid);
+            ptrace(PTRACE_CONT, tid, 0, 0);
+            return 0;
+        }
+    }
+    for (; i < n; i++) /* interrupted: left for tid's next exec or VFORK_DONE */
+        scratch_add(tid, SCR_OWN, addr[i], len[i]);
+    release_signals(tid);
+    *other = st;
+    return 1;
 }
 
 /* ---------- the loop ---------- */
@@ -2478,7 +3029,7 @@ static int duplicate_forward(pid_t tid, pid_t child, int sig)
 static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
 {
     if (WIFEXITED(status) || WIFSIGNALED(status)) {
-        thread_forget(tid);
+        thread_gone(tid);
         fo_gone(tid);
         if (tid == child) {
             forward_to = 0;
@@ -2507,10 +3058,19 @@ static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
         struct user_regs_struct regs;
         if (ptrace(PTRACE_GETREGS, tid, 0, &regs) != 0)
             return; /* killed meanwhile */
-        int changed = handle_syscall(tid, &regs, t);
+        int changed = handle_syscall(tid, &regs, t), other;
+        if (changed == EXEC_SCRATCH) {
+            if (exec_scratch(tid, &regs, &other))
+                ptrace_event(tid, other, child, exit_status);
+            return;
+        }
         if (changed)
             ptrace(PTRACE_SETREGS, tid, 0, &regs);
         ptrace(t->nrestore || t->cwd_changes ? PTRACE_SYSCALL : PTRACE_CONT, tid, 0, 0);
+    } else if (sig == (SIGTRAP | 0x80) && t->scr_len) {
+        int other;
+        if (exec_failed(tid, t, &other))
+            ptrace_event(tid, other, child, exit_status);
     } else if (sig == (SIGTRAP | 0x80)) {
         /* syscall exit after a rewrite: put the caller's argument registers back */
         if (t->cwd_changes) {
@@ -2531,19 +3091,46 @@ static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
         unsigned long msg = 0;
         ptrace(PTRACE_GETEVENTMSG, tid, 0, &msg);
         if (event == PTRACE_EVENT_EXEC) {
+            /* the old image, and a scratch mapping of the exec with it (unless it was a vfork
+             * child's: its parent's, unmapped at the parent's VFORK_DONE) */
+            scratch_left_mm(tid);
             t->nrestore = t->cwd_changes = 0;
+            t->origin = ORIGIN_OWN;
+            t->execd = 1;
             if ((pid_t)msg != tid) {
-                thread_forget((pid_t)msg);
+                for (size_t i = 0; i < n_held; i++) /* the exec'ing thread is tid now */
+                    if (held[i].tid == (pid_t)msg)
+                        held[i].tid = tid;
+                thread_gone((pid_t)msg);
                 fo_gone((pid_t)msg);
             }
             int other;
-            if (fo_exec(tid, &other)) { /* map the in-process open handler into the image */
+            /* map the in-process open handler into the image; then the signals held during
+             * the exec, which natively come after it */
+            int stopped = fo_exec(tid, &other);
+            if (!stopped || WIFSTOPPED(other))
+                release_signals(tid);
+            if (stopped) {
                 ptrace_event(tid, other, child, exit_status); /* it stopped or died meanwhile */
                 return;
             }
+        } else if (event == PTRACE_EVENT_VFORK_DONE) {
+            int other;
+            if (vfork_done(tid, (pid_t)msg, &other))
+                ptrace_event(tid, other, child, exit_status);
+            return;
         } else if (event == PTRACE_EVENT_FORK || event == PTRACE_EVENT_VFORK ||
                    event == PTRACE_EVENT_CLONE) {
-            thread_forget((pid_t)msg); /* a reused tid must not inherit a dead one's cwd */
+            /* The child may have run (even exec'd) before this report reached us: keep what
+             * it has in flight, only say where it came from.  (A dead thread's state is gone
+             * with its death report, before its tid can be reused.) */
+            tstate_t *c = thread_find((pid_t)msg, 1); /* may move t: not used below */
+            if (c && !c->execd)
+                c->origin = event == PTRACE_EVENT_VFORK  ? ORIGIN_VFORK
+                            : event == PTRACE_EVENT_FORK ? ORIGIN_OWN
+                                                         : ORIGIN_THREAD;
+            if (event != PTRACE_EVENT_VFORK) /* it exec'd before we knew: not a vfork */
+                scratch_drop((pid_t)msg, SCR_LEFT); /* child, that mapping went with it */
             fo_gone((pid_t)msg);
             if (event == PTRACE_EVENT_FORK)
                 fo_fork(tid, (pid_t)msg); /* same mapping; vfork children share the parent's */
@@ -2551,6 +3138,10 @@ static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
         ptrace(PTRACE_CONT, tid, 0, 0); /* fork/vfork/clone/exec events */
     } else {
         /* signal-delivery stop: deliver it */
+        if (resent_signal(tid, sig)) { /* held during an exec of ours, as it came */
+            ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig);
+            return;
+        }
         if (sig == SIGTRAP && fo_sigtrap(tid)) {
             ptrace(PTRACE_CONT, tid, 0, 0);
             return;
@@ -2695,6 +3286,9 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     memset(n_trapped, 0, sizeof n_trapped);
     n_pass = n_hits = n_upcalls = n_notified = 0;
     my_uid = getuid();
+    n_scratch = n_held = 0;
+    if (getrandom(&scratch_cookie, sizeof scratch_cookie, 0) != sizeof scratch_cookie)
+        scratch_cookie = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
     own_fd_prefix_n = (size_t)snprintf(own_fd_prefix, sizeof own_fd_prefix, "/proc/%d/fd/",
                                        (int)getpid());
     if (notify && in_process)
@@ -2794,8 +3388,8 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     if (report != 'N')
         fo_fini(); /* ptrace mode: its filter has no way through for injected calls */
     long opts = PTRACE_O_TRACESECCOMP | PTRACE_O_EXITKILL | PTRACE_O_TRACECLONE |
-                PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEEXEC |
-                PTRACE_O_TRACESYSGOOD;
+                PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEVFORKDONE |
+                PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD;
     int seize_err = 0;
     if (report != 'N' && report != 'P')
         seize_err = -1;
@@ -2818,7 +3412,9 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         return PyErr_Format(PyExc_PermissionError, "ptrace(PTRACE_SEIZE) failed: %s",
                             strerror(seize_err));
     }
-    thread_find(child, 1);
+    tstate_t *first = thread_find(child, 1);
+    if (first)
+        first->origin = ORIGIN_OWN;
     if (lfd >= 0) {
         notify_fd = lfd;
         if (start_notify_threads() != 0) {
@@ -2904,6 +3500,9 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     free(threads);
     threads = NULL;
     threads_cap = threads_used = 0;
+    n_scratch = n_held = 0;
+    free(pend.img);
+    memset(&pend, 0, sizeof pend);
 
     int e[2] = {0, 0};
     ssize_t got = read(err[0], e, sizeof e);
