@@ -6,7 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,19 @@ class Served:
     def stop(self) -> None:
         for s in self.servers:
             s.stop()
+
+
+@contextmanager
+def serving(src: Path, fqrn: str, base: Path) -> Iterator[tuple[str, Repo]]:
+    """``src`` published as ``fqrn`` into a store under ``base`` and served by nginx there:
+    (proxy URL, repository), for a module's fixture."""
+    served = Served(base / "store", base / "keys")
+    repo = served.publish(src, fqrn)
+    proxy = served.serve(base / "nginx")
+    try:
+        yield proxy, repo
+    finally:
+        served.stop()
 
 
 def hep_exec_cmd(

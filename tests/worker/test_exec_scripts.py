@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hep_exec import Served, hep_exec_cmd
+from tests.support.hep_exec import hep_exec_cmd, serving
 from tests.support.tracing import compile_c, ensure_built, env_with
 
 FQRN = "scripts.test.org"
@@ -68,13 +68,8 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
     for name, text in files.items():
         (src / "bin" / name).write_text(text)
         (src / "bin" / name).chmod(0o755)
-    served = Served(base / "store", base / "keys")
-    repo = served.publish(src, FQRN)
-    proxy = served.serve(base / "nginx")
-    try:
+    with serving(src, FQRN, base) as (proxy, repo):
         yield Job(proxy, repo.master_pub, src)
-    finally:
-        served.stop()
 
 
 def test_bash_passes_many_arguments_to_a_script(job: Job, trap_mode: str) -> None:

@@ -11,12 +11,14 @@ import select
 import signal
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 
-from tests.support.hep_exec import Served, hep_exec_cmd
+from tests.support.hep_exec import hep_exec_cmd, serving
 from tests.support.tracing import compile_c, ensure_built, env_with
 
 FQRN = "defects.test.org"
@@ -41,6 +43,17 @@ class Job:
             start_new_session=new_session,
         )
 
+    @contextmanager
+    def started(self, argv: list[str], *, new_session: bool = False) -> Iterator[Popen[str]]:
+        """:meth:`popen`, and the job killed if the test leaves it running."""
+        p = self.popen(argv, new_session=new_session)
+        try:
+            yield p
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
@@ -54,13 +67,8 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
     (src / "many").mkdir()
     for i in range(MANY):
         (src / "many" / f"entry-{i:05d}").write_bytes(b"%d\n" % i)
-    served = Served(base / "store", base / "keys")
-    repo = served.publish(src, FQRN)
-    proxy = served.serve(base / "nginx")
-    try:
+    with serving(src, FQRN, base) as (proxy, repo):
         yield Job(proxy, repo.master_pub, src)
-    finally:
-        served.stop()
 
 
 # A command that handles the signal like a payload writing its output in the grace period: it
@@ -82,17 +90,12 @@ def test_signal_to_hep_exec_reaches_the_command_which_finishes_its_handler(
     command's own handler must run, and hep-exec exits with the command's status."""
     out = tmp_path / "written-by-handler"
     script = HANDLER.format(sig=sig, root=ROOT, out=out)
-    p = job.popen(["bash", "-c", script], new_session=True)
-    try:
+    with job.started(["bash", "-c", script], new_session=True) as p:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n", p.stderr.read() if p.stderr else ""
         mirror = _private_dir_of(p.pid)
         p.send_signal(getattr(signal, f"SIG{sig}"))
         assert p.wait(30) == 7, p.stderr.read() if p.stderr else ""
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert out.read_text() == f"got {sig}\n"
     assert not mirror.exists()  # nothing of hep-exec's on the host (or it cleaned up)
 
@@ -109,16 +112,13 @@ def _private_dir_of(hep_exec_pid: int) -> Path:
 
 
 def test_sigterm_without_a_handler_ends_the_command_as_natively(job: Job) -> None:
-    p = job.popen(["bash", "-c", f"cat {ROOT}/data/h1 >/dev/null; echo ready; exec sleep 60"])
-    try:
+    with job.started(
+        ["bash", "-c", f"cat {ROOT}/data/h1 >/dev/null; echo ready; exec sleep 60"]
+    ) as p:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n"
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 128 + signal.SIGTERM
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def test_sigterm_handler_gets_its_grace_period_and_hep_exec_waits(job: Job, tmp_path: Path) -> None:
@@ -137,16 +137,11 @@ def test_sigterm_handler_gets_its_grace_period_and_hep_exec_waits(job: Job, tmp_
         "print('ready', flush=True)\n"
         "while True: time.sleep(0.05)\n"
     )
-    p = job.popen(["python3", "-c", code])
-    try:
+    with job.started(["python3", "-c", code]) as p:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n"
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0, p.stderr.read() if p.stderr else ""
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert out.read_text() == "saved"
     assert not os.path.exists(str(out) + ".tmp")
 
@@ -185,8 +180,7 @@ def test_a_signal_reaches_the_command_once(job: Job, tmp_path: Path, how: str) -
     handler runs once, as natively. (The second, if it came, would follow within
     milliseconds: a second of silence is the check.)"""
     prog = compile_c(COUNTER, tmp_path / "counter")
-    p = job.popen([str(prog), f"{ROOT}/data/h1"], new_session=True)
-    try:
+    with job.started([str(prog), f"{ROOT}/data/h1"], new_session=True) as p:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n", p.stderr.read() if p.stderr else ""
         if how == "whole group":
@@ -203,10 +197,6 @@ def test_a_signal_reaches_the_command_once(job: Job, tmp_path: Path, how: str) -
         assert not more, p.stdout.readline()
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 128 + signal.SIGTERM
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def _command_pid(hep_exec_pid: int, name: str) -> int:
