@@ -1154,6 +1154,7 @@ static int own_dir_name(const char *path, const char **name)
 static struct fifo_open {
     pthread_t th;
     int used, done, fd;
+    pid_t tid; /* the caller */
     uint64_t id;
     char path[MAXPATH];
     int flags;
@@ -1161,10 +1162,70 @@ static struct fifo_open {
     uint32_t newfd_flags;
 } fifo_opens[FIFO_OPENS];
 
+/* Does the caller have a signal pending that it does not block?  Natively a signal ends a
+ * blocked FIFO open (EINTR, or the process dies of it); here the caller waits in the kernel for
+ * our answer, where only SIGKILL reaches it, so the thread looks for it. */
+static int caller_signalled(pid_t tid)
+{
+    char path[64], buf[2048];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    const char *p = strstr(buf, "\nSigPnd:"), *q = strstr(buf, "\nShdPnd:"),
+               *b = strstr(buf, "\nSigBlk:"), *g = strstr(buf, "\nSigIgn:");
+    if (!p || !q || !b || !g)
+        return 0;
+    unsigned long long pending = strtoull(p + 9, NULL, 16) | strtoull(q + 9, NULL, 16);
+    return (pending & ~strtoull(b + 9, NULL, 16) & ~strtoull(g + 9, NULL, 16)) != 0;
+}
+
+static void fifo_wake(int sig)
+{
+    (void)sig; /* only interrupts the thread's open (no SA_RESTART) */
+}
+
+#define FIFO_WAKE_SIG (SIGRTMIN + 7)
+
 static void *fifo_open_thread(void *arg)
 {
     struct fifo_open *f = arg;
-    int fd = open(f->path, f->flags | O_CLOEXEC | O_NOCTTY, f->mode);
+    /* Every 100 ms the open is interrupted to look at the caller: gone (the notification is
+     * no longer valid) or signalled (answered EINTR, as natively without SA_RESTART; with it
+     * the program sees EINTR too, the one difference). */
+    timer_t timer;
+    struct sigevent ev;
+    memset(&ev, 0, sizeof ev);
+    ev.sigev_notify = SIGEV_THREAD_ID;
+    ev.sigev_signo = FIFO_WAKE_SIG;
+    ev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+    int timed = timer_create(CLOCK_MONOTONIC, &ev, &timer) == 0;
+    if (timed) {
+        struct itimerspec every = {{0, 100000000}, {0, 100000000}};
+        timer_settime(timer, 0, &every, NULL);
+    }
+    sigset_t wake;
+    sigemptyset(&wake);
+    sigaddset(&wake, FIFO_WAKE_SIG);
+    pthread_sigmask(SIG_UNBLOCK, &wake, NULL);
+    int fd;
+    for (;;) {
+        fd = open(f->path, f->flags | O_CLOEXEC | O_NOCTTY, f->mode);
+        if (fd >= 0 || errno != EINTR)
+            break;
+        uint64_t id = f->id;
+        if (ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) != 0 || caller_signalled(f->tid))
+            break; /* errno stays EINTR */
+    }
+    int e = errno;
+    if (timed)
+        timer_delete(timer);
+    errno = e;
     if (fd >= 0) {
         struct seccomp_notif_addfd add = {
             .id = f->id, .flags = SECCOMP_ADDFD_FLAG_SEND, .srcfd = (uint32_t)fd,
@@ -1181,7 +1242,8 @@ static void *fifo_open_thread(void *arg)
 }
 
 /* Start such an open (called with `big` held); 0 if no slot or thread could be had. */
-static int fifo_open_later(const char *path, unsigned long long fl, unsigned long long mode)
+static int fifo_open_later(pid_t tid, const char *path, unsigned long long fl,
+                           unsigned long long mode)
 {
     size_t n = strlen(path);
     if (n >= MAXPATH)
@@ -1192,9 +1254,14 @@ static int fifo_open_later(const char *path, unsigned long long fl, unsigned lon
             continue;
         if (f->used)
             pthread_join(f->th, NULL);
+        struct sigaction wake;
+        memset(&wake, 0, sizeof wake);
+        wake.sa_handler = fifo_wake; /* no SA_RESTART: it must end the wait in open */
+        sigaction(FIFO_WAKE_SIG, &wake, NULL);
         f->used = 1;
         f->done = 0;
         f->id = cur_notif.id;
+        f->tid = tid;
         memcpy(f->path, path, n + 1);
         f->flags = (int)(fl & ~(unsigned long long)O_CLOEXEC);
         f->mode = (mode_t)mode;
@@ -1225,7 +1292,8 @@ static void fifo_opens_finish(void)
     }
 }
 
-static long notify_open(long nr, struct user_regs_struct *r, const char *path, int magic)
+static long notify_open(pid_t tid, long nr, struct user_regs_struct *r, const char *path,
+                        int magic)
 {
     unsigned long long fl = nr == SYS_open ? r->rsi : r->rdx;
     unsigned long long mode = nr == SYS_open ? r->rdx : r->r10;
@@ -1236,7 +1304,7 @@ static long notify_open(long nr, struct user_regs_struct *r, const char *path, i
     int ours = magic || has_prefix(path, strlen(path), target_p, target_n);
     struct stat st;
     if (ours && !magic && !(fl & O_NONBLOCK) && stat(path, &st) == 0 && S_ISFIFO(st.st_mode)) {
-        if (fifo_open_later(path, fl, mode)) {
+        if (fifo_open_later(tid, path, fl, mode)) {
             cur_notif.replied = 1;
             return 0;
         }
@@ -1321,7 +1389,7 @@ static long notify_redirect(pid_t tid, long nr, struct user_regs_struct *r, cons
     switch (nr) {
     case SYS_open:
     case SYS_openat: /* one of our RAM files, by /proc/<our pid>/fd/N: a magic link */
-        return notify_open(nr, r, path,
+        return notify_open(tid, nr, r, path,
                            path == target && strncmp(path, "/proc/", 6) == 0 &&
                                !has_prefix(path, strlen(path), target_p, target_n));
     case SYS_statfs: {

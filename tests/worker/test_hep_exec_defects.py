@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.hep_exec import hep_exec_cmd, serving
 from tests.support.tracing import compile_c, ensure_built, env_with
+from tests.support.waiting import wait_until
 
 FQRN = "defects.test.org"
 MANY = 3000  # entries of the large directory
@@ -486,3 +487,35 @@ def test_ls_l_of_a_large_directory_needs_no_python_per_entry(job: Job) -> None:
     assert sizes == {"2", "3", "4", "5"}  # "0\n" ... "2999\n": the catalog's sizes
     upcalls = int(re.search(r"Python upcalls (\d+)", r.stderr).group(1))  # type: ignore[union-attr]
     assert upcalls < 100, r.stderr  # was 3 per entry
+
+
+@pytest.mark.parametrize("disposition", ["default", "handler"])
+def test_a_reader_waiting_on_a_published_fifo_is_ended_by_a_signal(
+    job: Job, trap_mode: str, disposition: str
+) -> None:
+    """Natively a signal reaches a process whose FIFO open waits for a writer: it dies of
+    SIGTERM, or its handler runs (and Python goes back to waiting).  It must not leave the job
+    hanging with the signal undelivered."""
+    code = (
+        "import os, signal\n"
+        + ("signal.signal(signal.SIGTERM, lambda *_: print('handled', flush=True))\n"
+           if disposition == "handler" else "")
+        + "print('ready', flush=True)\n"
+        f"os.open({ROOT!r} + '/pipes/fifo', os.O_RDONLY)\n"
+        "print('opened', flush=True)\n"
+    )  # fmt: skip
+    with job.started(["python3", "-c", code], new_session=True) as p:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        child = _command_pid(p.pid, "python3")
+
+        def waiting() -> bool:  # in the FIFO's open: natively, or for hep-exec's answer
+            wchan = Path(f"/proc/{child}/wchan").read_text()
+            return "wait_for_partner" in wchan or "seccomp_do_user_notif" in wchan
+
+        wait_until(waiting, 10, what="the command waiting in its open")
+        os.kill(child, signal.SIGTERM)  # to the command itself, as a batch system may
+        if disposition == "default":
+            assert p.wait(30) == 128 + signal.SIGTERM
+        else:
+            assert p.stdout.readline() == "handled\n"
+            assert p.poll() is None  # and waits for a writer again, as natively
