@@ -13,12 +13,22 @@ from typing import Any
 import pytest
 
 from tests.support.nginx import Nginx, Site
-from tests.support.preloading import object_requests, run_preload, start_preload, write_spec
+from tests.support.preloading import (
+    SPEC_HEAD,
+    object_requests,
+    repo_entry,
+    run_preload,
+    start_preload,
+    write_spec,
+    write_specs,
+)
 from tests.support.repos import publish_tree
 from tests.support.stores import check_objects_named_right, expected_objects, replica
 from tests.support.waiting import wait_until
 
 FQRN = "intr.example.org"
+# the interrupted runs wait on slow or silent servers: SIGINT must come before any timeout
+PATIENT = SPEC_HEAD.replace("timeout: 5", "timeout: 300")
 BIG = 8 * 1024 * 1024  # two 4 MiB chunks: at 256 KiB/s each takes 16 s to download
 
 
@@ -30,7 +40,7 @@ def test_sigint_mid_run_exits_130_and_keeps_the_previous_revision(tmp_path: Path
     origin, first = publish_tree(src, tmp_path / "origin", FQRN, tmp_path / "keys")
     assert first.revision == 1
     nginx = Nginx(
-        tmp_path / "nginx", [Site(root=origin.store, limit_rate="256k"), Site(root=origin.store)]
+        tmp_path / "nginx", [Site(root=origin.store, limit_rate="32k"), Site(root=origin.store)]
     )
     slow_url, fast_url = (s.url() for s in nginx.sites)
     store = tmp_path / "store"
@@ -54,7 +64,11 @@ def test_sigint_mid_run_exits_130_and_keeps_the_previous_revision(tmp_path: Path
         smalls -= chunks  # both sets name the certificate
         assert len(smalls) == 60 and len(chunks - revision_1) == 2
 
-        slow = write_spec(tmp_path / "slow.yaml", store, origin, [slow_url])
+        # the slow site's chunks take minutes: SIGINT always comes first, however loaded the
+        # machine (a generous timeout, so that no read times out meanwhile either)
+        slow = write_specs(
+            tmp_path / "slow.yaml", store, [repo_entry(origin, [slow_url])], head=PATIENT
+        )
         since = len(nginx.requests())
         proc = start_preload(slow)
         try:
@@ -120,7 +134,7 @@ def test_sigint_before_any_download_exits_130(tmp_path: Path) -> None:
         silent.listen(8)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/cvmfs/@fqrn@"
         store = tmp_path / "store"
-        spec = write_spec(tmp_path / "s.yaml", store, origin, [url])
+        spec = write_specs(tmp_path / "s.yaml", store, [repo_entry(origin, [url])], head=PATIENT)
         proc = start_preload(spec)
         try:
             accepted = wait_until(lambda: _accept(silent), 30, what="preload to connect")

@@ -74,12 +74,13 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
 
 # A command that handles the signal like a payload writing its output in the grace period: it
 # reads a /cvmfs file first (so it runs traced), says it is ready, and on the signal writes a
-# file and exits with a status of its own choosing.
+# file and exits with a status of its own choosing.  (`wait`, not a foreground sleep: bash
+# runs an INT trap during a foreground child only if the child died of SIGINT too.)
 HANDLER = """
 trap 'echo "got {sig}" > {out}; exit 7' {sig}
 cd {root}/data && cat h1 >/dev/null || exit 99
 echo ready
-while :; do sleep 0.05; done
+while :; do sleep 0.05 & wait $!; done
 """
 
 
