@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -35,13 +36,16 @@ def run_preload(spec: Path, *args: str, timeout: float = 120) -> subprocess.Comp
 
 
 def start_preload(spec: Path, *args: str) -> subprocess.Popen[str]:
-    """``preload`` started in the background (the caller waits for it, or signals it)."""
+    """``preload`` started in the background (the caller waits for it, or signals it), with
+    SIGINT at its default as in a terminal's foreground job: a test suite started as a
+    background job inherits SIGINT ignored, and so would preload."""
     return subprocess.Popen(
         preload_cmd(spec, *args),
         env=preload_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
