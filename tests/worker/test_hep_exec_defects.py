@@ -42,6 +42,9 @@ class Job:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=new_session,
+            # as a terminal's foreground job: a suite run in the background inherits SIGINT
+            # ignored, which hep-exec (rightly) leaves ignored for itself and the command
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     @contextmanager
