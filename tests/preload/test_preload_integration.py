@@ -25,6 +25,9 @@ from tests.support.stores import (
 )
 from tests.support.waiting import wait_until
 
+# preload against real nginx sites, most with several runs: not in the fast subset
+pytestmark = pytest.mark.slow
+
 FQRN = "sel.example.org"
 
 

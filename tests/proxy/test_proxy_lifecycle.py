@@ -19,6 +19,9 @@ from tests.support.proxy_process import ProxyProcess, read_response, start_proxy
 from tests.support.repos import Repo, publish_tree
 from tests.support.waiting import wait_until
 
+# every test here runs many real processes: left out of the fast subset (-m 'not slow')
+pytestmark = pytest.mark.slow
+
 FQRN = "life.example.org"
 SHUTDOWN_TIMEOUT = 2.0
 KEEPALIVE_TIMEOUT = 2.0

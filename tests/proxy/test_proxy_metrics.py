@@ -28,6 +28,9 @@ from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
 from tests.support.waiting import wait_until
 
+# every test here runs many real processes: left out of the fast subset (-m 'not slow')
+pytestmark = pytest.mark.slow
+
 LOCAL = "metrics.example.org"  # served from the store
 FILLED = "filled.example.org"  # filled from the upstream
 HEADER_TIMEOUT = 1.0

@@ -216,12 +216,13 @@ async def test_manifest_never_ahead_of_the_store(
         await _stop(p)
 
 
+@pytest.mark.slow
 async def test_an_upstream_that_times_out_is_said_so_in_words(
     upstream: tuple[StoreServer, Repo, Path], tmp_path: Path
 ) -> None:
     """The log said `TimeoutError: ` (an exception's name and its empty message)."""
     s1, repo, _ = upstream
-    s1.delay, s1.delay_data_only = 5.0, True
+    s1.delay, s1.delay_data_only = 2.0, True
     conf = tmp_path / "proxy.yaml"
     conf.write_text("upstream_timeout: 0.5\n")
     p = await _start(tmp_path, s1, "--config", str(conf))

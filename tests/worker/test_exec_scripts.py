@@ -23,6 +23,9 @@ import pytest
 from tests.support.hep_exec import hep_exec_cmd, serving
 from tests.support.tracing import compile_c, ensure_built, env_with
 
+# every test here runs many real processes: left out of the fast subset (-m 'not slow')
+pytestmark = pytest.mark.slow
+
 FQRN = "scripts.test.org"
 ROOT = f"/cvmfs/{FQRN}"
 SCRIPT = f"{ROOT}/bin/script"

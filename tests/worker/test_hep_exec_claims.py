@@ -27,7 +27,7 @@ from tests.support.network import dead_url
 from tests.support.repos import Repo
 from tests.support.tracing import compile_c, ensure_built, env_with, needs_ptrace, ram_dir
 
-pytestmark = needs_ptrace
+pytestmark = [needs_ptrace, pytest.mark.slow]  # real processes: not in the fast subset
 
 FQRN = "claims.test.org"
 MOUNT = f"/cvmfs/{FQRN}"

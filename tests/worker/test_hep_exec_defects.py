@@ -22,6 +22,9 @@ from tests.support.hep_exec import hep_exec_cmd, serving
 from tests.support.tracing import compile_c, ensure_built, env_with
 from tests.support.waiting import wait_until
 
+# every test here runs many real processes: left out of the fast subset (-m 'not slow')
+pytestmark = pytest.mark.slow
+
 FQRN = "defects.test.org"
 MANY = 3000  # entries of the large directory
 ROOT = f"/cvmfs/{FQRN}"

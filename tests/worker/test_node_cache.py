@@ -50,6 +50,9 @@ from worker.config import ConfigError, parse_exec_args
 from worker.namespace import Node
 from worker.session import WorkerSession
 
+# every test here runs many real processes: left out of the fast subset (-m 'not slow')
+pytestmark = pytest.mark.slow
+
 FQRN = "nodecache.example.org"
 TREE_MB = int(os.environ.get("HEP_TEST_NODECACHE_MB", "64"))
 RAM = f"{max(1024, 3 * TREE_MB)}M"
