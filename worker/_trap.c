@@ -723,6 +723,22 @@ static long via_magic_link(pid_t tid, const char *raw, size_t n, char *out, size
     return tn + (long)rest;
 }
 
+/* /proc/<tid>/status into buf (NUL-terminated); its length, or 0. */
+static size_t proc_status(pid_t tid, char *buf, size_t max)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, max - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    return (size_t)n;
+}
+
 /* Collapse "//" and "/./" (keeps ".."); out must hold n+2. */
 static size_t collapse(const char *in, size_t n, char *out)
 {
@@ -1167,16 +1183,9 @@ static struct fifo_open {
  * our answer, where only SIGKILL reaches it, so the thread looks for it. */
 static int caller_signalled(pid_t tid)
 {
-    char path[64], buf[2048];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    char buf[2048];
+    if (!proc_status(tid, buf, sizeof buf))
         return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
     const char *p = strstr(buf, "\nSigPnd:"), *q = strstr(buf, "\nShdPnd:"),
                *b = strstr(buf, "\nSigBlk:"), *g = strstr(buf, "\nSigIgn:");
     if (!p || !q || !b || !g)
@@ -3048,16 +3057,9 @@ static int within_a_second(const volatile struct timespec *at)
 /* The process a tracee thread belongs to (0 if unknown). */
 static pid_t tgid_of(pid_t tid)
 {
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    char buf[512];
+    if (!proc_status(tid, buf, sizeof buf))
         return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
     const char *t = strstr(buf, "\nTgid:");
     return t ? (pid_t)atoi(t + 7) : 0;
 }
