@@ -125,19 +125,9 @@ def service(big: Big, cache_dir: Path, proxy: str) -> Iterator[int]:
     """The node cache service, started explicitly (a fresh interpreter): its pid."""
     daemon = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "worker.cache_service",
-            "--proxy",
-            proxy,
-            "--keys",
-            str(big.master_pub),
-            "--cache-dir",
-            str(cache_dir),
-            "--ram",
-            RAM,
-            "--cache-idle",
-            "600",
+            *(sys.executable, "-m", "worker.cache_service"),
+            *cache_options(proxy, big, cache_dir),
+            *("--cache-idle", "600"),
         ],
         env=env_with(),
         cwd=PROJECT,
@@ -163,20 +153,13 @@ def service(big: Big, cache_dir: Path, proxy: str) -> Iterator[int]:
 
 def shared_cmd(proxy: str, big: Big, cache_dir: Path, argv: list[str]) -> list[str]:
     """hep-exec through the node cache service in ``cache_dir``."""
-    return [
-        *CLI,
-        "--proxy",
-        proxy,
-        "--keys",
-        str(big.master_pub),
-        "--cache-dir",
-        str(cache_dir),
-        "--ram",
-        RAM,
-        "--stats",
-        "--",
-        *argv,
-    ]
+    return [*CLI, *cache_options(proxy, big, cache_dir), "--stats", "--", *argv]
+
+
+def cache_options(proxy: str, big: Big, cache_dir: Path) -> list[str]:
+    """What the service and the jobs using it are both given."""
+    return ["--proxy", proxy, "--keys", str(big.master_pub), "--cache-dir", str(cache_dir),
+            "--ram", RAM]  # fmt: skip
 
 
 def run(cmd: list[str], timeout: float = 300) -> tuple[int, str, str, int]:
