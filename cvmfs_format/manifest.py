@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from typing import TYPE_CHECKING
 
 from cvmfs_format.errors import FormatError, SignatureError
 from cvmfs_format.hashes import Algorithm, ContentHash
+
+if TYPE_CHECKING:  # imported where used: parsing a manifest must not cost a crypto import
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 ROOT_PATH_MD5 = hashlib.md5(b"").hexdigest()
 _SEPARATOR = b"\n--\n"
@@ -146,6 +146,9 @@ def sign_manifest(
     manifest: Manifest, key: rsa.RSAPrivateKey, algorithm: Algorithm = Algorithm.SHA1
 ) -> bytes:
     """Serialize and sign: body, ``--``, hash of body, PKCS#1 v1.5/SHA-1 signature of it."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     body = manifest.to_body()
     hash_line = ContentHash.of(body, algorithm).hex.encode()
     signature = key.sign(hash_line, padding.PKCS1v15(), hashes.SHA1())
@@ -153,6 +156,8 @@ def sign_manifest(
 
 
 def load_certificate(pem: bytes) -> x509.Certificate:
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError:
@@ -165,6 +170,10 @@ def verify_manifest(
     expected_name: str | None = None,
 ) -> Manifest:
     """Check hash line, signature (by the certificate), root path and repository name."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
     if signed.hash_line is None or signed.signature is None:
         raise SignatureError(".cvmfspublished: not signed (no '--' block)")
     try:

@@ -9,9 +9,7 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
-
-from cryptography.hazmat.primitives.asymmetric import rsa
+from typing import TYPE_CHECKING, TypeVar
 
 from cvmfs_format.catalog import Catalog, CatalogTree, DirEntry, NeedCatalog, NestedRef
 from cvmfs_format.errors import FormatError
@@ -19,6 +17,9 @@ from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, load_certificate, parse_manifest, verify_manifest
 from cvmfs_format.objects import Suffix, verify_object
 from cvmfs_format.whitelist import parse_whitelist, verify_certificate_listed, verify_whitelist
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 Reader = Callable[[str], bytes]
 T = TypeVar("T")

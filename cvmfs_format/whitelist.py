@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from typing import TYPE_CHECKING
 
 from cvmfs_format.errors import FormatError, WhitelistError
 from cvmfs_format.hashes import Algorithm, ContentHash
+
+if TYPE_CHECKING:  # imported where used: a job that mounts nothing never loads cryptography
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 _TIME_FORMAT = "%Y%m%d%H%M%S"
 
@@ -141,6 +142,9 @@ def _raw_public_decrypt(key: rsa.RSAPublicKey, signature: bytes) -> bytes | None
 
 
 def load_public_key(pem: bytes, what: str) -> rsa.RSAPublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     try:
         key = serialization.load_pem_public_key(pem)
     except ValueError:
@@ -175,6 +179,8 @@ def verify_whitelist(
 
 
 def verify_certificate_listed(wl: Whitelist, certificate: x509.Certificate) -> None:
+    from cryptography.hazmat.primitives import serialization
+
     der = certificate.public_bytes(serialization.Encoding.DER)
     if not wl.lists(der):
         raise WhitelistError(
@@ -203,6 +209,8 @@ def make_whitelist(
     algorithm: Algorithm = Algorithm.SHA1,
 ) -> bytes:
     """Build and sign a whitelist listing ``certificate``."""
+    from cryptography.hazmat.primitives import serialization
+
     der = certificate.public_bytes(serialization.Encoding.DER)
     created = created.astimezone(dt.UTC)
     body = (

@@ -8,23 +8,25 @@ problem, so the CLI can print it and exit 2 instead of showing a traceback.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
-
-import yaml
-from cryptography.hazmat.primitives.asymmetric import rsa
+from typing import TYPE_CHECKING, Any, NoReturn, overload
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.proxies import ProxyGroups, parse_proxies
-from cvmfs_format.whitelist import load_public_key
 from worker.ramfiles import BACKINGS
 from worker.tracer import TRAP_MODES
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 PROG = "hep-exec"
 ENV_PREFIX = "HEP_EXEC_"
@@ -308,6 +310,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    import yaml  # only when a config file is given: ~16 ms of every job's start otherwise
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -570,9 +574,63 @@ def parse_exec_args(
     )
 
 
-def load_master_keys(paths: Sequence[Path]) -> list[rsa.RSAPublicKey]:
-    """RSA public keys from files or directories of ``*.pub``; ConfigError names a bad one."""
-    keys: list[rsa.RSAPublicKey] = []
+class MasterKeys(Sequence["rsa.RSAPublicKey"]):
+    """Master public keys read at start, parsed on first use.
+
+    Parsing needs the cryptography package (~25 ms to import), which a job that never
+    mounts a repository should not pay for; the files are read and their PEM armour and
+    base64 checked at start, so a missing, unreadable or garbled key still stops hep-exec
+    before the command runs.
+    """
+
+    def __init__(self, pems: Sequence[tuple[str, bytes]]) -> None:
+        self._pems = list(pems)
+        self._keys: list[rsa.RSAPublicKey] | None = None
+        self._lock = threading.Lock()
+
+    def _parsed(self) -> list[rsa.RSAPublicKey]:
+        with self._lock:
+            if self._keys is None:
+                from cvmfs_format.whitelist import load_public_key
+
+                try:
+                    self._keys = [load_public_key(pem, what) for what, pem in self._pems]
+                except FormatError as e:
+                    raise ConfigError(str(e)) from None
+            return self._keys
+
+    def __len__(self) -> int:
+        return len(self._pems)
+
+    @overload
+    def __getitem__(self, i: int) -> rsa.RSAPublicKey: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[rsa.RSAPublicKey]: ...
+    def __getitem__(self, i: int | slice) -> rsa.RSAPublicKey | list[rsa.RSAPublicKey]:
+        return self._parsed()[i]
+
+    def __iter__(self) -> Iterator[rsa.RSAPublicKey]:
+        return iter(self._parsed())
+
+
+_PEM = re.compile(
+    rb"-----BEGIN (RSA )?PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)-----END (RSA )?PUBLIC KEY-----"
+)
+
+
+def _check_pem(pem: bytes, what: Path) -> None:
+    m = _PEM.search(pem)
+    try:
+        ok = m is not None and len(base64.b64decode(b"".join(m.group(2).split()))) > 64
+    except binascii.Error:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{what}: not a PEM public key")
+
+
+def load_master_keys(paths: Sequence[Path]) -> MasterKeys:
+    """Master keys from files or directories of ``*.pub``; ConfigError names a bad one."""
+    pems: list[tuple[str, bytes]] = []
     for path in paths:
         if path.is_dir():
             files = sorted(path.glob("*.pub"))
@@ -584,9 +642,9 @@ def load_master_keys(paths: Sequence[Path]) -> list[rsa.RSAPublicKey]:
             raise ConfigError(f"{path}: no such key file or directory")
         for f in files:
             try:
-                keys.append(load_public_key(f.read_bytes(), str(f)))
+                pem = f.read_bytes()
             except OSError as e:
                 raise ConfigError(f"{f}: cannot read ({e.strerror})") from None
-            except FormatError as e:
-                raise ConfigError(str(e)) from None
-    return keys
+            _check_pem(pem, f)
+            pems.append((str(f), pem))
+    return MasterKeys(pems)

@@ -10,7 +10,6 @@ retried on the next proxy (with no-cache headers), and wrong bytes are never ret
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
@@ -21,14 +20,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
-
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.objects import verify_stored
 from cvmfs_format.proxies import ProxyGroups
 
 if TYPE_CHECKING:
+    import asyncio
+
+    import aiohttp
+
     from worker.config import ExecConfig
 
 log = logging.getLogger("hep_exec.fetcher")
@@ -80,6 +81,8 @@ class _Attempt(Exception):
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
+    import asyncio
+
     try:
         import uvloop
 
@@ -137,28 +140,44 @@ class Fetcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._wanted = False
+        self._start_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Fetcher:
-        if self._loop is not None:
-            return self
-        loop = _new_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="hep-exec-fetcher", daemon=True)
-        self._thread.start()
-        ready.wait()
-        self._call(self._open_session())
+        """Make the fetcher usable; its thread, event loop and HTTP session (asyncio and
+        aiohttp, ~0.15 s to import) come with the first request, so a job that fetches
+        nothing (its service fetches for it, or it never touches /cvmfs) starts without."""
+        self._wanted = True
         return self
 
+    def _start_loop(self) -> asyncio.AbstractEventLoop:
+        import asyncio
+
+        with self._start_lock:
+            if self._loop is not None:
+                return self._loop
+            if not self._wanted:
+                raise RuntimeError("fetcher not started")
+            loop = _new_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            self._thread = threading.Thread(target=run, name="hep-exec-fetcher", daemon=True)
+            self._thread.start()
+            ready.wait()
+            asyncio.run_coroutine_threadsafe(self._open_session(), loop).result()
+            self._loop = loop
+            return loop
+
     async def _open_session(self) -> None:
+        import aiohttp
+
         connector = aiohttp.TCPConnector(
             limit=self.max_connections, keepalive_timeout=60, enable_cleanup_closed=True
         )
@@ -170,9 +189,11 @@ class Fetcher:
         )
 
     def close(self) -> None:
-        loop, self._loop = self._loop, None
+        with self._start_lock:
+            loop, self._loop, self._wanted = self._loop, None, False
         if loop is None:
             return
+        import asyncio
 
         async def shutdown() -> None:
             if self._session is not None:
@@ -212,6 +233,7 @@ class Fetcher:
         self, items: Iterable[tuple[str, ContentHash | None, str]]
     ) -> list[bytes | BaseException]:
         """Fetch concurrently; results (or the exception per item) in input order."""
+        import asyncio
 
         async def all_of() -> list[bytes | BaseException]:
             return await asyncio.gather(
@@ -225,12 +247,16 @@ class Fetcher:
     ) -> Future[bytes]:
         """Start one fetch (single-flight, verified, with fail-over) and return at once:
         callers stream big files by keeping a few of these in flight."""
+        import asyncio
+
         return asyncio.run_coroutine_threadsafe(
             self.fetch(url_path, expected, what), self._require_loop()
         )
 
     def prefetch(self, items: Iterable[tuple[str, ContentHash | None, str]]) -> Future[Any]:
         """Start fetching in the background; the returned future resolves to get_many's list."""
+        import asyncio
+
         loop = self._require_loop()
         wanted = list(items)
 
@@ -242,11 +268,12 @@ class Fetcher:
         return asyncio.run_coroutine_threadsafe(all_of(), loop)
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            raise RuntimeError("fetcher not started")
-        return self._loop
+        loop = self._loop
+        return loop if loop is not None else self._start_loop()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        import asyncio
+
         loop = self._require_loop()
         if threading.current_thread() is self._thread:
             coro.close()
@@ -263,6 +290,8 @@ class Fetcher:
         check: Check | None = None,
     ) -> bytes:
         """Single-flight: concurrent fetches of one (path, hash) share one request."""
+        import asyncio
+
         key = (url_path, expected)
         fut = self._inflight.get(key)
         if fut is not None:
@@ -300,6 +329,8 @@ class Fetcher:
     async def _fetch_with_failover(
         self, url_path: str, expected: ContentHash | None, what: str, check: Check | None
     ) -> bytes:
+        import asyncio
+
         if not url_path.startswith("/"):
             url_path = "/" + url_path
         errors: list[str] = []
@@ -346,6 +377,8 @@ class Fetcher:
         check: Check | None,
         no_cache: bool,
     ) -> bytes:
+        import aiohttp
+
         assert self._session is not None
         state.requests += 1
         self.stats.requests += 1
@@ -381,6 +414,9 @@ class Fetcher:
 
     def probe(self, url_path: str) -> list[tuple[str, bool, str]]:
         """Ask every proxy for ``url_path`` once: (proxy, ok, 'HTTP 200 in 3 ms' or error)."""
+        import asyncio
+
+        import aiohttp
 
         async def one(state: ProxyState) -> tuple[str, bool, str]:
             assert self._session is not None

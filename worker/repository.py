@@ -20,9 +20,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from cryptography.hazmat.primitives.asymmetric import rsa
 from lru import LRU
 
 from cvmfs_format.catalog import Catalog, CatalogTree, Chunk, DirEntry, NestedRef
@@ -34,6 +33,9 @@ from cvmfs_format.verify import loading, verify_ensemble
 from worker.fetcher import FetchError, NotFound, object_url
 from worker.ramcache import CachedObject, RamCache
 from worker.ramfiles import RamFileWriter
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 log = logging.getLogger("hep_exec.repository")
 _MISSING = object()
@@ -88,7 +90,7 @@ class MountedRepository:
         self._lock = threading.RLock()
         self._lookups: LRU[str, DirEntry | None] = LRU(lookup_cache_size)
         self._listings: LRU[str, list[DirEntry]] = LRU(max(256, lookup_cache_size // 16))
-        self.manifest = self._bootstrap(list(master_keys), now or dt.datetime.now(dt.UTC))
+        self.manifest = self._bootstrap(master_keys, now or dt.datetime.now(dt.UTC))
         root = self._load_catalog(self.manifest.root_catalog, "root catalog")
         if root.revision != self.manifest.revision:
             raise RepositoryError(
@@ -115,9 +117,10 @@ class MountedRepository:
         expected = parse_object_path(relpath).hash if relpath.startswith("data/") else None
         return self.fetcher.get(object_url(self.fqrn, relpath), expected, what or relpath)
 
-    def _bootstrap(self, keys: list[rsa.RSAPublicKey], now: dt.datetime) -> Manifest:
+    def _bootstrap(self, master_keys: Sequence[rsa.RSAPublicKey], now: dt.datetime) -> Manifest:
         fqrn = self.fqrn
         try:
+            keys = list(master_keys)  # parsed here, on first use (worker.config.MasterKeys)
             raw = self.fetcher.get(
                 object_url(fqrn, ".cvmfspublished"),
                 None,
@@ -342,7 +345,7 @@ class Repositories:
         configured: Sequence[str] = (),
     ) -> None:
         self.fetcher = fetcher
-        self.master_keys = list(master_keys)
+        self.master_keys = master_keys  # parsed on the first mount (MasterKeys)
         self.cache = cache if cache is not None else RamCache(1 << 30)
         self.configured = tuple(configured)
         self._mounted: dict[str, MountedRepository] = {}

@@ -1,0 +1,70 @@
+"""hep-exec's start-up: a job that needs no network library does not import one.
+
+``hep-exec -- true`` has a start-up budget of 0.15 s (issue 14); asyncio + aiohttp alone cost
+~0.15 s to import, cryptography ~25 ms, yaml ~16 ms. They must come with their first use (the
+first fetch, the first signature check, a config file), not with every job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
+
+from publish.keys import load_or_create_keys
+from tests.support.network import dead_url
+
+HEAVY = ("aiohttp", "asyncio", "cryptography", "yaml", "uvloop")
+
+PROBE = """
+import sys
+from worker.cli import main
+rc = main(sys.argv[1:])
+print(",".join(m for m in {heavy!r} if m in sys.modules))
+sys.exit(rc)
+"""
+
+
+def _loaded(args: list[str]) -> tuple[int, str, str]:
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return r.returncode, r.stdout.strip(), r.stderr
+
+
+def test_true_without_cvmfs_imports_no_network_or_crypto_library(tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    load_or_create_keys(keys_dir, "k.example.org", dt.datetime.now(dt.UTC))
+    for shared in (
+        ["--no-shared-cache"],
+        ["--cache-dir", str(tmp_path / "c"), "--cache-idle", "1"],
+    ):
+        rc, loaded, err = _loaded(
+            ["--proxy", dead_url(), "--keys", str(keys_dir), *shared, "--", "true"]
+        )
+        assert rc == 0, err
+        assert loaded == "", f"{shared}: imported at start: {loaded}"
+
+
+def test_a_garbled_key_still_stops_hep_exec_before_the_command(tmp_path: Path) -> None:
+    """Keys are parsed on first use, but their files are checked at start."""
+    keys_dir = tmp_path / "keys"
+    load_or_create_keys(keys_dir, "k.example.org", dt.datetime.now(dt.UTC))
+    pub = keys_dir / "k.example.org.pub"
+    text = pub.read_text()
+    pub.write_text(text.replace(text.splitlines()[1], "!!not base64!!"))
+    marker = tmp_path / "ran"
+    r = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "--proxy", dead_url(), "--keys", str(pub)]
+        + ["--no-shared-cache", "--", "touch", str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"hep-exec: {pub}: not a PEM public key"
+    assert not marker.exists()
