@@ -25,9 +25,9 @@
 #define FO_HDR_OFF FO_CODE_MAX
 #define FO_CNT_OFF (FO_HDR_OFF + FO_PAGE)
 #define FO_SLOTS_OFF (FO_CNT_OFF + FO_PAGE)
-#define FO_NSLOTS (1ul << 17) /* answers published at most: half of them (linear probing) */
+#define FO_NSLOTS (1ul << 19) /* answers published at most: half of them (linear probing) */
 #define FO_ARENA_OFF (FO_SLOTS_OFF + FO_NSLOTS * sizeof(fo_slot_t))
-#define FO_ARENA_SIZE (24ul << 20)
+#define FO_ARENA_SIZE (128ul << 20) /* sparse: pages are used as answers come */
 #define FO_SIZE (FO_ARENA_OFF + FO_ARENA_SIZE)
 #define FO_TRAMP_SIZE (64 * 1024ul)
 #define FO_MAGIC 0x6e65706f74736166ull /* "fastopen" */

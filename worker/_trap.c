@@ -437,6 +437,28 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
     memcpy(slot->st, st, sizeof slot->st);
 }
 
+/* A RAM file about to be offered for a path before anyone opened it (trap_put): record
+ * its answer if the file is new to us; if it already serves a path with another answer it
+ * becomes shared (its in-process answers go), but fstat keeps following the last real open.
+ * 0: the path's open may be answered in-process. */
+static int ids_claim(uint64_t dev, uint64_t ino, const int64_t *st)
+{
+    fdid_t *slot = ids_len ? ids_find(dev, ino) : NULL;
+    if (!slot || slot->ino == 0) {
+        ids_put(dev, ino, st);
+        slot = ids_find(dev, ino);
+        return slot->ino == ino && !slot->shared ? 0 : -1;
+    }
+    if (slot->shared)
+        return -1;
+    if (memcmp(slot->st, st, sizeof slot->st) != 0) {
+        slot->shared = 1;
+        fo_withdraw_file(dev, ino);
+        return -1;
+    }
+    return 0;
+}
+
 static void ids_clear(void)
 {
     fo_withdraw_all();
@@ -1106,6 +1128,7 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
     e->klen = kn;
     e->act = *tmp;
     tmp->bval = NULL;
+    cache_del(cls, flags, key, kn); /* one the handler put meanwhile (trap_put): ours wins */
     cache_put(e);
     return &e->act;
 }
@@ -1821,6 +1844,16 @@ static int named_ram_file(const char *p)
     return *p == '/' && p[1] && !strchr(p + 1, '/');
 }
 
+/* A cached open answer naming a node cache service's object that is gone: Python put it
+ * ahead (trap_put) without pinning the object, and the service has evicted it since (names
+ * are never reused, so a missing name is always this).  Drop it, here and in-process; the
+ * caller's open is then asked of Python, which fetches the object again. */
+static void stale_open(int cls, int flags, const char *key, size_t kn)
+{
+    cache_del(cls, flags, key, kn);
+    fo_withdraw(FO_OPEN, key, kn);
+}
+
 /* A notified open of `key` (the caller's own path, in normal form) was answered by a
  * cached redirect: let tracees open the target themselves from now on (worker/_fastopen.c),
  * and patch the call site.  Not for RAM files opened under other paths with other answers
@@ -1836,8 +1869,16 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
             return;
         dev = a->ram_dev;
         ino = a->ram_ino;
-    } else if (!named_ram_file(a->bval) &&
-               !has_prefix(a->bval, a->blen, target_p, target_n)) {
+    } else if (named_ram_file(a->bval)) {
+        /* a node cache service's object (tmpfs: inode numbers are not reused while the
+         * file system lives); withdrawn when it turns out to serve paths with different
+         * stat answers */
+        fdid_t *f = a->ram_ino ? ids_find(a->ram_dev, a->ram_ino) : NULL;
+        if (!f || f->ino != a->ram_ino || f->shared)
+            return;
+        dev = a->ram_dev;
+        ino = a->ram_ino;
+    } else if (!has_prefix(a->bval, a->blen, target_p, target_n)) {
         return;
     }
     if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
@@ -2187,9 +2228,18 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 
     action_t tmp;
     PyObject *prefix = NULL;
+    int asked_again = 0;
+again:
     memset(&tmp, 0, sizeof tmp);
     action_t *a = lookup(tid, cls, flags, key, (size_t)kn, &tmp, &prefix);
     int changed = 0;
+    if (!cur_notif.active && cls == C_OPEN && a != &tmp && a->kind == A_REDIRECT &&
+        !asked_again && named_ram_file(a->bval) && access(a->bval, F_OK) != 0 &&
+        errno == ENOENT) { /* the kernel opens it: check first (see stale_open) */
+        stale_open(cls, flags, key, (size_t)kn);
+        asked_again = 1;
+        goto again;
+    }
     if (cur_notif.active &&
         (cls == C_OPEN || cls == C_STAT || cls == C_ACCESS || cls == C_READLINK) && a != &tmp &&
         n == kn &&
@@ -2209,7 +2259,14 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
             offer_open(tid, nr, a, key, (size_t)kn);
         if (cur_notif.active) {
-            skip_with(r, notify_redirect(tid, nr, r, a->bval));
+            long rc = notify_redirect(tid, nr, r, a->bval);
+            if (rc == -ENOENT && !cur_notif.replied && cls == C_OPEN && a != &tmp &&
+                !asked_again && named_ram_file(a->bval)) {
+                stale_open(cls, flags, key, (size_t)kn);
+                asked_again = 1;
+                goto again;
+            }
+            skip_with(r, rc);
             changed = 1;
             break;
         }
@@ -3638,6 +3695,20 @@ static PyObject *trap_put(PyObject *self, PyObject *args)
             Py_XDECREF(argv);
             continue;
         }
+        struct stat rs;
+        if (cls == C_OPEN) {
+            /* only a node cache service's objects by name, with the fstat answer: put
+             * ahead of any open, so never pinned (see stale_open) */
+            if (flags != 0 || a.kind != A_REDIRECT || !a.st[0] || !named_ram_file(a.bval) ||
+                stat(a.bval, &rs) != 0 || !S_ISREG(rs.st_mode)) {
+                free(e);
+                free(k);
+                free(a.bval);
+                continue;
+            }
+            a.ram_dev = (uint64_t)rs.st_dev;
+            a.ram_ino = (uint64_t)rs.st_ino;
+        }
         memcpy(k, key, (size_t)kn);
         k[kn] = 0;
         e->hash = h;
@@ -3648,13 +3719,30 @@ static PyObject *trap_put(PyObject *self, PyObject *args)
         e->act = a;
         cache_put(e);
         n++;
-        if (cls == C_STAT && a.kind == A_STAT && (flags & F_NOFOLLOW) && fo_enabled()) {
+        if (!fo_enabled())
+            continue;
+        if (cls == C_STAT && a.kind == A_STAT) {
             struct stat st;
             struct statx x;
             fill_stat(a.st, &st);
             fill_statx(a.st, &x);
-            fo_publish(FO_LSTAT, key, (size_t)kn, &st, sizeof st, 0, 0, 0, 0);
-            fo_publish(FO_LSTATX, key, (size_t)kn, &x, sizeof x, 0, 0, 0, 0);
+            int nofollow = flags & F_NOFOLLOW;
+            fo_publish(nofollow ? FO_LSTAT : FO_STAT, key, (size_t)kn, &st, sizeof st, 0, 0, 0, 0);
+            fo_publish(nofollow ? FO_LSTATX : FO_STATX, key, (size_t)kn, &x, sizeof x, 0, 0, 0,
+                       0);
+        } else if ((cls == C_XATTR_GET && a.kind == A_RETURN && a.ival < 0) ||
+                   (cls == C_XATTR_LIST && a.kind == A_RETURN && a.ival == 0)) {
+            unsigned kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) +
+                            (flags & F_NOFOLLOW ? 1 : 0);
+            fo_publish(kind, key, (size_t)kn, NULL, 0, 0, (int)-a.ival, 0, 0);
+        } else if (cls == C_OPEN && ids_claim(a.ram_dev, a.ram_ino, a.st) == 0 &&
+                   fo_publish(FO_OPEN, key, (size_t)kn, a.bval, a.blen + 1, 1, 0, a.ram_dev,
+                              a.ram_ino)) {
+            uint64_t id[2] = {a.ram_dev, a.ram_ino};
+            struct stat st;
+            fill_stat(a.st, &st);
+            fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, a.ram_dev,
+                       a.ram_ino);
         }
     }
     Py_DECREF(it);

@@ -24,6 +24,7 @@ from typing import Any
 
 from cvmfs_format.catalog import DirEntry
 from worker.cache_protocol import (
+    HELD_BATCH,
     MAX_FDS,
     MAX_MESSAGE,
     PREFETCH_BATCH,
@@ -214,6 +215,10 @@ class CacheClient:
         self._stats_lock = threading.Lock()
         self._stats_reply: dict[str, Any] | None = None
         self._stats_done = threading.Event()
+        self._held_lock = threading.Lock()
+        self._held_reply: list[Any] | None = None
+        self._held_done = threading.Event()
+        self.held_answers = 0  # objects named to us ahead of any open
         self._receiver: threading.Thread | None = None
 
     # ------------------------------------------------------------------ connecting
@@ -365,6 +370,33 @@ class CacheClient:
             return False
         return True
 
+    def held(self, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """Of ``keys``, the objects the service holds in files we may open by name: key ->
+        (path, size).  Nothing is pinned: a path may vanish when the service evicts the
+        object (names are never reused, so it can never lead to other bytes).  Empty when
+        the service's objects are memfds or it is gone."""
+        if self.names_dir is None or not keys:
+            return {}
+        out: dict[str, tuple[str, int]] = {}
+        with self._held_lock:
+            for i in range(0, len(keys), HELD_BATCH):
+                if self.gone:
+                    break
+                self._held_done.clear()
+                self._held_reply = None
+                try:
+                    self.sock.send(encode({"op": "held", "keys": list(keys[i : i + HELD_BATCH])}))
+                except OSError as e:
+                    self._mark_gone(e)
+                    break
+                if not self._held_done.wait(10) or self._held_reply is None:
+                    break
+                for key, name, size in self._held_reply:
+                    if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
+                        out[str(key)] = (named_path(self.names_dir, name), int(size))
+        self.held_answers += len(out)
+        return out
+
     def holds(self, key: str) -> bool:
         """Whether we hold an fd of this object (pinned or idle)."""
         with self._lock:
@@ -463,6 +495,14 @@ class CacheClient:
         if op == "stats":
             self._stats_reply = msg
             self._stats_done.set()
+        elif op == "held":
+            objects = msg.get("objects")
+            if not isinstance(objects, list) or any(
+                not isinstance(o, list) or len(o) != 3 for o in objects
+            ):
+                raise ProtocolError("held: objects must be [key, name, size] triples")
+            self._held_reply = objects
+            self._held_done.set()
         elif op == "open" and not msg.get("ok"):
             err = msg.get("errno")
             with self._lock:
@@ -518,6 +558,8 @@ class CacheClient:
             wait.done.set()
         self._stats_reply = None
         self._stats_done.set()
+        self._held_reply = None
+        self._held_done.set()
 
     def _mark_gone(self, why: BaseException) -> None:
         with self._lock:

@@ -44,6 +44,7 @@ from typing import Any
 
 from cvmfs_format.hashes import ContentHash
 from worker.cache_protocol import (
+    HELD_BATCH,
     MAX_FDS,
     MAX_MESSAGE,
     VERSION,
@@ -350,6 +351,15 @@ class CacheService:
             for spec in specs:
                 self._feed.put((spec, target))
             self.counters["prefetch_queued"] += len(specs)
+        elif op == "held":
+            keys = msg.get("keys")
+            if not isinstance(keys, list) or len(keys) > HELD_BATCH:
+                raise ProtocolError(f"held: keys must be a list of at most {HELD_BATCH}")
+            names = self.cache.names(map(str, keys))
+            self.counters["held_asked"] += len(keys)
+            self.counters["held_named"] += len(names)
+            objects = [[key, name, size] for key, (name, size) in names.items()]
+            self._send(conn, {"op": "held", "ok": True, "objects": objects})
         elif op == "stats":
             self._send(conn, {"op": "stats", "ok": True, **self.stats()})
         elif op == "hello":

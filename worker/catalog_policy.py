@@ -29,11 +29,15 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lru import LRU
+
+from worker.cache_client import object_spec
 from worker.namespace import DT_BLK, DT_CHR, DT_DIR, DT_FIFO, DT_LNK, DT_SOCK
 from worker.namespace import Node as NsNode
 from worker.policy import Entry, Kind, Node, Opened
 from worker.ramcache import CachedObject
 from worker.ramfiles import fd_path
+from worker.repository import RepositoryError
 from worker.session import WorkerSession
 from worker.tracee_env import LazyEnviron
 from worker.tracer import forget
@@ -71,6 +75,7 @@ class CatalogPolicy:
         self._tomb = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._tombs: deque[tuple[int, float]] = deque()  # fd numbers held by a tombstone
         self.unpinned = 0  # objects unpinned while the command ran (--stats)
+        self._listings: LRU[bytes, list[Entry]] = LRU(1024)
 
     def _resolve(self, pid: int, path: bytes) -> NsNode | int:
         return self.namespace.resolve(path, False, LazyEnviron(pid))
@@ -96,14 +101,21 @@ class CatalogPolicy:
         )
 
     def listdir(self, path: bytes) -> Sequence[Entry] | int:
+        # asked twice per directory (its mirror, then its entries answered ahead); the job
+        # sees one revision, so a listing never changes
+        hit = self._listings.get(path)
+        if hit is not None:
+            return hit
         listing = self.namespace.listdir(path)
         if isinstance(listing, int):
             return listing
-        return [
+        entries = [
             Entry(name, _KIND_OF_DTYPE.get(d_type, Kind.REG), ino)
             for name, d_type, ino in listing
             if name not in (b".", b"..")
         ]
+        self._listings[path] = entries
+        return entries
 
     def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
         ns = self._resolve(pid, path)
@@ -133,6 +145,33 @@ class CatalogPolicy:
         self._unpin(now, self.budget, self.grace)
         target = pin.obj.path if pin.fd < 0 else fd_path(pin.fd)
         return Opened(target.encode(), stable=True)
+
+    def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
+        """Opens that can be answered before they are asked, costing nothing: those of
+        ``paths`` whose objects the node's cache service already holds (one round trip for
+        all of them).  Nothing is pinned; when the service evicts one of them, the tracer
+        finds its name gone and asks :meth:`open` (worker/_trap.c, stale_open).  None while
+        recording an access list, which must see every first open."""
+        shared = self.session.shared
+        if shared is None or shared.names_dir is None or self.session.recorder is not None:
+            return {}
+        wanted: dict[str, list[bytes]] = {}
+        for path in paths:
+            ns = self._resolve(pid, path)
+            if isinstance(ns, int) or ns.kind != "file" or ns.entry is None or ns.repo is None:
+                continue
+            try:
+                spec = object_spec(self.session.repos.get(ns.repo), ns.entry.path)
+            except RepositoryError:
+                continue
+            if spec is not None:
+                wanted.setdefault(spec.key, []).append(path)
+        held = shared.held(list(wanted))
+        return {
+            p: Opened(target.encode(), stable=True)
+            for key, (target, _size) in held.items()
+            for p in wanted[key]
+        }
 
     def _unpin(self, now: float, budget: int, grace: float) -> None:
         """Unpin least recently handed-out objects until at most ``budget`` bytes are pinned,

@@ -90,6 +90,9 @@ class HostDirPolicy:
         host = self._host(path)
         return host if isinstance(host, int) else Opened(host)
 
+    def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
+        return {}  # host files: opening them costs the same now or later
+
 
 @dataclass(frozen=True)
 class Options:

@@ -303,14 +303,16 @@ class Namespace:
         parent_rel = rel.rsplit("/", 1)[0]
         parent_ino = self.mount_ino if rel == "" else inode_number(node.repo, parent_rel)
         out = [(b".", DT_DIR, node.ino), (b"..", DT_DIR, parent_ino)]
+        # whoever lists a directory looks at its entries next (ls -l, an import, the
+        # tracer answering them ahead): their answers are in this listing already, so
+        # resolving them must not ask the catalog again, one by one
+        prefill = not node.env_dependent and _normal(path)
         for c in children:
-            out.append(
-                (
-                    c.name.encode(_ENC, _ERRORS),
-                    d_type_of(c.mode),
-                    inode_number(node.repo, c.path, c),
-                )
-            )
+            cname = c.name.encode(_ENC, _ERRORS)
+            child = self._entry_node(node.repo, c.path, c, env, False)
+            out.append((cname, d_type_of(c.mode), child.ino))
+            if prefill and not child.env_dependent:
+                self._answers[(path + b"/" + cname, False)] = child
         return out
 
     def stat_values(self, node: Node, uid: int | None = None, gid: int | None = None) -> StatValues:
@@ -457,3 +459,16 @@ def access_decision(mode: int, node: Node | int, uid: int | None = None) -> int 
         elif not node.mode & stat.S_IXUSR:
             return errno.EACCES
     return None
+
+
+def _normal(path: bytes) -> bool:
+    """An absolute path with no empty, ``.`` or ``..`` component and no trailing slash: one
+    that names what its string says, so answers may be filed under it."""
+    return (
+        path.startswith(b"/")
+        and not path.endswith(b"/")
+        and b"//" not in path
+        and b"/./" not in path
+        and b"/../" not in path
+        and not path.endswith((b"/.", b"/.."))
+    )

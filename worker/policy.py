@@ -87,3 +87,10 @@ class Policy(Protocol):
     def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
         """A kernel-openable path with the bytes of file ``path``, or an errno (EIO, ENOMEM)."""
         ...
+
+    def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
+        """Of regular files ``paths``, those whose open can be answered now at no cost (their
+        bytes are already at hand, by a name that is never reused): offered before they are
+        asked for.  The target may vanish later (an eviction): the tracer then asks
+        :meth:`open`.  May return nothing."""
+        ...

@@ -170,6 +170,7 @@ class WorkerSession:
             svc = self.shared.stats()
             out.append(
                 f"shared cache: {self.shared.opens} objects received, "
+                f"{self.shared.held_answers} named ahead of their opens, "
                 f"{self.shared.pushed} pushed by prefetch, {self.shared.local_hits} local hits, "
                 f"{self.shared.fallbacks} private fallbacks, "
                 f"{'tmpfs files opened by name' if self.shared.names_dir is not None else 'memfds'}"

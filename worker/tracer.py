@@ -62,6 +62,7 @@ F_NOFOLLOW = 0x100
 F_OPATH = 0x200
 F_PROCEXE = 0x400  # readlink of /proc/<pid>/exe
 F_WRITE = 0x800  # open for writing (nothing created or truncated): EROFS, but a FIFO opens
+MAX_AHEAD = 4096  # entries of a directory answered ahead on its first open (if not listed)
 SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
 
 # (cacheable, kind, ival, bval, stat tuple, argv prefix)
@@ -162,6 +163,7 @@ class Session:
     _nodes: dict[bytes, Node | int] = field(default_factory=dict)
     _populated: set[bytes] = field(default_factory=set)
     _answered_ahead: set[bytes] = field(default_factory=set)  # directories given to ``put``
+    opens_put: int = 0  # opens answered ahead (objects the node cache held)
     _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
     _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
 
@@ -330,17 +332,25 @@ class Session:
         self._populated.add(path)
         return 0
 
-    def _answer_entries_ahead(self, pid: int, directory: bytes) -> None:
-        """A listed directory whose entries are being looked at one by one (ls -l, find, a
-        Python import scanning a package): answer stat, lstat, statx and getxattr/listxattr of
-        all its files and symlinks at once, so that none of those calls needs Python again
-        (and lstat/statx need no trap).  Directories keep their own answers (the shadow
-        directory); a symlink's followed answers need its target; variant symlinks depend on
-        the process."""
+    def _answer_entries_ahead(
+        self, pid: int, directory: bytes, listed: bool
+    ) -> dict[bytes, Action]:
+        """A directory whose entries are being looked at one by one (ls -l, find, a Python
+        import scanning a package or opening its ``__pycache__``): answer stat, lstat, statx
+        and getxattr/listxattr of all its files and symlinks at once, and the opens of the
+        files whose bytes are already at hand (the node cache holds them), so that none of
+        those calls needs Python again (and most need no trap).  Directories keep their own
+        answers (the shadow directory); a symlink's followed answers need its target;
+        variant symlinks depend on the process.  A directory nobody listed is done only up
+        to MAX_AHEAD entries (one open in a huge directory should not cost a scan).  Returns
+        the open answers given."""
         entries = self.policy.listdir(directory)
         if isinstance(entries, int) or self.put is None:
-            return
+            return {}
+        if not listed and len(entries) > MAX_AHEAD:
+            return {}
         answers: list[tuple[int, int, bytes, Action]] = []
+        files: dict[bytes, Node] = {}
         for e in entries:
             key = directory + b"/" + e.name
             node = self._lookup(pid, key)
@@ -356,7 +366,17 @@ class Session:
                     (Cls.XATTR_GET, flags, key, nodata),
                     (Cls.XATTR_LIST, flags, key, none),
                 ]
+            if node.kind == Kind.REG:
+                files[key] = node
+        opens: dict[bytes, Action] = {}
+        if files:
+            for key, opened in self.policy.opens_ahead(pid, list(files)).items():
+                st_tuple = self._stat_tuple(files[key])
+                opens[key] = (True, Act.REDIRECT, SAFE, opened.path, st_tuple, None)
+            answers += [(Cls.OPEN, 0, key, a) for key, a in opens.items()]
+            self.opens_put += len(opens)
         self.put(answers)
+        return opens
 
     # ---- answers ------------------------------------------------------------------------
 
@@ -391,11 +411,15 @@ class Session:
             return (False, Act.RETURN, -errno.EIO, None, None, None)
 
     def _answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
-        if self.put is not None and cls in (Cls.STAT, Cls.XATTR_GET, Cls.XATTR_LIST):
+        if self.put is not None and (
+            cls in (Cls.STAT, Cls.XATTR_GET, Cls.XATTR_LIST) or (cls == Cls.OPEN and not flags)
+        ):
             parent = path.rpartition(b"/")[0]
-            if parent in self._populated and parent not in self._answered_ahead:
+            if parent not in self._answered_ahead and parent.startswith(self.mount + b"/"):
                 self._answered_ahead.add(parent)
-                self._answer_entries_ahead(tid, parent)
+                ahead = self._answer_entries_ahead(tid, parent, parent in self._populated)
+                if cls == Cls.OPEN and path in ahead:
+                    return ahead[path]  # held by the node cache: no round trip for it either
         if cls == Cls.EXEC:
             return self._exec(tid, path)
         if flags & F_PROCEXE:
@@ -757,6 +781,9 @@ class _NoRepositories:
 
     def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
         return errno.ENOENT
+
+    def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
+        return {}
 
 
 def check() -> str | None:

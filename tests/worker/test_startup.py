@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from publish.keys import load_or_create_keys
+from tests.support.hep_exec import CLI
 from tests.support.network import dead_url
 
 HEAVY = ("aiohttp", "asyncio", "cryptography", "yaml", "uvloop")
@@ -58,9 +59,9 @@ def test_a_garbled_key_still_stops_hep_exec_before_the_command(tmp_path: Path) -
     text = pub.read_text()
     pub.write_text(text.replace(text.splitlines()[1], "!!not base64!!"))
     marker = tmp_path / "ran"
+    opts = ["--proxy", dead_url(), "--keys", str(pub), "--no-shared-cache"]
     r = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "--proxy", dead_url(), "--keys", str(pub)]
-        + ["--no-shared-cache", "--", "touch", str(marker)],
+        [*CLI, *opts, "--", "touch", str(marker)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -494,6 +494,57 @@ def test_forget_withdraws_a_stable_open_answer(tmp_path: Path, capfd: pytest.Cap
     assert status == 0
     assert capfd.readouterr().out == "11b22"
     assert asked == 2
+
+
+class _NamedAhead(HostDirPolicy):
+    """Offers /cvmfs/test.repo/d/x ahead of any open by a name in a directory of ours, as
+    the node cache service's objects are offered; with ``evict``, that name goes when
+    /cvmfs/test.repo/d/a is opened (the service evicting an object nobody pinned)."""
+
+    def __init__(self, root: Path, store: Path, evict: bool) -> None:
+        super().__init__({"test.repo": root})
+        self.store = store
+        self.evict = evict
+        self.dir_fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+        self.asked: list[str] = []
+
+    def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
+        named = f"/proc/{os.getpid()}/fd/{self.dir_fd}/x.1".encode()
+        return {p: Opened(named) for p in paths if p.endswith(b"/x")}
+
+    def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
+        self.asked.append(os.fsdecode(path.rsplit(b"/", 1)[1]))
+        if path.endswith(b"/a") and self.evict:
+            (self.store / "x.1").unlink()
+        return super().open(pid, path, node)
+
+
+@pytest.mark.usefixtures("trap_mode")
+@pytest.mark.parametrize("evict", [False, True], ids=["held", "evicted"])
+def test_an_open_answered_ahead_is_asked_again_when_its_name_is_gone(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], evict: bool
+) -> None:
+    """An open offered ahead (the node cache holds the object) needs no question; if the
+    object is evicted before the open, the open is asked of the policy, never ENOENT."""
+    ensure_built()
+    root, store = tmp_path / "root", tmp_path / "store"
+    (root / "d").mkdir(parents=True)
+    store.mkdir()
+    (root / "d" / "a").write_text("a")
+    (root / "d" / "x").write_text("x")
+    (store / "x.1").write_text("x")  # the same bytes, held elsewhere
+    t = "/cvmfs/test.repo/d"
+
+    def traced_ahead() -> tuple[int, list[str]]:
+        policy = _NamedAhead(root, store, evict)
+        return run(["/bin/sh", "-c", f"cat {t}/a {t}/x {t}/x; cat {t}/x"], policy).status, (
+            policy.asked
+        )
+
+    status, asked = in_child(traced_ahead)
+    assert status == 0
+    assert capfd.readouterr().out == "axxx"
+    assert asked == (["a", "x"] if evict else ["a"])
 
 
 CWD_FLIP = r"""
