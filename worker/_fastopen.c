@@ -48,6 +48,10 @@ static size_t nused, arena_used;
 static unsigned long long n_patched, n_injected;
 /* per slot, ours only: the RAM file's identity, to withdraw by file */
 static struct fo_file { uint64_t dev, ino; } *files;
+/* the slots that name a RAM file (files[i].ino set), so that withdrawing one file's answers
+ * looks at those, not at the whole table */
+static uint32_t *tagged;
+static size_t ntagged, cap_tagged;
 
 /* Processes we injected into (key: thread-group id): where the mapping is, how much of the
  * trampoline area is used, the call sites patched (an int3 is briefly among their bytes:
@@ -183,6 +187,9 @@ void fo_fini(void)
         close(memfd);
     free(procs);
     free(files);
+    free(tagged);
+    tagged = NULL;
+    ntagged = cap_tagged = 0;
     shm = NULL;
     hdr = NULL;
     slots = NULL;
@@ -248,6 +255,19 @@ int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size
     s->epoch = hdr->epoch;
     files[i].dev = dev;
     files[i].ino = ino;
+    if (ino) {
+        if (ntagged == cap_tagged) {
+            size_t cap = cap_tagged ? cap_tagged * 2 : 4096;
+            uint32_t *t = realloc(tagged, cap * sizeof *t);
+            if (!t) { /* cannot track it: not published (its hash stays 0) */
+                files[i].ino = 0;
+                return 0;
+            }
+            tagged = t;
+            cap_tagged = cap;
+        }
+        tagged[ntagged++] = (uint32_t)i;
+    }
     arena_used = doff + dlen;
     nused++;
     __atomic_store_n(&s->hash, h, __ATOMIC_RELEASE);
@@ -282,9 +302,11 @@ void fo_withdraw_file(uint64_t dev, uint64_t ino)
 {
     if (!shm || !ino)
         return;
-    for (size_t i = 0; i < FO_NSLOTS; i++)
+    for (size_t t = 0; t < ntagged; t++) {
+        size_t i = tagged[t];
         if (files[i].ino == ino && files[i].dev == dev && slots[i].epoch == hdr->epoch)
             __atomic_store_n(&slots[i].epoch, 0, __ATOMIC_RELEASE);
+    }
 }
 
 void fo_withdraw_all(void)

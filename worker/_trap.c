@@ -85,6 +85,11 @@ enum {
     C_XATTR_LIST = 9,
     C_WRITE = 10,  /* answered in C: EROFS */
     C_GETCWD = 11, /* answered in C from the shadow mapping */
+    /* markers Python puts (trap_put), never asked: a directory whose every entry is known
+     * (C_LISTED), and each of those entries (C_NAMED).  A path in a listed directory that is
+     * not named there does not exist: ENOENT without asking Python. */
+    C_LISTED = 30,
+    C_NAMED = 31,
 };
 /* Action kinds; must match worker/tracer.py (Act). */
 enum {
@@ -560,7 +565,7 @@ static void thread_forget(pid_t tid)
 static char mount_p[MAXPATH], shadow_p[MAXPATH], target_p[MAXPATH];
 static size_t mount_n, shadow_n, target_n;
 static PyObject *handler;
-static unsigned long long n_trapped[NSYS], n_pass, n_hits, n_upcalls, n_notified;
+static unsigned long long n_trapped[NSYS], n_pass, n_hits, n_upcalls, n_notified, n_absent;
 static uid_t my_uid;
 
 /* Threads answering tracees in notify mode: the ptrace loop (the thread that called run) and
@@ -1084,6 +1089,20 @@ static int parse_action(PyObject *res, action_t *a, int *cacheable, PyObject **a
     return 0;
 }
 
+/* Is `key` a name its listed parent directory does not have (see C_LISTED)? */
+static int absent_from_listing(const char *key, size_t kn)
+{
+    const char *slash = memrchr(key, '/', kn);
+    if (!slash || slash == key)
+        return 0;
+    size_t pn = (size_t)(slash - key), nn = kn - pn - 1;
+    const char *name = slash + 1;
+    if (nn == 0 || (name[0] == '.' && (nn == 1 || (nn == 2 && name[1] == '.'))))
+        return 0;
+    return cache_get(C_LISTED, 0, key, pn, fnv(C_LISTED, 0, key, pn)) &&
+           !cache_get(C_NAMED, 0, key, kn, fnv(C_NAMED, 0, key, kn));
+}
+
 /* Returns a pointer to a cached or temporary action (tmp); *argv_prefix set for A_EXEC. */
 static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t kn, action_t *tmp,
                         PyObject **argv_prefix)
@@ -1094,8 +1113,16 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
         n_hits++;
         return &e->act;
     }
-    n_upcalls++;
     int cacheable = 0;
+    if (cls != C_EXEC && cls < C_WRITE && !(flags & F_PROCEXE) && absent_from_listing(key, kn)) {
+        n_absent++;
+        memset(tmp, 0, sizeof *tmp);
+        tmp->kind = A_RETURN;
+        tmp->ival = -ENOENT;
+        cacheable = 1;
+        goto answered;
+    }
+    n_upcalls++;
     PyGILState_STATE gil = PyGILState_Ensure(); /* the notification thread has no GIL */
     PyObject *res = PyObject_CallFunction(handler, "iiiy#", (int)tid, cls, flags, key,
                                           (Py_ssize_t)kn);
@@ -1111,6 +1138,7 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
     }
     Py_DECREF(res);
     PyGILState_Release(gil);
+answered:
     if (!cacheable || *argv_prefix || (flags & F_PROCEXE))
         return tmp;
     e = calloc(1, sizeof *e);
@@ -2846,8 +2874,9 @@ static PyObject *stats_dict(size_t cached, const char *mode)
     }
     unsigned long long fh, fm, sh, sm, fp, fi;
     fo_counts(&fh, &fm, &sh, &sm, &fp, &fi);
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K}", "trapped",
-                         per, "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls, "cached",
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K}",
+                         "trapped", per, "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls,
+                         "absent", n_absent, "cached",
                          (Py_ssize_t)cached, "notified", n_notified, "mode", mode,
                          "inproc_opens", fh, "inproc_misses", fm, "inproc_stats", sh,
                          "inproc_stat_misses", sm, "inproc_sites", fp, "inproc_images", fi);
@@ -3411,7 +3440,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     shadow_p[rn] = 0;
     shadow_n = (size_t)rn;
     memset(n_trapped, 0, sizeof n_trapped);
-    n_pass = n_hits = n_upcalls = n_notified = 0;
+    n_pass = n_hits = n_upcalls = n_notified = n_absent = 0;
     my_uid = getuid();
     n_scratch = n_held = 0;
     if (getrandom(&scratch_cookie, sizeof scratch_cookie, 0) != sizeof scratch_cookie)

@@ -10,6 +10,7 @@ class RawStats(TypedDict):
     passed: int
     hits: int
     upcalls: int
+    absent: int
     cached: int
     notified: int
     mode: str

@@ -18,13 +18,16 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cvmfs_format.catalog import DirEntry
+from cvmfs_format.errors import FormatError
+from cvmfs_format.hashes import ContentHash
+from cvmfs_format.objects import verify_stored
 from worker.cache_protocol import (
-    HELD_BATCH,
     MAX_FDS,
     MAX_MESSAGE,
     PREFETCH_BATCH,
@@ -46,8 +49,14 @@ from worker.config import ExecConfig
 from worker.ramcache import CachedObject
 from worker.ramfiles import named_path
 from worker.repository import MountedRepository, RepositoryError
+from worker.repository_files import is_repository_file
+
+if TYPE_CHECKING:
+    from worker.fetcher import Fetcher
 
 log = logging.getLogger("hep_exec.cache_client")
+_META_TIMEOUT = 60.0  # a catalog may be large and its fetch slow; the service bounds it too
+_META_MAX = 1 << 32
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _START_TIMEOUT = 30.0
 
@@ -81,6 +90,58 @@ def open_shared(
             raise
         log.warning("%s:%s: cache service: %s; fetching it here", repo.fqrn, entry.path, e)
         return None
+
+
+class _MetaWait:
+    """A ``meta`` request's reply: the file's bytes, or why not."""
+
+    __slots__ = ("data", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.data: bytes | None = None
+        self.error: str | None = None
+
+
+class ServiceFirst:
+    """The object source of a job's repositories with a node service: their own files
+    (manifest, whitelist, certificate, catalogs) through the service, which keeps them for
+    the node's next jobs; everything else, and anything the service cannot give, through
+    the job's own fetcher (which then starts its HTTP client).  Bytes from the service are
+    checked here as the fetcher would check them."""
+
+    def __init__(self, client: CacheClient, fetcher: Fetcher) -> None:
+        self.client = client
+        self.fetcher = fetcher
+        self.from_service = 0
+
+    def get(
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        check: Callable[[bytes], None] | None = None,
+    ) -> bytes:
+        fqrn, _, path = url_path.removeprefix("/cvmfs/").partition("/")
+        if url_path.startswith("/cvmfs/") and is_repository_file(fqrn, path):
+            data = self.client.meta(fqrn, path)
+            if data is not None:
+                try:
+                    if expected is not None:
+                        verify_stored(data, expected, what)
+                    if check is not None:
+                        check(data)
+                except FormatError as e:
+                    log.warning("%s from the cache service: %s; fetching it here", what, e)
+                else:
+                    self.from_service += 1
+                    return data
+        return self.fetcher.get(url_path, expected, what, check)
+
+    def submit(
+        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+    ) -> Future[bytes]:
+        return self.fetcher.submit(url_path, expected, what)
 
 
 class SharedObject(CachedObject):
@@ -215,10 +276,7 @@ class CacheClient:
         self._stats_lock = threading.Lock()
         self._stats_reply: dict[str, Any] | None = None
         self._stats_done = threading.Event()
-        self._held_lock = threading.Lock()
-        self._held_reply: list[Any] | None = None
-        self._held_done = threading.Event()
-        self.held_answers = 0  # objects named to us ahead of any open
+        self._meta_waits: dict[str, _MetaWait] = {}
         self._receiver: threading.Thread | None = None
 
     # ------------------------------------------------------------------ connecting
@@ -370,32 +428,30 @@ class CacheClient:
             return False
         return True
 
-    def held(self, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
-        """Of ``keys``, the objects the service holds in files we may open by name: key ->
-        (path, size).  Nothing is pinned: a path may vanish when the service evicts the
-        object (names are never reused, so it can never lead to other bytes).  Empty when
-        the service's objects are memfds or it is gone."""
-        if self.names_dir is None or not keys:
-            return {}
-        out: dict[str, tuple[str, int]] = {}
-        with self._held_lock:
-            for i in range(0, len(keys), HELD_BATCH):
-                if self.gone:
-                    break
-                self._held_done.clear()
-                self._held_reply = None
-                try:
-                    self.sock.send(encode({"op": "held", "keys": list(keys[i : i + HELD_BATCH])}))
-                except OSError as e:
-                    self._mark_gone(e)
-                    break
-                if not self._held_done.wait(10) or self._held_reply is None:
-                    break
-                for key, name, size in self._held_reply:
-                    if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
-                        out[str(key)] = (named_path(self.names_dir, name), int(size))
-        self.held_answers += len(out)
-        return out
+    def meta(self, fqrn: str, path: str) -> bytes | None:
+        """A repository file through the service (worker.repository_files); None when the
+        service is gone or cannot give it (the caller fetches it itself)."""
+        if self.gone:
+            return None
+        key = f"{fqrn}/{path}"
+        with self._lock:
+            wait = self._meta_waits.get(key)
+            ask = wait is None
+            if wait is None:
+                wait = self._meta_waits[key] = _MetaWait()
+        if ask:
+            try:
+                self.sock.send(encode({"op": "meta", "fqrn": fqrn, "path": path}))
+            except OSError as e:
+                self._mark_gone(e)
+        if not wait.done.wait(_META_TIMEOUT):
+            with self._lock:
+                if self._meta_waits.get(key) is wait:
+                    del self._meta_waits[key]
+            return None
+        if wait.error is not None:
+            log.debug("%s: cache service: %s", key, wait.error)
+        return wait.data
 
     def holds(self, key: str) -> bool:
         """Whether we hold an fd of this object (pinned or idle)."""
@@ -487,6 +543,9 @@ class CacheClient:
             for (key, size, name), fd in zip(items, fds, strict=True):
                 self._received(str(key), int(size), fd, name, pushed=True)
             return
+        if op == "meta":
+            self._meta_reply(msg, fds)
+            return
         if op == "open" and msg.get("ok") and len(fds) == 1:
             self._received(str(msg["key"]), int(msg["size"]), fds[0], msg.get("name"), False)
             return
@@ -495,14 +554,6 @@ class CacheClient:
         if op == "stats":
             self._stats_reply = msg
             self._stats_done.set()
-        elif op == "held":
-            objects = msg.get("objects")
-            if not isinstance(objects, list) or any(
-                not isinstance(o, list) or len(o) != 3 for o in objects
-            ):
-                raise ProtocolError("held: objects must be [key, name, size] triples")
-            self._held_reply = objects
-            self._held_done.set()
         elif op == "open" and not msg.get("ok"):
             err = msg.get("errno")
             with self._lock:
@@ -515,6 +566,26 @@ class CacheClient:
                 wait.done.set()
         else:
             raise ProtocolError(f"unexpected message {op!r} with {len(fds)} fds")
+
+    def _meta_reply(self, msg: dict[str, Any], fds: list[int]) -> None:
+        data: bytes | None = None
+        error = None if msg.get("ok") else str(msg.get("error", "cache service"))
+        try:
+            if error is None:
+                size = msg.get("size")
+                if len(fds) != 1 or not isinstance(size, int) or not 0 <= size <= _META_MAX:
+                    raise ProtocolError("meta: one fd and a size expected")
+                data = os.pread(fds[0], size + 1, 0)
+                if len(data) != size:
+                    raise ProtocolError(f"meta: {len(data)} bytes, not {size}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with self._lock:
+            wait = self._meta_waits.pop(f"{msg.get('fqrn')}/{msg.get('path')}", None)
+        if wait is not None:
+            wait.data, wait.error = data, error
+            wait.done.set()
 
     def _received(self, key: str, size: int, fd: int, name: object, pushed: bool) -> None:
         """An object's fd arrived: hand it to whoever waits, or keep it idle."""
@@ -554,12 +625,14 @@ class CacheClient:
         with self._lock:
             waits = list(self._waits.values())
             self._waits.clear()
+            metas = list(self._meta_waits.values())
+            self._meta_waits.clear()
         for wait in waits:
             wait.done.set()
+        for meta in metas:
+            meta.done.set()
         self._stats_reply = None
         self._stats_done.set()
-        self._held_reply = None
-        self._held_done.set()
 
     def _mark_gone(self, why: BaseException) -> None:
         with self._lock:

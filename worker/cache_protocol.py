@@ -6,7 +6,8 @@ ancillary data. Requests carry ``op``; every message from the service carries th
 answers, so a client can keep several requests in flight and read them on one thread:
 
 - ``hello`` {version} -> {op, ok, pid, version, named} (+ with ``named``, one fd: the
-  service's read-only tmpfs directory, where its objects can be opened by name)
+  service's read-only tmpfs directory, where its objects can be opened by name; a finished
+  object is also found there under its key, which a job may try with no request at all)
 - ``open`` {object} -> {op, ok, key, size, name} + one fd, or {op, ok: false, key, errno,
   error}; answered out of order (a miss does not hold up later requests); ``name``: the
   object's name in that directory, or null for a memfd
@@ -15,9 +16,6 @@ answers, so a client can keep several requests in flight and read them on one th
   objects are sent as soon as they are in RAM, as {op: "ready", objects: [[key, size, name], …]}
   + one fd each (those ready together travel in one message), pinned for this connection
   like an ``open`` (so the job's later open needs no round trip)
-- ``held`` {keys: [...]} -> {op, ok, objects: [[key, name, size], …]}: which of these objects
-  the service holds in files openable by name (none are pinned: a job answers opens with them
-  ahead of time, and asks again when a name has gone); at most ``HELD_BATCH`` keys
 - ``stats`` -> {op, ok, ...counters}
 
 An object is described by how to load it, never by a key the client chose: the service
@@ -37,10 +35,9 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from worker.repository import chunked_key
 
-VERSION = 4
+VERSION = 3
 MAX_MESSAGE = 1 << 20  # bytes per packet; prefetch batches stay far below
 PREFETCH_BATCH = 256
-HELD_BATCH = 4096  # keys per ``held`` request (~0.3 MB of JSON at most)
 MAX_FDS = 250  # fds per message (the kernel's SCM_MAX_FD is 253)
 
 

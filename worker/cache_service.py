@@ -44,7 +44,6 @@ from typing import Any
 
 from cvmfs_format.hashes import ContentHash
 from worker.cache_protocol import (
-    HELD_BATCH,
     MAX_FDS,
     MAX_MESSAGE,
     VERSION,
@@ -56,8 +55,9 @@ from worker.cache_protocol import (
 from worker.config import ConfigError, ExecConfig, parse_exec_args
 from worker.fetcher import Fetcher, FetchError, object_url
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
-from worker.ramfiles import RamFiles
+from worker.ramfiles import RamFiles, fill_sealed_memfd
 from worker.repository import RepositoryError, fill_chunks, load_whole
+from worker.repository_files import MetaError, RepositoryFiles
 
 log = logging.getLogger("hep_exec.cache_service")
 
@@ -210,7 +210,8 @@ class CacheService:
             config, max_connections=max(32, config.prefetch_concurrency * 2)
         ).start()
         raise_fd_limit()
-        self.cache = RamCache(config.ram_bytes, files=RamFiles(config.ram_files))
+        self.cache = RamCache(config.ram_bytes, files=RamFiles(config.ram_files, by_key=True))
+        self.meta = RepositoryFiles(self.fetcher)
         self.idle = config.cache_idle
         self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
         # misses of ``open`` wait for their fetch here, not on the connection's reader
@@ -351,15 +352,12 @@ class CacheService:
             for spec in specs:
                 self._feed.put((spec, target))
             self.counters["prefetch_queued"] += len(specs)
-        elif op == "held":
-            keys = msg.get("keys")
-            if not isinstance(keys, list) or len(keys) > HELD_BATCH:
-                raise ProtocolError(f"held: keys must be a list of at most {HELD_BATCH}")
-            names = self.cache.names(map(str, keys))
-            self.counters["held_asked"] += len(keys)
-            self.counters["held_named"] += len(names)
-            objects = [[key, name, size] for key, (name, size) in names.items()]
-            self._send(conn, {"op": "held", "ok": True, "objects": objects})
+        elif op == "meta":
+            fqrn, path = msg.get("fqrn"), msg.get("path")
+            if not isinstance(fqrn, str) or not isinstance(path, str):
+                raise ProtocolError("meta: fqrn and path must be strings")
+            self.counters["meta"] += 1
+            self._open_pool.submit(self._meta, conn, fqrn, path)
         elif op == "stats":
             self._send(conn, {"op": "stats", "ok": True, **self.stats()})
         elif op == "hello":
@@ -401,6 +399,38 @@ class CacheService:
                     return True
         self.cache.release(obj)
         return False
+
+    def _meta(self, conn: _Conn, fqrn: str, path: str) -> None:
+        """A repository's manifest, whitelist, certificate or catalog for a job that mounts
+        it: fetched by our warm HTTP client (the job then needs none of its own), catalogs and
+        certificates kept (they are named by their content), the manifest always fresh."""
+        try:
+            data = self.meta.get(fqrn, path)
+        except MetaError as e:
+            with contextlib.suppress(OSError):
+                self._send(
+                    conn,
+                    {"op": "meta", "ok": False, "fqrn": fqrn, "path": path, "errno": e.errno,
+                     "error": str(e)},
+                )  # fmt: skip
+            return
+        try:
+            fd = fill_sealed_memfd(f"{fqrn}/{path}", len(data), lambda out: out.write_at(0, data))
+        except OSError as e:
+            log.warning("%s/%s: cannot hand over (%s)", fqrn, path, e.strerror)
+            return
+        try:
+            reply = {"op": "meta", "ok": True, "fqrn": fqrn, "path": path, "size": len(data)}
+            with conn.lock:
+                if not conn.closed:
+                    conn.sock.sendmsg(
+                        [encode(reply)],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                    )
+        except OSError as e:
+            log.debug("client pid %d: %s", conn.pid, e)
+        finally:
+            os.close(fd)
 
     def _open(self, conn: _Conn, spec: ObjectSpec) -> None:
         if conn.closed:

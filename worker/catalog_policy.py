@@ -36,7 +36,7 @@ from worker.namespace import DT_BLK, DT_CHR, DT_DIR, DT_FIFO, DT_LNK, DT_SOCK
 from worker.namespace import Node as NsNode
 from worker.policy import Entry, Kind, Node, Opened
 from worker.ramcache import CachedObject
-from worker.ramfiles import fd_path
+from worker.ramfiles import fd_path, named_path
 from worker.repository import RepositoryError
 from worker.session import WorkerSession
 from worker.tracee_env import LazyEnviron
@@ -148,30 +148,28 @@ class CatalogPolicy:
 
     def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
         """Opens that can be answered before they are asked, costing nothing: those of
-        ``paths`` whose objects the node's cache service already holds (one round trip for
-        all of them).  Nothing is pinned; when the service evicts one of them, the tracer
-        finds its name gone and asks :meth:`open` (worker/_trap.c, stale_open).  None while
-        recording an access list, which must see every first open."""
+        ``paths`` whose objects the node's cache service holds, found by their keys in its
+        directory (a stat each, no request).  Nothing is pinned; when the service evicts
+        one, the tracer finds its name gone and asks :meth:`open` (worker/_trap.c,
+        stale_open).  None while recording an access list, which must see every first open.
+        """
         shared = self.session.shared
-        if shared is None or shared.names_dir is None or self.session.recorder is not None:
+        names = None if shared is None else shared.names_dir
+        if names is None or self.session.recorder is not None:
             return {}
-        wanted: dict[str, list[bytes]] = {}
+        out: dict[bytes, Opened] = {}
         for path in paths:
             ns = self._resolve(pid, path)
             if isinstance(ns, int) or ns.kind != "file" or ns.entry is None or ns.repo is None:
                 continue
             try:
                 spec = object_spec(self.session.repos.get(ns.repo), ns.entry.path)
-            except RepositoryError:
+                st = None if spec is None else os.stat(spec.key, dir_fd=names)
+            except (RepositoryError, OSError):
                 continue
-            if spec is not None:
-                wanted.setdefault(spec.key, []).append(path)
-        held = shared.held(list(wanted))
-        return {
-            p: Opened(target.encode(), stable=True)
-            for key, (target, _size) in held.items()
-            for p in wanted[key]
-        }
+            if spec is not None and st is not None and st.st_size == spec.size:
+                out[path] = Opened(named_path(names, spec.key).encode(), stable=True)
+        return out
 
     def _unpin(self, now: float, budget: int, grace: float) -> None:
         """Unpin least recently handed-out objects until at most ``budget`` bytes are pinned,

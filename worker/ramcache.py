@@ -13,7 +13,7 @@ import errno
 import logging
 import resource
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lru import LRU
@@ -185,17 +185,6 @@ class RamCache:
             self._charged += nbytes
             self._used += nbytes
             self._evict_to(self.limit)
-
-    def names(self, keys: Iterable[str]) -> dict[str, tuple[str, int]]:
-        """Name and size of each of ``keys`` held in a file that is opened by name (a
-        tmpfs object), without pinning it: what a node's jobs may open on their own."""
-        out: dict[str, tuple[str, int]] = {}
-        with self._lock:
-            for key in keys:
-                obj = self._pinned.get(key) or self._lru.get(key)
-                if obj is not None and obj.by_name and obj.name:
-                    out[key] = (obj.name, obj.size)
-        return out
 
     def __contains__(self, key: str) -> bool:
         with self._lock:

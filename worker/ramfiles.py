@@ -165,6 +165,20 @@ def fill_sealed_memfd(name: str, size: int, fill: Fill) -> int:
         raise
 
 
+def _plain_name(name: str) -> bool:
+    return 0 < len(name) <= 200 and "/" not in name and name not in (".", "..")
+
+
+def _names_file(dir_fd: int, name: str, fd: int) -> bool:
+    """Does ``name`` in ``dir_fd`` still name the file open as ``fd``?  (A key's name may
+    have gone to a newer copy of the same object.)"""
+    try:
+        a, b = os.stat(name, dir_fd=dir_fd, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class RamFiles:
     """Makes the cache's object files: ``make(name, data) -> RamFile``, ``discard`` after.
 
@@ -174,8 +188,15 @@ class RamFiles:
     still on them, go when the last fd of them closes (at the latest when we exit).
     """
 
-    def __init__(self, requested: str = "auto", shmem_enabled: str | None = "") -> None:
-        """``shmem_enabled``: the sysfs text, None for no THP, "" to read it here."""
+    def __init__(
+        self, requested: str = "auto", shmem_enabled: str | None = "", *, by_key: bool = False
+    ) -> None:
+        """``shmem_enabled``: the sysfs text, None for no THP, "" to read it here.
+
+        ``by_key`` (a node's cache service): a finished tmpfs file is named by its object's
+        key alone, so a job finds an object the node holds with one stat, asking nobody.
+        Keys name content, so whatever a name leads to, now or after the object was
+        evicted and loaded again, has the same bytes."""
         if shmem_enabled == "":
             try:
                 with open(SHMEM_ENABLED) as f:
@@ -183,6 +204,7 @@ class RamFiles:
             except OSError:
                 shmem_enabled = None
         self.requested = requested
+        self.by_key = by_key
         self._try, self.reason = choose_backing(requested, shmem_enabled)
         self._lock = threading.Lock()
         self._dirs: tuple[int, int] | None = None  # (read-write, read-only) mount dirfds
@@ -238,6 +260,7 @@ class RamFiles:
             return RamFile(fd, size, fd_path(fd))
         assert self._dirs is not None
         rw_dir, ro_dir = self._dirs
+        leaf = ""
         while True:
             leaf = f"{name[:160]}.{os.getpid()}.{next(self._names)}"
             try:
@@ -256,16 +279,25 @@ class RamFiles:
         except BaseException:
             os.unlink(leaf, dir_fd=rw_dir)
             raise
+        if self.by_key and _plain_name(name):
+            # complete: only now may it be found by its key (replacing an older copy's name)
+            try:
+                os.rename(leaf, name, src_dir_fd=rw_dir, dst_dir_fd=rw_dir)
+                leaf = name
+            except OSError as e:
+                log.debug("RAM cache: %s stays unnamed by key: %s", name, e.strerror)
         return RamFile(fd, size, named_path(ro_dir, leaf), leaf)
 
     def discard(self, fd: int, name: str | None) -> None:
         """Close a file of ours; its name goes with it (its memory once no tracee holds it)."""
-        os.close(fd)
-        if name is not None:
-            with self._lock:
-                if self._dirs is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=self._dirs[0])
+        try:
+            if name is not None:
+                with self._lock:
+                    if self._dirs is not None and _names_file(self._dirs[0], name, fd):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=self._dirs[0])
+        finally:
+            os.close(fd)
 
     def describe(self) -> str:
         """One line for ``hep-exec --check``."""

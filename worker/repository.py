@@ -125,7 +125,7 @@ class MountedRepository:
                 object_url(fqrn, ".cvmfspublished"),
                 None,
                 f"{fqrn}/.cvmfspublished",
-                check=_manifest_check,
+                check=manifest_check,
             )
             if keys:
                 whitelist = self.fetcher.get(
@@ -327,7 +327,8 @@ def fill_chunks(
         del data
 
 
-def _manifest_check(raw: bytes) -> None:
+def manifest_check(raw: bytes) -> None:
+    """Raises FormatError for bytes that are no manifest (fetch them elsewhere)."""
     parse_manifest(raw)
 
 

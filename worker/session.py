@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from worker.access_list import AccessListError, AccessRecorder, read_access_list
-from worker.cache_client import CacheClient, SharedObject, open_shared
+from worker.cache_client import CacheClient, ServiceFirst, SharedObject, open_shared
 from worker.config import ConfigError, ExecConfig, load_master_keys
 from worker.fetcher import Fetcher, object_url
 from worker.namespace import Namespace, Node
@@ -57,7 +57,9 @@ class WorkerSession:
         self.fetcher = Fetcher.from_config(config).start()
         raise_fd_limit()
         self.cache = RamCache(config.ram_bytes, files=files)
-        self.repos = Repositories(self.fetcher, self.master_keys, self.cache, config.repositories)
+        # with a node service, a repository's own files come through it (no HTTP client here)
+        source = ServiceFirst(self.shared, self.fetcher) if self.shared else self.fetcher
+        self.repos = Repositories(source, self.master_keys, self.cache, config.repositories)
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
         self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here
         # node-level pieces: access list recording and prefetch (into the shared service and
@@ -170,7 +172,6 @@ class WorkerSession:
             svc = self.shared.stats()
             out.append(
                 f"shared cache: {self.shared.opens} objects received, "
-                f"{self.shared.held_answers} named ahead of their opens, "
                 f"{self.shared.pushed} pushed by prefetch, {self.shared.local_hits} local hits, "
                 f"{self.shared.fallbacks} private fallbacks, "
                 f"{'tmpfs files opened by name' if self.shared.names_dir is not None else 'memfds'}"

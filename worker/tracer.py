@@ -45,6 +45,8 @@ class Cls(IntEnum):
     STATFS = 7
     XATTR_GET = 8
     XATTR_LIST = 9
+    LISTED = 30  # markers for worker._trap.put: a directory whose entries are all known,
+    NAMED = 31  # and each of its entries (anything else there is ENOENT, answered in C)
 
 
 class Act(IntEnum):
@@ -85,6 +87,8 @@ class Stats:
     hits: int  # answered from the C table
     upcalls: int  # answered by Python
     cached: int  # answers in the C table at exit
+    absent: int = 0  # ENOENT in C: a name its listed directory does not have
+    ahead: int = 0  # opens offered before they were asked (objects the node cache held)
     mode: str = "ptrace"  # how hot calls stopped: "seccomp-notify" or "ptrace"
     notified: int = 0  # of the trapped calls, those answered through the notification fd
     inproc_opens: int = 0  # opens done inside tracees from published answers (no trap)
@@ -99,7 +103,8 @@ class Stats:
         total = sum(self.trapped.values())
         lines = [
             f"trapped syscalls: {total} (passed through {self.passed}, C-cache hits "
-            f"{self.hits}, Python upcalls {self.upcalls}, cached answers {self.cached})",
+            f"{self.hits}, absent from a listing {self.absent}, Python upcalls {self.upcalls}, "
+            f"cached answers {self.cached}, opens answered ahead {self.ahead})",
             f"trap mode: {self.mode} ({self.notified} answered by notification, "
             f"{total - self.notified} by ptrace stop)",
         ]
@@ -332,6 +337,13 @@ class Session:
         self._populated.add(path)
         return 0
 
+    def _plain_directory(self, pid: int, path: bytes) -> bool:
+        """Is ``path`` a directory under the mount, named by itself (no symlink on the way,
+        nothing that depends on the process)?  Only then do its entries' answers hold for
+        every path spelled ``path/name``."""
+        res, cache = self.resolve(pid, path, True)
+        return cache and isinstance(res, Found) and res.path == path and res.node.kind == Kind.DIR
+
     def _answer_entries_ahead(
         self, pid: int, directory: bytes, listed: bool
     ) -> dict[bytes, Action]:
@@ -349,10 +361,12 @@ class Session:
             return {}
         if not listed and len(entries) > MAX_AHEAD:
             return {}
-        answers: list[tuple[int, int, bytes, Action]] = []
+        known: Action = (True, Act.RETURN, 0, None, None, None)
+        answers: list[tuple[int, int, bytes, Action]] = [(Cls.LISTED, 0, directory, known)]
         files: dict[bytes, Node] = {}
         for e in entries:
             key = directory + b"/" + e.name
+            answers.append((Cls.NAMED, 0, key, known))
             node = self._lookup(pid, key)
             if isinstance(node, int) or node.kind == Kind.DIR or node.volatile:
                 continue
@@ -417,9 +431,10 @@ class Session:
             parent = path.rpartition(b"/")[0]
             if parent not in self._answered_ahead and parent.startswith(self.mount + b"/"):
                 self._answered_ahead.add(parent)
-                ahead = self._answer_entries_ahead(tid, parent, parent in self._populated)
-                if cls == Cls.OPEN and path in ahead:
-                    return ahead[path]  # held by the node cache: no round trip for it either
+                if self._plain_directory(tid, parent):
+                    ahead = self._answer_entries_ahead(tid, parent, parent in self._populated)
+                    if cls == Cls.OPEN and path in ahead:
+                        return ahead[path]  # the node cache holds it: no round trip either
         if cls == Cls.EXEC:
             return self._exec(tid, path)
         if flags & F_PROCEXE:
@@ -758,6 +773,8 @@ def run(
         hits=raw["hits"],
         upcalls=raw["upcalls"],
         cached=raw["cached"],
+        absent=raw["absent"],
+        ahead=session.opens_put,
         mode=raw["mode"],
         notified=raw["notified"],
         inproc_opens=raw["inproc_opens"],

@@ -264,8 +264,9 @@ def job_argv(proxy: ProxyProcess | StoreServer, cache_dir: Path, *extra: str) ->
     return ["--proxy", url, "--cache-dir", str(cache_dir), "--ram", RAM, *extra]
 
 
-# a file on a cache's private tmpfs, as /proc/<pid>/fd links name it: /<key>.<pid>.<n>
-_TMPFS_OBJECT = re.compile(r"/[^/ ]+\.\d+\.\d+( \(deleted\))?")
+# a file on a cache's private tmpfs, as /proc/<pid>/fd links name it: /<key>.<pid>.<n>, or
+# /<key> once a node's service has named it by its key
+_TMPFS_OBJECT = re.compile(r"/[^/ ]+( \(deleted\))?")
 
 
 def is_ram_file(fd_path: str) -> bool:
@@ -291,6 +292,13 @@ def ram_files(pids: list[int]) -> dict[tuple[int, int], tuple[int, int]]:
                         st = os.stat(f"/proc/{pid}/fd/{fd}")
                         seen[(st.st_dev, st.st_ino)] = (st.st_size, st.st_blocks * 512)
     return seen
+
+
+def answered_ahead(stderr: str) -> int:
+    """``--stats``: opens offered before they were asked (objects the node held)."""
+    m = re.search(r"opens answered ahead (\d+)", stderr)
+    assert m, stderr
+    return int(m.group(1))
 
 
 def shared_line(stderr: str) -> str:
@@ -413,12 +421,13 @@ def test_record_then_prefetch_hep_exec(tracing, tree, proxy, cache_dir, tmp_path
     job.go()
     out = job.expect("files")["files"]
     assert all(out[p].get("sha256") == digests[p] for p in paths)
-    line = shared_line(job.finish())
+    err = job.finish()
+    line = shared_line(err)
     # every open was answered from what the service had pushed (its fds, or the same objects
-    # by name, offered ahead of the open): no round trip, no fetch
+    # by their keys, offered ahead of the open): no round trip, no fetch
     assert "0 objects received" in line and f"{len(paths)} pushed by prefetch" in line, line
-    m = re.search(r"(\d+) named ahead of their opens, .* (\d+) local hits", line)
-    assert m and int(m.group(1)) + int(m.group(2)) >= len(paths), line
+    hits = re.search(r"(\d+) local hits", line)
+    assert hits and int(hits.group(1)) + answered_ahead(err) >= len(paths), err
 
 
 def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
@@ -426,7 +435,7 @@ def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
 ) -> None:
     """The objects the node's service holds are named to a new job ahead of its opens, a
     directory at a time: a second job reads the same files with no round trip to the service
-    and no fetch, and the right bytes."""
+    and no fetch, and the right bytes; neither job fetches anything itself."""
     paths = sorted(p for p in tree.digests if "/lib/pkg1/" in p or "/data/d3/" in p)
     for expect_received in (True, False):
         job = Job(job_argv(proxy, cache_dir), paths)
@@ -434,15 +443,18 @@ def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
         job.go()
         out = job.expect("files")["files"]
         assert all(out[p].get("sha256") == tree.digests[p] for p in paths)
-        line = shared_line(job.finish())
-        m = re.search(r"(\d+) objects received, (\d+) named ahead", line)
-        assert m, line
-        received, named = int(m.group(1)), int(m.group(2))
+        err = job.finish()
+        m = re.search(r"(\d+) objects received", shared_line(err))
+        assert m, err
+        received, ahead = int(m.group(1)), answered_ahead(err)
+        # the job has no HTTP client of its own: the service fetched the catalog for it too
+        assert "fetch: 0 requests" in err, err
         if expect_received:  # a cold node: everything came through the service
-            assert received == len(paths), line
+            assert (received, ahead) == (len(paths), 0), err
         else:
-            assert (received, named) == (0, len(paths)), line
-    assert service_stats(cache_dir)["requests"] == len(paths)  # each object fetched once
+            assert (received, ahead) == (0, len(paths)), err
+    # each object fetched once; and per job the manifest, the catalog once (kept)
+    assert service_stats(cache_dir)["requests"] == len(paths) + 2 + 1
 
 
 def test_idle_exit_and_explicit_start(tree, server, cache_dir, tmp_path: Path) -> None:

@@ -547,6 +547,55 @@ def test_an_open_answered_ahead_is_asked_again_when_its_name_is_gone(
     assert asked == (["a", "x"] if evict else ["a"])
 
 
+LISTED_PROBE = """
+import os, sys
+root = sys.argv[1]
+os.listdir(root + "/d")  # the directory is listed: its entries are answered ahead
+names = ["a", "missing", "missing/x", "a/x", ".", "..", "sub", "sub/", "sub/.", "sub/missing",
+         "/a", "./a", "a/", ".hidden", "link", "link/x", "link/missing", "sub/b"]
+for n in names:
+    p = root + "/d/" + n
+    out = []
+    for f in (os.stat, os.lstat):
+        try:
+            st = f(p)
+            out.append(oct(st.st_mode))
+        except OSError as e:
+            out.append(e.strerror)
+    try:
+        os.close(os.open(p, os.O_RDONLY))
+        out.append("opened")
+    except OSError as e:
+        out.append(e.strerror)
+    out.append(str(os.access(p, os.R_OK)))
+    print(n, *out)
+"""
+
+
+@pytest.mark.usefixtures("trap_mode")
+def test_names_a_listed_directory_does_not_have_are_enoent_like_natively(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """ENOENT for a name absent from a listed directory is answered without asking Python
+    (worker/_trap.c, C_LISTED): every spelling must still get what the kernel says of the
+    same tree (ENOTDIR under a file, the directory itself for ``.``, symlinks followed)."""
+    ensure_built()
+    root = tmp_path / "root"
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "a").write_text("a")
+    (root / "d" / "sub" / "b").write_text("b")
+    (root / "d" / "link").symlink_to("sub")
+    argv = [sys.executable, "-S", "-c", LISTED_PROBE]
+    native = subprocess.run([*argv, str(root)], capture_output=True, text=True, check=True)
+
+    def probe() -> int:
+        policy = HostDirPolicy({"test.repo": root})
+        return run([*argv, "/cvmfs/test.repo"], policy).status
+
+    assert in_child(probe) == 0
+    assert capfd.readouterr().out == native.stdout
+
+
 CWD_FLIP = r"""
 #include <fcntl.h>
 #include <stdio.h>
