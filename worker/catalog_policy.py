@@ -164,10 +164,15 @@ class CatalogPolicy:
                 continue
             try:
                 spec = object_spec(self.session.repos.get(ns.repo), ns.entry.path)
-                st = None if spec is None else os.stat(spec.key, dir_fd=names)
-            except (RepositoryError, OSError):
+            except RepositoryError:
                 continue
-            if spec is not None and st is not None and st.st_size == spec.size:
+            if spec is None:
+                continue
+            try:
+                st = os.stat(spec.key, dir_fd=names)
+            except OSError:
+                continue  # not on this node (yet): its open fetches it
+            if st.st_size == spec.size:
                 out[path] = Opened(named_path(names, spec.key).encode(), stable=True)
         return out
 

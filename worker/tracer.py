@@ -168,6 +168,7 @@ class Session:
     _nodes: dict[bytes, Node | int] = field(default_factory=dict)
     _populated: set[bytes] = field(default_factory=set)
     _answered_ahead: set[bytes] = field(default_factory=set)  # directories given to ``put``
+    _opened_ahead: set[bytes] = field(default_factory=set)  # ... with their files' opens
     opens_put: int = 0  # opens answered ahead (objects the node cache held)
     _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
     _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
@@ -344,46 +345,76 @@ class Session:
         res, cache = self.resolve(pid, path, True)
         return cache and isinstance(res, Found) and res.path == path and res.node.kind == Kind.DIR
 
+    def _ahead(self, pid: int, cls: int, parent: bytes) -> dict[bytes, Action]:
+        """On the first touch of a directory, its entries' answers (and on its first open,
+        their opens) before they are asked; the open answers given."""
+        if not parent.startswith(self.mount + b"/"):
+            return {}
+        first = parent not in self._answered_ahead
+        opens = cls == Cls.OPEN and parent not in self._opened_ahead
+        if not first and not opens:
+            return {}
+        self._answered_ahead.add(parent)
+        if opens:
+            self._opened_ahead.add(parent)
+        if not self._plain_directory(pid, parent):
+            return {}
+        listed = parent in self._populated
+        # extended attributes: asked by ls -l of a listing, not by programs
+        xattrs = first and (listed or cls in (Cls.XATTR_GET, Cls.XATTR_LIST))
+        return self._answer_entries_ahead(pid, parent, listed, xattrs, first, opens)
+
     def _answer_entries_ahead(
-        self, pid: int, directory: bytes, listed: bool
+        self, pid: int, directory: bytes, listed: bool, xattrs: bool, stats: bool, opens_too: bool
     ) -> dict[bytes, Action]:
         """A directory whose entries are being looked at one by one (ls -l, find, a Python
         import scanning a package or opening its ``__pycache__``): answer stat, lstat, statx
-        and getxattr/listxattr of all its files and symlinks at once, and the opens of the
+        (and with ``xattrs`` getxattr/listxattr) of all its files and symlinks at once, the
+        names it does not have (ENOENT, in C), and the opens of the
         files whose bytes are already at hand (the node cache holds them), so that none of
         those calls needs Python again (and most need no trap).  Directories keep their own
         answers (the shadow directory); a symlink's followed answers need its target;
         variant symlinks depend on the process.  A directory nobody listed is done only up
-        to MAX_AHEAD entries (one open in a huge directory should not cost a scan).  Returns
-        the open answers given."""
+        to MAX_AHEAD entries (one open in a huge directory should not cost a scan).  The
+        stats come with the first touch, the opens with the first open (a program that only
+        looks at a directory never costs a look-up of its objects).  Returns the open answers
+        given."""
         entries = self.policy.listdir(directory)
         if isinstance(entries, int) or self.put is None:
             return {}
         if not listed and len(entries) > MAX_AHEAD:
             return {}
         known: Action = (True, Act.RETURN, 0, None, None, None)
-        answers: list[tuple[int, int, bytes, Action]] = [(Cls.LISTED, 0, directory, known)]
+        answers: list[tuple[int, int, bytes, Action]] = []
+        if stats:
+            answers.append((Cls.LISTED, 0, directory, known))
         files: dict[bytes, Node] = {}
         for e in entries:
             key = directory + b"/" + e.name
-            answers.append((Cls.NAMED, 0, key, known))
+            if stats:  # every name it has, whatever becomes of its answers below
+                answers.append((Cls.NAMED, 0, key, known))
+            if e.kind == Kind.DIR or (not stats and e.kind != Kind.REG):
+                continue
             node = self._lookup(pid, key)
             if isinstance(node, int) or node.kind == Kind.DIR or node.volatile:
+                continue
+            if node.kind == Kind.REG:
+                files[key] = node
+            if not stats:
                 continue
             st: Action = (True, Act.STAT, 0, None, self._stat_tuple(node), None)
             nodata: Action = (True, Act.RETURN, -errno.ENODATA, None, None, None)
             none: Action = (True, Act.RETURN, 0, None, None, None)
             for follow in (False, True) if node.kind != Kind.LNK else (False,):
                 flags = 0 if follow else F_NOFOLLOW
-                answers += [
-                    (Cls.STAT, flags, key, st),
-                    (Cls.XATTR_GET, flags, key, nodata),
-                    (Cls.XATTR_LIST, flags, key, none),
-                ]
-            if node.kind == Kind.REG:
-                files[key] = node
+                answers.append((Cls.STAT, flags, key, st))
+                if xattrs:
+                    answers += [
+                        (Cls.XATTR_GET, flags, key, nodata),
+                        (Cls.XATTR_LIST, flags, key, none),
+                    ]
         opens: dict[bytes, Action] = {}
-        if files:
+        if files and opens_too:
             for key, opened in self.policy.opens_ahead(pid, list(files)).items():
                 st_tuple = self._stat_tuple(files[key])
                 opens[key] = (True, Act.REDIRECT, SAFE, opened.path, st_tuple, None)
@@ -428,13 +459,9 @@ class Session:
         if self.put is not None and (
             cls in (Cls.STAT, Cls.XATTR_GET, Cls.XATTR_LIST) or (cls == Cls.OPEN and not flags)
         ):
-            parent = path.rpartition(b"/")[0]
-            if parent not in self._answered_ahead and parent.startswith(self.mount + b"/"):
-                self._answered_ahead.add(parent)
-                if self._plain_directory(tid, parent):
-                    ahead = self._answer_entries_ahead(tid, parent, parent in self._populated)
-                    if cls == Cls.OPEN and path in ahead:
-                        return ahead[path]  # the node cache holds it: no round trip either
+            ahead = self._ahead(tid, cls, path.rpartition(b"/")[0])
+            if cls == Cls.OPEN and path in ahead:
+                return ahead[path]  # the node cache holds it: no round trip either
         if cls == Cls.EXEC:
             return self._exec(tid, path)
         if flags & F_PROCEXE:
