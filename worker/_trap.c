@@ -2269,7 +2269,9 @@ again:
         goto again;
     }
     if (cur_notif.active &&
-        (cls == C_OPEN || cls == C_STAT || cls == C_ACCESS || cls == C_READLINK) && a != &tmp &&
+        (cls == C_OPEN || cls == C_STAT || cls == C_ACCESS || cls == C_READLINK ||
+         cls == C_XATTR_GET || cls == C_XATTR_LIST) &&
+        a != &tmp &&
         n == kn &&
         memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
         offer_answer(tid, nr, cls, flags, a, key, (size_t)kn);
