@@ -506,7 +506,14 @@ static size_t threads_cap, threads_used;
 static tstate_t *thread_find(pid_t tid, int create)
 {
     if (create && (threads_used + 1) * 2 > threads_cap) {
-        size_t ncap = threads_cap ? threads_cap * 2 : 1024;
+        /* threads_used counts tombstones too: a job that runs 20,000 short processes
+         * leaves as many.  Purge them at the same size unless the live ones need room
+         * (doubling every time grew hep-exec by ~85 bytes per exec). */
+        size_t live = 0;
+        for (size_t i = 0; i < threads_cap; i++)
+            live += threads[i].tid > 0;
+        size_t ncap = !threads_cap ? 1024 : (live + 1) * 4 > threads_cap ? threads_cap * 2
+                                                                        : threads_cap;
         tstate_t *nt = calloc(ncap, sizeof(*nt));
         if (!nt)
             return NULL;

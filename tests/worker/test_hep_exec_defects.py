@@ -531,3 +531,38 @@ def test_a_reader_waiting_on_a_published_fifo_is_ended_by_a_signal(
         else:
             assert p.stdout.readline() == "handled\n"
             assert p.poll() is None  # and waits for a writer again, as natively
+
+
+EXECS = """
+for i in $(seq {n}); do /bin/true; done; echo {mark}; read _
+"""
+
+
+def test_memory_stays_flat_over_many_execs(job: Job) -> None:
+    """hep-exec grew by ~85 bytes per exec (57.2 -> 59.6 MB over 20,000 execs): its table of
+    threads kept the dead ones' slots and doubled whenever they filled it.  After a warm-up,
+    16,000 more short processes must not make it grow."""
+    script = "".join(EXECS.format(n=n, mark=m) for n, m in ((2000, "a"), (8000, "b"), (16000, "c")))
+    p = subprocess.Popen(
+        hep_exec_cmd(job.proxy, ["bash", "-c", script], keys=job.key),
+        env=env_with(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stdin is not None
+    rss: dict[str, int] = {}
+    try:
+        for mark in "abc":
+            assert p.stdout.readline().strip() == mark
+            with open(f"/proc/{p.pid}/status") as f:
+                rss[mark] = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+            p.stdin.write("\n")
+            p.stdin.flush()
+        assert p.wait(timeout=120) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+    assert rss["c"] - rss["b"] < 256, rss  # KiB; was 848 KiB here (the table doubled again)
