@@ -306,7 +306,8 @@ static long do_fstat(const char *base, long fd, void *buf, int *done)
     int ours = 0;
     for (int i = 0; i < 4 && h->ram_devs[i]; i++)
         ours |= h->ram_devs[i] == dev;
-    if (r < 0 || !ours || (mode & 0170000) != 0100000) {
+    int dir = (mode & 0170000) == 0040000; /* a /cvmfs directory's mirror */
+    if (r < 0 || !ours || ((mode & 0170000) != 0100000 && !dir)) {
         *done = 1; /* the tracer would pass it through */
         return r;
     }
@@ -317,7 +318,8 @@ static long do_fstat(const char *base, long fd, void *buf, int *done)
     const fo_slot_t *s = lookup(base, FO_IDENT, (const char *)key, 16, x);
     if (s && s->data_len) {
         const uint64_t *want = (const uint64_t *)data_of(base, s);
-        if (want[6] == st[6]) { /* st_size: the same object */
+        /* st_size: the same object; a directory: the catalog's stat of its /cvmfs path */
+        if (dir ? (((const uint32_t *)want)[6] & 0170000) == 0040000 : want[6] == st[6]) {
             copy_stat(buf, want);
             return answered(&cnt->stat_hits, done, 0);
         }

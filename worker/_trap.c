@@ -1575,8 +1575,8 @@ static void note_open(action_t *a)
         struct stat s;
         /* one of our RAM files, or a host file a policy serves a /cvmfs file from (the
          * host-directory policy): fstat of it must say what stat of the /cvmfs path says */
-        if (stat(a->bval, &s) != 0 || !S_ISREG(s.st_mode))
-            return;
+        if (stat(a->bval, &s) != 0 || !(S_ISREG(s.st_mode) || S_ISDIR(s.st_mode)))
+            return; /* a directory: its mirror, whose fstat must say the catalog's stat */
         a->ram_dev = (uint64_t)s.st_dev;
         a->ram_ino = (uint64_t)s.st_ino;
     }
@@ -1601,9 +1601,12 @@ static int ram_file_stat(pid_t tid, struct user_regs_struct *r, long nr, const c
     struct stat s;
     fdid_t *id = NULL;
     if (ids_len) {
-        if (stat(p, &s) == 0 && S_ISREG(s.st_mode)) {
+        if (stat(p, &s) == 0 && (S_ISREG(s.st_mode) || S_ISDIR(s.st_mode))) {
             id = ids_find((uint64_t)s.st_dev, (uint64_t)s.st_ino);
-            if (!id || id->ino != (uint64_t)s.st_ino || id->st[5] != (int64_t)s.st_size)
+            /* a RAM file has its object's size; a mirror directory the catalog's mode */
+            if (!id || id->ino != (uint64_t)s.st_ino ||
+                (S_ISREG(s.st_mode) ? id->st[5] != (int64_t)s.st_size
+                                    : !S_ISDIR((mode_t)id->st[0])))
                 id = NULL;
         }
     }
@@ -1915,6 +1918,12 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
         ino = a->ram_ino;
     } else if (!has_prefix(a->bval, a->blen, target_p, target_n)) {
         return;
+    } else if (a->ram_ino) { /* a directory's mirror, noted by note_open: fstat says its stat */
+        fdid_t *f = ids_find(a->ram_dev, a->ram_ino);
+        if (f && f->ino == a->ram_ino && !f->shared) {
+            dev = a->ram_dev;
+            ino = a->ram_ino;
+        }
     }
     if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
         return;

@@ -372,8 +372,8 @@ class Session:
         (and with ``xattrs`` getxattr/listxattr) of all its files and symlinks at once, the
         names it does not have (ENOENT, in C), and the opens of the
         files whose bytes are already at hand (the node cache holds them), so that none of
-        those calls needs Python again (and most need no trap).  Directories keep their own
-        answers (the shadow directory); a symlink's followed answers need its target;
+        those calls needs Python again (and most need no trap).  A symlink's followed
+        answers need its target;
         variant symlinks depend on the process.  A directory nobody listed is done only up
         to MAX_AHEAD entries (one open in a huge directory should not cost a scan).  The
         stats come with the first touch, the opens with the first open (a program that only
@@ -393,10 +393,10 @@ class Session:
             key = directory + b"/" + e.name
             if stats:  # every name it has, whatever becomes of its answers below
                 answers.append((Cls.NAMED, 0, key, known))
-            if e.kind == Kind.DIR or (not stats and e.kind != Kind.REG):
+            if not stats and e.kind != Kind.REG:
                 continue
             node = self._lookup(pid, key)
-            if isinstance(node, int) or node.kind == Kind.DIR or node.volatile:
+            if isinstance(node, int) or node.volatile:
                 continue
             if node.kind == Kind.REG:
                 files[key] = node
@@ -489,8 +489,8 @@ class Session:
                 if flags & F_OPATH:
                     return self._symlink_in_shadow(tid, res, cache)
                 return (cache, Act.RETURN, -errno.ELOOP, None, None, None)
-            if node.kind == Kind.DIR:
-                return self._to_shadow(tid, res, cache)
+            if node.kind == Kind.DIR:  # with its stat: what fstat of the fd must say
+                return self._to_shadow(tid, res, cache, self._stat_tuple(node))
             if node.kind == Kind.FIFO:
                 return self._fifo_in_shadow(tid, res, cache)
             opened = self.policy.open(tid, res.path, node)
@@ -500,9 +500,7 @@ class Session:
             # the stat tuple: what fstat of the fd must say (C records it per RAM file)
             st = self._stat_tuple(node)
             return (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, st, None)
-        if cls == Cls.STAT:
-            if node.kind == Kind.DIR:
-                return self._to_shadow(tid, res, cache)
+        if cls == Cls.STAT:  # directories too: the catalog's size and inode, not the mirror's
             return (cache, Act.STAT, 0, None, self._stat_tuple(node), None)
         if cls == Cls.ACCESS:
             want = flags & 7
@@ -550,11 +548,15 @@ class Session:
         # not SAFE: the open may block, and be restarted after a signal
         return (cache, Act.REDIRECT, 0, self.shadow_of(res.path), None, None)
 
-    def _to_shadow(self, tid: int, res: Found, cache: bool) -> Action:
+    def _to_shadow(
+        self, tid: int, res: Found, cache: bool, st: tuple[int, ...] | None = None
+    ) -> Action:
+        """A /cvmfs directory's mirror, for opens and chdir; ``st``: for an open, its stat,
+        which C makes fstat of the fd say (as for RAM files)."""
         target = self.materialize(tid, res.path)
         if isinstance(target, int):
             return (False, Act.RETURN, -target, None, None, None)
-        return (cache, Act.REDIRECT, SAFE, target, None, None)
+        return (cache, Act.REDIRECT, SAFE, target, st, None)
 
     # ---- execve ---------------------------------------------------------------------------
 

@@ -566,3 +566,43 @@ def test_memory_stays_flat_over_many_execs(job: Job) -> None:
             p.kill()
         p.communicate()
     assert rss["c"] - rss["b"] < 256, rss  # KiB; was 848 KiB here (the table doubled again)
+
+
+DIR_STATS = """
+import os, sys
+out = []
+for d in sys.argv[1:]:
+    st = os.stat(d)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    f, p = os.fstat(fd), os.stat(f"/proc/self/fd/{fd}")
+    os.chdir(d)
+    dot = os.stat(".")
+    out.append((st.st_size, st.st_nlink, oct(st.st_mode),
+                {(x.st_dev, x.st_ino, x.st_size, x.st_nlink) for x in (st, f, p, dot)} == {
+                    (st.st_dev, st.st_ino, st.st_size, st.st_nlink)}))
+print(out)
+"""
+
+
+def test_a_directorys_stat_is_the_catalogs_and_fstat_agrees(job: Job, trap_mode: str) -> None:
+    """stat of a /cvmfs directory said the private mirror's size (tmpfs: 20 bytes an entry:
+    120, 480, 2040 ...) where the source says its own; fstat of an fd on it, stat of its
+    /proc/self/fd link and of "." after chdir must say the same as stat of the path."""
+    dirs = ["data", "many", "pipes"]
+    r = subprocess.run(
+        hep_exec_cmd(
+            job.proxy, ["python3", "-c", DIR_STATS, *[f"{ROOT}/{d}" for d in dirs]], keys=job.key
+        ),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    native = subprocess.run(
+        ["python3", "-c", DIR_STATS, *[str(job.src / d) for d in dirs]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert r.stdout == native.stdout
