@@ -14,6 +14,7 @@ are redirected there, and the C side maps shadow paths (fd links, cwd) back to /
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -172,6 +173,7 @@ class Session:
     opens_put: int = 0  # opens answered ahead (objects the node cache held)
     _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
     _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
+    _opened_as: dict[bytes, bytes] = field(default_factory=dict)  # RAM file -> /cvmfs path
 
     def __post_init__(self) -> None:
         self._mparts = self.mount.strip(b"/").split(b"/")
@@ -338,6 +340,16 @@ class Session:
         self._populated.add(path)
         return 0
 
+    def _note_opened(self, target: bytes, path: bytes) -> None:
+        """Remember which /cvmfs path a RAM file was handed out for: a program exec'd
+        through an fd on it (fexecve) asks /proc/self/exe, which names the RAM file."""
+        parts = target.split(b"/")
+        if len(parts) == 6 and parts[1] == b"proc" and parts[3] == b"fd":
+            self._opened_as[b"/" + parts[5]] = path  # a file by name: /proc/P/fd/DIR/NAME
+        elif len(parts) == 5 and parts[1] == b"proc" and parts[3] == b"fd":
+            with contextlib.suppress(OSError):  # a memfd: /proc/P/fd/N
+                self._opened_as[os.readlink(target)] = path
+
     def _plain_directory(self, pid: int, path: bytes) -> bool:
         """Is ``path`` a directory under the mount, named by itself (no symlink on the way,
         nothing that depends on the process)?  Only then do its entries' answers hold for
@@ -418,6 +430,7 @@ class Session:
             for key, opened in self.policy.opens_ahead(pid, list(files)).items():
                 st_tuple = self._stat_tuple(files[key])
                 opens[key] = (True, Act.REDIRECT, SAFE, opened.path, st_tuple, None)
+                self._note_opened(opened.path, key)
             answers += [(Cls.OPEN, 0, key, a) for key, a in opens.items()]
             self.opens_put += len(opens)
         self.put(answers)
@@ -469,7 +482,8 @@ class Session:
                 real = os.readlink(path)
             except OSError:
                 return (False, Act.PASS, 0, None, None, None)
-            exe = self._exe_paths.get(real)
+            # exec'd by its /cvmfs path, or (fexecve) through an fd opened from one
+            exe = self._exe_paths.get(real) or self._opened_as.get(real)
             if exe is None:
                 return (False, Act.PASS, 0, None, None, None)
             return (False, Act.READLINK, 0, exe, None, None)
@@ -499,6 +513,7 @@ class Session:
                 return (False, Act.RETURN, -opened, None, None, None)
             # the stat tuple: what fstat of the fd must say (C records it per RAM file)
             st = self._stat_tuple(node)
+            self._note_opened(opened.path, res.path)
             return (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, st, None)
         if cls == Cls.STAT:  # directories too: the catalog's size and inode, not the mirror's
             return (cache, Act.STAT, 0, None, self._stat_tuple(node), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -62,6 +63,20 @@ class Job:
             p.communicate()
 
 
+SHOW_EXE = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    char b[4096];
+    ssize_t n = readlink("/proc/self/exe", b, sizeof b - 1);
+    if (n < 0) { perror("readlink"); return 1; }
+    b[n] = 0;
+    puts(b);
+    return 0;
+}
+"""
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
     ensure_built()
@@ -74,6 +89,9 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
     (src / "many").mkdir()
     for i in range(MANY):
         (src / "many" / f"entry-{i:05d}").write_bytes(b"%d\n" % i)
+    (base / "build").mkdir()
+    (src / "bin").mkdir()
+    shutil.copy(compile_c(SHOW_EXE, base / "build" / "showexe"), src / "bin" / "showexe")
     with serving(src, FQRN, base) as (proxy, repo):
         yield Job(proxy, repo.master_pub, src)
 
@@ -606,3 +624,31 @@ def test_a_directorys_stat_is_the_catalogs_and_fstat_agrees(job: Job, trap_mode:
         check=True,
     )
     assert r.stdout == native.stdout
+
+
+FEXECVE = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.execve(fd, ["showexe"], dict(os.environ))  # fexecve: execveat(fd, "", AT_EMPTY_PATH)
+"""
+
+
+def test_proc_self_exe_after_fexecve_names_the_cvmfs_path(job: Job) -> None:
+    """A program exec'd through an fd opened from /cvmfs (fexecve) saw /proc/self/exe name the
+    RAM file; natively it names the file the fd was opened from."""
+    exe = f"{ROOT}/bin/showexe"
+    r = subprocess.run(
+        hep_exec_cmd(job.proxy, ["python3", "-c", FEXECVE, exe], keys=job.key),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (r.returncode, r.stdout) == (0, exe + "\n"), r.stderr
+    native = subprocess.run(
+        ["python3", "-c", FEXECVE, str(job.src / "bin" / "showexe")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert native.stdout == str(job.src / "bin" / "showexe") + "\n"
