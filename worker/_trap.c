@@ -99,6 +99,7 @@ enum {
     A_STAT = 3,
     A_READLINK = 4,
     A_EXEC = 5,
+    A_XATTRS = 6, /* bval: the entry's extended attributes, a CVMFS xattr blob */
 };
 #define F_NOFOLLOW 0x100
 #define F_OPATH 0x200
@@ -1048,6 +1049,54 @@ static long via_host_symlink(pid_t tid, tstate_t *t, long dirfd, const char *raw
             return 0;
     }
     return resolve_into_mount(path, follow, key);
+}
+
+/* getxattr/lgetxattr (value of the name asked for) or listxattr/llistxattr (the names) of
+ * a /cvmfs entry with published extended attributes, from its CVMFS xattr blob (version 1,
+ * count, then key length, value length, key, value): as the kernel answers, a size of 0
+ * asks for the length, a smaller buffer is ERANGE, a name it does not have ENODATA. */
+static long xattr_answer(pid_t tid, struct user_regs_struct *r, long nr, const action_t *a)
+{
+    const unsigned char *b = (const unsigned char *)a->bval;
+    size_t n = a->blen;
+    if (n < 2 || b[0] != 1)
+        return -EIO;
+    int list = nr == SYS_listxattr || nr == SYS_llistxattr;
+    unsigned long buf = list ? r->rsi : r->rdx;
+    unsigned long long size = list ? r->rdx : r->r10;
+    char name[256], out[255 * 256];
+    size_t outn = 0;
+    if (!list) {
+        long nn = read_string(tid, r->rsi, name, sizeof name);
+        if (nn < 0)
+            return nn == -ENAMETOOLONG ? -ERANGE : nn;
+    }
+    for (size_t i = 0, pos = 2; i < b[1]; i++) {
+        if (pos + 2 > n || pos + 2 + b[pos] + b[pos + 1] > n)
+            return -EIO;
+        size_t kl = b[pos], vl = b[pos + 1];
+        const unsigned char *k = b + pos + 2, *v = k + kl;
+        pos += 2 + kl + vl;
+        if (list) {
+            memcpy(out + outn, k, kl);
+            outn += kl;
+            out[outn++] = 0;
+        } else if (strlen(name) == kl && memcmp(name, k, kl) == 0) {
+            memcpy(out, v, vl);
+            outn = vl;
+            goto found;
+        }
+    }
+    if (!list)
+        return -ENODATA;
+found:
+    if (size == 0)
+        return (long)outn;
+    if (size < outn)
+        return -ERANGE;
+    if (outn && write_mem(tid, buf, out, outn) < 0)
+        return -EFAULT;
+    return (long)outn;
 }
 
 /* ---------- upcall ---------- */
@@ -2364,6 +2413,10 @@ again:
         changed = 1;
         break;
     }
+    case A_XATTRS:
+        skip_with(r, xattr_answer(tid, r, nr, a));
+        changed = 1;
+        break;
     case A_EXEC: {
         int argv_arg = nr == SYS_execve ? 1 : 2;
         int rc;

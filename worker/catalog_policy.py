@@ -98,6 +98,7 @@ class CatalogPolicy:
             rdev=ns.rdev,
             target=target,
             volatile=ns.env_dependent,
+            xattrs=(ns.entry.xattr_blob or b"") if ns.entry is not None else b"",
         )
 
     def listdir(self, path: bytes) -> Sequence[Entry] | int:

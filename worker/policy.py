@@ -50,6 +50,7 @@ class Node:
     rdev: int = 0
     target: bytes = b""
     volatile: bool = False
+    xattrs: bytes = b""  # published extended attributes: a CVMFS xattr blob (or empty)
 
 
 @dataclass(frozen=True, slots=True)

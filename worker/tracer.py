@@ -59,6 +59,7 @@ class Act(IntEnum):
     STAT = 3
     READLINK = 4
     EXEC = 5
+    XATTRS = 6  # bval: a CVMFS xattr blob; C answers getxattr/listxattr from it
 
 
 F_NOFOLLOW = 0x100
@@ -417,6 +418,8 @@ class Session:
             st: Action = (True, Act.STAT, 0, None, self._stat_tuple(node), None)
             nodata: Action = (True, Act.RETURN, -errno.ENODATA, None, None, None)
             none: Action = (True, Act.RETURN, 0, None, None, None)
+            if node.xattrs:
+                nodata = none = (True, Act.XATTRS, 0, node.xattrs, None, None)
             for follow in (False, True) if node.kind != Kind.LNK else (False,):
                 flags = 0 if follow else F_NOFOLLOW
                 answers.append((Cls.STAT, flags, key, st))
@@ -533,6 +536,8 @@ class Session:
             return self._to_shadow(tid, res, cache)
         if cls == Cls.STATFS:
             return (cache, Act.REDIRECT, 0, self.shadow, None, None)
+        if node.xattrs:  # the user.* attributes hep-publish stored
+            return (cache, Act.XATTRS, 0, node.xattrs, None, None)
         if cls == Cls.XATTR_GET:
             return (cache, Act.RETURN, -errno.ENODATA, None, None, None)
         return (cache, Act.RETURN, 0, None, None, None)  # XATTR_LIST: none
