@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from lru import LRU
 
 from worker.cache_client import object_spec
-from worker.namespace import DT_BLK, DT_CHR, DT_DIR, DT_FIFO, DT_LNK, DT_SOCK
 from worker.namespace import Node as NsNode
+from worker.namespace import is_normal_path
 from worker.policy import Entry, Kind, Node, Opened
 from worker.ramcache import CachedObject
 from worker.ramfiles import fd_path, named_path
@@ -43,15 +43,6 @@ from worker.tracee_env import LazyEnviron
 from worker.tracer import forget
 
 log = logging.getLogger("hep_exec.policy")
-
-_KIND_OF_DTYPE = {
-    DT_DIR: Kind.DIR,
-    DT_LNK: Kind.LNK,
-    DT_FIFO: Kind.FIFO,
-    DT_CHR: Kind.CHR,
-    DT_BLK: Kind.BLK,
-    DT_SOCK: Kind.SOCK,
-}
 
 
 @dataclass
@@ -76,30 +67,22 @@ class CatalogPolicy:
         self._tombs: deque[tuple[int, float]] = deque()  # fd numbers held by a tombstone
         self.unpinned = 0  # objects unpinned while the command ran (--stats)
         self._listings: LRU[bytes, list[Entry]] = LRU(1024)
+        self._known: LRU[bytes, Node] = LRU(1 << 17)
 
     def _resolve(self, pid: int, path: bytes) -> NsNode | int:
         return self.namespace.resolve(path, False, LazyEnviron(pid))
 
     def lookup(self, pid: int, path: bytes) -> Node | int:
+        known = self._known.get(path)  # an entry of a directory listed already
+        if known is not None:
+            return known
         ns = self._resolve(pid, path)
         if isinstance(ns, int):
             return ns
         if ns.kind == "outside":  # the tracer walks symlinks itself; not expected here
             log.warning("%s: resolves outside the mount", os.fsdecode(path))
             return errno.ENOENT
-        target = ns.target or b""
-        return Node(
-            kind=Kind(stat.S_IFMT(ns.mode)),
-            mode=stat.S_IMODE(ns.mode),
-            size=ns.size,
-            ino=ns.ino,
-            nlink=ns.nlink,
-            mtime_ns=ns.mtime * 1_000_000_000 + ns.mtime_ns,
-            rdev=ns.rdev,
-            target=target,
-            volatile=ns.env_dependent,
-            xattrs=(ns.entry.xattr_blob or b"") if ns.entry is not None else b"",
-        )
+        return _policy_node(ns)
 
     def listdir(self, path: bytes) -> Sequence[Entry] | int:
         # asked twice per directory (its mirror, then its entries answered ahead); the job
@@ -107,14 +90,26 @@ class CatalogPolicy:
         hit = self._listings.get(path)
         if hit is not None:
             return hit
-        listing = self.namespace.listdir(path)
-        if isinstance(listing, int):
-            return listing
-        entries = [
-            Entry(name, _KIND_OF_DTYPE.get(d_type, Kind.REG), ino)
-            for name, d_type, ino in listing
-            if name not in (b".", b"..")
-        ]
+        if path == self.namespace.mount:
+            listing = self.namespace.listdir(path)
+            if isinstance(listing, int):
+                return listing
+            entries = [Entry(n, Kind.DIR, ino) for n, _, ino in listing if n not in (b".", b"..")]
+            self._listings[path] = entries
+            return entries
+        got = self.namespace.children(path)
+        if isinstance(got, int):
+            return got
+        parent, kids = got
+        # the entries' answers, for the look-ups that follow (ls -l, the tracer's answers
+        # ahead): not when they depend on who asks
+        keep = not parent.env_dependent and is_normal_path(path)
+        entries = []
+        for name, kid in kids:
+            node = _policy_node(kid)
+            entries.append(Entry(name, node.kind, node.ino))
+            if keep and not node.volatile:
+                self._known[path + b"/" + name] = node
         self._listings[path] = entries
         return entries
 
@@ -208,3 +203,19 @@ class CatalogPolicy:
         while self._tombs:
             os.close(self._tombs.popleft()[0])
         self._tomb.close()
+
+
+def _policy_node(ns: NsNode) -> Node:
+    """The tracer's view of a name-space node."""
+    return Node(
+        kind=Kind(stat.S_IFMT(ns.mode)),
+        mode=stat.S_IMODE(ns.mode),
+        size=ns.size,
+        ino=ns.ino,
+        nlink=ns.nlink,
+        mtime_ns=ns.mtime * 1_000_000_000 + ns.mtime_ns,
+        rdev=ns.rdev,
+        target=ns.target or b"",
+        volatile=ns.env_dependent,
+        xattrs=(ns.entry.xattr_blob or b"") if ns.entry is not None else b"",
+    )

@@ -280,6 +280,28 @@ class Namespace:
 
         EXDEV means the path resolves outside the mount (not ours to list).
         """
+        got = self.children(path, env)
+        if isinstance(got, int):
+            return got
+        node, kids = got
+        if node.repo is None:
+            out = [(b".", DT_DIR, self.mount_ino), (b"..", DT_DIR, self.parent_ino)]
+            for name in self.repos.names():
+                out.append((name.encode(_ENC, _ERRORS), DT_DIR, inode_number(name, "")))
+            return out
+        assert node.entry is not None
+        rel = node.entry.path
+        parent_rel = rel.rsplit("/", 1)[0]
+        parent_ino = self.mount_ino if rel == "" else inode_number(node.repo, parent_rel)
+        out = [(b".", DT_DIR, node.ino), (b"..", DT_DIR, parent_ino)]
+        out += [(name, d_type_of(kid.mode), kid.ino) for name, kid in kids]
+        return out
+
+    def children(
+        self, path: bytes, env: Mapping[str, str] = _EMPTY_ENV
+    ) -> tuple[Node, list[tuple[bytes, Node]]] | int:
+        """A directory and the nodes of its entries (none for the mount itself, whose
+        entries are the repositories); or an errno (EXDEV: outside the mount)."""
         node = self.resolve(path, True, env)
         if isinstance(node, int):
             return node
@@ -288,32 +310,25 @@ class Namespace:
         if node.kind != "dir":
             return errno.ENOTDIR
         if node.repo is None:
-            out = [(b".", DT_DIR, self.mount_ino), (b"..", DT_DIR, self.parent_ino)]
-            for name in self.repos.names():
-                out.append((name.encode(_ENC, _ERRORS), DT_DIR, inode_number(name, "")))
-            return out
+            return node, []
         assert node.entry is not None
-        rel = node.entry.path
         try:
-            repo = self.repos.get(node.repo)
-            children = repo.listing(rel)
+            children = self.repos.get(node.repo).listing(node.entry.path)
         except OSError as e:
             log.warning("%s: cannot list: %s", path.decode(_ENC, _ERRORS), e)
             return e.errno or errno.EIO
-        parent_rel = rel.rsplit("/", 1)[0]
-        parent_ino = self.mount_ino if rel == "" else inode_number(node.repo, parent_rel)
-        out = [(b".", DT_DIR, node.ino), (b"..", DT_DIR, parent_ino)]
         # whoever lists a directory looks at its entries next (ls -l, an import, the
         # tracer answering them ahead): their answers are in this listing already, so
         # resolving them must not ask the catalog again, one by one
-        prefill = not node.env_dependent and _normal(path)
+        prefill = not node.env_dependent and is_normal_path(path)
+        kids: list[tuple[bytes, Node]] = []
         for c in children:
             cname = c.name.encode(_ENC, _ERRORS)
             child = self._entry_node(node.repo, c.path, c, env, False)
-            out.append((cname, d_type_of(c.mode), child.ino))
+            kids.append((cname, child))
             if prefill and not child.env_dependent:
                 self._answers[(path + b"/" + cname, False)] = child
-        return out
+        return node, kids
 
     def stat_values(self, node: Node, uid: int | None = None, gid: int | None = None) -> StatValues:
         """``struct stat`` for a node; uid/gid default to the node's (the caller's)."""
@@ -461,7 +476,7 @@ def access_decision(mode: int, node: Node | int, uid: int | None = None) -> int 
     return None
 
 
-def _normal(path: bytes) -> bool:
+def is_normal_path(path: bytes) -> bool:
     """An absolute path with no empty, ``.`` or ``..`` component and no trailing slash: one
     that names what its string says, so answers may be filed under it."""
     return (
