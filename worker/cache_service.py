@@ -57,7 +57,7 @@ from worker.fetcher import Fetcher, FetchError, object_url
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.ramfiles import RamFiles, fill_sealed_memfd
 from worker.repository import RepositoryError, fill_chunks, load_whole
-from worker.repository_files import MetaError, RepositoryFiles
+from worker.repository_files import RepositoryFiles
 
 log = logging.getLogger("hep_exec.cache_service")
 
@@ -406,7 +406,7 @@ class CacheService:
         certificates kept (they are named by their content), the manifest always fresh."""
         try:
             data = self.meta.get(fqrn, path)
-        except MetaError as e:
+        except RepositoryError as e:
             with contextlib.suppress(OSError):
                 self._send(
                     conn,

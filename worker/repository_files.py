@@ -18,24 +18,13 @@ from typing import TYPE_CHECKING
 from cvmfs_format.errors import FormatError
 from cvmfs_format.objects import Suffix, parse_object_path
 from worker.fetcher import FetchError, NotFound, object_url
-from worker.repository import REPOSITORY_NAME, manifest_check
+from worker.repository import REPOSITORY_NAME, RepositoryError, manifest_check
 
 if TYPE_CHECKING:
     from worker.repository import ObjectSource
 
 UNHASHED = (".cvmfspublished", ".cvmfswhitelist")
 KEPT_BYTES = 256 << 20  # catalogs and certificates kept (compressed, as stored)
-
-
-class MetaError(OSError):
-    """A repository file that cannot be had; ``str()`` is one line naming it."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(err, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def is_repository_file(fqrn: str, path: str) -> bool:
@@ -62,9 +51,10 @@ class RepositoryFiles:
         self.hits = 0
 
     def get(self, fqrn: str, path: str) -> bytes:
-        """The stored (verified, for hashed files) bytes; MetaError with errno otherwise."""
+        """The stored (verified, for hashed files) bytes; RepositoryError (errno, one line)
+        otherwise."""
         if not is_repository_file(fqrn, path):
-            raise MetaError(errno.EINVAL, f"{fqrn}/{path}: not a repository file")
+            raise RepositoryError(errno.EINVAL, f"{fqrn}/{path}: not a repository file")
         key = (fqrn, path)
         with self._lock:
             data = self._kept.get(key)
@@ -79,9 +69,9 @@ class RepositoryFiles:
                 return self.fetcher.get(object_url(fqrn, path), None, what, check)
             data = self.fetcher.get(object_url(fqrn, path), parse_object_path(path).hash, what)
         except NotFound as e:
-            raise MetaError(errno.ENOENT, str(e)) from None
+            raise RepositoryError(errno.ENOENT, str(e)) from None
         except FetchError as e:
-            raise MetaError(errno.EIO, str(e)) from None
+            raise RepositoryError(errno.EIO, str(e)) from None
         if len(data) <= self.kept_bytes:
             with self._lock:
                 if key not in self._kept:

@@ -14,7 +14,8 @@ from cvmfs_format.proxies import parse_proxies
 from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
 from worker.fetcher import Fetcher
-from worker.repository_files import MetaError, RepositoryFiles, is_repository_file
+from worker.repository import RepositoryError
+from worker.repository_files import RepositoryFiles, is_repository_file
 
 FQRN = "meta.example.org"
 
@@ -73,14 +74,14 @@ def test_errors_are_one_line_with_an_errno(
 ) -> None:
     _, fetcher = served
     files = RepositoryFiles(fetcher)
-    with pytest.raises(MetaError) as e:
+    with pytest.raises(RepositoryError) as e:
         files.get("other.example.org", ".cvmfspublished")
     assert e.value.errno == errno.ENOENT and "other.example.org" in str(e.value)
-    with pytest.raises(MetaError) as e:
+    with pytest.raises(RepositoryError) as e:
         files.get(FQRN, "../../etc/passwd")
     assert e.value.errno == errno.EINVAL
     assert str(e.value) == f"{FQRN}/../../etc/passwd: not a repository file"
     missing = "data/00/" + "0" * 38 + "C"
-    with pytest.raises(MetaError) as e:
+    with pytest.raises(RepositoryError) as e:
         files.get(FQRN, missing)
     assert e.value.errno == errno.ENOENT and "\n" not in str(e.value)
