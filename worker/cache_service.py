@@ -406,18 +406,15 @@ class CacheService:
         certificates kept (they are named by their content), the manifest always fresh."""
         try:
             data = self.meta.get(fqrn, path)
-        except RepositoryError as e:
+            fd = fill_sealed_memfd(f"{fqrn}/{path}", len(data), lambda out: out.write_at(0, data))
+        except OSError as e:  # RepositoryError too: the job then fetches it itself
+            why = str(e) if isinstance(e, RepositoryError) else f"{fqrn}/{path}: {e.strerror}"
             with contextlib.suppress(OSError):
                 self._send(
                     conn,
                     {"op": "meta", "ok": False, "fqrn": fqrn, "path": path, "errno": e.errno,
-                     "error": str(e)},
+                     "error": why},
                 )  # fmt: skip
-            return
-        try:
-            fd = fill_sealed_memfd(f"{fqrn}/{path}", len(data), lambda out: out.write_at(0, data))
-        except OSError as e:
-            log.warning("%s/%s: cannot hand over (%s)", fqrn, path, e.strerror)
             return
         try:
             reply = {"op": "meta", "ok": True, "fqrn": fqrn, "path": path, "size": len(data)}
