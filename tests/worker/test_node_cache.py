@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from tests.support.network import dead_url
 from tests.support.proxy_process import ProxyProcess, start_proxy
 from tests.support.repos import PROJECT, Repo, publish_tree
 from tests.support.store_server import StoreServer
@@ -455,6 +456,29 @@ def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
             assert (received, ahead) == (0, len(paths)), err
     # each object fetched once; and per job the manifest, the catalog once (kept)
     assert service_stats(cache_dir)["requests"] == len(paths) + 2 + 1
+
+
+def test_a_service_that_cannot_reach_the_repository_leaves_jobs_their_own_way(
+    tracing, tree, server, cache_dir
+) -> None:
+    """The node's service fetches a job's repository files (manifest, catalogs) and objects
+    for it; a service that cannot (it was started with proxies that are down) answers with the
+    error, and the job fetches them through its own proxies: right bytes, one log line each,
+    no long wait."""
+    paths = sorted(p for p in tree.digests if "/lib/pkg2/" in p)
+    dead = ["--proxy", dead_url(), "--cache-dir", str(cache_dir), "--ram", RAM]
+    with running_service(dead, cache_dir):
+        job = Job(job_argv(server, cache_dir), paths)
+        job.expect("ready")
+        job.go()
+        out = job.expect("files")["files"]
+        assert all(out[p].get("sha256") == tree.digests[p] for p in paths)
+        err = job.finish()
+        assert "0 objects received" in shared_line(err), err
+        assert err.count("fetching it here") == len(paths) and "Traceback" not in err, err
+        # the job fetched the objects, the manifest and the catalog itself
+        m = re.search(r"fetch: (\d+) requests", err)
+        assert m and int(m.group(1)) == len(paths) + 2, err
 
 
 def test_idle_exit_and_explicit_start(tree, server, cache_dir, tmp_path: Path) -> None:
