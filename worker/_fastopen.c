@@ -317,9 +317,11 @@ void fo_withdraw_all(void)
 
 void fo_counts(unsigned long long *hits, unsigned long long *misses,
                unsigned long long *stat_hits, unsigned long long *stat_misses,
-               unsigned long long *patched, unsigned long long *injected)
+               unsigned long long *patched, unsigned long long *injected,
+               unsigned long long *host)
 {
     fo_counters_t *c = shm ? (fo_counters_t *)(shm + FO_CNT_OFF) : NULL;
+    *host = c ? __atomic_load_n(&c->host, __ATOMIC_RELAXED) : 0;
     *hits = c ? __atomic_load_n(&c->hits, __ATOMIC_RELAXED) : 0;
     *misses = c ? __atomic_load_n(&c->misses, __ATOMIC_RELAXED) : 0;
     *stat_hits = c ? __atomic_load_n(&c->stat_hits, __ATOMIC_RELAXED) : 0;

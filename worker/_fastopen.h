@@ -77,6 +77,7 @@ typedef struct {
     uint64_t hits;   /* opens done in-process */
     uint64_t misses; /* opens from patched sites handed on to the tracer */
     uint64_t stat_hits, stat_misses; /* the same for stat, lstat, fstat */
+    uint64_t host;   /* calls on host paths made here, which the tracer would let through */
 } fo_counters_t;
 
 /* fo_setup's arguments and results (in the tracee's stack, below its red zone). */

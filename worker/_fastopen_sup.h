@@ -23,7 +23,8 @@ void fo_withdraw_file(uint64_t dev, uint64_t ino);
 void fo_withdraw_all(void);
 void fo_counts(unsigned long long *hits, unsigned long long *misses,
                unsigned long long *stat_hits, unsigned long long *stat_misses,
-               unsigned long long *patched, unsigned long long *injected);
+               unsigned long long *patched, unsigned long long *injected,
+               unsigned long long *host);
 int fo_exec(pid_t pid, int *other); /* 1: handle waitpid status *other instead */
 void fo_fork(pid_t parent, pid_t child);
 void fo_gone(pid_t tid);

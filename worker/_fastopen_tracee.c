@@ -359,6 +359,38 @@ __attribute__((used, noinline, noclone)) static void fo_setup(fo_setup_t *a)
         __asm__ volatile("" ::: "memory"); /* never resumed past the int3 */
 }
 
+/* A path the tracer lets through untouched when the kernel finds it: absolute, outside the
+ * mount, not under /proc or /dev (magic links the tracer maps: /proc/self/exe, fd links into
+ * the mirror, /dev/fd/N ...). */
+static int host_path(const char *base, const char *p)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    if (!p || p[0] != '/')
+        return 0;
+    unsigned long i = 0;
+    while (i < h->mount_len && p[i] == h->mount[i])
+        i++;
+    if (i == h->mount_len)
+        return 0; /* the mount, or a name that starts like it: the tracer's */
+    if ((p[1] == 'p' && p[2] == 'r' && p[3] == 'o' && p[4] == 'c') ||
+        (p[1] == 'd' && p[2] == 'e' && p[3] == 'v'))
+        return 0;
+    return 1;
+}
+
+/* The path argument of the calls fo_main handles, or NULL. */
+static const char *path_of(long nr, const long *a)
+{
+    switch (nr) {
+    case 2: case 4: case 6: case 21: case 89: case 191: case 192: case 194: case 195:
+        return (const char *)a[0];
+    case 257: case 262: case 267: case 269: case 332: case 439:
+        return (const char *)a[1];
+    default:
+        return 0;
+    }
+}
+
 static long fo_main(const char *base, long nr, const long *a)
 {
     int done = 0;
@@ -419,5 +451,20 @@ static long fo_main(const char *base, long nr, const long *a)
     }
     if (done)
         return r;
+    /* A host path: made here, with the cookie (none of these calls has a sixth argument),
+     * as the tracer would let it through.  Only ENOENT and ENOTDIR are asked again: the
+     * tracer then looks for a host symlink leading into the mount (the kernel cannot follow
+     * it there), and a write through one must fail with EROFS, not create anything. */
+    const char *p = path_of(nr, a);
+    long oflags = nr == 2 ? a[1] : nr == 257 ? a[2] : 0;
+    if (p && !(oflags & FO_REFUSE) && !(nr == 262 && (a[3] & AT_EMPTY_PATH_)) &&
+        host_path(base, p)) {
+        r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
+        if (r != -ENOENT_ && r != -20 /* ENOTDIR */) {
+            __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1,
+                               __ATOMIC_RELAXED);
+            return r;
+        }
+    }
     return fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
 }

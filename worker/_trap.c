@@ -2943,14 +2943,15 @@ static PyObject *stats_dict(size_t cached, const char *mode)
         Py_DECREF(k);
         Py_DECREF(v);
     }
-    unsigned long long fh, fm, sh, sm, fp, fi;
-    fo_counts(&fh, &fm, &sh, &sm, &fp, &fi);
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K}",
+    unsigned long long fh, fm, sh, sm, fp, fi, fho;
+    fo_counts(&fh, &fm, &sh, &sm, &fp, &fi, &fho);
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "trapped", per, "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls,
                          "absent", n_absent, "cached",
                          (Py_ssize_t)cached, "notified", n_notified, "mode", mode,
                          "inproc_opens", fh, "inproc_misses", fm, "inproc_stats", sh,
-                         "inproc_stat_misses", sm, "inproc_sites", fp, "inproc_images", fi);
+                         "inproc_stat_misses", sm, "inproc_sites", fp, "inproc_images", fi,
+                         "inproc_host", fho);
 }
 
 static char **to_cstrings(PyObject *seq)

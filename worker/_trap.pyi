@@ -20,6 +20,7 @@ class RawStats(TypedDict):
     inproc_stat_misses: int
     inproc_sites: int
     inproc_images: int
+    inproc_host: int
 
 def run(
     argv: Sequence[bytes],

@@ -99,6 +99,7 @@ class Stats:
     inproc_stat_misses: int = 0  # the same handed on to the tracer
     inproc_sites: int = 0  # call sites patched to call the in-process handler
     inproc_images: int = 0  # exec'd images the handler was mapped into
+    inproc_host: int = 0  # calls on host paths made inside tracees (no trap)
 
     def format(self) -> str:
         """Human-readable lines for ``--stats``."""
@@ -115,8 +116,8 @@ class Stats:
             lines.append(
                 f"in-process opens: {self.inproc_opens} (not trapped; {self.inproc_misses} "
                 f"handed to the tracer), stats: {self.inproc_stats} ({self.inproc_stat_misses} "
-                f"handed to the tracer); {self.inproc_sites} call sites patched in "
-                f"{self.inproc_images} program images"
+                f"handed to the tracer), host paths: {self.inproc_host}; {self.inproc_sites} "
+                f"call sites patched in {self.inproc_images} program images"
             )
         return "\n".join(lines)
 
@@ -832,6 +833,7 @@ def run(
         inproc_stat_misses=raw["inproc_stat_misses"],
         inproc_sites=raw["inproc_sites"],
         inproc_images=raw["inproc_images"],
+        inproc_host=raw["inproc_host"],
     )
     return Result(status, stats)
 

@@ -652,3 +652,66 @@ def test_proc_self_exe_after_fexecve_names_the_cvmfs_path(job: Job) -> None:
         check=True,
     )
     assert native.stdout == str(job.src / "bin" / "showexe") + "\n"
+
+
+HOST_PATHS = """
+import os, sys
+root, host = sys.argv[1], sys.argv[2]
+for _ in range(3):  # the second call of each is answered from the C cache: its site is patched
+    os.stat(root + "/data/h1")
+    os.close(os.open(root + "/data/h1", os.O_RDONLY))
+out = []
+for p in (host + "/plain", host + "/into", host + "/into-dir/h1", host + "/missing"):
+    try:
+        st = os.stat(p)
+        with open(p, "rb") as f:
+            out.append(f"{os.path.basename(p)} {st.st_size} {f.read()!r}")
+    except OSError as e:
+        out.append(f"{os.path.basename(p)} {e.strerror}")
+for p in (host + "/into", host + "/into-dir/new"):
+    try:
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT, 0o644))
+        out.append("created " + os.path.basename(p))
+    except OSError as e:
+        out.append(f"write {os.path.basename(p)} {e.strerror}")
+print(out)
+"""
+
+
+def test_host_paths_from_patched_call_sites_keep_the_tracers_meaning(
+    job: Job, tmp_path: Path, trap_mode: str
+) -> None:
+    """Calls on host paths from a patched call site are made inside the program (no trap);
+    a host symlink into /cvmfs (which the kernel cannot follow) must still read the
+    repository, a missing host path still be ENOENT, and a write through such a link EROFS."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "plain").write_bytes(b"on the host\n")
+    (host / "into").symlink_to(f"{ROOT}/data/h1")
+    (host / "into-dir").symlink_to(f"{ROOT}/data")
+    r = subprocess.run(
+        hep_exec_cmd(
+            job.proxy,
+            ["python3", "-c", HOST_PATHS, ROOT, str(host)],
+            keys=job.key,
+            options=["--stats"],
+        ),
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(
+        [
+            "plain 12 b'on the host\\n'",
+            "into 6 b'hello\\n'",
+            "h1 6 b'hello\\n'",
+            "missing No such file or directory",
+            "write into Read-only file system",
+            "write new Read-only file system",
+        ]
+    )
+    if "trap mode: seccomp-notify" in r.stderr:
+        m = re.search(r"host paths: (\d+)", r.stderr)
+        assert m and int(m.group(1)) > 0, r.stderr
