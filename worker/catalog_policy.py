@@ -205,10 +205,13 @@ class CatalogPolicy:
         self._tomb.close()
 
 
+_KINDS = {k.value: k for k in Kind}
+
+
 def _policy_node(ns: NsNode) -> Node:
     """The tracer's view of a name-space node."""
     return Node(
-        kind=Kind(stat.S_IFMT(ns.mode)),
+        kind=_KINDS[stat.S_IFMT(ns.mode)],
         mode=stat.S_IMODE(ns.mode),
         size=ns.size,
         ino=ns.ino,

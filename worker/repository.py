@@ -197,6 +197,11 @@ class MountedRepository:
             except FormatError as e:
                 raise RepositoryError(errno.EIO, f"{self.fqrn}:{relpath}: {e}") from None
             self._listings[relpath] = entries
+            # their look-ups follow (stat, open); not directories: a nested catalog's
+            # mountpoint is looked up in the nested catalog, where its root entry is
+            for child in entries:
+                if not child.is_dir and child.path not in self._lookups:
+                    self._lookups[child.path] = child
             return entries
 
     def chunks(self, relpath: str) -> list[Chunk]:
