@@ -295,6 +295,15 @@ def ram_files(pids: list[int]) -> dict[tuple[int, int], tuple[int, int]]:
     return seen
 
 
+def read_all(job: Job, tree: Tree) -> str:
+    """Let a job read its files at once; check their bytes; its stderr once it has ended."""
+    job.expect("ready")
+    job.go()
+    out = job.expect("files")["files"]
+    assert all(f.get("sha256") == tree.digests[p] for p, f in out.items()), out
+    return job.finish()
+
+
 def answered_ahead(stderr: str) -> int:
     """``--stats``: opens offered before they were asked (objects the node held)."""
     m = re.search(r"opens answered ahead (\d+)", stderr)
@@ -439,12 +448,7 @@ def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
     and no fetch, and the right bytes; neither job fetches anything itself."""
     paths = sorted(p for p in tree.digests if "/lib/pkg1/" in p or "/data/d3/" in p)
     for expect_received in (True, False):
-        job = Job(job_argv(proxy, cache_dir), paths)
-        job.expect("ready")
-        job.go()
-        out = job.expect("files")["files"]
-        assert all(out[p].get("sha256") == tree.digests[p] for p in paths)
-        err = job.finish()
+        err = read_all(Job(job_argv(proxy, cache_dir), paths), tree)
         m = re.search(r"(\d+) objects received", shared_line(err))
         assert m, err
         received, ahead = int(m.group(1)), answered_ahead(err)
@@ -468,12 +472,7 @@ def test_a_service_that_cannot_reach_the_repository_leaves_jobs_their_own_way(
     paths = sorted(p for p in tree.digests if "/lib/pkg2/" in p)
     dead = ["--proxy", dead_url(), "--cache-dir", str(cache_dir), "--ram", RAM]
     with running_service(dead, cache_dir):
-        job = Job(job_argv(server, cache_dir), paths)
-        job.expect("ready")
-        job.go()
-        out = job.expect("files")["files"]
-        assert all(out[p].get("sha256") == tree.digests[p] for p in paths)
-        err = job.finish()
+        err = read_all(Job(job_argv(server, cache_dir), paths), tree)
         assert "0 objects received" in shared_line(err), err
         assert err.count("fetching it here") == len(paths) and "Traceback" not in err, err
         # the job fetched the objects, the manifest and the catalog itself
