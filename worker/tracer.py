@@ -322,20 +322,23 @@ class Session:
         target = self._writable(self.shadow_of(path))
         try:
             os.makedirs(target, exist_ok=True)
-            for e in entries:
-                p = target + b"/" + e.name
-                if e.kind == Kind.DIR:
-                    os.makedirs(p, exist_ok=True)
-                elif e.kind == Kind.LNK:
-                    if not os.path.lexists(p):
-                        os.symlink(b".", p)
-                elif e.kind == Kind.FIFO:
-                    if not os.path.lexists(p):
-                        os.mkfifo(p)
-                else:
-                    os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
-            os.chmod(target, node.mode & 0o7777)
-            os.utime(target, ns=(node.mtime_ns, node.mtime_ns))
+            # one syscall per entry, relative to the directory (a large listing: 20,000)
+            dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for e in entries:
+                    with contextlib.suppress(FileExistsError):
+                        if e.kind == Kind.DIR:
+                            os.mkdir(e.name, 0o755, dir_fd=dfd)
+                        elif e.kind == Kind.LNK:
+                            os.symlink(b".", e.name, dir_fd=dfd)
+                        elif e.kind == Kind.FIFO:
+                            os.mkfifo(e.name, 0o600, dir_fd=dfd)
+                        else:
+                            os.mknod(e.name, stat.S_IFREG | 0o600, dir_fd=dfd)
+                os.chmod(dfd, node.mode & 0o7777)
+                os.utime(dfd, ns=(node.mtime_ns, node.mtime_ns))
+            finally:
+                os.close(dfd)
         except OSError as e:
             log.warning("shadow tree: %s: %s", os.fsdecode(target), e.strerror)
             return errno.EIO
