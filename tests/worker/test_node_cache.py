@@ -480,6 +480,52 @@ def test_a_service_that_cannot_reach_the_repository_leaves_jobs_their_own_way(
         assert m and int(m.group(1)) == len(paths) + 2, err
 
 
+def test_a_new_revision_reaches_new_jobs_and_never_a_running_one(
+    tracing, tmp_path: Path, cache_dir: Path
+) -> None:
+    """A revision published while a job runs: the running job keeps the revision it mounted
+    (its later opens and its answers ahead included), a new job on the same node gets the new
+    one, though the node's service keeps catalogs and names objects by content."""
+    src, store, keys = tmp_path / "src", tmp_path / "store", tmp_path / "keys"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"one\n")
+    (src / "d" / "h").write_bytes(b"first\n")
+    publish_tree(src, store, FQRN, keys)
+    paths = ["/d/f", "/d/h", "/d/g"]
+    server = StoreServer(store)
+    try:
+        running = Job(job_argv(server, cache_dir), paths, hold_after=1)
+        running.expect("ready")
+        running.go()
+        running.expect("holding")  # /d/f read: revision 1 mounted, /d answered ahead
+        (src / "d" / "f").write_bytes(b"two\n")
+        (src / "d" / "h").write_bytes(b"second\n")
+        (src / "d" / "g").write_bytes(b"new\n")
+        publish_tree(src, store, FQRN, keys)
+        new = Job(job_argv(server, cache_dir), paths)
+        new.expect("ready")
+        new.go()
+        later = new.expect("files")["files"]
+        new.finish()
+        running.go()
+        first = running.expect("files")["files"]
+        running.finish()
+    finally:
+        server.stop()
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    assert first["/d/f"]["sha256"] == digest(b"one\n")
+    assert first["/d/h"]["sha256"] == digest(b"first\n")  # opened after the new revision
+    assert "FileNotFoundError" in first["/d/g"]["error"]
+    assert [later[p]["sha256"] for p in paths] == [
+        digest(b"two\n"),
+        digest(b"second\n"),
+        digest(b"new\n"),
+    ]
+
+
 def test_idle_exit_and_explicit_start(tree, server, cache_dir, tmp_path: Path) -> None:
     """``python -m worker.cache_service``: a second start leaves the live one alone; a
     connected client keeps it past ``--cache-idle``; it exits that long after the last one
