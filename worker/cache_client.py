@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hep_exec.cache_client")
 _META_TIMEOUT = 60.0  # a catalog may be large and its fetch slow; the service bounds it too
-_META_MAX = 1 << 32
+_META_MAX = 1 << 30  # bytes of one repository file handed over (catalogs can be large)
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _START_TIMEOUT = 30.0
 

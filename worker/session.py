@@ -58,7 +58,8 @@ class WorkerSession:
         raise_fd_limit()
         self.cache = RamCache(config.ram_bytes, files=files)
         # with a node service, a repository's own files come through it (no HTTP client here)
-        source = ServiceFirst(self.shared, self.fetcher) if self.shared else self.fetcher
+        self.service_first = ServiceFirst(self.shared, self.fetcher) if self.shared else None
+        source = self.service_first or self.fetcher
         self.repos = Repositories(source, self.master_keys, self.cache, config.repositories)
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
         self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here
@@ -172,6 +173,8 @@ class WorkerSession:
             svc = self.shared.stats()
             out.append(
                 f"shared cache: {self.shared.opens} objects received, "
+                f"{self.service_first.from_service if self.service_first else 0} repository "
+                "files handed over, "
                 f"{self.shared.pushed} pushed by prefetch, {self.shared.local_hits} local hits, "
                 f"{self.shared.fallbacks} private fallbacks, "
                 f"{'tmpfs files opened by name' if self.shared.names_dir is not None else 'memfds'}"

@@ -454,6 +454,7 @@ def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
         received, ahead = int(m.group(1)), answered_ahead(err)
         # the job has no HTTP client of its own: the service fetched the catalog for it too
         assert "fetch: 0 requests" in err, err
+        assert "2 repository files handed over" in shared_line(err), err  # manifest, catalog
         if expect_received:  # a cold node: everything came through the service
             assert (received, ahead) == (len(paths), 0), err
         else:
@@ -473,7 +474,7 @@ def test_a_service_that_cannot_reach_the_repository_leaves_jobs_their_own_way(
     dead = ["--proxy", dead_url(), "--cache-dir", str(cache_dir), "--ram", RAM]
     with running_service(dead, cache_dir):
         err = read_all(Job(job_argv(server, cache_dir), paths), tree)
-        assert "0 objects received" in shared_line(err), err
+        assert "0 objects received, 0 repository files handed over" in shared_line(err), err
         assert err.count("fetching it here") == len(paths) and "Traceback" not in err, err
         # the job fetched the objects, the manifest and the catalog itself
         m = re.search(r"fetch: (\d+) requests", err)
