@@ -31,13 +31,11 @@ from dataclasses import dataclass
 
 from lru import LRU
 
-from worker.cache_client import object_spec
 from worker.namespace import Node as NsNode
 from worker.namespace import is_normal_path
 from worker.policy import Entry, Kind, Node, Opened
 from worker.ramcache import CachedObject
 from worker.ramfiles import fd_path, named_path
-from worker.repository import RepositoryError
 from worker.session import WorkerSession
 from worker.tracee_env import LazyEnviron
 from worker.tracer import forget
@@ -158,18 +156,16 @@ class CatalogPolicy:
             ns = self._resolve(pid, path)
             if isinstance(ns, int) or ns.kind != "file" or ns.entry is None or ns.repo is None:
                 continue
-            try:
-                spec = object_spec(self.session.repos.get(ns.repo), ns.entry.path)
-            except RepositoryError:
+            entry = ns.entry
+            if not entry.is_regular or entry.is_external:
                 continue
-            if spec is None:
+            try:  # the service's key: the content hash, or the chunk list's digest
+                key = self.session.repos.get(ns.repo).object_key(entry)
+                st = os.stat(key, dir_fd=names)
+            except OSError:  # RepositoryError too; or not on this node (yet): the open fetches
                 continue
-            try:
-                st = os.stat(spec.key, dir_fd=names)
-            except OSError:
-                continue  # not on this node (yet): its open fetches it
-            if st.st_size == spec.size:
-                out[path] = Opened(named_path(names, spec.key).encode(), stable=True)
+            if st.st_size == entry.size:
+                out[path] = Opened(named_path(names, key).encode(), stable=True)
         return out
 
     def _unpin(self, now: float, budget: int, grace: float) -> None:
