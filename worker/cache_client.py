@@ -21,12 +21,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cvmfs_format.catalog import DirEntry
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
-from cvmfs_format.objects import verify_stored
 from worker.cache_protocol import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -46,13 +45,11 @@ from worker.cache_service import (
     peer_credentials,
 )
 from worker.config import ExecConfig
+from worker.fetcher import Fetcher, check_stored
 from worker.ramcache import CachedObject
 from worker.ramfiles import named_path
 from worker.repository import MountedRepository, RepositoryError
 from worker.repository_files import is_repository_file
-
-if TYPE_CHECKING:
-    from worker.fetcher import Fetcher
 
 log = logging.getLogger("hep_exec.cache_client")
 _META_TIMEOUT = 60.0  # a catalog may be large and its fetch slow; the service bounds it too
@@ -127,10 +124,7 @@ class ServiceFirst:
             data = self.client.meta(fqrn, path)
             if data is not None:
                 try:
-                    if expected is not None:
-                        verify_stored(data, expected, what)
-                    if check is not None:
-                        check(data)
+                    check_stored(data, expected, what, check)
                 except FormatError as e:
                     log.warning("%s from the cache service: %s; fetching it here", what, e)
                 else:

@@ -399,10 +399,7 @@ class Fetcher:
             raise _Attempt(f"{type(e).__name__}: {e}"[:200], proxy_fault=True) from None
         self.stats.bytes_fetched += len(data)
         try:
-            if expected is not None:
-                verify_stored(data, expected, what)
-            if check is not None:
-                check(data)
+            check_stored(data, expected, what, check)
         except FormatError as e:
             state.corrupt += 1
             self.stats.corrupt += 1
@@ -438,6 +435,17 @@ class Fetcher:
             return list(await asyncio.gather(*(one(s) for s in self._states)))
 
         return self._call(all_of())
+
+
+def check_stored(
+    data: bytes, expected: ContentHash | None, what: str, check: Check | None = None
+) -> None:
+    """The checks every answer passes before anyone sees it, wherever it came from: its
+    content hash, and ``check`` for unhashed files; FormatError says what is wrong."""
+    if expected is not None:
+        verify_stored(data, expected, what)
+    if check is not None:
+        check(data)
 
 
 def object_url(fqrn: str, relpath: str) -> str:

@@ -401,7 +401,8 @@ class Session:
             return {}
         if not listed and len(entries) > MAX_AHEAD:
             return {}
-        known: Action = (True, Act.RETURN, 0, None, None, None)
+        known: Action = (True, Act.RETURN, 0, None, None, None)  # also: no xattrs (0 bytes)
+        no_xattr: Action = (True, Act.RETURN, -errno.ENODATA, None, None, None)
         answers: list[tuple[int, int, bytes, Action]] = []
         if stats:
             answers.append((Cls.LISTED, 0, directory, known))
@@ -420,8 +421,7 @@ class Session:
             if not stats:
                 continue
             st: Action = (True, Act.STAT, 0, None, self._stat_tuple(node), None)
-            nodata: Action = (True, Act.RETURN, -errno.ENODATA, None, None, None)
-            none: Action = (True, Act.RETURN, 0, None, None, None)
+            nodata, none = no_xattr, known
             if node.xattrs:
                 nodata = none = (True, Act.XATTRS, 0, node.xattrs, None, None)
             for follow in (False, True) if node.kind != Kind.LNK else (False,):
