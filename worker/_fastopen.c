@@ -173,6 +173,7 @@ int fo_init(const char *mount, size_t mount_n)
     hdr->cookie = cookie;
     hdr->epoch = 1;
     hdr->mount_len = (uint32_t)mount_n;
+    hdr->uid = (uint32_t)getuid();
     memcpy(hdr->mount, mount, mount_n);
     nused = arena_used = 0;
     n_patched = n_injected = 0;

@@ -44,6 +44,8 @@ enum {
     FO_READLINK = 7,   /* readlink: the link's bytes (data_len of them), or an errno */
     FO_XATTR = 8,      /* getxattr of any name (+1: lgetxattr): an errno (no attributes) */
     FO_XATTR_LIST = 10, /* listxattr (+1: llistxattr): 0 (none), or an errno */
+    FO_NOXATTR = 12,   /* a directory whose entries have no xattrs but those published:
+                        * present or not (xattr calls on entries with a published lstat) */
     FO_ACCESS = 16,    /* + mode (0-7) + 8 for AT_SYMLINK_NOFOLLOW: an errno (0: allowed) or a
                         * path to ask instead */
 };
@@ -71,6 +73,7 @@ typedef struct {
      * files; 0: unused).  fstat of anything else is the kernel's answer. */
     uint64_t ram_devs[4];
     uint32_t ram_devs_full; /* more than that: every fstat goes to the tracer */
+    uint32_t uid;           /* the tracer's (access(2) answers from a published stat) */
 } fo_hdr_t;
 
 typedef struct {

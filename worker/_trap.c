@@ -90,6 +90,9 @@ enum {
      * not named there does not exist: ENOENT without asking Python. */
     C_LISTED = 30,
     C_NAMED = 31,
+    /* a listed directory whose entries have no extended attributes but those answered
+     * (A_XATTRS): getxattr/listxattr of the others are answered in C (see derived) */
+    C_NOXATTR = 32,
 };
 /* Action kinds; must match worker/tracer.py (Act). */
 enum {
@@ -258,6 +261,11 @@ static int probe_notify(void)
 }
 
 /* ---------- answer cache ---------- */
+
+/* An entry's xattrs could not be published in-process: no directory says "no xattrs" there
+ * any more (FO_NOXATTR), or the handler would deny that entry's. */
+static int xattrs_unpublished;
+
 
 typedef struct {
     int kind;
@@ -1159,6 +1167,71 @@ static int absent_from_listing(const char *key, size_t kn)
            !cache_get(C_NAMED, 0, key, kn, fnv(C_NAMED, 0, key, kn));
 }
 
+/* The stat answer at hand for a path (C_STAT, `flags` 0 or F_NOFOLLOW), or NULL. */
+static const action_t *known_stat(const char *key, size_t kn, int flags)
+{
+    entry_t *s = cache_get(C_STAT, flags, key, kn, fnv(C_STAT, flags, key, kn));
+    return s && s->act.kind == A_STAT && s->act.st[0] ? &s->act : NULL;
+}
+
+/* Answers that follow from answers at hand, as Python would give them (worker/tracer.py):
+ * access and readlink of a path whose stat is known, ENOTDIR below a known non-directory.
+ * So a path answered ahead (a directory's entries, the node's answers) needs Python for
+ * none of these.  1 if *out is set. */
+static int derived(int cls, int flags, const char *key, size_t kn, action_t *out)
+{
+    memset(out, 0, sizeof *out);
+    out->kind = A_RETURN;
+    const char *slash = memrchr(key, '/', kn);
+    if (slash && slash != key && cls != C_EXEC && cls < C_WRITE && !(flags & F_PROCEXE)) {
+        const action_t *up = known_stat(key, (size_t)(slash - key), 0);
+        if (up && !S_ISDIR((mode_t)up->st[0])) {
+            out->ival = -ENOTDIR;
+            return 1;
+        }
+    }
+    if (cls == C_ACCESS && !(flags & ~(7 | F_NOFOLLOW))) {
+        const action_t *st = known_stat(key, kn, flags & F_NOFOLLOW);
+        if (!st)
+            return 0;
+        int want = flags & 7;
+        mode_t mode = (mode_t)st->st[0];
+        int ok;
+        if (want & W_OK) {
+            out->ival = -EROFS;
+            return 1;
+        }
+        if ((want & X_OK) && !(mode & 0111) && !S_ISDIR(mode))
+            ok = 0;
+        else if (getuid() == 0)
+            ok = !((want & X_OK) && !(mode & 0111));
+        else {
+            unsigned bits = (want & R_OK ? 4u : 0u) | (want & X_OK ? 1u : 0u);
+            ok = ((mode >> 6) & bits) == bits;
+        }
+        out->ival = ok ? 0 : -EACCES;
+        return 1;
+    }
+    if ((cls == C_XATTR_GET || cls == C_XATTR_LIST) && !(flags & ~F_NOFOLLOW) && slash &&
+        slash != key) {
+        const action_t *st = known_stat(key, kn, F_NOFOLLOW);
+        size_t pn = (size_t)(slash - key);
+        if (!st || (!(flags & F_NOFOLLOW) && S_ISLNK((mode_t)st->st[0])) ||
+            !cache_get(C_NOXATTR, 0, key, pn, fnv(C_NOXATTR, 0, key, pn)))
+            return 0;
+        out->ival = cls == C_XATTR_GET ? -ENODATA : 0;
+        return 1;
+    }
+    if (cls == C_READLINK && !flags) {
+        const action_t *st = known_stat(key, kn, F_NOFOLLOW);
+        if (!st || S_ISLNK((mode_t)st->st[0]))
+            return 0;
+        out->ival = -EINVAL;
+        return 1;
+    }
+    return 0;
+}
+
 /* Returns a pointer to a cached or temporary action (tmp); *argv_prefix set for A_EXEC. */
 static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t kn, action_t *tmp,
                         PyObject **argv_prefix)
@@ -1175,6 +1248,11 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
         memset(tmp, 0, sizeof *tmp);
         tmp->kind = A_RETURN;
         tmp->ival = -ENOENT;
+        cacheable = 1;
+        goto answered;
+    }
+    if (derived(cls, flags, key, kn, tmp)) {
+        n_absent++;
         cacheable = 1;
         goto answered;
     }
@@ -3729,6 +3807,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     threads = NULL;
     threads_cap = threads_used = 0;
     n_scratch = n_held = 0;
+    xattrs_unpublished = 0;
     free(pend.img);
     memset(&pend, 0, sizeof pend);
 
@@ -3756,6 +3835,81 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
  * holds 64k answers: a huge directory's later entries take the tracer's way).  Only during a
  * run, from the thread answering a call (it holds `big` and the GIL).
  */
+
+/* One answer given ahead; takes a->bval.  1 if it was taken. */
+static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a)
+{
+    uint64_t h = fnv(cls, flags, key, kn);
+    entry_t *e = NULL;
+    char *k = NULL;
+    if (cache_get(cls, flags, key, kn, h) || !(e = calloc(1, sizeof *e)) ||
+        !(k = malloc(kn + 1))) {
+        free(e);
+        free(a->bval);
+        return 0;
+    }
+    struct stat rs;
+    if (cls == C_OPEN) {
+        /* only a node cache service's objects by name, with the fstat answer: put
+         * ahead of any open, so never pinned (see stale_open) */
+        if (flags != 0 || a->kind != A_REDIRECT || !a->st[0] || !a->bval ||
+            !named_ram_file(a->bval) || stat(a->bval, &rs) != 0 || !S_ISREG(rs.st_mode)) {
+            free(e);
+            free(k);
+            free(a->bval);
+            return 0;
+        }
+        a->ram_dev = (uint64_t)rs.st_dev;
+        a->ram_ino = (uint64_t)rs.st_ino;
+    }
+    memcpy(k, key, kn);
+    k[kn] = 0;
+    e->hash = h;
+    e->cls = cls;
+    e->flags = flags;
+    e->key = k;
+    e->klen = kn;
+    e->act = *a;
+    cache_put(e);
+    a = &e->act;
+    if (!fo_enabled())
+        return 1;
+    if (cls == C_STAT && a->kind == A_STAT) {
+        struct stat st;
+        struct statx x;
+        fill_stat(a->st, &st);
+        fill_statx(a->st, &x);
+        int nofollow = flags & F_NOFOLLOW;
+        fo_publish(nofollow ? FO_LSTAT : FO_STAT, key, kn, &st, sizeof st, 0, 0, 0, 0);
+        fo_publish(nofollow ? FO_LSTATX : FO_STATX, key, kn, &x, sizeof x, 0, 0, 0, 0);
+    } else if (cls == C_NOXATTR) {
+        /* after its entries' answers: an entry with xattrs must be seen as such in-process
+         * (below) before its directory says the others have none */
+        if (!xattrs_unpublished)
+            fo_publish(FO_NOXATTR, key, kn, NULL, 0, 0, 0, 0, 0);
+    } else if ((cls == C_XATTR_GET || cls == C_XATTR_LIST) && a->kind == A_XATTRS) {
+        /* present, with data: the handler hands these calls to us (and derives nothing) */
+        unsigned kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) +
+                        (flags & F_NOFOLLOW ? 1 : 0);
+        if (!a->blen || !fo_publish(kind, key, kn, a->bval, a->blen, 0, 0, 0, 0))
+            xattrs_unpublished = 1;
+    } else if ((cls == C_XATTR_GET && a->kind == A_RETURN && a->ival < 0) ||
+               (cls == C_XATTR_LIST && a->kind == A_RETURN && a->ival == 0)) {
+        unsigned kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) +
+                        (flags & F_NOFOLLOW ? 1 : 0);
+        fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
+    } else if (cls == C_OPEN && ids_claim(a->ram_dev, a->ram_ino, a->st) == 0 &&
+               fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, a->ram_dev,
+                          a->ram_ino)) {
+        uint64_t id[2] = {a->ram_dev, a->ram_ino};
+        struct stat st;
+        fill_stat(a->st, &st);
+        fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, a->ram_dev,
+                   a->ram_ino);
+    }
+    return 1;
+}
+
 static PyObject *trap_put(PyObject *self, PyObject *args)
 {
     PyObject *items, *item;
@@ -3786,70 +3940,259 @@ static PyObject *trap_put(PyObject *self, PyObject *args)
             Py_DECREF(it);
             return NULL;
         }
-        uint64_t h = fnv(cls, flags, key, (size_t)kn);
-        entry_t *e = NULL;
-        char *k = NULL;
-        if (!cacheable || argv || cache_get(cls, flags, key, (size_t)kn, h) ||
-            !(e = calloc(1, sizeof *e)) || !(k = malloc((size_t)kn + 1))) {
-            free(e);
+        if (!cacheable || argv) {
             free(a.bval);
             Py_XDECREF(argv);
             continue;
         }
-        struct stat rs;
-        if (cls == C_OPEN) {
-            /* only a node cache service's objects by name, with the fstat answer: put
-             * ahead of any open, so never pinned (see stale_open) */
-            if (flags != 0 || a.kind != A_REDIRECT || !a.st[0] || !named_ram_file(a.bval) ||
-                stat(a.bval, &rs) != 0 || !S_ISREG(rs.st_mode)) {
-                free(e);
-                free(k);
-                free(a.bval);
-                continue;
-            }
-            a.ram_dev = (uint64_t)rs.st_dev;
-            a.ram_ino = (uint64_t)rs.st_ino;
-        }
-        memcpy(k, key, (size_t)kn);
-        k[kn] = 0;
-        e->hash = h;
-        e->cls = cls;
-        e->flags = flags;
-        e->key = k;
-        e->klen = (size_t)kn;
-        e->act = a;
-        cache_put(e);
-        n++;
-        if (!fo_enabled())
-            continue;
-        if (cls == C_STAT && a.kind == A_STAT) {
-            struct stat st;
-            struct statx x;
-            fill_stat(a.st, &st);
-            fill_statx(a.st, &x);
-            int nofollow = flags & F_NOFOLLOW;
-            fo_publish(nofollow ? FO_LSTAT : FO_STAT, key, (size_t)kn, &st, sizeof st, 0, 0, 0, 0);
-            fo_publish(nofollow ? FO_LSTATX : FO_STATX, key, (size_t)kn, &x, sizeof x, 0, 0, 0,
-                       0);
-        } else if ((cls == C_XATTR_GET && a.kind == A_RETURN && a.ival < 0) ||
-                   (cls == C_XATTR_LIST && a.kind == A_RETURN && a.ival == 0)) {
-            unsigned kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) +
-                            (flags & F_NOFOLLOW ? 1 : 0);
-            fo_publish(kind, key, (size_t)kn, NULL, 0, 0, (int)-a.ival, 0, 0);
-        } else if (cls == C_OPEN && ids_claim(a.ram_dev, a.ram_ino, a.st) == 0 &&
-                   fo_publish(FO_OPEN, key, (size_t)kn, a.bval, a.blen + 1, 1, 0, a.ram_dev,
-                              a.ram_ino)) {
-            uint64_t id[2] = {a.ram_dev, a.ram_ino};
-            struct stat st;
-            fill_stat(a.st, &st);
-            fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, a.ram_dev,
-                       a.ram_ino);
-        }
+        n += put_one(cls, flags, key, (size_t)kn, &a);
     }
     Py_DECREF(it);
     if (PyErr_Occurred())
         return NULL;
     return PyLong_FromLong(n);
+}
+
+/*
+ * Answers ahead that another job of this node can use (worker/node_answers.py): pack() turns
+ * the items put() takes into bytes, put_packed() puts them.  What differs between jobs is
+ * written as a reference to the job's own value: the uid, gid and st_dev in stat answers, and
+ * the directory through which the node cache service's objects are opened (`prefix`).  A
+ * record: u8 cls, u8 kind, u16 flags, u8 bits, 3 bytes 0, u32 key length, u32 bval length,
+ * i64 ival, [15 x i64 stat], key, bval.
+ */
+enum { PK_ST = 1, PK_BVAL = 2, PK_PREFIX = 4, PK_UID = 8, PK_GID = 16, PK_DEV = 32 };
+#define PK_HEAD 24
+#define PK_MAX_FIELD (1u << 20)
+
+/* What answers ahead are made of; anything else in packed bytes is not taken. */
+static int packed_answer_ok(int cls, int kind)
+{
+    switch (cls) {
+    case C_STAT:
+        return kind == A_STAT || kind == A_RETURN;
+    case C_XATTR_GET:
+    case C_XATTR_LIST:
+        return kind == A_RETURN || kind == A_XATTRS;
+    case C_OPEN:
+        return kind == A_REDIRECT; /* put_one takes node cache objects by name only */
+    case C_READLINK:
+        return kind == A_READLINK;
+    case C_LISTED:
+    case C_NAMED:
+    case C_NOXATTR:
+        return kind == A_RETURN;
+    default:
+        return 0;
+    }
+}
+
+static PyObject *trap_pack(PyObject *self, PyObject *args)
+{
+    PyObject *items, *item;
+    const char *prefix;
+    Py_ssize_t pn;
+    long long uid, gid, dev;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Oy#LLL", &items, &prefix, &pn, &uid, &gid, &dev))
+        return NULL;
+    PyObject *it = PyObject_GetIter(items);
+    if (!it)
+        return NULL;
+    size_t cap = 4096, len = 0;
+    char *out = malloc(cap);
+    if (!out) {
+        Py_DECREF(it);
+        return PyErr_NoMemory();
+    }
+    while ((item = PyIter_Next(it))) {
+        int cls, flags, cacheable = 0;
+        const char *key;
+        Py_ssize_t kn;
+        PyObject *res, *argv = NULL;
+        action_t a;
+        memset(&a, 0, sizeof a);
+        int bad = !PyArg_ParseTuple(item, "iiy#O", &cls, &flags, &key, &kn, &res) ||
+                  parse_action(res, &a, &cacheable, &argv) < 0;
+        Py_DECREF(item);
+        if (bad) {
+            free(a.bval);
+            Py_XDECREF(argv);
+            free(out);
+            Py_DECREF(it);
+            return NULL;
+        }
+        Py_XDECREF(argv);
+        if (!cacheable || argv || (size_t)kn > PK_MAX_FIELD || a.blen > PK_MAX_FIELD ||
+            cls < 0 || cls > 255 || flags < 0 || flags > 0xffff || a.kind < 0 || a.kind > 255) {
+            free(a.bval);
+            continue;
+        }
+        unsigned bits = 0;
+        const char *b = a.bval;
+        size_t bn = a.blen;
+        if (a.st[0]) {
+            bits |= PK_ST;
+            if (a.st[3] == uid)
+                bits |= PK_UID;
+            if (a.st[4] == gid)
+                bits |= PK_GID;
+            if (a.st[8] == dev)
+                bits |= PK_DEV;
+        }
+        if (b) {
+            bits |= PK_BVAL;
+            if (cls == C_OPEN && pn && bn > (size_t)pn && memcmp(b, prefix, (size_t)pn) == 0) {
+                bits |= PK_PREFIX;
+                b += pn;
+                bn -= (size_t)pn;
+            }
+        }
+        size_t need = PK_HEAD + (bits & PK_ST ? 15 * 8 : 0) + (size_t)kn + bn;
+        if (len + need > cap) {
+            while (len + need > cap)
+                cap *= 2;
+            char *grown = realloc(out, cap);
+            if (!grown) {
+                free(a.bval);
+                free(out);
+                Py_DECREF(it);
+                return PyErr_NoMemory();
+            }
+            out = grown;
+        }
+        char *p = out + len;
+        uint32_t k32 = (uint32_t)kn, b32 = (uint32_t)bn;
+        uint16_t f16 = (uint16_t)flags;
+        memset(p, 0, PK_HEAD);
+        p[0] = (char)cls;
+        p[1] = (char)a.kind;
+        memcpy(p + 2, &f16, 2);
+        p[4] = (char)bits;
+        memcpy(p + 8, &k32, 4);
+        memcpy(p + 12, &b32, 4);
+        memcpy(p + 16, &a.ival, 8);
+        p += PK_HEAD;
+        if (bits & PK_ST) {
+            memcpy(p, a.st, 15 * 8);
+            p += 15 * 8;
+        }
+        memcpy(p, key, (size_t)kn);
+        p += kn;
+        if (bn)
+            memcpy(p, b, bn);
+        p += bn;
+        len = (size_t)(p - out);
+        free(a.bval);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) {
+        free(out);
+        return NULL;
+    }
+    PyObject *r = PyBytes_FromStringAndSize(out, (Py_ssize_t)len);
+    free(out);
+    return r;
+}
+
+/*
+ * put_packed(data, within, prefix, uid, gid, dev) -> (n, directories, opens): put the answers of
+ * pack()ed bytes whose keys lie under `within` (one repository's mount path: a table for one
+ * repository never answers for another), with this job's uid, gid, st_dev and object
+ * directory; returns how many were taken, the directories whose every entry is now known
+ * (C_LISTED) and the (object file, path) of each open taken.  Bytes that do not parse end the walk (what came before stays).
+ */
+static PyObject *trap_put_packed(PyObject *self, PyObject *args)
+{
+    const char *data, *within, *prefix;
+    Py_ssize_t dn, wn, pn;
+    long long uid, gid, dev;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#y#y#LLL", &data, &dn, &within, &wn, &prefix, &pn, &uid, &gid,
+                          &dev))
+        return NULL;
+    if (!handler) {
+        PyErr_SetString(PyExc_RuntimeError, "worker._trap.put_packed outside a run");
+        return NULL;
+    }
+    PyObject *listed = PyList_New(0), *opens = PyList_New(0);
+    if (!listed || !opens) {
+        Py_XDECREF(listed);
+        Py_XDECREF(opens);
+        return NULL;
+    }
+    long n = 0;
+    size_t off = 0, end = (size_t)dn;
+    while (end - off >= PK_HEAD) {
+        const char *p = data + off;
+        uint32_t kn, bn;
+        action_t a;
+        memset(&a, 0, sizeof a);
+        uint16_t f16;
+        memcpy(&f16, p + 2, 2);
+        int cls = (unsigned char)p[0], flags = f16;
+        unsigned bits = (unsigned char)p[4];
+        a.kind = (unsigned char)p[1];
+        memcpy(&kn, p + 8, 4);
+        memcpy(&bn, p + 12, 4);
+        memcpy(&a.ival, p + 16, 8);
+        size_t need = PK_HEAD + (bits & PK_ST ? 15 * 8 : 0) + (size_t)kn + bn;
+        if (kn > PK_MAX_FIELD || bn > PK_MAX_FIELD || need > end - off)
+            break;
+        p += PK_HEAD;
+        if (bits & PK_ST) {
+            memcpy(a.st, p, 15 * 8);
+            p += 15 * 8;
+            if (bits & PK_UID)
+                a.st[3] = uid;
+            if (bits & PK_GID)
+                a.st[4] = gid;
+            if (bits & PK_DEV)
+                a.st[8] = dev;
+        }
+        const char *key = p;
+        p += kn;
+        off += need;
+        if (kn < (size_t)wn || memcmp(key, within, (size_t)wn) != 0 ||
+            (kn > (size_t)wn && key[wn] != '/') || memchr(key, 0, kn) ||
+            !packed_answer_ok(cls, a.kind))
+            continue;
+        if (bits & PK_BVAL) {
+            size_t pre = bits & PK_PREFIX ? (size_t)pn : 0;
+            a.bval = malloc(pre + bn + 1);
+            if (!a.bval) {
+                Py_DECREF(listed);
+                return PyErr_NoMemory();
+            }
+            memcpy(a.bval, prefix, pre);
+            memcpy(a.bval + pre, p, bn);
+            a.blen = pre + bn;
+            a.bval[a.blen] = 0;
+        }
+        PyObject *note = NULL;
+        if (cls == C_OPEN && a.bval)
+            note = Py_BuildValue("(y#y#)", a.bval, (Py_ssize_t)a.blen, key, (Py_ssize_t)kn);
+        else if (cls == C_LISTED)
+            note = PyBytes_FromStringAndSize(key, (Py_ssize_t)kn);
+        if ((cls == C_OPEN && a.bval) || cls == C_LISTED) {
+            if (!note) {
+                free(a.bval);
+                Py_DECREF(listed);
+                Py_DECREF(opens);
+                return NULL;
+            }
+        }
+        int took = put_one(cls, flags, key, kn, &a);
+        n += took;
+        if (took && note && PyList_Append(cls == C_OPEN ? opens : listed, note) < 0) {
+            Py_DECREF(note);
+            Py_DECREF(listed);
+            Py_DECREF(opens);
+            return NULL;
+        }
+        Py_XDECREF(note);
+    }
+    return Py_BuildValue("lNN", n, listed, opens);
 }
 
 static PyObject *trap_forget(PyObject *self, PyObject *args)
@@ -3870,6 +4213,10 @@ static PyObject *trap_forget(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"put", trap_put, METH_VARARGS,
      "put([(cls, flags, key, answer), ...]) -> n: answers given before they are asked for"},
+    {"pack", trap_pack, METH_VARARGS,
+     "pack(items, prefix, uid, gid, dev) -> bytes: put()'s items for another job (put_packed)"},
+    {"put_packed", trap_put_packed, METH_VARARGS,
+     "put_packed(data, within, prefix, uid, gid, dev) -> (n, listed directories, opens)"},
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,

@@ -27,14 +27,13 @@ from cvmfs_format.catalog import DirEntry
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from worker.cache_protocol import (
-    MAX_FDS,
-    MAX_MESSAGE,
     PREFETCH_BATCH,
     VERSION,
     ObjectSpec,
     ProtocolError,
     decode,
     encode,
+    recv_message,
 )
 from worker.cache_service import (
     SOCKET_NAME,
@@ -46,14 +45,16 @@ from worker.cache_service import (
 )
 from worker.config import ExecConfig
 from worker.fetcher import Fetcher, check_stored
+from worker.node_answers import MAX_TABLE_BYTES
 from worker.ramcache import CachedObject
-from worker.ramfiles import named_path
+from worker.ramfiles import fill_sealed_memfd, named_path
 from worker.repository import MountedRepository, RepositoryError
 from worker.repository_files import is_repository_file
 
 log = logging.getLogger("hep_exec.cache_client")
 _META_TIMEOUT = 60.0  # a catalog may be large and its fetch slow; the service bounds it too
 _META_MAX = 1 << 30  # bytes of one repository file handed over (catalogs can be large)
+_ANSWERS_TIMEOUT = 10.0  # a revision's answers ahead: a memfd the service has at hand
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _START_TIMEOUT = 30.0
 
@@ -202,24 +203,6 @@ def start_service(config: ExecConfig, directory: Path) -> None:
         raise OSError(lines[-1] if lines else f"cache service exited {done.returncode}")
 
 
-def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One message and the fds that came with it; ProtocolError if either was cut short."""
-    data, anc, flags, _ = sock.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC
-    )
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            os.close(fd)
-        raise ProtocolError("truncated message")
-    return data, fds
-
-
 class _Wait:
     """Threads waiting for one key's ``open`` reply (or push): how many, and the outcome."""
 
@@ -321,7 +304,7 @@ class CacheClient:
             if uid != os.getuid():
                 raise OSError(f"service runs as uid {uid}, not as us (uid {os.getuid()})")
             sock.send(encode({"op": "hello", "version": VERSION}))
-            data, fds = _recv_with_fds(sock)
+            data, fds = recv_message(sock)
             if not data:
                 raise ServiceGone("connection closed")
             reply = decode(data)
@@ -447,6 +430,47 @@ class CacheClient:
             log.debug("%s: cache service: %s", key, wait.error)
         return wait.data
 
+    def answers(self, fqrn: str, root: str) -> bytes | None:
+        """The answers ahead the node's earlier jobs learnt for this revision of a
+        repository (worker.node_answers); None when there are none or the service is gone."""
+        if self.gone:
+            return None
+        key = f"answers\0{fqrn}\0{root}"
+        wait = _MetaWait()
+        with self._lock:
+            self._meta_waits[key] = wait
+        try:
+            self.sock.send(encode({"op": "answers", "fqrn": fqrn, "root": root}))
+        except OSError as e:
+            self._mark_gone(e)
+        if not wait.done.wait(_ANSWERS_TIMEOUT):
+            with self._lock:
+                if self._meta_waits.get(key) is wait:
+                    del self._meta_waits[key]
+            return None
+        return wait.data or None
+
+    def add_answers(self, fqrn: str, root: str, data: bytes) -> bool:
+        """Hand this job's answers ahead for one revision to the service (no reply)."""
+        if self.gone or not data:
+            return False
+        try:
+            fd = fill_sealed_memfd(f"answers {fqrn}", len(data), lambda o: o.write_at(0, data))
+        except OSError as e:
+            log.debug("answers ahead for %s: %s", fqrn, e)
+            return False
+        try:
+            msg = {"op": "answers_add", "fqrn": fqrn, "root": root, "size": len(data)}
+            self.sock.sendmsg(
+                [encode(msg)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            )
+        except OSError as e:
+            self._mark_gone(e)
+            return False
+        finally:
+            os.close(fd)
+        return True
+
     def holds(self, key: str) -> bool:
         """Whether we hold an fd of this object (pinned or idle)."""
         with self._lock:
@@ -517,7 +541,7 @@ class CacheClient:
         """Receiver thread: dispatch every message until the connection ends."""
         try:
             while True:
-                data, fds = _recv_with_fds(self.sock)
+                data, fds = recv_message(self.sock)
                 if not data:
                     for fd in fds:
                         os.close(fd)
@@ -538,7 +562,11 @@ class CacheClient:
                 self._received(str(key), int(size), fd, name, pushed=True)
             return
         if op == "meta":
-            self._meta_reply(msg, fds)
+            self._meta_reply(msg, fds, f"{msg.get('fqrn')}/{msg.get('path')}", _META_MAX)
+            return
+        if op == "answers":
+            key = f"answers\0{msg.get('fqrn')}\0{msg.get('root')}"
+            self._meta_reply(msg, fds, key, MAX_TABLE_BYTES)
             return
         if op == "open" and msg.get("ok") and len(fds) == 1:
             self._received(str(msg["key"]), int(msg["size"]), fds[0], msg.get("name"), False)
@@ -561,22 +589,25 @@ class CacheClient:
         else:
             raise ProtocolError(f"unexpected message {op!r} with {len(fds)} fds")
 
-    def _meta_reply(self, msg: dict[str, Any], fds: list[int]) -> None:
+    def _meta_reply(self, msg: dict[str, Any], fds: list[int], key: str, limit: int) -> None:
+        """A reply of bytes in a memfd (``meta``, ``answers``) for whoever waits on ``key``."""
         data: bytes | None = None
         error = None if msg.get("ok") else str(msg.get("error", "cache service"))
         try:
-            if error is None:
+            if error is None and msg.get("size") == 0 and not fds:
+                data = b""
+            elif error is None:
                 size = msg.get("size")
-                if len(fds) != 1 or not isinstance(size, int) or not 0 <= size <= _META_MAX:
-                    raise ProtocolError("meta: one fd and a size expected")
+                if len(fds) != 1 or not isinstance(size, int) or not 0 <= size <= limit:
+                    raise ProtocolError(f"{msg.get('op')}: one fd and a size expected")
                 data = os.pread(fds[0], size + 1, 0)
                 if len(data) != size:
-                    raise ProtocolError(f"meta: {len(data)} bytes, not {size}")
+                    raise ProtocolError(f"{msg.get('op')}: {len(data)} bytes, not {size}")
         finally:
             for fd in fds:
                 os.close(fd)
         with self._lock:
-            wait = self._meta_waits.pop(f"{msg.get('fqrn')}/{msg.get('path')}", None)
+            wait = self._meta_waits.pop(key, None)
         if wait is not None:
             wait.data, wait.error = data, error
             wait.done.set()

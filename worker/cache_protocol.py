@@ -16,6 +16,10 @@ answers, so a client can keep several requests in flight and read them on one th
   objects are sent as soon as they are in RAM, as {op: "ready", objects: [[key, size, name], …]}
   + one fd each (those ready together travel in one message), pinned for this connection
   like an ``open`` (so the job's later open needs no round trip)
+- ``answers`` {fqrn, root} -> {op, ok, fqrn, root, size} (+ one fd, a sealed memfd of
+  ``size`` bytes, when size > 0): the answers ahead earlier jobs learnt for this revision
+  (worker.node_answers)
+- ``answers_add`` {fqrn, root, size} + one fd -> no reply: a job's own answers ahead, framed
 - ``stats`` -> {op, ok, ...counters}
 
 An object is described by how to load it, never by a key the client chose: the service
@@ -25,7 +29,10 @@ byte against the content hashes, so even a confused client cannot plant wrong co
 
 from __future__ import annotations
 
+import array
 import json
+import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,3 +134,22 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a JSON object")
     return msg
+
+
+def recv_message(sock: socket.socket, max_fds: int = MAX_FDS) -> tuple[bytes, list[int]]:
+    """One message and the fds that came with it; ProtocolError if either was cut short
+    (the one piece of socket I/O here: both ends receive the same way)."""
+    data, anc, flags, _ = sock.recvmsg(
+        MAX_MESSAGE, socket.CMSG_SPACE(4 * max_fds), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("truncated message")
+    return data, fds

@@ -45,15 +45,16 @@ from typing import Any
 from cvmfs_format.hashes import ContentHash
 from worker.cache_protocol import (
     MAX_FDS,
-    MAX_MESSAGE,
     VERSION,
     ObjectSpec,
     ProtocolError,
     decode,
     encode,
+    recv_message,
 )
 from worker.config import ConfigError, ExecConfig, parse_exec_args
 from worker.fetcher import Fetcher, FetchError, object_url
+from worker.node_answers import AnswerTables, FrameError, valid_table_name
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.ramfiles import RamFiles, fill_sealed_memfd
 from worker.repository import RepositoryError, fill_chunks, load_whole
@@ -212,6 +213,7 @@ class CacheService:
         raise_fd_limit()
         self.cache = RamCache(config.ram_bytes, files=RamFiles(config.ram_files, by_key=True))
         self.meta = RepositoryFiles(self.fetcher)
+        self.answers = AnswerTables()
         self.idle = config.cache_idle
         self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
         # misses of ``open`` wait for their fetch here, not on the connection's reader
@@ -298,12 +300,14 @@ class CacheService:
     def _serve(self, conn: _Conn) -> None:
         try:
             while True:
-                data, _anc, flags, _ = conn.sock.recvmsg(MAX_MESSAGE)
-                if not data:
-                    break
-                if flags & socket.MSG_TRUNC:
-                    raise ProtocolError("message too long")
-                self._handle(conn, decode(data))
+                data, fds = recv_message(conn.sock, 1)
+                try:
+                    if not data:
+                        break
+                    self._handle(conn, decode(data), fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
         except (OSError, ProtocolError) as e:
             log.debug("client pid %d: %s", conn.pid, e)
         finally:
@@ -323,7 +327,7 @@ class CacheService:
                 if not self._conns:
                     self._idle_since = time.monotonic()
 
-    def _handle(self, conn: _Conn, msg: dict[str, Any]) -> None:
+    def _handle(self, conn: _Conn, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
         op = msg.get("op")
         if op == "open":
             spec = ObjectSpec.from_wire(msg.get("object"))
@@ -358,6 +362,25 @@ class CacheService:
                 raise ProtocolError("meta: fqrn and path must be strings")
             self.counters["meta"] += 1
             self._open_pool.submit(self._meta, conn, fqrn, path)
+        elif op == "answers":
+            fqrn, root = msg.get("fqrn"), msg.get("root")
+            if not valid_table_name(fqrn, root):
+                raise ProtocolError("answers: fqrn and root must name a revision")
+            self.counters["answers_given"] += 1
+            self._answers(conn, str(fqrn), str(root))
+        elif op == "answers_add":
+            fqrn, root, size = msg.get("fqrn"), msg.get("root"), msg.get("size")
+            if not valid_table_name(fqrn, root) or len(fds) != 1 or not isinstance(size, int):
+                raise ProtocolError("answers_add: a revision, a size and one fd expected")
+            if 0 < size <= self.answers.max_table:
+                data = os.pread(fds[0], size + 1, 0)
+                try:
+                    if len(data) != size:
+                        raise FrameError(f"{len(data)} bytes, not {size}")
+                    self.answers.add(str(fqrn), str(root), data)
+                    self.counters["answers_taken"] += 1
+                except FrameError as e:
+                    log.debug("client pid %d: answers ahead: %s", conn.pid, e)
         elif op == "stats":
             self._send(conn, {"op": "stats", "ok": True, **self.stats()})
         elif op == "hello":
@@ -426,6 +449,24 @@ class CacheService:
                     )
         except OSError as e:
             log.debug("client pid %d: %s", conn.pid, e)
+        finally:
+            os.close(fd)
+
+    def _answers(self, conn: _Conn, fqrn: str, root: str) -> None:
+        """A revision's answers ahead for a job that has just mounted it (worker.node_answers)."""
+        data = self.answers.get(fqrn, root)
+        reply = {"op": "answers", "ok": True, "fqrn": fqrn, "root": root, "size": len(data)}
+        if not data:
+            self._send(conn, reply)
+            return
+        fd = fill_sealed_memfd(f"answers {fqrn}", len(data), lambda out: out.write_at(0, data))
+        try:
+            with conn.lock:
+                if not conn.closed:
+                    conn.sock.sendmsg(
+                        [encode(reply)],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                    )
         finally:
             os.close(fd)
 

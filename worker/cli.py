@@ -42,6 +42,7 @@ def _run(config: ExecConfig) -> int:
                 trap=config.trap,
                 in_process=config.in_process,
                 io_uring=config.io_uring,
+                node_answers=session.node_answers,
             )
         except TracerUnavailable as e:
             print(f"hep-exec: {e}", file=sys.stderr)

@@ -358,6 +358,8 @@ class Repositories:
         self._failed: dict[str, tuple[RepositoryError, float]] = {}
         self._lock = threading.Lock()
         self._mounting: dict[str, threading.Lock] = {}
+        # told of each mount (worker.node_answers: the node's answers for that revision)
+        self.on_mount: Callable[[MountedRepository], None] | None = None
 
     def names(self) -> list[str]:
         """What ``ls /cvmfs`` shows: configured names, else the repositories mounted so far."""
@@ -406,7 +408,12 @@ class Repositories:
                 self._failed[fqrn] = (e, retry_at)
                 raise
             self._mounted[fqrn] = repo
-            return repo
+        if self.on_mount is not None:
+            try:
+                self.on_mount(repo)
+            except Exception as e:  # a helper's trouble never fails the mount
+                log.warning("/cvmfs/%s: after mounting: %r", fqrn, e)
+        return repo
 
     def _raise_if_failed(self, fqrn: str) -> None:
         failed = self._failed.get(fqrn)

@@ -19,10 +19,11 @@ from worker.cache_client import CacheClient, ServiceFirst, SharedObject, open_sh
 from worker.config import ConfigError, ExecConfig, load_master_keys
 from worker.fetcher import Fetcher, object_url
 from worker.namespace import Namespace, Node
+from worker.node_answers import NodeAnswers
 from worker.prefetch import Prefetch
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
-from worker.ramfiles import RamFiles, RamFilesError
-from worker.repository import Repositories, RepositoryError
+from worker.ramfiles import RamFiles, RamFilesError, named_path
+from worker.repository import MountedRepository, Repositories, RepositoryError
 
 log = logging.getLogger("hep_exec.session")
 
@@ -66,10 +67,26 @@ class WorkerSession:
         # node-level pieces: access list recording and prefetch (into the shared service and
         # pushed to us, or into our private cache)
         self.recorder = AccessRecorder() if config.record_path else None
+        # answers ahead shared with the node's other jobs; not while recording an access
+        # list, which must see every first open
+        self.node_answers: NodeAnswers | None = None
+        if self.shared is not None and self.recorder is None:
+            names = self.shared.names_dir
+            self.node_answers = NodeAnswers(
+                os.fsencode(config.mount),
+                named_path(names, "").encode() if names is not None else b"",
+                self.shared.answers,
+                self.shared.add_answers,
+            )
+            self.repos.on_mount = self._mounted
         if prefetch_list:
             self.prefetch = Prefetch(
                 prefetch_list, self.repos, self.shared, config.prefetch_concurrency
             ).start()
+
+    def _mounted(self, repo: MountedRepository) -> None:
+        if self.node_answers is not None:
+            self.node_answers.mounted(repo.fqrn, repo.manifest.root_catalog.hex)
 
     def open_file(self, node: Node) -> CachedObject | int:
         """Pin a file's object for an open(); errno (ENOMEM, EIO …) with one log line otherwise."""
@@ -105,6 +122,8 @@ class WorkerSession:
                 self.recorder.write(self.config.record_path)
             except OSError as e:
                 log.error("%s: cannot write access list (%s)", self.config.record_path, e)
+        if self.node_answers is not None:
+            self.node_answers.send()
         if self.shared is not None:
             self.shared.close()
         self.fetcher.close()
@@ -185,6 +204,12 @@ class WorkerSession:
                     if svc
                     else "; service gone"
                 )
+            )
+        if self.node_answers is not None:
+            na = self.node_answers
+            out.append(
+                f"answers ahead from the node: {na.put} put ({_size(na.received)}); "
+                f"{na.kept} directories' answers to hand over"
             )
         if self.prefetch is not None:
             out.append(f"prefetch: {dict(self.prefetch.counts)}")

@@ -22,11 +22,13 @@ import secrets
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
+from worker.node_answers import LISTING, NodeAnswers, encode_listing
 from worker.policy import Entry, Kind, Node, Opened, Policy
 
 log = logging.getLogger("hep-exec")
@@ -48,6 +50,7 @@ class Cls(IntEnum):
     XATTR_LIST = 9
     LISTED = 30  # markers for worker._trap.put: a directory whose entries are all known,
     NAMED = 31  # and each of its entries (anything else there is ENOENT, answered in C)
+    NOXATTR = 32  # a listed directory: entries without an XATTRS answer have no xattrs
 
 
 class Act(IntEnum):
@@ -89,7 +92,7 @@ class Stats:
     hits: int  # answered from the C table
     upcalls: int  # answered by Python
     cached: int  # answers in the C table at exit
-    absent: int = 0  # ENOENT in C: a name its listed directory does not have
+    absent: int = 0  # answered in C from answers at hand (ENOENT, ENOTDIR, access, readlink)
     ahead: int = 0  # opens offered before they were asked (objects the node cache held)
     mode: str = "ptrace"  # how hot calls stopped: "seccomp-notify" or "ptrace"
     notified: int = 0  # of the trapped calls, those answered through the notification fd
@@ -106,7 +109,7 @@ class Stats:
         total = sum(self.trapped.values())
         lines = [
             f"trapped syscalls: {total} (passed through {self.passed}, C-cache hits "
-            f"{self.hits}, absent from a listing {self.absent}, Python upcalls {self.upcalls}, "
+            f"{self.hits}, derived in C {self.absent}, Python upcalls {self.upcalls}, "
             f"cached answers {self.cached}, opens answered ahead {self.ahead})",
             f"trap mode: {self.mode} ({self.notified} answered by notification, "
             f"{total - self.notified} by ptrace stop)",
@@ -155,6 +158,11 @@ def _perm_ok(node: Node, want: int, uid: int) -> bool:
     return (node.mode >> 6) & bits == bits
 
 
+PutPacked = Callable[
+    [bytes, bytes, bytes, int, int, int], tuple[int, list[bytes], list[tuple[bytes, bytes]]]
+]
+
+
 @dataclass
 class Session:
     """One run: the policy, the shadow tree and the answers given so far."""
@@ -165,6 +173,18 @@ class Session:
     shadow_write: bytes = b""  # where we write it (a read-write view; default: ``shadow``)
     # hands the C side answers before they are asked for (worker._trap.put during a run)
     put: Callable[[list[tuple[int, int, bytes, Action]]], int] | None = None
+    # answers ahead shared with the node's other jobs (worker/node_answers.py), and the C
+    # side's packing of them (worker._trap.pack / put_packed)
+    node_answers: NodeAnswers | None = None
+    pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes] | None = (
+        None
+    )
+    put_packed: (
+        Callable[
+            [bytes, bytes, bytes, int, int, int], tuple[int, list[bytes], list[tuple[bytes, bytes]]]
+        ]
+        | None
+    ) = None
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     dev: int = 0
@@ -176,6 +196,8 @@ class Session:
     _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
     _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
     _opened_as: dict[bytes, bytes] = field(default_factory=dict)  # RAM file -> /cvmfs path
+    _answering: int = 0  # the thread answering a call, while it does
+    _just_put: dict[bytes, bytes] = field(default_factory=dict)  # opens put during this call
 
     def __post_init__(self) -> None:
         self._mparts = self.mount.strip(b"/").split(b"/")
@@ -313,30 +335,28 @@ class Session:
         return self.shadow_of(path)
 
     def _populate(self, pid: int, path: bytes) -> int:
-        entries = self.policy.listdir(path)
-        if isinstance(entries, int):
-            return entries
-        node = self._lookup(pid, path)
-        if isinstance(node, int):
-            return node
+        got = self._listing(pid, path)
+        if isinstance(got, int):
+            return got
+        mode, mtime_ns, entries = got
         target = self._writable(self.shadow_of(path))
         try:
             os.makedirs(target, exist_ok=True)
             # one syscall per entry, relative to the directory (a large listing: 20,000)
             dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                for e in entries:
+                for name, kind in entries:
                     with contextlib.suppress(FileExistsError):
-                        if e.kind == Kind.DIR:
-                            os.mkdir(e.name, 0o755, dir_fd=dfd)
-                        elif e.kind == Kind.LNK:
-                            os.symlink(b".", e.name, dir_fd=dfd)
-                        elif e.kind == Kind.FIFO:
-                            os.mkfifo(e.name, 0o600, dir_fd=dfd)
+                        if kind == Kind.DIR:
+                            os.mkdir(name, 0o755, dir_fd=dfd)
+                        elif kind == Kind.LNK:
+                            os.symlink(b".", name, dir_fd=dfd)
+                        elif kind == Kind.FIFO:
+                            os.mkfifo(name, 0o600, dir_fd=dfd)
                         else:
-                            os.mknod(e.name, stat.S_IFREG | 0o600, dir_fd=dfd)
-                os.chmod(dfd, node.mode & 0o7777)
-                os.utime(dfd, ns=(node.mtime_ns, node.mtime_ns))
+                            os.mknod(name, stat.S_IFREG | 0o600, dir_fd=dfd)
+                os.chmod(dfd, mode & 0o7777)
+                os.utime(dfd, ns=(mtime_ns, mtime_ns))
             finally:
                 os.close(dfd)
         except OSError as e:
@@ -344,6 +364,25 @@ class Session:
             return errno.EIO
         self._populated.add(path)
         return 0
+
+    def _listing(self, pid: int, path: bytes) -> tuple[int, int, list[tuple[bytes, int]]] | int:
+        """A directory's mode, mtime and entries (name, kind): as the node's earlier jobs
+        saw them, else from the catalog (and then kept for the node's next jobs)."""
+        shared = self.node_answers
+        if shared is not None:
+            known = shared.listing(path)
+            if known is not None:
+                return known
+        entries = self.policy.listdir(path)
+        if isinstance(entries, int):
+            return entries
+        node = self._lookup(pid, path)
+        if isinstance(node, int):
+            return node
+        got = (node.mode, node.mtime_ns, [(e.name, int(e.kind)) for e in entries])
+        if shared is not None and path != self.mount and self._plain_directory(pid, path):
+            shared.keep(path + LISTING, encode_listing(*got))
+        return got
 
     def _note_opened(self, target: bytes, path: bytes) -> None:
         """Remember which /cvmfs path a RAM file was handed out for: a program exec'd
@@ -367,31 +406,30 @@ class Session:
         their opens) before they are asked; the open answers given."""
         if not parent.startswith(self.mount + b"/"):
             return {}
+        if parent in self._answered_ahead and (cls != Cls.OPEN or parent in self._opened_ahead):
+            return {}
+        plain = self._plain_directory(pid, parent)  # may mount (and put the node's answers)
         first = parent not in self._answered_ahead
         opens = cls == Cls.OPEN and parent not in self._opened_ahead
-        if not first and not opens:
-            return {}
         self._answered_ahead.add(parent)
         if opens:
             self._opened_ahead.add(parent)
-        if not self._plain_directory(pid, parent):
+        if not plain or (not first and not opens):
             return {}
         listed = parent in self._populated
-        # extended attributes: asked by ls -l of a listing, not by programs
-        xattrs = first and (listed or cls in (Cls.XATTR_GET, Cls.XATTR_LIST))
-        return self._answer_entries_ahead(pid, parent, listed, xattrs, first, opens)
+        return self._answer_entries_ahead(pid, parent, listed, first, opens)
 
     def _answer_entries_ahead(
-        self, pid: int, directory: bytes, listed: bool, xattrs: bool, stats: bool, opens_too: bool
+        self, pid: int, directory: bytes, listed: bool, stats: bool, opens_too: bool
     ) -> dict[bytes, Action]:
         """A directory whose entries are being looked at one by one (ls -l, find, a Python
-        import scanning a package or opening its ``__pycache__``): answer stat, lstat, statx
-        (and with ``xattrs`` getxattr/listxattr) of all its files and symlinks at once, the
-        names it does not have (ENOENT, in C), and the opens of the
-        files whose bytes are already at hand (the node cache holds them), so that none of
-        those calls needs Python again (and most need no trap).  A symlink's followed
-        answers need its target;
-        variant symlinks depend on the process.  A directory nobody listed is done only up
+        import scanning a package or opening its ``__pycache__``): answer stat, lstat, statx,
+        the extended attributes of those that have any, a symlink's target and what it
+        leads to, for all its entries at once; the C side derives from those the names it
+        does not have (ENOENT), access, ENOTDIR below a file, readlink and xattrs of the
+        others; and the opens of the files whose bytes are already at hand (the node cache
+        holds them), so that none of those calls needs Python again (and most need no
+        trap).  Variant symlinks depend on the process.  A directory nobody listed is done only up
         to MAX_AHEAD entries (one open in a huge directory should not cost a scan).  The
         stats come with the first touch, the opens with the first open (a program that only
         looks at a directory never costs a look-up of its objects).  Returns the open answers
@@ -401,8 +439,7 @@ class Session:
             return {}
         if not listed and len(entries) > MAX_AHEAD:
             return {}
-        known: Action = (True, Act.RETURN, 0, None, None, None)  # also: no xattrs (0 bytes)
-        no_xattr: Action = (True, Act.RETURN, -errno.ENODATA, None, None, None)
+        known: Action = (True, Act.RETURN, 0, None, None, None)
         answers: list[tuple[int, int, bytes, Action]] = []
         if stats:
             answers.append((Cls.LISTED, 0, directory, known))
@@ -421,17 +458,16 @@ class Session:
             if not stats:
                 continue
             st: Action = (True, Act.STAT, 0, None, self._stat_tuple(node), None)
-            nodata, none = no_xattr, known
-            if node.xattrs:
-                nodata = none = (True, Act.XATTRS, 0, node.xattrs, None, None)
+            xa: Action = (True, Act.XATTRS, 0, node.xattrs, None, None)
             for follow in (False, True) if node.kind != Kind.LNK else (False,):
                 flags = 0 if follow else F_NOFOLLOW
                 answers.append((Cls.STAT, flags, key, st))
-                if xattrs:
-                    answers += [
-                        (Cls.XATTR_GET, flags, key, nodata),
-                        (Cls.XATTR_LIST, flags, key, none),
-                    ]
+                if node.xattrs:
+                    answers += [(Cls.XATTR_GET, flags, key, xa), (Cls.XATTR_LIST, flags, key, xa)]
+            if node.kind == Kind.LNK:
+                answers += self._symlink_ahead(pid, key, node)
+        if stats:  # after the entries' answers (worker/_trap.c, put_one)
+            answers.append((Cls.NOXATTR, 0, directory, known))
         opens: dict[bytes, Action] = {}
         if files and opens_too:
             for key, opened in self.policy.opens_ahead(pid, list(files)).items():
@@ -441,7 +477,70 @@ class Session:
             answers += [(Cls.OPEN, 0, key, a) for key, a in opens.items()]
             self.opens_put += len(opens)
         self.put(answers)
+        shared = self.node_answers
+        if shared is not None and self.pack is not None:
+            part = directory + b"\0" + bytes((stats, opens_too))
+            shared.keep(part, self.pack(answers, shared.prefix, self.uid, self.gid, self.dev))
         return opens
+
+    def _symlink_ahead(
+        self, pid: int, key: bytes, node: Node
+    ) -> list[tuple[int, int, bytes, Action]]:
+        """A symlink's readlink, and its followed stat where it stays under the mount and
+        depends on nothing of the process."""
+        out: list[tuple[int, int, bytes, Action]] = [
+            (Cls.READLINK, 0, key, (True, Act.READLINK, 0, node.target, None, None))
+        ]
+        res, cache = self.resolve(pid, key, True)
+        if not cache or isinstance(res, Outside):
+            return out
+        if isinstance(res, int):
+            out.append((Cls.STAT, 0, key, (True, Act.RETURN, -res, None, None, None)))
+        elif not res.node.volatile:
+            out.append(
+                (Cls.STAT, 0, key, (True, Act.STAT, 0, None, self._stat_tuple(res.node), None))
+            )
+        return out
+
+    def _keep_open(self, pid: int, path: bytes, action: Action) -> None:
+        """An open of an object the node's service holds by name, for the node's next jobs
+        (its answers ahead only name the objects held at the time)."""
+        shared = self.node_answers
+        target = action[3]
+        if (
+            shared is None
+            or self.pack is None
+            or not shared.prefix
+            or not isinstance(target, bytes)
+            or not target.startswith(shared.prefix)
+        ):
+            return
+        parent = path.rpartition(b"/")[0]
+        if self._plain_directory(pid, parent):
+            data = self.pack(
+                [(Cls.OPEN, 0, path, action)], shared.prefix, self.uid, self.gid, self.dev
+            )
+            shared.append(parent + b"\0opened", data)
+
+    def put_node_answers(self) -> None:
+        """Put what the node's earlier jobs learnt about a repository revision just mounted
+        (worker/node_answers.py): from now on its paths are answered without Python.  Called
+        by the thread answering a call (the C side's rule for putting answers): at once when
+        that call mounted the repository, else at the next call."""
+        shared = self.node_answers
+        if shared is None or self.put_packed is None or self._answering != threading.get_ident():
+            return
+        for within, data in shared.take():
+            n, listed, opens = self.put_packed(
+                data, within, shared.prefix, self.uid, self.gid, self.dev
+            )
+            shared.put += n
+            self._answered_ahead.update(listed)
+            self.opens_put += len(opens)
+            self._just_put.update((path, target) for target, path in opens)
+            for target, path in opens:
+                self._note_opened(target, path)
+                self._opened_ahead.add(path.rpartition(b"/")[0])
 
     # ---- answers ------------------------------------------------------------------------
 
@@ -469,11 +568,18 @@ class Session:
 
     def answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         """The C side's upcall: never raises (a policy bug becomes EIO and one log line)."""
+        self._answering = threading.get_ident()
         try:
-            return self._answer(tid, cls, flags, path)
+            got = self._answer(tid, cls, flags, path)
+            if self.node_answers is not None and self.node_answers.pending:
+                self.put_node_answers()  # a repository was mounted by another thread
+            return got
         except Exception as e:
             log.error("%s: internal error answering class %d: %r", os.fsdecode(path), cls, e)
             return (False, Act.RETURN, -errno.EIO, None, None, None)
+        finally:
+            self._answering = 0
+            self._just_put.clear()
 
     def _answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         if self.put is not None and (
@@ -482,6 +588,11 @@ class Session:
             ahead = self._ahead(tid, cls, path.rpartition(b"/")[0])
             if cls == Cls.OPEN and path in ahead:
                 return ahead[path]  # the node cache holds it: no round trip either
+            target = self._just_put.get(path) if cls == Cls.OPEN and not flags else None
+            if target is not None:  # this call mounted the repository: the node's answer
+                node = self._lookup(tid, path)
+                if not isinstance(node, int) and node.kind == Kind.REG:
+                    return (True, Act.REDIRECT, SAFE, target, self._stat_tuple(node), None)
         if cls == Cls.EXEC:
             return self._exec(tid, path)
         if flags & F_PROCEXE:
@@ -521,7 +632,10 @@ class Session:
             # the stat tuple: what fstat of the fd must say (C records it per RAM file)
             st = self._stat_tuple(node)
             self._note_opened(opened.path, res.path)
-            return (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, st, None)
+            action: Action = (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, st, None)
+            if flags == 0 and action[0]:
+                self._keep_open(tid, res.path, action)
+            return action
         if cls == Cls.STAT:  # directories too: the catalog's size and inode, not the mirror's
             return (cache, Act.STAT, 0, None, self._stat_tuple(node), None)
         if cls == Cls.ACCESS:
@@ -759,6 +873,7 @@ def run(
     trap: str | None = None,
     in_process: bool | None = None,
     io_uring: bool | None = None,
+    node_answers: NodeAnswers | None = None,
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
 
@@ -801,6 +916,10 @@ def run(
     mirror = _ShadowTree.make(mount)
     try:
         session = Session(policy, mount.rstrip(b"/"), mirror.access, mirror.write, _trap.put)
+        if node_answers is not None:
+            session.node_answers = node_answers
+            session.pack, session.put_packed = _trap.pack, _trap.put_packed
+            node_answers.arrived = session.put_node_answers
         try:
             status, exec_errno, raw = _trap.run(
                 args,

@@ -463,6 +463,53 @@ def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
     assert service_stats(cache_dir)["requests"] == len(paths) + 2 + 1
 
 
+def upcalls(stderr: str) -> int:
+    """``--stats``: calls the C side handed to Python."""
+    m = re.search(r"Python upcalls (\d+)", stderr)
+    assert m, stderr
+    return int(m.group(1))
+
+
+def put_from_node(stderr: str) -> int:
+    """``--stats``: answers put from what the node's earlier jobs learnt."""
+    m = re.search(r"answers ahead from the node: (\d+) put", stderr)
+    assert m, stderr
+    return int(m.group(1))
+
+
+def test_a_new_job_on_a_warm_node_answers_paths_without_python(
+    tracing, tree, proxy, cache_dir
+) -> None:
+    """What a node's jobs learnt about a revision (every entry's stat, the names a directory
+    does not have, the opens of objects the node holds) is handed to the next job when it
+    mounts that revision: its stats and opens of those paths need no upcall into Python and
+    no round trip to the service, only the mount itself does."""
+    paths = sorted(p for p in tree.digests if "/lib/" in p)
+    missing = {"/lib/pkg1/nothing.py": "FileNotFoundError", "/lib/pkg3/mod3.py/x": "NotADirectory"}
+
+    def run() -> str:
+        job = Job(job_argv(proxy, cache_dir), paths + list(missing))
+        job.expect("ready")
+        job.go()
+        out = job.expect("files")["files"]
+        assert all(out[p].get("sha256") == tree.digests[p] for p in paths), out
+        assert all(out[p]["error"].startswith(e) for p, e in missing.items()), out
+        return job.finish()
+
+    first = run()
+    assert put_from_node(first) == 0
+    before = service_stats(cache_dir)
+    second = run()
+    after = service_stats(cache_dir)
+    assert put_from_node(second) >= 2 * len(paths), second
+    assert "0 objects received" in shared_line(second) and answered_ahead(second) == len(paths)
+    assert after["opens"] == before["opens"], (before, after)  # no object asked for
+    assert after["answers_given"] == before["answers_given"] + 1
+    # the mount (the first touch of /cvmfs/<fqrn>) and the job's own directories: the test
+    # program, its interpreter and libraries are host paths, never asked of Python
+    assert upcalls(second) <= 3 and upcalls(first) > len(paths) // 5, (first, second)
+
+
 def test_a_service_that_cannot_reach_the_repository_leaves_jobs_their_own_way(
     tracing, tree, server, cache_dir
 ) -> None:
@@ -495,11 +542,13 @@ def test_a_new_revision_reaches_new_jobs_and_never_a_running_one(
     paths = ["/d/f", "/d/h", "/d/g"]
     server = StoreServer(store)
     try:
+        # a finished job hands the node its answers for revision 1 (/d has f and h only)
+        Job(job_argv(server, cache_dir), paths).proc.communicate("go\n", timeout=120)
         running = Job(job_argv(server, cache_dir), paths, hold_after=1)
         running.expect("ready")
         running.go()
         running.expect("holding")  # /d/f read: revision 1 mounted, /d answered ahead
-        (src / "d" / "f").write_bytes(b"two\n")
+        (src / "d" / "f").write_bytes(b"two, longer\n")
         (src / "d" / "h").write_bytes(b"second\n")
         (src / "d" / "g").write_bytes(b"new\n")
         publish_tree(src, store, FQRN, keys)
@@ -507,10 +556,15 @@ def test_a_new_revision_reaches_new_jobs_and_never_a_running_one(
         new.expect("ready")
         new.go()
         later = new.expect("files")["files"]
-        new.finish()
+        assert put_from_node(new.finish()) == 0  # revision 1's answers are not revision 2's
+        again = Job(job_argv(server, cache_dir), paths)  # revision 2's, from the node
+        again.expect("ready")
+        again.go()
+        last = again.expect("files")["files"]
+        assert put_from_node(again.finish()) > 0
         running.go()
         first = running.expect("files")["files"]
-        running.finish()
+        assert put_from_node(running.finish()) > 0  # revision 1's, put when it mounted
     finally:
         server.stop()
 
@@ -520,11 +574,12 @@ def test_a_new_revision_reaches_new_jobs_and_never_a_running_one(
     assert first["/d/f"]["sha256"] == digest(b"one\n")
     assert first["/d/h"]["sha256"] == digest(b"first\n")  # opened after the new revision
     assert "FileNotFoundError" in first["/d/g"]["error"]
-    assert [later[p]["sha256"] for p in paths] == [
-        digest(b"two\n"),
-        digest(b"second\n"),
-        digest(b"new\n"),
-    ]
+    for got in (later, last):
+        assert [got[p]["sha256"] for p in paths] == [
+            digest(b"two, longer\n"),
+            digest(b"second\n"),
+            digest(b"new\n"),
+        ]
 
 
 def test_idle_exit_and_explicit_start(tree, server, cache_dir, tmp_path: Path) -> None:
@@ -884,6 +939,55 @@ def test_other_user_cannot_connect_or_read(tracing, tree, proxy, cache_dir, othe
     finally:
         job.proc.kill()
         job.proc.communicate()
+
+
+ASK_ANSWERS = r"""
+import json, os, socket, sys
+d, fqrn, root = sys.argv[1:4]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+try:
+    s.settimeout(10)
+    s.connect(os.path.join(d, "cache.sock"))
+    s.send(json.dumps({"op": "answers", "fqrn": fqrn, "root": root}).encode())
+    answer = s.recv(4096)
+    print("answered: %r" % answer if answer else "closed by the service")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+@pytest.mark.needs_root
+def test_a_node_table_is_never_given_to_another_user(
+    tracing, tree, proxy, cache_dir, other_user
+) -> None:
+    """The answers a user's jobs learnt stay that user's: the service that keeps them answers
+    no other user, even with its directory and socket opened up."""
+    paths = sorted(p for p in tree.digests if "/lib/pkg2/" in p)
+    read_all(Job(job_argv(proxy, cache_dir), paths), tree)
+    root = tree.repo.verified_manifest().root_catalog.hex
+    mine = CacheClient.attach(cache_dir).start()
+    try:
+        assert mine.answers(FQRN, root)  # the owner's next job gets them
+    finally:
+        mine.close()
+    os.chmod(cache_dir, 0o711)
+    os.chmod(cache_dir / SOCKET_NAME, 0o777)
+    r = subprocess.run(
+        [SYSTEM_PYTHON, "-c", ASK_ANSWERS, str(cache_dir), FQRN, root],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        user=other_user,
+        group=65534,
+        extra_groups=[],
+    )
+    os.chmod(cache_dir, 0o700)
+    assert r.stdout.strip() in (
+        "closed by the service",
+        "ConnectionResetError",
+        "BrokenPipeError",
+    ), (r.stdout, r.stderr)
 
 
 def test_preload_selects_exactly_an_access_list(tree, server, tmp_path: Path) -> None:

@@ -1,0 +1,274 @@
+"""Answers ahead shared by a node's jobs (worker/node_answers.py).
+
+The store and the frames as plain values; then real jobs: a random published tree (nested
+catalogs, hardlinks, symlinks, variant symlinks, a chunked file, a FIFO) walked by find, ls,
+stat, sha256sum, du, tar, cp -a, a C walker and a Python probe of every path (lstat, stat,
+readlink, access, xattrs, a missing name and a name under a file) three ways: by a job on a
+cold node (its own answers, from Python, handed to the node's service at its end), by a new
+job on that node (the same answers put by the C side before it asks), and by a job with no
+node service at all.  The three print the same; and a variant symlink still follows each
+job's own environment.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.hep_exec import CLI, Served
+from tests.support.oracle import SCRIPT, SECTIONS, WALKER, compare
+from tests.support.tracing import compile_c, ensure_built, env_with, native, needs_ptrace, ram_dir
+from tests.support.trees import make_random_tree, make_variant_links
+from worker.node_answers import (
+    LISTING,
+    AnswerTables,
+    FrameError,
+    NodeAnswers,
+    decode_listing,
+    encode_listing,
+    frames,
+    join_frames,
+    valid_table_name,
+)
+
+ROOT = "0123456789abcdef0123456789abcdef01234567"
+
+# ---------------------------------------------------------------------- values
+
+
+def test_frames_round_trip_and_refuse_garbage() -> None:
+    items = [(b"/cvmfs/r/a\0\1\0\0", b"x" * 10), (b"/cvmfs/r/b\0\0\1\0", b"")]
+    assert list(frames(join_frames(items))) == items
+    data = join_frames(items)
+    for bad in (data[:-1], data[:5], b"\0" * 8 + b"tail", data + b"\1"):
+        with pytest.raises(FrameError):
+            list(frames(bad))
+
+
+def test_tables_newest_answers_per_directory_and_bounds() -> None:
+    t = AnswerTables(max_bytes=1000, max_table=600)
+    assert t.get("r.org", ROOT) == b""
+    assert t.add("r.org", ROOT, join_frames([(b"/cvmfs/r.org/a", b"1" * 100)])) == 1
+    assert t.add("r.org", ROOT, join_frames([(b"/cvmfs/r.org/a", b"2" * 100)])) == 1
+    # a directory's newer answers replace older
+    assert t.get("r.org", ROOT) == join_frames([(b"/cvmfs/r.org/a", b"2" * 100)])
+    # a table takes no more than its bound; what it had stays
+    assert t.add("r.org", ROOT, join_frames([(b"/cvmfs/r.org/b", b"3" * 600)])) == 0
+    assert list(frames(t.get("r.org", ROOT))) == [(b"/cvmfs/r.org/a", b"2" * 100)]
+    # garbage: nothing taken
+    with pytest.raises(FrameError):
+        t.add("r.org", ROOT, b"\1\0\0\0")
+    # other revisions push the least recently used table out beyond max_bytes
+    for i in range(3):
+        t.add("r.org", f"{i:040x}", join_frames([(b"/cvmfs/r.org/c", b"4" * 400)]))
+    assert t.get("r.org", ROOT) == b""
+    assert t.stats()[1] <= 1000
+
+
+def test_table_names_and_a_jobs_answers_by_revision() -> None:
+    assert valid_table_name("cms.cern.ch", ROOT)
+    for fqrn, root in (("", ROOT), ("a/b", ROOT), ("..", ROOT), ("r", "../x"), ("r", 7)):
+        assert not valid_table_name(fqrn, root)
+    sent: list[tuple[str, str, bytes]] = []
+    listing = encode_listing(0o40755, 12, [(b"f", 0o100000), (b"d", 0o40000)])
+    given = {
+        ("a.org", ROOT): join_frames(
+            [
+                (b"/cvmfs/a.org/x\0\1\0", b"pack"),
+                (b"/cvmfs/a.org/x" + LISTING, listing),
+                (b"/cvmfs/b.org/y\0\1\0", b"evil"),  # another repository's: never taken
+                (b"/cvmfs/a.org/z\0\1\0", b"ed"),
+            ]
+        ),
+        ("b.org", "f" * 40): b"\1\2",  # not frames: nothing taken
+    }
+
+    def store(fqrn: str, root: str, data: bytes) -> bool:
+        sent.append((fqrn, root, data))
+        return True
+
+    na = NodeAnswers(b"/cvmfs", b"/proc/1/fd/3/", lambda f, r: given.get((f, r)), store)
+    na.mounted("a.org", ROOT)
+    na.mounted("b.org", "f" * 40)
+    assert na.take() == [(b"/cvmfs/a.org", b"packed")] and not na.pending
+    assert na.listing(b"/cvmfs/a.org/x") == (0o40755, 12, [(b"f", 0o100000), (b"d", 0o40000)])
+    assert na.listing(b"/cvmfs/a.org/z") is None
+    for bad in (b"", listing + b"\1", listing[:-1], encode_listing(0, 0, [(b"a/b", 0o100000)])):
+        assert decode_listing(bad) is None
+    na.keep(b"/cvmfs/a.org/x\0\1\0\0", b"A")
+    na.keep(b"/cvmfs/b.org/y\0\1\0\0", b"B")
+    na.keep(b"/cvmfs/c.org/z\0\1\0\0", b"C")  # never mounted here: not handed over
+    na.append(b"/cvmfs/a.org/x\0opened", b"1")
+    na.append(b"/cvmfs/a.org/x\0opened", b"2")
+    na.send()
+    assert sorted((f, r, list(frames(d))) for f, r, d in sent) == [
+        ("a.org", ROOT, [(b"/cvmfs/a.org/x\0\1\0\0", b"A"), (b"/cvmfs/a.org/x\0opened", b"12")]),
+        ("b.org", "f" * 40, [(b"/cvmfs/b.org/y\0\1\0\0", b"B")]),
+    ]
+
+
+# ---------------------------------------------------------------------- real jobs
+
+PROBE = r"""
+import errno, os, sys
+top = sys.argv[1]
+def show(p):
+    out = []
+    for follow in (False, True):
+        try:
+            s = os.stat(p, follow_symlinks=follow)
+            out.append("%o %d %d %d %d %d %d" % (s.st_mode, s.st_size if not os.path.isdir(p)
+                       else 0, s.st_nlink, s.st_uid, s.st_gid, s.st_mtime_ns, s.st_ino))
+        except OSError as e:
+            out.append(errno.errorcode[e.errno])
+    try:
+        out.append("-> " + os.readlink(p))
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+    out.append("".join("rwx"[i] if os.access(p, m) else "-"
+                       for i, m in enumerate((os.R_OK, os.W_OK, os.X_OK))))
+    for follow in (False, True):
+        try:
+            out.append(",".join(sorted(os.listxattr(p, follow_symlinks=follow))) or "noxattr")
+        except OSError as e:
+            out.append(errno.errorcode[e.errno])
+        for name in ("user.tag", "user.none"):
+            try:
+                out.append(name + "=" + os.getxattr(p, name, follow_symlinks=follow).hex())
+            except OSError as e:
+                out.append(errno.errorcode[e.errno])
+    for extra in ("/x", "_missing"):
+        try:
+            os.stat(p + extra)
+            out.append("exists")
+        except OSError as e:
+            out.append(errno.errorcode[e.errno])
+    return " ".join(out)
+for d, dirs, files in os.walk(top):
+    dirs.sort()
+    for name in sorted(dirs + files):
+        p = os.path.join(d, name)
+        print(os.path.relpath(p, top), show(p))
+"""
+
+
+def _tag_some(top: Path) -> list[Path]:
+    """A few files and a directory with a user.* xattr (published by the publisher); none
+    where the source's file system takes none."""
+    picked = sorted(p for p in top.rglob("*") if not p.is_symlink() and p.is_file())[::9]
+    picked += [d for d in sorted(top.rglob("*")) if d.is_dir() and not d.is_symlink()][:1]
+    try:
+        for p in picked:
+            os.setxattr(p, "user.tag", b"v")
+    except OSError:
+        return []
+    return picked
+
+
+@pytest.fixture(scope="module")
+def walker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ensure_built()
+    return compile_c(WALKER, tmp_path_factory.mktemp("walker") / "walker")
+
+
+@pytest.fixture
+def node() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="hepna-", dir="/dev/shm"))
+    yield d
+    from tests.worker.test_node_cache import kill_service
+
+    kill_service(d)
+    subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def _upcalls(stderr: str) -> int:
+    m = re.search(r"Python upcalls (\d+)", stderr)
+    assert m, stderr
+    return int(m.group(1))
+
+
+def _put_from_node(stderr: str) -> int:
+    m = re.search(r"answers ahead from the node: (\d+) put", stderr)
+    assert m, stderr
+    return int(m.group(1))
+
+
+@needs_ptrace
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [3, 4])
+def test_answers_from_the_node_equal_the_jobs_own(
+    seed: int, walker: Path, node: Path, tmp_path: Path
+) -> None:
+    fqrn = f"answers{seed}.test.org"
+    served = Served(tmp_path / "store", tmp_path / "keys")
+    with ram_dir() as src:
+        make_random_tree(
+            src / "top",
+            random.Random(seed),
+            70,
+            every_kind=True,
+            catalogs=True,
+            fifo=True,
+            chunked=seed == 3,
+        )
+        tagged = _tag_some(src / "top")
+        want = native(["bash", "-c", SCRIPT, "x", str(src), str(walker)])
+        make_variant_links(src / "top")  # not resolvable on the source side: not in `want`
+        served.publish(src, fqrn)
+    proxy = served.serve(tmp_path / "nginx")
+    mount = f"/cvmfs/{fqrn}"
+    try:
+
+        def job(
+            script: list[str], *options: str, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+            argv = [*CLI, "--proxy", proxy, "--keys", str(served.keys_dir), "--stats"]
+            argv += ["--cache-dir", str(node), *options, "--", *script]
+            r = subprocess.run(argv, env=env_with(env), capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+            return r
+
+        tools = ["bash", "-c", SCRIPT, "x", mount, str(walker)]
+        probe = [sys.executable, "-c", PROBE, f"{mount}/top"]
+        runs = {}
+        for name, options in (("cold", ()), ("warm", ()), ("private", ("--no-shared-cache",))):
+            p = job(probe, *options)  # first: on a cold node, the job's own answers
+            runs[name] = (job(tools, *options), p)
+        # the variant symlinks follow each job's environment, whatever the node learnt
+        variant = [sys.executable, "-c", f"print(open('{mount}/top/variant/pick').read())"]
+        picked = [job(variant, env={"WHICH": w}).stdout.strip() for w in ("b", "a", "b")]
+    finally:
+        served.stop()
+
+    cold, warm, private = runs["cold"], runs["warm"], runs["private"]
+    assert _put_from_node(cold[1].stderr) == 0
+    assert _put_from_node(warm[0].stderr) > 0 and _put_from_node(warm[1].stderr) > 0
+    # what is left for Python: listing directories (each job makes its own), variant
+    # symlinks, paths through symlinks
+    assert _upcalls(warm[1].stderr) < _upcalls(cold[1].stderr), (cold[1].stderr, warm[1].stderr)
+    assert picked == ["B", "A", "B"]
+    # the probe of every path: the same answers, whoever gave them
+    assert warm[1].stdout == cold[1].stdout == private[1].stdout
+    assert cold[1].stdout.count("\n") > 70
+    assert not tagged or cold[1].stdout.count("user.tag=76") >= 2 * len(tagged)
+    # every tool's output, section by section; and the same as on the source tree (but for
+    # the variant symlinks, which only the repository resolves)
+    w = compare(want.stdout, want.stdout, str(src), mount)[0]
+    outs = {name: compare(want.stdout, r[0].stdout, str(src), mount)[1] for name, r in runs.items()}
+    for section in SECTIONS:
+        assert outs["warm"][section] == outs["cold"][section] == outs["private"][section], section
+        kept = [
+            ln
+            for ln in outs["warm"][section].splitlines()
+            if "variant" not in ln and not ln.startswith(("pick", "bare", "top ->"))
+        ]
+        if section in ("sha256", "tar"):  # (sizes and links of `top` changed with `variant`)
+            assert kept == w[section].splitlines(), section

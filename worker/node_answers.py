@@ -1,0 +1,287 @@
+"""Answers ahead shared by the jobs of a node: a new job starts with what earlier ones learnt.
+
+A job answers the entries of each directory it touches before they are asked (the tracer's
+answers ahead: stat, lstat, statx, getxattr, the names a directory does not have, the opens of
+objects the node cache holds).  Those answers depend only on the repository's revision and
+the path, except for a few values of the job's own (its uid, gid, st_dev, and the directory
+through which it opens the service's objects), which ``worker._trap.pack`` writes as
+references.  At its end a job hands its packed answers to the node's cache service, which
+keeps them per repository revision (the root catalog's hash: a new revision is a new table,
+so a job never mixes two); a job that mounts that revision gets them back in one reply and
+puts them into its answer cache and in-process table before its program asks, so its first
+touch of a path the node knows needs no Python and, on a patched call site, no trap.
+
+The service is the user's own (it refuses other users' connections), so a table is only ever
+used by jobs of the user whose jobs made it.  A table is kept per (repository, root catalog
+hash) and, within it, per directory: the newest answers for a directory replace older ones.
+
+Frames (what a job sends, and a table's contents): ``u32 part length, u32 data length, part,
+data``, where ``part`` names the directory and which of its answers the data holds: packed
+answers, or (:data:`LISTING`) the entries its mirror is made of.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+log = logging.getLogger("hep_exec.answers")
+
+_FRAME = struct.Struct("<II")
+_LISTING_HEAD = struct.Struct("<Iq")  # the directory's mode, mtime in ns
+_NAME = struct.Struct("<BH")  # an entry's S_IFMT >> 12, its name's length
+LISTING = b"\0listing"  # the part of a directory's listing (what its mirror is made of)
+_KIND_BITS = frozenset(k >> 12 for k in (0o140000, 0o120000, 0o100000, 0o060000, 0o040000,
+                                         0o020000, 0o010000))  # fmt: skip
+MAX_PART = 4096 + 16  # a directory's path and which answers
+MAX_FRAME_DATA = 64 << 20  # one directory's answers: far above 100,000 entries
+MAX_TABLE_BYTES = 256 << 20  # one revision's answers, as a job sends or gets them
+MAX_BYTES = 512 << 20  # all tables a service keeps (least recently used go first)
+
+
+class FrameError(ValueError):
+    """Bytes that are not frames."""
+
+
+def frames(data: bytes | memoryview) -> Iterator[tuple[bytes, bytes]]:
+    """The (part, data) frames of ``data``; FrameError at the first that does not parse."""
+    view = memoryview(data)
+    off = 0
+    while off < len(view):
+        if len(view) - off < _FRAME.size:
+            raise FrameError(f"truncated frame header at byte {off}")
+        pn, dn = _FRAME.unpack_from(view, off)
+        off += _FRAME.size
+        if pn == 0 or pn > MAX_PART or dn > MAX_FRAME_DATA or len(view) - off < pn + dn:
+            raise FrameError(f"bad frame at byte {off - _FRAME.size}")
+        yield bytes(view[off : off + pn]), bytes(view[off + pn : off + pn + dn])
+        off += pn + dn
+
+
+def join_frames(items: Iterable[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(_FRAME.pack(len(p), len(d)) + p + d for p, d in items)
+
+
+def encode_listing(mode: int, mtime_ns: int, entries: Iterable[tuple[bytes, int]]) -> bytes:
+    """A directory's mode and mtime and its entries' (name, S_IFMT kind), for the node's
+    next jobs, who make the directory's mirror from it without reading the catalog."""
+    out = [_LISTING_HEAD.pack(mode, mtime_ns)]
+    for name, kind in entries:
+        out += [_NAME.pack(kind >> 12, len(name)), name]
+    return b"".join(out)
+
+
+def decode_listing(data: bytes) -> tuple[int, int, list[tuple[bytes, int]]] | None:
+    """:func:`encode_listing`'s values, or None for bytes that are not a listing."""
+    if len(data) < _LISTING_HEAD.size:
+        return None
+    mode, mtime_ns = _LISTING_HEAD.unpack_from(data)
+    off, out = _LISTING_HEAD.size, []
+    while off < len(data):
+        if len(data) - off < _NAME.size:
+            return None
+        kind, n = _NAME.unpack_from(data, off)
+        off += _NAME.size
+        name = data[off : off + n]
+        off += n
+        if (
+            len(name) != n
+            or kind not in _KIND_BITS
+            or not name
+            or b"/" in name
+            or b"\0" in name
+            or name in (b".", b"..")
+        ):
+            return None
+        out.append((name, kind << 12))
+    return mode, mtime_ns, out
+
+
+def valid_table_name(fqrn: object, root: object) -> bool:
+    """A repository name and a root catalog hash as they appear in a manifest."""
+    return (
+        isinstance(fqrn, str)
+        and 0 < len(fqrn) <= 255
+        and "/" not in fqrn
+        and fqrn not in (".", "..")
+        and isinstance(root, str)
+        and 0 < len(root) <= 80
+        and all(c in "0123456789abcdef-" for c in root)
+    )
+
+
+@dataclass
+class _Table:
+    parts: dict[bytes, bytes] = field(default_factory=dict)
+    size: int = 0
+    joined: bytes | None = None  # what ``get`` gives, until the next ``add``
+
+
+class AnswerTables:
+    """The service's side: tables per (repository, root catalog hash), bounded in bytes."""
+
+    def __init__(self, max_bytes: int = MAX_BYTES, max_table: int = MAX_TABLE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.max_table = max_table
+        self._tables: OrderedDict[tuple[str, str], _Table] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, fqrn: str, root: str, data: bytes) -> int:
+        """Merge a job's frames (FrameError if they do not parse: nothing is taken);
+        returns the frames taken.  A table that would outgrow its bound takes no more."""
+        got = list(frames(data))
+        taken = 0
+        with self._lock:
+            table = self._tables.setdefault((fqrn, root), _Table())
+            self._tables.move_to_end((fqrn, root))
+            for part, body in got:
+                old = table.parts.get(part)
+                grow = len(part) + len(body) - (0 if old is None else len(part) + len(old))
+                if table.size + grow > self.max_table:
+                    continue
+                table.parts[part] = body
+                table.size += grow
+                self._bytes += grow
+                taken += 1
+            if taken:
+                table.joined = None
+            while self._bytes > self.max_bytes and len(self._tables) > 1:
+                _, gone = self._tables.popitem(last=False)
+                self._bytes -= gone.size
+        return taken
+
+    def get(self, fqrn: str, root: str) -> bytes:
+        """A revision's answers, framed as they came."""
+        with self._lock:
+            table = self._tables.get((fqrn, root))
+            if table is None:
+                return b""
+            self._tables.move_to_end((fqrn, root))
+            if table.joined is None:
+                table.joined = join_frames(table.parts.items())
+            return table.joined
+
+    def stats(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._tables), self._bytes
+
+
+class NodeAnswers:
+    """The job's side.  ``mounted`` (a repository was mounted, any thread) asks the service
+    for that revision's answers; the tracer ``take``s them at its next call and puts them;
+    ``keep`` collects this job's answers ahead; ``send`` hands them to the service at the
+    end.  ``fetch(fqrn, root)`` and ``store(fqrn, root, data)`` are the service round trips
+    (worker.cache_client)."""
+
+    def __init__(
+        self,
+        mount: bytes,
+        prefix: bytes,
+        fetch: Callable[[str, str], bytes | None],
+        store: Callable[[str, str, bytes], bool],
+    ) -> None:
+        self.mount = mount.rstrip(b"/")
+        self.prefix = prefix  # where this job opens the service's objects by name
+        self._fetch = fetch
+        self._store = store
+        self._lock = threading.Lock()
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._revisions: dict[str, str] = {}
+        self._kept: dict[bytes, list[bytes]] = {}
+        self._kept_bytes: dict[bytes, int] = {}
+        self._listings: dict[bytes, bytes] = {}
+        # the tracer's: put what is pending now, if this thread may (else it waits)
+        self.arrived: Callable[[], None] = lambda: None
+        self.received = 0  # bytes of answers the service gave
+        self.put = 0  # answers put from them
+        self.sent = 0  # bytes handed to the service
+
+    @property
+    def kept(self) -> int:
+        return len(self._kept)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def mounted(self, fqrn: str, root: str) -> None:
+        if not valid_table_name(fqrn, root):
+            return
+        with self._lock:
+            self._revisions[fqrn] = root
+        data = self._fetch(fqrn, root)
+        if not data:
+            return
+        head = self.mount + b"/" + fqrn.encode()
+        packed, listings = [], {}
+        try:
+            for part, body in frames(data):
+                directory, _, which = part.partition(b"\0")
+                if directory != head and not directory.startswith(head + b"/"):
+                    continue  # a table answers for its own repository only
+                if b"\0" + which == LISTING:
+                    listings[directory] = body
+                else:
+                    packed.append(body)
+        except FrameError as e:
+            log.debug("%s: answers from the node: %s", fqrn, e)
+            return
+        with self._lock:
+            self._pending.append((head, b"".join(packed)))
+            self._listings.update(listings)
+            self.received += len(data)
+        self.arrived()
+
+    def listing(self, directory: bytes) -> tuple[int, int, list[tuple[bytes, int]]] | None:
+        """A directory's mode, mtime and entries as an earlier job of the node saw them."""
+        data = self._listings.get(directory)
+        return decode_listing(data) if data is not None else None
+
+    def take(self) -> list[tuple[bytes, bytes]]:
+        """(repository mount path, packed answers) to put now."""
+        with self._lock:
+            out, self._pending = self._pending, []
+        return out
+
+    def keep(self, part: bytes, data: bytes) -> None:
+        """A directory's answers ahead (``part``: which ones), replacing any kept before."""
+        if data and len(part) <= MAX_PART and len(data) <= MAX_FRAME_DATA:
+            self._kept[part] = [data]
+            self._kept_bytes[part] = len(data)
+
+    def append(self, part: bytes, data: bytes) -> None:
+        """One more answer of a directory's (an open the job made through the service)."""
+        size = self._kept_bytes.get(part, 0) + len(data)
+        if data and len(part) <= MAX_PART and size <= MAX_FRAME_DATA:
+            self._kept.setdefault(part, []).append(data)
+            self._kept_bytes[part] = size
+
+    def by_revision(self) -> dict[tuple[str, str], bytes]:
+        """This job's answers, framed, per (repository, root catalog hash) it mounted."""
+        groups: dict[tuple[str, str], list[tuple[bytes, bytes]]] = {}
+        head = self.mount + b"/"
+        with self._lock:
+            revisions = dict(self._revisions)
+        for part, data in self._kept.items():
+            if not part.startswith(head):
+                continue
+            fqrn = part[len(head) :].split(b"/", 1)[0].split(b"\0", 1)[0].decode(errors="replace")
+            root = revisions.get(fqrn)
+            if root is not None:
+                groups.setdefault((fqrn, root), []).append((part, b"".join(data)))
+        return {k: join_frames(v) for k, v in groups.items()}
+
+    def send(self) -> None:
+        for (fqrn, root), data in self.by_revision().items():
+            if len(data) > MAX_TABLE_BYTES:
+                log.debug("%s: %d bytes of answers ahead: too many to keep", fqrn, len(data))
+                continue
+            if self._store(fqrn, root, data):
+                self.sent += len(data)
+        self._kept.clear()
+        self._kept_bytes.clear()
