@@ -180,6 +180,31 @@ int fo_init(const char *mount, size_t mount_n)
     return 0;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* Many answers are about to be published at once (a node's answers): fault in the whole slot
+ * table and the arena they need in a few calls instead of one page fault each (on a VM, ~5 µs
+ * a page: 30 ms for a node's 17,000 answers).  Only a hint: older kernels ignore it. */
+void fo_reserve(size_t arena_bytes)
+{
+    static int slots_done;
+    if (!shm)
+        return;
+    if (!slots_done) {
+        slots_done = 1;
+        madvise(shm + FO_SLOTS_OFF, FO_NSLOTS * sizeof(fo_slot_t), MADV_POPULATE_WRITE);
+    }
+    size_t from = (arena_used + FO_PAGE - 1) & ~(FO_PAGE - 1);
+    if (from >= FO_ARENA_SIZE)
+        return;
+    if (arena_bytes > FO_ARENA_SIZE - from)
+        arena_bytes = FO_ARENA_SIZE - from;
+    madvise(shm + FO_ARENA_OFF + from, (arena_bytes + FO_PAGE - 1) & ~(FO_PAGE - 1),
+            MADV_POPULATE_WRITE);
+}
+
 void fo_fini(void)
 {
     if (shm)
@@ -254,8 +279,10 @@ int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size
     s->is_path = (uint16_t)(is_path != 0);
     s->err = err;
     s->epoch = hdr->epoch;
-    files[i].dev = dev;
-    files[i].ino = ino;
+    if (ino) { /* untagged slots keep calloc's zeros: their pages are never touched */
+        files[i].dev = dev;
+        files[i].ino = ino;
+    }
     if (ino) {
         if (ntagged == cap_tagged) {
             size_t cap = cap_tagged ? cap_tagged * 2 : 4096;

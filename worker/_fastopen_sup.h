@@ -17,6 +17,7 @@ uint64_t fo_cookie(void);
  * struct stat, or none (dlen 0: the answer is -err); dev/ino: the RAM file it depends on */
 int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size_t dlen,
                int is_path, int err, uint64_t dev, uint64_t ino);
+void fo_reserve(size_t arena_bytes); /* many answers follow: fault their memory in at once */
 void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files there */
 void fo_withdraw(unsigned kind, const char *key, size_t kn);
 void fo_withdraw_file(uint64_t dev, uint64_t ino);

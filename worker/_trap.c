@@ -3836,8 +3836,11 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
  * run, from the thread answering a call (it holds `big` and the GIL).
  */
 
-/* One answer given ahead; takes a->bval.  1 if it was taken. */
-static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a)
+/* One answer given ahead; takes a->bval.  1 if it was taken.  `dirfd`, `pre`: an open's
+ * target is `pre` bytes of directory path, then a name in the directory open as dirfd (-1:
+ * none), which is cheaper to stat than the path through /proc. */
+static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, int dirfd,
+                   size_t pre)
 {
     uint64_t h = fnv(cls, flags, key, kn);
     entry_t *e = NULL;
@@ -3852,8 +3855,11 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a)
     if (cls == C_OPEN) {
         /* only a node cache service's objects by name, with the fstat answer: put
          * ahead of any open, so never pinned (see stale_open) */
-        if (flags != 0 || a->kind != A_REDIRECT || !a->st[0] || !a->bval ||
-            !named_ram_file(a->bval) || stat(a->bval, &rs) != 0 || !S_ISREG(rs.st_mode)) {
+        int got = -1;
+        if (!flags && a->kind == A_REDIRECT && a->st[0] && a->bval && named_ram_file(a->bval))
+            got = dirfd >= 0 && pre && a->blen > pre ? fstatat(dirfd, a->bval + pre, &rs, 0)
+                                                     : stat(a->bval, &rs);
+        if (got != 0 || !S_ISREG(rs.st_mode)) {
             free(e);
             free(k);
             free(a->bval);
@@ -3945,7 +3951,7 @@ static PyObject *trap_put(PyObject *self, PyObject *args)
             Py_XDECREF(argv);
             continue;
         }
-        n += put_one(cls, flags, key, (size_t)kn, &a);
+        n += put_one(cls, flags, key, (size_t)kn, &a, -1, 0);
     }
     Py_DECREF(it);
     if (PyErr_Occurred())
@@ -4096,20 +4102,22 @@ static PyObject *trap_pack(PyObject *self, PyObject *args)
 }
 
 /*
- * put_packed(data, within, prefix, uid, gid, dev) -> (n, directories, opens): put the answers of
- * pack()ed bytes whose keys lie under `within` (one repository's mount path: a table for one
- * repository never answers for another), with this job's uid, gid, st_dev and object
- * directory; returns how many were taken, the directories whose every entry is now known
- * (C_LISTED) and the (object file, path) of each open taken.  Bytes that do not parse end the walk (what came before stays).
+ * put_packed(data, within, prefix, uid, gid, dev[, dirfd]) -> (n, directories, opens): put
+ * the answers of pack()ed bytes whose keys lie under `within` (one repository's mount path:
+ * a table for one repository never answers for another), with this job's uid, gid, st_dev
+ * and object directory (`prefix`, and our `dirfd` on it); returns how many were taken, the
+ * directories whose every entry is now known (C_LISTED) and the (object file, path) of each
+ * open taken.  Bytes that do not parse end the walk (what came before stays).
  */
 static PyObject *trap_put_packed(PyObject *self, PyObject *args)
 {
     const char *data, *within, *prefix;
     Py_ssize_t dn, wn, pn;
     long long uid, gid, dev;
+    int dirfd = -1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y#y#y#LLL", &data, &dn, &within, &wn, &prefix, &pn, &uid, &gid,
-                          &dev))
+    if (!PyArg_ParseTuple(args, "y#y#y#LLL|i", &data, &dn, &within, &wn, &prefix, &pn, &uid,
+                          &gid, &dev, &dirfd))
         return NULL;
     if (!handler) {
         PyErr_SetString(PyExc_RuntimeError, "worker._trap.put_packed outside a run");
@@ -4123,6 +4131,8 @@ static PyObject *trap_put_packed(PyObject *self, PyObject *args)
     }
     long n = 0;
     size_t off = 0, end = (size_t)dn;
+    if (dn >= (1 << 20))
+        fo_reserve((size_t)dn * 2); /* what they take in the arena, roughly */
     while (end - off >= PK_HEAD) {
         const char *p = data + off;
         uint32_t kn, bn;
@@ -4182,7 +4192,7 @@ static PyObject *trap_put_packed(PyObject *self, PyObject *args)
                 return NULL;
             }
         }
-        int took = put_one(cls, flags, key, kn, &a);
+        int took = put_one(cls, flags, key, kn, &a, dirfd, bits & PK_PREFIX ? (size_t)pn : 0);
         n += took;
         if (took && note && PyList_Append(cls == C_OPEN ? opens : listed, note) < 0) {
             Py_DECREF(note);
@@ -4216,7 +4226,7 @@ static PyMethodDef methods[] = {
     {"pack", trap_pack, METH_VARARGS,
      "pack(items, prefix, uid, gid, dev) -> bytes: put()'s items for another job (put_packed)"},
     {"put_packed", trap_put_packed, METH_VARARGS,
-     "put_packed(data, within, prefix, uid, gid, dev) -> (n, listed directories, opens)"},
+     "put_packed(data, within, prefix, uid, gid, dev[, dirfd]) -> (n, listed directories, opens)"},
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,

@@ -41,5 +41,5 @@ def pack(
     answers: list[tuple[int, int, bytes, Action]], prefix: bytes, uid: int, gid: int, dev: int, /
 ) -> bytes: ...
 def put_packed(
-    data: bytes, within: bytes, prefix: bytes, uid: int, gid: int, dev: int, /
+    data: bytes, within: bytes, prefix: bytes, uid: int, gid: int, dev: int, dirfd: int = -1, /
 ) -> tuple[int, list[bytes], list[tuple[bytes, bytes]]]: ...

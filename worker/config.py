@@ -69,6 +69,9 @@ class ExecConfig:
     record_path: Path | None = None  # write the objects opened here, in first-use order
     prefetch_path: Path | None = None  # fetch the objects of this access list at start
     prefetch_concurrency: int = 16
+    # of the node's answers for a revision, what a job puts when it mounts it (the rest: a
+    # directory at a time, when the job first comes to it; worker/node_answers.py)
+    eager_answers: int = 4 << 20
     cache_daemon: bool = False  # run the cache service itself instead of a command
     config_file: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -244,6 +247,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "record_path": (_parse_path, "RECORD"),
     "prefetch_path": (_parse_path, "PREFETCH"),
     "prefetch_concurrency": (_parse_concurrency, "PREFETCH_CONCURRENCY"),
+    "eager_answers": (parse_size, "EAGER_ANSWERS"),
 }
 # YAML keys: the flag spelling (``proxy``, ``ram``, ``log-level`` or ``log_level`` …)
 _YAML_KEYS = {
@@ -271,6 +275,7 @@ _YAML_KEYS = {
     "record": "record_path",
     "prefetch": "prefetch_path",
     "prefetch_concurrency": "prefetch_concurrency",
+    "eager_answers": "eager_answers",
 }
 _FILE_NAMES = {
     "proxies": "proxy",
@@ -301,6 +306,7 @@ _FLAG_NAMES = {
     "record_path": "--record",
     "prefetch_path": "--prefetch",
     "prefetch_concurrency": "--prefetch-concurrency",
+    "eager_answers": "--eager-answers",
 }
 
 
@@ -501,6 +507,14 @@ def _arg_parser() -> _Parser:
         metavar="SECONDS",
         help="the shared cache service exits this long after its last client "
         "[HEP_EXEC_CACHE_IDLE, 60]",
+    )
+    a(
+        "--eager-answers",
+        dest="eager_answers",
+        metavar="SIZE",
+        help="of what the node's earlier jobs learnt about a repository revision, how much "
+        "a job takes when it mounts it; the rest a directory at a time "
+        "[HEP_EXEC_EAGER_ANSWERS, 4M]",
     )
     a(
         "--cache-daemon",

@@ -41,6 +41,7 @@ MAX_PART = 4096 + 16  # a directory's path and which answers
 MAX_FRAME_DATA = 64 << 20  # one directory's answers: far above 100,000 entries
 MAX_TABLE_BYTES = 256 << 20  # one revision's answers, as a job sends or gets them
 MAX_BYTES = 512 << 20  # all tables a service keeps (least recently used go first)
+EAGER_BYTES = 4 << 20  # put when a job mounts the revision (~35 ms); the rest directory-wise
 
 
 class FrameError(ValueError):
@@ -173,7 +174,9 @@ class AnswerTables:
 
 class NodeAnswers:
     """The job's side.  ``mounted`` (a repository was mounted, any thread) asks the service
-    for that revision's answers; the tracer ``take``s them at its next call and puts them;
+    for that revision's answers; the tracer ``take``s the first of them at once (up to
+    ``eager_bytes``) and each other directory's when it first comes to it
+    (``take_directory``);
     ``keep`` collects this job's answers ahead; ``send`` hands them to the service at the
     end.  ``fetch(fqrn, root)`` and ``store(fqrn, root, data)`` are the service round trips
     (worker.cache_client)."""
@@ -184,9 +187,11 @@ class NodeAnswers:
         prefix: bytes,
         fetch: Callable[[str, str], bytes | None],
         store: Callable[[str, str, bytes], bool],
+        prefix_fd: int = -1,
     ) -> None:
         self.mount = mount.rstrip(b"/")
         self.prefix = prefix  # where this job opens the service's objects by name
+        self.prefix_fd = prefix_fd  # our fd on that directory (-1: none)
         self._fetch = fetch
         self._store = store
         self._lock = threading.Lock()
@@ -195,6 +200,8 @@ class NodeAnswers:
         self._kept: dict[bytes, list[bytes]] = {}
         self._kept_bytes: dict[bytes, int] = {}
         self._listings: dict[bytes, bytes] = {}
+        self._later: dict[bytes, tuple[bytes, bytes]] = {}
+        self.eager_bytes = EAGER_BYTES
         # the tracer's: put what is pending now, if this thread may (else it waits)
         self.arrived: Callable[[], None] = lambda: None
         self.received = 0  # bytes of answers the service gave
@@ -218,7 +225,8 @@ class NodeAnswers:
         if not data:
             return
         head = self.mount + b"/" + fqrn.encode()
-        packed, listings = [], {}
+        by_directory: dict[bytes, list[bytes]] = {}
+        listings = {}
         try:
             for part, body in frames(data):
                 directory, _, which = part.partition(b"\0")
@@ -227,15 +235,35 @@ class NodeAnswers:
                 if b"\0" + which == LISTING:
                     listings[directory] = body
                 else:
-                    packed.append(body)
+                    by_directory.setdefault(directory, []).append(body)
         except FrameError as e:
             log.debug("%s: answers from the node: %s", fqrn, e)
             return
+        # the first directories at once (in the order the node's jobs came to them), the
+        # rest when this job first comes to each: a job's start never costs the whole table
+        now, size = [], 0
+        later: dict[bytes, tuple[bytes, bytes]] = {}
+        for directory, bodies in by_directory.items():
+            joined = b"".join(bodies)
+            if size + len(joined) <= self.eager_bytes:
+                now.append(joined)
+                size += len(joined)
+            else:
+                later[directory] = (head, joined)
         with self._lock:
-            self._pending.append((head, b"".join(packed)))
+            if now:
+                self._pending.append((head, b"".join(now)))
+            self._later.update(later)
             self._listings.update(listings)
             self.received += len(data)
         self.arrived()
+
+    def take_directory(self, directory: bytes) -> tuple[bytes, bytes] | None:
+        """(repository mount path, packed answers) of one directory not put yet, once."""
+        if not self._later:
+            return None
+        with self._lock:
+            return self._later.pop(directory, None)
 
     def listing(self, directory: bytes) -> tuple[int, int, list[tuple[bytes, int]]] | None:
         """A directory's mode, mtime and entries as an earlier job of the node saw them."""

@@ -77,7 +77,9 @@ class WorkerSession:
                 named_path(names, "").encode() if names is not None else b"",
                 self.shared.answers,
                 self.shared.add_answers,
+                names if names is not None else -1,
             )
+            self.node_answers.eager_bytes = config.eager_answers
             self.repos.on_mount = self._mounted
         if prefetch_list:
             self.prefetch = Prefetch(

@@ -159,7 +159,7 @@ def _perm_ok(node: Node, want: int, uid: int) -> bool:
 
 
 PutPacked = Callable[
-    [bytes, bytes, bytes, int, int, int], tuple[int, list[bytes], list[tuple[bytes, bytes]]]
+    [bytes, bytes, bytes, int, int, int, int], tuple[int, list[bytes], list[tuple[bytes, bytes]]]
 ]
 
 
@@ -179,12 +179,7 @@ class Session:
     pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes] | None = (
         None
     )
-    put_packed: (
-        Callable[
-            [bytes, bytes, bytes, int, int, int], tuple[int, list[bytes], list[tuple[bytes, bytes]]]
-        ]
-        | None
-    ) = None
+    put_packed: PutPacked | None = None
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     dev: int = 0
@@ -409,6 +404,11 @@ class Session:
         if parent in self._answered_ahead and (cls != Cls.OPEN or parent in self._opened_ahead):
             return {}
         plain = self._plain_directory(pid, parent)  # may mount (and put the node's answers)
+        shared = self.node_answers
+        if plain and shared is not None and self.put_packed is not None:
+            later = shared.take_directory(parent)  # what the node knows of it, if not put yet
+            if later is not None:
+                self._put_packed(shared, *later)
         first = parent not in self._answered_ahead
         opens = cls == Cls.OPEN and parent not in self._opened_ahead
         self._answered_ahead.add(parent)
@@ -531,16 +531,20 @@ class Session:
         if shared is None or self.put_packed is None or self._answering != threading.get_ident():
             return
         for within, data in shared.take():
-            n, listed, opens = self.put_packed(
-                data, within, shared.prefix, self.uid, self.gid, self.dev
-            )
-            shared.put += n
-            self._answered_ahead.update(listed)
-            self.opens_put += len(opens)
-            self._just_put.update((path, target) for target, path in opens)
-            for target, path in opens:
-                self._note_opened(target, path)
-                self._opened_ahead.add(path.rpartition(b"/")[0])
+            self._put_packed(shared, within, data)
+
+    def _put_packed(self, shared: NodeAnswers, within: bytes, data: bytes) -> None:
+        assert self.put_packed is not None
+        n, listed, opens = self.put_packed(
+            data, within, shared.prefix, self.uid, self.gid, self.dev, shared.prefix_fd
+        )
+        shared.put += n
+        self._answered_ahead.update(listed)
+        self.opens_put += len(opens)
+        self._just_put.update((path, target) for target, path in opens)
+        for target, path in opens:
+            self._note_opened(target, path)
+            self._opened_ahead.add(path.rpartition(b"/")[0])
 
     # ---- answers ------------------------------------------------------------------------
 
