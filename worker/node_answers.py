@@ -17,7 +17,9 @@ hash) and, within it, per directory: the newest answers for a directory replace 
 
 Frames (what a job sends, and a table's contents): ``u32 part length, u32 data length, part,
 data``, where ``part`` names the directory and which of its answers the data holds: packed
-answers, or (:data:`LISTING`) the entries its mirror is made of.
+answers, or (:data:`LISTING`) the entries its mirror is made of.  A directory's newer part
+replaces the older, but for :data:`OPENED`, which each job adds to (a job records only the
+opens it had to make itself).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _FRAME = struct.Struct("<II")
 _LISTING_HEAD = struct.Struct("<Iq")  # the directory's mode, mtime in ns
 _NAME = struct.Struct("<BH")  # an entry's S_IFMT >> 12, its name's length
 LISTING = b"\0listing"  # the part of a directory's listing (what its mirror is made of)
+OPENED = b"\0opened"  # the part of the opens a job made of objects the service holds
 _KIND_BITS = frozenset(k >> 12 for k in (0o140000, 0o120000, 0o100000, 0o060000, 0o040000,
                                          0o020000, 0o010000))  # fmt: skip
 MAX_PART = 4096 + 16  # a directory's path and which answers
@@ -142,6 +145,12 @@ class AnswerTables:
             self._tables.move_to_end((fqrn, root))
             for part, body in got:
                 old = table.parts.get(part)
+                if (
+                    old is not None
+                    and part.endswith(OPENED)
+                    and len(old) + len(body) <= (MAX_FRAME_DATA)
+                ):
+                    body = old + body  # opens come a job at a time: each adds its own
                 grow = len(part) + len(body) - (0 if old is None else len(part) + len(old))
                 if table.size + grow > self.max_table:
                     continue

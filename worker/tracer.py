@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from worker.node_answers import LISTING, NodeAnswers, encode_listing
+from worker.node_answers import LISTING, OPENED, NodeAnswers, encode_listing
 from worker.policy import Entry, Kind, Node, Opened, Policy
 
 log = logging.getLogger("hep-exec")
@@ -520,7 +520,7 @@ class Session:
             data = self.pack(
                 [(Cls.OPEN, 0, path, action)], shared.prefix, self.uid, self.gid, self.dev
             )
-            shared.append(parent + b"\0opened", data)
+            shared.append(parent + OPENED, data)
 
     def put_node_answers(self) -> None:
         """Put what the node's earlier jobs learnt about a repository revision just mounted

@@ -29,6 +29,7 @@ from tests.support.tracing import compile_c, ensure_built, env_with, native, nee
 from tests.support.trees import make_random_tree, make_variant_links
 from worker.node_answers import (
     LISTING,
+    OPENED,
     AnswerTables,
     FrameError,
     NodeAnswers,
@@ -63,6 +64,11 @@ def test_tables_newest_answers_per_directory_and_bounds() -> None:
     # a table takes no more than its bound; what it had stays
     assert t.add("r.org", ROOT, join_frames([(b"/cvmfs/r.org/b", b"3" * 600)])) == 0
     assert list(frames(t.get("r.org", ROOT))) == [(b"/cvmfs/r.org/a", b"2" * 100)]
+    # a directory's opens add up, job after job
+    opened = b"/cvmfs/r.org/a" + OPENED
+    t.add("r.org", ROOT, join_frames([(opened, b"o1")]))
+    t.add("r.org", ROOT, join_frames([(opened, b"o2")]))
+    assert dict(frames(t.get("r.org", ROOT)))[opened] == b"o1o2"
     # garbage: nothing taken
     with pytest.raises(FrameError):
         t.add("r.org", ROOT, b"\1\0\0\0")
