@@ -266,6 +266,12 @@ static int probe_notify(void)
  * any more (FO_NOXATTR), or the handler would deny that entry's. */
 static int xattrs_unpublished;
 
+static unsigned long long n_node_puts; /* answers put from the node's */
+
+/* answers from the node, staged per directory (defined with trap_stage) */
+static int put_staged_ancestors(const char *key, size_t kn);
+static void stage_clear(void);
+
 
 typedef struct {
     int kind;
@@ -1241,6 +1247,13 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
     if (e) {
         n_hits++;
         return &e->act;
+    }
+    if (put_staged_ancestors(key, kn)) { /* what the node knows of this part of the tree */
+        e = cache_get(cls, flags, key, kn, h);
+        if (e) {
+            n_hits++;
+            return &e->act;
+        }
     }
     int cacheable = 0;
     if (cls != C_EXEC && cls < C_WRITE && !(flags & F_PROCEXE) && absent_from_listing(key, kn)) {
@@ -3023,13 +3036,13 @@ static PyObject *stats_dict(size_t cached, const char *mode)
     }
     unsigned long long fh, fm, sh, sm, fp, fi, fho;
     fo_counts(&fh, &fm, &sh, &sm, &fp, &fi, &fho);
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "trapped", per, "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls,
                          "absent", n_absent, "cached",
                          (Py_ssize_t)cached, "notified", n_notified, "mode", mode,
                          "inproc_opens", fh, "inproc_misses", fm, "inproc_stats", sh,
                          "inproc_stat_misses", sm, "inproc_sites", fp, "inproc_images", fi,
-                         "inproc_host", fho);
+                         "inproc_host", fho, "node_puts", n_node_puts);
 }
 
 static char **to_cstrings(PyObject *seq)
@@ -3580,6 +3593,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         return NULL;
     }
     int notify = mode == 1 || (mode == 2 && probe_notify());
+    n_node_puts = 0;
     memcpy(mount_p, mnt, (size_t)mn);
     mount_p[mn] = 0;
     mount_n = (size_t)mn;
@@ -3808,6 +3822,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     threads_cap = threads_used = 0;
     n_scratch = n_held = 0;
     xattrs_unpublished = 0;
+    stage_clear();
     free(pend.img);
     memset(&pend, 0, sizeof pend);
 
@@ -4101,38 +4116,72 @@ static PyObject *trap_pack(PyObject *self, PyObject *args)
     return r;
 }
 
-/*
- * put_packed(data, within, prefix, uid, gid, dev[, dirfd]) -> (n, directories, opens): put
- * the answers of pack()ed bytes whose keys lie under `within` (one repository's mount path:
- * a table for one repository never answers for another), with this job's uid, gid, st_dev
- * and object directory (`prefix`, and our `dirfd` on it); returns how many were taken, the
- * directories whose every entry is now known (C_LISTED) and the (object file, path) of each
- * open taken.  Bytes that do not parse end the walk (what came before stays).
- */
-static PyObject *trap_put_packed(PyObject *self, PyObject *args)
+/* A growable byte buffer. */
+typedef struct {
+    char *b;
+    size_t len, cap;
+} buf_t;
+
+static int buf_add(buf_t *b, const void *p, size_t n)
 {
-    const char *data, *within, *prefix;
-    Py_ssize_t dn, wn, pn;
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (b->len + n > cap)
+            cap *= 2;
+        char *g = realloc(b->b, cap);
+        if (!g)
+            return -1;
+        b->b = g;
+        b->cap = cap;
+    }
+    memcpy(b->b + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+static void buf_free(buf_t *b)
+{
+    free(b->b);
+    memset(b, 0, sizeof *b);
+}
+
+/* This job's values in packed answers (see pack), set by put_packed and stage. */
+static struct {
+    char *prefix;
+    size_t pn;
     long long uid, gid, dev;
-    int dirfd = -1;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "y#y#y#LLL|i", &data, &dn, &within, &wn, &prefix, &pn, &uid,
-                          &gid, &dev, &dirfd))
-        return NULL;
-    if (!handler) {
-        PyErr_SetString(PyExc_RuntimeError, "worker._trap.put_packed outside a run");
-        return NULL;
-    }
-    PyObject *listed = PyList_New(0), *opens = PyList_New(0);
-    if (!listed || !opens) {
-        Py_XDECREF(listed);
-        Py_XDECREF(opens);
-        return NULL;
-    }
+    int dirfd;
+} job = {NULL, 0, 0, 0, 0, -1};
+static buf_t put_notes;  /* "target\0path\0" of each open put, until Python takes them */
+static buf_t put_listed; /* "dir\0" of each directory listed by the put going on */
+
+static int set_job(const char *prefix, size_t pn, long long uid, long long gid, long long dev,
+                   int dirfd)
+{
+    char *p = malloc(pn + 1);
+    if (!p)
+        return -1;
+    memcpy(p, prefix, pn);
+    p[pn] = 0;
+    free(job.prefix);
+    job.prefix = p;
+    job.pn = pn;
+    job.uid = uid;
+    job.gid = gid;
+    job.dev = dev;
+    job.dirfd = dirfd;
+    return 0;
+}
+
+/* Put pack()ed answers whose keys lie under `within` (one repository's mount path: a table
+ * for one repository never answers for another), with this job's values (`job`).  Bytes that
+ * do not parse end the walk (what came before stays).  -1: out of memory. */
+static long put_packed_bytes(const char *data, size_t dn, const char *within, size_t wn)
+{
     long n = 0;
-    size_t off = 0, end = (size_t)dn;
+    size_t off = 0, end = dn;
     if (dn >= (1 << 20))
-        fo_reserve((size_t)dn * 2); /* what they take in the arena, roughly */
+        fo_reserve(dn * 2); /* what they take in the arena, roughly */
     while (end - off >= PK_HEAD) {
         const char *p = data + off;
         uint32_t kn, bn;
@@ -4154,55 +4203,348 @@ static PyObject *trap_put_packed(PyObject *self, PyObject *args)
             memcpy(a.st, p, 15 * 8);
             p += 15 * 8;
             if (bits & PK_UID)
-                a.st[3] = uid;
+                a.st[3] = job.uid;
             if (bits & PK_GID)
-                a.st[4] = gid;
+                a.st[4] = job.gid;
             if (bits & PK_DEV)
-                a.st[8] = dev;
+                a.st[8] = job.dev;
         }
         const char *key = p;
         p += kn;
         off += need;
-        if (kn < (size_t)wn || memcmp(key, within, (size_t)wn) != 0 ||
-            (kn > (size_t)wn && key[wn] != '/') || memchr(key, 0, kn) ||
-            !packed_answer_ok(cls, a.kind))
+        if (kn < wn || memcmp(key, within, wn) != 0 || (kn > wn && key[wn] != '/') ||
+            memchr(key, 0, kn) || !packed_answer_ok(cls, a.kind))
             continue;
+        size_t pre = bits & PK_PREFIX ? job.pn : 0;
         if (bits & PK_BVAL) {
-            size_t pre = bits & PK_PREFIX ? (size_t)pn : 0;
             a.bval = malloc(pre + bn + 1);
-            if (!a.bval) {
-                Py_DECREF(listed);
-                return PyErr_NoMemory();
-            }
-            memcpy(a.bval, prefix, pre);
+            if (!a.bval)
+                return -1;
+            memcpy(a.bval, job.prefix, pre);
             memcpy(a.bval + pre, p, bn);
             a.blen = pre + bn;
             a.bval[a.blen] = 0;
         }
-        PyObject *note = NULL;
-        if (cls == C_OPEN && a.bval)
-            note = Py_BuildValue("(y#y#)", a.bval, (Py_ssize_t)a.blen, key, (Py_ssize_t)kn);
-        else if (cls == C_LISTED)
-            note = PyBytes_FromStringAndSize(key, (Py_ssize_t)kn);
-        if ((cls == C_OPEN && a.bval) || cls == C_LISTED) {
-            if (!note) {
+        char *target = NULL;
+        size_t tn = 0;
+        if (cls == C_OPEN && a.bval) { /* put_one may free it: keep the name for the note */
+            tn = a.blen;
+            target = malloc(tn + 1);
+            if (!target) {
                 free(a.bval);
-                Py_DECREF(listed);
-                Py_DECREF(opens);
-                return NULL;
+                return -1;
             }
+            memcpy(target, a.bval, tn + 1);
         }
-        int took = put_one(cls, flags, key, kn, &a, dirfd, bits & PK_PREFIX ? (size_t)pn : 0);
+        int took = put_one(cls, flags, key, kn, &a, job.dirfd, pre);
         n += took;
-        if (took && note && PyList_Append(cls == C_OPEN ? opens : listed, note) < 0) {
-            Py_DECREF(note);
-            Py_DECREF(listed);
-            Py_DECREF(opens);
+        int bad = 0;
+        if (took && target)
+            bad = buf_add(&put_notes, target, tn + 1) < 0 || buf_add(&put_notes, key, kn) < 0 ||
+                  buf_add(&put_notes, "", 1) < 0;
+        else if (took && cls == C_LISTED)
+            bad = buf_add(&put_listed, key, kn) < 0 || buf_add(&put_listed, "", 1) < 0;
+        free(target);
+        if (bad)
+            return -1;
+    }
+    n_node_puts += (unsigned long long)n;
+    return n;
+}
+
+/* The NUL-separated strings of a buffer as a list of bytes (pairs: a list of 2-tuples). */
+static PyObject *strings_of(const buf_t *b, int pairs)
+{
+    PyObject *out = PyList_New(0);
+    const char *p = b->b, *e = b->b + b->len;
+    while (out && p < e) {
+        const char *a = p, *a_end = memchr(p, 0, (size_t)(e - p));
+        if (!a_end)
+            break;
+        p = a_end + 1;
+        PyObject *item;
+        if (pairs) {
+            const char *b_end = memchr(p, 0, (size_t)(e - p));
+            if (!b_end)
+                break;
+            item = Py_BuildValue("(y#y#)", a, (Py_ssize_t)(a_end - a), p,
+                                 (Py_ssize_t)(b_end - p));
+            p = b_end + 1;
+        } else {
+            item = PyBytes_FromStringAndSize(a, a_end - a);
+        }
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
             return NULL;
         }
-        Py_XDECREF(note);
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+/* (n, directories listed by this put, (object file, path) of every open put since Python
+ * last asked) */
+static PyObject *put_result(long n)
+{
+    PyObject *listed = strings_of(&put_listed, 0), *opens = strings_of(&put_notes, 1);
+    put_listed.len = 0;
+    put_notes.len = 0;
+    if (!listed || !opens) {
+        Py_XDECREF(listed);
+        Py_XDECREF(opens);
+        return NULL;
     }
     return Py_BuildValue("lNN", n, listed, opens);
+}
+
+/*
+ * put_packed(data, within, prefix, uid, gid, dev[, dirfd]) -> (n, directories, opens): put
+ * pack()ed answers (put_packed_bytes) with this job's uid, gid, st_dev and object directory
+ * (`prefix`, and our `dirfd` on it); returns how many were taken, the directories whose every
+ * entry is now known (C_LISTED) and the (object file, path) of each open put.
+ */
+static PyObject *trap_put_packed(PyObject *self, PyObject *args)
+{
+    const char *data, *within, *prefix;
+    Py_ssize_t dn, wn, pn;
+    long long uid, gid, dev;
+    int dirfd = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#y#y#LLL|i", &data, &dn, &within, &wn, &prefix, &pn, &uid,
+                          &gid, &dev, &dirfd))
+        return NULL;
+    if (!handler) {
+        PyErr_SetString(PyExc_RuntimeError, "worker._trap.put_packed outside a run");
+        return NULL;
+    }
+    if (set_job(prefix, (size_t)pn, uid, gid, dev, dirfd) < 0)
+        return PyErr_NoMemory();
+    long n = put_packed_bytes(data, (size_t)dn, within, (size_t)wn);
+    if (n < 0)
+        return PyErr_NoMemory();
+    return put_result(n);
+}
+
+/*
+ * Answers from the node staged per directory: put when a call first misses in the directory
+ * or below it (lookup), or when Python comes to the directory (put_staged), so a job's start
+ * never costs the whole table and its first touch of a directory the node knows needs no
+ * Python.  Keyed by the directory's path (FNV-1a).
+ */
+typedef struct {
+    uint64_t h; /* 0: free */
+    char *dir, *within;
+    size_t dn, wn;
+    char *data; /* NULL once put */
+    size_t len;
+} staged_t;
+static staged_t *stg;
+static size_t stg_cap, stg_used, stg_pending;
+
+static staged_t *stg_find(const char *d, size_t n, uint64_t h, int create)
+{
+    if (!stg_cap) {
+        if (!create)
+            return NULL;
+        stg = calloc(1024, sizeof *stg);
+        if (!stg)
+            return NULL;
+        stg_cap = 1024;
+    }
+    if (create && (stg_used + 1) * 2 > stg_cap) {
+        size_t ncap = stg_cap * 2;
+        staged_t *nt = calloc(ncap, sizeof *nt);
+        if (!nt)
+            return NULL;
+        for (size_t i = 0; i < stg_cap; i++) {
+            if (!stg[i].h)
+                continue;
+            size_t j = stg[i].h & (ncap - 1);
+            while (nt[j].h)
+                j = (j + 1) & (ncap - 1);
+            nt[j] = stg[i];
+        }
+        free(stg);
+        stg = nt;
+        stg_cap = ncap;
+    }
+    for (size_t i = h & (stg_cap - 1);; i = (i + 1) & (stg_cap - 1)) {
+        staged_t *s = &stg[i];
+        if (!s->h) {
+            if (!create)
+                return NULL;
+            s->h = h;
+            stg_used++;
+            return s;
+        }
+        if (s->h == h && s->dn == n && memcmp(s->dir, d, n) == 0)
+            return s;
+    }
+}
+
+static uint64_t dir_hash(const char *d, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)d[i]) * 1099511628211ull;
+    return h ? h : 1;
+}
+
+/* Put a staged directory's answers (once); -1: out of memory. */
+static long stage_put(staged_t *s)
+{
+    if (!s->data)
+        return 0;
+    long n = put_packed_bytes(s->data, s->len, s->within, s->wn);
+    free(s->data);
+    s->data = NULL;
+    stg_pending--;
+    return n;
+}
+
+/* A call missed the cache: put what the node knows of the directories on its path (from the
+ * top, so a directory's own stat comes before its entries').  1 if anything was put. */
+static int put_staged_ancestors(const char *key, size_t kn)
+{
+    if (!stg_pending)
+        return 0;
+    int any = 0;
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < kn && stg_pending; i++) {
+        if (key[i] == '/' && i > 0) {
+            staged_t *s = stg_find(key, i, h ? h : 1, 0);
+            if (s && s->data && stage_put(s) > 0)
+                any = 1;
+        }
+        h = (h ^ (unsigned char)key[i]) * 1099511628211ull;
+    }
+    return any;
+}
+
+static void stage_clear(void)
+{
+    for (size_t i = 0; i < stg_cap; i++) {
+        free(stg[i].dir);
+        free(stg[i].within);
+        free(stg[i].data);
+    }
+    free(stg);
+    stg = NULL;
+    stg_cap = stg_used = stg_pending = 0;
+    buf_free(&put_notes);
+    buf_free(&put_listed);
+    free(job.prefix);
+    job.prefix = NULL;
+    job.pn = 0;
+    job.dirfd = -1;
+}
+
+/* stage(within, [(directory, data), ...], prefix, uid, gid, dev, dirfd) -> n staged */
+static PyObject *trap_stage(PyObject *self, PyObject *args)
+{
+    const char *within, *prefix;
+    Py_ssize_t wn, pn;
+    long long uid, gid, dev;
+    int dirfd;
+    PyObject *parts, *item;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#Oy#LLLi", &within, &wn, &parts, &prefix, &pn, &uid, &gid,
+                          &dev, &dirfd))
+        return NULL;
+    if (!handler) {
+        PyErr_SetString(PyExc_RuntimeError, "worker._trap.stage outside a run");
+        return NULL;
+    }
+    if (set_job(prefix, (size_t)pn, uid, gid, dev, dirfd) < 0)
+        return PyErr_NoMemory();
+    PyObject *it = PyObject_GetIter(parts);
+    if (!it)
+        return NULL;
+    long n = 0;
+    while ((item = PyIter_Next(it))) {
+        const char *d, *data;
+        Py_ssize_t dn, len;
+        int ok = PyArg_ParseTuple(item, "y#y#", &d, &dn, &data, &len);
+        Py_DECREF(item);
+        if (!ok) {
+            Py_DECREF(it);
+            return NULL;
+        }
+        if (!dn || !len)
+            continue;
+        staged_t *s = stg_find(d, (size_t)dn, dir_hash(d, (size_t)dn), 1);
+        if (!s) {
+            Py_DECREF(it);
+            return PyErr_NoMemory();
+        }
+        if (!s->dir) {
+            s->dir = malloc((size_t)dn);
+            s->within = malloc((size_t)wn);
+            if (!s->dir || !s->within) {
+                Py_DECREF(it);
+                return PyErr_NoMemory();
+            }
+            memcpy(s->dir, d, (size_t)dn);
+            memcpy(s->within, within, (size_t)wn);
+            s->dn = (size_t)dn;
+            s->wn = (size_t)wn;
+        }
+        char *copy = malloc((size_t)len);
+        if (!copy) {
+            Py_DECREF(it);
+            return PyErr_NoMemory();
+        }
+        memcpy(copy, data, (size_t)len);
+        if (!s->data)
+            stg_pending++;
+        free(s->data);
+        s->data = copy;
+        s->len = (size_t)len;
+        n++;
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(n);
+}
+
+/* put_staged(directory) -> (n, listed, opens) as put_packed, or None if the node had nothing
+ * staged for it; a directory put earlier gives (0, [directory], opens). */
+static PyObject *trap_put_staged(PyObject *self, PyObject *args)
+{
+    const char *d;
+    Py_ssize_t dn;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#", &d, &dn))
+        return NULL;
+    if (!handler) {
+        PyErr_SetString(PyExc_RuntimeError, "worker._trap.put_staged outside a run");
+        return NULL;
+    }
+    staged_t *s = stg_find(d, (size_t)dn, dir_hash(d, (size_t)dn), 0);
+    if (!s)
+        Py_RETURN_NONE;
+    if (!s->data) { /* put by a call that missed: its listing marker is in the cache */
+        int listed = cache_get(C_LISTED, 0, d, (size_t)dn, fnv(C_LISTED, 0, d, (size_t)dn)) != 0;
+        if (listed && (buf_add(&put_listed, d, (size_t)dn) < 0 || buf_add(&put_listed, "", 1) < 0))
+            return PyErr_NoMemory();
+        return put_result(0);
+    }
+    long n = stage_put(s);
+    if (n < 0)
+        return PyErr_NoMemory();
+    return put_result(n);
+}
+
+/* take_notes() -> [(object file, path), ...]: the opens put since Python last asked */
+static PyObject *trap_take_notes(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    PyObject *out = strings_of(&put_notes, 1);
+    put_notes.len = 0;
+    return out;
 }
 
 static PyObject *trap_forget(PyObject *self, PyObject *args)
@@ -4227,6 +4569,12 @@ static PyMethodDef methods[] = {
      "pack(items, prefix, uid, gid, dev) -> bytes: put()'s items for another job (put_packed)"},
     {"put_packed", trap_put_packed, METH_VARARGS,
      "put_packed(data, within, prefix, uid, gid, dev[, dirfd]) -> (n, listed directories, opens)"},
+    {"stage", trap_stage, METH_VARARGS,
+     "stage(within, [(directory, data), ...], prefix, uid, gid, dev, dirfd) -> n"},
+    {"put_staged", trap_put_staged, METH_VARARGS,
+     "put_staged(directory) -> (n, listed directories, opens) or None"},
+    {"take_notes", trap_take_notes, METH_NOARGS,
+     "take_notes() -> [(object file, path), ...] of the opens put since last asked"},
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
     {"run", trap_run, METH_VARARGS,

@@ -21,6 +21,7 @@ class RawStats(TypedDict):
     inproc_sites: int
     inproc_images: int
     inproc_host: int
+    node_puts: int
 
 def run(
     argv: Sequence[bytes],
@@ -43,3 +44,17 @@ def pack(
 def put_packed(
     data: bytes, within: bytes, prefix: bytes, uid: int, gid: int, dev: int, dirfd: int = -1, /
 ) -> tuple[int, list[bytes], list[tuple[bytes, bytes]]]: ...
+def stage(
+    within: bytes,
+    parts: list[tuple[bytes, bytes]],
+    prefix: bytes,
+    uid: int,
+    gid: int,
+    dev: int,
+    dirfd: int,
+    /,
+) -> int: ...
+def put_staged(
+    directory: bytes, /
+) -> tuple[int, list[bytes], list[tuple[bytes, bytes]]] | None: ...
+def take_notes() -> list[tuple[bytes, bytes]]: ...

@@ -181,11 +181,20 @@ class AnswerTables:
             return len(self._tables), self._bytes
 
 
+@dataclass(frozen=True)
+class Revision:
+    """A mounted revision's answers from the node: ``within`` (the repository's mount path),
+    what to put at once, and each other directory's answers to put when it is first met."""
+
+    within: bytes
+    now: bytes
+    staged: list[tuple[bytes, bytes]]
+
+
 class NodeAnswers:
     """The job's side.  ``mounted`` (a repository was mounted, any thread) asks the service
-    for that revision's answers; the tracer ``take``s the first of them at once (up to
-    ``eager_bytes``) and each other directory's when it first comes to it
-    (``take_directory``);
+    for that revision's answers; the tracer ``take``s them and puts the first at once (up to
+    ``eager_bytes``) and stages the others, a directory's put when the job first comes to it;
     ``keep`` collects this job's answers ahead; ``send`` hands them to the service at the
     end.  ``fetch(fqrn, root)`` and ``store(fqrn, root, data)`` are the service round trips
     (worker.cache_client)."""
@@ -204,12 +213,11 @@ class NodeAnswers:
         self._fetch = fetch
         self._store = store
         self._lock = threading.Lock()
-        self._pending: list[tuple[bytes, bytes]] = []
+        self._pending: list[Revision] = []
         self._revisions: dict[str, str] = {}
         self._kept: dict[bytes, list[bytes]] = {}
         self._kept_bytes: dict[bytes, int] = {}
         self._listings: dict[bytes, bytes] = {}
-        self._later: dict[bytes, tuple[bytes, bytes]] = {}
         self.eager_bytes = EAGER_BYTES
         # the tracer's: put what is pending now, if this thread may (else it waits)
         self.arrived: Callable[[], None] = lambda: None
@@ -249,38 +257,30 @@ class NodeAnswers:
             log.debug("%s: answers from the node: %s", fqrn, e)
             return
         # the first directories at once (in the order the node's jobs came to them), the
-        # rest when this job first comes to each: a job's start never costs the whole table
+        # rest staged: put when this job first comes to each (worker/_trap.c, stage), so a
+        # job's start never costs the whole table
         now, size = [], 0
-        later: dict[bytes, tuple[bytes, bytes]] = {}
+        later: list[tuple[bytes, bytes]] = []
         for directory, bodies in by_directory.items():
             joined = b"".join(bodies)
             if size + len(joined) <= self.eager_bytes:
                 now.append(joined)
                 size += len(joined)
             else:
-                later[directory] = (head, joined)
+                later.append((directory, joined))
         with self._lock:
-            if now:
-                self._pending.append((head, b"".join(now)))
-            self._later.update(later)
+            self._pending.append(Revision(head, b"".join(now), later))
             self._listings.update(listings)
             self.received += len(data)
         self.arrived()
-
-    def take_directory(self, directory: bytes) -> tuple[bytes, bytes] | None:
-        """(repository mount path, packed answers) of one directory not put yet, once."""
-        if not self._later:
-            return None
-        with self._lock:
-            return self._later.pop(directory, None)
 
     def listing(self, directory: bytes) -> tuple[int, int, list[tuple[bytes, int]]] | None:
         """A directory's mode, mtime and entries as an earlier job of the node saw them."""
         data = self._listings.get(directory)
         return decode_listing(data) if data is not None else None
 
-    def take(self) -> list[tuple[bytes, bytes]]:
-        """(repository mount path, packed answers) to put now."""
+    def take(self) -> list[Revision]:
+        """What the node knows of revisions mounted since: to put now, and to stage."""
         with self._lock:
             out, self._pending = self._pending, []
         return out

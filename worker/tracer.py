@@ -158,9 +158,18 @@ def _perm_ok(node: Node, want: int, uid: int) -> bool:
     return (node.mode >> 6) & bits == bits
 
 
-PutPacked = Callable[
-    [bytes, bytes, bytes, int, int, int, int], tuple[int, list[bytes], list[tuple[bytes, bytes]]]
-]
+Put = tuple[int, list[bytes], list[tuple[bytes, bytes]]]
+
+
+@dataclass(frozen=True)
+class NodeOps:
+    """The C side's handling of answers shared with the node's jobs (worker/_trap.c)."""
+
+    pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes]
+    put_packed: Callable[[bytes, bytes, bytes, int, int, int, int], Put]
+    stage: Callable[[bytes, list[tuple[bytes, bytes]], bytes, int, int, int, int], int]
+    put_staged: Callable[[bytes], Put | None]
+    take_notes: Callable[[], list[tuple[bytes, bytes]]]
 
 
 @dataclass
@@ -176,10 +185,7 @@ class Session:
     # answers ahead shared with the node's other jobs (worker/node_answers.py), and the C
     # side's packing of them (worker._trap.pack / put_packed)
     node_answers: NodeAnswers | None = None
-    pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes] | None = (
-        None
-    )
-    put_packed: PutPacked | None = None
+    node_ops: NodeOps | None = None
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     dev: int = 0
@@ -404,11 +410,10 @@ class Session:
         if parent in self._answered_ahead and (cls != Cls.OPEN or parent in self._opened_ahead):
             return {}
         plain = self._plain_directory(pid, parent)  # may mount (and put the node's answers)
-        shared = self.node_answers
-        if plain and shared is not None and self.put_packed is not None:
-            later = shared.take_directory(parent)  # what the node knows of it, if not put yet
-            if later is not None:
-                self._put_packed(shared, *later)
+        if plain and self.node_answers is not None and self.node_ops is not None:
+            got = self.node_ops.put_staged(parent)  # what the node knows of it
+            if got is not None:
+                self._took_from_node(got)
         first = parent not in self._answered_ahead
         opens = cls == Cls.OPEN and parent not in self._opened_ahead
         self._answered_ahead.add(parent)
@@ -478,9 +483,10 @@ class Session:
             self.opens_put += len(opens)
         self.put(answers)
         shared = self.node_answers
-        if shared is not None and self.pack is not None:
+        if shared is not None and self.node_ops is not None:
             part = directory + b"\0" + bytes((stats, opens_too))
-            shared.keep(part, self.pack(answers, shared.prefix, self.uid, self.gid, self.dev))
+            data = self.node_ops.pack(answers, shared.prefix, self.uid, self.gid, self.dev)
+            shared.keep(part, data)
         return opens
 
     def _symlink_ahead(
@@ -509,7 +515,7 @@ class Session:
         target = action[3]
         if (
             shared is None
-            or self.pack is None
+            or self.node_ops is None
             or not shared.prefix
             or not isinstance(target, bytes)
             or not target.startswith(shared.prefix)
@@ -517,7 +523,7 @@ class Session:
             return
         parent = path.rpartition(b"/")[0]
         if self._plain_directory(pid, parent):
-            data = self.pack(
+            data = self.node_ops.pack(
                 [(Cls.OPEN, 0, path, action)], shared.prefix, self.uid, self.gid, self.dev
             )
             shared.append(parent + OPENED, data)
@@ -528,17 +534,37 @@ class Session:
         by the thread answering a call (the C side's rule for putting answers): at once when
         that call mounted the repository, else at the next call."""
         shared = self.node_answers
-        if shared is None or self.put_packed is None or self._answering != threading.get_ident():
+        if shared is None or self.node_ops is None or self._answering != threading.get_ident():
             return
-        for within, data in shared.take():
-            self._put_packed(shared, within, data)
+        ops = self.node_ops
+        for rev in shared.take():
+            if rev.now:
+                self._took_from_node(
+                    ops.put_packed(
+                        rev.now,
+                        rev.within,
+                        shared.prefix,
+                        self.uid,
+                        self.gid,
+                        self.dev,
+                        shared.prefix_fd,
+                    )
+                )
+            if rev.staged:
+                ops.stage(
+                    rev.within,
+                    rev.staged,
+                    shared.prefix,
+                    self.uid,
+                    self.gid,
+                    self.dev,
+                    shared.prefix_fd,
+                )
 
-    def _put_packed(self, shared: NodeAnswers, within: bytes, data: bytes) -> None:
-        assert self.put_packed is not None
-        n, listed, opens = self.put_packed(
-            data, within, shared.prefix, self.uid, self.gid, self.dev, shared.prefix_fd
-        )
-        shared.put += n
+    def _took_from_node(self, got: tuple[int, list[bytes], list[tuple[bytes, bytes]]]) -> None:
+        """Python's side of answers the C side put from the node's: the directories now
+        answered, the opens (for /proc/self/exe after fexecve)."""
+        _n, listed, opens = got  # (counted by the C side: --stats)
         self._answered_ahead.update(listed)
         self.opens_put += len(opens)
         self._just_put.update((path, target) for target, path in opens)
@@ -605,6 +631,9 @@ class Session:
             except OSError:
                 return (False, Act.PASS, 0, None, None, None)
             # exec'd by its /cvmfs path, or (fexecve) through an fd opened from one
+            if self.node_ops is not None:  # opens the C side put from the node's answers
+                for target, cvmfs_path in self.node_ops.take_notes():
+                    self._note_opened(target, cvmfs_path)
             exe = self._exe_paths.get(real) or self._opened_as.get(real)
             if exe is None:
                 return (False, Act.PASS, 0, None, None, None)
@@ -922,7 +951,9 @@ def run(
         session = Session(policy, mount.rstrip(b"/"), mirror.access, mirror.write, _trap.put)
         if node_answers is not None:
             session.node_answers = node_answers
-            session.pack, session.put_packed = _trap.pack, _trap.put_packed
+            session.node_ops = NodeOps(
+                _trap.pack, _trap.put_packed, _trap.stage, _trap.put_staged, _trap.take_notes
+            )
             node_answers.arrived = session.put_node_answers
         try:
             status, exec_errno, raw = _trap.run(
@@ -943,6 +974,8 @@ def run(
             log.error("%s: %s", os.fsdecode(args[0]), os.strerror(exec_errno))
     finally:
         mirror.close()
+    if node_answers is not None:
+        node_answers.put = raw["node_puts"]
     stats = Stats(
         trapped=dict(raw["trapped"]),  # names from the C list of trapped calls
         passed=raw["passed"],

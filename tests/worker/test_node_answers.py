@@ -33,6 +33,7 @@ from worker.node_answers import (
     AnswerTables,
     FrameError,
     NodeAnswers,
+    Revision,
     decode_listing,
     encode_listing,
     frames,
@@ -102,9 +103,11 @@ def test_table_names_and_a_jobs_answers_by_revision() -> None:
         return True
 
     na = NodeAnswers(b"/cvmfs", b"/proc/1/fd/3/", lambda f, r: given.get((f, r)), store)
+    na.eager_bytes = 4  # b"pack" at once, b"ed" staged
     na.mounted("a.org", ROOT)
     na.mounted("b.org", "f" * 40)
-    assert na.take() == [(b"/cvmfs/a.org", b"packed")] and not na.pending
+    assert na.take() == [Revision(b"/cvmfs/a.org", b"pack", [(b"/cvmfs/a.org/z", b"ed")])]
+    assert not na.pending
     assert na.listing(b"/cvmfs/a.org/x") == (0o40755, 12, [(b"f", 0o100000), (b"d", 0o40000)])
     assert na.listing(b"/cvmfs/a.org/z") is None
     for bad in (b"", listing + b"\1", listing[:-1], encode_listing(0, 0, [(b"a/b", 0o100000)])):
