@@ -1,0 +1,273 @@
+"""Verified, bounded downloads with CernVM-FS fail-over: the core's decisions over the transport.
+
+Every answer is checked before anyone sees it (its content hash, or ``check`` for files that
+have none, such as the manifest); wrong bytes count as a failure of that route and are asked
+for again elsewhere, never returned.  Concurrent requests for the same file share one
+download.  Files too big for memory stream into a file the caller names (and renames into
+place once this returns: nothing unverified ever gets a final name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from cvmfs_download.core import (
+    Attempts,
+    Blame,
+    Failover,
+    Kind,
+    Route,
+    Settings,
+    body_limit,
+    deadline,
+)
+from cvmfs_download.errors import DownloadError, NotFound
+from cvmfs_download.http import Failed, HttpTransport, Sink
+from cvmfs_format.errors import FormatError
+from cvmfs_format.hashes import ContentHash, Hasher
+from cvmfs_format.proxies import ProxyGroups
+
+log = logging.getLogger("cvmfs_download")
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+Check = Callable[[bytes], None]  # raises FormatError for bytes to be fetched elsewhere
+
+
+class Transport(Protocol):
+    async def get(
+        self,
+        route: Route,
+        path: str,
+        sink: Sink,
+        *,
+        limit: int,
+        deadline: float,
+        no_cache: bool = False,
+    ) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class RouteStats:
+    requests: int = 0
+    failures: int = 0
+    corrupt: int = 0
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    bytes_fetched: int = 0
+    failures: int = 0
+    corrupt: int = 0
+    not_found: int = 0
+    retries: int = 0
+    collapsed: int = 0
+    by_route: dict[str, RouteStats] = field(default_factory=dict)
+
+
+class Downloader:
+    """One client's downloads: ``servers`` are fail-over groups of base URLs (a path is
+    appended to one), ``proxies`` the forward proxies (None: DIRECT)."""
+
+    def __init__(
+        self,
+        servers: Sequence[Sequence[str]],
+        proxies: ProxyGroups | None = None,
+        settings: Settings | None = None,
+        *,
+        transport: Transport | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.failover = Failover(servers, proxies, self.settings)
+        self.transport: Transport = transport or HttpTransport(self.settings)
+        self.note = note or log.warning  # a server or proxy starts being avoided
+        self.stats = Stats()
+        self._inflight: dict[tuple[str, ContentHash | None], asyncio.Future[bytes]] = {}
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def get(
+        self,
+        path: str,
+        *,
+        expected: ContentHash | None = None,
+        kind: Kind = Kind.OBJECT,
+        size: int | None = None,
+        check: Check | None = None,
+        what: str = "",
+    ) -> bytes:
+        """The bytes of ``path`` (relative to a server's base URL), verified against
+        ``expected`` and ``check``.  Raises DownloadError or NotFound (one line)."""
+        key = (path, expected)
+        shared = self._inflight.get(key)
+        if shared is not None and check is None:
+            self.stats.collapsed += 1
+            return await asyncio.shield(shared)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if check is None:
+            self._inflight[key] = fut
+        try:
+            data = await self._run(path, what or path, kind, size, lambda: _Memory(expected, check))
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: nobody else may be waiting
+            raise
+        finally:
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
+        fut.set_result(data)
+        return data
+
+    async def get_file(
+        self,
+        path: str,
+        dest: Path,
+        *,
+        expected: ContentHash,
+        kind: Kind = Kind.OBJECT,
+        size: int | None = None,
+        what: str = "",
+    ) -> int:
+        """Stream ``path`` into the file ``dest`` (created or truncated), verified; its size.
+        On failure ``dest`` is removed.  Raises DownloadError or NotFound (one line)."""
+        try:
+            return await self._run(path, what or path, kind, size, lambda: _ToFile(dest, expected))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(dest)
+            raise
+
+    async def _run(
+        self,
+        path: str,
+        what: str,
+        kind: Kind,
+        size: int | None,
+        make: Callable[[], _Receiver[T]],
+    ) -> T:
+        attempts = Attempts(self.failover, time.monotonic())
+        limit = body_limit(kind, size)
+        allowed = deadline(self.settings, size, limit)
+        while (step := attempts.next(time.monotonic())) is not None:
+            route, delay = step
+            if delay:
+                self.stats.retries += 1
+                await asyncio.sleep(delay)
+            per = self.stats.by_route.setdefault(route.describe(""), RouteStats())
+            per.requests += 1
+            self.stats.requests += 1
+            receiver = make()
+            try:
+                n = await self.transport.get(
+                    route,
+                    path,
+                    receiver.write,
+                    limit=limit,
+                    deadline=allowed,
+                    no_cache=attempts.no_cache,
+                )
+                result = receiver.finish(what)
+            except Failed as f:
+                receiver.discard()
+                if f.blame is not Blame.NOBODY:
+                    self.stats.failures += 1
+                    per.failures += 1
+                if f.blame is Blame.DATA:
+                    self.stats.corrupt += 1
+                    per.corrupt += 1
+                attempts.failed(route, f.blame, f.reason, path, time.monotonic())
+                for line in attempts.notes:
+                    self.note(line)
+                attempts.notes.clear()
+                continue
+            except BaseException:
+                receiver.discard()
+                raise
+            self.stats.bytes_fetched += n
+            return result
+        if attempts.not_found:
+            self.stats.not_found += 1
+            raise NotFound(what, attempts.failures)
+        raise DownloadError(what, attempts.failures)
+
+
+class _Receiver(Protocol[T_co]):
+    def write(self, chunk: bytes) -> None: ...
+    def finish(self, what: str) -> T_co: ...
+    def discard(self) -> None: ...
+
+
+class _Memory:
+    """An answer kept in memory, verified at the end."""
+
+    def __init__(self, expected: ContentHash | None, check: Check | None) -> None:
+        self.buf = bytearray()
+        self.hasher = expected.algorithm.new() if expected is not None else None
+        self.expected = expected
+        self.check = check
+
+    def write(self, chunk: bytes) -> None:
+        self.buf += chunk
+        if self.hasher is not None:
+            self.hasher.update(chunk)
+
+    def finish(self, what: str) -> bytes:
+        data = bytes(self.buf)
+        _verify(self.hasher, self.expected)
+        if self.check is not None:
+            try:
+                self.check(data)
+            except FormatError as e:
+                raise Failed(Blame.DATA, str(e).removeprefix(f"{what}: ")) from None
+        return data
+
+    def discard(self) -> None:
+        self.buf = bytearray()
+
+
+class _ToFile:
+    """An answer streamed into a file, hashed on the way."""
+
+    def __init__(self, dest: Path, expected: ContentHash) -> None:
+        self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self.hasher = expected.algorithm.new()
+        self.expected = expected
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.hasher.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self, what: str) -> int:
+        os.close(self.fd)
+        self.fd = -1
+        _verify(self.hasher, self.expected)
+        return self.size
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _verify(hasher: Hasher | None, expected: ContentHash | None) -> None:
+    if expected is None or hasher is None:
+        return
+    got = ContentHash(expected.algorithm, hasher.digest())
+    if got != expected:
+        raise Failed(Blame.DATA, f"content hash mismatch (got {got.hex})")

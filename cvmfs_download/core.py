@@ -1,0 +1,263 @@
+"""The download manager's decisions, with no I/O: values in, values out.
+
+What CernVM-FS decides, as in its download manager: servers are tried in fail-over order
+(``CVMFS_SERVER_URL``; groups load-balanced inside, as hep-exec's ``--proxy`` lists of
+hep-proxies are), forward proxies in groups (``CVMFS_HTTP_PROXY``: ``;`` fails over, ``|``
+load-balances, ``DIRECT`` is no proxy).  A failure is held against the server (HTTP errors
+from the server, a broken direct connection) or the proxy (a proxy's own error, a broken
+connection through it), which is then avoided for ``host_reset_after`` /
+``proxy_reset_after`` seconds: tried last, not never.  A 404 blames nobody (another server
+may have it).  Bytes that fail their check are asked for once more with caches bypassed
+(``Cache-Control: no-cache``), then blamed on the server.  After every route failed, the
+request goes round again ``retries`` times after a jittered back-off, unless every server said
+404.  Every answer has a size limit by what it is (``body_limit``) and an overall deadline
+(``deadline``) besides the idle timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cvmfs_format.proxies import ProxyGroups
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One set of defaults for every tool (each may set its own from its configuration)."""
+
+    timeout: float = 10.0  # idle: this long with no byte is a failure
+    connect_timeout: float = 5.0
+    retries: int = 1  # extra rounds over every route once all have failed
+    backoff_init: float = 0.5  # seconds before the first extra round (jittered, doubling)
+    backoff_max: float = 5.0
+    host_reset_after: float = 1800.0  # a failed server is tried last for this long
+    proxy_reset_after: float = 300.0  # a failed proxy likewise
+    min_rate: float = 64 * KiB  # bytes/s an answer must keep up on average (its deadline)
+    max_connections: int = 32
+    user_agent: str = "hep-cvmfs-hpc (cvmfs-compatible)"
+
+
+class Kind(enum.Enum):
+    """What is fetched: decides how big an answer may be."""
+
+    MANIFEST = "manifest"
+    WHITELIST = "whitelist"
+    CERTIFICATE = "certificate"
+    CATALOG = "catalog"
+    OBJECT = "object"
+
+
+SMALL_LIMIT = 4 * MiB  # .cvmfspublished, .cvmfswhitelist, a certificate: a few KiB each
+CATALOG_LIMIT = 4 * GiB  # a catalog of unknown size (the largest real ones are ~1 GiB)
+OBJECT_LIMIT = 16 * GiB  # an object of unknown size
+
+
+def body_limit(kind: Kind, size: int | None = None) -> int:
+    """The most bytes an answer for ``kind`` may have: ``size`` is the uncompressed size the
+    catalog gives (stored objects are zlib-compressed or not, never much larger), or None."""
+    if kind in (Kind.MANIFEST, Kind.WHITELIST, Kind.CERTIFICATE):
+        return SMALL_LIMIT
+    if size is None or size < 0:
+        return CATALOG_LIMIT if kind is Kind.CATALOG else OBJECT_LIMIT
+    return 2 * size + 64 * KiB  # zlib adds at most 0.03% + a few bytes; margin for headers
+
+
+def deadline(settings: Settings, size: int | None, limit: int) -> float:
+    """Seconds one attempt may take in all: connect, first byte, and the expected bytes at
+    ``min_rate`` (a trickle of one byte every few seconds never ends otherwise)."""
+    expected = size if size is not None and size >= 0 else min(limit, 64 * MiB)
+    return settings.connect_timeout + settings.timeout + expected / settings.min_rate
+
+
+def backoff_delay(attempt: int, init: float, cap: float, rng: random.Random) -> float:
+    """Jittered exponential back-off: uniform in [0, min(cap, init * 2**attempt)]."""
+    return rng.uniform(0, min(cap, init * (2**attempt)))
+
+
+class Blame(enum.Enum):
+    """Whom a failed attempt is held against."""
+
+    NOBODY = "nobody"  # 404: the next server, nobody avoided
+    HOST = "host"  # the server: the next server, this one avoided
+    PROXY = "proxy"  # the forward proxy: the next proxy, this one avoided
+    DATA = "data"  # wrong or too many bytes: once more bypassing caches, then the server
+
+
+def classify_status(status: int, headers: dict[str, str], via_proxy: bool) -> Blame | None:
+    """None for success; else whom an HTTP status blames (``headers`` lower-case keys).  As
+    CernVM-FS: a status a proxy made itself (``X-Squid-Error``, ``Proxy-Status: …error=``)
+    is the proxy's; 404 is nobody's (another server may have the file)."""
+    if 200 <= status < 300:
+        return None
+    proxy_said = "x-squid-error" in headers or "error=" in headers.get("proxy-status", "")
+    if via_proxy and (proxy_said or status in (407, 502, 504)):
+        return Blame.PROXY
+    if status == 404:
+        return Blame.NOBODY
+    return Blame.HOST
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way to ask: a server's base URL, through a forward proxy (None: DIRECT)."""
+
+    server: str
+    proxy: str | None
+
+    def url(self, path: str) -> str:
+        return self.server.rstrip("/") + "/" + path.lstrip("/")
+
+    def describe(self, path: str) -> str:
+        u = self.url(path)
+        return u if self.proxy is None else f"{u} via {self.proxy}"
+
+
+@dataclass
+class _Member:
+    url: str | None
+    group: int
+    avoid_until: float = 0.0
+
+
+def _members(groups: Sequence[Sequence[str | None]], rng: random.Random) -> list[_Member]:
+    """Groups in order, each group's members in a random order kept for the client's life
+    (load-balancing that keeps connections and caches warm)."""
+    out = []
+    for i, group in enumerate(groups):
+        members = list(group)
+        rng.shuffle(members)
+        out += [_Member(m, i) for m in members]
+    return out
+
+
+def _in_order(members: list[_Member], now: float) -> list[_Member]:
+    live = [m for m in members if m.avoid_until <= now]
+    avoided = sorted((m for m in members if m.avoid_until > now), key=lambda m: m.avoid_until)
+    return live + avoided
+
+
+class Failover:
+    """The servers and proxies of one client, shared by all its requests: their order and
+    which are being avoided."""
+
+    def __init__(
+        self,
+        servers: Sequence[Sequence[str]],
+        proxies: ProxyGroups | None = None,
+        settings: Settings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.rng = rng or random.Random()
+        self._servers = _members(servers, self.rng)
+        if not self._servers:
+            raise ValueError("no server to download from")
+        groups = proxies.groups if proxies is not None else ((None,),)
+        self._proxies = _members(groups, self.rng)
+
+    @property
+    def server_urls(self) -> list[str]:
+        return [str(m.url) for m in self._servers]
+
+    def routes(self, now: float) -> list[Route]:
+        """Every route, in the order one request tries them: each server (live ones first)
+        with each proxy (live ones first)."""
+        proxies = [m.url for m in _in_order(self._proxies, now)]
+        return [Route(str(s.url), p) for s in _in_order(self._servers, now) for p in proxies]
+
+    def blame(self, route: Route, blame: Blame, now: float) -> str | None:
+        """Hold a failure against a server or a proxy; a line to log when one starts being
+        avoided (None if it already was, or for nobody)."""
+        if blame is Blame.PROXY and route.proxy is not None:
+            pool, url, what = self._proxies, route.proxy, "proxy"
+            reset = self.settings.proxy_reset_after
+        elif blame in (Blame.HOST, Blame.DATA, Blame.PROXY):  # DIRECT: the server's fault
+            pool, url, what = self._servers, route.server, "server"
+            reset = self.settings.host_reset_after
+        else:
+            return None
+        for m in pool:
+            if m.url == url:
+                was_live = m.avoid_until <= now
+                m.avoid_until = now + reset
+                return (
+                    f"{what} {url} failed; trying others first for {reset:.0f} s"
+                    if (was_live and len(pool) > 1)
+                    else None
+                )
+        return None
+
+
+@dataclass
+class Attempts:
+    """One request's walk over the routes (``next`` until None), with what each failure
+    implies for the rest of it and for the client (``failed``)."""
+
+    failover: Failover
+    now: float
+    failures: list[str] = field(default_factory=list)
+    no_cache: bool = False  # ask caches to revalidate (after bytes that failed their check)
+    round: int = 0
+    notes: list[str] = field(default_factory=list)  # lines to log (a server/proxy avoided)
+    _plan: list[Route] = field(default_factory=list)
+    _i: int = 0
+    _burnt_servers: set[str] = field(default_factory=set)
+    _burnt_proxies: set[str] = field(default_factory=set)
+    _again: Route | None = None
+    _all_not_found: bool = True
+    _data_retried: bool = False
+
+    def __post_init__(self) -> None:
+        self._plan = self.failover.routes(self.now)
+
+    @property
+    def not_found(self) -> bool:
+        """Every attempt so far was a 404."""
+        return self._all_not_found and bool(self.failures)
+
+    def next(self, now: float) -> tuple[Route, float] | None:
+        """The next route and how long to wait before trying it; None when all is tried."""
+        if self._again is not None:
+            route, self._again = self._again, None
+            return route, 0.0
+        while True:
+            while self._i < len(self._plan):
+                route = self._plan[self._i]
+                self._i += 1
+                if route.server in self._burnt_servers:
+                    continue
+                if route.proxy is not None and route.proxy in self._burnt_proxies:
+                    continue
+                return route, 0.0
+            if self._all_not_found or self.round >= self.failover.settings.retries:
+                return None
+            self.round += 1
+            self._plan, self._i = self.failover.routes(now), 0
+            self._burnt_servers.clear()
+            self._burnt_proxies.clear()
+            s = self.failover.settings
+            delay = backoff_delay(self.round - 1, s.backoff_init, s.backoff_max, self.failover.rng)
+            nxt = self.next(now)
+            return None if nxt is None else (nxt[0], delay)
+
+    def failed(self, route: Route, blame: Blame, reason: str, path: str, now: float) -> None:
+        self.failures.append(f"{route.describe(path)}: {reason}")
+        if blame is not Blame.NOBODY:
+            self._all_not_found = False
+        if blame is Blame.DATA and not self._data_retried:
+            self._data_retried = True
+            self.no_cache = True
+            self._again = route  # the same route once more, caches bypassed
+            return
+        note = self.failover.blame(route, blame, now)
+        if note:
+            self.notes.append(f"{note} ({reason})")
+        if blame is Blame.PROXY and route.proxy is not None:
+            self._burnt_proxies.add(route.proxy)
+        else:
+            self._burnt_servers.add(route.server)

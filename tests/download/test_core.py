@@ -1,0 +1,165 @@
+"""The download manager's decisions (cvmfs_download.core), as values: no I/O."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cvmfs_download.core import (
+    Attempts,
+    Blame,
+    Failover,
+    GiB,
+    Kind,
+    MiB,
+    Route,
+    Settings,
+    backoff_delay,
+    body_limit,
+    classify_status,
+    deadline,
+)
+from cvmfs_format.proxies import parse_proxies
+
+S1, S2, S3 = "http://s1/cvmfs/r", "http://s2/cvmfs/r", "http://s3/cvmfs/r"
+P1, P2, P3 = "http://p1:3128", "http://p2:3128", "http://p3:3128"
+
+
+def walk(a: Attempts, outcomes: dict[Route, Blame], now: float = 0.0) -> list[Route]:
+    """Drive a request: every route tried fails as ``outcomes`` says (missing: success)."""
+    tried = []
+    while (step := a.next(now)) is not None:
+        route, _delay = step
+        tried.append(route)
+        blame = outcomes.get(route)
+        if blame is None:
+            break
+        a.failed(route, blame, "x", "data/ab/cd", now)
+    return tried
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "via_proxy", "blame"),
+    [
+        (200, {}, False, None),
+        (206, {}, True, None),
+        (404, {}, False, Blame.NOBODY),
+        (404, {}, True, Blame.NOBODY),
+        (503, {}, False, Blame.HOST),
+        (503, {}, True, Blame.HOST),  # passed on by the proxy: the server's
+        (503, {"x-squid-error": "ERR_CONNECT_FAIL 111"}, True, Blame.PROXY),
+        (500, {"proxy-status": "squid; error=connection_refused"}, True, Blame.PROXY),
+        (502, {}, True, Blame.PROXY),
+        (504, {}, True, Blame.PROXY),
+        (407, {}, True, Blame.PROXY),
+        (502, {}, False, Blame.HOST),
+        (403, {}, False, Blame.HOST),
+        (301, {}, False, Blame.HOST),
+    ],
+)
+def test_whom_a_status_blames(
+    status: int, headers: dict[str, str], via_proxy: bool, blame: Blame | None
+) -> None:
+    assert classify_status(status, headers, via_proxy) is blame
+
+
+def test_limits_and_deadlines() -> None:
+    for kind in (Kind.MANIFEST, Kind.WHITELIST, Kind.CERTIFICATE):
+        assert body_limit(kind, None) == 4 * MiB
+        assert body_limit(kind, 10 * GiB) == 4 * MiB  # whatever a catalog claims
+    assert body_limit(Kind.OBJECT, 100) == 200 + 64 * 1024
+    assert body_limit(Kind.OBJECT, None) == 16 * GiB
+    assert body_limit(Kind.CATALOG, None) == 4 * GiB
+    s = Settings(timeout=10, connect_timeout=5, min_rate=1024)
+    assert deadline(s, 100, body_limit(Kind.OBJECT, 100)) == pytest.approx(15.1, abs=0.01)
+    assert deadline(s, 1 << 20, 0) == pytest.approx(15 + 1024)
+    # unknown size: at most 64 MiB at min_rate
+    assert deadline(s, None, 16 * GiB) == pytest.approx(15 + 64 * 1024)
+
+
+def test_backoff_is_jittered_doubling_and_capped() -> None:
+    rng = random.Random(1)
+    for attempt in range(8):
+        for _ in range(20):
+            d = backoff_delay(attempt, 0.5, 5.0, rng)
+            assert 0 <= d <= min(5.0, 0.5 * 2**attempt)
+
+
+def test_routes_servers_then_proxies_groups_load_balanced_and_sticky() -> None:
+    proxies = parse_proxies(f"{P1}|{P2};{P3}")
+    f = Failover([[S1], [S2]], proxies, rng=random.Random(3))
+    routes = f.routes(0)
+    assert [r.server for r in routes] == [S1, S1, S1, S2, S2, S2]
+    first_group = {routes[0].proxy, routes[1].proxy}
+    assert first_group == {P1, P2} and routes[2].proxy == P3
+    assert f.routes(100) == routes  # the same order request after request
+    # load-balanced: different clients start on different members of the group
+    starts = {Failover([[S1]], proxies, rng=random.Random(i)).routes(0)[0].proxy for i in range(20)}
+    assert starts == {P1, P2}
+    # a server group (hep-exec's list of hep-proxies "a|b"): members load-balanced too
+    starts = {Failover([[S1, S2]], rng=random.Random(i)).routes(0)[0].server for i in range(20)}
+    assert starts == {S1, S2}
+
+
+def test_a_failed_proxy_is_tried_last_until_its_reset() -> None:
+    s = Settings(proxy_reset_after=300, host_reset_after=1800, retries=0)
+    f = Failover([[S1], [S2]], parse_proxies(f"{P1};{P2}"), s, random.Random(0))
+    a = Attempts(f, 0)
+    tried = walk(a, {Route(S1, P1): Blame.PROXY})
+    # the proxy's failure: the next proxy, same server; that proxy is not used for S2 either
+    assert tried == [Route(S1, P1), Route(S1, P2)]
+    assert a.notes == [f"proxy {P1} failed; trying others first for 300 s (x)"]
+    assert [r.proxy for r in f.routes(10)][:2] == [P2, P1]  # avoided: last
+    assert [r.proxy for r in f.routes(301)][:2] == [P1, P2]  # reset
+
+
+def test_a_failed_server_is_left_for_the_next_with_the_same_proxies() -> None:
+    s = Settings(retries=0)
+    f = Failover([[S1], [S2]], parse_proxies(f"{P1};{P2}"), s, random.Random(0))
+    tried = walk(Attempts(f, 0), {Route(S1, P1): Blame.HOST})
+    assert tried == [Route(S1, P1), Route(S2, P1)]  # not S1 through P2: the server failed
+    assert [r.server for r in f.routes(1)] == [S2, S2, S1, S1]
+    assert [r.server for r in f.routes(1801)] == [S1, S1, S2, S2]
+
+
+def test_direct_failures_are_the_servers() -> None:
+    f = Failover([[S1], [S2]], None, Settings(retries=0), random.Random(0))
+    a = Attempts(f, 0)
+    tried = walk(a, {Route(S1, None): Blame.PROXY})  # a broken connection, DIRECT
+    assert tried == [Route(S1, None), Route(S2, None)]
+    assert f.routes(1)[0].server == S2
+
+
+def test_not_found_everywhere_ends_at_once_and_blames_nobody() -> None:
+    f = Failover([[S1], [S2]], None, Settings(retries=3), random.Random(0))
+    a = Attempts(f, 0)
+    tried = walk(a, {Route(S1, None): Blame.NOBODY, Route(S2, None): Blame.NOBODY})
+    assert tried == [Route(S1, None), Route(S2, None)]  # no further rounds
+    assert a.not_found and a.notes == []
+    assert [r.server for r in f.routes(1)] == [S1, S2]  # nobody avoided
+
+
+def test_bad_bytes_are_asked_for_again_without_caches_then_blamed_on_the_server() -> None:
+    f = Failover([[S1], [S2]], None, Settings(retries=0), random.Random(0))
+    a = Attempts(f, 0)
+    assert a.next(0) == (Route(S1, None), 0.0) and not a.no_cache
+    a.failed(Route(S1, None), Blame.DATA, "content hash mismatch", "p", 0)
+    assert a.next(0) == (Route(S1, None), 0.0) and a.no_cache  # once more, no caches
+    a.failed(Route(S1, None), Blame.DATA, "content hash mismatch", "p", 0)
+    assert a.next(0) == (Route(S2, None), 0.0) and a.no_cache
+    assert not a.not_found
+
+
+def test_rounds_after_everything_failed_wait_a_jittered_backoff() -> None:
+    s = Settings(retries=2, backoff_init=1.0, backoff_max=1.5)
+    f = Failover([[S1]], None, s, random.Random(0))
+    a = Attempts(f, 0)
+    steps = []
+    while (step := a.next(0)) is not None:
+        steps.append(step)
+        a.failed(step[0], Blame.HOST, "cannot connect (connection refused)", "p", 0)
+    assert [r for r, _ in steps] == [Route(S1, None)] * 3
+    assert steps[0][1] == 0 and 0 <= steps[1][1] <= 1.0 and 0 <= steps[2][1] <= 1.5
+    assert a.failures == [f"{S1}/p: cannot connect (connection refused)"] * 3
+    assert a.notes == []  # one server: nothing else to try first
