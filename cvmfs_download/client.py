@@ -28,6 +28,7 @@ from cvmfs_download.core import (
     Settings,
     body_limit,
     deadline,
+    kind_of_path,
 )
 from cvmfs_download.errors import DownloadError, NotFound
 from cvmfs_download.http import Failed, HttpTransport, Sink
@@ -72,7 +73,7 @@ class Stats:
     not_found: int = 0
     retries: int = 0
     collapsed: int = 0
-    by_route: dict[str, RouteStats] = field(default_factory=dict)
+    by_route: dict[str, RouteStats] = field(default_factory=dict)  # "server [via proxy]"
 
 
 class Downloader:
@@ -103,13 +104,15 @@ class Downloader:
         path: str,
         *,
         expected: ContentHash | None = None,
-        kind: Kind = Kind.OBJECT,
+        kind: Kind | None = None,
         size: int | None = None,
         check: Check | None = None,
         what: str = "",
     ) -> bytes:
         """The bytes of ``path`` (relative to a server's base URL), verified against
-        ``expected`` and ``check``.  Raises DownloadError or NotFound (one line)."""
+        ``expected`` and ``check``; ``kind`` (default: by its name) and ``size`` (the
+        catalog's) bound it.  Raises DownloadError or NotFound (one line)."""
+        kind = kind or kind_of_path(path)
         key = (path, expected)
         shared = self._inflight.get(key)
         if shared is not None and check is None:
@@ -165,7 +168,8 @@ class Downloader:
             if delay:
                 self.stats.retries += 1
                 await asyncio.sleep(delay)
-            per = self.stats.by_route.setdefault(route.describe(""), RouteStats())
+            name = route.server if route.proxy is None else f"{route.server} via {route.proxy}"
+            per = self.stats.by_route.setdefault(name, RouteStats())
             per.requests += 1
             self.stats.requests += 1
             receiver = make()

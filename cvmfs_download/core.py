@@ -8,7 +8,8 @@ from the server, a broken direct connection) or the proxy (a proxy's own error, 
 connection through it), which is then avoided for ``host_reset_after`` /
 ``proxy_reset_after`` seconds: tried last, not never.  A 404 blames nobody (another server
 may have it).  Bytes that fail their check are asked for once more with caches bypassed
-(``Cache-Control: no-cache``), then blamed on the server.  After every route failed, the
+(``Cache-Control: no-cache``): through the same forward proxy once (its cache may be stale),
+and from every route after; the server is blamed.  After every route failed, the
 request goes round again ``retries`` times after a jittered back-off, unless every server said
 404.  Every answer has a size limit by what it is (``body_limit``) and an overall deadline
 (``deadline``) besides the idle timeout.
@@ -21,6 +22,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cvmfs_format.errors import FormatError
+from cvmfs_format.objects import Suffix, parse_object_path
 from cvmfs_format.proxies import ProxyGroups
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -50,6 +53,26 @@ class Kind(enum.Enum):
     CERTIFICATE = "certificate"
     CATALOG = "catalog"
     OBJECT = "object"
+
+
+def kind_of_path(path: str) -> Kind:
+    """What a repository file is, by its name in the Stratum-1 layout."""
+    name = path.rsplit("/", 1)[-1]
+    if name == ".cvmfspublished":
+        return Kind.MANIFEST
+    if name == ".cvmfswhitelist":
+        return Kind.WHITELIST
+    at = path.find("data/")
+    if at >= 0:
+        try:
+            suffix = parse_object_path(path[at:]).suffix
+        except FormatError:
+            return Kind.OBJECT
+        if suffix is Suffix.CATALOG:
+            return Kind.CATALOG
+        if suffix is Suffix.CERTIFICATE:
+            return Kind.CERTIFICATE
+    return Kind.OBJECT
 
 
 SMALL_LIMIT = 4 * MiB  # .cvmfspublished, .cvmfswhitelist, a certificate: a few KiB each
@@ -124,19 +147,18 @@ class _Member:
     avoid_until: float = 0.0
 
 
-def _members(groups: Sequence[Sequence[str | None]], rng: random.Random) -> list[_Member]:
-    """Groups in order, each group's members in a random order kept for the client's life
-    (load-balancing that keeps connections and caches warm)."""
-    out = []
-    for i, group in enumerate(groups):
-        members = list(group)
-        rng.shuffle(members)
-        out += [_Member(m, i) for m in members]
-    return out
+def _members(groups: Sequence[Sequence[str | None]]) -> list[_Member]:
+    return [_Member(m, i) for i, group in enumerate(groups) for m in group]
 
 
-def _in_order(members: list[_Member], now: float) -> list[_Member]:
-    live = [m for m in members if m.avoid_until <= now]
+def _in_order(members: list[_Member], now: float, rng: random.Random) -> list[_Member]:
+    """Live members group by group, each group shuffled (load-balancing: request after
+    request spreads over the group), then avoided ones, soonest back first."""
+    live: list[_Member] = []
+    for i in sorted({m.group for m in members}):
+        group = [m for m in members if m.group == i and m.avoid_until <= now]
+        rng.shuffle(group)
+        live += group
     avoided = sorted((m for m in members if m.avoid_until > now), key=lambda m: m.avoid_until)
     return live + avoided
 
@@ -154,11 +176,11 @@ class Failover:
     ) -> None:
         self.settings = settings or Settings()
         self.rng = rng or random.Random()
-        self._servers = _members(servers, self.rng)
+        self._servers = _members(servers)
         if not self._servers:
             raise ValueError("no server to download from")
         groups = proxies.groups if proxies is not None else ((None,),)
-        self._proxies = _members(groups, self.rng)
+        self._proxies = _members(groups)
 
     @property
     def server_urls(self) -> list[str]:
@@ -167,8 +189,16 @@ class Failover:
     def routes(self, now: float) -> list[Route]:
         """Every route, in the order one request tries them: each server (live ones first)
         with each proxy (live ones first)."""
-        proxies = [m.url for m in _in_order(self._proxies, now)]
-        return [Route(str(s.url), p) for s in _in_order(self._servers, now) for p in proxies]
+        proxies = [m.url for m in _in_order(self._proxies, now, self.rng)]
+        servers = _in_order(self._servers, now, self.rng)
+        return [Route(str(s.url), p) for s in servers for p in proxies]
+
+    def avoided_until(self, url: str) -> float:
+        """Until when a server or proxy is tried last (0: it is not)."""
+        for m in (*self._servers, *self._proxies):
+            if m.url == url:
+                return m.avoid_until
+        return 0.0
 
     def blame(self, route: Route, blame: Blame, now: float) -> str | None:
         """Hold a failure against a server or a proxy; a line to log when one starts being
@@ -249,11 +279,12 @@ class Attempts:
         self.failures.append(f"{route.describe(path)}: {reason}")
         if blame is not Blame.NOBODY:
             self._all_not_found = False
-        if blame is Blame.DATA and not self._data_retried:
-            self._data_retried = True
-            self.no_cache = True
-            self._again = route  # the same route once more, caches bypassed
-            return
+        if blame is Blame.DATA:
+            self.no_cache = True  # from now on, ask caches on the way to revalidate
+            if route.proxy is not None and not self._data_retried:
+                self._data_retried = True
+                self._again = route  # the proxy's cache may be stale: once more through it
+                return
         note = self.failover.blame(route, blame, now)
         if note:
             self.notes.append(f"{note} ({reason})")

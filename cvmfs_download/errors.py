@@ -4,7 +4,7 @@ words a site admin uses (never a library's exception name)."""
 from __future__ import annotations
 
 import errno
-import ssl
+import sys
 
 
 class DownloadError(Exception):
@@ -38,8 +38,9 @@ def network_reason(e: BaseException) -> str:
     """What went wrong on the wire, for a log line (the transport maps its own errors here)."""
     if isinstance(e, TimeoutError):
         return "timed out"
-    if isinstance(e, ssl.SSLError):
-        return f"TLS failed ({e.reason or 'handshake'})"
+    ssl = sys.modules.get("ssl")  # loaded by the transport if TLS was used; not here
+    if ssl is not None and isinstance(e, ssl.SSLError):
+        return f"TLS failed ({getattr(e, 'reason', None) or 'handshake'})"
     if isinstance(e, ConnectionRefusedError):
         return "connection refused"
     if isinstance(e, ConnectionResetError):

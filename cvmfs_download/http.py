@@ -8,6 +8,7 @@ come out as :class:`Failed` (whom to blame, and why in a site admin's words).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
@@ -23,10 +24,11 @@ CHUNK = 256 * 1024
 class Failed(Exception):
     """One attempt failed: ``blame`` says whom it is held against."""
 
-    def __init__(self, blame: Blame, reason: str) -> None:
+    def __init__(self, blame: Blame, reason: str, status: int | None = None) -> None:
         super().__init__(reason)
         self.blame = blame
         self.reason = reason
+        self.status = status  # the HTTP status that failed it, if one did
 
 
 class HttpTransport:
@@ -89,7 +91,7 @@ class HttpTransport:
                         )
                         if blame is not None:
                             what = "not found" if resp.status == 404 else "answered"
-                            raise Failed(blame, f"{what} (HTTP {resp.status})")
+                            raise Failed(blame, f"{what} (HTTP {resp.status})", resp.status)
                         announced = resp.content_length
                         if announced is not None and announced > limit:
                             raise Failed(Blame.DATA, _too_big(announced, limit))
@@ -126,6 +128,20 @@ class HttpTransport:
         except (aiohttp.ClientError, OSError) as e:
             raise Failed(broken, network_reason(e)) from None
         return got
+
+
+async def probe(transport: HttpTransport, route: Route, path: str) -> tuple[bool, str]:
+    """Ask once for a small file (``--check``): (answered 200, "HTTP 200 in 3 ms" or why not);
+    any HTTP status is reported as "HTTP <status> in <ms>"."""
+    t0 = time.perf_counter()
+    status = 200
+    try:
+        await transport.get(route, path, lambda _c: None, limit=4 << 20, deadline=30.0)
+    except Failed as f:
+        if f.status is None:
+            return False, f.reason
+        status = f.status
+    return status == 200, f"HTTP {status} in {(time.perf_counter() - t0) * 1000:.0f} ms"
 
 
 def _too_big(n: int, limit: int, how: str = "announced") -> str:

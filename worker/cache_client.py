@@ -119,6 +119,8 @@ class ServiceFirst:
         expected: ContentHash | None = None,
         what: str = "",
         check: Callable[[bytes], None] | None = None,
+        *,
+        size: int | None = None,
     ) -> bytes:
         fqrn, _, path = url_path.removeprefix("/cvmfs/").partition("/")
         if url_path.startswith("/cvmfs/") and is_repository_file(fqrn, path):
@@ -131,12 +133,17 @@ class ServiceFirst:
                 else:
                     self.from_service += 1
                     return data
-        return self.fetcher.get(url_path, expected, what, check)
+        return self.fetcher.get(url_path, expected, what, check, size=size)
 
     def submit(
-        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        *,
+        size: int | None = None,
     ) -> Future[bytes]:
-        return self.fetcher.submit(url_path, expected, what)
+        return self.fetcher.submit(url_path, expected, what, size=size)
 
 
 class SharedObject(CachedObject):

@@ -175,11 +175,18 @@ class _Fetched:
         expected: ContentHash | None = None,
         what: str = "",
         check: Callable[[bytes], None] | None = None,
+        *,
+        size: int | None = None,
     ) -> bytes:
         return self.stored
 
     def submit(
-        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        *,
+        size: int | None = None,
     ) -> Future[bytes]:
         raise NotImplementedError
 
@@ -529,7 +536,9 @@ class CacheService:
                 continue
             self._slots.acquire()
             url = object_url(spec.fqrn, spec.hash.object_path())
-            future = self.fetcher.prefetch([(url, spec.hash, f"{spec.fqrn}:{spec.path}")])
+            future = self.fetcher.prefetch(
+                [(url, spec.hash, f"{spec.fqrn}:{spec.path}", spec.size)]
+            )
             future.add_done_callback(
                 lambda f, s=spec, c=push: self._fetch_done(_Fetch(s, c, f))  # type: ignore[misc]
             )

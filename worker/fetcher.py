@@ -1,11 +1,13 @@
-"""HTTP fetcher: aiohttp on its own event-loop thread, a blocking thread-safe API on top.
+"""hep-exec's fetcher: the one download client (cvmfs_download) on its own event-loop
+thread, with a blocking, thread-safe API on top.
 
-Each proxy URL is a base URL serving ``/cvmfs/<fqrn>/…`` (hep-proxy, or any static server of
-a store). Proxies come in CVMFS_HTTP_PROXY groups: load-balanced inside a group, fail-over
-across groups; a proxy that fails (connection, timeout, 5xx) is avoided for
-``proxy_reset_after`` seconds, so a dead proxy costs one timeout, not one per request.
-Objects are verified against their content hash before anyone sees them: a corrupt answer is
-retried on the next proxy (with no-cache headers), and wrong bytes are never returned.
+Each of hep-exec's ``--proxy`` URLs is a base URL serving ``/cvmfs/<fqrn>/…`` (hep-proxy, or
+any static server of a store): to the download client they are servers, in fail-over groups
+load-balanced inside (``a|b;c``).  A server that fails is tried last for
+``proxy_reset_after`` seconds, so a dead one costs one timeout, not one per request.  Every
+answer is bounded (its size by what it is, an overall deadline besides the idle timeout) and
+verified against its content hash before anyone sees it: a corrupt answer is asked for
+elsewhere (caches bypassed), and wrong bytes are never returned.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import contextlib
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cvmfs_format.errors import FormatError
+from cvmfs_download.core import Kind, Settings
+from cvmfs_download.errors import DownloadError as FetchError
+from cvmfs_download.errors import NotFound
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.objects import verify_stored
 from cvmfs_format.proxies import ProxyGroups
@@ -28,56 +30,73 @@ from cvmfs_format.proxies import ProxyGroups
 if TYPE_CHECKING:
     import asyncio
 
-    import aiohttp
-
+    from cvmfs_download.client import Downloader
     from worker.config import ExecConfig
+
+__all__ = ["USER_AGENT", "Check", "FetchError", "Fetcher", "Kind", "NotFound"]
 
 log = logging.getLogger("hep_exec.fetcher")
 T = TypeVar("T")
 USER_AGENT = "hep-exec/0.1 (cvmfs-compatible)"
 Check = Callable[[bytes], None]
+# (url path, hash, what[, size]): one fetch of get_many/prefetch
+Item = tuple[str, ContentHash | None, str] | tuple[str, ContentHash | None, str, int | None]
 
 
-class FetchError(Exception):
-    """Every proxy failed for a URL; the message names the URL and each proxy's failure."""
+def _size(rest: list[Any]) -> int | None:
+    return rest[0] if rest else None
 
 
-class NotFound(FetchError):
-    """Every proxy that answered said 404 (the object or repository does not exist there)."""
-
-
-@dataclass
 class ProxyState:
-    url: str
-    group: int
-    dead_until: float = 0.0
-    requests: int = 0
-    failures: int = 0
-    corrupt: int = 0
+    """One server's figures, read live from the download client (``--stats``, tests)."""
+
+    def __init__(self, url: str, fetcher: Fetcher) -> None:
+        self.url = url
+        self._fetcher = fetcher
+
+    def _route(self) -> Any:
+        d = self._fetcher._downloader
+        return None if d is None else d.stats.by_route.get(self.url)
+
+    @property
+    def requests(self) -> int:
+        r = self._route()
+        return 0 if r is None else int(r.requests)
+
+    @property
+    def failures(self) -> int:
+        r = self._route()
+        return 0 if r is None else int(r.failures)
+
+    @property
+    def corrupt(self) -> int:
+        r = self._route()
+        return 0 if r is None else int(r.corrupt)
+
+    @property
+    def dead_until(self) -> float:
+        d = self._fetcher._downloader
+        return 0.0 if d is None else d.failover.avoided_until(self.url)
 
 
-@dataclass
 class FetchStats:
-    requests: int = 0
-    bytes_fetched: int = 0
-    failures: int = 0
-    corrupt: int = 0
-    not_found: int = 0
-    retries: int = 0
-    collapsed: int = 0
-    by_proxy: dict[str, ProxyState] = field(default_factory=dict)
+    """The download client's counters (zero until the first request starts it)."""
 
+    def __init__(self, fetcher: Fetcher, urls: Sequence[str]) -> None:
+        self._fetcher = fetcher
+        self.by_proxy = {u: ProxyState(u, fetcher) for u in urls}
 
-class _Attempt(Exception):
-    """One proxy's failure for one request: why, and whether the proxy itself is to blame."""
+    def _get(self, name: str) -> int:
+        d = self._fetcher._downloader
+        return 0 if d is None else int(getattr(d.stats, name))
 
-    def __init__(
-        self, reason: str, proxy_fault: bool, not_found: bool = False, corrupt: bool = False
-    ) -> None:
-        super().__init__(reason)
-        self.proxy_fault = proxy_fault
-        self.not_found = not_found
-        self.corrupt = corrupt
+    requests = property(lambda self: self._get("requests"))
+    bytes_fetched = property(lambda self: self._get("bytes_fetched"))
+    failures = property(lambda self: self._get("failures"))
+    corrupt = property(lambda self: self._get("corrupt"))
+    not_found = property(lambda self: self._get("not_found"))
+    retries = property(lambda self: self._get("retries"))
+    collapsed = property(lambda self: self._get("collapsed"))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -121,25 +140,27 @@ class Fetcher:
         max_connections: int = 32,
         rng: random.Random | None = None,
     ) -> None:
-        members = [(p, i) for i, g in enumerate(proxies.groups) for p in g]
-        if not members or any(p is None for p, _ in members):
+        members = [p for g in proxies.groups for p in g]
+        if not members or any(p is None for p in members):
             raise ValueError("fetcher needs http:// proxies (DIRECT is not supported)")
         self.proxies = proxies
         self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.retries = retries
-        self.backoff_init = backoff_init
-        self.backoff_max = backoff_max
-        self.proxy_reset_after = proxy_reset_after
-        self.max_connections = max_connections
-        self.stats = FetchStats()
-        self._states = [ProxyState(str(p), g) for p, g in members]
-        self.stats.by_proxy = {s.url: s for s in self._states}
-        self._rng = rng or random.Random()
-        self._inflight: dict[tuple[str, ContentHash | None], asyncio.Future[bytes]] = {}
+        self.settings = Settings(
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retries=retries,
+            backoff_init=backoff_init,
+            backoff_max=backoff_max,
+            host_reset_after=proxy_reset_after,  # hep-exec's proxies are the servers
+            proxy_reset_after=proxy_reset_after,
+            max_connections=max_connections,
+            user_agent=USER_AGENT,
+        )
+        self._rng = rng
+        self._downloader: Downloader | None = None
+        self.stats = FetchStats(self, [str(p) for p in members])
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._wanted = False
         self._start_lock = threading.Lock()
 
@@ -176,17 +197,14 @@ class Fetcher:
             return loop
 
     async def _open_session(self) -> None:
-        import aiohttp
+        from cvmfs_download.client import Downloader
+        from cvmfs_download.core import Failover
 
-        connector = aiohttp.TCPConnector(
-            limit=self.max_connections, keepalive_timeout=60, enable_cleanup_closed=True
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers={"User-Agent": USER_AGENT, "Connection": "Keep-Alive", "Pragma": ""},
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding",),
-        )
+        groups = [[str(p) for p in g] for g in self.proxies.groups]
+        d = Downloader(groups, None, self.settings, note=log.warning)
+        if self._rng is not None:  # a fixed load-balancing order (tests)
+            d.failover = Failover(groups, None, self.settings, self._rng)
+        self._downloader = d
 
     def close(self) -> None:
         with self._start_lock:
@@ -196,8 +214,8 @@ class Fetcher:
         import asyncio
 
         async def shutdown() -> None:
-            if self._session is not None:
-                await self._session.close()
+            if self._downloader is not None:
+                await self._downloader.close()
 
         fut = asyncio.run_coroutine_threadsafe(shutdown(), loop)
         with contextlib.suppress(Exception):
@@ -221,39 +239,47 @@ class Fetcher:
         expected: ContentHash | None = None,
         what: str = "",
         check: Check | None = None,
+        *,
+        kind: Kind | None = None,
+        size: int | None = None,
     ) -> bytes:
         """Stored bytes of ``url_path`` (``/cvmfs/<fqrn>/…``), verified against ``expected``.
 
         ``check`` (for unhashed files such as the manifest) raises FormatError on bytes that
-        must be fetched from another proxy instead. Raises FetchError/NotFound (one line).
+        must be fetched from another proxy instead.  ``kind`` (default: by its name) and
+        ``size`` (the catalog's) bound the answer.  Raises FetchError/NotFound (one line).
         """
-        return self._call(self.fetch(url_path, expected, what, check))
+        return self._call(self.fetch(url_path, expected, what, check, kind, size))
 
-    def get_many(
-        self, items: Iterable[tuple[str, ContentHash | None, str]]
-    ) -> list[bytes | BaseException]:
+    def get_many(self, items: Iterable[Item]) -> list[bytes | BaseException]:
         """Fetch concurrently; results (or the exception per item) in input order."""
         import asyncio
 
         async def all_of() -> list[bytes | BaseException]:
             return await asyncio.gather(
-                *(self.fetch(u, h, w) for u, h, w in items), return_exceptions=True
+                *(self.fetch(u, h, w, size=_size(rest)) for u, h, w, *rest in items),
+                return_exceptions=True,
             )
 
         return self._call(all_of())
 
     def submit(
-        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        *,
+        size: int | None = None,
     ) -> Future[bytes]:
         """Start one fetch (single-flight, verified, with fail-over) and return at once:
         callers stream big files by keeping a few of these in flight."""
         import asyncio
 
         return asyncio.run_coroutine_threadsafe(
-            self.fetch(url_path, expected, what), self._require_loop()
+            self.fetch(url_path, expected, what, size=size), self._require_loop()
         )
 
-    def prefetch(self, items: Iterable[tuple[str, ContentHash | None, str]]) -> Future[Any]:
+    def prefetch(self, items: Iterable[Item]) -> Future[Any]:
         """Start fetching in the background; the returned future resolves to get_many's list."""
         import asyncio
 
@@ -262,7 +288,8 @@ class Fetcher:
 
         async def all_of() -> list[bytes | BaseException]:
             return await asyncio.gather(
-                *(self.fetch(u, h, w) for u, h, w in wanted), return_exceptions=True
+                *(self.fetch(u, h, w, size=_size(rest)) for u, h, w, *rest in wanted),
+                return_exceptions=True,
             )
 
         return asyncio.run_coroutine_threadsafe(all_of(), loop)
@@ -288,124 +315,14 @@ class Fetcher:
         expected: ContentHash | None = None,
         what: str = "",
         check: Check | None = None,
+        kind: Kind | None = None,
+        size: int | None = None,
     ) -> bytes:
         """Single-flight: concurrent fetches of one (path, hash) share one request."""
-        import asyncio
-
-        key = (url_path, expected)
-        fut = self._inflight.get(key)
-        if fut is not None:
-            self.stats.collapsed += 1
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        try:
-            data = await self._fetch_with_failover(url_path, expected, what or url_path, check)
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # mark retrieved: nobody else may be waiting
-            raise
-        finally:
-            del self._inflight[key]
-        fut.set_result(data)
-        return data
-
-    def _order(self) -> list[ProxyState]:
-        """Live proxies group by group (members shuffled), then avoided ones as a last resort."""
-        now = time.monotonic()
-        live: list[ProxyState] = []
-        dead: list[ProxyState] = []
-        by_group: dict[int, list[ProxyState]] = {}
-        for s in self._states:
-            by_group.setdefault(s.group, []).append(s)
-        for g in sorted(by_group):
-            members = by_group[g][:]
-            self._rng.shuffle(members)
-            for s in members:
-                (live if s.dead_until <= now else dead).append(s)
-        dead.sort(key=lambda s: s.dead_until)
-        return live + dead
-
-    async def _fetch_with_failover(
-        self, url_path: str, expected: ContentHash | None, what: str, check: Check | None
-    ) -> bytes:
-        import asyncio
-
-        if not url_path.startswith("/"):
-            url_path = "/" + url_path
-        errors: list[str] = []
-        no_cache = False
-        all_not_found = True
-        for round_ in range(self.retries + 1):
-            if round_:
-                self.stats.retries += 1
-                delay = min(self.backoff_max, self.backoff_init * 2 ** (round_ - 1))
-                await asyncio.sleep(self._rng.uniform(0, delay))
-            for state in self._order():
-                try:
-                    return await self._attempt(state, url_path, expected, what, check, no_cache)
-                except _Attempt as e:
-                    errors.append(f"{state.url}: {e}")
-                    all_not_found = all_not_found and e.not_found
-                    if e.proxy_fault:
-                        state.failures += 1
-                        self.stats.failures += 1
-                        if state.dead_until <= time.monotonic():
-                            log.warning(
-                                "proxy %s failed (%s); avoiding it for %.0f s",
-                                state.url,
-                                e,
-                                self.proxy_reset_after,
-                            )
-                        state.dead_until = time.monotonic() + self.proxy_reset_after
-                    if e.corrupt:
-                        no_cache = True  # ask the next one to bypass its caches
-            if all_not_found:
-                break  # 404 everywhere: retrying will not make it appear
-        summary = "; ".join(dict.fromkeys(errors))
-        if all_not_found:
-            self.stats.not_found += 1
-            raise NotFound(f"{what}: not found on any proxy ({summary})")
-        raise FetchError(f"{what}: failed on every proxy ({summary})")
-
-    async def _attempt(
-        self,
-        state: ProxyState,
-        url_path: str,
-        expected: ContentHash | None,
-        what: str,
-        check: Check | None,
-        no_cache: bool,
-    ) -> bytes:
-        import aiohttp
-
-        assert self._session is not None
-        state.requests += 1
-        self.stats.requests += 1
-        headers = {"Pragma": "no-cache", "Cache-Control": "no-cache"} if no_cache else None
-        timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout)
-        try:
-            async with self._session.get(
-                state.url + url_path, headers=headers, timeout=timeout, allow_redirects=False
-            ) as resp:
-                if resp.status == 404:
-                    raise _Attempt("HTTP 404", proxy_fault=False, not_found=True)
-                if resp.status != 200:
-                    raise _Attempt(f"HTTP {resp.status}", proxy_fault=resp.status >= 500)
-                data = await resp.read()
-        except TimeoutError:
-            raise _Attempt(f"timeout after {self.timeout:g} s", proxy_fault=True) from None
-        except aiohttp.ClientError as e:
-            raise _Attempt(f"{type(e).__name__}: {e}"[:200], proxy_fault=True) from None
-        self.stats.bytes_fetched += len(data)
-        try:
-            check_stored(data, expected, what, check)
-        except FormatError as e:
-            state.corrupt += 1
-            self.stats.corrupt += 1
-            log.warning("%s from %s: %s; trying another proxy", what, state.url, e)
-            raise _Attempt(f"bad data ({e})", proxy_fault=False, corrupt=True) from None
-        return data
+        assert self._downloader is not None
+        return await self._downloader.get(
+            url_path, expected=expected, kind=kind, size=size, check=check, what=what or url_path
+        )
 
     # ------------------------------------------------------------------ --check support
 
@@ -413,26 +330,16 @@ class Fetcher:
         """Ask every proxy for ``url_path`` once: (proxy, ok, 'HTTP 200 in 3 ms' or error)."""
         import asyncio
 
-        import aiohttp
-
-        async def one(state: ProxyState) -> tuple[str, bool, str]:
-            assert self._session is not None
-            t0 = time.perf_counter()
-            try:
-                timeout = aiohttp.ClientTimeout(
-                    total=self.timeout, sock_connect=self.connect_timeout
-                )
-                async with self._session.get(state.url + url_path, timeout=timeout) as resp:
-                    await resp.read()
-                    ms = (time.perf_counter() - t0) * 1000
-                    return state.url, resp.status == 200, f"HTTP {resp.status} in {ms:.0f} ms"
-            except TimeoutError:
-                return state.url, False, f"timeout after {self.timeout:g} s"
-            except aiohttp.ClientError as e:
-                return state.url, False, f"{type(e).__name__}: {e}"[:200]
+        from cvmfs_download.core import Route
+        from cvmfs_download.http import HttpTransport, probe
 
         async def all_of() -> list[tuple[str, bool, str]]:
-            return list(await asyncio.gather(*(one(s) for s in self._states)))
+            assert self._downloader is not None
+            transport = self._downloader.transport
+            assert isinstance(transport, HttpTransport)
+            urls = list(self.stats.by_proxy)
+            got = await asyncio.gather(*(probe(transport, Route(u, None), url_path) for u in urls))
+            return [(u, ok, detail) for u, (ok, detail) in zip(urls, got, strict=True)]
 
         return self._call(all_of())
 

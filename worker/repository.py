@@ -50,10 +50,19 @@ class ObjectSource(Protocol):
         expected: ContentHash | None = None,
         what: str = "",
         check: Callable[[bytes], None] | None = None,
-    ) -> bytes: ...
+        *,
+        size: int | None = None,
+    ) -> bytes:
+        """Verified stored bytes (or FetchError); ``size``: the catalog's, which bounds them."""
+        ...
 
     def submit(
-        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        *,
+        size: int | None = None,
     ) -> Future[bytes]:
         """Start one fetch; the future has its verified stored bytes (or FetchError)."""
         ...
@@ -260,7 +269,7 @@ def load_whole(
     """A whole-file object, verified and decompressed; RepositoryError (EIO) otherwise."""
     what = f"{fqrn}:{path}"
     try:
-        stored = fetcher.get(object_url(fqrn, content.object_path()), content, what)
+        stored = fetcher.get(object_url(fqrn, content.object_path()), content, what, size=size)
         data = decompress(stored, what) if compressed else stored
     except FetchError as e:
         raise RepositoryError(errno.EIO, str(e)) from None
@@ -304,7 +313,7 @@ def fill_chunks(
 
     def start(c: Chunk) -> tuple[Chunk, Future[bytes]]:
         url = object_url(fqrn, c.hash.object_path(Suffix.PARTIAL))
-        return c, fetcher.submit(url, c.hash, f"{what} chunk @{c.offset}")
+        return c, fetcher.submit(url, c.hash, f"{what} chunk @{c.offset}", size=c.size)
 
     todo = iter(chunks)
     # a failed load leaves at most ``ahead`` fetches running; their bytes are dropped

@@ -342,14 +342,19 @@ class CountingSource:
         try:
             time.sleep(0.01)
             if url_path not in self.stored:
-                raise FetchError(f"{url_path}: failed on every proxy (test)")
+                raise FetchError(url_path, ["test: never there"])
             return self.stored[url_path]
         finally:
             with self.lock:
                 self.running -= 1
 
     def submit(
-        self, url_path: str, expected: ContentHash | None = None, what: str = ""
+        self,
+        url_path: str,
+        expected: ContentHash | None = None,
+        what: str = "",
+        *,
+        size: int | None = None,
     ) -> Future[bytes]:
         return self.pool.submit(self._one, url_path)
 
@@ -359,6 +364,8 @@ class CountingSource:
         expected: ContentHash | None = None,
         what: str = "",
         check: Callable[[bytes], None] | None = None,
+        *,
+        size: int | None = None,
     ) -> bytes:
         return self._one(url_path)
 
