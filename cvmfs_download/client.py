@@ -92,7 +92,8 @@ class Downloader:
         self.settings = settings or Settings()
         self.failover = Failover(servers, proxies, self.settings)
         self.transport: Transport = transport or HttpTransport(self.settings)
-        self.note = note or log.warning  # a server or proxy starts being avoided
+        self.note = note or log.warning  # "switched to server …": a request got through
+        self.last_route: Route | None = None  # where the last success came from
         self.stats = Stats()
         self._inflight: dict[tuple[str, ContentHash | None], asyncio.Future[bytes]] = {}
 
@@ -192,14 +193,15 @@ class Downloader:
                     self.stats.corrupt += 1
                     per.corrupt += 1
                 attempts.failed(route, f.blame, f.reason, path, time.monotonic())
-                for line in attempts.notes:
-                    self.note(line)
-                attempts.notes.clear()
                 continue
             except BaseException:
                 receiver.discard()
                 raise
             self.stats.bytes_fetched += n
+            self.last_route = route
+            line = attempts.switched(route)
+            if line:
+                self.note(line)
             return result
         if attempts.not_found:
             self.stats.not_found += 1

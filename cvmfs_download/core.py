@@ -6,13 +6,14 @@ hep-proxies are), forward proxies in groups (``CVMFS_HTTP_PROXY``: ``;`` fails o
 load-balances, ``DIRECT`` is no proxy).  A failure is held against the server (HTTP errors
 from the server, a broken direct connection) or the proxy (a proxy's own error, a broken
 connection through it), which is then avoided for ``host_reset_after`` /
-``proxy_reset_after`` seconds: tried last, not never.  A 404 blames nobody (another server
-may have it).  Bytes that fail their check are asked for once more with caches bypassed
-(``Cache-Control: no-cache``): through the same forward proxy once (its cache may be stale),
-and from every route after; the server is blamed.  After every route failed, the
-request goes round again ``retries`` times after a jittered back-off, unless every server said
-404.  Every answer has a size limit by what it is (``body_limit``) and an overall deadline
-(``deadline``) besides the idle timeout.
+``proxy_reset_after`` seconds: tried last, not never (a request that gets through after
+failures says "switched to …").  A 404 blames nobody (another server may have it).  Bytes
+that fail their check are asked for once more with caches bypassed (``Cache-Control:
+no-cache``): through the same forward proxy once (its cache may be stale), and from every
+route after; the server is blamed.  After every route failed, the request goes round again
+``retries`` times after a jittered back-off, unless every server said 404.  Every answer
+has a size limit by what it is (``body_limit``) and an overall deadline (``deadline``)
+besides the idle timeout.
 """
 
 from __future__ import annotations
@@ -113,16 +114,23 @@ class Blame(enum.Enum):
 
 def classify_status(status: int, headers: dict[str, str], via_proxy: bool) -> Blame | None:
     """None for success; else whom an HTTP status blames (``headers`` lower-case keys).  As
-    CernVM-FS: a status a proxy made itself (``X-Squid-Error``, ``Proxy-Status: …error=``)
-    is the proxy's; 404 is nobody's (another server may have the file)."""
+    CernVM-FS (download.cc): 5xx, 400, 429 and redirects are the server's, any other status
+    is the proxy's when there is one; a status a proxy made itself (``X-Squid-Error``,
+    ``Proxy-Status: …error=``) is the proxy's.  404 switches servers as in CernVM-FS but
+    blames nobody: a file one server lacks says nothing about the server (and hep-exec asks
+    for names that do not exist)."""
     if 200 <= status < 300:
         return None
-    proxy_said = "x-squid-error" in headers or "error=" in headers.get("proxy-status", "")
-    if via_proxy and (proxy_said or status in (407, 502, 504)):
+    proxy_said = via_proxy and (
+        "x-squid-error" in headers or "error=" in headers.get("proxy-status", "")
+    )
+    if proxy_said:
         return Blame.PROXY
     if status == 404:
         return Blame.NOBODY
-    return Blame.HOST
+    if status >= 500 or status in (400, 429, 301, 302, 303, 307, 308):
+        return Blame.HOST
+    return Blame.PROXY if via_proxy else Blame.HOST
 
 
 @dataclass(frozen=True)
@@ -200,27 +208,17 @@ class Failover:
                 return m.avoid_until
         return 0.0
 
-    def blame(self, route: Route, blame: Blame, now: float) -> str | None:
-        """Hold a failure against a server or a proxy; a line to log when one starts being
-        avoided (None if it already was, or for nobody)."""
+    def blame(self, route: Route, blame: Blame, now: float) -> None:
+        """Hold a failure against a server or a proxy: tried last for a while."""
         if blame is Blame.PROXY and route.proxy is not None:
-            pool, url, what = self._proxies, route.proxy, "proxy"
-            reset = self.settings.proxy_reset_after
+            pool, url, reset = self._proxies, route.proxy, self.settings.proxy_reset_after
         elif blame in (Blame.HOST, Blame.DATA, Blame.PROXY):  # DIRECT: the server's fault
-            pool, url, what = self._servers, route.server, "server"
-            reset = self.settings.host_reset_after
+            pool, url, reset = self._servers, route.server, self.settings.host_reset_after
         else:
-            return None
+            return
         for m in pool:
             if m.url == url:
-                was_live = m.avoid_until <= now
                 m.avoid_until = now + reset
-                return (
-                    f"{what} {url} failed; trying others first for {reset:.0f} s"
-                    if (was_live and len(pool) > 1)
-                    else None
-                )
-        return None
 
 
 @dataclass
@@ -233,7 +231,6 @@ class Attempts:
     failures: list[str] = field(default_factory=list)
     no_cache: bool = False  # ask caches to revalidate (after bytes that failed their check)
     round: int = 0
-    notes: list[str] = field(default_factory=list)  # lines to log (a server/proxy avoided)
     _plan: list[Route] = field(default_factory=list)
     _i: int = 0
     _burnt_servers: set[str] = field(default_factory=set)
@@ -249,6 +246,19 @@ class Attempts:
     def not_found(self) -> bool:
         """Every attempt so far was a 404."""
         return self._all_not_found and bool(self.failures)
+
+    def switched(self, route: Route) -> str | None:
+        """After a success on ``route``: a line to log if earlier routes failed."""
+        if not self.failures or not self._plan:
+            return None
+        first = self._plan[0]
+        if route.server != first.server:
+            what = f"server {route.server}"
+        elif route.proxy != first.proxy:
+            what = f"proxy {route.proxy or 'DIRECT'}"
+        else:
+            return None
+        return f"switched to {what} after: {'; '.join(dict.fromkeys(self.failures))}"
 
     def next(self, now: float) -> tuple[Route, float] | None:
         """The next route and how long to wait before trying it; None when all is tried."""
@@ -285,9 +295,7 @@ class Attempts:
                 self._data_retried = True
                 self._again = route  # the proxy's cache may be stale: once more through it
                 return
-        note = self.failover.blame(route, blame, now)
-        if note:
-            self.notes.append(f"{note} ({reason})")
+        self.failover.blame(route, blame, now)
         if blame is Blame.PROXY and route.proxy is not None:
             self._burnt_proxies.add(route.proxy)
         else:

@@ -235,7 +235,8 @@ async def test_dead_server_then_good_one() -> None:
             assert await d.get("data/ab/cdef", expected=GOOD_HASH) == GOOD
         finally:
             await d.close()
-        assert len(lines) == 1 and "cannot connect (connection refused)" in lines[0], lines
+        assert len(lines) == 1 and lines[0].startswith(f"switched to server {good.url} after: ")
+        assert "cannot connect (connection refused)" in lines[0], lines
         assert d.stats.by_route[dead].requests == 1  # avoided for the second request
 
 

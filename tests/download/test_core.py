@@ -50,12 +50,14 @@ def walk(a: Attempts, outcomes: dict[Route, Blame], now: float = 0.0) -> list[Ro
         (503, {}, True, Blame.HOST),  # passed on by the proxy: the server's
         (503, {"x-squid-error": "ERR_CONNECT_FAIL 111"}, True, Blame.PROXY),
         (500, {"proxy-status": "squid; error=connection_refused"}, True, Blame.PROXY),
-        (502, {}, True, Blame.PROXY),
-        (504, {}, True, Blame.PROXY),
-        (407, {}, True, Blame.PROXY),
-        (502, {}, False, Blame.HOST),
+        (503, {"proxy-status": "squid; error=x"}, False, Blame.HOST),  # no proxy: the server
+        (502, {}, True, Blame.HOST),  # 5xx: the server's, unless the proxy says it made it
+        (400, {}, True, Blame.HOST),
+        (429, {}, True, Blame.HOST),
+        (407, {}, True, Blame.PROXY),  # any other status: the proxy's
+        (403, {}, True, Blame.PROXY),
         (403, {}, False, Blame.HOST),
-        (301, {}, False, Blame.HOST),
+        (301, {}, True, Blame.HOST),
     ],
 )
 def test_whom_a_status_blames(
@@ -108,7 +110,9 @@ def test_a_failed_proxy_is_tried_last_until_its_reset() -> None:
     tried = walk(a, {Route(S1, P1): Blame.PROXY})
     # the proxy's failure: the next proxy, same server; that proxy is not used for S2 either
     assert tried == [Route(S1, P1), Route(S1, P2)]
-    assert a.notes == [f"proxy {P1} failed; trying others first for 300 s (x)"]
+    assert (
+        a.switched(Route(S1, P2)) == f"switched to proxy {P2} after: {S1}/data/ab/cdef via {P1}: x"
+    )
     assert [r.proxy for r in f.routes(10)][:2] == [P2, P1]  # avoided: last
     assert [r.proxy for r in f.routes(301)][:2] == [P1, P2]  # reset
 
@@ -135,7 +139,7 @@ def test_not_found_everywhere_ends_at_once_and_blames_nobody() -> None:
     a = Attempts(f, 0)
     tried = walk(a, {Route(S1, None): Blame.NOBODY, Route(S2, None): Blame.NOBODY})
     assert tried == [Route(S1, None), Route(S2, None)]  # no further rounds
-    assert a.not_found and a.notes == []
+    assert a.not_found
     assert [r.server for r in f.routes(1)] == [S1, S2]  # nobody avoided
 
 
@@ -167,4 +171,3 @@ def test_rounds_after_everything_failed_wait_a_jittered_backoff() -> None:
     assert [r for r, _ in steps] == [Route(S1, None)] * 3
     assert steps[0][1] == 0 and 0 <= steps[1][1] <= 1.0 and 0 <= steps[2][1] <= 1.5
     assert a.failures == [f"{S1}/p: cannot connect (connection refused)"] * 3
-    assert a.notes == []  # one server: nothing else to try first
