@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from preload.engine import Options, PreloadError, RepoPreload
-from preload.fetch import FetchConfig, Fetcher
+from preload.fetch import FetchConfig, make_transport
 from preload.progress import Progress, RepoReport, summary_lines
 from preload.spec import Spec, SpecError, load_keys, load_spec
 from preload.store import RepoStore, StoreLock, StoreLocked
@@ -105,7 +105,8 @@ async def run_all(cfg: Config, keys: dict[str, list[rsa.RSAPublicKey]]) -> list[
     )
     progress = Progress(enabled=cfg.progress)
     reports = []
-    async with Fetcher.make_session(fc) as session:
+    transport = make_transport(fc)
+    try:
         for repo in spec.repositories:
             if cfg.only and repo.name not in cfg.only:
                 continue
@@ -114,7 +115,7 @@ async def run_all(cfg: Config, keys: dict[str, list[rsa.RSAPublicKey]]) -> list[
                 keys[repo.name],
                 RepoStore(spec.store, repo.name),
                 fc,
-                session,
+                transport,
                 cfg.options,
                 progress,
             )
@@ -127,6 +128,8 @@ async def run_all(cfg: Config, keys: dict[str, list[rsa.RSAPublicKey]]) -> list[
                 job.report.status = "failed"
                 job.report.error = f"{e.filename or spec.store}: {e.strerror}"
                 reports.append(job.report)
+    finally:
+        await transport.close()
     return reports
 
 

@@ -11,9 +11,9 @@ import datetime as dt
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from cvmfs_download.http import HttpTransport
 from cvmfs_format.catalog import Catalog, CatalogTree
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
@@ -56,7 +56,7 @@ class RepoPreload:
         keys: list[rsa.RSAPublicKey],
         store: RepoStore,
         fetch_config: FetchConfig,
-        session: aiohttp.ClientSession,
+        transport: HttpTransport,
         options: Options,
         progress: Progress,
     ) -> None:
@@ -67,7 +67,7 @@ class RepoPreload:
         self.progress = progress
         self.config = fetch_config
         self.report = RepoReport(repo.name)
-        self.fetcher = Fetcher(repo.servers, repo.proxies, fetch_config, session, self._note)
+        self.fetcher = Fetcher(repo.servers, repo.proxies, fetch_config, transport, self._note)
         self.present: set[str] = set()
 
     def _note(self, msg: str) -> None:
@@ -77,9 +77,8 @@ class RepoPreload:
     # -- ensemble -------------------------------------------------------------------------
 
     async def _ensemble_from_server(self) -> Ensemble:
-        server = self.fetcher.failover.servers[self.fetcher.failover.server]
         manifest_raw = await self.fetcher.fetch_bytes(MANIFEST)
-        server = self.fetcher.failover.servers[self.fetcher.failover.server]
+        server = self.fetcher.current_server
         signed = parse_manifest(manifest_raw).manifest
         if signed.certificate is None:
             raise FormatError(f"{server}/{MANIFEST}: no certificate (key X)")
@@ -132,15 +131,15 @@ class RepoPreload:
     async def fetch_ensemble(self) -> Ensemble:
         """Manifest, whitelist and certificate, verified; an invalid set tries the next server."""
         errors: list[str] = []
-        fo = self.fetcher.failover
-        for _ in fo.servers:
+        servers = self.fetcher.servers
+        for _ in servers:
             try:
                 return await self._ensemble_from_server()
             except FormatError as e:
                 errors.append(str(e))
-                fo.server = (fo.server + 1) % len(fo.servers)
-                if len(errors) < len(fo.servers):
-                    self._note(f"{e}; trying {fo.servers[fo.server]}")
+                self.fetcher.reject_server(self.fetcher.current_server)
+                if len(errors) < len(servers):
+                    self._note(f"{e}; trying {self.fetcher.current_server}")
         raise PreloadError("; ".join(errors))
 
     def stored_ensemble(self) -> Ensemble | None:
@@ -210,7 +209,7 @@ class RepoPreload:
                     return
                 tmp = unique_tmp(self.store.tmp_dir, w.relpath)
                 try:
-                    stored = await self.fetcher.fetch_to_file(w.relpath, w.hash, tmp)
+                    stored = await self.fetcher.fetch_to_file(w.relpath, w.hash, tmp, w.size)
                     await self.store.commit(tmp, w.relpath)
                 except FetchError as e:
                     failure.append(PreloadError(f"{w.path}: {e}"))

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_format.proxies import parse_proxies
-from preload.fetch import Failover, Outcome, backoff_delay, classify_status
+from cvmfs_download.core import backoff_delay
 from preload.rules import RuleError, Rules
 from preload.spec import SpecError, load_spec, parse_spec
 
@@ -132,26 +131,6 @@ def test_shipped_configs_all_parse() -> None:
             if path.stem != "demo":
                 assert all(not s.startswith("http://127.") for s in repo.servers)
                 assert all(str(k).startswith("/etc/cvmfs/keys/") for k in repo.keys)
-
-
-def test_status_classification_follows_cvmfs() -> None:
-    assert classify_status(200, {}, False) is Outcome.OK
-    assert classify_status(404, {}, False) is Outcome.HOST
-    assert classify_status(502, {}, True) is Outcome.HOST
-    assert classify_status(502, {"x-squid-error": "ERR_CONNECT_FAIL 111"}, True) is Outcome.PROXY
-    assert classify_status(503, {"proxy-status": "squid; error=x"}, True) is Outcome.PROXY
-    assert classify_status(403, {}, True) is Outcome.PROXY
-    assert classify_status(403, {}, False) is Outcome.HOST
-
-
-def test_failover_plan_and_sticky_switch() -> None:
-    fo = Failover(("s1", "s2"), parse_proxies("p1|p2;DIRECT"), random.Random(1))
-    plan = fo.plan()
-    assert [s for s, _ in plan] == [0, 0, 0, 1, 1, 1]
-    assert fo.proxy_order[2] is None and set(fo.proxy_order[:2]) == {"http://p1", "http://p2"}
-    assert fo.succeeded(1, 0) == "switched to server s2"
-    assert [s for s, _ in fo.plan()][:3] == [1, 1, 1]
-    assert fo.succeeded(1, 0) is None
 
 
 class _End(random.Random):
