@@ -52,6 +52,7 @@ class Transport(Protocol):
         limit: int,
         deadline: float,
         no_cache: bool = False,
+        revalidate: bool = False,
     ) -> int: ...
 
     async def close(self) -> None: ...
@@ -109,10 +110,13 @@ class Downloader:
         size: int | None = None,
         check: Check | None = None,
         what: str = "",
+        revalidate: bool = False,
     ) -> bytes:
         """The bytes of ``path`` (relative to a server's base URL), verified against
         ``expected`` and ``check``; ``kind`` (default: by its name) and ``size`` (the
-        catalog's) bound it.  Raises DownloadError or NotFound (one line)."""
+        catalog's) bound it; ``revalidate``: caches on the way must check with the server
+        (``Cache-Control: max-age=0``: a manifest, for a replica).  Raises DownloadError or
+        NotFound (one line)."""
         kind = kind or kind_of_path(path)
         key = (path, expected)
         shared = self._inflight.get(key)
@@ -123,7 +127,9 @@ class Downloader:
         if check is None:
             self._inflight[key] = fut
         try:
-            data = await self._run(path, what or path, kind, size, lambda: _Memory(expected, check))
+            data = await self._run(
+                path, what or path, kind, size, lambda: _Memory(expected, check), revalidate
+            )
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()  # retrieved: nobody else may be waiting
@@ -160,6 +166,7 @@ class Downloader:
         kind: Kind,
         size: int | None,
         make: Callable[[], _Receiver[T]],
+        revalidate: bool = False,
     ) -> T:
         attempts = Attempts(self.failover, time.monotonic())
         limit = body_limit(kind, size)
@@ -182,6 +189,7 @@ class Downloader:
                     limit=limit,
                     deadline=allowed,
                     no_cache=attempts.no_cache,
+                    revalidate=revalidate,
                 )
                 result = receiver.finish(what)
             except Failed as f:
@@ -206,7 +214,7 @@ class Downloader:
         if attempts.not_found:
             self.stats.not_found += 1
             raise NotFound(what, attempts.failures)
-        raise DownloadError(what, attempts.failures)
+        raise DownloadError(what, attempts.failures, attempts.bad_data)
 
 
 class _Receiver(Protocol[T_co]):

@@ -231,6 +231,7 @@ class Attempts:
     failures: list[str] = field(default_factory=list)
     no_cache: bool = False  # ask caches to revalidate (after bytes that failed their check)
     round: int = 0
+    bad_data: bool = False  # some answer had wrong or too many bytes
     _plan: list[Route] = field(default_factory=list)
     _i: int = 0
     _burnt_servers: set[str] = field(default_factory=set)
@@ -290,6 +291,7 @@ class Attempts:
         if blame is not Blame.NOBODY:
             self._all_not_found = False
         if blame is Blame.DATA:
+            self.bad_data = True
             self.no_cache = True  # from now on, ask caches on the way to revalidate
             if route.proxy is not None and not self._data_retried:
                 self._data_retried = True

@@ -10,11 +10,12 @@ import sys
 class DownloadError(Exception):
     """Every route failed for one file; ``str()`` names it and each URL's failure."""
 
-    def __init__(self, what: str, failures: list[str]) -> None:
+    def __init__(self, what: str, failures: list[str], bad_data: bool = False) -> None:
         tried = "; ".join(dict.fromkeys(failures)) or "no route to try"
         super().__init__(f"{what}: failed on every server ({tried})")
         self.what = what
         self.failures = failures
+        self.bad_data = bad_data  # some answer had wrong or too many bytes
 
 
 class NotFound(DownloadError):

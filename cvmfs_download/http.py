@@ -69,14 +69,22 @@ class HttpTransport:
         limit: int,
         deadline: float,
         no_cache: bool = False,
+        revalidate: bool = False,
     ) -> int:
-        """Stream one answer into ``sink``; its size.  Raises Failed."""
+        """Stream one answer into ``sink``; its size.  Raises Failed.  ``no_cache``: caches
+        must not answer (after wrong bytes); ``revalidate``: they must check first."""
         url = route.url(path)
         if url.startswith("file://"):
             return await asyncio.to_thread(_read_file, url, sink, limit)
         via_proxy = route.proxy is not None
         broken = Blame.PROXY if via_proxy else Blame.HOST
-        headers = {"Pragma": "no-cache", "Cache-Control": "no-cache"} if no_cache else None
+        headers = (
+            {"Pragma": "no-cache", "Cache-Control": "no-cache"}
+            if no_cache
+            else {"Cache-Control": "max-age=0"}
+            if revalidate
+            else None
+        )
         got = 0
         try:
             async with asyncio.timeout(deadline) as clock:

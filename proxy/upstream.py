@@ -1,5 +1,10 @@
 """Upstream fill: fetch a missing object from the Stratum-1, verify its hash, store it atomically.
 
+Downloads go through the one CernVM-FS download client (cvmfs_download): the repository's
+upstream servers in fail-over order, every answer bounded (its size by what it is, an overall
+deadline besides the idle timeout) and verified before it gets its name; no extra rounds (the
+client waiting on this answer has its own retries).
+
 Concurrent misses for one object make one upstream request: within a worker through a shared
 task, across worker processes through an ``flock`` on a per-object lock file in ``data/txn``
 (whoever gets the lock second finds the object already stored). The manifest is refreshed
@@ -18,8 +23,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
-
+from cvmfs_download.client import Downloader
+from cvmfs_download.core import Settings
+from cvmfs_download.errors import DownloadError, NotFound
+from cvmfs_download.http import HttpTransport
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import parse_manifest
@@ -27,24 +34,6 @@ from cvmfs_format.objects import Suffix
 from cvmfs_format.store import MANIFEST, WHITELIST, atomic_write
 from proxy.metrics import Metrics
 from proxy.stores import RepoDir
-
-
-def network_failure(e: BaseException) -> str:
-    """What went wrong talking to an upstream, in a site admin's words (no exception names;
-    a timeout's message is empty)."""
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect ({e.os_error.strerror or e.os_error})"
-    if isinstance(e, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection"
-    if isinstance(e, aiohttp.ClientPayloadError):
-        return "the response body was cut short"
-    if isinstance(e, aiohttp.ClientResponseError):
-        return f"bad response ({e.message})"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e) or "connection failed"
 
 
 class UpstreamError(Exception):
@@ -66,25 +55,34 @@ class Filler:
     def __init__(self, metrics: Metrics, timeout: float, user_agent: str = "hep-proxy") -> None:
         self.metrics = metrics
         self.timeout = timeout
-        self.user_agent = user_agent
-        self._session: aiohttp.ClientSession | None = None
+        self.settings = Settings(
+            timeout=timeout,
+            connect_timeout=min(10.0, timeout),
+            retries=0,
+            max_connections=64,
+            user_agent=user_agent,
+        )
+        self._transport: HttpTransport | None = None
+        self._clients: dict[tuple[str, tuple[str, ...]], Downloader] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_checked: dict[str, float] = {}
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=10),
-                headers={"User-Agent": self.user_agent},
-                auto_decompress=False,
-                connector=aiohttp.TCPConnector(limit=64),
+    def client(self, repo: RepoDir) -> Downloader:
+        """The download client of one repository's upstream servers (one pool for all)."""
+        key = (repo.fqrn, tuple(repo.upstream))
+        d = self._clients.get(key)
+        if d is None:
+            if self._transport is None:
+                self._transport = HttpTransport(self.settings)
+            d = Downloader(
+                [[b] for b in repo.upstream], None, self.settings, transport=self._transport
             )
-        return self._session
+            self._clients[key] = d
+        return d
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._transport is not None:
+            await self._transport.close()
 
     async def _single_flight(
         self, key: tuple[str, str], make: Callable[[], Awaitable[None]]
@@ -143,76 +141,40 @@ class Filler:
         async with self._file_lock(lock):
             if final.exists():
                 return
-            last: UpstreamError | None = None
-            for base in repo.upstream:
-                try:
-                    await self._download(f"{base}/{relpath}", final, expected, repo)
-                    return
-                except UpstreamError as e:
-                    last = e
-            raise last or UpstreamError(404, f"{repo.fqrn}/{relpath}: no upstream")
-
-    async def _download(self, url: str, final: Path, expected: ContentHash, repo: RepoDir) -> None:
-        tmp_dir = repo.dir / "data" / "txn"
-        final.parent.mkdir(exist_ok=True)
-        try:
-            async with self.session.get(url) as resp:
-                if resp.status == 404:
-                    self.metrics.upstream.labels("missing").inc()
-                    raise UpstreamError(404, f"{url}: not found upstream")
-                if resp.status != 200:
-                    self.metrics.upstream.labels("error").inc()
-                    raise UpstreamError(502, f"{url}: upstream answered HTTP {resp.status}")
-                hasher = expected.algorithm.new()
-                fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".fill-")
-                try:
-                    total = 0
-                    async for chunk in resp.content.iter_chunked(1 << 20):
-                        hasher.update(chunk)
-                        total += len(chunk)
-                        os.write(fd, chunk)
-                    os.close(fd)
-                    fd = -1
-                    got = ContentHash(expected.algorithm, hasher.digest())
-                    if got != expected:
-                        self.metrics.upstream.labels("corrupt").inc()
-                        raise UpstreamError(
-                            502, f"{url}: content hash mismatch (got {got.hex}); not stored"
-                        )
-                    os.chmod(tmp, 0o644)
-                    os.replace(tmp, final)
-                    tmp = ""
-                finally:
-                    if fd >= 0:
-                        os.close(fd)
-                    if tmp:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(tmp)
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            self.metrics.upstream.labels("error").inc()
-            raise UpstreamError(502, f"{url}: {network_failure(e)}") from None
+            if not repo.upstream:
+                raise UpstreamError(404, f"{repo.fqrn}/{relpath}: no upstream")
+            final.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=repo.dir / "data" / "txn", prefix=".fill-")
+            os.close(fd)
+            try:
+                size = await self.client(repo).get_file(
+                    relpath, Path(tmp), expected=expected, what=f"{repo.fqrn}/{relpath}"
+                )
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, final)
+            except NotFound as e:
+                self.metrics.upstream.labels("missing").inc()
+                raise UpstreamError(404, str(e)) from None
+            except DownloadError as e:
+                self.metrics.upstream.labels("corrupt" if e.bad_data else "error").inc()
+                raise UpstreamError(502, str(e)) from None
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         self.metrics.upstream.labels("ok").inc()
-        self.metrics.upstream_bytes.inc(total)
+        self.metrics.upstream_bytes.inc(size)
 
     async def _get_root_file(self, repo: RepoDir, name: str) -> bytes:
-        last: UpstreamError | None = None
-        for base in repo.upstream:
-            url = f"{base}/{name}"
-            try:
-                async with self.session.get(url, headers={"Cache-Control": "max-age=0"}) as resp:
-                    if resp.status != 200:
-                        self.metrics.upstream.labels("error").inc()
-                        last = UpstreamError(502, f"{url}: upstream answered HTTP {resp.status}")
-                        continue
-                    data = await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as e:
-                self.metrics.upstream.labels("error").inc()
-                last = UpstreamError(502, f"{url}: {network_failure(e)}")
-                continue
-            self.metrics.upstream.labels("ok").inc()
-            self.metrics.upstream_bytes.inc(len(data))
-            return data
-        raise last or UpstreamError(502, f"{repo.fqrn}: no upstream")
+        if not repo.upstream:
+            raise UpstreamError(502, f"{repo.fqrn}: no upstream")
+        try:
+            data = await self.client(repo).get(name, what=f"{repo.fqrn}/{name}", revalidate=True)
+        except DownloadError as e:
+            self.metrics.upstream.labels("error").inc()
+            raise UpstreamError(502, str(e)) from None
+        self.metrics.upstream.labels("ok").inc()
+        self.metrics.upstream_bytes.inc(len(data))
+        return data
 
     async def refresh_manifest(self, repo: RepoDir, max_age: float) -> None:
         """At most every ``max_age`` s: adopt a newer upstream manifest once the store backs it.

@@ -232,5 +232,5 @@ async def test_an_upstream_that_times_out_is_said_so_in_words(
             assert r.status == 502
     finally:
         await _stop(p)
-    assert f"{s1.url}/cvmfs/{FQRN}/{rel}: timed out" in p.errors(), p.errors()
+    assert f"{s1.url}/cvmfs/{FQRN}/{rel}: no data for 0.5 s" in p.errors(), p.errors()
     assert "TimeoutError" not in p.errors()
