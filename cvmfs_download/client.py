@@ -146,12 +146,13 @@ class Downloader:
         dest: Path,
         *,
         expected: ContentHash,
-        kind: Kind = Kind.OBJECT,
+        kind: Kind | None = None,
         size: int | None = None,
         what: str = "",
     ) -> int:
         """Stream ``path`` into the file ``dest`` (created or truncated), verified; its size.
         On failure ``dest`` is removed.  Raises DownloadError or NotFound (one line)."""
+        kind = kind or kind_of_path(path)
         try:
             return await self._run(path, what or path, kind, size, lambda: _ToFile(dest, expected))
         except BaseException:
@@ -255,6 +256,7 @@ class _ToFile:
     """An answer streamed into a file, hashed on the way."""
 
     def __init__(self, dest: Path, expected: ContentHash) -> None:
+        self.dest = dest
         self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         self.hasher = expected.algorithm.new()
         self.expected = expected
@@ -262,8 +264,11 @@ class _ToFile:
 
     def write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as e:  # named: the message says where (a full or capped disk)
+            raise OSError(e.errno, e.strerror, str(self.dest)) from None
         self.hasher.update(chunk)
         self.size += len(chunk)
 

@@ -42,6 +42,7 @@ class Settings:
     host_reset_after: float = 1800.0  # a failed server is tried last for this long
     proxy_reset_after: float = 300.0  # a failed proxy likewise
     min_rate: float = 64 * KiB  # bytes/s an answer must keep up on average (its deadline)
+    max_time: float | None = None  # and no attempt longer than this (hep-proxy's fill)
     max_connections: int = 32
     user_agent: str = "hep-cvmfs-hpc (cvmfs-compatible)"
 
@@ -77,8 +78,12 @@ def kind_of_path(path: str) -> Kind:
 
 
 SMALL_LIMIT = 4 * MiB  # .cvmfspublished, .cvmfswhitelist, a certificate: a few KiB each
-CATALOG_LIMIT = 4 * GiB  # a catalog of unknown size (the largest real ones are ~1 GiB)
-OBJECT_LIMIT = 16 * GiB  # an object of unknown size
+# Sizes unknown (hep-proxy's upstream fill: a client asks for a name, not a size): a catalog
+# (CernVM-FS advises well under a million entries, some 100 MiB compressed), an object (a
+# publisher chunks files above a few MiB; only a repository published without chunking has
+# whole-file objects near this).
+CATALOG_LIMIT = 512 * MiB
+OBJECT_LIMIT = 1 * GiB
 
 
 def body_limit(kind: Kind, size: int | None = None) -> int:
@@ -95,7 +100,8 @@ def deadline(settings: Settings, size: int | None, limit: int) -> float:
     """Seconds one attempt may take in all: connect, first byte, and the expected bytes at
     ``min_rate`` (a trickle of one byte every few seconds never ends otherwise)."""
     expected = size if size is not None and size >= 0 else min(limit, 64 * MiB)
-    return settings.connect_timeout + settings.timeout + expected / settings.min_rate
+    allowed = settings.connect_timeout + settings.timeout + expected / settings.min_rate
+    return allowed if settings.max_time is None else min(allowed, settings.max_time)
 
 
 def backoff_delay(attempt: int, init: float, cap: float, rng: random.Random) -> float:

@@ -31,6 +31,21 @@ class Failed(Exception):
         self.status = status  # the HTTP status that failed it, if one did
 
 
+class _SinkFailed(Exception):
+    """Where the bytes go failed (a full disk): the caller's trouble, not the server's."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _into(sink: Sink, chunk: bytes) -> None:
+    try:
+        sink(chunk)
+    except OSError as e:
+        raise _SinkFailed(e) from None
+
+
 class HttpTransport:
     """GETs with keep-alive connections (made on first use, in the running event loop)."""
 
@@ -107,7 +122,7 @@ class HttpTransport:
                             got += len(chunk)
                             if got > limit:
                                 raise Failed(Blame.DATA, _too_big(got, limit, "sent"))
-                            sink(chunk)
+                            _into(sink, chunk)
                         if announced is not None and got != announced:
                             raise Failed(broken, "the response body was cut short")
                 except TimeoutError as e:
@@ -120,8 +135,12 @@ class HttpTransport:
                     else:
                         reason = f"no data for {self.settings.timeout:g} s"
                     raise Failed(broken, reason) from None
+        except _SinkFailed as e:
+            raise e.error from None
         except TimeoutError:
-            raise Failed(broken, f"took longer than {deadline:.0f} s ({got} bytes)") from None
+            if not got:  # nothing at all: a stall, whichever clock saw it first
+                raise Failed(broken, f"no data for {_secs(deadline)} s") from None
+            raise Failed(broken, f"took longer than {_secs(deadline)} s ({got} bytes)") from None
         except aiohttp.ClientConnectorError as e:
             where = "cannot connect to the proxy" if via_proxy else "cannot connect"
             raise Failed(broken, f"{where} ({network_reason(e.os_error)})") from None
@@ -152,6 +171,10 @@ async def probe(transport: HttpTransport, route: Route, path: str) -> tuple[bool
     return status == 200, f"HTTP {status} in {(time.perf_counter() - t0) * 1000:.0f} ms"
 
 
+def _secs(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def _too_big(n: int, limit: int, how: str = "announced") -> str:
     return f"{human_size(n)} {how}, more than the {human_size(limit)} it may have"
 
@@ -166,7 +189,9 @@ def _read_file(url: str, sink: Sink, limit: int) -> int:
                 got += len(chunk)
                 if got > limit:
                     raise Failed(Blame.DATA, _too_big(got, limit, "in the file"))
-                sink(chunk)
+                _into(sink, chunk)
+    except _SinkFailed as e:
+        raise e.error from None
     except FileNotFoundError:
         raise Failed(Blame.NOBODY, "not found") from None
     except OSError as e:

@@ -157,12 +157,13 @@ class RepoPreload:
 
     # -- catalogs -------------------------------------------------------------------------
 
-    async def load_catalog(self, h: ContentHash, what: str) -> Catalog:
+    async def load_catalog(self, h: ContentHash, what: str, size: int) -> Catalog:
+        """``size``: the uncompressed size its parent (or the manifest) gives; 0 unknown."""
         rel = h.object_path(Suffix.CATALOG)
         if rel in self.present:
             stored = self.store.local.read(rel)
         else:
-            stored = await self.fetcher.fetch_bytes(rel, h)
+            stored = await self.fetcher.fetch_bytes(rel, h, size or None)
             self.report.catalogs_fetched += 1
             self.report.bytes_fetched += len(stored)
             if not self.options.dry_run:
@@ -174,7 +175,9 @@ class RepoPreload:
             raise PreloadError(f"{rel}: {e}") from None
 
     async def select(self, manifest: Manifest) -> Selection:
-        root = await self.load_catalog(manifest.root_catalog, "root catalog")
+        root = await self.load_catalog(
+            manifest.root_catalog, "root catalog", manifest.root_catalog_size
+        )
         if root.revision != manifest.revision:
             raise PreloadError(
                 f"root catalog revision {root.revision} != manifest revision {manifest.revision}"
@@ -187,7 +190,10 @@ class RepoPreload:
             if not needed:
                 break
             catalogs = await asyncio.gather(
-                *(self.load_catalog(ref.hash, f"nested catalog {ref.path}") for ref in needed)
+                *(
+                    self.load_catalog(ref.hash, f"nested catalog {ref.path}", ref.size)
+                    for ref in needed
+                )
             )
             for ref, cat in zip(needed, catalogs, strict=True):
                 selector.attach(ref, cat)

@@ -82,9 +82,12 @@ class Fetcher:
         self.client.failover.blame(Route(server, None), Blame.HOST, time.monotonic())
         self.client.last_route = None
 
-    async def fetch_bytes(self, relpath: str, expected: ContentHash | None = None) -> bytes:
-        """Whole body in memory (manifest, whitelist, catalogs, certificate)."""
-        return await self.client.get(relpath, expected=expected)
+    async def fetch_bytes(
+        self, relpath: str, expected: ContentHash | None = None, size: int | None = None
+    ) -> bytes:
+        """Whole body in memory (manifest, whitelist, catalogs, certificate); ``size``: the
+        uncompressed size a catalog gives, which bounds it."""
+        return await self.client.get(relpath, expected=expected, size=size)
 
     async def fetch_to_file(
         self, relpath: str, expected: ContentHash, tmp: Path, size: int | None = None

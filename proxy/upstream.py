@@ -58,6 +58,7 @@ class Filler:
         self.settings = Settings(
             timeout=timeout,
             connect_timeout=min(10.0, timeout),
+            max_time=timeout,  # upstream_timeout: a client is waiting for this answer
             retries=0,
             max_connections=64,
             user_agent=user_agent,
@@ -158,6 +159,9 @@ class Filler:
             except DownloadError as e:
                 self.metrics.upstream.labels("corrupt" if e.bad_data else "error").inc()
                 raise UpstreamError(502, str(e)) from None
+            except OSError as e:  # the store's own trouble (full, too large)
+                self.metrics.upstream.labels("error").inc()
+                raise UpstreamError(502, f"{final}: cannot store ({e.strerror})") from None
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)

@@ -3931,6 +3931,64 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
     return 1;
 }
 
+/* A growable byte buffer. */
+typedef struct {
+    char *b;
+    size_t len, cap;
+} buf_t;
+
+static int buf_add(buf_t *b, const void *p, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (b->len + n > cap)
+            cap *= 2;
+        char *g = realloc(b->b, cap);
+        if (!g)
+            return -1;
+        b->b = g;
+        b->cap = cap;
+    }
+    memcpy(b->b + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+static void buf_free(buf_t *b)
+{
+    free(b->b);
+    memset(b, 0, sizeof *b);
+}
+
+/* The next (cls, flags, key, answer) of put()'s items: 1 one to use, 0 one to skip (not
+ * cacheable, or an exec's argv), -1 an error (set), 2 none left.  *item holds the key's bytes
+ * until the caller drops it; a->bval is the caller's. */
+static int next_answer(PyObject *it, PyObject **item, int *cls, int *flags, const char **key,
+                       Py_ssize_t *kn, action_t *a)
+{
+    memset(a, 0, sizeof *a);
+    *item = PyIter_Next(it);
+    if (!*item)
+        return PyErr_Occurred() ? -1 : 2;
+    PyObject *res, *argv = NULL;
+    int cacheable = 0;
+    if (!PyArg_ParseTuple(*item, "iiy#O", cls, flags, key, kn, &res) ||
+        parse_action(res, a, &cacheable, &argv) < 0) {
+        free(a->bval);
+        a->bval = NULL;
+        Py_XDECREF(argv);
+        Py_CLEAR(*item);
+        return -1;
+    }
+    int use = cacheable && !argv;
+    Py_XDECREF(argv);
+    if (!use) {
+        free(a->bval);
+        a->bval = NULL;
+    }
+    return use;
+}
+
 static PyObject *trap_put(PyObject *self, PyObject *args)
 {
     PyObject *items, *item;
@@ -3945,28 +4003,17 @@ static PyObject *trap_put(PyObject *self, PyObject *args)
     if (!it)
         return NULL;
     long n = 0;
-    while ((item = PyIter_Next(it))) {
-        int cls, flags, cacheable = 0;
+    for (;;) {
+        int cls, flags;
         const char *key;
         Py_ssize_t kn;
-        PyObject *res, *argv = NULL;
         action_t a;
-        memset(&a, 0, sizeof a);
-        int bad = !PyArg_ParseTuple(item, "iiy#O", &cls, &flags, &key, &kn, &res) ||
-                  parse_action(res, &a, &cacheable, &argv) < 0;
+        int got = next_answer(it, &item, &cls, &flags, &key, &kn, &a);
+        if (got == 2 || got < 0)
+            break;
+        if (got == 1)
+            n += put_one(cls, flags, key, (size_t)kn, &a, -1, 0);
         Py_DECREF(item);
-        if (bad) {
-            free(a.bval);
-            Py_XDECREF(argv);
-            Py_DECREF(it);
-            return NULL;
-        }
-        if (!cacheable || argv) {
-            free(a.bval);
-            Py_XDECREF(argv);
-            continue;
-        }
-        n += put_one(cls, flags, key, (size_t)kn, &a, -1, 0);
     }
     Py_DECREF(it);
     if (PyErr_Occurred())
@@ -4020,33 +4067,22 @@ static PyObject *trap_pack(PyObject *self, PyObject *args)
     PyObject *it = PyObject_GetIter(items);
     if (!it)
         return NULL;
-    size_t cap = 4096, len = 0;
-    char *out = malloc(cap);
-    if (!out) {
-        Py_DECREF(it);
-        return PyErr_NoMemory();
-    }
-    while ((item = PyIter_Next(it))) {
-        int cls, flags, cacheable = 0;
+    buf_t out = {NULL, 0, 0};
+    int failed = 0;
+    for (;;) {
+        int cls, flags;
         const char *key;
         Py_ssize_t kn;
-        PyObject *res, *argv = NULL;
         action_t a;
-        memset(&a, 0, sizeof a);
-        int bad = !PyArg_ParseTuple(item, "iiy#O", &cls, &flags, &key, &kn, &res) ||
-                  parse_action(res, &a, &cacheable, &argv) < 0;
-        Py_DECREF(item);
-        if (bad) {
-            free(a.bval);
-            Py_XDECREF(argv);
-            free(out);
-            Py_DECREF(it);
-            return NULL;
+        int got = next_answer(it, &item, &cls, &flags, &key, &kn, &a);
+        if (got == 2 || got < 0) {
+            failed = got < 0;
+            break;
         }
-        Py_XDECREF(argv);
-        if (!cacheable || argv || (size_t)kn > PK_MAX_FIELD || a.blen > PK_MAX_FIELD ||
-            cls < 0 || cls > 255 || flags < 0 || flags > 0xffff || a.kind < 0 || a.kind > 255) {
+        if (got == 0 || (size_t)kn > PK_MAX_FIELD || a.blen > PK_MAX_FIELD || cls < 0 ||
+            cls > 255 || flags < 0 || flags > 0xffff || a.kind < 0 || a.kind > 255) {
             free(a.bval);
+            Py_DECREF(item);
             continue;
         }
         unsigned bits = 0;
@@ -4069,80 +4105,31 @@ static PyObject *trap_pack(PyObject *self, PyObject *args)
                 bn -= (size_t)pn;
             }
         }
-        size_t need = PK_HEAD + (bits & PK_ST ? 15 * 8 : 0) + (size_t)kn + bn;
-        if (len + need > cap) {
-            while (len + need > cap)
-                cap *= 2;
-            char *grown = realloc(out, cap);
-            if (!grown) {
-                free(a.bval);
-                free(out);
-                Py_DECREF(it);
-                return PyErr_NoMemory();
-            }
-            out = grown;
-        }
-        char *p = out + len;
+        char head[PK_HEAD];
         uint32_t k32 = (uint32_t)kn, b32 = (uint32_t)bn;
         uint16_t f16 = (uint16_t)flags;
-        memset(p, 0, PK_HEAD);
-        p[0] = (char)cls;
-        p[1] = (char)a.kind;
-        memcpy(p + 2, &f16, 2);
-        p[4] = (char)bits;
-        memcpy(p + 8, &k32, 4);
-        memcpy(p + 12, &b32, 4);
-        memcpy(p + 16, &a.ival, 8);
-        p += PK_HEAD;
-        if (bits & PK_ST) {
-            memcpy(p, a.st, 15 * 8);
-            p += 15 * 8;
-        }
-        memcpy(p, key, (size_t)kn);
-        p += kn;
-        if (bn)
-            memcpy(p, b, bn);
-        p += bn;
-        len = (size_t)(p - out);
+        memset(head, 0, PK_HEAD);
+        head[0] = (char)cls;
+        head[1] = (char)a.kind;
+        memcpy(head + 2, &f16, 2);
+        head[4] = (char)bits;
+        memcpy(head + 8, &k32, 4);
+        memcpy(head + 12, &b32, 4);
+        memcpy(head + 16, &a.ival, 8);
+        failed = buf_add(&out, head, PK_HEAD) < 0 ||
+                 ((bits & PK_ST) && buf_add(&out, a.st, 15 * 8) < 0) ||
+                 buf_add(&out, key, (size_t)kn) < 0 || (bn && buf_add(&out, b, bn) < 0);
         free(a.bval);
+        Py_DECREF(item);
+        if (failed) {
+            PyErr_NoMemory();
+            break;
+        }
     }
     Py_DECREF(it);
-    if (PyErr_Occurred()) {
-        free(out);
-        return NULL;
-    }
-    PyObject *r = PyBytes_FromStringAndSize(out, (Py_ssize_t)len);
-    free(out);
+    PyObject *r = failed ? NULL : PyBytes_FromStringAndSize(out.b ? out.b : "", (Py_ssize_t)out.len);
+    buf_free(&out);
     return r;
-}
-
-/* A growable byte buffer. */
-typedef struct {
-    char *b;
-    size_t len, cap;
-} buf_t;
-
-static int buf_add(buf_t *b, const void *p, size_t n)
-{
-    if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (b->len + n > cap)
-            cap *= 2;
-        char *g = realloc(b->b, cap);
-        if (!g)
-            return -1;
-        b->b = g;
-        b->cap = cap;
-    }
-    memcpy(b->b + b->len, p, n);
-    b->len += n;
-    return 0;
-}
-
-static void buf_free(buf_t *b)
-{
-    free(b->b);
-    memset(b, 0, sizeof *b);
 }
 
 /* This job's values in packed answers (see pack), set by put_packed and stage. */

@@ -24,6 +24,7 @@ from lru import LRU
 
 from cvmfs_format.catalog import DirEntry
 from cvmfs_format.symlinks import expand_symlink
+from worker.policy import ASKED
 
 log = logging.getLogger("hep_exec.namespace")
 
@@ -112,6 +113,10 @@ class StatValues:
 
 
 DT_UNKNOWN, DT_FIFO, DT_CHR, DT_DIR, DT_BLK, DT_REG, DT_LNK, DT_SOCK = 0, 1, 2, 4, 6, 8, 10, 12
+
+
+def _show(p: bytes) -> str:
+    return p.decode(_ENC, _ERRORS)
 
 
 def d_type_of(mode: int) -> int:
@@ -225,7 +230,11 @@ class Namespace:
                     repo = self.repos.get(name)
                     root = repo.lookup("")
                 except OSError as e:
-                    log.info("%s: %s", (self.mount + b"/" + comp).decode(_ENC, _ERRORS), e)
+                    if not getattr(e, "reported", False):  # once per failed mount
+                        where = self.mount + b"/" + comp
+                        asked = _show(ASKED.get() or path)
+                        log.warning("%s: cannot mount %s: %s", asked, _show(where), e)
+                        e.reported = True  # type: ignore[attr-defined]  # it comes back, remembered
                     return (e.errno or errno.EIO), False
                 if root is None:
                     return errno.EIO, False
@@ -237,7 +246,12 @@ class Namespace:
             try:
                 entry = repo.lookup(rel)
             except OSError as e:
-                log.warning("%s%s: %s", self.mount.decode(_ENC, _ERRORS), rel, e)
+                if not getattr(e, "reported", False):
+                    at = self.mount.decode(_ENC, _ERRORS) + rel
+                    by = ASKED.get()
+                    log.warning(
+                        "%s: %s", at if by is None or _show(by) == at else f"{_show(by)}: {at}", e
+                    )
                 return (e.errno or errno.EIO), False
             if entry is None:
                 return errno.ENOENT, not variant
@@ -315,7 +329,8 @@ class Namespace:
         try:
             children = self.repos.get(node.repo).listing(node.entry.path)
         except OSError as e:
-            log.warning("%s: cannot list: %s", path.decode(_ENC, _ERRORS), e)
+            if not getattr(e, "reported", False):
+                log.warning("%s: cannot list: %s", path.decode(_ENC, _ERRORS), e)
             return e.errno or errno.EIO
         # whoever lists a directory looks at its entries next (ls -l, an import, the
         # tracer answering them ahead): their answers are in this listing already, so

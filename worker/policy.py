@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -95,3 +96,8 @@ class Policy(Protocol):
         asked for.  The target may vanish later (an eviction): the tracer then asks
         :meth:`open`.  May return nothing."""
         ...
+
+
+# The /cvmfs path the traced program asked for while its call is being answered: a policy's
+# log line names it (the walk may be at one of its parents when something fails).
+ASKED: ContextVar[bytes | None] = ContextVar("asked", default=None)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hep_exec.repository")
 _MISSING = object()
+NESTED_RETRY = 30.0  # seconds a nested catalog that failed to load is not asked for again
 
 
 class ObjectSource(Protocol):
@@ -71,9 +72,10 @@ class ObjectSource(Protocol):
 class RepositoryError(OSError):
     """A repository or object that cannot be used; ``errno`` is what the tracee should see."""
 
-    def __init__(self, err: int, message: str) -> None:
+    def __init__(self, err: int, message: str, reported: bool = False) -> None:
         super().__init__(err, message)
         self.message = message
+        self.reported = reported  # said in the log already: callers need not say it again
 
     def __str__(self) -> str:
         return self.message
@@ -99,8 +101,11 @@ class MountedRepository:
         self._lock = threading.RLock()
         self._lookups: LRU[str, DirEntry | None] = LRU(lookup_cache_size)
         self._listings: LRU[str, list[DirEntry]] = LRU(max(256, lookup_cache_size // 16))
+        self._failed_catalogs: dict[ContentHash, tuple[RepositoryError, float]] = {}
         self.manifest = self._bootstrap(master_keys, now or dt.datetime.now(dt.UTC))
-        root = self._load_catalog(self.manifest.root_catalog, "root catalog")
+        root = self._load_catalog(
+            self.manifest.root_catalog, "root catalog", self.manifest.root_catalog_size
+        )
         if root.revision != self.manifest.revision:
             raise RepositoryError(
                 errno.EIO,
@@ -121,10 +126,13 @@ class MountedRepository:
 
     # ------------------------------------------------------------------ bootstrap
 
-    def _read(self, relpath: str, what: str = "") -> bytes:
-        """Fetch a repository file; ``data/`` objects are verified against their own name."""
+    def _read(self, relpath: str, what: str = "", size: int | None = None) -> bytes:
+        """Fetch a repository file; ``data/`` objects are verified against their own name;
+        ``size``: the uncompressed size a catalog or manifest gives (bounds the answer)."""
         expected = parse_object_path(relpath).hash if relpath.startswith("data/") else None
-        return self.fetcher.get(object_url(self.fqrn, relpath), expected, what or relpath)
+        return self.fetcher.get(
+            object_url(self.fqrn, relpath), expected, what or relpath, size=size
+        )
 
     def _bootstrap(self, master_keys: Sequence[rsa.RSAPublicKey], now: dt.datetime) -> Manifest:
         fqrn = self.fqrn
@@ -153,9 +161,11 @@ class MountedRepository:
             raise RepositoryError(errno.EIO, f"{fqrn}: manifest names repository {manifest.name!r}")
         return manifest
 
-    def _load_catalog(self, content: ContentHash, what: str) -> Catalog:
+    def _load_catalog(self, content: ContentHash, what: str, size: int | None) -> Catalog:
         try:
-            stored = self._read(content.object_path(Suffix.CATALOG), f"{self.fqrn} {what}")
+            stored = self._read(
+                content.object_path(Suffix.CATALOG), f"{self.fqrn} {what}", size or None
+            )
             catalog = Catalog(verify_object(stored, content, what), f"{self.fqrn} {what}")
         except FetchError as e:
             raise RepositoryError(errno.EIO, str(e)) from None
@@ -165,7 +175,15 @@ class MountedRepository:
         return catalog
 
     def _attach(self, ref: NestedRef) -> None:
-        catalog = self._load_catalog(ref.hash, f"nested catalog {ref.path}")
+        failed = self._failed_catalogs.get(ref.hash)
+        if failed is not None and time.monotonic() < failed[1]:
+            raise RepositoryError(failed[0].errno or errno.EIO, failed[0].message, reported=True)
+        try:
+            catalog = self._load_catalog(ref.hash, f"nested catalog {ref.path}", ref.size)
+        except RepositoryError as e:
+            # said once; every path below it fails the same way for a while, quietly
+            self._failed_catalogs[ref.hash] = (e, time.monotonic() + NESTED_RETRY)
+            raise
         try:
             self.tree.attach(ref.path, catalog)
         except FormatError as e:
@@ -392,12 +410,12 @@ class Repositories:
         if fqrn not in self.configured and not REPOSITORY_NAME.fullmatch(fqrn):
             # repositories are named like hosts (sft.cern.ch): a program probing /cvmfs/lib
             # or /cvmfs/python3.11 gets ENOENT with no request and no line in its stderr
-            err = RepositoryError(errno.ENOENT, f"/cvmfs/{fqrn}: not a repository name")
+            err = RepositoryError(errno.ENOENT, f"/cvmfs/{fqrn}: not a repository name", True)
             log.debug("%s", err)
             self._failed[fqrn] = (err, math.inf)
             raise err
         if self.configured and fqrn not in self.configured:
-            err = RepositoryError(errno.ENOENT, f"/cvmfs/{fqrn}: repository not configured")
+            err = RepositoryError(errno.ENOENT, f"/cvmfs/{fqrn}: repository not configured", True)
             log.warning("%s", err)
             self._failed[fqrn] = (err, math.inf)
             raise err
@@ -411,7 +429,8 @@ class Repositories:
             try:
                 repo = MountedRepository(fqrn, self.fetcher, self.master_keys, self.cache)
             except RepositoryError as e:
-                log.warning("/cvmfs/%s: cannot mount: %s", fqrn, e)
+                # said by whoever came to it (worker.namespace: with the path it asked for)
+                log.debug("/cvmfs/%s: cannot mount: %s", fqrn, e)
                 # a name the proxy does not serve stays unknown; I/O trouble may pass
                 retry_at = math.inf if e.errno == errno.ENOENT else time.monotonic() + 30
                 self._failed[fqrn] = (e, retry_at)

@@ -104,7 +104,8 @@ class WorkerSession:
         except CacheFull:
             return errno.ENOMEM  # the cache logged the line
         except RepositoryError as e:
-            log.error("%s: %s", os.fsdecode(node.path), e)
+            if not e.reported:
+                log.error("%s: %s", os.fsdecode(node.path), e)
             return e.errno or errno.EIO
         if self.recorder is not None:
             self.recorder.add(node.repo, node.entry.path, obj.key, obj.size)

@@ -29,7 +29,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from worker.node_answers import LISTING, OPENED, NodeAnswers, encode_listing
-from worker.policy import Entry, Kind, Node, Opened, Policy
+from worker.policy import ASKED, Entry, Kind, Node, Opened, Policy
 
 log = logging.getLogger("hep-exec")
 
@@ -77,6 +77,27 @@ Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes]
 
 
 TRAP_MODES = {"ptrace": 0, "notify": 1, "auto": 2}
+
+
+class _Said(logging.Handler):
+    """Counts the warnings and errors hep-exec's loggers print, so that the tracer adds its
+    own line for a failed call only when nothing said why."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+_SAID = _Said()
+# what programs meet every day (probing names, writing to a read-only tree): no log line
+_EVERYDAY_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EROFS, errno.EACCES, errno.EINVAL}
+    | {errno.ENODATA, errno.EISDIR, errno.ENAMETOOLONG, errno.EPERM}
+)
+logging.getLogger("hep_exec").addHandler(_SAID)
 
 
 class TracerUnavailable(RuntimeError):
@@ -599,8 +620,14 @@ class Session:
     def answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         """The C side's upcall: never raises (a policy bug becomes EIO and one log line)."""
         self._answering = threading.get_ident()
+        asked = ASKED.set(path)
+        said = _SAID.count
         try:
             got = self._answer(tid, cls, flags, path)
+            if got[1] == Act.RETURN and got[2] < 0 and _SAID.count == said:
+                err = -got[2]  # the policy said nothing: one line naming the path
+                if err not in _EVERYDAY_ERRNOS:
+                    log.warning("%s: %s", os.fsdecode(path), os.strerror(err))
             if self.node_answers is not None and self.node_answers.pending:
                 self.put_node_answers()  # a repository was mounted by another thread
             return got
@@ -608,6 +635,7 @@ class Session:
             log.error("%s: internal error answering class %d: %r", os.fsdecode(path), cls, e)
             return (False, Act.RETURN, -errno.EIO, None, None, None)
         finally:
+            ASKED.reset(asked)
             self._answering = 0
             self._just_put.clear()
 
@@ -640,9 +668,9 @@ class Session:
             return (False, Act.READLINK, 0, exe, None, None)
         follow = not flags & F_NOFOLLOW and cls != Cls.READLINK
         res, cache = self.resolve(tid, path, follow)
-        if isinstance(res, int):
+        if isinstance(res, int):  # the policy said why, where it was not plain ENOENT & co
             if res not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                log.warning("%s: %s", os.fsdecode(path), os.strerror(res))
+                log.debug("%s: %s", os.fsdecode(path), os.strerror(res))
             return (cache, Act.RETURN, -res, None, None, None)
         if isinstance(res, Outside):
             return (cache, Act.REDIRECT, 0, res.path, None, None)
@@ -660,7 +688,7 @@ class Session:
                 return self._fifo_in_shadow(tid, res, cache)
             opened = self.policy.open(tid, res.path, node)
             if isinstance(opened, int):
-                log.warning("%s: %s", os.fsdecode(res.path), os.strerror(opened))
+                log.debug("%s: %s", os.fsdecode(res.path), os.strerror(opened))
                 return (False, Act.RETURN, -opened, None, None, None)
             # the stat tuple: what fstat of the fd must say (C records it per RAM file)
             st = self._stat_tuple(node)
@@ -747,7 +775,7 @@ class Session:
             return errno.EACCES
         opened = self.policy.open(tid, res.path, res.node)
         if isinstance(opened, int):
-            log.warning("%s: %s", os.fsdecode(res.path), os.strerror(opened))
+            log.debug("%s: %s", os.fsdecode(res.path), os.strerror(opened))
             return opened
         return opened.path, _head(opened.path)
 

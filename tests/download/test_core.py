@@ -71,13 +71,14 @@ def test_limits_and_deadlines() -> None:
         assert body_limit(kind, None) == 4 * MiB
         assert body_limit(kind, 10 * GiB) == 4 * MiB  # whatever a catalog claims
     assert body_limit(Kind.OBJECT, 100) == 200 + 64 * 1024
-    assert body_limit(Kind.OBJECT, None) == 16 * GiB
-    assert body_limit(Kind.CATALOG, None) == 4 * GiB
+    assert body_limit(Kind.OBJECT, None) == 1 * GiB
+    assert body_limit(Kind.CATALOG, None) == 512 * MiB
     s = Settings(timeout=10, connect_timeout=5, min_rate=1024)
     assert deadline(s, 100, body_limit(Kind.OBJECT, 100)) == pytest.approx(15.1, abs=0.01)
     assert deadline(s, 1 << 20, 0) == pytest.approx(15 + 1024)
+    assert deadline(Settings(timeout=60, max_time=60), 1 << 30, 0) == 60  # hep-proxy's cap
     # unknown size: at most 64 MiB at min_rate
-    assert deadline(s, None, 16 * GiB) == pytest.approx(15 + 64 * 1024)
+    assert deadline(s, None, 1 * GiB) == pytest.approx(15 + 64 * 1024)
 
 
 def test_backoff_is_jittered_doubling_and_capped() -> None:
