@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from tests.support.hep_exec import CLI, Served
 from tests.support.oracle import SCRIPT, SECTIONS, WALKER, compare
 from tests.support.tracing import compile_c, ensure_built, env_with, native, needs_ptrace, ram_dir
 from tests.support.trees import make_random_tree, make_variant_links
+from tests.worker.test_node_cache import kill_service, put_from_node, upcalls
 from worker.node_answers import (
     LISTING,
     OPENED,
@@ -192,22 +192,8 @@ def walker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def node() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="hepna-", dir="/dev/shm"))
     yield d
-    from tests.worker.test_node_cache import kill_service
-
     kill_service(d)
     subprocess.run(["rm", "-rf", str(d)], check=False)
-
-
-def _upcalls(stderr: str) -> int:
-    m = re.search(r"Python upcalls (\d+)", stderr)
-    assert m, stderr
-    return int(m.group(1))
-
-
-def _put_from_node(stderr: str) -> int:
-    m = re.search(r"answers ahead from the node: (\d+) put", stderr)
-    assert m, stderr
-    return int(m.group(1))
 
 
 @needs_ptrace
@@ -260,12 +246,12 @@ def test_answers_from_the_node_equal_the_jobs_own(
         served.stop()
 
     cold, warm, private = runs["cold"], runs["warm"], runs["private"]
-    assert _put_from_node(cold[1].stderr) == 0
-    assert _put_from_node(warm[0].stderr) > 0 and _put_from_node(warm[1].stderr) > 0
+    assert put_from_node(cold[1].stderr) == 0
+    assert put_from_node(warm[0].stderr) > 0 and put_from_node(warm[1].stderr) > 0
     # what is left for Python: listing directories (each job makes its own), variant
     # symlinks, paths through symlinks; and with nothing put at once, the first touch of
     # each directory (which then puts the node's answers instead of reading the catalog)
-    up_cold, up_warm = _upcalls(cold[1].stderr), _upcalls(warm[1].stderr)
+    up_cold, up_warm = upcalls(cold[1].stderr), upcalls(warm[1].stderr)
     assert up_warm < up_cold if eager != "0" else up_warm <= up_cold, (up_cold, up_warm)
     assert picked == ["B", "A", "B"]
     # the probe of every path: the same answers, whoever gave them
