@@ -200,6 +200,10 @@ class Failover:
     def server_urls(self) -> list[str]:
         return [str(m.url) for m in self._servers]
 
+    @property
+    def proxy_urls(self) -> list[str | None]:
+        return [m.url for m in self._proxies]
+
     def routes(self, now: float) -> list[Route]:
         """Every route, in the order one request tries them: each server (live ones first)
         with each proxy (live ones first)."""

@@ -6,6 +6,7 @@ bad spec is refused before any download.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ _TOP_KEYS = {
     "backoff_init",
     "backoff_max",
     "repositories",
+    "cvmfs_config",
 }
 _REPO_KEYS = {
     "name",
@@ -71,6 +73,7 @@ _REPO_KEYS = {
     "rules",
     "revision",
     "access_list",
+    "cvmfs_config",
 }
 
 
@@ -178,7 +181,48 @@ def _rules(ctx: _Ctx, repo: dict[str, _Node], where: str) -> Rules:
         raise SpecError(str(e)) from None
 
 
-def _repository(ctx: _Ctx, node: _Node, index: int) -> RepoSpec:
+def _site(
+    ctx: _Ctx, node: _Node | None, where: str, inherited: Path | None
+) -> tuple[Path | None, _Node | None]:
+    """The CernVM-FS configuration directory a repository's servers, proxies and keys may
+    come from (``cvmfs_config:``; a repository's own wins over the spec's)."""
+    if node is None:
+        return inherited, None
+    text = ctx.string(node, where)
+    if text.strip().lower() == "none":
+        return None, node
+    root = _resolve(text)
+    if not root.is_dir():
+        raise ctx.fail(node, where, f"{root}: no such CernVM-FS configuration directory")
+    return root, node
+
+
+def _from_site(ctx: _Ctx, root: Path, node: _Node | None, name: str, where: str) -> dict[str, Any]:
+    """What the site's files say for repository ``name`` (as the real client reads them)."""
+    from cvmfs_format.proxies import expand_servers
+    from worker.sites import site_values
+
+    try:
+        cfg, got = site_values(root, name)
+    except FormatError as e:
+        if node is not None:
+            raise ctx.fail(node, where, str(e)) from None
+        raise SpecError(f"{ctx.path}: {where}: {e}") from None
+    for line in cfg.warnings:
+        logging.getLogger("preload").warning("%s", line)
+    out: dict[str, Any] = {}
+    if "servers" in got:
+        out["servers"] = [u for g in expand_servers(got["servers"][0], name) for u in g]
+    if "proxies" in got:
+        out["proxies"] = got["proxies"][0]
+    if "keys" in got:
+        out["keys"] = tuple(got["keys"][0])
+    return out
+
+
+def _repository(
+    ctx: _Ctx, node: _Node, index: int, site: tuple[Path | None, _Node | None] = (None, None)
+) -> RepoSpec:
     where = f"repositories[{index}]"
     if not isinstance(node.value, dict):
         raise ctx.fail(node, where, "expected a mapping with name, servers, keys, …")
@@ -188,18 +232,27 @@ def _repository(ctx: _Ctx, node: _Node, index: int) -> RepoSpec:
             raise ctx.fail(
                 v, f"{where}.{k}", f"unknown key (known: {', '.join(sorted(_REPO_KEYS))})"
             )
-    for required in ("name", "servers", "keys"):
-        if required not in repo:
-            raise ctx.fail(node, where, f"required key {required!r} missing")
+    if "name" not in repo:
+        raise ctx.fail(node, where, "required key 'name' missing")
     name = ctx.string(repo["name"], f"{where}.name")
     if not _FQRN.fullmatch(name):
         raise ctx.fail(repo["name"], f"{where}.name", f"{name!r} is not a repository name")
     where = f"repositories[{name}]"
-    server_items = ctx.strings(repo["servers"], f"{where}.servers")
-    try:
-        servers = parse_server_urls([s for s, _ in server_items], name)
-    except FormatError as e:
-        raise ctx.fail(repo["servers"], f"{where}.servers", str(e)) from None
+    root, root_node = _site(ctx, repo.get("cvmfs_config"), f"{where}.cvmfs_config", site[0])
+    root_node = root_node or site[1]
+    from_site = _from_site(ctx, root, root_node, name, f"{where}.cvmfs_config") if root else {}
+    for required in ("servers", "keys"):
+        if required not in repo and required not in from_site:
+            also = f" (and {root} does not say)" if root else ""
+            raise ctx.fail(node, where, f"required key {required!r} missing{also}")
+    if "servers" in repo:
+        server_items = ctx.strings(repo["servers"], f"{where}.servers")
+        try:
+            servers = parse_server_urls([s for s, _ in server_items], name)
+        except FormatError as e:
+            raise ctx.fail(repo["servers"], f"{where}.servers", str(e)) from None
+    else:
+        servers = from_site["servers"]
     proxies_text = None
     if "proxies" in repo:
         pnode = repo["proxies"]
@@ -211,7 +264,12 @@ def _repository(ctx: _Ctx, node: _Node, index: int) -> RepoSpec:
         proxies = parse_proxies(proxies_text)
     except FormatError as e:
         raise ctx.fail(repo["proxies"], f"{where}.proxies", str(e)) from None
-    keys = tuple(_resolve(k) for k, _ in ctx.strings(repo["keys"], f"{where}.keys"))
+    if proxies_text is None and "proxies" in from_site:
+        proxies = from_site["proxies"]
+    if "keys" in repo:
+        keys = tuple(_resolve(k) for k, _ in ctx.strings(repo["keys"], f"{where}.keys"))
+    else:
+        keys = from_site["keys"]
     revision = None
     if "revision" in repo and repo["revision"].value is not None:
         revision = int(ctx.number(repo["revision"], f"{where}.revision", 1, 2**63, True))
@@ -259,7 +317,8 @@ def parse_spec(text: str, path: Path) -> Spec:
     repos_node = d["repositories"]
     if not isinstance(repos_node.value, list) or not repos_node.value:
         raise ctx.fail(repos_node, "repositories", "expected a non-empty list")
-    repos = tuple(_repository(ctx, n, i) for i, n in enumerate(repos_node.value))
+    site = _site(ctx, d.get("cvmfs_config"), "cvmfs_config", None)
+    repos = tuple(_repository(ctx, n, i, site) for i, n in enumerate(repos_node.value))
     names = [r.name for r in repos]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

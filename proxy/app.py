@@ -78,7 +78,7 @@ class ProxyApp:
         self.cache = ObjectCache(cfg.memory_cache_mb << 20, cfg.memory_object_kb << 10)
         self.filter = ClientFilter(cfg.allow)
         self.limiter = RateLimiter(cfg.rate_limit, cfg.burst)
-        self.filler = Filler(metrics, cfg.upstream_timeout)
+        self.filler = Filler(metrics, cfg.upstream_timeout, proxies=cfg.upstream_proxy)
         self.access = AccessLog(cfg.access_log)
         self.connections: set[GuardedHandler] = set()
         self._routes: dict[tuple[str, str], Target | Reject] = {}

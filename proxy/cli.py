@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
         help="fill misses of FQRN from a Stratum-1 base URL (@fqrn@ allowed; "
         "several separated by ';')",
     )
+    s.add_argument(
+        "--upstream-proxy",
+        metavar="LIST",
+        help="forward proxies to the upstreams, CVMFS_HTTP_PROXY syntax "
+        "('http://squid:3128;DIRECT') [DIRECT]",
+    )
     s.add_argument("--access-log", metavar="FILE|-|off", help="access log target [-]")
     s.add_argument(
         "--rate-limit",
@@ -83,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
         "workers": a.workers,
         "allow": a.allow,
         "upstreams": a.upstreams,
+        "upstream_proxy": a.upstream_proxy,
         "access_log": a.access_log,
         "rate_limit": a.rate_limit,
         "header_timeout": a.header_timeout,

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from cvmfs_format.errors import FormatError
-from cvmfs_format.proxies import parse_server_urls
+from cvmfs_format.proxies import ProxyGroups, parse_proxies, parse_server_urls
 from proxy.access import Network, parse_networks
 from proxy.routing import valid_fqrn
 
@@ -34,6 +34,7 @@ class ProxyConfig:
     workers: int = 0  # 0 = os.cpu_count()
     allow: tuple[Network, ...] = ()
     upstreams: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    upstream_proxy: ProxyGroups | None = None  # forward proxies on the way (None: DIRECT)
     access_log: str = "-"  # "-" = stdout, "off", or a file path (appended)
     memory_cache_mb: int = 256
     memory_object_kb: int = 256  # objects up to this size are served from RAM, larger by sendfile
@@ -164,6 +165,12 @@ def settings_from_mapping(data: Mapping[str, Any], what: str) -> dict[str, Any]:
                 else:
                     items = _as_list(value)
                 out["upstreams"] = dict(parse_upstream(i, label) for i in items)
+            elif key == "upstream_proxy":
+                text = ";".join(_as_list(value))
+                try:
+                    out["upstream_proxy"] = parse_proxies(text)
+                except FormatError as e:
+                    raise ConfigError(f"{label}: {e}") from None
             elif key in ("host", "access_log"):
                 out[key] = str(value)
             else:

@@ -31,6 +31,7 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.objects import Suffix
+from cvmfs_format.proxies import ProxyGroups
 from cvmfs_format.store import MANIFEST, WHITELIST, atomic_write
 from proxy.metrics import Metrics
 from proxy.stores import RepoDir
@@ -52,8 +53,15 @@ def _consume(task: asyncio.Task[None]) -> None:
 class Filler:
     """Upstream fill for one worker process."""
 
-    def __init__(self, metrics: Metrics, timeout: float, user_agent: str = "hep-proxy") -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        timeout: float,
+        user_agent: str = "hep-proxy",
+        proxies: ProxyGroups | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.proxies = proxies  # forward proxies (CVMFS_HTTP_PROXY syntax); None: DIRECT
         self.timeout = timeout
         self.settings = Settings(
             timeout=timeout,
@@ -76,7 +84,10 @@ class Filler:
             if self._transport is None:
                 self._transport = HttpTransport(self.settings)
             d = Downloader(
-                [[b] for b in repo.upstream], None, self.settings, transport=self._transport
+                [[b] for b in repo.upstream],
+                self.proxies,
+                self.settings,
+                transport=self._transport,
             )
             self._clients[key] = d
         return d

@@ -136,7 +136,7 @@ def main() -> int:
         t0 = step(f"5. hep-exec -- bash: a job on a worker node sees /cvmfs/{FQRN}")
         run(
             BIN / "hep-exec",
-            "--proxy",
+            "--server",
             proxy,
             "--keys",
             OUT / "keys" / f"{FQRN}.pub",

@@ -158,9 +158,19 @@ class ServiceGone(Exception):
 
 def service_args(config: ExecConfig, directory: Path) -> list[str]:
     """hep-exec options that rebuild the parts of ``config`` the service uses."""
+    own = [
+        ("--server", ";".join("|".join(g) for g in config.servers), "servers"),
+        ("--proxy", str(config.proxies), "proxies"),
+    ]
     return [
-        "--proxy",
-        str(config.proxies),
+        *(
+            x
+            for flag, value, name in own
+            if value and name not in config.site_filled
+            for x in (flag, value)
+        ),
+        "--cvmfs-config",
+        str(config.cvmfs_config or "none"),
         "--ram",
         str(config.ram_bytes),
         "--timeout",

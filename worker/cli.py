@@ -20,6 +20,10 @@ def _check(config: ExecConfig) -> int:
     ok = problem is None
     how = f"a traced test command ran (trap mode: {mode})"
     print(f"{'ok  ' if ok else 'FAIL'} ptrace + seccomp: {problem or how}")
+    from worker.sites import describe_sources
+
+    for option, value, where in describe_sources(config):
+        print(f"ok   setting {option} = {value}  [{where}]")
     with WorkerSession(config) as session:
         for line in session.check():
             print(line)
@@ -70,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return cache_service.main(args)
     logging.basicConfig(level=config.log_level_number, format="hep-exec: %(message)s")
+    for line in config.warnings:
+        log.warning("%s", line)
     try:
         return _check(config) if config.check else _run(config)
     except ConfigError as e:

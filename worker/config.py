@@ -21,12 +21,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, overload
 
 from cvmfs_format.errors import FormatError
-from cvmfs_format.proxies import ProxyGroups, parse_proxies
+from cvmfs_format.proxies import (
+    ProxyGroups,
+    ServerGroups,
+    is_server_like,
+    parse_proxies,
+    parse_server_templates,
+)
 from worker.ramfiles import BACKINGS
 from worker.tracer import TRAP_MODES
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from cvmfs_format.client_config import ClientConfig
 
 PROG = "hep-exec"
 ENV_PREFIX = "HEP_EXEC_"
@@ -34,6 +42,8 @@ DEFAULT_RAM = 2 * 1024**3
 MIN_RAM = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _FQRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SITE_CONFIG = Path("/etc/cvmfs")  # the CernVM-FS client configuration, where a site has one
+DIRECT_ONLY = ProxyGroups(((None,),))
 
 
 class ConfigError(Exception):
@@ -44,7 +54,8 @@ class ConfigError(Exception):
 class ExecConfig:
     """What hep-exec runs with; built by :func:`parse_exec_args` or :func:`build_config`."""
 
-    proxies: ProxyGroups
+    servers: ServerGroups = ()  # CVMFS_SERVER_URL templates (hep-proxy, Stratum-1s)
+    proxies: ProxyGroups = DIRECT_ONLY  # forward proxies (CVMFS_HTTP_PROXY)
     command: tuple[str, ...] = ()
     keys: tuple[Path, ...] = ()
     ram_bytes: int = DEFAULT_RAM
@@ -74,6 +85,12 @@ class ExecConfig:
     eager_answers: int = 4 << 20
     cache_daemon: bool = False  # run the cache service itself instead of a command
     config_file: Path | None = None
+    # the site's CernVM-FS configuration directory (None: not read); what it gave for every
+    # repository is in ``site`` (a repository's own files are read when it is mounted)
+    cvmfs_config: Path | None = None
+    site: ClientConfig | None = field(default=None, compare=False)
+    site_filled: frozenset[str] = frozenset()  # options whose value came from ``site``
+    warnings: tuple[str, ...] = ()  # said once at start (unreadable site lines, old forms)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -152,15 +169,32 @@ def total_ram_bytes(meminfo: str) -> int | None:
     return int(m[1]) * 1024 if m else None
 
 
-def _parse_proxies(text: str) -> ProxyGroups:
-    groups = parse_proxies(text)
-    if not text.strip():
+def _proxy_text(text: str) -> str:
+    """Kept as text until the servers are known (an old-style list names servers)."""
+    if not str(text).strip():
         raise ValueError("empty proxy list")
-    if any(p is None for g in groups.groups for p in g):
-        raise ValueError(
-            f"{text!r}: DIRECT is not usable here; name hep-proxy (or a Stratum-1) as http://host:port"
-        )
+    return str(text).strip()
+
+
+def _parse_servers(text: str | list[str]) -> ServerGroups:
+    groups = parse_server_templates(text)
+    for g in groups:
+        for url in g:
+            if "@fqrn@" not in url and "@org@" not in url and not url.startswith("file:"):
+                raise ValueError(
+                    f"{url!r} names one repository; hep-exec serves every repository from one "
+                    f"list: write {url.rsplit('/cvmfs/', 1)[0]}/cvmfs/@fqrn@"
+                )
     return groups
+
+
+def _parse_cvmfs_config(text: str) -> Path | None:
+    t = str(text).strip()
+    if t.lower() in ("none", "off", "no"):
+        return None
+    if not t:
+        raise ValueError("empty path (write 'none' to read no CernVM-FS configuration)")
+    return Path(t).expanduser()
 
 
 def _parse_level(text: str) -> str:
@@ -225,7 +259,9 @@ def _parse_mount(text: str) -> str:
 
 # option name -> (parser, YAML key, environment variable suffix)
 _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "proxies": (_parse_proxies, "PROXY"),
+    "servers": (_parse_servers, "SERVER"),
+    "proxies": (_proxy_text, "PROXY"),
+    "cvmfs_config": (_parse_cvmfs_config, "CVMFS_CONFIG"),
     "keys": (parse_keys, "KEYS"),
     "ram_bytes": (parse_size, "RAM"),
     "repositories": (parse_repositories, "REPOSITORIES"),
@@ -251,6 +287,9 @@ _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
 }
 # YAML keys: the flag spelling (``proxy``, ``ram``, ``log-level`` or ``log_level`` …)
 _YAML_KEYS = {
+    "server": "servers",
+    "servers": "servers",
+    "cvmfs_config": "cvmfs_config",
     "proxy": "proxies",
     "proxies": "proxies",
     "keys": "keys",
@@ -278,13 +317,16 @@ _YAML_KEYS = {
     "eager_answers": "eager_answers",
 }
 _FILE_NAMES = {
+    "servers": "server",
     "proxies": "proxy",
     "ram_bytes": "ram",
     "record_path": "record",
     "prefetch_path": "prefetch",
 }
 _FLAG_NAMES = {
+    "servers": "--server",
     "proxies": "--proxy",
+    "cvmfs_config": "--cvmfs-config",
     "keys": "--keys",
     "ram_bytes": "--ram",
     "repositories": "--repositories",
@@ -337,7 +379,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
             )
         if isinstance(value, list):
             value = [str(v) for v in value]
-            if name == "proxies":
+            if name in ("proxies", "servers"):
                 value = ";".join(value)
         elif value is None or isinstance(value, dict):
             raise ConfigError(f"{path}: option {key!r} needs a value")
@@ -374,15 +416,111 @@ def build_config(
         except (ValueError, FormatError) as e:
             raise ConfigError(f"{where}: {e}") from None
         sources[name] = where
-    if "proxies" not in values:
-        raise ConfigError(
-            f"no proxy configured: give --proxy URL, {ENV_PREFIX}PROXY or 'proxy:' in a config file"
-        )
+    warnings: list[str] = []
+    site, filled = _from_site(values, sources, environ, warnings)
+    _servers_and_proxies(values, sources, site, warnings)
     if values.get("ram_bytes", DEFAULT_RAM) < MIN_RAM:
         raise ConfigError(f"{sources['ram_bytes']}: RAM limit must be at least 1M")
     if values.get("timeout", 1.0) <= 0:
         raise ConfigError(f"{sources['timeout']}: timeout must be positive")
-    return ExecConfig(**values, **extra, sources=sources)
+    return ExecConfig(
+        **values,
+        **extra,
+        site=site,
+        site_filled=frozenset(filled),
+        warnings=tuple(warnings),
+        sources=sources,
+    )
+
+
+def _from_site(
+    values: dict[str, Any], sources: dict[str, str], environ: Mapping[str, str], warnings: list[str]
+) -> tuple[ClientConfig | None, set[str]]:
+    """Read the site's CernVM-FS configuration (``--cvmfs-config``, default /etc/cvmfs where
+    it exists) and take from it what flags, environment and config file did not set."""
+    from worker.sites import site_values
+
+    if "cvmfs_config" in values:
+        root = values["cvmfs_config"]
+        if root is not None and not root.is_dir():
+            raise ConfigError(
+                f"{sources['cvmfs_config']}: {root}: no such CernVM-FS configuration directory"
+            )
+    else:
+        root = SITE_CONFIG if SITE_CONFIG.is_dir() else None
+        values["cvmfs_config"] = root
+        sources["cvmfs_config"] = "default" if root is not None else "none (no /etc/cvmfs)"
+    if root is None:
+        return None, set()
+    try:
+        site, got = site_values(root, None, environ)
+    except FormatError as e:
+        raise ConfigError(str(e)) from None
+    warnings.extend(site.warnings)
+    filled = set()
+    for name, (value, where) in got.items():
+        if name not in values:
+            values[name], sources[name] = value, where
+            filled.add(name)
+    return site, filled
+
+
+def _servers_and_proxies(
+    values: dict[str, Any], sources: dict[str, str], site: ClientConfig | None, warnings: list[str]
+) -> None:
+    """Servers and forward proxies as CernVM-FS names them; a ``--proxy`` list of base URLs
+    with no server anywhere is the old form (hep-proxies named as proxies): taken as servers,
+    with a line saying what to write instead."""
+    from worker.sites import site_defines_servers
+
+    text = values.pop("proxies", None)
+    where = sources.pop("proxies", "")
+    if text is not None and not isinstance(text, str):  # a site's value, already parsed
+        values["proxies"], sources["proxies"] = text, where
+        text = None
+    items = [i.strip() for i in re.split(r"[;|]", text or "") if i.strip()]
+    has_servers = "servers" in values or (
+        values.get("cvmfs_config") is not None and site_defines_servers(values["cvmfs_config"])
+    )
+    if text is not None and not has_servers and items:
+        if any(i.upper() == "DIRECT" for i in items):
+            raise ConfigError(
+                f"{where}: DIRECT needs a server: give --server URL (hep-proxy or a Stratum-1, "
+                "e.g. http://host:port/cvmfs/@fqrn@)"
+            )
+        try:
+            values["servers"] = parse_server_templates(text)
+        except FormatError:
+            raise ConfigError(
+                f"{where}: {text!r} is not a list of URLs (a forward proxy is http://host:port "
+                "or DIRECT; a server, given with --server, http://host:port/cvmfs/@fqrn@)"
+            ) from None
+        sources["servers"] = f"{where} (read as servers)"
+        warnings.append(
+            f"{where} {text!r} names servers, which hep-exec now takes from --server "
+            f"(HEP_EXEC_SERVER, CVMFS_SERVER_URL); --proxy names forward proxies, as "
+            f"CVMFS_HTTP_PROXY does. Write: --server "
+            f"'{';'.join('|'.join(g) for g in values['servers'])}'"
+        )
+        return
+    if text is not None:
+        server_like = [i for i in items if is_server_like(i)]
+        if server_like:
+            raise ConfigError(
+                f"{where}: {server_like[0]!r} is a server, not a forward proxy: "
+                f"give it as --server {server_like[0]}"
+            )
+        try:
+            values["proxies"] = parse_proxies(text)
+        except FormatError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        sources["proxies"] = where
+    if not has_servers:
+        raise ConfigError(
+            "no server configured: give --server URL (hep-proxy or a Stratum-1, e.g. "
+            f"http://host:port/cvmfs/@fqrn@), {ENV_PREFIX}SERVER, 'server:' in a config file, "
+            "or CVMFS_SERVER_URL in the CernVM-FS configuration (--cvmfs-config)"
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -403,11 +541,28 @@ def _arg_parser() -> _Parser:
     )
     a = p.add_argument
     a(
+        "--server",
+        dest="servers",
+        metavar="LIST",
+        help="hep-proxy instances or Stratum-1s, CVMFS_SERVER_URL syntax: "
+        "'http://a:8080/cvmfs/@fqrn@;http://b/cvmfs/@fqrn@' (; fails over, | load-balances; "
+        "a bare http://host:port means http://host:port/cvmfs/@fqrn@) [HEP_EXEC_SERVER]",
+    )
+    a(
         "--proxy",
         dest="proxies",
         metavar="LIST",
-        help="proxies in CVMFS_HTTP_PROXY syntax, 'http://a:3128|http://b:3128;http://c:3128' "
-        "(| load-balances, ; fails over) [HEP_EXEC_PROXY]",
+        help="forward proxies (site squids), CVMFS_HTTP_PROXY syntax: "
+        "'http://a:3128|http://b:3128;DIRECT' (| load-balances, ; fails over) "
+        "[HEP_EXEC_PROXY, default DIRECT]",
+    )
+    a(
+        "--cvmfs-config",
+        dest="cvmfs_config",
+        metavar="DIR",
+        help="read the site's CernVM-FS client configuration from DIR (default.local, "
+        "domain.d/, config.d/; flags and HEP_EXEC_* win), or 'none' "
+        "[HEP_EXEC_CVMFS_CONFIG, default /etc/cvmfs where it exists]",
     )
     a(
         "--keys",
@@ -457,17 +612,21 @@ def _arg_parser() -> _Parser:
         metavar="SECONDS",
         help="connect timeout [HEP_EXEC_CONNECT_TIMEOUT, 2]",
     )
-    a("--retries", metavar="N", help="extra rounds over all proxies [HEP_EXEC_RETRIES, 1]")
+    a("--retries", metavar="N", help="extra rounds over all servers [HEP_EXEC_RETRIES, 1]")
     a("--backoff-init", dest="backoff_init", metavar="SECONDS", help=argparse.SUPPRESS)
     a("--backoff-max", dest="backoff_max", metavar="SECONDS", help=argparse.SUPPRESS)
     a(
         "--proxy-reset-after",
         dest="proxy_reset_after",
         metavar="SECONDS",
-        help="how long a failed proxy is avoided [HEP_EXEC_PROXY_RESET_AFTER, 300]",
+        help="how long a failed server or proxy is avoided [HEP_EXEC_PROXY_RESET_AFTER, 300]",
     )
     a("--mount", metavar="DIR", help=argparse.SUPPRESS)
-    a("--check", action="store_true", help="report ptrace, seccomp, proxies, repositories, RAM")
+    a(
+        "--check",
+        action="store_true",
+        help="report ptrace, seccomp, servers, repositories, RAM, and where each setting came from",
+    )
     a("--stats", action="store_true", help="print cache and syscall statistics at exit")
     a(
         "--no-in-process",

@@ -1,13 +1,15 @@
 """hep-exec's fetcher: the one download client (cvmfs_download) on its own event-loop
 thread, with a blocking, thread-safe API on top.
 
-Each of hep-exec's ``--proxy`` URLs is a base URL serving ``/cvmfs/<fqrn>/…`` (hep-proxy, or
-any static server of a store): to the download client they are servers, in fail-over groups
-load-balanced inside (``a|b;c``).  A server that fails is tried last for
-``proxy_reset_after`` seconds, so a dead one costs one timeout, not one per request.  Every
-answer is bounded (its size by what it is, an overall deadline besides the idle timeout) and
-verified against its content hash before anyone sees it: a corrupt answer is asked for
-elsewhere (caches bypassed), and wrong bytes are never returned.
+Servers are as CernVM-FS names them (``CVMFS_SERVER_URL``: hep-proxy instances and
+Stratum-1s, ``http://host:port/cvmfs/@fqrn@``), in fail-over groups (``;``; ``|``
+load-balances inside a group), reached directly or through forward proxies
+(``CVMFS_HTTP_PROXY``: ``a|b;c``, ``DIRECT``).  Repositories with the same routes share one
+download client (and its memory of failed servers): a server that fails is tried last for a
+while, so a dead one costs one timeout, not one per request.  Every answer is bounded (its
+size by what it is, an overall deadline besides the idle timeout) and verified against its
+content hash before anyone sees it: a corrupt answer is asked for elsewhere (caches
+bypassed), and wrong bytes are never returned.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import random
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cvmfs_download.core import Kind, Settings
 from cvmfs_download.errors import DownloadError as FetchError
 from cvmfs_download.errors import NotFound
+from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.objects import verify_stored
-from cvmfs_format.proxies import ProxyGroups
+from cvmfs_format.proxies import ProxyGroups, ServerGroups, expand_servers
 
 if TYPE_CHECKING:
     import asyncio
@@ -48,47 +52,41 @@ def _size(rest: list[Any]) -> int | None:
 
 
 class ProxyState:
-    """One server's figures, read live from the download client (``--stats``, tests)."""
+    """One server's figures, read live from the download clients (``--stats``, tests)."""
 
     def __init__(self, url: str, fetcher: Fetcher) -> None:
         self.url = url
         self._fetcher = fetcher
 
-    def _route(self) -> Any:
-        d = self._fetcher._downloader
-        return None if d is None else d.stats.by_route.get(self.url)
+    def _sum(self, name: str) -> int:
+        total = 0
+        for d in self._fetcher._downloaders.values():
+            for route, r in d.stats.by_route.items():
+                if route == self.url or route.startswith(self.url + " via "):
+                    total += int(getattr(r, name))
+        return total
 
-    @property
-    def requests(self) -> int:
-        r = self._route()
-        return 0 if r is None else int(r.requests)
-
-    @property
-    def failures(self) -> int:
-        r = self._route()
-        return 0 if r is None else int(r.failures)
-
-    @property
-    def corrupt(self) -> int:
-        r = self._route()
-        return 0 if r is None else int(r.corrupt)
+    requests = property(lambda self: self._sum("requests"))
+    failures = property(lambda self: self._sum("failures"))
+    corrupt = property(lambda self: self._sum("corrupt"))
 
     @property
     def dead_until(self) -> float:
-        d = self._fetcher._downloader
-        return 0.0 if d is None else d.failover.avoided_until(self.url)
+        return max(
+            (d.failover.avoided_until(self.url) for d in self._fetcher._downloaders.values()),
+            default=0.0,
+        )
 
 
 class FetchStats:
-    """The download client's counters (zero until the first request starts it)."""
+    """The download clients' counters (zero until the first request starts one)."""
 
     def __init__(self, fetcher: Fetcher, urls: Sequence[str]) -> None:
         self._fetcher = fetcher
         self.by_proxy = {u: ProxyState(u, fetcher) for u in urls}
 
     def _get(self, name: str) -> int:
-        d = self._fetcher._downloader
-        return 0 if d is None else int(getattr(d.stats, name))
+        return sum(int(getattr(d.stats, name)) for d in self._fetcher._downloaders.values())
 
     requests = property(lambda self: self._get("requests"))
     bytes_fetched = property(lambda self: self._get("bytes_fetched"))
@@ -97,6 +95,38 @@ class FetchStats:
     not_found = property(lambda self: self._get("not_found"))
     retries = property(lambda self: self._get("retries"))
     collapsed = property(lambda self: self._get("collapsed"))
+
+
+SUFFIX = "/cvmfs/@fqrn@"
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where one repository's files come from: base URLs that a request path is appended to
+    (``/cvmfs/<fqrn>/…`` when ``whole_path``, else the path inside the repository), and the
+    forward proxies (None: DIRECT)."""
+
+    servers: tuple[tuple[str, ...], ...]
+    proxies: ProxyGroups | None
+    whole_path: bool
+
+
+def routes_of(servers: ServerGroups, proxies: ProxyGroups | None, fqrn: str) -> Routes:
+    """Servers named the usual way (``…/cvmfs/@fqrn@``) serve every repository from one
+    base URL, so all repositories share one client; other templates get one per repository."""
+    if all(u.endswith(SUFFIX) and "@" not in u[: -len(SUFFIX)] for g in servers for u in g):
+        bases = tuple(tuple(u[: -len(SUFFIX)] for u in g) for g in servers)
+        return Routes(bases, proxies, True)
+    expanded = tuple(tuple(g) for g in expand_servers(servers, fqrn))
+    return Routes(expanded, proxies, False)
+
+
+def _split(url_path: str) -> tuple[str, str]:
+    """``/cvmfs/<fqrn>/<rest>`` -> (fqrn, rest)."""
+    parts = url_path.lstrip("/").split("/", 2)
+    if len(parts) < 2 or parts[0] != "cvmfs" or not parts[1]:
+        raise ValueError(f"not a repository path: {url_path!r}")
+    return parts[1], parts[2] if len(parts) > 2 else ""
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -115,8 +145,12 @@ class Fetcher:
 
     @classmethod
     def from_config(cls, config: ExecConfig, max_connections: int = 32) -> Fetcher:
-        """A fetcher with the proxies, timeouts and retry policy of a hep-exec config."""
+        """A fetcher with the servers, proxies, timeouts and retry policy of a hep-exec
+        config (and, per repository, of the site's CernVM-FS configuration)."""
+        from worker.sites import routes_for
+
         return cls(
+            config.servers,
             config.proxies,
             timeout=config.timeout,
             connect_timeout=config.connect_timeout,
@@ -125,11 +159,13 @@ class Fetcher:
             backoff_max=config.backoff_max,
             proxy_reset_after=config.proxy_reset_after,
             max_connections=max_connections,
+            routes=lambda fqrn: routes_for(config, fqrn),
         )
 
     def __init__(
         self,
-        proxies: ProxyGroups,
+        servers: ServerGroups,
+        proxies: ProxyGroups | None = None,
         *,
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
@@ -139,10 +175,11 @@ class Fetcher:
         proxy_reset_after: float = 300.0,
         max_connections: int = 32,
         rng: random.Random | None = None,
+        routes: Callable[[str], Routes] | None = None,
     ) -> None:
-        members = [p for g in proxies.groups for p in g]
-        if not members or any(p is None for p in members):
-            raise ValueError("fetcher needs http:// proxies (DIRECT is not supported)")
+        if routes is None and (not servers or not all(servers)):
+            raise ValueError("fetcher needs at least one server")
+        self.servers = servers
         self.proxies = proxies
         self.timeout = timeout
         self.settings = Settings(
@@ -151,14 +188,18 @@ class Fetcher:
             retries=retries,
             backoff_init=backoff_init,
             backoff_max=backoff_max,
-            host_reset_after=proxy_reset_after,  # hep-exec's proxies are the servers
+            host_reset_after=proxy_reset_after,
             proxy_reset_after=proxy_reset_after,
             max_connections=max_connections,
             user_agent=USER_AGENT,
         )
+        self._routes = routes or (lambda fqrn: routes_of(servers, proxies, fqrn))
         self._rng = rng
-        self._downloader: Downloader | None = None
-        self.stats = FetchStats(self, [str(p) for p in members])
+        self._transport: Any = None
+        self._downloaders: dict[Routes, Downloader] = {}
+        self._by_fqrn: dict[str, tuple[Downloader, bool]] = {}
+        some = routes_of(servers, proxies, "@fqrn@").servers if servers else ()
+        self.stats = FetchStats(self, [u for g in some for u in g])
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wanted = False
@@ -197,14 +238,35 @@ class Fetcher:
             return loop
 
     async def _open_session(self) -> None:
+        from cvmfs_download.http import HttpTransport
+
+        self._transport = HttpTransport(self.settings)
+
+    def _downloader_for(self, fqrn: str) -> tuple[Downloader, bool]:
+        """The download client of ``fqrn``'s routes (event-loop thread only)."""
+        got = self._by_fqrn.get(fqrn)
+        if got is not None:
+            return got
         from cvmfs_download.client import Downloader
         from cvmfs_download.core import Failover
 
-        groups = [[str(p) for p in g] for g in self.proxies.groups]
-        d = Downloader(groups, None, self.settings, note=log.warning)
-        if self._rng is not None:  # a fixed load-balancing order (tests)
-            d.failover = Failover(groups, None, self.settings, self._rng)
-        self._downloader = d
+        try:
+            routes = self._routes(fqrn)
+        except FormatError as e:  # the site's files for this repository are wrong
+            err = FetchError(f"/cvmfs/{fqrn}", [str(e)])
+            err.args = (str(e),)
+            raise err from None
+        d = self._downloaders.get(routes)
+        if d is None:
+            groups = [list(g) for g in routes.servers]
+            d = Downloader(
+                groups, routes.proxies, self.settings, transport=self._transport, note=log.warning
+            )
+            if self._rng is not None:  # a fixed load-balancing order (tests)
+                d.failover = Failover(groups, routes.proxies, self.settings, self._rng)
+            self._downloaders[routes] = d
+        self._by_fqrn[fqrn] = (d, routes.whole_path)
+        return d, routes.whole_path
 
     def close(self) -> None:
         with self._start_lock:
@@ -214,8 +276,8 @@ class Fetcher:
         import asyncio
 
         async def shutdown() -> None:
-            if self._downloader is not None:
-                await self._downloader.close()
+            if self._transport is not None:
+                await self._transport.close()
 
         fut = asyncio.run_coroutine_threadsafe(shutdown(), loop)
         with contextlib.suppress(Exception):
@@ -319,27 +381,44 @@ class Fetcher:
         size: int | None = None,
     ) -> bytes:
         """Single-flight: concurrent fetches of one (path, hash) share one request."""
-        assert self._downloader is not None
-        return await self._downloader.get(
-            url_path, expected=expected, kind=kind, size=size, check=check, what=what or url_path
+        fqrn, rest = _split(url_path)
+        d, whole = self._downloader_for(fqrn)
+        return await d.get(
+            url_path if whole else rest,
+            expected=expected,
+            kind=kind,
+            size=size,
+            check=check,
+            what=what or url_path,
         )
 
     # ------------------------------------------------------------------ --check support
 
     def probe(self, url_path: str) -> list[tuple[str, bool, str]]:
-        """Ask every proxy for ``url_path`` once: (proxy, ok, 'HTTP 200 in 3 ms' or error)."""
+        """Ask every route of ``url_path``'s repository for it once:
+        (server [via proxy], ok, 'HTTP 200 in 3 ms' or error)."""
         import asyncio
 
         from cvmfs_download.core import Route
-        from cvmfs_download.http import HttpTransport, probe
+        from cvmfs_download.http import probe
 
         async def all_of() -> list[tuple[str, bool, str]]:
-            assert self._downloader is not None
-            transport = self._downloader.transport
-            assert isinstance(transport, HttpTransport)
-            urls = list(self.stats.by_proxy)
-            got = await asyncio.gather(*(probe(transport, Route(u, None), url_path) for u in urls))
-            return [(u, ok, detail) for u, (ok, detail) in zip(urls, got, strict=True)]
+            if url_path.strip("/") == "cvmfs":  # no repository named: is anybody there?
+                bases = routes_of(self.servers, self.proxies, "@fqrn@")
+                path = url_path if bases.whole_path else "/"
+                servers = [u for g in bases.servers for u in g]
+                proxies = [p for g in (bases.proxies or ProxyGroups(((None,),))).groups for p in g]
+            else:
+                fqrn, rest = _split(url_path)
+                d, whole = self._downloader_for(fqrn)
+                path = url_path if whole else rest
+                servers, proxies = d.failover.server_urls, d.failover.proxy_urls
+            routes = [Route(s, p) for s in servers for p in proxies]
+            got = await asyncio.gather(*(probe(self._transport, r, path) for r in routes))
+            return [
+                (r.server if r.proxy is None else f"{r.server} via {r.proxy}", ok, detail)
+                for r, (ok, detail) in zip(routes, got, strict=True)
+            ]
 
         return self._call(all_of())
 
@@ -358,7 +437,3 @@ def check_stored(
 def object_url(fqrn: str, relpath: str) -> str:
     """``/cvmfs/<fqrn>/<relpath>``: where a proxy serves a repository file."""
     return f"/cvmfs/{fqrn}/{relpath.lstrip('/')}"
-
-
-def proxy_urls(proxies: ProxyGroups) -> Sequence[str]:
-    return [str(p) for g in proxies.groups for p in g if p is not None]

@@ -30,6 +30,7 @@ from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest
 from cvmfs_format.objects import Suffix, decompress, parse_object_path, verify_object
 from cvmfs_format.verify import loading, verify_ensemble
+from worker.config import ConfigError
 from worker.fetcher import FetchError, NotFound, object_url
 from worker.ramcache import CachedObject, RamCache
 from worker.ramfiles import RamFileWriter
@@ -376,9 +377,11 @@ class Repositories:
         master_keys: Sequence[rsa.RSAPublicKey] = (),
         cache: RamCache | None = None,
         configured: Sequence[str] = (),
+        keys_for: Callable[[str], Sequence[rsa.RSAPublicKey]] | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.master_keys = master_keys  # parsed on the first mount (MasterKeys)
+        self.keys_for = keys_for  # a repository's own keys (the site's domain.d/, config.d/)
         self.cache = cache if cache is not None else RamCache(1 << 30)
         self.configured = tuple(configured)
         self._mounted: dict[str, MountedRepository] = {}
@@ -387,6 +390,14 @@ class Repositories:
         self._mounting: dict[str, threading.Lock] = {}
         # told of each mount (worker.node_answers: the node's answers for that revision)
         self.on_mount: Callable[[MountedRepository], None] | None = None
+
+    def _keys(self, fqrn: str) -> Sequence[rsa.RSAPublicKey]:
+        if self.keys_for is None:
+            return self.master_keys
+        try:
+            return self.keys_for(fqrn)
+        except (ConfigError, FormatError, OSError) as e:  # one line each
+            raise RepositoryError(errno.EIO, f"/cvmfs/{fqrn}: {e}") from None
 
     def names(self) -> list[str]:
         """What ``ls /cvmfs`` shows: configured names, else the repositories mounted so far."""
@@ -427,7 +438,7 @@ class Repositories:
                 return repo
             self._raise_if_failed(fqrn)
             try:
-                repo = MountedRepository(fqrn, self.fetcher, self.master_keys, self.cache)
+                repo = MountedRepository(fqrn, self.fetcher, self._keys(fqrn), self.cache)
             except RepositoryError as e:
                 # said by whoever came to it (worker.namespace: with the path it asked for)
                 log.debug("/cvmfs/%s: cannot mount: %s", fqrn, e)

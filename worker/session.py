@@ -12,11 +12,13 @@ import errno
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from worker.access_list import AccessListError, AccessRecorder, read_access_list
 from worker.cache_client import CacheClient, ServiceFirst, SharedObject, open_shared
-from worker.config import ConfigError, ExecConfig, load_master_keys
+from worker.config import ConfigError, ExecConfig, MasterKeys, load_master_keys
 from worker.fetcher import Fetcher, object_url
 from worker.namespace import Namespace, Node
 from worker.node_answers import NodeAnswers
@@ -61,7 +63,9 @@ class WorkerSession:
         # with a node service, a repository's own files come through it (no HTTP client here)
         self.service_first = ServiceFirst(self.shared, self.fetcher) if self.shared else None
         source = self.service_first or self.fetcher
-        self.repos = Repositories(source, self.master_keys, self.cache, config.repositories)
+        self.repos = Repositories(
+            source, self.master_keys, self.cache, config.repositories, _site_keys(config)
+        )
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
         self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here
         # node-level pieces: access list recording and prefetch (into the shared service and
@@ -149,7 +153,7 @@ class WorkerSession:
         for url, ok, detail in self.fetcher.probe(probe_path):
             if not names and detail.startswith("HTTP "):
                 ok = True  # any HTTP answer means the proxy is up
-            lines.append(CheckLine(ok, f"proxy {url}", detail))
+            lines.append(CheckLine(ok, f"server {url}", detail))
         for name in names:
             try:
                 repo = self.repos.get(name)
@@ -225,6 +229,26 @@ class WorkerSession:
             calls = ", ".join(f"{k} {n}" for k, n in self.syscalls.most_common())
             out.append(f"trapped syscalls: {calls}")
         return out
+
+
+def _site_keys(config: ExecConfig) -> Callable[[str], MasterKeys] | None:
+    """Each repository's master keys from the site's configuration (a domain's keys
+    directory), unless hep-exec's own ``--keys`` say which."""
+    if config.cvmfs_config is None or (
+        "keys" in config.sources and "keys" not in config.site_filled
+    ):
+        return None
+    from worker.sites import keys_for
+
+    loaded: dict[tuple[Path, ...], MasterKeys] = {}
+
+    def keys(fqrn: str) -> MasterKeys:
+        paths = keys_for(config, fqrn)
+        if paths not in loaded:
+            loaded[paths] = load_master_keys(paths)
+        return loaded[paths]
+
+    return keys
 
 
 def _age(delta: dt.timedelta) -> str:

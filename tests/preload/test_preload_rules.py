@@ -120,6 +120,46 @@ def test_bad_spec_names_file_line_and_key(old: str, new: str, expected: str) -> 
         parse_spec(GOOD.replace(old, new), Path("cms.yaml"))
 
 
+def test_spec_takes_servers_proxies_and_keys_from_a_cvmfs_configuration(tmp_path: Path) -> None:
+    """``cvmfs_config:`` (the spec's, or a repository's own): what the spec does not say
+    comes from the site's files, read as the real client reads them."""
+    etc = tmp_path / "cvmfs"
+    keys = etc / "keys" / "cern.ch"
+    for d in (etc / "domain.d", keys):
+        d.mkdir(parents=True)
+    (keys / "cern.ch.pub").write_text("checked when preload starts\n")
+    (etc / "default.local").write_text("CVMFS_HTTP_PROXY='http://squid:3128;DIRECT'\n")
+    (etc / "domain.d" / "cern.ch.conf").write_text(
+        'CVMFS_SERVER_URL="http://s1.example/cvmfs/@fqrn@;http://s2.example/cvmfs/@fqrn@"\n'
+        f"CVMFS_KEYS_DIR={keys}\n"
+    )
+    text = f"store: /srv/store\ncvmfs_config: {etc}\nrepositories:\n  - name: cms.cern.ch\n"
+    (repo,) = parse_spec(text, Path("cms.yaml")).repositories
+    assert repo.servers == (
+        "http://s1.example/cvmfs/cms.cern.ch",
+        "http://s2.example/cvmfs/cms.cern.ch",
+    )
+    assert str(repo.proxies) == "http://squid:3128;DIRECT"
+    assert repo.keys == (keys / "cern.ch.pub",)
+    # the spec's own values win
+    text += "    servers: http://mine/cvmfs/@fqrn@\n    proxies: DIRECT\n"
+    (repo,) = parse_spec(text, Path("cms.yaml")).repositories
+    assert repo.servers == ("http://mine/cvmfs/cms.cern.ch",) and str(repo.proxies) == "DIRECT"
+    # a repository the site says nothing about, and a missing directory: file, line, key
+    with pytest.raises(
+        SpecError,
+        match=r"cms.yaml:4: repositories\[x.example.org\]: required key 'servers' missing \(and ",
+    ):
+        parse_spec(
+            text.replace("cms.cern.ch", "x.example.org").split("    servers")[0], Path("cms.yaml")
+        )
+    with pytest.raises(SpecError, match=r"cms.yaml:2: cvmfs_config: /nope: no such CernVM-FS"):
+        parse_spec(text.replace(str(etc), "/nope"), Path("cms.yaml"))
+    (etc / "default.local").write_text("CVMFS_HTTP_PROXY=auto\n")
+    with pytest.raises(SpecError, match=r"default.local:1: CVMFS_HTTP_PROXY=auto"):
+        parse_spec(text.split("    servers")[0], Path("cms.yaml"))
+
+
 def test_shipped_configs_all_parse() -> None:
     configs = sorted((PROJECT / "configs").glob("*.yaml"))
     names = {p.stem for p in configs}

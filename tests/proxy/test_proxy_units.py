@@ -153,9 +153,11 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     cfg_file.write_text(
         "stores: [/srv/a]\nlisten: 0.0.0.0:3128\nworkers: 3\nallow: 10.0.0.0/8\n"
         "upstreams:\n  demo.example.org: http://s1.example/cvmfs/@fqrn@\n"
-        "manifest-max-age: 30\n"
+        "manifest-max-age: 30\nupstream-proxy: [http://sq1:3128|http://sq2:3128, DIRECT]\n"
     )
     cfg = build(cfg_file, {"listen": "127.0.0.1:9000", "stores": [], "manifest_max_age": 5})
+    assert str(cfg.upstream_proxy) == "http://sq1:3128|http://sq2:3128;DIRECT"
+    assert str(build(cfg_file, {"upstream_proxy": "DIRECT"}).upstream_proxy) == "DIRECT"
     assert (cfg.host, cfg.port, cfg.workers, cfg.manifest_max_age) == ("127.0.0.1", 9000, 3, 5)
     assert cfg.stores == (Path("/srv/a"),)
     assert cfg.upstreams == {"demo.example.org": ("http://s1.example/cvmfs/demo.example.org",)}
@@ -173,6 +175,8 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ("- a\n", "mapping of settings"),
         ("upstreams: [nonsense]\n", "expected FQRN=URL"),
         ("allow: [300.0.0.1]\n", "not an IP network"),
+        ("upstream_proxy: not a proxy\n", "upstream_proxy: proxy 'not a proxy'"),
+        ("upstream_proxy: http://s1/cvmfs/@fqrn@\n", "a forward proxy is http://host:port"),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, message: str) -> None:

@@ -234,3 +234,32 @@ async def test_an_upstream_that_times_out_is_said_so_in_words(
         await _stop(p)
     assert f"{s1.url}/cvmfs/{FQRN}/{rel}: no data for 0.5 s" in p.errors(), p.errors()
     assert "TimeoutError" not in p.errors()
+
+
+async def test_fill_through_a_forward_proxy(
+    upstream: tuple[StoreServer, Repo, Path], tmp_path: Path
+) -> None:
+    """``--upstream-proxy``: the fill goes through the site squid (absolute-URI requests,
+    CVMFS_HTTP_PROXY syntax), and the bytes are still verified and the same."""
+    from tests.support.squid import start_squid
+
+    s1, repo, _ = upstream
+    squid = await asyncio.to_thread(start_squid)
+    try:
+        p = await _start(tmp_path, s1, "--upstream-proxy", f"{squid.url};DIRECT")
+        obj = _file_object(repo)
+        try:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(p.url(f"/cvmfs/{FQRN}/{obj}")) as r,
+            ):
+                assert r.status == 200
+                assert await r.read() == (repo.dir / obj).read_bytes()
+        finally:
+            await _stop(p)
+        await async_wait_until(
+            lambda: any(_up(obj) in line for line in squid.log()), what="squid's log line"
+        )
+        assert any(f"{s1.url}{_up(obj)}" in line for line in squid.log()), squid.log()
+    finally:
+        await asyncio.to_thread(squid.stop)

@@ -66,9 +66,9 @@ def hep_exec_cmd(
     keys: Path | None = None,
     options: Sequence[str] = (),
 ) -> list[str]:
-    """``hep-exec --proxy … [--keys …] --no-shared-cache OPTIONS -- ARGV``."""
+    """``hep-exec --server … [--keys …] --no-shared-cache OPTIONS -- ARGV``."""
     key_opt = ["--keys", str(keys)] if keys else []
-    return [*CLI, "--proxy", proxy, *key_opt, "--no-shared-cache", *options, "--", *argv]
+    return [*CLI, "--server", proxy, *key_opt, "--no-shared-cache", *options, "--", *argv]
 
 
 def hep_exec(

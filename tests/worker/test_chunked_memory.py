@@ -158,7 +158,7 @@ def shared_cmd(proxy: str, big: Big, cache_dir: Path, argv: list[str]) -> list[s
 
 def cache_options(proxy: str, big: Big, cache_dir: Path) -> list[str]:
     """What the service and the jobs using it are both given."""
-    return ["--proxy", proxy, "--keys", str(big.master_pub), "--cache-dir", str(cache_dir),
+    return ["--server", proxy, "--keys", str(big.master_pub), "--cache-dir", str(cache_dir),
             "--ram", RAM]  # fmt: skip
 
 

@@ -303,7 +303,7 @@ def test_ram_files_without_user_namespaces(world: World) -> None:
     assert (r.returncode, r.stdout) == (0, (world.src / "odd/hello.txt").read_text()), r.stderr
     check = [sys.executable, "-m", "worker.cli", "--check", "--no-shared-cache"]
     r = subprocess.run(
-        _without_user_namespaces([*check, "--proxy", world.proxy]),
+        _without_user_namespaces([*check, "--server", world.proxy]),
         env=env_with({"HEP_EXEC_RAM_FILES": "auto"}),
         capture_output=True,
         text=True,
@@ -327,12 +327,15 @@ def test_check_reports_tracer_proxies_repositories_and_ram(world: World) -> None
     cmd = [sys.executable, "-m", "worker.cli", "--check", "--no-shared-cache", "--ram", "64M"]
     keys = ["--keys", str(world.key("odd.test.org")), "--repositories", "odd.test.org"]
     r = subprocess.run(
-        [*cmd, "--proxy", world.proxy, *keys], env=env_with(), capture_output=True, text=True
+        [*cmd, "--server", world.proxy, *keys], env=env_with(), capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("ok   ptrace + seccomp")
-    assert any(line.startswith(f"ok   proxy {world.proxy}") for line in lines)
+    assert any(line.startswith(f"ok   server {world.proxy}") for line in lines)
+    # every effective setting, and where it came from
+    assert f"ok   setting server = {world.proxy}/cvmfs/@fqrn@  [--server]" in lines, r.stdout
+    assert "ok   setting proxy = DIRECT  [default]" in lines, r.stdout
     assert any(
         line.startswith("ok   repository odd.test.org: revision 1") and "signature verified" in line
         for line in lines
@@ -340,13 +343,13 @@ def test_check_reports_tracer_proxies_repositories_and_ram(world: World) -> None
     assert any(line.startswith("ok   RAM cache limit: 64.0 MiB") for line in lines)
     assert any(line.startswith("ok   RAM files: ") for line in lines), r.stdout
     r = subprocess.run(
-        [*cmd, "--proxy", f"{dead};{world.proxy}", *keys],
+        [*cmd, "--server", f"{dead};{world.proxy}", *keys],
         env=env_with(),
         capture_output=True,
         text=True,
     )
     assert r.returncode == 1
-    assert any(line.startswith(f"FAIL proxy {dead}") for line in r.stdout.splitlines())
+    assert any(line.startswith(f"FAIL server {dead}") for line in r.stdout.splitlines())
 
 
 def test_stats_count_hits_misses_bytes_and_syscalls(world: World) -> None:

@@ -414,7 +414,7 @@ def trap_mode_here() -> str:
     """What ``--check`` says the tracer runs in on this machine by default, e.g.
     ``seccomp-notify, in-process opens and stats`` or ``ptrace``."""
     r = subprocess.run(
-        [*CLI, "--check", "--proxy", dead_url(), "--no-shared-cache"],
+        [*CLI, "--check", "--server", dead_url(), "--no-shared-cache"],
         env=env_with(),
         capture_output=True,
         text=True,
@@ -478,7 +478,7 @@ def test_check_reports_an_expired_whitelist_and_exits_1(world: World) -> None:
     """README: ``--check`` checks freshness; docs/deployment.md: an expired whitelist shows as
     ``FAIL repository …: … expired``, and --check exits 1 unless every line is ok.  The same
     check of a repository with a valid whitelist (same publisher, same proxy) is all ok."""
-    common = ["--proxy", world.proxy, "--no-shared-cache", "--ram", "64M", "--check"]
+    common = ["--server", world.proxy, "--no-shared-cache", "--ram", "64M", "--check"]
     r = subprocess.run(
         [*CLI, *common, "--keys", str(world.key(EXPIRED)), "--repositories", EXPIRED],
         env=env_with(),

@@ -262,7 +262,7 @@ class Job:
 
 def job_argv(proxy: ProxyProcess | StoreServer, cache_dir: Path, *extra: str) -> list[str]:
     url = proxy.url("") if isinstance(proxy, ProxyProcess) else proxy.url
-    return ["--proxy", url, "--cache-dir", str(cache_dir), "--ram", RAM, *extra]
+    return ["--server", url, "--cache-dir", str(cache_dir), "--ram", RAM, *extra]
 
 
 # a file on a cache's private tmpfs, as /proc/<pid>/fd links name it: /<key>.<pid>.<n>, or
@@ -518,7 +518,7 @@ def test_a_service_that_cannot_reach_the_repository_leaves_jobs_their_own_way(
     error, and the job fetches them through its own proxies: right bytes, one log line each,
     no long wait."""
     paths = sorted(p for p in tree.digests if "/lib/pkg2/" in p)
-    dead = ["--proxy", dead_url(), "--cache-dir", str(cache_dir), "--ram", RAM]
+    dead = ["--server", dead_url(), "--cache-dir", str(cache_dir), "--ram", RAM]
     with running_service(dead, cache_dir):
         err = read_all(Job(job_argv(server, cache_dir), paths), tree)
         assert "0 objects received, 0 repository files handed over" in shared_line(err), err
@@ -684,7 +684,7 @@ def test_released_objects_stay_idle_up_to_a_budget(tree, server, cache_dir) -> N
     least recently used beyond it go back to the service, which may then evict them."""
     digests = tree.digests
     blobs = [p for p in sorted(digests) if "/data/" in p][:8]  # 512 KiB each
-    argv = ["--proxy", server.url, "--cache-dir", str(cache_dir), "--ram", "8M", "--", "x"]
+    argv = ["--server", server.url, "--cache-dir", str(cache_dir), "--ram", "8M", "--", "x"]
     cfg = parse_exec_args(argv, {})
     with WorkerSession(cfg) as s:
         assert s.shared is not None and s.shared.idle_budget == 2 * 2**20
@@ -748,10 +748,10 @@ def test_a_killed_jobs_pins_are_dropped(tracing, tree, server, cache_dir) -> Non
     blobs = [p for p in sorted(digests) if "/data/" in p]
     held, others = blobs[:4], blobs[4:8]
     # the service's limit: 3 MiB, so the job's 2 MiB pinned leave room for two more blobs
-    with running_service(["--proxy", server.url, "--cache-dir", str(cache_dir), "--ram", "3M"],
+    with running_service(["--server", server.url, "--cache-dir", str(cache_dir), "--ram", "3M"],
                          cache_dir) as daemon:  # fmt: skip
         # the job's own --ram is large: it keeps everything it handed out pinned
-        job = Job(["--proxy", server.url, "--cache-dir", str(cache_dir), "--ram", "64M"], held)
+        job = Job(["--server", server.url, "--cache-dir", str(cache_dir), "--ram", "64M"], held)
         job.expect("ready")
         job.go()
         files = job.expect("files")["files"]
@@ -759,7 +759,7 @@ def test_a_killed_jobs_pins_are_dropped(tracing, tree, server, cache_dir) -> Non
         st = service_stats(cache_dir)
         assert st["pid"] == daemon.pid and st["pinned_bytes"] == 4 * BLOB, st
         # while the job lives, its pins hold: only two of four more blobs fit
-        session = ["--proxy", server.url, "--cache-dir", str(cache_dir), "--ram", "64M"]
+        session = ["--server", server.url, "--cache-dir", str(cache_dir), "--ram", "64M"]
         before = open_all(session, others)
         assert before[:2] == [digests[p] for p in others[:2]], before
         assert before[2:] == [errno.ENOMEM, errno.ENOMEM], before
@@ -802,12 +802,12 @@ def test_default_socket_location_is_used_by_service_and_job(
     env["XDG_RUNTIME_DIR"] = str(runtime)
     where = runtime / "hep-exec"
     path = sorted(p for p in tree.digests if "/lib/" in p)[0]
-    argv = ["--cache-daemon", "--proxy", server.url, "--ram", RAM]
+    argv = ["--cache-daemon", "--server", server.url, "--ram", RAM]
     with running_service(argv, where, env=env, command=tuple(HEP_EXEC)) as daemon:
         assert stat.S_ISSOCK((where / SOCKET_NAME).stat().st_mode)
         assert stat.S_IMODE(where.stat().st_mode) == 0o700
         r = subprocess.run(
-            [*HEP_EXEC, "--proxy", server.url, "--ram", RAM, "--stats", "--",
+            [*HEP_EXEC, "--server", server.url, "--ram", RAM, "--stats", "--",
              "sha256sum", f"/cvmfs/{FQRN}{path}"],
             env=env,
             cwd=PROJECT,
@@ -996,7 +996,7 @@ def test_preload_selects_exactly_an_access_list(tree, server, tmp_path: Path) ->
     picked = ["/lib/pkg3/mod8.py", "/data/d1/blob1.bin", "/big/chunked.bin"]
     record = tmp_path / "job.list"
     cfg = parse_exec_args(
-        ["--proxy", server.url, "--no-shared-cache", "--record", str(record), "--", "x"], {}
+        ["--server", server.url, "--no-shared-cache", "--record", str(record), "--", "x"], {}
     )
     with WorkerSession(cfg) as s:
         for p in picked:
@@ -1027,7 +1027,7 @@ def test_preload_selects_exactly_an_access_list(tree, server, tmp_path: Path) ->
     assert got <= want and len(got) == 2 + 3  # two whole files, three chunks
     stored = StoreServer(tmp_path / "out")
     try:
-        cfg = parse_exec_args(["--proxy", stored.url, "--no-shared-cache", "--", "x"], {})
+        cfg = parse_exec_args(["--server", stored.url, "--no-shared-cache", "--", "x"], {})
         with WorkerSession(cfg) as s:
             for p in picked:
                 node = s.namespace.resolve(f"/cvmfs/{FQRN}{p}".encode())

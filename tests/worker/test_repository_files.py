@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_format.manifest import parse_manifest
-from cvmfs_format.proxies import parse_proxies
+from cvmfs_format.proxies import parse_server_templates
 from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
 from worker.fetcher import Fetcher
@@ -31,7 +31,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
 @pytest.fixture
 def served(repo: Repo) -> Iterator[tuple[StoreServer, Fetcher]]:
     server = StoreServer(repo.store)
-    fetcher = Fetcher(parse_proxies(server.url)).start()
+    fetcher = Fetcher(parse_server_templates(server.url)).start()
     yield server, fetcher
     fetcher.close()
     server.stop()

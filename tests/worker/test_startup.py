@@ -45,7 +45,7 @@ def test_true_without_cvmfs_imports_no_network_or_crypto_library(tmp_path: Path)
         ["--cache-dir", str(tmp_path / "c"), "--cache-idle", "1"],
     ):
         rc, loaded, err = _loaded(
-            ["--proxy", dead_url(), "--keys", str(keys_dir), *shared, "--", "true"]
+            ["--server", dead_url(), "--keys", str(keys_dir), *shared, "--", "true"]
         )
         assert rc == 0, err
         assert loaded == "", f"{shared}: imported at start: {loaded}"
@@ -59,7 +59,7 @@ def test_a_garbled_key_still_stops_hep_exec_before_the_command(tmp_path: Path) -
     text = pub.read_text()
     pub.write_text(text.replace(text.splitlines()[1], "!!not base64!!"))
     marker = tmp_path / "ran"
-    opts = ["--proxy", dead_url(), "--keys", str(pub), "--no-shared-cache"]
+    opts = ["--server", dead_url(), "--keys", str(pub), "--no-shared-cache"]
     r = subprocess.run(
         [*CLI, *opts, "--", "touch", str(marker)],
         capture_output=True,

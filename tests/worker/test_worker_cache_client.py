@@ -85,10 +85,20 @@ def test_service_args_rebuild_what_the_service_uses(tmp_path: Path) -> None:
     from worker.cache_client import service_args
     from worker.config import parse_exec_args
 
-    argv = ["--proxy", "http://a:1|http://b:2;http://c:3", "--ram", "3G", "--ram-files", "memfd"]
+    argv = ["--server", "http://a:1|http://b:2;http://c:3", "--proxy", "http://sq:3128;DIRECT"]
+    argv += ["--ram", "3G", "--ram-files", "memfd", "--cvmfs-config", "none"]
     argv += ["--timeout", "7", "--retries", "3", "--cache-idle", "9", "--", "true"]
     job = parse_exec_args(argv, {})
     service = parse_exec_args([*service_args(job, tmp_path), "--cache-daemon"], {})
-    for field in ("proxies", "ram_bytes", "ram_files", "timeout", "retries", "cache_idle"):
+    for field in (
+        "servers",
+        "proxies",
+        "cvmfs_config",
+        "ram_bytes",
+        "ram_files",
+        "timeout",
+        "retries",
+        "cache_idle",
+    ):
         assert getattr(service, field) == getattr(job, field), field
     assert service.cache_dir == tmp_path

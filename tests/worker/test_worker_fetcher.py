@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.objects import parse_object_path
-from cvmfs_format.proxies import parse_proxies
+from cvmfs_format.proxies import parse_server_templates
 from tests.support.network import dead_url
 from tests.support.repos import publish_tree
 from tests.support.store_server import BlackHole, StoreServer
@@ -52,7 +53,7 @@ def servers(store: Store) -> Iterator[list[StoreServer]]:
 
 def fetcher(spec: str, **kw: object) -> Fetcher:
     kw.setdefault("timeout", 2.0)
-    return Fetcher(parse_proxies(spec), **kw).start()  # type: ignore[arg-type]
+    return Fetcher(parse_server_templates(spec), **kw).start()  # type: ignore[arg-type]
 
 
 def test_get_verifies_and_returns_stored_bytes(store: Store, servers: list[StoreServer]) -> None:
@@ -220,6 +221,6 @@ def test_probe(store: Store, servers: list[StoreServer]) -> None:
     assert report == {servers[0].url: True, dead: False}
 
 
-def test_direct_is_refused() -> None:
-    with pytest.raises(ValueError):
-        Fetcher(parse_proxies("DIRECT"))
+def test_direct_is_not_a_server() -> None:
+    with pytest.raises(FormatError, match="not an http"):
+        Fetcher(parse_server_templates("DIRECT"))

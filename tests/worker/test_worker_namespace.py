@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_format.proxies import parse_proxies
+from cvmfs_format.proxies import parse_server_templates
 from tests.support.repos import publish_tree
 from tests.support.store_server import StoreServer
 from tests.support.trees import make_odd_tree, make_variant_links
@@ -55,7 +55,7 @@ def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounted]:
     make_variant_links(src)
     publish_tree(src, base / "store", FQRN, base / "keys")
     server = StoreServer(base / "store")
-    fetcher = Fetcher(parse_proxies(server.url)).start()
+    fetcher = Fetcher(parse_server_templates(server.url)).start()
     repos = Repositories(fetcher, cache=RamCache(64 << 20))
     try:
         yield Mounted(src, Namespace(repos), repos, server, fetcher)

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cvmfs_format.manifest import parse_manifest
-from cvmfs_format.proxies import parse_proxies
+from cvmfs_format.proxies import parse_server_templates
 from cvmfs_format.store import LocalRepository
 from cvmfs_format.verify import load_catalog, loading, open_tree, walk
 from cvmfs_format.whitelist import load_public_key
@@ -88,7 +88,7 @@ def read_object(repo: MountedRepository, rel: str) -> bytes:
 
 
 def test_signed_mount_and_contents(served: Mirrors) -> None:
-    with Fetcher(parse_proxies(served.proxies)).start() as f:
+    with Fetcher(parse_server_templates(served.proxies)).start() as f:
         repo = MountedRepository(FQRN, f, master_key(served.repo))
         assert repo.verified and repo.revision == 1
         for rel in files_of(served.src):
@@ -103,7 +103,7 @@ def test_wrong_master_key_refuses_to_mount(served: Mirrors, tmp_path: Path) -> N
     load_or_create_keys(tmp_path, "other.example.org", dt.datetime.now(dt.UTC))
     other = load_public_key((tmp_path / "other.example.org.pub").read_bytes(), "other")
     with (
-        Fetcher(parse_proxies(served.proxies)).start() as f,
+        Fetcher(parse_server_templates(served.proxies)).start() as f,
         pytest.raises(RepositoryError) as info,
     ):
         MountedRepository(FQRN, f, [other])
@@ -114,7 +114,7 @@ def test_wrong_master_key_refuses_to_mount(served: Mirrors, tmp_path: Path) -> N
 def test_corrupt_manifest_on_one_proxy(served: Mirrors) -> None:
     bad = served.servers[0]
     bad.corrupt.add(f"/cvmfs/{FQRN}/.cvmfspublished")
-    with Fetcher(parse_proxies(served.proxies)).start() as f:
+    with Fetcher(parse_server_templates(served.proxies)).start() as f:
         repo = MountedRepository(FQRN, f, master_key(served.repo))
         assert repo.revision == 1 and f.stats.corrupt == 1
 
@@ -123,7 +123,7 @@ def test_corrupt_objects_never_reach_the_cache(served: Mirrors) -> None:
     """Every data object is corrupt on the first proxy: all content still right."""
     bad = served.servers[0]
     bad.corrupt.update(f"/cvmfs/{FQRN}/{rel}" for rel in served.repo.objects())
-    with Fetcher(parse_proxies(served.proxies)).start() as f:
+    with Fetcher(parse_server_templates(served.proxies)).start() as f:
         repo = MountedRepository(FQRN, f, master_key(served.repo))
         assert read_object(repo, "/big.bin") == (served.src / "big.bin").read_bytes()
         for rel in files_of(served.src)[:20]:
@@ -137,7 +137,7 @@ def test_corrupt_everywhere_is_eio(served: Mirrors) -> None:
     rel = next(
         r for r in files_of(served.src) if 10 < (served.src / r[1:]).stat().st_size < 1 << 20
     )
-    with Fetcher(parse_proxies(served.proxies), retries=0).start() as f:
+    with Fetcher(parse_server_templates(served.proxies), retries=0).start() as f:
         repo = MountedRepository(FQRN, f)
         entry = repo.lookup(rel)
         assert entry is not None and entry.hash is not None
@@ -154,7 +154,7 @@ def test_concurrent_opens_make_one_request(served: Mirrors) -> None:
     """8 threads open a chunked file while its chunks' answers are held: one load, each
     chunk requested once, every thread gets the same pinned object."""
     server = served.servers[0]
-    with Fetcher(parse_proxies(server.url)).start() as f:
+    with Fetcher(parse_server_templates(server.url)).start() as f:
         repo = MountedRepository(FQRN, f)
         entry = repo.lookup("/big.bin")
         assert entry is not None and entry.is_chunked
@@ -185,7 +185,7 @@ def test_concurrent_opens_make_one_request(served: Mirrors) -> None:
 def test_ram_limit_smaller_than_working_set(served: Mirrors) -> None:
     total = sum((served.src / r[1:]).stat().st_size for r in files_of(served.src))
     cache = RamCache(CHUNKED_SIZE + (total - CHUNKED_SIZE) // 3)
-    with Fetcher(parse_proxies(served.proxies)).start() as f:
+    with Fetcher(parse_server_templates(served.proxies)).start() as f:
         repo = MountedRepository(FQRN, f, cache=cache)
         for _ in range(2):
             for rel in files_of(served.src):
@@ -207,7 +207,7 @@ def test_ram_limit_smaller_than_working_set(served: Mirrors) -> None:
 def test_the_real_2015_repository(fixture_repo: Repo) -> None:
     server = StoreServer(fixture_repo.store)
     try:
-        with Fetcher(parse_proxies(server.url)).start() as f:
+        with Fetcher(parse_server_templates(server.url)).start() as f:
             repo = MountedRepository(
                 fixture_repo.fqrn,
                 f,
@@ -237,7 +237,7 @@ def test_the_real_2015_repository(fixture_repo: Repo) -> None:
 
 
 def test_repositories_mount_once_and_remember_failures(served: Mirrors) -> None:
-    with Fetcher(parse_proxies(served.proxies)).start() as f:
+    with Fetcher(parse_server_templates(served.proxies)).start() as f:
         repos = Repositories(f)
         got: list[MountedRepository] = []
         threads = [threading.Thread(target=lambda: got.append(repos.get(FQRN))) for _ in range(6)]
@@ -263,7 +263,7 @@ def test_store_copy_without_catalog_is_eio(served: Mirrors, tmp_path: Path) -> N
     (broken / FQRN / manifest.root_catalog.object_path("C")).unlink()
     server = StoreServer(broken)
     try:
-        with Fetcher(parse_proxies(server.url)).start() as f:
+        with Fetcher(parse_server_templates(server.url)).start() as f:
             with pytest.raises(RepositoryError) as info:
                 MountedRepository(FQRN, f)
             assert info.value.errno == errno.EIO and "root catalog" in str(info.value)

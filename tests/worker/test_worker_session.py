@@ -51,7 +51,7 @@ def test_session_end_to_end(store: tuple[Path, Path]) -> None:
     try:
         cfg = parse_exec_args(
             [
-                "--proxy",
+                "--server",
                 f"{dead};{server.url}",
                 "--keys",
                 str(keys),
@@ -101,7 +101,7 @@ def test_session_end_to_end(store: tuple[Path, Path]) -> None:
             assert f"repository {FQRN}: revision 1" in stats
             report = s.check()
             text = "\n".join(map(str, report))
-            assert f"FAIL proxy {dead}" in text and f"ok   proxy {server.url}" in text
+            assert f"FAIL server {dead}" in text and f"ok   server {server.url}" in text
             assert "signature verified" in text and "RAM cache limit: 4.0 MiB" in text
     finally:
         server.stop()
@@ -112,7 +112,7 @@ def test_session_cache_full_is_enomem(store: tuple[Path, Path]) -> None:
     server = StoreServer(root)
     try:
         cfg = parse_exec_args(
-            ["--proxy", server.url, "--ram", "2M", "--no-shared-cache", "--", "true"], {}
+            ["--server", server.url, "--ram", "2M", "--no-shared-cache", "--", "true"], {}
         )
         with WorkerSession(cfg) as s:
             large = resolve(s, "large")
@@ -143,7 +143,7 @@ def test_answer_for_an_evicted_tmpfs_object_fails_never_opens_another(
     server = StoreServer(root)
     small = f"/cvmfs/{FQRN}/small".encode()
     try:
-        argv = ["--proxy", server.url, "--ram-files", "tmpfs", "--no-shared-cache", "--", "true"]
+        argv = ["--server", server.url, "--ram-files", "tmpfs", "--no-shared-cache", "--", "true"]
         with WorkerSession(parse_exec_args(argv, {})) as s:
             policy = CatalogPolicy(s)
             node = policy.lookup(os.getpid(), small)
@@ -178,7 +178,7 @@ def test_answer_for_an_evicted_memfd_object_fails_never_opens_another(
     root, _ = store
     server = StoreServer(root)
     paths = {r: f"/cvmfs/{FQRN}/{r}".encode() for r in ("small", "large", "large2")}
-    argv = ["--proxy", server.url, "--ram", "4M", "--ram-files", "memfd"]
+    argv = ["--server", server.url, "--ram", "4M", "--ram-files", "memfd"]
     try:
         with WorkerSession(parse_exec_args([*argv, "--no-shared-cache", "--", "true"], {})) as s:
             assert s.cache.files.backing == "memfd"
