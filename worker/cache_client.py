@@ -11,6 +11,8 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -33,6 +35,7 @@ from worker.cache_protocol import (
     ProtocolError,
     decode,
     encode,
+    fetch_settings,
     recv_message,
 )
 from worker.cache_service import (
@@ -154,6 +157,23 @@ class SharedObject(CachedObject):
 
 class ServiceGone(Exception):
     """The connection to the service broke (it died, or exited while we connected)."""
+
+
+class OtherSettings(Exception):
+    """The service fetches with other servers, proxies or timeouts than this job."""
+
+
+def settings_dir(base: Path, settings: str) -> Path:
+    """Where the service of other settings lives, beside the first one."""
+    return base / ("s-" + hashlib.sha256(settings.encode()).hexdigest()[:12])  # short: AF_UNIX
+
+
+def _difference(ours: str, theirs: Any) -> str:
+    try:
+        a, b = json.loads(ours), json.loads(str(theirs))
+    except ValueError:
+        return "settings unknown"
+    return ", ".join(f"its {k} {b.get(k)!r}, ours {a[k]!r}" for k in a if a[k] != b.get(k))
 
 
 def service_args(config: ExecConfig, directory: Path) -> list[str]:
@@ -278,6 +298,7 @@ class CacheClient:
     @classmethod
     def connect(cls, config: ExecConfig, start: bool = True) -> CacheClient | None:
         """Connect to this user's service, starting it if absent; None (one log line) if not."""
+        settings = fetch_settings(config)
         try:
             directory = ensure_private_dir(config.cache_dir or default_runtime_dir())
         except CacheDirError as e:
@@ -286,7 +307,23 @@ class CacheClient:
         problem = "not running"
         for attempt in range(3):
             try:
-                return cls.attach(directory, idle_budget=config.ram_bytes // 4).start()
+                client = cls.attach(directory, config.ram_bytes // 4, settings)
+                return client.start()
+            except OtherSettings as e:
+                if config.cache_dir is not None:  # the one the user named: not ours to use
+                    log.warning(
+                        "shared RAM cache service at %s fetches with other settings (%s, "
+                        "started by another job); using a private RAM cache",
+                        directory / SOCKET_NAME,
+                        e,
+                    )
+                    return None
+                try:  # jobs with other settings share a service of their own
+                    directory = ensure_private_dir(settings_dir(directory, settings))
+                except CacheDirError as err:
+                    problem = str(err)
+                    break
+                continue
             except (OSError, ServiceGone, ProtocolError) as e:
                 problem = str(e) or type(e).__name__
             if not start:
@@ -308,8 +345,11 @@ class CacheClient:
         return None
 
     @classmethod
-    def attach(cls, directory: Path, idle_budget: int = 0) -> CacheClient:
-        """Connect to a running service and check who it is; raises OSError/ServiceGone.
+    def attach(
+        cls, directory: Path, idle_budget: int = 0, settings: str | None = None
+    ) -> CacheClient:
+        """Connect to a running service and check who it is (and, given ``settings``, that
+        it fetches as we would); raises OSError/ServiceGone/OtherSettings.
 
         The client is not yet receiving: call :meth:`start` (or only :meth:`close` it).
         """
@@ -332,6 +372,10 @@ class CacheClient:
             names_dir = fds.pop() if reply.get("named") and len(fds) == 1 else None
             for fd in fds:
                 os.close(fd)
+            if settings is not None and reply.get("settings") != settings:
+                if names_dir is not None:
+                    os.close(names_dir)
+                raise OtherSettings(_difference(settings, reply.get("settings")))
             sock.settimeout(None)
             return cls(sock, int(reply["pid"]), directory, idle_budget, names_dir)
         except BaseException:

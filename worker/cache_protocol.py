@@ -35,12 +35,15 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cvmfs_format.catalog import Chunk, DirEntry
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from worker.repository import chunked_key
+
+if TYPE_CHECKING:
+    from worker.config import ExecConfig
 
 VERSION = 3
 MAX_MESSAGE = 1 << 20  # bytes per packet; prefetch batches stay far below
@@ -153,3 +156,20 @@ def recv_message(sock: socket.socket, max_fds: int = MAX_FDS) -> tuple[bytes, li
             os.close(fd)
         raise ProtocolError("truncated message")
     return data, fds
+
+
+def fetch_settings(config: ExecConfig) -> str:
+    """What decides where and how a service fetches, as one string: a job uses a service only
+    if the service's is the same (never another job's servers, proxies or timeouts)."""
+    return json.dumps(
+        {
+            "servers": [list(g) for g in config.servers],
+            "proxies": str(config.proxies),
+            "cvmfs_config": str(config.cvmfs_config),
+            "timeout": config.timeout,
+            "connect_timeout": config.connect_timeout,
+            "retries": config.retries,
+            "reset": config.proxy_reset_after,
+        },
+        sort_keys=True,
+    )

@@ -50,6 +50,7 @@ from worker.cache_protocol import (
     ProtocolError,
     decode,
     encode,
+    fetch_settings,
     recv_message,
 )
 from worker.config import ConfigError, ExecConfig, parse_exec_args
@@ -210,6 +211,7 @@ class CacheService:
 
     def __init__(self, config: ExecConfig, listener: socket.socket, directory: Path) -> None:
         self.config = config
+        self.settings = fetch_settings(config)  # jobs with other settings use another service
         self.directory = directory
         self.listener = listener
         st = os.stat(directory / SOCKET_NAME)
@@ -394,7 +396,13 @@ class CacheService:
             # the read-only tmpfs dir (if ours are tmpfs files): clients then open objects by
             # name, which the tracer does faster than reopening an fd number through /proc
             shared = self.cache.files.shared_dir
-            hello = {"op": "hello", "ok": True, "pid": os.getpid(), "version": VERSION}
+            hello = {
+                "op": "hello",
+                "ok": True,
+                "pid": os.getpid(),
+                "version": VERSION,
+                "settings": self.settings,
+            }
             with conn.lock:
                 if not conn.closed:
                     conn.sock.sendmsg(

@@ -180,6 +180,15 @@ class WorkerSession:
             detail += f" ({_size(avail)} available now)"
         lines.append(CheckLine(ram_ok, "RAM cache limit", detail))
         lines.append(CheckLine(True, "RAM files", self.cache.files.describe()))
+        if self.shared is not None:
+            lines.append(
+                CheckLine(
+                    True,
+                    "shared cache",
+                    f"service pid {self.shared.server_pid} at {self.shared.directory}, "
+                    "fetching with these servers, proxies and timeouts",
+                )
+            )
         return lines
 
     def stats_lines(self) -> list[str]:
@@ -205,7 +214,8 @@ class WorkerSession:
                 f"{self.shared.fallbacks} private fallbacks, "
                 f"{'tmpfs files opened by name' if self.shared.names_dir is not None else 'memfds'}"
                 + (
-                    f"; service pid {svc['pid']}: {svc['objects']} objects, "
+                    f"; service pid {svc['pid']} at {self.shared.directory}: "
+                    f"{svc['objects']} objects, "
                     f"{_size(svc['used_bytes'])} of {_size(svc['limit'])}, "
                     f"{svc['requests']} fetches, {svc['clients']} clients"
                     if svc

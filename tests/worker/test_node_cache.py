@@ -20,6 +20,7 @@ import pwd
 import random
 import re
 import secrets
+import shutil
 import signal
 import stat
 import subprocess
@@ -510,22 +511,64 @@ def test_a_new_job_on_a_warm_node_answers_paths_without_python(
     assert upcalls(second) <= 3 and upcalls(first) > len(paths) // 5, (first, second)
 
 
-def test_a_service_that_cannot_reach_the_repository_leaves_jobs_their_own_way(
-    tracing, tree, server, cache_dir
-) -> None:
-    """The node's service fetches a job's repository files (manifest, catalogs) and objects
-    for it; a service that cannot (it was started with proxies that are down) answers with the
-    error, and the job fetches them through its own proxies: right bytes, one log line each,
-    no long wait."""
+def test_a_service_of_other_servers_is_never_used(tracing, tree, server, cache_dir) -> None:
+    """A service started with other servers (here: one that is down) at the directory a job
+    names is not that job's: it says so in one line and keeps a private cache, fetching only
+    through its own server, never the service's."""
     paths = sorted(p for p in tree.digests if "/lib/pkg2/" in p)
-    dead = ["--server", dead_url(), "--cache-dir", str(cache_dir), "--ram", RAM]
-    with running_service(dead, cache_dir):
+    dead = dead_url()
+    with running_service(
+        ["--server", dead, "--cache-dir", str(cache_dir), "--ram", RAM], cache_dir
+    ):
         err = read_all(Job(job_argv(server, cache_dir), paths), tree)
-        assert "0 objects received, 0 repository files handed over" in shared_line(err), err
-        assert err.count("fetching it here") == len(paths) and "Traceback" not in err, err
-        # the job fetched the objects, the manifest and the catalog itself
-        m = re.search(r"fetch: (\d+) requests", err)
-        assert m and int(m.group(1)) == len(paths) + 2, err
+        said = [ln for ln in err.splitlines() if "shared RAM cache service" in ln]
+        assert len(said) == 1 and "fetches with other settings" in said[0], err
+        assert dead in said[0] and server.url in said[0] and "private RAM cache" in said[0]
+        assert "shared cache:" not in err and "Traceback" not in err, err
+        m = re.search(r"fetch: (\d+) requests, .* (\d+) failures", err)
+        assert m and int(m.group(1)) == len(paths) + 2 and m.group(2) == "0", err
+
+
+def test_jobs_with_other_servers_get_a_service_of_their_own(tracing, tree, tmp_path: Path) -> None:
+    """Issue 18's surprise: two jobs of one user on one node, each with its own server list,
+    share no service: each fetches only through its own servers (the default runtime
+    directory; the second service lives beside the first)."""
+    runtime = Path(tempfile.mkdtemp(prefix="hx-"))  # a socket path has at most 107 bytes
+    env = {k: v for k, v in ENV.items() if not k.startswith("HEP_EXEC_")}
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    paths = sorted(p for p in tree.digests if "/lib/pkg1/" in p)
+    first, second = StoreServer(tree.store), StoreServer(tree.store)
+    try:
+        outs = []
+        for s in (first, second):
+            argv = [*HEP_EXEC, "--server", s.url, "--ram", RAM, "--stats", "--", "sha256sum"]
+            r = subprocess.run(
+                [*argv, *(f"/cvmfs/{FQRN}{p}" for p in paths)],
+                env=env,
+                cwd=PROJECT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 0, r.stderr
+            assert [ln.split()[0] for ln in r.stdout.splitlines()] == [
+                tree.digests[p] for p in paths
+            ]
+            outs.append(shared_line(r.stderr))
+        assert f"at {runtime / 'hep-exec'}:" in outs[0], outs
+        assert f"at {runtime / 'hep-exec'}/s-" in outs[1], outs
+        # each server was asked for each object once: by its own job's service
+        objects = [u for u in first.requests if "/data/" in u and not u.endswith("C")]
+        assert len(objects) >= len(paths)
+        for s in (first, second):
+            assert all(s.requests[u] == 1 for u in objects), (s.url, s.requests)
+    finally:
+        first.stop()
+        second.stop()
+        for d in (runtime / "hep-exec", *runtime.glob("hep-exec/s-*")):
+            if service_pid(d) is not None:
+                kill_service(d)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def test_a_new_revision_reaches_new_jobs_and_never_a_running_one(
@@ -818,7 +861,8 @@ def test_default_socket_location_is_used_by_service_and_job(
         assert r.returncode == 0, r.stderr
         assert r.stdout.split()[0] == tree.digests[path]
         line = shared_line(r.stderr)
-        assert f"service pid {daemon.pid}:" in line and "1 objects received" in line, line
+        assert f"service pid {daemon.pid} at {where}:" in line, line
+        assert "1 objects received" in line, line
         assert service_stats(where)["opens"] == 1
         assert daemon.poll() is None
 
