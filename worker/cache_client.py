@@ -51,7 +51,7 @@ from worker.fetcher import Fetcher, check_stored
 from worker.node_answers import MAX_TABLE_BYTES
 from worker.ramcache import CachedObject
 from worker.ramfiles import fill_sealed_memfd, named_path
-from worker.repository import MountedRepository, RepositoryError
+from worker.repository import MountedRepository, NotOnServers, RepositoryError
 from worker.repository_files import is_repository_file
 
 log = logging.getLogger("hep_exec.cache_client")
@@ -87,7 +87,7 @@ def open_shared(
     try:
         return client.open(spec)
     except RepositoryError as e:
-        if e.errno == errno.ENOMEM:
+        if e.errno == errno.ENOMEM or isinstance(e, NotOnServers):
             raise
         log.warning("%s:%s: cache service: %s; fetching it here", repo.fqrn, entry.path, e)
         return None
@@ -249,7 +249,7 @@ class _Wait:
         self.count = 0
         self.done = threading.Event()
         self.obj: SharedObject | None = None
-        self.error: tuple[int, str] | None = None
+        self.error: tuple[int, str, bool] | None = None
 
 
 class CacheClient:
@@ -426,7 +426,9 @@ class CacheClient:
                 self._mark_gone(e)
         wait.done.wait()
         if wait.error is not None:
-            err, message = wait.error
+            err, message, missing = wait.error
+            if missing:  # the service asked the same servers as ours: no use asking again
+                raise NotOnServers(message)
             raise RepositoryError(err, message)
         if wait.obj is None:
             with self._lock:
@@ -645,6 +647,7 @@ class CacheClient:
                 wait.error = (
                     err if isinstance(err, int) else errno.EIO,
                     str(msg.get("error", "cache service")),
+                    bool(msg.get("missing")),
                 )
                 wait.done.set()
         else:

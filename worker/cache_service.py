@@ -58,7 +58,7 @@ from worker.fetcher import Fetcher, FetchError, object_url
 from worker.node_answers import AnswerTables, FrameError, valid_table_name
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.ramfiles import RamFiles, fill_sealed_memfd
-from worker.repository import RepositoryError, fill_chunks, load_whole
+from worker.repository import NotOnServers, RepositoryError, fill_chunks, load_whole
 from worker.repository_files import RepositoryFiles
 
 log = logging.getLogger("hep_exec.cache_service")
@@ -495,7 +495,14 @@ class CacheService:
             with contextlib.suppress(OSError):
                 self._send(
                     conn,
-                    {"op": "open", "ok": False, "key": spec.key, "errno": err, "error": str(e)},
+                    {
+                        "op": "open",
+                        "ok": False,
+                        "key": spec.key,
+                        "errno": err,
+                        "error": str(e),
+                        "missing": isinstance(e, NotOnServers),
+                    },
                 )
             return
         self._hand_over(conn, obj, "open")

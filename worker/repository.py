@@ -82,6 +82,20 @@ class RepositoryError(OSError):
         return self.message
 
 
+class NotOnServers(RepositoryError):
+    """Every server said 404 for a file the catalog lists: with hep-proxy serving a preloaded
+    store, a file the spec did not select.  Asking again (here, or after the node's service
+    asked the same servers) cannot help: said once, EIO."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    @classmethod
+    def of(cls, what: str, e: NotFound) -> NotOnServers:
+        first = f": {e.failures[0]}" if e.failures else ""
+        return cls(f"{what}: not in the preloaded store (not selected by the spec?){first}")
+
+
 class MountedRepository:
     """One repository: bootstrap on construction; lookups are thread-safe and cached."""
 
@@ -290,6 +304,8 @@ def load_whole(
     try:
         stored = fetcher.get(object_url(fqrn, content.object_path()), content, what, size=size)
         data = decompress(stored, what) if compressed else stored
+    except NotFound as e:
+        raise NotOnServers.of(what, e) from None
     except FetchError as e:
         raise RepositoryError(errno.EIO, str(e)) from None
     except FormatError as e:
@@ -341,6 +357,8 @@ def fill_chunks(
         c, future = in_flight.popleft()
         try:
             stored = future.result()
+        except NotFound as e:
+            raise NotOnServers.of(f"{what} chunk @{c.offset}", e) from None
         except Exception as e:  # FetchError, or the fetcher closing under us
             raise RepositoryError(errno.EIO, str(e) or type(e).__name__) from None
         del future  # it holds the stored bytes too: let them go with ``stored``
