@@ -421,6 +421,11 @@ def build_config(
     _servers_and_proxies(values, sources, site, warnings)
     if values.get("ram_bytes", DEFAULT_RAM) < MIN_RAM:
         raise ConfigError(f"{sources['ram_bytes']}: RAM limit must be at least 1M")
+    record = values.get("record_path")
+    if record is not None and not record.parent.is_dir():
+        raise ConfigError(
+            f"{sources['record_path']}: {record.parent}: no such directory for the access list"
+        )
     if values.get("timeout", 1.0) <= 0:
         raise ConfigError(f"{sources['timeout']}: timeout must be positive")
     return ExecConfig(

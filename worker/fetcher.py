@@ -403,7 +403,7 @@ class Fetcher:
         from cvmfs_download.http import probe
 
         async def all_of() -> list[tuple[str, bool, str]]:
-            if url_path.strip("/") == "cvmfs":  # no repository named: is anybody there?
+            if url_path.startswith("/cvmfs/info/"):  # no repository named: anybody there?
                 bases = routes_of(self.servers, self.proxies, "@fqrn@")
                 path = url_path if bases.whole_path else "/"
                 servers = [u for g in bases.servers for u in g]

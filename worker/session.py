@@ -40,6 +40,9 @@ class CheckLine:
         return f"{'ok  ' if self.ok else 'FAIL'} {self.what}: {self.detail}"
 
 
+REPOSITORY_LIST = "/cvmfs/info/v1/repositories.json"  # hep-proxy and Stratum-1s serve it
+
+
 class WorkerSession:
     """Fetcher thread + RAM cache + repositories + name space; ``close()`` when done."""
 
@@ -149,10 +152,16 @@ class WorkerSession:
         now = now or dt.datetime.now(dt.UTC)
         lines: list[CheckLine] = []
         names = list(self.config.repositories)
-        probe_path = object_url(names[0], ".cvmfspublished") if names else "/cvmfs/"
+        probe_path = object_url(names[0], ".cvmfspublished") if names else REPOSITORY_LIST
         for url, ok, detail in self.fetcher.probe(probe_path):
-            if not names and detail.startswith("HTTP "):
-                ok = True  # any HTTP answer means the proxy is up
+            if not names and detail.startswith("HTTP ") and not ok:
+                ok = True  # any HTTP answer means the server is up
+                detail = (
+                    f"answers ({detail} for its list of repositories; --repositories NAME "
+                    "checks a repository)"
+                )
+            elif not names and ok:
+                detail += " (its list of repositories)"
             lines.append(CheckLine(ok, f"server {url}", detail))
         for name in names:
             try:

@@ -7,6 +7,7 @@ loopback, a real squid as the site's forward proxy, real hep-exec runs of coreut
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,3 +172,36 @@ def test_bad_site_value_names_file_and_line(site: Site, tmp_path: Path) -> None:
     assert r.returncode == 2
     (line,) = r.stderr.decode().splitlines()
     assert f"{etc}/default.local:2" in line and "CVMFS_MAX_RETRIES" in line, line
+
+
+def test_check_without_repositories_asks_for_the_repository_list(
+    site: Site, tmp_path: Path
+) -> None:
+    """hep-proxy lists its repositories (200); a plain static server has no list (404): it
+    answers, so it is up, and the line says how to check a repository."""
+    from tests.support.proxy_process import start_proxy
+
+    proxy = start_proxy(tmp_path / "proxy", "--store", str(site.repo.store))
+    try:
+        for server, expected in (
+            (proxy.url(""), "HTTP 200"),
+            (site.s1.url, r"answers \(HTTP 404 in \d+ ms for its list of repositories; --rep"),
+        ):
+            r = _run("--server", server, "--cvmfs-config", "none", "--check")
+            out = r.stdout.decode()
+            assert r.returncode == 0, out
+            (line,) = [ln for ln in out.splitlines() if ln.startswith("ok   server ")]
+            assert re.match(f"ok   server {re.escape(server)}: {expected}", line), line
+    finally:
+        proxy.stop()
+
+
+def test_record_into_a_missing_directory_stops_at_start(site: Site, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    r = _run(
+        "--server", site.s1.url, "--cvmfs-config", "none",
+        "--record", str(tmp_path / "nope" / "x.list"), "--", "touch", str(marker),
+    )  # fmt: skip
+    assert r.returncode == 2 and not marker.exists()
+    (line,) = r.stderr.decode().splitlines()
+    assert f"--record: {tmp_path / 'nope'}: no such directory" in line, line
