@@ -53,9 +53,11 @@ def _run(config: ExecConfig) -> int:
             return 2
         finally:
             policy.close()
-        if config.stats:
-            for line in session.stats_lines():
+        if config.stats or config.stats_internals:
+            for line in session.stats_lines(config.stats_internals):
                 print(f"hep-exec: {line}", file=sys.stderr)
+            print(f"hep-exec: {result.stats.summary()}", file=sys.stderr)
+        if config.stats_internals:
             print(f"hep-exec: open files: {policy.unpinned} objects unpinned", file=sys.stderr)
             for line in result.stats.format().splitlines():
                 print(f"hep-exec: {line}", file=sys.stderr)

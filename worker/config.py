@@ -74,6 +74,7 @@ class ExecConfig:
     mount: str = "/cvmfs"
     check: bool = False
     stats: bool = False
+    stats_internals: bool = False  # the trap loop's own counters too (developers, benchmarks)
     shared_cache: bool = True  # one RAM cache service per user and node (worker.cache_service)
     cache_dir: Path | None = None  # its runtime directory; None: $XDG_RUNTIME_DIR or /dev/shm
     cache_idle: float = 60.0  # the service exits this long after its last client left
@@ -632,7 +633,12 @@ def _arg_parser() -> _Parser:
         action="store_true",
         help="report ptrace, seccomp, servers, repositories, RAM, and where each setting came from",
     )
-    a("--stats", action="store_true", help="print cache and syscall statistics at exit")
+    a("--stats", action="store_true", help="print cache, fetch and system call figures at exit")
+    a(
+        "--stats-internals",
+        action="store_true",
+        help="--stats and the trap loop's own counters (for developers)",
+    )
     a(
         "--no-in-process",
         dest="in_process",
@@ -747,6 +753,7 @@ def parse_exec_args(
         command=tuple(command),
         check=ns.check,
         stats=ns.stats,
+        stats_internals=ns.stats_internals,
         cache_daemon=ns.cache_daemon,
         config_file=Path(config_file) if config_file else None,
     )

@@ -200,8 +200,9 @@ class WorkerSession:
             )
         return lines
 
-    def stats_lines(self) -> list[str]:
-        """``--stats``: cache and fetch counters, trapped syscalls per kind."""
+    def stats_lines(self, internals: bool = False) -> list[str]:
+        """``--stats``: cache and fetch counters; ``internals``: the node answers' and the
+        trapped calls' counters too."""
         c, f = self.cache.stats, self.fetcher.stats
         out = [
             f"cache: {c.hits} hits, {c.misses} misses, {c.waits} waits, "
@@ -231,7 +232,7 @@ class WorkerSession:
                     else "; service gone"
                 )
             )
-        if self.node_answers is not None:
+        if self.node_answers is not None and internals:
             na = self.node_answers
             out.append(
                 f"answers ahead from the node: {na.put} put ({_size(na.received)}); "
@@ -244,7 +245,7 @@ class WorkerSession:
                 f"repository {name}: revision {repo.revision}, "
                 f"{repo.catalogs_loaded} catalogs loaded"
             )
-        if self.syscalls:
+        if self.syscalls and internals:
             calls = ", ".join(f"{k} {n}" for k, n in self.syscalls.most_common())
             out.append(f"trapped syscalls: {calls}")
         return out

@@ -125,8 +125,18 @@ class Stats:
     inproc_images: int = 0  # exec'd images the handler was mapped into
     inproc_host: int = 0  # calls on host paths made inside tracees (no trap)
 
+    def summary(self) -> str:
+        """``--stats``: what a user can read (and compare between runs)."""
+        total = sum(self.trapped.values())
+        inside = self.inproc_opens + self.inproc_stats
+        return (
+            f"system calls: {total - self.passed} on /cvmfs answered by stopping the program "
+            f"({self.mode}), {inside} answered inside it without a stop, {self.passed} stopped "
+            "that were not for /cvmfs"
+        )
+
     def format(self) -> str:
-        """Human-readable lines for ``--stats``."""
+        """``--stats-internals``: the trap loop's own counters (for developers)."""
         total = sum(self.trapped.values())
         lines = [
             f"trapped syscalls: {total} (passed through {self.passed}, C-cache hits "

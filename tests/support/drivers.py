@@ -121,7 +121,7 @@ class HepExecDriver(Driver):
         return f"/cvmfs/{name}"
 
     def cmd(self, argv: Sequence[str], *, stats: bool = False) -> list[str]:
-        options = ["--stats"] if stats else []
+        options = ["--stats-internals"] if stats else []
         return hep_exec_cmd(
             self.store.proxy, argv, keys=self.store.served.keys_dir, options=options
         )

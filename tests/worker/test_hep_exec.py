@@ -219,7 +219,7 @@ def test_proxy_killed_mid_run_fails_over_to_the_second(world: World, tmp_path: P
         f"while [ ! -e {go} ]; do sleep 0.05; done; sha256sum {RAM}/* | sha256sum"
     )
     proc = subprocess.Popen(
-        hep_exec_cmd(f"{first};{second}", ["bash", "-c", script], options=["--stats"]),
+        hep_exec_cmd(f"{first};{second}", ["bash", "-c", script], options=["--stats-internals"]),
         env=env_with(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -257,7 +257,7 @@ def test_corrupt_object_is_refetched_from_the_other_proxy(world: World, tmp_path
     corrupt_copy(world.store, bad_root, _object_of(world.store, "ram.test.org", content))
     bad = world.served.serve(tmp_path / "bad", root=bad_root)
     good = world.served.serve(tmp_path / "good")
-    r = hep_exec(f"{bad};{good}", ["sha256sum", f"{RAM}/f03"], options=["--stats"])
+    r = hep_exec(f"{bad};{good}", ["sha256sum", f"{RAM}/f03"], options=["--stats-internals"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == hashlib.sha256(content).hexdigest()
     assert re.search(r"[1-9]\d* corrupt", r.stderr), r.stderr
@@ -271,7 +271,7 @@ def test_corrupt_object_is_refetched_from_the_other_proxy(world: World, tmp_path
 @pytest.mark.slow
 def test_ram_limit_smaller_than_the_working_set(world: World) -> None:
     script = f"sha256sum {RAM}/* | sha256sum; sha256sum {RAM}/* | sha256sum; cat {RAM}/* | wc -c"
-    r = run(world, ["bash", "-c", script], options=["--ram", "2M", "--stats"])
+    r = run(world, ["bash", "-c", script], options=["--ram", "2M", "--stats-internals"])
     assert r.returncode == 0, r.stderr
     digest = ram_digest(world.src)
     assert r.stdout.split() == [digest, "-", digest, "-", str(RAM_FILES * RAM_FILE_SIZE)]
@@ -353,12 +353,29 @@ def test_check_reports_tracer_proxies_repositories_and_ram(world: World) -> None
 
 
 def test_stats_count_hits_misses_bytes_and_syscalls(world: World) -> None:
-    r = run(world, ["bash", "-c", f"cat {ODD}/hello.txt {ODD}/hello.txt"], options=["--stats"])
+    r = run(
+        world, ["bash", "-c", f"cat {ODD}/hello.txt {ODD}/hello.txt"], options=["--stats-internals"]
+    )
     assert r.returncode == 0
     assert re.search(r"cache: \d+ hits, [1-9]\d* misses", r.stderr), r.stderr
     assert re.search(r"used, in (tmpfs|memfd) files", r.stderr), r.stderr
     assert re.search(r"fetch: [1-9]\d* requests, [\d.]+ (B|KiB)", r.stderr)
     assert "trapped syscalls:" in r.stderr and "openat" in r.stderr
+
+
+def test_stats_speak_the_users_language(world: World) -> None:
+    """Plain --stats: cache, fetches, repositories and one line on system calls; the trap
+    loop's counters only with --stats-internals."""
+    r = run(world, ["bash", "-c", f"cat {ODD}/hello.txt {ODD}/hello.txt"], options=["--stats"])
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"cache: \d+ hits, [1-9]\d* misses", r.stderr), r.stderr
+    assert re.search(
+        r"system calls: [1-9]\d* on /cvmfs answered by stopping the program \(\S+\), \d+ "
+        r"answered inside it without a stop, \d+ stopped that were not for /cvmfs",
+        r.stderr,
+    ), r.stderr
+    for internal in ("upcall", "C-cache", "call sites", "unpinned", "trapped syscalls"):
+        assert internal not in r.stderr, (internal, r.stderr)
 
 
 NOFOLLOW = """

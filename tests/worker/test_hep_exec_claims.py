@@ -630,7 +630,7 @@ def test_nested_hep_exec_falls_back_to_ptrace_mode(world: World) -> None:
         f"the outer proxy serves INNER: {outer_alone.stdout}",
     )
 
-    inner = hep_exec_cmd(world.inner_proxy, read, options=["--stats"])
+    inner = hep_exec_cmd(world.inner_proxy, read, options=["--stats-internals"])
     r = hep_exec(world.proxy, inner)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [want]
@@ -650,7 +650,7 @@ def test_own_seccomp_listener_gets_ebusy_in_notify_mode_only(world: World, mode:
     argv = [world.prog("seccomp"), "listener", f"{MOUNT}/word"]
     native = subprocess.run(argv[:2], capture_output=True, text=True, timeout=30)
     assert native.stdout.splitlines() == ["listener fd"], native.stderr
-    r = hep_exec(world.proxy, argv, options=["--stats"], env={"HEP_EXEC_TRAP": mode})
+    r = hep_exec(world.proxy, argv, options=["--stats-internals"], env={"HEP_EXEC_TRAP": mode})
     expected = "listener Device or resource busy" if mode == "notify" else "listener fd"
     assert lines_of(r) == [expected, "read word"]
     shown = "seccomp-notify" if mode == "notify" else "ptrace"
@@ -674,7 +674,7 @@ def test_hep_exec_below_a_seccomp_listener_runs_in_ptrace_mode(world: World) -> 
     everything (hep-exec could not install its own); the command still sees /cvmfs."""
     needs_notify()  # otherwise ptrace mode proves nothing
     cmd = hep_exec_cmd(
-        world.proxy, [world.prog("probe"), "read", f"{MOUNT}/f01"], options=["--stats"]
+        world.proxy, [world.prog("probe"), "read", f"{MOUNT}/f01"], options=["--stats-internals"]
     )
     r = subprocess.run(
         [world.prog("under-listener"), *cmd],
@@ -710,7 +710,7 @@ def test_call_site_patched_while_other_threads_call_it(world: World, tmp_path: P
     argv = [world.prog("patcher"), f"{MOUNT}/f02", f"{MOUNT}/link", "f00"]
     argv += [str(host_link), "/a/host/target", str(THREADS), "200"]
     script = f'for i in {" ".join(map(str, range(RUNS)))}; do "$@" || exit $?; done'
-    r = hep_exec(world.proxy, ["/bin/sh", "-c", script, "sh", *argv], options=["--stats"])
+    r = hep_exec(world.proxy, ["/bin/sh", "-c", script, "sh", *argv], options=["--stats-internals"])
     out = lines_of(r)
     if "no glibc readlink site" in out:
         pytest.skip("this libc's readlink is not `mov $89,%eax; syscall`")

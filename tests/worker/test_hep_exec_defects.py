@@ -274,7 +274,9 @@ def test_stats_name_every_trapped_call(job: Job) -> None:
     """`--stats` printed fchdir as `81`: the names now come with the C list of trapped calls."""
     script = f"cd {ROOT}/data && python3 -c 'import os; os.fchdir(os.open(\"{ROOT}\", 0))'"
     r = subprocess.run(
-        hep_exec_cmd(job.proxy, ["bash", "-c", script], keys=job.key, options=["--stats"]),
+        hep_exec_cmd(
+            job.proxy, ["bash", "-c", script], keys=job.key, options=["--stats-internals"]
+        ),
         env=env_with(),
         capture_output=True,
         text=True,
@@ -498,7 +500,9 @@ def test_ls_l_of_a_large_directory_needs_no_python_per_entry(job: Job) -> None:
     lgetxattr per entry, each an upcall into Python.  Now the directory's entries are answered
     in bulk once it is being looked at entry by entry."""
     r = subprocess.run(
-        hep_exec_cmd(job.proxy, ["ls", "-l", f"{ROOT}/many"], keys=job.key, options=["--stats"]),
+        hep_exec_cmd(
+            job.proxy, ["ls", "-l", f"{ROOT}/many"], keys=job.key, options=["--stats-internals"]
+        ),
         env=env_with(),
         capture_output=True,
         text=True,
@@ -694,7 +698,7 @@ def test_host_paths_from_patched_call_sites_keep_the_tracers_meaning(
             job.proxy,
             ["python3", "-c", HOST_PATHS, ROOT, str(host)],
             keys=job.key,
-            options=["--stats"],
+            options=["--stats-internals"],
         ),
         env=env_with(),
         capture_output=True,

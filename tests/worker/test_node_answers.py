@@ -227,7 +227,7 @@ def test_answers_from_the_node_equal_the_jobs_own(
         def job(
             script: list[str], *options: str, env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess[str]:
-            argv = [*CLI, "--server", proxy, "--keys", str(served.keys_dir), "--stats"]
+            argv = [*CLI, "--server", proxy, "--keys", str(served.keys_dir), "--stats-internals"]
             argv += ["--cache-dir", str(node), "--eager-answers", eager, *options, "--", *script]
             r = subprocess.run(argv, env=env_with(env), capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stderr[-3000:]

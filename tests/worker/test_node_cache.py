@@ -227,7 +227,7 @@ class Job:
     def __init__(self, argv: list[str], paths: list[str], hold_after: int | None = None) -> None:
         spec = {"root": f"/cvmfs/{FQRN}", "paths": paths, "hold_after": hold_after}
         self.proc = subprocess.Popen(
-            [*HEP_EXEC, *argv, "--stats", "--", sys.executable, JOB, json.dumps(spec)],
+            [*HEP_EXEC, *argv, "--stats-internals", "--", sys.executable, JOB, json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -541,7 +541,16 @@ def test_jobs_with_other_servers_get_a_service_of_their_own(tracing, tree, tmp_p
     try:
         outs = []
         for s in (first, second):
-            argv = [*HEP_EXEC, "--server", s.url, "--ram", RAM, "--stats", "--", "sha256sum"]
+            argv = [
+                *HEP_EXEC,
+                "--server",
+                s.url,
+                "--ram",
+                RAM,
+                "--stats-internals",
+                "--",
+                "sha256sum",
+            ]
             r = subprocess.run(
                 [*argv, *(f"/cvmfs/{FQRN}{p}" for p in paths)],
                 env=env,
@@ -850,7 +859,7 @@ def test_default_socket_location_is_used_by_service_and_job(
         assert stat.S_ISSOCK((where / SOCKET_NAME).stat().st_mode)
         assert stat.S_IMODE(where.stat().st_mode) == 0o700
         r = subprocess.run(
-            [*HEP_EXEC, "--server", server.url, "--ram", RAM, "--stats", "--",
+            [*HEP_EXEC, "--server", server.url, "--ram", RAM, "--stats-internals", "--",
              "sha256sum", f"/cvmfs/{FQRN}{path}"],
             env=env,
             cwd=PROJECT,

@@ -252,7 +252,7 @@ def expected(w: World, who: str, rounds: int = 1) -> list[str]:
 
 def test_later_opens_of_a_path_are_done_in_process(world: World) -> None:
     world.needs_named_files()
-    r = hep_exec(world.proxy, [prog(world), "rounds", "5", *files()], options=["--stats"])
+    r = hep_exec(world.proxy, [prog(world), "rounds", "5", *files()], options=["--stats-internals"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == expected(world, "main", 5)
     inproc, _handed, sites = stats(r.stderr)
@@ -265,7 +265,7 @@ def test_no_in_process_option_keeps_every_open_in_the_tracer(world: World) -> No
     r = hep_exec(
         world.proxy,
         [prog(world), "rounds", "3", *files()],
-        options=["--stats", "--no-in-process"],
+        options=["--stats-internals", "--no-in-process"],
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == expected(world, "main", 3)
@@ -278,7 +278,7 @@ def test_no_in_process_option_keeps_every_open_in_the_tracer(world: World) -> No
 @pytest.mark.slow
 def test_forked_child_inherits_the_patched_site(world: World) -> None:
     world.needs_named_files()
-    r = hep_exec(world.proxy, [prog(world), "fork", "3", *files()], options=["--stats"])
+    r = hep_exec(world.proxy, [prog(world), "fork", "3", *files()], options=["--stats-internals"])
     assert r.returncode == 0, r.stderr
     parent, child = expected(world, "parent"), expected(world, "child", 3)
     assert r.stdout.splitlines() == parent + child + parent
@@ -290,7 +290,9 @@ def test_forked_child_inherits_the_patched_site(world: World) -> None:
 def test_threads_share_the_handler(world: World) -> None:
     """Patched while single-threaded; then eight threads open and read concurrently."""
     world.needs_named_files()
-    r = hep_exec(world.proxy, [prog(world), "threads", "20", *files()], options=["--stats"])
+    r = hep_exec(
+        world.proxy, [prog(world), "threads", "20", *files()], options=["--stats-internals"]
+    )
     assert r.returncode == 0, r.stderr
     want = expected(world, "main")
     assert r.stdout.splitlines() == [*want, "threads: 0 mismatches", *want]
@@ -303,7 +305,7 @@ def test_files_with_the_same_content_stay_with_the_tracer(world: World) -> None:
     which only the tracer sees, so those paths are never opened in-process."""
     world.needs_named_files()
     same = [f"{MOUNT}/same1", f"{MOUNT}/same2", f"{MOUNT}/f01"]
-    r = hep_exec(world.proxy, [prog(world), "rounds", "4", *same], options=["--stats"])
+    r = hep_exec(world.proxy, [prog(world), "rounds", "4", *same], options=["--stats-internals"])
     assert r.returncode == 0, r.stderr  # the program checks fstat against stat itself
     inproc, handed, _ = stats(r.stderr)
     assert inproc == 3  # f01, rounds 2-4
@@ -316,7 +318,7 @@ def test_stat_lstat_fstat_answers_are_the_same_in_process(world: World) -> None:
     by the tracer, the later ones inside the process, identically."""
     names = ["f00", "f05", "link", "sub", "missing", "f00/below", "same1"]
     argv = [prog(world), "stats", "4", *(f"{MOUNT}/{n}" for n in names)]
-    r = hep_exec(world.proxy, argv, options=["--stats"])
+    r = hep_exec(world.proxy, argv, options=["--stats-internals"])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     first = [ln.removesuffix(" round 0") for ln in lines[: len(names)]]
@@ -357,7 +359,7 @@ def test_what_the_handler_does_not_answer_still_behaves(world: World) -> None:
     paths (ENOENT, ENOTDIR: answered in-process after the first time) and a path not in
     normal form, all from the patched site."""
     argv = [prog(world), "flags", "1", f"{MOUNT}/f00", f"{MOUNT}/link", f"{MOUNT}/sub"]
-    r = hep_exec(world.proxy, argv, options=["--stats"])
+    r = hep_exec(world.proxy, argv, options=["--stats-internals"])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "wronly -1 Read-only file system" in lines
@@ -381,7 +383,7 @@ def test_evicted_objects_are_fetched_again(world: World) -> None:
     r = hep_exec(
         world.proxy,
         [prog(world), "rounds", "4", *files()],
-        options=["--stats", "--ram", "1M"],
+        options=["--stats-internals", "--ram", "1M"],
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == expected(world, "main", 4)
@@ -394,7 +396,9 @@ def test_execs_interrupted_by_signals(world: World) -> None:
     """A process exec'ing itself 60 times while its parent sends it SIGWINCH as fast as it
     can: signals stop it in the middle of the handler's injection at exec, which must hand
     those stops on (the signal delivered, the image fine) and never lose the exit status."""
-    r = hep_exec(world.proxy, [prog(world), "storm", "60", f"{MOUNT}/f02"], options=["--stats"])
+    r = hep_exec(
+        world.proxy, [prog(world), "storm", "60", f"{MOUNT}/f02"], options=["--stats-internals"]
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [f"chain {want(world, 'f02')}", "storm exit 0 sent>0 1"]
     images = re.search(r"in (\d+) program images", r.stderr)
@@ -409,7 +413,7 @@ def test_static_binary_and_shell_still_run(world: World) -> None:
     r = hep_exec(
         world.proxy,
         [busybox, "sh", "-c", f"for i in 1 2 3; do busybox md5sum {MOUNT}/f03; done"],
-        options=["--stats"],
+        options=["--stats-internals"],
     )
     assert r.returncode == 0, r.stderr
     digests = {line.split()[0] for line in r.stdout.splitlines()}
