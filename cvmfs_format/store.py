@@ -3,6 +3,12 @@
 Writes are atomic (temp file in ``data/txn`` + rename), and the manifest goes last, so a
 reader or a static web server never sees a half-written object or a manifest that points at
 missing objects.
+
+``.cvmfs_master_replica`` beside the manifest says that the directory holds every object of
+the revision it publishes, so it can be replicated from (``cvmfs_preload`` and
+``cvmfs_swissknife pull`` ask for it and refuse a server that 404s it). Whoever changes the
+published revision removes it first unless the new revision is complete too, and writes it
+only once the revision is complete and published.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from cvmfs_format.errors import FormatError
 
 MANIFEST = ".cvmfspublished"
 WHITELIST = ".cvmfswhitelist"
+REPLICA_MARKER = ".cvmfs_master_replica"
 
 
 def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None, sync: bool = False) -> None:
@@ -34,6 +41,33 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None, sync: boo
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_replica(repo_dir: Path, tmp_dir: Path | None = None) -> None:
+    """Mark ``repo_dir`` as holding its whole published revision (temp file + rename)."""
+    if (repo_dir / REPLICA_MARKER).is_file():
+        return
+    atomic_write(repo_dir / REPLICA_MARKER, b"", tmp_dir, sync=True)
+    _sync_dir(repo_dir)
+
+
+def unmark_replica(repo_dir: Path) -> bool:
+    """Remove the marker, durably (before the caller changes the published revision);
+    returns whether there was one."""
+    try:
+        os.unlink(repo_dir / REPLICA_MARKER)
+    except FileNotFoundError:
+        return False
+    _sync_dir(repo_dir)
+    return True
 
 
 class LocalRepository:
@@ -82,3 +116,7 @@ class LocalRepository:
     def write_manifest(self, raw: bytes) -> None:
         """Last step of any update: makes the new revision visible at once."""
         atomic_write(self.dir / MANIFEST, raw, self.dir / "data" / "txn", sync=True)
+
+    def mark_replica(self) -> None:
+        """After :meth:`write_manifest` of a revision whose every object is stored."""
+        mark_replica(self.dir, self.dir / "data" / "txn")

@@ -2,6 +2,11 @@
 
 Order of writes: objects and catalogs (each verified, then renamed into ``data/``), the
 certificate, the whitelist, and the manifest last, so the store never names a missing object.
+
+A selection that is the whole revision also stores the manifest's meta-information object and,
+after everything else, marks the repository as a replica (``.cvmfs_master_replica``, what
+``cvmfs_preload`` and ``cvmfs_swissknife pull`` want to see); any other selection removes that
+marker before it changes anything in the store.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest
 from cvmfs_format.objects import Suffix, verify_object
-from cvmfs_format.store import MANIFEST, WHITELIST
+from cvmfs_format.store import MANIFEST, WHITELIST, mark_replica, unmark_replica
 from cvmfs_format.verify import verify_ensemble
 from preload.fetch import FetchConfig, Fetcher, FetchError, unique_tmp
 from preload.progress import Progress, RepoReport
@@ -236,6 +241,18 @@ class RepoPreload:
         if failure:
             raise failure[0]
 
+    async def _store_metainfo(self, m: Manifest) -> str | None:
+        """The manifest's meta-information object, if it names one (part of a replica:
+        ``cvmfs_preload`` fetches it); returns its path."""
+        if m.metainfo is None:
+            return None
+        rel = m.metainfo.object_path(Suffix.METAINFO)
+        if rel not in self.present:
+            stored = await self.fetcher.fetch_bytes(rel, m.metainfo)
+            self.report.bytes_fetched += len(stored)
+            await asyncio.to_thread(self.store.write_object, rel, stored)
+        return rel
+
     # -- the whole run --------------------------------------------------------------------
 
     async def run(self) -> RepoReport:
@@ -273,6 +290,7 @@ class RepoPreload:
             selection = await self.select(m)
             r.files, r.file_bytes = selection.files, selection.file_bytes
             r.objects, r.catalogs = len(selection.objects), len(selection.catalogs)
+            r.whole = selection.whole
             missing = [w for rel, w in selection.objects.items() if rel not in self.present]
             r.objects_present = r.objects - len(missing)
             r.to_fetch_objects = len(missing)
@@ -280,6 +298,9 @@ class RepoPreload:
             if self.options.dry_run:
                 r.status = "dry-run"
                 return r
+            if not selection.whole:
+                # before the published revision (or, with --prune, its objects) can change
+                await asyncio.to_thread(unmark_replica, self.store.dir)
             # big objects first: they dominate the tail otherwise
             missing.sort(key=lambda w: -w.size)
             self.progress.begin(self.repo.name, len(missing), r.to_fetch_bytes)
@@ -291,6 +312,7 @@ class RepoPreload:
                 m.certificate.object_path(Suffix.CERTIFICATE),
                 ens.certificate_raw,
             )
+            metainfo = await self._store_metainfo(m) if selection.whole else None
             stale_wl = old is not None and self.store.local.read(WHITELIST) != ens.whitelist_raw
             if ens.manifest_raw != old or stale_wl:
                 await asyncio.to_thread(
@@ -299,7 +321,12 @@ class RepoPreload:
             if self.options.prune:
                 keep = set(selection.objects) | selection.catalog_paths()
                 keep.add(m.certificate.object_path(Suffix.CERTIFICATE))
+                if metainfo:
+                    keep.add(metainfo)
                 r.pruned_objects, r.pruned_bytes = await asyncio.to_thread(self.store.prune, keep)
+            if selection.whole:
+                # last: the revision is complete and published
+                await asyncio.to_thread(mark_replica, self.store.dir, self.store.tmp_dir)
         except (FetchError, FormatError) as e:
             raise PreloadError(str(e)) from None
         finally:

@@ -42,6 +42,7 @@ class RepoReport:
     to_fetch_bytes: int = 0  # uncompressed size of what is missing (dry-run estimate)
     pruned_objects: int = 0
     pruned_bytes: int = 0
+    whole: bool = False  # the selection is the whole revision: the store is a replica of it
     seconds: float = 0.0
     failover: list[str] = field(default_factory=list)
     error: str | None = None
@@ -119,6 +120,8 @@ def summary_lines(r: RepoReport) -> list[str]:
         f"  selected {r.files} files ({human(r.file_bytes)}), {r.objects} objects, "
         f"{r.catalogs} catalogs"
     )
+    if r.whole:
+        sel += "; the whole revision"
     if r.status == "dry-run":
         todo = (
             f"  would fetch {r.to_fetch_objects} objects (~{human(r.to_fetch_bytes)} "

@@ -4,6 +4,11 @@ The walk lists only directories the rules can reach, so nested catalogs outside 
 are never fetched. When a listing needs a nested catalog that is not loaded, the directory is
 parked and :meth:`Selector.step` returns the catalog reference; the caller fetches it, calls
 :meth:`Selector.attach`, and steps again. Files are selected one by one (file granularity).
+
+The walk also finds out whether the selection is the whole revision (:attr:`Selection.whole`):
+it is unless the rules kept it out of some directory or left some regular file out, whatever
+made them do so (an exclude, a ``^`` or exact rule, an access list). External files never
+count: their content is not in the repository.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class Selection:
     file_bytes: int = 0
     objects: dict[str, Wanted] = field(default_factory=dict)
     catalogs: dict[str, ContentHash] = field(default_factory=dict)  # mountpoint -> hash
+    # every directory walked, every catalog loaded, every regular file selected: a store
+    # holding the selection holds the revision (once the walk is done)
+    whole: bool = True
 
     @property
     def object_bytes(self) -> int:
@@ -58,6 +66,7 @@ class Selector:
         self._exact_dirs = {parent for p in exact for parent in _ancestors(p)}
         self.result = Selection(catalogs={"": root_hash})
         self._pending: list[str] = [""] if self._descend("") else []
+        self.result.whole = bool(self._pending)
         self._parked: dict[str, tuple[NestedRef, list[str]]] = {}
 
     @property
@@ -78,12 +87,13 @@ class Selector:
                 if child.is_dir:
                     if self._descend(child.path):
                         self._pending.append(child.path)
-                elif (
-                    child.is_regular
-                    and not child.is_external
-                    and (child.path in self.exact or self.rules.selects(child.path))
-                ):
-                    self._select_file(child.path, child.hash, child.size, child.is_chunked)
+                    else:
+                        self.result.whole = False
+                elif child.is_regular and not child.is_external:
+                    if child.path in self.exact or self.rules.selects(child.path):
+                        self._select_file(child.path, child.hash, child.size, child.is_chunked)
+                    else:
+                        self.result.whole = False
         return [ref for ref, _ in self._parked.values()]
 
     def _descend(self, directory: str) -> bool:

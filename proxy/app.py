@@ -227,6 +227,8 @@ class ProxyApp:
                 self.tally.answered(kind, status, sent, self._loop.time() - start)
 
     def _ok(self, body: bytes, headers: dict[str, str], head: bool) -> tuple[web.Response, int]:
+        if not body:  # aiohttp leaves "Content-Length: 0" out of HEAD answers (the marker)
+            headers = {**headers, "Content-Length": "0"}
         return web.Response(body=body, headers=headers), 0 if head else len(body)
 
     async def _serve(self, request: web.BaseRequest, t: Target) -> tuple[web.StreamResponse, int]:

@@ -2,7 +2,7 @@
 
 Sans-I/O: takes the method and the raw request target (origin-form ``/cvmfs/…`` or
 absolute-form ``http://host/cvmfs/…``) and returns a :class:`Target` or a :class:`Reject`.
-Only three fixed root files and paths accepted by the strict object-name regex of
+Only four fixed root files and paths accepted by the strict object-name regex of
 :func:`cvmfs_format.objects.parse_object_path` ever map to a file, so ``..``, encoded
 traversal, absolute paths, doubled slashes and odd characters all end in 404 before any
 file-system call.
@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.objects import ObjectName, parse_object_path
+from cvmfs_format.store import REPLICA_MARKER
 
 
 class Kind(enum.Enum):
@@ -25,7 +26,7 @@ class Kind(enum.Enum):
 
     MANIFEST = "manifest"
     WHITELIST = "whitelist"
-    ROOT_FILE = "root_file"  # other fixed .cvmfs* files (e.g. .cvmfswhitelist.pkcs7)
+    ROOT_FILE = "root_file"  # other fixed .cvmfs* files (.cvmfswhitelist.pkcs7, the marker)
     DATA = "data"
     REPOSITORIES = "repositories"
     HEALTH = "health"
@@ -36,6 +37,8 @@ ROOT_FILES = {
     ".cvmfspublished": Kind.MANIFEST,
     ".cvmfswhitelist": Kind.WHITELIST,
     ".cvmfswhitelist.pkcs7": Kind.ROOT_FILE,
+    # served only where the store has it: a repository whose published revision is complete
+    REPLICA_MARKER: Kind.ROOT_FILE,
 }
 
 _FQRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")

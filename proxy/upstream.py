@@ -32,7 +32,7 @@ from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.objects import Suffix
 from cvmfs_format.proxies import ProxyGroups
-from cvmfs_format.store import MANIFEST, WHITELIST, atomic_write
+from cvmfs_format.store import MANIFEST, WHITELIST, atomic_write, unmark_replica
 from proxy.metrics import Metrics
 from proxy.stores import RepoDir
 
@@ -233,5 +233,7 @@ class Filler:
             )
         whitelist = await self._get_root_file(repo, WHITELIST)
         tmp_dir = repo.dir / "data" / "txn"
+        # the store holds only what was asked for of the new revision: no longer a replica
+        unmark_replica(repo.dir)
         atomic_write(repo.dir / WHITELIST, whitelist, tmp_dir)
         atomic_write(current_path, raw, tmp_dir)

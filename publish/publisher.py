@@ -214,7 +214,8 @@ def publish(
     now: dt.datetime | None = None,
     algorithm: Algorithm = Algorithm.SHA1,
 ) -> PublishResult:
-    """Write revision N+1 of ``repo`` from ``tree``; the manifest is replaced last."""
+    """Write revision N+1 of ``repo`` from ``tree``; the manifest is replaced last, then the
+    repository is marked as a complete replica (``.cvmfs_master_replica``)."""
     if not tree.is_dir:
         raise FormatError(f"{source_root}: not a directory")
     now = now or dt.datetime.now(dt.UTC)
@@ -246,6 +247,7 @@ def publish(
         make_whitelist(repo.fqrn, keys.certificate, keys.master_key, now, algorithm=algorithm)
     )
     repo.write_manifest(sign_manifest(manifest, keys.repository_key, algorithm))
+    repo.mark_replica()  # every object of the new revision is stored: replicable
     result = builder.stats
     result.revision = revision
     result.root_catalog = root_hash

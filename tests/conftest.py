@@ -1,11 +1,14 @@
-"""Shared fixtures: the real 2015 repository and freshly published ones."""
+"""Shared fixtures: the real 2015 repository and freshly published ones, the reference
+CernVM-FS client."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
+from tests.support.reference import Reference, fuse_reason, missing_reason, unpack_reference
 from tests.support.repos import FIXTURE_DIR, SHARED_MISSING, Repo, unpack_fixture
 
 
@@ -51,3 +54,37 @@ def ram_files(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
             pytest.skip(f"no private tmpfs on this machine: {e}")
     monkeypatch.setenv("HEP_EXEC_RAM_FILES", kind)
     return kind
+
+
+@pytest.fixture(scope="session")
+def reference_or_reason(tmp_path_factory: pytest.TempPathFactory) -> Reference | str:
+    """The reference CernVM-FS tools from ``../shared/reference``, unpacked once into
+    ``~/.cache/hep-tests`` (or this session's temp dir where that is not writable), or why
+    they cannot be had: for tests that run without them and only check more with them."""
+    reason = missing_reason()
+    if reason is not None:
+        return reason
+    try:
+        try:
+            return unpack_reference()
+        except OSError:
+            return unpack_reference(tmp_path_factory.mktemp("reference-cache"))
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"reference CernVM-FS client could not be unpacked: {e}"
+
+
+@pytest.fixture(scope="session")
+def reference(reference_or_reason: Reference | str) -> Reference:
+    """The reference CernVM-FS tools; the test skips, saying why, without them."""
+    if isinstance(reference_or_reason, str):
+        pytest.skip(reference_or_reason)
+    return reference_or_reason
+
+
+@pytest.fixture(scope="session")
+def fuse(reference: Reference) -> Reference:
+    """The reference tools, where ``cvmfs2`` can mount (root, a usable /dev/fuse)."""
+    reason = fuse_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return reference

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cvmfs_format.store import REPLICA_MARKER
 from tests.support.nginx import Nginx, Site
 from tests.support.preloading import (
     SPEC_HEAD,
@@ -101,7 +102,8 @@ def test_sigint_mid_run_exits_130_and_keeps_the_previous_revision(tmp_path: Path
         assert stored.verify().revision == 1
         check_objects_named_right(stored)
         visible = {str(p.relative_to(stored.dir)) for p in stored.dir.rglob("*") if p.is_file()}
-        assert visible == {".cvmfspublished", ".cvmfswhitelist", *stored.objects()}
+        # (all of revision 1: still marked as a replica, as the first run left it)
+        assert visible == {".cvmfspublished", ".cvmfswhitelist", REPLICA_MARKER, *stored.objects()}
         committed = set(stored.objects())
         assert not (chunks - revision_1) & committed  # it really was interrupted mid-run
         assert smalls & committed  # and had got somewhere

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from cvmfs_format.objects import Suffix
+from cvmfs_format.store import REPLICA_MARKER
 from tests.support.proxy_process import (
     ProxyProcess,
     Response,
@@ -50,7 +51,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
 @pytest.fixture(scope="module")
 def trap(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     """A repository of its own whose store has symlinks leading out of it, under valid object
-    names (a symlinked object, a symlinked ``data/XX``), and a secret file next to it."""
+    names (a symlinked object, a symlinked ``data/XX``) and as its replica marker, and a secret
+    file next to it."""
     base = tmp_path_factory.mktemp("trap")
     src = base / "src"
     src.mkdir()
@@ -65,6 +67,8 @@ def trap(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     (outside / ("b" * 38)).write_bytes(SECRET)
     empty_dirs[1].rmdir()
     empty_dirs[1].symlink_to(outside)
+    (repo.dir / REPLICA_MARKER).unlink()
+    (repo.dir / REPLICA_MARKER).symlink_to(base / "secret.txt")
     return repo
 
 
@@ -172,7 +176,7 @@ def test_absolute_uri_requests(server: ProxyProcess, demo: Repo) -> None:
         f"/cvmfs/{DEMO}/data/00/00000000000000000000000000000000000000-rmd160P",
         f"/cvmfs/{DEMO}/.cvmfswhitelist.pkcs7",
         "/cvmfs/unknown.example.org/.cvmfspublished",
-        "/cvmfs/legacy_aufs.cern.ch/.cvmfs_master_replica",
+        "/cvmfs/unknown.example.org/.cvmfs_master_replica",
     ],
 )
 def test_missing_objects_are_404(server: ProxyProcess, target: str) -> None:
@@ -183,6 +187,34 @@ def test_missing_objects_are_404(server: ProxyProcess, target: str) -> None:
         assert resp.header("Last-Modified") is None and resp.header("ETag") is None
         # the connection stays usable after a 404
         assert _get(s, buf, "/healthz").status == 200
+
+
+def test_replica_marker_only_where_the_store_has_it(
+    server: ProxyProcess, demo: Repo, fixture_repo: Repo
+) -> None:
+    """hep-publish marks what it writes, and the 2015 repository came with the mark
+    cvmfs_server left: both are served (empty bodies) with the root files' headers, also to
+    absolute URIs; once a repository's marker is gone it is a 404 at once."""
+    with _connect(server) as s:
+        buf = bytearray()
+        for repo in (demo, fixture_repo):
+            body = (repo.dir / REPLICA_MARKER).read_bytes()
+            for target in (
+                f"/cvmfs/{repo.fqrn}/{REPLICA_MARKER}",
+                f"http://cvmfs-s1.example.org/cvmfs/{repo.fqrn}/{REPLICA_MARKER}",
+            ):
+                resp = _get(s, buf, target)
+                _check_headers(resp, REPLICA_MARKER, body)
+                assert resp.body == body == b""
+                _check_headers(_get(s, buf, target, "HEAD"), REPLICA_MARKER, body)
+        marker = demo.dir / REPLICA_MARKER
+        marker.unlink()  # as preload does before it makes the store partial
+        try:
+            assert _get(s, buf, f"/cvmfs/{DEMO}/{REPLICA_MARKER}").status == 404
+            assert _get(s, buf, f"/cvmfs/{DEMO}/{REPLICA_MARKER}", "HEAD").status == 404
+        finally:
+            marker.write_bytes(b"")
+        assert _get(s, buf, f"/cvmfs/{DEMO}/{REPLICA_MARKER}").status == 200
 
 
 def _traversal_targets(trap: Repo) -> list[str]:
@@ -210,6 +242,8 @@ def _traversal_targets(trap: Repo) -> list[str]:
         f"/cvmfs/{TRAP}/{rel}/../../../../secret.txt",
         f"/cvmfs/{TRAP}/{rel}/",
         f"/cvmfs/{TRAP}/.cvmfspublished/../../secret.txt",
+        f"/cvmfs/{TRAP}/{REPLICA_MARKER}",  # symlink -> outside
+        f"/cvmfs/{TRAP}/{REPLICA_MARKER}/../../secret.txt",
         f"/cvmfs/{TRAP}/data/txn",
         f"/cvmfs/{TRAP}/data/",
         f"/cvmfs/{TRAP}/",

@@ -22,6 +22,13 @@ OBJ = "data/12/3456789012345678901234567890123456789a"
     [
         ("/cvmfs/demo.example.org/.cvmfspublished", Kind.MANIFEST, ".cvmfspublished"),
         ("/cvmfs/demo.example.org/.cvmfswhitelist", Kind.WHITELIST, ".cvmfswhitelist"),
+        # served where the store has it (a complete revision), else 404 by the store
+        ("/cvmfs/demo.example.org/.cvmfs_master_replica", Kind.ROOT_FILE, ".cvmfs_master_replica"),
+        (
+            "http://s1/cvmfs/atlas.cern.ch/.cvmfs_master_replica",
+            Kind.ROOT_FILE,
+            ".cvmfs_master_replica",
+        ),
         (f"/cvmfs/atlas.cern.ch/{OBJ}", Kind.DATA, OBJ),
         (f"/cvmfs/atlas.cern.ch/{OBJ}C", Kind.DATA, OBJ + "C"),
         (f"/cvmfs/atlas.cern.ch/{OBJ}-rmd160P", Kind.DATA, OBJ + "-rmd160P"),
@@ -61,7 +68,13 @@ TRAVERSALS = [
     "/cvmfs/demo.example.org/data/txn/x",
     "/cvmfs/demo.example.org/",
     "/cvmfs/demo.example.org",
-    "/cvmfs/demo.example.org/.cvmfs_master_replica",
+    "/cvmfs/demo.example.org/.cvmfs_master_replica/",
+    "/cvmfs/demo.example.org/.cvmfs_master_replica/../../etc/passwd",
+    "/cvmfs/demo.example.org/.cvmfs_master_replica%00",
+    "/cvmfs/demo.example.org/.cvmfs_master_replicas",
+    "/cvmfs/demo.example.org/data/.cvmfs_master_replica",
+    "/cvmfs/.cvmfs_master_replica",
+    "/cvmfs/unknown.example.org/.cvmfs_master_replica",
     "/cvmfs/demo.example.org/DATA/12/3456789012345678901234567890123456789a",
     "/cvmfs/demo.example.org/data/12/3456789012345678901234567890123456789A",
     "/cvmfs/unknown.example.org/.cvmfspublished",

@@ -1,7 +1,7 @@
 """Upstream fill against a real Stratum-1 stand-in (tests.support.store_server.StoreServer on
 loopback serving a published repository): verified fill with one upstream request per object,
 corrupted objects refused, single upstream fetch for 200 concurrent misses across worker
-processes, manifest never ahead of the store."""
+processes, manifest never ahead of the store (and a replica marker dropped when it moves on)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.objects import Suffix
+from cvmfs_format.store import REPLICA_MARKER
 from tests.support.proxy_process import ProxyProcess, start_proxy
 from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
@@ -179,6 +180,8 @@ async def test_manifest_never_ahead_of_the_store(
                     return parse_manifest(await r.read()).manifest.revision
 
             assert await served_revision() == 1
+            # say the store held all of revision 1 (as a whole-repository preload leaves it)
+            (local / REPLICA_MARKER).write_bytes(b"")
             # upstream publishes revision 2, but its root catalog cannot be fetched yet
             (src / "pkg" / "new.dat").write_bytes(b"new in revision 2\n")
             await asyncio.to_thread(publish_tree, src, repo.store, FQRN, repo.keys_dir)
@@ -200,6 +203,7 @@ async def test_manifest_never_ahead_of_the_store(
                 interval=0.05,
             )
             assert await served_revision() == 1
+            assert (local / REPLICA_MARKER).is_file()  # still all of revision 1
             tries = s1.requests[_up(catalog)]
             s1.missing.clear()
 
@@ -212,6 +216,10 @@ async def test_manifest_never_ahead_of_the_store(
             adopted: Callable[[], bool | Awaitable[bool]] = adopted_revision_2
             await async_wait_until(adopted, 10, what="the proxy adopting revision 2", interval=0.05)
             assert s1.requests[_up(catalog)] == tries + 1  # filled with one request
+            # the store now publishes a revision it holds only some objects of
+            assert not (local / REPLICA_MARKER).exists()
+            async with http.get(p.url(f"/cvmfs/{FQRN}/{REPLICA_MARKER}")) as r:
+                assert r.status == 404
     finally:
         await _stop(p)
 

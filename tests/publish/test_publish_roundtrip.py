@@ -1,4 +1,6 @@
-"""Random trees published with hep-publish's code and read back with the format reader."""
+"""Random trees published with hep-publish's code and read back with the format reader, and
+checked by the real ``cvmfs_swissknife check`` (signatures included) where the reference
+CernVM-FS client is at hand."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import random
 import stat
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,6 +25,8 @@ from cvmfs_format.verify import Reader, load_catalog, loading, walk
 from publish.keys import KeySet, load_or_create_keys
 from publish.publisher import CHUNK_SIZE, publish
 from publish.scan import CATALOG_MARKER, scan
+from tests.support.nginx import NGINX, Nginx, Site
+from tests.support.reference import Reference
 from tests.support.repos import Repo
 
 FQRN = "roundtrip.example.org"
@@ -128,10 +133,42 @@ def workshop(tmp_path_factory: pytest.TempPathFactory) -> Workshop:
     return Workshop(keys, keys_dir, tmp_path_factory.mktemp("roundtrip"))
 
 
+Check = Callable[[Repo], None]
+
+
+@pytest.fixture(scope="module")
+def real_check(
+    workshop: Workshop,
+    reference_or_reason: Reference | str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Check | None]:
+    """``cvmfs_swissknife check -c`` over HTTP (nginx serving the workshop, so that the
+    signature chain is checked too) of a repository in the workshop; None without the
+    reference client or nginx: the round trip then runs without it."""
+    if isinstance(reference_or_reason, str) or not os.path.exists(NGINX):
+        yield None
+        return
+    ref = reference_or_reason
+    nginx = Nginx(tmp_path_factory.mktemp("roundtrip-nginx"), [Site(root=workshop.tmp)])
+
+    def check(repo: Repo) -> None:
+        where = repo.dir.relative_to(workshop.tmp)
+        url = f"http://127.0.0.1:{nginx.sites[0].port}/cvmfs/{where}"
+        p = ref.check(url, repo.fqrn, repo.master_pub, repo.store.parent / "swissknife")
+        assert p.returncode == 0, f"cvmfs_swissknife check {url}: {p.stdout}{p.stderr}"
+
+    try:
+        yield check
+    finally:
+        nginx.stop()
+
+
 @pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=TREE, seed=st.integers(0, 2**32))
-def test_random_tree_roundtrip(workshop: Workshop, spec: dict[str, Any], seed: int) -> None:
+def test_random_tree_roundtrip(
+    workshop: Workshop, real_check: Check | None, spec: dict[str, Any], seed: int
+) -> None:
     with tempfile.TemporaryDirectory(dir=workshop.tmp) as tmp_name:
         tmp = Path(tmp_name)
         src = tmp / "src"
@@ -139,6 +176,8 @@ def test_random_tree_roundtrip(workshop: Workshop, spec: dict[str, Any], seed: i
         _materialise(spec, src, random.Random(seed))
         repo = Repo(tmp / "store", FQRN, workshop.keys_dir / f"{FQRN}.pub", workshop.keys_dir)
         publish(scan(src), src, repo.local, workshop.keys)
+        if real_check is not None:
+            real_check(repo)  # the real client's consistency check, signatures included
         entries, tree, read = _read_back(repo)
 
         expected: dict[str, os.stat_result] = {"": src.lstat()}

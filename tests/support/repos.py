@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import tarfile
@@ -11,8 +12,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cvmfs_format.manifest import Manifest, load_certificate, parse_manifest
-from cvmfs_format.objects import Suffix, verify_object
+from cvmfs_format.hashes import ContentHash
+from cvmfs_format.manifest import Manifest, load_certificate, parse_manifest, sign_manifest
+from cvmfs_format.objects import Suffix, make_object, verify_object
 from cvmfs_format.store import LocalRepository
 from cvmfs_format.verify import verify_ensemble, verify_repository
 from cvmfs_format.whitelist import load_public_key, make_whitelist
@@ -117,3 +119,17 @@ def publish_tree(
     keys, _ = load_or_create_keys(keys_dir, fqrn, dt.datetime.now(dt.UTC))
     result = publish(scan(source), source, LocalRepository(store, fqrn), keys)
     return Repo(store, fqrn, keys_dir / f"{fqrn}.pub", keys_dir), result
+
+
+def add_metainfo(repo: Repo, info: bytes) -> ContentHash:
+    """Give the published revision a meta-information object (``M``, JSON in real
+    repositories; hep-publish writes none): stored first, then the manifest re-signed with
+    the repository's keys naming it."""
+    h, stored = make_object(info)
+    repo.local.write_object(h.object_path(Suffix.METAINFO), stored)
+    keys, _ = load_or_create_keys(repo.keys_dir, repo.fqrn, dt.datetime.now(dt.UTC))
+    manifest = parse_manifest(repo.local.read_manifest()).manifest
+    repo.local.write_manifest(
+        sign_manifest(dataclasses.replace(manifest, metainfo=h), keys.repository_key)
+    )
+    return h
