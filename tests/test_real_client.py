@@ -7,11 +7,13 @@ a partial one. Each test skips, saying why, without the reference or a usable FU
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tests.support.proxy_process import ProxyProcess, sample_key, start_proxy
 from tests.support.reference import Reference, mounted
 from tests.support.repos import Repo, add_metainfo, publish_tree
 from tests.support.stores import expected_objects, replica
+from tests.support.tracing import env_with
 from tests.support.trees import make_odd_tree, make_random_tree, make_variant_links
 
 pytestmark = pytest.mark.slow  # real programs and servers
@@ -314,3 +317,79 @@ def test_cvmfs_preload_refuses_a_partial_store(
     assert "This is not a CernVM-FS server for replication" in p.stdout + p.stderr
     assert requests and all('" 404 ' in line for line in requests), requests
     assert not _alien_objects(alien)
+
+
+# what a program sees of a tree: every regular file's mode, size and bytes, symlink targets
+WALK = r"""
+import hashlib, json, os, stat, sys
+root, out = sys.argv[1], {}
+for d, dirs, files in os.walk(root):
+    for name in dirs + files:
+        p = os.path.join(d, name)
+        st, rel = os.lstat(p), os.path.relpath(p, root)
+        if stat.S_ISREG(st.st_mode):
+            with open(p, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            out[rel] = ["file", stat.S_IMODE(st.st_mode), st.st_size, digest]
+        elif stat.S_ISLNK(st.st_mode):
+            out[rel] = ["symlink", os.readlink(p)]
+        else:
+            out[rel] = ["other", stat.S_IFMT(st.st_mode)]
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def _site_dir(etc: Path, server: str, published: Published) -> Path:
+    """A site's CernVM-FS configuration as a site writes it: proxy for everyone, servers per
+    domain (through a variable), the repository's keys directory in its own file."""
+    keys = etc / "keys" / "example.org"
+    for d in (etc / "domain.d", etc / "config.d", keys):
+        d.mkdir(parents=True)
+    (keys / f"{FQRN}.pub").write_bytes(published.repo.master_pub.read_bytes())
+    (etc / "default.conf").write_text("CVMFS_TIMEOUT=10\nCVMFS_TIMEOUT_DIRECT=10\n")
+    (etc / "default.local").write_text("# this site has no squid\nCVMFS_HTTP_PROXY=DIRECT\n")
+    (etc / "domain.d" / "example.org.conf").write_text(
+        f'SITE_SERVER="{server}"\nCVMFS_SERVER_URL="${{SITE_SERVER}}/cvmfs/@fqrn@"\n'
+    )
+    (etc / "config.d" / f"{FQRN}.conf").write_text(f"CVMFS_KEYS_DIR={keys}\n")
+    return etc
+
+
+def test_hep_exec_and_cvmfs2_read_the_same_through_one_site_configuration(
+    fuse: Reference, published: Published, tmp_path: Path
+) -> None:
+    """Issue 17: one configuration directory (default.local, domain.d/, config.d/, keys),
+    read by the real client and by hep-exec: every file's mode, size and bytes and every
+    symlink's target are the same under both, and match the source."""
+    proxy = start_proxy(tmp_path / "proxy", "--store", str(published.repo.store))
+    try:
+        etc = _site_dir(tmp_path / "etc-cvmfs", proxy.url(""), published)
+        with mounted(
+            fuse, tmp_path / "client", FQRN, published.repo.master_pub, "unused",
+            env=VARIANT_ENV, site=etc,
+        ) as mnt:  # fmt: skip
+            theirs = subprocess.run(
+                [sys.executable, "-c", WALK, str(mnt)], capture_output=True, text=True,
+                timeout=120, check=True,
+            ).stdout  # fmt: skip
+        ours = subprocess.run(
+            [
+                sys.executable, "-m", "worker.cli", "--cvmfs-config", str(etc),
+                "--no-shared-cache", "--", sys.executable, "-c", WALK, f"/cvmfs/{FQRN}",
+            ],
+            env={**env_with(), **VARIANT_ENV}, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert ours.returncode == 0 and ours.stderr == "", ours.stderr
+        # both asked hep-proxy, as the one configuration says
+        agents = {ln.split('"')[-2] for ln in proxy.flushed_log() if "/cvmfs/" in ln}
+        assert CLIENT_AGENT in agents and any(a.startswith("hep-exec/") for a in agents), agents
+    finally:
+        assert proxy.stop() == 0
+    under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours.stdout)
+    assert under_hep_exec == under_cvmfs2
+    files = [rel for rel, what in under_cvmfs2.items() if what[0] == "file"]
+    assert len(files) > 50
+    for rel in files:
+        assert (
+            under_cvmfs2[rel][3] == hashlib.sha256((published.src / rel).read_bytes()).hexdigest()
+        )

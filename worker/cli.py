@@ -31,12 +31,34 @@ def _check(config: ExecConfig) -> int:
     return 0 if ok else 1
 
 
+def _reach(config: ExecConfig) -> None:
+    """Exit 2 at start (ConfigError) if no server or proxy of the job accepts a connection."""
+    from worker.reach import unreachable
+
+    servers = config.servers
+    proxies = config.proxies
+    if not servers and config.repositories:  # servers given per domain by the site
+        from cvmfs_format.errors import FormatError
+        from worker.sites import routes_for
+
+        try:
+            routes = [routes_for(config, name) for name in config.repositories]
+        except FormatError as e:
+            raise ConfigError(str(e)) from None
+        servers = tuple(g for r in routes for g in r.servers)
+        proxies = routes[0].proxies or proxies
+    problem = unreachable(servers, proxies, min(config.connect_timeout, 5.0))
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def _run(config: ExecConfig) -> int:
     from worker.catalog_policy import CatalogPolicy
     from worker.session import WorkerSession
     from worker.tracer import TracerUnavailable, run
 
-    with WorkerSession(config) as session:
+    with WorkerSession(config) as session:  # reads the keys: a bad one is said first
+        _reach(config)
         policy = CatalogPolicy(session)
         try:
             result = run(

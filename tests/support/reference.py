@@ -158,6 +158,17 @@ def _unmount(ref: Reference, mnt: Path, config: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def site_files(site: Path, fqrn: str) -> list[Path]:
+    """The files of a configuration directory that apply to ``fqrn``, in the client's order
+    (the order hep-exec reads them in: cvmfs_format.client_config)."""
+    from cvmfs_format.client_config import config_paths
+
+    out: list[Path] = []
+    for rel in config_paths(fqrn):
+        out += sorted(site.glob(rel)) if "*" in rel else [site / rel]
+    return [f for f in out if f.is_file()]
+
+
 @contextlib.contextmanager
 def mounted(
     ref: Reference,
@@ -167,18 +178,27 @@ def mounted(
     server_url: str,
     proxy: str = "DIRECT",
     env: Mapping[str, str] | None = None,
+    site: Path | None = None,
 ) -> Iterator[Path]:
     """``cvmfs2`` mounts ``fqrn`` from ``server_url`` (through ``proxy``) on a fresh mount
-    point with a fresh private cache in ``workdir``; unmounted however the block ends."""
+    point with a fresh private cache in ``workdir``; unmounted however the block ends.
+
+    With ``site`` (a CernVM-FS configuration directory), servers, proxies and keys come from
+    its files instead, in the order the client reads them; only the cache settings are ours.
+    """
     cache = workdir / "cache"
     mnt = workdir / "mnt"
     cache.mkdir(parents=True)
     mnt.mkdir()
     config = workdir / "client.conf"
-    settings = {
+    chain = [] if site is None else site_files(site, fqrn)
+    ours = {
         "CVMFS_SERVER_URL": server_url,
         "CVMFS_HTTP_PROXY": proxy,
         "CVMFS_PUBLIC_KEY": str(public_key),
+    }
+    settings = {
+        **({} if site is not None else ours),
         "CVMFS_CACHE_BASE": str(cache),
         "CVMFS_RELOAD_SOCKETS": str(cache),
         "CVMFS_USER": "root",
@@ -189,9 +209,8 @@ def mounted(
     }
     config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     try:
-        p = ref.run(
-            "cvmfs2", "-o", f"config={config},fsname=cvmfs2", fqrn, mnt, timeout=60, env=env
-        )
+        files = ":".join(str(f) for f in [*chain, config])
+        p = ref.run("cvmfs2", "-o", f"config={files},fsname=cvmfs2", fqrn, mnt, timeout=60, env=env)
         if p.returncode != 0 or not os.path.ismount(mnt):
             raise AssertionError(
                 f"cvmfs2 did not mount {fqrn} from {server_url} (proxy {proxy}): "

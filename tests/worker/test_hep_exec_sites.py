@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.hep_exec import CLI
+from tests.support.network import dead_url
 from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
 from tests.support.tracing import env_with
@@ -153,6 +154,10 @@ def test_old_proxy_form_still_works_and_says_what_to_write(site: Site) -> None:
         (["--server", "http://127.0.0.1:1", "--proxy", "http://sq:x"], "--proxy: proxy"),
         (["--cvmfs-config", "/nonexistent"], "/nonexistent: no such CernVM-FS configuration"),
         ([], "no server configured"),
+        (
+            ["--server", f"{dead_url()};{dead_url()}", "--proxy", f"{dead_url()};DIRECT"],
+            "no server or proxy can be reached: http://127.0.0.1:",
+        ),
     ],
 )
 def test_bad_values_stop_before_the_command(argv: list[str], needle: str, tmp_path: Path) -> None:
@@ -205,3 +210,19 @@ def test_record_into_a_missing_directory_stops_at_start(site: Site, tmp_path: Pa
     assert r.returncode == 2 and not marker.exists()
     (line,) = r.stderr.decode().splitlines()
     assert f"--record: {tmp_path / 'nope'}: no such directory" in line, line
+
+
+def test_first_hops_are_the_proxies_and_the_servers_where_direct() -> None:
+    from cvmfs_format.proxies import parse_proxies, parse_server_templates
+    from worker.reach import first_hops
+
+    servers = parse_server_templates("http://s1:80;http://s2:80")
+    assert first_hops(servers, parse_proxies("http://p1:3128|http://p2:3128")) == [
+        "http://p1:3128",
+        "http://p2:3128",
+    ]
+    assert first_hops(servers, parse_proxies("http://p1:3128;DIRECT")) == [
+        "http://p1:3128",
+        "http://s1:80/cvmfs/@fqrn@",
+        "http://s2:80/cvmfs/@fqrn@",
+    ]

@@ -8,6 +8,7 @@ first fetch, the first signature check, a config file), not with every job.
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,15 +41,18 @@ def _loaded(args: list[str]) -> tuple[int, str, str]:
 def test_true_without_cvmfs_imports_no_network_or_crypto_library(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
     load_or_create_keys(keys_dir, "k.example.org", dt.datetime.now(dt.UTC))
-    for shared in (
-        ["--no-shared-cache"],
-        ["--cache-dir", str(tmp_path / "c"), "--cache-idle", "1"],
-    ):
-        rc, loaded, err = _loaded(
-            ["--server", dead_url(), "--keys", str(keys_dir), *shared, "--", "true"]
-        )
-        assert rc == 0, err
-        assert loaded == "", f"{shared}: imported at start: {loaded}"
+    # a server that accepts connections (hep-exec checks one can be reached) and never answers
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for shared in (
+            ["--no-shared-cache"],
+            ["--cache-dir", str(tmp_path / "c"), "--cache-idle", "1"],
+        ):
+            rc, loaded, err = _loaded(
+                ["--server", url, "--keys", str(keys_dir), *shared, "--", "true"]
+            )
+            assert rc == 0, err
+            assert loaded == "", f"{shared}: imported at start: {loaded}"
 
 
 def test_a_garbled_key_still_stops_hep_exec_before_the_command(tmp_path: Path) -> None:
