@@ -75,7 +75,9 @@ class BuildExt(build_ext):
         out = Path(self.build_temp) / "fastopen"
         out.mkdir(parents=True, exist_ok=True)
         obj = out / "_fastopen_tracee.o"
-        cc = shlex.split(os.environ.get("CC", "cc"))
+        # HEP_TRACEE_CC: the handler is freestanding (no libc) and its code is checked byte by
+        # byte below, so scripts/wheel keeps it on gcc while CC links against old glibc
+        cc = shlex.split(os.environ.get("HEP_TRACEE_CC") or os.environ.get("CC", "cc"))
         cmd = [*cc, *TRACEE_FLAGS, "-c", str(ROOT / TRACEE_SOURCE), "-o", str(obj)]
         print(" ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True)

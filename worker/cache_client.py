@@ -221,7 +221,11 @@ def start_service(config: ExecConfig, directory: Path) -> None:
         for k, v in os.environ.items()
         if k not in ("HEP_EXEC_CONFIG", "HEP_EXEC_RECORD", "HEP_EXEC_PREFETCH")
     }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_ROOT, env.get("PYTHONPATH")]))
+    if not getattr(sys, "frozen", False):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_ROOT, env.get("PYTHONPATH")]))
+    # the same command from a venv and from the worker bundle (scripts/bundle), whose one
+    # program is sys.executable there and runs this module for ``-m worker.cache_service``
+    # (scripts/bundle_entry.py): keep the two in step
     cmd = [sys.executable, "-m", "worker.cache_service", "--background"]
     try:
         done = subprocess.run(
