@@ -8,6 +8,7 @@ Run by ``./demo`` (after it installed the project into .venv). Everything it sta
 from __future__ import annotations
 
 import contextlib
+import shlex
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,21 @@ def done(t0: float) -> None:
     print(f"   ({time.perf_counter() - t0:.2f} s)", flush=True)
 
 
-def run(*cmd: str | Path, quiet: bool = False) -> str:
+def shown(cmd: Sequence[str | Path], replace: dict[str, str] | None = None) -> str:
+    """The command as you would type it in the clone (once .venv/bin is on PATH)."""
+    words = []
+    for c in cmd:
+        w = str(c)
+        if w.startswith(str(BIN) + "/"):
+            w = w.removeprefix(str(BIN) + "/")
+        elif w.startswith(str(ROOT) + "/"):
+            w = w.removeprefix(str(ROOT) + "/")
+        words.append((replace or {}).get(w) or shlex.quote(w))
+    return " ".join(words)
+
+
+def run(*cmd: str | Path, quiet: bool = False, replace: dict[str, str] | None = None) -> str:
+    print(f"   $ {shown(cmd, replace)}", flush=True)
     result = subprocess.run([str(c) for c in cmd], cwd=ROOT, text=True, capture_output=True)
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
@@ -58,19 +73,12 @@ def port_in_use(port: int) -> bool:
 @contextlib.contextmanager
 def serve(store: Path, port: int, log: Path) -> Iterator[str]:
     """hep-proxy serving ``store`` on 127.0.0.1:port until the block ends."""
+    cmd: list[str | Path] = [BIN / "hep-proxy", "serve", "--store", store]
+    cmd += ["--listen", f"127.0.0.1:{port}"]
+    cmd += ["--workers", "1", "--access-log", log]
+    print(f"   $ {shown(cmd)} &", flush=True)
     proc = subprocess.Popen(
-        [
-            str(BIN / "hep-proxy"),
-            "serve",
-            "--store",
-            str(store),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "1",
-            "--access-log",
-            str(log),
-        ],
+        [str(c) for c in cmd],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -147,12 +155,15 @@ def main() -> int:
             "bash",
             "-c",
             job,
+            replace={job: '"$(cat scripts/demo-job.sh)"'},
         )
         done(t0)
 
     print(
         f"\ndemo finished in {time.perf_counter() - t_all:.1f} s; everything it started is "
-        f"stopped. Files and logs: {OUT.relative_to(ROOT)}/"
+        f"stopped. Files and logs: {OUT.relative_to(ROOT)}/\n"
+        "To run the commands above yourself (from this directory), put them on PATH:\n"
+        f'    export PATH="{BIN}:$PATH"'
     )
     return 0
 
