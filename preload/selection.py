@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from cvmfs_format.catalog import Catalog, CatalogTree, NeedCatalog, NestedRef
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.objects import Suffix
-from preload.rules import Rules
+from preload.rules import Rule, Rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,8 @@ class Selection:
     file_bytes: int = 0
     objects: dict[str, Wanted] = field(default_factory=dict)
     catalogs: dict[str, ContentHash] = field(default_factory=dict)  # mountpoint -> hash
+    # rules that decided at least one entry of the walk -> did one decide a non-directory
+    matched: dict[Rule, bool] = field(default_factory=dict)
 
     @property
     def object_bytes(self) -> int:
@@ -75,13 +77,18 @@ class Selector:
                 dirs.append(directory)
                 continue
             for child in children:
+                rule = self.rules.winner(child.path)
+                if rule is not None:
+                    self.result.matched[rule] = self.result.matched.get(rule, False) or (
+                        not child.is_dir
+                    )
                 if child.is_dir:
                     if self._descend(child.path):
                         self._pending.append(child.path)
                 elif (
                     child.is_regular
                     and not child.is_external
-                    and (child.path in self.exact or self.rules.selects(child.path))
+                    and (child.path in self.exact or (rule is not None and rule.includes))
                 ):
                     self._select_file(child.path, child.hash, child.size, child.is_chunked)
         return [ref for ref, _ in self._parked.values()]
