@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.support.repos import FIXTURE_DIR, SHARED_MISSING, Repo, unpack_fixture
+from tests.support.repos import Repo, unpack_fixture
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -21,9 +21,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def fixture_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
-    """The real ``legacy_aufs.cern.ch`` repository with a re-signed (valid) whitelist."""
-    if not FIXTURE_DIR.is_dir():
-        pytest.skip(SHARED_MISSING)
+    """The real ``legacy_aufs.cern.ch`` repository with a re-signed (valid) whitelist (the
+    tests using it skip, saying why, without ../shared: see unpack_fixture)."""
     return unpack_fixture(tmp_path_factory.mktemp("legacy_aufs"))
 
 
