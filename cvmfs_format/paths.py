@@ -1,9 +1,20 @@
-"""Repository paths and their MD5 path keys (catalog primary keys)."""
+"""Repository names, repository paths and their MD5 path keys (catalog primary keys)."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
+
+# A fully qualified repository name, as hep-publish and the preload spec take it: host-like,
+# at least one dot, no empty, "." or ".." label (so it is always one safe directory name).
+FQRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)+")
+FQRN_HINT = "letters, digits, '-' and '_' in dot-separated parts, like demo.example.org"
+
+
+def is_fqrn(name: str) -> bool:
+    """Is ``name`` a fully qualified repository name (``cms.cern.ch``, not ``cms``)?"""
+    return len(name) <= 253 and FQRN.fullmatch(name) is not None
 
 
 def path_key(path: str) -> tuple[int, int]:

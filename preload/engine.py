@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass
 
@@ -28,9 +29,12 @@ from cvmfs_format.store import MANIFEST, WHITELIST, mark_replica, unmark_replica
 from cvmfs_format.verify import verify_ensemble
 from preload.fetch import FetchConfig, Fetcher, FetchError, unique_tmp
 from preload.progress import Progress, RepoReport
+from preload.rules import Kind
 from preload.selection import Selection, Selector, Wanted
 from preload.spec import RepoSpec
 from preload.store import RepoStore
+
+log = logging.getLogger("preload")
 
 
 class PreloadError(Exception):
@@ -72,12 +76,51 @@ class RepoPreload:
         self.progress = progress
         self.config = fetch_config
         self.report = RepoReport(repo.name)
+        self.switches: dict[str, int] = {}  # "switched to …" said -> requests since
         self.fetcher = Fetcher(repo.servers, repo.proxies, fetch_config, transport, self._note)
         self.present: set[str] = set()
 
     def _note(self, msg: str) -> None:
+        """Said once on stderr as it happens, and kept for the JSON summary; more requests
+        switching to the same server or proxy are counted (:meth:`_repeats`), not repeated."""
+        head = msg.partition(" after: ")[0]
+        if head.startswith("switched to ") and head in self.switches:
+            self.switches[head] += 1
+            return
+        self.switches.setdefault(head, 0)
         self.report.failover.append(msg)
-        self.progress.message(f"preload: {self.repo.name}: {msg}")
+        if log.isEnabledFor(logging.WARNING):
+            self.progress.message(f"preload: {self.repo.name}: {msg}")
+
+    def _repeats(self) -> None:
+        """How many more requests switched as said (once, at the end of the run)."""
+        for head, more in list(self.switches.items()):
+            if more:
+                self.switches[head] = 0
+                msg = f"{more} more request{'s' if more > 1 else ''} {head}"
+                self.report.failover.append(msg)
+                if log.isEnabledFor(logging.WARNING):
+                    self.progress.message(f"preload: {self.repo.name}: {msg}")
+
+    def _check_selection(self, selection: Selection, revision: int) -> None:
+        """Warn once per include rule that matched nothing; a selection of no file at all
+        fails the repository (a spec that preloads nothing is a mistake, not a success)."""
+        for rule in self.repo.rules.explicit_includes:
+            hit = selection.matched.get(rule)
+            if hit is None:
+                why = "matches nothing"
+            elif not hit and rule.kind is Kind.EXACT:
+                why = f"names a directory: it selects none of its files (write {rule.path}/*)"
+            else:
+                continue
+            line = f"{rule.source}: rule {rule.text!r} {why} (revision {revision})"
+            self.report.warnings.append(line)
+            log.warning("%s: %s", self.repo.name, line)
+        if selection.files == 0:
+            raise PreloadError(
+                f"the spec selects no file of revision {revision} (see its include rules); "
+                "the store keeps its previous revision"
+            )
 
     # -- ensemble -------------------------------------------------------------------------
 
@@ -288,6 +331,7 @@ class RepoPreload:
         self.present = await asyncio.to_thread(self.store.present)
         try:
             selection = await self.select(m)
+            self._check_selection(selection, m.revision)
             r.files, r.file_bytes = selection.files, selection.file_bytes
             r.objects, r.catalogs = len(selection.objects), len(selection.catalogs)
             r.whole = selection.whole
@@ -331,6 +375,7 @@ class RepoPreload:
             raise PreloadError(str(e)) from None
         finally:
             self.progress.clear()
+            self._repeats()
             if not self.options.dry_run:
                 self.store.cleanup()
             r.seconds = time.monotonic() - t0

@@ -45,6 +45,7 @@ class RepoReport:
     whole: bool = False  # the selection is the whole revision: the store is a replica of it
     seconds: float = 0.0
     failover: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. include rules matching nothing
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -137,5 +138,7 @@ def summary_lines(r: RepoReport) -> list[str]:
     out = [head, sel, got]
     if r.pruned_objects:
         out.append(f"  pruned {r.pruned_objects} objects ({human(r.pruned_bytes)})")
-    out += [f"  fail-over: {f}" for f in r.failover]
+    if r.failover:  # each said on stderr as it happened: counted here, not repeated
+        n = len(r.failover)
+        out.append(f"  fail-over: said on stderr ({n} line{'s' if n > 1 else ''})")
     return out

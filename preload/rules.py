@@ -48,6 +48,17 @@ class Rule:
     def includes(self) -> bool:
         return self.kind is not Kind.EXCLUDE
 
+    @property
+    def text(self) -> str:
+        """The rule as it is written in a spec (normalised)."""
+        if self.kind is Kind.DEEP:
+            return f"{self.path}/*"
+        if self.kind is Kind.FLAT:
+            return f"^{self.path}/*"
+        if self.kind is Kind.EXCLUDE:
+            return f"!{self.path or '/'}"
+        return self.path or "/"
+
 
 def parse_rule(line: str, source: str, order: int) -> Rule | None:
     """One spec line -> Rule (None for blank/comment); RuleError names ``source``."""
@@ -95,6 +106,15 @@ class Rules:
         if not any(r.includes for r in out):
             out.insert(0, Rule(Kind.DEEP, "", -1, "default"))
         return cls(tuple(out))
+
+    @property
+    def explicit_includes(self) -> list[Rule]:
+        """The include rules a spec wrote (not the implicit "everything")."""
+        return [r for r in self.rules if r.includes and r.order >= 0]
+
+    def winner(self, path: str) -> Rule | None:
+        """The rule that decides ``path`` (None: no rule covers it, not selected)."""
+        return self._winner(path)
 
     def _winner(self, path: str) -> Rule | None:
         best: Rule | None = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from cvmfs_format.catalog import Catalog, CatalogTree, NeedCatalog, NestedRef
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.objects import Suffix
-from preload.rules import Rules
+from preload.rules import Rule, Rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,8 @@ class Selection:
     # every directory walked, every catalog loaded, every regular file selected: a store
     # holding the selection holds the revision (once the walk is done)
     whole: bool = True
+    # rules that decided at least one entry of the walk -> did one decide a non-directory
+    matched: dict[Rule, bool] = field(default_factory=dict)
 
     @property
     def object_bytes(self) -> int:
@@ -84,13 +86,18 @@ class Selector:
                 dirs.append(directory)
                 continue
             for child in children:
+                rule = self.rules.winner(child.path)
+                if rule is not None:
+                    self.result.matched[rule] = self.result.matched.get(rule, False) or (
+                        not child.is_dir
+                    )
                 if child.is_dir:
                     if self._descend(child.path):
                         self._pending.append(child.path)
                     else:
                         self.result.whole = False
                 elif child.is_regular and not child.is_external:
-                    if child.path in self.exact or self.rules.selects(child.path):
+                    if child.path in self.exact or (rule is not None and rule.includes):
                         self._select_file(child.path, child.hash, child.size, child.is_chunked)
                     else:
                         self.result.whole = False

@@ -16,6 +16,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cvmfs_format.errors import FormatError
+from cvmfs_format.paths import FQRN_HINT, is_fqrn
 from cvmfs_format.proxies import ProxyGroups, parse_proxies, parse_server_urls
 from cvmfs_format.whitelist import load_public_key
 from preload.rules import RuleError, Rules
@@ -51,7 +52,6 @@ class Spec:
     backoff_max: float = 2.0
 
 
-_FQRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.[A-Za-z0-9_-]+")
 _TOP_KEYS = {
     "store",
     "concurrency",
@@ -130,6 +130,22 @@ class _Ctx:
             kind = "an integer" if integer else "a number"
             raise self.fail(node, key, f"expected {kind} in [{lo:g}, {hi:g}], got {v!r}")
         return float(v)
+
+
+def _known_keys(
+    ctx: _Ctx, mapping: dict[str, _Node], known: set[str], where: str
+) -> dict[str, _Node]:
+    """Keys spelled with dashes or underscores alike (``connect-timeout``, as hep-proxy's and
+    hep-exec's YAML take them), each known and given once."""
+    out: dict[str, _Node] = {}
+    for raw, v in mapping.items():
+        k = raw.replace("-", "_")
+        if k not in known:
+            raise ctx.fail(v, f"{where}{raw}", f"unknown key (known: {', '.join(sorted(known))})")
+        if k in out:
+            raise ctx.fail(v, f"{where}{raw}", f"given twice (as {k} or {k.replace('_', '-')})")
+        out[k] = v
+    return out
 
 
 def _resolve(p: str) -> Path:
@@ -226,17 +242,16 @@ def _repository(
     where = f"repositories[{index}]"
     if not isinstance(node.value, dict):
         raise ctx.fail(node, where, "expected a mapping with name, servers, keys, …")
-    repo: dict[str, _Node] = node.value
-    for k, v in repo.items():
-        if k not in _REPO_KEYS:
-            raise ctx.fail(
-                v, f"{where}.{k}", f"unknown key (known: {', '.join(sorted(_REPO_KEYS))})"
-            )
+    repo = _known_keys(ctx, node.value, _REPO_KEYS, f"{where}.")
     if "name" not in repo:
         raise ctx.fail(node, where, "required key 'name' missing")
     name = ctx.string(repo["name"], f"{where}.name")
-    if not _FQRN.fullmatch(name):
-        raise ctx.fail(repo["name"], f"{where}.name", f"{name!r} is not a repository name")
+    if not is_fqrn(name):
+        raise ctx.fail(
+            repo["name"],
+            f"{where}.name",
+            f"{name!r} is not a fully qualified repository name ({FQRN_HINT})",
+        )
     where = f"repositories[{name}]"
     root, root_node = _site(ctx, repo.get("cvmfs_config"), f"{where}.cvmfs_config", site[0])
     root_node = root_node or site[1]
@@ -307,10 +322,7 @@ def parse_spec(text: str, path: Path) -> Spec:
     top = _convert(root)
     if not isinstance(top.value, dict):
         raise ctx.fail(top, "spec", "expected a mapping at the top level")
-    d: dict[str, _Node] = top.value
-    for k, v in d.items():
-        if k not in _TOP_KEYS:
-            raise ctx.fail(v, k, f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    d = _known_keys(ctx, top.value, _TOP_KEYS, "")
     for required in ("store", "repositories"):
         if required not in d:
             raise ctx.fail(top, required, "required key missing")

@@ -39,10 +39,11 @@ class StoreLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            holder = _lock_holder(fd)
             os.close(fd)
+            who = f"pid {holder}" if holder else "its pid is not known"
             raise StoreLocked(
-                f"{self.path}: store is locked by a running preload (pid {holder})"
+                f"{self.path}: the store is locked by another preload ({who}); nothing was done"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -59,6 +60,26 @@ class StoreLock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding the flock on ``fd``'s file: the kernel's answer (/proc/locks), else
+    the pid the holder wrote into the file (absent in the instant between lock and write)."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (a blocked waiter: "->")
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident:
+                    pid = int(fields[4])
+                    if pid > 0:
+                        return pid
+    except (OSError, ValueError):
+        pass
+    text = os.read(fd, 64).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
 
 
 @dataclass

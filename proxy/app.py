@@ -77,6 +77,7 @@ class ProxyApp:
         self.tally = metrics.tally
         self.cache = ObjectCache(cfg.memory_cache_mb << 20, cfg.memory_object_kb << 10)
         self.filter = ClientFilter(cfg.allow)
+        self.health_filter = ClientFilter(cfg.health_networks)  # /healthz and /metrics
         self.limiter = RateLimiter(cfg.rate_limit, cfg.burst)
         self.filler = Filler(metrics, cfg.upstream_timeout, proxies=cfg.upstream_proxy)
         self.access = AccessLog(cfg.access_log)
@@ -184,6 +185,9 @@ class ProxyApp:
         if self.limiter.enabled and not self.limiter.allow(request.remote or "", start):
             return self._error(429, "too many requests", headers={"Retry-After": "1"})
         decision = self.route(request.method, request.raw_path)
+        if not self._allowed(proto, decision, request.remote):
+            self.metrics.rejected.labels("not_allowed").inc()
+            return self._error(403, "client network not allowed", headers={"Connection": "close"})
         if isinstance(decision, Reject):
             extra = {"Allow": "GET, HEAD"} if decision.status == 405 else None
             return self._error(decision.status, decision.reason, headers=extra)
@@ -225,6 +229,13 @@ class ProxyApp:
             self.metrics.inflight.dec()
             if status < 400:
                 self.tally.answered(kind, status, sent, self._loop.time() - start)
+
+    def _allowed(self, proto: object, decision: Target | Reject, remote: str | None) -> bool:
+        """/healthz and /metrics have their own allow rule (``health_allow``); a connection
+        let in only by that rule gets nothing else."""
+        if isinstance(decision, Target) and decision.kind in (Kind.HEALTH, Kind.METRICS):
+            return self.health_filter.allowed(remote)
+        return not (isinstance(proto, GuardedHandler) and proto.health_only)
 
     def _ok(self, body: bytes, headers: dict[str, str], head: bool) -> tuple[web.Response, int]:
         if not body:  # aiohttp leaves "Content-Length: 0" out of HEAD answers (the marker)
@@ -388,6 +399,7 @@ class GuardedHandler(RequestHandler):
 
     app: ProxyApp
     partial_since: float | None = None
+    health_only = False  # let in by health_allow alone: /healthz and /metrics only
     _pending = 0
     _fast = True
     _peer = "-"
@@ -398,12 +410,16 @@ class GuardedHandler(RequestHandler):
         self._fast = all(hasattr(self, a) for a in _INTERNALS)
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if peer else "-"
-        if not self.app.filter.allowed(peer[0] if peer else None):
-            self.app.metrics.rejected.labels("not_allowed").inc()
-            # uvloop transports do not subclass asyncio.Transport: duck typing
-            cast(asyncio.Transport, transport).write(FORBIDDEN)
-            self.force_close()
-            return
+        address = peer[0] if peer else None
+        if not self.app.filter.allowed(address):
+            if self.app.health_filter.allowed(address):
+                self.health_only, self._fast = True, False
+            else:
+                self.app.metrics.rejected.labels("not_allowed").inc()
+                # uvloop transports do not subclass asyncio.Transport: duck typing
+                cast(asyncio.Transport, transport).write(FORBIDDEN)
+                self.force_close()
+                return
         self.partial_since = self.app._loop.time()
         self.app.connections.add(self)
 
@@ -499,7 +515,7 @@ async def run_worker(cfg: ProxyConfig, repos: dict[str, RepoDir], sock: socket.s
     """Serve on ``sock`` until SIGTERM/SIGINT, then finish in-flight responses and return."""
     loop = asyncio.get_running_loop()
     logging.basicConfig(
-        level=logging.WARNING,
+        level=getattr(logging, cfg.log_level.upper()),
         stream=sys.stderr,
         format=f"hep-proxy[{os.getpid()}]: %(levelname)s: %(message)s",
     )

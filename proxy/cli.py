@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from proxy.config import ConfigError, ProxyConfig, build
+from hep_cli import ArgumentParser, add_log_level, add_version, exit_codes
+
+if TYPE_CHECKING:
+    from proxy.config import ProxyConfig
+
+PROG = "hep-proxy"
+EPILOG = exit_codes(
+    (0, "stopped by SIGTERM or SIGINT after finishing in-flight responses"),
+    (1, "could not start (store, port, access log), or workers kept dying"),
+    (2, "bad arguments or config file"),
+    (130, "interrupted before serving"),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> ProxyConfig:
-    p = argparse.ArgumentParser(
-        prog="hep-proxy",
+    p = ArgumentParser(
+        prog=PROG,
         description="Serve preloaded CernVM-FS stores (Stratum-1 layout) over HTTP.",
+        epilog=EPILOG,
     )
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser(
         "serve",
@@ -24,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
         description="Serve STORE/<fqrn>/{.cvmfspublished,.cvmfswhitelist,data/} over HTTP, "
         "as a server (CVMFS_SERVER_URL) or as a proxy (CVMFS_HTTP_PROXY). Flags win over "
         "the config file.",
+        epilog=EPILOG,
     )
     s.add_argument(
         "--store",
@@ -39,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
         "--workers",
         type=int,
         metavar="N",
-        help="worker processes sharing the port [number of cores]",
+        help="worker processes sharing the port, 1 or more [one per core]",
     )
     s.add_argument(
         "--allow",
@@ -47,6 +61,15 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
         metavar="CIDR",
         default=[],
         help="client network allowed to connect (repeatable) [everyone]",
+    )
+    s.add_argument(
+        "--health-allow",
+        dest="health_allow",
+        action="append",
+        metavar="CIDR",
+        default=[],
+        help="client network allowed /healthz and /metrics, instead of the default "
+        "(repeatable) [loopback and the --allow networks]",
     )
     s.add_argument(
         "--upstream",
@@ -82,12 +105,17 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
         metavar="S",
         help="Cache-Control max-age of .cvmfs* files [61]",
     )
+    add_log_level(s)
     a = p.parse_args(argv)
+    from proxy.config import ConfigError, build
+
     flags = {
         "stores": a.stores,
         "listen": a.listen,
         "workers": a.workers,
         "allow": a.allow,
+        "health_allow": a.health_allow,
+        "log_level": a.log_level,
         "upstreams": a.upstreams,
         "upstream_proxy": a.upstream_proxy,
         "access_log": a.access_log,
@@ -98,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
     try:
         return build(a.config, flags)
     except ConfigError as e:
-        p.exit(2, f"hep-proxy: {e}\n")
+        p.exit(2, f"{PROG}: {e}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import yaml
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.proxies import ProxyGroups, parse_proxies, parse_server_urls
+from hep_cli import LOG_LEVELS
 from proxy.access import Network, parse_networks
 from proxy.routing import valid_fqrn
 
@@ -31,8 +32,11 @@ class ProxyConfig:
     stores: tuple[Path, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = 0  # 0 = os.cpu_count()
+    workers: int = 0  # 0 = os.cpu_count() (not accepted from a user: "must be 1 or more")
     allow: tuple[Network, ...] = ()
+    # who may GET /healthz and /metrics; None: loopback and the allow-list
+    health_allow: tuple[Network, ...] | None = None
+    log_level: str = "warning"
     upstreams: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     upstream_proxy: ProxyGroups | None = None  # forward proxies on the way (None: DIRECT)
     access_log: str = "-"  # "-" = stdout, "off", or a file path (appended)
@@ -57,9 +61,20 @@ class ProxyConfig:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
 
     @property
+    def health_networks(self) -> tuple[Network, ...]:
+        """Clients of /healthz and /metrics (empty: everyone, as for ``allow``): by default
+        the allow-list plus loopback, so a check from the host itself (its own name often
+        resolves to 127.0.1.1) is answered even where the allow-list names only workers."""
+        if self.health_allow is not None:
+            return self.health_allow
+        return (*self.allow, *LOOPBACK) if self.allow else ()
+
+    @property
     def burst(self) -> float:
         return self.rate_burst if self.rate_burst > 0 else max(1.0, 2 * self.rate_limit)
 
+
+LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"])
 
 _INT = {
     "port",
@@ -157,8 +172,17 @@ def settings_from_mapping(data: Mapping[str, Any], what: str) -> dict[str, Any]:
                 out["stores"] = tuple(Path(p) for p in _as_list(value))
             elif key == "listen":
                 out["host"], out["port"] = parse_listen(str(value), label)
-            elif key == "allow":
-                out["allow"] = parse_networks(_as_list(value))
+            elif key in ("allow", "health_allow"):
+                out[key] = parse_networks(_as_list(value))
+            elif key == "workers":
+                out[key] = _coerce(key, value, label)
+                if out[key] < 1:
+                    raise ConfigError(f"{label} must be 1 or more (default: one per core)")
+            elif key == "log_level":
+                level = str(value).lower()
+                if level not in LOG_LEVELS:
+                    raise ConfigError(f"{label}: {value!r} is not one of {', '.join(LOG_LEVELS)}")
+                out[key] = level
             elif key == "upstreams":
                 if isinstance(value, Mapping):
                     items = [f"{k}={';'.join(_as_list(v))}" for k, v in value.items()]

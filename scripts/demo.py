@@ -123,7 +123,8 @@ def main() -> int:
     shutil.copytree(ROOT / "publish" / "sample_tree", src, symlinks=True)
     if shutil.which("cc"):
         run("cc", "-O2", "-o", src / "bin" / "hello", src / "share" / "hello.c", quiet=True)
-    run(BIN / "hep-publish", src, "--name", FQRN, "--out", OUT / "stratum1", "--keys", OUT / "keys")
+    keys = OUT / "keys"
+    run(BIN / "hep-publish", src, "--name", FQRN, "--store", OUT / "stratum1", "--keys", keys)
     done(t0)
 
     t0 = step(f"2. a Stratum-1 on 127.0.0.1:{STRATUM1_PORT} (hep-proxy serving the repository)")

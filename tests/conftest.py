@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.support.reference import Reference, fuse_reason, missing_reason, unpack_reference
-from tests.support.repos import FIXTURE_DIR, SHARED_MISSING, Repo, unpack_fixture
+from tests.support.repos import Repo, unpack_fixture
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -24,9 +24,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def fixture_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
-    """The real ``legacy_aufs.cern.ch`` repository with a re-signed (valid) whitelist."""
-    if not FIXTURE_DIR.is_dir():
-        pytest.skip(SHARED_MISSING)
+    """The real ``legacy_aufs.cern.ch`` repository with a re-signed (valid) whitelist (the
+    tests using it skip, saying why, without ../shared: see unpack_fixture)."""
     return unpack_fixture(tmp_path_factory.mktemp("legacy_aufs"))
 
 

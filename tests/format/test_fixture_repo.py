@@ -12,7 +12,7 @@ from cvmfs_format.errors import WhitelistError
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.verify import load_catalog, open_tree, verify_repository, walk
 from cvmfs_format.whitelist import parse_whitelist
-from tests.support.repos import FIXTURE_DIR, FIXTURE_FQRN, SHARED_MISSING, Repo, unpack_fixture
+from tests.support.repos import FIXTURE_FQRN, Repo, unpack_fixture
 
 # path, type, size, permission bits, symlink target, hardlink group/linkcount — as published
 # by create_repo.sh in 2015 (hardlinks and hardlinked symlinks share a group per directory).
@@ -131,8 +131,6 @@ def test_catalog_structure_and_counters(fixture_repo: Repo) -> None:
 
 
 def test_original_whitelist_expired_in_2015(tmp_path: Path) -> None:
-    if not FIXTURE_DIR.is_dir():
-        pytest.skip(SHARED_MISSING)
     repo = unpack_fixture(tmp_path, resign=False)
     wl = parse_whitelist(repo.local.read(".cvmfswhitelist"))
     assert wl.expires == dt.datetime(2015, 11, 20, 11, 55, 13, tzinfo=dt.UTC)

@@ -15,7 +15,7 @@ from cvmfs_format.verify import verify_repository
 from tests.support.network import dead_url
 from tests.support.nginx import Nginx, Site
 from tests.support.preloading import object_requests, run_preload, start_preload, write_spec
-from tests.support.repos import FIXTURE_DIR, SHARED_MISSING, Repo, publish_tree, unpack_fixture
+from tests.support.repos import Repo, publish_tree, unpack_fixture
 from tests.support.stores import (
     check_objects_named_right,
     expected_objects,
@@ -350,10 +350,8 @@ def test_incremental_fetches_only_new_objects(tmp_path: Path) -> None:
         nginx.stop()
 
 
-def test_lock_bad_spec_expired_whitelist_proxy_and_file_source(tmp_path: Path) -> None:
-    if not FIXTURE_DIR.is_dir():
-        pytest.skip(SHARED_MISSING)
-    repo = unpack_fixture(tmp_path / "fx", resign=False)  # whitelist expired in 2015
+def test_expired_whitelist_proxy_and_file_source(tmp_path: Path) -> None:
+    repo = unpack_fixture(tmp_path / "fx", resign=False)  # whitelist expired in 2015 (../shared)
     file_url = f"file://{repo.store}/@fqrn@"
     spec = write_spec(tmp_path / "s.yaml", tmp_path / "store", repo, [file_url])
     p = run_preload(spec)
@@ -381,12 +379,18 @@ def test_lock_bad_spec_expired_whitelist_proxy_and_file_source(tmp_path: Path) -
     finally:
         nginx.stop()
 
-    # a second preload of a locked store is refused
+
+def test_lock_and_bad_spec(tmp_path: Path, published: Repo) -> None:
+    """Needs no ../shared (split from the fixture test above, which skips without it)."""
+    spec = write_spec(tmp_path / "s.yaml", tmp_path / "store", published, [dead_url()])
+    # a second preload of a locked store is refused, naming the holder
     lock = tmp_path / "store" / ".preload.lock"
+    lock.parent.mkdir()
     with open(lock, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        p = run_preload(spec, "--allow-expired-whitelist")
+        p = run_preload(spec)
     assert p.returncode == 3 and "locked" in p.stderr
+    assert f"(pid {os.getpid()})" in p.stderr and "another process" not in p.stderr
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(spec.read_text().replace("concurrency: 4", "concurrency: lots"))

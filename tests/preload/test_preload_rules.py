@@ -227,4 +227,5 @@ def test_progress_line_and_summary() -> None:
         failover=["switched to server http://s2 after: x (HTTP 500)"],
     )
     text = "\n".join(summary_lines(r))
-    assert "revision 7 (was 6)" in text and "fail-over: switched to server" in text
+    assert "revision 7 (was 6)" in text and "fail-over: said on stderr (1 line)" in text
+    assert "switched to server" not in text  # said on stderr when it happened, not again

@@ -121,7 +121,11 @@ def test_config_file_with_flags_winning(repo: Repo, tmp_path: Path, started) -> 
 
 
 def test_allow_list(repo: Repo, tmp_path: Path, started) -> None:
-    p = start_proxy(tmp_path, "--store", str(repo.store), "--allow", "127.0.0.1/32")
+    # (--health-allow: other loopback addresses may not even ask /healthz; test_proxy_health)
+    p = start_proxy(
+        tmp_path, "--store", str(repo.store), "--allow", "127.0.0.1/32",
+        "--health-allow", "127.0.0.1/32",
+    )  # fmt: skip
     started.append(p)
     req = f"GET /cvmfs/{DEMO}/.cvmfspublished HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     ok = raw_exchange(p.port, req.encode(), source="127.0.0.1")

@@ -66,7 +66,7 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
         tmp_path,
         "--store", str(fill_store), "--store", str(local.store),
         "--upstream", f"{FILLED}={upstream.url}/cvmfs/@fqrn@",
-        "--allow", "127.0.0.1/32",
+        "--allow", "127.0.0.1/32", "--health-allow", "127.0.0.1/32",
         "--header-timeout", str(HEADER_TIMEOUT),
         workers=workers,
     )  # fmt: skip

@@ -183,6 +183,9 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     [
         ("listen: nowhere\n", "expected HOST:PORT"),
         ("workers: -1\n", "not a non-negative number"),
+        ("workers: 0\n", "workers must be 1 or more \\(default: one per core\\)"),
+        ("health-allow: [x]\n", "not an IP network"),
+        ("log_level: loud\n", "'loud' is not one of debug, info, warning, error"),
         ("colour: blue\n", "unknown setting 'colour'"),
         ("stores: [a\n", "not valid YAML"),
         ("- a\n", "mapping of settings"),
@@ -198,6 +201,16 @@ def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as e:
         build(f, {"stores": ["/srv"]})
     assert "\n" not in str(e.value) and str(f) in str(e.value)
+
+
+def test_health_networks() -> None:
+    """/healthz and /metrics: loopback and the allow-list by default, or exactly health_allow;
+    everyone when the allow-list is empty (everyone may connect anyway)."""
+    assert build(None, {"stores": ["/s"]}).health_networks == ()
+    cfg = build(None, {"stores": ["/s"], "allow": ["10.0.0.0/8"]})
+    assert [str(n) for n in cfg.health_networks] == ["10.0.0.0/8", "127.0.0.0/8", "::1/128"]
+    cfg = build(None, {"stores": ["/s"], "allow": ["10.0.0.0/8"], "health_allow": ["10.9.9.9"]})
+    assert [str(n) for n in cfg.health_networks] == ["10.9.9.9/32"]
 
 
 def test_config_requires_store(tmp_path: Path) -> None:

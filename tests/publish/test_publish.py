@@ -134,7 +134,7 @@ def test_whitelist_valid_for_30_days(tmp_path: Path) -> None:
 def test_killed_publish_leaves_previous_revision_intact(tmp_path: Path) -> None:
     src = _tree(tmp_path / "src", n=10)
     store, keys = tmp_path / "store", tmp_path / "keys"
-    first = _cli(src, "--name", FQRN, "--out", store, "--keys", keys)
+    first = _cli(src, "--name", FQRN, "--store", store, "--keys", keys)
     assert first.returncode == 0, first.stderr
     repo = Repo(store, FQRN, keys / f"{FQRN}.pub", keys)
     before = (repo.dir / ".cvmfspublished").read_bytes()
@@ -156,7 +156,7 @@ def test_killed_publish_leaves_previous_revision_intact(tmp_path: Path) -> None:
                 str(src),
                 "--name",
                 FQRN,
-                "--out",
+                "--store",
                 str(store),
                 "--keys",
                 str(keys),
@@ -180,25 +180,25 @@ def test_killed_publish_leaves_previous_revision_intact(tmp_path: Path) -> None:
         assert repo.verify().revision == 1
         # No half-written object is ever visible under its final name.
         check_objects_named_right(repo)
-    result = _cli(src, "--name", FQRN, "--out", store, "--keys", keys)
+    result = _cli(src, "--name", FQRN, "--store", store, "--keys", keys)
     assert result.returncode == 0, result.stderr
     assert "revision 2" in result.stdout and "verified:" in result.stdout
     assert repo.verify().revision == 2
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
-    r = _cli(tmp_path / "absent", "--name", FQRN, "--out", tmp_path / "o")
+    r = _cli(tmp_path / "absent", "--name", FQRN, "--store", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "absent: not a directory" in r.stderr
     bad_keys = tmp_path / "keys"
     bad_keys.mkdir()
     (bad_keys / f"{FQRN}.masterkey").write_text("not a key")
     src = _tree(tmp_path / "src", 1)
-    r = _cli(src, "--name", FQRN, "--out", tmp_path / "o", "--keys", bad_keys)
+    r = _cli(src, "--name", FQRN, "--store", tmp_path / "o", "--keys", bad_keys)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"{FQRN}.masterkey: cannot load private key" in r.stderr
-    r = _cli(src, "--name", "../evil", "--out", tmp_path / "o")
-    assert r.returncode == 2 and "not a repository name" in r.stderr
+    r = _cli(src, "--name", "../evil", "--store", tmp_path / "o")
+    assert r.returncode == 2 and "not a fully qualified repository name" in r.stderr
 
 
 @pytest.mark.parametrize("name", ["other.example.org"])
@@ -206,5 +206,5 @@ def test_refuses_store_of_another_repository(tmp_path: Path, name: str) -> None:
     src = _tree(tmp_path / "src", 1)
     publish_tree(src, tmp_path / "store", FQRN, tmp_path / "keys")
     (tmp_path / "store" / name).symlink_to(tmp_path / "store" / FQRN)
-    r = _cli(src, "--name", name, "--out", tmp_path / "store", "--keys", tmp_path / "keys")
+    r = _cli(src, "--name", name, "--store", tmp_path / "store", "--keys", tmp_path / "keys")
     assert r.returncode == 1 and f"holds repository '{FQRN}'" in r.stderr
