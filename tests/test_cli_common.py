@@ -96,3 +96,18 @@ def test_usage_and_version_import_nothing_heavy(
     cryptography, yaml (checked on sys.modules, not timed)."""
     p, loaded = _imports(module, *(sub if args == ["--bogus"] else []), *args)
     assert loaded == [], (loaded, p.stderr)
+
+
+def test_hep_exec_shares_version_help_and_one_line_errors() -> None:
+    p = _run("worker.cli", "--version")
+    assert p.returncode == 0 and p.stdout == f"hep-exec {hep_cli.__version__}\n", p
+    p = _run("worker.cli", "--help")
+    assert "--log-level LEVEL" in p.stdout and "--version" in p.stdout, p.stdout
+    codes = re.findall(r"^  (\d+) ", p.stdout.split("exit codes:\n", 1)[1], re.MULTILINE)
+    assert codes == ["0", "1", "2", "130"], p.stdout
+    p = _run("worker.cli", "--bogus", "--", "true")
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("hep-exec: ") and "--bogus" in p.stderr
+    for args in (["--version"], ["--bogus", "--", "true"]):
+        p, loaded = _imports("worker.cli", *args)
+        assert loaded == [], (args, loaded, p.stderr)

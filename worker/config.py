@@ -28,6 +28,7 @@ from cvmfs_format.proxies import (
     parse_proxies,
     parse_server_templates,
 )
+from hep_cli import add_version, exit_codes
 from worker.ramfiles import BACKINGS
 from worker.tracer import TRAP_MODES
 
@@ -543,8 +544,16 @@ def _arg_parser() -> _Parser:
         description="Run CMD so that it and its children see /cvmfs/<repository>/… read-only, "
         "served from RAM and fetched through hep-proxy; no FUSE, no root, no disk.",
         epilog="Precedence: flags > HEP_EXEC_* environment variables > --config FILE "
-        "(also HEP_EXEC_CONFIG).",
+        "(also HEP_EXEC_CONFIG) > the CernVM-FS configuration (--cvmfs-config).\n\n"
+        + exit_codes(
+            (0, "the command's own exit status (128+N if a signal N killed it)"),
+            (1, "--check: something is not ok"),
+            (2, "a bad option or configuration value, no server reachable, or tracing refused"),
+            (130, "interrupted (Ctrl-C) before the command ran"),
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(p, PROG)
     a = p.add_argument
     a(
         "--server",

@@ -276,6 +276,13 @@ class Fetcher:
         import asyncio
 
         async def shutdown() -> None:
+            # fetches nobody waits for any more (a chunked file's read-ahead after a failed
+            # chunk, a prefetch): cancelled and awaited, so none is destroyed while pending
+            me = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not me]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
             if self._transport is not None:
                 await self._transport.close()
 
