@@ -4549,6 +4549,42 @@ static PyObject *trap_forget(PyObject *self, PyObject *args)
     return PyLong_FromLong(removed);
 }
 
+/* set_cmdline(title): what ps shows for this process (its argv area rewritten in place, as
+ * setproctitle does); a forked node cache service is not the job that started it. */
+static PyObject *trap_set_cmdline(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *title;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y#", &title, &n)) return NULL;
+    char buf[4096];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) Py_RETURN_FALSE;
+    ssize_t got = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (got <= 0) Py_RETURN_FALSE;
+    buf[got] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p) Py_RETURN_FALSE;
+    p++;
+    unsigned long long start = 0, end = 0;
+    /* fields after "(comm)": the 3rd is the state; arg_start is the 48th, arg_end the 49th */
+    for (int field = 3; field <= 49 && *p; field++) {
+        while (*p == ' ') p++;
+        char *next;
+        unsigned long long v = strtoull(p, &next, 10);
+        if (field == 48) start = v;
+        if (field == 49) end = v;
+        p = next;
+        while (*p && *p != ' ') p++;
+    }
+    if (!start || end <= start + 1) Py_RETURN_FALSE;
+    size_t room = (size_t)(end - start);
+    size_t k = (size_t)n < room - 1 ? (size_t)n : room - 1;
+    memcpy((void *)(uintptr_t)start, title, k);
+    memset((void *)(uintptr_t)(start + k), 0, room - k);
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"put", trap_put, METH_VARARGS,
      "put([(cls, flags, key, answer), ...]) -> n: answers given before they are asked for"},
@@ -4564,6 +4600,8 @@ static PyMethodDef methods[] = {
      "take_notes() -> [(object file, path), ...] of the opens put since last asked"},
     {"forget", trap_forget, METH_VARARGS,
      "forget(path) -> n: drop the cached open answers for a /cvmfs path (tracer thread only)"},
+    {"set_cmdline", trap_set_cmdline, METH_VARARGS,
+     "set_cmdline(title: bytes) -> bool: what ps shows for this process"},
     {"run", trap_run, METH_VARARGS,
      "run(argv, env, mount, shadow, handler, spin_us=0, mode=2, in_process=1, io_uring=0,\n"
      "    rendered=shadow)\n"

@@ -735,6 +735,10 @@ def fork_service(config: ExecConfig, directory: Path) -> None:
             os.closerange(low, 1 << 16)
             with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
                 f.write("hep-exec-cache")
+            with contextlib.suppress(Exception):  # ps: not the command line of the job
+                from worker import _trap
+
+                _trap.set_cmdline(f"hep-exec-cache {directory}".encode())
             logging.basicConfig(
                 level=config.log_level_number,
                 format=f"%(asctime)s hep-exec cache[{os.getpid()}] %(levelname)s %(message)s",

@@ -566,6 +566,14 @@ def test_jobs_with_other_servers_get_a_service_of_their_own(tracing, tree, tmp_p
             outs.append(shared_line(r.stderr))
         assert f"at {runtime / 'hep-exec'}:" in outs[0], outs
         assert f"at {runtime / 'hep-exec'}/s-" in outs[1], outs
+        # ps shows the services by their own name, not as the job that started them
+        for d in (runtime / "hep-exec", *runtime.glob("hep-exec/s-*")):
+            pid = service_pid(d)
+            assert pid is not None
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert cmdline.startswith(f"hep-exec-cache {d}".encode()) or (
+                b"worker.cache_service" in cmdline
+            ), cmdline
         # each server was asked for each object once: by its own job's service
         objects = [u for u in first.requests if "/data/" in u and not u.endswith("C")]
         assert len(objects) >= len(paths)
