@@ -166,14 +166,16 @@ def _check_has_the_guides_shape(site: Site, url: str) -> None:
     (sample,) = [b for b in blocks("") if b.startswith("$ hep-exec ")]
     command, *shown = sample.splitlines()
     dead = dead_url()
-    argv = shlex.split(command.removeprefix("$ "))
-    argv = [
-        a.replace("http://login1:8000", url)
-        .replace("http://login2:8000", dead)
-        .replace("/opt/hep-cvmfs/keys/cern.ch", str(site.repo.keys_dir))
-        .replace("cms.cern.ch", FQRN)
-        for a in argv
-    ]
+
+    def here(text: str) -> str:  # the guide's cluster as this test has it
+        return (
+            text.replace("http://login1:8000", url)
+            .replace("http://login2:8000", dead)
+            .replace("/opt/hep-cvmfs/keys/cern.ch", str(site.repo.keys_dir))
+            .replace("cms.cern.ch", FQRN)
+        )
+
+    argv = [here(a) for a in shlex.split(command.removeprefix("$ "))]
     assert argv[0] == "hep-exec"
     if Path("/etc/cvmfs").is_dir():
         pytest.skip("this machine has /etc/cvmfs: the guide's sample shows one without")
@@ -187,13 +189,7 @@ def _check_has_the_guides_shape(site: Site, url: str) -> None:
     got = r.stdout.splitlines()
     assert r.returncode == 1, r.stdout + r.stderr  # one server is down, as in the guide
     # every line of the guide's sample is there, in order, up to the figures of the day
-    wanted = [
-        ln.replace("http://login1:8000", url)
-        .replace("http://login2:8000", dead)
-        .replace("/opt/hep-cvmfs/keys/cern.ch", str(site.repo.keys_dir))
-        .replace("cms.cern.ch", FQRN)
-        for ln in shown
-    ]
+    wanted = [here(ln) for ln in shown]
     at = 0
     for want in wanted:
         while at < len(got) and not _like(want, got[at]):
