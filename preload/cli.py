@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> tuple[Path, Any]:
         epilog=EPILOG,
     )
     add_version(p, PROG)
-    p.add_argument("--spec", required=True, type=Path, help="YAML spec (see README)")
+    p.add_argument("--spec", required=True, type=Path, help="YAML spec (docs/preload.md)")
     p.add_argument("--dry-run", action="store_true", help="print what would be fetched")
     p.add_argument(
         "--prune",
