@@ -47,7 +47,9 @@ RETRIES = 1  # a request unanswered when its connection closed is sent again thi
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t !-~\x80-\xff]*)?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# header lines: a token, a colon, a value of tabs, spaces, visible and obs-text bytes; CRLF
+_HEADERS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t \x21-\x7e\x80-\xff]*\r\n)*")
+_FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[\t ]*(.*?)[\t ]*\r\n")
 _UNSAFE = re.compile(r"[^A-Za-z0-9\-._~/%:@!$&'()*+,;=?]")
 
 # parser states
@@ -369,26 +371,27 @@ class _Conn(asyncio.Protocol):
             ex.sink(chunk)
 
     def _head(self, ex: _Exchange, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        m = _STATUS.fullmatch(lines[0])
+        first, _, rest = head.partition(b"\r\n")
+        m = _STATUS.fullmatch(first)
         if m is None:
             raise _Bad("invalid status line")
         status = int(m[2])
         headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or _TOKEN.fullmatch(name) is None:
-                raise _Bad("invalid header line")
-            value = value.strip(b" \t")
-            if _BAD_VALUE.search(value):
+        if rest:
+            block = rest + b"\r\n"
+            if _HEADERS.fullmatch(block) is None:  # one pass in C for the common case
+                for line in rest.split(b"\r\n"):  # which line, for the message
+                    name, colon, value = line.partition(b":")
+                    if not colon or _TOKEN.fullmatch(name) is None:
+                        raise _Bad("invalid header line")
                 raise _Bad("invalid header value")
-            k = name.decode("ascii").lower()
-            v = value.decode("latin-1")
-            if k in headers:
-                if k == "content-length" and headers[k] != v:
-                    raise _Bad("conflicting Content-Length")
-                v = headers[k] + ", " + v
-            headers[k] = v
+            for name, value in _FIELD.findall(block.decode("latin-1")):
+                k = name.lower()
+                if k in headers:
+                    if k == "content-length" and headers[k] != value:
+                        raise _Bad("conflicting Content-Length")
+                    value = headers[k] + ", " + value
+                headers[k] = value
         if 100 <= status < 200:
             if status == 101:
                 raise _Bad("switching protocols")

@@ -165,13 +165,23 @@ class ObjectWriter:
         self._written = 0  # bytes done with (the writer's side)
         self._dir = str(store.dir)
         self._tmp = f"{store.tmp_dir}/{os.getpid()}-w"
-        self._q: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[list[tuple[str, bytes]] | None] = queue.SimpleQueue()
+        self._batch: list[tuple[str, bytes]] = []
         self._thread = threading.Thread(target=self._run, name="preload-writer", daemon=True)
         self._thread.start()
 
     def put(self, relpath: str, data: bytes) -> None:
+        """Hand one object over (from the event loop's thread).  Objects handed over in one
+        turn of the loop go as one batch: one wake-up of the writer, not one each."""
         self._queued += len(data)
-        self._q.put((relpath, data))
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._batch.append((relpath, data))
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            self._q.put(batch)
 
     async def room(self) -> None:
         """Wait while too many bytes are waiting to be written."""
@@ -180,28 +190,29 @@ class ObjectWriter:
 
     async def close(self) -> None:
         """Everything handed over is in place (or :attr:`error` says why not)."""
+        self._flush()
         self._q.put(None)
         await asyncio.to_thread(self._thread.join)
 
     def _run(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         n = 0
-        while (item := self._q.get()) is not None:
-            relpath, data = item
-            if self.error is None:
-                n += 1
-                tmp = f"{self._tmp}{n}"
-                try:
-                    fd = os.open(tmp, flags, 0o644)
+        while (batch := self._q.get()) is not None:
+            for relpath, data in batch:
+                if self.error is None:
+                    n += 1
+                    tmp = f"{self._tmp}{n}"
                     try:
-                        view = memoryview(data)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, f"{self._dir}/{relpath}")
-                except OSError as e:  # named by the object it was for (a full disk...)
-                    self.error = OSError(e.errno, e.strerror, f"{self._dir}/{relpath}")
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-            self._written += len(data)
+                        fd = os.open(tmp, flags, 0o644)
+                        try:
+                            view = memoryview(data)
+                            while view:
+                                view = view[os.write(fd, view) :]
+                        finally:
+                            os.close(fd)
+                        os.replace(tmp, f"{self._dir}/{relpath}")
+                    except OSError as e:  # named by the object it was for (a full disk...)
+                        self.error = OSError(e.errno, e.strerror, f"{self._dir}/{relpath}")
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp)
+                self._written += len(data)
