@@ -209,9 +209,13 @@ class _Conn(asyncio.Protocol):
 
     def send(self, ex: _Exchange) -> None:
         assert self.transport is not None
+        # One timer per connection, never later than the soonest moment something may be due
+        # (it re-checks when it fires): in the steady state it is not re-armed per request.
         if not self.queue:
             self.last = self.loop.time()
-            self._arm(min(self.last + self.owner.settings.timeout, ex.deadline_at))
+            due = min(self.last + self.owner.settings.timeout, ex.deadline_at)
+            if self.timer is None or self.timer_at > due:
+                self._arm(due)
         elif ex.deadline_at < self.timer_at:
             self._arm(ex.deadline_at)
         self.queue.append(ex)
@@ -293,6 +297,12 @@ class _Conn(asyncio.Protocol):
                     self._complete(ex)
             elif state == _HEAD:
                 buf = self.buf
+                if not buf:  # the usual case: a whole head at the start of the bytes
+                    end = data.find(b"\r\n\r\n", 0, MAX_HEAD)
+                    if end >= 0:
+                        head, data = data[:end], data[end + 4 :]
+                        self._head(ex, head)
+                        continue
                 start = max(0, len(buf) - 3)
                 buf += data
                 end = buf.find(b"\r\n\r\n", start)
@@ -455,14 +465,11 @@ class _Conn(asyncio.Protocol):
             ex.fut.set_result(ex.got)
         if not self.keep:
             self.abort()  # whatever was queued behind is sent again on another connection
-        elif not self.queue:
+        elif not self.queue:  # the timer, due before the keep-alive ends, re-checks then
             self.idle_since = self.last
-            self._arm(self.idle_since + KEEPALIVE)
             self.owner._release(self)
-        else:
+        else:  # the timer is due no later than what the next answer may take
             self.last = self.loop.time()
-            soonest = min(e.deadline_at for e in self.queue)
-            self._arm(min(self.last + self.owner.settings.timeout, soonest))
 
 
 class _Target:
