@@ -609,7 +609,9 @@ class H1Transport:
             conn = self._idle_conn(hop.key)
             if conn is None:
                 conn = await self._slow_conn(hop.key, ex, loop)
-            if conn.closed:  # lost between being picked and now: pick again
+            if conn.closed:  # lost between being made or picked and now: once more
+                if ex.tries > RETRIES:
+                    raise Failed(ex.broken, "the server closed the connection")
                 continue
             conn.send(ex)
             try:
@@ -619,8 +621,10 @@ class H1Transport:
                 ex.answered = False
                 continue
             except asyncio.CancelledError:
-                if not conn.closed and ex in conn.queue:
-                    conn.abort()  # its answer would be read for nobody: close instead
+                # its answer would be read for nobody: close, unless answers ahead of it (other
+                # requests') are still coming; then its own is read and dropped when it comes
+                if not conn.closed and conn.queue and conn.queue[0] is ex:
+                    conn.abort()
                 raise
 
     # -- the pool -------------------------------------------------------------------------

@@ -454,3 +454,29 @@ async def test_downloader_over_the_lean_transport_by_default(
             await d.close()
     monkeypatch.setenv("CVMFS_DOWNLOAD_TRANSPORT", "aiohttp")
     assert isinstance(make_transport(FAST), HttpTransport)
+
+
+async def test_a_cancelled_request_queued_behind_another_spoils_nothing() -> None:
+    """Pipelined: the request behind is cancelled while the one ahead is being answered; the
+    one ahead gets its bytes, the cancelled one's answer is read for nobody."""
+
+    def answer(c: int, n: int, path: str) -> list[bytes]:
+        data = ok(body_of(path))
+        return [data[:30], data[30:]] if path.endswith("ahead") else [data]
+
+    async with scripted(answer) as s:
+        t = H1Transport(PIPE)
+        try:
+            await get(t, s.route(), "warm")
+            ahead = asyncio.ensure_future(get(t, s.route(), "ahead"))
+            await asyncio.sleep(0)
+            behind = asyncio.ensure_future(get(t, s.route(), "behind"))
+            await asyncio.sleep(0)
+            behind.cancel()
+            assert await ahead == body_of("/cvmfs/r.org/ahead")
+            with pytest.raises(asyncio.CancelledError):
+                await behind
+            assert await get(t, s.route(), "after") == body_of("/cvmfs/r.org/after")
+        finally:
+            await t.close()
+    assert s.connections == 1
