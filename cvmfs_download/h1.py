@@ -3,7 +3,7 @@ the same one-line failures as the aiohttp transport (which still does ``https://
 
 Why: per object, aiohttp's request machinery cost more Python than everything else preload
 does (URL objects, header multidicts, a stream reader and a task wake-up per chunk).  Here
-one request is one pre-built header block written to a pooled keep-alive connection, and its
+one request is one header block written to a pooled keep-alive connection, and its
 answer is parsed where it arrives (``data_received``), the body handed to the sink there: the
 waiting coroutine wakes once, when the answer is complete.
 
@@ -17,8 +17,9 @@ else fails the attempt as a bad response (blamed like a broken connection).
 Connections are pooled per address connected to (the server's, or the forward proxy's, which
 then gets absolute-URI requests), at most ``settings.max_connections`` in all.  With
 ``settings.pipeline`` above 1, small GETs may queue on a busy connection when no other can be
-had (HTTP/1.1 pipelining); requests whose answer had not begun when a connection closed are
-sent again on a new one (once), so no request ever gets another's bytes.
+had (HTTP/1.1 pipelining; off by default: at preload's 16 connections it measured no faster);
+requests whose answer had not begun when a connection closed are sent again on a new one
+(once), so no request ever gets another's bytes.
 """
 
 from __future__ import annotations
