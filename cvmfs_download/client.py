@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 from cvmfs_download.core import (
@@ -31,7 +30,8 @@ from cvmfs_download.core import (
     kind_of_path,
 )
 from cvmfs_download.errors import DownloadError, NotFound
-from cvmfs_download.http import Failed, HttpTransport, Sink
+from cvmfs_download.h1 import make_transport
+from cvmfs_download.wire import Failed, Transport
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash, Hasher
 from cvmfs_format.proxies import ProxyGroups
@@ -40,22 +40,6 @@ log = logging.getLogger("cvmfs_download")
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 Check = Callable[[bytes], None]  # raises FormatError for bytes to be fetched elsewhere
-
-
-class Transport(Protocol):
-    async def get(
-        self,
-        route: Route,
-        path: str,
-        sink: Sink,
-        *,
-        limit: int,
-        deadline: float,
-        no_cache: bool = False,
-        revalidate: bool = False,
-    ) -> int: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass
@@ -92,11 +76,12 @@ class Downloader:
     ) -> None:
         self.settings = settings or Settings()
         self.failover = Failover(servers, proxies, self.settings)
-        self.transport: Transport = transport or HttpTransport(self.settings)
+        self.transport: Transport = transport or make_transport(self.settings)
         self.note = note or log.warning  # "switched to server …": a request got through
         self.last_route: Route | None = None  # where the last success came from
         self.stats = Stats()
         self._inflight: dict[tuple[str, ContentHash | None], asyncio.Future[bytes]] = {}
+        self._per_route: dict[Route, RouteStats] = {}
 
     async def close(self) -> None:
         await self.transport.close()
@@ -143,7 +128,7 @@ class Downloader:
     async def get_file(
         self,
         path: str,
-        dest: Path,
+        dest: str | os.PathLike[str],
         *,
         expected: ContentHash,
         kind: Kind | None = None,
@@ -177,8 +162,10 @@ class Downloader:
             if delay:
                 self.stats.retries += 1
                 await asyncio.sleep(delay)
-            name = route.server if route.proxy is None else f"{route.server} via {route.proxy}"
-            per = self.stats.by_route.setdefault(name, RouteStats())
+            per = self._per_route.get(route)
+            if per is None:
+                name = route.server if route.proxy is None else f"{route.server} via {route.proxy}"
+                per = self._per_route[route] = self.stats.by_route.setdefault(name, RouteStats())
             per.requests += 1
             self.stats.requests += 1
             receiver = make()
@@ -225,21 +212,22 @@ class _Receiver(Protocol[T_co]):
 
 
 class _Memory:
-    """An answer kept in memory, verified at the end."""
+    """An answer kept in memory, verified at the end (its chunks joined once: an answer
+    that came in one chunk is not copied at all)."""
 
     def __init__(self, expected: ContentHash | None, check: Check | None) -> None:
-        self.buf = bytearray()
+        self.chunks: list[bytes] = []
         self.hasher = expected.algorithm.new() if expected is not None else None
         self.expected = expected
         self.check = check
 
     def write(self, chunk: bytes) -> None:
-        self.buf += chunk
+        self.chunks.append(chunk)
         if self.hasher is not None:
             self.hasher.update(chunk)
 
     def finish(self, what: str) -> bytes:
-        data = bytes(self.buf)
+        data = b"".join(self.chunks)
         _verify(self.hasher, self.expected)
         if self.check is not None:
             try:
@@ -249,13 +237,13 @@ class _Memory:
         return data
 
     def discard(self) -> None:
-        self.buf = bytearray()
+        self.chunks = []
 
 
 class _ToFile:
     """An answer streamed into a file, hashed on the way."""
 
-    def __init__(self, dest: Path, expected: ContentHash) -> None:
+    def __init__(self, dest: str | os.PathLike[str], expected: ContentHash) -> None:
         self.dest = dest
         self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         self.hasher = expected.algorithm.new()
@@ -287,6 +275,7 @@ class _ToFile:
 def _verify(hasher: Hasher | None, expected: ContentHash | None) -> None:
     if expected is None or hasher is None:
         return
-    got = ContentHash(expected.algorithm, hasher.digest())
-    if got != expected:
+    digest = hasher.digest()
+    if digest != expected.digest:
+        got = ContentHash(expected.algorithm, digest)
         raise Failed(Blame.DATA, f"content hash mismatch (got {got.hex})")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.objects import Suffix, parse_object_path
@@ -44,6 +44,7 @@ class Settings:
     min_rate: float = 64 * KiB  # bytes/s an answer must keep up on average (its deadline)
     max_time: float | None = None  # and no attempt longer than this (hep-proxy's fill)
     max_connections: int = 32
+    pipeline: int = 1  # requests one connection may carry at once (1: no HTTP pipelining)
     user_agent: str = "hep-cvmfs-hpc (cvmfs-compatible)"
 
 
@@ -195,6 +196,12 @@ class Failover:
             raise ValueError("no server to download from")
         groups = proxies.groups if proxies is not None else ((None,),)
         self._proxies = _members(groups)
+        # one member per group (no load-balancing to shuffle): while nobody is avoided, every
+        # request gets the same routes, computed once (the per-request cost of preload)
+        fixed = all(len(g) == 1 for g in (*servers, *groups))
+        self._fixed: list[Route] | None = None
+        self._cacheable = fixed
+        self._calm_after = 0.0  # from then on nobody is avoided
 
     @property
     def server_urls(self) -> list[str]:
@@ -207,9 +214,14 @@ class Failover:
     def routes(self, now: float) -> list[Route]:
         """Every route, in the order one request tries them: each server (live ones first)
         with each proxy (live ones first)."""
+        if self._fixed is not None and now >= self._calm_after:
+            return self._fixed
         proxies = [m.url for m in _in_order(self._proxies, now, self.rng)]
         servers = _in_order(self._servers, now, self.rng)
-        return [Route(str(s.url), p) for s in servers for p in proxies]
+        routes = [Route(str(s.url), p) for s in servers for p in proxies]
+        if self._cacheable and now >= self._calm_after:
+            self._fixed = routes  # read-only from here on: Attempts only indexes it
+        return routes
 
     def avoided_until(self, url: str) -> float:
         """Until when a server or proxy is tried last (0: it is not)."""
@@ -229,29 +241,45 @@ class Failover:
         for m in pool:
             if m.url == url:
                 m.avoid_until = now + reset
+                self._calm_after = max(self._calm_after, m.avoid_until)
+                self._fixed = None
 
 
-@dataclass
 class Attempts:
     """One request's walk over the routes (``next`` until None), with what each failure
-    implies for the rest of it and for the client (``failed``)."""
+    implies for the rest of it and for the client (``failed``).  A plain class with slots:
+    one is made per request, and most requests succeed on their first route."""
 
-    failover: Failover
-    now: float
-    failures: list[str] = field(default_factory=list)
-    no_cache: bool = False  # ask caches to revalidate (after bytes that failed their check)
-    round: int = 0
-    bad_data: bool = False  # some answer had wrong or too many bytes
-    _plan: list[Route] = field(default_factory=list)
-    _i: int = 0
-    _burnt_servers: set[str] = field(default_factory=set)
-    _burnt_proxies: set[str] = field(default_factory=set)
-    _again: Route | None = None
-    _all_not_found: bool = True
-    _data_retried: bool = False
+    __slots__ = (
+        "_again",
+        "_all_not_found",
+        "_burnt_proxies",
+        "_burnt_servers",
+        "_data_retried",
+        "_i",
+        "_plan",
+        "bad_data",
+        "failover",
+        "failures",
+        "no_cache",
+        "now",
+        "round",
+    )
 
-    def __post_init__(self) -> None:
-        self._plan = self.failover.routes(self.now)
+    def __init__(self, failover: Failover, now: float) -> None:
+        self.failover = failover
+        self.now = now
+        self.failures: list[str] = []
+        self.no_cache = False  # ask caches to revalidate (after bytes that failed their check)
+        self.round = 0
+        self.bad_data = False  # some answer had wrong or too many bytes
+        self._plan = failover.routes(now)
+        self._i = 0
+        self._burnt_servers: set[str] = set()
+        self._burnt_proxies: set[str] = set()
+        self._again: Route | None = None
+        self._all_not_found = True
+        self._data_retried = False
 
     @property
     def not_found(self) -> bool:
@@ -280,17 +308,18 @@ class Attempts:
             while self._i < len(self._plan):
                 route = self._plan[self._i]
                 self._i += 1
-                if route.server in self._burnt_servers:
-                    continue
-                if route.proxy is not None and route.proxy in self._burnt_proxies:
-                    continue
+                if self.failures:  # nothing is burnt before the first failure
+                    if route.server in self._burnt_servers:
+                        continue
+                    if route.proxy is not None and route.proxy in self._burnt_proxies:
+                        continue
                 return route, 0.0
             if self._all_not_found or self.round >= self.failover.settings.retries:
                 return None
             self.round += 1
             self._plan, self._i = self.failover.routes(now), 0
-            self._burnt_servers.clear()
-            self._burnt_proxies.clear()
+            self._burnt_servers = set()
+            self._burnt_proxies = set()
             s = self.failover.settings
             delay = backoff_delay(self.round - 1, s.backoff_init, s.backoff_max, self.failover.rng)
             nxt = self.next(now)

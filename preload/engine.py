@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cvmfs_download.http import HttpTransport
+from cvmfs_download.wire import Transport
 from cvmfs_format.catalog import Catalog, CatalogTree
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
@@ -32,7 +32,9 @@ from preload.progress import Progress, RepoReport
 from preload.rules import Kind
 from preload.selection import Selection, Selector, Wanted
 from preload.spec import RepoSpec
-from preload.store import RepoStore
+from preload.store import ObjectWriter, RepoStore
+
+SMALL_OBJECT = 1 << 20  # uncompressed bytes: objects up to this are fetched into memory
 
 log = logging.getLogger("preload")
 
@@ -65,7 +67,7 @@ class RepoPreload:
         keys: list[rsa.RSAPublicKey],
         store: RepoStore,
         fetch_config: FetchConfig,
-        transport: HttpTransport,
+        transport: Transport,
         options: Options,
         progress: Progress,
     ) -> None:
@@ -250,30 +252,39 @@ class RepoPreload:
     # -- objects --------------------------------------------------------------------------
 
     async def fetch_objects(self, missing: list[Wanted]) -> None:
-        queue: asyncio.Queue[Wanted] = asyncio.Queue()
-        for w in missing:
-            queue.put_nowait(w)
+        """Fetch every object, ``concurrency`` at a time.  Small ones are verified in memory
+        and written by :class:`ObjectWriter`'s thread; big ones stream into a temp file on
+        the way (hashed as they come), renamed into place once verified."""
+        todo = iter(missing)
         failure: list[BaseException] = []
+        writer = ObjectWriter(self.store)
+        report, progress, fetcher, store = self.report, self.progress, self.fetcher, self.store
 
         async def worker() -> None:
-            while not failure:
-                try:
-                    w = queue.get_nowait()
-                except asyncio.QueueEmpty:
+            for w in todo:
+                if failure:
                     return
-                tmp = unique_tmp(self.store.tmp_dir, w.relpath)
                 try:
-                    stored = await self.fetcher.fetch_to_file(w.relpath, w.hash, tmp, w.size)
-                    await self.store.commit(tmp, w.relpath)
+                    if w.size <= SMALL_OBJECT:
+                        data = await fetcher.fetch_object(w.relpath, w.hash, w.size, w.suffix)
+                        if writer.error is not None:
+                            raise writer.error
+                        writer.put(w.relpath, data)
+                        stored = len(data)
+                        await writer.room()
+                    else:
+                        tmp = unique_tmp(store.tmp_dir, w.relpath)
+                        stored = await fetcher.fetch_to_file(w.relpath, w.hash, tmp, w.size)
+                        store.commit_now(str(tmp), w.relpath)
                 except FetchError as e:
                     failure.append(PreloadError(f"{w.path}: {e}"))
                     return
                 except OSError as e:
                     failure.append(PreloadError(f"{e.filename}: {e.strerror}"))
                     return
-                self.report.objects_fetched += 1
-                self.report.bytes_fetched += stored
-                self.progress.advance(stored, w.size)
+                report.objects_fetched += 1
+                report.bytes_fetched += stored
+                progress.advance(stored, w.size)
 
         workers = [asyncio.create_task(worker()) for _ in range(self.config.concurrency)]
         try:
@@ -281,8 +292,12 @@ class RepoPreload:
         finally:
             for t in workers:
                 t.cancel()
+            await writer.close()
         if failure:
             raise failure[0]
+        if writer.error is not None:
+            e = writer.error
+            raise PreloadError(f"{e.filename}: {e.strerror}")
 
     async def _store_metainfo(self, m: Manifest) -> str | None:
         """The manifest's meta-information object, if it names one (part of a replica:

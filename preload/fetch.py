@@ -17,15 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_download.client import Downloader
-from cvmfs_download.core import Blame, Route, Settings
+from cvmfs_download.core import Blame, Kind, Route, Settings
 from cvmfs_download.errors import DownloadError as FetchError
-from cvmfs_download.http import HttpTransport
+from cvmfs_download.h1 import make_transport as _make
+from cvmfs_download.wire import Transport
 from cvmfs_format.hashes import ContentHash
+from cvmfs_format.objects import Suffix
 from cvmfs_format.proxies import ProxyGroups
 
 __all__ = ["FetchConfig", "FetchError", "Fetcher", "make_transport", "unique_tmp"]
 
 USER_AGENT = "cvmfs preload (hep-cvmfs-hpc)"
+_KINDS = {Suffix.CATALOG: Kind.CATALOG, Suffix.CERTIFICATE: Kind.CERTIFICATE}
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,9 @@ class FetchConfig:
         )
 
 
-def make_transport(config: FetchConfig) -> HttpTransport:
+def make_transport(config: FetchConfig) -> Transport:
     """One keep-alive pool for a run (every repository's downloads share it)."""
-    return HttpTransport(config.settings())
+    return _make(config.settings())
 
 
 class Fetcher:
@@ -62,7 +65,7 @@ class Fetcher:
         servers: tuple[str, ...],
         proxies: ProxyGroups,
         config: FetchConfig,
-        transport: HttpTransport,
+        transport: Transport,
         note: Callable[[str], None] = lambda _m: None,
     ) -> None:
         self.servers = servers
@@ -88,6 +91,14 @@ class Fetcher:
         """Whole body in memory (manifest, whitelist, catalogs, certificate); ``size``: the
         uncompressed size a catalog gives, which bounds it."""
         return await self.client.get(relpath, expected=expected, size=size)
+
+    async def fetch_object(
+        self, relpath: str, expected: ContentHash, size: int, suffix: Suffix
+    ) -> bytes:
+        """A verified object in memory (small ones: the writer thread stores them); ``size``
+        the catalog's, which bounds it."""
+        kind = _KINDS.get(suffix, Kind.OBJECT)
+        return await self.client.get(relpath, expected=expected, kind=kind, size=size)
 
     async def fetch_to_file(
         self, relpath: str, expected: ContentHash, tmp: Path, size: int | None = None

@@ -26,7 +26,8 @@ from pathlib import Path
 from cvmfs_download.client import Downloader
 from cvmfs_download.core import Settings
 from cvmfs_download.errors import DownloadError, NotFound
-from cvmfs_download.http import HttpTransport
+from cvmfs_download.h1 import make_transport
+from cvmfs_download.wire import Transport
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import parse_manifest
@@ -71,7 +72,7 @@ class Filler:
             max_connections=64,
             user_agent=user_agent,
         )
-        self._transport: HttpTransport | None = None
+        self._transport: Transport | None = None
         self._clients: dict[tuple[str, tuple[str, ...]], Downloader] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_checked: dict[str, float] = {}
@@ -82,7 +83,7 @@ class Filler:
         d = self._clients.get(key)
         if d is None:
             if self._transport is None:
-                self._transport = HttpTransport(self.settings)
+                self._transport = make_transport(self.settings)
             d = Downloader(
                 [[b] for b in repo.upstream],
                 self.proxies,

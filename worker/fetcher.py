@@ -208,9 +208,10 @@ class Fetcher:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Fetcher:
-        """Make the fetcher usable; its thread, event loop and HTTP session (asyncio and
-        aiohttp, ~0.15 s to import) come with the first request, so a job that fetches
-        nothing (its service fetches for it, or it never touches /cvmfs) starts without."""
+        """Make the fetcher usable; its thread, event loop and connection pool (asyncio, and
+        aiohttp for https:// servers only) come with the first request, so a job that
+        fetches nothing (its service fetches for it, or it never touches /cvmfs) starts
+        without."""
         self._wanted = True
         return self
 
@@ -238,9 +239,9 @@ class Fetcher:
             return loop
 
     async def _open_session(self) -> None:
-        from cvmfs_download.http import HttpTransport
+        from cvmfs_download.h1 import make_transport
 
-        self._transport = HttpTransport(self.settings)
+        self._transport = make_transport(self.settings)
 
     def _downloader_for(self, fqrn: str) -> tuple[Downloader, bool]:
         """The download client of ``fqrn``'s routes (event-loop thread only)."""
@@ -407,7 +408,7 @@ class Fetcher:
         import asyncio
 
         from cvmfs_download.core import Route
-        from cvmfs_download.http import probe
+        from cvmfs_download.wire import probe
 
         async def all_of() -> list[tuple[str, bool, str]]:
             if url_path.startswith("/cvmfs/info/"):  # no repository named: anybody there?
