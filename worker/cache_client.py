@@ -497,6 +497,35 @@ class CacheClient:
             log.debug("%s: cache service: %s", key, wait.error)
         return wait.data
 
+    def vouched(self, digest: str) -> bool:
+        """Did a job of the node verify the repository ensemble known by ``digest``
+        (worker.repository.ensemble_digest)?  False when the service cannot say."""
+        if self.gone:
+            return False
+        key = f"vouched\0{digest}"
+        wait = _MetaWait()
+        with self._lock:
+            self._meta_waits[key] = wait
+        try:
+            self.sock.send(encode({"op": "vouched", "digest": digest}))
+        except OSError as e:
+            self._mark_gone(e)
+        if not wait.done.wait(_META_TIMEOUT):
+            with self._lock:
+                if self._meta_waits.get(key) is wait:
+                    del self._meta_waits[key]
+            return False
+        return wait.data == b"1"
+
+    def vouch(self, digest: str) -> None:
+        """Tell the node's next jobs this ensemble verified (no reply)."""
+        if self.gone:
+            return
+        try:
+            self.sock.send(encode({"op": "vouch", "digest": digest}))
+        except OSError as e:
+            self._mark_gone(e)
+
     def answers(self, fqrn: str, root: str) -> bytes | None:
         """The answers ahead the node's earlier jobs learnt for this revision of a
         repository (worker.node_answers); None when there are none or the service is gone."""
@@ -643,6 +672,12 @@ class CacheClient:
         if op == "stats":
             self._stats_reply = msg
             self._stats_done.set()
+        elif op == "vouched":
+            with self._lock:
+                vouched = self._meta_waits.pop(f"vouched\0{msg.get('digest')}", None)
+            if vouched is not None:
+                vouched.data = b"1" if msg.get("known") is True else b""
+                vouched.done.set()
         elif op == "open" and not msg.get("ok"):
             err = msg.get("errno")
             with self._lock:

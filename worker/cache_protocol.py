@@ -20,6 +20,10 @@ answers, so a client can keep several requests in flight and read them on one th
   ``size`` bytes, when size > 0): the answers ahead earlier jobs learnt for this revision
   (worker.node_answers)
 - ``answers_add`` {fqrn, root, size} + one fd -> no reply: a job's own answers ahead, framed
+- ``vouch`` {digest} -> no reply: the job verified the signatures of a repository's manifest
+  and whitelist with its master keys (worker.repository.ensemble_digest names all three)
+- ``vouched`` {digest} -> {op, ok, digest, known}: did a job of the node vouch for it?  (The
+  service is the user's own: a job that trusts it with objects may trust it with this.)
 - ``stats`` -> {op, ok, ...counters}
 
 An object is described by how to load it, never by a key the client chose: the service

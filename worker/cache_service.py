@@ -28,6 +28,7 @@ import fcntl
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import stat
@@ -35,7 +36,7 @@ import struct
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ log = logging.getLogger("hep_exec.cache_service")
 SOCKET_NAME = "cache.sock"
 LOCK_NAME = "cache.lock"
 LOG_NAME = "cache.log"
+MAX_VOUCHED = 1024  # ensembles vouched for (one per repository revision and key set)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class CacheDirError(OSError):
@@ -223,6 +226,10 @@ class CacheService:
         self.cache = RamCache(config.ram_bytes, files=RamFiles(config.ram_files, by_key=True))
         self.meta = RepositoryFiles(self.fetcher)
         self.answers = AnswerTables()
+        # repository ensembles (manifest, whitelist, keys) a job verified: the next jobs
+        # recheck only their expiry (worker.repository, MountedRepository._verify)
+        self._vouched: OrderedDict[str, None] = OrderedDict()
+        self._vouch_lock = threading.Lock()
         self.idle = config.cache_idle
         self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
         # misses of ``open`` wait for their fetch here, not on the connection's reader
@@ -390,6 +397,18 @@ class CacheService:
                     self.counters["answers_taken"] += 1
                 except FrameError as e:
                     log.debug("client pid %d: answers ahead: %s", conn.pid, e)
+        elif op in ("vouch", "vouched"):
+            digest = msg.get("digest")
+            if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+                raise ProtocolError(f"{op}: a sha256 digest expected")
+            with self._vouch_lock:
+                if op == "vouch":
+                    self._vouched[digest] = None
+                    while len(self._vouched) > MAX_VOUCHED:
+                        self._vouched.popitem(last=False)
+                    return
+                known = digest in self._vouched
+            self._send(conn, {"op": "vouched", "ok": True, "digest": digest, "known": known})
         elif op == "stats":
             self._send(conn, {"op": "stats", "ok": True, **self.stats()})
         elif op == "hello":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import logging
 import os
 import re
@@ -781,6 +782,14 @@ class MasterKeys(Sequence["rsa.RSAPublicKey"]):
         self._pems = list(pems)
         self._keys: list[rsa.RSAPublicKey] | None = None
         self._lock = threading.Lock()
+
+    def digest(self) -> str:
+        """The keys' identity without parsing them (worker.repository: a node's jobs vouch
+        for what they verified with the same keys)."""
+        h = hashlib.sha256()
+        for pem in sorted(pem for _what, pem in self._pems):
+            h.update(hashlib.sha256(pem).digest())
+        return h.hexdigest()
 
     def _parsed(self) -> list[rsa.RSAPublicKey]:
         with self._lock:

@@ -17,9 +17,11 @@ hash) and, within it, per directory: the newest answers for a directory replace 
 
 Frames (what a job sends, and a table's contents): ``u32 part length, u32 data length, part,
 data``, where ``part`` names the directory and which of its answers the data holds: packed
-answers, or (:data:`LISTING`) the entries its mirror is made of.  A directory's newer part
-replaces the older, but for :data:`OPENED`, which each job adds to (a job records only the
-opens it had to make itself).
+answers, or (:data:`LISTING`) the entries its mirror is made of, or (:data:`OPENS_LOOKED`)
+that a job looked for its objects the node holds (so the next job does not look again for
+a directory whose files nobody opens, such as a package's sources beside its ``__pycache__``).
+A directory's newer part replaces the older, but for :data:`OPENED`, which each job adds to
+(a job records only the opens it had to make itself).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _LISTING_HEAD = struct.Struct("<Iq")  # the directory's mode, mtime in ns
 _NAME = struct.Struct("<BH")  # an entry's S_IFMT >> 12, its name's length
 LISTING = b"\0listing"  # the part of a directory's listing (what its mirror is made of)
 OPENED = b"\0opened"  # the part of the opens a job made of objects the service holds
+OPENS_LOOKED = b"\0opens-looked"  # a job looked for the directory's opens ahead (data: b"1")
 _KIND_BITS = frozenset(k >> 12 for k in (0o140000, 0o120000, 0o100000, 0o060000, 0o040000,
                                          0o020000, 0o010000))  # fmt: skip
 MAX_PART = 4096 + 16  # a directory's path and which answers
@@ -77,32 +80,6 @@ def encode_listing(mode: int, mtime_ns: int, entries: Iterable[tuple[bytes, int]
     for name, kind in entries:
         out += [_NAME.pack(kind >> 12, len(name)), name]
     return b"".join(out)
-
-
-def decode_listing(data: bytes) -> tuple[int, int, list[tuple[bytes, int]]] | None:
-    """:func:`encode_listing`'s values, or None for bytes that are not a listing."""
-    if len(data) < _LISTING_HEAD.size:
-        return None
-    mode, mtime_ns = _LISTING_HEAD.unpack_from(data)
-    off, out = _LISTING_HEAD.size, []
-    while off < len(data):
-        if len(data) - off < _NAME.size:
-            return None
-        kind, n = _NAME.unpack_from(data, off)
-        off += _NAME.size
-        name = data[off : off + n]
-        off += n
-        if (
-            len(name) != n
-            or kind not in _KIND_BITS
-            or not name
-            or b"/" in name
-            or b"\0" in name
-            or name in (b".", b"..")
-        ):
-            return None
-        out.append((name, kind << 12))
-    return mode, mtime_ns, out
 
 
 def valid_table_name(fqrn: object, root: object) -> bool:
@@ -218,6 +195,7 @@ class NodeAnswers:
         self._kept: dict[bytes, list[bytes]] = {}
         self._kept_bytes: dict[bytes, int] = {}
         self._listings: dict[bytes, bytes] = {}
+        self._opens_looked: set[bytes] = set()
         self.eager_bytes = EAGER_BYTES
         # the tracer's: put what is pending now, if this thread may (else it waits)
         self.arrived: Callable[[], None] = lambda: None
@@ -244,6 +222,7 @@ class NodeAnswers:
         head = self.mount + b"/" + fqrn.encode()
         by_directory: dict[bytes, list[bytes]] = {}
         listings = {}
+        looked = set()
         try:
             for part, body in frames(data):
                 directory, _, which = part.partition(b"\0")
@@ -251,6 +230,8 @@ class NodeAnswers:
                     continue  # a table answers for its own repository only
                 if b"\0" + which == LISTING:
                     listings[directory] = body
+                elif b"\0" + which == OPENS_LOOKED:
+                    looked.add(directory)
                 else:
                     by_directory.setdefault(directory, []).append(body)
         except FrameError as e:
@@ -271,13 +252,19 @@ class NodeAnswers:
         with self._lock:
             self._pending.append(Revision(head, b"".join(now), later))
             self._listings.update(listings)
+            self._opens_looked.update(looked)
             self.received += len(data)
         self.arrived()
 
-    def listing(self, directory: bytes) -> tuple[int, int, list[tuple[bytes, int]]] | None:
-        """A directory's mode, mtime and entries as an earlier job of the node saw them."""
-        data = self._listings.get(directory)
-        return decode_listing(data) if data is not None else None
+    def listing(self, directory: bytes) -> bytes | None:
+        """A directory's listing (:func:`encode_listing`) as an earlier job of the node saw
+        it; checked by whoever reads it (worker/_tmpfs.c, mirror)."""
+        return self._listings.get(directory)
+
+    def opens_looked(self, directory: bytes) -> bool:
+        """Did an earlier job of the node look for this directory's opens ahead?  (Those it
+        found are among the answers put; a file opened since is answered when it is.)"""
+        return directory in self._opens_looked
 
     def take(self) -> list[Revision]:
         """What the node knows of revisions mounted since: to put now, and to stage."""

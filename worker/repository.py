@@ -29,7 +29,7 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest
 from cvmfs_format.objects import Suffix, decompress, parse_object_path, verify_object
-from cvmfs_format.verify import loading, verify_ensemble
+from cvmfs_format.verify import loading, recheck_ensemble, verify_ensemble
 from worker.config import ConfigError
 from worker.fetcher import FetchError, NotFound, object_url
 from worker.ramcache import CachedObject, RamCache
@@ -70,6 +70,28 @@ class ObjectSource(Protocol):
         ...
 
 
+class Voucher(Protocol):
+    """Where a node's jobs vouch for the repository ensembles they verified (the node's
+    cache service, which is the user's own): a job that mounts bytes another job verified
+    with the same keys checks only what time can change (worker.cache_service)."""
+
+    def vouched(self, digest: str) -> bool: ...
+
+    def vouch(self, digest: str) -> None: ...
+
+
+def ensemble_digest(fqrn: str, manifest: bytes, whitelist: bytes, keys: object) -> str | None:
+    """What a verification of ``manifest`` and ``whitelist`` with ``keys`` is known by; None
+    for keys that cannot say who they are without parsing (then nothing is vouched for)."""
+    digest = getattr(keys, "digest", None)
+    if not callable(digest):
+        return None
+    h = hashlib.sha256(b"hep-exec ensemble 1\0" + fqrn.encode() + b"\0")
+    for part in (manifest, whitelist, str(digest()).encode()):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
 class RepositoryError(OSError):
     """A repository or object that cannot be used; ``errno`` is what the tracee should see."""
 
@@ -108,8 +130,11 @@ class MountedRepository:
         *,
         now: dt.datetime | None = None,
         lookup_cache_size: int = 1 << 16,
+        voucher: Voucher | None = None,
     ) -> None:
         self.fqrn = fqrn
+        self.voucher = voucher
+        self.vouched = False  # verified by an earlier job of the node: rechecked only
         self.fetcher = fetcher
         self.cache = cache if cache is not None else RamCache(1 << 30)
         self.verified = bool(master_keys)
@@ -136,7 +161,11 @@ class MountedRepository:
             fqrn,
             self.manifest.revision,
             self.manifest.root_catalog.hex,
-            ", signature verified" if self.verified else "",
+            ", signature verified by an earlier job of the node"
+            if self.vouched
+            else ", signature verified"
+            if self.verified
+            else "",
         )
 
     # ------------------------------------------------------------------ bootstrap
@@ -152,18 +181,17 @@ class MountedRepository:
     def _bootstrap(self, master_keys: Sequence[rsa.RSAPublicKey], now: dt.datetime) -> Manifest:
         fqrn = self.fqrn
         try:
-            keys = list(master_keys)  # parsed here, on first use (worker.config.MasterKeys)
             raw = self.fetcher.get(
                 object_url(fqrn, ".cvmfspublished"),
                 None,
                 f"{fqrn}/.cvmfspublished",
                 check=manifest_check,
             )
-            if keys:
+            if master_keys:
                 whitelist = self.fetcher.get(
                     object_url(fqrn, ".cvmfswhitelist"), None, f"{fqrn}/.cvmfswhitelist"
                 )
-                manifest = verify_ensemble(raw, whitelist, self._read, fqrn, keys, now)
+                manifest = self._verify(raw, whitelist, master_keys, now)
             else:
                 manifest = parse_manifest(raw).manifest
         except NotFound as e:
@@ -174,6 +202,27 @@ class MountedRepository:
             raise RepositoryError(errno.EIO, f"{fqrn}: {e}") from None
         if manifest.name and manifest.name != fqrn:
             raise RepositoryError(errno.EIO, f"{fqrn}: manifest names repository {manifest.name!r}")
+        return manifest
+
+    def _verify(
+        self,
+        raw: bytes,
+        whitelist: bytes,
+        master_keys: Sequence[rsa.RSAPublicKey],
+        now: dt.datetime,
+    ) -> Manifest:
+        """The signatures (master key, whitelist, certificate, manifest), unless a job of the
+        node verified these very bytes with these keys: then what time can change (expiry)."""
+        digest = None
+        if self.voucher is not None:
+            digest = ensemble_digest(self.fqrn, raw, whitelist, master_keys)
+        if digest is not None and self.voucher is not None and self.voucher.vouched(digest):
+            self.vouched = True
+            return recheck_ensemble(raw, whitelist, self.fqrn, now)
+        keys = list(master_keys)  # parsed here, on first use (worker.config.MasterKeys)
+        manifest = verify_ensemble(raw, whitelist, self._read, self.fqrn, keys, now)
+        if digest is not None and self.voucher is not None:
+            self.voucher.vouch(digest)
         return manifest
 
     def _load_catalog(self, content: ContentHash, what: str, size: int | None) -> Catalog:
@@ -396,8 +445,10 @@ class Repositories:
         cache: RamCache | None = None,
         configured: Sequence[str] = (),
         keys_for: Callable[[str], Sequence[rsa.RSAPublicKey]] | None = None,
+        voucher: Voucher | None = None,
     ) -> None:
         self.fetcher = fetcher
+        self.voucher = voucher
         self.master_keys = master_keys  # parsed on the first mount (MasterKeys)
         self.keys_for = keys_for  # a repository's own keys (the site's domain.d/, config.d/)
         self.cache = cache if cache is not None else RamCache(1 << 30)
@@ -456,7 +507,9 @@ class Repositories:
                 return repo
             self._raise_if_failed(fqrn)
             try:
-                repo = MountedRepository(fqrn, self.fetcher, self._keys(fqrn), self.cache)
+                repo = MountedRepository(
+                    fqrn, self.fetcher, self._keys(fqrn), self.cache, voucher=self.voucher
+                )
             except RepositoryError as e:
                 # said by whoever came to it (worker.namespace: with the path it asked for)
                 log.debug("/cvmfs/%s: cannot mount: %s", fqrn, e)

@@ -67,7 +67,12 @@ class WorkerSession:
         self.service_first = ServiceFirst(self.shared, self.fetcher) if self.shared else None
         source = self.service_first or self.fetcher
         self.repos = Repositories(
-            source, self.master_keys, self.cache, config.repositories, _site_keys(config)
+            source,
+            self.master_keys,
+            self.cache,
+            config.repositories,
+            _site_keys(config),
+            voucher=self.shared,
         )
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
         self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from worker.node_answers import LISTING, OPENED, NodeAnswers, encode_listing
+from worker import _tmpfs
+from worker.node_answers import LISTING, OPENED, OPENS_LOOKED, NodeAnswers, encode_listing
 from worker.policy import ASKED, Entry, Kind, Node, Opened, Policy
 
 log = logging.getLogger("hep-exec")
@@ -370,51 +371,46 @@ class Session:
         got = self._listing(pid, path)
         if isinstance(got, int):
             return got
-        mode, mtime_ns, entries = got
+        listing, from_node = got
         target = self._writable(self.shadow_of(path))
         try:
-            os.makedirs(target, exist_ok=True)
-            # one syscall per entry, relative to the directory (a large listing: 20,000)
-            dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                for name, kind in entries:
-                    with contextlib.suppress(FileExistsError):
-                        if kind == Kind.DIR:
-                            os.mkdir(name, 0o755, dir_fd=dfd)
-                        elif kind == Kind.LNK:
-                            os.symlink(b".", name, dir_fd=dfd)
-                        elif kind == Kind.FIFO:
-                            os.mkfifo(name, 0o600, dir_fd=dfd)
-                        else:
-                            os.mknod(name, stat.S_IFREG | 0o600, dir_fd=dfd)
-                os.chmod(dfd, mode & 0o7777)
-                os.utime(dfd, ns=(mtime_ns, mtime_ns))
-            finally:
-                os.close(dfd)
+                _tmpfs.mirror(target, listing)  # one call, without the GIL (worker/_tmpfs.c)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not from_node:
+                    raise
+                log.debug("%s: the node's listing does not parse", os.fsdecode(path))
+                got = self._listing(pid, path, node=False)
+                if isinstance(got, int):
+                    return got
+                _tmpfs.mirror(target, got[0])
         except OSError as e:
             log.warning("shadow tree: %s: %s", os.fsdecode(target), e.strerror)
             return errno.EIO
         self._populated.add(path)
         return 0
 
-    def _listing(self, pid: int, path: bytes) -> tuple[int, int, list[tuple[bytes, int]]] | int:
-        """A directory's mode, mtime and entries (name, kind): as the node's earlier jobs
-        saw them, else from the catalog (and then kept for the node's next jobs)."""
+    def _listing(self, pid: int, path: bytes, node: bool = True) -> tuple[bytes, bool] | int:
+        """A directory's listing (worker.node_answers.encode_listing) and whether it came
+        from the node: as the node's earlier jobs saw it, else from the catalog (and then
+        kept for the node's next jobs)."""
         shared = self.node_answers
-        if shared is not None:
+        if shared is not None and node:
             known = shared.listing(path)
             if known is not None:
-                return known
+                return known, True
         entries = self.policy.listdir(path)
         if isinstance(entries, int):
             return entries
-        node = self._lookup(pid, path)
-        if isinstance(node, int):
-            return node
-        got = (node.mode, node.mtime_ns, [(e.name, int(e.kind)) for e in entries])
+        found = self._lookup(pid, path)
+        if isinstance(found, int):
+            return found
+        listing = encode_listing(
+            found.mode, found.mtime_ns, [(e.name, int(e.kind)) for e in entries]
+        )
         if shared is not None and path != self.mount and self._plain_directory(pid, path):
-            shared.keep(path + LISTING, encode_listing(*got))
-        return got
+            shared.keep(path + LISTING, listing)
+        return listing, False
 
     def _note_opened(self, target: bytes, path: bytes) -> None:
         """Remember which /cvmfs path a RAM file was handed out for: a program exec'd
@@ -450,6 +446,8 @@ class Session:
         self._answered_ahead.add(parent)
         if opens:
             self._opened_ahead.add(parent)
+            if plain and self.node_answers is not None and self.node_answers.opens_looked(parent):
+                opens = False  # an earlier job of the node looked: what it found was put
         if not plain or (not first and not opens):
             return {}
         listed = parent in self._populated
@@ -518,6 +516,8 @@ class Session:
             part = directory + b"\0" + bytes((stats, opens_too))
             data = self.node_ops.pack(answers, shared.prefix, self.uid, self.gid, self.dev)
             shared.keep(part, data)
+            if opens_too:
+                shared.keep(directory + OPENS_LOOKED, b"1")
         return opens
 
     def _symlink_ahead(
@@ -902,10 +902,8 @@ class _ShadowTree:
     def make(cls, mount: bytes) -> _ShadowTree:
         leaf = mount.strip(b"/").replace(b"/", b"_")
         try:
-            from worker import _tmpfs
-
             rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_OPTIONS)
-        except (OSError, ImportError) as e:
+        except OSError as e:
             log.debug("shadow tree in %s: no private tmpfs (%s)", _shadow_parent(), e)
             private = tempfile.mkdtemp(prefix="hep-exec-", dir=_shadow_parent())
             plain = os.fsencode(private) + b"/" + leaf

@@ -12,6 +12,7 @@ job's own environment.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -30,11 +31,11 @@ from tests.worker.test_node_cache import kill_service, put_from_node, upcalls
 from worker.node_answers import (
     LISTING,
     OPENED,
+    OPENS_LOOKED,
     AnswerTables,
     FrameError,
     NodeAnswers,
     Revision,
-    decode_listing,
     encode_listing,
     frames,
     join_frames,
@@ -80,6 +81,45 @@ def test_tables_newest_answers_per_directory_and_bounds() -> None:
     assert t.stats()[1] <= 1000
 
 
+def test_a_mirror_holds_an_empty_entry_per_listed_entry(tmp_path: Path) -> None:
+    """worker/_tmpfs.c mirror: what getdents of a /cvmfs directory shows, from its listing;
+    bytes that are not a listing (from a confused service) make nothing up."""
+    from worker import _tmpfs
+
+    entries = [(b"f.py", 0o100000), (b"sub", 0o40000), (b"ln", 0o120000), (b"p", 0o10000),
+               (b"dev", 0o20000), (b"\xe9t\xe9", 0o100000)]  # fmt: skip
+    listing = encode_listing(0o40555, 1_600_000_000_123_456_789, entries)
+    target = tmp_path / "d"
+    _tmpfs.mirror(os.fsencode(target), listing)
+    _tmpfs.mirror(os.fsencode(target), listing)  # again: what exists stays, no error
+    kinds = {e.name.encode("utf-8", "surrogateescape"): os.lstat(e.path).st_mode & 0o170000
+             for e in os.scandir(target)}  # fmt: skip
+    assert kinds == {b"f.py": 0o100000, b"sub": 0o40000, b"ln": 0o120000, b"p": 0o10000,
+                     b"dev": 0o100000, b"\xe9t\xe9": 0o100000}  # fmt: skip
+    st = os.stat(target)
+    assert st.st_mode & 0o7777 == 0o555
+    assert st.st_mtime_ns == 1_600_000_000_123_456_789
+    older = encode_listing(0o40755, -1_500_000_000, [])  # before 1970
+    _tmpfs.mirror(os.fsencode(tmp_path / "old"), older)
+    assert os.stat(tmp_path / "old").st_mtime_ns == -1_500_000_000
+    for i, bad in enumerate((
+        b"",
+        listing[:-1],
+        listing + b"\1",
+        encode_listing(0o40755, 0, [(b"a/b", 0o100000)]),
+        encode_listing(0o40755, 0, [(b"..", 0o40000)]),
+        encode_listing(0o40755, 0, [(b"x\0y", 0o100000)]),
+        encode_listing(0o40755, 0, [(b"", 0o100000)]),
+        encode_listing(0o40755, 0, [(b"k", 0o170000)]),
+    )):  # fmt: skip
+        with pytest.raises(OSError) as e:
+            _tmpfs.mirror(os.fsencode(tmp_path / f"bad{i}"), bad)
+        assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:
+        _tmpfs.mirror(os.fsencode(tmp_path / "no" / "parent"), listing)
+    assert e.value.errno == errno.ENOENT and "no/parent" in str(e.value)
+
+
 def test_table_names_and_a_jobs_answers_by_revision() -> None:
     assert valid_table_name("cms.cern.ch", ROOT)
     for fqrn, root in (("", ROOT), ("a/b", ROOT), ("..", ROOT), ("r", "../x"), ("r", 7)):
@@ -91,6 +131,7 @@ def test_table_names_and_a_jobs_answers_by_revision() -> None:
             [
                 (b"/cvmfs/a.org/x\0\1\0", b"pack"),
                 (b"/cvmfs/a.org/x" + LISTING, listing),
+                (b"/cvmfs/a.org/x" + OPENS_LOOKED, b"1"),
                 (b"/cvmfs/b.org/y\0\1\0", b"evil"),  # another repository's: never taken
                 (b"/cvmfs/a.org/z\0\1\0", b"ed"),
             ]
@@ -108,10 +149,9 @@ def test_table_names_and_a_jobs_answers_by_revision() -> None:
     na.mounted("b.org", "f" * 40)
     assert na.take() == [Revision(b"/cvmfs/a.org", b"pack", [(b"/cvmfs/a.org/z", b"ed")])]
     assert not na.pending
-    assert na.listing(b"/cvmfs/a.org/x") == (0o40755, 12, [(b"f", 0o100000), (b"d", 0o40000)])
+    assert na.listing(b"/cvmfs/a.org/x") == listing
     assert na.listing(b"/cvmfs/a.org/z") is None
-    for bad in (b"", listing + b"\1", listing[:-1], encode_listing(0, 0, [(b"a/b", 0o100000)])):
-        assert decode_listing(bad) is None
+    assert na.opens_looked(b"/cvmfs/a.org/x") and not na.opens_looked(b"/cvmfs/a.org/z")
     na.keep(b"/cvmfs/a.org/x\0\1\0\0", b"A")
     na.keep(b"/cvmfs/b.org/y\0\1\0\0", b"B")
     na.keep(b"/cvmfs/c.org/z\0\1\0\0", b"C")  # never mounted here: not handed over
