@@ -18,6 +18,7 @@ uint64_t fo_cookie(void);
 int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size_t dlen,
                int is_path, int err, uint64_t dev, uint64_t ino);
 void fo_reserve(size_t arena_bytes); /* many answers follow: fault their memory in at once */
+void fo_reserve_async(size_t arena_bytes); /* the same by a thread of its own, ahead of time */
 void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files there */
 void fo_withdraw(unsigned kind, const char *key, size_t kn);
 void fo_withdraw_file(uint64_t dev, uint64_t ino);

@@ -4525,6 +4525,20 @@ static PyObject *trap_put_staged(PyObject *self, PyObject *args)
 }
 
 /* take_notes() -> [(object file, path), ...]: the opens put since Python last asked */
+/* prefault(nbytes): a repository is being mounted and the node has answers for it: fault in
+ * the in-process table and `nbytes` of its arena by a thread of their own, while the mount
+ * reads the manifest and catalogs, so that putting the answers finds the memory ready. */
+static PyObject *trap_prefault(PyObject *self, PyObject *args)
+{
+    Py_ssize_t n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "n", &n))
+        return NULL;
+    if (n > 0 && handler) /* during a run */
+        fo_reserve_async((size_t)n * 2); /* what answers take in the arena, roughly */
+    Py_RETURN_NONE;
+}
+
 static PyObject *trap_take_notes(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -4596,6 +4610,8 @@ static PyMethodDef methods[] = {
      "stage(within, [(directory, data), ...], prefix, uid, gid, dev, dirfd) -> n"},
     {"put_staged", trap_put_staged, METH_VARARGS,
      "put_staged(directory) -> (n, listed directories, opens) or None"},
+    {"prefault", trap_prefault, METH_VARARGS,
+     "prefault(nbytes): fault in the in-process table for nbytes of answers, in a thread"},
     {"take_notes", trap_take_notes, METH_NOARGS,
      "take_notes() -> [(object file, path), ...] of the opens put since last asked"},
     {"forget", trap_forget, METH_VARARGS,

@@ -199,6 +199,8 @@ class NodeAnswers:
         self.eager_bytes = EAGER_BYTES
         # the tracer's: put what is pending now, if this thread may (else it waits)
         self.arrived: Callable[[], None] = lambda: None
+        # the tracer's: a repository is being mounted (its answers' memory, ahead)
+        self.mounting: Callable[[], None] = lambda: None
         self.received = 0  # bytes of answers the service gave
         self.put = 0  # answers put from them
         self.sent = 0  # bytes handed to the service
@@ -260,6 +262,10 @@ class NodeAnswers:
         """A directory's listing (:func:`encode_listing`) as an earlier job of the node saw
         it; checked by whoever reads it (worker/_tmpfs.c, mirror)."""
         return self._listings.get(directory)
+
+    def mounting_soon(self) -> None:
+        """A repository is being mounted: its answers will come (whoever prepares for them)."""
+        self.mounting()
 
     def opens_looked(self, directory: bytes) -> bool:
         """Did an earlier job of the node look for this directory's opens ahead?  (Those it

@@ -457,8 +457,10 @@ class Repositories:
         self._failed: dict[str, tuple[RepositoryError, float]] = {}
         self._lock = threading.Lock()
         self._mounting: dict[str, threading.Lock] = {}
-        # told of each mount (worker.node_answers: the node's answers for that revision)
+        # told of each mount (worker.node_answers: the node's answers for that revision),
+        # and as it begins
         self.on_mount: Callable[[MountedRepository], None] | None = None
+        self.on_mounting: Callable[[], None] | None = None
 
     def _keys(self, fqrn: str) -> Sequence[rsa.RSAPublicKey]:
         if self.keys_for is None:
@@ -506,6 +508,8 @@ class Repositories:
             if repo is not None:
                 return repo
             self._raise_if_failed(fqrn)
+            if self.on_mounting is not None:
+                self.on_mounting()
             try:
                 repo = MountedRepository(
                     fqrn, self.fetcher, self._keys(fqrn), self.cache, voucher=self.voucher

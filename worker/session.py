@@ -93,6 +93,7 @@ class WorkerSession:
             )
             self.node_answers.eager_bytes = config.eager_answers
             self.repos.on_mount = self._mounted
+            self.repos.on_mounting = self.node_answers.mounting_soon
         if prefetch_list:
             self.prefetch = Prefetch(
                 prefetch_list, self.repos, self.shared, config.prefetch_concurrency

@@ -991,6 +991,8 @@ def run(
                 _trap.pack, _trap.put_packed, _trap.stage, _trap.put_staged, _trap.take_notes
             )
             node_answers.arrived = session.put_node_answers
+            eager = node_answers.eager_bytes
+            node_answers.mounting = lambda: _trap.prefault(eager)
         try:
             status, exec_errno, raw = _trap.run(
                 args,
