@@ -39,6 +39,25 @@
 #include "_fastopen_sup.h"
 
 _Static_assert(sizeof(fo_blob) <= FO_CODE_MAX, "handler blob too large");
+/* the layouts the handler reads and writes by offset (_fastopen_tracee.c, statx_of) */
+_Static_assert(sizeof(struct stat) == 144 && offsetof(struct stat, st_ino) == 8 &&
+                   offsetof(struct stat, st_nlink) == 16 && offsetof(struct stat, st_mode) == 24 &&
+                   offsetof(struct stat, st_uid) == 28 && offsetof(struct stat, st_gid) == 32 &&
+                   offsetof(struct stat, st_rdev) == 40 && offsetof(struct stat, st_size) == 48 &&
+                   offsetof(struct stat, st_blocks) == 64 && offsetof(struct stat, st_atim) == 72 &&
+                   offsetof(struct stat, st_mtim) == 88 && offsetof(struct stat, st_ctim) == 104,
+               "struct stat is not the x86-64 layout the handler reads");
+_Static_assert(sizeof(struct statx) == 256 && offsetof(struct statx, stx_blksize) == 4 &&
+                   offsetof(struct statx, stx_nlink) == 16 && offsetof(struct statx, stx_uid) == 20 &&
+                   offsetof(struct statx, stx_gid) == 24 && offsetof(struct statx, stx_mode) == 28 &&
+                   offsetof(struct statx, stx_ino) == 32 && offsetof(struct statx, stx_size) == 40 &&
+                   offsetof(struct statx, stx_blocks) == 48 &&
+                   offsetof(struct statx, stx_atime) == 64 &&
+                   offsetof(struct statx, stx_ctime) == 96 &&
+                   offsetof(struct statx, stx_mtime) == 112 &&
+                   offsetof(struct statx, stx_rdev_major) == 128 &&
+                   offsetof(struct statx, stx_dev_major) == 136,
+               "struct statx is not the layout the handler writes");
 _Static_assert(sizeof(fo_hdr_t) <= FO_PAGE, "header too large");
 
 static int memfd = -1;

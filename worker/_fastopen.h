@@ -39,8 +39,7 @@ enum {
     FO_STAT = 2,       /* stat following symlinks: a struct stat, an errno, or a path to stat */
     FO_LSTAT = 3,      /* the same, not following the last component */
     FO_IDENT = 4,      /* fstat of an fd on this RAM file: a struct stat */
-    FO_STATX = 5,      /* statx following symlinks: a struct statx, an errno, or a path */
-    FO_LSTATX = 6,     /* the same, AT_SYMLINK_NOFOLLOW */
+    /* 5, 6: none (statx is answered from FO_STAT, FO_LSTAT: one answer for both calls) */
     FO_READLINK = 7,   /* readlink: the link's bytes (data_len of them), or an errno */
     FO_XATTR = 8,      /* getxattr of any name (+1: lgetxattr): an errno (no attributes) */
     FO_XATTR_LIST = 10, /* listxattr (+1: llistxattr): 0 (none), or an errno */
@@ -52,7 +51,7 @@ enum {
 
 /* A published answer: key and data in the arena (8-byte aligned).  data_len 0: the answer is
  * -err; is_path: a NUL-terminated path to make the call on instead; else a struct stat
- * (144 bytes), a struct statx (256 bytes) or a symlink's target.  A slot is filled before its hash is stored (release) and never reused;
+ * (144 bytes) or a symlink's target.  A slot is filled before its hash is stored (release) and never reused;
  * it is live while `epoch` equals the header's (withdrawing one answer zeroes it,
  * withdrawing all bumps the header's). */
 typedef struct {

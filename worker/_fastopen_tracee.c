@@ -218,16 +218,48 @@ static long do_stat(const char *base, const char *path, void *buf, long flags, i
 
 /* statx of a published path: a struct statx (the mask asked for does not matter: the
  * tracer always answers STATX_BASIC_STATS) */
+/* The statx answer of a published struct stat, as the tracer's fill_statx makes it (one
+ * published answer serves stat and statx alike).  x86-64 layouts; _fastopen.c asserts them. */
+static void statx_of(char *x, const char *st)
+{
+    uint64_t *w = (uint64_t *)x;
+    for (int i = 0; i < 32; i++) /* 256 bytes */
+        w[i] = 0;
+    uint64_t dev = *(const uint64_t *)st, rdev = *(const uint64_t *)(st + 40);
+    *(uint32_t *)x = 0x7ff;           /* stx_mask: STATX_BASIC_STATS */
+    *(uint32_t *)(x + 4) = 4096;      /* stx_blksize */
+    *(uint32_t *)(x + 16) = (uint32_t)*(const uint64_t *)(st + 16); /* stx_nlink */
+    *(uint32_t *)(x + 20) = *(const uint32_t *)(st + 28); /* stx_uid */
+    *(uint32_t *)(x + 24) = *(const uint32_t *)(st + 32); /* stx_gid */
+    *(uint16_t *)(x + 28) = (uint16_t)*(const uint32_t *)(st + 24); /* stx_mode */
+    *(uint64_t *)(x + 32) = *(const uint64_t *)(st + 8);  /* stx_ino */
+    *(uint64_t *)(x + 40) = *(const uint64_t *)(st + 48); /* stx_size */
+    *(uint64_t *)(x + 48) = *(const uint64_t *)(st + 64); /* stx_blocks */
+    *(int64_t *)(x + 64) = *(const int64_t *)(st + 72); /* atime (no tables: no .rodata) */
+    *(uint32_t *)(x + 72) = (uint32_t)*(const int64_t *)(st + 80);
+    *(int64_t *)(x + 96) = *(const int64_t *)(st + 104); /* ctime */
+    *(uint32_t *)(x + 104) = (uint32_t)*(const int64_t *)(st + 112);
+    *(int64_t *)(x + 112) = *(const int64_t *)(st + 88); /* mtime */
+    *(uint32_t *)(x + 120) = (uint32_t)*(const int64_t *)(st + 96);
+    /* glibc's major() and minor() */
+    *(uint32_t *)(x + 128) = (uint32_t)(((rdev >> 8) & 0xfff) | ((rdev >> 32) & ~0xfffull));
+    *(uint32_t *)(x + 132) = (uint32_t)((rdev & 0xff) | ((rdev >> 12) & ~0xffull));
+    *(uint32_t *)(x + 136) = (uint32_t)(((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfffull));
+    *(uint32_t *)(x + 140) = (uint32_t)((dev & 0xff) | ((dev >> 12) & ~0xffull));
+}
+
 static long do_statx(const char *base, const char *path, long flags, long mask, void *buf,
                      int *done)
 {
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
     int published = 0;
-    unsigned kind = flags & AT_SYMLINK_NOFOLLOW_ ? FO_LSTATX : FO_STATX;
+    unsigned kind = flags & AT_SYMLINK_NOFOLLOW_ ? FO_LSTAT : FO_STAT;
     const fo_slot_t *s = (flags & ~(long)(AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_ | 0x6000)) ||
                                  !buf
                              ? 0
                              : find(base, kind, path, &published);
+    if (s && s->data_len && !s->is_path && s->data_len != 144)
+        s = 0; /* not a struct stat: the tracer's */
     if (!s) {
         missed(&cnt->stat_misses, published);
         return 0;
@@ -239,7 +271,7 @@ static long do_statx(const char *base, const char *path, long flags, long mask, 
         r = fo_syscall6(332, AT_FDCWD_, (long)data_of(base, s), flags, mask, (long)buf,
                         cookie_of(base));
     else
-        copy_words(buf, data_of(base, s), 256);
+        statx_of(buf, data_of(base, s));
     return answered(&cnt->stat_hits, done, r);
 }
 

@@ -2087,7 +2087,6 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
     int missing = a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR);
     union {
         struct stat st;
-        struct statx x;
         char link[MAXPATH];
     } buf;
     size_t dlen = 0;
@@ -2113,13 +2112,8 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
         missing = a->kind == A_RETURN && a->ival <= 0 && a->ival >= -4095 &&
                   (cls == C_XATTR_GET ? a->ival < 0 : a->ival == 0);
         shadow = 0;
-    } else if (cls == C_STAT && nr == 332) {
-        kind = flags & F_NOFOLLOW ? FO_LSTATX : FO_STATX;
-        if (a->kind == A_STAT) {
-            fill_statx(a->st, &buf.x);
-            dlen = sizeof buf.x;
-        }
-    } else if (cls == C_STAT && (nr == SYS_newfstatat || nr == SYS_stat || nr == SYS_lstat)) {
+    } else if (cls == C_STAT && (nr == 332 || nr == SYS_newfstatat || nr == SYS_stat ||
+                                  nr == SYS_lstat)) { /* statx too: the handler converts */
         kind = flags & F_NOFOLLOW ? FO_LSTAT : FO_STAT;
         if (a->kind == A_STAT) {
             fill_stat(a->st, &buf.st);
@@ -3897,12 +3891,9 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
         return 1;
     if (cls == C_STAT && a->kind == A_STAT) {
         struct stat st;
-        struct statx x;
         fill_stat(a->st, &st);
-        fill_statx(a->st, &x);
         int nofollow = flags & F_NOFOLLOW;
         fo_publish(nofollow ? FO_LSTAT : FO_STAT, key, kn, &st, sizeof st, 0, 0, 0, 0);
-        fo_publish(nofollow ? FO_LSTATX : FO_STATX, key, kn, &x, sizeof x, 0, 0, 0, 0);
     } else if (cls == C_NOXATTR) {
         /* after its entries' answers: an entry with xattrs must be seen as such in-process
          * (below) before its directory says the others have none */
