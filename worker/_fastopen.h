@@ -45,6 +45,9 @@ enum {
     FO_XATTR_LIST = 10, /* listxattr (+1: llistxattr): 0 (none), or an errno */
     FO_NOXATTR = 12,   /* a directory whose entries have no xattrs but those published:
                         * present or not (xattr calls on entries with a published lstat) */
+    FO_LISTED = 13,    /* a directory each of whose names is published (FO_NAMED): any other
+                        * name in it does not exist (published after its names) */
+    FO_NAMED = 14,     /* a name a listed directory has */
     FO_ACCESS = 16,    /* + mode (0-7) + 8 for AT_SYMLINK_NOFOLLOW: an errno (0: allowed) or a
                         * path to ask instead */
 };

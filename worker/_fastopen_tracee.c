@@ -174,6 +174,27 @@ static void missed(uint64_t *counter, int published)
         __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
 }
 
+/* Is `path` (under the mount, in normal form) a name its directory does not have?  Only for
+ * a directory published as listed, which the tracer does after each of its names
+ * (worker/_trap.c, put_one): then ENOENT, as the tracer would derive it, with no stop. */
+static int absent(const char *base, const char *path)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    uint64_t x;
+    unsigned long len = normal_mount_path(h, path, &x), slash = 0;
+    if (!len)
+        return 0;
+    for (unsigned long i = 0; i < len; i++)
+        if (path[i] == '/')
+            slash = i;
+    if (slash <= h->mount_len) /* /cvmfs/<name>: the repositories, never listed */
+        return 0;
+    uint64_t d = FO_HASH_INIT;
+    for (unsigned long i = 0; i < slash; i++)
+        d = fo_hash_step(d, (unsigned char)path[i]);
+    return lookup(base, FO_LISTED, path, slash, d) && !lookup(base, FO_NAMED, path, len, x);
+}
+
 /* open/openat of a published path: open its target here */
 static long do_open(const char *base, const char *path, long fl, long mode, int *done)
 {
@@ -188,6 +209,8 @@ static long do_open(const char *base, const char *path, long fl, long mode, int 
         if (r != -ENOENT_) /* ENOENT: evicted meanwhile; the tracer fetches it again */
             return answered(&cnt->hits, done, r);
     }
+    if (!s && published && !(fl & FO_REFUSE) && absent(base, path))
+        return answered(&cnt->hits, done, -ENOENT_);
     missed(&cnt->misses, published);
     return 0;
 }
@@ -201,6 +224,8 @@ static long do_stat(const char *base, const char *path, void *buf, long flags, i
     const fo_slot_t *s = (flags & ~(long)(AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_)) || !buf
                              ? 0
                              : find(base, kind, path, &published);
+    if (!s && published && absent(base, path))
+        return answered(&cnt->stat_hits, done, -ENOENT_);
     if (!s) {
         missed(&cnt->stat_misses, published);
         return 0;
@@ -216,8 +241,6 @@ static long do_stat(const char *base, const char *path, void *buf, long flags, i
     return answered(&cnt->stat_hits, done, r);
 }
 
-/* statx of a published path: a struct statx (the mask asked for does not matter: the
- * tracer always answers STATX_BASIC_STATS) */
 /* The statx answer of a published struct stat, as the tracer's fill_statx makes it (one
  * published answer serves stat and statx alike).  x86-64 layouts; _fastopen.c asserts them. */
 static void statx_of(char *x, const char *st)
@@ -248,6 +271,8 @@ static void statx_of(char *x, const char *st)
     *(uint32_t *)(x + 140) = (uint32_t)((dev & 0xff) | ((dev >> 12) & ~0xffull));
 }
 
+/* statx of a published path: from its struct stat (the mask asked for does not matter: the
+ * tracer always answers STATX_BASIC_STATS) */
 static long do_statx(const char *base, const char *path, long flags, long mask, void *buf,
                      int *done)
 {
@@ -260,6 +285,8 @@ static long do_statx(const char *base, const char *path, long flags, long mask, 
                              : find(base, kind, path, &published);
     if (s && s->data_len && !s->is_path && s->data_len != 144)
         s = 0; /* not a struct stat: the tracer's */
+    else if (!s && published && absent(base, path))
+        return answered(&cnt->stat_hits, done, -ENOENT_);
     if (!s) {
         missed(&cnt->stat_misses, published);
         return 0;
@@ -319,6 +346,8 @@ static long do_access(const char *base, const char *path, long mode, long nofoll
         unsigned m = stat_mode(base, nofollow ? FO_LSTAT : FO_STAT, path);
         if (m)
             return answered(&cnt->stat_hits, done, access_of(base, m, mode));
+        if (published && absent(base, path))
+            return answered(&cnt->stat_hits, done, -ENOENT_);
     }
     if (!s) {
         missed(&cnt->stat_misses, published);
@@ -349,6 +378,8 @@ static long do_xattr(const char *base, unsigned kind, const char *path, int *don
         if (m && ((kind & 1) || (m & S_IFMT_) != S_IFLNK_) &&
             lookup(base, FO_NOXATTR, path, slash, x))
             return answered(&cnt->stat_hits, done, kind < FO_XATTR_LIST ? -61 /* ENODATA */ : 0);
+        if (!m && absent(base, path))
+            return answered(&cnt->stat_hits, done, -ENOENT_);
     }
     if (!s || s->is_path || s->data_len) {
         missed(&cnt->stat_misses, published);
@@ -363,6 +394,8 @@ static long do_readlink(const char *base, const char *path, char *buf, long size
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
     int published = 0;
     const fo_slot_t *s = size <= 0 || !buf ? 0 : find(base, FO_READLINK, path, &published);
+    if (!s && published && absent(base, path))
+        return answered(&cnt->stat_hits, done, -ENOENT_);
     if (!s || s->is_path) {
         missed(&cnt->stat_misses, published);
         return 0;

@@ -265,6 +265,9 @@ static int probe_notify(void)
 /* An entry's xattrs could not be published in-process: no directory says "no xattrs" there
  * any more (FO_NOXATTR), or the handler would deny that entry's. */
 static int xattrs_unpublished;
+/* A name of a listed directory could not be published (the table is full): no directory is
+ * published as listed any more (FO_LISTED), or the handler would deny that name. */
+static int names_unpublished;
 
 static unsigned long long n_node_puts; /* answers put from the node's */
 
@@ -3815,7 +3818,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     threads = NULL;
     threads_cap = threads_used = 0;
     n_scratch = n_held = 0;
-    xattrs_unpublished = 0;
+    xattrs_unpublished = names_unpublished = 0;
     stage_clear();
     free(pend.img);
     memset(&pend, 0, sizeof pend);
@@ -3854,11 +3857,12 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
     uint64_t h = fnv(cls, flags, key, kn);
     entry_t *e = NULL;
     char *k = NULL;
-    if (cache_get(cls, flags, key, kn, h) || !(e = calloc(1, sizeof *e)) ||
-        !(k = malloc(kn + 1))) {
-        free(e);
-        free(a->bval);
-        return 0;
+    if (cache_get(cls, flags, key, kn, h))
+        goto skip;
+    if (!(e = calloc(1, sizeof *e)) || !(k = malloc(kn + 1))) {
+        if (cls == C_NAMED) /* a name not known here: no listing may deny it in-process */
+            names_unpublished = 1;
+        goto skip;
     }
     struct stat rs;
     if (cls == C_OPEN) {
@@ -3894,11 +3898,17 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
         fill_stat(a->st, &st);
         int nofollow = flags & F_NOFOLLOW;
         fo_publish(nofollow ? FO_LSTAT : FO_STAT, key, kn, &st, sizeof st, 0, 0, 0, 0);
+    } else if (cls == C_NAMED) {
+        if (!fo_publish(FO_NAMED, key, kn, NULL, 0, 0, 0, 0, 0))
+            names_unpublished = 1;
     } else if (cls == C_NOXATTR) {
         /* after its entries' answers: an entry with xattrs must be seen as such in-process
          * (below) before its directory says the others have none */
         if (!xattrs_unpublished)
             fo_publish(FO_NOXATTR, key, kn, NULL, 0, 0, 0, 0, 0);
+        /* and after all its names: only then may a name missing there mean ENOENT */
+        if (!names_unpublished && cache_get(C_LISTED, 0, key, kn, fnv(C_LISTED, 0, key, kn)))
+            fo_publish(FO_LISTED, key, kn, NULL, 0, 0, 0, 0, 0);
     } else if ((cls == C_XATTR_GET || cls == C_XATTR_LIST) && a->kind == A_XATTRS) {
         /* present, with data: the handler hands these calls to us (and derives nothing) */
         unsigned kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) +
@@ -3920,6 +3930,10 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
                    a->ram_ino);
     }
     return 1;
+skip:
+    free(e);
+    free(a->bval);
+    return 0;
 }
 
 /* A growable byte buffer. */

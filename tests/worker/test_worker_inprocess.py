@@ -461,3 +461,28 @@ def test_tracee_memory_maps_show_the_handler(world: World) -> None:
     assert "hep-exec-fastopen" in r.stdout
     plain = subprocess.run(["cat", "/proc/self/maps"], capture_output=True, text=True)
     assert "hep-exec-fastopen" not in plain.stdout
+
+
+def test_names_a_listed_directory_does_not_have_are_absent_in_process(world: World) -> None:
+    """Once a directory's entries are answered ahead, every name it has is published and the
+    directory is marked listed after them: the first stat, access, readlink or open of a name
+    it does not have is ENOENT inside the process (Python probes many such names), while every
+    name it has keeps its own answer."""
+    missing = [f"{MOUNT}/missing{i:03d}" for i in range(100)]
+    present = [f"{MOUNT}/{n}" for n in ("f00", "link", "sub", "same1")]
+    argv = [prog(world), "stats", "1", *present, *missing, *present]
+    r = hep_exec(world.proxy, argv, options=["--stats-internals"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 108, r.stdout
+    for ln in lines[len(present) : len(present) + len(missing)]:
+        assert "stat No such file or directory 0 0 lstat No such file or directory" in ln, ln
+        assert "statx No such file or directory" in ln and "access No such file" in ln, ln
+        assert "readlink No such file or directory" in ln, ln
+    assert lines[:4] == lines[-4:]  # the names it has: the same answers after the others
+    assert all("No such file" not in ln for ln in lines[:4]), lines[:4]
+    m = re.search(r"stats: (\d+) \((\d+) handed", r.stderr)
+    assert m, r.stderr
+    # a handful of first calls go to the tracer (before the site is patched, and the call
+    # that has the directory's entries answered ahead); the hundred names do not
+    assert int(m[1]) >= 5 * len(missing) and int(m[2]) < 20, r.stderr
