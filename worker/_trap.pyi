@@ -1,6 +1,7 @@
 """Type stub of the C trap loop (worker/_trap.c)."""
 
 from collections.abc import Callable, Sequence
+from mmap import mmap
 from typing import TypedDict
 
 Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
@@ -46,7 +47,7 @@ def put_packed(
 ) -> tuple[int, list[bytes], list[tuple[bytes, bytes]]]: ...
 def stage(
     within: bytes,
-    parts: list[tuple[bytes, bytes]],
+    parts: list[tuple[bytes, bytes | memoryview | mmap]],
     prefix: bytes,
     uid: int,
     gid: int,

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import socket
 import subprocess
@@ -94,13 +95,13 @@ def open_shared(
 
 
 class _MetaWait:
-    """A ``meta`` request's reply: the file's bytes, or why not."""
+    """A ``meta`` request's reply: the file's bytes (an answer table: mapped), or why not."""
 
     __slots__ = ("data", "done", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.data: bytes | None = None
+        self.data: bytes | mmap.mmap | None = None
         self.error: str | None = None
 
 
@@ -495,7 +496,7 @@ class CacheClient:
             return None
         if wait.error is not None:
             log.debug("%s: cache service: %s", key, wait.error)
-        return wait.data
+        return wait.data if isinstance(wait.data, bytes) else None
 
     def vouched(self, digest: str) -> bool:
         """Did a job of the node verify the repository ensemble known by ``digest``
@@ -526,7 +527,7 @@ class CacheClient:
         except OSError as e:
             self._mark_gone(e)
 
-    def answers(self, fqrn: str, root: str) -> bytes | None:
+    def answers(self, fqrn: str, root: str) -> bytes | mmap.mmap | None:
         """The answers ahead the node's earlier jobs learnt for this revision of a
         repository (worker.node_answers); None when there are none or the service is gone."""
         if self.gone:
@@ -661,8 +662,7 @@ class CacheClient:
             self._meta_reply(msg, fds, f"{msg.get('fqrn')}/{msg.get('path')}", _META_MAX)
             return
         if op == "answers":
-            key = f"answers\0{msg.get('fqrn')}\0{msg.get('root')}"
-            self._meta_reply(msg, fds, key, MAX_TABLE_BYTES)
+            self._answers_reply(msg, fds)
             return
         if op == "open" and msg.get("ok") and len(fds) == 1:
             self._received(str(msg["key"]), int(msg["size"]), fds[0], msg.get("name"), False)
@@ -706,6 +706,31 @@ class CacheClient:
                 data = os.pread(fds[0], size + 1, 0)
                 if len(data) != size:
                     raise ProtocolError(f"{msg.get('op')}: {len(data)} bytes, not {size}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with self._lock:
+            wait = self._meta_waits.pop(key, None)
+        if wait is not None:
+            wait.data, wait.error = data, error
+            wait.done.set()
+
+    def _answers_reply(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """An answer table: its sealed memfd mapped read-only (shared by the node's jobs, so
+        a job neither copies nor parses more than it reads)."""
+        key = f"answers\0{msg.get('fqrn')}\0{msg.get('root')}"
+        data: bytes | mmap.mmap | None = None
+        error = None if msg.get("ok") else str(msg.get("error", "cache service"))
+        try:
+            size = msg.get("size")
+            if error is None and size == 0 and not fds:
+                data = b""
+            elif error is None:
+                if len(fds) != 1 or not isinstance(size, int) or not 0 < size <= MAX_TABLE_BYTES:
+                    raise ProtocolError("answers: one fd and a size expected")
+                if os.fstat(fds[0]).st_size != size:  # sealed: it cannot change after this
+                    raise ProtocolError(f"answers: the memfd does not hold {size} bytes")
+                data = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             for fd in fds:
                 os.close(fd)

@@ -229,6 +229,9 @@ class CacheService:
         # repository ensembles (manifest, whitelist, keys) a job verified: the next jobs
         # recheck only their expiry (worker.repository, MountedRepository._verify)
         self._vouched: OrderedDict[str, None] = OrderedDict()
+        # the sealed memfd of each answer table as last handed out (the table's bytes, fd)
+        self._answer_fds: dict[tuple[str, str], tuple[bytes, int]] = {}
+        self._answer_fds_lock = threading.Lock()
         self._vouch_lock = threading.Lock()
         self.idle = config.cache_idle
         self._pool = ThreadPoolExecutor(config.prefetch_concurrency, "cache-prefetch")
@@ -487,13 +490,27 @@ class CacheService:
             os.close(fd)
 
     def _answers(self, conn: _Conn, fqrn: str, root: str) -> None:
-        """A revision's answers ahead for a job that has just mounted it (worker.node_answers)."""
+        """A revision's answers ahead for a job that has just mounted it (worker.node_answers):
+        one sealed memfd per table as it stands, handed to every job (each maps it: no copy)."""
         data = self.answers.get(fqrn, root)
         reply = {"op": "answers", "ok": True, "fqrn": fqrn, "root": root, "size": len(data)}
         if not data:
             self._send(conn, reply)
             return
-        fd = fill_sealed_memfd(f"answers {fqrn}", len(data), lambda out: out.write_at(0, data))
+        with self._answer_fds_lock:
+            kept = self._answer_fds.get((fqrn, root))
+            if kept is None or kept[0] is not data:
+                if kept is not None:
+                    os.close(kept[1])
+                made = fill_sealed_memfd(
+                    f"answers {fqrn}", len(data), lambda out: out.write_at(0, data)
+                )
+                kept = self._answer_fds[(fqrn, root)] = (data, made)
+                for key, (joined, old) in list(self._answer_fds.items()):
+                    if self.answers.given(*key) is not joined:  # changed or gone
+                        os.close(old)
+                        del self._answer_fds[key]
+            fd = os.dup(kept[1])  # ours to close once sent, whatever happens to the table's
         try:
             with conn.lock:
                 if not conn.closed:

@@ -27,6 +27,7 @@ A directory's newer part replaces the older, but for :data:`OPENED`, which each 
 from __future__ import annotations
 
 import logging
+import mmap
 import struct
 import threading
 from collections import OrderedDict
@@ -41,6 +42,8 @@ _NAME = struct.Struct("<BH")  # an entry's S_IFMT >> 12, its name's length
 LISTING = b"\0listing"  # the part of a directory's listing (what its mirror is made of)
 OPENED = b"\0opened"  # the part of the opens a job made of objects the service holds
 OPENS_LOOKED = b"\0opens-looked"  # a job looked for the directory's opens ahead (data: b"1")
+_LISTING_WHICH, _LOOKED_WHICH = LISTING[1:], OPENS_LOOKED[1:]
+Buffer = bytes | memoryview | mmap.mmap  # what a table comes as (a job maps the service's)
 _KIND_BITS = frozenset(k >> 12 for k in (0o140000, 0o120000, 0o100000, 0o060000, 0o040000,
                                          0o020000, 0o010000))  # fmt: skip
 MAX_PART = 4096 + 16  # a directory's path and which answers
@@ -54,8 +57,14 @@ class FrameError(ValueError):
     """Bytes that are not frames."""
 
 
-def frames(data: bytes | memoryview) -> Iterator[tuple[bytes, bytes]]:
+def frames(data: Buffer) -> Iterator[tuple[bytes, bytes]]:
     """The (part, data) frames of ``data``; FrameError at the first that does not parse."""
+    for part, body in frame_views(data):
+        yield part, bytes(body)
+
+
+def frame_views(data: Buffer) -> Iterator[tuple[bytes, memoryview]]:
+    """:func:`frames` with each frame's data a view into ``data`` (a mapped table: no copy)."""
     view = memoryview(data)
     off = 0
     while off < len(view):
@@ -65,7 +74,7 @@ def frames(data: bytes | memoryview) -> Iterator[tuple[bytes, bytes]]:
         off += _FRAME.size
         if pn == 0 or pn > MAX_PART or dn > MAX_FRAME_DATA or len(view) - off < pn + dn:
             raise FrameError(f"bad frame at byte {off - _FRAME.size}")
-        yield bytes(view[off : off + pn]), bytes(view[off + pn : off + pn + dn])
+        yield bytes(view[off : off + pn]), view[off + pn : off + pn + dn]
         off += pn + dn
 
 
@@ -143,7 +152,8 @@ class AnswerTables:
         return taken
 
     def get(self, fqrn: str, root: str) -> bytes:
-        """A revision's answers, framed as they came."""
+        """A revision's answers, framed as they came: the same bytes object until the table
+        changes (see :meth:`given`)."""
         with self._lock:
             table = self._tables.get((fqrn, root))
             if table is None:
@@ -152,6 +162,12 @@ class AnswerTables:
             if table.joined is None:
                 table.joined = join_frames(table.parts.items())
             return table.joined
+
+    def given(self, fqrn: str, root: str) -> bytes | None:
+        """What :meth:`get` last gave for a table that has not changed since, else None."""
+        with self._lock:
+            table = self._tables.get((fqrn, root))
+            return None if table is None else table.joined
 
     def stats(self) -> tuple[int, int]:
         with self._lock:
@@ -165,7 +181,7 @@ class Revision:
 
     within: bytes
     now: bytes
-    staged: list[tuple[bytes, bytes]]
+    staged: list[tuple[bytes, Buffer]]
 
 
 class NodeAnswers:
@@ -180,7 +196,7 @@ class NodeAnswers:
         self,
         mount: bytes,
         prefix: bytes,
-        fetch: Callable[[str, str], bytes | None],
+        fetch: Callable[[str, str], Buffer | None],
         store: Callable[[str, str, bytes], bool],
         prefix_fd: int = -1,
     ) -> None:
@@ -222,35 +238,39 @@ class NodeAnswers:
         if not data:
             return
         head = self.mount + b"/" + fqrn.encode()
-        by_directory: dict[bytes, list[bytes]] = {}
+        below = head + b"/"
+        by_directory: dict[bytes, list[memoryview]] = {}
         listings = {}
         looked = set()
         try:
-            for part, body in frames(data):
+            for part, body in frame_views(data):
                 directory, _, which = part.partition(b"\0")
-                if directory != head and not directory.startswith(head + b"/"):
+                if directory != head and not directory.startswith(below):
                     continue  # a table answers for its own repository only
-                if b"\0" + which == LISTING:
-                    listings[directory] = body
-                elif b"\0" + which == OPENS_LOOKED:
+                if which == _LISTING_WHICH:
+                    listings[directory] = bytes(body)
+                elif which == _LOOKED_WHICH:
                     looked.add(directory)
+                elif directory in by_directory:
+                    by_directory[directory].append(body)
                 else:
-                    by_directory.setdefault(directory, []).append(body)
+                    by_directory[directory] = [body]
         except FrameError as e:
             log.debug("%s: answers from the node: %s", fqrn, e)
             return
         # the first directories at once (in the order the node's jobs came to them), the
         # rest staged: put when this job first comes to each (worker/_trap.c, stage), so a
         # job's start never costs the whole table
-        now, size = [], 0
-        later: list[tuple[bytes, bytes]] = []
+        now: list[memoryview] = []
+        size = 0
+        later: list[tuple[bytes, Buffer]] = []  # views into the table: C copies what it stages
         for directory, bodies in by_directory.items():
-            joined = b"".join(bodies)
-            if size + len(joined) <= self.eager_bytes:
-                now.append(joined)
-                size += len(joined)
+            n = sum(len(b) for b in bodies)
+            if size + n <= self.eager_bytes:
+                now += bodies
+                size += n
             else:
-                later.append((directory, joined))
+                later.append((directory, bodies[0] if len(bodies) == 1 else b"".join(bodies)))
         with self._lock:
             self._pending.append(Revision(head, b"".join(now), later))
             self._listings.update(listings)

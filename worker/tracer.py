@@ -29,7 +29,14 @@ from enum import IntEnum
 from pathlib import Path
 
 from worker import _tmpfs
-from worker.node_answers import LISTING, OPENED, OPENS_LOOKED, NodeAnswers, encode_listing
+from worker.node_answers import (
+    LISTING,
+    OPENED,
+    OPENS_LOOKED,
+    Buffer,
+    NodeAnswers,
+    encode_listing,
+)
 from worker.policy import ASKED, Entry, Kind, Node, Opened, Policy
 
 log = logging.getLogger("hep-exec")
@@ -199,7 +206,7 @@ class NodeOps:
 
     pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes]
     put_packed: Callable[[bytes, bytes, bytes, int, int, int, int], Put]
-    stage: Callable[[bytes, list[tuple[bytes, bytes]], bytes, int, int, int, int], int]
+    stage: Callable[[bytes, list[tuple[bytes, Buffer]], bytes, int, int, int, int], int]
     put_staged: Callable[[bytes], Put | None]
     take_notes: Callable[[], list[tuple[bytes, bytes]]]
 
