@@ -237,7 +237,10 @@ class Session:
     _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
     _opened_as: dict[bytes, bytes] = field(default_factory=dict)  # RAM file -> /cvmfs path
     _answering: int = 0  # the thread answering a call, while it does
-    _just_put: dict[bytes, bytes] = field(default_factory=dict)  # opens put during this call
+    # opens put from the node's answers: (object file, /cvmfs path) lists, and those of them
+    # put during the call being answered
+    _notes_put: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
+    _just_put: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._mparts = self.mount.strip(b"/").split(b"/")
@@ -599,16 +602,26 @@ class Session:
                     shared.prefix_fd,
                 )
 
+    def _put_during_this_call(self, path: bytes) -> bytes | None:
+        """The object file of an open of ``path`` put from the node's answers by this very
+        call (it mounted the repository), or None."""
+        for opens in self._just_put:
+            for target, cvmfs_path in opens:
+                if cvmfs_path == path:
+                    return target
+        return None
+
     def _took_from_node(self, got: tuple[int, list[bytes], list[tuple[bytes, bytes]]]) -> None:
         """Python's side of answers the C side put from the node's: the directories now
         answered, the opens (for /proc/self/exe after fexecve)."""
         _n, listed, opens = got  # (counted by the C side: --stats)
         self._answered_ahead.update(listed)
         self.opens_put += len(opens)
-        self._just_put.update((path, target) for target, path in opens)
-        for target, path in opens:
-            self._note_opened(target, path)
-            self._opened_ahead.add(path.rpartition(b"/")[0])
+        self._opened_ahead.update({path.rpartition(b"/")[0] for _target, path in opens})
+        # which /cvmfs path each object file stands for: needed by few calls (the one that
+        # mounted the repository, /proc/self/exe after fexecve), so worked out when asked
+        self._notes_put.append(opens)
+        self._just_put.append(opens)
 
     # ---- answers ------------------------------------------------------------------------
 
@@ -654,7 +667,7 @@ class Session:
         finally:
             ASKED.reset(asked)
             self._answering = 0
-            self._just_put.clear()
+            self._just_put = []
 
     def _answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         if self.put is not None and (
@@ -663,7 +676,7 @@ class Session:
             ahead = self._ahead(tid, cls, path.rpartition(b"/")[0])
             if cls == Cls.OPEN and path in ahead:
                 return ahead[path]  # the node cache holds it: no round trip either
-            target = self._just_put.get(path) if cls == Cls.OPEN and not flags else None
+            target = self._put_during_this_call(path) if cls == Cls.OPEN and not flags else None
             if target is not None:  # this call mounted the repository: the node's answer
                 node = self._lookup(tid, path)
                 if not isinstance(node, int) and node.kind == Kind.REG:
@@ -677,8 +690,11 @@ class Session:
                 return (False, Act.PASS, 0, None, None, None)
             # exec'd by its /cvmfs path, or (fexecve) through an fd opened from one
             if self.node_ops is not None:  # opens the C side put from the node's answers
-                for target, cvmfs_path in self.node_ops.take_notes():
+                self._notes_put.append(self.node_ops.take_notes())
+            for opens in self._notes_put:
+                for target, cvmfs_path in opens:
                     self._note_opened(target, cvmfs_path)
+            self._notes_put.clear()
             exe = self._exe_paths.get(real) or self._opened_as.get(real)
             if exe is None:
                 return (False, Act.PASS, 0, None, None, None)
