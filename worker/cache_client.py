@@ -501,22 +501,8 @@ class CacheClient:
     def vouched(self, digest: str) -> bool:
         """Did a job of the node verify the repository ensemble known by ``digest``
         (worker.repository.ensemble_digest)?  False when the service cannot say."""
-        if self.gone:
-            return False
-        key = f"vouched\0{digest}"
-        wait = _MetaWait()
-        with self._lock:
-            self._meta_waits[key] = wait
-        try:
-            self.sock.send(encode({"op": "vouched", "digest": digest}))
-        except OSError as e:
-            self._mark_gone(e)
-        if not wait.done.wait(_META_TIMEOUT):
-            with self._lock:
-                if self._meta_waits.get(key) is wait:
-                    del self._meta_waits[key]
-            return False
-        return wait.data == b"1"
+        msg = {"op": "vouched", "digest": digest}
+        return self._ask(f"vouched\0{digest}", msg, _META_TIMEOUT) == b"1"
 
     def vouch(self, digest: str) -> None:
         """Tell the node's next jobs this ensemble verified (no reply)."""
@@ -530,22 +516,27 @@ class CacheClient:
     def answers(self, fqrn: str, root: str) -> bytes | mmap.mmap | None:
         """The answers ahead the node's earlier jobs learnt for this revision of a
         repository (worker.node_answers); None when there are none or the service is gone."""
+        msg = {"op": "answers", "fqrn": fqrn, "root": root}
+        return self._ask(f"answers\0{fqrn}\0{root}", msg, _ANSWERS_TIMEOUT) or None
+
+    def _ask(self, key: str, msg: dict[str, Any], timeout: float) -> bytes | mmap.mmap | None:
+        """Send a request whose reply the receiver hands over under ``key`` (_answered), and
+        wait for it; None if the service is gone or does not answer in time."""
         if self.gone:
             return None
-        key = f"answers\0{fqrn}\0{root}"
         wait = _MetaWait()
         with self._lock:
             self._meta_waits[key] = wait
         try:
-            self.sock.send(encode({"op": "answers", "fqrn": fqrn, "root": root}))
+            self.sock.send(encode(msg))
         except OSError as e:
             self._mark_gone(e)
-        if not wait.done.wait(_ANSWERS_TIMEOUT):
+        if not wait.done.wait(timeout):
             with self._lock:
                 if self._meta_waits.get(key) is wait:
                     del self._meta_waits[key]
             return None
-        return wait.data or None
+        return wait.data
 
     def add_answers(self, fqrn: str, root: str, data: bytes) -> bool:
         """Hand this job's answers ahead for one revision to the service (no reply)."""
@@ -662,7 +653,8 @@ class CacheClient:
             self._meta_reply(msg, fds, f"{msg.get('fqrn')}/{msg.get('path')}", _META_MAX)
             return
         if op == "answers":
-            self._answers_reply(msg, fds)
+            key = f"answers\0{msg.get('fqrn')}\0{msg.get('root')}"
+            self._meta_reply(msg, fds, key, MAX_TABLE_BYTES, mapped=True)
             return
         if op == "open" and msg.get("ok") and len(fds) == 1:
             self._received(str(msg["key"]), int(msg["size"]), fds[0], msg.get("name"), False)
@@ -673,11 +665,8 @@ class CacheClient:
             self._stats_reply = msg
             self._stats_done.set()
         elif op == "vouched":
-            with self._lock:
-                vouched = self._meta_waits.pop(f"vouched\0{msg.get('digest')}", None)
-            if vouched is not None:
-                vouched.data = b"1" if msg.get("known") is True else b""
-                vouched.done.set()
+            known = b"1" if msg.get("known") is True else b""
+            self._answered(f"vouched\0{msg.get('digest')}", known, None)
         elif op == "open" and not msg.get("ok"):
             err = msg.get("errno")
             with self._lock:
@@ -692,33 +681,12 @@ class CacheClient:
         else:
             raise ProtocolError(f"unexpected message {op!r} with {len(fds)} fds")
 
-    def _meta_reply(self, msg: dict[str, Any], fds: list[int], key: str, limit: int) -> None:
-        """A reply of bytes in a memfd (``meta``, ``answers``) for whoever waits on ``key``."""
-        data: bytes | None = None
-        error = None if msg.get("ok") else str(msg.get("error", "cache service"))
-        try:
-            if error is None and msg.get("size") == 0 and not fds:
-                data = b""
-            elif error is None:
-                size = msg.get("size")
-                if len(fds) != 1 or not isinstance(size, int) or not 0 <= size <= limit:
-                    raise ProtocolError(f"{msg.get('op')}: one fd and a size expected")
-                data = os.pread(fds[0], size + 1, 0)
-                if len(data) != size:
-                    raise ProtocolError(f"{msg.get('op')}: {len(data)} bytes, not {size}")
-        finally:
-            for fd in fds:
-                os.close(fd)
-        with self._lock:
-            wait = self._meta_waits.pop(key, None)
-        if wait is not None:
-            wait.data, wait.error = data, error
-            wait.done.set()
-
-    def _answers_reply(self, msg: dict[str, Any], fds: list[int]) -> None:
-        """An answer table: its sealed memfd mapped read-only (shared by the node's jobs, so
-        a job neither copies nor parses more than it reads)."""
-        key = f"answers\0{msg.get('fqrn')}\0{msg.get('root')}"
+    def _meta_reply(
+        self, msg: dict[str, Any], fds: list[int], key: str, limit: int, mapped: bool = False
+    ) -> None:
+        """A reply of bytes in a memfd for whoever waits on ``key``: read (``meta``), or
+        (``mapped``, an answer table) mapped read-only: one sealed memfd shared by the node's
+        jobs, so a job copies nothing and parses only views into it."""
         data: bytes | mmap.mmap | None = None
         error = None if msg.get("ok") else str(msg.get("error", "cache service"))
         try:
@@ -726,14 +694,23 @@ class CacheClient:
             if error is None and size == 0 and not fds:
                 data = b""
             elif error is None:
-                if len(fds) != 1 or not isinstance(size, int) or not 0 < size <= MAX_TABLE_BYTES:
-                    raise ProtocolError("answers: one fd and a size expected")
-                if os.fstat(fds[0]).st_size != size:  # sealed: it cannot change after this
-                    raise ProtocolError(f"answers: the memfd does not hold {size} bytes")
-                data = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ)
+                if len(fds) != 1 or not isinstance(size, int) or not 0 <= size <= limit:
+                    raise ProtocolError(f"{msg.get('op')}: one fd and a size expected")
+                if not mapped:
+                    data = os.pread(fds[0], size + 1, 0)
+                    if len(data) != size:
+                        raise ProtocolError(f"{msg.get('op')}: {len(data)} bytes, not {size}")
+                elif os.fstat(fds[0]).st_size != size:  # sealed: it cannot change after this
+                    raise ProtocolError(f"{msg.get('op')}: the memfd does not hold {size} bytes")
+                else:
+                    data = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
         finally:
             for fd in fds:
                 os.close(fd)
+        self._answered(key, data, error)
+
+    def _answered(self, key: str, data: bytes | mmap.mmap | None, error: str | None) -> None:
+        """Hand a reply to whoever waits on ``key`` (nobody, if it gave up)."""
         with self._lock:
             wait = self._meta_waits.pop(key, None)
         if wait is not None:
