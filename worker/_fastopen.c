@@ -255,6 +255,17 @@ void fo_reserve_async(size_t arena_bytes)
     slots_done = prefaulting; /* fo_reserve need not do the slots again */
 }
 
+/* Where the shadow tree is, for getcwd in-process (a path too long for the header: the
+ * tracer's).  After fo_init, before any tracee maps the table. */
+void fo_set_shadow(const char *shadow, size_t n)
+{
+    if (!shm || n >= sizeof hdr->shadow)
+        return;
+    memcpy(hdr->shadow, shadow, n);
+    hdr->shadow[n] = 0;
+    hdr->shadow_len = (uint32_t)n;
+}
+
 void fo_fini(void)
 {
     if (prefaulting) { /* before the mapping goes */
@@ -539,7 +550,7 @@ void fo_patch(pid_t tid, long nr, uint64_t ip)
 {
     switch (nr) { /* what the handler answers */
     case 2: case 257: case 4: case 5: case 6: case 262: case 332: case 21: case 269: case 439:
-    case 89: case 267: case 191: case 192: case 194: case 195:
+    case 89: case 267: case 191: case 192: case 194: case 195: case 79 /* getcwd */:
         break;
     default:
         return;

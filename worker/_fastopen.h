@@ -76,6 +76,10 @@ typedef struct {
     uint64_t ram_devs[4];
     uint32_t ram_devs_full; /* more than that: every fstat goes to the tracer */
     uint32_t uid;           /* the tracer's (access(2) answers from a published stat) */
+    /* the shadow tree as /proc/<pid>/cwd spells it (0: getcwd is the tracer's): a cwd there
+     * stands for the same place under `mount` */
+    uint32_t shadow_len;
+    char shadow[1024];
 } fo_hdr_t;
 
 typedef struct {

@@ -11,6 +11,7 @@
 
 int fo_init(const char *mount, size_t mount_n); /* 0 or -errno */
 void fo_fini(void);
+void fo_set_shadow(const char *shadow, size_t n); /* for getcwd in-process */
 int fo_enabled(void);
 uint64_t fo_cookie(void);
 /* kind: FO_OPEN/STAT/LSTAT/IDENT (_fastopen.h); data: a path (is_path, with its NUL) or a

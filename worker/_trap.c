@@ -2272,6 +2272,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 
     if (cls == C_GETCWD) {
         char cwd[MAXPATH], out[MAXPATH];
+        if (cur_notif.active)
+            fo_patch(tid, nr, cur_notif.ip); /* later calls there in-process (do_getcwd) */
         ssize_t n = tracee_cwd(tid, t, cwd, sizeof cwd);
         if (n < 0 || !has_prefix(cwd, (size_t)n, shadow_p, shadow_n)) {
             n_pass++;
@@ -3608,8 +3610,8 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         scratch_cookie = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
     own_fd_prefix_n = (size_t)snprintf(own_fd_prefix, sizeof own_fd_prefix, "/proc/%d/fd/",
                                        (int)getpid());
-    if (notify && in_process)
-        fo_init(mount_p, mount_n); /* before fork: the filter lets its cookie through */
+    if (notify && in_process && fo_init(mount_p, mount_n) == 0) /* before fork: see filter */
+        fo_set_shadow(shadow_p, shadow_n);
 
     int go[2], err[2], ctl[2];
     if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||

@@ -486,3 +486,42 @@ def test_names_a_listed_directory_does_not_have_are_absent_in_process(world: Wor
     # a handful of first calls go to the tracer (before the site is patched, and the call
     # that has the directory's entries answered ahead); the hundred names do not
     assert int(m[1]) >= 5 * len(missing) and int(m[2]) < 20, r.stderr
+
+
+GETCWD = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    if (chdir(argv[1])) { perror(argv[1]); return 2; }
+    char buf[4096];
+    for (int round = 0; round < 50; round++) {
+        if (!getcwd(buf, sizeof buf)) { perror("getcwd"); return 3; }
+        size_t n = strlen(buf);
+        char small[4096];
+        errno = 0;
+        char *exact = getcwd(small, n + 1), *tight = exact ? getcwd(small, n) : NULL;
+        int tight_errno = errno;
+        if (!round || round == 49)
+            printf("%s exact=%s short=%s\n", buf, exact ? "ok" : strerror(errno),
+                   tight ? "ok" : strerror(tight_errno));
+    }
+    return 0;
+}
+"""
+
+
+def test_getcwd_is_answered_in_process_the_tracer_s_way(world: World, tmp_path: Path) -> None:
+    """getcwd in a /cvmfs directory says the /cvmfs path (the kernel would name the shadow
+    tree), on the host the kernel's path; a buffer one byte short is ERANGE either way; and
+    after the first call of a site, none of them stops the program."""
+    prog = compile_c(GETCWD, tmp_path / "getcwd")
+    for where in (f"{MOUNT}/sub", str(tmp_path)):
+        r = hep_exec(world.proxy, [str(prog), where], options=["--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        want = f"{where} exact=ok short=Numerical result out of range"
+        assert r.stdout.splitlines() == [want, want], r.stdout
+        m = re.search(r"hep-exec:\s+getcwd\s+(\d+)", r.stderr)
+        assert m and int(m[1]) <= 3, r.stderr  # one per call site, of 150 calls
