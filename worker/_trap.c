@@ -4332,9 +4332,21 @@ typedef struct {
     size_t dn, wn;
     char *data; /* NULL once put */
     size_t len;
+    size_t order; /* its place in stg_order */
 } staged_t;
 static staged_t *stg;
 static size_t stg_cap, stg_used, stg_pending;
+/* The staged directories in the order the node's jobs came to them: a job that misses in one
+ * will most likely come to the next ones too, so those are put with it (stage_ahead). */
+typedef struct {
+    const char *dir; /* the staged_t's own copy: stays until stage_clear */
+    size_t dn;
+    uint64_t h;
+} stg_ref_t;
+static stg_ref_t *stg_order;
+static size_t stg_norder, stg_order_cap;
+#define STAGE_AHEAD_DIRS 8
+#define STAGE_AHEAD_BYTES (64u << 10)
 
 static staged_t *stg_find(const char *d, size_t n, uint64_t h, int create)
 {
@@ -4397,23 +4409,50 @@ static long stage_put(staged_t *s)
     return n;
 }
 
-/* A call missed the cache: put what the node knows of the directories on its path (from the
- * top, so a directory's own stat comes before its entries').  1 if anything was put. */
-static int put_staged_ancestors(const char *key, size_t kn)
+/* Put what the node knows of the directories above `key` (from the top, so a directory's
+ * own stat comes before its entries'); the deepest one put, or NULL. */
+static staged_t *put_staged_prefixes(const char *key, size_t kn)
 {
-    if (!stg_pending)
-        return 0;
-    int any = 0;
+    staged_t *deepest = NULL;
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < kn && stg_pending; i++) {
         if (key[i] == '/' && i > 0) {
             staged_t *s = stg_find(key, i, h ? h : 1, 0);
             if (s && s->data && stage_put(s) > 0)
-                any = 1;
+                deepest = s;
         }
         h = (h ^ (unsigned char)key[i]) * 1099511628211ull;
     }
-    return any;
+    return deepest;
+}
+
+/* A call missed the cache: put what the node knows of the directories on its path, and of
+ * the few that came next for the node's earlier jobs (at most STAGE_AHEAD_DIRS of them, up
+ * to STAGE_AHEAD_BYTES), each after its own ancestors.  1 if anything was put. */
+static int put_staged_ancestors(const char *key, size_t kn)
+{
+    if (!stg_pending)
+        return 0;
+    staged_t *missed = put_staged_prefixes(key, kn);
+    if (!missed)
+        return 0;
+    size_t bytes = 0, dirs = 0;
+    for (size_t i = missed->order + 1; i < stg_norder && stg_pending &&
+                                       dirs < STAGE_AHEAD_DIRS && bytes < STAGE_AHEAD_BYTES;
+         i++) {
+        staged_t *s = stg_find(stg_order[i].dir, stg_order[i].dn, stg_order[i].h, 0);
+        if (!s || !s->data)
+            continue;
+        bytes += s->len;
+        dirs++;
+        char path[MAXPATH];
+        if (s->dn + 1 < sizeof path) { /* its ancestors first, then itself */
+            memcpy(path, s->dir, s->dn);
+            path[s->dn] = '/';
+            put_staged_prefixes(path, s->dn + 1);
+        }
+    }
+    return 1;
 }
 
 static void stage_clear(void)
@@ -4426,6 +4465,9 @@ static void stage_clear(void)
     free(stg);
     stg = NULL;
     stg_cap = stg_used = stg_pending = 0;
+    free(stg_order);
+    stg_order = NULL;
+    stg_norder = stg_order_cap = 0;
     buf_free(&put_notes);
     buf_free(&put_listed);
     free(job.prefix);
@@ -4457,18 +4499,29 @@ static PyObject *trap_stage(PyObject *self, PyObject *args)
         return NULL;
     long n = 0;
     while ((item = PyIter_Next(it))) {
-        const char *d, *data;
+        const char *d;
         Py_ssize_t dn, len;
-        int ok = PyArg_ParseTuple(item, "y#y#", &d, &dn, &data, &len);
-        Py_DECREF(item);
+        Py_buffer view; /* bytes, or a view into the node's mapped table */
+        int ok = PyArg_ParseTuple(item, "y#y*", &d, &dn, &view);
+        Py_DECREF(item); /* the list holds the tuple, and d */
         if (!ok) {
             Py_DECREF(it);
             return NULL;
         }
+        len = view.len;
+        char *copy = len && dn ? malloc((size_t)len) : NULL;
+        if (copy)
+            memcpy(copy, view.buf, (size_t)len);
+        PyBuffer_Release(&view);
         if (!dn || !len)
             continue;
+        if (!copy) {
+            Py_DECREF(it);
+            return PyErr_NoMemory();
+        }
         staged_t *s = stg_find(d, (size_t)dn, dir_hash(d, (size_t)dn), 1);
         if (!s) {
+            free(copy);
             Py_DECREF(it);
             return PyErr_NoMemory();
         }
@@ -4476,6 +4529,7 @@ static PyObject *trap_stage(PyObject *self, PyObject *args)
             s->dir = malloc((size_t)dn);
             s->within = malloc((size_t)wn);
             if (!s->dir || !s->within) {
+                free(copy);
                 Py_DECREF(it);
                 return PyErr_NoMemory();
             }
@@ -4483,13 +4537,20 @@ static PyObject *trap_stage(PyObject *self, PyObject *args)
             memcpy(s->within, within, (size_t)wn);
             s->dn = (size_t)dn;
             s->wn = (size_t)wn;
+            if (stg_norder == stg_order_cap) {
+                size_t cap = stg_order_cap ? stg_order_cap * 2 : 1024;
+                stg_ref_t *o = realloc(stg_order, cap * sizeof *o);
+                if (!o) {
+                    free(copy);
+                    Py_DECREF(it);
+                    return PyErr_NoMemory();
+                }
+                stg_order = o;
+                stg_order_cap = cap;
+            }
+            s->order = stg_norder;
+            stg_order[stg_norder++] = (stg_ref_t){s->dir, s->dn, s->h};
         }
-        char *copy = malloc((size_t)len);
-        if (!copy) {
-            Py_DECREF(it);
-            return PyErr_NoMemory();
-        }
-        memcpy(copy, data, (size_t)len);
         if (!s->data)
             stg_pending++;
         free(s->data);

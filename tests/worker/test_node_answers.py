@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -311,3 +312,49 @@ def test_answers_from_the_node_equal_the_jobs_own(
         ]
         if section in ("sha256", "tar"):  # (sizes and links of `top` changed with `variant`)
             assert kept == w[section].splitlines(), section
+
+
+WALK = """
+import os, sys
+for d in range(40):  # by name, as a program that knows its files does: no listing
+    for f in range(5):
+        st = os.stat(os.path.join(sys.argv[1], f"d{d:02d}", f"f{f}"))
+        print(d, f, st.st_size, oct(st.st_mode))
+"""
+
+
+def test_a_miss_in_a_staged_directory_puts_the_next_ones_too(node: Path, tmp_path: Path) -> None:
+    """With all of the node's answers staged (``--eager-answers 1``), a job walking the tree
+    in the order the node's earlier job did traps in far fewer directories than it visits:
+    each miss puts the directory and the few the earlier job came to next, and the answers
+    are the same."""
+    fqrn = "ahead.test.org"
+    served = Served(tmp_path / "store", tmp_path / "keys")
+    with ram_dir() as src:
+        for d in range(40):
+            for f in range(5):
+                path = src / f"d{d:02d}" / f"f{f}"
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(b"x" * (d * 5 + f))
+        want = native([sys.executable, "-c", WALK, str(src)])
+        served.publish(src, fqrn)
+    proxy = served.serve(tmp_path / "nginx")
+    try:
+        argv = [*CLI, "--server", proxy, "--keys", str(served.keys_dir), "--stats-internals"]
+        argv += ["--cache-dir", str(node), "--eager-answers", "1", "--"]
+        walk = [sys.executable, "-c", WALK, f"/cvmfs/{fqrn}"]
+        runs = []
+        for _ in range(2):  # the first teaches the node, the second puts from it
+            r = subprocess.run([*argv, *walk], env=env_with(), capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+            assert r.returncode == 0, r.stderr[-3000:]
+            runs.append(r)
+    finally:
+        served.stop()
+    for r in runs:
+        assert r.stdout == want.stdout
+        assert "after mounting" not in r.stderr, r.stderr  # staging views of the table
+    assert put_from_node(runs[1].stderr) > 0
+    m = re.search(r"C-cache hits (\d+)", runs[1].stderr)
+    assert m, runs[1].stderr
+    assert int(m[1]) <= 40 // 4, runs[1].stderr  # 40 directories, one miss per nine or so
