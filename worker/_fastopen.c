@@ -66,12 +66,17 @@ static fo_hdr_t *hdr;
 static fo_slot_t *slots;
 static size_t nused, arena_used;
 static unsigned long long n_patched, n_injected;
-/* per slot, ours only: the RAM file's identity, to withdraw by file */
-static struct fo_file { uint64_t dev, ino; } *files;
-/* the slots that name a RAM file (files[i].ino set), so that withdrawing one file's answers
- * looks at those, not at the whole table */
-static uint32_t *tagged;
-static size_t ntagged, cap_tagged;
+/* per slot, ours only: the RAM file's identity, to withdraw by file, and the next slot
+ * (+1; 0: none) naming the same file */
+static struct fo_file {
+    uint64_t dev, ino;
+    uint32_t next;
+} *files;
+/* (dev, ino) -> the last slot (+1) naming that file, open addressing: withdrawing one file's
+ * answers follows its chain, not every slot that names a file (a tree with hundreds of
+ * identical files withdraws often while answers are put) */
+static uint32_t *file_heads;
+static size_t nfile_heads, cap_file_heads;
 
 /* Processes we injected into (key: thread-group id): where the mapping is, how much of the
  * trampoline area is used, the call sites patched (an int3 is briefly among their bytes:
@@ -279,9 +284,9 @@ void fo_fini(void)
         close(memfd);
     free(procs);
     free(files);
-    free(tagged);
-    tagged = NULL;
-    ntagged = cap_tagged = 0;
+    free(file_heads);
+    file_heads = NULL;
+    nfile_heads = cap_file_heads = 0;
     shm = NULL;
     hdr = NULL;
     slots = NULL;
@@ -299,6 +304,57 @@ static uint64_t key_hash(unsigned kind, const char *k, size_t n)
 }
 
 /* The live slot for (kind, key), or NULL. */
+static size_t file_hash(uint64_t dev, uint64_t ino, size_t cap)
+{
+    return (size_t)(((ino ^ dev << 40) * 0x9E3779B97F4A7C15ull) >> 20) & (cap - 1);
+}
+
+/* The chain head of (dev, ino) in file_heads (with `create`: a new empty one if it has none,
+ * NULL if out of memory); NULL if none. */
+static uint32_t *file_head(uint64_t dev, uint64_t ino, int create)
+{
+    if (create && (nfile_heads + 1) * 2 > cap_file_heads) {
+        size_t cap = cap_file_heads ? cap_file_heads * 2 : 4096;
+        uint32_t *t = calloc(cap, sizeof *t);
+        if (!t)
+            return NULL;
+        for (size_t k = 0; k < cap_file_heads; k++) {
+            uint32_t v = file_heads[k];
+            if (!v)
+                continue;
+            size_t j = file_hash(files[v - 1].dev, files[v - 1].ino, cap);
+            while (t[j])
+                j = (j + 1) & (cap - 1);
+            t[j] = v;
+        }
+        free(file_heads);
+        file_heads = t;
+        cap_file_heads = cap;
+    }
+    if (!cap_file_heads)
+        return NULL;
+    for (size_t j = file_hash(dev, ino, cap_file_heads);; j = (j + 1) & (cap_file_heads - 1)) {
+        uint32_t v = file_heads[j];
+        if (!v) {
+            if (!create)
+                return NULL;
+            nfile_heads++;
+            return &file_heads[j];
+        }
+        if (files[v - 1].ino == ino && files[v - 1].dev == dev)
+            return &file_heads[j];
+    }
+}
+
+/* Put answers prefetch the slots their next few will probe: each is a cache and TLB miss in
+ * a 20 MiB table, most of the cost of a publish when they are not overlapped. */
+uint64_t fo_prefetch_hash(uint64_t h)
+{
+    if (shm)
+        __builtin_prefetch(&slots[h & (FO_NSLOTS - 1)], 0, 3);
+    return h;
+}
+
 static fo_slot_t *slot_find(unsigned kind, const char *k, size_t n, uint64_t h)
 {
     for (size_t i = h & (FO_NSLOTS - 1), c = 0; c < FO_NSLOTS; i = (i + 1) & (FO_NSLOTS - 1), c++) {
@@ -315,9 +371,15 @@ static fo_slot_t *slot_find(unsigned kind, const char *k, size_t n, uint64_t h)
 int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size_t dlen,
                int is_path, int err, uint64_t dev, uint64_t ino)
 {
+    return fo_publish_hashed(kind, key, kn, key_hash(kind, key, kn), data, dlen, is_path, err,
+                             dev, ino);
+}
+
+int fo_publish_hashed(unsigned kind, const char *key, size_t kn, uint64_t h, const void *data,
+                      size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino)
+{
     if (!shm)
         return 0;
-    uint64_t h = key_hash(kind, key, kn);
     fo_slot_t *s = slot_find(kind, key, kn, h);
     char *arena = shm + FO_ARENA_OFF;
     if (s) {
@@ -346,21 +408,13 @@ int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size
     s->err = err;
     s->epoch = hdr->epoch;
     if (ino) { /* untagged slots keep calloc's zeros: their pages are never touched */
+        uint32_t *head = file_head(dev, ino, 1);
+        if (!head) /* cannot track it: not published (its hash stays 0) */
+            return 0;
         files[i].dev = dev;
         files[i].ino = ino;
-    }
-    if (ino) {
-        if (ntagged == cap_tagged) {
-            size_t cap = cap_tagged ? cap_tagged * 2 : 4096;
-            uint32_t *t = realloc(tagged, cap * sizeof *t);
-            if (!t) { /* cannot track it: not published (its hash stays 0) */
-                files[i].ino = 0;
-                return 0;
-            }
-            tagged = t;
-            cap_tagged = cap;
-        }
-        tagged[ntagged++] = (uint32_t)i;
+        files[i].next = *head;
+        *head = (uint32_t)i + 1;
     }
     arena_used = doff + dlen;
     nused++;
@@ -394,13 +448,10 @@ void fo_withdraw(unsigned kind, const char *key, size_t kn)
 
 void fo_withdraw_file(uint64_t dev, uint64_t ino)
 {
-    if (!shm || !ino)
-        return;
-    for (size_t t = 0; t < ntagged; t++) {
-        size_t i = tagged[t];
-        if (files[i].ino == ino && files[i].dev == dev && slots[i].epoch == hdr->epoch)
-            __atomic_store_n(&slots[i].epoch, 0, __ATOMIC_RELEASE);
-    }
+    uint32_t *head = shm && ino ? file_head(dev, ino, 0) : NULL;
+    for (uint32_t i = head ? *head : 0; i; i = files[i - 1].next)
+        if (slots[i - 1].epoch == hdr->epoch)
+            __atomic_store_n(&slots[i - 1].epoch, 0, __ATOMIC_RELEASE);
 }
 
 void fo_withdraw_all(void)

@@ -18,6 +18,10 @@ uint64_t fo_cookie(void);
  * struct stat, or none (dlen 0: the answer is -err); dev/ino: the RAM file it depends on */
 int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size_t dlen,
                int is_path, int err, uint64_t dev, uint64_t ino);
+/* fo_publish with the key's hash (fo_hash_finish), its slot prefetched: a publish follows */
+uint64_t fo_prefetch_hash(uint64_t hash);
+int fo_publish_hashed(unsigned kind, const char *key, size_t kn, uint64_t hash, const void *data,
+                      size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino);
 void fo_reserve(size_t arena_bytes); /* many answers follow: fault their memory in at once */
 void fo_reserve_async(size_t arena_bytes); /* the same by a thread of its own, ahead of time */
 void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files there */

@@ -294,7 +294,13 @@ typedef struct {
     action_t act;
 } entry_t;
 
-static entry_t **table;
+/* The hash beside each pointer: probing a run of slots reads no entry but the one that
+ * matches (tens of thousands of answers are put at a job's start, each probed first). */
+typedef struct {
+    uint64_t hash; /* the entry's; 0 with e NULL */
+    entry_t *e;
+} cslot_t;
+static cslot_t *table;
 static size_t table_cap, table_len;
 
 static uint64_t fnv(int cls, int flags, const char *s, size_t n)
@@ -307,44 +313,60 @@ static uint64_t fnv(int cls, int flags, const char *s, size_t n)
     return h ? h : 1;
 }
 
+/* The slot holding (cls, flags, key), or the empty one ending its run. */
+static cslot_t *cache_slot(int cls, int flags, const char *k, size_t n, uint64_t h)
+{
+    for (size_t i = h & (table_cap - 1);; i = (i + 1) & (table_cap - 1)) {
+        cslot_t *c = &table[i];
+        if (!c->e)
+            return c;
+        entry_t *e = c->e;
+        if (c->hash == h && e->cls == cls && e->flags == flags && e->klen == n &&
+            memcmp(e->key, k, n) == 0)
+            return c;
+    }
+}
+
 static entry_t *cache_get(int cls, int flags, const char *k, size_t n, uint64_t h)
 {
-    if (!table_cap)
-        return NULL;
-    for (size_t i = h & (table_cap - 1);; i = (i + 1) & (table_cap - 1)) {
-        entry_t *e = table[i];
-        if (!e)
-            return NULL;
-        if (e->hash == h && e->cls == cls && e->flags == flags && e->klen == n &&
-            memcmp(e->key, k, n) == 0)
-            return e;
+    return table_cap ? cache_slot(cls, flags, k, n, h)->e : NULL;
+}
+
+/* Room for `more` entries at half load (one rehash instead of several as a table grows);
+ * -1: out of memory. */
+static int cache_reserve(size_t more)
+{
+    if ((table_len + more) * 2 <= table_cap)
+        return 0;
+    size_t ncap = table_cap ? table_cap : 4096;
+    while ((table_len + more) * 2 > ncap)
+        ncap *= 2;
+    cslot_t *nt = calloc(ncap, sizeof(*nt));
+    if (!nt)
+        return -1;
+    for (size_t i = 0; i < table_cap; i++) {
+        if (!table[i].e)
+            continue;
+        size_t j = table[i].hash & (ncap - 1);
+        while (nt[j].e)
+            j = (j + 1) & (ncap - 1);
+        nt[j] = table[i];
     }
+    free(table);
+    table = nt;
+    table_cap = ncap;
+    return 0;
 }
 
 static void cache_put(entry_t *e)
 {
-    if ((table_len + 1) * 2 > table_cap) {
-        size_t ncap = table_cap ? table_cap * 2 : 4096;
-        entry_t **nt = calloc(ncap, sizeof(*nt));
-        if (!nt)
-            return;
-        for (size_t i = 0; i < table_cap; i++) {
-            entry_t *o = table[i];
-            if (!o)
-                continue;
-            size_t j = o->hash & (ncap - 1);
-            while (nt[j])
-                j = (j + 1) & (ncap - 1);
-            nt[j] = o;
-        }
-        free(table);
-        table = nt;
-        table_cap = ncap;
-    }
+    if (cache_reserve(1) < 0)
+        return;
     size_t j = e->hash & (table_cap - 1);
-    while (table[j])
+    while (table[j].e)
         j = (j + 1) & (table_cap - 1);
-    table[j] = e;
+    table[j].hash = e->hash;
+    table[j].e = e;
     table_len++;
 }
 
@@ -356,18 +378,20 @@ static int cache_del(int cls, int flags, const char *k, size_t n)
     if (!e)
         return 0;
     size_t mask = table_cap - 1, i = h & mask;
-    while (table[i] != e)
+    while (table[i].e != e)
         i = (i + 1) & mask;
     free(e->key);
     free(e->act.bval);
     free(e);
-    table[i] = NULL;
+    table[i].e = NULL;
+    table[i].hash = 0;
     table_len--;
-    for (size_t j = (i + 1) & mask; table[j]; j = (j + 1) & mask) {
-        entry_t *m = table[j];
-        table[j] = NULL;
-        size_t k2 = m->hash & mask;
-        while (table[k2])
+    for (size_t j = (i + 1) & mask; table[j].e; j = (j + 1) & mask) {
+        cslot_t m = table[j];
+        table[j].e = NULL;
+        table[j].hash = 0;
+        size_t k2 = m.hash & mask;
+        while (table[k2].e)
             k2 = (k2 + 1) & mask;
         table[k2] = m;
     }
@@ -378,7 +402,7 @@ static void cache_clear(void)
 {
     fo_withdraw_all();
     for (size_t i = 0; i < table_cap; i++) {
-        entry_t *e = table[i];
+        entry_t *e = table[i].e;
         if (e) {
             free(e->key);
             free(e->act.bval);
@@ -3853,10 +3877,26 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
 /* One answer given ahead; takes a->bval.  1 if it was taken.  `dirfd`, `pre`: an open's
  * target is `pre` bytes of directory path, then a name in the directory open as dirfd (-1:
  * none), which is cheaper to stat than the path through /proc. */
-static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, int dirfd,
-                   size_t pre)
+typedef struct {
+    uint64_t cache, fo; /* fnv(cls, flags, key); the in-process kind's key hash (0: none) */
+} put_hashes_t;
+
+static unsigned packed_fo_kind(int cls, int flags);
+
+/* fo_publish, with the hash prefetch_packed worked out when it is for this kind */
+static int publish(const put_hashes_t *ph, int cls, int flags, unsigned kind, const char *key,
+                   size_t kn, const void *data, size_t dlen, int is_path, int err, uint64_t dev,
+                   uint64_t ino)
 {
-    uint64_t h = fnv(cls, flags, key, kn);
+    if (ph && ph->fo && kind == packed_fo_kind(cls, flags))
+        return fo_publish_hashed(kind, key, kn, ph->fo, data, dlen, is_path, err, dev, ino);
+    return fo_publish(kind, key, kn, data, dlen, is_path, err, dev, ino);
+}
+
+static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, int dirfd,
+                   size_t pre, const put_hashes_t *ph)
+{
+    uint64_t h = ph ? ph->cache : fnv(cls, flags, key, kn);
     entry_t *e = NULL;
     char *k = NULL;
     if (cache_get(cls, flags, key, kn, h))
@@ -3899,15 +3939,15 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
         struct stat st;
         fill_stat(a->st, &st);
         int nofollow = flags & F_NOFOLLOW;
-        fo_publish(nofollow ? FO_LSTAT : FO_STAT, key, kn, &st, sizeof st, 0, 0, 0, 0);
+        publish(ph, cls, flags, nofollow ? FO_LSTAT : FO_STAT, key, kn, &st, sizeof st, 0, 0, 0, 0);
     } else if (cls == C_NAMED) {
-        if (!fo_publish(FO_NAMED, key, kn, NULL, 0, 0, 0, 0, 0))
+        if (!publish(ph, cls, flags, FO_NAMED, key, kn, NULL, 0, 0, 0, 0, 0))
             names_unpublished = 1;
     } else if (cls == C_NOXATTR) {
         /* after its entries' answers: an entry with xattrs must be seen as such in-process
          * (below) before its directory says the others have none */
         if (!xattrs_unpublished)
-            fo_publish(FO_NOXATTR, key, kn, NULL, 0, 0, 0, 0, 0);
+            publish(ph, cls, flags, FO_NOXATTR, key, kn, NULL, 0, 0, 0, 0, 0);
         /* and after all its names: only then may a name missing there mean ENOENT */
         if (!names_unpublished && cache_get(C_LISTED, 0, key, kn, fnv(C_LISTED, 0, key, kn)))
             fo_publish(FO_LISTED, key, kn, NULL, 0, 0, 0, 0, 0);
@@ -3923,8 +3963,8 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
                         (flags & F_NOFOLLOW ? 1 : 0);
         fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
     } else if (cls == C_OPEN && ids_claim(a->ram_dev, a->ram_ino, a->st) == 0 &&
-               fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, a->ram_dev,
-                          a->ram_ino)) {
+               publish(ph, cls, flags, FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0,
+                       a->ram_dev, a->ram_ino)) {
         uint64_t id[2] = {a->ram_dev, a->ram_ino};
         struct stat st;
         fill_stat(a->st, &st);
@@ -4019,7 +4059,7 @@ static PyObject *trap_put(PyObject *self, PyObject *args)
         if (got == 2 || got < 0)
             break;
         if (got == 1)
-            n += put_one(cls, flags, key, (size_t)kn, &a, -1, 0);
+            n += put_one(cls, flags, key, (size_t)kn, &a, -1, 0, NULL);
         Py_DECREF(item);
     }
     Py_DECREF(it);
@@ -4170,13 +4210,144 @@ static int set_job(const char *prefix, size_t pn, long long uid, long long gid, 
 /* Put pack()ed answers whose keys lie under `within` (one repository's mount path: a table
  * for one repository never answers for another), with this job's values (`job`).  Bytes that
  * do not parse end the walk (what came before stays).  -1: out of memory. */
+/* The in-process kind a packed answer is published under (put_one), or 0. */
+static unsigned packed_fo_kind(int cls, int flags)
+{
+    switch (cls) {
+    case C_STAT:
+        return flags & F_NOFOLLOW ? FO_LSTAT : FO_STAT;
+    case C_NAMED:
+        return FO_NAMED;
+    case C_NOXATTR:
+        return FO_NOXATTR;
+    case C_OPEN:
+        return FO_OPEN;
+    default:
+        return 0;
+    }
+}
+
+/* Prefetch what putting the packed answer at `off` will probe first (the answer cache's slot
+ * and the in-process table's): the next record's offset, or `end`. */
+#define PUT_AHEAD 6
+
+/* A directory's answers come together and their keys share its path: the hash states after
+ * that path are kept, so only each name is hashed (FNV-1a is a byte-serial chain, most of the
+ * cost of putting an answer once its slots are prefetched).  fnv()'s state depends on its
+ * seed (cls, flags); the in-process hash's does not (its kind comes last). */
+#define HASH_MEMO_SEEDS 8
+static struct {
+    char dir[MAXPATH];
+    size_t dn; /* 0: none */
+    uint64_t fo;
+    unsigned nseeds;
+    uint64_t seed[HASH_MEMO_SEEDS], state[HASH_MEMO_SEEDS];
+} hash_memo;
+
+/* fnv(cls, flags, key) into *cache; returns the in-process hash's state after the key (for
+ * fo_hash_finish with a kind). */
+static uint64_t packed_key_hashes(int cls, int flags, const char *key, size_t kn,
+                                  uint64_t *cache)
+{
+    uint64_t seed = 1469598103934665603ULL ^ (uint64_t)(cls * 131 + flags);
+    size_t dn = kn;
+    while (dn > 0 && key[dn - 1] != '/')
+        dn--;
+    if (dn != hash_memo.dn || memcmp(key, hash_memo.dir, dn) != 0) {
+        hash_memo.dn = 0;
+        if (dn == 0 || dn > sizeof hash_memo.dir) {
+            *cache = fnv(cls, flags, key, kn);
+            uint64_t x = FO_HASH_INIT;
+            for (size_t i = 0; i < kn; i++)
+                x = fo_hash_step(x, (unsigned char)key[i]);
+            return x;
+        }
+        memcpy(hash_memo.dir, key, dn);
+        hash_memo.dn = dn;
+        hash_memo.nseeds = 0;
+        uint64_t x = FO_HASH_INIT;
+        for (size_t i = 0; i < dn; i++)
+            x = fo_hash_step(x, (unsigned char)key[i]);
+        hash_memo.fo = x;
+    }
+    uint64_t c = 0;
+    unsigned j = 0;
+    for (; j < hash_memo.nseeds; j++)
+        if (hash_memo.seed[j] == seed)
+            break;
+    if (j < hash_memo.nseeds) {
+        c = hash_memo.state[j];
+    } else {
+        c = seed;
+        for (size_t i = 0; i < dn; i++)
+            c = (c ^ (unsigned char)key[i]) * 1099511628211ULL;
+        if (hash_memo.nseeds < HASH_MEMO_SEEDS) {
+            hash_memo.seed[hash_memo.nseeds] = seed;
+            hash_memo.state[hash_memo.nseeds++] = c;
+        }
+    }
+    uint64_t x = hash_memo.fo;
+    for (size_t i = dn; i < kn; i++) { /* two independent chains: they overlap */
+        unsigned char b = (unsigned char)key[i];
+        c = (c ^ b) * 1099511628211ULL;
+        x = fo_hash_step(x, b);
+    }
+    *cache = c ? c : 1;
+    return x;
+}
+static size_t prefetch_packed(const char *data, size_t off, size_t end, put_hashes_t *ph)
+{
+    ph->cache = ph->fo = 0;
+    if (end - off < PK_HEAD)
+        return end;
+    const char *p = data + off;
+    uint32_t kn, bn;
+    uint16_t f16;
+    memcpy(&f16, p + 2, 2);
+    memcpy(&kn, p + 8, 4);
+    memcpy(&bn, p + 12, 4);
+    size_t st = (unsigned char)p[4] & PK_ST ? 15 * 8 : 0;
+    size_t need = PK_HEAD + st + (size_t)kn + bn;
+    if (kn > PK_MAX_FIELD || bn > PK_MAX_FIELD || need > end - off)
+        return end;
+    const char *key = p + PK_HEAD + st;
+    int cls = (unsigned char)p[0];
+    unsigned kind = packed_fo_kind(cls, f16);
+    uint64_t fo_partial = packed_key_hashes(cls, f16, key, kn, &ph->cache);
+    if (table_cap)
+        __builtin_prefetch(&table[ph->cache & (table_cap - 1)], 0, 3);
+    if (kind)
+        ph->fo = fo_prefetch_hash(fo_hash_finish(fo_partial, kind));
+    return off + need;
+}
+
 static long put_packed_bytes(const char *data, size_t dn, const char *within, size_t wn)
 {
     long n = 0;
-    size_t off = 0, end = dn;
-    if (dn >= (1 << 20))
+    size_t off = 0, end = dn, ahead = 0;
+    if (dn >= (1 << 20)) {
         fo_reserve(dn * 2); /* what they take in the arena, roughly */
+        cache_reserve(dn / 128); /* ~200 bytes a packed answer, half of them without a stat */
+    }
+    /* records prefetched and not yet put: their offsets and hashes (a ring) */
+    size_t ring_off[PUT_AHEAD + 1];
+    put_hashes_t ring[PUT_AHEAD + 1];
+    unsigned head = 0, tail = 0;
+    for (; tail < PUT_AHEAD && ahead < end; tail++) {
+        ring_off[tail] = ahead;
+        ahead = prefetch_packed(data, ahead, end, &ring[tail]);
+    }
     while (end - off >= PK_HEAD) {
+        if (ahead < end) {
+            ring_off[tail % (PUT_AHEAD + 1)] = ahead;
+            ahead = prefetch_packed(data, ahead, end, &ring[tail % (PUT_AHEAD + 1)]);
+            tail++;
+        }
+        const put_hashes_t *ph = NULL;
+        if (head != tail) { /* the same walk as ours: this record's hashes, unless not */
+            unsigned r = head++ % (PUT_AHEAD + 1);
+            ph = ring_off[r] == off && ring[r].cache ? &ring[r] : NULL;
+        }
         const char *p = data + off;
         uint32_t kn, bn;
         action_t a;
@@ -4230,7 +4401,7 @@ static long put_packed_bytes(const char *data, size_t dn, const char *within, si
             }
             memcpy(target, a.bval, tn + 1);
         }
-        int took = put_one(cls, flags, key, kn, &a, job.dirfd, pre);
+        int took = put_one(cls, flags, key, kn, &a, job.dirfd, pre, ph);
         n += took;
         int bad = 0;
         if (took && target)
