@@ -109,7 +109,9 @@ class BuildExt(build_ext):
 setup(
     cmdclass={"build_ext": BuildExt},
     ext_modules=[
-        Extension("worker._trap", ["worker/_trap.c", "worker/_fastopen.c"]),
-        Extension("worker._tmpfs", ["worker/_tmpfs.c"]),
+        Extension(
+            "worker._trap", ["worker/_trap.c", "worker/_fastopen.c"], depends=["worker/_mirror.h"]
+        ),
+        Extension("worker._tmpfs", ["worker/_tmpfs.c"], depends=["worker/_mirror.h"]),
     ],
 )

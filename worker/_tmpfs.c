@@ -33,6 +33,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "_mirror.h"
+
 enum { STEP_UNSHARE = 1, STEP_MAP, STEP_MOUNT, STEP_BIND, STEP_RDONLY, STEP_OPEN, STEP_SEND };
 
 static const char *const step_names[] = {
@@ -161,59 +163,6 @@ static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
     return NULL;
 }
 
-/* The entries of an encoded listing (worker/node_answers.py, encode_listing: u32 mode, i64
- * mtime in ns, then per entry u8 S_IFMT >> 12, u16 name length, name) made in the directory
- * dfd; 0 or an errno (EINVAL: bytes that are not a listing, or a name no directory holds). */
-static int mirror_entries(int dfd, const unsigned char *d, size_t n, uint32_t *mode,
-                          int64_t *mtime)
-{
-    if (n < 12)
-        return EINVAL;
-    memcpy(mode, d, 4);
-    memcpy(mtime, d + 4, 8);
-    size_t off = 12;
-    while (off < n) {
-        if (n - off < 3)
-            return EINVAL;
-        unsigned kind = d[off];
-        uint16_t len;
-        memcpy(&len, d + off + 1, 2);
-        off += 3;
-        if (len == 0 || len > n - off || len > 255)
-            return EINVAL;
-        char name[256];
-        memcpy(name, d + off, len);
-        name[len] = 0;
-        off += len;
-        if (memchr(name, '/', len) || memchr(name, 0, len) || strcmp(name, ".") == 0 ||
-            strcmp(name, "..") == 0)
-            return EINVAL;
-        int r;
-        switch (kind << 12) {
-        case S_IFDIR:
-            r = mkdirat(dfd, name, 0755);
-            break;
-        case S_IFLNK:
-            r = symlinkat(".", dfd, name);
-            break;
-        case S_IFIFO:
-            r = mknodat(dfd, name, S_IFIFO | 0600, 0);
-            break;
-        case S_IFREG:
-        case S_IFCHR:
-        case S_IFBLK:
-        case S_IFSOCK:
-            r = mknodat(dfd, name, S_IFREG | 0600, 0);
-            break;
-        default:
-            return EINVAL;
-        }
-        if (r != 0 && errno != EEXIST)
-            return errno;
-    }
-    return 0;
-}
-
 static PyObject *tmpfs_mirror(PyObject *self, PyObject *args)
 {
     const char *target;
@@ -221,31 +170,9 @@ static PyObject *tmpfs_mirror(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "yy*", &target, &listing))
         return NULL;
-    int e = 0;
+    int e;
     Py_BEGIN_ALLOW_THREADS
-    if (mkdir(target, 0755) != 0 && errno != EEXIST)
-        e = errno;
-    int dfd = e ? -1 : open(target, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (!e && dfd < 0)
-        e = errno;
-    if (!e) {
-        uint32_t mode = 0;
-        int64_t mtime = 0;
-        e = mirror_entries(dfd, listing.buf, (size_t)listing.len, &mode, &mtime);
-        struct timespec ts[2] = {{mtime / 1000000000, mtime % 1000000000},
-                                 {mtime / 1000000000, mtime % 1000000000}};
-        if (ts[0].tv_nsec < 0) { /* before 1970 */
-            ts[0].tv_sec -= 1;
-            ts[0].tv_nsec += 1000000000;
-            ts[1] = ts[0];
-        }
-        if (!e && fchmod(dfd, mode & 07777) != 0)
-            e = errno;
-        if (!e && futimens(dfd, ts) != 0)
-            e = errno;
-    }
-    if (dfd >= 0)
-        close(dfd);
+    e = mirror_dir(target, listing.buf, (size_t)listing.len);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&listing);
     if (e) {

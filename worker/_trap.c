@@ -49,6 +49,7 @@
 #include <unistd.h>
 
 #include "_fastopen_sup.h"
+#include "_mirror.h"
 
 #ifndef __x86_64__
 #error "worker._trap supports x86_64 only"
@@ -273,7 +274,9 @@ static unsigned long long n_node_puts; /* answers put from the node's */
 
 /* answers from the node, staged per directory (defined with trap_stage) */
 static int put_staged_ancestors(const char *key, size_t kn);
+static unsigned long long n_node_dirs; /* directory opens answered from the node's listings */
 static void stage_clear(void);
+static void dirs_clear(void);
 
 
 typedef struct {
@@ -293,6 +296,7 @@ typedef struct {
     size_t klen;
     action_t act;
 } entry_t;
+static int dir_open_from_node(const char *key, size_t kn, action_t *out);
 
 /* The hash beside each pointer: probing a run of slots reads no entry but the one that
  * matches (tens of thousands of answers are put at a job's start, each probed first). */
@@ -1293,6 +1297,11 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
     }
     if (derived(cls, flags, key, kn, tmp)) {
         n_absent++;
+        cacheable = 1;
+        goto answered;
+    }
+    if (cls == C_OPEN && !flags && dir_open_from_node(key, kn, tmp)) {
+        n_node_dirs++;
         cacheable = 1;
         goto answered;
     }
@@ -3059,13 +3068,13 @@ static PyObject *stats_dict(size_t cached, const char *mode)
     }
     unsigned long long fh, fm, sh, sm, fp, fi, fho;
     fo_counts(&fh, &fm, &sh, &sm, &fp, &fi, &fho);
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "trapped", per, "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls,
                          "absent", n_absent, "cached",
                          (Py_ssize_t)cached, "notified", n_notified, "mode", mode,
                          "inproc_opens", fh, "inproc_misses", fm, "inproc_stats", sh,
                          "inproc_stat_misses", sm, "inproc_sites", fp, "inproc_images", fi,
-                         "inproc_host", fho, "node_puts", n_node_puts);
+                         "inproc_host", fho, "node_puts", n_node_puts, "node_dirs", n_node_dirs);
 }
 
 static char **to_cstrings(PyObject *seq)
@@ -3572,6 +3581,19 @@ static void restore_signals(const int *sigs, const struct sigaction *saved, cons
             sigaction(sigs[i], &saved[i], NULL);
 }
 
+/* A run's answers (the answer cache, fstat identities, what was staged, the in-process
+ * table): kept after a run until the next one starts. */
+static int answers_left;
+
+static void answers_clear(void)
+{
+    cache_clear();
+    ids_clear();
+    stage_clear();
+    fo_fini();
+    answers_left = 0;
+}
+
 static PyObject *trap_run(PyObject *self, PyObject *args)
 {
     PyObject *argv_o, *env_o, *h;
@@ -3615,8 +3637,10 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "empty command");
         return NULL;
     }
+    if (answers_left)
+        answers_clear();
     int notify = mode == 1 || (mode == 2 && probe_notify());
-    n_node_puts = 0;
+    n_node_puts = n_node_dirs = 0;
     memcpy(mount_p, mnt, (size_t)mn);
     mount_p[mn] = 0;
     mount_n = (size_t)mn;
@@ -3836,8 +3860,6 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     restore_signals(fwd_sigs, saved, forwarding);
     Py_CLEAR(handler);
     size_t cached = table_len;
-    cache_clear();
-    ids_clear();
     for (size_t i = 0; i < threads_cap; i++)
         free(threads[i].cwd);
     free(threads);
@@ -3845,7 +3867,6 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     threads_cap = threads_used = 0;
     n_scratch = n_held = 0;
     xattrs_unpublished = names_unpublished = 0;
-    stage_clear();
     free(pend.img);
     memset(&pend, 0, sizeof pend);
 
@@ -3853,12 +3874,14 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     ssize_t got = read(err[0], e, sizeof e);
     close(err[0]);
     if (failure) {
-        fo_fini();
+        answers_clear();
         PyErr_Restore(failure, f_val, f_tb);
         return NULL;
     }
     PyObject *st = stats_dict(cached, report == 'N' ? "seccomp-notify" : "ptrace");
-    fo_fini();
+    /* the answers stay until the next run (or the process's exit, which frees them at once
+     * rather than tens of thousands of entries one by one) */
+    answers_left = 1;
     if (!st)
         return NULL;
     int exec_errno = got == sizeof e && e[0] == 'E' ? e[1] : 0;
@@ -4639,12 +4662,220 @@ static void stage_clear(void)
     free(stg_order);
     stg_order = NULL;
     stg_norder = stg_order_cap = 0;
+    dirs_clear();
     buf_free(&put_notes);
     buf_free(&put_listed);
     free(job.prefix);
     job.prefix = NULL;
     job.pn = 0;
     job.dirfd = -1;
+}
+
+/*
+ * Directory opens answered from the node's listings (worker/node_answers.py, LISTING): a
+ * job's first open of a directory that an earlier job of the node listed is answered here,
+ * its mirror in the shadow tree (and its ancestors') made from those listings, with no
+ * upcall.  A listing is kept only for a directory named by itself (no symlink on the way,
+ * nothing that depends on the process), so the path is the directory's own; its lstat answer
+ * (put from the node's answers of its parent) is what fstat of the fd says, as Python's
+ * answer would.  The mount itself is Python's (its listing is the repositories').
+ */
+typedef struct {
+    uint64_t h; /* 0: free */
+    char *dir;
+    size_t dn;
+    char *data; /* a listing (the mirrored set: NULL) */
+    size_t len;
+} dirmap_slot_t;
+typedef struct {
+    dirmap_slot_t *t;
+    size_t cap, used;
+} dirmap_t;
+static dirmap_t node_listings, mirrored;
+static buf_t mirror_notes; /* "dir\0" of each directory mirrored here, until Python takes them */
+static char *mirror_w; /* the shadow tree's read-write view: the mount's mirror (NULL: none) */
+static size_t mirror_wn;
+
+/* The slot of directory `d` (with `create`: a new one, its path copied; NULL if out of
+ * memory), or NULL. */
+static dirmap_slot_t *dirmap_find(dirmap_t *m, const char *d, size_t n, int create)
+{
+    if (create && (m->used + 1) * 2 > m->cap) {
+        size_t cap = m->cap ? m->cap * 2 : 256;
+        dirmap_slot_t *t = calloc(cap, sizeof *t);
+        if (!t)
+            return NULL;
+        for (size_t i = 0; i < m->cap; i++) {
+            if (!m->t[i].h)
+                continue;
+            size_t j = m->t[i].h & (cap - 1);
+            while (t[j].h)
+                j = (j + 1) & (cap - 1);
+            t[j] = m->t[i];
+        }
+        free(m->t);
+        m->t = t;
+        m->cap = cap;
+    }
+    if (!m->cap)
+        return NULL;
+    uint64_t h = dir_hash(d, n);
+    for (size_t i = h & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
+        dirmap_slot_t *s = &m->t[i];
+        if (!s->h) {
+            if (!create || !(s->dir = malloc(n ? n : 1)))
+                return NULL;
+            memcpy(s->dir, d, n);
+            s->dn = n;
+            s->h = h;
+            m->used++;
+            return s;
+        }
+        if (s->h == h && s->dn == n && memcmp(s->dir, d, n) == 0)
+            return s;
+    }
+}
+
+static void dirmap_clear(dirmap_t *m)
+{
+    for (size_t i = 0; i < m->cap; i++) {
+        free(m->t[i].dir);
+        free(m->t[i].data);
+    }
+    free(m->t);
+    memset(m, 0, sizeof *m);
+}
+
+static void dirs_clear(void)
+{
+    dirmap_clear(&node_listings);
+    dirmap_clear(&mirrored);
+    buf_free(&mirror_notes);
+    free(mirror_w);
+    mirror_w = NULL;
+    mirror_wn = 0;
+}
+
+/* Mirror `key`'s first `n` bytes (a directory below the mount) from the node's listing, once;
+ * 0 if it cannot be (no listing: Python's). */
+static int mirror_from_node(const char *key, size_t n)
+{
+    if (dirmap_find(&mirrored, key, n, 0))
+        return 1;
+    dirmap_slot_t *l = dirmap_find(&node_listings, key, n, 0);
+    char target[MAXPATH];
+    if (!l || mirror_wn + (n - mount_n) >= sizeof target)
+        return 0;
+    memcpy(target, mirror_w, mirror_wn);
+    memcpy(target + mirror_wn, key + mount_n, n - mount_n);
+    target[mirror_wn + n - mount_n] = 0;
+    if (mirror_dir(target, (const unsigned char *)l->data, l->len) != 0)
+        return 0; /* a listing that does not parse: Python rebuilds it from the catalog */
+    if (!dirmap_find(&mirrored, key, n, 1) || buf_add(&mirror_notes, key, n) < 0 ||
+        buf_add(&mirror_notes, "", 1) < 0)
+        return 0;
+    return 1;
+}
+
+static int dir_open_from_node(const char *key, size_t kn, action_t *out)
+{
+    if (!node_listings.used || !mirror_w || kn <= mount_n + 1 || key[mount_n] != '/' ||
+        memcmp(key, mount_p, mount_n) != 0 || !dirmap_find(&node_listings, key, kn, 0) ||
+        !dirmap_find(&mirrored, mount_p, mount_n, 0))
+        return 0;
+    const action_t *st = known_stat(key, kn, F_NOFOLLOW);
+    if (!st || st->kind != A_STAT || !S_ISDIR((mode_t)st->st[0]))
+        return 0;
+    for (size_t i = mount_n + 1; i <= kn; i++) /* from the top: each directory's parent first */
+        if ((i == kn || key[i] == '/') && !mirror_from_node(key, i))
+            return 0;
+    memset(out, 0, sizeof *out);
+    out->blen = target_n + (kn - mount_n);
+    if (!(out->bval = malloc(out->blen + 1)))
+        return 0;
+    memcpy(out->bval, target_p, target_n);
+    memcpy(out->bval + target_n, key + mount_n, kn - mount_n);
+    out->bval[out->blen] = 0;
+    out->kind = A_REDIRECT;
+    out->ival = 1; /* SAFE: opening a directory never blocks */
+    memcpy(out->st, st->st, sizeof out->st);
+    return 1;
+}
+
+/* stage_listings(mirror_write, [(directory, listing), ...]): the node's listings of a mounted
+ * revision, and where the shadow tree is written (worker/tracer.py _ShadowTree.write). */
+static PyObject *trap_stage_listings(PyObject *self, PyObject *args)
+{
+    const char *w;
+    Py_ssize_t wn;
+    PyObject *items, *item;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#O", &w, &wn, &items))
+        return NULL;
+    if (!handler) {
+        PyErr_SetString(PyExc_RuntimeError, "worker._trap.stage_listings outside a run");
+        return NULL;
+    }
+    if (!mirror_w) {
+        if (!(mirror_w = malloc((size_t)wn + 1)))
+            return PyErr_NoMemory();
+        memcpy(mirror_w, w, (size_t)wn);
+        mirror_w[wn] = 0;
+        mirror_wn = (size_t)wn;
+    }
+    PyObject *it = PyObject_GetIter(items);
+    if (!it)
+        return NULL;
+    long n = 0;
+    while ((item = PyIter_Next(it))) {
+        const char *d;
+        Py_ssize_t dn;
+        Py_buffer view;
+        int ok = PyArg_ParseTuple(item, "y#y*", &d, &dn, &view);
+        Py_DECREF(item);
+        if (!ok) {
+            Py_DECREF(it);
+            return NULL;
+        }
+        dirmap_slot_t *s = dn > 0 && dn < MAXPATH ? dirmap_find(&node_listings, d, (size_t)dn, 1)
+                                                 : NULL;
+        char *copy = s && view.len ? malloc((size_t)view.len) : NULL;
+        if (copy) {
+            memcpy(copy, view.buf, (size_t)view.len);
+            free(s->data);
+            s->data = copy;
+            s->len = (size_t)view.len;
+            n++;
+        }
+        PyBuffer_Release(&view);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(n);
+}
+
+/* mirrored(directory): Python made its mirror. */
+static PyObject *trap_mirrored(PyObject *self, PyObject *args)
+{
+    const char *d;
+    Py_ssize_t dn;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#", &d, &dn))
+        return NULL;
+    if (handler && dn > 0 && !dirmap_find(&mirrored, d, (size_t)dn, 1))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* take_mirrored() -> [directory, ...]: those mirrored here since Python last asked. */
+static PyObject *trap_take_mirrored(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    PyObject *out = strings_of(&mirror_notes, 0);
+    mirror_notes.len = 0;
+    return out;
 }
 
 /* stage(within, [(directory, data), ...], prefix, uid, gid, dev, dirfd) -> n staged */
@@ -4847,6 +5078,11 @@ static PyMethodDef methods[] = {
      "put_packed(data, within, prefix, uid, gid, dev[, dirfd]) -> (n, listed directories, opens)"},
     {"stage", trap_stage, METH_VARARGS,
      "stage(within, [(directory, data), ...], prefix, uid, gid, dev, dirfd) -> n"},
+    {"stage_listings", trap_stage_listings, METH_VARARGS,
+     "stage_listings(mirror_write, [(directory, listing), ...]) -> n: the node's listings"},
+    {"mirrored", trap_mirrored, METH_VARARGS, "mirrored(directory): Python made its mirror"},
+    {"take_mirrored", trap_take_mirrored, METH_NOARGS,
+     "take_mirrored() -> [directory, ...]: those mirrored in C since the last call"},
     {"put_staged", trap_put_staged, METH_VARARGS,
      "put_staged(directory) -> (n, listed directories, opens) or None"},
     {"prefault", trap_prefault, METH_VARARGS,

@@ -78,6 +78,31 @@ def frame_views(data: Buffer) -> Iterator[tuple[bytes, memoryview]]:
         off += pn + dn
 
 
+_PACKED_HEAD = struct.Struct("<BBHB3xIIq")  # worker/_trap.c pack(): cls, kind, flags, bits,
+# key length, bval length, ival; then a stat (15 x i64) if bits & 1, the key, the bval
+_PACKED_STAT = 15 * 8
+
+
+def packed_records(data: bytes) -> Iterator[bytes]:
+    """The records of ``worker._trap.pack``'s bytes, each whole (up to the first that does
+    not parse): a job's opens of a directory are added to the table's one record at a time."""
+    off = 0
+    while len(data) - off >= _PACKED_HEAD.size:
+        _cls, _kind, _flags, bits, kn, bn, _ival = _PACKED_HEAD.unpack_from(data, off)
+        end = off + _PACKED_HEAD.size + (_PACKED_STAT if bits & 1 else 0) + kn + bn
+        if end > len(data):
+            return
+        yield data[off:end]
+        off = end
+
+
+def _with_new_records(old: bytes, body: bytes) -> bytes:
+    """``old`` and those of ``body``'s records it does not hold already (a job that opens
+    what an earlier job opened, as ld.so's own calls do every time, adds nothing)."""
+    have = set(packed_records(old))
+    return old + b"".join(r for r in packed_records(body) if r not in have)
+
+
 def join_frames(items: Iterable[tuple[bytes, bytes]]) -> bytes:
     return b"".join(_FRAME.pack(len(p), len(d)) + p + d for p, d in items)
 
@@ -131,12 +156,12 @@ class AnswerTables:
             self._tables.move_to_end((fqrn, root))
             for part, body in got:
                 old = table.parts.get(part)
-                if (
-                    old is not None
-                    and part.endswith(OPENED)
-                    and len(old) + len(body) <= (MAX_FRAME_DATA)
-                ):
-                    body = old + body  # opens come a job at a time: each adds its own
+                if old is not None and part.endswith(OPENED):
+                    body = _with_new_records(old, body)  # opens come a job at a time
+                    if len(body) > MAX_FRAME_DATA:
+                        continue
+                if body == old:  # what the table says already: it stays as it was given
+                    continue
                 grow = len(part) + len(body) - (0 if old is None else len(part) + len(old))
                 if table.size + grow > self.max_table:
                     continue
@@ -182,6 +207,7 @@ class Revision:
     within: bytes
     now: bytes
     staged: list[tuple[bytes, Buffer]]
+    listings: list[tuple[bytes, Buffer]] = field(default_factory=list)  # directories' listings
 
 
 class NodeAnswers:
@@ -272,7 +298,7 @@ class NodeAnswers:
             else:
                 later.append((directory, bodies[0] if len(bodies) == 1 else b"".join(bodies)))
         with self._lock:
-            self._pending.append(Revision(head, b"".join(now), later))
+            self._pending.append(Revision(head, b"".join(now), later, list(listings.items())))
             self._listings.update(listings)
             self._opens_looked.update(looked)
             self.received += len(data)

@@ -132,6 +132,7 @@ class Stats:
     inproc_sites: int = 0  # call sites patched to call the in-process handler
     inproc_images: int = 0  # exec'd images the handler was mapped into
     inproc_host: int = 0  # calls on host paths made inside tracees (no trap)
+    node_dirs: int = 0  # directory opens answered in C from the node's listings
 
     def summary(self) -> str:
         """``--stats``: what a user can read (and compare between runs)."""
@@ -149,7 +150,8 @@ class Stats:
         lines = [
             f"trapped syscalls: {total} (passed through {self.passed}, C-cache hits "
             f"{self.hits}, derived in C {self.absent}, Python upcalls {self.upcalls}, "
-            f"cached answers {self.cached}, opens answered ahead {self.ahead})",
+            f"cached answers {self.cached}, opens answered ahead {self.ahead}, directories "
+            f"opened from the node's listings {self.node_dirs})",
             f"trap mode: {self.mode} ({self.notified} answered by notification, "
             f"{total - self.notified} by ptrace stop)",
         ]
@@ -209,6 +211,10 @@ class NodeOps:
     stage: Callable[[bytes, list[tuple[bytes, Buffer]], bytes, int, int, int, int], int]
     put_staged: Callable[[bytes], Put | None]
     take_notes: Callable[[], list[tuple[bytes, bytes]]]
+    # the node's listings: directories the C side mirrors and opens with no upcall
+    stage_listings: Callable[[bytes, list[tuple[bytes, Buffer]]], int]
+    mirrored: Callable[[bytes], None]  # Python made a mirror
+    take_mirrored: Callable[[], list[bytes]]  # those the C side made since the last call
 
 
 @dataclass
@@ -365,6 +371,7 @@ class Session:
     def materialize(self, pid: int, path: bytes) -> bytes | int:
         """Make the shadow directory for /cvmfs directory ``path`` (and its parents) exist
         and hold one empty entry per catalog entry; returns its host path."""
+        self._sync_mirrored()
         parts = path[len(self.mount) :].split(b"/")
         cur = self.mount
         for i, part in enumerate(parts):
@@ -376,6 +383,11 @@ class Session:
             if err:
                 return err
         return self.shadow_of(path)
+
+    def _sync_mirrored(self) -> None:
+        """Directories the C side mirrored from the node's listings since we last looked."""
+        if self.node_ops is not None:
+            self._populated.update(self.node_ops.take_mirrored())
 
     def _populate(self, pid: int, path: bytes) -> int:
         got = self._listing(pid, path)
@@ -398,6 +410,8 @@ class Session:
             log.warning("shadow tree: %s: %s", os.fsdecode(target), e.strerror)
             return errno.EIO
         self._populated.add(path)
+        if self.node_ops is not None:
+            self.node_ops.mirrored(path)  # the C side mirrors its subdirectories from here
         return 0
 
     def _listing(self, pid: int, path: bytes, node: bool = True) -> tuple[bytes, bool] | int:
@@ -454,6 +468,7 @@ class Session:
         first = parent not in self._answered_ahead
         opens = cls == Cls.OPEN and parent not in self._opened_ahead
         self._answered_ahead.add(parent)
+        self._sync_mirrored()
         if opens:
             self._opened_ahead.add(parent)
             if plain and self.node_answers is not None and self.node_answers.opens_looked(parent):
@@ -591,6 +606,8 @@ class Session:
                         shared.prefix_fd,
                     )
                 )
+            if rev.listings:
+                ops.stage_listings(self.shadow_write, rev.listings)
             if rev.staged:
                 ops.stage(
                     rev.within,
@@ -1011,7 +1028,14 @@ def run(
         if node_answers is not None:
             session.node_answers = node_answers
             session.node_ops = NodeOps(
-                _trap.pack, _trap.put_packed, _trap.stage, _trap.put_staged, _trap.take_notes
+                _trap.pack,
+                _trap.put_packed,
+                _trap.stage,
+                _trap.put_staged,
+                _trap.take_notes,
+                _trap.stage_listings,
+                _trap.mirrored,
+                _trap.take_mirrored,
             )
             node_answers.arrived = session.put_node_answers
             eager = node_answers.eager_bytes
@@ -1054,6 +1078,7 @@ def run(
         inproc_sites=raw["inproc_sites"],
         inproc_images=raw["inproc_images"],
         inproc_host=raw["inproc_host"],
+        node_dirs=raw["node_dirs"],
     )
     return Result(status, stats)
 

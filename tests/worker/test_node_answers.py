@@ -16,6 +16,7 @@ import errno
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,12 +35,14 @@ from worker.node_answers import (
     OPENED,
     OPENS_LOOKED,
     AnswerTables,
+    Buffer,
     FrameError,
     NodeAnswers,
     Revision,
     encode_listing,
     frames,
     join_frames,
+    packed_records,
     valid_table_name,
 )
 
@@ -67,11 +70,18 @@ def test_tables_newest_answers_per_directory_and_bounds() -> None:
     # a table takes no more than its bound; what it had stays
     assert t.add("r.org", ROOT, join_frames([(b"/cvmfs/r.org/b", b"3" * 600)])) == 0
     assert list(frames(t.get("r.org", ROOT))) == [(b"/cvmfs/r.org/a", b"2" * 100)]
-    # a directory's opens add up, job after job
+    # a directory's opens add up, job after job, each open once (ld.so's own opens are made
+    # again by every job); a job that brings nothing new leaves the table as it was given
     opened = b"/cvmfs/r.org/a" + OPENED
-    t.add("r.org", ROOT, join_frames([(opened, b"o1")]))
-    t.add("r.org", ROOT, join_frames([(opened, b"o2")]))
-    assert dict(frames(t.get("r.org", ROOT)))[opened] == b"o1o2"
+    o1, o2 = _open_record(b"/cvmfs/r.org/a/x"), _open_record(b"/cvmfs/r.org/a/y")
+    t.add("r.org", ROOT, join_frames([(opened, o1)]))
+    assert t.add("r.org", ROOT, join_frames([(opened, o2 + o1)])) == 1
+    given = t.get("r.org", ROOT)
+    assert dict(frames(given))[opened] == o1 + o2
+    assert list(packed_records(o1 + o2 + b"\1")) == [o1, o2]
+    again = [(opened, o1), (b"/cvmfs/r.org/a", b"2" * 100)]
+    assert t.add("r.org", ROOT, join_frames(again)) == 0
+    assert t.given("r.org", ROOT) is given
     # garbage: nothing taken
     with pytest.raises(FrameError):
         t.add("r.org", ROOT, b"\1\0\0\0")
@@ -80,6 +90,13 @@ def test_tables_newest_answers_per_directory_and_bounds() -> None:
         t.add("r.org", f"{i:040x}", join_frames([(b"/cvmfs/r.org/c", b"4" * 400)]))
     assert t.get("r.org", ROOT) == b""
     assert t.stats()[1] <= 1000
+
+
+def _open_record(key: bytes) -> bytes:
+    """One packed open answer as worker._trap.pack writes it (cls 1, a redirect with a stat)."""
+    target = b"/objects/" + key[-1:]
+    head = struct.pack("<BBHB3xIIq", 1, 2, 0, 1 | 2 | 4, len(key), len(target), 1)
+    return head + bytes(120) + key + target
 
 
 def test_a_mirror_holds_an_empty_entry_per_listed_entry(tmp_path: Path) -> None:
@@ -148,7 +165,9 @@ def test_table_names_and_a_jobs_answers_by_revision() -> None:
     na.eager_bytes = 4  # b"pack" at once, b"ed" staged
     na.mounted("a.org", ROOT)
     na.mounted("b.org", "f" * 40)
-    assert na.take() == [Revision(b"/cvmfs/a.org", b"pack", [(b"/cvmfs/a.org/z", b"ed")])]
+    staged: list[tuple[bytes, Buffer]] = [(b"/cvmfs/a.org/z", b"ed")]
+    listings: list[tuple[bytes, Buffer]] = [(b"/cvmfs/a.org/x", listing)]  # for C's mirrors
+    assert na.take() == [Revision(b"/cvmfs/a.org", b"pack", staged, listings)]
     assert not na.pending
     assert na.listing(b"/cvmfs/a.org/x") == listing
     assert na.listing(b"/cvmfs/a.org/z") is None
@@ -358,3 +377,61 @@ def test_a_miss_in_a_staged_directory_puts_the_next_ones_too(node: Path, tmp_pat
     m = re.search(r"C-cache hits (\d+)", runs[1].stderr)
     assert m, runs[1].stderr
     assert int(m[1]) <= 40 // 4, runs[1].stderr  # 40 directories, one miss per nine or so
+
+
+WALK_DIRS = """
+import os, sys
+root = sys.argv[1]
+for d, dirs, files in os.walk(root):  # opens and lists each directory (scandir)
+    dirs.sort()
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    a, b = os.fstat(fd), os.stat(d)
+    os.close(fd)
+    key = lambda s: (s.st_ino, s.st_mode, s.st_mtime_ns, s.st_nlink)
+    same = key(a) == key(b)
+    print(os.path.relpath(d, root), sorted(os.listdir(d)), oct(b.st_mode), same)
+"""
+
+
+def test_directories_the_node_listed_are_opened_without_python(node: Path, tmp_path: Path) -> None:
+    """A new job's first open of each directory an earlier job of the node listed is answered
+    by the C side from the node's listing (its mirror made there, ancestors first), with no
+    upcall: what it lists, and what fstat of the directory fd says, are what the first job
+    saw and what the source tree holds."""
+    fqrn = "dirs.test.org"
+    served = Served(tmp_path / "store", tmp_path / "keys")
+    with ram_dir() as src:
+        for a in range(4):
+            for b in range(3):
+                leaf = src / f"a{a}" / f"b{b}"
+                (leaf / "c").mkdir(parents=True)
+                (leaf / "f.py").write_text(f"{a}{b}")
+                (leaf / "c" / "g").write_text("g")
+                os.symlink("f.py", leaf / "ln")
+            os.chmod(src / f"a{a}", 0o750)
+        want = native([sys.executable, "-c", WALK_DIRS, str(src)])
+        served.publish(src, fqrn)
+    proxy = served.serve(tmp_path / "nginx")
+    try:
+        argv = [*CLI, "--server", proxy, "--keys", str(served.keys_dir), "--stats-internals"]
+        argv += ["--cache-dir", str(node), "--"]
+        walk = [sys.executable, "-c", WALK_DIRS, f"/cvmfs/{fqrn}"]
+        runs = []
+        for _ in range(2):  # the first teaches the node, the second opens from it
+            r = subprocess.run([*argv, *walk], env=env_with(), capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+            assert r.returncode == 0, r.stderr[-3000:]
+            runs.append(r)
+    finally:
+        served.stop()
+    dirs = 1 + 4 + 4 * 3 + 4 * 3  # the root, a*, a*/b*, a*/b*/c
+    assert want.stdout.count("\n") == dirs
+    for r in runs:
+        assert r.stdout == want.stdout
+    assert "False" not in want.stdout
+    from_node = re.search(r"directories opened from the node's listings (\d+)", runs[1].stderr)
+    assert from_node, runs[1].stderr
+    # all but the repository's root (its parent, the mount, is mirrored by Python first)
+    assert int(from_node[1]) == dirs - 1, runs[1].stderr
+    assert re.search(r"directories opened from the node's listings 0\b", runs[0].stderr)
+    assert upcalls(runs[1].stderr) < upcalls(runs[0].stderr) - (dirs - 1), runs[1].stderr
