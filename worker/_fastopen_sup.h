@@ -9,7 +9,8 @@
 
 #include "_fastopen.h"
 
-int fo_init(const char *mount, size_t mount_n); /* 0 or -errno */
+/* 0 or -errno; table_dir: a directory on a tmpfs for the table (NULL: a memfd) */
+int fo_init(const char *mount, size_t mount_n, const char *table_dir);
 void fo_fini(void);
 void fo_set_shadow(const char *shadow, size_t n); /* for getcwd in-process */
 int fo_enabled(void);
@@ -22,6 +23,10 @@ int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size
 uint64_t fo_prefetch_hash(uint64_t hash);
 int fo_publish_hashed(unsigned kind, const char *key, size_t kn, uint64_t hash, const void *data,
                       size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino);
+/* The live answer of (kind, key): 1 and its data (a struct stat, a path with is_path, or
+ * none: -err), else 0. */
+int fo_find(unsigned kind, const char *key, size_t kn, const char **data, size_t *dlen,
+            int *err, int *is_path);
 void fo_reserve(size_t arena_bytes); /* many answers follow: fault their memory in at once */
 void fo_reserve_async(size_t arena_bytes); /* the same by a thread of its own, ahead of time */
 void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files there */

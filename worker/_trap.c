@@ -272,9 +272,13 @@ static int names_unpublished;
 
 static unsigned long long n_node_puts; /* answers put from the node's */
 
-/* answers from the node, staged per directory (defined with trap_stage) */
+/* answers from the node, staged per directory (defined with stage_dir) */
 static int put_staged_ancestors(const char *key, size_t kn);
 static unsigned long long n_node_dirs; /* directory opens answered from the node's listings */
+static unsigned long long n_opens_put; /* open answers put ahead (objects the node holds) */
+/* the shadow tree's read-write view: the mount's mirror (NULL: none; set by run) */
+static char *mirror_w;
+static size_t mirror_wn;
 static void stage_clear(void);
 static void dirs_clear(void);
 
@@ -295,8 +299,56 @@ typedef struct {
     char *key;
     size_t klen;
     action_t act;
+    int pooled; /* it and its key are in the pool (answers put ahead): not freed one by one */
 } entry_t;
+
+/*
+ * The answer cache's entries for answers put ahead: a job on a warm node puts 20,000 of them
+ * while its program waits for the mount.  They come from one mapping, entry and key side by
+ * side, with no malloc bookkeeping, and go all at once with the run's answers.  (Not huge
+ * pages: on a VM whose host takes back free memory, a fresh 2 MiB page costs 512 host faults,
+ * 30 ms for a job's entries, where recycled small pages cost little.)
+ */
+#define POOL_MAX (1ul << 32) /* address space only: what is used gets memory */
+static char *pool;
+static size_t pool_used;
+
+static void *pool_alloc(size_t n)
+{
+    if (!pool) {
+        void *m = mmap(NULL, POOL_MAX, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED)
+            return NULL;
+        pool = m;
+        pool_used = 0;
+    }
+    n = (n + 15) & ~(size_t)15;
+    if (n > POOL_MAX - pool_used)
+        return NULL;
+    void *p = pool + pool_used;
+    pool_used += n;
+    return p;
+}
+
+static void pool_clear(void)
+{
+    if (pool)
+        munmap(pool, POOL_MAX);
+    pool = NULL;
+    pool_used = 0;
+}
+
+static void entry_free(entry_t *e)
+{
+    free(e->act.bval);
+    if (!e->pooled) {
+        free(e->key);
+        free(e);
+    }
+}
 static int dir_open_from_node(const char *key, size_t kn, action_t *out);
+static int put_deferred_opens(const char *key, size_t kn);
 
 /* The hash beside each pointer: probing a run of slots reads no entry but the one that
  * matches (tens of thousands of answers are put at a job's start, each probed first). */
@@ -334,6 +386,28 @@ static cslot_t *cache_slot(int cls, int flags, const char *k, size_t n, uint64_t
 static entry_t *cache_get(int cls, int flags, const char *k, size_t n, uint64_t h)
 {
     return table_cap ? cache_slot(cls, flags, k, n, h)->e : NULL;
+}
+
+/* Answers the C side put into the in-process table only (stat and lstat answers, the names of
+ * listed directories: most of a node's answers), made entries of the answer cache when a
+ * trapped call or a derivation needs one.  Putting 20,000 answers at a job's start then
+ * writes each once. */
+static unsigned long long fo_only; /* answers put that way this run (0: nothing to look for) */
+static int fo_lost; /* the in-process table was withdrawn since: those answers are gone */
+static entry_t *fo_backed(int cls, int flags, const char *key, size_t kn, uint64_t h);
+
+static entry_t *cache_find(int cls, int flags, const char *k, size_t n, uint64_t h)
+{
+    entry_t *e = cache_get(cls, flags, k, n, h);
+    return e || !fo_only || fo_lost ? e : fo_backed(cls, flags, k, n, h);
+}
+
+/* Withdraw every in-process answer; the names of listed directories among them, so no
+ * listing may deny a name in C any more (absent_from_listing). */
+static void withdraw_all(void)
+{
+    fo_withdraw_all();
+    fo_lost = fo_only != 0;
 }
 
 /* Room for `more` entries at half load (one rehash instead of several as a table grows);
@@ -384,9 +458,7 @@ static int cache_del(int cls, int flags, const char *k, size_t n)
     size_t mask = table_cap - 1, i = h & mask;
     while (table[i].e != e)
         i = (i + 1) & mask;
-    free(e->key);
-    free(e->act.bval);
-    free(e);
+    entry_free(e);
     table[i].e = NULL;
     table[i].hash = 0;
     table_len--;
@@ -404,18 +476,15 @@ static int cache_del(int cls, int flags, const char *k, size_t n)
 
 static void cache_clear(void)
 {
-    fo_withdraw_all();
+    withdraw_all();
     for (size_t i = 0; i < table_cap; i++) {
-        entry_t *e = table[i].e;
-        if (e) {
-            free(e->key);
-            free(e->act.bval);
-            free(e);
-        }
+        if (table[i].e)
+            entry_free(table[i].e);
     }
     free(table);
     table = NULL;
     table_cap = table_len = 0;
+    pool_clear();
 }
 
 /* ---------- what fstat of a /cvmfs file descriptor says ---------- */
@@ -467,7 +536,7 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
         ids_cap = cap;
         ids_len = 0;
         if (cap <= old_cap)
-            fo_withdraw_all(); /* which files are shared is forgotten too */
+            withdraw_all(); /* which files are shared is forgotten too */
         if (cap > old_cap) /* grow; past IDS_MAX start again empty */
             for (size_t i = 0; i < old_cap; i++)
                 if (old[i].ino) {
@@ -512,7 +581,7 @@ static int ids_claim(uint64_t dev, uint64_t ino, const int64_t *st)
 
 static void ids_clear(void)
 {
-    fo_withdraw_all();
+    withdraw_all();
     free(ids);
     ids = NULL;
     ids_cap = ids_len = 0;
@@ -1200,14 +1269,14 @@ static int absent_from_listing(const char *key, size_t kn)
     const char *name = slash + 1;
     if (nn == 0 || (name[0] == '.' && (nn == 1 || (nn == 2 && name[1] == '.'))))
         return 0;
-    return cache_get(C_LISTED, 0, key, pn, fnv(C_LISTED, 0, key, pn)) &&
-           !cache_get(C_NAMED, 0, key, kn, fnv(C_NAMED, 0, key, kn));
+    return !fo_lost && cache_get(C_LISTED, 0, key, pn, fnv(C_LISTED, 0, key, pn)) &&
+           !cache_find(C_NAMED, 0, key, kn, fnv(C_NAMED, 0, key, kn));
 }
 
 /* The stat answer at hand for a path (C_STAT, `flags` 0 or F_NOFOLLOW), or NULL. */
 static const action_t *known_stat(const char *key, size_t kn, int flags)
 {
-    entry_t *s = cache_get(C_STAT, flags, key, kn, fnv(C_STAT, flags, key, kn));
+    entry_t *s = cache_find(C_STAT, flags, key, kn, fnv(C_STAT, flags, key, kn));
     return s && s->act.kind == A_STAT && s->act.st[0] ? &s->act : NULL;
 }
 
@@ -1274,13 +1343,14 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
                         PyObject **argv_prefix)
 {
     uint64_t h = fnv(cls, flags, key, kn);
-    entry_t *e = cache_get(cls, flags, key, kn, h);
+    entry_t *e = cache_find(cls, flags, key, kn, h);
     if (e) {
         n_hits++;
         return &e->act;
     }
-    if (put_staged_ancestors(key, kn)) { /* what the node knows of this part of the tree */
-        e = cache_get(cls, flags, key, kn, h);
+    if (put_staged_ancestors(key, kn) || /* what the node knows of this part of the tree */
+        (cls == C_OPEN && put_deferred_opens(key, kn))) {
+        e = cache_find(cls, flags, key, kn, h);
         if (e) {
             n_hits++;
             return &e->act;
@@ -1717,6 +1787,53 @@ static void fill_stat(const int64_t *f, struct stat *s)
     s->st_mtim.tv_nsec = f[12];
     s->st_ctim.tv_sec = f[13];
     s->st_ctim.tv_nsec = f[14];
+}
+
+static entry_t *fo_backed(int cls, int flags, const char *key, size_t kn, uint64_t h)
+{
+    unsigned kind;
+    if (cls == C_STAT && (flags == 0 || flags == F_NOFOLLOW))
+        kind = flags ? FO_LSTAT : FO_STAT;
+    else if (cls == C_NAMED && !flags)
+        kind = FO_NAMED;
+    else
+        return NULL;
+    const char *d;
+    size_t dl;
+    int err, is_path;
+    if (!fo_find(kind, key, kn, &d, &dl, &err, &is_path))
+        return NULL;
+    action_t a;
+    memset(&a, 0, sizeof a);
+    a.kind = A_RETURN; /* a listed name */
+    if (kind != FO_NAMED) {
+        struct stat st;
+        if (is_path || dl != sizeof st)
+            return NULL; /* (a directory's mirror, or an error: those are the tracer's own) */
+        memcpy(&st, d, sizeof st);
+        int64_t f[15] = {st.st_mode, (int64_t)st.st_ino, (int64_t)st.st_nlink, st.st_uid,
+                         st.st_gid, st.st_size, st.st_blocks, (int64_t)st.st_rdev,
+                         (int64_t)st.st_dev, st.st_atim.tv_sec, st.st_atim.tv_nsec,
+                         st.st_mtim.tv_sec, st.st_mtim.tv_nsec, st.st_ctim.tv_sec,
+                         st.st_ctim.tv_nsec};
+        memcpy(a.st, f, sizeof f);
+        a.kind = A_STAT;
+    }
+    entry_t *e = pool_alloc(sizeof *e + kn + 1);
+    if (!e)
+        return NULL;
+    char *k = (char *)(e + 1);
+    memcpy(k, key, kn);
+    k[kn] = 0;
+    e->hash = h;
+    e->cls = cls;
+    e->flags = flags;
+    e->key = k;
+    e->klen = kn;
+    e->act = a;
+    e->pooled = 1;
+    cache_put(e);
+    return e;
 }
 
 static void fill_statx(const int64_t *f, struct statx *x)
@@ -3068,13 +3185,13 @@ static PyObject *stats_dict(size_t cached, const char *mode)
     }
     unsigned long long fh, fm, sh, sm, fp, fi, fho;
     fo_counts(&fh, &fm, &sh, &sm, &fp, &fi, &fho);
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "trapped", per, "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls,
                          "absent", n_absent, "cached",
                          (Py_ssize_t)cached, "notified", n_notified, "mode", mode,
                          "inproc_opens", fh, "inproc_misses", fm, "inproc_stats", sh,
                          "inproc_stat_misses", sm, "inproc_sites", fp, "inproc_images", fi,
-                         "inproc_host", fho, "node_puts", n_node_puts, "node_dirs", n_node_dirs);
+                         "inproc_host", fho, "node_puts", n_node_puts, "node_dirs", n_node_dirs, "opens_put", n_opens_put);
 }
 
 static char **to_cstrings(PyObject *seq)
@@ -3605,9 +3722,11 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     int io_uring = 0;   /* let the command set up io_uring rings (see install_filter) */
     const char *rnd = NULL; /* the shadow tree as /proc links spell it (default: shd) */
     Py_ssize_t rn = 0;
+    const char *wr = NULL; /* where we write the shadow tree (default: none) */
+    Py_ssize_t wrn = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOy#y#O|lippy#", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
-                          &spin_us, &mode, &in_process, &io_uring, &rnd, &rn))
+    if (!PyArg_ParseTuple(args, "OOy#y#O|lippy#y#", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
+                          &spin_us, &mode, &in_process, &io_uring, &rnd, &rn, &wr, &wrn))
         return NULL;
     if (!rnd) {
         rnd = shd;
@@ -3639,8 +3758,14 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     }
     if (answers_left)
         answers_clear();
+    free(mirror_w);
+    mirror_w = NULL;
+    if (wr && wrn > 0 && !(mirror_w = strndup(wr, (size_t)wrn)))
+        return PyErr_NoMemory();
+    mirror_wn = mirror_w ? (size_t)wrn : 0;
     int notify = mode == 1 || (mode == 2 && probe_notify());
-    n_node_puts = n_node_dirs = 0;
+    n_node_puts = n_node_dirs = fo_only = n_opens_put = 0;
+    fo_lost = 0;
     memcpy(mount_p, mnt, (size_t)mn);
     mount_p[mn] = 0;
     mount_n = (size_t)mn;
@@ -3658,7 +3783,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         scratch_cookie = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
     own_fd_prefix_n = (size_t)snprintf(own_fd_prefix, sizeof own_fd_prefix, "/proc/%d/fd/",
                                        (int)getpid());
-    if (notify && in_process && fo_init(mount_p, mount_n) == 0) /* before fork: see filter */
+    if (notify && in_process && fo_init(mount_p, mount_n, mirror_w) == 0) /* before fork */
         fo_set_shadow(shadow_p, shadow_n);
 
     int go[2], err[2], ctl[2];
@@ -3924,7 +4049,28 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
     char *k = NULL;
     if (cache_get(cls, flags, key, kn, h))
         goto skip;
-    if (!(e = calloc(1, sizeof *e)) || !(k = malloc(kn + 1))) {
+    if (fo_enabled() && cls == C_STAT && a->kind == A_STAT && (flags == 0 || flags == F_NOFOLLOW)) {
+        struct stat st;
+        fill_stat(a->st, &st);
+        if (publish(ph, cls, flags, flags ? FO_LSTAT : FO_STAT, key, kn, &st, sizeof st, 0, 0, 0,
+                    0)) {
+            fo_only++;
+            free(a->bval);
+            return 1;
+        }
+    } else if (fo_enabled() && cls == C_NAMED && !flags &&
+               publish(ph, cls, flags, FO_NAMED, key, kn, NULL, 0, 0, 0, 0, 0)) {
+        fo_only++;
+        free(a->bval);
+        return 1;
+    }
+    int pooled = 0;
+    entry_t *pe = pool_alloc(sizeof *e + kn + 1); /* zeroed: never used before */
+    if (pe) {
+        e = pe;
+        k = (char *)(pe + 1);
+        pooled = 1;
+    } else if (!(e = calloc(1, sizeof *e)) || !(k = malloc(kn + 1))) {
         if (cls == C_NAMED) /* a name not known here: no listing may deny it in-process */
             names_unpublished = 1;
         goto skip;
@@ -3938,8 +4084,10 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
             got = dirfd >= 0 && pre && a->blen > pre ? fstatat(dirfd, a->bval + pre, &rs, 0)
                                                      : stat(a->bval, &rs);
         if (got != 0 || !S_ISREG(rs.st_mode)) {
-            free(e);
-            free(k);
+            if (!pooled) { /* (a pooled one is left unused) */
+                free(e);
+                free(k);
+            }
             free(a->bval);
             return 0;
         }
@@ -3954,8 +4102,10 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
     e->key = k;
     e->klen = kn;
     e->act = *a;
+    e->pooled = pooled;
     cache_put(e);
     a = &e->act;
+    n_opens_put += cls == C_OPEN;
     if (!fo_enabled())
         return 1;
     if (cls == C_STAT && a->kind == A_STAT) {
@@ -4344,7 +4494,18 @@ static size_t prefetch_packed(const char *data, size_t off, size_t end, put_hash
     return off + need;
 }
 
+static long put_packed_records(const char *data, size_t dn, const char *within, size_t wn,
+                               buf_t *opens);
+
 static long put_packed_bytes(const char *data, size_t dn, const char *within, size_t wn)
+{
+    return put_packed_records(data, dn, within, wn, NULL);
+}
+
+/* put_packed_bytes, but with `opens`, the open answers are not put: their records are added
+ * there (for the caller to stage). */
+static long put_packed_records(const char *data, size_t dn, const char *within, size_t wn,
+                               buf_t *opens)
 {
     long n = 0;
     size_t off = 0, end = dn, ahead = 0;
@@ -4403,6 +4564,11 @@ static long put_packed_bytes(const char *data, size_t dn, const char *within, si
         if (kn < wn || memcmp(key, within, wn) != 0 || (kn > wn && key[wn] != '/') ||
             memchr(key, 0, kn) || !packed_answer_ok(cls, a.kind))
             continue;
+        if (opens && cls == C_OPEN) {
+            if (buf_add(opens, data + off - need, need) < 0)
+                return -1;
+            continue;
+        }
         size_t pre = bits & PK_PREFIX ? job.pn : 0;
         if (bits & PK_BVAL) {
             a.bval = malloc(pre + bn + 1);
@@ -4487,34 +4653,6 @@ static PyObject *put_result(long n)
 }
 
 /*
- * put_packed(data, within, prefix, uid, gid, dev[, dirfd]) -> (n, directories, opens): put
- * pack()ed answers (put_packed_bytes) with this job's uid, gid, st_dev and object directory
- * (`prefix`, and our `dirfd` on it); returns how many were taken, the directories whose every
- * entry is now known (C_LISTED) and the (object file, path) of each open put.
- */
-static PyObject *trap_put_packed(PyObject *self, PyObject *args)
-{
-    const char *data, *within, *prefix;
-    Py_ssize_t dn, wn, pn;
-    long long uid, gid, dev;
-    int dirfd = -1;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "y#y#y#LLL|i", &data, &dn, &within, &wn, &prefix, &pn, &uid,
-                          &gid, &dev, &dirfd))
-        return NULL;
-    if (!handler) {
-        PyErr_SetString(PyExc_RuntimeError, "worker._trap.put_packed outside a run");
-        return NULL;
-    }
-    if (set_job(prefix, (size_t)pn, uid, gid, dev, dirfd) < 0)
-        return PyErr_NoMemory();
-    long n = put_packed_bytes(data, (size_t)dn, within, (size_t)wn);
-    if (n < 0)
-        return PyErr_NoMemory();
-    return put_result(n);
-}
-
-/*
  * Answers from the node staged per directory: put when a call first misses in the directory
  * or below it (lookup), or when Python comes to the directory (put_staged), so a job's start
  * never costs the whole table and its first touch of a directory the node knows needs no
@@ -4524,9 +4662,10 @@ typedef struct {
     uint64_t h; /* 0: free */
     char *dir, *within;
     size_t dn, wn;
-    char *data; /* NULL once put */
+    const char *data; /* NULL once put */
     size_t len;
     size_t order; /* its place in stg_order */
+    int owned;    /* data is ours to free (else it is in a table we hold: see put_table) */
 } staged_t;
 static staged_t *stg;
 static size_t stg_cap, stg_used, stg_pending;
@@ -4597,7 +4736,8 @@ static long stage_put(staged_t *s)
     if (!s->data)
         return 0;
     long n = put_packed_bytes(s->data, s->len, s->within, s->wn);
-    free(s->data);
+    if (s->owned)
+        free((char *)s->data);
     s->data = NULL;
     stg_pending--;
     return n;
@@ -4654,7 +4794,8 @@ static void stage_clear(void)
     for (size_t i = 0; i < stg_cap; i++) {
         free(stg[i].dir);
         free(stg[i].within);
-        free(stg[i].data);
+        if (stg[i].owned)
+            free((char *)stg[i].data);
     }
     free(stg);
     stg = NULL;
@@ -4684,17 +4825,27 @@ typedef struct {
     uint64_t h; /* 0: free */
     char *dir;
     size_t dn;
-    char *data; /* a listing (the mirrored set: NULL) */
+    const char *data; /* a listing, in a table we hold (the other sets: NULL) */
     size_t len;
 } dirmap_slot_t;
 typedef struct {
     dirmap_slot_t *t;
     size_t cap, used;
 } dirmap_t;
-static dirmap_t node_listings, mirrored;
+static dirmap_t node_listings, mirrored, opens_looked; /* (opens looked: see put_table) */
+/* the open answers of directories put at once, each put when the job first opens a file
+ * there (put_deferred_opens): data is ours */
+static dirmap_t opens_deferred;
+/* ...in the order the node's jobs came to them: a job that opens files in one most likely
+ * opens files in the next few too (a Python import: each package's __pycache__), which are
+ * put with it, as staged directories are (put_staged_ancestors) */
+static struct {
+    const char *dir; /* the slot's own copy: stays until dirs_clear */
+    size_t dn;
+} *od_order;
+static size_t od_n, od_cap;
+#define OPENS_AHEAD_DIRS 4
 static buf_t mirror_notes; /* "dir\0" of each directory mirrored here, until Python takes them */
-static char *mirror_w; /* the shadow tree's read-write view: the mount's mirror (NULL: none) */
-static size_t mirror_wn;
 
 /* The slot of directory `d` (with `create`: a new one, its path copied; NULL if out of
  * memory), or NULL. */
@@ -4738,22 +4889,63 @@ static dirmap_slot_t *dirmap_find(dirmap_t *m, const char *d, size_t n, int crea
 
 static void dirmap_clear(dirmap_t *m)
 {
-    for (size_t i = 0; i < m->cap; i++) {
+    for (size_t i = 0; i < m->cap; i++)
         free(m->t[i].dir);
-        free(m->t[i].data);
-    }
     free(m->t);
     memset(m, 0, sizeof *m);
 }
 
+static void release_tables(void);
+static int stage_dir(const char *d, size_t dn, const char *within, size_t wn, const char *data,
+                     size_t len, int owned);
+
 static void dirs_clear(void)
 {
+    release_tables();
     dirmap_clear(&node_listings);
     dirmap_clear(&mirrored);
+    dirmap_clear(&opens_looked);
+    for (size_t i = 0; i < opens_deferred.cap; i++)
+        free((char *)opens_deferred.t[i].data);
+    dirmap_clear(&opens_deferred);
+    free(od_order);
+    od_order = NULL;
+    od_n = od_cap = 0;
     buf_free(&mirror_notes);
     free(mirror_w);
     mirror_w = NULL;
     mirror_wn = 0;
+}
+
+/* The first open of a file in a directory whose answers were put at once: its opens now (see
+ * put_table).  1 if any were put. */
+static long put_opens_of(dirmap_slot_t *o)
+{
+    char *data = (char *)o->data;
+    o->data = NULL;
+    long n = put_packed_bytes(data, o->len, mount_p, mount_n); /* (all below the mount) */
+    free(data);
+    return n;
+}
+
+static int put_deferred_opens(const char *key, size_t kn)
+{
+    const char *slash = opens_deferred.used ? memrchr(key, '/', kn) : NULL;
+    dirmap_slot_t *o = slash ? dirmap_find(&opens_deferred, key, (size_t)(slash - key), 0) : NULL;
+    if (!o || !o->data)
+        return 0;
+    size_t at = 0; /* where it is in od_order (its slot does not say: a linear search, rare) */
+    while (at < od_n && od_order[at].dir != o->dir)
+        at++;
+    long n = put_opens_of(o);
+    for (size_t i = at + 1, ahead = 0; i < od_n && ahead < OPENS_AHEAD_DIRS; i++) {
+        dirmap_slot_t *next = dirmap_find(&opens_deferred, od_order[i].dir, od_order[i].dn, 0);
+        if (next && next->data) {
+            put_opens_of(next);
+            ahead++;
+        }
+    }
+    return n > 0;
 }
 
 /* Mirror `key`'s first `n` bytes (a directory below the mount) from the node's listing, once;
@@ -4802,57 +4994,310 @@ static int dir_open_from_node(const char *key, size_t kn, action_t *out)
     return 1;
 }
 
-/* stage_listings(mirror_write, [(directory, listing), ...]): the node's listings of a mounted
- * revision, and where the shadow tree is written (worker/tracer.py _ShadowTree.write). */
-static PyObject *trap_stage_listings(PyObject *self, PyObject *args)
+/*
+ * A revision's table of answers from the node (worker/node_answers.py: frames of u32 part
+ * length, u32 data length, part, data; a part is a directory, NUL, and which of its answers
+ * the data holds), read where the service's memfd is mapped: nothing is copied.  Its first
+ * directories in the order the node's jobs came to them (up to `eager` bytes) are put at
+ * once and the others staged, each put when the job first comes to it; the listings are kept
+ * for the mirrors (dir_open_from_node) and Python, and so are the directories whose opens an
+ * earlier job looked for (Python does not look again).  Only frames of the repository
+ * mounted at `within`: a table never answers for another.
+ */
+#define NT_MAX_PART (4096 + 16) /* as worker/node_answers.py MAX_PART, MAX_FRAME_DATA */
+#define NT_MAX_DATA (64u << 20)
+#define NT_BODIES 8 /* a directory's answers: one per kind of first touch, and its opens */
+
+typedef struct {
+    const char *dir, *body[NT_BODIES];
+    size_t dn, len[NT_BODIES], bytes;
+    unsigned nb;
+} nt_dir_t;
+
+typedef struct {
+    const char *dir, *body;
+    size_t dn, len;
+} nt_span_t;
+
+typedef struct {
+    nt_dir_t *dirs; /* in the order first met */
+    size_t ndirs;
+    nt_span_t *listings, *looked;
+    size_t nlistings, nlooked;
+    uint32_t *index; /* directory -> dirs index + 1 */
+    size_t icap;
+} nt_t;
+
+static void nt_free(nt_t *t)
 {
-    const char *w;
-    Py_ssize_t wn;
-    PyObject *items, *item;
+    free(t->dirs);
+    free(t->listings);
+    free(t->looked);
+    free(t->index);
+    memset(t, 0, sizeof *t);
+}
+
+/* 0: read into *t (nt_free it); -1: bytes that are not frames (nothing is to be taken);
+ * -2: out of memory. */
+static int nt_read(const char *data, size_t n, const char *within, size_t wn, nt_t *t)
+{
+    memset(t, 0, sizeof *t);
+    size_t frames = 0;
+    for (size_t off = 0; off < n; frames++) {
+        uint32_t pn, dn;
+        if (n - off < 8)
+            return -1;
+        memcpy(&pn, data + off, 4);
+        memcpy(&dn, data + off + 4, 4);
+        off += 8;
+        if (pn == 0 || pn > NT_MAX_PART || dn > NT_MAX_DATA || n - off < (size_t)pn + dn)
+            return -1;
+        off += (size_t)pn + dn;
+    }
+    t->icap = 16;
+    while (t->icap < frames * 2)
+        t->icap *= 2;
+    t->dirs = calloc(frames + 1, sizeof *t->dirs);
+    t->listings = calloc(frames + 1, sizeof *t->listings);
+    t->looked = calloc(frames + 1, sizeof *t->looked);
+    t->index = calloc(t->icap, sizeof *t->index);
+    if (!t->dirs || !t->listings || !t->looked || !t->index) {
+        nt_free(t);
+        return -2;
+    }
+    for (size_t off = 0; off < n;) {
+        uint32_t pn, dn;
+        memcpy(&pn, data + off, 4);
+        memcpy(&dn, data + off + 4, 4);
+        const char *part = data + off + 8, *body = part + pn;
+        off += 8 + (size_t)pn + dn;
+        const char *nul = memchr(part, 0, pn);
+        size_t dl = nul ? (size_t)(nul - part) : pn, wl = nul ? pn - dl - 1 : 0;
+        if (dl < wn || memcmp(part, within, wn) != 0 || (dl > wn && part[wn] != '/'))
+            continue; /* another repository's */
+        if (wl == 7 && memcmp(nul + 1, "listing", 7) == 0) {
+            t->listings[t->nlistings++] = (nt_span_t){part, body, dl, dn};
+            continue;
+        }
+        if (wl == 12 && memcmp(nul + 1, "opens-looked", 12) == 0) {
+            t->looked[t->nlooked++] = (nt_span_t){part, body, dl, dn};
+            continue;
+        }
+        nt_dir_t *d = NULL;
+        for (size_t i = dir_hash(part, dl) & (t->icap - 1);; i = (i + 1) & (t->icap - 1)) {
+            uint32_t v = t->index[i];
+            if (!v) {
+                t->index[i] = (uint32_t)++t->ndirs;
+                d = &t->dirs[t->ndirs - 1];
+                d->dir = part;
+                d->dn = dl;
+                break;
+            }
+            if (t->dirs[v - 1].dn == dl && memcmp(t->dirs[v - 1].dir, part, dl) == 0) {
+                d = &t->dirs[v - 1];
+                break;
+            }
+        }
+        if (dn && d->nb < NT_BODIES) {
+            d->body[d->nb] = body;
+            d->len[d->nb++] = dn;
+            d->bytes += dn;
+        }
+    }
+    return 0;
+}
+
+/* Which of a table's directories put_table puts at once (the first, up to `eager` bytes). */
+static int nt_eager(const nt_dir_t *d, size_t eager, size_t *size)
+{
+    if (*size + d->bytes > eager)
+        return 0;
+    *size += d->bytes;
+    return 1;
+}
+
+/* The tables put_table took answers from: their memory stays until the run's answers go. */
+static Py_buffer *held_tables;
+static size_t nheld_tables;
+
+static void release_tables(void)
+{
+    for (size_t i = 0; i < nheld_tables; i++)
+        PyBuffer_Release(&held_tables[i]);
+    free(held_tables);
+    held_tables = NULL;
+    nheld_tables = 0;
+}
+
+static PyObject *trap_put_table(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    const char *within, *prefix;
+    Py_ssize_t wn, pn, eager;
+    long long uid, gid, dev;
+    int dirfd;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y#O", &w, &wn, &items))
+    if (!PyArg_ParseTuple(args, "y*y#ny#LLLi", &view, &within, &wn, &eager, &prefix, &pn, &uid,
+                          &gid, &dev, &dirfd))
         return NULL;
     if (!handler) {
-        PyErr_SetString(PyExc_RuntimeError, "worker._trap.stage_listings outside a run");
-        return NULL;
-    }
-    if (!mirror_w) {
-        if (!(mirror_w = malloc((size_t)wn + 1)))
-            return PyErr_NoMemory();
-        memcpy(mirror_w, w, (size_t)wn);
-        mirror_w[wn] = 0;
-        mirror_wn = (size_t)wn;
-    }
-    PyObject *it = PyObject_GetIter(items);
-    if (!it)
-        return NULL;
-    long n = 0;
-    while ((item = PyIter_Next(it))) {
-        const char *d;
-        Py_ssize_t dn;
-        Py_buffer view;
-        int ok = PyArg_ParseTuple(item, "y#y*", &d, &dn, &view);
-        Py_DECREF(item);
-        if (!ok) {
-            Py_DECREF(it);
-            return NULL;
-        }
-        dirmap_slot_t *s = dn > 0 && dn < MAXPATH ? dirmap_find(&node_listings, d, (size_t)dn, 1)
-                                                 : NULL;
-        char *copy = s && view.len ? malloc((size_t)view.len) : NULL;
-        if (copy) {
-            memcpy(copy, view.buf, (size_t)view.len);
-            free(s->data);
-            s->data = copy;
-            s->len = (size_t)view.len;
-            n++;
-        }
         PyBuffer_Release(&view);
-    }
-    Py_DECREF(it);
-    if (PyErr_Occurred())
+        PyErr_SetString(PyExc_RuntimeError, "worker._trap.put_table outside a run");
         return NULL;
-    return PyLong_FromLong(n);
+    }
+    nt_t t;
+    int r = nt_read(view.buf, (size_t)view.len, within, (size_t)wn, &t);
+    Py_buffer *more = r ? NULL : realloc(held_tables, (nheld_tables + 1) * sizeof *more);
+    if (!more || set_job(prefix, (size_t)pn, uid, gid, dev, dirfd) < 0) {
+        if (more)
+            held_tables = more;
+        nt_free(&t);
+        PyBuffer_Release(&view);
+        if (r == -1)
+            Py_RETURN_NONE; /* not frames: Python says so */
+        return PyErr_NoMemory();
+    }
+    held_tables = more;
+    held_tables[nheld_tables++] = view; /* released with the run's answers */
+    long n = 0;
+    int oom = 0;
+    for (size_t i = 0; i < t.nlistings && !oom; i++) { /* (a later one replaces) */
+        dirmap_slot_t *l = dirmap_find(&node_listings, t.listings[i].dir, t.listings[i].dn, 1);
+        oom = !l;
+        if (l) {
+            l->data = t.listings[i].body;
+            l->len = t.listings[i].len;
+        }
+    }
+    for (size_t i = 0; i < t.nlooked && !oom; i++)
+        oom = !dirmap_find(&opens_looked, t.looked[i].dir, t.looked[i].dn, 1);
+    size_t size = 0;
+    for (size_t i = 0; i < t.ndirs && !oom; i++) {
+        const nt_dir_t *d = &t.dirs[i];
+        if (nt_eager(d, (size_t)eager, &size)) {
+            /* its opens when the job first opens a file there (one trap, and the put of a
+             * few hundred opens, which a stat of a file there does not need): an open answer
+             * costs ~15 times a stat's to put (the object's inode, its fstat answer), and a
+             * node's answers hold the opens of every job */
+            buf_t opens = {NULL, 0, 0};
+            for (unsigned b = 0; b < d->nb && !oom; b++) {
+                long k = put_packed_records(d->body[b], d->len[b], within, (size_t)wn, &opens);
+                oom = k < 0;
+                n += k > 0 ? k : 0;
+            }
+            dirmap_slot_t *o = opens.len ? dirmap_find(&opens_deferred, d->dir, d->dn, 1) : NULL;
+            if (o && !o->data && od_n == od_cap) {
+                size_t cap = od_cap ? od_cap * 2 : 256;
+                void *g = realloc(od_order, cap * sizeof *od_order);
+                if (g) {
+                    od_order = g;
+                    od_cap = cap;
+                }
+            }
+            if (o && !o->data && od_n < od_cap) {
+                o->data = opens.b;
+                o->len = opens.len;
+                od_order[od_n].dir = o->dir;
+                od_order[od_n++].dn = o->dn;
+            } else {
+                oom = oom || (opens.len && !o);
+                free(opens.b);
+            }
+        } else if (d->nb == 1) {
+            oom = stage_dir(d->dir, d->dn, within, (size_t)wn, d->body[0], d->len[0], 0) < 0;
+        } else if (d->nb > 1) { /* its answers and its opens: one piece to put */
+            char *joined = malloc(d->bytes);
+            oom = !joined;
+            for (size_t b = 0, at = 0; joined && b < d->nb; at += d->len[b++])
+                memcpy(joined + at, d->body[b], d->len[b]);
+            oom = oom || stage_dir(d->dir, d->dn, within, (size_t)wn, joined, d->bytes, 1) < 0;
+        }
+    }
+    nt_free(&t);
+    if (oom)
+        return PyErr_NoMemory();
+    return put_result(n);
+}
+
+static PyObject *trap_read_table(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    const char *within;
+    Py_ssize_t wn, eager;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y#n", &view, &within, &wn, &eager))
+        return NULL;
+    nt_t t;
+    int r = nt_read(view.buf, (size_t)view.len, within, (size_t)wn, &t);
+    PyObject *now = NULL, *later = NULL, *listings = NULL, *looked = NULL, *out = NULL;
+    if (r == -2 || !(now = PyList_New(0)) || !(later = PyList_New(0)) ||
+        !(listings = PyDict_New()) || !(looked = PyList_New(0)))
+        goto done;
+    if (r == -1) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    size_t size = 0;
+    for (size_t i = 0; i < t.ndirs; i++) {
+        PyObject *d = PyBytes_FromStringAndSize(t.dirs[i].dir, (Py_ssize_t)t.dirs[i].dn);
+        int bad = !d || PyList_Append(nt_eager(&t.dirs[i], (size_t)eager, &size) ? now : later,
+                                      d) < 0;
+        Py_XDECREF(d);
+        if (bad)
+            goto done;
+    }
+    for (size_t i = 0; i < t.nlistings; i++) {
+        PyObject *d = PyBytes_FromStringAndSize(t.listings[i].dir, (Py_ssize_t)t.listings[i].dn);
+        PyObject *b = PyBytes_FromStringAndSize(t.listings[i].body, (Py_ssize_t)t.listings[i].len);
+        int bad = !d || !b || PyDict_SetItem(listings, d, b) < 0;
+        Py_XDECREF(d);
+        Py_XDECREF(b);
+        if (bad)
+            goto done;
+    }
+    for (size_t i = 0; i < t.nlooked; i++) {
+        PyObject *d = PyBytes_FromStringAndSize(t.looked[i].dir, (Py_ssize_t)t.looked[i].dn);
+        int bad = !d || PyList_Append(looked, d) < 0;
+        Py_XDECREF(d);
+        if (bad)
+            goto done;
+    }
+    out = Py_BuildValue("OOOO", now, later, listings, looked);
+done:
+    if (r == -2)
+        PyErr_NoMemory();
+    nt_free(&t);
+    PyBuffer_Release(&view);
+    Py_XDECREF(now);
+    Py_XDECREF(later);
+    Py_XDECREF(listings);
+    Py_XDECREF(looked);
+    return out;
+}
+
+/* node_listing(directory) -> its listing from the node's table, or None */
+static PyObject *trap_node_listing(PyObject *self, PyObject *args)
+{
+    const char *d;
+    Py_ssize_t dn;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#", &d, &dn))
+        return NULL;
+    dirmap_slot_t *l = dn > 0 ? dirmap_find(&node_listings, d, (size_t)dn, 0) : NULL;
+    if (!l || !l->data)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(l->data, (Py_ssize_t)l->len);
+}
+
+/* opens_looked(directory) -> did an earlier job of the node look for its opens ahead? */
+static PyObject *trap_opens_looked(PyObject *self, PyObject *args)
+{
+    const char *d;
+    Py_ssize_t dn;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#", &d, &dn))
+        return NULL;
+    return PyBool_FromLong(dn > 0 && dirmap_find(&opens_looked, d, (size_t)dn, 0) != NULL);
 }
 
 /* mirrored(directory): Python made its mirror. */
@@ -4878,96 +5323,59 @@ static PyObject *trap_take_mirrored(PyObject *self, PyObject *args)
     return out;
 }
 
-/* stage(within, [(directory, data), ...], prefix, uid, gid, dev, dirfd) -> n staged */
-static PyObject *trap_stage(PyObject *self, PyObject *args)
+/* Stage a directory's answers (`data`: `owned`, or in a table we hold); -1: out of memory
+ * (`data` freed if owned). */
+static int stage_dir(const char *d, size_t dn, const char *within, size_t wn, const char *data,
+                     size_t len, int owned)
 {
-    const char *within, *prefix;
-    Py_ssize_t wn, pn;
-    long long uid, gid, dev;
-    int dirfd;
-    PyObject *parts, *item;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "y#Oy#LLLi", &within, &wn, &parts, &prefix, &pn, &uid, &gid,
-                          &dev, &dirfd))
-        return NULL;
-    if (!handler) {
-        PyErr_SetString(PyExc_RuntimeError, "worker._trap.stage outside a run");
-        return NULL;
-    }
-    if (set_job(prefix, (size_t)pn, uid, gid, dev, dirfd) < 0)
-        return PyErr_NoMemory();
-    PyObject *it = PyObject_GetIter(parts);
-    if (!it)
-        return NULL;
-    long n = 0;
-    while ((item = PyIter_Next(it))) {
-        const char *d;
-        Py_ssize_t dn, len;
-        Py_buffer view; /* bytes, or a view into the node's mapped table */
-        int ok = PyArg_ParseTuple(item, "y#y*", &d, &dn, &view);
-        Py_DECREF(item); /* the list holds the tuple, and d */
-        if (!ok) {
-            Py_DECREF(it);
-            return NULL;
-        }
-        len = view.len;
-        char *copy = len && dn ? malloc((size_t)len) : NULL;
-        if (copy)
-            memcpy(copy, view.buf, (size_t)len);
-        PyBuffer_Release(&view);
-        if (!dn || !len)
-            continue;
-        if (!copy) {
-            Py_DECREF(it);
-            return PyErr_NoMemory();
-        }
-        staged_t *s = stg_find(d, (size_t)dn, dir_hash(d, (size_t)dn), 1);
-        if (!s) {
-            free(copy);
-            Py_DECREF(it);
-            return PyErr_NoMemory();
-        }
-        if (!s->dir) {
-            s->dir = malloc((size_t)dn);
-            s->within = malloc((size_t)wn);
-            if (!s->dir || !s->within) {
-                free(copy);
-                Py_DECREF(it);
-                return PyErr_NoMemory();
-            }
-            memcpy(s->dir, d, (size_t)dn);
-            memcpy(s->within, within, (size_t)wn);
-            s->dn = (size_t)dn;
-            s->wn = (size_t)wn;
+    staged_t *s = dn && len ? stg_find(d, dn, dir_hash(d, dn), 1) : NULL;
+    if (s && !s->dir) {
+        s->dir = malloc(dn);
+        s->within = malloc(wn ? wn : 1);
+        if (!s->dir || !s->within) { /* left with dn 0: never found */
+            free(s->dir);
+            free(s->within);
+            s->dir = s->within = NULL;
+            s = NULL;
+        } else {
+            memcpy(s->dir, d, dn);
+            memcpy(s->within, within, wn);
+            s->dn = dn;
+            s->wn = wn;
             if (stg_norder == stg_order_cap) {
                 size_t cap = stg_order_cap ? stg_order_cap * 2 : 1024;
                 stg_ref_t *o = realloc(stg_order, cap * sizeof *o);
-                if (!o) {
-                    free(copy);
-                    Py_DECREF(it);
-                    return PyErr_NoMemory();
+                if (!o)
+                    s = NULL;
+                else {
+                    stg_order = o;
+                    stg_order_cap = cap;
                 }
-                stg_order = o;
-                stg_order_cap = cap;
             }
-            s->order = stg_norder;
-            stg_order[stg_norder++] = (stg_ref_t){s->dir, s->dn, s->h};
+            if (s) {
+                s->order = stg_norder;
+                stg_order[stg_norder++] = (stg_ref_t){s->dir, s->dn, s->h};
+            }
         }
-        if (!s->data)
-            stg_pending++;
-        free(s->data);
-        s->data = copy;
-        s->len = (size_t)len;
-        n++;
     }
-    Py_DECREF(it);
-    if (PyErr_Occurred())
-        return NULL;
-    return PyLong_FromLong(n);
+    if (!s) {
+        if (owned)
+            free((char *)data);
+        return dn && len ? -1 : 0;
+    }
+    if (!s->data)
+        stg_pending++;
+    else if (s->owned)
+        free((char *)s->data);
+    s->data = data;
+    s->len = len;
+    s->owned = owned;
+    return 0;
 }
 
-/* put_staged(directory) -> (n, listed, opens) as put_packed, or None if the node had nothing
- * staged for it; a directory put earlier gives (0, [directory], opens). */
+/* put_staged(directory) -> (n, listed directories, opens put), or None if the node had nothing
+ * staged for it: its answers, and its opens if they were deferred (see put_table); a
+ * directory put earlier gives (0, [directory], opens). */
 static PyObject *trap_put_staged(PyObject *self, PyObject *args)
 {
     const char *d;
@@ -4980,15 +5388,20 @@ static PyObject *trap_put_staged(PyObject *self, PyObject *args)
         return NULL;
     }
     staged_t *s = stg_find(d, (size_t)dn, dir_hash(d, (size_t)dn), 0);
-    if (!s)
+    dirmap_slot_t *o = dn > 0 ? dirmap_find(&opens_deferred, d, (size_t)dn, 0) : NULL;
+    long n = o && o->data ? put_opens_of(o) : 0; /* (Python is about to open a file there) */
+    if (!s && !o)
         Py_RETURN_NONE;
-    if (!s->data) { /* put by a call that missed: its listing marker is in the cache */
+    if (s && !s->data) { /* put by a call that missed: its listing marker is in the cache */
         int listed = cache_get(C_LISTED, 0, d, (size_t)dn, fnv(C_LISTED, 0, d, (size_t)dn)) != 0;
         if (listed && (buf_add(&put_listed, d, (size_t)dn) < 0 || buf_add(&put_listed, "", 1) < 0))
             return PyErr_NoMemory();
-        return put_result(0);
+    } else if (s) {
+        long k = stage_put(s);
+        if (k < 0)
+            return PyErr_NoMemory();
+        n += k;
     }
-    long n = stage_put(s);
     if (n < 0)
         return PyErr_NoMemory();
     return put_result(n);
@@ -5074,12 +5487,16 @@ static PyMethodDef methods[] = {
      "put([(cls, flags, key, answer), ...]) -> n: answers given before they are asked for"},
     {"pack", trap_pack, METH_VARARGS,
      "pack(items, prefix, uid, gid, dev) -> bytes: put()'s items for another job (put_packed)"},
-    {"put_packed", trap_put_packed, METH_VARARGS,
-     "put_packed(data, within, prefix, uid, gid, dev[, dirfd]) -> (n, listed directories, opens)"},
-    {"stage", trap_stage, METH_VARARGS,
-     "stage(within, [(directory, data), ...], prefix, uid, gid, dev, dirfd) -> n"},
-    {"stage_listings", trap_stage_listings, METH_VARARGS,
-     "stage_listings(mirror_write, [(directory, listing), ...]) -> n: the node's listings"},
+    {"put_table", trap_put_table, METH_VARARGS,
+     "put_table(table, within, eager, prefix, uid, gid, dev, dirfd) -> (n, "
+     "listed directories, opens) or None: a revision's answers from the node"},
+    {"read_table", trap_read_table, METH_VARARGS,
+     "read_table(table, within, eager) -> (put at once, staged, {directory: listing}, opens "
+     "looked) or None: what put_table does with a table"},
+    {"node_listing", trap_node_listing, METH_VARARGS,
+     "node_listing(directory) -> bytes or None: the node's listing of a directory"},
+    {"opens_looked", trap_opens_looked, METH_VARARGS,
+     "opens_looked(directory) -> bool: did an earlier job look for its opens ahead?"},
     {"mirrored", trap_mirrored, METH_VARARGS, "mirrored(directory): Python made its mirror"},
     {"take_mirrored", trap_take_mirrored, METH_NOARGS,
      "take_mirrored() -> [directory, ...]: those mirrored in C since the last call"},

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -109,5 +111,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``hep-exec`` command: :func:`main`, then exit without tearing the interpreter down.
+    Everything a job owes is done by then (the command has exited, the node's service has
+    its answers, the shadow tree is gone); collecting and freeing the objects of a job that
+    held a repository's catalogs and answers took ~20 ms of the job's wall time."""
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed, or its reader went away
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -42,7 +42,6 @@ _NAME = struct.Struct("<BH")  # an entry's S_IFMT >> 12, its name's length
 LISTING = b"\0listing"  # the part of a directory's listing (what its mirror is made of)
 OPENED = b"\0opened"  # the part of the opens a job made of objects the service holds
 OPENS_LOOKED = b"\0opens-looked"  # a job looked for the directory's opens ahead (data: b"1")
-_LISTING_WHICH, _LOOKED_WHICH = LISTING[1:], OPENS_LOOKED[1:]
 Buffer = bytes | memoryview | mmap.mmap  # what a table comes as (a job maps the service's)
 _KIND_BITS = frozenset(k >> 12 for k in (0o140000, 0o120000, 0o100000, 0o060000, 0o040000,
                                          0o020000, 0o010000))  # fmt: skip
@@ -201,22 +200,22 @@ class AnswerTables:
 
 @dataclass(frozen=True)
 class Revision:
-    """A mounted revision's answers from the node: ``within`` (the repository's mount path),
-    what to put at once, and each other directory's answers to put when it is first met."""
+    """A mounted revision's answers from the node: ``within`` (the repository's mount path)
+    and its table, as the service gave it (a job maps the service's memfd).  The C side reads
+    it where it lies (worker/_trap.c, put_table): the first directories put at once, up to
+    ``eager_bytes``, the others each when the job first comes to it."""
 
     within: bytes
-    now: bytes
-    staged: list[tuple[bytes, Buffer]]
-    listings: list[tuple[bytes, Buffer]] = field(default_factory=list)  # directories' listings
+    table: Buffer
 
 
 class NodeAnswers:
     """The job's side.  ``mounted`` (a repository was mounted, any thread) asks the service
-    for that revision's answers; the tracer ``take``s them and puts the first at once (up to
-    ``eager_bytes``) and stages the others, a directory's put when the job first comes to it;
-    ``keep`` collects this job's answers ahead; ``send`` hands them to the service at the
-    end.  ``fetch(fqrn, root)`` and ``store(fqrn, root, data)`` are the service round trips
-    (worker.cache_client)."""
+    for that revision's answers; the tracer ``take``s them and hands them to the C side, which
+    puts the first at once (up to ``eager_bytes``) and stages the others, a directory's put
+    when the job first comes to it; ``keep`` collects this job's answers ahead; ``send``
+    hands them to the service at the end.  ``fetch(fqrn, root)`` and ``store(fqrn, root,
+    data)`` are the service round trips (worker.cache_client)."""
 
     def __init__(
         self,
@@ -236,8 +235,6 @@ class NodeAnswers:
         self._revisions: dict[str, str] = {}
         self._kept: dict[bytes, list[bytes]] = {}
         self._kept_bytes: dict[bytes, int] = {}
-        self._listings: dict[bytes, bytes] = {}
-        self._opens_looked: set[bytes] = set()
         self.eager_bytes = EAGER_BYTES
         # the tracer's: put what is pending now, if this thread may (else it waits)
         self.arrived: Callable[[], None] = lambda: None
@@ -263,60 +260,14 @@ class NodeAnswers:
         data = self._fetch(fqrn, root)
         if not data:
             return
-        head = self.mount + b"/" + fqrn.encode()
-        below = head + b"/"
-        by_directory: dict[bytes, list[memoryview]] = {}
-        listings = {}
-        looked = set()
-        try:
-            for part, body in frame_views(data):
-                directory, _, which = part.partition(b"\0")
-                if directory != head and not directory.startswith(below):
-                    continue  # a table answers for its own repository only
-                if which == _LISTING_WHICH:
-                    listings[directory] = bytes(body)
-                elif which == _LOOKED_WHICH:
-                    looked.add(directory)
-                elif directory in by_directory:
-                    by_directory[directory].append(body)
-                else:
-                    by_directory[directory] = [body]
-        except FrameError as e:
-            log.debug("%s: answers from the node: %s", fqrn, e)
-            return
-        # the first directories at once (in the order the node's jobs came to them), the
-        # rest staged: put when this job first comes to each (worker/_trap.c, stage), so a
-        # job's start never costs the whole table
-        now: list[memoryview] = []
-        size = 0
-        later: list[tuple[bytes, Buffer]] = []  # views into the table: C copies what it stages
-        for directory, bodies in by_directory.items():
-            n = sum(len(b) for b in bodies)
-            if size + n <= self.eager_bytes:
-                now += bodies
-                size += n
-            else:
-                later.append((directory, bodies[0] if len(bodies) == 1 else b"".join(bodies)))
         with self._lock:
-            self._pending.append(Revision(head, b"".join(now), later, list(listings.items())))
-            self._listings.update(listings)
-            self._opens_looked.update(looked)
+            self._pending.append(Revision(self.mount + b"/" + fqrn.encode(), data))
             self.received += len(data)
         self.arrived()
-
-    def listing(self, directory: bytes) -> bytes | None:
-        """A directory's listing (:func:`encode_listing`) as an earlier job of the node saw
-        it; checked by whoever reads it (worker/_tmpfs.c, mirror)."""
-        return self._listings.get(directory)
 
     def mounting_soon(self) -> None:
         """A repository is being mounted: its answers will come (whoever prepares for them)."""
         self.mounting()
-
-    def opens_looked(self, directory: bytes) -> bool:
-        """Did an earlier job of the node look for this directory's opens ahead?  (Those it
-        found are among the answers put; a file opened since is answered when it is.)"""
-        return directory in self._opens_looked
 
     def take(self) -> list[Revision]:
         """What the node knows of revisions mounted since: to put now, and to stage."""

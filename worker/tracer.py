@@ -207,12 +207,14 @@ class NodeOps:
     """The C side's handling of answers shared with the node's jobs (worker/_trap.c)."""
 
     pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes]
-    put_packed: Callable[[bytes, bytes, bytes, int, int, int, int], Put]
-    stage: Callable[[bytes, list[tuple[bytes, Buffer]], bytes, int, int, int, int], int]
+    # a revision's table: (table, within, eager bytes, prefix, uid, gid, dev, dirfd) -> the
+    # answers put, the directories listed and the opens put; None: not frames
+    put_table: Callable[[Buffer, bytes, int, bytes, int, int, int, int], Put | None]
     put_staged: Callable[[bytes], Put | None]
     take_notes: Callable[[], list[tuple[bytes, bytes]]]
-    # the node's listings: directories the C side mirrors and opens with no upcall
-    stage_listings: Callable[[bytes, list[tuple[bytes, Buffer]]], int]
+    node_listing: Callable[[bytes], bytes | None]  # a directory's, as the node's jobs saw it
+    opens_looked: Callable[[bytes], bool]  # an earlier job looked for its opens ahead
+    # the directories the C side mirrors and opens with no upcall (from the node's listings)
     mirrored: Callable[[bytes], None]  # Python made a mirror
     take_mirrored: Callable[[], list[bytes]]  # those the C side made since the last call
 
@@ -238,7 +240,6 @@ class Session:
     _populated: set[bytes] = field(default_factory=set)
     _answered_ahead: set[bytes] = field(default_factory=set)  # directories given to ``put``
     _opened_ahead: set[bytes] = field(default_factory=set)  # ... with their files' opens
-    opens_put: int = 0  # opens answered ahead (objects the node cache held)
     _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
     _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
     _opened_as: dict[bytes, bytes] = field(default_factory=dict)  # RAM file -> /cvmfs path
@@ -419,8 +420,8 @@ class Session:
         from the node: as the node's earlier jobs saw it, else from the catalog (and then
         kept for the node's next jobs)."""
         shared = self.node_answers
-        if shared is not None and node:
-            known = shared.listing(path)
+        if self.node_ops is not None and node:
+            known = self.node_ops.node_listing(path)
             if known is not None:
                 return known, True
         entries = self.policy.listdir(path)
@@ -471,7 +472,7 @@ class Session:
         self._sync_mirrored()
         if opens:
             self._opened_ahead.add(parent)
-            if plain and self.node_answers is not None and self.node_answers.opens_looked(parent):
+            if plain and self.node_ops is not None and self.node_ops.opens_looked(parent):
                 opens = False  # an earlier job of the node looked: what it found was put
         if not plain or (not first and not opens):
             return {}
@@ -534,7 +535,6 @@ class Session:
                 opens[key] = (True, Act.REDIRECT, SAFE, opened.path, st_tuple, None)
                 self._note_opened(opened.path, key)
             answers += [(Cls.OPEN, 0, key, a) for key, a in opens.items()]
-            self.opens_put += len(opens)
         self.put(answers)
         shared = self.node_answers
         if shared is not None and self.node_ops is not None:
@@ -594,30 +594,20 @@ class Session:
             return
         ops = self.node_ops
         for rev in shared.take():
-            if rev.now:
-                self._took_from_node(
-                    ops.put_packed(
-                        rev.now,
-                        rev.within,
-                        shared.prefix,
-                        self.uid,
-                        self.gid,
-                        self.dev,
-                        shared.prefix_fd,
-                    )
-                )
-            if rev.listings:
-                ops.stage_listings(self.shadow_write, rev.listings)
-            if rev.staged:
-                ops.stage(
-                    rev.within,
-                    rev.staged,
-                    shared.prefix,
-                    self.uid,
-                    self.gid,
-                    self.dev,
-                    shared.prefix_fd,
-                )
+            got = ops.put_table(
+                rev.table,
+                rev.within,
+                shared.eager_bytes,
+                shared.prefix,
+                self.uid,
+                self.gid,
+                self.dev,
+                shared.prefix_fd,
+            )
+            if got is None:
+                log.debug("%s: the node's answers are not frames", os.fsdecode(rev.within))
+            else:
+                self._took_from_node(got)
 
     def _put_during_this_call(self, path: bytes) -> bytes | None:
         """The object file of an open of ``path`` put from the node's answers by this very
@@ -633,7 +623,6 @@ class Session:
         answered, the opens (for /proc/self/exe after fexecve)."""
         _n, listed, opens = got  # (counted by the C side: --stats)
         self._answered_ahead.update(listed)
-        self.opens_put += len(opens)
         self._opened_ahead.update({path.rpartition(b"/")[0] for _target, path in opens})
         # which /cvmfs path each object file stands for: needed by few calls (the one that
         # mounted the repository, /proc/self/exe after fexecve), so worked out when asked
@@ -916,7 +905,9 @@ def _env_switch(name: str, default: bool) -> bool:
     return value not in ("0", "no", "false", "off")
 
 
-SHADOW_TMPFS_OPTIONS = b"size=0,nr_inodes=0,mode=0755"
+# huge pages for files that fill them: the in-process table lives there too (worker/_fastopen.c)
+SHADOW_TMPFS_OPTIONS = b"huge=within_size,size=0,nr_inodes=0,mode=0755"
+SHADOW_TMPFS_PLAIN = b"size=0,nr_inodes=0,mode=0755"  # a kernel without huge pages for tmpfs
 
 
 @dataclass(frozen=True)
@@ -942,7 +933,12 @@ class _ShadowTree:
     def make(cls, mount: bytes) -> _ShadowTree:
         leaf = mount.strip(b"/").replace(b"/", b"_")
         try:
-            rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_OPTIONS)
+            try:
+                rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_OPTIONS)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_PLAIN)
         except OSError as e:
             log.debug("shadow tree in %s: no private tmpfs (%s)", _shadow_parent(), e)
             private = tempfile.mkdtemp(prefix="hep-exec-", dir=_shadow_parent())
@@ -1029,11 +1025,11 @@ def run(
             session.node_answers = node_answers
             session.node_ops = NodeOps(
                 _trap.pack,
-                _trap.put_packed,
-                _trap.stage,
+                _trap.put_table,
                 _trap.put_staged,
                 _trap.take_notes,
-                _trap.stage_listings,
+                _trap.node_listing,
+                _trap.opens_looked,
                 _trap.mirrored,
                 _trap.take_mirrored,
             )
@@ -1052,6 +1048,7 @@ def run(
                 in_process,
                 io_uring,
                 mirror.rendered,
+                mirror.write,
             )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
@@ -1068,7 +1065,7 @@ def run(
         upcalls=raw["upcalls"],
         cached=raw["cached"],
         absent=raw["absent"],
-        ahead=session.opens_put,
+        ahead=raw["opens_put"],
         mode=raw["mode"],
         notified=raw["notified"],
         inproc_opens=raw["inproc_opens"],

@@ -30,12 +30,12 @@ from tests.support.oracle import SCRIPT, SECTIONS, WALKER, compare
 from tests.support.tracing import compile_c, ensure_built, env_with, native, needs_ptrace, ram_dir
 from tests.support.trees import make_random_tree, make_variant_links
 from tests.worker.test_node_cache import kill_service, put_from_node, upcalls
+from worker import _trap
 from worker.node_answers import (
     LISTING,
     OPENED,
     OPENS_LOOKED,
     AnswerTables,
-    Buffer,
     FrameError,
     NodeAnswers,
     Revision,
@@ -162,16 +162,27 @@ def test_table_names_and_a_jobs_answers_by_revision() -> None:
         return True
 
     na = NodeAnswers(b"/cvmfs", b"/proc/1/fd/3/", lambda f, r: given.get((f, r)), store)
-    na.eager_bytes = 4  # b"pack" at once, b"ed" staged
     na.mounted("a.org", ROOT)
     na.mounted("b.org", "f" * 40)
-    staged: list[tuple[bytes, Buffer]] = [(b"/cvmfs/a.org/z", b"ed")]
-    listings: list[tuple[bytes, Buffer]] = [(b"/cvmfs/a.org/x", listing)]  # for C's mirrors
-    assert na.take() == [Revision(b"/cvmfs/a.org", b"pack", staged, listings)]
+    assert na.take() == [
+        Revision(b"/cvmfs/a.org", given[("a.org", ROOT)]),
+        Revision(b"/cvmfs/b.org", b"\1\2"),
+    ]
     assert not na.pending
-    assert na.listing(b"/cvmfs/a.org/x") == listing
-    assert na.listing(b"/cvmfs/a.org/z") is None
-    assert na.opens_looked(b"/cvmfs/a.org/x") and not na.opens_looked(b"/cvmfs/a.org/z")
+    # what the C side makes of a table: b"pack" at once (4 bytes), b"ed" staged; the listing
+    # (for the mirrors) and the directory whose opens were looked for; nothing of b.org's
+    a_org = given[("a.org", ROOT)]
+    assert _trap.read_table(a_org, b"/cvmfs/a.org", 4) == (
+        [b"/cvmfs/a.org/x"],
+        [b"/cvmfs/a.org/z"],
+        {b"/cvmfs/a.org/x": listing},
+        [b"/cvmfs/a.org/x"],
+    )
+    six = _trap.read_table(a_org, b"/cvmfs/a.org", 6)
+    assert six is not None and six[:2] == ([b"/cvmfs/a.org/x", b"/cvmfs/a.org/z"], [])
+    assert _trap.read_table(a_org, b"/cvmfs/a", 6) == ([], [], {}, [])  # a.org is not a
+    assert _trap.read_table(b"\1\2", b"/cvmfs/b.org", 6) is None  # not frames: nothing
+    assert _trap.read_table(a_org[:-1], b"/cvmfs/a.org", 6) is None
     na.keep(b"/cvmfs/a.org/x\0\1\0\0", b"A")
     na.keep(b"/cvmfs/b.org/y\0\1\0\0", b"B")
     na.keep(b"/cvmfs/c.org/z\0\1\0\0", b"C")  # never mounted here: not handed over
