@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from worker.config import ConfigError, ExecConfig, parse_exec_args
 
 log = logging.getLogger("hep_exec")
+_job_ran = False  # a command ran (entry exits fast after one)
 
 
 def _check(config: ExecConfig) -> int:
@@ -77,6 +78,8 @@ def _run(config: ExecConfig) -> int:
             return 2
         finally:
             policy.close()
+        global _job_ran
+        _job_ran = True
         if config.stats or config.stats_internals:
             for line in session.stats_lines(config.stats_internals):
                 print(f"hep-exec: {line}", file=sys.stderr)
@@ -112,11 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``hep-exec`` command: :func:`main`, then exit without tearing the interpreter down.
-    Everything a job owes is done by then (the command has exited, the node's service has
-    its answers, the shadow tree is gone); collecting and freeing the objects of a job that
-    held a repository's catalogs and answers took ~20 ms of the job's wall time."""
+    """The ``hep-exec`` command: :func:`main`, then, after a job, exit without tearing the
+    interpreter down.  Everything a job owes is done by then (the command has exited, the
+    node's service has its answers, the shadow tree is gone); collecting and freeing the
+    objects of a job that held a repository's catalogs and answers took ~20 ms of its wall
+    time.  (Any other exit, such as ``--version`` or a usage error, is the usual one.)"""
     code = main()
+    if not _job_ran:
+        sys.exit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed, or its reader went away
