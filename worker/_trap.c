@@ -349,6 +349,8 @@ static void entry_free(entry_t *e)
 }
 static int dir_open_from_node(const char *key, size_t kn, action_t *out);
 static int put_deferred_opens(const char *key, size_t kn);
+static void ahead_join(void);
+static void ahead_clear(void);
 
 /* The hash beside each pointer: probing a run of slots reads no entry but the one that
  * matches (tens of thousands of answers are put at a job's start, each probed first). */
@@ -3981,6 +3983,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     }
     Py_BEGIN_ALLOW_THREADS
     stop_notify_threads();
+    ahead_join();
     Py_END_ALLOW_THREADS
     restore_signals(fwd_sigs, saved, forwarding);
     Py_CLEAR(handler);
@@ -4827,6 +4830,7 @@ typedef struct {
     size_t dn;
     const char *data; /* a listing, in a table we hold (the other sets: NULL) */
     size_t len;
+    size_t ahead; /* its place in ahead_mirrors + 1 (0: not made ahead) */
 } dirmap_slot_t;
 typedef struct {
     dirmap_slot_t *t;
@@ -4908,6 +4912,7 @@ static void dirs_clear(void)
     for (size_t i = 0; i < opens_deferred.cap; i++)
         free((char *)opens_deferred.t[i].data);
     dirmap_clear(&opens_deferred);
+    ahead_clear();
     free(od_order);
     od_order = NULL;
     od_n = od_cap = 0;
@@ -4948,6 +4953,116 @@ static int put_deferred_opens(const char *key, size_t kn)
     return n > 0;
 }
 
+/*
+ * The mirrors of the node's listings made ahead, by a thread of their own, in the order the
+ * node's jobs came to the directories, while the program starts: its first open of a
+ * directory then finds the mirror made (a hundred files' worth of mknod each, ~120 us, was
+ * the program's wait).  A mirror is made once, by whoever claims it first (this thread or the
+ * one answering a call, which waits if the other is at it).  Stopped and joined before run
+ * returns: nothing writes into the shadow tree after its fds are closed.
+ */
+enum { AM_TODO, AM_MAKING, AM_MADE, AM_FAILED };
+typedef struct {
+    const char *dir, *data; /* a listing's directory (its slot's own copy) and bytes */
+    size_t dn, len;
+    int state;
+} ahead_mirror_t;
+static ahead_mirror_t *ahead_mirrors;
+static size_t n_ahead_mirrors;
+static pthread_t ahead_thread;
+static int ahead_running, ahead_stop;
+
+/* Make one (its parent made); 0 or an errno. */
+static int make_mirror(const char *dir, size_t dn, const char *data, size_t len)
+{
+    char target[MAXPATH];
+    if (dn <= mount_n || mirror_wn + (dn - mount_n) >= sizeof target)
+        return ENAMETOOLONG;
+    memcpy(target, mirror_w, mirror_wn);
+    memcpy(target + mirror_wn, dir + mount_n, dn - mount_n);
+    target[mirror_wn + dn - mount_n] = 0;
+    return mirror_dir(target, (const unsigned char *)data, len);
+}
+
+/* Claim and make ahead_mirrors[i]; its state after. */
+static int ahead_make(ahead_mirror_t *m)
+{
+    int todo = AM_TODO;
+    if (!__atomic_compare_exchange_n(&m->state, &todo, AM_MAKING, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return todo;
+    int e = make_mirror(m->dir, m->dn, m->data, m->len);
+    /* a parent not made yet (ENOENT): left for the call that needs it, which makes parents
+     * first; anything else the listing's fault (Python rebuilds it from the catalog) */
+    int st = !e ? AM_MADE : e == ENOENT ? AM_TODO : AM_FAILED;
+    __atomic_store_n(&m->state, st, __ATOMIC_RELEASE);
+    return st;
+}
+
+static void *ahead_main(void *arg)
+{
+    (void)arg;
+    for (size_t i = 0; i < n_ahead_mirrors && !__atomic_load_n(&ahead_stop, __ATOMIC_ACQUIRE);
+         i++)
+        ahead_make(&ahead_mirrors[i]);
+    return NULL;
+}
+
+/* Start making the listings of node_listings ahead (once a run). */
+static void ahead_start(void)
+{
+    if (ahead_running || ahead_mirrors || !mirror_w || !node_listings.used)
+        return;
+    ahead_mirrors = calloc(node_listings.used, sizeof *ahead_mirrors);
+    if (!ahead_mirrors)
+        return;
+    /* parents before children: by path length (a parent's path is a prefix of its child's) */
+    size_t n = 0;
+    for (size_t i = 0; i < node_listings.cap; i++) {
+        dirmap_slot_t *l = &node_listings.t[i];
+        if (l->h && l->data)
+            ahead_mirrors[n++] = (ahead_mirror_t){l->dir, l->data, l->dn, l->len, AM_TODO};
+    }
+    for (size_t i = 1; i < n; i++) { /* insertion sort by depth: a few hundred */
+        ahead_mirror_t m = ahead_mirrors[i];
+        size_t j = i;
+        while (j > 0 && ahead_mirrors[j - 1].dn > m.dn)
+            ahead_mirrors[j] = ahead_mirrors[j - 1], j--;
+        ahead_mirrors[j] = m;
+    }
+    for (size_t i = 0; i < n; i++) {
+        dirmap_slot_t *l = dirmap_find(&node_listings, ahead_mirrors[i].dir,
+                                       ahead_mirrors[i].dn, 0);
+        if (l)
+            l->ahead = i + 1;
+    }
+    n_ahead_mirrors = n;
+    ahead_stop = 0;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay the main thread's */
+    ahead_running = pthread_create(&ahead_thread, NULL, ahead_main, NULL) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* Before the shadow tree's fds may close (end of a run). */
+static void ahead_join(void)
+{
+    if (ahead_running) {
+        __atomic_store_n(&ahead_stop, 1, __ATOMIC_RELEASE);
+        pthread_join(ahead_thread, NULL);
+        ahead_running = 0;
+    }
+}
+
+static void ahead_clear(void)
+{
+    ahead_join();
+    free(ahead_mirrors);
+    ahead_mirrors = NULL;
+    n_ahead_mirrors = 0;
+}
+
 /* Mirror `key`'s first `n` bytes (a directory below the mount) from the node's listing, once;
  * 0 if it cannot be (no listing: Python's). */
 static int mirror_from_node(const char *key, size_t n)
@@ -4955,14 +5070,18 @@ static int mirror_from_node(const char *key, size_t n)
     if (dirmap_find(&mirrored, key, n, 0))
         return 1;
     dirmap_slot_t *l = dirmap_find(&node_listings, key, n, 0);
-    char target[MAXPATH];
-    if (!l || mirror_wn + (n - mount_n) >= sizeof target)
+    if (!l || !l->data)
         return 0;
-    memcpy(target, mirror_w, mirror_wn);
-    memcpy(target + mirror_wn, key + mount_n, n - mount_n);
-    target[mirror_wn + n - mount_n] = 0;
-    if (mirror_dir(target, (const unsigned char *)l->data, l->len) != 0)
+    if (l->ahead && l->ahead <= n_ahead_mirrors) {
+        ahead_mirror_t *m = &ahead_mirrors[l->ahead - 1];
+        int st;
+        while ((st = ahead_make(m)) == AM_MAKING) /* the other thread is at it: not for long */
+            sched_yield();
+        if (st != AM_MADE)
+            return 0; /* (its parents are made: AM_TODO means a listing that does not work) */
+    } else if (make_mirror(key, n, l->data, l->len) != 0) {
         return 0; /* a listing that does not parse: Python rebuilds it from the catalog */
+    }
     if (!dirmap_find(&mirrored, key, n, 1) || buf_add(&mirror_notes, key, n) < 0 ||
         buf_add(&mirror_notes, "", 1) < 0)
         return 0;
@@ -5171,6 +5290,8 @@ static PyObject *trap_put_table(PyObject *self, PyObject *args)
     }
     for (size_t i = 0; i < t.nlooked && !oom; i++)
         oom = !dirmap_find(&opens_looked, t.looked[i].dir, t.looked[i].dn, 1);
+    if (!oom)
+        ahead_start(); /* (the first revision mounted: the others' as their calls come) */
     size_t size = 0;
     for (size_t i = 0; i < t.ndirs && !oom; i++) {
         const nt_dir_t *d = &t.dirs[i];
