@@ -359,6 +359,18 @@ typedef struct {
     entry_t *e;
 } cslot_t;
 static cslot_t *table;
+
+/* Move the live slots of an open-addressing table (`old`, `ocap` slots) into an empty one
+ * (`nt`, `ncap` slots, a power of two), each at its hash (field HF; 0: an empty slot). */
+#define OA_MOVE(nt, ncap, old, ocap, HF)                                                    \
+    for (size_t oa_i = 0; oa_i < (ocap); oa_i++) {                                          \
+        if (!(old)[oa_i].HF)                                                                \
+            continue;                                                                       \
+        size_t oa_j = (old)[oa_i].HF & ((ncap) - 1);                                        \
+        while ((nt)[oa_j].HF)                                                               \
+            oa_j = (oa_j + 1) & ((ncap) - 1);                                               \
+        (nt)[oa_j] = (old)[oa_i];                                                           \
+    }
 static size_t table_cap, table_len;
 
 static uint64_t fnv(int cls, int flags, const char *s, size_t n)
@@ -424,14 +436,7 @@ static int cache_reserve(size_t more)
     cslot_t *nt = calloc(ncap, sizeof(*nt));
     if (!nt)
         return -1;
-    for (size_t i = 0; i < table_cap; i++) {
-        if (!table[i].e)
-            continue;
-        size_t j = table[i].hash & (ncap - 1);
-        while (nt[j].e)
-            j = (j + 1) & (ncap - 1);
-        nt[j] = table[i];
-    }
+    OA_MOVE(nt, ncap, table, table_cap, hash) /* (a live slot's hash is never 0) */
     free(table);
     table = nt;
     table_cap = ncap;
@@ -4699,14 +4704,7 @@ static staged_t *stg_find(const char *d, size_t n, uint64_t h, int create)
         staged_t *nt = calloc(ncap, sizeof *nt);
         if (!nt)
             return NULL;
-        for (size_t i = 0; i < stg_cap; i++) {
-            if (!stg[i].h)
-                continue;
-            size_t j = stg[i].h & (ncap - 1);
-            while (nt[j].h)
-                j = (j + 1) & (ncap - 1);
-            nt[j] = stg[i];
-        }
+        OA_MOVE(nt, ncap, stg, stg_cap, h)
         free(stg);
         stg = nt;
         stg_cap = ncap;
@@ -4860,14 +4858,7 @@ static dirmap_slot_t *dirmap_find(dirmap_t *m, const char *d, size_t n, int crea
         dirmap_slot_t *t = calloc(cap, sizeof *t);
         if (!t)
             return NULL;
-        for (size_t i = 0; i < m->cap; i++) {
-            if (!m->t[i].h)
-                continue;
-            size_t j = m->t[i].h & (cap - 1);
-            while (t[j].h)
-                j = (j + 1) & (cap - 1);
-            t[j] = m->t[i];
-        }
+        OA_MOVE(t, cap, m->t, m->cap, h)
         free(m->t);
         m->t = t;
         m->cap = cap;

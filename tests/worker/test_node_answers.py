@@ -353,13 +353,33 @@ for d in range(40):  # by name, as a program that knows its files does: no listi
 """
 
 
+def two_jobs(
+    node: Path, tmp_path: Path, fqrn: str, src: Path, script: str, *options: str
+) -> list[subprocess.CompletedProcess[str]]:
+    """Publish ``src`` as ``fqrn`` and run ``python -c script /cvmfs/<fqrn>`` as two jobs of
+    the node: the first teaches it, the second puts from it."""
+    served = Served(tmp_path / "store", tmp_path / "keys")
+    served.publish(src, fqrn)
+    proxy = served.serve(tmp_path / "nginx")
+    try:
+        argv = [*CLI, "--server", proxy, "--keys", str(served.keys_dir), "--stats-internals"]
+        argv += ["--cache-dir", str(node), *options, "--"]
+        runs = []
+        for _ in range(2):
+            job = [*argv, sys.executable, "-c", script, f"/cvmfs/{fqrn}"]
+            r = subprocess.run(job, env=env_with(), capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr[-3000:]
+            runs.append(r)
+        return runs
+    finally:
+        served.stop()
+
+
 def test_a_miss_in_a_staged_directory_puts_the_next_ones_too(node: Path, tmp_path: Path) -> None:
     """With all of the node's answers staged (``--eager-answers 1``), a job walking the tree
     in the order the node's earlier job did traps in far fewer directories than it visits:
     each miss puts the directory and the few the earlier job came to next, and the answers
     are the same."""
-    fqrn = "ahead.test.org"
-    served = Served(tmp_path / "store", tmp_path / "keys")
     with ram_dir() as src:
         for d in range(40):
             for f in range(5):
@@ -367,20 +387,7 @@ def test_a_miss_in_a_staged_directory_puts_the_next_ones_too(node: Path, tmp_pat
                 path.parent.mkdir(exist_ok=True)
                 path.write_bytes(b"x" * (d * 5 + f))
         want = native([sys.executable, "-c", WALK, str(src)])
-        served.publish(src, fqrn)
-    proxy = served.serve(tmp_path / "nginx")
-    try:
-        argv = [*CLI, "--server", proxy, "--keys", str(served.keys_dir), "--stats-internals"]
-        argv += ["--cache-dir", str(node), "--eager-answers", "1", "--"]
-        walk = [sys.executable, "-c", WALK, f"/cvmfs/{fqrn}"]
-        runs = []
-        for _ in range(2):  # the first teaches the node, the second puts from it
-            r = subprocess.run([*argv, *walk], env=env_with(), capture_output=True, text=True,
-                               timeout=120)  # fmt: skip
-            assert r.returncode == 0, r.stderr[-3000:]
-            runs.append(r)
-    finally:
-        served.stop()
+        runs = two_jobs(node, tmp_path, "ahead.test.org", src, WALK, "--eager-answers", "1")
     for r in runs:
         assert r.stdout == want.stdout
         assert "after mounting" not in r.stderr, r.stderr  # staging views of the table
@@ -409,8 +416,6 @@ def test_directories_the_node_listed_are_opened_without_python(node: Path, tmp_p
     by the C side from the node's listing (its mirror made there, ancestors first), with no
     upcall: what it lists, and what fstat of the directory fd says, are what the first job
     saw and what the source tree holds."""
-    fqrn = "dirs.test.org"
-    served = Served(tmp_path / "store", tmp_path / "keys")
     with ram_dir() as src:
         for a in range(4):
             for b in range(3):
@@ -421,20 +426,7 @@ def test_directories_the_node_listed_are_opened_without_python(node: Path, tmp_p
                 os.symlink("f.py", leaf / "ln")
             os.chmod(src / f"a{a}", 0o750)
         want = native([sys.executable, "-c", WALK_DIRS, str(src)])
-        served.publish(src, fqrn)
-    proxy = served.serve(tmp_path / "nginx")
-    try:
-        argv = [*CLI, "--server", proxy, "--keys", str(served.keys_dir), "--stats-internals"]
-        argv += ["--cache-dir", str(node), "--"]
-        walk = [sys.executable, "-c", WALK_DIRS, f"/cvmfs/{fqrn}"]
-        runs = []
-        for _ in range(2):  # the first teaches the node, the second opens from it
-            r = subprocess.run([*argv, *walk], env=env_with(), capture_output=True, text=True,
-                               timeout=120)  # fmt: skip
-            assert r.returncode == 0, r.stderr[-3000:]
-            runs.append(r)
-    finally:
-        served.stop()
+        runs = two_jobs(node, tmp_path, "dirs.test.org", src, WALK_DIRS)
     dirs = 1 + 4 + 4 * 3 + 4 * 3  # the root, a*, a*/b*, a*/b*/c
     assert want.stdout.count("\n") == dirs
     for r in runs:
