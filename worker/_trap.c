@@ -4251,7 +4251,7 @@ static PyObject *trap_put(PyObject *self, PyObject *args)
 
 /*
  * Answers ahead that another job of this node can use (worker/node_answers.py): pack() turns
- * the items put() takes into bytes, put_packed() puts them.  What differs between jobs is
+ * the items put() takes into bytes, put_table() puts them.  What differs between jobs is
  * written as a reference to the job's own value: the uid, gid and st_dev in stat answers, and
  * the directory through which the node cache service's objects are opened (`prefix`).  A
  * record: u8 cls, u8 kind, u16 flags, u8 bits, 3 bytes 0, u32 key length, u32 bval length,
@@ -4360,7 +4360,7 @@ static PyObject *trap_pack(PyObject *self, PyObject *args)
     return r;
 }
 
-/* This job's values in packed answers (see pack), set by put_packed and stage. */
+/* This job's values in packed answers (see pack), set by put_table. */
 static struct {
     char *prefix;
     size_t pn;
@@ -5598,7 +5598,7 @@ static PyMethodDef methods[] = {
     {"put", trap_put, METH_VARARGS,
      "put([(cls, flags, key, answer), ...]) -> n: answers given before they are asked for"},
     {"pack", trap_pack, METH_VARARGS,
-     "pack(items, prefix, uid, gid, dev) -> bytes: put()'s items for another job (put_packed)"},
+     "pack(items, prefix, uid, gid, dev) -> bytes: put()'s items for another job (put_table)"},
     {"put_table", trap_put_table, METH_VARARGS,
      "put_table(table, within, eager, prefix, uid, gid, dev, dirfd) -> (n, "
      "listed directories, opens) or None: a revision's answers from the node"},

@@ -230,7 +230,7 @@ class Session:
     # hands the C side answers before they are asked for (worker._trap.put during a run)
     put: Callable[[list[tuple[int, int, bytes, Action]]], int] | None = None
     # answers ahead shared with the node's other jobs (worker/node_answers.py), and the C
-    # side's packing of them (worker._trap.pack / put_packed)
+    # side's packing of them (worker._trap.pack / put_table)
     node_answers: NodeAnswers | None = None
     node_ops: NodeOps | None = None
     uid: int = field(default_factory=os.getuid)
