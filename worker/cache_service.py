@@ -37,13 +37,12 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvmfs_format.hashes import ContentHash
 from worker.cache_protocol import (
     MAX_FDS,
     VERSION,
@@ -59,7 +58,13 @@ from worker.fetcher import Fetcher, FetchError, object_url
 from worker.node_answers import AnswerTables, FrameError, valid_table_name
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.ramfiles import RamFiles, fill_sealed_memfd
-from worker.repository import NotOnServers, RepositoryError, fill_chunks, load_whole
+from worker.repository import (
+    NotOnServers,
+    RepositoryError,
+    fill_chunks,
+    fill_whole,
+    write_object,
+)
 from worker.repository_files import RepositoryFiles
 
 log = logging.getLogger("hep_exec.cache_service")
@@ -165,34 +170,6 @@ class _Fetch:
     spec: ObjectSpec
     push: _Conn | None
     future: Future[Any]
-
-
-class _Fetched:
-    """An ObjectSource holding bytes the fetcher already verified (for load_whole)."""
-
-    def __init__(self, stored: bytes) -> None:
-        self.stored = stored
-
-    def get(
-        self,
-        url_path: str,
-        expected: ContentHash | None = None,
-        what: str = "",
-        check: Callable[[bytes], None] | None = None,
-        *,
-        size: int | None = None,
-    ) -> bytes:
-        return self.stored
-
-    def submit(
-        self,
-        url_path: str,
-        expected: ContentHash | None = None,
-        what: str = "",
-        *,
-        size: int | None = None,
-    ) -> Future[bytes]:
-        raise NotImplementedError
 
 
 class _Conn:
@@ -571,12 +548,12 @@ class CacheService:
             )
         assert spec.hash is not None
         content = spec.hash
-        return self.cache.acquire(
+        return self.cache.acquire_filled(
             spec.key,
-            lambda: load_whole(
-                self.fetcher, spec.fqrn, spec.path, content, spec.compressed, spec.size
+            spec.size,
+            lambda out: fill_whole(
+                self.fetcher, spec.fqrn, spec.path, content, spec.compressed, spec.size, out
             ),
-            size_hint=spec.size,
         )
 
     def _prefetch_wanted(self, spec: ObjectSpec, push: _Conn | None) -> bool:
@@ -633,16 +610,15 @@ class CacheService:
             self._prefetched(obj, fetch.push)
 
     def _finish(self, fetch: _Fetch) -> CachedObject:
-        spec, content = fetch.spec, fetch.spec.hash
-        assert content is not None
+        spec = fetch.spec
         (stored,) = fetch.future.result()
         if isinstance(stored, BaseException):
             raise stored
-        source = _Fetched(stored)
-        return self.cache.acquire(
+        what = f"{spec.fqrn}:{spec.path}"
+        return self.cache.acquire_filled(
             spec.key,
-            lambda: load_whole(source, spec.fqrn, spec.path, content, spec.compressed, spec.size),
-            size_hint=spec.size,
+            spec.size,
+            lambda out: write_object(stored, spec.compressed, spec.size, what, out),
         )
 
     def _prefetch_one(self, spec: ObjectSpec, push: _Conn | None) -> None:

@@ -28,7 +28,7 @@ from cvmfs_format.catalog import Catalog, CatalogTree, Chunk, DirEntry, NestedRe
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest
-from cvmfs_format.objects import Suffix, decompress, parse_object_path, verify_object
+from cvmfs_format.objects import Suffix, inflate_pieces, parse_object_path, verify_object
 from cvmfs_format.verify import loading, recheck_ensemble, verify_ensemble
 from worker.config import ConfigError
 from worker.fetcher import FetchError, NotFound, object_url
@@ -322,13 +322,14 @@ class MountedRepository:
             return self.cache.acquire_filled(
                 key, entry.size, lambda out: self._fill_chunks(entry, chunks, out)
             )
-        assert entry.hash is not None
-        return self.cache.acquire(key, lambda: self._load_whole(entry), size_hint=entry.size)
-
-    def _load_whole(self, entry: DirEntry) -> bytes:
-        assert entry.hash is not None
-        return load_whole(
-            self.fetcher, self.fqrn, entry.path, entry.hash, entry.is_compressed, entry.size
+        content = entry.hash
+        assert content is not None
+        return self.cache.acquire_filled(
+            key,
+            entry.size,
+            lambda out: fill_whole(
+                self.fetcher, self.fqrn, entry.path, content, entry.is_compressed, entry.size, out
+            ),
         )
 
     def _fill_chunks(self, entry: DirEntry, chunks: list[Chunk], out: RamFileWriter) -> None:
@@ -345,25 +346,46 @@ def chunked_key(chunks: Sequence[Chunk]) -> str:
     return f"chunked-{h.hexdigest()}"
 
 
-def load_whole(
-    fetcher: ObjectSource, fqrn: str, path: str, content: ContentHash, compressed: bool, size: int
-) -> bytes:
-    """A whole-file object, verified and decompressed; RepositoryError (EIO) otherwise."""
+def fill_whole(
+    fetcher: ObjectSource,
+    fqrn: str,
+    path: str,
+    content: ContentHash,
+    compressed: bool,
+    size: int,
+    out: RamFileWriter,
+) -> None:
+    """Fetch a whole-file object and write it, verified and decompressed, into its RAM file;
+    RepositoryError (EIO) otherwise."""
     what = f"{fqrn}:{path}"
     try:
         stored = fetcher.get(object_url(fqrn, content.object_path()), content, what, size=size)
-        data = decompress(stored, what) if compressed else stored
     except NotFound as e:
         raise NotOnServers.of(what, e) from None
     except FetchError as e:
         raise RepositoryError(errno.EIO, str(e)) from None
+    write_object(stored, compressed, size, what, out)
+
+
+def write_object(
+    stored: bytes, compressed: bool, size: int, what: str, out: RamFileWriter, offset: int = 0
+) -> None:
+    """Write verified stored bytes, decompressed, at ``offset`` of a RAM file (in pieces: see
+    cvmfs_format.objects.inflate_pieces); RepositoryError (EIO) unless they make exactly
+    ``size`` bytes, the catalog's."""
+    if not compressed and len(stored) != size:
+        raise RepositoryError(
+            errno.EIO, f"{what}: object has {len(stored)} bytes, catalog says {size}"
+        )
+    n = 0
+    try:  # the limit stops a stream that inflates to more than the catalog says
+        for piece in inflate_pieces(stored, what, size) if compressed else (stored,):
+            out.write_at(offset + n, piece)
+            n += len(piece)
     except FormatError as e:
         raise RepositoryError(errno.EIO, str(e)) from None
-    if len(data) != size:
-        raise RepositoryError(
-            errno.EIO, f"{what}: object has {len(data)} bytes, catalog says {size}"
-        )
-    return data
+    if n != size:
+        raise RepositoryError(errno.EIO, f"{what}: object has {n} bytes, catalog says {size}")
 
 
 CHUNKS_AHEAD = 4  # chunk fetches in flight while one is inflated and written
@@ -414,17 +436,8 @@ def fill_chunks(
         following = next(todo, None)
         if following is not None:
             in_flight.append(start(following))
-        try:
-            data = decompress(stored, f"{what} chunk @{c.offset}") if compressed else stored
-        except FormatError as e:
-            raise RepositoryError(errno.EIO, str(e)) from None
+        write_object(stored, compressed, c.size, f"{what} chunk @{c.offset}", out, c.offset)
         del stored
-        if len(data) != c.size:
-            raise RepositoryError(
-                errno.EIO, f"{what}: chunk @{c.offset} has {len(data)} bytes, not {c.size}"
-            )
-        out.write_at(c.offset, data)
-        del data
 
 
 def manifest_check(raw: bytes) -> None:

@@ -12,9 +12,12 @@ from cvmfs_format.errors import FormatError, IntegrityError
 from cvmfs_format.hashes import Algorithm, ContentHash
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.objects import (
+    INFLATE_IN,
+    INFLATE_OUT,
     StreamVerifier,
     Suffix,
     compress,
+    inflate_pieces,
     make_object,
     parse_object_path,
     verify_object,
@@ -97,6 +100,39 @@ def test_stream_verifier_mismatch_raises() -> None:
     wrong = ContentHash.of(zlib.compress(b"x"))
     with pytest.raises(IntegrityError):
         verify_object(zlib.compress(b"y"), wrong)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=3 * INFLATE_IN),
+        st.integers(0, 3 * INFLATE_OUT).map(bytes),  # zeros: one stored byte, ~1,000 out
+    ),
+    st.binary(max_size=8),
+)
+def test_inflate_pieces_equal_the_whole(data: bytes, trailer: bytes) -> None:
+    stored = zlib.compress(data, 6)
+    pieces = list(inflate_pieces(stored + trailer, "obj", len(data)))
+    assert b"".join(pieces) == data
+    assert all(len(p) <= INFLATE_OUT for p in pieces)  # memory for one piece at a time
+    if data:
+        with pytest.raises(FormatError, match=f"^obj: decompresses to more than {len(data) - 1} "):
+            list(inflate_pieces(stored, "obj", len(data) - 1))
+
+
+def test_inflate_pieces_refuses_bad_streams_in_one_line() -> None:
+    stored = zlib.compress(bytes(range(256)) * 1000)
+    with pytest.raises(FormatError, match="^a/b: truncated zlib stream$"):
+        list(inflate_pieces(stored[:-10], "a/b"))
+    with pytest.raises(FormatError, match=r"^a/b: corrupt zlib data \("):
+        list(inflate_pieces(b"not zlib" + stored, "a/b"))
+    with pytest.raises(FormatError, match="truncated"):
+        list(inflate_pieces(b"", "a/b"))
+    bomb = zlib.compress(bytes(64 << 20))  # 64 MiB of zeros in ~64 KiB
+    got = 0
+    with pytest.raises(FormatError, match="more than 4096 bytes"):
+        for piece in inflate_pieces(bomb, "bomb", 4096):
+            got += len(piece)
+    assert got == 0  # stopped at its first piece, before handing out a byte too many
 
 
 def test_path_keys_worked_values() -> None:
