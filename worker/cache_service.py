@@ -57,7 +57,7 @@ from worker.config import ConfigError, ExecConfig, parse_exec_args
 from worker.fetcher import Fetcher, FetchError, object_url
 from worker.node_answers import AnswerTables, FrameError, valid_table_name
 from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
-from worker.ramfiles import RamFiles, fill_sealed_memfd
+from worker.ramfiles import RamFiles, RamFilesError, fill_sealed_memfd
 from worker.repository import (
     NotOnServers,
     RepositoryError,
@@ -234,6 +234,10 @@ class CacheService:
         self._stop.set()
 
     def serve_forever(self) -> None:
+        # a service is started by a job that is about to ask it for a repository: its
+        # download client (asyncio, ~25 ms to import and start) and its tmpfs get ready
+        # meanwhile, not on that first request
+        threading.Thread(target=self._warm, name="cache-warm", daemon=True).start()
         self.listener.settimeout(0.2)
         log.info("cache service pid %d serving %s", os.getpid(), self.directory / SOCKET_NAME)
         try:
@@ -250,6 +254,13 @@ class CacheService:
                 self._admit(sock)
         finally:
             self._shutdown()
+
+    def _warm(self) -> None:
+        try:
+            self.fetcher.warm()
+            _ = self.cache.files.backing
+        except (RamFilesError, OSError) as e:  # said again by the first request that needs it
+            log.debug("getting ready: %s", e)
 
     def _idle_expired(self) -> bool:
         with self._lock:

@@ -215,6 +215,11 @@ class Fetcher:
         self._wanted = True
         return self
 
+    def warm(self) -> None:
+        """Start the thread, event loop and HTTP client now (asyncio and the client's imports:
+        ~25 ms here), not on the first request."""
+        self._require_loop()
+
     def _start_loop(self) -> asyncio.AbstractEventLoop:
         import asyncio
 
