@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from worker.cache_service import SOCKET_NAME
 from worker.fetcher import FetchError, object_url
 from worker.ramcache import CachedObject, RamCache
 from worker.ramfiles import RamFiles, RamFilesError, RamFileWriter
-from worker.repository import RepositoryError, fill_chunks
+from worker.repository import RepositoryError, fill_chunks, fill_whole
 
 pytestmark = [needs_ptrace, pytest.mark.slow]
 
@@ -404,6 +405,60 @@ def test_fill_chunks_keeps_a_few_in_flight_and_writes_every_byte() -> None:
         assert cache.used_bytes == len(raw) and cache.stats.bytes_loaded == len(raw)
         cache.release(obj)
         assert cache.used_bytes == len(raw)  # counted once, pinned or not
+    finally:
+        cache.close()
+        source.pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("none", ""),
+        ("long", "decompresses to more than"),  # stopped at the catalog's size, not at 64 MiB
+        ("short", "object has 5 bytes, catalog says"),
+        ("not zlib", "corrupt zlib data"),  # its hash matches: a publisher's fault
+        ("cut", "truncated zlib stream"),
+    ],
+)
+def test_a_whole_object_is_written_in_pieces_and_exactly_its_catalog_size(
+    damage: str, said: str
+) -> None:
+    """Objects are inflated straight into their RAM file; one that makes anything but the
+    catalog's size is EIO, with one line, and leaves no file."""
+    raw = secrets.token_bytes(300_000) + bytes(700_000)  # several pieces, some compressible
+    content, stored = make_object(raw)
+    if damage == "long":
+        stored = zlib.compress(raw + bytes(64 * MiB))
+    elif damage == "short":
+        stored = zlib.compress(b"short")
+    elif damage == "not zlib":
+        stored = b"plain bytes, not a zlib stream" * 100
+    elif damage == "cut":
+        stored = stored[: len(stored) // 2]
+    content = ContentHash.of(stored) if damage != "none" else content
+    source = CountingSource({object_url(FQRN, content.object_path()): stored})
+    files = RamFiles()
+    cache = RamCache(256 * MiB, files=files)
+    try:
+
+        def load() -> CachedObject:
+            return cache.acquire_filled(
+                "whole",
+                len(raw),
+                lambda out: fill_whole(source, FQRN, "/f", content, True, len(raw), out),
+            )
+
+        if not said:
+            obj = load()
+            assert Path(obj.path).read_bytes() == raw and obj.size == len(raw)
+            return
+        with pytest.raises(RepositoryError) as e:
+            load()
+        assert e.value.errno == errno.EIO
+        assert str(e.value).startswith(f"{FQRN}:/f: {said}"), str(e.value)
+        assert "\n" not in str(e.value)
+        assert "whole" not in cache and cache.used_bytes == 0
+        assert not files_on_tmpfs(files), "a half-written file stayed on the tmpfs"
     finally:
         cache.close()
         source.pool.shutdown()
