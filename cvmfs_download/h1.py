@@ -287,13 +287,7 @@ class _Conn(asyncio.Protocol):
             ex.answered = True
             state = self.state
             if state == _LENGTH:
-                n = self.remaining
-                if len(data) <= n:
-                    chunk, data = data, b""
-                else:
-                    chunk, data = data[:n], data[n:]
-                self.remaining = n - len(chunk)
-                self._body(ex, chunk)
+                data = self._take(ex, data)
                 if not self.remaining:
                     self._complete(ex)
             elif state == _HEAD:
@@ -325,13 +319,7 @@ class _Conn(asyncio.Protocol):
         """One step of a chunked body; the bytes left for the next step."""
         state = self.state
         if state == _DATA:
-            n = self.remaining
-            if len(data) <= n:
-                chunk, data = data, b""
-            else:
-                chunk, data = data[:n], data[n:]
-            self.remaining = n - len(chunk)
-            self._body(ex, chunk)
+            data = self._take(ex, data)
             if not self.remaining:
                 self.state = _DATA_END
             return data
@@ -367,6 +355,17 @@ class _Conn(asyncio.Protocol):
             if not line:
                 self._complete(ex)
         return rest
+
+    def _take(self, ex: _Exchange, data: bytes) -> bytes:
+        """Up to ``remaining`` bytes of ``data`` as body; the bytes after them."""
+        n = self.remaining
+        if len(data) <= n:
+            chunk, data = data, b""
+        else:
+            chunk, data = data[:n], data[n:]
+        self.remaining = n - len(chunk)
+        self._body(ex, chunk)
+        return data
 
     def _body(self, ex: _Exchange, chunk: bytes) -> None:
         if self.drain:
