@@ -6,8 +6,9 @@ and DIRECT), when a host or a proxy counts as failed and for how long, the no-ca
 corrupt answer, back-off with jitter, and how big and how slow an answer may be.  ``h1`` is the
 transport (HTTP/1.1 on raw asyncio for ``http://``; ``http``'s aiohttp one inside it for
 ``https://``, or alone with ``CVMFS_DOWNLOAD_TRANSPORT=aiohttp``), ``wire`` what they share,
-and ``client`` puts it together: bounded, verified downloads with one vocabulary of errors
-(``errors``), each one line naming the URL and what failed.
+``heap`` keeps the process's big buffers reused, and ``client`` puts it together: bounded,
+verified downloads with one vocabulary of errors (``errors``), each one line naming the URL
+and what failed.
 
 May import :mod:`cvmfs_format` (hashes, proxy lists); never the tools that use it.
 """

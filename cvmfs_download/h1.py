@@ -33,6 +33,7 @@ from urllib.parse import quote, urlsplit
 
 from cvmfs_download.core import Blame, Route, Settings, classify_status
 from cvmfs_download.errors import network_reason
+from cvmfs_download.heap import reuse_big_buffers
 from cvmfs_download.wire import Failed, Sink, Transport, read_file, secs, too_big
 
 if TYPE_CHECKING:
@@ -67,7 +68,10 @@ class _Retry(Exception):
 
 def make_transport(settings: Settings) -> Transport:
     """The transport for a client: the lean one (``https://`` through aiohttp inside it), or
-    aiohttp's alone when ``CVMFS_DOWNLOAD_TRANSPORT=aiohttp`` (to compare, or as a way out)."""
+    aiohttp's alone when ``CVMFS_DOWNLOAD_TRANSPORT=aiohttp`` (to compare, or as a way out).
+    The process's heap is tuned for downloads here (cvmfs_download.heap): every tool that
+    downloads makes a transport first."""
+    reuse_big_buffers()
     if os.environ.get("CVMFS_DOWNLOAD_TRANSPORT", "") == "aiohttp":
         from cvmfs_download.http import HttpTransport
 
