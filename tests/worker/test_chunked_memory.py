@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -439,21 +440,14 @@ def test_a_whole_object_is_written_in_pieces_and_exactly_its_catalog_size(
     source = CountingSource({object_url(FQRN, content.object_path()): stored})
     files = RamFiles()
     cache = RamCache(256 * MiB, files=files)
+    fill = functools.partial(fill_whole, source, FQRN, "/f", content, True, len(raw))
     try:
-
-        def load() -> CachedObject:
-            return cache.acquire_filled(
-                "whole",
-                len(raw),
-                lambda out: fill_whole(source, FQRN, "/f", content, True, len(raw), out),
-            )
-
         if not said:
-            obj = load()
+            obj = cache.acquire_filled("whole", len(raw), fill)
             assert Path(obj.path).read_bytes() == raw and obj.size == len(raw)
             return
         with pytest.raises(RepositoryError) as e:
-            load()
+            cache.acquire_filled("whole", len(raw), fill)
         assert e.value.errno == errno.EIO
         assert str(e.value).startswith(f"{FQRN}:/f: {said}"), str(e.value)
         assert "\n" not in str(e.value)
