@@ -384,18 +384,27 @@ class Fetcher:
         # CPU for each object a job fetches
         done = _thread.allocate_lock()
         done.acquire()
-        box: list[asyncio.Task[T]] = []
+        box: list[asyncio.Task[T] | BaseException] = []
 
-        def finished(task: asyncio.Task[T]) -> None:
+        def finished(task: asyncio.Task[T] | BaseException) -> None:
             box.append(task)
             done.release()
 
         def start() -> None:
-            loop.create_task(coro).add_done_callback(finished)
+            try:
+                task = loop.create_task(coro)
+            except BaseException as e:  # the loop is closing: the caller hears it
+                coro.close()
+                finished(e)
+                return
+            task.add_done_callback(finished)
 
         loop.call_soon_threadsafe(start)
         done.acquire()
-        return box[0].result()
+        got = box[0]
+        if isinstance(got, BaseException):
+            raise got
+        return got.result()
 
     # ------------------------------------------------------------------ async core
 

@@ -224,3 +224,37 @@ def test_probe(store: Store, servers: list[StoreServer]) -> None:
 def test_direct_is_not_a_server() -> None:
     with pytest.raises(FormatError, match="not an http"):
         Fetcher(parse_server_templates("DIRECT"))
+
+
+def test_a_blocking_get_hears_why_its_event_loop_could_not_run_it(
+    store: Store, servers: list[StoreServer]
+) -> None:
+    """The hand-back from the fetcher's event loop is a bare lock: a call the loop cannot start
+    (it is closing) raises in the caller, never leaves it waiting."""
+    url, h, stored = store.objects[0]
+    with fetcher(servers[0].url) as f:
+        assert f.get(url, h) == stored  # the loop runs
+        loop = f._loop
+        assert loop is not None
+
+        def refuse(loop: object, coro: object, **kw: object) -> None:
+            raise RuntimeError("the event loop is closing")
+
+        loop.call_soon_threadsafe(loop.set_task_factory, refuse)  # type: ignore[arg-type]
+        time.sleep(0.1)
+        heard: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                f.get(url, h)
+            except RuntimeError as e:
+                heard.append(e)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(10)
+        assert not caller.is_alive(), "the caller was left waiting"
+        assert [str(e) for e in heard] == ["the event loop is closing"]
+        loop.call_soon_threadsafe(loop.set_task_factory, None)
+        time.sleep(0.1)
+        assert f.get(url, h) == stored  # and the next call goes through
