@@ -58,17 +58,6 @@ def compress(data: bytes) -> bytes:
     return zlib.compress(data, 6)
 
 
-def decompress(data: bytes, what: str = "object") -> bytes:
-    try:
-        d = zlib.decompressobj()
-        out = d.decompress(data)
-        if not d.eof:
-            raise FormatError(f"{what}: truncated zlib stream")
-        return out
-    except zlib.error as e:
-        raise FormatError(f"{what}: corrupt zlib data ({e})") from None
-
-
 # zlib gets this much stored input at a time, and gives at most INFLATE_OUT per call: each
 # piece it returns is written out while it is still in the CPU's caches, and the memory for
 # it is reused.  Inflating a 1 MiB object in one call took 1.2-1.4 ms here (its output grows
