@@ -13,8 +13,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cvmfs_format.errors import FormatError
+from cvmfs_format.proxies import ProxyGroups, ServerGroups, parse_proxies, parse_server_templates
 
 KNOWN_KEYS = (
     "CVMFS_SERVER_URL",
@@ -324,3 +326,68 @@ def config_repositories(cfg: ClientConfig) -> list[str] | None:
         if name not in names:
             names.append(name)
     return names
+
+
+def _servers(cfg: ClientConfig) -> ServerGroups | None:
+    text = cfg.get("CVMFS_SERVER_URL")
+    if text is None or not text.strip():
+        return None
+    try:
+        return parse_server_templates(text)
+    except FormatError as e:
+        raise FormatError(f"{cfg.source('CVMFS_SERVER_URL')}: CVMFS_SERVER_URL: {e}") from None
+
+
+def _proxies(cfg: ClientConfig) -> ProxyGroups | None:
+    """``CVMFS_HTTP_PROXY``, then ``CVMFS_FALLBACK_PROXY`` as the last resort."""
+    main, fallback = cfg.get("CVMFS_HTTP_PROXY"), cfg.get("CVMFS_FALLBACK_PROXY")
+    if not (main or "").strip() and not (fallback or "").strip():
+        return None
+    groups: list[tuple[str | None, ...]] = []
+    for key, text in (("CVMFS_HTTP_PROXY", main), ("CVMFS_FALLBACK_PROXY", fallback)):
+        if text and text.strip():
+            if text.strip().lower() == "auto":
+                raise FormatError(
+                    f"{cfg.source(key)}: {key}=auto (WPAD proxy discovery) is not supported: "
+                    "name the proxies, or DIRECT"
+                )
+            try:
+                groups.extend(parse_proxies(text).groups)
+            except FormatError as e:
+                raise FormatError(f"{cfg.source(key)}: {key}: {e}") from None
+    return ProxyGroups(tuple(groups))
+
+
+def site_values(
+    root: Path, fqrn: str | None, environ: Mapping[str, str] | None = None
+) -> tuple[ClientConfig, dict[str, tuple[Any, str]]]:
+    """The configuration of ``fqrn`` (None: what every repository gets) and the values it
+    gives the project's tools (servers, proxies, keys, repositories, timeout, retries), each
+    with the file and line it came from: hep-exec and preload read a site the same way."""
+    cfg = load_client_config(root, fqrn, environ)
+    got: dict[str, tuple[Any, str]] = {}
+
+    def put(name: str, value: Any, key: str) -> None:
+        if value is not None:
+            got[name] = (value, str(cfg.source(key)))
+
+    put("servers", _servers(cfg), "CVMFS_SERVER_URL")
+    proxies = _proxies(cfg)
+    put(
+        "proxies",
+        proxies,
+        "CVMFS_HTTP_PROXY" if cfg.get("CVMFS_HTTP_PROXY") else "CVMFS_FALLBACK_PROXY",
+    )
+    keys = config_keys(cfg)
+    if keys is not None:
+        key = "CVMFS_PUBLIC_KEY" if cfg.get("CVMFS_PUBLIC_KEY") else "CVMFS_KEYS_DIR"
+        put("keys", tuple(keys), key)
+    repos = config_repositories(cfg)
+    if repos:
+        put("repositories", tuple(repos), "CVMFS_REPOSITORIES")
+    direct = proxies is None or all(p is None for g in proxies.groups for p in g)
+    timeouts = {k: config_float(cfg, k) for k in ("CVMFS_TIMEOUT", "CVMFS_TIMEOUT_DIRECT")}
+    timeout_key = "CVMFS_TIMEOUT_DIRECT" if direct else "CVMFS_TIMEOUT"
+    put("timeout", timeouts[timeout_key], timeout_key)
+    put("retries", config_int(cfg, "CVMFS_MAX_RETRIES"), "CVMFS_MAX_RETRIES")
+    return cfg, got

@@ -15,12 +15,12 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from cvmfs_format.access_list import AccessListError, read_access_list
 from cvmfs_format.errors import FormatError
 from cvmfs_format.paths import FQRN_HINT, is_fqrn
 from cvmfs_format.proxies import ProxyGroups, parse_proxies, parse_server_urls
 from cvmfs_format.whitelist import load_public_key
 from preload.rules import RuleError, Rules
-from worker.access_list import AccessListError, read_access_list
 
 
 class SpecError(ValueError):
@@ -215,8 +215,8 @@ def _site(
 
 def _from_site(ctx: _Ctx, root: Path, node: _Node | None, name: str, where: str) -> dict[str, Any]:
     """What the site's files say for repository ``name`` (as the real client reads them)."""
+    from cvmfs_format.client_config import site_values
     from cvmfs_format.proxies import expand_servers
-    from worker.sites import site_values
 
     try:
         cfg, got = site_values(root, name)

@@ -4,7 +4,7 @@ hep-publish in one PyInstaller executable, picked by the name it was started as.
 One executable (the others are symlinks to it) keeps the bundle one interpreter and one set of
 libraries. ``PROGRAM -m MODULE ARGS`` runs one of :data:`MODULES` as ``python -m`` would: a
 frozen program has no interpreter to give ``-m`` to, and hep-exec starts its node cache
-service as ``[sys.executable, "-m", "worker.cache_service", …]`` (worker.cache_client).
+service as ``[sys.executable, "-m", "worker.node.cache_service", …]`` (worker.node.cache_client).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 TOOLS = ("hep-exec", "preload", "hep-proxy", "hep-publish")
 # what ``-m`` may name: the modules the code itself starts with sys.executable
-MODULES = ("worker.cache_service",)
+MODULES = ("worker.node.cache_service",)
 
 
 def _clean_environment() -> None:
@@ -60,7 +60,7 @@ def _tool(name: str) -> Callable[[], int]:
 
 def _module(name: str) -> Callable[[], int]:
     """The main function of one of :data:`MODULES`."""
-    from worker.cache_service import main as service_main
+    from worker.node.cache_service import main as service_main
 
     return service_main
 

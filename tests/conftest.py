@@ -45,7 +45,7 @@ def ram_files(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     huge-page tmpfs that ``auto`` picks on most nodes, and the sealed memfds it falls back to."""
     kind: str = request.param
     if kind == "tmpfs":
-        from worker.ramfiles import RamFiles, RamFilesError
+        from worker.ram.ramfiles import RamFiles, RamFilesError
 
         try:
             RamFiles("tmpfs").close()

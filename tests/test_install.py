@@ -184,7 +184,7 @@ def test_wheel_installs_without_a_compiler_and_runs_the_oracle(
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr[-3000:]
     where = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import worker._trap as t; print(t.__file__)"],
+        [str(venv / "bin/python"), "-c", "import worker.trace._trap as t; print(t.__file__)"],
         env=clean_env(str(nothing)),
         cwd=tmp_path,
         capture_output=True,
@@ -288,7 +288,7 @@ def test_bundle_starts_the_node_cache_service(
 ) -> None:
     """With the shared cache on, the service the frozen hep-exec starts (a fork of itself) is
     the bundle's program and serves the file; and the way hep-exec starts it when it already
-    runs threads, ``sys.executable -m worker.cache_service --background …``, works with the
+    runs threads, ``sys.executable -m worker.node.cache_service --background …``, works with the
     bundle's program as sys.executable."""
     want = (published.src / FILE).read_bytes()
     started: list[tuple[int, int | None]] = []  # (pid, start time)
@@ -298,7 +298,7 @@ def test_bundle_starts_the_node_cache_service(
             options = [*published.options(), "--cache-dir", str(cache_dir), "--cache-idle", "30"]
             if how == "background":
                 begun = run_bare(
-                    [str(bundle / "hep-exec"), "-m", "worker.cache_service", "--background",
+                    [str(bundle / "hep-exec"), "-m", "worker.node.cache_service", "--background",
                      *options],
                     bare,
                     tmp_path,
@@ -316,7 +316,7 @@ def test_bundle_starts_the_node_cache_service(
             started.append((pid, process_started(pid)))
             assert Path(f"/proc/{pid}/exe").resolve() == (bundle / "hep-exec").resolve()
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            assert (b"worker.cache_service" in argv) == (how == "background"), argv
+            assert (b"worker.node.cache_service" in argv) == (how == "background"), argv
             assert re.search(rb"shared cache: [1-9]\d* objects received", job.stderr), how
     finally:  # the services would leave by themselves after --cache-idle
         for pid, since in started:

@@ -5,7 +5,7 @@ the private tmpfs, ``/proc/<pid>/fd/<n>`` of a sealed memfd. Such an answer is m
 ``stable`` so the C side can repeat it without asking Python, which is only safe while the
 object stays pinned: the policy keeps what it handed out pinned up to a budget (half the RAM
 limit), and beyond it unpins the least recently handed-out objects, first withdrawing their
-cached answers with :func:`worker.tracer.forget`.
+cached answers with :func:`worker.trace.tracer.forget`.
 
 A tracee thread that was answered but has not run its open yet must never open a different
 object. A tmpfs name is never reused (it fails with ENOENT once the object is evicted); an fd
@@ -31,14 +31,14 @@ from dataclasses import dataclass
 
 from lru import LRU
 
-from worker.namespace import Node as NsNode
-from worker.namespace import is_normal_path
-from worker.policy import Entry, Kind, Node, Opened
-from worker.ramcache import CachedObject
-from worker.ramfiles import fd_path, named_path
+from worker.ram.ramcache import CachedObject
+from worker.ram.ramfiles import fd_path, named_path
+from worker.repo.namespace import Node as NsNode
+from worker.repo.namespace import is_normal_path
 from worker.session import WorkerSession
-from worker.tracee_env import LazyEnviron
-from worker.tracer import forget
+from worker.trace.policy import Entry, Kind, Node, Opened
+from worker.trace.tracee_env import LazyEnviron
+from worker.trace.tracer import forget
 
 log = logging.getLogger("hep_exec.policy")
 
@@ -144,7 +144,7 @@ class CatalogPolicy:
         """Opens that can be answered before they are asked, costing nothing: those of
         ``paths`` whose objects the node's cache service holds, found by their keys in its
         directory (a stat each, no request).  Nothing is pinned; when the service evicts
-        one, the tracer finds its name gone and asks :meth:`open` (worker/_trap.c,
+        one, the tracer finds its name gone and asks :meth:`open` (worker/trace/_trap.c,
         stale_open).  None while recording an access list, which must see every first open.
         """
         shared = self.session.shared

@@ -17,7 +17,7 @@ _job_ran = False  # a command ran (entry exits fast after one)
 def _check(config: ExecConfig) -> int:
     """``--check``: tracing, proxies, repositories, RAM limit; exit 0 only if all are fine."""
     from worker.session import WorkerSession
-    from worker.tracer import check_mode
+    from worker.trace.tracer import check_mode
 
     problem, mode = check_mode(config.trap, config.in_process)
     ok = problem is None
@@ -58,7 +58,7 @@ def _reach(config: ExecConfig) -> None:
 def _run(config: ExecConfig) -> int:
     from worker.catalog_policy import CatalogPolicy
     from worker.session import WorkerSession
-    from worker.tracer import TracerUnavailable, run
+    from worker.trace.tracer import TracerUnavailable, run
 
     with WorkerSession(config) as session:  # reads the keys: a bad one is said first
         _reach(config)
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hep-exec: {e}", file=sys.stderr)
         return 2
     if config.cache_daemon:
-        from worker import cache_service
+        from worker.node import cache_service
 
         return cache_service.main(args)
     logging.basicConfig(level=config.log_level_number, format="hep-exec: %(message)s")

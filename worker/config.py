@@ -8,18 +8,14 @@ problem, so the CLI can print it and exit 2 instead of showing a traceback.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import hashlib
 import logging
 import os
 import re
 import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, overload
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.proxies import (
@@ -30,12 +26,10 @@ from cvmfs_format.proxies import (
     parse_server_templates,
 )
 from hep_cli import add_version, exit_codes
-from worker.ramfiles import BACKINGS
-from worker.tracer import TRAP_MODES
+from worker.ram.ramfiles import BACKINGS
+from worker.trace.tracer import TRAP_MODES
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     from cvmfs_format.client_config import ClientConfig
 
 PROG = "hep-exec"
@@ -63,9 +57,9 @@ class ExecConfig:
     ram_bytes: int = DEFAULT_RAM
     repositories: tuple[str, ...] = ()
     log_level: str = "warning"
-    trap: str = "auto"  # how hot path calls reach the tracer (worker.tracer.run)
-    ram_files: str = "auto"  # what cached objects are kept in (worker.ramfiles)
-    in_process: bool = True  # opens of /cvmfs files inside tracees (worker/_fastopen.c)
+    trap: str = "auto"  # how hot path calls reach the tracer (worker.trace.tracer.run)
+    ram_files: str = "auto"  # what cached objects are kept in (worker.ram.ramfiles)
+    in_process: bool = True  # opens of /cvmfs files inside tracees (worker/trace/_fastopen.c)
     io_uring: bool = False  # let the command use io_uring (its path calls bypass the tracer)
     timeout: float = 5.0
     connect_timeout: float = 2.0
@@ -77,14 +71,14 @@ class ExecConfig:
     check: bool = False
     stats: bool = False
     stats_internals: bool = False  # the trap loop's own counters too (developers, benchmarks)
-    shared_cache: bool = True  # one RAM cache service per user and node (worker.cache_service)
+    shared_cache: bool = True  # one RAM cache service per user and node (worker.node.cache_service)
     cache_dir: Path | None = None  # its runtime directory; None: $XDG_RUNTIME_DIR or /dev/shm
     cache_idle: float = 60.0  # the service exits this long after its last client left
     record_path: Path | None = None  # write the objects opened here, in first-use order
     prefetch_path: Path | None = None  # fetch the objects of this access list at start
     prefetch_concurrency: int = 16
     # of the node's answers for a revision, what a job puts when it mounts it (the rest: a
-    # directory at a time, when the job first comes to it; worker/node_answers.py)
+    # directory at a time, when the job first comes to it; worker/trace/node_answers.py)
     eager_answers: int = 4 << 20
     cache_daemon: bool = False  # run the cache service itself instead of a command
     config_file: Path | None = None
@@ -446,7 +440,7 @@ def _from_site(
 ) -> tuple[ClientConfig | None, set[str]]:
     """Read the site's CernVM-FS configuration (``--cvmfs-config``, default /etc/cvmfs where
     it exists) and take from it what flags, environment and config file did not set."""
-    from worker.sites import site_values
+    from cvmfs_format.client_config import site_values
 
     if "cvmfs_config" in values:
         root = values["cvmfs_config"]
@@ -767,87 +761,3 @@ def parse_exec_args(
         cache_daemon=ns.cache_daemon,
         config_file=Path(config_file) if config_file else None,
     )
-
-
-class MasterKeys(Sequence["rsa.RSAPublicKey"]):
-    """Master public keys read at start, parsed on first use.
-
-    Parsing needs the cryptography package (~25 ms to import), which a job that never
-    mounts a repository should not pay for; the files are read and their PEM armour and
-    base64 checked at start, so a missing, unreadable or garbled key still stops hep-exec
-    before the command runs.
-    """
-
-    def __init__(self, pems: Sequence[tuple[str, bytes]]) -> None:
-        self._pems = list(pems)
-        self._keys: list[rsa.RSAPublicKey] | None = None
-        self._lock = threading.Lock()
-
-    def digest(self) -> str:
-        """The keys' identity without parsing them (worker.repository: a node's jobs vouch
-        for what they verified with the same keys)."""
-        h = hashlib.sha256()
-        for pem in sorted(pem for _what, pem in self._pems):
-            h.update(hashlib.sha256(pem).digest())
-        return h.hexdigest()
-
-    def _parsed(self) -> list[rsa.RSAPublicKey]:
-        with self._lock:
-            if self._keys is None:
-                from cvmfs_format.whitelist import load_public_key
-
-                try:
-                    self._keys = [load_public_key(pem, what) for what, pem in self._pems]
-                except FormatError as e:
-                    raise ConfigError(str(e)) from None
-            return self._keys
-
-    def __len__(self) -> int:
-        return len(self._pems)
-
-    @overload
-    def __getitem__(self, i: int) -> rsa.RSAPublicKey: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[rsa.RSAPublicKey]: ...
-    def __getitem__(self, i: int | slice) -> rsa.RSAPublicKey | list[rsa.RSAPublicKey]:
-        return self._parsed()[i]
-
-    def __iter__(self) -> Iterator[rsa.RSAPublicKey]:
-        return iter(self._parsed())
-
-
-_PEM = re.compile(
-    rb"-----BEGIN (RSA )?PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)-----END (RSA )?PUBLIC KEY-----"
-)
-
-
-def _check_pem(pem: bytes, what: Path) -> None:
-    m = _PEM.search(pem)
-    try:
-        ok = m is not None and len(base64.b64decode(b"".join(m.group(2).split()))) > 64
-    except binascii.Error:
-        ok = False
-    if not ok:
-        raise ConfigError(f"{what}: not a PEM public key")
-
-
-def load_master_keys(paths: Sequence[Path]) -> MasterKeys:
-    """Master keys from files or directories of ``*.pub``; ConfigError names a bad one."""
-    pems: list[tuple[str, bytes]] = []
-    for path in paths:
-        if path.is_dir():
-            files = sorted(path.glob("*.pub"))
-            if not files:
-                raise ConfigError(f"{path}: no *.pub master key in this directory")
-        elif path.exists():
-            files = [path]
-        else:
-            raise ConfigError(f"{path}: no such key file or directory")
-        for f in files:
-            try:
-                pem = f.read_bytes()
-            except OSError as e:
-                raise ConfigError(f"{f}: cannot read ({e.strerror})") from None
-            _check_pem(pem, f)
-            pems.append((str(f), pem))
-    return MasterKeys(pems)

@@ -16,16 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.access_list import AccessListError, AccessRecorder, read_access_list
-from worker.cache_client import CacheClient, ServiceFirst, SharedObject, open_shared
-from worker.config import ConfigError, ExecConfig, MasterKeys, load_master_keys
-from worker.fetcher import Fetcher, object_url
-from worker.namespace import Namespace, Node
-from worker.node_answers import NodeAnswers
-from worker.prefetch import Prefetch
-from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
-from worker.ramfiles import RamFiles, RamFilesError, named_path
-from worker.repository import MountedRepository, Repositories, RepositoryError
+from cvmfs_format.access_list import AccessListError, AccessRecorder, read_access_list
+from worker.config import ConfigError, ExecConfig
+from worker.node.cache_client import CacheClient, ServiceFirst, SharedObject, open_shared
+from worker.node.prefetch import Prefetch
+from worker.ram.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
+from worker.ram.ramfiles import RamFiles, RamFilesError, named_path
+from worker.repo.fetcher import Fetcher, object_url
+from worker.repo.keys import MasterKeys, load_master_keys
+from worker.repo.namespace import Namespace, Node
+from worker.repo.repository import MountedRepository, Repositories, RepositoryError
+from worker.trace.node_answers import NodeAnswers
 
 log = logging.getLogger("hep_exec.session")
 

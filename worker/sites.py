@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmfs_format.client_config import (
     ClientConfig,
-    config_float,
-    config_int,
-    config_keys,
-    config_repositories,
-    load_client_config,
     parse_config_text,
+    site_values,
 )
 from cvmfs_format.errors import FormatError
-from cvmfs_format.proxies import ProxyGroups, ServerGroups, parse_proxies, parse_server_templates
 
 if TYPE_CHECKING:
     from worker.config import ExecConfig
-    from worker.fetcher import Routes
+    from worker.repo.fetcher import Routes
 
 # hep-exec options a site's configuration can give, by the CernVM-FS key that gives them
 SITE_KEYS = {
@@ -40,70 +34,6 @@ SITE_KEYS = {
     "timeout": "CVMFS_TIMEOUT / CVMFS_TIMEOUT_DIRECT",
     "retries": "CVMFS_MAX_RETRIES",
 }
-
-
-def _servers(cfg: ClientConfig) -> ServerGroups | None:
-    text = cfg.get("CVMFS_SERVER_URL")
-    if text is None or not text.strip():
-        return None
-    try:
-        return parse_server_templates(text)
-    except FormatError as e:
-        raise FormatError(f"{cfg.source('CVMFS_SERVER_URL')}: CVMFS_SERVER_URL: {e}") from None
-
-
-def _proxies(cfg: ClientConfig) -> ProxyGroups | None:
-    """``CVMFS_HTTP_PROXY``, then ``CVMFS_FALLBACK_PROXY`` as the last resort."""
-    main, fallback = cfg.get("CVMFS_HTTP_PROXY"), cfg.get("CVMFS_FALLBACK_PROXY")
-    if not (main or "").strip() and not (fallback or "").strip():
-        return None
-    groups: list[tuple[str | None, ...]] = []
-    for key, text in (("CVMFS_HTTP_PROXY", main), ("CVMFS_FALLBACK_PROXY", fallback)):
-        if text and text.strip():
-            if text.strip().lower() == "auto":
-                raise FormatError(
-                    f"{cfg.source(key)}: {key}=auto (WPAD proxy discovery) is not supported: "
-                    "name the proxies, or DIRECT"
-                )
-            try:
-                groups.extend(parse_proxies(text).groups)
-            except FormatError as e:
-                raise FormatError(f"{cfg.source(key)}: {key}: {e}") from None
-    return ProxyGroups(tuple(groups))
-
-
-def site_values(
-    root: Path, fqrn: str | None, environ: Mapping[str, str] | None = None
-) -> tuple[ClientConfig, dict[str, tuple[Any, str]]]:
-    """The configuration of ``fqrn`` (None: what every repository gets) and the hep-exec
-    option values it gives, each with the file and line it came from."""
-    cfg = load_client_config(root, fqrn, environ)
-    got: dict[str, tuple[Any, str]] = {}
-
-    def put(name: str, value: Any, key: str) -> None:
-        if value is not None:
-            got[name] = (value, str(cfg.source(key)))
-
-    put("servers", _servers(cfg), "CVMFS_SERVER_URL")
-    proxies = _proxies(cfg)
-    put(
-        "proxies",
-        proxies,
-        "CVMFS_HTTP_PROXY" if cfg.get("CVMFS_HTTP_PROXY") else "CVMFS_FALLBACK_PROXY",
-    )
-    keys = config_keys(cfg)
-    if keys is not None:
-        key = "CVMFS_PUBLIC_KEY" if cfg.get("CVMFS_PUBLIC_KEY") else "CVMFS_KEYS_DIR"
-        put("keys", tuple(keys), key)
-    repos = config_repositories(cfg)
-    if repos:
-        put("repositories", tuple(repos), "CVMFS_REPOSITORIES")
-    direct = proxies is None or all(p is None for g in proxies.groups for p in g)
-    timeouts = {k: config_float(cfg, k) for k in ("CVMFS_TIMEOUT", "CVMFS_TIMEOUT_DIRECT")}
-    timeout_key = "CVMFS_TIMEOUT_DIRECT" if direct else "CVMFS_TIMEOUT"
-    put("timeout", timeouts[timeout_key], timeout_key)
-    put("retries", config_int(cfg, "CVMFS_MAX_RETRIES"), "CVMFS_MAX_RETRIES")
-    return cfg, got
 
 
 def site_defines_servers(root: Path) -> bool:
@@ -143,7 +73,7 @@ def _value(config: ExecConfig, fqrn: str, name: str) -> Any:
 
 def routes_for(config: ExecConfig, fqrn: str) -> Routes:
     """Where ``fqrn`` comes from; FormatError (one line) if nothing says."""
-    from worker.fetcher import routes_of
+    from worker.repo.fetcher import routes_of
 
     servers = _value(config, fqrn, "servers")
     if not servers:

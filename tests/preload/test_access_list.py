@@ -1,4 +1,4 @@
-"""Access lists (``worker/access_list.py``): escaping of odd paths through the writer and the
+"""Access lists (``cvmfs_format/access_list.py``): escaping of odd paths through the writer and the
 reader, and a preload spec's ``access_list:`` selecting exactly such paths, end to end.
 
 README: "The access list is text, one object per line, tab-separated: ``fqrn  /path  key
@@ -16,12 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cvmfs_format.verify import open_tree, walk
-from tests.support.nginx import Nginx, Site
-from tests.support.preloading import run_preload, write_spec
-from tests.support.repos import Repo, publish_tree
-from tests.support.stores import expected_objects, replica, verify_selected
-from worker.access_list import (
+from cvmfs_format.access_list import (
     HEADER,
     AccessEntry,
     AccessListError,
@@ -30,6 +25,11 @@ from worker.access_list import (
     parse_access_list,
     read_access_list,
 )
+from cvmfs_format.verify import open_tree, walk
+from tests.support.nginx import Nginx, Site
+from tests.support.preloading import run_preload, write_spec
+from tests.support.repos import Repo, publish_tree
+from tests.support.stores import expected_objects, replica, verify_selected
 
 FQRN = "al.example.org"
 

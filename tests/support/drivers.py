@@ -1,6 +1,6 @@
 """Two ways to drive the tracer over the same source tree, for tests that must hold for both:
 
-* ``hostpolicy``: ``python -m worker.hostpolicy --map NAME=DIR`` shows the host directory
+* ``hostpolicy``: ``python -m worker.trace.hostpolicy --map NAME=DIR`` shows the host directory
   itself as /cvmfs/NAME (:func:`tests.support.tracing.traced`);
 * ``hep-exec``: the real ``hep-exec`` with the directory published by our publisher into a
   store that nginx serves on loopback (:mod:`tests.support.hep_exec`), signatures checked.
@@ -106,7 +106,7 @@ class HostPolicyDriver(Driver):
     def cmd(self, argv: Sequence[str], *, stats: bool = False) -> list[str]:
         maps = [a for name, d in self.maps.items() for a in ("--map", f"{name}={d}")]
         extra = ["--stats"] if stats else []
-        return [sys.executable, "-m", "worker.hostpolicy", *maps, *extra, "--", *argv]
+        return [sys.executable, "-m", "worker.trace.hostpolicy", *maps, *extra, "--", *argv]
 
 
 class HepExecDriver(Driver):

@@ -104,7 +104,7 @@ def corrupt_copy(store: Path, dest: Path, object_relpath: str) -> None:
 def ram_files_backing(kind: str | None = None) -> str:
     """What hep-exec's RAM files are made of here for ``--ram-files KIND`` (default: the
     environment's HEP_EXEC_RAM_FILES, else auto): "tmpfs" or "memfd"."""
-    from worker.ramfiles import RamFiles
+    from worker.ram.ramfiles import RamFiles
 
     files = RamFiles(kind or os.environ.get("HEP_EXEC_RAM_FILES", "auto"))
     try:
@@ -115,7 +115,7 @@ def ram_files_backing(kind: str | None = None) -> str:
 
 def ram_files_refused(kind: str) -> str | None:
     """Why this machine cannot give RAM files of ``kind`` ("tmpfs", "memfd"), or None."""
-    from worker.ramfiles import RamFiles, RamFilesError
+    from worker.ram.ramfiles import RamFiles, RamFilesError
 
     try:
         RamFiles(kind).close()

@@ -28,8 +28,8 @@ def in_child(fn: Callable[[], T]) -> T:
     """``fn()`` called in a forked child of this process; its result (pickled back), or an
     AssertionError carrying the child's traceback.
 
-    For calls of ``worker.tracer.run`` (and ``check``) from the test process: the tracer reaps
-    with ``waitpid(-1, __WALL)`` (worker/TRACER.md, known limits: its caller must have no
+    For calls of ``worker.trace.tracer.run`` (and ``check``) from the test process: the tracer reaps
+    with ``waitpid(-1, __WALL)`` (worker/trace/README.md, known limits: its caller must have no
     other children), so in a test process that also has nginx or a proxy as children it would
     not return before they exit.  A fresh child has only the tracees as children.  Its output
     goes to the same file descriptors (``capfd`` sees it)."""
@@ -75,7 +75,7 @@ def ensure_built() -> None:
             capture_output=True,
         )
     if not _unavailable:
-        from worker.tracer import check
+        from worker.trace.tracer import check
 
         _unavailable.append(in_child(check))
     if _unavailable[0]:
@@ -92,7 +92,7 @@ def env_with(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def hep_cmd(repo: Path, argv: Sequence[str], *, stats: bool = False) -> list[str]:
     """The command line running ``argv`` with ``repo`` at /cvmfs/test.repo."""
     extra = ["--stats"] if stats else []
-    return [sys.executable, "-m", "worker.hostpolicy", "--map", f"test.repo={repo}", *extra,
+    return [sys.executable, "-m", "worker.trace.hostpolicy", "--map", f"test.repo={repo}", *extra,
             "--", *argv]  # fmt: skip
 
 

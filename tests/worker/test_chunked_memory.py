@@ -45,12 +45,12 @@ from tests.support.hep_exec import CLI, Served, corrupt_copy, hep_exec_cmd
 from tests.support.repos import PROJECT
 from tests.support.tracing import ensure_built, env_with, needs_ptrace
 from tests.support.waiting import wait_until
-from worker.cache_client import CacheClient
-from worker.cache_service import SOCKET_NAME
-from worker.fetcher import FetchError, object_url
-from worker.ramcache import CachedObject, RamCache
-from worker.ramfiles import RamFiles, RamFilesError, RamFileWriter
-from worker.repository import RepositoryError, fill_chunks, fill_whole
+from worker.node.cache_client import CacheClient
+from worker.node.rendezvous import SOCKET_NAME
+from worker.ram.ramcache import CachedObject, RamCache
+from worker.ram.ramfiles import RamFiles, RamFilesError, RamFileWriter
+from worker.repo.fetcher import FetchError, object_url
+from worker.repo.repository import RepositoryError, fill_chunks, fill_whole
 
 pytestmark = [needs_ptrace, pytest.mark.slow]
 
@@ -127,7 +127,7 @@ def service(big: Big, cache_dir: Path, proxy: str) -> Iterator[int]:
     """The node cache service, started explicitly (a fresh interpreter): its pid."""
     daemon = subprocess.Popen(
         [
-            *(sys.executable, "-m", "worker.cache_service"),
+            *(sys.executable, "-m", "worker.node.cache_service"),
             *cache_options(proxy, big, cache_dir),
             *("--cache-idle", "600"),
         ],

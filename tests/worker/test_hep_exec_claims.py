@@ -1,4 +1,4 @@
-"""What the README, docs/deployment.md and worker/TRACER.md say hep-exec does, where no other
+"""What the README, docs/deployment.md and worker/trace/README.md say hep-exec does, where no other
 test checked it: an expired whitelist, extended attributes and statfs, a nested hep-exec, a
 program's own seccomp filters, and a libc call site patched while other threads call it.
 

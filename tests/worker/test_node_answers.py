@@ -1,4 +1,4 @@
-"""Answers ahead shared by a node's jobs (worker/node_answers.py).
+"""Answers ahead shared by a node's jobs (worker/trace/node_answers.py).
 
 The store and the frames as plain values; then real jobs: a random published tree (nested
 catalogs, hardlinks, symlinks, variant symlinks, a chunked file, a FIFO) walked by find, ls,
@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.hep_exec import CLI, Served
+from tests.support.node_cache import kill_service, put_from_node, upcalls
 from tests.support.oracle import SCRIPT, SECTIONS, WALKER, compare
 from tests.support.tracing import compile_c, ensure_built, env_with, native, needs_ptrace, ram_dir
 from tests.support.trees import make_random_tree, make_variant_links
-from tests.worker.test_node_cache import kill_service, put_from_node, upcalls
-from worker import _trap
-from worker.node_answers import (
+from worker.trace import _trap
+from worker.trace.node_answers import (
     LISTING,
     OPENED,
     OPENS_LOOKED,
@@ -93,16 +93,17 @@ def test_tables_newest_answers_per_directory_and_bounds() -> None:
 
 
 def _open_record(key: bytes) -> bytes:
-    """One packed open answer as worker._trap.pack writes it (cls 1, a redirect with a stat)."""
+    """One packed open answer as worker.trace._trap.pack writes it (cls 1, a redirect with a
+    stat)."""
     target = b"/objects/" + key[-1:]
     head = struct.pack("<BBHB3xIIq", 1, 2, 0, 1 | 2 | 4, len(key), len(target), 1)
     return head + bytes(120) + key + target
 
 
 def test_a_mirror_holds_an_empty_entry_per_listed_entry(tmp_path: Path) -> None:
-    """worker/_tmpfs.c mirror: what getdents of a /cvmfs directory shows, from its listing;
+    """worker/trace/_tmpfs.c mirror: what getdents of a /cvmfs directory shows, from its listing;
     bytes that are not a listing (from a confused service) make nothing up."""
-    from worker import _tmpfs
+    from worker.trace import _tmpfs
 
     entries = [(b"f.py", 0o100000), (b"sub", 0o40000), (b"ln", 0o120000), (b"p", 0o10000),
                (b"dev", 0o20000), (b"\xe9t\xe9", 0o100000)]  # fmt: skip

@@ -1,5 +1,5 @@
 """A repository's own files as the node's cache service gives them to jobs
-(worker/repository_files.py), through a real fetcher and a real server on loopback."""
+(worker/repo/repository_files.py), through a real fetcher and a real server on loopback."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.proxies import parse_server_templates
 from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
-from worker.fetcher import Fetcher
-from worker.repository import RepositoryError
-from worker.repository_files import RepositoryFiles, is_repository_file
+from worker.repo.fetcher import Fetcher
+from worker.repo.repository import RepositoryError
+from worker.repo.repository_files import RepositoryFiles, is_repository_file
 
 FQRN = "meta.example.org"
 

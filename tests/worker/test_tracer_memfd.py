@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.tracing import MOUNT, compile_c, ensure_built, in_child, needs_ptrace
-from worker.hostpolicy import HostDirPolicy
-from worker.policy import Node, Opened
-from worker.tracer import run
+from worker.trace.hostpolicy import HostDirPolicy
+from worker.trace.policy import Node, Opened
+from worker.trace.tracer import run
 
 pytestmark = [needs_ptrace, pytest.mark.usefixtures("trap_mode")]
 

@@ -41,9 +41,9 @@ from tests.support.tracing import (
     traced,
 )
 from tests.support.waiting import wait_until
-from worker.hostpolicy import HostDirPolicy
-from worker.policy import Node, Opened
-from worker.tracer import forget, run
+from worker.trace.hostpolicy import HostDirPolicy
+from worker.trace.policy import Node, Opened
+from worker.trace.tracer import forget, run
 
 pytestmark = needs_ptrace
 
@@ -176,7 +176,7 @@ def test_check_says_ptrace_is_denied_in_one_line(tmp_path: Path) -> None:
     ensure_built()
     deny = compile_c(DENY_PTRACE, tmp_path / "deny")
     r = subprocess.run(
-        [str(deny), sys.executable, "-c", "from worker.tracer import check; print(check())"],
+        [str(deny), sys.executable, "-c", "from worker.trace.tracer import check; print(check())"],
         env=env_with(),
         capture_output=True,
         text=True,
@@ -315,7 +315,7 @@ def test_coreutils_basics(repo: Path) -> None:
 
 @pytest.mark.usefixtures("trap_mode")
 def test_check_reports_a_working_tracer() -> None:
-    from worker.tracer import check
+    from worker.trace.tracer import check
 
     ensure_built()
     assert in_child(check) is None
@@ -329,7 +329,7 @@ def test_stats_count_trapped_syscalls(repo: Path) -> None:
 
 
 def test_stats_say_how_calls_were_answered(repo: Path, trap_mode: str) -> None:
-    from worker.tracer import check_mode
+    from worker.trace.tracer import check_mode
 
     r = traced(repo, ["sh", "-c", f"cat {MOUNT}/dir/file; test -e {MOUNT}/dir"], stats=True)
     assert r.returncode == 0, r.stderr
@@ -577,7 +577,7 @@ def test_names_a_listed_directory_does_not_have_are_enoent_like_natively(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """ENOENT for a name absent from a listed directory is answered without asking Python
-    (worker/_trap.c, C_LISTED): every spelling must still get what the kernel says of the
+    (worker/trace/_trap.c, C_LISTED): every spelling must still get what the kernel says of the
     same tree (ENOTDIR under a file, the directory itself for ``.``, symlinks followed)."""
     ensure_built()
     root = tmp_path / "root"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.hostpolicy import HostDirPolicy
-from worker.policy import Kind
-from worker.tracer import Found, Outside, Session, _parse_shebang
+from worker.trace.answers import Found, Outside, Session, _parse_shebang
+from worker.trace.hostpolicy import HostDirPolicy
+from worker.trace.policy import Kind
 
 M = b"/cvmfs/test.repo"
 

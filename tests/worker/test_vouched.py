@@ -1,4 +1,4 @@
-"""A node's jobs vouch for the repository signatures they verified (worker.repository).
+"""A node's jobs vouch for the repository signatures they verified (worker.repo.repository).
 
 The first job that mounts a revision verifies the whole chain (master key, whitelist,
 certificate, manifest) and tells the node's cache service; a later job that gets the same
@@ -21,11 +21,11 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.verify import recheck_ensemble, verify_ensemble
 from cvmfs_format.whitelist import load_public_key
 from tests.support.hep_exec import CLI
+from tests.support.node_cache import kill_service
 from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
 from tests.support.tracing import env_with, needs_ptrace
-from tests.worker.test_node_cache import kill_service
-from worker.repository import ensemble_digest
+from worker.repo.repository import ensemble_digest
 
 FQRN = "vouch.example.org"
 NOW = dt.datetime.now(dt.UTC)
@@ -63,7 +63,7 @@ def test_a_recheck_takes_what_the_full_check_took_and_what_time_changes_it_refus
 
 
 def test_the_digest_names_bytes_and_keys(repo: Repo, tmp_path: Path) -> None:
-    from worker.config import load_master_keys
+    from worker.repo.keys import load_master_keys
 
     raw, whitelist = _ensemble(repo)
     keys = load_master_keys([repo.master_pub])

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from cvmfs_format.hashes import ContentHash
-from worker.cache_client import CacheClient
-from worker.cache_protocol import ObjectSpec, decode, encode
-from worker.ramfiles import RamFiles, RamFilesError
+from worker.node.cache_client import CacheClient
+from worker.node.cache_protocol import ObjectSpec, decode, encode
+from worker.ram.ramfiles import RamFiles, RamFilesError
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_a_name_that_is_not_one_file_ends_the_connection(
 
 def test_service_args_rebuild_what_the_service_uses(tmp_path: Path) -> None:
     """A service started as a fresh interpreter gets the job's settings back from its argv."""
-    from worker.cache_client import service_args
     from worker.config import parse_exec_args
+    from worker.node.cache_client import service_args
 
     argv = ["--server", "http://a:1|http://b:2;http://c:3", "--proxy", "http://sq:3128;DIRECT"]
     argv += ["--ram", "3G", "--ram-files", "memfd", "--cvmfs-config", "none"]

@@ -10,11 +10,11 @@ from publish.keys import load_or_create_keys
 from worker.config import (
     ConfigError,
     ExecConfig,
-    load_master_keys,
     parse_exec_args,
     parse_size,
     total_ram_bytes,
 )
+from worker.repo.keys import load_master_keys
 
 GiB = 1024**3
 

@@ -20,7 +20,7 @@ from tests.support.repos import publish_tree
 from tests.support.store_server import BlackHole, StoreServer
 from tests.support.trees import make_random_tree
 from tests.support.waiting import wait_until
-from worker.fetcher import Fetcher, FetchError, NotFound
+from worker.repo.fetcher import Fetcher, FetchError, NotFound
 
 FQRN = "fetch.example.org"
 

@@ -1,4 +1,4 @@
-"""In-process opens (worker/_fastopen.c): after the tracer has answered an open, the call
+"""In-process opens (worker/trace/_fastopen.c): after the tracer has answered an open, the call
 site is patched and later opens of published paths happen inside the tracee, untrapped.
 
 Real hep-exec against a repository published by our publisher and served by nginx on

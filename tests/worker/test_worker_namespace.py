@@ -20,8 +20,9 @@ from cvmfs_format.proxies import parse_server_templates
 from tests.support.repos import publish_tree
 from tests.support.store_server import StoreServer
 from tests.support.trees import make_odd_tree, make_variant_links
-from worker.fetcher import Fetcher
-from worker.namespace import (
+from worker.ram.ramcache import RamCache
+from worker.repo.fetcher import Fetcher
+from worker.repo.namespace import (
     DT_DIR,
     DT_LNK,
     DT_REG,
@@ -30,8 +31,7 @@ from worker.namespace import (
     access_decision,
     open_decision,
 )
-from worker.ramcache import RamCache
-from worker.repository import Repositories
+from worker.repo.repository import Repositories
 
 FQRN = "odd.example.org"
 

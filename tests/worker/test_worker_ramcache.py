@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import pytest
 
 from tests.support.waiting import wait_until
-from worker.ramcache import CacheFull, RamCache
+from worker.ram.ramcache import CacheFull, RamCache
 
 K = 1024
 

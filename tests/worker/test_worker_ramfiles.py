@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.ramfiles import (
+from worker.ram.ramfiles import (
     SEALS,
     RamFiles,
     RamFilesError,

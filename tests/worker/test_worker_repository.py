@@ -23,9 +23,9 @@ from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
 from tests.support.trees import CHUNKED_SIZE, make_random_tree
 from tests.support.waiting import wait_until
-from worker.fetcher import Fetcher
-from worker.ramcache import CachedObject, CacheFull, RamCache
-from worker.repository import MountedRepository, Repositories, RepositoryError
+from worker.ram.ramcache import CachedObject, CacheFull, RamCache
+from worker.repo.fetcher import Fetcher
+from worker.repo.repository import MountedRepository, Repositories, RepositoryError
 
 FQRN = "repo.example.org"
 

@@ -12,7 +12,7 @@ from tests.support.network import dead_url
 from tests.support.repos import publish_tree
 from tests.support.store_server import StoreServer
 from worker.config import parse_exec_args
-from worker.namespace import Node
+from worker.repo.namespace import Node
 from worker.session import WorkerSession
 
 FQRN = "session.example.org"
@@ -133,7 +133,7 @@ def test_answer_for_an_evicted_tmpfs_object_fails_never_opens_another(
     that name fails (ENOENT) and is never given to another object, so a tracee thread that
     was answered but opened late can never read other bytes."""
     from worker.catalog_policy import CatalogPolicy
-    from worker.ramfiles import RamFiles, RamFilesError
+    from worker.ram.ramfiles import RamFiles, RamFilesError
 
     try:
         RamFiles("tmpfs").close()

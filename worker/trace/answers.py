@@ -1,15 +1,11 @@
-"""Run a command so that it sees /cvmfs, answering the C trap loop's cache misses.
+"""Answering the C trap loop's misses: walk a path through the policy, return an action.
 
-The C extension (``worker._trap``) stops the tracee only on path syscalls, lets paths outside
-the mount through by itself and remembers every cacheable answer.  On a miss it calls
-:meth:`Session.answer` with ``(tid, class, flags, path)``; this module walks the path
-through the :class:`~worker.policy.Policy` (symlinks, variant symlinks, ``..``, leaving the
-mount) and returns an action tuple.
-
-Directories need real directory fds (fstat says S_IFDIR, fchdir works, getdents64 lists the
-entries with the right d_type): every /cvmfs directory a tracee touches is mirrored, empty
-files and all, in a private RAM-backed *shadow* tree; opens, chdir and stat of directories
-are redirected there, and the C side maps shadow paths (fd links, cwd) back to /cvmfs.
+On a miss the C side (``worker.trace._trap``) calls :meth:`Session.answer` with ``(tid, class,
+flags, path)``; this module walks the path through the :class:`~worker.trace.policy.Policy`
+(symlinks, variant symlinks, ``..``, leaving the mount) and returns an action tuple, which the
+C side applies and, if cacheable, remembers.  Directories are mirrored, empty files and all, in
+the run's shadow tree (:mod:`worker.trace.tracer` makes it), so that tracees get real directory
+fds.  The class and action numbers here must match worker/trace/_trap.c.
 """
 
 from __future__ import annotations
@@ -18,18 +14,13 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
-import shutil
-import stat
-import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from pathlib import Path
 
-from worker import _tmpfs
-from worker.node_answers import (
+from worker.trace import _tmpfs
+from worker.trace.node_answers import (
     LISTING,
     OPENED,
     OPENS_LOOKED,
@@ -37,7 +28,7 @@ from worker.node_answers import (
     NodeAnswers,
     encode_listing,
 )
-from worker.policy import ASKED, Entry, Kind, Node, Opened, Policy
+from worker.trace.policy import ASKED, Kind, Node, Policy
 
 log = logging.getLogger("hep-exec")
 
@@ -45,7 +36,7 @@ MAX_SYMLINKS = 40
 
 
 class Cls(IntEnum):
-    """Syscall classes (worker/_trap.c)."""
+    """Syscall classes (worker/trace/_trap.c)."""
 
     OPEN = 1
     STAT = 2
@@ -56,13 +47,13 @@ class Cls(IntEnum):
     STATFS = 7
     XATTR_GET = 8
     XATTR_LIST = 9
-    LISTED = 30  # markers for worker._trap.put: a directory whose entries are all known,
+    LISTED = 30  # markers for worker.trace._trap.put: a directory whose entries are all known,
     NAMED = 31  # and each of its entries (anything else there is ENOENT, answered in C)
     NOXATTR = 32  # a listed directory: entries without an XATTRS answer have no xattrs
 
 
 class Act(IntEnum):
-    """Answer kinds (worker/_trap.c)."""
+    """Answer kinds (worker/trace/_trap.c)."""
 
     PASS = 0
     RETURN = 1
@@ -84,9 +75,6 @@ SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore t
 Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
 
 
-TRAP_MODES = {"ptrace": 0, "notify": 1, "auto": 2}
-
-
 class _Said(logging.Handler):
     """Counts the warnings and errors hep-exec's loggers print, so that the tracer adds its
     own line for a failed call only when nothing said why."""
@@ -106,72 +94,6 @@ _EVERYDAY_ERRNOS = frozenset(
     | {errno.ENODATA, errno.EISDIR, errno.ENAMETOOLONG, errno.EPERM}
 )
 logging.getLogger("hep_exec").addHandler(_SAID)
-
-
-class TracerUnavailable(RuntimeError):
-    """ptrace or seccomp cannot be used here (container policy, Yama, old kernel)."""
-
-
-@dataclass(frozen=True)
-class Stats:
-    """What the trap loop did: trapped syscalls per name, and how each was answered."""
-
-    trapped: dict[str, int]
-    passed: int  # outside the mount, let through in C
-    hits: int  # answered from the C table
-    upcalls: int  # answered by Python
-    cached: int  # answers in the C table at exit
-    absent: int = 0  # answered in C from answers at hand (ENOENT, ENOTDIR, access, readlink)
-    ahead: int = 0  # opens offered before they were asked (objects the node cache held)
-    mode: str = "ptrace"  # how hot calls stopped: "seccomp-notify" or "ptrace"
-    notified: int = 0  # of the trapped calls, those answered through the notification fd
-    inproc_opens: int = 0  # opens done inside tracees from published answers (no trap)
-    inproc_misses: int = 0  # opens from patched call sites handed on to the tracer
-    inproc_stats: int = 0  # stat, lstat, fstat answered inside tracees
-    inproc_stat_misses: int = 0  # the same handed on to the tracer
-    inproc_sites: int = 0  # call sites patched to call the in-process handler
-    inproc_images: int = 0  # exec'd images the handler was mapped into
-    inproc_host: int = 0  # calls on host paths made inside tracees (no trap)
-    node_dirs: int = 0  # directory opens answered in C from the node's listings
-
-    def summary(self) -> str:
-        """``--stats``: what a user can read (and compare between runs)."""
-        total = sum(self.trapped.values())
-        inside = self.inproc_opens + self.inproc_stats
-        return (
-            f"system calls: {total - self.passed} on /cvmfs answered by stopping the program "
-            f"({self.mode}), {inside} answered inside it without a stop, {self.passed} stopped "
-            "that were not for /cvmfs"
-        )
-
-    def format(self) -> str:
-        """``--stats-internals``: the trap loop's own counters (for developers)."""
-        total = sum(self.trapped.values())
-        lines = [
-            f"trapped syscalls: {total} (passed through {self.passed}, C-cache hits "
-            f"{self.hits}, derived in C {self.absent}, Python upcalls {self.upcalls}, "
-            f"cached answers {self.cached}, opens answered ahead {self.ahead}, directories "
-            f"opened from the node's listings {self.node_dirs})",
-            f"trap mode: {self.mode} ({self.notified} answered by notification, "
-            f"{total - self.notified} by ptrace stop)",
-        ]
-        lines += [f"  {n:<14} {c}" for n, c in sorted(self.trapped.items(), key=lambda x: -x[1])]
-        if self.inproc_images:
-            lines.append(
-                f"in-process opens: {self.inproc_opens} (not trapped; {self.inproc_misses} "
-                f"handed to the tracer), stats: {self.inproc_stats} ({self.inproc_stat_misses} "
-                f"handed to the tracer), host paths: {self.inproc_host}; {self.inproc_sites} "
-                f"call sites patched in {self.inproc_images} program images"
-            )
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class Result:
-    """Exit status of the command (128+N if killed by signal N) and the loop's statistics."""
-
-    status: int
-    stats: Stats
 
 
 @dataclass(frozen=True)
@@ -204,7 +126,7 @@ Put = tuple[int, list[bytes], list[tuple[bytes, bytes]]]
 
 @dataclass(frozen=True)
 class NodeOps:
-    """The C side's handling of answers shared with the node's jobs (worker/_trap.c)."""
+    """The C side's handling of answers shared with the node's jobs (worker/trace/_trap.c)."""
 
     pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes]
     # a revision's table: (table, within, eager bytes, prefix, uid, gid, dev, dirfd) -> the
@@ -227,10 +149,10 @@ class Session:
     mount: bytes
     shadow: bytes  # where tracees find the shadow tree (redirect targets)
     shadow_write: bytes = b""  # where we write it (a read-write view; default: ``shadow``)
-    # hands the C side answers before they are asked for (worker._trap.put during a run)
+    # hands the C side answers before they are asked for (worker.trace._trap.put during a run)
     put: Callable[[list[tuple[int, int, bytes, Action]]], int] | None = None
-    # answers ahead shared with the node's other jobs (worker/node_answers.py), and the C
-    # side's packing of them (worker._trap.pack / put_table)
+    # answers ahead shared with the node's other jobs (worker/trace/node_answers.py), and the C
+    # side's packing of them (worker.trace._trap.pack / put_table)
     node_answers: NodeAnswers | None = None
     node_ops: NodeOps | None = None
     uid: int = field(default_factory=os.getuid)
@@ -398,7 +320,7 @@ class Session:
         target = self._writable(self.shadow_of(path))
         try:
             try:
-                _tmpfs.mirror(target, listing)  # one call, without the GIL (worker/_tmpfs.c)
+                _tmpfs.mirror(target, listing)  # one call, without the GIL (worker/trace/_tmpfs.c)
             except OSError as e:
                 if e.errno != errno.EINVAL or not from_node:
                     raise
@@ -416,7 +338,7 @@ class Session:
         return 0
 
     def _listing(self, pid: int, path: bytes, node: bool = True) -> tuple[bytes, bool] | int:
-        """A directory's listing (worker.node_answers.encode_listing) and whether it came
+        """A directory's listing (worker.trace.node_answers.encode_listing) and whether it came
         from the node: as the node's earlier jobs saw it, else from the catalog (and then
         kept for the node's next jobs)."""
         shared = self.node_answers
@@ -526,7 +448,7 @@ class Session:
                     answers += [(Cls.XATTR_GET, flags, key, xa), (Cls.XATTR_LIST, flags, key, xa)]
             if node.kind == Kind.LNK:
                 answers += self._symlink_ahead(pid, key, node)
-        if stats:  # after the entries' answers (worker/_trap.c, put_one)
+        if stats:  # after the entries' answers (worker/trace/_trap.c, put_one)
             answers.append((Cls.NOXATTR, 0, directory, known))
         opens: dict[bytes, Action] = {}
         if files and opens_too:
@@ -586,7 +508,7 @@ class Session:
 
     def put_node_answers(self) -> None:
         """Put what the node's earlier jobs learnt about a repository revision just mounted
-        (worker/node_answers.py): from now on its paths are answered without Python.  Called
+        (worker/trace/node_answers.py): from now on its paths are answered without Python.  Called
         by the thread answering a call (the C side's rule for putting answers): at once when
         that call mounted the repository, else at the next call."""
         shared = self.node_answers
@@ -856,16 +778,6 @@ class Session:
         return (False, Act.EXEC, 0, file, None, None)
 
 
-def forget(path: bytes) -> int:
-    """Withdraw a ``stable`` :class:`~worker.policy.Opened` answer for /cvmfs ``path`` (e.g.
-    its RAM file was evicted), so the next open asks the policy again.  Call it only from
-    policy methods, which run on a tracer thread holding the answer table's lock; returns the
-    number of answers dropped."""
-    from worker import _trap
-
-    return _trap.forget(path)
-
-
 def _exe_link(file: bytes) -> bytes:
     """What /proc/<pid>/exe will say after exec of ``file`` (a /proc/<pid>/fd/<n> path is
     replaced by its target, e.g. ``/memfd:name (deleted)``; a RAM file by name on our tmpfs,
@@ -895,238 +807,3 @@ def _parse_shebang(head: bytes) -> tuple[bytes, bytes] | None:
         return None
     interp, _, arg = line.replace(b"\t", b" ").partition(b" ")
     return interp, arg.strip(b" ")
-
-
-def _env_switch(name: str, default: bool) -> bool:
-    """An on/off environment variable (the tracer reads its own: config imports this module)."""
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    return value not in ("0", "no", "false", "off")
-
-
-# huge pages for files that fill them: the in-process table lives there too (worker/_fastopen.c)
-SHADOW_TMPFS_OPTIONS = b"huge=within_size,size=0,nr_inodes=0,mode=0755"
-SHADOW_TMPFS_PLAIN = b"size=0,nr_inodes=0,mode=0755"  # a kernel without huge pages for tmpfs
-
-
-@dataclass(frozen=True)
-class _ShadowTree:
-    """The shadow tree of one run, under the three names it goes by.
-
-    Where unprivileged user namespaces allow it, it lives on a private tmpfs that exists only
-    through two fds of ours (worker/_tmpfs.c): we write through the read-write one, tracees
-    are sent through the read-only one (/proc/<our pid>/fd/<n>/...: a create, chmod or
-    utimes through a path or fd into it is EROFS from the kernel itself), and nothing of it
-    outlives us, however we end (SIGKILL too).  The kernel spells such paths from the mount's
-    own root ("/hep-exec-<pid>-<random>/cvmfs/...") in /proc/<pid>/cwd and fd links: a name
-    no host path has, which the C side maps back to the mount.  Elsewhere: a directory in
-    /dev/shm, removed at the end (left behind if we are killed).
-    """
-
-    access: bytes  # what tracees are sent to
-    write: bytes  # where we create its entries
-    rendered: bytes  # how /proc/<pid>/{cwd,fd/N} links name it
-    close: Callable[[], None]
-
-    @classmethod
-    def make(cls, mount: bytes) -> _ShadowTree:
-        leaf = mount.strip(b"/").replace(b"/", b"_")
-        try:
-            try:
-                rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_OPTIONS)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_PLAIN)
-        except OSError as e:
-            log.debug("shadow tree in %s: no private tmpfs (%s)", _shadow_parent(), e)
-            private = tempfile.mkdtemp(prefix="hep-exec-", dir=_shadow_parent())
-            plain = os.fsencode(private) + b"/" + leaf
-            os.mkdir(plain, 0o755)
-            return cls(plain, plain, plain, lambda: _remove_tree(Path(private)))
-        top = b"/hep-exec-%d-%s/%s" % (os.getpid(), secrets.token_hex(6).encode(), leaf)
-        write = b"/proc/self/fd/%d%s" % (rw, top)
-        try:
-            os.makedirs(write, 0o755)
-        except OSError:
-            os.close(rw)
-            os.close(ro)
-            raise
-
-        def close() -> None:
-            os.close(rw)
-            os.close(ro)
-
-        return cls(b"/proc/%d/fd/%d%s" % (os.getpid(), ro, top), write, top, close)
-
-
-def _shadow_parent() -> str:
-    for cand in ("/dev/shm", os.environ.get("XDG_RUNTIME_DIR", "")):
-        if cand and os.path.isdir(cand) and os.access(cand, os.W_OK | os.X_OK):
-            return cand
-    return tempfile.gettempdir()
-
-
-def run(
-    argv: Sequence[str | bytes],
-    policy: Policy,
-    env: Mapping[str, str] | None = None,
-    *,
-    mount: bytes = b"/cvmfs",
-    spin_us: int = 100,
-    trap: str | None = None,
-    in_process: bool | None = None,
-    io_uring: bool | None = None,
-    node_answers: NodeAnswers | None = None,
-) -> Result:
-    """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
-
-    ``trap``: how hot path calls (open, stat, access, readlink) reach us. ``"notify"``: a
-    seccomp user-notification fd answered by a second C thread; no ptrace stop, and with
-    Linux 6.6's synchronous wake-up the answering thread runs on the caller's CPU (3x the
-    rate of a ptrace stop on the 2-vCPU test VM).  ``"ptrace"``: every trapped call is a
-    ptrace stop.  ``"auto"`` (default, or ``$HEP_EXEC_TRAP``): notify where the kernel has
-    the synchronous wake-up and no other listener sits above us, else ptrace.  exec, chdir,
-    O_PATH opens, openat2 and the ``*xattrat`` calls always take a ptrace stop.
-
-    ``spin_us``: poll this long before sleeping in waitpid while tracees trap in quick
-    succession (0 disables it). Waking a tracer that sleeps on an idle CPU costs far more than
-    the round trip itself: on the 2-vCPU test VM, stat ran at 9.6k/s without polling and
-    27k/s with 100 us when the other CPU was idle, and 38k/s vs 35k/s when it was busy.
-
-    ``in_process`` (notify mode; default on, ``$HEP_EXEC_IN_PROCESS=0`` turns it off): once
-    an open, stat, access or readlink of a /cvmfs path has been answered, tracees answer it
-    themselves through a handler mapped into every program image and the patched libc call
-    site, with no trap at all (worker/_fastopen.c, worker/TRACER.md).
-
-    ``io_uring`` (default off, ``$HEP_EXEC_IO_URING=1`` turns it on): let the command set up
-    io_uring rings.  Off, io_uring_setup fails with ENOSYS, which programs and libraries take
-    for "no io_uring" and fall back: a ring's opens and stats are made by kernel workers that
-    no filter sees, so they would reach the mirror behind /cvmfs instead of the repository.
-
-    Raises :class:`TracerUnavailable` (one line) if ptrace or seccomp is refused.
-    """
-    from worker import _trap
-
-    trap = trap or os.environ.get("HEP_EXEC_TRAP") or "auto"
-    if in_process is None:
-        in_process = _env_switch("HEP_EXEC_IN_PROCESS", True)
-    if io_uring is None:
-        io_uring = _env_switch("HEP_EXEC_IO_URING", False)
-    if trap not in TRAP_MODES:
-        raise ValueError(f"trap mode {trap!r}: expected one of {', '.join(TRAP_MODES)}")
-    envl = [os.fsencode(f"{k}={v}") for k, v in (os.environ if env is None else env).items()]
-    args = [os.fsencode(a) for a in argv]
-    mirror = _ShadowTree.make(mount)
-    try:
-        session = Session(policy, mount.rstrip(b"/"), mirror.access, mirror.write, _trap.put)
-        if node_answers is not None:
-            session.node_answers = node_answers
-            session.node_ops = NodeOps(
-                _trap.pack,
-                _trap.put_table,
-                _trap.put_staged,
-                _trap.take_notes,
-                _trap.node_listing,
-                _trap.opens_looked,
-                _trap.mirrored,
-                _trap.take_mirrored,
-            )
-            node_answers.arrived = session.put_node_answers
-            eager = node_answers.eager_bytes
-            node_answers.mounting = lambda: _trap.prefault(eager)
-        try:
-            status, exec_errno, raw = _trap.run(
-                args,
-                envl,
-                session.mount,
-                mirror.access,
-                session.answer,
-                spin_us,
-                TRAP_MODES[trap],
-                in_process,
-                io_uring,
-                mirror.rendered,
-                mirror.write,
-            )
-        except PermissionError as e:
-            raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
-        if exec_errno:
-            log.error("%s: %s", os.fsdecode(args[0]), os.strerror(exec_errno))
-    finally:
-        mirror.close()
-    if node_answers is not None:
-        node_answers.put = raw["node_puts"]
-    stats = Stats(
-        trapped=dict(raw["trapped"]),  # names from the C list of trapped calls
-        passed=raw["passed"],
-        hits=raw["hits"],
-        upcalls=raw["upcalls"],
-        cached=raw["cached"],
-        absent=raw["absent"],
-        ahead=raw["opens_put"],
-        mode=raw["mode"],
-        notified=raw["notified"],
-        inproc_opens=raw["inproc_opens"],
-        inproc_misses=raw["inproc_misses"],
-        inproc_stats=raw["inproc_stats"],
-        inproc_stat_misses=raw["inproc_stat_misses"],
-        inproc_sites=raw["inproc_sites"],
-        inproc_images=raw["inproc_images"],
-        inproc_host=raw["inproc_host"],
-        node_dirs=raw["node_dirs"],
-    )
-    return Result(status, stats)
-
-
-class _NoRepositories:
-    """An empty /cvmfs, for :func:`check`."""
-
-    def lookup(self, pid: int, path: bytes) -> Node | int:
-        return Node(Kind.DIR, 0o755, 4096, 1, nlink=2) if path == b"/cvmfs" else errno.ENOENT
-
-    def listdir(self, path: bytes) -> list[Entry] | int:
-        return [] if path == b"/cvmfs" else errno.ENOENT
-
-    def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
-        return errno.ENOENT
-
-    def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
-        return {}
-
-
-def check() -> str | None:
-    """Can this host trace? None if yes, else the one-line reason (for ``hep-exec --check``)."""
-    return check_mode()[0]
-
-
-def check_mode(trap: str | None = None, in_process: bool | None = None) -> tuple[str | None, str]:
-    """:func:`check`, and the trap mode the test command ran in ("seccomp-notify", "ptrace"),
-    with ", in-process opens and stats" when the handler was mapped into it."""
-    try:
-        result = run(
-            ["/bin/sh", "-c", "test -d /cvmfs && ! test -e /cvmfs/x"],
-            _NoRepositories(),
-            trap=trap,
-            in_process=in_process,
-        )
-    except TracerUnavailable as e:
-        return str(e), ""
-    except (ImportError, OSError) as e:
-        return f"tracer unusable: {e}", ""
-    if result.status != 0:
-        return f"traced test command failed ({result.status})", result.stats.mode
-    extra = ", in-process opens and stats" if result.stats.inproc_images else ""
-    return None, result.stats.mode + extra
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove the shadow tree even where its directories were made read-only."""
-
-    for root, dirs, _files in os.walk(path):
-        for d in dirs:
-            p = os.path.join(root, d)
-            if not os.path.islink(p):
-                os.chmod(p, stat.S_IRWXU)
-    shutil.rmtree(path, ignore_errors=True)

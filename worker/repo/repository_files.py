@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.objects import Suffix, parse_object_path
-from worker.fetcher import FetchError, NotFound, object_url
-from worker.repository import REPOSITORY_NAME, RepositoryError, manifest_check
+from worker.repo.fetcher import FetchError, NotFound, object_url
+from worker.repo.repository import REPOSITORY_NAME, RepositoryError, manifest_check
 
 if TYPE_CHECKING:
-    from worker.repository import ObjectSource
+    from worker.repo.repository import ObjectSource
 
 UNHASHED = (".cvmfspublished", ".cvmfswhitelist")
 KEPT_BYTES = 256 << 20  # catalogs and certificates kept (compressed, as stored)

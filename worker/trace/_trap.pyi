@@ -1,4 +1,4 @@
-"""Type stub of the C trap loop (worker/_trap.c)."""
+"""Type stub of the C trap loop (worker/trace/_trap.c)."""
 
 from collections.abc import Callable, Sequence
 from mmap import mmap

@@ -31,9 +31,9 @@ from cvmfs_format.manifest import Manifest, parse_manifest
 from cvmfs_format.objects import Suffix, inflate_pieces, parse_object_path, verify_object
 from cvmfs_format.verify import loading, recheck_ensemble, verify_ensemble
 from worker.config import ConfigError
-from worker.fetcher import FetchError, NotFound, object_url
-from worker.ramcache import CachedObject, RamCache
-from worker.ramfiles import RamFileWriter
+from worker.ram.ramcache import CachedObject, RamCache
+from worker.ram.ramfiles import RamFileWriter
+from worker.repo.fetcher import FetchError, NotFound, object_url
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -73,7 +73,7 @@ class ObjectSource(Protocol):
 class Voucher(Protocol):
     """Where a node's jobs vouch for the repository ensembles they verified (the node's
     cache service, which is the user's own): a job that mounts bytes another job verified
-    with the same keys checks only what time can change (worker.cache_service)."""
+    with the same keys checks only what time can change (worker.node.cache_service)."""
 
     def vouched(self, digest: str) -> bool: ...
 
@@ -219,7 +219,7 @@ class MountedRepository:
         if digest is not None and self.voucher is not None and self.voucher.vouched(digest):
             self.vouched = True
             return recheck_ensemble(raw, whitelist, self.fqrn, now)
-        keys = list(master_keys)  # parsed here, on first use (worker.config.MasterKeys)
+        keys = list(master_keys)  # parsed here, on first use (worker.repo.keys.MasterKeys)
         manifest = verify_ensemble(raw, whitelist, self._read, self.fqrn, keys, now)
         if digest is not None and self.voucher is not None:
             self.voucher.vouch(digest)
@@ -470,7 +470,7 @@ class Repositories:
         self._failed: dict[str, tuple[RepositoryError, float]] = {}
         self._lock = threading.Lock()
         self._mounting: dict[str, threading.Lock] = {}
-        # told of each mount (worker.node_answers: the node's answers for that revision),
+        # told of each mount (worker.trace.node_answers: the node's answers for that revision),
         # and as it begins
         self.on_mount: Callable[[MountedRepository], None] | None = None
         self.on_mounting: Callable[[], None] | None = None
@@ -528,7 +528,7 @@ class Repositories:
                     fqrn, self.fetcher, self._keys(fqrn), self.cache, voucher=self.voucher
                 )
             except RepositoryError as e:
-                # said by whoever came to it (worker.namespace: with the path it asked for)
+                # said by whoever came to it (worker.repo.namespace: with the path it asked for)
                 log.debug("/cvmfs/%s: cannot mount: %s", fqrn, e)
                 # a name the proxy does not serve stays unknown; I/O trouble may pass
                 retry_at = math.inf if e.errno == errno.ENOENT else time.monotonic() + 30

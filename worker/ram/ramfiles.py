@@ -5,7 +5,7 @@ the job's.  memfds live on the kernel's internal shmem mount and follow the node
 ``transparent_hugepage/shmem_enabled`` (``never`` on most nodes): 4 KiB pages, and a 1 MiB
 read runs at ~0.6 of one from ext4's page cache, which uses large folios.  A tmpfs mounted
 with ``huge=within_size`` gets folios sized to each file whatever that setting says, and an
-unprivileged user can mount one in a user + mount namespace of its own (worker/_tmpfs.c):
+unprivileged user can mount one in a user + mount namespace of its own (worker/trace/_tmpfs.c):
 reads then match or beat the page cache.  Objects there are created under the read-write
 mount and handed out through a read-only bind of it, so nothing a tracee does can change
 them (EROFS), as with sealed memfds.  ``auto`` uses the tmpfs where shmem_enabled would give
@@ -225,7 +225,7 @@ class RamFiles:
             return self._backing
 
     def _mount(self) -> str:
-        from worker import _tmpfs
+        from worker.trace import _tmpfs
 
         try:
             self._dirs = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), TMPFS_OPTIONS)

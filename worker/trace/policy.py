@@ -1,9 +1,9 @@
 """The contract between the tracer and whatever knows the /cvmfs namespace.
 
-The tracer (worker/tracer.py + worker/_trap.c) walks paths, follows symlinks, handles ``..``,
-directories, ``#!`` scripts and EROFS itself; a policy only answers three small questions
-about single entries.  The catalog-backed data side implements this protocol; tests use a
-host-directory policy (worker/hostpolicy.py).
+The tracer (worker/trace/tracer.py + worker/trace/_trap.c) walks paths, follows symlinks,
+handles ``..``, directories, ``#!`` scripts and EROFS itself; a policy only answers three small
+questions about single entries.  The catalog-backed data side implements this protocol; tests
+use a host-directory policy (worker/trace/hostpolicy.py).
 
 Paths given to a policy are absolute, normalised, with no symlink in any parent component:
 ``b"/cvmfs"`` (the mount itself, which lists the repositories) or ``b"/cvmfs/<fqrn>/a/b"``.

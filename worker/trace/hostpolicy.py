@@ -1,7 +1,7 @@
 """A policy backed by plain host directories: ``/cvmfs/<name>`` shows directory ``<dir>``.
 
 It exists to prove and benchmark the tracer without the network data side, and as a debug
-tool: ``python3 -m worker.hostpolicy --map test.repo=/some/dir -- CMD ARGS``.
+tool: ``python3 -m worker.trace.hostpolicy --map test.repo=/some/dir -- CMD ARGS``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_format.symlinks import expand_symlink
-from worker.policy import Entry, Kind, Node, Opened
-from worker.tracee_env import read_environ
+from worker.trace.policy import Entry, Kind, Node, Opened
+from worker.trace.tracee_env import read_environ
 
 
 class HostDirPolicy:
@@ -104,7 +104,7 @@ class Options:
 
 
 def _parse(argv: Sequence[str]) -> Options:
-    p = argparse.ArgumentParser(prog="python3 -m worker.hostpolicy", description=__doc__)
+    p = argparse.ArgumentParser(prog="python3 -m worker.trace.hostpolicy", description=__doc__)
     p.add_argument("--map", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--stats", action="store_true", help="print trapped syscalls at exit")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -123,7 +123,7 @@ def _parse(argv: Sequence[str]) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command with host directories mounted under /cvmfs."""
-    from worker.tracer import TracerUnavailable, run
+    from worker.trace.tracer import TracerUnavailable, run
 
     opts = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")

@@ -29,7 +29,8 @@ from typing import Any
 from cvmfs_format.catalog import DirEntry
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
-from worker.cache_protocol import (
+from worker.config import ExecConfig
+from worker.node.cache_protocol import (
     PREFETCH_BATCH,
     VERSION,
     ObjectSpec,
@@ -39,21 +40,20 @@ from worker.cache_protocol import (
     fetch_settings,
     recv_message,
 )
-from worker.cache_service import (
+from worker.node.cache_service import fork_service
+from worker.node.rendezvous import (
     SOCKET_NAME,
     CacheDirError,
     default_runtime_dir,
     ensure_private_dir,
-    fork_service,
     peer_credentials,
 )
-from worker.config import ExecConfig
-from worker.fetcher import Fetcher, check_stored
-from worker.node_answers import MAX_TABLE_BYTES
-from worker.ramcache import CachedObject
-from worker.ramfiles import fill_sealed_memfd, named_path
-from worker.repository import MountedRepository, NotOnServers, RepositoryError
-from worker.repository_files import is_repository_file
+from worker.ram.ramcache import CachedObject
+from worker.ram.ramfiles import fill_sealed_memfd, named_path
+from worker.repo.fetcher import Fetcher, check_stored
+from worker.repo.repository import MountedRepository, NotOnServers, RepositoryError
+from worker.repo.repository_files import is_repository_file
+from worker.trace.node_answers import MAX_TABLE_BYTES
 
 log = logging.getLogger("hep_exec.cache_client")
 _META_TIMEOUT = 60.0  # a catalog may be large and its fetch slow; the service bounds it too
@@ -225,9 +225,9 @@ def start_service(config: ExecConfig, directory: Path) -> None:
     if not getattr(sys, "frozen", False):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_ROOT, env.get("PYTHONPATH")]))
     # the same command from a venv and from the worker bundle (scripts/bundle), whose one
-    # program is sys.executable there and runs this module for ``-m worker.cache_service``
+    # program is sys.executable there and runs this module for ``-m worker.node.cache_service``
     # (scripts/bundle_entry.py): keep the two in step
-    cmd = [sys.executable, "-m", "worker.cache_service", "--background"]
+    cmd = [sys.executable, "-m", "worker.node.cache_service", "--background"]
     try:
         done = subprocess.run(
             [*cmd, *service_args(config, directory)],
@@ -276,7 +276,7 @@ class CacheClient:
     ) -> None:
         self.sock = sock
         # the service's read-only tmpfs directory: its objects opened by name (see
-        # worker.ramfiles.named_path); kept while any object handed out through it is pinned
+        # worker.ram.ramfiles.named_path); kept while any object handed out through it is pinned
         self.names_dir = names_dir
         self.server_pid = server_pid
         self.directory = directory
@@ -474,7 +474,7 @@ class CacheClient:
         return True
 
     def meta(self, fqrn: str, path: str) -> bytes | None:
-        """A repository file through the service (worker.repository_files); None when the
+        """A repository file through the service (worker.repo.repository_files); None when the
         service is gone or cannot give it (the caller fetches it itself)."""
         if self.gone:
             return None
@@ -500,7 +500,7 @@ class CacheClient:
 
     def vouched(self, digest: str) -> bool:
         """Did a job of the node verify the repository ensemble known by ``digest``
-        (worker.repository.ensemble_digest)?  False when the service cannot say."""
+        (worker.repo.repository.ensemble_digest)?  False when the service cannot say."""
         msg = {"op": "vouched", "digest": digest}
         return self._ask(f"vouched\0{digest}", msg, _META_TIMEOUT) == b"1"
 
@@ -515,7 +515,7 @@ class CacheClient:
 
     def answers(self, fqrn: str, root: str) -> bytes | mmap.mmap | None:
         """The answers ahead the node's earlier jobs learnt for this revision of a
-        repository (worker.node_answers); None when there are none or the service is gone."""
+        repository (worker.trace.node_answers); None when there are none or the service is gone."""
         msg = {"op": "answers", "fqrn": fqrn, "root": root}
         return self._ask(f"answers\0{fqrn}\0{root}", msg, _ANSWERS_TIMEOUT) or None
 

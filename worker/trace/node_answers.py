@@ -4,7 +4,7 @@ A job answers the entries of each directory it touches before they are asked (th
 answers ahead: stat, lstat, statx, getxattr, the names a directory does not have, the opens of
 objects the node cache holds).  Those answers depend only on the repository's revision and
 the path, except for a few values of the job's own (its uid, gid, st_dev, and the directory
-through which it opens the service's objects), which ``worker._trap.pack`` writes as
+through which it opens the service's objects), which ``worker.trace._trap.pack`` writes as
 references.  At its end a job hands its packed answers to the node's cache service, which
 keeps them per repository revision (the root catalog's hash: a new revision is a new table,
 so a job never mixes two); a job that mounts that revision gets them back in one reply and
@@ -58,7 +58,7 @@ class FrameError(ValueError):
 
 def frames(data: Buffer) -> Iterator[tuple[bytes, bytes]]:
     """The (part, data) frames of ``data``; FrameError at the first that does not parse.
-    (A job's C side reads a table the same way where it lies: worker/_trap.c, nt_read.)"""
+    (A job's C side reads a table the same way where it lies: worker/trace/_trap.c, nt_read.)"""
     view = memoryview(data)
     off = 0
     while off < len(view):
@@ -72,13 +72,13 @@ def frames(data: Buffer) -> Iterator[tuple[bytes, bytes]]:
         off += pn + dn
 
 
-_PACKED_HEAD = struct.Struct("<BBHB3xIIq")  # worker/_trap.c pack(): cls, kind, flags, bits,
+_PACKED_HEAD = struct.Struct("<BBHB3xIIq")  # worker/trace/_trap.c pack(): cls, kind, flags, bits,
 # key length, bval length, ival; then a stat (15 x i64) if bits & 1, the key, the bval
 _PACKED_STAT = 15 * 8
 
 
 def packed_records(data: bytes) -> Iterator[bytes]:
-    """The records of ``worker._trap.pack``'s bytes, each whole (up to the first that does
+    """The records of ``worker.trace._trap.pack``'s bytes, each whole (up to the first that does
     not parse): a job's opens of a directory are added to the table's one record at a time."""
     off = 0
     while len(data) - off >= _PACKED_HEAD.size:
@@ -197,7 +197,7 @@ class AnswerTables:
 class Revision:
     """A mounted revision's answers from the node: ``within`` (the repository's mount path)
     and its table, as the service gave it (a job maps the service's memfd).  The C side reads
-    it where it lies (worker/_trap.c, put_table): the first directories put at once, up to
+    it where it lies (worker/trace/_trap.c, put_table): the first directories put at once, up to
     ``eager_bytes``, the others each when the job first comes to it."""
 
     within: bytes
@@ -210,7 +210,7 @@ class NodeAnswers:
     puts the first at once (up to ``eager_bytes``) and stages the others, a directory's put
     when the job first comes to it; ``keep`` collects this job's answers ahead; ``send``
     hands them to the service at the end.  ``fetch(fqrn, root)`` and ``store(fqrn, root,
-    data)`` are the service round trips (worker.cache_client)."""
+    data)`` are the service round trips (worker.node.cache_client)."""
 
     def __init__(
         self,

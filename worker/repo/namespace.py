@@ -24,7 +24,7 @@ from lru import LRU
 
 from cvmfs_format.catalog import DirEntry
 from cvmfs_format.symlinks import expand_symlink
-from worker.policy import ASKED
+from worker.trace.policy import ASKED
 
 log = logging.getLogger("hep_exec.namespace")
 

@@ -1,6 +1,6 @@
 """RAM cache of read-only RAM files: LRU by bytes, reference counts, single-flight loads.
 
-Objects are decompressed into files no one can change (worker.ramfiles: a private huge-page
+Objects are decompressed into files no one can change (worker.ram.ramfiles: a private huge-page
 tmpfs or sealed memfds), so the tracer can hand a tracee the file's ``path`` and every read,
 mmap and fstat is native. Objects
 a tracee holds open are pinned (reference count > 0) and never evicted; only unpinned objects
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from lru import LRU
 
-from worker.ramfiles import Fill, RamFile, RamFiles, default_ram_files, fd_path
+from worker.ram.ramfiles import Fill, RamFile, RamFiles, default_ram_files, fd_path
 
 log = logging.getLogger("hep_exec.cache")
 

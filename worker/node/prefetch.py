@@ -18,11 +18,11 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from worker.access_list import AccessEntry
-from worker.cache_client import CacheClient, object_spec
-from worker.cache_protocol import PREFETCH_BATCH, ObjectSpec
-from worker.ramcache import CacheFull
-from worker.repository import Repositories, RepositoryError
+from cvmfs_format.access_list import AccessEntry
+from worker.node.cache_client import CacheClient, object_spec
+from worker.node.cache_protocol import PREFETCH_BATCH, ObjectSpec
+from worker.ram.ramcache import CacheFull
+from worker.repo.repository import Repositories, RepositoryError
 
 log = logging.getLogger("hep_exec.prefetch")
 

@@ -18,10 +18,10 @@ answers, so a client can keep several requests in flight and read them on one th
   like an ``open`` (so the job's later open needs no round trip)
 - ``answers`` {fqrn, root} -> {op, ok, fqrn, root, size} (+ one fd, a sealed memfd of
   ``size`` bytes, when size > 0): the answers ahead earlier jobs learnt for this revision
-  (worker.node_answers)
+  (worker.trace.node_answers)
 - ``answers_add`` {fqrn, root, size} + one fd -> no reply: a job's own answers ahead, framed
 - ``vouch`` {digest} -> no reply: the job verified the signatures of a repository's manifest
-  and whitelist with its master keys (worker.repository.ensemble_digest names all three)
+  and whitelist with its master keys (worker.repo.repository.ensemble_digest names all three)
 - ``vouched`` {digest} -> {op, ok, digest, known}: did a job of the node vouch for it?  (The
   service is the user's own: a job that trusts it with objects may trust it with this.)
 - ``stats`` -> {op, ok, ...counters}
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from cvmfs_format.catalog import Chunk, DirEntry
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
-from worker.repository import chunked_key
+from worker.repo.repository import chunked_key
 
 if TYPE_CHECKING:
     from worker.config import ExecConfig

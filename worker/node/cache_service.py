@@ -4,7 +4,7 @@ All hep-exec runs of one user on a node connect to it, so each object is fetched
 per node however many jobs ask (concurrent requests for one object share one fetch: the RAM
 cache's single-flight). It listens on an AF_UNIX SOCK_SEQPACKET socket in a private runtime
 directory (ours, mode 0700, checked, refused otherwise), checks every peer with SO_PEERCRED
-(same uid only), and hands each object's read-only RAM file (worker.ramfiles) to the client
+(same uid only), and hands each object's read-only RAM file (worker.ram.ramfiles) to the client
 with SCM_RIGHTS, plus its name in our read-only tmpfs directory (sent once per connection),
 which the client's tracees open it by; the client then holds a real fd that stays valid
 whatever happens to this process. Pins are counted per
@@ -15,7 +15,7 @@ Started on demand by the first client, as a fork of that hep-exec (:func:`fork_s
 interpreter start, so the job waits milliseconds, not the second a fresh Python with aiohttp
 takes), or by a fresh interpreter (``--background``) when the client already runs threads;
 either way the socket is bound before the fork, so it listens before the starter returns, and
-a lock file makes racing starters safe. Or explicitly with ``python -m worker.cache_service
+a lock file makes racing starters safe. Or explicitly with ``python -m worker.node.cache_service
 [hep-exec options]`` (= ``hep-exec --cache-daemon``).
 """
 
@@ -31,19 +31,18 @@ import queue
 import re
 import signal
 import socket
-import stat
-import struct
 import sys
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.cache_protocol import (
+from worker.config import ConfigError, ExecConfig, parse_exec_args
+from worker.node.cache_protocol import (
     MAX_FDS,
     VERSION,
     ObjectSpec,
@@ -53,114 +52,33 @@ from worker.cache_protocol import (
     fetch_settings,
     recv_message,
 )
-from worker.config import ConfigError, ExecConfig, parse_exec_args
-from worker.fetcher import Fetcher, FetchError, object_url
-from worker.node_answers import AnswerTables, FrameError, valid_table_name
-from worker.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
-from worker.ramfiles import RamFiles, RamFilesError, fill_sealed_memfd
-from worker.repository import (
+from worker.node.rendezvous import (
+    LOCK_NAME,
+    LOG_NAME,
+    SOCKET_NAME,
+    CacheDirError,
+    bind_service,
+    default_runtime_dir,
+    ensure_private_dir,
+    peer_credentials,
+)
+from worker.ram.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
+from worker.ram.ramfiles import RamFiles, RamFilesError, fill_sealed_memfd
+from worker.repo.fetcher import Fetcher, FetchError, object_url
+from worker.repo.repository import (
     NotOnServers,
     RepositoryError,
     fill_chunks,
     fill_whole,
     write_object,
 )
-from worker.repository_files import RepositoryFiles
+from worker.repo.repository_files import RepositoryFiles
+from worker.trace.node_answers import AnswerTables, FrameError, valid_table_name
 
 log = logging.getLogger("hep_exec.cache_service")
 
-SOCKET_NAME = "cache.sock"
-LOCK_NAME = "cache.lock"
-LOG_NAME = "cache.log"
 MAX_VOUCHED = 1024  # ensembles vouched for (one per repository revision and key set)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
-
-
-class CacheDirError(OSError):
-    """The runtime directory is missing, not ours or not private; ``str()`` says which."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def default_runtime_dir(environ: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
-    """``$XDG_RUNTIME_DIR/hep-exec`` when that directory exists, else ``/dev/shm/hep-exec-UID``."""
-    environ = os.environ if environ is None else environ
-    uid = os.getuid() if uid is None else uid
-    xdg = environ.get("XDG_RUNTIME_DIR", "")
-    if xdg.startswith("/") and os.path.isdir(xdg):
-        return Path(xdg) / "hep-exec"
-    return Path(f"/dev/shm/hep-exec-{uid}")
-
-
-def ensure_private_dir(path: Path, uid: int | None = None) -> Path:
-    """Create ``path`` (mode 0700) or check that it is a real directory of ours, mode 0700.
-
-    Another user who created the directory first, a symlink, or loose permissions make us
-    refuse: the socket and lock inside must be reachable by us alone.
-    """
-    uid = os.getuid() if uid is None else uid
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise CacheDirError(
-            f"{path}: cannot create cache service directory ({e.strerror})"
-        ) from None
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        raise CacheDirError(f"{path}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise CacheDirError(f"{path}: not a directory (refusing a symlink or file)")
-    if st.st_uid != uid:
-        raise CacheDirError(f"{path}: owned by uid {st.st_uid}, not by us (uid {uid})")
-    if st.st_mode & 0o077:
-        raise CacheDirError(f"{path}: mode {stat.S_IMODE(st.st_mode):04o}, must be 0700")
-    return path
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-def bind_service(directory: Path) -> tuple[socket.socket, int] | None:
-    """Under the directory's lock: None if a live service answers, else (listener, lock fd).
-
-    The caller unlocks (``os.close(lock fd)``) once it is ready to accept.
-    """
-    lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        path = str(directory / SOCKET_NAME)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(path)
-            return_none = True
-        except OSError:
-            return_none = False
-        finally:
-            probe.close()
-        if return_none:
-            os.close(lock_fd)
-            return None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o077)
-        try:
-            listener.bind(path)
-        finally:
-            os.umask(old)
-        listener.listen(256)
-        return listener, lock_fd
-    except BaseException:
-        os.close(lock_fd)
-        raise
 
 
 @dataclass(frozen=True)
@@ -204,7 +122,7 @@ class CacheService:
         self.meta = RepositoryFiles(self.fetcher)
         self.answers = AnswerTables()
         # repository ensembles (manifest, whitelist, keys) a job verified: the next jobs
-        # recheck only their expiry (worker.repository, MountedRepository._verify)
+        # recheck only their expiry (worker.repo.repository, MountedRepository._verify)
         self._vouched: OrderedDict[str, None] = OrderedDict()
         # the sealed memfd of each answer table as last handed out (the table's bytes, fd)
         self._answer_fds: dict[tuple[str, str], tuple[bytes, int]] = {}
@@ -509,8 +427,9 @@ class CacheService:
             log.debug("answers ahead for %s: %s", fqrn, e)
 
     def _answers(self, conn: _Conn, fqrn: str, root: str) -> None:
-        """A revision's answers ahead for a job that has just mounted it (worker.node_answers):
-        one sealed memfd per table as it stands, handed to every job (each maps it: no copy)."""
+        """A revision's answers ahead for a job that has just mounted it
+        (worker.trace.node_answers): one sealed memfd per table as it stands, handed to every job
+        (each maps it: no copy)."""
         data, fd = self._answer_memfd(fqrn, root)
         reply = {"op": "answers", "ok": True, "fqrn": fqrn, "root": root, "size": len(data)}
         if fd is None:
@@ -776,7 +695,7 @@ def fork_service(config: ExecConfig, directory: Path) -> None:
             with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
                 f.write("hep-exec-cache")
             with contextlib.suppress(Exception):  # ps: not the command line of the job
-                from worker import _trap
+                from worker.trace import _trap
 
                 _trap.set_cmdline(f"hep-exec-cache {directory}".encode())
             logging.basicConfig(
@@ -796,7 +715,7 @@ def fork_service(config: ExecConfig, directory: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m worker.cache_service [--background] [hep-exec options]``."""
+    """``python -m worker.node.cache_service [--background] [hep-exec options]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     background = "--background" in args
     args = [a for a in args if a != "--background"]
