@@ -100,7 +100,7 @@ def _open_record(key: bytes) -> bytes:
 
 
 def test_a_mirror_holds_an_empty_entry_per_listed_entry(tmp_path: Path) -> None:
-    """worker/_tmpfs.c mirror: what getdents of a /cvmfs directory shows, from its listing;
+    """worker/trace/_tmpfs.c mirror: what getdents of a /cvmfs directory shows, from its listing;
     bytes that are not a listing (from a confused service) make nothing up."""
     from worker import _tmpfs
 

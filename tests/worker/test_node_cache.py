@@ -276,7 +276,7 @@ def is_ram_file(fd_path: str) -> bool:
     private tmpfs)?  Raises OSError if the fd went away."""
     link = os.readlink(fd_path)
     if link.startswith("/memfd:hep-exec-fastopen"):
-        return False  # the in-process open table (worker/_fastopen.c), not a cached object
+        return False  # the in-process open table (worker/trace/_fastopen.c), not a cached object
     if link.startswith("/memfd:"):
         return True
     return bool(_TMPFS_OBJECT.fullmatch(link)) and stat.S_ISREG(os.stat(fd_path).st_mode)

@@ -5,12 +5,12 @@
  * that in Python caps a tracer near Parrot's rates.  So this loop keeps the hot path in C:
  * paths outside the mount prefix are let through without any Python call, and answers
  * for paths inside it are cached in a hash table (answers are immutable during a run).
- * Python (worker/tracer.py) is called only on a cache miss, with (tid, class, flags, path),
- * and returns an action tuple that this file applies and, if cacheable, remembers.
+ * Python (worker/trace/tracer.py) is called only on a cache miss, with (tid, class, flags,
+ * path), and returns an action tuple that this file applies and, if cacheable, remembers.
  *
  * The seccomp filter traps only path-taking syscalls, so read, write, mmap, fstat ... never
  * stop.  Where the kernel allows (notify mode), the hot ones go to a seccomp user-notification
- * fd answered by a second thread instead of a ptrace stop; see worker/TRACER.md.
+ * fd answered by a second thread instead of a ptrace stop; see worker/trace/README.md.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -72,7 +72,7 @@
 #define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64)
 #endif
 
-/* Syscall classes; must match worker/tracer.py (Cls). */
+/* Syscall classes; must match worker/trace/tracer.py (Cls). */
 enum {
     C_NONE = 0,
     C_OPEN = 1,
@@ -95,7 +95,7 @@ enum {
      * (A_XATTRS): getxattr/listxattr of the others are answered in C (see derived) */
     C_NOXATTR = 32,
 };
-/* Action kinds; must match worker/tracer.py (Act). */
+/* Action kinds; must match worker/trace/tracer.py (Act). */
 enum {
     A_PASS = 0,
     A_RETURN = 1,

@@ -166,7 +166,7 @@ static int ram_file_stat(pid_t tid, struct user_regs_struct *r, long nr, const c
     n_hits++;
     skip_with(r, rc);
     if (cur_notif.active && !id->shared && (nr == SYS_fstat || nr == SYS_newfstatat))
-        fo_patch(tid, nr, cur_notif.ip); /* later ones in-process (worker/_fastopen.c) */
+        fo_patch(tid, nr, cur_notif.ip); /* later ones in-process (worker/trace/_fastopen.c) */
     return 1;
 }
 

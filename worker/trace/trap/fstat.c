@@ -10,7 +10,7 @@
 
 /*
  * An open /cvmfs file is one of the cache's RAM files (a memfd, or a file on its private
- * tmpfs: worker/ramfiles.py), whose own fstat shows another inode, device, mode and times
+ * tmpfs: worker/ram/ramfiles.py), whose own fstat shows another inode, device, mode and times
  * than stat of its path; cp and install compare the two and refuse ("replaced while being
  * copied"), cp -p would copy the RAM file's mode and times.  So every open served from a RAM
  * file (a regular file reached through our /proc/<pid>/fd) records its (device, inode) -> the

@@ -7,7 +7,7 @@
  */
 
 /*
- * Directory opens answered from the node's listings (worker/node_answers.py, LISTING): a
+ * Directory opens answered from the node's listings (worker/trace/node_answers.py, LISTING): a
  * job's first open of a directory that an earlier job of the node listed is answered here,
  * its mirror in the shadow tree (and its ancestors') made from those listings, with no
  * upcall.  A listing is kept only for a directory named by itself (no symlink on the way,

@@ -7,8 +7,8 @@
  */
 
 /*
- * Answers ahead that another job of this node can use (worker/node_answers.py): pack() turns
- * the items put() takes into bytes, put_table() puts them.  What differs between jobs is
+ * Answers ahead that another job of this node can use (worker/trace/node_answers.py): pack()
+ * turns the items put() takes into bytes, put_table() puts them.  What differs between jobs is
  * written as a reference to the job's own value: the uid, gid and st_dev in stat answers, and
  * the directory through which the node cache service's objects are opened (`prefix`).  A
  * record: u8 cls, u8 kind, u16 flags, u8 bits, 3 bytes 0, u32 key length, u32 bval length,

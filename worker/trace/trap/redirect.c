@@ -36,7 +36,7 @@ static const char *as_tracee(pid_t tid, const char *target, char *buf, size_t ma
 static char own_fd_prefix[40];
 static size_t own_fd_prefix_n;
 
-/* A RAM file by name in a directory we hold an fd of (worker/ramfiles.py named_path):
+/* A RAM file by name in a directory we hold an fd of (worker/ram/ramfiles.py named_path):
  * "/proc/<our pid>/fd/<N>/<name>" -> N and *name, else -1.  openat(N, name) opens the same
  * file as the kernel's walk through /proc would, 2 µs sooner. */
 static int own_dir_name(const char *path, const char **name)

@@ -27,7 +27,7 @@ static int follows_last(long nr, const struct user_regs_struct *r)
     }
 }
 
-/* "/proc/<pid>/fd/<n>/<name>": a RAM file by name (worker/ramfiles.py named_path), ours
+/* "/proc/<pid>/fd/<n>/<name>": a RAM file by name (worker/ram/ramfiles.py named_path), ours
  * or a node cache service's; names are never reused while the file exists. */
 static int named_ram_file(const char *p)
 {
@@ -57,10 +57,10 @@ static void stale_open(int cls, int flags, const char *key, size_t kn)
 }
 
 /* A notified open of `key` (the caller's own path, in normal form) was answered by a
- * cached redirect: let tracees open the target themselves from now on (worker/_fastopen.c),
- * and patch the call site.  Not for RAM files opened under other paths with other answers
- * (fstat follows the last open: see note_open), memfds by number (numbers are reused), or
- * host targets. */
+ * cached redirect: let tracees open the target themselves from now on
+ * (worker/trace/_fastopen.c), and patch the call site.  Not for RAM files opened under other
+ * paths with other answers (fstat follows the last open: see note_open), memfds by number
+ * (numbers are reused), or host targets. */
 static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, size_t kn)
 {
     uint64_t dev = 0, ino = 0;

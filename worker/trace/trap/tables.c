@@ -8,7 +8,7 @@
  */
 
 /*
- * A revision's table of answers from the node (worker/node_answers.py: frames of u32 part
+ * A revision's table of answers from the node (worker/trace/node_answers.py: frames of u32 part
  * length, u32 data length, part, data; a part is a directory, NUL, and which of its answers
  * the data holds), read where the service's memfd is mapped: nothing is copied.  Its first
  * directories in the order the node's jobs came to them (up to `eager` bytes) are put at
@@ -17,7 +17,7 @@
  * earlier job looked for (Python does not look again).  Only frames of the repository
  * mounted at `within`: a table never answers for another.
  */
-#define NT_MAX_PART (4096 + 16) /* as worker/node_answers.py MAX_PART, MAX_FRAME_DATA */
+#define NT_MAX_PART (4096 + 16) /* as worker/trace/node_answers.py MAX_PART, MAX_FRAME_DATA */
 #define NT_MAX_DATA (64u << 20)
 #define NT_BODIES 8 /* a directory's answers: one per kind of first touch, and its opens */
 

@@ -73,7 +73,7 @@ static const action_t *known_stat(const char *key, size_t kn, int flags)
     return s && s->act.kind == A_STAT && s->act.st[0] ? &s->act : NULL;
 }
 
-/* Answers that follow from answers at hand, as Python would give them (worker/tracer.py):
+/* Answers that follow from answers at hand, as Python would give them (worker/trace/tracer.py):
  * access and readlink of a path whose stat is known, ENOTDIR below a known non-directory.
  * So a path answered ahead (a directory's entries, the node's answers) needs Python for
  * none of these.  1 if *out is set. */
