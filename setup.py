@@ -1,4 +1,4 @@
-"""Build the C extensions; worker._trap embeds the in-process open handler, built first."""
+"""Build the C extensions; worker.trace._trap embeds the in-process open handler, built first."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-TRACEE_SOURCE = "worker/_fastopen_tracee.c"
+TRACEE_SOURCE = "worker/trace/_fastopen_tracee.c"
 # Freestanding and position-independent: the bytes of .text are copied into every tracee.
 TRACEE_FLAGS = [
     "-O2",
@@ -100,18 +100,30 @@ class BuildExt(build_ext):
         if not target.exists() or target.read_text() != header:
             target.write_text(header)
         for ext in self.extensions:
-            if ext.name == "worker._trap":
+            if ext.name == "worker.trace._trap":
                 ext.include_dirs.append(str(out))
-                ext.depends.extend([str(target), TRACEE_SOURCE, "worker/_fastopen.h"])
+                ext.depends.extend([str(target), TRACEE_SOURCE])
         super().run()
 
+
+def project_files(pattern: str) -> list[str]:
+    """The files matching `pattern` (a glob under the project), relative to the project."""
+    return sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob(pattern))
+
+
+# _trap.c is one translation unit: it #includes its sections, worker/trace/trap/*.c, in order
+TRAP_DEPENDS = project_files("worker/trace/trap/*.c") + project_files("worker/trace/*.h")
 
 setup(
     cmdclass={"build_ext": BuildExt},
     ext_modules=[
         Extension(
-            "worker._trap", ["worker/_trap.c", "worker/_fastopen.c"], depends=["worker/_mirror.h"]
+            "worker.trace._trap",
+            ["worker/trace/_trap.c", "worker/trace/_fastopen.c"],
+            depends=TRAP_DEPENDS,
         ),
-        Extension("worker._tmpfs", ["worker/_tmpfs.c"], depends=["worker/_mirror.h"]),
+        Extension(
+            "worker.trace._tmpfs", ["worker/trace/_tmpfs.c"], depends=["worker/trace/_mirror.h"]
+        ),
     ],
 )

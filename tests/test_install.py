@@ -154,7 +154,7 @@ def test_sdist_has_what_setup_py_compiles() -> None:
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    want = {str(p.relative_to(PROJECT)) for p in (PROJECT / "worker").glob("_*.[ch]")}
+    want = {str(p.relative_to(PROJECT)) for p in (PROJECT / "worker").rglob("*.[ch]")}
     assert want and want <= names, want - names
     assert "setup.py" in names and "publish/sample_tree/lib/.cvmfscatalog" in names
     assert not [n for n in names if n.endswith((".so", ".o"))]

@@ -65,8 +65,8 @@ def in_child(fn: Callable[[], T]) -> T:
 def ensure_built() -> None:
     """Build the extensions in place when a C source is newer than the build (or absent), and
     skip when this host forbids ptrace or seccomp (some containers)."""
-    newest = max(p.stat().st_mtime for p in (PROJECT / "worker").glob("_*.[ch]"))
-    built = list((PROJECT / "worker").glob("_trap.*.so"))
+    newest = max(p.stat().st_mtime for p in (PROJECT / "worker").rglob("*.[ch]"))
+    built = list((PROJECT / "worker" / "trace").glob("_trap.*.so"))
     if not built or any(so.stat().st_mtime < newest for so in built):
         subprocess.run(
             [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],

@@ -577,8 +577,9 @@ def test_names_a_listed_directory_does_not_have_are_enoent_like_natively(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """ENOENT for a name absent from a listed directory is answered without asking Python
-    (worker/trace/_trap.c, C_LISTED): every spelling must still get what the kernel says of the
-    same tree (ENOTDIR under a file, the directory itself for ``.``, symlinks followed)."""
+    (worker/trace/trap/upcall.c, C_LISTED): every spelling must still get what the kernel says
+    of the same tree (ENOTDIR under a file, the directory itself for ``.``, symlinks
+    followed)."""
     ensure_built()
     root = tmp_path / "root"
     (root / "d" / "sub").mkdir(parents=True)

@@ -1,5 +1,5 @@
-"""In-process opens (worker/trace/_fastopen.c): after the tracer has answered an open, the call
-site is patched and later opens of published paths happen inside the tracee, untrapped.
+"""In-process opens (worker/trace/_fastopen.c): after the tracer has answered an open, the
+call site is patched and later opens of published paths happen inside the tracee, untrapped.
 
 Real hep-exec against a repository published by our publisher and served by nginx on
 loopback; a C program compiled here opens, reads and checksums files, and ``--stats`` says

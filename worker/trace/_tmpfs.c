@@ -194,7 +194,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "worker._tmpfs", "a private tmpfs without privileges", -1,
+    PyModuleDef_HEAD_INIT, "worker.trace._tmpfs", "a private tmpfs without privileges", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

@@ -1,9 +1,10 @@
 /*
- * A directory of the shadow tree made from a listing (worker/node_answers.py, encode_listing):
- * an empty entry per catalog entry, for getdents of a /cvmfs directory, with the directory's
- * mode and mtime.  Shared by worker/_tmpfs.c (mirror(), for Python) and worker/_trap.c
- * (directories the node's earlier jobs listed, mirrored when a job first opens them, with no
- * upcall).  No Python here: callers may hold neither the GIL nor anything else.
+ * A directory of the shadow tree made from a listing (worker/trace/node_answers.py,
+ * encode_listing): an empty entry per catalog entry, for getdents of a /cvmfs directory, with
+ * the directory's mode and mtime.  Shared by worker/trace/_tmpfs.c (mirror(), for Python) and
+ * worker/trace/_trap.c (directories the node's earlier jobs listed, mirrored when a job first
+ * opens them, with no upcall).  No Python here: callers may hold neither the GIL nor anything
+ * else.
  */
 #ifndef HEP_MIRROR_H
 #define HEP_MIRROR_H
@@ -15,9 +16,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* The entries of an encoded listing (worker/node_answers.py, encode_listing: u32 mode, i64
- * mtime in ns, then per entry u8 S_IFMT >> 12, u16 name length, name) made in the directory
- * dfd; 0 or an errno (EINVAL: bytes that are not a listing, or a name no directory holds). */
+/* The entries of an encoded listing (worker/trace/node_answers.py, encode_listing: u32 mode,
+ * i64 mtime in ns, then per entry u8 S_IFMT >> 12, u16 name length, name) made in the
+ * directory dfd; 0 or an errno (EINVAL: bytes that are not a listing, or a name no directory
+ * holds). */
 static inline int mirror_entries(int dfd, const unsigned char *d, size_t n, uint32_t *mode,
                           int64_t *mtime)
 {

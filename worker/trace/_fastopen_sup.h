@@ -1,5 +1,5 @@
-/* In-process opens: what the tracer (worker/_trap.c) calls in worker/_fastopen.c, always
- * under its `big` lock.  See _fastopen.h. */
+/* In-process opens: what the tracer (worker/trace/_trap.c) calls in worker/trace/_fastopen.c,
+ * always under its `big` lock.  See _fastopen.h. */
 #ifndef HEP_FASTOPEN_SUP_H
 #define HEP_FASTOPEN_SUP_H
 

@@ -1,6 +1,7 @@
 /*
  * In-process answers: the layout shared by the code that runs inside tracees
- * (worker/_fastopen_tracee.c, copied into each of them) and the tracer (worker/_fastopen.c).
+ * (worker/trace/_fastopen_tracee.c, copied into each of them) and the tracer
+ * (worker/trace/_fastopen.c).
  *
  * Why: in notify mode every open or stat of a /cvmfs path costs two context switches (and
  * an ADDFD for opens): 10-12 µs on a VM, against 38 µs to read 1 MiB.  Once the tracer has

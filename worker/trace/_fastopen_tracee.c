@@ -3,7 +3,7 @@
  * _fastopen.h).
  *
  * Not linked into anything: setup.py compiles it freestanding and position-independent and
- * embeds the bytes of its .text in worker._trap, which copies them into the shared memfd
+ * embeds the bytes of its .text in worker.trace._trap, which copies them into the shared memfd
  * that every tracee maps.  So: no libc, no data outside .text, no relocations (setup.py
  * refuses to build if there are any), general registers only.
  *
@@ -176,7 +176,8 @@ static void missed(uint64_t *counter, int published)
 
 /* Is `path` (under the mount, in normal form) a name its directory does not have?  Only for
  * a directory published as listed, which the tracer does after each of its names
- * (worker/_trap.c, put_one): then ENOENT, as the tracer would derive it, with no stop. */
+ * (worker/trace/trap/put.c, put_one): then ENOENT, as the tracer would derive it, with no
+ * stop. */
 static int absent(const char *base, const char *path)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
@@ -316,8 +317,8 @@ static unsigned stat_mode(const char *base, unsigned kind, const char *path)
 #define S_IFDIR_ 0040000
 #define S_IFLNK_ 0120000
 
-/* access(2) from a published stat, as the tracer answers it (worker/_trap.c, derived): the
- * caller is shown as the owner of every entry; writes are EROFS. */
+/* access(2) from a published stat, as the tracer answers it (worker/trace/trap/upcall.c,
+ * derived): the caller is shown as the owner of every entry; writes are EROFS. */
 static long access_of(const char *base, unsigned mode, long want)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
@@ -476,7 +477,8 @@ __attribute__((used, noinline, noclone)) static void fo_setup(fo_setup_t *a)
 }
 
 /* getcwd(buf, size): the kernel's answer, unless the cwd is in the shadow tree, which stands
- * for the same place under the mount (as the tracer answers it: worker/_trap.c, C_GETCWD). */
+ * for the same place under the mount (as the tracer answers it:
+ * worker/trace/trap/seccomp_stop.c, C_GETCWD). */
 static long do_getcwd(const char *base, char *buf, long size, int *done)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);

@@ -1,0 +1,141 @@
+/*
+ * worker.trace._trap: the ptrace + seccomp trap loop of hep-exec (x86_64 Linux).
+ *
+ * Why C: every trapped syscall costs a waitpid, a register read and a memory read; doing
+ * that in Python caps a tracer near Parrot's rates.  So this loop keeps the hot path in C:
+ * paths outside the mount prefix are let through without any Python call, and answers
+ * for paths inside it are cached in a hash table (answers are immutable during a run).
+ * Python (worker/trace/tracer.py) is called only on a cache miss, with (tid, class, flags,
+ * path), and returns an action tuple that this file applies and, if cacheable, remembers.
+ *
+ * The seccomp filter traps only path-taking syscalls, so read, write, mmap, fstat ... never
+ * stop.  Where the kernel allows (notify mode), the hot ones go to a seccomp user-notification
+ * fd answered by a second thread instead of a ptrace stop; see worker/trace/README.md.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <poll.h>
+#include <sched.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/xattr.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "_fastopen_sup.h"
+#include "_mirror.h"
+
+#ifndef __x86_64__
+#error "worker.trace._trap supports x86_64 only"
+#endif
+
+#ifndef PTRACE_EVENT_STOP
+#define PTRACE_EVENT_STOP 128
+#endif
+#ifndef AT_EMPTY_PATH
+#define AT_EMPTY_PATH 0x1000
+#endif
+#define X32_SYSCALL_BIT 0x40000000
+#ifndef SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+#define SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (1UL << 5)
+#endif
+#ifndef SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP
+#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (1UL << 0)
+#endif
+#ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64)
+#endif
+
+/* Syscall classes; must match worker/trace/tracer.py (Cls). */
+enum {
+    C_NONE = 0,
+    C_OPEN = 1,
+    C_STAT = 2,
+    C_ACCESS = 3,
+    C_READLINK = 4,
+    C_EXEC = 5,
+    C_CHDIR = 6,
+    C_STATFS = 7,
+    C_XATTR_GET = 8,
+    C_XATTR_LIST = 9,
+    C_WRITE = 10,  /* answered in C: EROFS */
+    C_GETCWD = 11, /* answered in C from the shadow mapping */
+    /* markers Python puts (trap_put), never asked: a directory whose every entry is known
+     * (C_LISTED), and each of those entries (C_NAMED).  A path in a listed directory that is
+     * not named there does not exist: ENOENT without asking Python. */
+    C_LISTED = 30,
+    C_NAMED = 31,
+    /* a listed directory whose entries have no extended attributes but those answered
+     * (A_XATTRS): getxattr/listxattr of the others are answered in C (see derived) */
+    C_NOXATTR = 32,
+};
+/* Action kinds; must match worker/trace/tracer.py (Act). */
+enum {
+    A_PASS = 0,
+    A_RETURN = 1,
+    A_REDIRECT = 2,
+    A_STAT = 3,
+    A_READLINK = 4,
+    A_EXEC = 5,
+    A_XATTRS = 6, /* bval: the entry's extended attributes, a CVMFS xattr blob */
+};
+#define F_NOFOLLOW 0x100
+#define F_OPATH 0x200
+#define F_PROCEXE 0x400 /* never cached: answers depend on the process */
+#define F_WRITE 0x800   /* open for writing, nothing created or truncated: EROFS but FIFOs */
+
+#define NSYS 512
+#define MAXPATH 4096
+
+/* The sections, in order: one translation unit, so that the hot path's static functions
+ * inline across them (see trap/README.md). */
+#include "trap/filter.c"
+#include "trap/answers.c"
+#include "trap/fstat.c"
+#include "trap/threads.c"
+#include "trap/config.c"
+#include "trap/memory.c"
+#include "trap/paths.c"
+#include "trap/upcall.c"
+#include "trap/redirect.c"
+#include "trap/apply.c"
+#include "trap/exec.c"
+#include "trap/seccomp_stop.c"
+#include "trap/scratch.c"
+#include "trap/loop.c"
+#include "trap/notify_loop.c"
+#include "trap/ptrace_loop.c"
+#include "trap/run.c"
+#include "trap/put.c"
+#include "trap/pack.c"
+#include "trap/staged.c"
+#include "trap/node_dirs.c"
+#include "trap/mirror_ahead.c"
+#include "trap/tables.c"
+#include "trap/module.c"

@@ -1,0 +1,58 @@
+/*
+ * Run-wide configuration (mount, shadow and target paths, the Python handler, the notify fd,
+ * the `big` lock and the leader hand-off of the notify threads) and the statistics counters.
+ *
+ * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses only
+ * what _trap.c's header defines.
+ */
+
+/* ---------- run-wide configuration and statistics ---------- */
+
+/* The shadow tree under two names: shadow_p as the kernel spells it in /proc/<pid>/cwd and
+ * fd links (the tracer's private mount renders as "/hep-exec-.../cvmfs"), target_p as tracees
+ * are sent to it (through the tracer's fd of its read-only view: /proc/<pid>/fd/<n>/...).  The
+ * same string where the shadow tree is a plain directory. */
+static char mount_p[MAXPATH], shadow_p[MAXPATH], target_p[MAXPATH];
+static size_t mount_n, shadow_n, target_n;
+static PyObject *handler;
+static unsigned long long n_trapped[NSYS], n_pass, n_hits, n_upcalls, n_notified, n_absent;
+static uid_t my_uid;
+
+/* Threads answering tracees in notify mode: the ptrace loop (the thread that called run) and
+ * two notification threads.  `big` serialises them over all the state above and below, and
+ * over calls into Python (only the ADDFD wait in notify_open runs outside it); lock order is
+ * big, then the GIL. */
+static pthread_mutex_t big = PTHREAD_MUTEX_INITIALIZER;
+static int notify_fd = -1;
+/* The notification this thread is answering (notification threads only). */
+static __thread struct {
+    int active;
+    uint64_t id;
+    int replied; /* answered already, by SECCOMP_IOCTL_NOTIF_ADDFD with ADDFD_FLAG_SEND */
+    uint64_t ip; /* where the caller's syscall instruction ends */
+} cur_notif;
+
+/* Two notification threads take turns: the leader waits on the listener and answers.  An
+ * open's ADDFD sleeps until the caller has taken its fd, and then that thread is woken on
+ * another CPU (not a synchronous wake-up); so before ADDFD the leader hands the wait to the
+ * other thread, which picks up the caller's next call (its fstat, the next open) meanwhile. */
+#define NOTIFY_THREADS 2
+static pthread_mutex_t lead_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t lead_cv = PTHREAD_COND_INITIALIZER;
+static int lead_taken, notify_stopping;
+static __thread int leading;
+static unsigned addfd_count; /* under big */
+static double addfd_us;      /* recent un-handed-over ADDFD time (µs), under big */
+static int addfd_slow;
+static int one_cpu; /* we may run on one CPU only: nobody to hand the wait to */
+
+static void pass_lead(void)
+{
+    if (!leading)
+        return;
+    leading = 0;
+    pthread_mutex_lock(&lead_mu);
+    lead_taken = 0;
+    pthread_cond_signal(&lead_cv);
+    pthread_mutex_unlock(&lead_mu);
+}

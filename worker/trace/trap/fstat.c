@@ -1,0 +1,107 @@
+/*
+ * What fstat of a /cvmfs fd says: (device, inode) of each RAM file an open was served from ->
+ * the path's stat answer (ids_find, ids_put, ids_claim, ids_clear).
+ *
+ * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
+ * _trap.c's header and answers.c define.
+ */
+
+/* ---------- what fstat of a /cvmfs file descriptor says ---------- */
+
+/*
+ * An open /cvmfs file is one of the cache's RAM files (a memfd, or a file on its private
+ * tmpfs: worker/ram/ramfiles.py), whose own fstat shows another inode, device, mode and times
+ * than stat of its path; cp and install compare the two and refuse ("replaced while being
+ * copied"), cp -p would copy the RAM file's mode and times.  So every open served from a RAM
+ * file (a regular file reached through our /proc/<pid>/fd) records its (device, inode) -> the
+ * path's stat answer, and fstat of a tracee fd whose target is one of those files gets that
+ * answer (several paths with the same content share one file: the one opened last wins).
+ */
+typedef struct {
+    uint64_t dev, ino; /* ino 0 = free */
+    int64_t st[15];
+    int shared; /* opened under paths with different answers: never opened in-process */
+} fdid_t;
+
+static fdid_t *ids;
+static size_t ids_cap, ids_len;
+#define IDS_MAX (1u << 18) /* forget them all beyond this (a job opening that many files) */
+
+static fdid_t *ids_find(uint64_t dev, uint64_t ino)
+{
+    if (!ids_cap)
+        return NULL;
+    size_t mask = ids_cap - 1;
+    for (size_t i = ((ino ^ dev << 40) * 0x9E3779B97F4A7C15ull) >> 20 & mask;;
+         i = (i + 1) & mask) {
+        if ((ids[i].ino == ino && ids[i].dev == dev) || ids[i].ino == 0)
+            return &ids[i];
+    }
+}
+
+static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
+{
+    if (!ino)
+        return;
+    fo_add_ram_dev(dev); /* fstat from a patched site of any file there comes to us */
+    if ((ids_len + 1) * 2 > ids_cap) {
+        size_t cap = ids_len >= IDS_MAX || !ids_cap ? 1024 : ids_cap * 2;
+        fdid_t *old = ids;
+        size_t old_cap = ids_cap;
+        fdid_t *n = calloc(cap, sizeof *n);
+        if (!n)
+            return;
+        ids = n;
+        ids_cap = cap;
+        ids_len = 0;
+        if (cap <= old_cap)
+            withdraw_all(); /* which files are shared is forgotten too */
+        if (cap > old_cap) /* grow; past IDS_MAX start again empty */
+            for (size_t i = 0; i < old_cap; i++)
+                if (old[i].ino) {
+                    *ids_find(old[i].dev, old[i].ino) = old[i];
+                    ids_len++;
+                }
+        free(old);
+    }
+    fdid_t *slot = ids_find(dev, ino);
+    if (slot->ino == 0)
+        ids_len++;
+    else if (!slot->shared && memcmp(slot->st, st, sizeof slot->st) != 0) {
+        slot->shared = 1; /* fstat must follow the last open: keep those in the tracer */
+        fo_withdraw_file(dev, ino);
+    }
+    slot->dev = dev;
+    slot->ino = ino;
+    memcpy(slot->st, st, sizeof slot->st);
+}
+
+/* A RAM file about to be offered for a path before anyone opened it (trap_put): record
+ * its answer if the file is new to us; if it already serves a path with another answer it
+ * becomes shared (its in-process answers go), but fstat keeps following the last real open.
+ * 0: the path's open may be answered in-process. */
+static int ids_claim(uint64_t dev, uint64_t ino, const int64_t *st)
+{
+    fdid_t *slot = ids_len ? ids_find(dev, ino) : NULL;
+    if (!slot || slot->ino == 0) {
+        ids_put(dev, ino, st);
+        slot = ids_find(dev, ino);
+        return slot->ino == ino && !slot->shared ? 0 : -1;
+    }
+    if (slot->shared)
+        return -1;
+    if (memcmp(slot->st, st, sizeof slot->st) != 0) {
+        slot->shared = 1;
+        fo_withdraw_file(dev, ino);
+        return -1;
+    }
+    return 0;
+}
+
+static void ids_clear(void)
+{
+    withdraw_all();
+    free(ids);
+    ids = NULL;
+    ids_cap = ids_len = 0;
+}

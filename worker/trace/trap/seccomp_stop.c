@@ -1,0 +1,558 @@
+/*
+ * One seccomp stop handled (handle_syscall) and its helpers: write calls that follow a
+ * symlink, RAM files by name, opens and answers offered to the in-process table, magic
+ * readlinks, fds of ours.  (Still in the section "exec of a #! script" of the old _trap.c.)
+ *
+ * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
+ * _trap.c's header and everything from answers.c to exec.c define.
+ */
+
+/*
+ * Handle one seccomp stop.  Returns 1 if the registers were changed (SETREGS needed),
+ * 0 to continue untouched, EXEC_SCRATCH when pend holds a rewritten exec for exec_scratch.
+ * t->nrestore > 0 means "stop at syscall exit".
+ */
+#define EXEC_SCRATCH 2
+/* Does this write call follow a symlink in the last component of its path? */
+static int follows_last(long nr, const struct user_regs_struct *r)
+{
+    switch (nr) {
+    case SYS_open: return !(r->rsi & O_NOFOLLOW);
+    case SYS_openat: return !(r->rdx & O_NOFOLLOW);
+    case SYS_creat: case SYS_truncate: case SYS_chmod: case SYS_chown: case SYS_utime:
+    case SYS_utimes: case SYS_setxattr: case SYS_removexattr:
+        return 1;
+    default:
+        return 0; /* creates, removes, renames name the link itself */
+    }
+}
+
+/* "/proc/<pid>/fd/<n>/<name>": a RAM file by name (worker/ram/ramfiles.py named_path), ours
+ * or a node cache service's; names are never reused while the file exists. */
+static int named_ram_file(const char *p)
+{
+    if (strncmp(p, "/proc/", 6) != 0)
+        return 0;
+    p += 6;
+    for (int part = 0; part < 2; part++) {
+        if (*p < '0' || *p > '9')
+            return 0;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        if (part == 0 && strncmp(p, "/fd/", 4) != 0)
+            return 0;
+        p += part == 0 ? 4 : 0;
+    }
+    return *p == '/' && p[1] && !strchr(p + 1, '/');
+}
+
+/* A cached open answer naming a node cache service's object that is gone: Python put it
+ * ahead (trap_put) without pinning the object, and the service has evicted it since (names
+ * are never reused, so a missing name is always this).  Drop it, here and in-process; the
+ * caller's open is then asked of Python, which fetches the object again. */
+static void stale_open(int cls, int flags, const char *key, size_t kn)
+{
+    cache_del(cls, flags, key, kn);
+    fo_withdraw(FO_OPEN, key, kn);
+}
+
+/* A notified open of `key` (the caller's own path, in normal form) was answered by a
+ * cached redirect: let tracees open the target themselves from now on
+ * (worker/trace/_fastopen.c), and patch the call site.  Not for RAM files opened under other
+ * paths with other answers (fstat follows the last open: see note_open), memfds by number
+ * (numbers are reused), or host targets. */
+static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, size_t kn)
+{
+    uint64_t dev = 0, ino = 0;
+    if (strncmp(a->bval, own_fd_prefix, own_fd_prefix_n) == 0) {
+        const char *leaf;
+        fdid_t *f = a->ram_ino ? ids_find(a->ram_dev, a->ram_ino) : NULL;
+        if (own_dir_name(a->bval, &leaf) < 0 || !f || f->ino != a->ram_ino || f->shared)
+            return;
+        dev = a->ram_dev;
+        ino = a->ram_ino;
+    } else if (named_ram_file(a->bval)) {
+        /* a node cache service's object (tmpfs: inode numbers are not reused while the
+         * file system lives); withdrawn when it turns out to serve paths with different
+         * stat answers */
+        fdid_t *f = a->ram_ino ? ids_find(a->ram_dev, a->ram_ino) : NULL;
+        if (!f || f->ino != a->ram_ino || f->shared)
+            return;
+        dev = a->ram_dev;
+        ino = a->ram_ino;
+    } else if (!has_prefix(a->bval, a->blen, target_p, target_n)) {
+        return;
+    } else if (a->ram_ino) { /* a directory's mirror, noted by note_open: fstat says its stat */
+        fdid_t *f = ids_find(a->ram_dev, a->ram_ino);
+        if (f && f->ino == a->ram_ino && !f->shared) {
+            dev = a->ram_dev;
+            ino = a->ram_ino;
+        }
+    }
+    if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
+        return;
+    if (ino) { /* and fstat of an fd on it: the path's answer (see note_open) */
+        uint64_t id[2] = {dev, ino};
+        struct stat st;
+        fill_stat(a->st, &st);
+        fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, dev, ino);
+    }
+    fo_patch(tid, nr, cur_notif.ip);
+}
+
+/* The same for other answers from the cache: stat, lstat, newfstatat and statx (a struct
+ * stat or statx, ENOENT, ENOTDIR; or the shadow directory to ask), access and its kin (the
+ * result, or the shadow directory), readlink (the target, or the error), and a read-only open
+ * of a path that does not exist (Python tries __pycache__/x.pyc before every x.py). */
+static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t *a,
+                         const char *key, size_t kn)
+{
+    int shadow = a->kind == A_REDIRECT && has_prefix(a->bval, a->blen, target_p, target_n);
+    int missing = a->kind == A_RETURN && (a->ival == -ENOENT || a->ival == -ENOTDIR);
+    union {
+        struct stat st;
+        char link[MAXPATH];
+    } buf;
+    size_t dlen = 0;
+    unsigned kind;
+    if (cls == C_OPEN && flags == 0) { /* found: offer_open */
+        kind = FO_OPEN;
+        shadow = 0;
+    } else if (cls == C_ACCESS && (nr == SYS_access || nr == SYS_faccessat || nr == 439)) {
+        kind = FO_ACCESS + (unsigned)(flags & 7) + (flags & F_NOFOLLOW ? 8 : 0);
+        missing = a->kind == A_RETURN && a->ival <= 0 && a->ival >= -4095; /* any result */
+    } else if (cls == C_READLINK && (nr == SYS_readlink || nr == SYS_readlinkat)) {
+        kind = FO_READLINK;
+        missing = a->kind == A_RETURN && a->ival < 0 && a->ival >= -4095; /* EINVAL too */
+        shadow = 0;
+        if (a->kind == A_READLINK && a->blen && a->blen <= sizeof buf) {
+            memcpy(&buf, a->bval, a->blen);
+            dlen = a->blen;
+        }
+    } else if ((cls == C_XATTR_GET && (nr == SYS_getxattr || nr == SYS_lgetxattr)) ||
+               (cls == C_XATTR_LIST && (nr == SYS_listxattr || nr == SYS_llistxattr))) {
+        kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) + (flags & F_NOFOLLOW ? 1 : 0);
+        /* no attribute: any errno, or an empty list (0); never a list to copy */
+        missing = a->kind == A_RETURN && a->ival <= 0 && a->ival >= -4095 &&
+                  (cls == C_XATTR_GET ? a->ival < 0 : a->ival == 0);
+        shadow = 0;
+    } else if (cls == C_STAT && (nr == 332 || nr == SYS_newfstatat || nr == SYS_stat ||
+                                  nr == SYS_lstat)) { /* statx too: the handler converts */
+        kind = flags & F_NOFOLLOW ? FO_LSTAT : FO_STAT;
+        if (a->kind == A_STAT) {
+            fill_stat(a->st, &buf.st);
+            dlen = sizeof buf.st;
+        }
+    } else {
+        return;
+    }
+    int ok = dlen      ? fo_publish(kind, key, kn, &buf, dlen, 0, 0, 0, 0)
+             : missing ? fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0)
+             : shadow  ? fo_publish(kind, key, kn, a->bval, a->blen + 1, 1, 0, 0, 0)
+                       : 0;
+    if (ok)
+        fo_patch(tid, nr, cur_notif.ip);
+}
+
+/* readlink of /proc/<pid>/cwd or /proc/<pid>/fd/N (/dev/fd/N ...) standing in the shadow
+ * tree: the /cvmfs path it stands for, as getcwd says (the kernel would name the shadow). */
+static int magic_readlink(pid_t tid, struct user_regs_struct *r, long nr, const char *raw,
+                          size_t n)
+{
+    char target[MAXPATH], out[MAXPATH];
+    if (raw[0] != '/' || (raw[1] != 'p' && raw[1] != 'd'))
+        return 0;
+    long tn = via_magic_link(tid, raw, n, target, sizeof target, 1);
+    if (tn <= 0 || !has_prefix(target, (size_t)tn, shadow_p, shadow_n))
+        return 0;
+    size_t on = mount_n + (size_t)tn - shadow_n;
+    if (on >= sizeof out)
+        return 0;
+    memcpy(out, mount_p, mount_n);
+    memcpy(out + mount_n, target + shadow_n, (size_t)tn - shadow_n + 1);
+    unsigned long buf = nr == SYS_readlink ? r->rsi : r->rdx;
+    long long sz = (long long)(nr == SYS_readlink ? r->rdx : r->r10);
+    if (sz <= 0) {
+        skip_with(r, -EINVAL);
+        return 1;
+    }
+    size_t w = on < (size_t)sz ? on : (size_t)sz;
+    skip_with(r, write_mem(tid, buf, out, w) < 0 ? -EFAULT : (long long)w);
+    return 1;
+}
+
+/* Is a tracee fd a directory of the shadow tree or one of our RAM files (both stand for
+ * read-only /cvmfs entries)? */
+static int fd_is_ours(pid_t tid, long fd)
+{
+    char what[32], target[MAXPATH];
+    snprintf(what, sizeof what, "fd/%d", (int)fd);
+    ssize_t n = proc_link(tid, what, target, sizeof target);
+    if (n > 0 && has_prefix(target, (size_t)n, shadow_p, shadow_n))
+        return 1;
+    struct stat st;
+    char lp[64];
+    snprintf(lp, sizeof lp, "/proc/%d/fd/%d", (int)tid, (int)fd);
+    if (!ids_len || stat(lp, &st) != 0)
+        return 0;
+    fdid_t *id = ids_find((uint64_t)st.st_dev, (uint64_t)st.st_ino);
+    return id && id->ino != 0;
+}
+
+static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
+{
+    long nr = (long)r->orig_rax;
+    int cls = C_NONE, flags = 0, path_arg = 0, allow_empty = 0;
+    long dirfd = AT_FDCWD;
+    char key[MAXPATH];
+    if (nr >= 0 && nr < NSYS)
+        n_trapped[nr]++;
+    switch (nr) {
+    case SYS_open:
+    case SYS_openat:
+    case 437: {
+        unsigned long long fl;
+        if (nr == SYS_open) {
+            path_arg = 0;
+            fl = r->rsi;
+        } else {
+            dirfd = (long)(int)r->rdi;
+            path_arg = 1;
+            fl = r->rdx;
+            if (nr == 437) {
+                struct iovec l = {&fl, sizeof fl}, rv = {(void *)r->rdx, sizeof fl};
+                if (process_vm_readv(tid, &l, 1, &rv, 1, 0) != sizeof fl)
+                    return 0;
+            }
+        }
+        cls = C_OPEN;
+        if ((fl & (O_CREAT | O_TRUNC)) || (fl & O_TMPFILE) == O_TMPFILE)
+            cls = C_WRITE;
+        else if (fl & (O_WRONLY | O_RDWR))
+            flags |= F_WRITE; /* Python answers: EROFS, or a FIFO's other end */
+        if (fl & O_NOFOLLOW)
+            flags |= F_NOFOLLOW;
+        if (fl & O_PATH)
+            flags |= F_OPATH;
+        break;
+    }
+    case SYS_creat: cls = C_WRITE; break;
+    case SYS_stat: cls = C_STAT; break;
+    case SYS_lstat: cls = C_STAT; flags = F_NOFOLLOW; break;
+    case SYS_fstat:
+        return fd_stat(tid, r, nr, (long)(int)r->rdi, r->rsi);
+    case SYS_newfstatat:
+        cls = C_STAT; dirfd = (long)(int)r->rdi; path_arg = 1; allow_empty = 1;
+        if (r->r10 & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        if ((r->r10 & AT_EMPTY_PATH) && dirfd >= 0 && empty_path(tid, r->rsi, 0))
+            return fd_stat(tid, r, nr, dirfd, r->rdx);
+        break;
+    case 332:
+        cls = C_STAT; dirfd = (long)(int)r->rdi; path_arg = 1; allow_empty = 1;
+        if (r->rdx & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        if ((r->rdx & AT_EMPTY_PATH) && dirfd >= 0 && empty_path(tid, r->rsi, 1))
+            return fd_stat(tid, r, nr, dirfd, r->r8);
+        break;
+    case SYS_access: cls = C_ACCESS; flags = (int)(r->rsi & 7); break;
+    case SYS_faccessat:
+    case 439:
+        cls = C_ACCESS; dirfd = (long)(int)r->rdi; path_arg = 1; flags = (int)(r->rdx & 7);
+        if (nr == 439 && (r->r10 & AT_SYMLINK_NOFOLLOW)) flags |= F_NOFOLLOW;
+        if (nr == 439) allow_empty = (r->r10 & AT_EMPTY_PATH) != 0;
+        break;
+    case SYS_readlink: cls = C_READLINK; break;
+    case SYS_readlinkat: cls = C_READLINK; dirfd = (long)(int)r->rdi; path_arg = 1; allow_empty = 1; break;
+    case SYS_execve: cls = C_EXEC; break;
+    case SYS_execveat:
+        cls = C_EXEC; dirfd = (long)(int)r->rdi; path_arg = 1;
+        allow_empty = (r->r8 & AT_EMPTY_PATH) != 0;
+        break;
+    case SYS_chdir:
+        cls = C_CHDIR;
+        cwd_gen++;
+        t->cwd_changes = 1;
+        break;
+    case SYS_fchdir:
+        cwd_gen++;
+        t->cwd_changes = 1;
+        return 0;
+    case SYS_getcwd: cls = C_GETCWD; break;
+    case SYS_statfs: cls = C_STATFS; break;
+    case SYS_getxattr: cls = C_XATTR_GET; break;
+    case SYS_lgetxattr: cls = C_XATTR_GET; flags = F_NOFOLLOW; break;
+    case SYS_listxattr: cls = C_XATTR_LIST; break;
+    case SYS_llistxattr: cls = C_XATTR_LIST; flags = F_NOFOLLOW; break;
+    case 464:
+    case 465:
+        cls = nr == 464 ? C_XATTR_GET : C_XATTR_LIST; dirfd = (long)(int)r->rdi; path_arg = 1;
+        allow_empty = 1;
+        if (r->rdx & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        break;
+    default: cls = C_WRITE; break;
+    }
+
+    if (cls == C_GETCWD) {
+        char cwd[MAXPATH], out[MAXPATH];
+        if (cur_notif.active)
+            fo_patch(tid, nr, cur_notif.ip); /* later calls there in-process (do_getcwd) */
+        ssize_t n = tracee_cwd(tid, t, cwd, sizeof cwd);
+        if (n < 0 || !has_prefix(cwd, (size_t)n, shadow_p, shadow_n)) {
+            n_pass++;
+            return 0;
+        }
+        size_t on = mount_n + ((size_t)n - shadow_n);
+        if (on >= sizeof out)
+            return 0;
+        memcpy(out, mount_p, mount_n);
+        memcpy(out + mount_n, cwd + shadow_n, (size_t)n - shadow_n + 1);
+        if (on + 1 > r->rsi)
+            skip_with(r, -ERANGE);
+        else if (write_mem(tid, r->rdi, out, on + 1) < 0)
+            skip_with(r, -EFAULT);
+        else
+            skip_with(r, (long long)on + 1);
+        return 1;
+    }
+
+    if (cls == C_WRITE) {
+        /* every path argument of the call; any one under the mount -> EROFS */
+        int pa[2] = {-1, -1}, da[2] = {-1, -1};
+        switch (nr) {
+        case SYS_open: case SYS_creat: case SYS_truncate: case SYS_mkdir: case SYS_rmdir:
+        case SYS_unlink: case SYS_chmod: case SYS_chown: case SYS_lchown: case SYS_utime:
+        case SYS_utimes: case SYS_mknod: case SYS_setxattr: case SYS_lsetxattr:
+        case SYS_removexattr: case SYS_lremovexattr:
+            pa[0] = 0; break;
+        case SYS_rename: case SYS_link: pa[0] = 0; pa[1] = 1; break;
+        case SYS_fchmod: case SYS_fchown: case SYS_fsetxattr: case SYS_fremovexattr:
+            da[0] = 0; break; /* the fd itself */
+        case SYS_symlink: pa[0] = 1; break;
+        case SYS_symlinkat: da[0] = 1; pa[0] = 2; break;
+        case SYS_renameat: case 316: case SYS_linkat:
+            da[0] = 0; pa[0] = 1; da[1] = 2; pa[1] = 3; break;
+        default: da[0] = 0; pa[0] = 1; break; /* *at(dirfd, path, ...) */
+        }
+        for (int i = 0; i < 2; i++) {
+            long d = da[i] >= 0 ? (long)(int)*argreg(r, da[i]) : AT_FDCWD;
+            unsigned long addr = pa[i] >= 0 ? *argreg(r, pa[i]) : 0;
+            char raw[MAXPATH];
+            long n = addr ? read_string(tid, addr, raw, sizeof raw) : 0;
+            if (da[i] >= 0 && d >= 0 && (!addr || n == 0)) {
+                /* the fd itself: fchmod, fchown, f*xattr, utimensat(fd, NULL),
+                 * fchmodat2/fchownat(fd, "", AT_EMPTY_PATH) */
+                if (fd_is_ours(tid, d)) {
+                    skip_with(r, -EROFS);
+                    return 1;
+                }
+                continue;
+            }
+            if (pa[i] < 0 || !addr)
+                continue;
+            long kn = mount_key(tid, t, d, raw, n, key, 1);
+            if (kn == 0) /* through a host symlink: does the last component follow? */
+                kn = via_host_symlink(tid, t, d, raw, n, follows_last(nr, r), key);
+            if (kn > 0) {
+                skip_with(r, -EROFS);
+                return 1;
+            }
+        }
+        n_pass++;
+        return 0;
+    }
+
+    char raw[MAXPATH];
+    long n = read_string(tid, *argreg(r, path_arg), raw, sizeof raw);
+    if (cls == C_READLINK && n > 0 && magic_readlink(tid, r, nr, raw, (size_t)n))
+        return 1;
+    long kn = mount_key(tid, t, dirfd, raw, n, key, allow_empty);
+    if (kn == 0)
+        kn = via_host_symlink(tid, t, dirfd, raw, n, !(flags & F_NOFOLLOW) && cls != C_READLINK,
+                              key);
+    if (kn < 0) {
+        if (kn == -EFAULT || kn == -ENOENT) {
+            n_pass++;
+            return 0; /* the kernel reports it */
+        }
+        skip_with(r, kn);
+        return 1;
+    }
+    if (kn == 0 && cls == C_READLINK) {
+        /* /proc/<pid>/exe of a program exec'd from the mount names the file the kernel ran
+         * (a RAM file); ld.so's $ORIGIN and relocatable programs need the /cvmfs path. */
+        if (n > 10 && strncmp(raw, "/proc/", 6) == 0 && strcmp(raw + n - 4, "/exe") == 0) {
+            const char *who = raw + 6;
+            size_t wl = (size_t)n - 10;
+            int ok = (wl == 4 && !strncmp(who, "self", 4)) ||
+                     (wl == 11 && !strncmp(who, "thread-self", 11));
+            if (ok) {
+                kn = snprintf(key, MAXPATH, "/proc/%d/exe", (int)tid);
+            } else {
+                ok = wl > 0 && wl < 12;
+                for (size_t i = 0; ok && i < wl; i++)
+                    ok = who[i] >= '0' && who[i] <= '9';
+                if (ok) {
+                    memcpy(key, raw, (size_t)n + 1);
+                    kn = n;
+                }
+            }
+            if (ok)
+                flags |= F_PROCEXE;
+        }
+    }
+    if (kn == 0 && cls == C_STAT && !(flags & F_NOFOLLOW) && ids_len) {
+        /* stat -L /dev/stdin, /proc/self/fd/N ... of a file opened from the mount */
+        char mapped[MAXPATH];
+        if (n > 5 && (!strncmp(raw, "/proc/", 6) || !strncmp(raw, "/dev/", 5))) {
+            unsigned long buf = nr == 332 ? r->r8 : nr == SYS_newfstatat ? r->rdx : r->rsi;
+            return ram_file_stat(tid, r, nr, as_tracee(tid, raw, mapped, sizeof mapped), buf);
+        }
+    }
+    if (kn == 0 && cls != C_EXEC) {
+        n_pass++;
+        return 0;
+    }
+    if (kn == 0) {
+        /* exec of a host path: Python checks for a #! interpreter under the mount */
+        char base[MAXPATH];
+        if (n <= 0)
+            return 0;
+        if (raw[0] == '/') {
+            memcpy(key, raw, (size_t)n + 1);
+            kn = n;
+        } else {
+            ssize_t bn = dirfd == AT_FDCWD ? tracee_cwd(tid, t, base, sizeof base) : -1;
+            if (bn < 0 || (size_t)bn + 1 + (size_t)n >= MAXPATH)
+                return 0;
+            memcpy(key, base, (size_t)bn);
+            key[bn] = '/';
+            memcpy(key + bn + 1, raw, (size_t)n + 1);
+            kn = bn + 1 + n;
+        }
+    }
+
+    action_t tmp;
+    PyObject *prefix = NULL;
+    int asked_again = 0;
+again:
+    memset(&tmp, 0, sizeof tmp);
+    action_t *a = lookup(tid, cls, flags, key, (size_t)kn, &tmp, &prefix);
+    int changed = 0;
+    if (!cur_notif.active && cls == C_OPEN && a != &tmp && a->kind == A_REDIRECT &&
+        !asked_again && named_ram_file(a->bval) && access(a->bval, F_OK) != 0 &&
+        errno == ENOENT) { /* the kernel opens it: check first (see stale_open) */
+        stale_open(cls, flags, key, (size_t)kn);
+        asked_again = 1;
+        goto again;
+    }
+    if (cur_notif.active &&
+        (cls == C_OPEN || cls == C_STAT || cls == C_ACCESS || cls == C_READLINK ||
+         cls == C_XATTR_GET || cls == C_XATTR_LIST) &&
+        a != &tmp &&
+        n == kn &&
+        memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
+        offer_answer(tid, nr, cls, flags, a, key, (size_t)kn);
+    switch (a->kind) {
+    case A_PASS:
+        break;
+    case A_RETURN:
+        skip_with(r, a->ival);
+        changed = 1;
+        break;
+    case A_REDIRECT: {
+        if (cls == C_OPEN && a->st[0])
+            note_open(a);
+        if (cur_notif.active && cls == C_OPEN && flags == 0 && a != &tmp && n == kn &&
+            memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
+            offer_open(tid, nr, a, key, (size_t)kn);
+        if (cur_notif.active) {
+            long rc = notify_redirect(tid, nr, r, a->bval);
+            if (rc == -ENOENT && !cur_notif.replied && cls == C_OPEN && a != &tmp &&
+                !asked_again && named_ram_file(a->bval)) {
+                stale_open(cls, flags, key, (size_t)kn);
+                asked_again = 1;
+                goto again;
+            }
+            skip_with(r, rc);
+            changed = 1;
+            break;
+        }
+        /* ival=1: the target is a regular file or a shadow directory, whose open/stat never
+         * restarts, so the tracee cannot observe the pointer change except in the argument
+         * register after return, which the C ABI and libc wrappers treat as clobbered (one
+         * stop instead of two).  Otherwise, restore the register at syscall exit. */
+        int rc = redirect_arg(tid, r, path_arg, a->bval, a->blen, t);
+        int via_proc = a->blen > 6 && memcmp(a->bval, "/proc/", 6) == 0;
+        int in_shadow = has_prefix(a->bval, a->blen, target_p, target_n);
+        if (rc == 0 && cls == C_OPEN && via_proc && !in_shadow && (flags & F_NOFOLLOW) &&
+            !(flags & F_OPATH))
+            rc = allow_magic_link(tid, r, nr, t, 0);
+        else if (rc == 0 && cls == C_OPEN && in_shadow && via_proc && nr == 437)
+            rc = allow_magic_link(tid, r, nr, t, 1); /* the shadow tree's /proc/<pid>/fd link */
+        if (a->ival == 1 && rc == 0)
+            t->nrestore = 0;
+        if (rc < 0) {
+            t->nrestore = 0;
+            skip_with(r, rc);
+        }
+        changed = 1;
+        break;
+    }
+    case A_STAT: {
+        int rc;
+        if (nr == 332) {
+            struct statx x;
+            fill_statx(a->st, &x);
+            rc = write_mem(tid, r->r8, &x, sizeof x);
+        } else {
+            struct stat s;
+            fill_stat(a->st, &s);
+            rc = write_mem(tid, nr == SYS_newfstatat ? r->rdx : r->rsi, &s, sizeof s);
+        }
+        skip_with(r, rc);
+        changed = 1;
+        break;
+    }
+    case A_READLINK: {
+        unsigned long buf = nr == SYS_readlink ? r->rsi : r->rdx;
+        long long sz = (long long)(nr == SYS_readlink ? r->rdx : r->r10);
+        if (sz <= 0) {
+            skip_with(r, -EINVAL);
+        } else {
+            size_t n = a->blen < (size_t)sz ? a->blen : (size_t)sz;
+            skip_with(r, write_mem(tid, buf, a->bval, n) < 0 ? -EFAULT : (long long)n);
+        }
+        changed = 1;
+        break;
+    }
+    case A_XATTRS:
+        skip_with(r, xattr_answer(tid, r, nr, a));
+        changed = 1;
+        break;
+    case A_EXEC: {
+        int argv_arg = nr == SYS_execve ? 1 : 2;
+        int rc;
+        if (prefix && !cur_notif.active) { /* execve is always a ptrace stop */
+            rc = exec_prepare(tid, r, path_arg, argv_arg, a, prefix);
+            if (rc == 0) {
+                changed = EXEC_SCRATCH; /* the caller runs it: exec_scratch */
+                break;
+            }
+        } else if (prefix) {
+            rc = -EIO;
+        } else {
+            /* exec of a /cvmfs binary: its RAM file's short name goes below the red zone,
+             * as for the other redirected calls */
+            rc = redirect_arg(tid, r, path_arg, a->bval, a->blen, t);
+        }
+        if (rc < 0) {
+            t->nrestore = 0;
+            skip_with(r, rc);
+        }
+        changed = 1;
+        break;
+    }
+    }
+    Py_XDECREF(prefix);
+    free(tmp.bval);
+    return changed;
+}
