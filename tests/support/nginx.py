@@ -39,9 +39,11 @@ class Site:
 
 
 class Nginx:
-    """nginx with several server blocks, one process tree, stopped by :meth:`stop`."""
+    """nginx with several server blocks, one process tree, stopped by :meth:`stop`.
 
-    def __init__(self, workdir: Path, sites: list[Site]) -> None:
+    ``access_log``: False for none (:meth:`requests` then sees nothing)."""
+
+    def __init__(self, workdir: Path, sites: list[Site], *, access_log: bool = True) -> None:
         if not os.path.exists(NGINX):
             pytest.skip("nginx not installed (Debian package nginx-light)")
         self.dir = workdir
@@ -54,12 +56,13 @@ class Nginx:
             f"{k}_temp_path {workdir}/{k};"
             for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
         )
+        log = f"{workdir}/access.log" if access_log else "off"
         conf = f"""
 daemon off; worker_processes 1; {user}
 pid {workdir}/nginx.pid; error_log {workdir}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-  access_log {workdir}/access.log; {temps}
+  access_log {log}; {temps}
   default_type application/octet-stream; keepalive_requests 100000; sendfile on;
   {" ".join(s.block() for s in sites)}
 }}
