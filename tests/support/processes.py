@@ -46,7 +46,11 @@ def descendants(pid: int) -> set[int]:
     todo = [pid]
     while todo:
         p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue  # it exited between being listed and now: nothing below it any more
+        for task in tasks:
             try:
                 kids = (task / "children").read_text().split()
             except OSError:
