@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -10,9 +11,14 @@ from typing import Any
 
 from cvmfs_format.errors import CatalogError, FormatError
 from cvmfs_format.hashes import Algorithm, ContentHash
+from cvmfs_format.objects import inflate_pieces
 from cvmfs_format.paths import basename, is_within, path_key
 
 # catalog.flags bits
+# The most bytes a catalog may inflate to: far above any real one (CernVM-FS keeps catalogs to
+# some hundred thousand entries, a few hundred MB), and a zlib bomb stops here.
+MAX_CATALOG_BYTES = 1 << 30
+
 FLAG_DIR = 1
 FLAG_NESTED_MOUNTPOINT = 2
 FLAG_FILE = 4
@@ -136,13 +142,21 @@ _ENTRY_COLUMNS = (
 )
 
 
+def inflate_catalog(stored: bytes | memoryview, what: str = "catalog") -> bytes:
+    """A catalog's SQLite bytes from its stored (zlib) form, already checked against its hash;
+    FormatError for a corrupt stream or one past MAX_CATALOG_BYTES."""
+    return b"".join(inflate_pieces(stored, what, MAX_CATALOG_BYTES))
+
+
 class Catalog:
     """A read-only catalog held in memory (``sqlite3`` deserialize, no temp file)."""
 
-    def __init__(self, data: bytes, what: str = "catalog") -> None:
+    def __init__(self, data: bytes | memoryview | mmap.mmap, what: str = "catalog") -> None:
+        """``data``: the SQLite bytes, copied into SQLite's own memory (a mapping of a node's
+        shared copy may be closed once this returns)."""
         self.what = what
         self.size = len(data)
-        if len(data) < 100 or not data.startswith(b"SQLite format 3\0"):
+        if len(data) < 100 or bytes(data[:16]) != b"SQLite format 3\0":
             raise CatalogError(f"{what}: not an SQLite database")
         try:
             self._db = sqlite3.connect(":memory:", check_same_thread=False)

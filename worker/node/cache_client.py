@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from cvmfs_format.catalog import DirEntry
+from cvmfs_format.catalog import MAX_CATALOG_BYTES, DirEntry
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from worker.config import ExecConfig
@@ -57,7 +57,7 @@ from worker.trace.node_answers import MAX_TABLE_BYTES
 
 log = logging.getLogger("hep_exec.cache_client")
 _META_TIMEOUT = 60.0  # a catalog may be large and its fetch slow; the service bounds it too
-_META_MAX = 1 << 30  # bytes of one repository file handed over (catalogs can be large)
+_META_MAX = 1 << 30  # bytes of one repository file handed over as stored
 _ANSWERS_TIMEOUT = 10.0  # a revision's answers ahead: a memfd the service has at hand
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _START_TIMEOUT = 30.0
@@ -148,6 +148,19 @@ class ServiceFirst:
         size: int | None = None,
     ) -> Future[bytes]:
         return self.fetcher.submit(url_path, expected, what, size=size)
+
+    def catalog(
+        self, url_path: str, expected: ContentHash, what: str = "", *, size: int | None = None
+    ) -> bytes | mmap.mmap:
+        """The service's inflated copy, mapped (it verified it against its name, which is
+        ``expected``); else fetched and inflated here."""
+        fqrn, _, path = url_path.removeprefix("/cvmfs/").partition("/")
+        if url_path.startswith("/cvmfs/") and path.endswith("C") and is_repository_file(fqrn, path):
+            data = self.client.catalog(fqrn, path)
+            if data is not None:
+                self.from_service += 1
+                return data
+        return self.fetcher.catalog(url_path, expected, what, size=size)
 
 
 class SharedObject(CachedObject):
@@ -498,6 +511,13 @@ class CacheClient:
             log.debug("%s: cache service: %s", key, wait.error)
         return wait.data if isinstance(wait.data, bytes) else None
 
+    def catalog(self, fqrn: str, path: str) -> mmap.mmap | None:
+        """A catalog the service inflated once for the node's jobs, mapped read-only; None
+        when the service is gone or cannot give it (the caller fetches it itself)."""
+        msg = {"op": "catalog", "fqrn": fqrn, "path": path}
+        data = self._ask(f"catalog\0{fqrn}/{path}", msg, _META_TIMEOUT)
+        return data if isinstance(data, mmap.mmap) else None
+
     def vouched(self, digest: str) -> bool:
         """Did a job of the node verify the repository ensemble known by ``digest``
         (worker.repo.repository.ensemble_digest)?  False when the service cannot say."""
@@ -655,6 +675,10 @@ class CacheClient:
         if op == "answers":
             key = f"answers\0{msg.get('fqrn')}\0{msg.get('root')}"
             self._meta_reply(msg, fds, key, MAX_TABLE_BYTES, mapped=True)
+            return
+        if op == "catalog":
+            key = f"catalog\0{msg.get('fqrn')}/{msg.get('path')}"
+            self._meta_reply(msg, fds, key, MAX_CATALOG_BYTES, mapped=True)
             return
         if op == "open" and msg.get("ok") and len(fds) == 1:
             self._received(str(msg["key"]), int(msg["size"]), fds[0], msg.get("name"), False)

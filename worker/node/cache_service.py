@@ -203,6 +203,7 @@ class CacheService:
         self._open_pool.shutdown(wait=False, cancel_futures=True)
         self.fetcher.close()
         self.cache.close()  # clients keep their own fds
+        self.meta.close()
 
     def _admit(self, sock: socket.socket) -> None:
         pid, uid, _gid = peer_credentials(sock)
@@ -281,12 +282,12 @@ class CacheService:
             for spec in specs:
                 self._feed.put((spec, target))
             self.counters["prefetch_queued"] += len(specs)
-        elif op == "meta":
+        elif op in ("meta", "catalog"):
             fqrn, path = msg.get("fqrn"), msg.get("path")
             if not isinstance(fqrn, str) or not isinstance(path, str):
-                raise ProtocolError("meta: fqrn and path must be strings")
-            self.counters["meta"] += 1
-            self._open_pool.submit(self._meta, conn, fqrn, path)
+                raise ProtocolError(f"{op}: fqrn and path must be strings")
+            self.counters[op] += 1
+            self._open_pool.submit(self._meta, conn, fqrn, path, op)
         elif op == "answers":
             fqrn, root = msg.get("fqrn"), msg.get("root")
             if not valid_table_name(fqrn, root):
@@ -367,24 +368,29 @@ class CacheService:
         self.cache.release(obj)
         return False
 
-    def _meta(self, conn: _Conn, fqrn: str, path: str) -> None:
-        """A repository's manifest, whitelist, certificate or catalog for a job that mounts
-        it: fetched by our warm HTTP client (the job then needs none of its own), catalogs and
-        certificates kept (they are named by their content), the manifest always fresh."""
+    def _meta(self, conn: _Conn, fqrn: str, path: str, op: str = "meta") -> None:
+        """A repository's manifest, whitelist or certificate (``meta``: as stored) or catalog
+        (``catalog``: inflated) for a job that mounts it: fetched by our warm HTTP client (the
+        job then needs none of its own), catalogs and certificates kept (they are named by
+        their content), the manifest always fresh."""
         try:
-            data = self.meta.get(fqrn, path)
-            fd = fill_sealed_memfd(f"{fqrn}/{path}", len(data), lambda out: out.write_at(0, data))
+            if op == "catalog":
+                fd, size = self.meta.catalog(fqrn, path)
+            else:
+                data = self.meta.get(fqrn, path)
+                size = len(data)
+                fd = fill_sealed_memfd(f"{fqrn}/{path}", size, lambda out: out.write_at(0, data))
         except OSError as e:  # RepositoryError too: the job then fetches it itself
             why = str(e) if isinstance(e, RepositoryError) else f"{fqrn}/{path}: {e.strerror}"
             with contextlib.suppress(OSError):
                 self._send(
                     conn,
-                    {"op": "meta", "ok": False, "fqrn": fqrn, "path": path, "errno": e.errno,
+                    {"op": op, "ok": False, "fqrn": fqrn, "path": path, "errno": e.errno,
                      "error": why},
                 )  # fmt: skip
             return
         try:
-            reply = {"op": "meta", "ok": True, "fqrn": fqrn, "path": path, "size": len(data)}
+            reply = {"op": op, "ok": True, "fqrn": fqrn, "path": path, "size": size}
             with conn.lock:
                 if not conn.closed:
                     conn.sock.sendmsg(

@@ -327,6 +327,15 @@ class Fetcher:
         """
         return self._call(self.fetch(url_path, expected, what, check, kind, size))
 
+    def catalog(
+        self, url_path: str, expected: ContentHash, what: str = "", *, size: int | None = None
+    ) -> bytes:
+        """A catalog's SQLite bytes: fetched, verified against ``expected``, inflated here
+        (FetchError/NotFound, or FormatError for a corrupt or oversized stream)."""
+        from cvmfs_format.catalog import inflate_catalog  # sqlite3: only once a job mounts
+
+        return inflate_catalog(self.get(url_path, expected, what, size=size), what)
+
     def get_many(self, items: Iterable[Item]) -> list[bytes | BaseException]:
         """Fetch concurrently; results (or the exception per item) in input order."""
         import asyncio

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import logging
 import math
+import mmap
 import re
 import threading
 import time
@@ -28,7 +29,7 @@ from cvmfs_format.catalog import Catalog, CatalogTree, Chunk, DirEntry, NestedRe
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest
-from cvmfs_format.objects import Suffix, inflate_pieces, parse_object_path, verify_object
+from cvmfs_format.objects import Suffix, inflate_pieces, parse_object_path
 from cvmfs_format.verify import loading, recheck_ensemble, verify_ensemble
 from worker.config import ConfigError
 from worker.ram.ramcache import CachedObject, RamCache
@@ -67,6 +68,18 @@ class ObjectSource(Protocol):
         size: int | None = None,
     ) -> Future[bytes]:
         """Start one fetch; the future has its verified stored bytes (or FetchError)."""
+        ...
+
+
+class RepositorySource(ObjectSource, Protocol):
+    """What a mounted repository needs: objects, and its catalogs ready to open."""
+
+    def catalog(
+        self, url_path: str, expected: ContentHash, what: str = "", *, size: int | None = None
+    ) -> bytes | mmap.mmap:
+        """A catalog's SQLite bytes, its stored form verified against ``expected`` (or
+        FetchError, FormatError); a node's cache service hands a mapping of the copy it
+        inflated once for all its jobs."""
         ...
 
 
@@ -124,7 +137,7 @@ class MountedRepository:
     def __init__(
         self,
         fqrn: str,
-        fetcher: ObjectSource,
+        fetcher: RepositorySource,
         master_keys: Sequence[rsa.RSAPublicKey] = (),
         cache: RamCache | None = None,
         *,
@@ -226,11 +239,10 @@ class MountedRepository:
         return manifest
 
     def _load_catalog(self, content: ContentHash, what: str, size: int | None) -> Catalog:
+        name = f"{self.fqrn} {what}"
+        path = object_url(self.fqrn, content.object_path(Suffix.CATALOG))
         try:
-            stored = self._read(
-                content.object_path(Suffix.CATALOG), f"{self.fqrn} {what}", size or None
-            )
-            catalog = Catalog(verify_object(stored, content, what), f"{self.fqrn} {what}")
+            catalog = Catalog(self.fetcher.catalog(path, content, name, size=size or None), name)
         except FetchError as e:
             raise RepositoryError(errno.EIO, str(e)) from None
         except FormatError as e:
@@ -453,7 +465,7 @@ class Repositories:
 
     def __init__(
         self,
-        fetcher: ObjectSource,
+        fetcher: RepositorySource,
         master_keys: Sequence[rsa.RSAPublicKey] = (),
         cache: RamCache | None = None,
         configured: Sequence[str] = (),

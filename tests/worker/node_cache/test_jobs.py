@@ -192,8 +192,11 @@ def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
             assert (received, ahead) == (len(paths), 0), err
         else:
             assert (received, ahead) == (0, len(paths)), err
-    # each object fetched once; and per job the manifest, the catalog once (kept)
-    assert service_stats(cache_dir)["requests"] == len(paths) + 2 + 1
+    # each object fetched once; and per job the manifest, the catalog once (kept, inflated
+    # once: each job mapped the service's copy, neither inflated its own)
+    stats = service_stats(cache_dir)
+    assert stats["requests"] == len(paths) + 2 + 1
+    assert (stats["catalog"], stats["meta"]) == (2, 2), stats
 
 
 def test_a_new_job_on_a_warm_node_answers_paths_without_python(
