@@ -109,8 +109,9 @@ class ServiceFirst:
     """The object source of a job's repositories with a node service: their own files
     (manifest, whitelist, certificate, catalogs) through the service, which keeps them for
     the node's next jobs; everything else, and anything the service cannot give, through
-    the job's own fetcher (which then starts its HTTP client).  Bytes from the service are
-    checked here as the fetcher would check them."""
+    the job's own fetcher (which then starts its HTTP client).  Stored bytes from the
+    service are checked here as the fetcher would check them; a catalog comes inflated, and
+    is trusted as the service's objects are (the service verified it against its name)."""
 
     def __init__(self, client: CacheClient, fetcher: Fetcher) -> None:
         self.client = client
