@@ -288,6 +288,27 @@ void fo_set_shadow(const char *shadow, size_t n)
     hdr->shadow_len = (uint32_t)n;
 }
 
+/* Directories of RAM files that open answers name ("/proc/<us>/fd/<n>/<name>"): tracees
+ * exec'd from now on open their files with openat on an fd of their own (fo_priv_t).  After
+ * fo_init; a directory that does not fit, or one too many, keeps the walk through /proc. */
+void fo_add_object_dir(const char *dir, size_t n)
+{
+    while (n && dir[n - 1] == '/')
+        n--;
+    if (!shm || !n || n >= sizeof hdr->dirs[0])
+        return;
+    for (int i = 0; i < FO_DIRS; i++) {
+        if (hdr->dir_len[i] == n && memcmp(hdr->dirs[i], dir, n) == 0)
+            return;
+        if (!hdr->dir_len[i]) {
+            memcpy(hdr->dirs[i], dir, n);
+            hdr->dirs[i][n] = 0;
+            __atomic_store_n(&hdr->dir_len[i], (uint32_t)n, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
 void fo_fini(void)
 {
     if (prefaulting) { /* before the mapping goes */
@@ -547,7 +568,7 @@ int fo_exec(pid_t pid, int *other)
     unsigned long at = ((unsigned long)saved.rsp - 256 - (unsigned long)pn) & ~15UL;
     unsigned long args = (at - sizeof(fo_setup_t)) & ~15UL;
     fo_setup_t a = {.path = at, .cookie = hdr->cookie, .fd = -1, .base = -1, .tramp = -1,
-                    .prot = -1, .counters = -1};
+                    .prot = -1, .counters = -1, .tprot = -1};
     struct iovec l[2] = {{path, (size_t)pn}, {&a, sizeof a}};
     struct iovec rv[2] = {{(void *)at, (size_t)pn}, {(void *)args, sizeof a}};
     r = saved;
@@ -574,7 +595,7 @@ int fo_exec(pid_t pid, int *other)
     struct iovec back = {&a, sizeof a}, from = {(void *)args, sizeof a};
     ok = ok && process_vm_readv(pid, &back, 1, &from, 1, 0) == (ssize_t)sizeof a && a.fd >= 0 &&
          (unsigned long)a.base < -4096UL && a.tramp == a.base + (long)FO_SIZE && a.prot == 0 &&
-         a.counters == a.base + (long)FO_CNT_OFF;
+         a.counters == a.base + (long)FO_CNT_OFF && a.tprot == 0;
     pwrite(mfd, orig, sizeof orig, (off_t)entry);
     close(mfd);
     ptrace(PTRACE_SETREGS, pid, 0, &saved);
@@ -656,9 +677,9 @@ void fo_patch(pid_t tid, long nr, uint64_t ip)
         ok = ok && (code[0] == 0xba || code[0] == 0xbe || code[0] == 0xbf);
     }
     enum { TLEN = 5 + 5 + 10 + 3 + 8 + 5 };
-    uint64_t t = p->base + FO_SIZE + p->tramp_used;
+    uint64_t t = p->base + FO_SIZE + FO_PRIV_SIZE + p->tramp_used; /* after the fo_priv_t */
     int64_t to_t = (int64_t)(t - (site + 5)), back = (int64_t)((site + 7) - (t + TLEN));
-    ok = ok && p->tramp_used + TLEN <= FO_TRAMP_SIZE && to_t == (int32_t)to_t &&
+    ok = ok && FO_PRIV_SIZE + p->tramp_used + TLEN <= FO_TRAMP_SIZE && to_t == (int32_t)to_t &&
          back == (int32_t)back && p->nsites < FO_SITES;
     char mem[40];
     snprintf(mem, sizeof mem, "/proc/%d/mem", (int)tid);

@@ -31,6 +31,7 @@
 #define FO_ARENA_SIZE (128ul << 20) /* sparse: pages are used as answers come */
 #define FO_SIZE (FO_ARENA_OFF + FO_ARENA_SIZE)
 #define FO_TRAMP_SIZE (64 * 1024ul)
+#define FO_DIRS 2
 #define FO_MAGIC 0x6e65706f74736166ull /* "fastopen" */
 
 /* What a slot answers.  Keys are mount paths in normal form, or for FO_IDENT the 16 bytes
@@ -81,7 +82,20 @@ typedef struct {
      * stands for the same place under `mount` */
     uint32_t shadow_len;
     char shadow[1024];
+    /* directories of RAM files as open answers name them ("/proc/<tracer>/fd/<n>", no
+     * trailing slash; dir_len 0: unused): each tracee holds an O_PATH fd of its own on each
+     * (fo_priv_t) and opens "<dir>/<name>" with openat(fd, name), ~2 µs less than the
+     * kernel's walk through /proc */
+    uint32_t dir_len[FO_DIRS];
+    char dirs[FO_DIRS][64];
 } fo_hdr_t;
+
+/* A tracee's own: the first FO_PRIV_SIZE bytes of its (private) trampoline area, written by
+ * fo_setup.  fork children inherit it with the fds it names. */
+typedef struct {
+    int32_t dir_fd[FO_DIRS]; /* -1: none (the open goes through /proc) */
+} fo_priv_t;
+#define FO_PRIV_SIZE 64
 
 typedef struct {
     uint64_t hits;   /* opens done in-process */
@@ -93,7 +107,8 @@ typedef struct {
 /* fo_setup's arguments and results (in the tracee's stack, below its red zone). */
 typedef struct {
     uint64_t path, cookie;          /* "/proc/<tracer>/fd/<memfd>", the filter's cookie */
-    int64_t fd, base, tramp, prot, counters; /* each call's result */
+    int64_t fd, base, tramp, prot, counters, tprot; /* each call's result */
+    int64_t dir_fd[FO_DIRS];                         /* fo_priv_t's, or the error */
 } fo_setup_t;
 
 /* FNV-1a; 0 is kept for empty slots. */

@@ -13,6 +13,7 @@
 int fo_init(const char *mount, size_t mount_n, const char *table_dir);
 void fo_fini(void);
 void fo_set_shadow(const char *shadow, size_t n); /* for getcwd in-process */
+void fo_add_object_dir(const char *dir, size_t n); /* opens there: openat on a tracee's fd */
 int fo_enabled(void);
 uint64_t fo_cookie(void);
 /* kind: FO_OPEN/STAT/LSTAT/IDENT (_fastopen.h); data: a path (is_path, with its NUL) or a

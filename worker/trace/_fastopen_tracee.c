@@ -196,6 +196,42 @@ static int absent(const char *base, const char *path)
     return lookup(base, FO_LISTED, path, slash, d) && !lookup(base, FO_NAMED, path, len, x);
 }
 
+#define NOT_TRIED (-4096L)
+
+/* A target in one of the RAM file directories ("<dir>/<name>"), opened with openat on this
+ * process's own fd of it (fo_priv_t) instead of through /proc; NOT_TRIED where that does
+ * not apply.  The program may have closed that fd, or put something else at its number:
+ * what opened is kept only if it is a regular file of one of our RAM file systems, whose
+ * names are never reused for other bytes; anything else goes through /proc as before. */
+static long open_in_dir(const char *base, const char *t, long fl, long mode)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    const fo_priv_t *pv = (const fo_priv_t *)(base + FO_SIZE);
+    for (int i = 0; i < FO_DIRS; i++) {
+        unsigned long n = __atomic_load_n(&h->dir_len[i], __ATOMIC_ACQUIRE), j = 0;
+        if (!n || pv->dir_fd[i] < 0)
+            continue;
+        while (j < n && t[j] == h->dirs[i][j])
+            j++;
+        if (j < n || t[n] != '/')
+            continue;
+        long fd = fo_syscall6(257, pv->dir_fd[i], (long)(t + n + 1), fl, mode, 0, cookie_of(base));
+        if (fd < 0)
+            return fd == -ENOENT_ ? fd : NOT_TRIED;
+        uint64_t st[18]; /* struct stat */
+        int ours = 0;
+        if (fo_syscall6(5, fd, (long)st, 0, 0, 0, cookie_of(base)) == 0 &&
+            (((const uint32_t *)st)[6] & 0170000) == 0100000)
+            for (int k = 0; k < 4 && h->ram_devs[k]; k++)
+                ours |= h->ram_devs[k] == st[0];
+        if (ours)
+            return fd;
+        fo_syscall6(3, fd, 0, 0, 0, 0, 0);
+        return NOT_TRIED;
+    }
+    return NOT_TRIED;
+}
+
 /* open/openat of a published path: open its target here */
 static long do_open(const char *base, const char *path, long fl, long mode, int *done)
 {
@@ -205,8 +241,10 @@ static long do_open(const char *base, const char *path, long fl, long mode, int 
     if (s && !s->data_len) /* a path that does not exist */
         return answered(&cnt->hits, done, -(long)s->err);
     if (s && s->is_path) {
-        long r = fo_syscall6(257, AT_FDCWD_, (long)data_of(base, s), fl, mode, 0,
-                             cookie_of(base));
+        long r = open_in_dir(base, data_of(base, s), fl, mode);
+        if (r == -ENOENT_ || r == NOT_TRIED)
+            r = fo_syscall6(257, AT_FDCWD_, (long)data_of(base, s), fl, mode, 0,
+                            cookie_of(base));
         if (r != -ENOENT_) /* ENOENT: evicted meanwhile; the tracer fetches it again */
             return answered(&cnt->hits, done, r);
     }
@@ -445,11 +483,41 @@ static long do_fstat(const char *base, long fd, void *buf, int *done)
     return 0;
 }
 
+/* fo_priv_t's fds: one O_PATH fd per RAM file directory, high in the fd table (from 3/4 of
+ * the soft RLIMIT_NOFILE, at most 768), where a program's own opens seldom reach; close-on-
+ * exec, as the next image gets its own. */
+static inline __attribute__((always_inline)) void open_dirs(const char *base, fo_priv_t *pv,
+                                                            fo_setup_t *a)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    unsigned long lim[2] = {0, 0};
+    long from = 0;
+    if (fo_syscall6(97 /* getrlimit */, 7 /* RLIMIT_NOFILE */, (long)lim, 0, 0, 0, 0) == 0)
+        from = lim[0] >= 1024 ? 768 : (long)(lim[0] / 4 * 3);
+    for (int i = 0; i < FO_DIRS; i++) {
+        pv->dir_fd[i] = -1;
+        a->dir_fd[i] = -1;
+        if (!h->dir_len[i] || from < 16)
+            continue;
+        long d = fo_syscall6(257, AT_FDCWD_, (long)h->dirs[i],
+                             010000000 | 0200000 | 02000000 /* O_PATH|O_DIRECTORY|O_CLOEXEC */,
+                             0, 0, (long)a->cookie);
+        long n = d < 0 ? d : fo_syscall6(72 /* fcntl */, d, 1030 /* F_DUPFD_CLOEXEC */, from,
+                                         0, 0, 0);
+        if (d >= 0)
+            fo_syscall6(3, d, 0, 0, 0, 0, 0);
+        a->dir_fd[i] = n;
+        if (n >= 0)
+            pv->dir_fd[i] = (int32_t)n;
+    }
+}
+
 /*
  * Run once per exec'd image, before its first instruction: the tracer copies these bytes over
  * the image's entry point, points rdi at a fo_setup_t and resumes it; this maps the memfd and
  * the trampoline area and stops at the int3, where the tracer reads the results and puts the
- * entry point back.  One round trip instead of one per call.
+ * entry point back.  One round trip instead of one per call.  Only its own bytes are copied:
+ * everything it calls must be inlined (always_inline), never a call into the rest of the blob.
  */
 __attribute__((used, noinline, noclone)) static void fo_setup(fo_setup_t *a)
 {
@@ -461,13 +529,19 @@ __attribute__((used, noinline, noclone)) static void fo_setup(fo_setup_t *a)
                                 1 /* MAP_SHARED */, fd, 0);
         a->base = base;
         if ((unsigned long)base < -4096UL) {
-            a->tramp = fo_syscall6(9, base + (long)FO_SIZE, (long)FO_TRAMP_SIZE, 5,
+            a->tramp = fo_syscall6(9, base + (long)FO_SIZE, (long)FO_TRAMP_SIZE,
+                                   3 /* PROT_READ|WRITE, until fo_priv_t is written */,
                                    0x32 /* MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED */, -1, 0);
             a->prot = fo_syscall6(10, base + (long)FO_HDR_OFF, (long)(FO_SIZE - FO_HDR_OFF),
                                   1 /* PROT_READ */, 0, 0, 0);
             a->counters = fo_syscall6(9, base + (long)FO_CNT_OFF, (long)FO_PAGE,
                                       3 /* PROT_READ|WRITE */, 0x11 /* MAP_SHARED|MAP_FIXED */,
                                       fd, (long)FO_CNT_OFF);
+            if (a->tramp == base + (long)FO_SIZE) {
+                open_dirs((const char *)base, (fo_priv_t *)(base + FO_SIZE), a);
+                a->tprot = fo_syscall6(10, base + (long)FO_SIZE, (long)FO_TRAMP_SIZE,
+                                       5 /* PROT_READ|EXEC */, 0, 0, 0);
+            }
         }
         fo_syscall6(3, fd, 0, 0, 0, 0, 0);
     }

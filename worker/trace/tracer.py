@@ -263,6 +263,7 @@ def run(
                 io_uring,
                 mirror.rendered,
                 mirror.write,
+                [node_answers.prefix] if node_answers is not None and node_answers.prefix else [],
             )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -230,6 +232,74 @@ def test_a_new_job_on_a_warm_node_answers_paths_without_python(
     # the mount (the first touch of /cvmfs/<fqrn>) and the job's own directories: the test
     # program, its interpreter and libraries are host paths, never asked of Python
     assert upcalls(second) <= 3 and upcalls(first) > len(paths) // 5, (first, second)
+
+
+# argv: a writable directory, then /cvmfs paths; prints what it read, as JSON
+OWN_FD_JOB = r"""
+import hashlib, json, os, sys
+scratch, paths = sys.argv[1], sys.argv[2:]
+
+def digest(p):
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    finally:
+        os.close(fd)
+    return name, hashlib.sha256(data).hexdigest()
+
+dirs = [int(n) for n in os.listdir("/proc/self/fd")
+        if int(n) > 2 and os.path.isdir(f"/proc/self/fd/{n}")]
+first = {p: digest(p) for p in paths[0::3]}
+os.closerange(3, 1 << 16)  # a program that closes every fd it did not open itself
+closed = {p: digest(p) for p in paths[1::3]}
+# ... and then opens a directory of its own at that number, holding a file by the name of
+# an object it read, with other bytes
+decoys = {}
+for p in paths[2::3]:
+    name = digest(p)[0].lstrip("/")
+    with open(os.path.join(scratch, name), "wb") as f:
+        f.write(b"not the object")
+    decoys[p] = name
+fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+for d in dirs:
+    os.dup2(fd, d)
+os.close(fd)
+replaced = {p: digest(p) for p in paths[2::3]}
+print(json.dumps({"dirs": dirs, "first": first, "closed": closed, "replaced": replaced,
+                  "decoys": decoys}))
+"""
+
+
+def test_a_warm_node_job_opens_objects_through_its_own_fd_and_only_ours(
+    tracing, tree, proxy, cache_dir, tmp_path: Path
+) -> None:
+    """A new job on a warm node opens the node's objects with openat on an fd of the node's
+    directory that each of its processes holds (high in the fd table, close-on-exec), not by
+    the kernel's walk through /proc.  A program that closes that fd, or puts a directory of
+    its own at its number holding a file named like an object, still reads the object's
+    bytes: what opens there is used only if it is a file of our RAM file systems."""
+    paths = sorted(p for p in tree.digests if "/lib/" in p)[:30]
+    argv = [*HEP_EXEC, *job_argv(proxy, cache_dir), "--stats-internals", "--", sys.executable,
+            "-c", OWN_FD_JOB, str(tmp_path)]  # fmt: skip
+    cvmfs = [f"/cvmfs/{FQRN}{p}" for p in paths]
+    for job in ("warming", "warm"):
+        scratch = tmp_path / job
+        scratch.mkdir()
+        run = subprocess.run([*argv[:-1], str(scratch), *cvmfs], env=ENV, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert len(out["dirs"]) == 1 and out["dirs"][0] >= 16, out  # the node's objects' directory
+    for part in ("first", "closed", "replaced"):
+        for p, (_name, digest) in out[part].items():
+            assert digest == tree.digests[p.removeprefix(f"/cvmfs/{FQRN}")], (part, p)
+    assert all(out["replaced"][p][0].lstrip("/") == n for p, n in out["decoys"].items())
+    assert all((scratch / n).read_bytes() == b"not the object" for n in out["decoys"].values())
+    # the opens of those files were made inside the job (but the first, before its call site
+    # was patched, and one more at most)
+    m = re.search(r"in-process opens: (\d+) \(not trapped", run.stderr)
+    assert m and int(m.group(1)) >= len(paths) + len(paths) // 3 - 2, run.stderr
 
 
 def test_a_service_of_other_servers_is_never_used(tracing, tree, server, cache_dir) -> None:

@@ -107,10 +107,16 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     Py_ssize_t rn = 0;
     const char *wr = NULL; /* where we write the shadow tree (default: none) */
     Py_ssize_t wrn = 0;
+    PyObject *dirs_o = NULL; /* RAM file directories that open answers name (fo_add_object_dir) */
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOy#y#O|lippy#y#", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
-                          &spin_us, &mode, &in_process, &io_uring, &rnd, &rn, &wr, &wrn))
+    if (!PyArg_ParseTuple(args, "OOy#y#O|lippy#y#O", &argv_o, &env_o, &mnt, &mn, &shd, &sn, &h,
+                          &spin_us, &mode, &in_process, &io_uring, &rnd, &rn, &wr, &wrn,
+                          &dirs_o))
         return NULL;
+    if (dirs_o && dirs_o != Py_None && !PyList_Check(dirs_o)) {
+        PyErr_SetString(PyExc_TypeError, "object_dirs must be a list of bytes");
+        return NULL;
+    }
     if (!rnd) {
         rnd = shd;
         rn = sn;
@@ -166,8 +172,14 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
         scratch_cookie = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
     own_fd_prefix_n = (size_t)snprintf(own_fd_prefix, sizeof own_fd_prefix, "/proc/%d/fd/",
                                        (int)getpid());
-    if (notify && in_process && fo_init(mount_p, mount_n, mirror_w) == 0) /* before fork */
+    if (notify && in_process && fo_init(mount_p, mount_n, mirror_w) == 0) { /* before fork */
         fo_set_shadow(shadow_p, shadow_n);
+        for (Py_ssize_t i = 0; dirs_o && dirs_o != Py_None && i < PyList_GET_SIZE(dirs_o); i++) {
+            PyObject *d = PyList_GET_ITEM(dirs_o, i);
+            if (PyBytes_Check(d))
+                fo_add_object_dir(PyBytes_AS_STRING(d), (size_t)PyBytes_GET_SIZE(d));
+        }
+    }
 
     int go[2], err[2], ctl[2];
     if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
