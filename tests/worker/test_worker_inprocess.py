@@ -8,9 +8,11 @@ how many opens were done in-process.  Every figure it prints is compared with th
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -525,3 +527,64 @@ def test_getcwd_is_answered_in_process_the_tracer_s_way(world: World, tmp_path: 
         assert r.stdout.splitlines() == [want, want], r.stdout
         m = re.search(r"hep-exec:\s+getcwd\s+(\d+)", r.stderr)
         assert m and int(m[1]) <= 3, r.stderr  # one per call site, of 150 calls
+
+
+# argv: a host directory, a /cvmfs file; every call twice.  Each call is made on the /cvmfs
+# file first: the tracer patches a call site when it answers a /cvmfs path from it.
+HOST_MISSING = r"""
+import os, sys
+area, cvmfs = sys.argv[1:3]
+
+def ask(what, call, path):
+    for _ in range(2):
+        try:
+            r = call(path)
+            out = r.st_size if hasattr(r, "st_size") else r
+        except OSError as e:
+            out = os.strerror(e.errno)
+    print(what, path.replace(area, "AREA"), out)
+
+names = [cvmfs] + [f"{area}/missing{i}" for i in range(50)] + [
+    f"{area}/file/below", f"{area}/nodir/x", f"{area}/gone", f"{area}/hello",
+    f"{area}/odd/f00", f"{area}/odd/nothing", f"{area}/odd/f00/below", f"{area}/dangling",
+    f"{area}/../area/missing0", f"{area}/.//missing0", "/nonexistent-top-level"]
+for p in names:
+    ask("stat", os.stat, p)
+    ask("lstat", os.lstat, p)
+    ask("access", lambda q: os.access(q, os.R_OK), p)
+    ask("open", lambda q: os.close(os.open(q, os.O_RDONLY)), p)
+    ask("readlink", os.readlink, p)
+"""
+
+
+def test_missing_host_paths_are_answered_in_process(world: World, tmp_path: Path) -> None:
+    """A host path the kernel says is missing (ENOENT, ENOTDIR) is answered inside the
+    process, with no stop, where no host symlink can lead into the mount: its parent exists
+    and the name is no dangling link.  Everything else (a link into /cvmfs, a path under
+    one, a ".." or "//") goes to the tracer as before.  The answers are the tracer's own:
+    the same as with --no-in-process."""
+    area = tmp_path / "area"
+    area.mkdir()
+    (area / "file").write_text("x")
+    (area / "gone").symlink_to(f"{MOUNT}/no/such")
+    (area / "hello").symlink_to(f"{MOUNT}/f01")
+    (area / "odd").symlink_to(MOUNT)
+    (area / "dangling").symlink_to(tmp_path / "nowhere")
+    argv = [sys.executable, "-c", HOST_MISSING, str(area), f"{MOUNT}/f00"]
+    runs = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(world.proxy, argv, options=[opt, "--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        runs[opt] = r
+    lines = runs["--stats-internals"].stdout.splitlines()
+    assert lines == runs["--no-in-process"].stdout.splitlines()
+    said = {tuple(ln.split(" ", 2)[:2]): ln.split(" ", 2)[2] for ln in lines}
+    assert said[("stat", "AREA/hello")] == str(os.path.getsize(world.src / "f01"))
+    assert said[("stat", "AREA/odd/f00")] == str(os.path.getsize(world.src / "f00"))
+    assert said[("stat", "AREA/odd/nothing")] == said[("open", "AREA/missing7")]
+    assert said[("open", "AREA/file/below")] == os.strerror(errno.ENOTDIR)
+    assert said[("lstat", "AREA/gone")] != said[("stat", "AREA/gone")]  # the link, not where
+    # the fifty missing names: five calls each, a second time in-process
+    m = re.search(r"(\d+) stopped that were not for /cvmfs", runs["--stats-internals"].stderr)
+    n = re.search(r"(\d+) stopped that were not for /cvmfs", runs["--no-in-process"].stderr)
+    assert m and n and int(n[1]) - int(m[1]) >= 5 * 50, (m[0], n[0])

@@ -606,6 +606,58 @@ static int host_path(const char *base, const char *p)
     return 1;
 }
 
+/* Does a call on this host path follow a symlink in its last component? */
+static int follows_last(long nr, const long *a)
+{
+    switch (nr) {
+    case 6: case 89: case 267: case 192: case 195: /* lstat, readlink(at), l*xattr */
+        return 0;
+    case 262: case 439: /* newfstatat, faccessat2 */
+        return !(a[3] & AT_SYMLINK_NOFOLLOW_);
+    case 332: /* statx */
+        return !(a[2] & AT_SYMLINK_NOFOLLOW_);
+    default: /* open(at) (never with O_NOFOLLOW here), stat, access, faccessat, *xattr */
+        return 1;
+    }
+}
+
+/*
+ * ENOENT or ENOTDIR from the kernel for an absolute host path: is that the tracer's answer
+ * too?  It is unless a host symlink may lead into the mount, which the kernel cannot follow
+ * (worker/trace/trap/paths.c, via_host_symlink, whose rule this is): ENOTDIR always stands;
+ * ENOENT stands when the last component is no (dangling) link and its parent exists on the
+ * host.  Only for paths in normal form (a ".." may lead into the mount); else the tracer's.
+ */
+static int host_missing(const char *base, long nr, const long *a, const char *p, long r)
+{
+    unsigned long n = 0, slash = 0;
+    for (; p[n]; n++) {
+        if (n >= 1000)
+            return 0;
+        if (p[n] != '/')
+            continue;
+        slash = n;
+        char c = p[n + 1];
+        if (c == 0 || c == '/' ||
+            (c == '.' && (p[n + 2] == 0 || p[n + 2] == '/' ||
+                          (p[n + 2] == '.' && (p[n + 3] == 0 || p[n + 3] == '/')))))
+            return 0; /* "//", ".", "..", a trailing "/" */
+    }
+    if (r == -20 /* ENOTDIR */)
+        return 1;
+    uint64_t st[18]; /* struct stat */
+    long cookie = cookie_of(base);
+    if (follows_last(nr, a) && fo_syscall6(6, (long)p, (long)st, 0, 0, 0, cookie) == 0)
+        return 0; /* a dangling link: where it leads is the tracer's to find */
+    if (slash == 0)
+        return 1; /* "/name": its parent is the root */
+    char parent[1024];
+    for (unsigned long i = 0; i < slash; i++)
+        parent[i] = p[i];
+    parent[slash] = 0;
+    return fo_syscall6(4, (long)parent, (long)st, 0, 0, 0, cookie) == 0;
+}
+
 /* The path argument of the calls fo_main handles, or NULL. */
 static const char *path_of(long nr, const long *a)
 {
@@ -683,15 +735,15 @@ static long fo_main(const char *base, long nr, const long *a)
     if (done)
         return r;
     /* A host path: made here, with the cookie (none of these calls has a sixth argument),
-     * as the tracer would let it through.  Only ENOENT and ENOTDIR are asked again: the
-     * tracer then looks for a host symlink leading into the mount (the kernel cannot follow
-     * it there), and a write through one must fail with EROFS, not create anything. */
+     * as the tracer would let it through.  ENOENT and ENOTDIR are asked again where a host
+     * symlink may lead into the mount (host_missing): the tracer then follows it there (the
+     * kernel cannot), and a write through one must fail with EROFS, not create anything. */
     const char *p = path_of(nr, a);
     long oflags = nr == 2 ? a[1] : nr == 257 ? a[2] : 0;
     if (p && !(oflags & FO_REFUSE) && !(nr == 262 && (a[3] & AT_EMPTY_PATH_)) &&
         host_path(base, p)) {
         r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
-        if (r != -ENOENT_ && r != -20 /* ENOTDIR */) {
+        if ((r != -ENOENT_ && r != -20 /* ENOTDIR */) || host_missing(base, nr, a, p, r)) {
             __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1,
                                __ATOMIC_RELAXED);
             return r;
