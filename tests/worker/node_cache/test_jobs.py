@@ -302,6 +302,46 @@ def test_a_warm_node_job_opens_objects_through_its_own_fd_and_only_ours(
     assert m and int(m.group(1)) >= len(paths) + len(paths) // 3 - 2, run.stderr
 
 
+# argv: a /cvmfs directory, then files under it: the first touch (the mount), a pause, then
+# each file read once; prints their sha256, as JSON
+PAUSED_JOB = r"""
+import hashlib, json, os, sys, time
+root, paths = sys.argv[1], sys.argv[2:]
+os.stat(root)
+time.sleep(0.5)
+out = {}
+for p in paths:
+    with open(root + p, "rb") as f:
+        out[p] = hashlib.sha256(f.read()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_a_warm_node_job_has_every_directory_s_opens_put_ahead(
+    tracing, tree, proxy, cache_dir
+) -> None:
+    """The opens of the node's objects come with the node's answers when a job mounts the
+    revision, and a thread of the job puts them while the program runs: a program that
+    opens files in many directories some time after its first touch finds every open
+    answered in its own process, with no stop for any directory."""
+    one_per_data_dir = {p.rsplit("/", 1)[0]: p for p in sorted(tree.digests) if "/data/" in p}
+    paths = sorted(p for p in tree.digests if "/lib/" in p) + sorted(one_per_data_dir.values())
+    assert len({p.rsplit("/", 1)[0] for p in paths}) >= 12  # directories
+    argv = [*HEP_EXEC, *job_argv(proxy, cache_dir), "--stats-internals", "--", sys.executable,
+            "-c", PAUSED_JOB, f"/cvmfs/{FQRN}", *paths]  # fmt: skip
+    for _job in ("warming", "warm"):
+        run = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout) == {p: tree.digests[p] for p in paths}
+    assert put_from_node(run.stderr) >= len(paths), run.stderr
+    # of the opens of those files only the first is the tracer's (its call site is patched
+    # then): none waits for its directory's opens
+    m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", run.stderr)
+    assert m and int(m[1]) >= len(paths) - 1 and int(m[2]) == 0, run.stderr
+    hits = re.search(r"C-cache hits (\d+)", run.stderr)
+    assert hits and int(hits[1]) <= 2, run.stderr
+
+
 def test_a_service_of_other_servers_is_never_used(tracing, tree, server, cache_dir) -> None:
     """A service started with other servers (here: one that is down) at the directory a job
     names is not that job's: it says so in one line and keeps a private cache, fetching only

@@ -23,6 +23,16 @@ static uid_t my_uid;
  * over calls into Python (only the ADDFD wait in notify_open runs outside it); lock order is
  * big, then the GIL. */
 static pthread_mutex_t big = PTHREAD_MUTEX_INITIALIZER;
+/* Threads waiting for `big` to answer a call: the thread putting opens ahead gives way to
+ * them (a mutex is not fair: it would take the lock again and again). */
+static int big_wanted;
+
+static inline void big_lock(void)
+{
+    __atomic_add_fetch(&big_wanted, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_lock(&big);
+    __atomic_sub_fetch(&big_wanted, 1, __ATOMIC_ACQ_REL);
+}
 static int notify_fd = -1;
 /* The notification this thread is answering (notification threads only). */
 static __thread struct {

@@ -1,6 +1,7 @@
 /*
  * Directory maps of the node's listings, mirrors, opens looked for and opens deferred
- * (dirmap_find, dirmap_clear, dirs_clear, put_opens_of, put_deferred_opens).
+ * (dirmap_find, dirmap_clear, dirs_clear, put_opens_of, put_deferred_opens) and the thread
+ * putting deferred opens ahead (opens_start, opens_join).
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
  * _trap.c's header and answers.c, config.c, put.c, pack.c, staged.c define.
@@ -89,6 +90,7 @@ static int stage_dir(const char *d, size_t dn, const char *within, size_t wn, co
 
 static void dirs_clear(void)
 {
+    opens_join();
     release_tables();
     dirmap_clear(&node_listings);
     dirmap_clear(&mirrored);
@@ -115,6 +117,62 @@ static long put_opens_of(dirmap_slot_t *o)
     long n = put_packed_bytes(data, o->len, mount_p, mount_n); /* (all below the mount) */
     free(data);
     return n;
+}
+
+/*
+ * The deferred opens put ahead by a thread of their own, a directory at a time in the order
+ * the node's jobs came to them, while the program runs (on a 2-vCPU node the other CPU is
+ * mostly idle then): its first open in a directory then finds them put, where it used to
+ * stop and wait for them (584 stops of 10-50 µs in a walk over 8,000 files).  Under `big`,
+ * which this thread only tries to take, so that a thread holding it can stop and join this
+ * one; the first open in a directory not reached yet still puts it itself.
+ */
+static pthread_t opens_thread;
+static int opens_running, opens_stop;
+
+static void *opens_main(void *arg)
+{
+    (void)arg;
+    for (size_t i = 0;; i++) {
+        while (__atomic_load_n(&big_wanted, __ATOMIC_ACQUIRE) ||
+               pthread_mutex_trylock(&big) != 0) {
+            if (__atomic_load_n(&opens_stop, __ATOMIC_ACQUIRE))
+                return NULL;
+            struct timespec pause = {0, 20000};
+            nanosleep(&pause, NULL);
+        }
+        int done = __atomic_load_n(&opens_stop, __ATOMIC_ACQUIRE) || i >= od_n;
+        dirmap_slot_t *o =
+            done ? NULL : dirmap_find(&opens_deferred, od_order[i].dir, od_order[i].dn, 0);
+        if (o && o->data)
+            put_opens_of(o);
+        pthread_mutex_unlock(&big);
+        if (done)
+            return NULL;
+    }
+}
+
+/* Called with `big` held, after a table's opens were deferred. */
+static void opens_start(void)
+{
+    if (opens_running || !od_n || !fo_enabled())
+        return;
+    opens_stop = 0;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay the main thread's */
+    opens_running = pthread_create(&opens_thread, NULL, opens_main, NULL) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* Before the deferred opens go (end of a run); with `big` held or not. */
+static void opens_join(void)
+{
+    if (opens_running) {
+        __atomic_store_n(&opens_stop, 1, __ATOMIC_RELEASE);
+        pthread_join(opens_thread, NULL);
+        opens_running = 0;
+    }
 }
 
 static int put_deferred_opens(const char *key, size_t kn)

@@ -24,7 +24,7 @@ static void answer_notification(const struct seccomp_notif *req, struct seccomp_
     memset(resp, 0, notif_resp_size);
     resp->id = req->id;
     resp->flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
-    pthread_mutex_lock(&big);
+    big_lock();
     n_notified++;
     tstate_t *t = thread_find((pid_t)req->pid, 1);
     if (t) {

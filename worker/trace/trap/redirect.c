@@ -247,7 +247,7 @@ static long notify_open(pid_t tid, long nr, struct user_regs_struct *r, const ch
     long got = ioctl(notify_fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
     int e = errno;
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    pthread_mutex_lock(&big);
+    big_lock();
     if (probe && got >= 0) {
         double us = (double)(t1.tv_sec - t0.tv_sec) * 1e6 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e3;
         addfd_us = addfd_us > 0 ? 0.7 * addfd_us + 0.3 * us : us;

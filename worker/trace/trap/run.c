@@ -355,13 +355,13 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
             gap_ns = (7 * gap_ns + gap) / 8;
         }
         if (tid >= 0)
-            pthread_mutex_lock(&big); /* before the GIL: the lock order */
+            big_lock(); /* before the GIL: the lock order */
         Py_END_ALLOW_THREADS
         if (tid < 0) {
             if (errno == EINTR) {
                 if (PyErr_CheckSignals() < 0 && !failure) {
                     PyErr_Fetch(&failure, &f_val, &f_tb);
-                    pthread_mutex_lock(&big);
+                    big_lock();
                     kill_all();
                     pthread_mutex_unlock(&big);
                 }
@@ -377,6 +377,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     stop_notify_threads();
     ahead_join();
+    opens_join();
     Py_END_ALLOW_THREADS
     restore_signals(fwd_sigs, saved, forwarding);
     Py_CLEAR(handler);
