@@ -587,4 +587,5 @@ def test_missing_host_paths_are_answered_in_process(world: World, tmp_path: Path
     # the fifty missing names: five calls each, a second time in-process
     m = re.search(r"(\d+) stopped that were not for /cvmfs", runs["--stats-internals"].stderr)
     n = re.search(r"(\d+) stopped that were not for /cvmfs", runs["--no-in-process"].stderr)
-    assert m and n and int(n[1]) - int(m[1]) >= 5 * 50, (m[0], n[0])
+    assert m and n, runs
+    assert int(n[1]) - int(m[1]) >= 5 * 50, (m[0], n[0])

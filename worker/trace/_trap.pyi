@@ -38,6 +38,7 @@ def run(
     io_uring: bool = False,
     rendered: bytes = ...,
     write: bytes = ...,
+    object_dirs: list[bytes] = ...,
     /,
 ) -> tuple[int, int, RawStats]: ...
 def forget(path: bytes, /) -> int: ...
