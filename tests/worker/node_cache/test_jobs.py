@@ -302,17 +302,19 @@ def test_a_warm_node_job_opens_objects_through_its_own_fd_and_only_ours(
     assert m and int(m.group(1)) >= len(paths) + len(paths) // 3 - 2, run.stderr
 
 
-# argv: a /cvmfs directory, then files under it: the first touch (the mount), a pause, then
-# each file read once; prints their sha256, as JSON
+# argv: a /cvmfs directory, then files under it: the first file read, a pause, then each of
+# the others read once; prints their sha256, as JSON
 PAUSED_JOB = r"""
 import hashlib, json, os, sys, time
 root, paths = sys.argv[1], sys.argv[2:]
-os.stat(root)
-time.sleep(0.5)
-out = {}
-for p in paths:
+
+def read(p):
     with open(root + p, "rb") as f:
-        out[p] = hashlib.sha256(f.read()).hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
+
+out = {paths[0]: read(paths[0])}
+time.sleep(0.5)
+out.update((p, read(p)) for p in paths[1:])
 print(json.dumps(out))
 """
 
@@ -321,9 +323,9 @@ def test_a_warm_node_job_has_every_directory_s_opens_put_ahead(
     tracing, tree, proxy, cache_dir
 ) -> None:
     """The opens of the node's objects come with the node's answers when a job mounts the
-    revision, and a thread of the job puts them while the program runs: a program that
-    opens files in many directories some time after its first touch finds every open
-    answered in its own process, with no stop for any directory."""
+    revision, and from the program's first open on a thread of the job puts them while the
+    program runs: a program that opens files in many directories finds, after its first,
+    every open answered in its own process, with no stop for any directory."""
     one_per_data_dir = {p.rsplit("/", 1)[0]: p for p in sorted(tree.digests) if "/data/" in p}
     paths = sorted(p for p in tree.digests if "/lib/" in p) + sorted(one_per_data_dir.values())
     assert len({p.rsplit("/", 1)[0] for p in paths}) >= 12  # directories
@@ -334,10 +336,11 @@ def test_a_warm_node_job_has_every_directory_s_opens_put_ahead(
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout) == {p: tree.digests[p] for p in paths}
     assert put_from_node(run.stderr) >= len(paths), run.stderr
-    # of the opens of those files only the first is the tracer's (its call site is patched
-    # then): none waits for its directory's opens
+    # of the opens of those files the first is the tracer's (its call site is patched then)
+    # and one other at most; without the thread, the first open in every fifth directory
+    # stops (3 here)
     m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", run.stderr)
-    assert m and int(m[1]) >= len(paths) - 1 and int(m[2]) == 0, run.stderr
+    assert m and int(m[1]) >= len(paths) - 2 and int(m[2]) <= 1, run.stderr
     hits = re.search(r"C-cache hits (\d+)", run.stderr)
     assert hits and int(hits[1]) <= 2, run.stderr
 

@@ -152,7 +152,8 @@ static void *opens_main(void *arg)
     }
 }
 
-/* Called with `big` held, after a table's opens were deferred. */
+/* Called with `big` held, at the program's first open that finds its directory's opens
+ * deferred: a program that only stats (find, ls -l) never pays for the others'. */
 static void opens_start(void)
 {
     if (opens_running || !od_n || !fo_enabled())
@@ -192,5 +193,6 @@ static int put_deferred_opens(const char *key, size_t kn)
             ahead++;
         }
     }
+    opens_start(); /* the program opens files: the others' opens now, ahead of it */
     return n > 0;
 }

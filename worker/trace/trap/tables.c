@@ -231,7 +231,6 @@ static PyObject *trap_put_table(PyObject *self, PyObject *args)
     nt_free(&t);
     if (oom)
         return PyErr_NoMemory();
-    opens_start();
     return put_result(n);
 }
 
