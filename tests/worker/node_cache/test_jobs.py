@@ -345,6 +345,50 @@ def test_a_warm_node_job_has_every_directory_s_opens_put_ahead(
     assert hits and int(hits[1]) <= 2, run.stderr
 
 
+# argv: a /cvmfs directory, then directories under it: each listed, opened, fstat'ed and
+# stat'ed; prints what was seen, as JSON
+LISTING_JOB = r"""
+import json, os, sys, time
+root, dirs = sys.argv[1], sys.argv[2:]
+os.listdir(root)
+time.sleep(0.5)
+out = {}
+for d in dirs:
+    fd = os.open(root + d, os.O_RDONLY | os.O_DIRECTORY)
+    by_fd, by_path = os.fstat(fd), os.stat(root + d)
+    os.close(fd)
+    same = [getattr(by_fd, a) == getattr(by_path, a) for a in
+            ("st_ino", "st_mode", "st_nlink", "st_mtime_ns", "st_size", "st_dev")]
+    out[d] = {"names": sorted(os.listdir(root + d)), "fstat is stat": all(same)}
+print(json.dumps(out))
+"""
+
+
+def test_a_warm_node_job_opens_the_node_s_directories_in_its_own_process(
+    tracing, tree, proxy, cache_dir
+) -> None:
+    """The directories a node's jobs listed are mirrored ahead in a new job, and their opens
+    are answered inside the program once mirrored: listing each of them (Python lists every
+    package directory on its path once) stops the program at most for the first, and the
+    listings and the fstat of each directory's fd are what the repository says."""
+    dirs = sorted({p.rsplit("/", 1)[0] for p in tree.digests})
+    argv = [*HEP_EXEC, *job_argv(proxy, cache_dir), "--stats-internals", "--", sys.executable,
+            "-c", LISTING_JOB, f"/cvmfs/{FQRN}", *dirs]  # fmt: skip
+    for _job in ("warming", "warm"):
+        run = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        for d in dirs:
+            want = sorted(p.rsplit("/", 1)[1] for p in tree.digests if p.rsplit("/", 1)[0] == d)
+            assert out[d] == {"names": want, "fstat is stat": True}, (d, out[d])
+    # the warm job: every directory open but the first from a call site in-process (two a
+    # directory: os.open and os.listdir); the tracer answered that first one at most
+    m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", run.stderr)
+    assert m and int(m[1]) >= 2 * len(dirs) - 2 and int(m[2]) == 0, run.stderr
+    by_tracer = re.search(r"directories opened from the node's listings (\d+)", run.stderr)
+    assert by_tracer and int(by_tracer[1]) <= 2, run.stderr
+
+
 def test_a_service_of_other_servers_is_never_used(tracing, tree, server, cache_dir) -> None:
     """A service started with other servers (here: one that is down) at the directory a job
     names is not that job's: it says so in one line and keeps a private cache, fetching only

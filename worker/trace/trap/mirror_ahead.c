@@ -52,12 +52,50 @@ static int ahead_make(ahead_mirror_t *m)
     return st;
 }
 
+static int dir_open_from_node(const char *key, size_t kn, action_t *out);
+
+/* A directory this thread has mirrored: its open answered inside the program from now on, as
+ * the tracer would answer it (dir_open_from_node, note_open, offer_open), so that the
+ * program's first open of it (Python lists every package directory once) does not stop.
+ * Under `big`, taken as the thread putting opens ahead takes it (opens_main). */
+static void ahead_offer(const ahead_mirror_t *m)
+{
+    while (__atomic_load_n(&big_wanted, __ATOMIC_ACQUIRE) || pthread_mutex_trylock(&big) != 0) {
+        if (__atomic_load_n(&ahead_stop, __ATOMIC_ACQUIRE))
+            return;
+        struct timespec pause = {0, 20000};
+        nanosleep(&pause, NULL);
+    }
+    action_t a;
+    const char *d;
+    size_t dl;
+    int err, is_path;
+    if (!fo_lost && !fo_find(FO_OPEN, m->dir, m->dn, &d, &dl, &err, &is_path) &&
+        !known_stat(m->dir, m->dn, F_NOFOLLOW))
+        put_staged_prefixes(m->dir, m->dn); /* its stat, with its parent's staged answers */
+    if (!fo_lost && !fo_find(FO_OPEN, m->dir, m->dn, &d, &dl, &err, &is_path) &&
+        dir_open_from_node(m->dir, m->dn, &a)) {
+        note_open(&a);
+        if (a.ram_ino && fo_publish(FO_OPEN, m->dir, m->dn, a.bval, a.blen + 1, 1, 0, a.ram_dev,
+                                    a.ram_ino)) {
+            uint64_t id[2] = {a.ram_dev, a.ram_ino};
+            struct stat st;
+            fill_stat(a.st, &st);
+            fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, a.ram_dev,
+                       a.ram_ino);
+        }
+        free(a.bval);
+    }
+    pthread_mutex_unlock(&big);
+}
+
 static void *ahead_main(void *arg)
 {
     (void)arg;
     for (size_t i = 0; i < n_ahead_mirrors && !__atomic_load_n(&ahead_stop, __ATOMIC_ACQUIRE);
          i++)
-        ahead_make(&ahead_mirrors[i]);
+        if (ahead_make(&ahead_mirrors[i]) == AM_MADE && fo_enabled())
+            ahead_offer(&ahead_mirrors[i]); /* (once, whoever made it) */
     return NULL;
 }
 

@@ -64,7 +64,15 @@ static void stale_open(int cls, int flags, const char *key, size_t kn)
 static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, size_t kn)
 {
     uint64_t dev = 0, ino = 0;
-    if (strncmp(a->bval, own_fd_prefix, own_fd_prefix_n) == 0) {
+    if (has_prefix(a->bval, a->blen, target_p, target_n)) {
+        /* a directory's mirror, noted by note_open: fstat says its stat (asked before the
+         * RAM files: the shadow tree is reached through an fd of ours too) */
+        fdid_t *f = a->ram_ino ? ids_find(a->ram_dev, a->ram_ino) : NULL;
+        if (!f || f->ino != a->ram_ino || f->shared)
+            return;
+        dev = a->ram_dev;
+        ino = a->ram_ino;
+    } else if (strncmp(a->bval, own_fd_prefix, own_fd_prefix_n) == 0) {
         const char *leaf;
         fdid_t *f = a->ram_ino ? ids_find(a->ram_dev, a->ram_ino) : NULL;
         if (own_dir_name(a->bval, &leaf) < 0 || !f || f->ino != a->ram_ino || f->shared)
@@ -80,14 +88,8 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
             return;
         dev = a->ram_dev;
         ino = a->ram_ino;
-    } else if (!has_prefix(a->bval, a->blen, target_p, target_n)) {
+    } else {
         return;
-    } else if (a->ram_ino) { /* a directory's mirror, noted by note_open: fstat says its stat */
-        fdid_t *f = ids_find(a->ram_dev, a->ram_ino);
-        if (f && f->ino == a->ram_ino && !f->shared) {
-            dev = a->ram_dev;
-            ino = a->ram_ino;
-        }
     }
     if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
         return;
