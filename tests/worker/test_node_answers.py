@@ -414,9 +414,10 @@ for d, dirs, files in os.walk(root):  # opens and lists each directory (scandir)
 
 def test_directories_the_node_listed_are_opened_without_python(node: Path, tmp_path: Path) -> None:
     """A new job's first open of each directory an earlier job of the node listed is answered
-    by the C side from the node's listing (its mirror made there, ancestors first), with no
-    upcall: what it lists, and what fstat of the directory fd says, are what the first job
-    saw and what the source tree holds."""
+    from the node's listing (its mirror made there, ancestors first), by the C side or, once
+    the mirror is made ahead, inside the program, with no upcall: what it lists, and what
+    fstat of the directory fd says, are what the first job saw and what the source tree
+    holds."""
     with ram_dir() as src:
         for a in range(4):
             for b in range(3):
@@ -434,8 +435,13 @@ def test_directories_the_node_listed_are_opened_without_python(node: Path, tmp_p
         assert r.stdout == want.stdout
     assert "False" not in want.stdout
     from_node = re.search(r"directories opened from the node's listings (\d+)", runs[1].stderr)
-    assert from_node, runs[1].stderr
-    # all but the repository's root (its parent, the mount, is mirrored by Python first)
-    assert int(from_node[1]) == dirs - 1, runs[1].stderr
+    inproc = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", runs[1].stderr)
+    assert from_node and inproc, runs[1].stderr
+    # all but the repository's root (its parent, the mount, is mirrored by Python first); each
+    # is opened three times (os.walk's scandir, os.open, os.listdir), by the tracer where the
+    # program came before the thread making the mirrors ahead or before the call site was
+    # patched, else inside the program
+    assert int(from_node[1]) <= dirs - 1, runs[1].stderr
+    assert int(from_node[1]) + int(inproc[1]) >= 3 * (dirs - 1) - 3, runs[1].stderr
     assert re.search(r"directories opened from the node's listings 0\b", runs[0].stderr)
     assert upcalls(runs[1].stderr) < upcalls(runs[0].stderr) - (dirs - 1), runs[1].stderr

@@ -1,6 +1,7 @@
 /*
  * Run-wide configuration (mount, shadow and target paths, the Python handler, the notify fd,
- * the `big` lock and the leader hand-off of the notify threads) and the statistics counters.
+ * the `big` lock (and how threads of ours working ahead take it, start and stop) and the
+ * leader hand-off of the notify threads) and the statistics counters.
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses only
  * what _trap.c's header defines.
@@ -32,6 +33,42 @@ static inline void big_lock(void)
     __atomic_add_fetch(&big_wanted, 1, __ATOMIC_ACQ_REL);
     pthread_mutex_lock(&big);
     __atomic_sub_fetch(&big_wanted, 1, __ATOMIC_ACQ_REL);
+}
+
+/* `big` for a thread of ours working ahead of the program: taken only by trying, and not while
+ * a thread answering a call waits for it; 0 (not taken) once *stop is set, so that a thread
+ * holding `big` can stop and join this one. */
+static int big_lock_giving_way(const int *stop)
+{
+    while (__atomic_load_n(&big_wanted, __ATOMIC_ACQUIRE) || pthread_mutex_trylock(&big) != 0) {
+        if (__atomic_load_n(stop, __ATOMIC_ACQUIRE))
+            return 0;
+        struct timespec pause = {0, 20000};
+        nanosleep(&pause, NULL);
+    }
+    return 1;
+}
+
+/* A thread of ours working ahead: started with every signal blocked (they stay the main
+ * thread's); *running says whether it was. */
+static void ahead_thread_start(pthread_t *t, void *(*fn)(void *), int *running, int *stop)
+{
+    *stop = 0;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    *running = pthread_create(t, NULL, fn, NULL) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* ... and stopped: told to, then joined. */
+static void ahead_thread_join(pthread_t t, int *running, int *stop)
+{
+    if (*running) {
+        __atomic_store_n(stop, 1, __ATOMIC_RELEASE);
+        pthread_join(t, NULL);
+        *running = 0;
+    }
 }
 static int notify_fd = -1;
 /* The notification this thread is answering (notification threads only). */

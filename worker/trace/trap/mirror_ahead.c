@@ -57,15 +57,11 @@ static int dir_open_from_node(const char *key, size_t kn, action_t *out);
 /* A directory this thread has mirrored: its open answered inside the program from now on, as
  * the tracer would answer it (dir_open_from_node, note_open, offer_open), so that the
  * program's first open of it (Python lists every package directory once) does not stop.
- * Under `big`, taken as the thread putting opens ahead takes it (opens_main). */
+ * Under `big`, giving way to the threads answering calls. */
 static void ahead_offer(const ahead_mirror_t *m)
 {
-    while (__atomic_load_n(&big_wanted, __ATOMIC_ACQUIRE) || pthread_mutex_trylock(&big) != 0) {
-        if (__atomic_load_n(&ahead_stop, __ATOMIC_ACQUIRE))
-            return;
-        struct timespec pause = {0, 20000};
-        nanosleep(&pause, NULL);
-    }
+    if (!big_lock_giving_way(&ahead_stop))
+        return;
     action_t a;
     const char *d;
     size_t dl;
@@ -128,22 +124,13 @@ static void ahead_start(void)
             l->ahead = i + 1;
     }
     n_ahead_mirrors = n;
-    ahead_stop = 0;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay the main thread's */
-    ahead_running = pthread_create(&ahead_thread, NULL, ahead_main, NULL) == 0;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    ahead_thread_start(&ahead_thread, ahead_main, &ahead_running, &ahead_stop);
 }
 
 /* Before the shadow tree's fds may close (end of a run). */
 static void ahead_join(void)
 {
-    if (ahead_running) {
-        __atomic_store_n(&ahead_stop, 1, __ATOMIC_RELEASE);
-        pthread_join(ahead_thread, NULL);
-        ahead_running = 0;
-    }
+    ahead_thread_join(ahead_thread, &ahead_running, &ahead_stop);
 }
 
 static void ahead_clear(void)

@@ -134,13 +134,8 @@ static void *opens_main(void *arg)
 {
     (void)arg;
     for (size_t i = 0;; i++) {
-        while (__atomic_load_n(&big_wanted, __ATOMIC_ACQUIRE) ||
-               pthread_mutex_trylock(&big) != 0) {
-            if (__atomic_load_n(&opens_stop, __ATOMIC_ACQUIRE))
-                return NULL;
-            struct timespec pause = {0, 20000};
-            nanosleep(&pause, NULL);
-        }
+        if (!big_lock_giving_way(&opens_stop))
+            return NULL;
         int done = __atomic_load_n(&opens_stop, __ATOMIC_ACQUIRE) || i >= od_n;
         dirmap_slot_t *o =
             done ? NULL : dirmap_find(&opens_deferred, od_order[i].dir, od_order[i].dn, 0);
@@ -156,24 +151,14 @@ static void *opens_main(void *arg)
  * deferred: a program that only stats (find, ls -l) never pays for the others'. */
 static void opens_start(void)
 {
-    if (opens_running || !od_n || !fo_enabled())
-        return;
-    opens_stop = 0;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay the main thread's */
-    opens_running = pthread_create(&opens_thread, NULL, opens_main, NULL) == 0;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!opens_running && od_n && fo_enabled())
+        ahead_thread_start(&opens_thread, opens_main, &opens_running, &opens_stop);
 }
 
 /* Before the deferred opens go (end of a run); with `big` held or not. */
 static void opens_join(void)
 {
-    if (opens_running) {
-        __atomic_store_n(&opens_stop, 1, __ATOMIC_RELEASE);
-        pthread_join(opens_thread, NULL);
-        opens_running = 0;
-    }
+    ahead_thread_join(opens_thread, &opens_running, &opens_stop);
 }
 
 static int put_deferred_opens(const char *key, size_t kn)
