@@ -66,21 +66,15 @@ static void ahead_offer(const ahead_mirror_t *m)
     const char *d;
     size_t dl;
     int err, is_path;
-    if (!fo_lost && !fo_find(FO_OPEN, m->dir, m->dn, &d, &dl, &err, &is_path) &&
-        !known_stat(m->dir, m->dn, F_NOFOLLOW))
-        put_staged_prefixes(m->dir, m->dn); /* its stat, with its parent's staged answers */
-    if (!fo_lost && !fo_find(FO_OPEN, m->dir, m->dn, &d, &dl, &err, &is_path) &&
-        dir_open_from_node(m->dir, m->dn, &a)) {
-        note_open(&a);
-        if (a.ram_ino && fo_publish(FO_OPEN, m->dir, m->dn, a.bval, a.blen + 1, 1, 0, a.ram_dev,
-                                    a.ram_ino)) {
-            uint64_t id[2] = {a.ram_dev, a.ram_ino};
-            struct stat st;
-            fill_stat(a.st, &st);
-            fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, a.ram_dev,
-                       a.ram_ino);
+    if (!fo_lost && !fo_find(FO_OPEN, m->dir, m->dn, &d, &dl, &err, &is_path)) {
+        if (!known_stat(m->dir, m->dn, F_NOFOLLOW))
+            put_staged_prefixes(m->dir, m->dn); /* its stat, with its parent's staged answers */
+        if (dir_open_from_node(m->dir, m->dn, &a)) {
+            note_open(&a);
+            if (a.ram_ino)
+                publish_open(&a, m->dir, m->dn, a.ram_dev, a.ram_ino);
+            free(a.bval);
         }
-        free(a.bval);
     }
     pthread_mutex_unlock(&big);
 }

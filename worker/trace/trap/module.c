@@ -111,7 +111,7 @@ static PyMethodDef methods[] = {
      "set_cmdline(title: bytes) -> bool: what ps shows for this process"},
     {"run", trap_run, METH_VARARGS,
      "run(argv, env, mount, shadow, handler, spin_us=0, mode=2, in_process=1, io_uring=0,\n"
-     "    rendered=shadow, writable=b'', object_dirs=[])\n"
+     "    rendered=shadow, write=b'', object_dirs=[])\n"
      "  -> (status, exec_errno, stats)\n"
      "mode: 0 ptrace only, 1 seccomp user notification for hot calls, 2 1 where it is fast.\n"
      "Run argv under ptrace+seccomp; handler(tid, cls, flags, path) answers cache misses."},

@@ -56,6 +56,22 @@ static void stale_open(int cls, int flags, const char *key, size_t kn)
     fo_withdraw(FO_OPEN, key, kn);
 }
 
+/* An open's answer (a redirect) in-process, with what fstat of an fd on its target (dev, ino;
+ * 0: none) says: the path's answer (see note_open).  0 if the table took nothing. */
+static int publish_open(const action_t *a, const char *key, size_t kn, uint64_t dev,
+                        uint64_t ino)
+{
+    if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
+        return 0;
+    if (ino) {
+        uint64_t id[2] = {dev, ino};
+        struct stat st;
+        fill_stat(a->st, &st);
+        fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, dev, ino);
+    }
+    return 1;
+}
+
 /* A notified open of `key` (the caller's own path, in normal form) was answered by a
  * cached redirect: let tracees open the target themselves from now on
  * (worker/trace/_fastopen.c), and patch the call site.  Not for RAM files opened under other
@@ -91,15 +107,8 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
     } else {
         return;
     }
-    if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
-        return;
-    if (ino) { /* and fstat of an fd on it: the path's answer (see note_open) */
-        uint64_t id[2] = {dev, ino};
-        struct stat st;
-        fill_stat(a->st, &st);
-        fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, dev, ino);
-    }
-    fo_patch(tid, nr, cur_notif.ip);
+    if (publish_open(a, key, kn, dev, ino))
+        fo_patch(tid, nr, cur_notif.ip);
 }
 
 /* The same for other answers from the cache: stat, lstat, newfstatat and statx (a struct
