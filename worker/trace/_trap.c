@@ -132,6 +132,7 @@ enum {
 #include "trap/notify_loop.c"
 #include "trap/ptrace_loop.c"
 #include "trap/run.c"
+#include "trap/object_inodes.c"
 #include "trap/put.c"
 #include "trap/pack.c"
 #include "trap/staged.c"

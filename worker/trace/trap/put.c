@@ -73,9 +73,17 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
         /* only a node cache service's objects by name, with the fstat answer: put
          * ahead of any open, so never pinned (see stale_open) */
         int got = -1;
-        if (!flags && a->kind == A_REDIRECT && a->st[0] && a->bval && named_ram_file(a->bval))
-            got = dirfd >= 0 && pre && a->blen > pre ? fstatat(dirfd, a->bval + pre, &rs, 0)
-                                                     : stat(a->bval, &rs);
+        uint64_t dev, ino;
+        if (!flags && a->kind == A_REDIRECT && a->st[0] && a->bval && named_ram_file(a->bval)) {
+            int named = dirfd >= 0 && pre && a->blen > pre;
+            if (named && inodes_find(dirfd, a->bval + pre, &dev, &ino)) {
+                rs.st_dev = (dev_t)dev; /* as the directory read at the first put said */
+                rs.st_ino = (ino_t)ino;
+                rs.st_mode = S_IFREG;
+                got = 0;
+            } else
+                got = named ? fstatat(dirfd, a->bval + pre, &rs, 0) : stat(a->bval, &rs);
+        }
         if (got != 0 || !S_ISREG(rs.st_mode)) {
             if (!pooled) { /* (a pooled one is left unused) */
                 free(e);

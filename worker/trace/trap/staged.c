@@ -157,4 +157,5 @@ static void stage_clear(void)
     job.prefix = NULL;
     job.pn = 0;
     job.dirfd = -1;
+    inodes_clear();
 }
