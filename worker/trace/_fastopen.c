@@ -59,6 +59,9 @@ _Static_assert(sizeof(struct statx) == 256 && offsetof(struct statx, stx_blksize
                    offsetof(struct statx, stx_dev_major) == 136,
                "struct statx is not the layout the handler writes");
 _Static_assert(sizeof(fo_hdr_t) <= FO_PAGE, "header too large");
+_Static_assert(FO_NSHARED * sizeof(fo_shared_t) <= FO_RW_SIZE - FO_PAGE &&
+                   (FO_NSHARED & (FO_NSHARED - 1)) == 0,
+               "shared files do not fit");
 
 static int memfd = -1;
 static char *shm; /* our read-write mapping */
@@ -428,15 +431,26 @@ int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size
                              dev, ino);
 }
 
+static int publish_slot(unsigned kind, const char *key, size_t kn, uint64_t h, const void *data,
+                        size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino,
+                        uint32_t stat_at);
+
 int fo_publish_hashed(unsigned kind, const char *key, size_t kn, uint64_t h, const void *data,
                       size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino)
+{
+    return publish_slot(kind, key, kn, h, data, dlen, is_path, err, dev, ino, 0);
+}
+
+static int publish_slot(unsigned kind, const char *key, size_t kn, uint64_t h, const void *data,
+                        size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino,
+                        uint32_t stat_at)
 {
     if (!shm)
         return 0;
     fo_slot_t *s = slot_find(kind, key, kn, h);
     char *arena = shm + FO_ARENA_OFF;
     if (s) {
-        if (s->data_len == dlen && s->err == err &&
+        if (s->data_len == dlen && s->err == err && s->stat_at == stat_at &&
             (!dlen || memcmp(arena + s->data_off, data, dlen) == 0))
             return 1;
         __atomic_store_n(&s->epoch, 0, __ATOMIC_RELEASE); /* a new answer: replace */
@@ -459,6 +473,7 @@ int fo_publish_hashed(unsigned kind, const char *key, size_t kn, uint64_t h, con
     s->kind = (uint16_t)kind;
     s->is_path = (uint16_t)(is_path != 0);
     s->err = err;
+    s->stat_at = stat_at;
     s->epoch = hdr->epoch;
     if (ino) { /* untagged slots keep calloc's zeros: their pages are never touched */
         uint32_t *head = file_head(dev, ino, 1);
@@ -511,6 +526,95 @@ void fo_withdraw_all(void)
 {
     if (shm)
         __atomic_add_fetch(&hdr->epoch, 1, __ATOMIC_RELEASE);
+}
+
+/* ---------- files that serve paths with different answers ---------- */
+
+/* The entry of (dev, ino) in the shared files (create: a new one, NULL if the table is
+ * full), or NULL. */
+static fo_shared_t *shared_entry(uint64_t dev, uint64_t ino, int create)
+{
+    fo_shared_t *t = (fo_shared_t *)(shm + FO_SHARED_OFF);
+    for (size_t i = fo_shared_hash(dev, ino) & (FO_NSHARED - 1), c = 0; c < FO_NSHARED / 2;
+         i = (i + 1) & (FO_NSHARED - 1), c++) {
+        if (t[i].ino == ino && t[i].dev == dev)
+            return &t[i];
+        if (!t[i].ino) {
+            if (!create)
+                return NULL;
+            t[i].dev = dev;
+            __atomic_store_n(&t[i].ino, ino, __ATOMIC_RELEASE);
+            return &t[i];
+        }
+    }
+    return NULL; /* probes are kept short: past half of them, the tracer's way */
+}
+
+/* A copy of a struct stat in the arena, as `last` says it (0: none, the tracer answers).
+ * Each open the tracer answers may add one: past 3/4 of the arena they stop, so that they
+ * never crowd out answers (a program opening shared files from sites that cannot be patched,
+ * ~10 µs a stop, would need minutes to get there). */
+static uint64_t last_of(const void *st)
+{
+    size_t off = (arena_used + 7) & ~(size_t)7;
+    if (off + 144 > FO_ARENA_SIZE / 4 * 3)
+        return 0;
+    memcpy(shm + FO_ARENA_OFF + off, st, 144);
+    arena_used = off + 144;
+    return (uint64_t)hdr->epoch << 32 | off;
+}
+
+int fo_shared_add(uint64_t dev, uint64_t ino, const void *last)
+{
+    fo_shared_t *e = shm && ino ? shared_entry(dev, ino, 1) : NULL;
+    if (!e)
+        return 0;
+    uint64_t l = last ? last_of(last) : 0;
+    __atomic_store_n(&e->last, l, __ATOMIC_RELEASE);
+    return 1;
+}
+
+int fo_shared_known(uint64_t dev, uint64_t ino)
+{
+    return shm && ino && shared_entry(dev, ino, 0) != NULL;
+}
+
+void fo_shared_opened(uint64_t dev, uint64_t ino, const void *st)
+{
+    fo_shared_t *e = shm && ino ? shared_entry(dev, ino, 0) : NULL;
+    if (!e)
+        return;
+    uint64_t l = __atomic_load_n(&e->last, __ATOMIC_ACQUIRE);
+    if (l && (uint32_t)(l >> 32) == hdr->epoch &&
+        memcmp(shm + FO_ARENA_OFF + (uint32_t)l, st, 144) == 0)
+        return; /* the same path again */
+    __atomic_store_n(&e->last, last_of(st), __ATOMIC_RELEASE);
+}
+
+int fo_shared_last(uint64_t dev, uint64_t ino, void *st)
+{
+    fo_shared_t *e = shm && ino ? shared_entry(dev, ino, 0) : NULL;
+    uint64_t l = e ? __atomic_load_n(&e->last, __ATOMIC_ACQUIRE) : 0;
+    if (!l || (uint32_t)(l >> 32) != hdr->epoch)
+        return 0;
+    memcpy(st, shm + FO_ARENA_OFF + (uint32_t)l, 144);
+    return 1;
+}
+
+int fo_publish_shared_open(const char *key, size_t kn, const char *target, size_t tn,
+                           const void *st, uint64_t dev, uint64_t ino)
+{
+    if (!fo_shared_known(dev, ino))
+        return 0;
+    size_t at = (tn + 1 + 7) & ~(size_t)7; /* the path, its NUL, then the stat (aligned) */
+    char data[4096 + 8 + 144];
+    if (at + 144 > sizeof data)
+        return 0;
+    memcpy(data, target, tn);
+    memset(data + tn, 0, at - tn);
+    memcpy(data + at, st, 144);
+    return publish_slot(FO_OPEN, key, kn, key_hash(FO_OPEN, key, kn), data, at + 144, 1, 0, dev,
+                        ino, (uint32_t)at);
 }
 
 void fo_counts(unsigned long long *hits, unsigned long long *misses,

@@ -12,7 +12,8 @@
  * copy, with no stop and no signal.
  *
  * One memfd, mapped at the same offsets in the tracer (read-write) and in each tracee:
- *   [code: the handler blob, r-x] [header, r--] [counters, rw-] [slots, r--] [arena, r--]
+ *   [code: the handler blob, r-x] [header, r--] [counters, shared files: rw-] [slots, r--]
+ *   [arena, r--]
  * followed, in tracees only, by a private anonymous area for per-site trampolines (r-x,
  * written by the tracer through /proc/<pid>/mem).
  */
@@ -22,10 +23,13 @@
 #include <stdint.h>
 
 #define FO_PAGE 4096ul
-#define FO_CODE_MAX (2 * FO_PAGE)
+#define FO_CODE_MAX (3 * FO_PAGE)
 #define FO_HDR_OFF FO_CODE_MAX
 #define FO_CNT_OFF (FO_HDR_OFF + FO_PAGE)
-#define FO_SLOTS_OFF (FO_CNT_OFF + FO_PAGE)
+#define FO_SHARED_OFF (FO_CNT_OFF + FO_PAGE) /* fo_shared_t[FO_NSHARED] */
+#define FO_NSHARED 1024ul
+#define FO_RW_SIZE (FO_PAGE + 6 * FO_PAGE) /* what tracees map writable: counters, shared */
+#define FO_SLOTS_OFF (FO_CNT_OFF + FO_RW_SIZE)
 #define FO_NSLOTS (1ul << 19) /* answers published at most: half of them (linear probing) */
 #define FO_ARENA_OFF (FO_SLOTS_OFF + FO_NSLOTS * sizeof(fo_slot_t))
 #define FO_ARENA_SIZE (128ul << 20) /* sparse: pages are used as answers come */
@@ -58,14 +62,31 @@ enum {
  * -err; is_path: a NUL-terminated path to make the call on instead; else a struct stat
  * (144 bytes) or a symlink's target.  A slot is filled before its hash is stored (release) and never reused;
  * it is live while `epoch` equals the header's (withdrawing one answer zeroes it,
- * withdrawing all bumps the header's). */
+ * withdrawing all bumps the header's).  stat_at: for an open of a shared file (fo_shared_t),
+ * where in the data (after the path) the path's struct stat is; 0: none. */
 typedef struct {
     uint64_t hash; /* 0 = empty */
     uint32_t key_off, key_len, data_off, epoch;
     uint16_t kind, is_path;
     int32_t err;
-    uint32_t data_len, pad;
+    uint32_t data_len, stat_at;
 } fo_slot_t;
+
+/* A RAM file that serves several paths with different stat answers (an empty file, a licence
+ * in many packages): fstat of an fd on it says the stat of the path opened last, by the
+ * tracer or in-process, wherever that was.  The tracer adds an entry (dev, ino: written
+ * once, ino last, release) before it publishes opens of the file, each with its path's stat
+ * (stat_at); whoever opens it then stores `last`: the header's epoch << 32 | the arena
+ * offset of that struct stat (0: none).  Open addressing by fo_shared_hash; an entry is never
+ * removed (a stale `last` has another epoch). */
+typedef struct {
+    uint64_t dev, ino, last;
+} fo_shared_t;
+
+static inline uint64_t fo_shared_hash(uint64_t dev, uint64_t ino)
+{
+    return ((ino ^ dev << 40) * 0x9E3779B97F4A7C15ull) >> 32;
+}
 
 typedef struct {
     uint64_t magic;

@@ -34,6 +34,17 @@ void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files th
 void fo_withdraw(unsigned kind, const char *key, size_t kn);
 void fo_withdraw_file(uint64_t dev, uint64_t ino);
 void fo_withdraw_all(void);
+/* Files that serve paths with different answers (fo_shared_t): one added (0: the table is
+ * full; `last`: the stat of the path opened last, or NULL), known, opened by the tracer under
+ * a path with this stat; the stat of the path opened last (0: none known). */
+int fo_shared_add(uint64_t dev, uint64_t ino, const void *last);
+int fo_shared_known(uint64_t dev, uint64_t ino);
+void fo_shared_opened(uint64_t dev, uint64_t ino, const void *st);
+int fo_shared_last(uint64_t dev, uint64_t ino, void *st);
+/* An open of a known shared file, published with its path's stat (target: tn bytes, no NUL;
+ * st: a struct stat), which tracees that open it make the file's `last`.  0: not published. */
+int fo_publish_shared_open(const char *key, size_t kn, const char *target, size_t tn,
+                           const void *st, uint64_t dev, uint64_t ino);
 void fo_counts(unsigned long long *hits, unsigned long long *misses,
                unsigned long long *stat_hits, unsigned long long *stat_misses,
                unsigned long long *patched, unsigned long long *injected,

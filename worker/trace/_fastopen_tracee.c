@@ -203,7 +203,7 @@ static int absent(const char *base, const char *path)
  * not apply.  The program may have closed that fd, or put something else at its number:
  * what opened is kept only if it is a regular file of one of our RAM file systems, whose
  * names are never reused for other bytes; anything else goes through /proc as before. */
-static long open_in_dir(const char *base, const char *t, long fl, long mode)
+static long open_in_dir(const char *base, const char *t, long fl, long mode, uint64_t *id)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     const fo_priv_t *pv = (const fo_priv_t *)(base + FO_SIZE);
@@ -224,8 +224,11 @@ static long open_in_dir(const char *base, const char *t, long fl, long mode)
             (((const uint32_t *)st)[6] & 0170000) == 0100000)
             for (int k = 0; k < 4 && h->ram_devs[k]; k++)
                 ours |= h->ram_devs[k] == st[0];
-        if (ours)
+        if (ours) {
+            id[0] = st[0];
+            id[1] = st[1];
             return fd;
+        }
         fo_syscall6(3, fd, 0, 0, 0, 0, 0);
         return NOT_TRIED;
     }
@@ -233,6 +236,43 @@ static long open_in_dir(const char *base, const char *t, long fl, long mode)
 }
 
 /* open/openat of a published path: open its target here */
+/* The entry of a shared file (fo_shared_t), or 0. */
+static fo_shared_t *shared_find(const char *base, uint64_t dev, uint64_t ino)
+{
+    fo_shared_t *t = (fo_shared_t *)(base + FO_SHARED_OFF);
+    for (unsigned long i = fo_shared_hash(dev, ino) & (FO_NSHARED - 1), c = 0;
+         c < FO_NSHARED / 2; i = (i + 1) & (FO_NSHARED - 1), c++) {
+        uint64_t e = __atomic_load_n(&t[i].ino, __ATOMIC_ACQUIRE);
+        if (!e)
+            return 0;
+        if (e == ino && t[i].dev == dev)
+            return &t[i];
+    }
+    return 0;
+}
+
+/* An open of a shared file (stat_at) done here: the file's fstat says this path's stat now,
+ * as after the tracer's open.  0 if that could not be recorded (the fd is then closed and the
+ * open left to the tracer). */
+static int opened_shared(const char *base, const fo_slot_t *s, long fd, uint64_t *id)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    if (!id[1]) { /* opened through /proc: which file? */
+        uint64_t st[18];
+        if (fo_syscall6(5, fd, (long)st, 0, 0, 0, cookie_of(base)) != 0)
+            return 0;
+        id[0] = st[0];
+        id[1] = st[1];
+    }
+    fo_shared_t *e = shared_find(base, id[0], id[1]);
+    uint32_t epoch = __atomic_load_n(&h->epoch, __ATOMIC_ACQUIRE);
+    if (!e || s->epoch != epoch)
+        return 0;
+    __atomic_store_n(&e->last, (uint64_t)epoch << 32 | (s->data_off + s->stat_at),
+                     __ATOMIC_RELEASE);
+    return 1;
+}
+
 static long do_open(const char *base, const char *path, long fl, long mode, int *done)
 {
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
@@ -241,10 +281,15 @@ static long do_open(const char *base, const char *path, long fl, long mode, int 
     if (s && !s->data_len) /* a path that does not exist */
         return answered(&cnt->hits, done, -(long)s->err);
     if (s && s->is_path) {
-        long r = open_in_dir(base, data_of(base, s), fl, mode);
+        uint64_t id[2] = {0, 0};
+        long r = open_in_dir(base, data_of(base, s), fl, mode, id);
         if (r == -ENOENT_ || r == NOT_TRIED)
             r = fo_syscall6(257, AT_FDCWD_, (long)data_of(base, s), fl, mode, 0,
                             cookie_of(base));
+        if (r >= 0 && s->stat_at && !opened_shared(base, s, r, id)) {
+            fo_syscall6(3, r, 0, 0, 0, 0, 0);
+            r = -ENOENT_; /* (not answered: the tracer's) */
+        }
         if (r != -ENOENT_) /* ENOENT: evicted meanwhile; the tracer fetches it again */
             return answered(&cnt->hits, done, r);
     }
@@ -478,6 +523,18 @@ static long do_fstat(const char *base, long fd, void *buf, int *done)
             copy_stat(buf, want);
             return answered(&cnt->stat_hits, done, 0);
         }
+    } else if (!dir) { /* a shared file: the stat of the path opened last */
+        const fo_shared_t *e = shared_find(base, dev, ino);
+        uint64_t last = e ? __atomic_load_n(&e->last, __ATOMIC_ACQUIRE) : 0;
+        uint32_t off = (uint32_t)last;
+        if (last && (uint32_t)(last >> 32) == __atomic_load_n(&h->epoch, __ATOMIC_ACQUIRE) &&
+            off + 144ul <= FO_ARENA_SIZE && !(off & 7)) {
+            const uint64_t *want = (const uint64_t *)(base + FO_ARENA_OFF + off);
+            if (want[6] == st[6]) {
+                copy_stat(buf, want);
+                return answered(&cnt->stat_hits, done, 0);
+            }
+        }
     }
     __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
     return 0;
@@ -534,7 +591,7 @@ __attribute__((used, noinline, noclone)) static void fo_setup(fo_setup_t *a)
                                    0x32 /* MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED */, -1, 0);
             a->prot = fo_syscall6(10, base + (long)FO_HDR_OFF, (long)(FO_SIZE - FO_HDR_OFF),
                                   1 /* PROT_READ */, 0, 0, 0);
-            a->counters = fo_syscall6(9, base + (long)FO_CNT_OFF, (long)FO_PAGE,
+            a->counters = fo_syscall6(9, base + (long)FO_CNT_OFF, (long)FO_RW_SIZE,
                                       3 /* PROT_READ|WRITE */, 0x11 /* MAP_SHARED|MAP_FIXED */,
                                       fd, (long)FO_CNT_OFF);
             if (a->tramp == base + (long)FO_SIZE) {

@@ -35,6 +35,26 @@ static void fill_stat(const int64_t *f, struct stat *s)
     s->st_ctim.tv_nsec = f[14];
 }
 
+/* fill_stat's fields back from a struct stat */
+static void stat_fields(const struct stat *s, int64_t *f)
+{
+    f[0] = s->st_mode;
+    f[1] = (int64_t)s->st_ino;
+    f[2] = (int64_t)s->st_nlink;
+    f[3] = s->st_uid;
+    f[4] = s->st_gid;
+    f[5] = s->st_size;
+    f[6] = s->st_blocks;
+    f[7] = (int64_t)s->st_rdev;
+    f[8] = (int64_t)s->st_dev;
+    f[9] = s->st_atim.tv_sec;
+    f[10] = s->st_atim.tv_nsec;
+    f[11] = s->st_mtim.tv_sec;
+    f[12] = s->st_mtim.tv_nsec;
+    f[13] = s->st_ctim.tv_sec;
+    f[14] = s->st_ctim.tv_nsec;
+}
+
 static entry_t *fo_backed(int cls, int flags, const char *key, size_t kn, uint64_t h)
 {
     unsigned kind;
@@ -154,13 +174,20 @@ static int ram_file_stat(pid_t tid, struct user_regs_struct *r, long nr, const c
         return 0;
     }
     int rc;
+    const int64_t *f = id->st;
+    int64_t last[15];
+    struct stat ls;
+    if (id->shared && fo_shared_last(id->dev, id->ino, &ls)) { /* maybe opened in-process */
+        stat_fields(&ls, last);
+        f = last;
+    }
     if (nr == 332) {
         struct statx x;
-        fill_statx(id->st, &x);
+        fill_statx(f, &x);
         rc = write_mem(tid, buf, &x, sizeof x);
     } else {
         struct stat o;
-        fill_stat(id->st, &o);
+        fill_stat(f, &o);
         rc = write_mem(tid, buf, &o, sizeof o);
     }
     n_hits++;

@@ -24,6 +24,29 @@ typedef struct {
 } fdid_t;
 
 static fdid_t *ids;
+
+static void fill_stat(const int64_t *f, struct stat *s);
+
+/* A file found to serve paths with different answers (fdid_t.shared): its in-process answers
+ * go, and it becomes one of the table's shared files (fo_shared_t), whose opens are published
+ * again each with its path's stat, and whose fstat follows the last open in-process too.
+ * `last`: the stat of the path opened last. */
+static void share(fdid_t *slot, uint64_t dev, uint64_t ino, const int64_t *last)
+{
+    struct stat st;
+    fill_stat(last, &st);
+    slot->shared = 1;
+    fo_withdraw_file(dev, ino);
+    fo_shared_add(dev, ino, &st);
+}
+
+/* A shared file opened by the tracer under a path with this answer. */
+static void shared_opened(uint64_t dev, uint64_t ino, const int64_t *now)
+{
+    struct stat st;
+    fill_stat(now, &st);
+    fo_shared_opened(dev, ino, &st);
+}
 static size_t ids_cap, ids_len;
 #define IDS_MAX (1u << 18) /* forget them all beyond this (a job opening that many files) */
 
@@ -67,10 +90,10 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
     fdid_t *slot = ids_find(dev, ino);
     if (slot->ino == 0)
         ids_len++;
-    else if (!slot->shared && memcmp(slot->st, st, sizeof slot->st) != 0) {
-        slot->shared = 1; /* fstat must follow the last open: keep those in the tracer */
-        fo_withdraw_file(dev, ino);
-    }
+    else if (!slot->shared && memcmp(slot->st, st, sizeof slot->st) != 0)
+        share(slot, dev, ino, st);
+    else if (slot->shared)
+        shared_opened(dev, ino, st);
     slot->dev = dev;
     slot->ino = ino;
     memcpy(slot->st, st, sizeof slot->st);
@@ -78,8 +101,8 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
 
 /* A RAM file about to be offered for a path before anyone opened it (trap_put): record
  * its answer if the file is new to us; if it already serves a path with another answer it
- * becomes shared (its in-process answers go), but fstat keeps following the last real open.
- * 0: the path's open may be answered in-process. */
+ * becomes shared (share), but fstat keeps following the last real open.  0: the path's open
+ * may be published as any other; -1: only as a shared file's (fo_publish_shared_open). */
 static int ids_claim(uint64_t dev, uint64_t ino, const int64_t *st)
 {
     fdid_t *slot = ids_len ? ids_find(dev, ino) : NULL;
@@ -91,8 +114,7 @@ static int ids_claim(uint64_t dev, uint64_t ino, const int64_t *st)
     if (slot->shared)
         return -1;
     if (memcmp(slot->st, st, sizeof slot->st) != 0) {
-        slot->shared = 1;
-        fo_withdraw_file(dev, ino);
+        share(slot, dev, ino, slot->st); /* fstat still says the last real open's */
         return -1;
     }
     return 0;

@@ -136,14 +136,16 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
         unsigned kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) +
                         (flags & F_NOFOLLOW ? 1 : 0);
         fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
-    } else if (cls == C_OPEN && ids_claim(a->ram_dev, a->ram_ino, a->st) == 0 &&
-               publish(ph, cls, flags, FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0,
-                       a->ram_dev, a->ram_ino)) {
+    } else if (cls == C_OPEN) {
         uint64_t id[2] = {a->ram_dev, a->ram_ino};
         struct stat st;
         fill_stat(a->st, &st);
-        fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, a->ram_dev,
-                   a->ram_ino);
+        if (ids_claim(a->ram_dev, a->ram_ino, a->st) != 0)
+            fo_publish_shared_open(key, kn, a->bval, a->blen, &st, a->ram_dev, a->ram_ino);
+        else if (publish(ph, cls, flags, FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0,
+                         a->ram_dev, a->ram_ino))
+            fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, a->ram_dev,
+                       a->ram_ino);
     }
     return 1;
 skip:

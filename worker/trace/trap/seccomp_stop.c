@@ -88,20 +88,24 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
             return;
         dev = a->ram_dev;
         ino = a->ram_ino;
-    } else if (strncmp(a->bval, own_fd_prefix, own_fd_prefix_n) == 0) {
+    } else if (strncmp(a->bval, own_fd_prefix, own_fd_prefix_n) == 0 ||
+               named_ram_file(a->bval)) {
+        /* a RAM file by name: ours (own_dir_name) or a node cache service's object (tmpfs:
+         * inode numbers are not reused while the file system lives); one that turns out to
+         * serve paths with different stat answers is published as a shared file's (fstat
+         * follows the last open) */
         const char *leaf;
         fdid_t *f = a->ram_ino ? ids_find(a->ram_dev, a->ram_ino) : NULL;
-        if (own_dir_name(a->bval, &leaf) < 0 || !f || f->ino != a->ram_ino || f->shared)
+        if (!f || f->ino != a->ram_ino ||
+            (!named_ram_file(a->bval) && own_dir_name(a->bval, &leaf) < 0))
             return;
-        dev = a->ram_dev;
-        ino = a->ram_ino;
-    } else if (named_ram_file(a->bval)) {
-        /* a node cache service's object (tmpfs: inode numbers are not reused while the
-         * file system lives); withdrawn when it turns out to serve paths with different
-         * stat answers */
-        fdid_t *f = a->ram_ino ? ids_find(a->ram_dev, a->ram_ino) : NULL;
-        if (!f || f->ino != a->ram_ino || f->shared)
+        if (f->shared) {
+            struct stat st;
+            fill_stat(a->st, &st);
+            if (fo_publish_shared_open(key, kn, a->bval, a->blen, &st, a->ram_dev, a->ram_ino))
+                fo_patch(tid, nr, cur_notif.ip);
             return;
+        }
         dev = a->ram_dev;
         ino = a->ram_ino;
     } else {
