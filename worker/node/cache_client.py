@@ -17,7 +17,6 @@ import logging
 import mmap
 import os
 import socket
-import subprocess
 import sys
 import threading
 from collections import OrderedDict
@@ -40,7 +39,6 @@ from worker.node.cache_protocol import (
     fetch_settings,
     recv_message,
 )
-from worker.node.cache_service import fork_service
 from worker.node.rendezvous import (
     SOCKET_NAME,
     CacheDirError,
@@ -242,6 +240,8 @@ def start_service(config: ExecConfig, directory: Path) -> None:
     # program is sys.executable there and runs this module for ``-m worker.node.cache_service``
     # (scripts/bundle_entry.py): keep the two in step
     cmd = [sys.executable, "-m", "worker.node.cache_service", "--background"]
+    import subprocess  # (only when a job starts the service: not on a warm node's path)
+
     try:
         done = subprocess.run(
             [*cmd, *service_args(config, directory)],
@@ -349,6 +349,8 @@ class CacheClient:
                 break
             try:
                 if threading.active_count() == 1:
+                    from worker.node.cache_service import fork_service  # (a cold node's)
+
                     fork_service(config, directory)
                 else:
                     start_service(config, directory)

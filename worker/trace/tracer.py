@@ -16,8 +16,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -159,7 +157,7 @@ class _ShadowTree:
             plain = os.fsencode(private) + b"/" + leaf
             os.mkdir(plain, 0o755)
             return cls(plain, plain, plain, lambda: _remove_tree(Path(private)))
-        top = b"/hep-exec-%d-%s/%s" % (os.getpid(), secrets.token_hex(6).encode(), leaf)
+        top = b"/hep-exec-%d-%s/%s" % (os.getpid(), os.urandom(6).hex().encode(), leaf)
         write = b"/proc/self/fd/%d%s" % (rw, top)
         try:
             os.makedirs(write, 0o755)
@@ -344,4 +342,6 @@ def _remove_tree(path: Path) -> None:
             p = os.path.join(root, d)
             if not os.path.islink(p):
                 os.chmod(p, stat.S_IRWXU)
+    import shutil  # (a shadow tree on disk: the fallback where no tmpfs could be mounted)
+
     shutil.rmtree(path, ignore_errors=True)
