@@ -69,15 +69,18 @@ static fo_hdr_t *hdr;
 static fo_slot_t *slots;
 static size_t nused, arena_used;
 static unsigned long long n_patched, n_injected;
-/* per slot, ours only: the RAM file's identity, to withdraw by file, and the next slot
- * (+1; 0: none) naming the same file */
+/* ours only, one per slot that names a RAM file, in the order published (appended: a
+ * table indexed by slot, 12 MiB touched at random, cost a page fault every few answers put):
+ * the file's identity, to withdraw by file, its slot, and the next of these (+1; 0: none)
+ * naming the same file */
 static struct fo_file {
     uint64_t dev, ino;
-    uint32_t next;
+    uint32_t slot, next;
 } *files;
-/* (dev, ino) -> the last slot (+1) naming that file, open addressing: withdrawing one file's
- * answers follows its chain, not every slot that names a file (a tree with hundreds of
- * identical files withdraws often while answers are put) */
+static size_t nfiles, cap_files;
+/* (dev, ino) -> the last of `files` (+1) naming that file, open addressing: withdrawing one
+ * file's answers follows its chain, not every slot that names a file (a tree with hundreds
+ * of identical files withdraws often while answers are put) */
 static uint32_t *file_heads;
 static size_t nfile_heads, cap_file_heads;
 
@@ -203,9 +206,8 @@ int fo_init(const char *mount, size_t mount_n, const char *table_dir)
         m = mmap(NULL, FO_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     shm = m == MAP_FAILED ? NULL : m;
     procs = calloc(FO_PROCS, sizeof *procs);
-    files = calloc(FO_NSLOTS, sizeof *files);
     uint64_t cookie = 0;
-    if (!shm || !procs || !files || getrandom(&cookie, sizeof cookie, 0) != sizeof cookie ||
+    if (!shm || !procs || getrandom(&cookie, sizeof cookie, 0) != sizeof cookie ||
         !cookie) {
         int e = !shm ? errno : ENOMEM;
         fo_fini();
@@ -325,6 +327,7 @@ void fo_fini(void)
         close(memfd);
     free(procs);
     free(files);
+    nfiles = cap_files = 0;
     free(file_heads);
     file_heads = NULL;
     nfile_heads = cap_file_heads = 0;
@@ -475,14 +478,20 @@ static int publish_slot(unsigned kind, const char *key, size_t kn, uint64_t h, c
     s->err = err;
     s->stat_at = stat_at;
     s->epoch = hdr->epoch;
-    if (ino) { /* untagged slots keep calloc's zeros: their pages are never touched */
+    if (ino) {
         uint32_t *head = file_head(dev, ino, 1);
-        if (!head) /* cannot track it: not published (its hash stays 0) */
+        if (head && nfiles == cap_files) {
+            size_t cap = cap_files ? cap_files * 2 : 4096;
+            struct fo_file *more = realloc(files, cap * sizeof *files);
+            if (more) {
+                files = more;
+                cap_files = cap;
+            }
+        }
+        if (!head || nfiles == cap_files) /* cannot track it: not published (hash stays 0) */
             return 0;
-        files[i].dev = dev;
-        files[i].ino = ino;
-        files[i].next = *head;
-        *head = (uint32_t)i + 1;
+        files[nfiles] = (struct fo_file){dev, ino, (uint32_t)i, *head};
+        *head = (uint32_t)++nfiles;
     }
     arena_used = doff + dlen;
     nused++;
@@ -514,12 +523,22 @@ void fo_withdraw(unsigned kind, const char *key, size_t kn)
         __atomic_store_n(&s->epoch, 0, __ATOMIC_RELEASE);
 }
 
-void fo_withdraw_file(uint64_t dev, uint64_t ino)
+size_t fo_withdraw_file(uint64_t dev, uint64_t ino, const char **opens, size_t *lens,
+                        size_t max)
 {
     uint32_t *head = shm && ino ? file_head(dev, ino, 0) : NULL;
-    for (uint32_t i = head ? *head : 0; i; i = files[i - 1].next)
-        if (slots[i - 1].epoch == hdr->epoch)
-            __atomic_store_n(&slots[i - 1].epoch, 0, __ATOMIC_RELEASE);
+    size_t n = 0;
+    for (uint32_t f = head ? *head : 0; f; f = files[f - 1].next) {
+        fo_slot_t *sl = &slots[files[f - 1].slot];
+        if (sl->epoch != hdr->epoch)
+            continue;
+        __atomic_store_n(&sl->epoch, 0, __ATOMIC_RELEASE);
+        if (sl->kind == FO_OPEN && n < max) { /* (keys stay in the arena) */
+            opens[n] = shm + FO_ARENA_OFF + sl->key_off;
+            lens[n++] = sl->key_len;
+        }
+    }
+    return n;
 }
 
 void fo_withdraw_all(void)

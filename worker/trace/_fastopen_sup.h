@@ -32,7 +32,9 @@ void fo_reserve(size_t arena_bytes); /* many answers follow: fault their memory 
 void fo_reserve_async(size_t arena_bytes); /* the same by a thread of its own, ahead of time */
 void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files there */
 void fo_withdraw(unsigned kind, const char *key, size_t kn);
-void fo_withdraw_file(uint64_t dev, uint64_t ino);
+/* every answer naming this file; the keys of up to `max` opens among them (in the table) */
+size_t fo_withdraw_file(uint64_t dev, uint64_t ino, const char **opens, size_t *lens,
+                        size_t max);
 void fo_withdraw_all(void);
 /* Files that serve paths with different answers (fo_shared_t): one added (0: the table is
  * full; `last`: the stat of the path opened last, or NULL), known, opened by the tracer under

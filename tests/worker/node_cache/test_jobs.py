@@ -345,6 +345,30 @@ def test_a_warm_node_job_has_every_directory_s_opens_put_ahead(
     assert hits and int(hits[1]) <= 2, run.stderr
 
 
+def test_a_warm_node_job_has_every_staged_directory_put_ahead(
+    tracing, tree, proxy, cache_dir
+) -> None:
+    """With none of the node's answers put at the mount (--eager-answers 1: every directory
+    staged, as most are on a node whose jobs touched a big tree), the thread that puts the
+    node's answers ahead goes on from the program's first call to the staged directories: a
+    program that stats and opens files in every directory, after a pause, stops for none."""
+    paths = sorted(p for p in tree.digests if "/lib/" in p or "/data/" in p)
+    assert len({p.rsplit("/", 1)[0] for p in paths}) >= 13  # directories
+    argv = [*HEP_EXEC, *job_argv(proxy, cache_dir, "--eager-answers", "1"), "--stats-internals",
+            "--", sys.executable, "-c", PAUSED_JOB, f"/cvmfs/{FQRN}", *paths]  # fmt: skip
+    for _job in ("warming", "warm"):
+        run = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout) == {p: tree.digests[p] for p in paths}
+    # the first open is the tracer's (and the staged directories on its path are put then);
+    # without the thread, the first call in every ninth directory stops (put_staged_ancestors
+    # puts eight more with it)
+    m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", run.stderr)
+    assert m and int(m[1]) >= len(paths) - 2 and int(m[2]) <= 1, run.stderr
+    hits = re.search(r"C-cache hits (\d+)", run.stderr)
+    assert hits and int(hits[1]) <= 2, run.stderr
+
+
 # argv: a /cvmfs directory, then directories under it: each listed, opened, fstat'ed and
 # stat'ed; prints what was seen, as JSON
 LISTING_JOB = r"""

@@ -95,6 +95,7 @@ static void entry_free(entry_t *e)
 }
 static int dir_open_from_node(const char *key, size_t kn, action_t *out);
 static int put_deferred_opens(const char *key, size_t kn);
+static void opens_start(void);
 static void ahead_join(void);
 static void opens_join(void);
 static void ahead_clear(void);

@@ -36,8 +36,22 @@ static void share(fdid_t *slot, uint64_t dev, uint64_t ino, const int64_t *last)
     struct stat st;
     fill_stat(last, &st);
     slot->shared = 1;
-    fo_withdraw_file(dev, ino);
-    fo_shared_add(dev, ino, &st);
+    const char *opens[64];
+    size_t lens[64];
+    size_t n = fo_withdraw_file(dev, ino, opens, lens, 64);
+    if (!fo_shared_add(dev, ino, &st))
+        return;
+    /* the opens published as a file of its own: again as a shared file's, with the stat the
+     * answer cache holds for each (not to stop once more each) */
+    for (size_t i = 0; i < n; i++) {
+        entry_t *e = cache_get(C_OPEN, 0, opens[i], lens[i], fnv(C_OPEN, 0, opens[i], lens[i]));
+        if (!e || e->act.kind != A_REDIRECT || !e->act.bval || e->act.ram_dev != dev ||
+            e->act.ram_ino != ino)
+            continue;
+        struct stat ps;
+        fill_stat(e->act.st, &ps);
+        fo_publish_shared_open(opens[i], lens[i], e->act.bval, e->act.blen, &ps, dev, ino);
+    }
 }
 
 /* A shared file opened by the tracer under a path with this answer. */

@@ -143,6 +143,7 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
     }
     if (put_staged_ancestors(key, kn) || /* what the node knows of this part of the tree */
         (cls == C_OPEN && put_deferred_opens(key, kn))) {
+        opens_start(); /* and the rest of it by a thread, ahead of the program */
         e = cache_find(cls, flags, key, kn, h);
         if (e) {
             n_hits++;
