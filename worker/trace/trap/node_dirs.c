@@ -87,6 +87,7 @@ static void dirmap_clear(dirmap_t *m)
 static void release_tables(void);
 static int stage_dir(const char *d, size_t dn, const char *within, size_t wn, const char *data,
                      size_t len, int owned);
+static int stage_more(const char *d, size_t dn, const char *data, size_t len);
 
 static void dirs_clear(void)
 {

@@ -12,12 +12,16 @@
  * never costs the whole table and its first touch of a directory the node knows needs no
  * Python.  Keyed by the directory's path (FNV-1a).
  */
+#define STG_PIECES 8 /* a directory's answers: in as many pieces as a table gives them */
 typedef struct {
     uint64_t h; /* 0: free */
     char *dir, *within;
     size_t dn, wn;
-    const char *data; /* NULL once put */
-    size_t len;
+    const char *data; /* its first piece; NULL once put */
+    size_t len;       /* all its pieces' bytes */
+    const char *piece[STG_PIECES]; /* the others, put after it, in order */
+    size_t piece_len[STG_PIECES];
+    unsigned npieces;
     size_t order; /* its place in stg_order */
     int owned;    /* data is ours to free (else it is in a table we hold: see put_table) */
 } staged_t;
@@ -82,10 +86,18 @@ static long stage_put(staged_t *s)
 {
     if (!s->data)
         return 0;
-    long n = put_packed_bytes(s->data, s->len, s->within, s->wn);
+    size_t first = s->len;
+    for (unsigned i = 0; i < s->npieces; i++)
+        first -= s->piece_len[i];
+    long n = put_packed_bytes(s->data, first, s->within, s->wn);
+    for (unsigned i = 0; i < s->npieces && n >= 0; i++) {
+        long k = put_packed_bytes(s->piece[i], s->piece_len[i], s->within, s->wn);
+        n = k < 0 ? k : n + k;
+    }
     if (s->owned)
         free((char *)s->data);
     s->data = NULL;
+    s->npieces = 0;
     stg_pending--;
     return n;
 }

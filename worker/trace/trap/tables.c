@@ -218,14 +218,10 @@ static PyObject *trap_put_table(PyObject *self, PyObject *args)
                 oom = oom || (opens.len && !o);
                 free(opens.b);
             }
-        } else if (d->nb == 1) {
+        } else if (d->nb >= 1) { /* its answers (and its opens), where they lie: not copied */
             oom = stage_dir(d->dir, d->dn, within, (size_t)wn, d->body[0], d->len[0], 0) < 0;
-        } else if (d->nb > 1) { /* its answers and its opens: one piece to put */
-            char *joined = malloc(d->bytes);
-            oom = !joined;
-            for (size_t b = 0, at = 0; joined && b < d->nb; at += d->len[b++])
-                memcpy(joined + at, d->body[b], d->len[b]);
-            oom = oom || stage_dir(d->dir, d->dn, within, (size_t)wn, joined, d->bytes, 1) < 0;
+            for (unsigned b = 1; b < d->nb && !oom; b++)
+                oom = stage_more(d->dir, d->dn, d->body[b], d->len[b]) < 0;
         }
     }
     nt_free(&t);
@@ -340,6 +336,21 @@ static PyObject *trap_take_mirrored(PyObject *self, PyObject *args)
 
 /* Stage a directory's answers (`data`: `owned`, or in a table we hold); -1: out of memory
  * (`data` freed if owned). */
+/* Another piece of a directory's answers just staged (stage_dir), put after it; -1: no room
+ * (NT_BODIES pieces at most: never). */
+static int stage_more(const char *d, size_t dn, const char *data, size_t len)
+{
+    staged_t *s = dn && len ? stg_find(d, dn, dir_hash(d, dn), 0) : NULL;
+    if (!len || !s || !s->data)
+        return 0;
+    if (s->npieces == STG_PIECES)
+        return -1;
+    s->piece[s->npieces] = data;
+    s->piece_len[s->npieces++] = len;
+    s->len += len;
+    return 0;
+}
+
 static int stage_dir(const char *d, size_t dn, const char *within, size_t wn, const char *data,
                      size_t len, int owned)
 {
@@ -384,6 +395,7 @@ static int stage_dir(const char *d, size_t dn, const char *within, size_t wn, co
         free((char *)s->data);
     s->data = data;
     s->len = len;
+    s->npieces = 0;
     s->owned = owned;
     return 0;
 }
