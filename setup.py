@@ -112,7 +112,11 @@ def project_files(pattern: str) -> list[str]:
 
 
 # _trap.c is one translation unit: it #includes its sections, worker/trace/trap/*.c, in order
-TRAP_DEPENDS = project_files("worker/trace/trap/*.c") + project_files("worker/trace/*.h")
+TRAP_DEPENDS = (
+    project_files("worker/trace/trap/*.c")
+    + project_files("worker/trace/*.h")
+    + ["worker/trace/_fastopen_shared.c"]
+)
 
 setup(
     cmdclass={"build_ext": BuildExt},
