@@ -31,6 +31,12 @@ MANY = 3000  # entries of the large directory
 ROOT = f"/cvmfs/{FQRN}"
 
 
+def _default_signals() -> None:
+    """In the job: SIGINT and SIGHUP as a terminal's foreground job has them."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @dataclass(frozen=True)
 class Job:
     proxy: str
@@ -47,8 +53,9 @@ class Job:
             text=True,
             start_new_session=new_session,
             # as a terminal's foreground job: a suite run in the background inherits SIGINT
-            # ignored, which hep-exec (rightly) leaves ignored for itself and the command
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            # ignored, and one run under nohup SIGHUP, which hep-exec (rightly) leaves
+            # ignored for itself and the command
+            preexec_fn=_default_signals,
         )
 
     @contextmanager
