@@ -350,7 +350,7 @@ static uint64_t key_hash(unsigned kind, const char *k, size_t n)
 /* The live slot for (kind, key), or NULL. */
 static size_t file_hash(uint64_t dev, uint64_t ino, size_t cap)
 {
-    return (size_t)(((ino ^ dev << 40) * 0x9E3779B97F4A7C15ull) >> 20) & (cap - 1);
+    return (size_t)fo_file_hash(dev, ino) & (cap - 1);
 }
 
 /* The chain head of (dev, ino) in file_heads (with `create`: a new empty one if it has none,

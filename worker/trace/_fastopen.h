@@ -77,15 +77,17 @@ typedef struct {
  * tracer or in-process, wherever that was.  The tracer adds an entry (dev, ino: written
  * once, ino last, release) before it publishes opens of the file, each with its path's stat
  * (stat_at); whoever opens it then stores `last`: the header's epoch << 32 | the arena
- * offset of that struct stat (0: none).  Open addressing by fo_shared_hash; an entry is never
+ * offset of that struct stat (0: none).  Open addressing by fo_file_hash; an entry is never
  * removed (a stale `last` has another epoch). */
 typedef struct {
     uint64_t dev, ino, last;
 } fo_shared_t;
 
-static inline uint64_t fo_shared_hash(uint64_t dev, uint64_t ino)
+/* A RAM file's (device, inode), hashed: the shared files here, the tracer's tables of files
+ * (worker/trace/_fastopen.c file_heads, worker/trace/trap/fstat.c ids). */
+static inline uint64_t fo_file_hash(uint64_t dev, uint64_t ino)
 {
-    return ((ino ^ dev << 40) * 0x9E3779B97F4A7C15ull) >> 32;
+    return ((ino ^ dev << 40) * 0x9E3779B97F4A7C15ull) >> 20;
 }
 
 typedef struct {

@@ -10,7 +10,7 @@
 static fo_shared_t *shared_entry(uint64_t dev, uint64_t ino, int create)
 {
     fo_shared_t *t = (fo_shared_t *)(shm + FO_SHARED_OFF);
-    for (size_t i = fo_shared_hash(dev, ino) & (FO_NSHARED - 1), c = 0; c < FO_NSHARED / 2;
+    for (size_t i = fo_file_hash(dev, ino) & (FO_NSHARED - 1), c = 0; c < FO_NSHARED / 2;
          i = (i + 1) & (FO_NSHARED - 1), c++) {
         if (t[i].ino == ino && t[i].dev == dev)
             return &t[i];

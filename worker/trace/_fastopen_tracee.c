@@ -240,7 +240,7 @@ static long open_in_dir(const char *base, const char *t, long fl, long mode, uin
 static fo_shared_t *shared_find(const char *base, uint64_t dev, uint64_t ino)
 {
     fo_shared_t *t = (fo_shared_t *)(base + FO_SHARED_OFF);
-    for (unsigned long i = fo_shared_hash(dev, ino) & (FO_NSHARED - 1), c = 0;
+    for (unsigned long i = fo_file_hash(dev, ino) & (FO_NSHARED - 1), c = 0;
          c < FO_NSHARED / 2; i = (i + 1) & (FO_NSHARED - 1), c++) {
         uint64_t e = __atomic_load_n(&t[i].ino, __ATOMIC_ACQUIRE);
         if (!e)

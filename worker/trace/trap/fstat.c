@@ -69,7 +69,7 @@ static fdid_t *ids_find(uint64_t dev, uint64_t ino)
     if (!ids_cap)
         return NULL;
     size_t mask = ids_cap - 1;
-    for (size_t i = ((ino ^ dev << 40) * 0x9E3779B97F4A7C15ull) >> 20 & mask;;
+    for (size_t i = fo_file_hash(dev, ino) & mask;;
          i = (i + 1) & mask) {
         if ((ids[i].ino == ino && ids[i].dev == dev) || ids[i].ino == 0)
             return &ids[i];

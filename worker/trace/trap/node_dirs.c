@@ -4,7 +4,7 @@
  * putting deferred opens ahead (opens_start, opens_join).
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
- * _trap.c's header and answers.c, config.c, put.c, pack.c, staged.c define.
+ * _trap.c's header and answers.c, config.c, object_inodes.c, put.c, pack.c, staged.c define.
  */
 
 /*

@@ -32,11 +32,13 @@ static struct {
     size_t nlen;
 } inodes = {-1, 0, 0, NULL, 0, NULL, 0};
 
-static uint64_t inodes_hash(const char *s, size_t n)
+/* FNV-1a of a directory path or a name (0 is kept for empty slots); staged.c's and
+ * tables.c's too */
+static uint64_t dir_hash(const char *d, size_t n)
 {
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < n; i++)
-        h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+        h = (h ^ (unsigned char)d[i]) * 1099511628211ull;
     return h ? h : 1;
 }
 
@@ -122,7 +124,7 @@ static int inodes_read(int dirfd)
     }
     for (size_t i = 0, off = 0; i < n; i++) {
         size_t len = strlen(names + off);
-        uint64_t h = inodes_hash(names + off, len);
+        uint64_t h = dir_hash(names + off, len);
         size_t j = h & (cap - 1);
         while (t[j].h)
             j = (j + 1) & (cap - 1);
@@ -146,7 +148,7 @@ static int inodes_find(int dirfd, const char *name, uint64_t *dev, uint64_t *ino
     if (dirfd < 0 || inodes_read(dirfd) != 0)
         return 0;
     size_t len = strlen(name);
-    uint64_t h = inodes_hash(name, len);
+    uint64_t h = dir_hash(name, len);
     for (size_t j = h & (inodes.cap - 1); inodes.t[j].h; j = (j + 1) & (inodes.cap - 1)) {
         const ino_slot_t *s = &inodes.t[j];
         if (s->h == h && s->len == len && memcmp(inodes.names + s->off, name, len) == 0) {

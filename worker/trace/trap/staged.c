@@ -3,7 +3,7 @@
  * to it (stg_find, stage_put, put_staged_ancestors, stage_clear).
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
- * _trap.c's header and answers.c, put.c, pack.c define.
+ * _trap.c's header and answers.c, object_inodes.c (dir_hash), put.c, pack.c define.
  */
 
 /*
@@ -71,14 +71,6 @@ static staged_t *stg_find(const char *d, size_t n, uint64_t h, int create)
         if (s->h == h && s->dn == n && memcmp(s->dir, d, n) == 0)
             return s;
     }
-}
-
-static uint64_t dir_hash(const char *d, size_t n)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ (unsigned char)d[i]) * 1099511628211ull;
-    return h ? h : 1;
 }
 
 /* Put a staged directory's answers (once); -1: out of memory. */

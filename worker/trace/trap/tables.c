@@ -3,7 +3,7 @@
  * node_listing, opens_looked, mirrored, take_mirrored, stage_dir and put_staged.
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
- * _trap.c's header and answers.c, config.c, put.c, pack.c, staged.c, node_dirs.c,
+ * _trap.c's header and answers.c, config.c, object_inodes.c, put.c, pack.c, staged.c, node_dirs.c,
  * mirror_ahead.c define.
  */
 
