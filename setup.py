@@ -115,7 +115,7 @@ def project_files(pattern: str) -> list[str]:
 TRAP_DEPENDS = (
     project_files("worker/trace/trap/*.c")
     + project_files("worker/trace/*.h")
-    + ["worker/trace/_fastopen_shared.c"]
+    + ["worker/trace/_fastopen_shared.c", "worker/trace/_fastopen_table.c"]
 )
 
 setup(

@@ -3,9 +3,10 @@
  *
  * - fo_init: one memfd holding the handler blob (setup.py embeds it), the header, the
  *   counters, the slot table and the arena; mapped read-write here.
- * - fo_publish / fo_withdraw*: the answers tracees may use by themselves: a /cvmfs path in
- *   normal form -> a path to open instead (a RAM file by name, a shadow directory), its
- *   stat/lstat answer, and a RAM file's (device, inode) -> what fstat of it says.
+ * - fo_publish / fo_withdraw* (_fastopen_table.c, the table that grows): the answers tracees
+ *   may use by themselves: a /cvmfs path in normal form -> a path to open instead (a RAM file
+ *   by name, a shadow directory), its stat/lstat answer, and a RAM file's (device, inode) ->
+ *   what fstat of it says.
  * - fo_exec: at each exec stop, fo_setup (part of the blob) runs over the image's entry
  *   point and maps the memfd and a trampoline area into it (fork children inherit both).
  * - fo_patch: when a notified open or stat was answered from a published entry, its call
@@ -66,7 +67,8 @@ _Static_assert(FO_NSHARED * sizeof(fo_shared_t) <= FO_RW_SIZE - FO_PAGE &&
 static int memfd = -1;
 static char *shm; /* our read-write mapping */
 static fo_hdr_t *hdr;
-static fo_slot_t *slots;
+static fo_slot_t *slots; /* the table answers go to (_fastopen_table.c) */
+static unsigned slot_bits, first_bits; /* its size; the smallest one a live answer was in */
 static size_t nused, arena_used;
 static unsigned long long n_patched, n_injected;
 /* ours only, one per slot that names a RAM file, in the order published (appended: a
@@ -215,7 +217,8 @@ int fo_init(const char *mount, size_t mount_n, const char *table_dir)
     }
     memcpy(shm, fo_blob, sizeof fo_blob);
     hdr = (fo_hdr_t *)(shm + FO_HDR_OFF);
-    slots = (fo_slot_t *)(shm + FO_SLOTS_OFF);
+    slot_bits = first_bits = hdr->slot_bits = FO_MIN_BITS;
+    slots = (fo_slot_t *)(shm + FO_TABLE_OFF(slot_bits));
     hdr->magic = FO_MAGIC;
     hdr->cookie = cookie;
     hdr->epoch = 1;
@@ -227,60 +230,7 @@ int fo_init(const char *mount, size_t mount_n, const char *table_dir)
     return 0;
 }
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
-/* Many answers are about to be published at once (a node's answers): fault in the whole slot
- * table and the arena they need in a few calls instead of one page fault each (on a VM, ~5 µs
- * a page: 30 ms for a node's 17,000 answers).  Only a hint: older kernels ignore it. */
-static int slots_done;
-void fo_reserve(size_t arena_bytes)
-{
-    if (!shm)
-        return;
-    if (!slots_done) {
-        slots_done = 1;
-        madvise(shm + FO_SLOTS_OFF, FO_NSLOTS * sizeof(fo_slot_t), MADV_POPULATE_WRITE);
-    }
-    size_t from = (arena_used + FO_PAGE - 1) & ~(FO_PAGE - 1);
-    if (from >= FO_ARENA_SIZE)
-        return;
-    if (arena_bytes > FO_ARENA_SIZE - from)
-        arena_bytes = FO_ARENA_SIZE - from;
-    madvise(shm + FO_ARENA_OFF + from, (arena_bytes + FO_PAGE - 1) & ~(FO_PAGE - 1),
-            MADV_POPULATE_WRITE);
-}
-
-/* The same ahead of time, by a thread of its own while the command starts (the node's answers
- * come when it first touches the mount, and their put then finds the memory ready): the slot
- * table and the first `arena_bytes` of the arena.  Touches no data, takes no lock. */
-static pthread_t prefaulter;
-static int prefaulting;
-static size_t prefault_arena;
-
-static void *prefault_main(void *arg)
-{
-    (void)arg;
-    madvise(shm + FO_SLOTS_OFF, FO_NSLOTS * sizeof(fo_slot_t), MADV_POPULATE_WRITE);
-    if (prefault_arena)
-        madvise(shm + FO_ARENA_OFF, (prefault_arena + FO_PAGE - 1) & ~(FO_PAGE - 1),
-                MADV_POPULATE_WRITE);
-    return NULL;
-}
-
-void fo_reserve_async(size_t arena_bytes)
-{
-    if (!shm || prefaulting || slots_done)
-        return;
-    prefault_arena = arena_bytes < FO_ARENA_SIZE ? arena_bytes : FO_ARENA_SIZE;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay the tracer's main thread's */
-    prefaulting = pthread_create(&prefaulter, NULL, prefault_main, NULL) == 0;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    slots_done = prefaulting; /* fo_reserve need not do the slots again */
-}
+#include "_fastopen_table.c"
 
 /* Where the shadow tree is, for getcwd in-process (a path too long for the header: the
  * tracer's).  After fo_init, before any tracee maps the table. */
@@ -339,166 +289,6 @@ void fo_fini(void)
     memfd = -1;
 }
 
-static uint64_t key_hash(unsigned kind, const char *k, size_t n)
-{
-    uint64_t h = FO_HASH_INIT;
-    for (size_t i = 0; i < n; i++)
-        h = fo_hash_step(h, (unsigned char)k[i]);
-    return fo_hash_finish(h, kind);
-}
-
-/* The live slot for (kind, key), or NULL. */
-static size_t file_hash(uint64_t dev, uint64_t ino, size_t cap)
-{
-    return (size_t)fo_file_hash(dev, ino) & (cap - 1);
-}
-
-/* The chain head of (dev, ino) in file_heads (with `create`: a new empty one if it has none,
- * NULL if out of memory); NULL if none. */
-static uint32_t *file_head(uint64_t dev, uint64_t ino, int create)
-{
-    if (create && (nfile_heads + 1) * 2 > cap_file_heads) {
-        size_t cap = cap_file_heads ? cap_file_heads * 2 : 4096;
-        uint32_t *t = calloc(cap, sizeof *t);
-        if (!t)
-            return NULL;
-        for (size_t k = 0; k < cap_file_heads; k++) {
-            uint32_t v = file_heads[k];
-            if (!v)
-                continue;
-            size_t j = file_hash(files[v - 1].dev, files[v - 1].ino, cap);
-            while (t[j])
-                j = (j + 1) & (cap - 1);
-            t[j] = v;
-        }
-        free(file_heads);
-        file_heads = t;
-        cap_file_heads = cap;
-    }
-    if (!cap_file_heads)
-        return NULL;
-    for (size_t j = file_hash(dev, ino, cap_file_heads);; j = (j + 1) & (cap_file_heads - 1)) {
-        uint32_t v = file_heads[j];
-        if (!v) {
-            if (!create)
-                return NULL;
-            nfile_heads++;
-            return &file_heads[j];
-        }
-        if (files[v - 1].ino == ino && files[v - 1].dev == dev)
-            return &file_heads[j];
-    }
-}
-
-/* Put answers prefetch the slots their next few will probe: each is a cache and TLB miss in
- * a 20 MiB table, most of the cost of a publish when they are not overlapped. */
-uint64_t fo_prefetch_hash(uint64_t h)
-{
-    if (shm)
-        __builtin_prefetch(&slots[h & (FO_NSLOTS - 1)], 0, 3);
-    return h;
-}
-
-static fo_slot_t *slot_find(unsigned kind, const char *k, size_t n, uint64_t h)
-{
-    for (size_t i = h & (FO_NSLOTS - 1), c = 0; c < FO_NSLOTS; i = (i + 1) & (FO_NSLOTS - 1), c++) {
-        fo_slot_t *s = &slots[i];
-        if (!s->hash)
-            return NULL;
-        if (s->hash == h && s->kind == kind && s->key_len == n && s->epoch == hdr->epoch &&
-            memcmp(shm + FO_ARENA_OFF + s->key_off, k, n) == 0)
-            return s;
-    }
-    return NULL;
-}
-
-int fo_find(unsigned kind, const char *key, size_t kn, const char **data, size_t *dlen,
-            int *err, int *is_path)
-{
-    if (!shm)
-        return 0;
-    const fo_slot_t *sl = slot_find(kind, key, kn, key_hash(kind, key, kn));
-    if (!sl)
-        return 0;
-    *data = shm + FO_ARENA_OFF + sl->data_off;
-    *dlen = sl->data_len;
-    *err = sl->err;
-    *is_path = sl->is_path;
-    return 1;
-}
-
-int fo_publish(unsigned kind, const char *key, size_t kn, const void *data, size_t dlen,
-               int is_path, int err, uint64_t dev, uint64_t ino)
-{
-    return fo_publish_hashed(kind, key, kn, key_hash(kind, key, kn), data, dlen, is_path, err,
-                             dev, ino);
-}
-
-static int publish_slot(unsigned kind, const char *key, size_t kn, uint64_t h, const void *data,
-                        size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino,
-                        uint32_t stat_at);
-
-int fo_publish_hashed(unsigned kind, const char *key, size_t kn, uint64_t h, const void *data,
-                      size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino)
-{
-    return publish_slot(kind, key, kn, h, data, dlen, is_path, err, dev, ino, 0);
-}
-
-static int publish_slot(unsigned kind, const char *key, size_t kn, uint64_t h, const void *data,
-                        size_t dlen, int is_path, int err, uint64_t dev, uint64_t ino,
-                        uint32_t stat_at)
-{
-    if (!shm)
-        return 0;
-    fo_slot_t *s = slot_find(kind, key, kn, h);
-    char *arena = shm + FO_ARENA_OFF;
-    if (s) {
-        if (s->data_len == dlen && s->err == err && s->stat_at == stat_at &&
-            (!dlen || memcmp(arena + s->data_off, data, dlen) == 0))
-            return 1;
-        __atomic_store_n(&s->epoch, 0, __ATOMIC_RELEASE); /* a new answer: replace */
-    }
-    size_t koff = (arena_used + 7) & ~(size_t)7, doff = (koff + kn + 1 + 7) & ~(size_t)7;
-    if ((nused + 1) * 2 > FO_NSLOTS || doff + dlen > FO_ARENA_SIZE)
-        return 0; /* full: later answers take the tracer's way */
-    size_t i = h & (FO_NSLOTS - 1);
-    while (slots[i].hash)
-        i = (i + 1) & (FO_NSLOTS - 1);
-    s = &slots[i];
-    memcpy(arena + koff, key, kn);
-    arena[koff + kn] = 0;
-    if (dlen)
-        memcpy(arena + doff, data, dlen);
-    s->key_off = (uint32_t)koff;
-    s->key_len = (uint32_t)kn;
-    s->data_off = (uint32_t)doff;
-    s->data_len = (uint32_t)dlen;
-    s->kind = (uint16_t)kind;
-    s->is_path = (uint16_t)(is_path != 0);
-    s->err = err;
-    s->stat_at = stat_at;
-    s->epoch = hdr->epoch;
-    if (ino) {
-        uint32_t *head = file_head(dev, ino, 1);
-        if (head && nfiles == cap_files) {
-            size_t cap = cap_files ? cap_files * 2 : 4096;
-            struct fo_file *more = realloc(files, cap * sizeof *files);
-            if (more) {
-                files = more;
-                cap_files = cap;
-            }
-        }
-        if (!head || nfiles == cap_files) /* cannot track it: not published (hash stays 0) */
-            return 0;
-        files[nfiles] = (struct fo_file){dev, ino, (uint32_t)i, *head};
-        *head = (uint32_t)++nfiles;
-    }
-    arena_used = doff + dlen;
-    nused++;
-    __atomic_store_n(&s->hash, h, __ATOMIC_RELEASE);
-    return 1;
-}
-
 void fo_add_ram_dev(uint64_t dev)
 {
     if (!shm)
@@ -514,38 +304,6 @@ void fo_add_ram_dev(uint64_t dev)
     __atomic_store_n(&hdr->ram_devs_full, 1, __ATOMIC_RELEASE);
 }
 
-void fo_withdraw(unsigned kind, const char *key, size_t kn)
-{
-    if (!shm)
-        return;
-    fo_slot_t *s = slot_find(kind, key, kn, key_hash(kind, key, kn));
-    if (s)
-        __atomic_store_n(&s->epoch, 0, __ATOMIC_RELEASE);
-}
-
-size_t fo_withdraw_file(uint64_t dev, uint64_t ino, const char **opens, size_t *lens,
-                        size_t max)
-{
-    uint32_t *head = shm && ino ? file_head(dev, ino, 0) : NULL;
-    size_t n = 0;
-    for (uint32_t f = head ? *head : 0; f; f = files[f - 1].next) {
-        fo_slot_t *sl = &slots[files[f - 1].slot];
-        if (sl->epoch != hdr->epoch)
-            continue;
-        __atomic_store_n(&sl->epoch, 0, __ATOMIC_RELEASE);
-        if (sl->kind == FO_OPEN && n < max) { /* (keys stay in the arena) */
-            opens[n] = shm + FO_ARENA_OFF + sl->key_off;
-            lens[n++] = sl->key_len;
-        }
-    }
-    return n;
-}
-
-void fo_withdraw_all(void)
-{
-    if (shm)
-        __atomic_add_fetch(&hdr->epoch, 1, __ATOMIC_RELEASE);
-}
 
 /* ---------- files that serve paths with different answers ---------- */
 

@@ -30,8 +30,17 @@
 #define FO_NSHARED 1024ul
 #define FO_RW_SIZE (FO_PAGE + 6 * FO_PAGE) /* what tracees map writable: counters, shared */
 #define FO_SLOTS_OFF (FO_CNT_OFF + FO_RW_SIZE)
-#define FO_NSLOTS (1ul << 19) /* answers published at most: half of them (linear probing) */
-#define FO_ARENA_OFF (FO_SLOTS_OFF + FO_NSLOTS * sizeof(fo_slot_t))
+/* The answers' table: 1 << hdr->slot_bits slots (linear probing, at most half of them used),
+ * FO_MIN_BITS to FO_MAX_BITS.  When it fills up, the next size up takes its live answers and
+ * the header then names it; each size has a place of its own, one after the other, so a
+ * lookup already in a smaller one still reads what it read (sparse: only the sizes a run
+ * uses take memory, where one table of the biggest size cost every job 20 MiB of fresh
+ * pages, ~40-80 ms of a CPU on a VM). */
+#define FO_MIN_BITS 10 /* 40 KiB: a job that learns a few answers grows it in steps */
+#define FO_MAX_BITS 19
+#define FO_TABLE_OFF(bits) \
+    (FO_SLOTS_OFF + ((1ul << (bits)) - (1ul << FO_MIN_BITS)) * sizeof(fo_slot_t))
+#define FO_ARENA_OFF FO_TABLE_OFF(FO_MAX_BITS + 1)
 #define FO_ARENA_SIZE (128ul << 20) /* sparse: pages are used as answers come */
 #define FO_SIZE (FO_ARENA_OFF + FO_ARENA_SIZE)
 #define FO_TRAMP_SIZE (64 * 1024ul)
@@ -94,6 +103,7 @@ typedef struct {
     uint64_t magic;
     uint64_t cookie; /* openat with this in its 6th argument passes the filter */
     uint32_t epoch;
+    uint32_t slot_bits; /* the table's size (FO_TABLE_OFF): read it (acquire) before a lookup */
     uint32_t mount_len;
     char mount[256]; /* "/cvmfs" */
     /* st_dev of every file system holding files the tracer answers fstat for (our RAM

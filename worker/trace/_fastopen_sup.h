@@ -28,8 +28,10 @@ int fo_publish_hashed(unsigned kind, const char *key, size_t kn, uint64_t hash, 
  * none: -err), else 0. */
 int fo_find(unsigned kind, const char *key, size_t kn, const char **data, size_t *dlen,
             int *err, int *is_path);
-void fo_reserve(size_t arena_bytes); /* many answers follow: fault their memory in at once */
-void fo_reserve_async(size_t arena_bytes); /* the same by a thread of its own, ahead of time */
+/* many answers follow: size the table for them, fault their memory in at once */
+void fo_reserve(size_t answers, size_t arena_bytes);
+void fo_reserve_async(size_t answers, size_t arena_bytes); /* by a thread, ahead of time */
+void fo_expect(size_t answers); /* only size the table */
 void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files there */
 void fo_withdraw(unsigned kind, const char *key, size_t kn);
 /* every answer naming this file; the keys of up to `max` opens among them (in the table) */
@@ -51,6 +53,7 @@ void fo_counts(unsigned long long *hits, unsigned long long *misses,
                unsigned long long *stat_hits, unsigned long long *stat_misses,
                unsigned long long *patched, unsigned long long *injected,
                unsigned long long *host);
+void fo_table(unsigned long long *answers, unsigned long long *nslots);
 int fo_exec(pid_t pid, int *other); /* 1: handle waitpid status *other instead */
 void fo_fork(pid_t parent, pid_t child);
 void fo_gone(pid_t tid);

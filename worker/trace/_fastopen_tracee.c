@@ -101,12 +101,15 @@ static const fo_slot_t *lookup(const char *base, unsigned kind, const char *key,
                                unsigned long len, uint64_t partial)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
-    const fo_slot_t *slots = (const fo_slot_t *)(base + FO_SLOTS_OFF);
+    unsigned bits = __atomic_load_n(&h->slot_bits, __ATOMIC_ACQUIRE);
+    if (bits < FO_MIN_BITS || bits > FO_MAX_BITS)
+        return 0;
+    const fo_slot_t *slots = (const fo_slot_t *)(base + FO_TABLE_OFF(bits));
+    const unsigned long mask = (1ul << bits) - 1;
     const char *arena = base + FO_ARENA_OFF;
     uint64_t hash = fo_hash_finish(partial, kind);
     uint32_t epoch = __atomic_load_n(&h->epoch, __ATOMIC_ACQUIRE);
-    for (unsigned long i = hash & (FO_NSLOTS - 1), k = 0; k < FO_NSLOTS;
-         i = (i + 1) & (FO_NSLOTS - 1), k++) {
+    for (unsigned long i = hash & mask, k = 0; k <= mask; i = (i + 1) & mask, k++) {
         const fo_slot_t *s = &slots[i];
         uint64_t sh = __atomic_load_n(&s->hash, __ATOMIC_ACQUIRE);
         if (sh == 0)

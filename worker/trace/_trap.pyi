@@ -25,6 +25,8 @@ class RawStats(TypedDict):
     node_puts: int
     node_dirs: int
     opens_put: int
+    inproc_answers: int
+    inproc_slots: int
 
 def run(
     argv: Sequence[bytes],

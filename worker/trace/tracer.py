@@ -57,6 +57,8 @@ class Stats:
     inproc_images: int = 0  # exec'd images the handler was mapped into
     inproc_host: int = 0  # calls on host paths made inside tracees (no trap)
     node_dirs: int = 0  # directory opens answered in C from the node's listings
+    inproc_answers: int = 0  # answers in the in-process table at exit (live at its last move)
+    inproc_slots: int = 0  # its size: it grows as a job learns more
 
     def summary(self) -> str:
         """``--stats``: what a user can read (and compare between runs)."""
@@ -86,6 +88,9 @@ class Stats:
                 f"handed to the tracer), stats: {self.inproc_stats} ({self.inproc_stat_misses} "
                 f"handed to the tracer), host paths: {self.inproc_host}; {self.inproc_sites} "
                 f"call sites patched in {self.inproc_images} program images"
+            )
+            lines.append(
+                f"in-process table: {self.inproc_answers} answers in {self.inproc_slots} slots"
             )
         return "\n".join(lines)
 
@@ -289,6 +294,8 @@ def run(
         inproc_images=raw["inproc_images"],
         inproc_host=raw["inproc_host"],
         node_dirs=raw["node_dirs"],
+        inproc_answers=raw["inproc_answers"],
+        inproc_slots=raw["inproc_slots"],
     )
     return Result(status, stats)
 

@@ -1,0 +1,179 @@
+"""The in-process answers' table grows (worker/trace/_fastopen_table.c): a job starts with a
+small one and moves its answers into bigger ones as it learns more, so a job pays for the
+table it needs, not for the biggest.  Tracees that read the old size keep reading the old
+table, so an answer withdrawn after a move (an evicted RAM file) must be gone from every
+table.
+
+Real hep-exec against a tree of 2,400 files published by our publisher and served by nginx
+on loopback; a C program compiled here stats, opens and checksums every file, round after
+round, and the bytes it prints are compared with the source files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.hep_exec import Served, World
+from tests.support.tracing import compile_c, ensure_built, needs_ptrace, ram_dir
+
+pytestmark = needs_ptrace
+
+FQRN = "grow.test.org"
+MOUNT = f"/cvmfs/{FQRN}"
+DIRS, PER_DIR = 40, 60  # 2,400 files: their stats and opens outgrow the first table 4 times
+
+PROGRAM = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ROUNDS LIST: every file of LIST (one path a line) stat'ed, opened and checksummed, ROUNDS
+ * times.  The first round prints "path size checksum"; every later one prints how many
+ * files gave another size or checksum, or an fstat unlike their stat. */
+int main(int argc, char **argv) {
+    int rounds = atoi(argv[1]);
+    FILE *list = fopen(argv[2], "r");
+    static char paths[4000][256];
+    static unsigned long long sums[4000];
+    static long long sizes[4000];
+    int n = 0;
+    while (n < 4000 && fgets(paths[n], sizeof paths[n], list))
+        paths[n][strcspn(paths[n], "\n")] = 0, n++;
+    for (int r = 0; r < rounds; r++) {
+        int bad = 0;
+        for (int i = 0; i < n; i++) {
+            struct stat a, b;
+            if (stat(paths[i], &a))
+                return printf("%s: stat: %s\n", paths[i], strerror(errno)), 3;
+            int fd = open(paths[i], O_RDONLY);
+            if (fd < 0 || fstat(fd, &b))
+                return printf("%s: open: %s\n", paths[i], strerror(errno)), 4;
+            unsigned long long h = 1469598103934665603ULL;
+            unsigned char buf[8192];
+            ssize_t k;
+            while ((k = read(fd, buf, sizeof buf)) > 0)
+                for (ssize_t j = 0; j < k; j++) h = (h ^ buf[j]) * 1099511628211ULL;
+            close(fd);
+            int same = a.st_ino == b.st_ino && a.st_size == b.st_size && a.st_mode == b.st_mode;
+            if (r == 0) {
+                sums[i] = h, sizes[i] = a.st_size;
+                printf("%s %lld %016llx %d\n", paths[i], (long long)a.st_size, h, same);
+            } else if (h != sums[i] || a.st_size != sizes[i] || !same) {
+                bad++;
+            }
+        }
+        if (r > 0)
+            printf("round %d: %d differ\n", r, bad);
+    }
+    return 0;
+}
+"""
+
+
+def fnv(data: bytes) -> str:
+    h = 1469598103934665603
+    for b in data:
+        h = ((h ^ b) * 1099511628211) & (2**64 - 1)
+    return f"{h:016x}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    ensure_built()
+    base = tmp_path_factory.mktemp("grow")
+    with ram_dir() as src:
+        top = src / "tree"
+        for d in range(DIRS):
+            (top / f"d{d:02d}").mkdir(parents=True)
+            for f in range(PER_DIR):
+                body = os.urandom(200 + 37 * f)
+                if f % 20 == 10:  # one object for many paths
+                    body = b"shared\n"
+                elif f % 20 == 0 and d in (0, DIRS - 1):
+                    # one object for a path in the first directory and one in the last: the
+                    # tracer finds it shared after the table has grown, and withdraws the
+                    # first one's answer from the tables it was moved into
+                    body = b"pair %d\n" % f
+                (top / f"d{d:02d}" / f"f{f:02d}").write_bytes(body)
+        served = Served(base / "store", base / "keys")
+        served.publish(top, FQRN)
+        prog = compile_c(PROGRAM, base / "prog")
+        listing = base / "paths.txt"
+        listing.write_text(
+            "".join(f"{MOUNT}/d{d:02d}/f{f:02d}\n" for d in range(DIRS) for f in range(PER_DIR))
+        )
+        proxy = served.serve(base / "nginx")
+        try:
+            yield World(served, proxy, top, tools={"prog": prog, "paths": listing})
+        finally:
+            served.stop()
+
+
+def expected_first_round(w: World) -> list[str]:
+    out = []
+    for d in range(DIRS):
+        for f in range(PER_DIR):
+            data = (w.src / f"d{d:02d}" / f"f{f:02d}").read_bytes()
+            out.append(f"{MOUNT}/d{d:02d}/f{f:02d} {len(data)} {fnv(data)} 1")
+    return out
+
+
+def run_rounds(w: World, rounds: int, *options: str) -> tuple[list[str], str]:
+    r = w.run(
+        [str(w.tools["prog"]), str(rounds), str(w.tools["paths"])],
+        options=["--stats-internals", *options],
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout.splitlines(), r.stderr
+
+
+def table(stderr: str) -> tuple[int, int]:
+    """(answers, slots) of the in-process table at the end, from --stats-internals."""
+    m = re.search(r"in-process table: (\d+) answers in (\d+) slots", stderr)
+    assert m, f"no 'in-process table' line in hep-exec --stats-internals output:\n{stderr}"
+    return int(m[1]), int(m[2])
+
+
+def test_a_job_that_outgrows_the_table_answers_in_process_from_the_bigger_one(
+    world: World,
+) -> None:
+    world.needs_named_files()
+    n = DIRS * PER_DIR
+    lines, err = run_rounds(world, 3)
+    assert lines == [*expected_first_round(world), "round 1: 0 differ", "round 2: 0 differ"]
+    answers, slots = table(err)
+    assert answers >= 2 * n and slots >= 2 * answers and slots >= 8192, err  # it grew
+    m = re.search(r"in-process opens: (\d+) .* stats: (\d+) ", err)
+    assert m, err
+    # every open and stat of rounds 2 and 3 found its answer in the table it had grown into
+    # (fstat is the kernel's, on the RAM file)
+    assert int(m[1]) >= 2 * n and int(m[2]) >= 2 * n, err
+
+
+def test_evictions_after_the_table_grew_withdraw_the_answers_from_every_table(
+    world: World,
+) -> None:
+    """A RAM limit far below the tree: files are evicted all along, and their published opens
+    withdrawn, in the table they were put in and in every table it grew into."""
+    lines, err = run_rounds(world, 3, "--ram", "1M")
+    assert lines == [*expected_first_round(world), "round 1: 0 differ", "round 2: 0 differ"]
+    evictions = re.search(r"(\d+) evictions", err)
+    assert evictions and int(evictions[1]) > 1000, err
+    answers, slots = table(err)
+    assert answers >= DIRS * PER_DIR and slots >= 8192, err
+
+
+def test_the_table_without_in_process_answers_is_not_reported(world: World) -> None:
+    """--no-in-process: no table, and the same bytes (the oracle of the tests above)."""
+    lines, err = run_rounds(world, 2, "--no-in-process")
+    assert lines == [*expected_first_round(world), "round 1: 0 differ"]
+    assert "in-process table" not in err, err
