@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import array
 import json
+import mmap
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -144,12 +146,22 @@ def decode(data: bytes) -> dict[str, Any]:
     return msg
 
 
+# each receiving thread's buffer, mapped once and its pages touched only as far as messages
+# reach: recvmsg(MAX_MESSAGE) made each message an mmap, an mremap and an munmap, which wait
+# for the process's mmap lock (a tracer faulting in its table holds it for milliseconds)
+_received = threading.local()
+
+
 def recv_message(sock: socket.socket, max_fds: int = MAX_FDS) -> tuple[bytes, list[int]]:
     """One message and the fds that came with it; ProtocolError if either was cut short
     (the one piece of socket I/O here: both ends receive the same way)."""
-    data, anc, flags, _ = sock.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(4 * max_fds), socket.MSG_CMSG_CLOEXEC
+    buf = getattr(_received, "buf", None)
+    if buf is None:
+        buf = _received.buf = mmap.mmap(-1, MAX_MESSAGE)
+    n, anc, flags, _ = sock.recvmsg_into(
+        [buf], socket.CMSG_SPACE(4 * max_fds), socket.MSG_CMSG_CLOEXEC
     )
+    data = buf[:n]
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -9,14 +9,15 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
-/* Fault in [off, off + n) of the table, 1 MiB a call: MADV_POPULATE_WRITE holds the process's
- * mmap lock (for reading) for as long as one call takes, and on a VM whose free pages went back
- * to the host a page costs 4-16 µs, so one call over megabytes held it for tens of ms, while
- * every mmap and munmap of the tracer's other threads (Python's allocator, the reply from the
- * node's service that the mount waits for) waited, and their page faults queued behind. */
+/* Fault in [off, off + n) of the table, 256 KiB a call: MADV_POPULATE_WRITE holds the
+ * process's mmap lock (for reading) for as long as one call takes, and every mmap, munmap and
+ * mremap of the tracer's other threads (Python's allocator, the mount that waits for the
+ * node's service) waits for it, and their page faults queue behind.  On a VM whose free pages
+ * went back to the host after a few idle seconds, a page costs 4-18 µs: 1 MiB a call held it
+ * ~4.5 ms, one call over a 20 MiB table ~80 ms. */
 static void populate(size_t off, size_t n)
 {
-    const size_t step = 1ul << 20;
+    const size_t step = 256ul << 10;
     for (size_t done = 0; done < n; done += step)
         madvise(shm + off + done, n - done < step ? n - done : step, MADV_POPULATE_WRITE);
 }
@@ -56,8 +57,7 @@ void fo_expect(size_t answers)
 
 /* The same ahead of time, by a thread of its own while the command starts (the node's answers
  * come when it first touches the mount, and their put then finds the memory ready): the slot
- * table, the first `arena_bytes` of the arena, and the table of the next size up, which a
- * grown table moves to.  Touches no data, takes no lock. */
+ * table and the first `arena_bytes` of the arena.  Touches no data, takes no lock. */
 static pthread_t prefaulter;
 static int prefaulting;
 static size_t prefault_arena;
@@ -69,8 +69,6 @@ static void *prefault_main(void *arg)
     populate(FO_TABLE_OFF(prefault_bits), sizeof(fo_slot_t) << prefault_bits);
     if (prefault_arena)
         populate(FO_ARENA_OFF, (prefault_arena + FO_PAGE - 1) & ~(FO_PAGE - 1));
-    if (prefault_bits < FO_MAX_BITS)
-        populate(FO_TABLE_OFF(prefault_bits + 1), sizeof(fo_slot_t) << (prefault_bits + 1));
     return NULL;
 }
 

@@ -17,8 +17,8 @@ static PyObject *trap_prefault(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "n", &n))
         return NULL;
     if (n > 0 && handler) /* during a run */
-        fo_reserve_async((size_t)n / 200, (size_t)n * 2); /* ~200 bytes an answer packed;
-                                                            * twice that in the arena */
+        fo_reserve_async((size_t)n / 200, (size_t)n); /* ~200 bytes an answer packed, ~170
+                                                        * in the arena */
     Py_RETURN_NONE;
 }
 
