@@ -93,6 +93,7 @@ class WorkerSession:
                 names if names is not None else -1,
             )
             self.node_answers.eager_bytes = config.eager_answers
+            self.node_answers.expected = self.shared.answer_bytes
             self.repos.on_mount = self._mounted
             self.repos.on_mounting = self.node_answers.mounting_soon
         if prefetch_list:

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.support.hep_exec import Served, World
-from tests.support.tracing import compile_c, ensure_built, needs_ptrace, ram_dir
+from tests.support.hep_exec import CLI, Served, World
+from tests.support.node_cache import kill_service
+from tests.support.tracing import compile_c, ensure_built, env_with, needs_ptrace, ram_dir
 
 pytestmark = needs_ptrace
 
@@ -136,11 +140,21 @@ def run_rounds(w: World, rounds: int, *options: str) -> tuple[list[str], str]:
     return r.stdout.splitlines(), r.stderr
 
 
-def table(stderr: str) -> tuple[int, int]:
-    """(answers, slots) of the in-process table at the end, from --stats-internals."""
-    m = re.search(r"in-process table: (\d+) answers in (\d+) slots", stderr)
+def table(stderr: str) -> tuple[int, int, int]:
+    """(answers, slots, times grown) of the in-process table at the end, from
+    --stats-internals."""
+    m = re.search(r"in-process table: (\d+) answers in (\d+) slots \(grown (\d+) times", stderr)
     assert m, f"no 'in-process table' line in hep-exec --stats-internals output:\n{stderr}"
-    return int(m[1]), int(m[2])
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+@pytest.fixture
+def cache_dir() -> Iterator[Path]:
+    """A node's runtime directory; the service started in it is killed at the end."""
+    d = Path(tempfile.mkdtemp(prefix="hepgrow-", dir="/dev/shm"))
+    yield d
+    kill_service(d)
+    subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
 def test_a_job_that_outgrows_the_table_answers_in_process_from_the_bigger_one(
@@ -150,8 +164,9 @@ def test_a_job_that_outgrows_the_table_answers_in_process_from_the_bigger_one(
     n = DIRS * PER_DIR
     lines, err = run_rounds(world, 3)
     assert lines == [*expected_first_round(world), "round 1: 0 differ", "round 2: 0 differ"]
-    answers, slots = table(err)
-    assert answers >= 2 * n and slots >= 2 * answers and slots >= 8192, err  # it grew
+    answers, slots, grown = table(err)
+    # it started at 1,024 slots and grew as the job learnt answers
+    assert answers >= 2 * n and slots >= 2 * answers and slots >= 8192 and grown >= 3, err
     m = re.search(r"in-process opens: (\d+) .* stats: (\d+) ", err)
     assert m, err
     # every open and stat of rounds 2 and 3 found its answer in the table it had grown into
@@ -168,8 +183,8 @@ def test_evictions_after_the_table_grew_withdraw_the_answers_from_every_table(
     assert lines == [*expected_first_round(world), "round 1: 0 differ", "round 2: 0 differ"]
     evictions = re.search(r"(\d+) evictions", err)
     assert evictions and int(evictions[1]) > 1000, err
-    answers, slots = table(err)
-    assert answers >= DIRS * PER_DIR and slots >= 8192, err
+    answers, slots, grown = table(err)
+    assert answers >= DIRS * PER_DIR and slots >= 8192 and grown >= 3, err
 
 
 def test_the_table_without_in_process_answers_is_not_reported(world: World) -> None:
@@ -177,3 +192,23 @@ def test_the_table_without_in_process_answers_is_not_reported(world: World) -> N
     lines, err = run_rounds(world, 2, "--no-in-process")
     assert lines == [*expected_first_round(world), "round 1: 0 differ"]
     assert "in-process table" not in err, err
+
+
+def test_a_warm_node_job_sizes_its_table_for_the_node_s_answers_when_it_mounts(
+    world: World, cache_dir: Path
+) -> None:
+    """The node's service says at connect how many bytes of answers it holds for each
+    repository: a job sizes its table for them as it begins the mount (while it is empty), so
+    it never moves them once they are put."""
+    world.needs_named_files()
+    argv = [*CLI, "--server", world.proxy, "--cache-dir", str(cache_dir), "--stats-internals",
+            "--", str(world.tools["prog"]), "2", str(world.tools["paths"])]  # fmt: skip
+    runs = [subprocess.run(argv, env=env_with(), capture_output=True, text=True, timeout=300)
+            for _job in ("warming", "warm")]  # fmt: skip
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.splitlines() == [*expected_first_round(world), "round 1: 0 differ"]
+    assert table(runs[0].stderr)[2] >= 3, runs[0].stderr  # the node knew nothing: it grew
+    answers, slots, grown = table(runs[1].stderr)
+    assert "answers ahead from the node" in runs[1].stderr, runs[1].stderr
+    assert answers >= 2 * DIRS * PER_DIR and slots >= 2 * answers and grown == 1, runs[1].stderr

@@ -311,6 +311,8 @@ class CacheClient:
         self._stats_done = threading.Event()
         self._meta_waits: dict[str, _MetaWait] = {}
         self._receiver: threading.Thread | None = None
+        # bytes of each repository's answers the service held at hello (node_answers.py)
+        self.answer_bytes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ connecting
 
@@ -398,7 +400,13 @@ class CacheClient:
                     os.close(names_dir)
                 raise OtherSettings(_difference(settings, reply.get("settings")))
             sock.settimeout(None)
-            return cls(sock, int(reply["pid"]), directory, idle_budget, names_dir)
+            client = cls(sock, int(reply["pid"]), directory, idle_budget, names_dir)
+            sizes = reply.get("answer_bytes")
+            if isinstance(sizes, dict):
+                client.answer_bytes = {
+                    str(k): v for k, v in sizes.items() if isinstance(v, int) and v > 0
+                }
+            return client
         except BaseException:
             sock.close()
             raise

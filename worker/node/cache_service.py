@@ -332,6 +332,7 @@ class CacheService:
                 "pid": os.getpid(),
                 "version": VERSION,
                 "settings": self.settings,
+                "answer_bytes": self.answers.sizes(),
             }
             with conn.lock:
                 if not conn.closed:

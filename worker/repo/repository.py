@@ -485,7 +485,7 @@ class Repositories:
         # told of each mount (worker.trace.node_answers: the node's answers for that revision),
         # and as it begins
         self.on_mount: Callable[[MountedRepository], None] | None = None
-        self.on_mounting: Callable[[], None] | None = None
+        self.on_mounting: Callable[[str], None] | None = None
 
     def _keys(self, fqrn: str) -> Sequence[rsa.RSAPublicKey]:
         if self.keys_for is None:
@@ -534,7 +534,7 @@ class Repositories:
                 return repo
             self._raise_if_failed(fqrn)
             if self.on_mounting is not None:
-                self.on_mounting()
+                self.on_mounting(fqrn)
             try:
                 repo = MountedRepository(
                     fqrn, self.fetcher, self._keys(fqrn), self.cache, voucher=self.voucher

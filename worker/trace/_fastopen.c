@@ -271,6 +271,7 @@ void fo_fini(void)
         prefaulting = 0;
     }
     slots_done = 0;
+    n_moves = 0;
     if (shm)
         munmap(shm, FO_SIZE);
     if (memfd >= 0)

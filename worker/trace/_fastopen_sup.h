@@ -53,7 +53,7 @@ void fo_counts(unsigned long long *hits, unsigned long long *misses,
                unsigned long long *stat_hits, unsigned long long *stat_misses,
                unsigned long long *patched, unsigned long long *injected,
                unsigned long long *host);
-void fo_table(unsigned long long *answers, unsigned long long *nslots);
+void fo_table(unsigned long long *answers, unsigned long long *nslots, unsigned long long *moves);
 int fo_exec(pid_t pid, int *other); /* 1: handle waitpid status *other instead */
 void fo_fork(pid_t parent, pid_t child);
 void fo_gone(pid_t tid);

@@ -26,6 +26,7 @@ static void populate(size_t off, size_t n)
  * and the arena they need in a few calls instead of one page fault each (on a VM, ~5 µs a
  * page: 30 ms for a node's 17,000 answers).  Only a hint: older kernels ignore it. */
 static int slots_done;
+static unsigned long long n_moves; /* answers moved to a bigger table: how many times */
 static int grow_to(unsigned bits);
 void fo_reserve(size_t answers, size_t arena_bytes)
 {
@@ -218,6 +219,7 @@ static int grow_to(unsigned bits)
     slots = t;
     slot_bits = bits;
     nused = live;
+    n_moves++;
     if (!live) /* no older table holds a live answer either: none to withdraw there */
         first_bits = bits;
     __atomic_store_n(&hdr->slot_bits, bits, __ATOMIC_RELEASE);
@@ -350,9 +352,11 @@ void fo_withdraw_all(void)
         __atomic_add_fetch(&hdr->epoch, 1, __ATOMIC_RELEASE);
 }
 
-/* --stats-internals: the table's live answers (at its last move, and put since) and size. */
-void fo_table(unsigned long long *answers, unsigned long long *nslots)
+/* --stats-internals: the table's live answers (at its last move, and put since), its size,
+ * and how many times answers were moved to a bigger one. */
+void fo_table(unsigned long long *answers, unsigned long long *nslots, unsigned long long *moves)
 {
     *answers = shm ? nused : 0;
     *nslots = shm ? 1ull << slot_bits : 0;
+    *moves = shm ? n_moves : 0;
 }

@@ -27,6 +27,7 @@ class RawStats(TypedDict):
     opens_put: int
     inproc_answers: int
     inproc_slots: int
+    inproc_moves: int
 
 def run(
     argv: Sequence[bytes],

@@ -31,7 +31,7 @@ import mmap
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger("hep_exec.answers")
@@ -192,6 +192,12 @@ class AnswerTables:
         with self._lock:
             return len(self._tables), self._bytes
 
+    def sizes(self) -> dict[str, int]:
+        """Each repository's bytes of answers, of its revision asked for last: a job about to
+        mount it sizes its table for them before the revision is known."""
+        with self._lock:
+            return {fqrn: table.size for (fqrn, _root), table in self._tables.items()}
+
 
 @dataclass(frozen=True)
 class Revision:
@@ -233,8 +239,12 @@ class NodeAnswers:
         self.eager_bytes = EAGER_BYTES
         # the tracer's: put what is pending now, if this thread may (else it waits)
         self.arrived: Callable[[], None] = lambda: None
-        # the tracer's: a repository is being mounted (its answers' memory, ahead)
-        self.mounting: Callable[[], None] = lambda: None
+        # the tracer's: a repository is being mounted, with about so many bytes of answers
+        # (their memory, ahead)
+        self.mounting: Callable[[int], None] = lambda expected: None
+        # bytes of each repository's answers on the node when we connected (the service's
+        # hello): what a mount will likely bring
+        self.expected: Mapping[str, int] = {}
         self.received = 0  # bytes of answers the service gave
         self.put = 0  # answers put from them
         self.sent = 0  # bytes handed to the service
@@ -260,9 +270,9 @@ class NodeAnswers:
             self.received += len(data)
         self.arrived()
 
-    def mounting_soon(self) -> None:
+    def mounting_soon(self, fqrn: str) -> None:
         """A repository is being mounted: its answers will come (whoever prepares for them)."""
-        self.mounting()
+        self.mounting(self.expected.get(fqrn, 0))
 
     def take(self) -> list[Revision]:
         """What the node knows of revisions mounted since: to put now, and to stage."""

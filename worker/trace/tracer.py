@@ -59,6 +59,7 @@ class Stats:
     node_dirs: int = 0  # directory opens answered in C from the node's listings
     inproc_answers: int = 0  # answers in the in-process table at exit (live at its last move)
     inproc_slots: int = 0  # its size: it grows as a job learns more
+    inproc_moves: int = 0  # times it grew (its answers moved to a bigger one)
 
     def summary(self) -> str:
         """``--stats``: what a user can read (and compare between runs)."""
@@ -90,7 +91,8 @@ class Stats:
                 f"call sites patched in {self.inproc_images} program images"
             )
             lines.append(
-                f"in-process table: {self.inproc_answers} answers in {self.inproc_slots} slots"
+                f"in-process table: {self.inproc_answers} answers in {self.inproc_slots} slots "
+                f"(grown {self.inproc_moves} times)"
             )
         return "\n".join(lines)
 
@@ -251,8 +253,7 @@ def run(
                 _trap.take_mirrored,
             )
             node_answers.arrived = session.put_node_answers
-            eager = node_answers.eager_bytes
-            node_answers.mounting = lambda: _trap.prefault(eager)
+            node_answers.mounting = _trap.prefault  # (nothing, if the node holds none)
         try:
             status, exec_errno, raw = _trap.run(
                 args,
@@ -296,6 +297,7 @@ def run(
         node_dirs=raw["node_dirs"],
         inproc_answers=raw["inproc_answers"],
         inproc_slots=raw["inproc_slots"],
+        inproc_moves=raw["inproc_moves"],
     )
     return Result(status, stats)
 

@@ -7,9 +7,10 @@
  */
 
 /* take_notes() -> [(object file, path), ...]: the opens put since Python last asked */
-/* prefault(nbytes): a repository is being mounted and the node has answers for it: fault in
- * the in-process table and `nbytes` of its arena by a thread of their own, while the mount
- * reads the manifest and catalogs, so that putting the answers finds the memory ready. */
+/* prefault(nbytes): a repository is being mounted and the node had `nbytes` of answers for it
+ * (0: none; the service said at connect): size the in-process table for them, and fault it in
+ * with as much arena by a thread of their own, while the mount reads the manifest and
+ * catalogs, so that putting the answers finds the memory ready. */
 static PyObject *trap_prefault(PyObject *self, PyObject *args)
 {
     Py_ssize_t n;
@@ -17,8 +18,8 @@ static PyObject *trap_prefault(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "n", &n))
         return NULL;
     if (n > 0 && handler) /* during a run */
-        fo_reserve_async((size_t)n / 200, (size_t)n); /* ~200 bytes an answer packed, ~170
-                                                        * in the arena */
+        fo_reserve_async((size_t)n / 170, (size_t)n); /* 150-210 bytes an answer packed,
+                                                        * about as much in the arena */
     Py_RETURN_NONE;
 }
 

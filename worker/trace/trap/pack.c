@@ -275,7 +275,7 @@ static long put_packed_records(const char *data, size_t dn, const char *within, 
     long n = 0;
     size_t off = 0, end = dn, ahead = 0;
     if (dn >= (1 << 20)) {
-        fo_reserve(dn / 200, dn); /* how many, what they take in the arena, roughly */
+        fo_reserve(dn / 170, dn); /* how many, what they take in the arena, roughly */
         cache_reserve(dn / 128); /* ~200 bytes a packed answer, half of them without a stat */
     }
     /* records prefetched and not yet put: their offsets and hashes (a ring) */
