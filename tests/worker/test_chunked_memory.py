@@ -360,6 +360,9 @@ class CountingSource:
     ) -> Future[bytes]:
         return self.pool.submit(self._one, url_path)
 
+    def ahead(self, url_path: str) -> None:
+        pass
+
     def get(
         self,
         url_path: str,

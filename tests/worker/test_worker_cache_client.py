@@ -80,6 +80,43 @@ def test_a_name_that_is_not_one_file_ends_the_connection(
         files.discard(f.fd, f.name)
 
 
+def test_a_file_asked_for_ahead_is_one_request_and_reaches_meta(
+    files: RamFiles, tmp_path: Path
+) -> None:
+    """A mount asks for the whitelist with the manifest (meta_ahead): the service sees one
+    request for it, and meta() later gets its reply, whether it came before or after."""
+    client, service = _client(files, tmp_path)
+    body = b"20261205211306\nE20270104211306\nNx.org\n"
+    try:
+        for late in (False, True):
+            client.meta_ahead("x.org", ".cvmfswhitelist")
+            client.meta_ahead("x.org", ".cvmfswhitelist")  # still one request
+            msg = decode(service.recv(1 << 16))
+            assert msg == {"op": "meta", "fqrn": "x.org", "path": ".cvmfswhitelist"}
+
+            def reply(msg: dict[str, object] = msg) -> None:
+                fd = os.memfd_create("wl")
+                os.write(fd, body)
+                service.sendmsg(
+                    [encode({**msg, "ok": True, "size": len(body)})],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                )
+                os.close(fd)
+
+            if late:  # meta() waits for the reply of the request made ahead
+                threading.Timer(0.2, reply).start()
+            else:
+                reply()
+            assert client.meta("x.org", ".cvmfswhitelist") == body
+            service.setblocking(False)
+            with pytest.raises(BlockingIOError):  # meta() asked for nothing more
+                service.recv(1 << 16)
+            service.setblocking(True)
+    finally:
+        client.close()
+        service.close()
+
+
 def test_service_args_rebuild_what_the_service_uses(tmp_path: Path) -> None:
     """A service started as a fresh interpreter gets the job's settings back from its argv."""
     from worker.config import parse_exec_args

@@ -50,7 +50,7 @@ from worker.ram.ramcache import CachedObject
 from worker.ram.ramfiles import fill_sealed_memfd, named_path
 from worker.repo.fetcher import Fetcher, check_stored
 from worker.repo.repository import MountedRepository, NotOnServers, RepositoryError
-from worker.repo.repository_files import is_repository_file
+from worker.repo.repository_files import UNHASHED, is_repository_file
 from worker.trace.node_answers import MAX_TABLE_BYTES
 
 log = logging.getLogger("hep_exec.cache_client")
@@ -137,6 +137,12 @@ class ServiceFirst:
                     self.from_service += 1
                     return data
         return self.fetcher.get(url_path, expected, what, check, size=size)
+
+    def ahead(self, url_path: str) -> None:
+        """A repository file wanted soon: the service is asked now."""
+        fqrn, _, path = url_path.removeprefix("/cvmfs/").partition("/")
+        if url_path.startswith("/cvmfs/") and path in UNHASHED and is_repository_file(fqrn, path):
+            self.client.meta_ahead(fqrn, path)
 
     def submit(
         self,
@@ -310,6 +316,7 @@ class CacheClient:
         self._stats_reply: dict[str, Any] | None = None
         self._stats_done = threading.Event()
         self._meta_waits: dict[str, _MetaWait] = {}
+        self._ahead: dict[str, _MetaWait] = {}  # asked for before meta() wants them
         self._receiver: threading.Thread | None = None
         # bytes of each repository's answers the service held at hello (node_answers.py)
         self.answer_bytes: dict[str, int] = {}
@@ -504,7 +511,7 @@ class CacheClient:
             return None
         key = f"{fqrn}/{path}"
         with self._lock:
-            wait = self._meta_waits.get(key)
+            wait = self._ahead.pop(key, None) or self._meta_waits.get(key)
             ask = wait is None
             if wait is None:
                 wait = self._meta_waits[key] = _MetaWait()
@@ -521,6 +528,21 @@ class CacheClient:
         if wait.error is not None:
             log.debug("%s: cache service: %s", key, wait.error)
         return wait.data if isinstance(wait.data, bytes) else None
+
+    def meta_ahead(self, fqrn: str, path: str) -> None:
+        """Ask for a repository file now that :meth:`meta` will want soon (its reply is kept
+        for it): a mount asks for the whitelist with the manifest, one round trip, not two."""
+        if self.gone:
+            return
+        key = f"{fqrn}/{path}"
+        with self._lock:
+            if key in self._meta_waits or key in self._ahead:
+                return
+            self._ahead[key] = self._meta_waits[key] = _MetaWait()
+        try:
+            self.sock.send(encode({"op": "meta", "fqrn": fqrn, "path": path}))
+        except OSError as e:
+            self._mark_gone(e)
 
     def catalog(self, fqrn: str, path: str) -> mmap.mmap | None:
         """A catalog the service inflated once for the node's jobs, mapped read-only; None

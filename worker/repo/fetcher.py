@@ -348,6 +348,9 @@ class Fetcher:
 
         return self._call(all_of())
 
+    def ahead(self, url_path: str) -> None:
+        """(A hint that ``get`` of this comes soon: nothing to gain without a service.)"""
+
     def submit(
         self,
         url_path: str,

@@ -70,6 +70,10 @@ class ObjectSource(Protocol):
         """Start one fetch; the future has its verified stored bytes (or FetchError)."""
         ...
 
+    def ahead(self, url_path: str) -> None:
+        """A hint: ``get`` of this will come soon (a source may ask for it now)."""
+        ...
+
 
 class RepositorySource(ObjectSource, Protocol):
     """What a mounted repository needs: objects, and its catalogs ready to open."""
@@ -193,6 +197,8 @@ class MountedRepository:
 
     def _bootstrap(self, master_keys: Sequence[rsa.RSAPublicKey], now: dt.datetime) -> Manifest:
         fqrn = self.fqrn
+        if master_keys:
+            self.fetcher.ahead(object_url(fqrn, ".cvmfswhitelist"))
         try:
             raw = self.fetcher.get(
                 object_url(fqrn, ".cvmfspublished"),
