@@ -266,11 +266,7 @@ void fo_add_object_dir(const char *dir, size_t n)
 
 void fo_fini(void)
 {
-    if (prefaulting) { /* before the mapping goes */
-        pthread_join(prefaulter, NULL);
-        prefaulting = 0;
-    }
-    slots_done = 0;
+    populated_bits = 0;
     n_moves = 0;
     if (shm)
         munmap(shm, FO_SIZE);

@@ -30,7 +30,6 @@ int fo_find(unsigned kind, const char *key, size_t kn, const char **data, size_t
             int *err, int *is_path);
 /* many answers follow: size the table for them, fault their memory in at once */
 void fo_reserve(size_t answers, size_t arena_bytes);
-void fo_reserve_async(size_t answers, size_t arena_bytes); /* by a thread, ahead of time */
 void fo_expect(size_t answers); /* only size the table */
 void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files there */
 void fo_withdraw(unsigned kind, const char *key, size_t kn);

@@ -25,7 +25,7 @@ static void populate(size_t off, size_t n)
 /* Many answers are about to be published at once (a node's answers): fault in the slot table
  * and the arena they need in a few calls instead of one page fault each (on a VM, ~5 µs a
  * page: 30 ms for a node's 17,000 answers).  Only a hint: older kernels ignore it. */
-static int slots_done;
+static unsigned populated_bits; /* the table size faulted in so */
 static unsigned long long n_moves; /* answers moved to a bigger table: how many times */
 static int grow_to(unsigned bits);
 void fo_reserve(size_t answers, size_t arena_bytes)
@@ -33,8 +33,8 @@ void fo_reserve(size_t answers, size_t arena_bytes)
     if (!shm)
         return;
     fo_expect(answers);
-    if (!slots_done) {
-        slots_done = 1;
+    if (populated_bits != slot_bits) {
+        populated_bits = slot_bits;
         populate(FO_TABLE_OFF(slot_bits), sizeof(fo_slot_t) << slot_bits);
     }
     size_t from = (arena_used + FO_PAGE - 1) & ~(FO_PAGE - 1);
@@ -54,38 +54,6 @@ void fo_expect(size_t answers)
         bits++;
     if (shm && bits > slot_bits)
         grow_to(bits);
-}
-
-/* The same ahead of time, by a thread of its own while the command starts (the node's answers
- * come when it first touches the mount, and their put then finds the memory ready): the slot
- * table and the first `arena_bytes` of the arena.  Touches no data, takes no lock. */
-static pthread_t prefaulter;
-static int prefaulting;
-static size_t prefault_arena;
-static unsigned prefault_bits;
-
-static void *prefault_main(void *arg)
-{
-    (void)arg;
-    populate(FO_TABLE_OFF(prefault_bits), sizeof(fo_slot_t) << prefault_bits);
-    if (prefault_arena)
-        populate(FO_ARENA_OFF, (prefault_arena + FO_PAGE - 1) & ~(FO_PAGE - 1));
-    return NULL;
-}
-
-void fo_reserve_async(size_t answers, size_t arena_bytes)
-{
-    if (!shm || prefaulting || slots_done)
-        return;
-    fo_expect(answers);
-    prefault_bits = slot_bits;
-    prefault_arena = arena_bytes < FO_ARENA_SIZE ? arena_bytes : FO_ARENA_SIZE;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay the tracer's main thread's */
-    prefaulting = pthread_create(&prefaulter, NULL, prefault_main, NULL) == 0;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    slots_done = prefaulting; /* fo_reserve need not do the slots again */
 }
 
 static uint64_t key_hash(unsigned kind, const char *k, size_t n)

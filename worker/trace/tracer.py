@@ -253,7 +253,7 @@ def run(
                 _trap.take_mirrored,
             )
             node_answers.arrived = session.put_node_answers
-            node_answers.mounting = _trap.prefault  # (nothing, if the node holds none)
+            node_answers.mounting = _trap.expect  # (nothing, if the node holds none)
         try:
             status, exec_errno, raw = _trap.run(
                 args,

@@ -1,5 +1,5 @@
 /*
- * The last module functions (prefault, take_notes, forget, set_cmdline), the method table and
+ * The last module functions (expect, take_notes, forget, set_cmdline), the method table and
  * PyInit__trap.
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
@@ -7,19 +7,20 @@
  */
 
 /* take_notes() -> [(object file, path), ...]: the opens put since Python last asked */
-/* prefault(nbytes): a repository is being mounted and the node had `nbytes` of answers for it
- * (0: none; the service said at connect): size the in-process table for them, and fault it in
- * with as much arena by a thread of their own, while the mount reads the manifest and
- * catalogs, so that putting the answers finds the memory ready. */
-static PyObject *trap_prefault(PyObject *self, PyObject *args)
+/* expect(nbytes): a repository is being mounted and the node had `nbytes` of answers for it
+ * (0: none; the service said at connect): the in-process table grows now, while it is empty,
+ * to hold them (150-210 bytes an answer, packed), instead of moving them as they are put.
+ * Faulting its pages in ahead, by a thread of its own, was tried and undone: on a VM whose
+ * idle pages go back to the host that contended with the mount for the mmap lock and the CPU
+ * (a warm job's start 114 -> 139 ms), and gained nothing otherwise. */
+static PyObject *trap_expect(PyObject *self, PyObject *args)
 {
     Py_ssize_t n;
     (void)self;
     if (!PyArg_ParseTuple(args, "n", &n))
         return NULL;
     if (n > 0 && handler) /* during a run */
-        fo_reserve_async((size_t)n / 170, (size_t)n); /* 150-210 bytes an answer packed,
-                                                        * about as much in the arena */
+        fo_expect((size_t)n / 170);
     Py_RETURN_NONE;
 }
 
@@ -103,8 +104,8 @@ static PyMethodDef methods[] = {
      "take_mirrored() -> [directory, ...]: those mirrored in C since the last call"},
     {"put_staged", trap_put_staged, METH_VARARGS,
      "put_staged(directory) -> (n, listed directories, opens) or None"},
-    {"prefault", trap_prefault, METH_VARARGS,
-     "prefault(nbytes): fault in the in-process table for nbytes of answers, in a thread"},
+    {"expect", trap_expect, METH_VARARGS,
+     "expect(nbytes): size the in-process table for nbytes of the node's answers"},
     {"take_notes", trap_take_notes, METH_NOARGS,
      "take_notes() -> [(object file, path), ...] of the opens put since last asked"},
     {"forget", trap_forget, METH_VARARGS,
