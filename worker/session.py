@@ -91,11 +91,13 @@ class WorkerSession:
                 self.shared.answers,
                 self.shared.add_answers,
                 names if names is not None else -1,
+                self.shared.answers_ahead,
             )
             self.node_answers.eager_bytes = config.eager_answers
             self.node_answers.expected = self.shared.answer_bytes
             self.repos.on_mount = self._mounted
             self.repos.on_mounting = self.node_answers.mounting_soon
+            self.repos.on_root = self.node_answers.ahead
         if prefetch_list:
             self.prefetch = Prefetch(
                 prefetch_list, self.repos, self.shared, config.prefetch_concurrency

@@ -117,6 +117,39 @@ def test_a_file_asked_for_ahead_is_one_request_and_reaches_meta(
         service.close()
 
 
+def test_a_catalog_and_answers_asked_for_ahead_are_one_request_each(
+    files: RamFiles, tmp_path: Path
+) -> None:
+    """A mount asks for the root catalog and the node's answers for it as soon as the manifest
+    names them: catalog() and answers() then take those replies, and ask for nothing more."""
+    client, service = _client(files, tmp_path)
+    root = "ab" * 20
+    body = b"SQLite format 3\0" + bytes(100)
+    try:
+        client.catalog_ahead("x.org", f"data/ab/{root[2:]}C")
+        client.answers_ahead("x.org", root)
+        asked = [decode(service.recv(1 << 16)) for _ in range(2)]
+        assert [m["op"] for m in asked] == ["catalog", "answers"]
+        for msg in asked:
+            fd = os.memfd_create("reply")
+            os.write(fd, body)
+            service.sendmsg(
+                [encode({**msg, "ok": True, "size": len(body)})],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+            )
+            os.close(fd)
+        catalog = client.catalog("x.org", f"data/ab/{root[2:]}C")
+        answers = client.answers("x.org", root)
+        assert catalog is not None and answers is not None
+        assert catalog[:] == body and answers[:] == body
+        service.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            service.recv(1 << 16)
+    finally:
+        client.close()
+        service.close()
+
+
 def test_service_args_rebuild_what_the_service_uses(tmp_path: Path) -> None:
     """A service started as a fresh interpreter gets the job's settings back from its argv."""
     from worker.config import parse_exec_args

@@ -148,9 +148,11 @@ class MountedRepository:
         now: dt.datetime | None = None,
         lookup_cache_size: int = 1 << 16,
         voucher: Voucher | None = None,
+        on_root: Callable[[str, str], None] | None = None,
     ) -> None:
         self.fqrn = fqrn
         self.voucher = voucher
+        self.on_root = on_root  # (fqrn, root catalog hash): the manifest names it
         self.vouched = False  # verified by an earlier job of the node: rechecked only
         self.fetcher = fetcher
         self.cache = cache if cache is not None else RamCache(1 << 30)
@@ -206,6 +208,7 @@ class MountedRepository:
                 f"{fqrn}/.cvmfspublished",
                 check=manifest_check,
             )
+            self._ahead_root(raw)
             if master_keys:
                 whitelist = self.fetcher.get(
                     object_url(fqrn, ".cvmfswhitelist"), None, f"{fqrn}/.cvmfswhitelist"
@@ -222,6 +225,18 @@ class MountedRepository:
         if manifest.name and manifest.name != fqrn:
             raise RepositoryError(errno.EIO, f"{fqrn}: manifest names repository {manifest.name!r}")
         return manifest
+
+    def _ahead_root(self, raw: bytes) -> None:
+        """Ask for what the manifest names (its root catalog; through ``on_root``, the node's
+        answers for it) while its signatures are checked: only asked for, never used before
+        they are."""
+        try:
+            root = parse_manifest(raw).manifest.root_catalog
+        except FormatError:
+            return  # (said by the verification)
+        self.fetcher.ahead(object_url(self.fqrn, root.object_path(Suffix.CATALOG)))
+        if self.on_root is not None:
+            self.on_root(self.fqrn, root.hex)
 
     def _verify(
         self,
@@ -492,6 +507,7 @@ class Repositories:
         # and as it begins
         self.on_mount: Callable[[MountedRepository], None] | None = None
         self.on_mounting: Callable[[str], None] | None = None
+        self.on_root: Callable[[str, str], None] | None = None  # its root catalog, unverified
 
     def _keys(self, fqrn: str) -> Sequence[rsa.RSAPublicKey]:
         if self.keys_for is None:
@@ -543,7 +559,12 @@ class Repositories:
                 self.on_mounting(fqrn)
             try:
                 repo = MountedRepository(
-                    fqrn, self.fetcher, self._keys(fqrn), self.cache, voucher=self.voucher
+                    fqrn,
+                    self.fetcher,
+                    self._keys(fqrn),
+                    self.cache,
+                    voucher=self.voucher,
+                    on_root=self.on_root,
                 )
             except RepositoryError as e:
                 # said by whoever came to it (worker.repo.namespace: with the path it asked for)

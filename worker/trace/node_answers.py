@@ -225,11 +225,13 @@ class NodeAnswers:
         fetch: Callable[[str, str], Buffer | None],
         store: Callable[[str, str, bytes], bool],
         prefix_fd: int = -1,
+        fetch_ahead: Callable[[str, str], None] = lambda fqrn, root: None,
     ) -> None:
         self.mount = mount.rstrip(b"/")
         self.prefix = prefix  # where this job opens the service's objects by name
         self.prefix_fd = prefix_fd  # our fd on that directory (-1: none)
         self._fetch = fetch
+        self._fetch_ahead = fetch_ahead
         self._store = store
         self._lock = threading.Lock()
         self._pending: list[Revision] = []
@@ -269,6 +271,12 @@ class NodeAnswers:
             self._pending.append(Revision(self.mount + b"/" + fqrn.encode(), data))
             self.received += len(data)
         self.arrived()
+
+    def ahead(self, fqrn: str, root: str) -> None:
+        """A mount's manifest names this revision (not yet verified): ask the service for its
+        answers now, for ``mounted`` to take."""
+        if valid_table_name(fqrn, root):
+            self._fetch_ahead(fqrn, root)
 
     def mounting_soon(self, fqrn: str) -> None:
         """A repository is being mounted: its answers will come (whoever prepares for them)."""
