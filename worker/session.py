@@ -18,8 +18,9 @@ from pathlib import Path
 
 from cvmfs_format.access_list import AccessListError, AccessRecorder, read_access_list
 from worker.config import ConfigError, ExecConfig
-from worker.node.cache_client import CacheClient, ServiceFirst, SharedObject, open_shared
+from worker.node.cache_client import CacheClient, SharedObject
 from worker.node.prefetch import Prefetch
+from worker.node.service_source import ServiceFirst, open_shared
 from worker.ram.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.ram.ramfiles import RamFiles, RamFilesError, named_path
 from worker.repo.fetcher import Fetcher, object_url

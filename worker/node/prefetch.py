@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from cvmfs_format.access_list import AccessEntry
-from worker.node.cache_client import CacheClient, object_spec
+from worker.node.cache_client import CacheClient
 from worker.node.cache_protocol import PREFETCH_BATCH, ObjectSpec
+from worker.node.service_source import object_spec
 from worker.ram.ramcache import CacheFull
 from worker.repo.repository import Repositories, RepositoryError
 
