@@ -4,6 +4,8 @@ real hep-exec over the same tree (:mod:`tests.support.drivers`)."""
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tests.support.drivers import (
     Store,
 )
 from tests.support.hep_exec import Served, ram_files_refused
+from tests.support.node_cache import kill_service
 from tests.support.programs import make_programs_tree
 from tests.support.tracing import ensure_built
 
@@ -67,3 +70,12 @@ def driver(
     d.root = d.mount(programs_tree)
     d.source = programs_tree
     return d
+
+
+@pytest.fixture
+def cache_dir() -> Iterator[Path]:
+    """A node's private runtime directory; the service started in it is killed at the end."""
+    d = Path(tempfile.mkdtemp(prefix="hepnc-", dir="/dev/shm"))
+    yield d
+    kill_service(d)
+    subprocess.run(["rm", "-rf", str(d)], check=False)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.hep_exec import CLI, Served, World
-from tests.support.node_cache import kill_service
 from tests.support.tracing import compile_c, ensure_built, env_with, needs_ptrace, ram_dir
 
 pytestmark = needs_ptrace
@@ -146,15 +144,6 @@ def table(stderr: str) -> tuple[int, int, int]:
     m = re.search(r"in-process table: (\d+) answers in (\d+) slots \(grown (\d+) times", stderr)
     assert m, f"no 'in-process table' line in hep-exec --stats-internals output:\n{stderr}"
     return int(m[1]), int(m[2]), int(m[3])
-
-
-@pytest.fixture
-def cache_dir() -> Iterator[Path]:
-    """A node's runtime directory; the service started in it is killed at the end."""
-    d = Path(tempfile.mkdtemp(prefix="hepgrow-", dir="/dev/shm"))
-    yield d
-    kill_service(d)
-    subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
 def test_a_job_that_outgrows_the_table_answers_in_process_from_the_bigger_one(

@@ -19,14 +19,12 @@ import re
 import struct
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.hep_exec import CLI, Served
-from tests.support.node_cache import kill_service, put_from_node, upcalls
+from tests.support.node_cache import put_from_node, upcalls
 from tests.support.oracle import SCRIPT, SECTIONS, WALKER, compare
 from tests.support.tracing import compile_c, ensure_built, env_with, native, needs_ptrace, ram_dir
 from tests.support.trees import make_random_tree, make_variant_links
@@ -261,11 +259,8 @@ def walker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def node() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="hepna-", dir="/dev/shm"))
-    yield d
-    kill_service(d)
-    subprocess.run(["rm", "-rf", str(d)], check=False)
+def node(cache_dir: Path) -> Path:
+    return cache_dir
 
 
 @needs_ptrace

@@ -6,14 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.node_cache import BLOB, FQRN, TREE_MB, Job, Tree, kill_service
+from tests.support.node_cache import BLOB, FQRN, TREE_MB, Job, Tree
 from tests.support.proxy_process import ProxyProcess, start_proxy
 from tests.support.repos import publish_tree
 from tests.support.store_server import StoreServer
@@ -62,15 +60,6 @@ def proxy(tree: Tree, tmp_path: Path) -> Iterator[ProxyProcess]:
     p = start_proxy(tmp_path / "proxy", "--store", str(tree.store))
     yield p
     p.stop()
-
-
-@pytest.fixture
-def cache_dir() -> Iterator[Path]:
-    """A private runtime directory; any service started in it is killed at the end."""
-    d = Path(tempfile.mkdtemp(prefix="hepnc-", dir="/dev/shm"))
-    yield d
-    kill_service(d)
-    subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
 @pytest.fixture(autouse=True)
