@@ -80,6 +80,18 @@ def test_a_name_that_is_not_one_file_ends_the_connection(
         files.discard(f.fd, f.name)
 
 
+def _reply_in_memfd(service: socket.socket, msg: dict[str, object], body: bytes) -> None:
+    """What the service does for a ``meta``, ``catalog`` or ``answers`` request: the bytes in
+    a memfd."""
+    fd = os.memfd_create("reply")
+    os.write(fd, body)
+    service.sendmsg(
+        [encode({**msg, "ok": True, "size": len(body)})],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+    )
+    os.close(fd)
+
+
 def test_a_file_asked_for_ahead_is_one_request_and_reaches_meta(
     files: RamFiles, tmp_path: Path
 ) -> None:
@@ -94,19 +106,10 @@ def test_a_file_asked_for_ahead_is_one_request_and_reaches_meta(
             msg = decode(service.recv(1 << 16))
             assert msg == {"op": "meta", "fqrn": "x.org", "path": ".cvmfswhitelist"}
 
-            def reply(msg: dict[str, object] = msg) -> None:
-                fd = os.memfd_create("wl")
-                os.write(fd, body)
-                service.sendmsg(
-                    [encode({**msg, "ok": True, "size": len(body)})],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
-                )
-                os.close(fd)
-
             if late:  # meta() waits for the reply of the request made ahead
-                threading.Timer(0.2, reply).start()
+                threading.Timer(0.2, _reply_in_memfd, (service, msg, body)).start()
             else:
-                reply()
+                _reply_in_memfd(service, msg, body)
             assert client.meta("x.org", ".cvmfswhitelist") == body
             service.setblocking(False)
             with pytest.raises(BlockingIOError):  # meta() asked for nothing more
@@ -131,13 +134,7 @@ def test_a_catalog_and_answers_asked_for_ahead_are_one_request_each(
         asked = [decode(service.recv(1 << 16)) for _ in range(2)]
         assert [m["op"] for m in asked] == ["catalog", "answers"]
         for msg in asked:
-            fd = os.memfd_create("reply")
-            os.write(fd, body)
-            service.sendmsg(
-                [encode({**msg, "ok": True, "size": len(body)})],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
-            )
-            os.close(fd)
+            _reply_in_memfd(service, msg, body)
         catalog = client.catalog("x.org", f"data/ab/{root[2:]}C")
         answers = client.answers("x.org", root)
         assert catalog is not None and answers is not None
