@@ -64,7 +64,6 @@ static uint64_t key_hash(unsigned kind, const char *k, size_t n)
     return fo_hash_finish(h, kind);
 }
 
-/* The live slot for (kind, key), or NULL. */
 static size_t file_hash(uint64_t dev, uint64_t ino, size_t cap)
 {
     return (size_t)fo_file_hash(dev, ino) & (cap - 1);
