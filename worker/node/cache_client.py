@@ -406,27 +406,10 @@ class CacheClient:
     def meta(self, fqrn: str, path: str) -> bytes | None:
         """A repository file through the service (worker.repo.repository_files); None when the
         service is gone or cannot give it (the caller fetches it itself)."""
-        if self.gone:
-            return None
-        key = f"{fqrn}/{path}"
-        with self._lock:
-            wait = self._ahead.pop(key, None) or self._meta_waits.get(key)
-            ask = wait is None
-            if wait is None:
-                wait = self._meta_waits[key] = _MetaWait()
-        if ask:
-            try:
-                self.sock.send(encode({"op": "meta", "fqrn": fqrn, "path": path}))
-            except OSError as e:
-                self._mark_gone(e)
-        if not wait.done.wait(_META_TIMEOUT):
-            with self._lock:
-                if self._meta_waits.get(key) is wait:
-                    del self._meta_waits[key]
-            return None
-        if wait.error is not None:
-            log.debug("%s: cache service: %s", key, wait.error)
-        return wait.data if isinstance(wait.data, bytes) else None
+        data = self._ask(
+            f"{fqrn}/{path}", {"op": "meta", "fqrn": fqrn, "path": path}, _META_TIMEOUT
+        )
+        return data if isinstance(data, bytes) else None
 
     def meta_ahead(self, fqrn: str, path: str) -> None:
         """Ask now for a repository file that :meth:`meta` will want soon (its reply is kept
@@ -488,8 +471,8 @@ class CacheClient:
         wait for it; None if the service is gone or does not answer in time."""
         if self.gone:
             return None
-        with self._lock:
-            wait = self._ahead.pop(key, None)  # asked for already (_ask_ahead)
+        with self._lock:  # asked for already (_ask_ahead, or another thread): that reply
+            wait = self._ahead.pop(key, None) or self._meta_waits.get(key)
             ask = wait is None
             if wait is None:
                 wait = self._meta_waits[key] = _MetaWait()
@@ -503,6 +486,8 @@ class CacheClient:
                 if self._meta_waits.get(key) is wait:
                     del self._meta_waits[key]
             return None
+        if wait.error is not None:
+            log.debug("%s: cache service: %s", key.replace("\0", " "), wait.error)
         return wait.data
 
     def add_answers(self, fqrn: str, root: str, data: bytes) -> bool:
