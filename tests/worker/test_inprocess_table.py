@@ -80,6 +80,87 @@ int main(int argc, char **argv) {
 """
 
 
+# The same walk by THREADS threads at once, each starting at its own place in the list: their
+# first touches trap while the others look up answers in the table the tracer is growing
+# (and, under a RAM limit, withdrawing from).  Printed: thread 0's first reading of each file
+# ("path size checksum"), then, per file, in how many readings of any thread fstat of the
+# open fd disagreed with stat of the path (files with the same content share one RAM file,
+# whose fstat says the path opened last: docs/hep-exec.md), then how many readings' bytes or
+# size differ from thread 0's first.
+THREADED = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MAXN 4000
+#define THREADS 4
+static char paths[MAXN][256];
+static int n, rounds;
+static unsigned long long sums[THREADS][MAXN];
+static long long sizes[THREADS][MAXN];
+static int unlike[MAXN], bad[THREADS], failed[THREADS];
+
+static void *walk(void *arg) {
+    int t = (int)(long)arg;
+    for (int r = 0; r < rounds; r++)
+        for (int k = 0; k < n; k++) {
+            int i = (k + t * n / THREADS) % n;
+            struct stat a, b;
+            int fd = -1;
+            if (stat(paths[i], &a) || (fd = open(paths[i], O_RDONLY)) < 0 || fstat(fd, &b)) {
+                fprintf(stderr, "%s: %s\n", paths[i], strerror(errno));
+                failed[t] = 1;
+                return NULL;
+            }
+            unsigned long long h = 1469598103934665603ULL;
+            unsigned char buf[8192];
+            ssize_t got;
+            while ((got = read(fd, buf, sizeof buf)) > 0)
+                for (ssize_t j = 0; j < got; j++) h = (h ^ buf[j]) * 1099511628211ULL;
+            close(fd);
+            if (a.st_ino != b.st_ino || a.st_size != b.st_size || a.st_mode != b.st_mode)
+                __atomic_fetch_add(&unlike[i], 1, __ATOMIC_RELAXED);
+            if (r == 0)
+                sums[t][i] = h, sizes[t][i] = a.st_size;
+            else if (h != sums[t][i] || a.st_size != sizes[t][i])
+                bad[t]++;
+        }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    rounds = atoi(argv[1]);
+    FILE *list = fopen(argv[2], "r");
+    while (n < MAXN && fgets(paths[n], sizeof paths[n], list))
+        paths[n][strcspn(paths[n], "\n")] = 0, n++;
+    pthread_t th[THREADS];
+    for (long t = 0; t < THREADS; t++)
+        pthread_create(&th[t], NULL, walk, (void *)t);
+    for (int t = 0; t < THREADS; t++)
+        pthread_join(th[t], NULL);
+    int differ = 0;
+    for (int t = 0; t < THREADS; t++) {
+        if (failed[t])
+            return 3;
+        differ += bad[t];
+        for (int i = 0; i < n; i++)
+            differ += sums[t][i] != sums[0][i] || sizes[t][i] != sizes[0][i];
+    }
+    for (int i = 0; i < n; i++)
+        printf("%s %lld %016llx\n", paths[i], sizes[0][i], sums[0][i]);
+    for (int i = 0; i < n; i++)
+        printf("%d\n", unlike[i]);
+    printf("threads: %d differ\n", differ);
+    return 0;
+}
+"""
+
+
 def fnv(data: bytes) -> str:
     h = 1469598103934665603
     for b in data:
@@ -108,13 +189,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         served = Served(base / "store", base / "keys")
         served.publish(top, FQRN)
         prog = compile_c(PROGRAM, base / "prog")
+        threaded = compile_c(THREADED, base / "threaded", "-pthread")
         listing = base / "paths.txt"
         listing.write_text(
             "".join(f"{MOUNT}/d{d:02d}/f{f:02d}\n" for d in range(DIRS) for f in range(PER_DIR))
         )
         proxy = served.serve(base / "nginx")
         try:
-            yield World(served, proxy, top, tools={"prog": prog, "paths": listing})
+            tools = {"prog": prog, "threaded": threaded, "paths": listing}
+            yield World(served, proxy, top, tools=tools)
         finally:
             served.stop()
 
@@ -128,9 +211,11 @@ def expected_first_round(w: World) -> list[str]:
     return out
 
 
-def run_rounds(w: World, rounds: int, *options: str) -> tuple[list[str], str]:
+def run_rounds(
+    w: World, rounds: int, *options: str, program: str = "prog"
+) -> tuple[list[str], str]:
     r = w.run(
-        [str(w.tools["prog"]), str(rounds), str(w.tools["paths"])],
+        [str(w.tools[program]), str(rounds), str(w.tools["paths"])],
         options=["--stats-internals", *options],
         timeout=300,
     )
@@ -174,6 +259,32 @@ def test_evictions_after_the_table_grew_withdraw_the_answers_from_every_table(
     assert evictions and int(evictions[1]) > 1000, err
     answers, slots, grown = table(err)
     assert answers >= DIRS * PER_DIR and slots >= 8192 and grown >= 3, err
+
+
+@pytest.mark.parametrize("ram", ["1G", "1M"])
+def test_threads_that_walk_the_tree_while_the_table_grows_read_the_same_bytes(
+    world: World, ram: str
+) -> None:
+    """Four threads walk the tree at once from different places: one thread's first touch
+    makes the tracer put answers, grow the table and (under --ram 1M) withdraw evicted files'
+    answers, while the other threads look up the table they read the size of.  Every reading
+    of every thread is the source's bytes and size, and fstat agrees with stat for every file
+    whose content no other path shares."""
+    world.needs_named_files()
+    lines, err = run_rounds(world, 2, "--ram", ram, program="threaded")
+    n = DIRS * PER_DIR
+    assert len(lines) == 2 * n + 1, err[-3000:]
+    firsts = [line.rsplit(" ", 1)[0] for line in expected_first_round(world)]
+    assert lines[:n] == firsts and lines[-1] == "threads: 0 differ", err[-3000:]
+    shared = {i for i in range(n) if (i % PER_DIR) % 20 == 10 or (
+        (i % PER_DIR) % 20 == 0 and i // PER_DIR in (0, DIRS - 1))}  # fmt: skip
+    unlike = [firsts[i] for i in range(n) if i not in shared and lines[n + i] != "0"]
+    assert not unlike, unlike[:10]
+    answers, slots, grown = table(err)
+    assert answers >= n and slots >= 8192 and grown >= 3, err
+    if ram == "1M":
+        evictions = re.search(r"(\d+) evictions", err)
+        assert evictions and int(evictions[1]) > 1000, err
 
 
 def test_the_table_without_in_process_answers_is_not_reported(world: World) -> None:
