@@ -6,11 +6,12 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cvmfs_format import rsa_keys
 from cvmfs_format.errors import FormatError, SignatureError
 from cvmfs_format.hashes import Algorithm, ContentHash
+from cvmfs_format.rsa_keys import Certificate
 
-if TYPE_CHECKING:  # imported where used: parsing a manifest must not cost a crypto import
-    from cryptography import x509
+if TYPE_CHECKING:  # signing only (hep-publish, tests): checking never loads cryptography
     from cryptography.hazmat.primitives.asymmetric import rsa
 
 ROOT_PATH_MD5 = hashlib.md5(b"").hexdigest()
@@ -155,13 +156,11 @@ def sign_manifest(
     return body + b"--\n" + hash_line + b"\n" + signature
 
 
-def load_certificate(pem: bytes) -> x509.Certificate:
-    from cryptography import x509
-
+def load_certificate(pem: bytes) -> Certificate:
     try:
-        return x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        raise FormatError("certificate object: not a PEM X.509 certificate") from None
+        return rsa_keys.load_certificate(pem)
+    except FormatError as e:
+        raise FormatError(f"certificate object: {e}") from None
 
 
 def verify_manifest(
@@ -170,10 +169,6 @@ def verify_manifest(
     expected_name: str | None = None,
 ) -> Manifest:
     """Check hash line, signature (by the certificate), root path and repository name."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
     if signed.hash_line is None or signed.signature is None:
         raise SignatureError(".cvmfspublished: not signed (no '--' block)")
     try:
@@ -182,17 +177,9 @@ def verify_manifest(
         raise SignatureError(f".cvmfspublished: bad hash line {signed.hash_line[:60]!r}") from None
     if ContentHash.of(signed.body, algorithm).hex != signed.hash_line:
         raise SignatureError(".cvmfspublished: body does not match its hash line")
-    public_key = load_certificate(certificate_pem).public_key()
-    if not isinstance(public_key, rsa.RSAPublicKey):
-        raise SignatureError("certificate object: public key is not RSA")
-    try:
-        public_key.verify(
-            signed.signature, signed.hash_line.encode(), padding.PKCS1v15(), hashes.SHA1()
-        )
-    except InvalidSignature:
-        raise SignatureError(
-            ".cvmfspublished: signature does not verify with the certificate"
-        ) from None
+    key = load_certificate(certificate_pem).public_key
+    if not rsa_keys.verify_pkcs1_sha1(key, signed.signature, signed.hash_line.encode()):
+        raise SignatureError(".cvmfspublished: signature does not verify with the certificate")
     m = signed.manifest
     if m.root_path_md5 != ROOT_PATH_MD5:
         raise SignatureError(f".cvmfspublished: root path hash R is {m.root_path_md5!r}")

@@ -9,7 +9,7 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from cvmfs_format.catalog import Catalog, CatalogTree, DirEntry, NeedCatalog, NestedRef
 from cvmfs_format.errors import FormatError, SignatureError, WhitelistError
@@ -22,10 +22,8 @@ from cvmfs_format.manifest import (
     verify_manifest,
 )
 from cvmfs_format.objects import Suffix, verify_object
+from cvmfs_format.rsa_keys import RsaPublicKey
 from cvmfs_format.whitelist import parse_whitelist, verify_certificate_listed, verify_whitelist
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
 Reader = Callable[[str], bytes]
 T = TypeVar("T")
@@ -36,7 +34,7 @@ def verify_ensemble(
     whitelist_raw: bytes,
     read: Reader,
     fqrn: str,
-    master_keys: list[rsa.RSAPublicKey],
+    master_keys: list[RsaPublicKey],
     now: dt.datetime,
     allow_expired: bool = False,
 ) -> Manifest:

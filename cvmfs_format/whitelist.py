@@ -6,11 +6,12 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cvmfs_format import rsa_keys
 from cvmfs_format.errors import FormatError, WhitelistError
 from cvmfs_format.hashes import Algorithm, ContentHash
+from cvmfs_format.rsa_keys import Certificate, RsaPublicKey
 
-if TYPE_CHECKING:  # imported where used: a job that mounts nothing never loads cryptography
-    from cryptography import x509
+if TYPE_CHECKING:  # signing only (hep-publish, tests): checking never loads cryptography
     from cryptography.hazmat.primitives.asymmetric import rsa
 
 _TIME_FORMAT = "%Y%m%d%H%M%S"
@@ -126,39 +127,16 @@ def parse_whitelist(raw: bytes) -> Whitelist:
     )
 
 
-def _raw_public_decrypt(key: rsa.RSAPublicKey, signature: bytes) -> bytes | None:
-    numbers = key.public_numbers()
-    size = (key.key_size + 7) // 8
-    if len(signature) != size:
-        return None
-    s = int.from_bytes(signature, "big")
-    if s >= numbers.n:
-        return None
-    em = pow(s, numbers.e, numbers.n).to_bytes(size, "big")
-    if em[:2] != b"\x00\x01":
-        return None
-    sep = em.find(b"\x00", 2)
-    if sep < 10 or em[2:sep] != b"\xff" * (sep - 2):
-        return None
-    return em[sep + 1 :]
-
-
-def load_public_key(pem: bytes, what: str) -> rsa.RSAPublicKey:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
+def load_public_key(pem: bytes, what: str) -> RsaPublicKey:
     try:
-        key = serialization.load_pem_public_key(pem)
-    except ValueError:
-        raise WhitelistError(f"{what}: not a PEM public key") from None
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise WhitelistError(f"{what}: not an RSA public key")
-    return key
+        return rsa_keys.load_public_key(pem)
+    except FormatError as e:
+        raise WhitelistError(f"{what}: {e}") from None
 
 
 def verify_whitelist(
     wl: Whitelist,
-    master_keys: list[rsa.RSAPublicKey],
+    master_keys: list[RsaPublicKey],
     expected_name: str,
     now: dt.datetime,
     allow_expired: bool = False,
@@ -170,7 +148,7 @@ def verify_whitelist(
     if not master_keys:
         raise WhitelistError(".cvmfswhitelist: no master public keys to verify it with")
     expected = wl.hash_line.encode()
-    if not any(_raw_public_decrypt(k, wl.signature) == expected for k in master_keys):
+    if not any(_signed_payload(k, wl.signature) == expected for k in master_keys):
         raise WhitelistError(".cvmfswhitelist: signature does not verify with any master key")
     if wl.name != expected_name:
         raise WhitelistError(
@@ -180,10 +158,13 @@ def verify_whitelist(
         raise WhitelistError(f".cvmfswhitelist: expired on {wl.expires:%Y-%m-%d %H:%M} UTC")
 
 
-def verify_certificate_listed(wl: Whitelist, certificate: x509.Certificate) -> None:
-    from cryptography.hazmat.primitives import serialization
+def _signed_payload(key: RsaPublicKey, signature: bytes) -> bytes | None:
+    em = key.public_decrypt(signature)
+    return None if em is None else rsa_keys.pkcs1_type1_payload(em)
 
-    der = certificate.public_bytes(serialization.Encoding.DER)
+
+def verify_certificate_listed(wl: Whitelist, certificate: Certificate) -> None:
+    der = certificate.der
     if not wl.lists(der):
         raise WhitelistError(
             f"certificate {fingerprint_text(der)} is not listed in .cvmfswhitelist"
@@ -204,16 +185,14 @@ def raw_rsa_sign(key: rsa.RSAPrivateKey, message: bytes) -> bytes:
 
 def make_whitelist(
     name: str,
-    certificate: x509.Certificate,
+    certificate_der: bytes,
     master_key: rsa.RSAPrivateKey,
     created: dt.datetime,
     valid_for: dt.timedelta = dt.timedelta(days=30),
     algorithm: Algorithm = Algorithm.SHA1,
 ) -> bytes:
-    """Build and sign a whitelist listing ``certificate``."""
-    from cryptography.hazmat.primitives import serialization
-
-    der = certificate.public_bytes(serialization.Encoding.DER)
+    """Build and sign a whitelist listing the certificate of ``certificate_der``."""
+    der = certificate_der
     created = created.astimezone(dt.UTC)
     body = (
         f"{created:{_TIME_FORMAT}}\n"

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from hep_cli import ArgumentParser, add_log_level, add_version, exit_codes, setup_logging
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
+    from cvmfs_format.rsa_keys import RsaPublicKey
     from preload.engine import Options
     from preload.progress import RepoReport
     from preload.spec import Spec
@@ -142,7 +141,7 @@ def build_config(spec_path: Path, a: Any) -> Config:
     )
 
 
-async def run_all(cfg: Config, keys: dict[str, list[rsa.RSAPublicKey]]) -> list[RepoReport]:
+async def run_all(cfg: Config, keys: dict[str, list[RsaPublicKey]]) -> list[RepoReport]:
     from preload.engine import PreloadError, RepoPreload
     from preload.fetch import FetchConfig, make_transport
     from preload.progress import Progress

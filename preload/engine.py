@@ -17,14 +17,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import rsa
-
 from cvmfs_download.wire import Transport
 from cvmfs_format.catalog import Catalog, CatalogTree
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest
 from cvmfs_format.objects import Suffix, verify_object
+from cvmfs_format.rsa_keys import RsaPublicKey
 from cvmfs_format.store import MANIFEST, WHITELIST, mark_replica, unmark_replica
 from cvmfs_format.verify import verify_ensemble
 from preload.fetch import FetchConfig, Fetcher, FetchError, unique_tmp
@@ -64,7 +63,7 @@ class RepoPreload:
     def __init__(
         self,
         repo: RepoSpec,
-        keys: list[rsa.RSAPublicKey],
+        keys: list[RsaPublicKey],
         store: RepoStore,
         fetch_config: FetchConfig,
         transport: Transport,

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cvmfs_format.access_list import AccessListError, read_access_list
 from cvmfs_format.errors import FormatError
 from cvmfs_format.paths import FQRN_HINT, is_fqrn
 from cvmfs_format.proxies import ProxyGroups, parse_proxies, parse_server_urls
+from cvmfs_format.rsa_keys import RsaPublicKey
 from cvmfs_format.whitelist import load_public_key
 from preload.rules import RuleError, Rules
 
@@ -152,7 +152,7 @@ def _resolve(p: str) -> Path:
     return Path(p).expanduser()
 
 
-def load_keys(paths: tuple[Path, ...], what: str) -> list[rsa.RSAPublicKey]:
+def load_keys(paths: tuple[Path, ...], what: str) -> list[RsaPublicKey]:
     """Master public keys: files, or directories whose ``*.pub`` files are all used."""
     keys = []
     for p in paths:

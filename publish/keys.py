@@ -26,6 +26,10 @@ class KeySet:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
     @property
+    def certificate_der(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.DER)
+
+    @property
     def master_public_pem(self) -> bytes:
         return self.master_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -244,7 +244,7 @@ def publish(
         timestamp=timestamp,
     )
     repo.write_whitelist(
-        make_whitelist(repo.fqrn, keys.certificate, keys.master_key, now, algorithm=algorithm)
+        make_whitelist(repo.fqrn, keys.certificate_der, keys.master_key, now, algorithm=algorithm)
     )
     repo.write_manifest(sign_manifest(manifest, keys.repository_key, algorithm))
     repo.mark_replica()  # every object of the new revision is stored: replicable

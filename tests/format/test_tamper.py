@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cvmfs_format.catalog import Catalog
@@ -111,7 +112,9 @@ def test_flipped_byte_in_whitelist(repo: Repo, where: Callable[[bytes], int], me
 def test_whitelist_signed_by_another_master_key(repo: Repo, tmp_path: Path) -> None:
     keys, _ = load_or_create_keys(repo.keys_dir, FQRN, NOW)
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    (repo.dir / ".cvmfswhitelist").write_bytes(make_whitelist(FQRN, keys.certificate, other, NOW))
+    (repo.dir / ".cvmfswhitelist").write_bytes(
+        make_whitelist(FQRN, keys.certificate_der, other, NOW)
+    )
     with pytest.raises(WhitelistError, match="does not verify with any master key"):
         repo.verify()
 
@@ -126,7 +129,11 @@ def test_certificate_not_in_whitelist(repo: Repo) -> None:
     stranger = make_certificate(
         FQRN, rsa.generate_private_key(public_exponent=65537, key_size=2048), NOW
     )
-    (repo.dir / ".cvmfswhitelist").write_bytes(make_whitelist(FQRN, stranger, keys.master_key, NOW))
+    (repo.dir / ".cvmfswhitelist").write_bytes(
+        make_whitelist(
+            FQRN, stranger.public_bytes(serialization.Encoding.DER), keys.master_key, NOW
+        )
+    )
     with pytest.raises(WhitelistError, match="is not listed in .cvmfswhitelist"):
         repo.verify()
 

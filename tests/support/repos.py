@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, load_certificate, parse_manifest, sign_manifest
 from cvmfs_format.objects import Suffix, make_object, verify_object
+from cvmfs_format.rsa_keys import RsaPublicKey
 from cvmfs_format.store import LocalRepository
 from cvmfs_format.verify import verify_ensemble, verify_repository
 from cvmfs_format.whitelist import load_public_key, make_whitelist
@@ -71,7 +72,7 @@ class Repo:
         self,
         *,
         name: str | None = None,
-        keys: list[rsa.RSAPublicKey] | None = None,
+        keys: list[RsaPublicKey] | None = None,
         now: dt.datetime | None = None,
     ) -> Manifest:
         """The manifest, after checking the signature chain as a client does (whitelist signed
@@ -91,7 +92,7 @@ class Repo:
         self,
         *,
         name: str | None = None,
-        keys: list[rsa.RSAPublicKey] | None = None,
+        keys: list[RsaPublicKey] | None = None,
         now: dt.datetime | None = None,
     ) -> Manifest:
         """:meth:`verified_manifest`, then every catalog and object reachable from it."""
@@ -123,7 +124,9 @@ def unpack_fixture(dest: Path, resign: bool = True) -> Repo:
         cert_hash = parse_manifest(local.read_manifest()).manifest.certificate
         assert cert_hash is not None
         pem = verify_object(local.read(cert_hash.object_path(Suffix.CERTIFICATE)), cert_hash)
-        wl = make_whitelist(FIXTURE_FQRN, load_certificate(pem), master, dt.datetime.now(dt.UTC))
+        wl = make_whitelist(
+            FIXTURE_FQRN, load_certificate(pem).der, master, dt.datetime.now(dt.UTC)
+        )
         (repo.dir / ".cvmfswhitelist").write_bytes(wl)
     return repo
 

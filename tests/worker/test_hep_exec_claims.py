@@ -347,7 +347,7 @@ def expire_whitelist(repo: Repo, days_ago: int = 30) -> None:
     keys, created = load_or_create_keys(repo.keys_dir, repo.fqrn, now)
     assert not created, "the publisher's keys should be reused"
     created_at = now - dt.timedelta(days=30 + days_ago)
-    wl = make_whitelist(repo.fqrn, keys.certificate, keys.master_key, created_at)
+    wl = make_whitelist(repo.fqrn, keys.certificate_der, keys.master_key, created_at)
     (repo.dir / ".cvmfswhitelist").write_bytes(wl)
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.proxies import parse_server_templates
+from cvmfs_format.rsa_keys import RsaPublicKey
 from cvmfs_format.store import LocalRepository
 from cvmfs_format.verify import load_catalog, loading, open_tree, walk
 from cvmfs_format.whitelist import load_public_key
@@ -62,7 +62,7 @@ def served(published: tuple[Repo, Path]) -> Iterator[Mirrors]:
         s.stop()
 
 
-def master_key(repo: Repo) -> list[rsa.RSAPublicKey]:
+def master_key(repo: Repo) -> list[RsaPublicKey]:
     return [load_public_key(repo.master_pub.read_bytes(), str(repo.master_pub))]
 
 

@@ -1,7 +1,7 @@
-"""The master keys a job verifies repositories with: read and checked at start, parsed late.
+"""The master keys a job verifies repositories with: read and checked at start, parsed on
+first use (cvmfs_format.rsa_keys), which a job that never mounts a repository never needs.
 
-Apart from the configuration (worker.config), which only names the key files: parsing them
-needs the cryptography package, which a job that never mounts a repository should not import.
+Apart from the configuration (worker.config), which only names the key files.
 """
 
 from __future__ import annotations
@@ -19,21 +19,18 @@ from cvmfs_format.errors import FormatError
 from worker.config import ConfigError
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cvmfs_format.rsa_keys import RsaPublicKey
 
 
-class MasterKeys(Sequence["rsa.RSAPublicKey"]):
-    """Master public keys read at start, parsed on first use.
-
-    Parsing needs the cryptography package (~25 ms to import), which a job that never
-    mounts a repository should not pay for; the files are read and their PEM armour and
-    base64 checked at start, so a missing, unreadable or garbled key still stops hep-exec
-    before the command runs.
+class MasterKeys(Sequence["RsaPublicKey"]):
+    """Master public keys read at start, parsed on first use; the files are read and their
+    PEM armour and base64 checked at start, so a missing, unreadable or garbled key still
+    stops hep-exec before the command runs.
     """
 
     def __init__(self, pems: Sequence[tuple[str, bytes]]) -> None:
         self._pems = list(pems)
-        self._keys: list[rsa.RSAPublicKey] | None = None
+        self._keys: list[RsaPublicKey] | None = None
         self._lock = threading.Lock()
 
     def digest(self) -> str:
@@ -44,7 +41,7 @@ class MasterKeys(Sequence["rsa.RSAPublicKey"]):
             h.update(hashlib.sha256(pem).digest())
         return h.hexdigest()
 
-    def _parsed(self) -> list[rsa.RSAPublicKey]:
+    def _parsed(self) -> list[RsaPublicKey]:
         with self._lock:
             if self._keys is None:
                 from cvmfs_format.whitelist import load_public_key
@@ -59,13 +56,13 @@ class MasterKeys(Sequence["rsa.RSAPublicKey"]):
         return len(self._pems)
 
     @overload
-    def __getitem__(self, i: int) -> rsa.RSAPublicKey: ...
+    def __getitem__(self, i: int) -> RsaPublicKey: ...
     @overload
-    def __getitem__(self, i: slice) -> list[rsa.RSAPublicKey]: ...
-    def __getitem__(self, i: int | slice) -> rsa.RSAPublicKey | list[rsa.RSAPublicKey]:
+    def __getitem__(self, i: slice) -> list[RsaPublicKey]: ...
+    def __getitem__(self, i: int | slice) -> RsaPublicKey | list[RsaPublicKey]:
         return self._parsed()[i]
 
-    def __iter__(self) -> Iterator[rsa.RSAPublicKey]:
+    def __iter__(self) -> Iterator[RsaPublicKey]:
         return iter(self._parsed())
 
 

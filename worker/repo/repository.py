@@ -37,7 +37,7 @@ from worker.ram.ramfiles import RamFileWriter
 from worker.repo.fetcher import FetchError, NotFound, object_url
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cvmfs_format.rsa_keys import RsaPublicKey
 
 log = logging.getLogger("hep_exec.repository")
 _MISSING = object()
@@ -142,7 +142,7 @@ class MountedRepository:
         self,
         fqrn: str,
         fetcher: RepositorySource,
-        master_keys: Sequence[rsa.RSAPublicKey] = (),
+        master_keys: Sequence[RsaPublicKey] = (),
         cache: RamCache | None = None,
         *,
         now: dt.datetime | None = None,
@@ -197,7 +197,7 @@ class MountedRepository:
             object_url(self.fqrn, relpath), expected, what or relpath, size=size
         )
 
-    def _bootstrap(self, master_keys: Sequence[rsa.RSAPublicKey], now: dt.datetime) -> Manifest:
+    def _bootstrap(self, master_keys: Sequence[RsaPublicKey], now: dt.datetime) -> Manifest:
         fqrn = self.fqrn
         if master_keys:
             self.fetcher.ahead(object_url(fqrn, ".cvmfswhitelist"))
@@ -242,7 +242,7 @@ class MountedRepository:
         self,
         raw: bytes,
         whitelist: bytes,
-        master_keys: Sequence[rsa.RSAPublicKey],
+        master_keys: Sequence[RsaPublicKey],
         now: dt.datetime,
     ) -> Manifest:
         """The signatures (master key, whitelist, certificate, manifest), unless a job of the
@@ -487,10 +487,10 @@ class Repositories:
     def __init__(
         self,
         fetcher: RepositorySource,
-        master_keys: Sequence[rsa.RSAPublicKey] = (),
+        master_keys: Sequence[RsaPublicKey] = (),
         cache: RamCache | None = None,
         configured: Sequence[str] = (),
-        keys_for: Callable[[str], Sequence[rsa.RSAPublicKey]] | None = None,
+        keys_for: Callable[[str], Sequence[RsaPublicKey]] | None = None,
         voucher: Voucher | None = None,
     ) -> None:
         self.fetcher = fetcher
@@ -509,7 +509,7 @@ class Repositories:
         self.on_mounting: Callable[[str], None] | None = None
         self.on_root: Callable[[str, str], None] | None = None  # its root catalog, unverified
 
-    def _keys(self, fqrn: str) -> Sequence[rsa.RSAPublicKey]:
+    def _keys(self, fqrn: str) -> Sequence[RsaPublicKey]:
         if self.keys_for is None:
             return self.master_keys
         try:
