@@ -102,7 +102,9 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             if ext.name == "worker.trace._trap":
                 ext.include_dirs.append(str(out))
-                ext.depends.extend([str(target), TRACEE_SOURCE])
+                ext.depends.extend(
+                    [str(target), *project_files("worker/trace/_fastopen_tracee*.c")]
+                )
         super().run()
 
 

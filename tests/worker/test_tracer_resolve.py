@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.trace.answers import Found, Outside, Session, _parse_shebang
+from worker.trace.answers import Found, Outside, Session
 from worker.trace.hostpolicy import HostDirPolicy
 from worker.trace.policy import Kind
+from worker.trace.shebang import parse_shebang
 
 M = b"/cvmfs/test.repo"
 
@@ -85,4 +86,4 @@ def test_materialize_mirrors_entries(session: Session) -> None:
     ],
 )
 def test_shebang(head: bytes, want: tuple[bytes, bytes] | None) -> None:
-    assert _parse_shebang(head) == want
+    assert parse_shebang(head) == want

@@ -177,26 +177,34 @@ static void missed(uint64_t *counter, int published)
         __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
 }
 
-/* Is `path` (under the mount, in normal form) a name its directory does not have?  Only for
- * a directory published as listed, which the tracer does after each of its names
- * (worker/trace/trap/put.c, put_one): then ENOENT, as the tracer would derive it, with no
- * stop. */
+/* Does `path` (under the mount, in normal form) not exist: is one of its names, from the
+ * top, one that its directory does not have?  Only for a directory published as listed, which
+ * the tracer does after each of its names (worker/trace/trap/put.c, put_one): then ENOENT, as
+ * the tracer would derive it, with no stop.  Any level counts, not only the last: ld.so looks
+ * for libraries in directories that do not exist ("<lib dir>/glibc-hwcaps/x86-64-v4/..."). */
 static int absent(const char *base, const char *path)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     uint64_t x;
-    unsigned long len = normal_mount_path(h, path, &x), slash = 0;
+    unsigned long len = normal_mount_path(h, path, &x), i = 0;
     if (!len)
         return 0;
-    for (unsigned long i = 0; i < len; i++)
-        if (path[i] == '/')
-            slash = i;
-    if (slash <= h->mount_len) /* /cvmfs/<name>: the repositories, never listed */
-        return 0;
-    uint64_t d = FO_HASH_INIT;
-    for (unsigned long i = 0; i < slash; i++)
+    uint64_t d = FO_HASH_INIT; /* of path[0, i) */
+    for (; i <= h->mount_len; i++)
         d = fo_hash_step(d, (unsigned char)path[i]);
-    return lookup(base, FO_LISTED, path, slash, d) && !lookup(base, FO_NAMED, path, len, x);
+    while (i < len && path[i] != '/') /* /cvmfs/<name>: the repositories, never listed */
+        d = fo_hash_step(d, (unsigned char)path[i++]);
+    while (i < len) { /* path[i] == '/': path[0, i) a directory that may be listed */
+        unsigned long j = i + 1;
+        uint64_t e = fo_hash_step(d, '/');
+        while (j < len && path[j] != '/')
+            e = fo_hash_step(e, (unsigned char)path[j++]);
+        if (lookup(base, FO_LISTED, path, i, d) && !lookup(base, FO_NAMED, path, j, e))
+            return 1;
+        d = e;
+        i = j;
+    }
+    return 0;
 }
 
 #define NOT_TRIED (-4096L)
@@ -647,76 +655,7 @@ static long do_getcwd(const char *base, char *buf, long size, int *done)
     return (long)out + 1;
 }
 
-/* A path the tracer lets through untouched when the kernel finds it: absolute, outside the
- * mount, not under /proc or /dev (magic links the tracer maps: /proc/self/exe, fd links into
- * the mirror, /dev/fd/N ...). */
-static int host_path(const char *base, const char *p)
-{
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
-    if (!p || p[0] != '/')
-        return 0;
-    unsigned long i = 0;
-    while (i < h->mount_len && p[i] == h->mount[i])
-        i++;
-    if (i == h->mount_len)
-        return 0; /* the mount, or a name that starts like it: the tracer's */
-    if ((p[1] == 'p' && p[2] == 'r' && p[3] == 'o' && p[4] == 'c') ||
-        (p[1] == 'd' && p[2] == 'e' && p[3] == 'v'))
-        return 0;
-    return 1;
-}
-
-/* Does a call on this host path follow a symlink in its last component? */
-static int follows_last(long nr, const long *a)
-{
-    switch (nr) {
-    case 6: case 89: case 267: case 192: case 195: /* lstat, readlink(at), l*xattr */
-        return 0;
-    case 262: case 439: /* newfstatat, faccessat2 */
-        return !(a[3] & AT_SYMLINK_NOFOLLOW_);
-    case 332: /* statx */
-        return !(a[2] & AT_SYMLINK_NOFOLLOW_);
-    default: /* open(at) (never with O_NOFOLLOW here), stat, access, faccessat, *xattr */
-        return 1;
-    }
-}
-
-/*
- * ENOENT or ENOTDIR from the kernel for an absolute host path: is that the tracer's answer
- * too?  It is unless a host symlink may lead into the mount, which the kernel cannot follow
- * (worker/trace/trap/paths.c, via_host_symlink, whose rule this is): ENOTDIR always stands;
- * ENOENT stands when the last component is no (dangling) link and its parent exists on the
- * host.  Only for paths in normal form (a ".." may lead into the mount); else the tracer's.
- */
-static int host_missing(const char *base, long nr, const long *a, const char *p, long r)
-{
-    unsigned long n = 0, slash = 0;
-    for (; p[n]; n++) {
-        if (n >= 1000)
-            return 0;
-        if (p[n] != '/')
-            continue;
-        slash = n;
-        char c = p[n + 1];
-        if (c == 0 || c == '/' ||
-            (c == '.' && (p[n + 2] == 0 || p[n + 2] == '/' ||
-                          (p[n + 2] == '.' && (p[n + 3] == 0 || p[n + 3] == '/')))))
-            return 0; /* "//", ".", "..", a trailing "/" */
-    }
-    if (r == -20 /* ENOTDIR */)
-        return 1;
-    uint64_t st[18]; /* struct stat */
-    long cookie = cookie_of(base);
-    if (follows_last(nr, a) && fo_syscall6(6, (long)p, (long)st, 0, 0, 0, cookie) == 0)
-        return 0; /* a dangling link: where it leads is the tracer's to find */
-    if (slash == 0)
-        return 1; /* "/name": its parent is the root */
-    char parent[1024];
-    for (unsigned long i = 0; i < slash; i++)
-        parent[i] = p[i];
-    parent[slash] = 0;
-    return fo_syscall6(4, (long)parent, (long)st, 0, 0, 0, cookie) == 0;
-}
+#include "_fastopen_tracee_host.c"
 
 /* The path argument of the calls fo_main handles, or NULL. */
 static const char *path_of(long nr, const long *a)
@@ -731,67 +670,30 @@ static const char *path_of(long nr, const long *a)
     }
 }
 
+#include "_fastopen_tracee_paths.c"
+
+static long dispatch(const char *base, long nr, const long *a, int *done);
+
+/* A call whose path under the mount is not in normal form, answered with it normalized
+ * (where it can be: *done); else the tracer's, with the path as the program gave it. */
+static __attribute__((noinline)) long dispatch_normalized(const char *base, long nr,
+                                                          const long *a, int *done)
+{
+    const char *p = path_of(nr, a);
+    char out[1024];
+    if (!p || (nr == 262 && (a[3] & AT_EMPTY_PATH_)) || !normalized(base, p, out, sizeof out))
+        return 0;
+    long b[6] = {a[0], a[1], a[2], a[3], a[4], a[5]};
+    b[(const char *)a[0] == p ? 0 : 1] = (long)out;
+    return dispatch(base, nr, b, done);
+}
+
 static long fo_main(const char *base, long nr, const long *a)
 {
     int done = 0;
-    long r = 0;
-    switch (nr) {
-    case 257: /* openat(dirfd, path, flags, mode): dirfd does not matter for mount paths */
-        r = do_open(base, (const char *)a[1], a[2], a[3], &done);
-        break;
-    case 79: /* getcwd(buf, size) */
-        r = do_getcwd(base, (char *)a[0], a[1], &done);
-        break;
-    case 2: /* open(path, flags, mode) */
-        r = do_open(base, (const char *)a[0], a[1], a[2], &done);
-        break;
-    case 262: /* newfstatat(dirfd, path, buf, flags) */
-        if ((a[3] & AT_EMPTY_PATH_) && a[1] && !*(const char *)a[1])
-            r = (a[3] & ~(long)(AT_EMPTY_PATH_ | AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_))
-                    ? 0
-                    : do_fstat(base, a[0], (void *)a[2], &done);
-        else
-            r = do_stat(base, (const char *)a[1], (void *)a[2], a[3], &done);
-        break;
-    case 4: /* stat(path, buf) */
-        r = do_stat(base, (const char *)a[0], (void *)a[1], 0, &done);
-        break;
-    case 6: /* lstat(path, buf) */
-        r = do_stat(base, (const char *)a[0], (void *)a[1], AT_SYMLINK_NOFOLLOW_, &done);
-        break;
-    case 5: /* fstat(fd, buf) */
-        r = do_fstat(base, a[0], (void *)a[1], &done);
-        break;
-    case 332: /* statx(dirfd, path, flags, mask, buf) */
-        r = do_statx(base, (const char *)a[1], a[2], a[3], (void *)a[4], &done);
-        break;
-    case 89: /* readlink(path, buf, size) */
-        r = do_readlink(base, (const char *)a[0], (char *)a[1], a[2], &done);
-        break;
-    case 267: /* readlinkat(dirfd, path, buf, size) */
-        r = do_readlink(base, (const char *)a[1], (char *)a[2], a[3], &done);
-        break;
-    case 21: /* access(path, mode) */
-        r = do_access(base, (const char *)a[0], a[1], 0, &done);
-        break;
-    case 269: /* faccessat(dirfd, path, mode) */
-        r = do_access(base, (const char *)a[1], a[2], 0, &done);
-        break;
-    case 439: /* faccessat2(dirfd, path, mode, flags): AT_EACCESS changes nothing here */
-        if (!(a[3] & ~(long)(0x200 | AT_SYMLINK_NOFOLLOW_)))
-            r = do_access(base, (const char *)a[1], a[2], a[3] & AT_SYMLINK_NOFOLLOW_, &done);
-        break;
-    case 191: /* getxattr(path, name, value, size) */
-    case 192: /* lgetxattr */
-        r = do_xattr(base, FO_XATTR + (unsigned)(nr == 192), (const char *)a[0], &done);
-        break;
-    case 194: /* listxattr(path, list, size) */
-    case 195: /* llistxattr */
-        r = do_xattr(base, FO_XATTR_LIST + (unsigned)(nr == 195), (const char *)a[0], &done);
-        break;
-    default:
-        break;
-    }
+    long r = dispatch(base, nr, a, &done);
+    if (!done)
+        r = dispatch_normalized(base, nr, a, &done);
     if (done)
         return r;
     /* A host path: made here, with the cookie (none of these calls has a sixth argument),
@@ -810,4 +712,68 @@ static long fo_main(const char *base, long nr, const long *a)
         }
     }
     return fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
+
+/* The calls answered here from the table (*done), or nothing done. */
+static long dispatch(const char *base, long nr, const long *a, int *done)
+{
+    long r = 0;
+    switch (nr) {
+    case 257: /* openat(dirfd, path, flags, mode): dirfd does not matter for mount paths */
+        r = do_open(base, (const char *)a[1], a[2], a[3], done);
+        break;
+    case 79: /* getcwd(buf, size) */
+        r = do_getcwd(base, (char *)a[0], a[1], done);
+        break;
+    case 2: /* open(path, flags, mode) */
+        r = do_open(base, (const char *)a[0], a[1], a[2], done);
+        break;
+    case 262: /* newfstatat(dirfd, path, buf, flags) */
+        if ((a[3] & AT_EMPTY_PATH_) && a[1] && !*(const char *)a[1])
+            r = (a[3] & ~(long)(AT_EMPTY_PATH_ | AT_SYMLINK_NOFOLLOW_ | AT_NO_AUTOMOUNT_))
+                    ? 0
+                    : do_fstat(base, a[0], (void *)a[2], done);
+        else
+            r = do_stat(base, (const char *)a[1], (void *)a[2], a[3], done);
+        break;
+    case 4: /* stat(path, buf) */
+        r = do_stat(base, (const char *)a[0], (void *)a[1], 0, done);
+        break;
+    case 6: /* lstat(path, buf) */
+        r = do_stat(base, (const char *)a[0], (void *)a[1], AT_SYMLINK_NOFOLLOW_, done);
+        break;
+    case 5: /* fstat(fd, buf) */
+        r = do_fstat(base, a[0], (void *)a[1], done);
+        break;
+    case 332: /* statx(dirfd, path, flags, mask, buf) */
+        r = do_statx(base, (const char *)a[1], a[2], a[3], (void *)a[4], done);
+        break;
+    case 89: /* readlink(path, buf, size) */
+        r = do_readlink(base, (const char *)a[0], (char *)a[1], a[2], done);
+        break;
+    case 267: /* readlinkat(dirfd, path, buf, size) */
+        r = do_readlink(base, (const char *)a[1], (char *)a[2], a[3], done);
+        break;
+    case 21: /* access(path, mode) */
+        r = do_access(base, (const char *)a[0], a[1], 0, done);
+        break;
+    case 269: /* faccessat(dirfd, path, mode) */
+        r = do_access(base, (const char *)a[1], a[2], 0, done);
+        break;
+    case 439: /* faccessat2(dirfd, path, mode, flags): AT_EACCESS changes nothing here */
+        if (!(a[3] & ~(long)(0x200 | AT_SYMLINK_NOFOLLOW_)))
+            r = do_access(base, (const char *)a[1], a[2], a[3] & AT_SYMLINK_NOFOLLOW_, done);
+        break;
+    case 191: /* getxattr(path, name, value, size) */
+    case 192: /* lgetxattr */
+        r = do_xattr(base, FO_XATTR + (unsigned)(nr == 192), (const char *)a[0], done);
+        break;
+    case 194: /* listxattr(path, list, size) */
+    case 195: /* llistxattr */
+        r = do_xattr(base, FO_XATTR_LIST + (unsigned)(nr == 195), (const char *)a[0], done);
+        break;
+    default:
+        break;
+    }
+    return r;
 }

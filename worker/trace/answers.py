@@ -29,6 +29,7 @@ from worker.trace.node_answers import (
     encode_listing,
 )
 from worker.trace.policy import ASKED, Kind, Node, Policy
+from worker.trace.shebang import exe_link, file_head, parse_shebang
 
 log = logging.getLogger("hep-exec")
 
@@ -376,6 +377,40 @@ class Session:
         res, cache = self.resolve(pid, path, True)
         return cache and isinstance(res, Found) and res.path == path and res.node.kind == Kind.DIR
 
+    def _ahead_directory(self, pid: int, path: bytes) -> bytes:
+        """The directory whose entries' answers go ahead for a call on ``path``: its parent;
+        or, where that is no directory named by itself, the nearest directory above it, named
+        as resolved.  ld.so's library probes go through "$ORIGIN/../lib" and into directories
+        that do not exist ("<lib>/glibc-hwcaps/x86-64-v4"): once the directory that does exist
+        is listed, the C side answers every later probe below it (ENOENT for the names it
+        does not have) and its paths spelt with ".." (worker/trace/_fastopen_tracee_paths.c)."""
+        parent = path.rpartition(b"/")[0]
+        if parent in self._answered_ahead:
+            return parent
+        d = parent
+        while d.startswith(self.mount + b"/"):
+            res, cache = self.resolve(pid, d, True)
+            if isinstance(res, Found) and res.node.kind == Kind.DIR:
+                return res.path if cache else parent
+            if not isinstance(res, int):
+                return parent  # outside the mount
+            d = d.rpartition(b"/")[0]
+        return parent
+
+    def _ahead_dotdot(self, pid: int, path: bytes) -> None:
+        """The entries of each directory a ".." of ``path`` goes up into, ahead: their lstat
+        answers are what lets the C side take the ".." out of a later path (the name before
+        it must be a directory)."""
+        names: list[bytes] = []
+        for name in path.split(b"/"):
+            if name == b"..":
+                if len(names) > 1:
+                    self._ahead(pid, Cls.STAT, b"/" + b"/".join(names[:-1]))
+                if names:
+                    names.pop()
+            elif name and name != b".":
+                names.append(name)
+
     def _ahead(self, pid: int, cls: int, parent: bytes) -> dict[bytes, Action]:
         """On the first touch of a directory, its entries' answers (and on its first open,
         their opens) before they are asked; the open answers given."""
@@ -601,7 +636,9 @@ class Session:
         if self.put is not None and (
             cls in (Cls.STAT, Cls.XATTR_GET, Cls.XATTR_LIST) or (cls == Cls.OPEN and not flags)
         ):
-            ahead = self._ahead(tid, cls, path.rpartition(b"/")[0])
+            if b"/../" in path:
+                self._ahead_dotdot(tid, path)
+            ahead = self._ahead(tid, cls, self._ahead_directory(tid, path))
             if cls == Cls.OPEN and path in ahead:
                 return ahead[path]  # the node cache holds it: no round trip either
             target = self._put_during_this_call(path) if cls == Cls.OPEN and not flags else None
@@ -729,7 +766,7 @@ class Session:
         if isinstance(res, int):
             return res
         if isinstance(res, Outside):
-            return res.path, _head(res.path)
+            return res.path, file_head(res.path)
         if res.node.kind != Kind.REG:
             return errno.EACCES
         if not res.node.mode & 0o111:
@@ -738,7 +775,7 @@ class Session:
         if isinstance(opened, int):
             log.debug("%s: %s", os.fsdecode(res.path), os.strerror(opened))
             return opened
-        return opened.path, _head(opened.path)
+        return opened.path, file_head(opened.path)
 
     def _exec(self, tid: int, path: bytes) -> Action:
         """execve: /cvmfs binaries run from the policy's file; ``#!`` interpreters under the
@@ -750,11 +787,11 @@ class Session:
                 return (False, Act.RETURN, -got, None, None, None)
             file, head = got
         else:
-            file, head = path, _head(path)
+            file, head = path, file_head(path)
         script = path
         prefix: list[bytes] = []
         for _ in range(4):  # nested interpreters, as binfmt_script allows
-            shebang = _parse_shebang(head)
+            shebang = parse_shebang(head)
             if shebang is None:
                 break
             interp, arg = shebang
@@ -770,40 +807,9 @@ class Session:
             file, head = got
             script = interp
         if self._in_mount(script):
-            self._exe_paths[_exe_link(file)] = script
+            self._exe_paths[exe_link(file)] = script
         if prefix:
             return (False, Act.EXEC, 0, file, None, prefix)
         if file == path:
             return (False, Act.PASS, 0, None, None, None)
         return (False, Act.EXEC, 0, file, None, None)
-
-
-def _exe_link(file: bytes) -> bytes:
-    """What /proc/<pid>/exe will say after exec of ``file`` (a /proc/<pid>/fd/<n> path is
-    replaced by its target, e.g. ``/memfd:name (deleted)``; a RAM file by name on our tmpfs,
-    /proc/<pid>/fd/<dir>/<name>, says ``/<name>``)."""
-    if file.startswith(b"/proc/"):
-        try:
-            return os.readlink(file)
-        except OSError:
-            pass
-    return os.path.realpath(file)
-
-
-def _head(path: bytes) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(256)
-    except OSError:
-        return b""
-
-
-def _parse_shebang(head: bytes) -> tuple[bytes, bytes] | None:
-    """``#!interp [arg]`` as binfmt_script reads it (one optional argument)."""
-    if not head.startswith(b"#!"):
-        return None
-    line = head[2:].split(b"\n", 1)[0].strip(b" \t")
-    if not line:
-        return None
-    interp, _, arg = line.replace(b"\t", b" ").partition(b" ")
-    return interp, arg.strip(b" ")

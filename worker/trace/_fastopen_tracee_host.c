@@ -1,0 +1,76 @@
+/*
+ * The in-process handler's host paths (worker/trace/_fastopen_tracee.c, which #includes this
+ * in its one translation unit): which calls it makes itself, as the tracer would let them
+ * through, and when the kernel's ENOENT or ENOTDIR for one is the tracer's answer too.
+ */
+
+/* A path the tracer lets through untouched when the kernel finds it: absolute, outside the
+ * mount, not under /proc or /dev (magic links the tracer maps: /proc/self/exe, fd links into
+ * the mirror, /dev/fd/N ...). */
+static int host_path(const char *base, const char *p)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    if (!p || p[0] != '/')
+        return 0;
+    unsigned long i = 0;
+    while (i < h->mount_len && p[i] == h->mount[i])
+        i++;
+    if (i == h->mount_len)
+        return 0; /* the mount, or a name that starts like it: the tracer's */
+    if ((p[1] == 'p' && p[2] == 'r' && p[3] == 'o' && p[4] == 'c') ||
+        (p[1] == 'd' && p[2] == 'e' && p[3] == 'v'))
+        return 0;
+    return 1;
+}
+
+/* Does a call on this host path follow a symlink in its last component? */
+static int follows_last(long nr, const long *a)
+{
+    switch (nr) {
+    case 6: case 89: case 267: case 192: case 195: /* lstat, readlink(at), l*xattr */
+        return 0;
+    case 262: case 439: /* newfstatat, faccessat2 */
+        return !(a[3] & AT_SYMLINK_NOFOLLOW_);
+    case 332: /* statx */
+        return !(a[2] & AT_SYMLINK_NOFOLLOW_);
+    default: /* open(at) (never with O_NOFOLLOW here), stat, access, faccessat, *xattr */
+        return 1;
+    }
+}
+
+/*
+ * ENOENT or ENOTDIR from the kernel for an absolute host path: is that the tracer's answer
+ * too?  It is unless a host symlink may lead into the mount, which the kernel cannot follow
+ * (worker/trace/trap/paths.c, via_host_symlink, whose rule this is): ENOTDIR always stands;
+ * ENOENT stands when the last component is no (dangling) link and its parent exists on the
+ * host.  Only for paths in normal form (a ".." may lead into the mount); else the tracer's.
+ */
+static int host_missing(const char *base, long nr, const long *a, const char *p, long r)
+{
+    unsigned long n = 0, slash = 0;
+    for (; p[n]; n++) {
+        if (n >= 1000)
+            return 0;
+        if (p[n] != '/')
+            continue;
+        slash = n;
+        char c = p[n + 1];
+        if (c == 0 || c == '/' ||
+            (c == '.' && (p[n + 2] == 0 || p[n + 2] == '/' ||
+                          (p[n + 2] == '.' && (p[n + 3] == 0 || p[n + 3] == '/')))))
+            return 0; /* "//", ".", "..", a trailing "/" */
+    }
+    if (r == -20 /* ENOTDIR */)
+        return 1;
+    uint64_t st[18]; /* struct stat */
+    long cookie = cookie_of(base);
+    if (follows_last(nr, a) && fo_syscall6(6, (long)p, (long)st, 0, 0, 0, cookie) == 0)
+        return 0; /* a dangling link: where it leads is the tracer's to find */
+    if (slash == 0)
+        return 1; /* "/name": its parent is the root */
+    char parent[1024];
+    for (unsigned long i = 0; i < slash; i++)
+        parent[i] = p[i];
+    parent[slash] = 0;
+    return fo_syscall6(4, (long)parent, (long)st, 0, 0, 0, cookie) == 0;
+}
