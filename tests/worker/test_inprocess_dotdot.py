@@ -161,6 +161,18 @@ def test_the_kernel_s_answers_for_every_path(world: World) -> None:
     assert "Not a directory" in lines["a/plain/../b/c/file1"]
 
 
+def test_a_dotdot_that_leaves_the_repository_is_the_tracer_s(world: World) -> None:
+    """ "/cvmfs/<repo>/a/../.." is /cvmfs, and "/cvmfs/.." the root: the kernel's walk, not
+    a name taken out of the repository (the same bytes as the path in normal form)."""
+    plain = [f"{FQRN}/a/lib/libx.so", f"{FQRN}/a/b/c/file1"]
+    odd = [f"{FQRN}/a/../../{FQRN}/a/lib/libx.so", f"../cvmfs/{FQRN}/a/b/c/file1"]
+    r = world.run([str(world.tools["prog"]), "/cvmfs", "2", *plain, *odd])
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = {line.split(" ", 2)[1]: line.split(" ", 2)[2] for line in r.stdout.splitlines()}
+    assert "open=ok:" in said[plain[0]]
+    assert said[odd[0]] == said[plain[0]] and said[odd[1]] == said[plain[1]], said
+
+
 def test_later_calls_on_normalized_paths_do_not_stop_the_program(world: World) -> None:
     """Once the tracer has answered the first calls in those directories, the same paths
     with ".", ".." and "//" are answered inside the program: three more rounds, no stop."""

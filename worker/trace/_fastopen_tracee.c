@@ -658,16 +658,22 @@ static long do_getcwd(const char *base, char *buf, long size, int *done)
 #include "_fastopen_tracee_host.c"
 
 /* The path argument of the calls fo_main handles, or NULL. */
-static const char *path_of(long nr, const long *a)
+static int path_arg(long nr)
 {
     switch (nr) {
     case 2: case 4: case 6: case 21: case 89: case 191: case 192: case 194: case 195:
-        return (const char *)a[0];
-    case 257: case 262: case 267: case 269: case 332: case 439:
-        return (const char *)a[1];
-    default:
         return 0;
+    case 257: case 262: case 267: case 269: case 332: case 439:
+        return 1;
+    default:
+        return -1;
     }
+}
+
+static const char *path_of(long nr, const long *a)
+{
+    int k = path_arg(nr);
+    return k < 0 ? 0 : (const char *)a[k];
 }
 
 #include "_fastopen_tracee_paths.c"
@@ -684,7 +690,7 @@ static __attribute__((noinline)) long dispatch_normalized(const char *base, long
     if (!p || (nr == 262 && (a[3] & AT_EMPTY_PATH_)) || !normalized(base, p, out, sizeof out))
         return 0;
     long b[6] = {a[0], a[1], a[2], a[3], a[4], a[5]};
-    b[(const char *)a[0] == p ? 0 : 1] = (long)out;
+    b[path_arg(nr)] = (long)out;
     return dispatch(base, nr, b, done);
 }
 

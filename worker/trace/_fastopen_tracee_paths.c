@@ -45,13 +45,15 @@ static unsigned long normalized(const char *base, const char *p, char *out, unsi
     }
     if (p[i] != '/')
         return 0;
-    while (p[i]) {
+    while (p[i]) { /* p[i] == '/'; never read past 4000 bytes, as normal_mount_path */
         changed |= p[i + 1] == '/';
-        while (p[i] == '/')
+        while (p[i] == '/' && i < 4000)
             i++;
         unsigned long s = i;
-        while (p[i] && p[i] != '/')
+        while (p[i] && p[i] != '/' && i < 4000)
             i++;
+        if (i >= 4000)
+            return 0;
         unsigned long n = i - s;
         int dot = n == 1 && p[s] == '.', dotdot = n == 2 && p[s] == '.' && p[s + 1] == '.';
         if (!n || ((dot || dotdot) && !p[i]))
@@ -60,14 +62,14 @@ static unsigned long normalized(const char *base, const char *p, char *out, unsi
         if (dot)
             continue;
         if (dotdot) {
-            if (o <= repo || !published_dir(base, out, o))
+            if (!repo || o <= repo || !published_dir(base, out, o))
                 return 0;
             while (out[o - 1] != '/')
                 o--;
             o--;
             continue;
         }
-        if (o + 1 + n >= cap || i >= 4000)
+        if (o + 1 + n >= cap)
             return 0;
         out[o++] = '/';
         for (unsigned long k = s; k < i; k++)
