@@ -72,6 +72,7 @@ def _run(config: ExecConfig) -> int:
                 in_process=config.in_process,
                 io_uring=config.io_uring,
                 node_answers=session.node_answers,
+                table_fd=session.take_table(),
             )
         except TracerUnavailable as e:
             print(f"hep-exec: {e}", file=sys.stderr)

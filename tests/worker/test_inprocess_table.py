@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,3 +313,54 @@ def test_a_warm_node_job_sizes_its_table_for_the_node_s_answers_when_it_mounts(
     answers, slots, grown = table(runs[1].stderr)
     assert "answers ahead from the node" in runs[1].stderr, runs[1].stderr
     assert answers >= 2 * DIRS * PER_DIR and slots >= 2 * answers and grown == 1, runs[1].stderr
+
+
+def test_a_job_after_an_idle_moment_gets_a_table_the_service_made_ahead(
+    world: World, cache_dir: Path
+) -> None:
+    """When no job runs, the node's service makes the next job's table file and faults its
+    pages in (worker/node/table_pool.py): the next job's put of the node's answers finds its
+    memory there, and reads the same bytes."""
+    world.needs_named_files()
+    argv = [*CLI, "--server", world.proxy, "--cache-dir", str(cache_dir), "--stats-internals",
+            "--", str(world.tools["prog"]), "2", str(world.tools["paths"])]  # fmt: skip
+    runs = []
+    for _job in ("warming", "after the service made a table", "another"):
+        runs.append(subprocess.run(argv, env=env_with(), capture_output=True, text=True,
+                                   timeout=300))  # fmt: skip
+        time.sleep(1.5)  # (the table is made when the last job has gone)
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.splitlines() == [*expected_first_round(world), "round 1: 0 differ"]
+    made_ahead = "its memory made ahead by the node's service"
+    assert made_ahead not in runs[0].stderr, runs[0].stderr  # the node had no answers yet
+    for r in runs[1:]:
+        assert made_ahead in r.stderr and table(r.stderr)[2] == 1, r.stderr
+
+
+def test_the_table_pool_makes_one_table_at_a_time_of_the_size_asked(tmp_path: Path) -> None:
+    """TablePool: nothing ready until it is filled; then one file of the table's whole size
+    with pages already allocated, given once; a node with few answers gets none."""
+    from worker.node.table_pool import MIN_BYTES, TablePool
+
+    expected = [MIN_BYTES // 2]
+    pool = TablePool(lambda: None, lambda: expected[0])
+    try:
+        pool.refill()  # too few answers on the node: nothing is made
+        assert pool.take() is None and pool.made == 0
+        expected[0] = 4 << 20
+        pool.refill()
+        pool.refill()  # (one at a time)
+        deadline = time.monotonic() + 30
+        while pool.made == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fd = pool.take()
+        assert fd is not None and pool.take() is None and (pool.made, pool.given) == (1, 1)
+        try:
+            st = os.fstat(fd)
+            assert st.st_size > 128 << 20 and st.st_blocks * 512 >= 4 << 20, st
+            assert os.pread(fd, 1 << 16, 0) == bytes(1 << 16)  # never written: all zeros
+        finally:
+            os.close(fd)
+    finally:
+        pool.close()

@@ -219,6 +219,8 @@ class CacheClient:
         self._receiver: threading.Thread | None = None
         # bytes of each repository's answers the service held at hello (node_answers.py)
         self.answer_bytes: dict[str, int] = {}
+        # a file for the in-process table the service made ahead (worker/node/table_pool.py)
+        self.table_fd: int | None = None
 
     # ------------------------------------------------------------------ connecting
 
@@ -298,15 +300,19 @@ class CacheClient:
                 for fd in fds:
                     os.close(fd)
                 raise OSError(f"service speaks protocol {reply.get('version')}, not {VERSION}")
-            names_dir = fds.pop() if reply.get("named") and len(fds) == 1 else None
-            for fd in fds:
+            # the fds: the named objects' directory, then a table made ahead, each if said
+            wanted = [k for k in ("named", "table") if reply.get(k) is True]
+            given = dict(zip(wanted, fds, strict=True)) if len(fds) == len(wanted) else {}
+            for fd in fds if not given else []:
                 os.close(fd)
+            names_dir, table_fd = given.get("named"), given.get("table")
             if settings is not None and reply.get("settings") != settings:
-                if names_dir is not None:
-                    os.close(names_dir)
+                for fd in given.values():
+                    os.close(fd)
                 raise OtherSettings(_difference(settings, reply.get("settings")))
             sock.settimeout(None)
             client = cls(sock, int(reply["pid"]), directory, idle_budget, names_dir)
+            client.table_fd = table_fd
             sizes = reply.get("answer_bytes")
             if isinstance(sizes, dict):
                 client.answer_bytes = {
@@ -532,6 +538,9 @@ class CacheClient:
 
     def close(self) -> None:
         """Disconnect (the service drops our pins); objects in use keep their fds."""
+        if self.table_fd is not None:  # (not given to a run)
+            os.close(self.table_fd)
+            self.table_fd = None
         with self._lock:
             gone, self.gone = self.gone, True
             for obj in self._idle.values():

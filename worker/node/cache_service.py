@@ -62,6 +62,7 @@ from worker.node.rendezvous import (
     ensure_private_dir,
     peer_credentials,
 )
+from worker.node.table_pool import TablePool
 from worker.ram.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.ram.ramfiles import RamFiles, RamFilesError, fill_sealed_memfd
 from worker.repo.fetcher import Fetcher, FetchError, object_url
@@ -121,6 +122,8 @@ class CacheService:
         self.cache = RamCache(config.ram_bytes, files=RamFiles(config.ram_files, by_key=True))
         self.meta = RepositoryFiles(self.fetcher)
         self.answers = AnswerTables()
+        # the next job's in-process answers table, made ahead while we are idle
+        self.tables = TablePool(self._table_dir, self._expected_answer_bytes)
         # repository ensembles (manifest, whitelist, keys) a job verified: the next jobs
         # recheck only their expiry (worker.repo.repository, MountedRepository._verify)
         self._vouched: OrderedDict[str, None] = OrderedDict()
@@ -180,6 +183,16 @@ class CacheService:
         except (RamFilesError, OSError) as e:  # said again by the first request that needs it
             log.debug("getting ready: %s", e)
 
+    def _table_dir(self) -> str | None:
+        try:
+            return self.cache.files.writable_path
+        except RamFilesError:
+            return None
+
+    def _expected_answer_bytes(self) -> int:
+        """What a job will likely put: the node's answers for its biggest repository."""
+        return max(self.answers.sizes().values(), default=0)
+
     def _idle_expired(self) -> bool:
         with self._lock:
             return not self._conns and time.monotonic() - self._idle_since >= self.idle
@@ -203,6 +216,7 @@ class CacheService:
         self._open_pool.shutdown(wait=False, cancel_futures=True)
         self.fetcher.close()
         self.cache.close()  # clients keep their own fds
+        self.tables.close()
         self.meta.close()
 
     def _admit(self, sock: socket.socket) -> None:
@@ -250,8 +264,11 @@ class CacheService:
             conn.sock.close()
             with self._lock:
                 self._conns.discard(conn)
-                if not self._conns:
+                idle = not self._conns
+                if idle:
                     self._idle_since = time.monotonic()
+            if idle:  # the next job's table, while no job runs (one would lose a CPU to it)
+                self.tables.refill()
 
     def _handle(self, conn: _Conn, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
         op = msg.get("op")
@@ -326,6 +343,7 @@ class CacheService:
             # the read-only tmpfs dir (if ours are tmpfs files): clients then open objects by
             # name, which the tracer does faster than reopening an fd number through /proc
             shared = self.cache.files.shared_dir
+            table = self.tables.take()
             hello = {
                 "op": "hello",
                 "ok": True,
@@ -333,15 +351,22 @@ class CacheService:
                 "version": VERSION,
                 "settings": self.settings,
                 "answer_bytes": self.answers.sizes(),
+                "named": shared is not None,
+                "table": table is not None,
             }
-            with conn.lock:
-                if not conn.closed:
-                    conn.sock.sendmsg(
-                        [encode({**hello, "named": shared is not None})],
-                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [shared]))]
-                        if shared is not None
-                        else [],
-                    )
+            fds = [fd for fd in (shared, table) if fd is not None]
+            try:
+                with conn.lock:
+                    if not conn.closed:
+                        conn.sock.sendmsg(
+                            [encode(hello)],
+                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                            if fds
+                            else [],
+                        )
+            finally:
+                if table is not None:
+                    os.close(table)
         else:
             raise ProtocolError(f"unknown op {op!r}")
 
@@ -642,6 +667,8 @@ class CacheService:
             "requests": f.requests,
             "bytes_fetched": f.bytes_fetched,
             "collapsed": f.collapsed,
+            "tables_made": self.tables.made,
+            "tables_given": self.tables.given,
             **dict(self.counters),
         }
 

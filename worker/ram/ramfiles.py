@@ -242,6 +242,12 @@ class RamFiles:
         return "tmpfs"
 
     @property
+    def writable_path(self) -> str | None:
+        """The writable mount, as a path of ours (after :attr:`backing` says tmpfs), else
+        None: where a cache service makes other files that want its huge pages."""
+        return f"/proc/self/fd/{self._dirs[0]}" if self.backing == "tmpfs" and self._dirs else None
+
+    @property
     def shared_dir(self) -> int | None:
         """The read-only mount's dirfd (after :attr:`backing` says tmpfs), else None: what a
         cache service sends its clients so they open its files by name."""

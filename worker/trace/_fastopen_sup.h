@@ -11,6 +11,10 @@
 
 /* 0 or -errno; table_dir: a directory on a tmpfs for the table (NULL: a memfd) */
 int fo_init(const char *mount, size_t mount_n, const char *table_dir);
+/* a table file made ahead (the node's service): its fd, or -errno; the next fo_init's */
+int fo_make_table(const char *dir, size_t answers, size_t arena);
+void fo_give_table(int fd);
+int fo_table_given(void); /* did this run's fo_init take one */
 void fo_fini(void);
 void fo_set_shadow(const char *shadow, size_t n); /* for getcwd in-process */
 void fo_add_object_dir(const char *dir, size_t n); /* opens there: openat on a tracee's fd */

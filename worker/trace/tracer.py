@@ -60,6 +60,7 @@ class Stats:
     inproc_answers: int = 0  # answers in the in-process table at exit (live at its last move)
     inproc_slots: int = 0  # its size: it grows as a job learns more
     inproc_moves: int = 0  # times it grew (its answers moved to a bigger one)
+    inproc_given: bool = False  # its file was one the node's service made ahead
 
     def summary(self) -> str:
         """``--stats``: what a user can read (and compare between runs)."""
@@ -93,6 +94,7 @@ class Stats:
             lines.append(
                 f"in-process table: {self.inproc_answers} answers in {self.inproc_slots} slots "
                 f"(grown {self.inproc_moves} times)"
+                + (", its memory made ahead by the node's service" if self.inproc_given else "")
             )
         return "\n".join(lines)
 
@@ -198,6 +200,7 @@ def run(
     in_process: bool | None = None,
     io_uring: bool | None = None,
     node_answers: NodeAnswers | None = None,
+    table_fd: int = -1,
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
 
@@ -219,6 +222,9 @@ def run(
     themselves through a handler mapped into every program image and the patched libc call
     site, with no trap at all (worker/trace/_fastopen.c, worker/trace/README.md).
 
+    ``table_fd``: a file for the in-process table that the node's service made and faulted
+    in ahead (``_trap.make_table``; the run closes it, used or not).
+
     ``io_uring`` (default off, ``$HEP_EXEC_IO_URING=1`` turns it on): let the command set up
     io_uring rings.  Off, io_uring_setup fails with ENOSYS, which programs and libraries take
     for "no io_uring" and fall back: a ring's opens and stats are made by kernel workers that
@@ -228,6 +234,7 @@ def run(
     """
     from worker.trace import _trap
 
+    _trap.give_table(table_fd)
     trap = trap or os.environ.get("HEP_EXEC_TRAP") or "auto"
     if in_process is None:
         in_process = _env_switch("HEP_EXEC_IN_PROCESS", True)
@@ -298,6 +305,7 @@ def run(
         inproc_answers=raw["inproc_answers"],
         inproc_slots=raw["inproc_slots"],
         inproc_moves=raw["inproc_moves"],
+        inproc_given=bool(raw["inproc_given"]),
     )
     return Result(status, stats)
 

@@ -43,14 +43,15 @@ static PyObject *stats_dict(size_t cached, const char *mode)
     fo_counts(&fh, &fm, &sh, &sm, &fp, &fi, &fho);
     fo_table(&fta, &fts, &ftm);
     return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:n,s:K,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,"
-                         "s:K,s:K,s:K}",
+                         "s:K,s:K,s:K,s:i}",
                          "trapped", per, "passed", n_pass, "hits", n_hits, "upcalls", n_upcalls,
                          "absent", n_absent, "cached",
                          (Py_ssize_t)cached, "notified", n_notified, "mode", mode,
                          "inproc_opens", fh, "inproc_misses", fm, "inproc_stats", sh,
                          "inproc_stat_misses", sm, "inproc_sites", fp, "inproc_images", fi,
                          "inproc_host", fho, "node_puts", n_node_puts, "node_dirs", n_node_dirs, "opens_put", n_opens_put,
-                         "inproc_answers", fta, "inproc_slots", fts, "inproc_moves", ftm);
+                         "inproc_answers", fta, "inproc_slots", fts, "inproc_moves", ftm,
+                         "inproc_given", fo_table_given());
 }
 
 static char **to_cstrings(PyObject *seq)

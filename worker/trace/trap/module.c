@@ -24,6 +24,38 @@ static PyObject *trap_expect(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* make_table(directory or None, answers, arena bytes) -> fd: a table file for a later job,
+ * its pages faulted in now (fo_make_table: the node's service, while idle). */
+static PyObject *trap_make_table(PyObject *self, PyObject *args)
+{
+    const char *dir;
+    Py_ssize_t answers, arena;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "znn", &dir, &answers, &arena))
+        return NULL;
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = fo_make_table(dir, answers > 0 ? (size_t)answers : 0, arena > 0 ? (size_t)arena : 0);
+    Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        errno = -fd;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(fd);
+}
+
+/* give_table(fd): the next run's in-process table is this file (make_table's), which the run
+ * closes, taken or not; -1: none. */
+static PyObject *trap_give_table(PyObject *self, PyObject *args)
+{
+    int fd;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    fo_give_table(fd);
+    Py_RETURN_NONE;
+}
+
 static PyObject *trap_take_notes(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -106,6 +138,10 @@ static PyMethodDef methods[] = {
      "put_staged(directory) -> (n, listed directories, opens) or None"},
     {"expect", trap_expect, METH_VARARGS,
      "expect(nbytes): size the in-process table for nbytes of the node's answers"},
+    {"make_table", trap_make_table, METH_VARARGS,
+     "make_table(directory, answers, arena) -> fd: a table file faulted in for a later run"},
+    {"give_table", trap_give_table, METH_VARARGS,
+     "give_table(fd): the next run's in-process table (closed by the run, taken or not)"},
     {"take_notes", trap_take_notes, METH_NOARGS,
      "take_notes() -> [(object file, path), ...] of the opens put since last asked"},
     {"forget", trap_forget, METH_VARARGS,

@@ -180,6 +180,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
                 fo_add_object_dir(PyBytes_AS_STRING(d), (size_t)PyBytes_GET_SIZE(d));
         }
     }
+    fo_give_table(-1); /* a table file given for the run and not taken (ptrace mode ...) */
 
     int go[2], err[2], ctl[2];
     if (pipe2(go, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
