@@ -5,9 +5,11 @@ Transport: an AF_UNIX SOCK_SEQPACKET socket, so every message is one datagram-si
 ancillary data. Requests carry ``op``; every message from the service carries the ``op`` it
 answers, so a client can keep several requests in flight and read them on one thread:
 
-- ``hello`` {version} -> {op, ok, pid, version, named} (+ with ``named``, one fd: the
+- ``hello`` {version} -> {op, ok, pid, version, named, table} (+ with ``named``, one fd: the
   service's read-only tmpfs directory, where its objects can be opened by name; a finished
-  object is also found there under its key, which a job may try with no request at all)
+  object is also found there under its key, which a job may try with no request at all;
+  then, with ``table``, one fd: a file for the job's in-process answers table, made and
+  faulted in while no job ran, the job's to use or close: worker/node/table_pool.py)
 - ``open`` {object} -> {op, ok, key, size, name} + one fd, or {op, ok: false, key, errno,
   error}; answered out of order (a miss does not hold up later requests); ``name``: the
   object's name in that directory, or null for a memfd
