@@ -136,13 +136,10 @@ def load_public_key(pem: bytes) -> RsaPublicKey:
     for label, der in _pem_blocks(pem):
         if label not in (b"PUBLIC KEY", b"RSA PUBLIC KEY"):
             continue
+        parse = _rsa_public_key if label == b"RSA PUBLIC KEY" else _subject_public_key_info
         try:
-            if label == b"RSA PUBLIC KEY":
-                key = _rsa_public_key(der, 0, len(der))
-                end = _element(der, 0, len(der))[2]
-            else:
-                key = _subject_public_key_info(der, 0, len(der))
-                end = _element(der, 0, len(der))[2]
+            key = parse(der, 0, len(der))
+            end = _element(der, 0, len(der))[2]
         except FormatError as e:
             if str(e) == "not an RSA public key":
                 raise

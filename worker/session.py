@@ -107,10 +107,7 @@ class WorkerSession:
     def take_table(self) -> int:
         """The in-process table's file the node's service made ahead, for the run (-1: none;
         the run closes it)."""
-        fd = self.shared.table_fd if self.shared is not None else None
-        if self.shared is not None:
-            self.shared.table_fd = None
-        return -1 if fd is None else fd
+        return self.shared.take_table() if self.shared is not None else -1
 
     def _mounted(self, repo: MountedRepository) -> None:
         if self.node_answers is not None:

@@ -536,6 +536,11 @@ class CacheClient:
                 return None
             return self._stats_reply
 
+    def take_table(self) -> int:
+        """The table file the service made ahead (-1: none), now the caller's to close."""
+        fd, self.table_fd = self.table_fd, None
+        return -1 if fd is None else fd
+
     def close(self) -> None:
         """Disconnect (the service drops our pins); objects in use keep their fds."""
         if self.table_fd is not None:  # (not given to a run)
