@@ -55,6 +55,19 @@ def _reach(config: ExecConfig) -> None:
         raise ConfigError(problem)
 
 
+def _named(config: ExecConfig) -> tuple[str, ...]:
+    """The repositories the command names (its arguments, environment, working directory)."""
+    from worker.repo.named import named_repositories
+
+    env = (os.fsencode(v) for v in os.environ.values())
+    try:
+        cwd = [os.getcwdb()]
+    except OSError:  # removed under us: the command will say so
+        cwd = []
+    texts = [*(os.fsencode(a) for a in config.command), *env, *cwd]
+    return named_repositories(config.mount.encode(), texts, config.repositories)
+
+
 def _run(config: ExecConfig) -> int:
     from worker.catalog_policy import CatalogPolicy
     from worker.session import WorkerSession
@@ -63,6 +76,7 @@ def _run(config: ExecConfig) -> int:
     with WorkerSession(config) as session:  # reads the keys: a bad one is said first
         _reach(config)
         policy = CatalogPolicy(session)
+        named = _named(config)
         try:
             result = run(
                 list(config.command),
@@ -73,6 +87,7 @@ def _run(config: ExecConfig) -> int:
                 io_uring=config.io_uring,
                 node_answers=session.node_answers,
                 table_fd=session.take_table(),
+                alongside=(lambda: session.mount_ahead(named)) if named else None,
             )
         except TracerUnavailable as e:
             print(f"hep-exec: {e}", file=sys.stderr)

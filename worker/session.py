@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,8 @@ class WorkerSession:
         )
         self.namespace = Namespace(self.repos, os.fsencode(config.mount))
         self.syscalls: Counter[str] = Counter()  # the tracer counts trapped calls here
+        self.mounted_ahead: set[str] = set()  # named by the command: mounted as it started
+        self._mounting_ahead: frozenset[str] = frozenset()
         # node-level pieces: access list recording and prefetch (into the shared service and
         # pushed to us, or into our private cache)
         self.recorder = AccessRecorder() if config.record_path else None
@@ -99,6 +101,7 @@ class WorkerSession:
             self.repos.on_mount = self._mounted
             self.repos.on_mounting = self.node_answers.mounting_soon
             self.repos.on_root = self.node_answers.ahead
+            self.node_answers.settle = self._settle
         if prefetch_list:
             self.prefetch = Prefetch(
                 prefetch_list, self.repos, self.shared, config.prefetch_concurrency
@@ -108,6 +111,35 @@ class WorkerSession:
         """The in-process table's file the node's service made ahead, for the run (-1: none;
         the run closes it)."""
         return self.shared.take_table() if self.shared is not None else -1
+
+    def mount_ahead(self, names: Sequence[str]) -> None:
+        """Mount the repositories the job names (worker.repo.named) while its command starts
+        (on a thread of its own, which may outlast the run); a failure is remembered and said
+        by the call that needs the repository, as before."""
+        self._mounting_ahead = frozenset(names)
+        try:
+            for name in names:
+                if name in self.repos.mounted():
+                    continue
+                try:
+                    self.repos.get(name)
+                # said by the call that needs it; or the job is over, its fetches cancelled
+                # (asyncio's CancelledError is no Exception)
+                except BaseException as e:
+                    log.debug("/cvmfs/%s: not mounted ahead: %s", name, e)
+                else:
+                    self.mounted_ahead.add(name)  # (or by the command's first call, racing us)
+        finally:
+            self._mounting_ahead = frozenset()
+
+    def _settle(self, path: bytes) -> None:
+        """Before a call on ``path`` is answered: its repository's mount ahead, if one is
+        under way, ends first, so that its node answers are put before the call's own."""
+        head = self.namespace.mount + b"/"
+        if self._mounting_ahead and path.startswith(head):
+            name = path[len(head) :].split(b"/", 1)[0].decode(errors="replace")
+            if name in self._mounting_ahead:
+                self.repos.settled(name)
 
     def _mounted(self, repo: MountedRepository) -> None:
         if self.node_answers is not None:
@@ -260,6 +292,11 @@ class WorkerSession:
             out.append(
                 f"repository {name}: revision {repo.revision}, "
                 f"{repo.catalogs_loaded} catalogs loaded"
+                + (
+                    ", mounted as the command started (it names it)"
+                    if name in self.mounted_ahead
+                    else ""
+                )
             )
         if self.syscalls and internals:
             calls = ", ".join(f"{k} {n}" for k, n in self.syscalls.most_common())

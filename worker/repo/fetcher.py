@@ -387,7 +387,11 @@ class Fetcher:
         return loop if loop is not None else self._start_loop()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        loop = self._require_loop()
+        try:
+            loop = self._require_loop()
+        except BaseException:  # closed (a mount ahead that outlasted its job): never run
+            coro.close()
+            raise
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("blocking fetcher call from its own event loop")
@@ -411,7 +415,11 @@ class Fetcher:
                 return
             task.add_done_callback(finished)
 
-        loop.call_soon_threadsafe(start)
+        try:
+            loop.call_soon_threadsafe(start)
+        except BaseException:  # the loop closed meanwhile
+            coro.close()
+            raise
         done.acquire()
         got = box[0]
         if isinstance(got, BaseException):

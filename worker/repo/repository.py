@@ -581,6 +581,13 @@ class Repositories:
                 log.warning("/cvmfs/%s: after mounting: %r", fqrn, e)
         return repo
 
+    def settled(self, fqrn: str) -> None:
+        """Return once no thread is mounting ``fqrn`` (see :meth:`get`)."""
+        lock = self._mounting.get(fqrn)
+        if lock is not None:
+            with lock:
+                pass
+
     def _raise_if_failed(self, fqrn: str) -> None:
         failed = self._failed.get(fqrn)
         if failed is not None:

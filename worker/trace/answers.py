@@ -80,15 +80,13 @@ class _Said(logging.Handler):
     """Counts the warnings and errors hep-exec's loggers print, so that the tracer adds its
     own line for a failed call only when nothing said why."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
+    count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         self.count += 1
 
 
-_SAID = _Said()
+_SAID = _Said(logging.WARNING)
 # what programs meet every day (probing names, writing to a read-only tree): no log line
 _EVERYDAY_ERRNOS = frozenset(
     {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EROFS, errno.EACCES, errno.EINVAL}
@@ -140,6 +138,7 @@ class NodeOps:
     # the directories the C side mirrors and opens with no upcall (from the node's listings)
     mirrored: Callable[[bytes], None]  # Python made a mirror
     take_mirrored: Callable[[], list[bytes]]  # those the C side made since the last call
+    expect: Callable[[int], None]  # the in-process table is sized for so many bytes of them
 
 
 @dataclass
@@ -166,7 +165,7 @@ class Session:
     _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
     _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
     _opened_as: dict[bytes, bytes] = field(default_factory=dict)  # RAM file -> /cvmfs path
-    _answering: int = 0  # the thread answering a call, while it does
+    answering: int = 0  # the thread answering a call, while it does
     # opens put from the node's answers: (object file, /cvmfs path) lists, and those of them
     # put during the call being answered
     _notes_put: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
@@ -545,12 +544,14 @@ class Session:
         """Put what the node's earlier jobs learnt about a repository revision just mounted
         (worker/trace/node_answers.py): from now on its paths are answered without Python.  Called
         by the thread answering a call (the C side's rule for putting answers): at once when
-        that call mounted the repository, else at the next call."""
+        that call mounted the repository, else at the next call on /cvmfs (which mirrors
+        /cvmfs first: the C side's mirrors made ahead need it, worker/trace/trap/mirror_ahead.c)."""
         shared = self.node_answers
-        if shared is None or self.node_ops is None or self._answering != threading.get_ident():
+        if shared is None or self.node_ops is None or self.answering != threading.get_ident():
             return
         ops = self.node_ops
         for rev in shared.take():
+            ops.expect(len(rev.table))  # (a mount on another thread could not: not its table)
             got = ops.put_table(
                 rev.table,
                 rev.within,
@@ -576,8 +577,7 @@ class Session:
         return None
 
     def _took_from_node(self, got: tuple[int, list[bytes], list[tuple[bytes, bytes]]]) -> None:
-        """Python's side of answers the C side put from the node's: the directories now
-        answered, the opens (for /proc/self/exe after fexecve)."""
+        """Python's side of the C side's put: directories answered, opens (for fexecve)."""
         _n, listed, opens = got  # (counted by the C side: --stats)
         self._answered_ahead.update(listed)
         self._opened_ahead.update({path.rpartition(b"/")[0] for _target, path in opens})
@@ -612,24 +612,29 @@ class Session:
 
     def answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         """The C side's upcall: never raises (a policy bug becomes EIO and one log line)."""
-        self._answering = threading.get_ident()
+        self.answering = threading.get_ident()
         asked = ASKED.set(path)
         said = _SAID.count
         try:
+            shared = self.node_answers if path.startswith(self.mount) else None
+            if shared is not None:  # a mount on another thread: it ends, its answers go in
+                shared.settle(path)  # (on a call on /cvmfs, which mirrors /cvmfs: put_node_answers)
+                if shared.pending:
+                    self.put_node_answers()
             got = self._answer(tid, cls, flags, path)
             if got[1] == Act.RETURN and got[2] < 0 and _SAID.count == said:
                 err = -got[2]  # the policy said nothing: one line naming the path
                 if err not in _EVERYDAY_ERRNOS:
                     log.warning("%s: %s", os.fsdecode(path), os.strerror(err))
-            if self.node_answers is not None and self.node_answers.pending:
-                self.put_node_answers()  # a repository was mounted by another thread
+            if shared is not None and shared.pending:
+                self.put_node_answers()  # (mounted on another thread during the call)
             return got
         except Exception as e:
             log.error("%s: internal error answering class %d: %r", os.fsdecode(path), cls, e)
             return (False, Act.RETURN, -errno.EIO, None, None, None)
         finally:
             ASKED.reset(asked)
-            self._answering = 0
+            self.answering = 0
             self._just_put = []
 
     def _answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:

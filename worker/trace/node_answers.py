@@ -244,6 +244,9 @@ class NodeAnswers:
         # the tracer's: a repository is being mounted, with about so many bytes of answers
         # (their memory, ahead)
         self.mounting: Callable[[int], None] = lambda expected: None
+        # a call on this path first waits for its repository's mount on another thread (the
+        # session's, ahead of the command)
+        self.settle: Callable[[bytes], None] = lambda path: None
         # bytes of each repository's answers on the node when we connected (the service's
         # hello): what a mount will likely bring
         self.expected: Mapping[str, int] = {}

@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,18 @@ def _shadow_parent() -> str:
     return tempfile.gettempdir()
 
 
+def _expect_on(session: Session) -> Callable[[int], None]:
+    """Size the in-process table for a mount's answers, from the thread answering a call only
+    (the table is that thread's to change; a mount on another thread is sized at the put)."""
+    from worker.trace import _trap
+
+    def expect(nbytes: int) -> None:
+        if session.answering == threading.get_ident():
+            _trap.expect(nbytes)
+
+    return expect
+
+
 def run(
     argv: Sequence[str | bytes],
     policy: Policy,
@@ -201,6 +214,7 @@ def run(
     io_uring: bool | None = None,
     node_answers: NodeAnswers | None = None,
     table_fd: int = -1,
+    alongside: Callable[[], None] | None = None,
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
 
@@ -224,6 +238,10 @@ def run(
 
     ``table_fd``: a file for the in-process table that the node's service made and faulted
     in ahead (``_trap.make_table``; the run closes it, used or not).
+
+    ``alongside``: work for a thread of its own while the command starts (the mount of the
+    repositories it names).  Not waited for: a mount of a repository the command names but
+    never touches, from a server that does not answer, must not hold the job's end.
 
     ``io_uring`` (default off, ``$HEP_EXEC_IO_URING=1`` turns it on): let the command set up
     io_uring rings.  Off, io_uring_setup fails with ENOSYS, which programs and libraries take
@@ -258,9 +276,12 @@ def run(
                 _trap.opens_looked,
                 _trap.mirrored,
                 _trap.take_mirrored,
+                _trap.expect,
             )
             node_answers.arrived = session.put_node_answers
-            node_answers.mounting = _trap.expect  # (nothing, if the node holds none)
+            node_answers.mounting = _expect_on(session)  # (none held: nothing)
+        if alongside is not None:
+            threading.Thread(target=alongside, name="hep-exec-alongside", daemon=True).start()
         try:
             status, exec_errno, raw = _trap.run(
                 args,
