@@ -8,12 +8,14 @@ mapped or exec'd from them).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.drivers import DRIVERS_RAM_FILES, Driver
+from tests.support.node_cache import upcalls
 from tests.support.tracing import needs_ptrace
 
 pytestmark = needs_ptrace
@@ -61,6 +63,37 @@ def test_shebang_interpreters_in_cvmfs(driver: Driver) -> None:
     assert (r.returncode, r.stdout) == (0, f"bb {driver.root}/bin/bb-script arg1\n"), r.stderr
     r = driver.run([f"{driver.root}/bin/nested", "z"])
     assert (r.returncode, r.stdout) == (0, f"interp -x {driver.root}/bin/nested z\n"), r.stderr
+
+
+def test_host_scripts_binaries_and_fifos_exec_as_natively(driver: Driver, tmp_path: Path) -> None:
+    """Host files exec'd under the tracer: a binary and a script for a host interpreter run
+    as the kernel runs them (the C side reads their #! line, no upcall); a host script whose
+    interpreter lives in /cvmfs (spaces after #! too) is Python's.  exec of a FIFO waits for
+    a writer, then fails (126), as natively, by absolute and relative path: only the process
+    that asked waits (reading its #! line must never hold the tracer, and every other
+    process of the job with it)."""
+    (tmp_path / "plain").write_text('#!/bin/sh\necho "plain $1"\n')
+    (tmp_path / "spaced").write_text(f"#!  {driver.root}/bin/interp.sh -y\nnot shell\n")
+    for name in ("plain", "spaced"):
+        (tmp_path / name).chmod(0o755)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "fifo").chmod(0o755)
+    script = (
+        f"{tmp_path}/plain a; {tmp_path}/spaced b; /bin/echo bin; "
+        f"( {tmp_path}/fifo 2>/dev/null; echo abs $? ) & sleep 0.3; echo other; "
+        f"echo x > {tmp_path}/fifo; wait; "
+        f"cd {tmp_path} && {{ ( ./fifo 2>/dev/null; echo rel $? ) & sleep 0.3; "
+        "echo x > fifo; wait; }"
+    )
+    r = driver.run(["bash", "-c", script], timeout=60)
+    assert r.returncode == 0, r.stderr
+    want = f"plain a\ninterp -y {tmp_path}/spaced b\nbin\nother\nabs 126\nrel 126\n"
+    assert r.stdout == want
+    # 30 host execs ask Python nothing (each was an upcall)
+    loop = f"for i in $(seq 30); do /bin/true; {tmp_path}/plain; done"
+    r = driver.run(["/bin/bash", "-c", loop], stats=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("execve") == 1 and upcalls(r.stderr) < 10, r.stderr[-2000:]
 
 
 @pytest.mark.slow

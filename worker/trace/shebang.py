@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 
 def exe_link(file: bytes) -> bytes:
@@ -19,12 +20,21 @@ def exe_link(file: bytes) -> bytes:
 
 
 def file_head(path: bytes) -> bytes:
-    """The first bytes of a file about to be exec'd: a ``#!`` line, if any."""
+    """The first bytes of a file about to be exec'd: a ``#!`` line, if any.  Only a regular
+    file is read (the kernel execs nothing else), and never waited for (a FIFO's open would
+    hold the tracer until a writer came)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(256)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return b""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return b""
+    try:
+        return os.pread(fd, 256, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def parse_shebang(head: bytes) -> tuple[bytes, bytes] | None:

@@ -27,6 +27,36 @@ static int follows_last(long nr, const struct user_regs_struct *r)
     }
 }
 
+/* exec of the absolute host path `path`: does Python need to look (its #! line names something
+ * under the mount, or we cannot read it: Session._exec)?  A plain binary or a host script for a
+ * host interpreter runs as the kernel runs it, with no upcall (a job's shells and tools exec
+ * hundreds of them).  Only a regular file is opened (O_NONBLOCK: never a FIFO's wait); what
+ * it cannot be sure of goes to Python. */
+static int host_exec_needs_python(const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return 1; /* (a host symlink into the mount, or not there: Python's, as before) */
+    if (!S_ISREG(st.st_mode))
+        return 0; /* the kernel refuses it (EACCES) */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0)
+        return 1;
+    char head[256]; /* what binfmt_script reads (BINPRM_BUF_SIZE) */
+    ssize_t n = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? pread(fd, head, sizeof head, 0) : -1;
+    close(fd);
+    if (n < 0)
+        return 1;
+    if (n < 2 || head[0] != '#' || head[1] != '!')
+        return 0;
+    const char *end = memchr(head, '\n', (size_t)n);
+    size_t line = end ? (size_t)(end - head) : (size_t)n;
+    for (size_t i = 2; i + mount_n <= line; i++) /* the mount anywhere in it: Python parses */
+        if (memcmp(head + i, mount_p, mount_n) == 0)
+            return 1;
+    return 0;
+}
+
 /* "/proc/<pid>/fd/<n>/<name>": a RAM file by name (worker/ram/ramfiles.py named_path), ours
  * or a node cache service's; names are never reused while the file exists. */
 static int named_ram_file(const char *p)
@@ -432,6 +462,10 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         if (n <= 0)
             return 0;
         if (raw[0] == '/') {
+            if (!host_exec_needs_python(raw)) {
+                n_pass++;
+                return 0;
+            }
             memcpy(key, raw, (size_t)n + 1);
             kn = n;
         } else {
