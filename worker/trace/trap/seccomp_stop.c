@@ -27,26 +27,24 @@ static int follows_last(long nr, const struct user_regs_struct *r)
     }
 }
 
-/* exec of the absolute host path `path`: does Python need to look (its #! line names something
- * under the mount, or we cannot read it: Session._exec)?  A plain binary or a host script for a
- * host interpreter runs as the kernel runs it, with no upcall (a job's shells and tools exec
- * hundreds of them).  Only a regular file is opened (O_NONBLOCK: never a FIFO's wait); what
- * it cannot be sure of goes to Python. */
+/* exec of the host path `path` (absolute): does Python need to look, because its #! line names
+ * something under the mount (Session._exec)?  A plain binary or a host script for a host
+ * interpreter runs as the kernel runs it, with no upcall (a job's shells and tools exec
+ * hundreds of them, and execvp tries each PATH entry).  A path that is not there or cannot be
+ * read is the kernel's to refuse, as Python would leave it (host symlinks into the mount were
+ * followed before: mount_key, via_host_symlink).  Only a regular file is opened (O_NONBLOCK:
+ * never a FIFO's wait). */
 static int host_exec_needs_python(const char *path)
 {
     struct stat st;
-    if (stat(path, &st) != 0)
-        return 1; /* (a host symlink into the mount, or not there: Python's, as before) */
-    if (!S_ISREG(st.st_mode))
-        return 0; /* the kernel refuses it (EACCES) */
+    if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
+        return 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
     if (fd < 0)
-        return 1;
+        return 0;
     char head[256]; /* what binfmt_script reads (BINPRM_BUF_SIZE) */
     ssize_t n = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? pread(fd, head, sizeof head, 0) : -1;
     close(fd);
-    if (n < 0)
-        return 1;
     if (n < 2 || head[0] != '#' || head[1] != '!')
         return 0;
     const char *end = memchr(head, '\n', (size_t)n);
@@ -462,10 +460,6 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         if (n <= 0)
             return 0;
         if (raw[0] == '/') {
-            if (!host_exec_needs_python(raw)) {
-                n_pass++;
-                return 0;
-            }
             memcpy(key, raw, (size_t)n + 1);
             kn = n;
         } else {
@@ -476,6 +470,10 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             key[bn] = '/';
             memcpy(key + bn + 1, raw, (size_t)n + 1);
             kn = bn + 1 + n;
+        }
+        if (!host_exec_needs_python(key)) {
+            n_pass++;
+            return 0;
         }
     }
 
