@@ -3,7 +3,7 @@
 A job's command line, environment and working directory usually say which repositories it
 will read (``PYTHONPATH=/cvmfs/sft.cern.ch/...``, ``source /cvmfs/cms.cern.ch/cmsset_default.sh``,
 ``cd /cvmfs/...``).  Mounting those on a thread of their own while the command starts (its
-shell, its interpreter, ld.so: ~10 ms before its first /cvmfs call in a warm Python job)
+shell, its interpreter, ld.so: 10-15 ms before its first /cvmfs call in a warm Python job)
 takes the mount off the command's path.  A guess that turns out wrong costs a mount nobody
 uses; it never changes an answer (a failed mount is said, as before, by the call that needs
 it).

@@ -616,7 +616,7 @@ class Session:
         asked = ASKED.set(path)
         said = _SAID.count
         try:
-            shared = self.node_answers if path.startswith(self.mount) else None
+            shared = self.node_answers if self._in_mount(path) else None
             if shared is not None:  # a mount on another thread: it ends, its answers go in
                 shared.settle(path)  # (on a call on /cvmfs, which mirrors /cvmfs: put_node_answers)
                 if shared.pending:
