@@ -23,6 +23,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <stdint.h>
@@ -54,7 +56,8 @@ static int write_file(const char *path, const char *text)
     return n == (ssize_t)strlen(text) ? 0 : -1;
 }
 
-/* In the child: only system calls from here to _exit (the parent may have threads). */
+/* In the child: only system calls from here to _exit (it runs in our memory, and the parent
+ * may have threads). */
 static void child(int sock, const char *dir, const char *options, const char *uid_map,
                   const char *gid_map)
 {
@@ -100,6 +103,18 @@ static void child(int sock, const char *dir, const char *options, const char *ui
     _exit(sendmsg(sock, &m, 0) == (ssize_t)sizeof report ? 0 : 1);
 }
 
+struct child_args {
+    int sock;
+    const char *dir, *options, *uid_map, *gid_map;
+};
+
+static int child_main(void *arg)
+{
+    const struct child_args *a = arg;
+    child(a->sock, a->dir, a->options, a->uid_map, a->gid_map);
+    return 1; /* (child() ends in _exit) */
+}
+
 static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
 {
     const char *dir, *options;
@@ -112,12 +127,24 @@ static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    pid_t pid = fork();
-    if (pid == 0) {
+    /* The child shares our memory until it exits (no copy of a Python process's page tables:
+     * ~1 ms a job), on a stack of its own, with every signal blocked (no handler of ours runs
+     * in it); unshare(CLONE_NEWUSER) asks only that it be alone in its thread group. */
+    struct child_args a = {sv[1], dir, options, uid_map, gid_map};
+    size_t size = 64 * 1024;
+    char *stack = malloc(size);
+    if (!stack) {
         close(sv[0]);
-        child(sv[1], dir, options, uid_map, gid_map);
+        close(sv[1]);
+        return PyErr_NoMemory();
     }
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    pid_t pid = clone(child_main, stack + size, CLONE_VM | CLONE_VFORK | SIGCHLD, &a);
     int fork_errno = errno;
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    free(stack);
     close(sv[1]);
     if (pid < 0) {
         close(sv[0]);

@@ -131,26 +131,38 @@ static int install_filter(int notify)
  * and ADDFD_FLAG_SEND): without it a notification costs a cross-CPU wake-up each way and
  * ptrace with polling is faster.  A listener cannot be installed under another one (nested
  * hep-exec, container runtimes), which this finds too.  Probed in a throwaway child. */
+static int probe_child(void *arg)
+{
+    (void)arg;
+    struct sock_filter prog[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+    struct sock_fprog fprog = {.len = 1, .filter = prog};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        return 1;
+    int fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, NOTIFY_FILTER_FLAGS, &fprog);
+    if (fd < 0)
+        return 1;
+    return ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0) ? 1 : 0;
+}
+
 static int probe_notify(void)
 {
     static int known = -1;
     if (known >= 0)
         return known;
-    pid_t c = fork();
-    if (c < 0)
+    /* the child shares our memory until it exits (no copy of a Python process's page tables:
+     * ~1 ms a job), on a stack of its own, every signal blocked (no handler of ours runs in it) */
+    size_t size = 64 * 1024;
+    char *stack = malloc(size);
+    if (!stack)
         return known = 0;
-    if (c == 0) {
-        struct sock_filter prog[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
-        struct sock_fprog fprog = {.len = 1, .filter = prog};
-        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
-            _exit(1);
-        int fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, NOTIFY_FILTER_FLAGS, &fprog);
-        if (fd < 0)
-            _exit(1);
-        _exit(ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0)
-                  ? 1 : 0);
-    }
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    pid_t c = clone(probe_child, stack + size, CLONE_VM | CLONE_VFORK | SIGCHLD, NULL);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
     int st = 0;
-    while (waitpid(c, &st, 0) < 0 && errno == EINTR) {}
-    return known = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    if (c > 0)
+        while (waitpid(c, &st, 0) < 0 && errno == EINTR) {}
+    free(stack);
+    return known = c > 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
 }
