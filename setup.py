@@ -129,7 +129,9 @@ setup(
             depends=TRAP_DEPENDS,
         ),
         Extension(
-            "worker.trace._tmpfs", ["worker/trace/_tmpfs.c"], depends=["worker/trace/_mirror.h"]
+            "worker.trace._tmpfs",
+            ["worker/trace/_tmpfs.c"],
+            depends=["worker/trace/_mirror.h", "worker/trace/_spawn.h"],
         ),
     ],
 )

@@ -23,8 +23,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
-#include <signal.h>
-#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <stdint.h>
@@ -36,6 +34,7 @@
 #include <unistd.h>
 
 #include "_mirror.h"
+#include "_spawn.h"
 
 enum { STEP_UNSHARE = 1, STEP_MAP, STEP_MOUNT, STEP_BIND, STEP_RDONLY, STEP_OPEN, STEP_SEND };
 
@@ -127,24 +126,10 @@ static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    /* The child shares our memory until it exits (no copy of a Python process's page tables:
-     * ~1 ms a job), on a stack of its own, with every signal blocked (no handler of ours runs
-     * in it); unshare(CLONE_NEWUSER) asks only that it be alone in its thread group. */
+    /* unshare(CLONE_NEWUSER) asks only that the child be alone in its thread group */
     struct child_args a = {sv[1], dir, options, uid_map, gid_map};
-    size_t size = 64 * 1024;
-    char *stack = malloc(size);
-    if (!stack) {
-        close(sv[0]);
-        close(sv[1]);
-        return PyErr_NoMemory();
-    }
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
-    pid_t pid = clone(child_main, stack + size, CLONE_VM | CLONE_VFORK | SIGCHLD, &a);
+    pid_t pid = spawn_in_our_memory(child_main, &a);
     int fork_errno = errno;
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    free(stack);
     close(sv[1]);
     if (pid < 0) {
         close(sv[0]);

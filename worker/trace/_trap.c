@@ -50,6 +50,7 @@
 
 #include "_fastopen_sup.h"
 #include "_mirror.h"
+#include "_spawn.h"
 
 #ifndef __x86_64__
 #error "worker.trace._trap supports x86_64 only"

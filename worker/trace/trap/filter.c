@@ -130,7 +130,8 @@ static int install_filter(int notify)
  * task's CPU (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, Linux 6.6, which implies WAIT_KILLABLE_RECV
  * and ADDFD_FLAG_SEND): without it a notification costs a cross-CPU wake-up each way and
  * ptrace with polling is faster.  A listener cannot be installed under another one (nested
- * hep-exec, container runtimes), which this finds too.  Probed in a throwaway child. */
+ * hep-exec, container runtimes), which this finds too.  Probed in a throwaway child
+ * (spawn_in_our_memory). */
 static int probe_child(void *arg)
 {
     (void)arg;
@@ -149,20 +150,9 @@ static int probe_notify(void)
     static int known = -1;
     if (known >= 0)
         return known;
-    /* the child shares our memory until it exits (no copy of a Python process's page tables:
-     * ~1 ms a job), on a stack of its own, every signal blocked (no handler of ours runs in it) */
-    size_t size = 64 * 1024;
-    char *stack = malloc(size);
-    if (!stack)
-        return known = 0;
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
-    pid_t c = clone(probe_child, stack + size, CLONE_VM | CLONE_VFORK | SIGCHLD, NULL);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    pid_t c = spawn_in_our_memory(probe_child, NULL);
     int st = 0;
     if (c > 0)
         while (waitpid(c, &st, 0) < 0 && errno == EINTR) {}
-    free(stack);
     return known = c > 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
 }
