@@ -73,3 +73,35 @@ def test_a_garbled_key_still_stops_hep_exec_before_the_command(tmp_path: Path) -
     assert r.returncode == 2
     assert r.stderr.strip() == f"hep-exec: {pub}: not a PEM public key"
     assert not marker.exists()
+
+
+GC_PROBE = """
+import gc, sys
+from worker.cli import main
+rc = main(sys.argv[1:])
+print(gc.isenabled(), gc.get_freeze_count())
+sys.exit(rc)
+"""
+
+
+def test_the_collector_is_paused_for_the_start_only(tmp_path: Path) -> None:
+    """The start runs without the cyclic collector (~5 ms of it); the job runs with it, and
+    what the start made is frozen out of its way.  A start that ends early (a usage error)
+    leaves the collector as it found it, with nothing frozen."""
+    keys_dir = tmp_path / "keys"
+    load_or_create_keys(keys_dir, "k.example.org", dt.datetime.now(dt.UTC))
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        runs = {
+            "job": ["--server", url, "--keys", str(keys_dir), "--no-shared-cache", "--", "true"],
+            "usage": ["--bogus", "--", "true"],
+        }
+        said = {}
+        for what, args in runs.items():
+            r = subprocess.run(
+                [sys.executable, "-c", GC_PROBE, *args], capture_output=True, text=True, timeout=60
+            )
+            said[what] = (r.returncode, r.stdout.split())
+    assert said["usage"] == (2, ["True", "0"]), said
+    rc, (enabled, frozen) = said["job"]
+    assert rc == 0 and enabled == "True" and int(frozen) > 10_000, said

@@ -43,7 +43,7 @@ static int follows_last(long nr, const long *a)
  * too?  It is unless a host symlink may lead into the mount, which the kernel cannot follow
  * (worker/trace/trap/paths.c, via_host_symlink, whose rule this is): ENOTDIR always stands;
  * ENOENT stands when the last component is no (dangling) link and its parent exists on the
- * host.  Only for paths in normal form (a ".." may lead into the mount); else the tracer's.
+ * host, or when a name above it is missing below real directories only.  Only for paths in normal form (a ".." may lead into the mount); else the tracer's.
  */
 static int host_missing(const char *base, long nr, const long *a, const char *p, long r)
 {
@@ -72,5 +72,22 @@ static int host_missing(const char *base, long nr, const long *a, const char *p,
     for (unsigned long i = 0; i < slash; i++)
         parent[i] = p[i];
     parent[slash] = 0;
-    return fo_syscall6(4, (long)parent, (long)st, 0, 0, 0, cookie) == 0;
+    if (fo_syscall6(4, (long)parent, (long)st, 0, 0, 0, cookie) == 0)
+        return 1;
+    /* The parent is missing too (glibc's probes of locales it does not have): ENOENT still
+     * stands where, from the top, each name is a real directory up to one that is missing
+     * and no (dangling) link itself; a symlink on the way may lead into the mount. */
+    for (unsigned long k = 1; k <= slash; k++) {
+        if (k < slash && parent[k] != '/')
+            continue;
+        parent[k] = 0;
+        long e = fo_syscall6(6, (long)parent, (long)st, 0, 0, 0, cookie);
+        if (e == -ENOENT_)
+            return 1;
+        unsigned mode = (unsigned)st[3] & 0170000; /* st_mode */
+        if (e != 0 || mode != 0040000)
+            return 0;
+        parent[k] = '/';
+    }
+    return 0;
 }

@@ -451,6 +451,12 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         }
     }
     if (kn == 0 && cls != C_EXEC) {
+        /* a host path: its call site too is patched (fo_patch), so that later calls there,
+         * on host paths or the mount, are made in-process (the handler hands back what is
+         * not its own, which traps as now); else every host call of a site stops until its
+         * first answer from the mount (~100 of a Python's start, before it touches /cvmfs) */
+        if (cur_notif.active && raw[0] == '/' && fo_enabled())
+            fo_patch(tid, nr, cur_notif.ip);
         n_pass++;
         return 0;
     }
