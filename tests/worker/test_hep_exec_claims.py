@@ -698,7 +698,8 @@ THREADS = 4
 def test_call_site_patched_while_other_threads_call_it(world: World, tmp_path: Path) -> None:
     """TRACER.md: a glibc `mov; syscall` site is patched with int3 first, then the jump's
     offset, then its opcode, so threads running meanwhile are safe.  Four threads open, read
-    and stat a /cvmfs file and readlink a host symlink through glibc's readlink site in a loop;
+    and stat a /cvmfs file and readlink a host symlink through glibc's readlink site in a loop
+    (by a relative name: an absolute host path's first call would patch the site itself);
     the main thread's first readlink of a /cvmfs symlink gets that site patched.  In each of
     four fresh program images: every thread called before and after the site changed from
     `mov` (b8) to `jmp` (e9), i.e. the patch landed during their calls, every answer was
@@ -708,9 +709,10 @@ def test_call_site_patched_while_other_threads_call_it(world: World, tmp_path: P
     host_link = tmp_path / "host-link"
     host_link.symlink_to("/a/host/target")
     argv = [world.prog("patcher"), f"{MOUNT}/f02", f"{MOUNT}/link", "f00"]
-    argv += [str(host_link), "/a/host/target", str(THREADS), "200"]
+    argv += [host_link.name, "/a/host/target", str(THREADS), "200"]
     script = f'for i in {" ".join(map(str, range(RUNS)))}; do "$@" || exit $?; done'
-    r = hep_exec(world.proxy, ["/bin/sh", "-c", script, "sh", *argv], options=["--stats-internals"])
+    sh = ["/bin/sh", "-c", script, "sh", *argv]
+    r = hep_exec(world.proxy, sh, options=["--stats-internals"], cwd=tmp_path)
     out = lines_of(r)
     if "no glibc readlink site" in out:
         pytest.skip("this libc's readlink is not `mov $89,%eax; syscall`")

@@ -41,6 +41,32 @@ def test_python_imports_package_from_cvmfs(driver: Driver) -> None:
     assert r.stdout == f"forty-two {driver.root}/py/pkg/sub/mod.py\n"
 
 
+FD_EXEC = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.set_inheritable(fd, True)
+if os.fork() == 0:
+    os.execv(f"/proc/self/fd/{fd}", ["script", "by-proc"])
+os.wait()
+os.execv(f"/dev/fd/{fd}", ["script", "by-dev"])
+"""
+
+
+def test_scripts_exec_d_through_their_fd_name_the_caller_s_fd(
+    driver: Driver, tmp_path: Path
+) -> None:
+    """exec of /proc/self/fd/N or /dev/fd/N (fexecve's fallback) is of the caller's fd N,
+    not the tracer's: a host script whose interpreter is in /cvmfs runs it, and the
+    interpreter gets the path as the caller gave it."""
+    script = tmp_path / "script"
+    script.write_text(f"#!{driver.root}/bin/interp.sh -y\nnot shell\n")
+    script.chmod(0o755)
+    r = driver.run([sys.executable, "-c", FD_EXEC, str(script)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    fd = r.stdout.split()[2].rsplit("/", 1)[1]
+    assert r.stdout == f"interp -y /proc/self/fd/{fd} by-proc\ninterp -y /dev/fd/{fd} by-dev\n"
+
+
 @pytest.mark.slow
 @with_ram_files
 def test_gcc_with_headers_and_library_in_cvmfs(driver: Driver, tmp_path: Path) -> None:
@@ -69,8 +95,9 @@ def test_host_scripts_binaries_and_fifos_exec_as_natively(driver: Driver, tmp_pa
     """Host files exec'd under the tracer: a binary and a script for a host interpreter run
     as the kernel runs them (the C side reads their #! line, no upcall); a host script whose
     interpreter lives in /cvmfs (spaces after #! too) is Python's.  exec of a FIFO waits for
-    a writer, then fails (126), as natively, by absolute and relative path: only the process
-    that asked waits (reading its #! line must never hold the tracer, and every other
+    a writer, then fails (126), as natively, by absolute and relative path (a relative
+    script's interpreter gets "./script", as from the kernel): only the process that asked
+    waits (reading its #! line must never hold the tracer, and every other
     process of the job with it)."""
     (tmp_path / "plain").write_text('#!/bin/sh\necho "plain $1"\n')
     (tmp_path / "spaced").write_text(f"#!  {driver.root}/bin/interp.sh -y\nnot shell\n")
@@ -83,11 +110,13 @@ def test_host_scripts_binaries_and_fifos_exec_as_natively(driver: Driver, tmp_pa
         f"( {tmp_path}/fifo 2>/dev/null; echo abs $? ) & sleep 0.3; echo other; "
         f"echo x > {tmp_path}/fifo; wait; "
         f"cd {tmp_path} && {{ ( ./fifo 2>/dev/null; echo rel $? ) & sleep 0.3; "
-        "echo x > fifo; wait; }"
+        "echo x > fifo; wait; ./spaced c; }"
     )
     r = driver.run(["bash", "-c", script], timeout=60)
     assert r.returncode == 0, r.stderr
+    # the interpreter gets the script's path as the caller gave it (binfmt_script)
     want = f"plain a\ninterp -y {tmp_path}/spaced b\nbin\nother\nabs 126\nrel 126\n"
+    want += "interp -y ./spaced c\n"
     assert r.stdout == want
     # 60 host execs, by absolute and relative path and through PATH (execvp tries each
     # entry), ask Python nothing: each was an upcall

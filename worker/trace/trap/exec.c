@@ -93,21 +93,36 @@ static long read_argv(pid_t tid, unsigned long at, unsigned long **out, size_t *
     }
 }
 
-/* Build pend for exec of a.bval with argv prefix + the caller's argv[1:]. */
+/* A prefix string: `given` where it is the script's path as Python was asked (`key`, made
+ * absolute and normal), which the kernel hands the interpreter as the caller named it. */
+static const char *as_given(PyObject *o, const char *key, const char *given, size_t *len)
+{
+    const char *sv = PyBytes_AS_STRING(o);
+    *len = (size_t)PyBytes_GET_SIZE(o);
+    if (given && *len == strlen(key) && memcmp(sv, key, *len) == 0) {
+        *len = strlen(given);
+        return given;
+    }
+    return sv;
+}
+
+/* Build pend for exec of a.bval with argv prefix + the caller's argv[1:]; the script's path
+ * in the prefix (`key`) as the caller gave it (`given`, or NULL: as it is). */
 static int exec_prepare(pid_t tid, struct user_regs_struct *r, int path_arg, int argv_arg,
-                        const action_t *a, PyObject *prefix)
+                        const action_t *a, PyObject *prefix, const char *key, const char *given)
 {
     Py_ssize_t np = PyList_Size(prefix);
     if (np < 0 || np > 64) {
         PyErr_Clear();
         return -EIO;
     }
-    size_t strs = a->blen + 1;
+    size_t strs = a->blen + 1, sl;
     for (Py_ssize_t i = 0; i < np; i++) {
         PyObject *o = PyList_GET_ITEM(prefix, i);
         if (!PyBytes_Check(o))
             return -EIO;
-        strs += (size_t)PyBytes_GET_SIZE(o) + 1;
+        as_given(o, key, given, &sl);
+        strs += sl + 1;
     }
     unsigned long *old;
     size_t nold;
@@ -136,10 +151,10 @@ static int exec_prepare(pid_t tid, struct user_regs_struct *r, int path_arg, int
     memcpy(pend.img + off, a->bval, a->blen + 1);
     off += a->blen + 1;
     for (Py_ssize_t i = 0; i < np; i++) {
-        PyObject *o = PyList_GET_ITEM(prefix, i);
-        size_t sl = (size_t)PyBytes_GET_SIZE(o);
+        const char *sv = as_given(PyList_GET_ITEM(prefix, i), key, given, &sl);
         ptrs[i] = off; /* made an address once the mapping's is known */
-        memcpy(pend.img + off, PyBytes_AS_STRING(o), sl + 1);
+        memcpy(pend.img + off, sv, sl);
+        pend.img[off + sl] = 0;
         off += sl + 1;
     }
     if (nold > 1)

@@ -477,6 +477,15 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             memcpy(key + bn + 1, raw, (size_t)n + 1);
             kn = bn + 1 + n;
         }
+        /* /proc/self/fd/N, /dev/fd/N (fexecve's way): the caller's, not ours */
+        char mapped[MAXPATH];
+        const char *own = as_tracee(tid, key, mapped, sizeof mapped);
+        if (own != key) {
+            kn = (long)strlen(own);
+            if (kn >= MAXPATH)
+                return 0;
+            memcpy(key, own, (size_t)kn + 1);
+        }
         if (!host_exec_needs_python(key)) {
             n_pass++;
             return 0;
@@ -585,7 +594,16 @@ again:
         int argv_arg = nr == SYS_execve ? 1 : 2;
         int rc;
         if (prefix && !cur_notif.active) { /* execve is always a ptrace stop */
-            rc = exec_prepare(tid, r, path_arg, argv_arg, a, prefix);
+            /* the name binfmt_script gives the interpreter: the path as the caller gave it,
+             * /dev/fd/N/path for one relative to execveat's fd (/dev/fd/N: AT_EMPTY_PATH) */
+            char given[MAXPATH + 32];
+            if (raw[0] == '/' || dirfd == AT_FDCWD)
+                snprintf(given, sizeof given, "%s", raw);
+            else if (raw[0])
+                snprintf(given, sizeof given, "/dev/fd/%d/%s", (int)dirfd, raw);
+            else
+                snprintf(given, sizeof given, "/dev/fd/%d", (int)dirfd);
+            rc = exec_prepare(tid, r, path_arg, argv_arg, a, prefix, key, given);
             if (rc == 0) {
                 changed = EXEC_SCRATCH; /* the caller runs it: exec_scratch */
                 break;
