@@ -503,12 +503,14 @@ static long do_readlink(const char *base, const char *path, char *buf, long size
 }
 
 /* fstat (newfstatat(fd, "", buf, AT_EMPTY_PATH), glibc's way): the kernel's answer, unless
- * the fd is on a RAM file, whose answer is its path's (published, or the tracer's). */
+ * the fd is on a RAM file, whose answer is its path's (published, or the tracer's).  Before
+ * the tracer has handed out any RAM file (no device noted: a job's shell before its first
+ * /cvmfs call), no fd can be one: the tracer passes every fstat through then (fd_stat). */
 static long do_fstat(const char *base, long fd, void *buf, int *done)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    if (!h->ram_devs[0] || __atomic_load_n(&h->ram_devs_full, __ATOMIC_ACQUIRE) || !buf)
+    if (__atomic_load_n(&h->ram_devs_full, __ATOMIC_ACQUIRE) || !buf)
         return 0;
     long r = fo_syscall6(5, fd, (long)buf, 0, 0, 0, cookie_of(base));
     const uint64_t *st = buf;

@@ -201,6 +201,9 @@ static int ram_file_stat(pid_t tid, struct user_regs_struct *r, long nr, const c
 static int fd_stat(pid_t tid, struct user_regs_struct *r, long nr, long fd, unsigned long buf)
 {
     char p[48];
+    if (cur_notif.active && fo_enabled())
+        fo_patch(tid, nr, cur_notif.ip); /* as a host path's (handle_syscall): the handler
+                                          * makes fstat of anything but a RAM file itself */
     if (fd < 0 || !ids_len) {
         n_pass++;
         return 0;
