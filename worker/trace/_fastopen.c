@@ -87,8 +87,10 @@ static size_t nfile_heads, cap_file_heads;
 
 /* Processes we injected into (key: thread-group id): where the mapping is, how much of the
  * trampoline area is used, the call sites patched (an int3 is briefly among their bytes:
- * see fo_sigtrap) and those found unpatchable (not tried again). */
-#define FO_SITES 32
+ * see fo_sigtrap) and those found unpatchable (not tried again).  Sites of host calls are
+ * patched too (seccomp_stop.c): a Python image patches ~10, so 64 leaves room for the
+ * /cvmfs calls of programs with many wrappers of their own. */
+#define FO_SITES 64
 typedef struct {
     pid_t pid; /* 0 free, -1 tombstone */
     uint32_t tramp_used;

@@ -594,16 +594,11 @@ again:
         int argv_arg = nr == SYS_execve ? 1 : 2;
         int rc;
         if (prefix && !cur_notif.active) { /* execve is always a ptrace stop */
-            /* the name binfmt_script gives the interpreter: the path as the caller gave it,
-             * /dev/fd/N/path for one relative to execveat's fd (/dev/fd/N: AT_EMPTY_PATH) */
-            char given[MAXPATH + 32];
-            if (raw[0] == '/' || dirfd == AT_FDCWD)
-                snprintf(given, sizeof given, "%s", raw);
-            else if (raw[0])
-                snprintf(given, sizeof given, "/dev/fd/%d/%s", (int)dirfd, raw);
-            else
-                snprintf(given, sizeof given, "/dev/fd/%d", (int)dirfd);
-            rc = exec_prepare(tid, r, path_arg, argv_arg, a, prefix, key, given);
+            /* the name binfmt_script gives the interpreter: the path as the caller gave it
+             * (for one relative to execveat's fd the kernel's /dev/fd/N/path, which may
+             * name a /cvmfs directory's mirror: the absolute path, as before) */
+            int as_is = raw[0] == '/' || (dirfd == AT_FDCWD && raw[0]);
+            rc = exec_prepare(tid, r, path_arg, argv_arg, a, prefix, key, as_is ? raw : NULL);
             if (rc == 0) {
                 changed = EXEC_SCRATCH; /* the caller runs it: exec_scratch */
                 break;
