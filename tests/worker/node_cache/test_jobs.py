@@ -336,11 +336,11 @@ def test_a_warm_node_job_has_every_directory_s_opens_put_ahead(
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout) == {p: tree.digests[p] for p in paths}
     assert put_from_node(run.stderr) >= len(paths), run.stderr
-    # of the opens of those files the first is the tracer's (its call site is patched then)
-    # and one other at most; without the thread, the first open in every fifth directory
-    # stops (3 here)
+    # of the opens of those files the first is the tracer's (handed to it: the host calls of
+    # the interpreter's start patched its call site) and one other at most; without the
+    # thread, the first open in every fifth directory stops (3 here)
     m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", run.stderr)
-    assert m and int(m[1]) >= len(paths) - 2 and int(m[2]) <= 1, run.stderr
+    assert m and int(m[1]) >= len(paths) - 2 and int(m[2]) <= 2, run.stderr
     hits = re.search(r"C-cache hits (\d+)", run.stderr)
     assert hits and int(hits[1]) <= 2, run.stderr
 
@@ -360,11 +360,11 @@ def test_a_warm_node_job_has_every_staged_directory_put_ahead(
         run = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout) == {p: tree.digests[p] for p in paths}
-    # the first open is the tracer's (and the staged directories on its path are put then);
-    # without the thread, the first call in every ninth directory stops (put_staged_ancestors
-    # puts eight more with it)
+    # the first open is the tracer's, handed to it (and the staged directories on its path
+    # are put then), and one other at most; without the thread, the first call in every
+    # ninth directory stops (put_staged_ancestors puts eight more with it)
     m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", run.stderr)
-    assert m and int(m[1]) >= len(paths) - 2 and int(m[2]) <= 1, run.stderr
+    assert m and int(m[1]) >= len(paths) - 2 and int(m[2]) <= 2, run.stderr
     hits = re.search(r"C-cache hits (\d+)", run.stderr)
     assert hits and int(hits[1]) <= 2, run.stderr
 
@@ -406,9 +406,10 @@ def test_a_warm_node_job_opens_the_node_s_directories_in_its_own_process(
             want = sorted(p.rsplit("/", 1)[1] for p in tree.digests if p.rsplit("/", 1)[0] == d)
             assert out[d] == {"names": want, "fstat is stat": True}, (d, out[d])
     # the warm job: every directory open but the first from a call site in-process (two a
-    # directory: os.open and os.listdir); the tracer answered that first one at most
+    # directory: os.open and os.listdir); the tracer answered that first one at most (handed
+    # to it: the call site was patched by a host call before)
     m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", run.stderr)
-    assert m and int(m[1]) >= 2 * len(dirs) - 2 and int(m[2]) == 0, run.stderr
+    assert m and int(m[1]) >= 2 * len(dirs) - 2 and int(m[2]) <= 1, run.stderr
     by_tracer = re.search(r"directories opened from the node's listings (\d+)", run.stderr)
     assert by_tracer and int(by_tracer[1]) <= 2, run.stderr
 
