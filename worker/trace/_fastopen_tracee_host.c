@@ -43,7 +43,8 @@ static int follows_last(long nr, const long *a)
  * too?  It is unless a host symlink may lead into the mount, which the kernel cannot follow
  * (worker/trace/trap/paths.c, via_host_symlink, whose rule this is): ENOTDIR always stands;
  * ENOENT stands when the last component is no (dangling) link and its parent exists on the
- * host, or when a name above it is missing below real directories only.  Only for paths in normal form (a ".." may lead into the mount); else the tracer's.
+ * host, or when a name above it is missing below real directories only.  Only for paths in
+ * normal form (a ".." may lead into the mount); else the tracer's.
  */
 static int host_missing(const char *base, long nr, const long *a, const char *p, long r)
 {
