@@ -105,6 +105,7 @@ def _run(config: ExecConfig) -> int:
                 node_answers=session.node_answers,
                 table_fd=session.take_table(),
                 alongside=(lambda: session.mount_ahead(named)) if named else None,
+                dispose=session.dispose,
             )
         except TracerUnavailable as e:
             print(f"hep-exec: {e}", file=sys.stderr)

@@ -107,6 +107,11 @@ class WorkerSession:
                 prefetch_list, self.repos, self.shared, config.prefetch_concurrency
             ).start()
 
+    def dispose(self, fd: int) -> bool:
+        """Hand the node's service the last reference to ``fd`` (the shadow tree's tmpfs, whose
+        teardown then happens there, not in our exit); False: ours to close."""
+        return self.shared is not None and self.shared.dispose(fd)
+
     def take_table(self) -> int:
         """The in-process table's file the node's service made ahead, for the run (-1: none;
         the run closes it)."""

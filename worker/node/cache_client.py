@@ -221,6 +221,7 @@ class CacheClient:
         self.answer_bytes: dict[str, int] = {}
         # a file for the in-process table the service made ahead (worker/node/table_pool.py)
         self.table_fd: int | None = None
+        self.disposes = False  # the service closes what we hand it (dispose)
 
     # ------------------------------------------------------------------ connecting
 
@@ -313,6 +314,7 @@ class CacheClient:
             sock.settimeout(None)
             client = cls(sock, int(reply["pid"]), directory, idle_budget, names_dir)
             client.table_fd = table_fd
+            client.disposes = reply.get("dispose") is True
             sizes = reply.get("answer_bytes")
             if isinstance(sizes, dict):
                 client.answer_bytes = {
@@ -515,6 +517,21 @@ class CacheClient:
             return False
         finally:
             os.close(fd)
+        return True
+
+    def dispose(self, fd: int) -> bool:
+        """Hand the service the last reference to ``fd`` to close off our exit (no reply);
+        False if it cannot take it (the caller closes it)."""
+        if self.gone or not self.disposes:
+            return False
+        try:
+            self.sock.sendmsg(
+                [encode({"op": "dispose"})],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+            )
+        except OSError as e:
+            self._mark_gone(e)
+            return False
         return True
 
     def holds(self, key: str) -> bool:

@@ -27,6 +27,10 @@ answers, so a client can keep several requests in flight and read them on one th
 - ``vouched`` {digest} -> {op, ok, digest, known}: did a job of the node vouch for it?  (The
   service is the user's own: a job that trusts it with objects may trust it with this.)
 - ``stats`` -> {op, ok, ...counters}
+- ``dispose`` {} + one fd -> no reply: the last reference to something of the job's whose
+  teardown takes time (its shadow tree's private tmpfs: ~4 ms for a warm import's), closed
+  by the service on a thread of its own, off the job's exit; sent only to a service whose
+  ``hello`` said ``dispose`` (older ones do not know it)
 
 An object is described by how to load it, never by a key the client chose: the service
 derives the key itself (content hash, or the digest of the chunk list) and verifies every

@@ -339,6 +339,11 @@ class CacheService:
             self._send(conn, {"op": "vouched", "ok": True, "digest": digest, "known": known})
         elif op == "stats":
             self._send(conn, {"op": "stats", "ok": True, **self.stats()})
+        elif op == "dispose":
+            if len(fds) != 1:
+                raise ProtocolError("dispose: one fd expected")
+            self.counters["disposed"] += 1
+            self._open_pool.submit(os.close, os.dup(fds[0]))  # (_serve closes the one it got)
         elif op == "hello":
             # the read-only tmpfs dir (if ours are tmpfs files): clients then open objects by
             # name, which the tracer does faster than reopening an fd number through /proc
@@ -353,6 +358,7 @@ class CacheService:
                 "answer_bytes": self.answers.sizes(),
                 "named": shared is not None,
                 "table": table is not None,
+                "dispose": True,
             }
             fds = [fd for fd in (shared, table) if fd is not None]
             try:

@@ -149,7 +149,7 @@ class _ShadowTree:
     access: bytes  # what tracees are sent to
     write: bytes  # where we create its entries
     rendered: bytes  # how /proc/<pid>/{cwd,fd/N} links name it
-    close: Callable[[], None]
+    close: Callable[[Callable[[int], bool] | None], None]  # (given: dispose, see run)
 
     @classmethod
     def make(cls, mount: bytes) -> _ShadowTree:
@@ -166,7 +166,7 @@ class _ShadowTree:
             private = tempfile.mkdtemp(prefix="hep-exec-", dir=_shadow_parent())
             plain = os.fsencode(private) + b"/" + leaf
             os.mkdir(plain, 0o755)
-            return cls(plain, plain, plain, lambda: _remove_tree(Path(private)))
+            return cls(plain, plain, plain, lambda _dispose: _remove_tree(Path(private)))
         top = b"/hep-exec-%d-%s/%s" % (os.getpid(), os.urandom(6).hex().encode(), leaf)
         write = b"/proc/self/fd/%d%s" % (rw, top)
         try:
@@ -176,7 +176,9 @@ class _ShadowTree:
             os.close(ro)
             raise
 
-        def close() -> None:
+        def close(dispose: Callable[[int], bool] | None) -> None:
+            if dispose is not None:
+                dispose(rw)  # the last reference, closed elsewhere: the teardown too
             os.close(rw)
             os.close(ro)
 
@@ -215,6 +217,7 @@ def run(
     node_answers: NodeAnswers | None = None,
     table_fd: int = -1,
     alongside: Callable[[], None] | None = None,
+    dispose: Callable[[int], bool] | None = None,
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
 
@@ -242,6 +245,10 @@ def run(
     ``alongside``: work for a thread of its own while the command starts (the mount of the
     repositories it names).  Not waited for: a mount of a repository the command names but
     never touches, from a server that does not answer, must not hold the job's end.
+
+    ``dispose``: takes the last reference to the shadow tree's private tmpfs at the end (True)
+    or not (False), so that its teardown (~4 ms for a warm import's mirrors) happens in
+    another process (the node's service), not on the job's way out.
 
     ``io_uring`` (default off, ``$HEP_EXEC_IO_URING=1`` turns it on): let the command set up
     io_uring rings.  Off, io_uring_setup fails with ENOSYS, which programs and libraries take
@@ -302,7 +309,7 @@ def run(
         if exec_errno:
             log.error("%s: %s", os.fsdecode(args[0]), os.strerror(exec_errno))
     finally:
-        mirror.close()
+        mirror.close(dispose)
     if node_answers is not None:
         node_answers.put = raw["node_puts"]
     stats = Stats(
