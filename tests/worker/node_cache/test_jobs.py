@@ -432,6 +432,28 @@ def test_a_warm_node_job_opens_the_node_s_directories_in_its_own_process(
     assert by_tracer and int(by_tracer[1]) <= 2, run.stderr
 
 
+def test_directories_mirrored_before_the_mount_was_are_opened_in_process(
+    tracing, tree, proxy, cache_dir
+) -> None:
+    """The thread making the node's mirrors ahead may finish before Python has mirrored the
+    mount itself (a program that only stats at first), when no open can be answered from
+    them yet: they are offered again once it has, so the program's directory opens after
+    the first still never stop."""
+    dirs = sorted({p.rsplit("/", 1)[0] for p in tree.digests})
+    first_file = sorted(tree.digests)[0]
+    job = LISTING_JOB.replace("os.listdir(root)", f"os.stat(root + {first_file!r})")
+    argv = [*HEP_EXEC, *job_argv(proxy, cache_dir), "--stats-internals", "--", sys.executable,
+            "-c", job, f"/cvmfs/{FQRN}", *dirs]  # fmt: skip
+    for _job in ("warming", "warm"):
+        run = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert sorted(json.loads(run.stdout)) == dirs
+    m = re.search(r"in-process opens: (\d+) \(not trapped; (\d+) handed", run.stderr)
+    assert m and int(m[1]) >= 2 * len(dirs) - 2, run.stderr
+    by_tracer = re.search(r"directories opened from the node's listings (\d+)", run.stderr)
+    assert by_tracer and int(by_tracer[1]) <= 1, run.stderr
+
+
 def test_a_service_of_other_servers_is_never_used(tracing, tree, server, cache_dir) -> None:
     """A service started with other servers (here: one that is down) at the directory a job
     names is not that job's: it says so in one line and keeps a private cache, fetching only

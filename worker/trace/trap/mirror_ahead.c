@@ -19,6 +19,7 @@ typedef struct {
     const char *dir, *data; /* a listing's directory (its slot's own copy) and bytes */
     size_t dn, len;
     int state;
+    int offered; /* its open published (or found so), under `big` (ahead_offer_held) */
 } ahead_mirror_t;
 static ahead_mirror_t *ahead_mirrors;
 static size_t n_ahead_mirrors;
@@ -57,26 +58,49 @@ static int dir_open_from_node(const char *key, size_t kn, action_t *out);
 /* A directory this thread has mirrored: its open answered inside the program from now on, as
  * the tracer would answer it (dir_open_from_node, note_open, offer_open), so that the
  * program's first open of it (Python lists every package directory once) does not stop.
- * Under `big`, giving way to the threads answering calls. */
-static void ahead_offer(const ahead_mirror_t *m)
+ * With `big` held.  Not before Python has mirrored the mount itself (dir_open_from_node):
+ * those made before are offered again when it has (ahead_reoffer). */
+static void ahead_offer_held(ahead_mirror_t *m)
 {
-    if (!big_lock_giving_way(&ahead_stop))
-        return;
     action_t a;
     const char *d;
     size_t dl;
     int err, is_path;
-    if (!fo_lost && !fo_find(FO_OPEN, m->dir, m->dn, &d, &dl, &err, &is_path)) {
-        if (!known_stat(m->dir, m->dn, F_NOFOLLOW))
-            put_staged_prefixes(m->dir, m->dn); /* its stat, with its parent's staged answers */
-        if (dir_open_from_node(m->dir, m->dn, &a)) {
-            note_open(&a);
-            if (a.ram_ino)
-                publish_open(&a, m->dir, m->dn, a.ram_dev, a.ram_ino);
-            free(a.bval);
-        }
+    if (fo_lost)
+        return;
+    if (fo_find(FO_OPEN, m->dir, m->dn, &d, &dl, &err, &is_path)) {
+        m->offered = 1;
+        return;
     }
+    if (!known_stat(m->dir, m->dn, F_NOFOLLOW))
+        put_staged_prefixes(m->dir, m->dn); /* its stat, with its parent's staged answers */
+    if (dir_open_from_node(m->dir, m->dn, &a)) {
+        note_open(&a);
+        if (a.ram_ino)
+            publish_open(&a, m->dir, m->dn, a.ram_dev, a.ram_ino);
+        free(a.bval);
+        m->offered = 1;
+    }
+}
+
+/* ... under `big`, giving way to the threads answering calls. */
+static void ahead_offer(ahead_mirror_t *m)
+{
+    if (!big_lock_giving_way(&ahead_stop))
+        return;
+    ahead_offer_held(m);
     pthread_mutex_unlock(&big);
+}
+
+/* Python has mirrored the mount (`big` held): the mirrors made ahead before are offered now
+ * (on a 2-CPU VM the thread often got there first: 5-80 of a warm import's first directory
+ * opens stopped, each one the tracer's). */
+static void ahead_reoffer(void)
+{
+    for (size_t i = 0; i < n_ahead_mirrors && fo_enabled(); i++)
+        if (!ahead_mirrors[i].offered &&
+            __atomic_load_n(&ahead_mirrors[i].state, __ATOMIC_ACQUIRE) == AM_MADE)
+            ahead_offer_held(&ahead_mirrors[i]);
 }
 
 static void *ahead_main(void *arg)

@@ -321,6 +321,8 @@ static PyObject *trap_mirrored(PyObject *self, PyObject *args)
         return NULL;
     if (handler && dn > 0 && !dirmap_find(&mirrored, d, (size_t)dn, 1))
         return PyErr_NoMemory();
+    if (handler && (size_t)dn == mount_n && memcmp(d, mount_p, mount_n) == 0)
+        ahead_reoffer(); /* (called while answering a call: `big` is ours) */
     Py_RETURN_NONE;
 }
 
