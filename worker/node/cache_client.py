@@ -509,25 +509,21 @@ class CacheClient:
             return False
         try:
             msg = {"op": "answers_add", "fqrn": fqrn, "root": root, "size": len(data)}
-            self.sock.sendmsg(
-                [encode(msg)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-            )
-        except OSError as e:
-            self._mark_gone(e)
-            return False
+            return self._send_with_fd(msg, fd)
         finally:
             os.close(fd)
-        return True
 
     def dispose(self, fd: int) -> bool:
         """Hand the service the last reference to ``fd`` to close off our exit (no reply);
         False if it cannot take it (the caller closes it)."""
-        if self.gone or not self.disposes:
-            return False
+        return not self.gone and self.disposes and self._send_with_fd({"op": "dispose"}, fd)
+
+    def _send_with_fd(self, msg: dict[str, Any], fd: int) -> bool:
+        """A request that needs no reply, with one fd; False (and the service gone) if the
+        send failed."""
         try:
             self.sock.sendmsg(
-                [encode({"op": "dispose"})],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                [encode(msg)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
             )
         except OSError as e:
             self._mark_gone(e)
