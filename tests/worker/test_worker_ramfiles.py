@@ -124,6 +124,61 @@ def test_tmpfs_file_cannot_be_reopened_for_writing_or_chmodded(tmpfs_files: RamF
         tmpfs_files.discard(f.fd, f.name)
 
 
+def _kernel_at_least(major: int, minor: int) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+
+
+@pytest.mark.parametrize("classic", [False, True], ids=["default", "classic"])
+def test_both_ways_of_holding_the_tmpfs_give_the_same_two_views(
+    tmpfs_files: RamFiles, tmp_path: Path, classic: bool
+) -> None:
+    """worker/trace/_tmpfs.c holds the tmpfs as two clones in mount namespaces of their own
+    where the kernel has the new mount API (Linux 5.12), else as the classic mount and
+    read-only bind whose namespace is gone: either way a read-write view to make files in and
+    a read-only, nosuid, nodev view that the kernel names from the tmpfs's own root."""
+    from worker.trace import _tmpfs
+
+    rw, ro, way = _tmpfs.mount(os.fsencode(tmp_path), b"size=0,mode=0755", classic)
+    try:
+        if classic:
+            assert way == "mounts"
+        elif _kernel_at_least(5, 12):  # (a container's seccomp profile may still refuse it)
+            assert way == "clones", "the new mount API is there but was not used"
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=rw)
+        os.write(fd, b"bytes")
+        os.close(fd)
+        os.mkdir(f"/proc/self/fd/{rw}/d")
+        fd = os.open("f", os.O_RDONLY, dir_fd=ro)
+        try:
+            assert os.read(fd, 10) == b"bytes"
+            assert os.readlink(f"/proc/self/fd/{fd}") == "/f"
+        finally:
+            os.close(fd)
+        assert sorted(os.listdir(f"/proc/self/fd/{ro}")) == ["d", "f"]
+        for refused in (
+            lambda: os.open("g", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=ro),
+            lambda: os.chmod(f"/proc/self/fd/{ro}/f", 0o600),
+            lambda: os.unlink("f", dir_fd=ro),
+            lambda: os.rmdir(f"/proc/self/fd/{ro}/d"),
+        ):
+            with pytest.raises(OSError) as e:
+                refused()
+            assert e.value.errno == errno.EROFS
+        flags = os.statvfs(f"/proc/self/fd/{ro}").f_flag
+        assert flags & (os.ST_RDONLY | os.ST_NOSUID | os.ST_NODEV) == (
+            os.ST_RDONLY | os.ST_NOSUID | os.ST_NODEV
+        )
+        flags = os.statvfs(f"/proc/self/fd/{rw}").f_flag
+        assert flags & (os.ST_RDONLY | os.ST_NOSUID | os.ST_NODEV) == os.ST_NOSUID | os.ST_NODEV
+    finally:
+        os.close(rw)
+        os.close(ro)
+    with pytest.raises(OSError) as e:  # what the kernel refuses: one step named, either way
+        _tmpfs.mount(os.fsencode(tmp_path), b"huge=sometimes", classic)
+    assert (e.value.errno, e.value.filename) == (errno.EINVAL, "mount -t tmpfs")
+
+
 def test_tmpfs_file_is_opened_by_a_name_that_dies_with_it(tmpfs_files: RamFiles) -> None:
     """A tracee opens /proc/<pid>/fd/<dir>/<name>: right while the object lives, ENOENT
     after (never another object's bytes: names are not reused)."""

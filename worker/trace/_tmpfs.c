@@ -7,11 +7,19 @@
  * large folios).  A tmpfs mounted with huge=within_size gets large folios sized to the file
  * whatever that setting says, and an unprivileged user may mount one inside a user + mount
  * namespace of its own.  So a short-lived child makes those namespaces, mounts the tmpfs,
- * bind-mounts it read-only, and sends us a directory fd of each mount; then it exits, the
- * namespace goes, and the mounts live on through the fds alone (nothing to unmount, nothing
- * left behind if we are killed).  We create each object under the read-write mount and hand
- * tracees fds opened through the read-only one: a tracee cannot write, reopen for writing or
- * chmod them (EROFS), as with sealed memfds.
+ * makes a read-only view of it, and sends us a directory fd of each view; then it exits and
+ * the views live on through the fds alone (nothing to unmount, nothing left behind if we are
+ * killed).  We create each object under the read-write view and hand tracees fds opened
+ * through the read-only one: a tracee cannot write, reopen for writing or chmod them (EROFS),
+ * as with sealed memfds.
+ *
+ * Where the kernel has the new mount API (Linux 5.12), each view is a clone (open_tree) that
+ * lives in an anonymous mount namespace of its own for as long as its fd is open.  The classic
+ * way (mount, bind, remount read-only in the child's namespace) is kept for older kernels:
+ * its mounts lose their namespace when the child exits, and the kernel releases every file
+ * of a mount without one under its global mount lock (mntput_no_expire's slow path), which
+ * also makes the path walks of every other CPU retry.  Measured here, two processes opening
+ * and closing one file each: 1.82 us per open+close on such a mount, 1.50 us on a clone.
  *
  * The tracer's shadow tree lives on such a tmpfs too; mirror() makes one of its directories
  * (an empty entry per catalog entry, for getdents of a /cvmfs directory) in one call without
@@ -27,6 +35,7 @@
 #include <string.h>
 #include <stdint.h>
 #include <sys/mount.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -43,6 +52,75 @@ static const char *const step_names[] = {
     "mount -t tmpfs", "bind mount", "read-only remount", "open of the mount", "sending fds",
 };
 
+/* The new mount API, spelt here (x86_64 numbers): glibc 2.36 declares some of these names in
+ * <sys/mount.h>, older ones none, and <linux/mount.h> clashes with the former. */
+enum {
+    NR_OPEN_TREE = 428, NR_MOVE_MOUNT = 429, NR_FSOPEN = 430, NR_FSCONFIG = 431,
+    NR_FSMOUNT = 432, NR_MOUNT_SETATTR = 442,
+    FSCONFIG_FLAG = 0, FSCONFIG_STRING = 1, FSCONFIG_CREATE = 6,
+    MOUNT_RDONLY = 1, MOUNT_NOSUID = 2, MOUNT_NODEV = 4,
+    MOVE_FROM_EMPTY_PATH = 4, TREE_CLONE = 1, EMPTY_PATH = 0x1000,
+};
+
+struct hep_mount_attr {
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+
+/* fsconfig() of "key=value,key,...": one call per option, as mount(2) would parse them. */
+static int configure(int fs, const char *options)
+{
+    char buf[512];
+    size_t n = strlen(options);
+    if (n >= sizeof buf) {
+        errno = EINVAL;
+        return -1;
+    }
+    memcpy(buf, options, n + 1);
+    for (char *key = buf; *key;) {
+        char *end = strchr(key, ','), *value;
+        if (end)
+            *end = 0;
+        if ((value = strchr(key, '=')))
+            *value++ = 0;
+        if (*key && syscall(NR_FSCONFIG, fs, value ? FSCONFIG_STRING : FSCONFIG_FLAG, key,
+                            value, 0) != 0)
+            return -1;
+        if (!end)
+            break;
+        key = end + 1;
+    }
+    return 0;
+}
+
+/* The two views as clones (above); 0, or -1 with nothing left open or mounted. */
+static int clone_views(const char *dir, const char *options, int fds[2])
+{
+    int fs = (int)syscall(NR_FSOPEN, "tmpfs", 1 /* FSOPEN_CLOEXEC */), mnt = -1, moved = 0;
+    if (fs < 0)
+        return -1;
+    if (configure(fs, options) == 0 && syscall(NR_FSCONFIG, fs, FSCONFIG_CREATE, 0, 0, 0) == 0)
+        mnt = (int)syscall(NR_FSMOUNT, fs, 1 /* FSMOUNT_CLOEXEC */, MOUNT_NOSUID | MOUNT_NODEV);
+    close(fs);
+    /* a clone is made of a mount of the caller's namespace: attach it there first */
+    if (mnt >= 0)
+        moved = syscall(NR_MOVE_MOUNT, mnt, "", AT_FDCWD, dir, MOVE_FROM_EMPTY_PATH) == 0;
+    if (mnt >= 0)
+        close(mnt);
+    struct hep_mount_attr ro = {MOUNT_RDONLY, 0, 0, 0};
+    if (moved &&
+        (fds[0] = (int)syscall(NR_OPEN_TREE, AT_FDCWD, dir, TREE_CLONE | O_CLOEXEC)) >= 0 &&
+        (fds[1] = (int)syscall(NR_OPEN_TREE, AT_FDCWD, dir, TREE_CLONE | O_CLOEXEC)) >= 0 &&
+        syscall(NR_MOUNT_SETATTR, fds[1], "", EMPTY_PATH, &ro, sizeof ro) == 0)
+        return 0;
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    fds[0] = fds[1] = -1;
+    if (moved)
+        umount2(dir, MNT_DETACH);
+    return -1;
+}
+
 static int write_file(const char *path, const char *text)
 {
     int fd = open(path, O_WRONLY | O_CLOEXEC);
@@ -58,15 +136,17 @@ static int write_file(const char *path, const char *text)
 /* In the child: only system calls from here to _exit (it runs in our memory, and the parent
  * may have threads). */
 static void child(int sock, const char *dir, const char *options, const char *uid_map,
-                  const char *gid_map)
+                  const char *gid_map, int classic)
 {
-    int step = 0, fds[2] = {-1, -1};
+    int step = 0, fds[2] = {-1, -1}, cloned = 0;
     if (unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0) {
         step = STEP_UNSHARE;
     } else if (write_file("/proc/self/setgroups", "deny") != 0 ||
                write_file("/proc/self/uid_map", uid_map) != 0 ||
                write_file("/proc/self/gid_map", gid_map) != 0) {
         step = STEP_MAP;
+    } else if (!classic && clone_views(dir, options, fds) == 0) {
+        cloned = 1; /* (the classic way below where the kernel lacks the new API) */
     } else if (mount("hep-exec", dir, "tmpfs", MS_NOSUID | MS_NODEV, options) != 0) {
         step = STEP_MOUNT;
     } else if ((fds[0] = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) {
@@ -79,7 +159,7 @@ static void child(int sock, const char *dir, const char *options, const char *ui
     } else if ((fds[1] = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) {
         step = STEP_OPEN;
     }
-    int report[2] = {step, step ? errno : 0};
+    int report[3] = {step, step ? errno : 0, cloned};
     struct iovec io = {report, sizeof report};
     union {
         struct cmsghdr h;
@@ -103,22 +183,23 @@ static void child(int sock, const char *dir, const char *options, const char *ui
 }
 
 struct child_args {
-    int sock;
+    int sock, classic;
     const char *dir, *options, *uid_map, *gid_map;
 };
 
 static int child_main(void *arg)
 {
     const struct child_args *a = arg;
-    child(a->sock, a->dir, a->options, a->uid_map, a->gid_map);
+    child(a->sock, a->dir, a->options, a->uid_map, a->gid_map, a->classic);
     return 1; /* (child() ends in _exit) */
 }
 
 static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
 {
     const char *dir, *options;
+    int classic = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "yy", &dir, &options))
+    if (!PyArg_ParseTuple(args, "yy|p", &dir, &options, &classic))
         return NULL;
     char uid_map[64], gid_map[64];
     snprintf(uid_map, sizeof uid_map, "%u %u 1", (unsigned)getuid(), (unsigned)getuid());
@@ -127,7 +208,7 @@ static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     /* unshare(CLONE_NEWUSER) asks only that the child be alone in its thread group */
-    struct child_args a = {sv[1], dir, options, uid_map, gid_map};
+    struct child_args a = {sv[1], classic, dir, options, uid_map, gid_map};
     pid_t pid = spawn_in_our_memory(child_main, &a);
     int fork_errno = errno;
     close(sv[1]);
@@ -136,7 +217,7 @@ static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
         errno = fork_errno;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    int report[2] = {STEP_SEND, EPIPE}, fds[2] = {-1, -1};
+    int report[3] = {STEP_SEND, EPIPE, 0}, fds[2] = {-1, -1};
     union {
         struct cmsghdr h;
         char b[CMSG_SPACE(sizeof fds)];
@@ -161,7 +242,7 @@ static PyObject *tmpfs_mount(PyObject *self, PyObject *args)
     if (h && h->cmsg_type == SCM_RIGHTS && h->cmsg_len == CMSG_LEN(sizeof fds))
         memcpy(fds, CMSG_DATA(h), sizeof fds);
     if (report[0] == 0 && fds[0] >= 0 && fds[1] >= 0)
-        return Py_BuildValue("ii", fds[0], fds[1]);
+        return Py_BuildValue("iis", fds[0], fds[1], report[2] ? "clones" : "mounts");
     for (int i = 0; i < 2; i++)
         if (fds[i] >= 0)
             close(fds[i]);
@@ -199,9 +280,11 @@ static PyMethodDef methods[] = {
      "mirror(dir, listing) -> None: make dir (its parent exists) hold an empty entry of each "
      "entry of an encode_listing() listing, with its mode and mtime; OSError if it cannot"},
     {"mount", tmpfs_mount, METH_VARARGS,
-     "mount(dir, options) -> (rw_dirfd, ro_dirfd): a tmpfs mounted with `options` on `dir` "
-     "in a private user + mount namespace, as O_PATH fds of a read-write and a read-only "
-     "mount; OSError(errno, strerror, step) if the kernel refuses."},
+     "mount(dir, options, classic=False) -> (rw_dirfd, ro_dirfd, way): a tmpfs mounted with "
+     "`options` on `dir` in a private user + mount namespace, as O_PATH fds of a read-write "
+     "and a read-only view; way is 'clones' (the new mount API) or 'mounts' (the classic "
+     "way, the only one tried with classic=True); OSError(errno, strerror, step) if the "
+     "kernel refuses."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -156,11 +156,11 @@ class _ShadowTree:
         leaf = mount.strip(b"/").replace(b"/", b"_")
         try:
             try:
-                rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_OPTIONS)
+                rw, ro, _ = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_OPTIONS)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                rw, ro = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_PLAIN)
+                rw, ro, _ = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_PLAIN)
         except OSError as e:
             log.debug("shadow tree in %s: no private tmpfs (%s)", _shadow_parent(), e)
             private = tempfile.mkdtemp(prefix="hep-exec-", dir=_shadow_parent())
@@ -177,8 +177,10 @@ class _ShadowTree:
             raise
 
         def close(dispose: Callable[[int], bool] | None) -> None:
-            if dispose is not None:
-                dispose(rw)  # the last reference, closed elsewhere: the teardown too
+            # the last references, closed elsewhere: the teardown too (each view's own, where
+            # it is a clone in a mount namespace of its own: see worker/trace/_tmpfs.c)
+            if dispose is not None and dispose(rw):
+                dispose(ro)
             os.close(rw)
             os.close(ro)
 
