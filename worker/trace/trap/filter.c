@@ -64,16 +64,40 @@ static int refuse_io_uring = 1;
  * seccomp user-notification listener instead, whose fd is returned: answering one costs two
  * context switches and no ptrace register traffic.
  * Returns the listener fd (notify), 0 (ptrace), or -1 with errno.
+ *
+ * Every other call is let through on its number alone, before any argument is looked at: the
+ * kernel (5.11) then allows it from a bitmap without running the filter at all (its action
+ * cache keeps only calls whose answer no argument changes).  Looking at the handler's cookie
+ * first, as this did before, ran the whole filter, ~80 instructions, on every read, write,
+ * mmap or futex of the command.
  */
-static int install_filter(int notify)
+enum { FILTER_MAX = 40 + sizeof(trapped) / sizeof(trapped[0]) };
+
+/* The filter's program (install_filter; filter_program shows it to the tests); its length.
+ * with_cookie: calls made by the in-process handler (or injected at exec) carry `cookie`, the
+ * run's random one, as their 6th argument (no trapped call has six) and are let through. */
+static int build_filter(int notify, int with_cookie, uint64_t cookie_value,
+                        struct sock_filter prog[FILTER_MAX])
 {
     enum { N = sizeof(trapped) / sizeof(trapped[0]) };
-    struct sock_filter prog[44 + 2 * N];
     int k = 0;
     const uint32_t allow = SECCOMP_RET_ALLOW, trace = SECCOMP_RET_TRACE;
     const uint32_t hot = notify ? SECCOMP_RET_USER_NOTIF : trace;
+    const int cookie = notify && with_cookie, cookie_len = cookie ? 5 : 0;
+    const int hot_len = cookie_len + (notify ? 10 : 0) + 1;
 #define STMT(c, v) prog[k++] = (struct sock_filter)BPF_STMT(c, v)
 #define JUMP(c, v, t, f) prog[k++] = (struct sock_filter)BPF_JUMP(c, v, t, f)
+#define COOKIE()                                                                          \
+    do {                                                                                  \
+        if (cookie) {                                                                     \
+            uint64_t c_ = cookie_value;                                                   \
+            STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]));        \
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)c_, 0, 3);                          \
+            STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]) + 4);    \
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)(c_ >> 32), 0, 1);                  \
+            STMT(BPF_RET | BPF_K, allow);                                                 \
+        }                                                                                 \
+    } while (0)
     STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
     JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0);
     STMT(BPF_RET | BPF_K, allow); /* other ABIs (i386) do not see /cvmfs */
@@ -87,19 +111,19 @@ static int install_filter(int notify)
         JUMP(BPF_JMP | BPF_JEQ | BPF_K, 425 /* io_uring_setup */, 0, 1);
         STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA));
     }
-    /* fstat (newfstatat/statx with AT_EMPTY_PATH too) stops as well: see fd_stat. */
-    if (notify && fo_enabled()) {
-        /* calls made by the in-process handler (or injected at exec): their 6th argument is
-         * the run's random cookie (no trapped call has six) */
-        uint64_t cookie = fo_cookie();
-        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]));
-        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)cookie, 0, 3);
-        STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]) + 4);
-        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)(cookie >> 32), 0, 1);
-        STMT(BPF_RET | BPF_K, allow);
+    /* the trapped calls jump to one of two blocks after the "allow" below: the hot ones to
+     * the first, those that stop for ptrace in any mode to the second */
+    const int first = k;
+    for (int i = 0; i < N; i++) {
+        const int to = first + N + 1 + (ptrace_only(trapped[i]) ? hot_len : 0);
+        const uint8_t ahead = (uint8_t)(to - (k + 1)); /* (not inside JUMP: it moves k) */
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)trapped[i], ahead, 0);
     }
+    STMT(BPF_RET | BPF_K, allow);
+    COOKIE(); /* the hot block */
     if (notify) {
-        /* O_PATH opens take a ptrace stop: an O_PATH fd cannot be installed with ADDFD. */
+        /* O_PATH opens take a ptrace stop: an O_PATH fd cannot be installed with ADDFD.
+         * (fstat, and newfstatat/statx with AT_EMPTY_PATH, stop as well: see fd_stat.) */
         STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
         JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_open, 0, 3);
         STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1]));
@@ -111,14 +135,20 @@ static int install_filter(int notify)
         JUMP(BPF_JMP | BPF_JSET | BPF_K, O_PATH, 0, 1);
         STMT(BPF_RET | BPF_K, trace);
     }
-    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
-    for (int i = 0; i < N; i++) {
-        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)trapped[i], 0, 1);
-        STMT(BPF_RET | BPF_K, ptrace_only(trapped[i]) ? trace : hot);
-    }
-    STMT(BPF_RET | BPF_K, allow);
+    STMT(BPF_RET | BPF_K, hot);
+    COOKIE(); /* the ptrace block */
+    STMT(BPF_RET | BPF_K, trace);
+#undef COOKIE
 #undef STMT
 #undef JUMP
+    return k;
+}
+
+static int install_filter(int notify)
+{
+    struct sock_filter prog[FILTER_MAX];
+    const int with_cookie = fo_enabled();
+    const int k = build_filter(notify, with_cookie, with_cookie ? fo_cookie() : 0, prog);
     struct sock_fprog fprog = {.len = (unsigned short)k, .filter = prog};
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         return -1;

@@ -116,7 +116,26 @@ static PyObject *trap_set_cmdline(PyObject *self, PyObject *args) {
     Py_RETURN_TRUE;
 }
 
+static PyObject *trap_filter_program(PyObject *self, PyObject *args)
+{
+    int notify;
+    unsigned long long cookie;
+    PyObject *with;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "pO", &notify, &with))
+        return NULL;
+    cookie = with == Py_None ? 0 : PyLong_AsUnsignedLongLong(with);
+    if (PyErr_Occurred())
+        return NULL;
+    struct sock_filter prog[FILTER_MAX];
+    int k = build_filter(notify, with != Py_None, (uint64_t)cookie, prog);
+    return PyBytes_FromStringAndSize((const char *)prog, (Py_ssize_t)(k * sizeof prog[0]));
+}
+
 static PyMethodDef methods[] = {
+    {"filter_program", trap_filter_program, METH_VARARGS,
+     "filter_program(notify, cookie) -> bytes: the seccomp filter a run installs (struct "
+     "sock_filter[]), for the in-process handler's cookie (None: no handler)"},
     {"put", trap_put, METH_VARARGS,
      "put([(cls, flags, key, answer), ...]) -> n: answers given before they are asked for"},
     {"pack", trap_pack, METH_VARARGS,
