@@ -106,6 +106,7 @@ def _run(config: ExecConfig) -> int:
                 table_fd=session.take_table(),
                 alongside=(lambda: session.mount_ahead(named)) if named else None,
                 dispose=session.dispose,
+                object_dirs=session.object_dirs(),
             )
         except TracerUnavailable as e:
             print(f"hep-exec: {e}", file=sys.stderr)

@@ -220,6 +220,7 @@ def run(
     table_fd: int = -1,
     alongside: Callable[[], None] | None = None,
     dispose: Callable[[int], bool] | None = None,
+    object_dirs: Sequence[bytes] = (),
 ) -> Result:
     """Run ``argv`` with ``mount`` served by ``policy``; returns its exit status and stats.
 
@@ -251,6 +252,9 @@ def run(
     ``dispose``: takes the last reference to the shadow tree's private tmpfs at the end (True)
     or not (False), so that its teardown (~4 ms for a warm import's mirrors) happens in
     another process (the node's service), not on the job's way out.
+
+    ``object_dirs``: directories of RAM files (``/proc/<us>/fd/<n>``) that open answers name,
+    besides the node's: tracees open files there with openat on an fd of their own.
 
     ``io_uring`` (default off, ``$HEP_EXEC_IO_URING=1`` turns it on): let the command set up
     io_uring rings.  Off, io_uring_setup fails with ENOSYS, which programs and libraries take
@@ -304,7 +308,14 @@ def run(
                 io_uring,
                 mirror.rendered,
                 mirror.write,
-                [node_answers.prefix] if node_answers is not None and node_answers.prefix else [],
+                [
+                    *(
+                        [node_answers.prefix]
+                        if node_answers is not None and node_answers.prefix
+                        else []
+                    ),
+                    *object_dirs,
+                ],
             )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
