@@ -208,7 +208,6 @@ class RamFiles:
         self._try, self.reason = choose_backing(requested, shmem_enabled)
         self._lock = threading.Lock()
         self._dirs: tuple[int, int] | None = None  # (read-write, read-only) mount dirfds
-        self.views = ""  # how the tmpfs is held (worker/trace/_tmpfs.c): "clones" or "mounts"
         self._names = itertools.count()
         self._backing: str | None = None if self._try == "tmpfs" else "memfd"
         if requested == "tmpfs":
@@ -229,7 +228,7 @@ class RamFiles:
         from worker.trace import _tmpfs
 
         try:
-            rw, ro, self.views = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), TMPFS_OPTIONS)
+            rw, ro, _ = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), TMPFS_OPTIONS)
             self._dirs = (rw, ro)
         except OSError as e:
             why = f"private tmpfs refused: {e.filename}: {e.strerror}"
