@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -187,11 +188,21 @@ def test_a_job_s_shadow_tree_is_torn_down_by_the_service(tracing, tree, proxy, c
     def fds() -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
 
-    before = fds()
+    def steady() -> int:
+        """The fd count once the first job's teardown there is over: it closes what it was
+        handed on a thread of its own, after the job has gone."""
+        wait_until(lambda: service_stats(cache_dir)["disposed"] == 2, 10, what="2 disposed")
+        seen = [fds()]
+        while len(seen) < 4 or len(set(seen[-4:])) > 1:  # the same for 0.3 s
+            time.sleep(0.1)
+            seen.append(fds())
+        return seen[-1]
+
+    before = steady()
     for _ in range(3):
         read_all(Job(job_argv(proxy, cache_dir), paths), tree)
     assert service_stats(cache_dir)["disposed"] == 4 * 2  # read-write and read-only views
-    wait_until(lambda: fds() == before, 10, what=f"the service back at {before} fds")
+    wait_until(lambda: fds() <= before, 10, what=f"the service back at {before} fds")
 
 
 def test_a_new_job_on_a_warm_node_asks_nothing_for_what_the_node_holds(
