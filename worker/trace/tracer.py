@@ -293,6 +293,7 @@ def run(
             )
             node_answers.arrived = session.put_node_answers
             node_answers.mounting = _expect_on(session)  # (none held: nothing)
+        node_dirs = [node_answers.prefix] if node_answers and node_answers.prefix else []
         if alongside is not None:
             threading.Thread(target=alongside, name="hep-exec-alongside", daemon=True).start()
         try:
@@ -308,14 +309,7 @@ def run(
                 io_uring,
                 mirror.rendered,
                 mirror.write,
-                [
-                    *(
-                        [node_answers.prefix]
-                        if node_answers is not None and node_answers.prefix
-                        else []
-                    ),
-                    *object_dirs,
-                ],
+                [*node_dirs, *object_dirs],
             )
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e

@@ -83,18 +83,16 @@ static int build_filter(int notify, int with_cookie, uint64_t cookie_value,
     int k = 0;
     const uint32_t allow = SECCOMP_RET_ALLOW, trace = SECCOMP_RET_TRACE;
     const uint32_t hot = notify ? SECCOMP_RET_USER_NOTIF : trace;
-    const int cookie = notify && with_cookie, cookie_len = cookie ? 5 : 0;
-    const int hot_len = cookie_len + (notify ? 10 : 0) + 1;
+    const int cookie = notify && with_cookie;
 #define STMT(c, v) prog[k++] = (struct sock_filter)BPF_STMT(c, v)
 #define JUMP(c, v, t, f) prog[k++] = (struct sock_filter)BPF_JUMP(c, v, t, f)
 #define COOKIE()                                                                          \
     do {                                                                                  \
         if (cookie) {                                                                     \
-            uint64_t c_ = cookie_value;                                                   \
             STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]));        \
-            JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)c_, 0, 3);                          \
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)cookie_value, 0, 3);                \
             STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[5]) + 4);    \
-            JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)(c_ >> 32), 0, 1);                  \
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)(cookie_value >> 32), 0, 1);        \
             STMT(BPF_RET | BPF_K, allow);                                                 \
         }                                                                                 \
     } while (0)
@@ -112,15 +110,13 @@ static int build_filter(int notify, int with_cookie, uint64_t cookie_value,
         STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA));
     }
     /* the trapped calls jump to one of two blocks after the "allow" below: the hot ones to
-     * the first, those that stop for ptrace in any mode to the second */
+     * the first, those that stop for ptrace in any mode to the second (offsets set below) */
     const int first = k;
-    for (int i = 0; i < N; i++) {
-        const int to = first + N + 1 + (ptrace_only(trapped[i]) ? hot_len : 0);
-        const uint8_t ahead = (uint8_t)(to - (k + 1)); /* (not inside JUMP: it moves k) */
-        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)trapped[i], ahead, 0);
-    }
+    for (int i = 0; i < N; i++)
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)trapped[i], 0, 0);
     STMT(BPF_RET | BPF_K, allow);
-    COOKIE(); /* the hot block */
+    const int hot_block = k;
+    COOKIE();
     if (notify) {
         /* O_PATH opens take a ptrace stop: an O_PATH fd cannot be installed with ADDFD.
          * (fstat, and newfstatat/statx with AT_EMPTY_PATH, stop as well: see fd_stat.) */
@@ -136,8 +132,12 @@ static int build_filter(int notify, int with_cookie, uint64_t cookie_value,
         STMT(BPF_RET | BPF_K, trace);
     }
     STMT(BPF_RET | BPF_K, hot);
-    COOKIE(); /* the ptrace block */
+    const int ptrace_block = k;
+    COOKIE();
     STMT(BPF_RET | BPF_K, trace);
+    for (int i = 0; i < N; i++)
+        prog[first + i].jt =
+            (uint8_t)((ptrace_only(trapped[i]) ? ptrace_block : hot_block) - (first + i + 1));
 #undef COOKIE
 #undef STMT
 #undef JUMP
