@@ -145,6 +145,24 @@ class Downloader:
                 os.unlink(dest)
             raise
 
+    async def stream(
+        self,
+        path: str,
+        on_chunk: Callable[[bytes | None], None],
+        *,
+        expected: ContentHash,
+        kind: Kind | None = None,
+        size: int | None = None,
+        what: str = "",
+    ) -> int:
+        """Hand ``path``'s answer to ``on_chunk`` chunk by chunk as it arrives (hashed on
+        the way), so that the caller can work on it meanwhile; ``on_chunk(None)`` when an
+        attempt that gave chunks failed and the next one starts from the beginning.  Returns
+        the size once the hash is verified: until then the chunks are unverified, and
+        nothing made of them may be shown to anyone.  Raises DownloadError or NotFound."""
+        kind = kind or kind_of_path(path)
+        return await self._run(path, what or path, kind, size, lambda: _Forward(on_chunk, expected))
+
     async def _run(
         self,
         path: str,
@@ -238,6 +256,31 @@ class _Memory:
 
     def discard(self) -> None:
         self.chunks = []
+
+
+class _Forward:
+    """An answer handed on chunk by chunk, hashed on the way; a failed attempt that handed
+    some on says so (None), so that its receiver starts again."""
+
+    def __init__(self, on_chunk: Callable[[bytes | None], None], expected: ContentHash) -> None:
+        self.on_chunk = on_chunk
+        self.hasher = expected.algorithm.new()
+        self.expected = expected
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+        self.size += len(chunk)
+        self.on_chunk(chunk)
+
+    def finish(self, what: str) -> int:
+        _verify(self.hasher, self.expected)
+        return self.size
+
+    def discard(self) -> None:
+        if self.size:
+            self.size = 0
+            self.on_chunk(None)
 
 
 class _ToFile:

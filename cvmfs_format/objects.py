@@ -66,38 +66,63 @@ INFLATE_IN = 64 * 1024
 INFLATE_OUT = 1 << 20
 
 
+class Inflater:
+    """A zlib stream decompressed as its stored bytes come, in pieces of at most INFLATE_OUT
+    (see above); FormatError for corrupt data, for more than ``limit`` bytes (decompressing
+    stops there: a zlib bomb costs nothing) and, from :meth:`finish`, for a truncated stream.
+    Bytes after the end of the stream are not the object's and are ignored, as zlib does."""
+
+    def __init__(self, what: str = "object", limit: int | None = None) -> None:
+        self.what = what
+        self.limit = limit
+        self.total = 0
+        self._d = zlib.decompressobj()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[bytes]:
+        view = memoryview(data).cast("B")
+        d = self._d
+        try:
+            for start in range(0, len(view), INFLATE_IN):
+                piece: bytes | memoryview = view[start : start + INFLATE_IN]
+                while piece and not d.eof:
+                    out = d.decompress(piece, INFLATE_OUT)
+                    if out:
+                        yield self._counted(out)
+                    piece = d.unconsumed_tail
+                if d.eof:  # what follows the stream is not ours (zlib keeps it aside)
+                    return
+        except zlib.error as e:
+            raise FormatError(f"{self.what}: corrupt zlib data ({e})") from None
+
+    def finish(self) -> Iterator[bytes]:
+        """What zlib still holds (the last call may have stopped at INFLATE_OUT); the stream
+        must have ended."""
+        d = self._d
+        if not d.eof:
+            try:
+                out = d.flush()
+            except zlib.error as e:
+                raise FormatError(f"{self.what}: corrupt zlib data ({e})") from None
+            if out:
+                yield self._counted(out)
+        if not d.eof:
+            raise FormatError(f"{self.what}: truncated zlib stream")
+
+    def _counted(self, out: bytes) -> bytes:
+        self.total += len(out)
+        if self.limit is not None and self.total > self.limit:
+            raise FormatError(f"{self.what}: decompresses to more than {self.limit} bytes")
+        return out
+
+
 def inflate_pieces(
     data: bytes | bytearray | memoryview, what: str = "object", limit: int | None = None
 ) -> Iterator[bytes]:
     """``data`` decompressed, in pieces; FormatError for corrupt or truncated data, or for
     more than ``limit`` bytes (decompressing stops there: a zlib bomb costs nothing)."""
-    d = zlib.decompressobj()
-    view = memoryview(data).cast("B")
-    total = 0
-    try:
-        for start in range(0, len(view), INFLATE_IN):
-            piece: bytes | memoryview = view[start : start + INFLATE_IN]
-            while piece:
-                out = d.decompress(piece, INFLATE_OUT)
-                total += len(out)
-                if limit is not None and total > limit:
-                    raise FormatError(f"{what}: decompresses to more than {limit} bytes")
-                if out:
-                    yield out
-                if d.eof:  # what follows the stream is not ours (zlib keeps it aside)
-                    return
-                piece = d.unconsumed_tail
-        if not d.eof:  # the last call may have left output inside zlib (max_length)
-            out = d.flush()
-            total += len(out)
-            if limit is not None and total > limit:
-                raise FormatError(f"{what}: decompresses to more than {limit} bytes")
-            if out:
-                yield out
-    except zlib.error as e:
-        raise FormatError(f"{what}: corrupt zlib data ({e})") from None
-    if not d.eof:
-        raise FormatError(f"{what}: truncated zlib stream")
+    inflater = Inflater(what, limit)
+    yield from inflater.feed(data)
+    yield from inflater.finish()
 
 
 def make_object(raw: bytes, algorithm: Algorithm = Algorithm.SHA1) -> tuple[ContentHash, bytes]:

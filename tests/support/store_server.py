@@ -26,6 +26,9 @@ class StoreServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self.headers: list[dict[str, str]] = []
         self.corrupt: set[str] = set()  # url paths whose body gets one byte flipped
+        # url paths whose body gets its middle byte flipped: a zlib stream that inflates (to
+        # wrong bytes, or until it breaks) well past its first chunk before its hash says so
+        self.corrupt_middle: set[str] = set()
         self.missing: set[str] = set()  # url paths answered 404 although stored
         self.fail_status: int | None = None  # answer every request with this status
         self.fail_first = 0  # answer this many more requests with 503, then serve again
@@ -87,6 +90,9 @@ class StoreServer:
         body = f.read_bytes()
         if path in self.corrupt and body:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
+        if path in self.corrupt_middle and body:
+            mid = len(body) // 2
+            body = body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1 :]
         return web.Response(body=body, content_type="application/octet-stream")
 
     def count(self, suffix: str) -> int:

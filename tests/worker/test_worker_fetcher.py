@@ -132,6 +132,52 @@ def test_corrupt_everywhere_never_returns_wrong_bytes(
         assert f.stats.corrupt == 4  # two proxies, two rounds
 
 
+def test_stream_hands_on_each_answer_whole_and_ends_once_verified(
+    store: Store, servers: list[StoreServer]
+) -> None:
+    with fetcher(servers[0].url) as f:
+        for url, h, stored in store.objects:
+            pieces = list(f.stream(url, h, size=len(stored)))
+            assert None not in pieces and b"".join(pieces) == stored  # type: ignore[arg-type]
+
+
+def test_stream_starts_again_when_an_answer_it_handed_on_was_wrong(
+    store: Store, servers: list[StoreServer]
+) -> None:
+    """The wrong answer's chunks were handed on before its hash said so: None tells the
+    receiver to start again, and the next server's answer follows whole."""
+    bad, good = servers
+    url, h, stored = max(store.objects, key=lambda o: len(o[2]))
+    bad.corrupt_middle.add(url)
+    with fetcher(f"{bad.url};{good.url}") as f:
+        pieces = list(f.stream(url, h))
+        assert f.stats.corrupt == 1
+    assert pieces.count(None) == 1
+    cut = pieces.index(None)
+    wrong, right = pieces[:cut], pieces[cut + 1 :]
+    assert b"".join(wrong) != stored and len(b"".join(wrong)) == len(stored)  # type: ignore[arg-type]
+    assert b"".join(right) == stored  # type: ignore[arg-type]
+    assert bad.requests[url] == 1 and good.requests[url] == 1
+
+
+def test_stream_wrong_everywhere_raises_after_what_it_handed_on(
+    store: Store, servers: list[StoreServer]
+) -> None:
+    url, h, _ = store.objects[4]
+    for s in servers:
+        s.corrupt_middle.add(url)
+    seen: list[bytes | None] = []
+    with (
+        fetcher(f"{servers[0].url}|{servers[1].url}", retries=0) as f,
+        pytest.raises(FetchError) as info,
+    ):
+        for piece in f.stream(url, h, "the object"):
+            seen.append(piece)
+    msg = str(info.value)
+    assert "the object" in msg and "hash mismatch" in msg and "\n" not in msg
+    assert seen and seen[-1] is None  # the last answer's chunks are not to be kept either
+
+
 def test_http_errors_fail_over(store: Store, servers: list[StoreServer]) -> None:
     failing, good = servers
     failing.fail_status = 503

@@ -133,6 +133,35 @@ def test_corrupt_objects_never_reach_the_cache(served: Mirrors) -> None:
         assert f.stats.by_proxy[bad.url].requests < 5
 
 
+def test_an_answer_wrong_in_its_middle_is_not_what_the_file_keeps(tmp_path: Path) -> None:
+    """An object is inflated into its RAM file chunk by chunk as it arrives; when the answer
+    turns out wrong (its hash, at its end) the next server's answer is written again from
+    the first byte: the file is exactly the object, for data zlib stores as it is (a wrong
+    byte inflates to a wrong byte) and for data it codes (a wrong byte breaks the stream)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    stored_raw = random.Random(3).randbytes(3 << 20)  # below the 4 MiB chunks: one object
+    coded = b"".join(b"line %d of a log that compresses\n" % i for i in range(60_000))
+    (src / "random.bin").write_bytes(stored_raw)
+    (src / "text.log").write_bytes(coded)
+    repo, _ = publish_tree(src, tmp_path / "store", FQRN, tmp_path / "keys")
+    bad, good = StoreServer(repo.store), StoreServer(repo.store)
+    try:
+        for name, data in (("random.bin", stored_raw), ("text.log", coded)):
+            # a fetcher each: after a wrong answer the first server is asked last for a while
+            with Fetcher(parse_server_templates(f"{bad.url};{good.url}")).start() as f:
+                mounted = MountedRepository(FQRN, f, master_key(repo))
+                entry = mounted.lookup(f"/{name}")
+                assert entry is not None and entry.hash is not None and not entry.is_chunked
+                url = f"/cvmfs/{FQRN}/{entry.hash.object_path()}"
+                bad.corrupt_middle.add(url)
+                assert read_object(mounted, f"/{name}") == data, name
+                assert f.stats.corrupt == 1 and (bad.requests[url], good.requests[url]) == (1, 1)
+    finally:
+        bad.stop()
+        good.stop()
+
+
 def test_corrupt_everywhere_is_eio(served: Mirrors) -> None:
     rel = next(
         r for r in files_of(served.src) if 10 < (served.src / r[1:]).stat().st_size < 1 << 20

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from cvmfs_format.catalog import DirEntry
@@ -107,6 +107,11 @@ class ServiceFirst:
         size: int | None = None,
     ) -> Future[bytes]:
         return self.fetcher.submit(url_path, expected, what, size=size)
+
+    def stream(
+        self, url_path: str, expected: ContentHash, what: str = "", *, size: int | None = None
+    ) -> Iterator[bytes | None]:
+        return self.fetcher.stream(url_path, expected, what, size=size)
 
     def catalog(
         self, url_path: str, expected: ContentHash, what: str = "", *, size: int | None = None

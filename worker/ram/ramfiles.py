@@ -109,6 +109,11 @@ class RamFileWriter:
         self.size = size
         self.written = 0
 
+    def start_over(self) -> None:
+        """What was written is to be written again, from the first byte (a download that
+        starts again from another server): every byte must be written anew."""
+        self.written = 0
+
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (pieces must not overlap: ``written`` counts bytes)."""
         view = memoryview(data).cast("B")

@@ -17,9 +17,10 @@ from __future__ import annotations
 import _thread
 import contextlib
 import logging
+import queue
 import random
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +47,13 @@ USER_AGENT = "hep-exec/0.1 (cvmfs-compatible)"
 Check = Callable[[bytes], None]
 # (url path, hash, what[, size]): one fetch of get_many/prefetch
 Item = tuple[str, ContentHash | None, str] | tuple[str, ContentHash | None, str, int | None]
+
+
+class _End:
+    """The end of a streamed download (its outcome is its future's)."""
+
+
+_END = _End()
 
 
 def _size(rest: list[Any]) -> int | None:
@@ -335,6 +343,42 @@ class Fetcher:
         from cvmfs_format.catalog import inflate_catalog  # sqlite3: only once a job mounts
 
         return inflate_catalog(self.get(url_path, expected, what, size=size), what)
+
+    def stream(
+        self, url_path: str, expected: ContentHash, what: str = "", *, size: int | None = None
+    ) -> Iterator[bytes | None]:
+        """The stored bytes of ``url_path`` chunk by chunk as they arrive, so that the caller
+        inflates and writes one while the next comes and is hashed here (an object's fetch
+        and its writing overlap on two CPUs); None: the download starts again from another
+        server, and so must the caller.  The loop ends once the hash is verified, or raises
+        FetchError/NotFound (one line).  Until it ends the chunks are unverified: nothing
+        made of them may be shown to anyone.  Leaving the loop early stops the download."""
+        import asyncio
+
+        loop = self._require_loop()
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("blocking fetcher call from its own event loop")
+        chunks: queue.SimpleQueue[bytes | _End | None] = queue.SimpleQueue()
+
+        async def download() -> int:
+            fqrn, rest = _split(url_path)
+            d, whole = self._downloader_for(fqrn)
+            return await d.stream(
+                url_path if whole else rest,
+                chunks.put,
+                expected=expected,
+                size=size,
+                what=what or url_path,
+            )
+
+        done = asyncio.run_coroutine_threadsafe(download(), loop)
+        done.add_done_callback(lambda _f: chunks.put(_END))
+        try:
+            while not isinstance(item := chunks.get(), _End):
+                yield item
+            done.result()  # its FetchError, NotFound
+        finally:
+            done.cancel()  # the caller stopped early: so does the download
 
     def get_many(self, items: Iterable[Item]) -> list[bytes | BaseException]:
         """Fetch concurrently; results (or the exception per item) in input order."""

@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,7 +29,7 @@ from cvmfs_format.catalog import Catalog, CatalogTree, Chunk, DirEntry, NestedRe
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest
-from cvmfs_format.objects import Suffix, inflate_pieces, parse_object_path
+from cvmfs_format.objects import Inflater, Suffix, inflate_pieces, parse_object_path
 from cvmfs_format.verify import loading, recheck_ensemble, verify_ensemble
 from worker.config import ConfigError
 from worker.ram.ramcache import CachedObject, RamCache
@@ -72,6 +72,13 @@ class ObjectSource(Protocol):
 
     def ahead(self, url_path: str) -> None:
         """A hint: ``get`` of this will come soon (a source may ask for it now)."""
+        ...
+
+    def stream(
+        self, url_path: str, expected: ContentHash, what: str = "", *, size: int | None = None
+    ) -> Iterator[bytes | None]:
+        """Verified stored bytes chunk by chunk as they come (None: start again); see
+        worker.repo.fetcher.Fetcher.stream."""
         ...
 
 
@@ -379,6 +386,12 @@ def chunked_key(chunks: Sequence[Chunk]) -> str:
     return f"chunked-{h.hexdigest()}"
 
 
+# Objects from this size on are inflated and written as their chunks arrive: below it an
+# answer is one or two socket reads, and the hand-over of each chunk to the caller's thread
+# costs more than it saves (a cold import of 2,000 small modules: 938 -> 967 ms streamed).
+STREAM_FROM = 256 * 1024
+
+
 def fill_whole(
     fetcher: ObjectSource,
     fqrn: str,
@@ -389,15 +402,68 @@ def fill_whole(
     out: RamFileWriter,
 ) -> None:
     """Fetch a whole-file object and write it, verified and decompressed, into its RAM file;
-    RepositoryError (EIO) otherwise."""
+    RepositoryError (EIO) otherwise.  A big one is inflated and written chunk by chunk while
+    the fetcher's thread receives and hashes the next (a 1 MiB object's 0.36 ms of inflating
+    and writing no longer follow its fetch); the file is only shown once the hash is right."""
     what = f"{fqrn}:{path}"
+    url = object_url(fqrn, content.object_path())
     try:
-        stored = fetcher.get(object_url(fqrn, content.object_path()), content, what, size=size)
+        if size < STREAM_FROM:
+            stored = fetcher.get(url, content, what, size=size)
+        else:
+            _fill_streamed(
+                fetcher.stream(url, content, what, size=size), compressed, size, what, out
+            )
+            return
     except NotFound as e:
         raise NotOnServers.of(what, e) from None
     except FetchError as e:
         raise RepositoryError(errno.EIO, str(e)) from None
     write_object(stored, compressed, size, what, out)
+
+
+def _fill_streamed(
+    chunks: Iterable[bytes | None], compressed: bool, size: int, what: str, out: RamFileWriter
+) -> None:
+    """Write what ``chunks`` make (see ObjectSource.stream: None, start again); an answer
+    that does not make the object is said only if its hash was right: a wrong answer is
+    followed by another one."""
+    broken: FormatError | None = None
+    n = 0
+    inflater = Inflater(what, size) if compressed else None
+    for chunk in chunks:
+        if chunk is None:
+            broken, n = None, 0
+            inflater = Inflater(what, size) if compressed else None
+            out.start_over()
+        elif broken is None:
+            try:
+                n = _write_pieces(
+                    out, n, inflater.feed(chunk) if inflater else (chunk,), size, what
+                )
+            except FormatError as e:
+                broken = e
+    try:
+        if broken is not None:
+            raise broken
+        if inflater is not None:
+            n = _write_pieces(out, n, inflater.finish(), size, what)
+    except FormatError as e:
+        raise RepositoryError(errno.EIO, str(e)) from None
+    if n != size:
+        raise RepositoryError(errno.EIO, f"{what}: object has {n} bytes, catalog says {size}")
+
+
+def _write_pieces(
+    out: RamFileWriter, offset: int, pieces: Iterable[bytes], size: int, what: str
+) -> int:
+    """Write ``pieces`` from ``offset`` on, never past ``size``; the offset after them."""
+    for piece in pieces:
+        if offset + len(piece) > size:
+            raise FormatError(f"{what}: object has more bytes than the catalog's {size}")
+        out.write_at(offset, piece)
+        offset += len(piece)
+    return offset
 
 
 def write_object(
