@@ -136,6 +136,7 @@ static int opens_running, opens_stop;
 static void *opens_main(void *arg)
 {
     (void)arg;
+    inodes_load(job.dirfd); /* what the opens put need (fstatat meanwhile) */
     for (size_t i = 0, j = 0;;) {
         if (!big_lock_giving_way(&opens_stop))
             return NULL;
@@ -173,6 +174,7 @@ static void opens_start(void)
 /* Before the deferred opens go (end of a run); with `big` held or not. */
 static void opens_join(void)
 {
+    __atomic_store_n(&inodes_stop, 1, __ATOMIC_RELEASE); /* (it may be reading them) */
     ahead_thread_join(opens_thread, &opens_running, &opens_stop);
 }
 

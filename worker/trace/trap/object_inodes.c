@@ -1,6 +1,6 @@
 /*
- * The node's object directory read once: each object's name -> its inode (inodes_find,
- * inodes_clear), for the opens put from the node's answers.
+ * The node's object directory read once, off the path of any call: each object's name -> its
+ * inode (inodes_load, inodes_find, inodes_clear), for the opens put from the node's answers.
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses only
  * what _trap.c's header includes.
@@ -11,10 +11,14 @@
  * fstat of an fd on it is answered from them (fstat.c), and a file that serves paths with
  * different answers is told by them.  One fstatat a put open cost ~1.2 µs, most of the work of
  * putting a directory's opens (a warm node's 11,000 objects: ~13 ms, on the path of every call
- * that stopped to put its directory).  One getdents64 pass over the directory gives them all
- * in ~1 ms.  The service never reuses a name (worker/node), so a name found here has this
- * inode for as long as it exists; a name made since is not here (fstatat then), and one
- * removed since fails its open, which the tracer then answers again (stale_open).
+ * that stopped to put its directory).  One getdents64 pass over the directory gives them all,
+ * but that pass takes 1-4 ms (8,000 objects), and it was made by the program's first open,
+ * which waited for it (3.9 ms, the slowest open of a walk over 8,000 files).  So the thread
+ * putting opens ahead (node_dirs.c, opens_main) makes it first; until it is there, inodes_find
+ * says "not known" and put_one asks fstatat, as for a name made since.  The
+ * service never reuses a name (worker/node), so a name found here has this inode for as long
+ * as it exists; one removed since fails its open, which the tracer then answers again
+ * (stale_open).
  */
 typedef struct {
     uint64_t h; /* 0: empty */
@@ -22,15 +26,17 @@ typedef struct {
     uint32_t off, len; /* the name in `names` */
 } ino_slot_t;
 
-static struct {
-    int dirfd;      /* the directory read (-1: none yet) */
-    int tried;      /* read, or failed to: not again this run */
-    uint64_t dev;   /* its device (every object's) */
-    ino_slot_t *t;  /* open addressing, at most half full */
+typedef struct {
+    int dirfd;     /* the directory read */
+    uint64_t dev;  /* its device (every object's) */
+    ino_slot_t *t; /* open addressing, at most half full */
     size_t cap;
     char *names;
-    size_t nlen;
-} inodes = {-1, 0, 0, NULL, 0, NULL, 0};
+} ino_map_t;
+
+static ino_map_t *inodes; /* published whole by inodes_load (release; acquire) */
+static int inodes_tried;   /* read, or being read, or failed to: not again this run */
+static int inodes_stop;    /* the run ends: stop reading */
 
 /* FNV-1a of a directory path or a name (0 is kept for empty slots); staged.c's and
  * tables.c's too */
@@ -42,15 +48,18 @@ static uint64_t dir_hash(const char *d, size_t n)
     return h ? h : 1;
 }
 
+/* The end of a run (the thread reading it joined before): the map freed. */
 static void inodes_clear(void)
 {
-    free(inodes.t);
-    free(inodes.names);
-    inodes.t = NULL;
-    inodes.names = NULL;
-    inodes.cap = inodes.nlen = 0;
-    inodes.dirfd = -1;
-    inodes.tried = 0;
+    ino_map_t *m = inodes;
+    if (m) {
+        free(m->t);
+        free(m->names);
+        free(m);
+    }
+    inodes = NULL;
+    inodes_tried = 0;
+    inodes_stop = 0;
 }
 
 struct linux_dirent64_ {
@@ -61,16 +70,13 @@ struct linux_dirent64_ {
     char d_name[];
 };
 
-/* Read `dirfd`'s regular files (once a run); 0 if the map is there. */
-static int inodes_read(int dirfd)
+/* The map of `dirfd`'s regular files, or NULL (told to stop, or out of memory). */
+static ino_map_t *inodes_read(int dirfd)
 {
-    if (inodes.tried)
-        return inodes.t && inodes.dirfd == dirfd ? 0 : -1;
-    inodes.tried = 1;
     struct stat ds;
     int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
-        return -1;
+        return NULL;
     char *names = NULL;
     size_t n = 0, room = 0, nlen = 0, nroom = 0;
     uint64_t *inos = NULL;
@@ -78,7 +84,7 @@ static int inodes_read(int dirfd)
     int ok = chunk && fstat(fd, &ds) == 0;
     while (ok) {
         long got = syscall(SYS_getdents64, fd, chunk, 1 << 16);
-        if (got <= 0) {
+        if (got <= 0 || __atomic_load_n(&inodes_stop, __ATOMIC_ACQUIRE)) {
             ok = got == 0;
             break;
         }
@@ -117,10 +123,12 @@ static int inodes_read(int dirfd)
     while (ok && cap < n * 2)
         cap *= 2;
     ino_slot_t *t = ok ? calloc(cap, sizeof *t) : NULL;
-    if (!t) {
+    ino_map_t *m = t ? malloc(sizeof *m) : NULL;
+    if (!m) {
+        free(t);
         free(inos);
         free(names);
-        return -1;
+        return NULL;
     }
     for (size_t i = 0, off = 0; i < n; i++) {
         size_t len = strlen(names + off);
@@ -132,27 +140,34 @@ static int inodes_read(int dirfd)
         off += len + 1;
     }
     free(inos);
-    inodes.t = t;
-    inodes.cap = cap;
-    inodes.names = names;
-    inodes.nlen = nlen;
-    inodes.dev = (uint64_t)ds.st_dev;
-    inodes.dirfd = dirfd;
-    return 0;
+    *m = (ino_map_t){dirfd, (uint64_t)ds.st_dev, t, cap, names};
+    return m;
 }
 
-/* The (device, inode) of the regular file `name` in `dirfd` as read at the run's first put
- * open; 0 if it was not there (or the directory could not be read). */
+/* Read `dirfd` (once a run; from the thread putting opens ahead, which needs it most) and
+ * publish the map for every put that follows. */
+static void inodes_load(int dirfd)
+{
+    if (__atomic_exchange_n(&inodes_tried, 1, __ATOMIC_ACQ_REL) || dirfd < 0)
+        return;
+    ino_map_t *m = inodes_read(dirfd);
+    if (m)
+        __atomic_store_n(&inodes, m, __ATOMIC_RELEASE);
+}
+
+/* The (device, inode) of the regular file `name` in `dirfd` as inodes_load read it; 0 if it
+ * is not read yet, was not there, or the directory could not be read (put_one: fstatat). */
 static int inodes_find(int dirfd, const char *name, uint64_t *dev, uint64_t *ino)
 {
-    if (dirfd < 0 || inodes_read(dirfd) != 0)
+    const ino_map_t *m = __atomic_load_n(&inodes, __ATOMIC_ACQUIRE);
+    if (!m || dirfd < 0 || m->dirfd != dirfd)
         return 0;
     size_t len = strlen(name);
     uint64_t h = dir_hash(name, len);
-    for (size_t j = h & (inodes.cap - 1); inodes.t[j].h; j = (j + 1) & (inodes.cap - 1)) {
-        const ino_slot_t *s = &inodes.t[j];
-        if (s->h == h && s->len == len && memcmp(inodes.names + s->off, name, len) == 0) {
-            *dev = inodes.dev;
+    for (size_t j = h & (m->cap - 1); m->t[j].h; j = (j + 1) & (m->cap - 1)) {
+        const ino_slot_t *s = &m->t[j];
+        if (s->h == h && s->len == len && memcmp(m->names + s->off, name, len) == 0) {
+            *dev = m->dev;
             *ino = s->ino;
             return 1;
         }
