@@ -275,10 +275,11 @@ class CacheService:
         if op == "open":
             spec = ObjectSpec.from_wire(msg.get("object"))
             self.counters["opens"] += 1
-            if spec.key in self.cache:  # a hit costs no thread switch
-                self._open(conn, spec)
-            else:
-                self._open_pool.submit(self._open, conn, spec)
+            # here, on the connection's own thread, hit or miss: a job asks for one object at
+            # a time (its tracer answers one call at a time), so a pool thread bought no
+            # parallelism, only one more wake-up per miss (a cold import of 2,000 modules
+            # through the service: 1,490-1,529 -> 1,402-1,409 ms)
+            self._open(conn, spec)
         elif op == "release":
             keys = msg.get("keys")
             if not isinstance(keys, list):
