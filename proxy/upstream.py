@@ -6,17 +6,22 @@ deadline besides the idle timeout) and verified before it gets its name; no extr
 client waiting on this answer has its own retries).
 
 Concurrent misses for one object make one upstream request: within a worker through a shared
-task, across worker processes through an ``flock`` on a per-object lock file in ``data/txn``
-(whoever gets the lock second finds the object already stored). The manifest is refreshed
-only after the root catalog, certificate and whitelist it needs are in the store, so the
-store always backs the ``.cvmfspublished`` it serves.
+task, across worker processes through a lock on one byte of ``data/.fill.lock`` (a byte per
+object, by a hash of its name; whoever gets it second finds the object already stored).  The
+lock only saves a second download: what is stored is verified and renamed into place either
+way.  (It was a lock file made and removed per object: two more inodes each, which on an ext4
+without a journal, shortly after deletions, cost more than the fill itself.)  The manifest is
+refreshed only after the root catalog, certificate and whitelist it needs are in the store,
+so the store always backs the ``.cvmfspublished`` it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import hashlib
 import os
 import tempfile
 import time
@@ -36,6 +41,8 @@ from cvmfs_format.proxies import ProxyGroups
 from cvmfs_format.store import MANIFEST, WHITELIST, atomic_write, unmark_replica
 from proxy.metrics import Metrics
 from proxy.stores import RepoDir
+
+LOCK_FILE = ".fill.lock"  # in data/: never served (not an object's name), never removed
 
 
 class UpstreamError(Exception):
@@ -76,6 +83,7 @@ class Filler:
         self._clients: dict[tuple[str, tuple[str, ...]], Downloader] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_checked: dict[str, float] = {}
+        self._lock_fds: dict[str, int] = {}  # by repository: the lock file, for its fills
 
     def client(self, repo: RepoDir) -> Downloader:
         """The download client of one repository's upstream servers (one pool for all)."""
@@ -94,6 +102,9 @@ class Filler:
         return d
 
     async def close(self) -> None:
+        for fd in self._lock_fds.values():
+            os.close(fd)
+        self._lock_fds.clear()
         if self._transport is not None:
             await self._transport.close()
 
@@ -118,40 +129,43 @@ class Filler:
         """Make sure ``relpath`` is in the store (verified), fetching it once if needed."""
         await self._single_flight((repo.fqrn, relpath), lambda: self._fill(repo, relpath, expected))
 
+    def _lock_fd(self, repo: RepoDir) -> int:
+        """This worker's fd of the repository's lock file, open until close(): a process's
+        POSIX locks on a file all go when it closes any fd of it."""
+        fd = self._lock_fds.get(repo.fqrn)
+        if fd is None:
+            path = repo.dir / "data" / LOCK_FILE
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            self._lock_fds[repo.fqrn] = fd
+        return fd
+
     @contextlib.asynccontextmanager
-    async def _file_lock(self, path: Path) -> AsyncIterator[None]:
+    async def _object_lock(self, repo: RepoDir, relpath: str) -> AsyncIterator[None]:
+        """Across worker processes: one fill of ``relpath`` at a time (a byte of the lock file,
+        at a hash of the name; in this process the shared task already sees to it)."""
+        fd = self._lock_fd(repo)
+        at = int.from_bytes(hashlib.blake2b(relpath.encode(), digest_size=7).digest(), "big")
         deadline = time.monotonic() + self.timeout * 2
         while True:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
             try:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise UpstreamError(
-                                502, f"{path.name}: timed out waiting for lock"
-                            ) from None
-                        await asyncio.sleep(0.01)
-                try:
-                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    try:
-                        yield
-                    finally:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-                    return
-            finally:
-                os.close(fd)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, at)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                if time.monotonic() > deadline:
+                    raise UpstreamError(
+                        502, f"{repo.fqrn}/{relpath}: timed out waiting for another worker's fill"
+                    ) from None
+                await asyncio.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, at)
 
     async def _fill(self, repo: RepoDir, relpath: str, expected: ContentHash) -> None:
         final = repo.dir / relpath
-        lock = repo.dir / "data" / "txn" / (relpath.replace("/", "_") + ".lock")
-        async with self._file_lock(lock):
+        async with self._object_lock(repo, relpath):
             if final.exists():
                 return
             if not repo.upstream:

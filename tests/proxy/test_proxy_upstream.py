@@ -104,6 +104,10 @@ async def test_fill_manifest_then_objects(
             async with http.get(p.url(f"/cvmfs/{FQRN}/{NOWHERE}")) as r:
                 assert r.status == 404
             assert s1.requests[_up(NOWHERE)] == 1  # asked upstream, which has no such object
+            # the workers' lock file (a byte per object): there, and never served
+            assert (local / "data" / ".fill.lock").is_file()
+            async with http.get(p.url(f"/cvmfs/{FQRN}/data/.fill.lock")) as r:
+                assert r.status in (400, 404), r.status
             assert sum(s1.requests.values()) == 2 + len(repo.objects()) + 1
     finally:
         await _stop(p)
