@@ -135,7 +135,11 @@ class Filler:
         fd = self._lock_fds.get(repo.fqrn)
         if fd is None:
             path = repo.dir / "data" / LOCK_FILE
-            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            except OSError as e:  # the store's own trouble (read-only, not ours)
+                self.metrics.upstream.labels("error").inc()
+                raise UpstreamError(502, f"{path}: cannot lock for a fill ({e.strerror})") from None
             self._lock_fds[repo.fqrn] = fd
         return fd
 

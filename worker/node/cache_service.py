@@ -278,7 +278,7 @@ class CacheService:
             # here, on the connection's own thread, hit or miss: a job asks for one object at
             # a time (its tracer answers one call at a time), so a pool thread bought no
             # parallelism, only one more wake-up per miss (a cold import of 2,000 modules
-            # through the service: 1,490-1,529 -> 1,402-1,409 ms)
+            # through the service, paired: 1,528 -> 1,489 ms)
             self._open(conn, spec)
         elif op == "release":
             keys = msg.get("keys")
