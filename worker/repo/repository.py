@@ -455,12 +455,12 @@ def _fill_streamed(
 
 
 def _write_pieces(
-    out: RamFileWriter, offset: int, pieces: Iterable[bytes], size: int, what: str
+    out: RamFileWriter, offset: int, pieces: Iterable[bytes], end: int, what: str
 ) -> int:
-    """Write ``pieces`` from ``offset`` on, never past ``size``; the offset after them."""
+    """Write ``pieces`` from ``offset`` on, never past ``end``; the offset after them."""
     for piece in pieces:
-        if offset + len(piece) > size:
-            raise FormatError(f"{what}: object has more bytes than the catalog's {size}")
+        if offset + len(piece) > end:
+            raise FormatError(f"{what}: object has more bytes than the catalog says")
         out.write_at(offset, piece)
         offset += len(piece)
     return offset
@@ -476,11 +476,9 @@ def write_object(
         raise RepositoryError(
             errno.EIO, f"{what}: object has {len(stored)} bytes, catalog says {size}"
         )
-    n = 0
+    pieces = inflate_pieces(stored, what, size) if compressed else (stored,)
     try:  # the limit stops a stream that inflates to more than the catalog says
-        for piece in inflate_pieces(stored, what, size) if compressed else (stored,):
-            out.write_at(offset + n, piece)
-            n += len(piece)
+        n = _write_pieces(out, offset, pieces, offset + size, what) - offset
     except FormatError as e:
         raise RepositoryError(errno.EIO, str(e)) from None
     if n != size:
