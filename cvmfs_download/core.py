@@ -19,13 +19,16 @@ besides the idle timeout.
 from __future__ import annotations
 
 import enum
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.objects import Suffix, parse_object_path
 from cvmfs_format.proxies import ProxyGroups
+
+if TYPE_CHECKING:
+    import random
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -190,7 +193,11 @@ class Failover:
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        self.rng = rng or random.Random()
+        if rng is None:
+            import random  # (here: not on the start of every job)
+
+            rng = random.Random()
+        self.rng = rng
         self._servers = _members(servers)
         if not self._servers:
             raise ValueError("no server to download from")

@@ -6,13 +6,13 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cvmfs_format import rsa_keys
 from cvmfs_format.errors import FormatError, SignatureError
 from cvmfs_format.hashes import Algorithm, ContentHash
-from cvmfs_format.rsa_keys import Certificate
 
 if TYPE_CHECKING:  # signing only (hep-publish, tests): checking never loads cryptography
     from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from cvmfs_format.rsa_keys import Certificate
 
 ROOT_PATH_MD5 = hashlib.md5(b"").hexdigest()
 _SEPARATOR = b"\n--\n"
@@ -157,6 +157,8 @@ def sign_manifest(
 
 
 def load_certificate(pem: bytes) -> Certificate:
+    from cvmfs_format import rsa_keys  # (checking signatures: not a job whose node did)
+
     try:
         return rsa_keys.load_certificate(pem)
     except FormatError as e:
@@ -177,6 +179,8 @@ def verify_manifest(
         raise SignatureError(f".cvmfspublished: bad hash line {signed.hash_line[:60]!r}") from None
     if ContentHash.of(signed.body, algorithm).hex != signed.hash_line:
         raise SignatureError(".cvmfspublished: body does not match its hash line")
+    from cvmfs_format import rsa_keys
+
     key = load_certificate(certificate_pem).public_key
     if not rsa_keys.verify_pkcs1_sha1(key, signed.signature, signed.hash_line.encode()):
         raise SignatureError(".cvmfspublished: signature does not verify with the certificate")

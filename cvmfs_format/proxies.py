@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 from cvmfs_format.errors import FormatError
+
+if TYPE_CHECKING:
+    import random
 
 DIRECT = "DIRECT"
 
@@ -118,7 +121,10 @@ class ProxyGroups:
 
     def order(self, rng: random.Random | None = None) -> list[str | None]:
         """One attempt order: groups in sequence, members of a group shuffled."""
-        rng = rng or random.Random()
+        if rng is None:
+            import random  # (here: not on the start of every job)
+
+            rng = random.Random()
         out: list[str | None] = []
         for group in self.groups:
             members = list(group)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from cvmfs_format.errors import FormatError
@@ -27,6 +26,8 @@ REPLICA_MARKER = ".cvmfs_master_replica"
 
 def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None, sync: bool = False) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either the old or the new bytes."""
+    import tempfile  # (here: not on the start of a job, which reads stores only)
+
     tmp_dir = tmp_dir or path.parent
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".tmp-")
     try:

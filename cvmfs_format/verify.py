@@ -9,7 +9,7 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from cvmfs_format.catalog import Catalog, CatalogTree, DirEntry, NeedCatalog, NestedRef
 from cvmfs_format.errors import FormatError, SignatureError, WhitelistError
@@ -22,8 +22,10 @@ from cvmfs_format.manifest import (
     verify_manifest,
 )
 from cvmfs_format.objects import Suffix, verify_object
-from cvmfs_format.rsa_keys import RsaPublicKey
 from cvmfs_format.whitelist import parse_whitelist, verify_certificate_listed, verify_whitelist
+
+if TYPE_CHECKING:
+    from cvmfs_format.rsa_keys import RsaPublicKey
 
 Reader = Callable[[str], bytes]
 T = TypeVar("T")

@@ -6,13 +6,13 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cvmfs_format import rsa_keys
 from cvmfs_format.errors import FormatError, WhitelistError
 from cvmfs_format.hashes import Algorithm, ContentHash
-from cvmfs_format.rsa_keys import Certificate, RsaPublicKey
 
 if TYPE_CHECKING:  # signing only (hep-publish, tests): checking never loads cryptography
     from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from cvmfs_format.rsa_keys import Certificate, RsaPublicKey
 
 _TIME_FORMAT = "%Y%m%d%H%M%S"
 _TIME_FIELDS = ((0, 4), (4, 2), (6, 2), (8, 2), (10, 2), (12, 2))  # where _TIME_FORMAT's are
@@ -128,6 +128,8 @@ def parse_whitelist(raw: bytes) -> Whitelist:
 
 
 def load_public_key(pem: bytes, what: str) -> RsaPublicKey:
+    from cvmfs_format import rsa_keys
+
     try:
         return rsa_keys.load_public_key(pem)
     except FormatError as e:
@@ -159,6 +161,8 @@ def verify_whitelist(
 
 
 def _signed_payload(key: RsaPublicKey, signature: bytes) -> bytes | None:
+    from cvmfs_format import rsa_keys  # (checking signatures: not a job whose node did)
+
     em = key.public_decrypt(signature)
     return None if em is None else rsa_keys.pkcs1_type1_payload(em)
 

@@ -111,3 +111,22 @@ def test_hep_exec_shares_version_help_and_one_line_errors() -> None:
     for args in (["--version"], ["--bogus", "--", "true"]):
         p, loaded = _imports("worker.cli", *args)
         assert loaded == [], (args, loaded, p.stderr)
+
+
+@pytest.mark.parametrize(
+    ("module", "sub"), [(module, sub) for module, _name, sub in COMMANDS] + [("worker.cli", [])]
+)
+def test_help_is_wrapped_to_the_terminal_width(module: str, sub: list[str]) -> None:
+    """$COLUMNS sets the width the options are wrapped to, as argparse's own formatter does
+    (hep_cli finds it without importing shutil)."""
+    for columns in (50, 120):
+        p = subprocess.run(
+            [sys.executable, "-m", module, *sub, "--help"],
+            env={**os.environ, "PYTHONPATH": str(PROJECT), "COLUMNS": str(columns)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        options = p.stdout.split("options:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert max(len(line) for line in options) <= columns - 2, p.stdout
+        assert max(len(line) for line in options) > (columns - 2) * 3 // 4, p.stdout

@@ -90,9 +90,10 @@ def _run(config: ExecConfig) -> int:
     from worker.trace.tracer import TracerUnavailable, run
 
     with WorkerSession(config) as session:  # reads the keys: a bad one is said first
+        named = _named(config)
+        session.ask_ahead(named)
         _reach(config)
         policy = CatalogPolicy(session)
-        named = _named(config)
         _started()
         try:
             result = run(

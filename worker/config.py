@@ -25,7 +25,7 @@ from cvmfs_format.proxies import (
     parse_proxies,
     parse_server_templates,
 )
-from hep_cli import add_version, exit_codes
+from hep_cli import RawDescriptionHelpFormatter, add_version, exit_codes
 from worker.ram.ramfiles import BACKINGS
 from worker.trace.tracer import TRAP_MODES
 
@@ -546,7 +546,7 @@ def _arg_parser() -> _Parser:
             (2, "a bad option or configuration value, no server reachable, or tracing refused"),
             (130, "interrupted (Ctrl-C) before the command ran"),
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     add_version(p, PROG)
     a = p.add_argument

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from cvmfs_format.access_list import AccessEntry
 from worker.node.cache_client import CacheClient
@@ -24,6 +24,9 @@ from worker.node.cache_protocol import PREFETCH_BATCH, ObjectSpec
 from worker.node.service_source import object_spec
 from worker.ram.ramcache import CacheFull
 from worker.repo.repository import Repositories, RepositoryError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("hep_exec.prefetch")
 
@@ -58,6 +61,8 @@ class Prefetch:
         self._cancel.set()
 
     def _run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # (this thread's: not on the start)
+
         t0 = time.monotonic()
         pool = None if self.shared is not None else ThreadPoolExecutor(self.concurrency)
         batch: list[ObjectSpec] = []
@@ -95,6 +100,8 @@ class Prefetch:
         if self.shared.prefetch(batch):
             self.counts["queued"] += len(batch)
             return None
+        from concurrent.futures import ThreadPoolExecutor
+
         pool = ThreadPoolExecutor(self.concurrency)
         self.shared = None
         for spec in batch:

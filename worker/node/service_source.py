@@ -8,7 +8,7 @@ import errno
 import logging
 import mmap
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 from cvmfs_format.catalog import DirEntry
 from cvmfs_format.errors import FormatError
@@ -18,6 +18,9 @@ from worker.node.cache_protocol import ObjectSpec
 from worker.repo.fetcher import Fetcher, check_stored
 from worker.repo.repository import MountedRepository, NotOnServers, RepositoryError
 from worker.repo.repository_files import UNHASHED, is_repository_file
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 log = logging.getLogger("hep_exec.cache_client")
 

@@ -17,11 +17,8 @@ from __future__ import annotations
 import _thread
 import contextlib
 import logging
-import queue
-import random
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,6 +32,8 @@ from cvmfs_format.proxies import ProxyGroups, ServerGroups, expand_servers
 
 if TYPE_CHECKING:
     import asyncio
+    import random
+    from concurrent.futures import Future
 
     from cvmfs_download.client import Downloader
     from worker.config import ExecConfig
@@ -358,6 +357,8 @@ class Fetcher:
         loop = self._require_loop()
         if threading.current_thread() is self._thread:
             raise RuntimeError("blocking fetcher call from its own event loop")
+        import queue
+
         chunks: queue.SimpleQueue[bytes | _End | None] = queue.SimpleQueue()
 
         async def download() -> int:

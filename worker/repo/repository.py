@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 from lru import LRU
@@ -37,6 +36,8 @@ from worker.ram.ramfiles import RamFileWriter
 from worker.repo.fetcher import FetchError, NotFound, object_url
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from cvmfs_format.rsa_keys import RsaPublicKey
 
 log = logging.getLogger("hep_exec.repository")
@@ -580,6 +581,14 @@ class Repositories:
             return self.keys_for(fqrn)
         except (ConfigError, FormatError, OSError) as e:  # one line each
             raise RepositoryError(errno.EIO, f"/cvmfs/{fqrn}: {e}") from None
+
+    def checks_signatures(self, fqrn: str) -> bool:
+        """Does a mount of ``fqrn`` check its signatures (it has master keys), and so read
+        its whitelist?  False also where its keys cannot be had (its mount says why)."""
+        try:
+            return bool(self._keys(fqrn))
+        except RepositoryError:
+            return False
 
     def names(self) -> list[str]:
         """What ``ls /cvmfs`` shows: configured names, else the repositories mounted so far."""

@@ -17,12 +17,12 @@ import errno
 import logging
 import os
 import stat
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.ram.ramfiles import tmpfs_mount_dir
 from worker.trace import _tmpfs
 from worker.trace.answers import NodeOps, Session
 from worker.trace.node_answers import NodeAnswers
@@ -156,13 +156,15 @@ class _ShadowTree:
         leaf = mount.strip(b"/").replace(b"/", b"_")
         try:
             try:
-                rw, ro, _ = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_OPTIONS)
+                rw, ro, _ = _tmpfs.mount(tmpfs_mount_dir(), SHADOW_TMPFS_OPTIONS)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                rw, ro, _ = _tmpfs.mount(os.fsencode(tempfile.gettempdir()), SHADOW_TMPFS_PLAIN)
+                rw, ro, _ = _tmpfs.mount(tmpfs_mount_dir(), SHADOW_TMPFS_PLAIN)
         except OSError as e:
             log.debug("shadow tree in %s: no private tmpfs (%s)", _shadow_parent(), e)
+            import tempfile  # (a shadow tree on disk: the fallback where no tmpfs could be mounted)
+
             private = tempfile.mkdtemp(prefix="hep-exec-", dir=_shadow_parent())
             plain = os.fsencode(private) + b"/" + leaf
             os.mkdir(plain, 0o755)
@@ -191,6 +193,8 @@ def _shadow_parent() -> str:
     for cand in ("/dev/shm", os.environ.get("XDG_RUNTIME_DIR", "")):
         if cand and os.path.isdir(cand) and os.access(cand, os.W_OK | os.X_OK):
             return cand
+    import tempfile
+
     return tempfile.gettempdir()
 
 
