@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.objects import Suffix, parse_object_path
@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """One set of defaults for every tool (each may set its own from its configuration)."""
 
     timeout: float = 10.0  # idle: this long with no byte is a failure
@@ -143,8 +142,7 @@ def classify_status(status: int, headers: dict[str, str], via_proxy: bool) -> Bl
     return Blame.PROXY if via_proxy else Blame.HOST
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """One way to ask: a server's base URL, through a forward proxy (None: DIRECT)."""
 
     server: str

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cvmfs_format.store import atomic_write
 
@@ -28,8 +28,7 @@ class AccessListError(ValueError):
     """A malformed access list; ``str()`` names file and line."""
 
 
-@dataclass(frozen=True, slots=True)
-class AccessEntry:
+class AccessEntry(NamedTuple):
     fqrn: str
     path: str
     key: str

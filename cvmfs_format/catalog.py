@@ -6,8 +6,7 @@ import mmap
 import sqlite3
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cvmfs_format.errors import CatalogError, FormatError
 from cvmfs_format.hashes import Algorithm, ContentHash
@@ -61,8 +60,7 @@ def required_counters(schema_revision: int) -> list[str]:
     return [f"{p}_{n}" for p in ("self", "subtree") for n in names]
 
 
-@dataclass(frozen=True, slots=True)
-class DirEntry:
+class DirEntry(NamedTuple):
     """One catalog row, with the full repository path it was looked up under."""
 
     path: str
@@ -121,15 +119,13 @@ class DirEntry:
         return Algorithm.from_flags(self.flags)
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(NamedTuple):
     offset: int
     size: int
     hash: ContentHash
 
 
-@dataclass(frozen=True, slots=True)
-class NestedRef:
+class NestedRef(NamedTuple):
     """A ``nested_catalogs`` row: mountpoint path, catalog hash, uncompressed size."""
 
     path: str

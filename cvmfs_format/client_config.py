@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cvmfs_format.errors import FormatError
 from cvmfs_format.proxies import ProxyGroups, ServerGroups, parse_proxies, parse_server_templates
@@ -41,16 +40,14 @@ _KEYWORDS |= {"fi": -1, "esac": -1, "done": -1, "}": -1}
 _KEYWORDS |= {"then": 0, "elif": 0, "else": 0, "do": 0}
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One key's value and the ``file:line`` that set it, so messages can point there."""
 
     value: str
     source: str
 
 
-@dataclass(frozen=True)
-class ClientConfig:
+class ClientConfig(NamedTuple):
     """The merged result of every file read, with what could not be read."""
 
     settings: Mapping[str, Setting]

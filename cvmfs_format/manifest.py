@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cvmfs_format.errors import FormatError, SignatureError
 from cvmfs_format.hashes import Algorithm, ContentHash
@@ -18,8 +17,7 @@ ROOT_PATH_MD5 = hashlib.md5(b"").hexdigest()
 _SEPARATOR = b"\n--\n"
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     """Parsed manifest fields; unknown keys are kept in ``extra`` and never interpreted."""
 
     root_catalog: ContentHash
@@ -35,7 +33,7 @@ class Manifest:
     garbage_collectable: bool = False
     alt_catalog_path: bool = False
     root_path_md5: str = ROOT_PATH_MD5
-    extra: tuple[tuple[str, str], ...] = field(default=())
+    extra: tuple[tuple[str, str], ...] = ()
 
     def to_body(self) -> bytes:
         """Unsigned body in the key order the current publisher writes (C B R D S G A …)."""
@@ -62,8 +60,7 @@ class Manifest:
         return ("\n".join(lines) + "\n").encode()
 
 
-@dataclass(frozen=True)
-class SignedManifest:
+class SignedManifest(NamedTuple):
     """A manifest together with the exact bytes it was read from."""
 
     manifest: Manifest

@@ -6,7 +6,7 @@ import enum
 import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cvmfs_format.errors import FormatError, IntegrityError
 from cvmfs_format.hashes import Algorithm, ContentHash
@@ -23,8 +23,7 @@ class Suffix(enum.StrEnum):
     METAINFO = "M"
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectName:
+class ObjectName(NamedTuple):
     """An object's identity as served: its content hash and type suffix."""
 
     hash: ContentHash

@@ -8,8 +8,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import SplitResult, urlsplit
 
 from cvmfs_format.errors import FormatError
@@ -113,8 +112,7 @@ def parse_server_urls(text: str | list[str], fqrn: str) -> list[str]:
     return [_check_url(u, "server") for u in urls]
 
 
-@dataclass(frozen=True)
-class ProxyGroups:
+class ProxyGroups(NamedTuple):
     """Fail-over groups of load-balanced proxies; ``None`` stands for DIRECT."""
 
     groups: tuple[tuple[str | None, ...], ...]

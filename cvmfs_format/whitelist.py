@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cvmfs_format.errors import FormatError, WhitelistError
 from cvmfs_format.hashes import Algorithm, ContentHash
@@ -18,8 +17,7 @@ _TIME_FORMAT = "%Y%m%d%H%M%S"
 _TIME_FIELDS = ((0, 4), (4, 2), (6, 2), (8, 2), (10, 2), (12, 2))  # where _TIME_FORMAT's are
 
 
-@dataclass(frozen=True)
-class Whitelist:
+class Whitelist(NamedTuple):
     created: dt.datetime
     expires: dt.datetime
     name: str

@@ -13,8 +13,8 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cvmfs_format.access_list import AccessListError, AccessRecorder, read_access_list
 from worker.config import ConfigError, ExecConfig
@@ -32,8 +32,7 @@ from worker.trace.node_answers import NodeAnswers
 log = logging.getLogger("hep_exec.session")
 
 
-@dataclass(frozen=True)
-class CheckLine:
+class CheckLine(NamedTuple):
     ok: bool
     what: str
     detail: str

@@ -20,7 +20,7 @@ from cvmfs_format.errors import (
     SignatureError,
     WhitelistError,
 )
-from cvmfs_format.manifest import Manifest, parse_manifest, sign_manifest
+from cvmfs_format.manifest import parse_manifest, sign_manifest
 from cvmfs_format.objects import Suffix, make_object
 from cvmfs_format.store import LocalRepository
 from cvmfs_format.verify import verify_repository
@@ -251,7 +251,7 @@ def test_catalog_object_that_is_not_sqlite(repo: Repo) -> None:
     h, stored = make_object(b"definitely not sqlite" * 10)
     local.write_object(h.object_path(Suffix.CATALOG), stored)
     keys, _ = load_or_create_keys(repo.keys_dir, FQRN, NOW)
-    fake = Manifest(**{**m.__dict__, "root_catalog": h})
+    fake = m._replace(root_catalog=h)
     local.write_manifest(sign_manifest(fake, keys.repository_key))
     with pytest.raises(CatalogError, match="root catalog: not an SQLite database"):
         repo.verify()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 import tarfile
@@ -148,7 +147,5 @@ def add_metainfo(repo: Repo, info: bytes) -> ContentHash:
     repo.local.write_object(h.object_path(Suffix.METAINFO), stored)
     keys, _ = load_or_create_keys(repo.keys_dir, repo.fqrn, dt.datetime.now(dt.UTC))
     manifest = parse_manifest(repo.local.read_manifest()).manifest
-    repo.local.write_manifest(
-        sign_manifest(dataclasses.replace(manifest, metainfo=h), keys.repository_key)
-    )
+    repo.local.write_manifest(sign_manifest(manifest._replace(metainfo=h), keys.repository_key))
     return h

@@ -46,8 +46,7 @@ import os
 import socket
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cvmfs_format.catalog import Chunk, DirEntry
 from cvmfs_format.errors import FormatError
@@ -68,8 +67,7 @@ class ProtocolError(ValueError):
     """A message that does not follow this protocol."""
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectSpec:
+class ObjectSpec(NamedTuple):
     """Everything the service needs to load one file object."""
 
     fqrn: str

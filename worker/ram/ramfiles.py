@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger("hep_exec.cache")
 
@@ -38,8 +38,7 @@ TMPFS_OPTIONS = b"huge=within_size,size=0,nr_inodes=0,mode=0700"
 Data = bytes | bytearray | memoryview | Sequence[bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class RamFile:
+class RamFile(NamedTuple):
     """One object's file: ``path`` is what a tracee opens to get its own read-only fd."""
 
     fd: int

@@ -19,8 +19,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from cvmfs_download.core import Kind, Settings
 from cvmfs_download.errors import DownloadError as FetchError
@@ -108,8 +107,7 @@ class FetchStats:
 SUFFIX = "/cvmfs/@fqrn@"
 
 
-@dataclass(frozen=True)
-class Routes:
+class Routes(NamedTuple):
     """Where one repository's files come from: base URLs that a request path is appended to
     (``/cvmfs/<fqrn>/…`` when ``whole_path``, else the path inside the repository), and the
     forward proxies (None: DIRECT)."""

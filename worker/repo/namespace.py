@@ -17,8 +17,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from lru import LRU
 
@@ -55,8 +54,7 @@ class RepoSet(Protocol):
     def names(self) -> list[str]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(NamedTuple):
     """What the tracer needs to answer for one path.
 
     ``path`` is the canonical path of the node (inside the mount), ``outside_path`` the path the
@@ -90,8 +88,7 @@ class Node:
         return d_type_of(self.mode)
 
 
-@dataclass(frozen=True, slots=True)
-class StatValues:
+class StatValues(NamedTuple):
     """``struct stat`` fields for a node (times: seconds + nanoseconds)."""
 
     st_dev: int

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 from worker.trace import _tmpfs
 from worker.trace.node_answers import (
@@ -95,16 +96,14 @@ _EVERYDAY_ERRNOS = frozenset(
 logging.getLogger("hep_exec").addHandler(_SAID)
 
 
-@dataclass(frozen=True)
-class Found:
+class Found(NamedTuple):
     """A path resolved to an entry inside the mount."""
 
     path: bytes
     node: Node
 
 
-@dataclass(frozen=True)
-class Outside:
+class Outside(NamedTuple):
     """A path that leaves the mount (``..`` or a symlink): the kernel resolves the rest."""
 
     path: bytes
@@ -123,8 +122,7 @@ def _perm_ok(node: Node, want: int, uid: int) -> bool:
 Put = tuple[int, list[bytes], list[tuple[bytes, bytes]]]
 
 
-@dataclass(frozen=True)
-class NodeOps:
+class NodeOps(NamedTuple):
     """The C side's handling of answers shared with the node's jobs (worker/trace/_trap.c)."""
 
     pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes]

@@ -33,6 +33,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 log = logging.getLogger("hep_exec.answers")
 
@@ -199,8 +200,7 @@ class AnswerTables:
             return {fqrn: table.size for (fqrn, _root), table in self._tables.items()}
 
 
-@dataclass(frozen=True)
-class Revision:
+class Revision(NamedTuple):
     """A mounted revision's answers from the node: ``within`` (the repository's mount path)
     and its table, as the service gave it (a job maps the service's memfd).  The C side reads
     it where it lies (worker/trace/_trap.c, put_table): the first directories put at once, up to

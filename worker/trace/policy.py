@@ -15,9 +15,8 @@ from __future__ import annotations
 import stat
 from collections.abc import Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class Kind(IntEnum):
@@ -32,8 +31,7 @@ class Kind(IntEnum):
     SOCK = stat.S_IFSOCK
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(NamedTuple):
     """One catalog entry, as stat(2) shows it (uid/gid are the caller's, st_dev the tracer's).
 
     ``target`` is the symlink target already expanded for the asking process (variant
@@ -54,8 +52,7 @@ class Node:
     xattrs: bytes = b""  # published extended attributes: a CVMFS xattr blob (or empty)
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(NamedTuple):
     """Where the kernel can open a file's bytes, e.g. ``/proc/<pid>/fd/<n>`` of a memfd.
 
     ``stable`` promises that the same path stays valid (same content) for the rest of the
@@ -66,8 +63,7 @@ class Opened:
     stable: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One directory entry for getdents64 (d_type comes from ``kind``)."""
 
     name: bytes

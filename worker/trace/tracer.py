@@ -19,8 +19,8 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from worker.ram.ramfiles import tmpfs_mount_dir
 from worker.trace import _tmpfs
@@ -37,8 +37,7 @@ class TracerUnavailable(RuntimeError):
     """ptrace or seccomp cannot be used here (container policy, Yama, old kernel)."""
 
 
-@dataclass(frozen=True)
-class Stats:
+class Stats(NamedTuple):
     """What the trap loop did: trapped syscalls per name, and how each was answered."""
 
     trapped: dict[str, int]
@@ -100,8 +99,7 @@ class Stats:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """Exit status of the command (128+N if killed by signal N) and the loop's statistics."""
 
     status: int
@@ -132,8 +130,7 @@ SHADOW_TMPFS_OPTIONS = b"huge=within_size,size=0,nr_inodes=0,mode=0755"
 SHADOW_TMPFS_PLAIN = b"size=0,nr_inodes=0,mode=0755"  # a kernel without huge pages for tmpfs
 
 
-@dataclass(frozen=True)
-class _ShadowTree:
+class _ShadowTree(NamedTuple):
     """The shadow tree of one run, under the three names it goes by.
 
     Where unprivileged user namespaces allow it, it lives on a private tmpfs that exists only
