@@ -52,17 +52,6 @@ def fd_path(fd: int) -> str:
     return f"/proc/{os.getpid()}/fd/{fd}"
 
 
-def tmpfs_mount_dir() -> bytes:
-    """The directory a private tmpfs is mounted on (``_tmpfs.mount``), in a mount namespace of
-    its own: any existing one does, nothing is written there.  /tmp, found without tempfile's
-    probe (its import and a file made and removed: ~2 ms of every job's start)."""
-    if os.path.isdir("/tmp"):
-        return b"/tmp"
-    import tempfile
-
-    return os.fsencode(tempfile.gettempdir())
-
-
 def named_path(dir_fd: int, name: str) -> str:
     """A file by name in a directory we hold an fd of: valid while the name exists, so it can
     never lead to another object; the tracer opens it with openat(dir_fd, name), which is
@@ -240,6 +229,7 @@ class RamFiles:
 
     def _mount(self) -> str:
         from worker.trace import _tmpfs
+        from worker.trace.tracer import tmpfs_mount_dir
 
         try:
             rw, ro, _ = _tmpfs.mount(tmpfs_mount_dir(), TMPFS_OPTIONS)
