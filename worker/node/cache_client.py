@@ -54,6 +54,11 @@ _META_MAX = 1 << 30  # bytes of one repository file handed over as stored
 _ANSWERS_TIMEOUT = 10.0  # a revision's answers ahead: a memfd the service has at hand
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _START_TIMEOUT = 30.0
+# A table of the node's answers or a catalog, mapped with its pages (MAP_POPULATE): the
+# receiving thread maps the ~2,300 pages of a 9 MiB table in one call while the mount goes on,
+# rather than the program's first call faulting them in one by one as it puts the table
+# (_trap.put_table 3.3-3.4 -> 2.9 ms here).  Either is read whole, so no page is mapped in vain.
+_MAP_FLAGS = mmap.MAP_SHARED | mmap.MAP_POPULATE
 
 
 class _MetaWait:
@@ -685,8 +690,8 @@ class CacheClient:
                         raise ProtocolError(f"{msg.get('op')}: {len(data)} bytes, not {size}")
                 elif os.fstat(fds[0]).st_size != size:  # sealed: it cannot change after this
                     raise ProtocolError(f"{msg.get('op')}: the memfd does not hold {size} bytes")
-                else:
-                    data = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
+                else:  # its pages mapped now, on this thread (see _MAP_FLAGS)
+                    data = mmap.mmap(fds[0], size, _MAP_FLAGS, mmap.PROT_READ) if size else b""
         finally:
             for fd in fds:
                 os.close(fd)
