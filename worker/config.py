@@ -79,7 +79,7 @@ class ExecConfig:
     prefetch_concurrency: int = 16
     # of the node's answers for a revision, what a job puts when it mounts it (the rest: a
     # directory at a time, when the job first comes to it; worker/trace/node_answers.py)
-    eager_answers: int = 1 << 20
+    eager_answers: int = 4 << 20
     cache_daemon: bool = False  # run the cache service itself instead of a command
     config_file: Path | None = None
     # the site's CernVM-FS configuration directory (None: not read); what it gave for every
@@ -688,7 +688,7 @@ def _arg_parser() -> _Parser:
         metavar="SIZE",
         help="of what the node's earlier jobs learnt about a repository revision, how much "
         "a job takes when it mounts it; the rest a directory at a time "
-        "[HEP_EXEC_EAGER_ANSWERS, 1M]",
+        "[HEP_EXEC_EAGER_ANSWERS, 4M]",
     )
     a(
         "--cache-daemon",
