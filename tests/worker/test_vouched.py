@@ -21,7 +21,7 @@ from cvmfs_format.errors import FormatError
 from cvmfs_format.verify import recheck_ensemble, verify_ensemble
 from cvmfs_format.whitelist import load_public_key
 from tests.support.hep_exec import CLI
-from tests.support.node_cache import kill_service
+from tests.support.node_cache import kill_service, service_stats
 from tests.support.repos import Repo, publish_tree
 from tests.support.store_server import StoreServer
 from tests.support.tracing import env_with, needs_ptrace
@@ -105,10 +105,14 @@ def test_a_later_job_takes_what_an_earlier_one_verified_and_only_that(
             assert r.returncode == 0 and r.stdout == "vouched for\n", r.stderr
         assert "signature verified)" in first.stderr and BY_NODE not in first.stderr
         assert BY_NODE in second.stderr, second.stderr
+        # the first job asked whether its ensemble was vouched for; the second was told at
+        # its hello, with no question (a round trip of its mount)
+        assert service_stats(node).get("vouched_asked") == 1
         # a job with other master keys verifies for itself: and these do not verify it
         stranger = job(other.master_pub)
         assert stranger.returncode != 0 and stranger.stdout == "", stranger.stderr
         assert "does not verify" in stranger.stderr and BY_NODE not in stranger.stderr
+        assert service_stats(node).get("vouched_asked") == 2  # not vouched for: it asked
         # a manifest changed on the server is not the one vouched for: verified, refused
         published = repo.dir / ".cvmfspublished"
         good = published.read_bytes()

@@ -5,10 +5,10 @@ Transport: an AF_UNIX SOCK_SEQPACKET socket, so every message is one datagram-si
 ancillary data. Requests carry ``op``; every message from the service carries the ``op`` it
 answers, so a client can keep several requests in flight and read them on one thread:
 
-- ``hello`` {version} -> {op, ok, pid, version, named, table} (+ with ``named``, one fd: the
-  service's read-only tmpfs directory, where its objects can be opened by name; a finished
-  object is also found there under its key, which a job may try with no request at all;
-  then, with ``table``, one fd: a file for the job's in-process answers table, made and
+- ``hello`` {version} -> {op, ok, pid, version, named, table, vouched, …} (+ with ``named``,
+  one fd: the service's read-only tmpfs directory, where its objects can be opened by name;
+  a finished object is also found there under its key, which a job may try with no request
+  at all; then, with ``table``, one fd: a file for the job's in-process answers table, made and
   faulted in while no job ran, the job's to use or close: worker/node/table_pool.py)
 - ``open`` {object} -> {op, ok, key, size, name} + one fd, or {op, ok: false, key, errno,
   error}; answered out of order (a miss does not hold up later requests); ``name``: the
@@ -25,7 +25,9 @@ answers, so a client can keep several requests in flight and read them on one th
 - ``vouch`` {digest} -> no reply: the job verified the signatures of a repository's manifest
   and whitelist with its master keys (worker.repo.repository.ensemble_digest names all three)
 - ``vouched`` {digest} -> {op, ok, digest, known}: did a job of the node vouch for it?  (The
-  service is the user's own: a job that trusts it with objects may trust it with this.)
+  service is the user's own: a job that trusts it with objects may trust it with this.)  The
+  ``hello`` reply names the newest ensembles vouched for (``vouched``: [digest, …]), so a job
+  mounting one of those asks nothing
 - ``stats`` -> {op, ok, ...counters}
 - ``dispose`` {} + one fd -> no reply: the last reference to something of the job's whose
   teardown takes time (its shadow tree's private tmpfs: ~4 ms for a warm import's), closed

@@ -79,6 +79,7 @@ from worker.trace.node_answers import AnswerTables, FrameError, valid_table_name
 log = logging.getLogger("hep_exec.cache_service")
 
 MAX_VOUCHED = 1024  # ensembles vouched for (one per repository revision and key set)
+HELLO_VOUCHED = 64  # the newest of them, told to each job as it connects
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -337,6 +338,7 @@ class CacheService:
                         self._vouched.popitem(last=False)
                     return
                 known = digest in self._vouched
+            self.counters["vouched_asked"] += 1
             self._send(conn, {"op": "vouched", "ok": True, "digest": digest, "known": known})
         elif op == "stats":
             self._send(conn, {"op": "stats", "ok": True, **self.stats()})
@@ -350,6 +352,8 @@ class CacheService:
             # name, which the tracer does faster than reopening an fd number through /proc
             shared = self.cache.files.shared_dir
             table = self.tables.take()
+            with self._vouch_lock:
+                vouched = list(self._vouched)[-HELLO_VOUCHED:]
             hello = {
                 "op": "hello",
                 "ok": True,
@@ -360,6 +364,7 @@ class CacheService:
                 "named": shared is not None,
                 "table": table is not None,
                 "dispose": True,
+                "vouched": vouched,  # (a job mounting one of these asks nothing more)
             }
             fds = [fd for fd in (shared, table) if fd is not None]
             try:
