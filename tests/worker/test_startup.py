@@ -113,3 +113,21 @@ def test_the_collector_is_paused_for_the_start_only(tmp_path: Path) -> None:
     assert said["usage"] == (2, ["True", "0"]), said
     rc, (enabled, frozen) = said["job"]
     assert rc == 0 and enabled == "True" and int(frozen) > 10_000, said
+
+
+def test_the_interpreter_starts_with_no_import_hook_of_ours(tmp_path: Path) -> None:
+    # An editable install of a flat layout used to be an import hook in a .pth file, which
+    # imported pathlib, fnmatch, urllib.parse and ipaddress into every start of the venv's
+    # python (~15 ms of hep-exec's own start, and of every job's python, on the test VM);
+    # pyproject's package-dir makes it one path.  The project must still import from anywhere.
+    probe = (
+        "import sys; print(','.join(m for m in ('pathlib', 'fnmatch', 'urllib.parse') "
+        "if m in sys.modules)); import worker.cli, hep_cli; print(worker.cli.__file__)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    hooked, where = r.stdout.splitlines()
+    assert hooked == "", f"imported by the interpreter's start: {hooked}"
+    assert where.endswith("/worker/cli.py"), where
