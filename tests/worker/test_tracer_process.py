@@ -9,6 +9,7 @@ and served by nginx on loopback; the others drive the tracer with the host-direc
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,6 +201,36 @@ def test_command_not_found_is_127(repo: Path) -> None:
     r = traced(repo, ["/nonexistent/cmd"])
     assert r.returncode == 127
     assert "/nonexistent/cmd" in r.stderr
+
+
+def _script(path: Path, body: str, mode: int = 0o755) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body)
+    path.chmod(mode)
+
+
+def test_the_command_is_found_where_execvp_finds_it(trap_mode: str, tmp_path: Path) -> None:
+    # The tracer looks along PATH with access() (a notification answered in C), not with
+    # failed execve calls (each a ptrace stop); what it runs must be what execvp runs.
+    tree, a, b, c = (tmp_path / d for d in ("tree", "a", "b", "c"))
+    _script(tree / "bin" / "tool", "#!/bin/sh\necho cvmfs\n")
+    _script(a / "tool", "#!/bin/sh\necho a\n", 0o644)  # there, but not executable
+    _script(b / "tool", "#!/bin/sh\necho b\n")
+    _script(c / "plain", "echo c\n")  # no #!: execvp runs it with /bin/sh
+    for path, cmd, cwd, says in (
+        (f"{MOUNT}/bin:{b}", "tool", None, "cvmfs"),  # /cvmfs first
+        (f"/nonexistent:{a}:{b}", "tool", None, "b"),  # a's has no x bit: on to b's
+        (f"/nonexistent:{c}", "plain", None, "c"),
+        (f"/nonexistent::{b}", "plain", c, "c"),  # an empty entry: the working directory
+    ):
+        r = traced(tree, [cmd], env={"PATH": path}, cwd=cwd)
+        assert (r.returncode, r.stdout.strip()) == (0, says), (path, r.stderr)
+    r = traced(tree, ["tool"], env={"PATH": f"/n1:/n2/x:{a}/tool/x:{b}"}, stats=True)
+    assert r.stdout.strip() == "b", r.stderr
+    execs = re.search(r"^\s*execve\s+(\d+)$", r.stderr, re.MULTILINE)
+    assert execs and execs[1] == "1", r.stderr  # one stop: the exec that ran
+    r = traced(tree, ["nosuchtool"], env={"PATH": f"/n1:{b}"})
+    assert r.returncode == 127, r.stderr
 
 
 STOP_AND_SIGNALS = """
