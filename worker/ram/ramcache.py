@@ -14,7 +14,6 @@ import logging
 import resource
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from lru import LRU
 
@@ -58,16 +57,16 @@ class CachedObject:
         return f"CachedObject({self.key!r}, fd={self.fd}, size={self.size}, refs={self.refs})"
 
 
-@dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    waits: int = 0
-    bytes_loaded: int = 0
-    evictions: int = 0
-    bytes_evicted: int = 0
-    full: int = 0
-    load_errors: int = 0
+    """Counters of a RAM cache.  Not a dataclass: every job's start defines it, and the
+    generated methods of one cost ~0.5 ms there."""
+
+    __slots__ = ("bytes_evicted", "bytes_loaded", "evictions", "full", "hits", "load_errors",
+                 "misses", "waits")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.waits = self.bytes_loaded = 0
+        self.evictions = self.bytes_evicted = self.full = self.load_errors = 0
 
 
 def default_max_objects() -> int:

@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -139,40 +138,43 @@ class NodeOps(NamedTuple):
     expect: Callable[[int], None]  # the in-process table is sized for so many bytes of them
 
 
-@dataclass
 class Session:
-    """One run: the policy, the shadow tree and the answers given so far."""
+    """One run: the policy, the shadow tree and the answers given so far.  (A plain class, not
+    a dataclass: every job's start defines it, and its generated methods were ~0.8 ms of that.)"""
 
-    policy: Policy
-    mount: bytes
-    shadow: bytes  # where tracees find the shadow tree (redirect targets)
-    shadow_write: bytes = b""  # where we write it (a read-write view; default: ``shadow``)
-    # hands the C side answers before they are asked for (worker.trace._trap.put during a run)
-    put: Callable[[list[tuple[int, int, bytes, Action]]], int] | None = None
-    # answers ahead shared with the node's other jobs (worker/trace/node_answers.py), and the C
-    # side's packing of them (worker.trace._trap.pack / put_table)
-    node_answers: NodeAnswers | None = None
-    node_ops: NodeOps | None = None
-    uid: int = field(default_factory=os.getuid)
-    gid: int = field(default_factory=os.getgid)
-    dev: int = 0
-    _nodes: dict[bytes, Node | int] = field(default_factory=dict)
-    _populated: set[bytes] = field(default_factory=set)
-    _answered_ahead: set[bytes] = field(default_factory=set)  # directories given to ``put``
-    _opened_ahead: set[bytes] = field(default_factory=set)  # ... with their files' opens
-    _resolved: dict[tuple[bytes, bool], Found | Outside | int] = field(default_factory=dict)
-    _exe_paths: dict[bytes, bytes] = field(default_factory=dict)  # exec'd file -> /cvmfs path
-    _opened_as: dict[bytes, bytes] = field(default_factory=dict)  # RAM file -> /cvmfs path
-    answering: int = 0  # the thread answering a call, while it does
-    # opens put from the node's answers: (object file, /cvmfs path) lists, and those of them
-    # put during the call being answered
-    _notes_put: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
-    _just_put: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._mparts = self.mount.strip(b"/").split(b"/")
-        self.dev = os.stat(self.shadow).st_dev
-        self.shadow_write = self.shadow_write or self.shadow
+    def __init__(
+        self,
+        policy: Policy,
+        mount: bytes,
+        shadow: bytes,  # where tracees find the shadow tree (redirect targets)
+        shadow_write: bytes = b"",  # where we write it (a read-write view; default: ``shadow``)
+        # hands the C side answers before they are asked for (worker.trace._trap.put in a run)
+        put: Callable[[list[tuple[int, int, bytes, Action]]], int] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.mount = mount
+        self.shadow = shadow
+        self.shadow_write = shadow_write or shadow
+        self.put = put
+        # answers shared with the node's other jobs, and the C side's packing: set by the run
+        self.node_answers: NodeAnswers | None = None
+        self.node_ops: NodeOps | None = None
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.dev = os.stat(shadow).st_dev
+        self._mparts = mount.strip(b"/").split(b"/")
+        self._nodes: dict[bytes, Node | int] = {}
+        self._populated: set[bytes] = set()
+        self._answered_ahead: set[bytes] = set()  # directories given to ``put``
+        self._opened_ahead: set[bytes] = set()  # ... with their files' opens
+        self._resolved: dict[tuple[bytes, bool], Found | Outside | int] = {}
+        self._exe_paths: dict[bytes, bytes] = {}  # exec'd file -> /cvmfs path
+        self._opened_as: dict[bytes, bytes] = {}  # RAM file -> /cvmfs path
+        self.answering = 0  # the thread answering a call, while it does
+        # opens put from the node's answers: (object file, /cvmfs path) lists, and those of
+        # them put during the call being answered
+        self._notes_put: list[list[tuple[bytes, bytes]]] = []
+        self._just_put: list[list[tuple[bytes, bytes]]] = []
 
     # ---- the walk -------------------------------------------------------------------
 

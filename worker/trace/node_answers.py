@@ -32,7 +32,6 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 log = logging.getLogger("hep_exec.answers")
@@ -124,11 +123,16 @@ def valid_table_name(fqrn: object, root: object) -> bool:
     )
 
 
-@dataclass
 class _Table:
-    parts: dict[bytes, bytes] = field(default_factory=dict)
-    size: int = 0
-    joined: bytes | None = None  # what ``get`` gives, until the next ``add``
+    """One revision's answers in parts.  Not a dataclass: every job's start defines it, and the
+    generated methods of one cost ~0.5 ms there."""
+
+    __slots__ = ("joined", "parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: dict[bytes, bytes] = {}
+        self.size = 0
+        self.joined: bytes | None = None  # what ``get`` gives, until the next ``add``
 
 
 class AnswerTables:
