@@ -353,11 +353,13 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
             return PyErr_Format(PyExc_OSError, "cannot start the notification thread");
         }
     }
+    /* The handler before "go": the child's first calls (exec_command's access() along PATH)
+     * may be notifications on a /cvmfs path, answered by the notification threads at once. */
+    handler = h;
+    Py_INCREF(handler);
     if (write(go[1], "g", 1) != 1) {}
     close(go[1]);
 
-    handler = h;
-    Py_INCREF(handler);
     int exit_status = -1;
     long spin_ns = spin_us * 1000L, gap_ns = 0;
     PyObject *failure = NULL, *f_val = NULL, *f_tb = NULL;
