@@ -166,9 +166,6 @@ class _Member:
         self.group = group
         self.avoid_until = avoid_until
 
-    def __repr__(self) -> str:
-        return f"_Member({self.url!r}, {self.group}, {self.avoid_until})"
-
 
 def _members(groups: Sequence[Sequence[str | None]]) -> list[_Member]:
     return [_Member(m, i) for i, group in enumerate(groups) for m in group]

@@ -64,7 +64,7 @@ static void exec_command(char **argv)
     const char *file = argv[0], *path = getenv("PATH");
     size_t fl = strlen(file);
     char cand[MAXPATH];
-    if (path && *file && !strchr(file, '/') && fl < 256) {
+    if (path && *file && !strchr(file, '/') && fl <= 255 /* NAME_MAX */) {
         for (const char *p = path;; p++) {
             const char *end = strchrnul(p, ':');
             size_t dl = (size_t)(end - p);
