@@ -80,6 +80,9 @@ class ExecConfig:
     # of the node's answers for a revision, what a job puts when it mounts it (the rest: a
     # directory at a time, when the job first comes to it; worker/trace/node_answers.py)
     eager_answers: int = 4 << 20
+    # a cold file's small siblings fetched with it, at most this many per directory (0: off;
+    # worker/node/readahead.py)
+    dir_readahead: int = 64
     cache_daemon: bool = False  # run the cache service itself instead of a command
     config_file: Path | None = None
     # the site's CernVM-FS configuration directory (None: not read); what it gave for every
@@ -247,6 +250,13 @@ def _parse_concurrency(text: str) -> int:
     return v
 
 
+def _parse_readahead(text: str) -> int:
+    v = _parse_int(text)
+    if not 0 <= v <= 4096:
+        raise ValueError(f"{text!r}: must be between 0 (off) and 4096")
+    return v
+
+
 def _parse_mount(text: str) -> str:
     t = "/" + "/".join(p for p in text.split("/") if p)
     if not text.startswith("/") or t == "/" or any(p in (".", "..") for p in t.split("/")):
@@ -281,6 +291,7 @@ _OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "prefetch_path": (_parse_path, "PREFETCH"),
     "prefetch_concurrency": (_parse_concurrency, "PREFETCH_CONCURRENCY"),
     "eager_answers": (parse_size, "EAGER_ANSWERS"),
+    "dir_readahead": (_parse_readahead, "DIR_READAHEAD"),
 }
 # YAML keys: the flag spelling (``proxy``, ``ram``, ``log-level`` or ``log_level`` …)
 _YAML_KEYS = {
@@ -312,6 +323,7 @@ _YAML_KEYS = {
     "prefetch": "prefetch_path",
     "prefetch_concurrency": "prefetch_concurrency",
     "eager_answers": "eager_answers",
+    "dir_readahead": "dir_readahead",
 }
 _FILE_NAMES = {
     "servers": "server",
@@ -346,6 +358,7 @@ _FLAG_NAMES = {
     "prefetch_path": "--prefetch",
     "prefetch_concurrency": "--prefetch-concurrency",
     "eager_answers": "--eager-answers",
+    "dir_readahead": "--dir-readahead",
 }
 
 
@@ -689,6 +702,13 @@ def _arg_parser() -> _Parser:
         help="of what the node's earlier jobs learnt about a repository revision, how much "
         "a job takes when it mounts it; the rest a directory at a time "
         "[HEP_EXEC_EAGER_ANSWERS, 4M]",
+    )
+    a(
+        "--dir-readahead",
+        dest="dir_readahead",
+        metavar="N",
+        help="when a file the node does not hold is opened, fetch up to N of its directory's "
+        "small files with it (0: off) [HEP_EXEC_DIR_READAHEAD, 64]",
     )
     a(
         "--cache-daemon",

@@ -20,6 +20,7 @@ from cvmfs_format.access_list import AccessListError, AccessRecorder, read_acces
 from worker.config import ConfigError, ExecConfig
 from worker.node.cache_client import CacheClient, SharedObject
 from worker.node.prefetch import Prefetch
+from worker.node.readahead import DirReadahead, Limits
 from worker.node.service_source import ServiceFirst, open_shared
 from worker.ram.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
 from worker.ram.ramfiles import RamFiles, RamFilesError, named_path
@@ -101,6 +102,12 @@ class WorkerSession:
             self.repos.on_mounting = self.node_answers.mounting_soon
             self.repos.on_root = self.node_answers.ahead
             self.node_answers.settle = self._settle
+        # a cold file's siblings fetched with it, by the service
+        self.readahead: DirReadahead | None = None
+        if config.dir_readahead and self.shared is not None:
+            limits = Limits(files=config.dir_readahead)
+            ra = self.readahead = DirReadahead(self.repos, self.shared.prefetch, limits)
+            self.shared.on_fetched = lambda spec: ra.fetched(spec.fqrn, spec.path)
         if prefetch_list:
             self.prefetch = Prefetch(
                 prefetch_list, self.repos, self.shared, config.prefetch_concurrency
@@ -203,6 +210,8 @@ class WorkerSession:
     def close(self) -> None:
         if self.prefetch is not None:
             self.prefetch.cancel()
+        if self.readahead is not None:
+            self.readahead.close()
         if self.recorder is not None and self.config.record_path is not None:
             try:
                 self.recorder.write(self.config.record_path)
@@ -316,6 +325,12 @@ class WorkerSession:
             )
         if self.prefetch is not None:
             out.append(f"prefetch: {dict(self.prefetch.counts)}")
+        if self.readahead is not None and self.readahead.directories:
+            ra = self.readahead
+            out.append(
+                f"read ahead: {ra.asked} objects of {ra.directories} directories "
+                "(a file there had to be fetched)"
+            )
         for name, repo in sorted(self.repos.mounted().items()):
             out.append(
                 f"repository {name}: revision {repo.revision}, "

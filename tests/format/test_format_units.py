@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cvmfs_format import objects
 from cvmfs_format.errors import FormatError, IntegrityError
 from cvmfs_format.hashes import Algorithm, ContentHash
 from cvmfs_format.manifest import parse_manifest
@@ -81,27 +84,57 @@ def test_known_objects() -> None:
     assert h.hex == "d85ab7e835750785b0535d4fbba7d59e921b1f48"
 
 
+@contextlib.contextmanager
+def inflating_with(backend: str) -> Iterator[None]:
+    """Objects inflated by ISA-L (``isal``, the default) or by zlib (the fallback where isal
+    cannot be imported): both must give the same bytes and the same errors."""
+    if backend == "isal":
+        pytest.importorskip("isal", reason="isal not installed (pip install isal)")
+    saved = objects._backend
+    objects._backend = None
+    if backend == "zlib":
+        objects._backend = (zlib.decompressobj, (zlib.error,))
+    try:
+        yield
+    finally:
+        objects._backend = saved
+
+
+BACKENDS = pytest.mark.parametrize("backend", ["isal", "zlib"])
+
+
+@BACKENDS
 @given(st.binary(max_size=50_000), st.integers(1, 5000), st.sampled_from(list(Algorithm)))
-def test_stream_verifier_any_chunking(data: bytes, step: int, algorithm: Algorithm) -> None:
+def test_stream_verifier_any_chunking(
+    backend: str, data: bytes, step: int, algorithm: Algorithm
+) -> None:
     h, stored = make_object(data, algorithm)
-    v = StreamVerifier(h)
-    out = b"".join(v.feed(stored[i : i + step]) for i in range(0, len(stored), step))
-    assert out + v.finish() == data
+    with inflating_with(backend):
+        v = StreamVerifier(h)
+        out = b"".join(v.feed(stored[i : i + step]) for i in range(0, len(stored), step))
+        assert out + v.finish() == data
 
 
-def test_stream_verifier_mismatch_raises() -> None:
+@BACKENDS
+def test_stream_verifier_mismatch_raises(backend: str) -> None:
     h, stored = make_object(b"payload" * 100)
     bad = bytearray(stored)
     bad[-1] ^= 1
-    with pytest.raises(IntegrityError, match="content hash mismatch"):
-        verify_object(bytes(bad), h, "obj")
-    with pytest.raises(IntegrityError, match="truncated|mismatch"):
-        verify_object(stored[:-3], h)
-    wrong = ContentHash.of(zlib.compress(b"x"))
-    with pytest.raises(IntegrityError):
-        verify_object(zlib.compress(b"y"), wrong)
+    with inflating_with(backend):
+        with pytest.raises(IntegrityError, match="content hash mismatch"):
+            verify_object(bytes(bad), h, "obj")
+        with pytest.raises(IntegrityError, match="truncated|mismatch"):
+            verify_object(stored[:-3], h)
+        wrong = ContentHash.of(zlib.compress(b"x"))
+        with pytest.raises(IntegrityError):
+            verify_object(zlib.compress(b"y"), wrong)
+        # its hash is right, its stream is not: said as corrupt data, in one line
+        not_zlib = b"not zlib" + stored
+        with pytest.raises(IntegrityError, match=r"^obj: corrupt zlib data \("):
+            verify_object(not_zlib, ContentHash.of(not_zlib), "obj")
 
 
+@BACKENDS
 @given(
     st.one_of(
         st.binary(max_size=3 * INFLATE_IN),
@@ -109,17 +142,26 @@ def test_stream_verifier_mismatch_raises() -> None:
     ),
     st.binary(max_size=8),
 )
-def test_inflate_pieces_equal_the_whole(data: bytes, trailer: bytes) -> None:
+def test_inflate_pieces_equal_the_whole(backend: str, data: bytes, trailer: bytes) -> None:
     stored = zlib.compress(data, 6)
-    pieces = list(inflate_pieces(stored + trailer, "obj", len(data)))
-    assert b"".join(pieces) == data
-    assert all(len(p) <= INFLATE_OUT for p in pieces)  # memory for one piece at a time
-    if data:
-        with pytest.raises(FormatError, match=f"^obj: decompresses to more than {len(data) - 1} "):
-            list(inflate_pieces(stored, "obj", len(data) - 1))
+    with inflating_with(backend):
+        pieces = list(inflate_pieces(stored + trailer, "obj", len(data)))
+        assert b"".join(pieces) == data
+        assert all(len(p) <= INFLATE_OUT for p in pieces)  # memory for one piece at a time
+        if data:
+            with pytest.raises(
+                FormatError, match=f"^obj: decompresses to more than {len(data) - 1} "
+            ):
+                list(inflate_pieces(stored, "obj", len(data) - 1))
 
 
-def test_inflate_pieces_refuses_bad_streams_in_one_line() -> None:
+@BACKENDS
+def test_inflate_pieces_refuses_bad_streams_in_one_line(backend: str) -> None:
+    with inflating_with(backend):
+        refuses_bad_streams()
+
+
+def refuses_bad_streams() -> None:
     stored = zlib.compress(bytes(range(256)) * 1000)
     with pytest.raises(FormatError, match="^a/b: truncated zlib stream$"):
         list(inflate_pieces(stored[:-10], "a/b"))

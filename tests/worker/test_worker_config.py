@@ -228,6 +228,22 @@ def test_node_cache_options_defaults_and_sources(tmp_path: Path) -> None:
     assert parse(["--cache-daemon", "--server", "http://p:1"]).cache_daemon  # needs no command
 
 
+def test_dir_readahead_from_flag_env_and_file_and_its_bounds(tmp_path: Path) -> None:
+    """``--dir-readahead N`` (64; 0: off) from the flag, HEP_EXEC_DIR_READAHEAD or the file's
+    ``dir_readahead``; a value out of range is one line naming the option."""
+    base = ["--server", "http://p:1"]
+    assert parse([*base, "--", "true"]).dir_readahead == 64
+    assert parse([*base, "--dir-readahead", "0", "--", "true"]).dir_readahead == 0
+    assert parse([*base, "--", "true"], {"HEP_EXEC_DIR_READAHEAD": "8"}).dir_readahead == 8
+    conf = tmp_path / "c.yaml"
+    conf.write_text("server: http://p:1\ndir_readahead: 16\n")
+    assert parse(["--config", str(conf), "--", "true"]).dir_readahead == 16
+    for bad in ("-1", "5000", "many"):
+        with pytest.raises(ConfigError, match="--dir-readahead") as e:
+            parse([*base, "--dir-readahead", bad, "--", "true"])
+        assert "\n" not in str(e.value)
+
+
 def test_servers_and_forward_proxies_as_cvmfs_names_them() -> None:
     cfg = parse(
         [

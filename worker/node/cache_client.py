@@ -20,7 +20,7 @@ import socket
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +172,11 @@ def start_service(config: ExecConfig, directory: Path) -> None:
 class _Wait:
     """Threads waiting for one key's ``open`` reply (or push): how many, and the outcome."""
 
-    __slots__ = ("count", "done", "error", "obj")
+    __slots__ = ("count", "done", "error", "fetched", "obj")
 
     def __init__(self) -> None:
         self.count = 0
+        self.fetched = False  # the service had to fetch it (not cached on this node)
         self.done = threading.Event()
         self.obj: SharedObject | None = None
         self.error: tuple[int, str, bool] | None = None
@@ -209,6 +210,8 @@ class CacheClient:
         self.opens = 0  # objects received from the service
         self.local_hits = 0  # opens answered from what we held already
         self.pushed = 0  # objects received from a prefetch
+        # told of each object the service had to fetch for our open (worker.node.readahead)
+        self.on_fetched: Callable[[ObjectSpec], None] | None = None
         self.fallbacks = 0
         self._lock = threading.Lock()
         self._objects: dict[str, SharedObject] = {}  # every object we hold an fd of
@@ -378,6 +381,8 @@ class CacheClient:
             except OSError as e:
                 self._mark_gone(e)
         wait.done.wait()
+        if ask and wait.fetched and self.on_fetched is not None:
+            self.on_fetched(spec)
         if wait.error is not None:
             err, message, missing = wait.error
             if missing:  # the service asked the same servers as ours: no use asking again
@@ -654,7 +659,8 @@ class CacheClient:
             self._meta_reply(msg, fds, key, MAX_CATALOG_BYTES, mapped=True)
             return
         if op == "open" and msg.get("ok") and len(fds) == 1:
-            self._received(str(msg["key"]), int(msg["size"]), fds[0], msg.get("name"), False)
+            key, size, fetched = str(msg["key"]), int(msg["size"]), msg.get("fetched") is True
+            self._received(key, size, fds[0], msg.get("name"), False, fetched)
             return
         for fd in fds:
             os.close(fd)
@@ -714,7 +720,9 @@ class CacheClient:
             wait.data, wait.error = data, error
             wait.done.set()
 
-    def _received(self, key: str, size: int, fd: int, name: object, pushed: bool) -> None:
+    def _received(
+        self, key: str, size: int, fd: int, name: object, pushed: bool, fetched: bool = False
+    ) -> None:
         """An object's fd arrived: hand it to whoever waits, or keep it idle."""
         path = None
         if isinstance(name, str) and self.names_dir is not None:
@@ -740,6 +748,7 @@ class CacheClient:
                 if wait is not None:
                     obj.refs = wait.count
                     wait.obj = obj
+                    wait.fetched = fetched
                     wait.done.set()
                 else:
                     self._idle[key] = obj

@@ -64,7 +64,7 @@ from worker.node.rendezvous import (
 )
 from worker.node.table_pool import TablePool
 from worker.ram.ramcache import CachedObject, CacheFull, RamCache, raise_fd_limit
-from worker.ram.ramfiles import RamFiles, RamFilesError, fill_sealed_memfd
+from worker.ram.ramfiles import RamFiles, RamFilesError, RamFileWriter, fill_sealed_memfd
 from worker.repo.fetcher import Fetcher, FetchError, object_url
 from worker.repo.repository import (
     NotOnServers,
@@ -140,6 +140,10 @@ class CacheService:
         # prefetch_concurrency in flight), a finisher turns their bytes into RAM files and pushes
         # them; no thread per fetch. Cache hits and chunked files go through ``_pool``.
         self._slots = threading.Semaphore(config.prefetch_concurrency)
+        # prefetches on their way, until their RAM file is made: an open of one waits for its
+        # bytes instead of fetching it again (the download client collapses two requests only
+        # while both are in flight, not once the first has its bytes)
+        self._fetching: dict[str, Future[Any]] = {}
         self._feed: queue.SimpleQueue[tuple[ObjectSpec, _Conn | None] | None] = queue.SimpleQueue()
         self._fetched: queue.SimpleQueue[_Fetch | None] = queue.SimpleQueue()
         for target, name in ((self._feeder, "cache-feeder"), (self._finisher, "cache-finisher")):
@@ -387,9 +391,11 @@ class CacheService:
             if not conn.closed:
                 conn.sock.send(encode(msg))
 
-    def _hand_over(self, conn: _Conn, obj: CachedObject, op: str) -> bool:
+    def _hand_over(self, conn: _Conn, obj: CachedObject, op: str, fetched: bool = False) -> bool:
         """Send one pinned object's fd; the pin becomes the connection's (False: not sent)."""
         reply = {"op": op, "ok": True, "key": obj.key, "size": obj.size, "name": obj.name}
+        if fetched:
+            reply["fetched"] = True
         with conn.lock:
             if not conn.closed:
                 try:
@@ -492,6 +498,7 @@ class CacheService:
     def _open(self, conn: _Conn, spec: ObjectSpec) -> None:
         if conn.closed:
             return
+        fetched = spec.key not in self.cache  # (or on its way): the job may read ahead
         try:
             obj = self._acquire(spec)
         except (CacheFull, RepositoryError) as e:
@@ -509,7 +516,7 @@ class CacheService:
                     },
                 )
             return
-        self._hand_over(conn, obj, "open")
+        self._hand_over(conn, obj, "open", fetched)
 
     def _acquire(self, spec: ObjectSpec) -> CachedObject:
         if spec.chunks:
@@ -522,13 +529,18 @@ class CacheService:
             )
         assert spec.hash is not None
         content = spec.hash
-        return self.cache.acquire_filled(
-            spec.key,
-            spec.size,
-            lambda out: fill_whole(
-                self.fetcher, spec.fqrn, spec.path, content, spec.compressed, spec.size, out
-            ),
-        )
+
+        def fill(out: RamFileWriter) -> None:
+            fetching = self._fetching.get(spec.key)
+            if fetching is not None:  # a prefetch of it is on its way: its bytes, not ours
+                (stored,) = fetching.result()
+                if not isinstance(stored, BaseException):
+                    what = f"{spec.fqrn}:{spec.path}"
+                    write_object(stored, spec.compressed, spec.size, what, out)
+                    return
+            fill_whole(self.fetcher, spec.fqrn, spec.path, content, spec.compressed, spec.size, out)
+
+        return self.cache.acquire_filled(spec.key, spec.size, fill)
 
     def _prefetch_wanted(self, spec: ObjectSpec, push: _Conn | None) -> bool:
         """Worth loading: not held already, and room beside what clients hold."""
@@ -550,14 +562,21 @@ class CacheService:
             spec, push = item
             if not self._prefetch_wanted(spec, push):
                 continue
-            if spec.chunks or spec.hash is None or spec.key in self.cache:
+            if spec.chunks or spec.hash is None or self.cache.held_or_loading(spec.key):
                 self._pool.submit(self._prefetch_one, spec, push)
+                continue
+            on_its_way = self._fetching.get(spec.key)
+            if on_its_way is not None:  # another job asked for it too: the same bytes for both
+                on_its_way.add_done_callback(
+                    lambda f, s=spec, c=push: self._fetched.put(_Fetch(s, c, f))  # type: ignore[misc]
+                )
                 continue
             self._slots.acquire()
             url = object_url(spec.fqrn, spec.hash.object_path())
             future = self.fetcher.prefetch(
                 [(url, spec.hash, f"{spec.fqrn}:{spec.path}", spec.size)]
             )
+            self._fetching.setdefault(spec.key, future)
             future.add_done_callback(
                 lambda f, s=spec, c=push: self._fetch_done(_Fetch(s, c, f))  # type: ignore[misc]
             )
@@ -585,15 +604,19 @@ class CacheService:
 
     def _finish(self, fetch: _Fetch) -> CachedObject:
         spec = fetch.spec
-        (stored,) = fetch.future.result()
-        if isinstance(stored, BaseException):
-            raise stored
-        what = f"{spec.fqrn}:{spec.path}"
-        return self.cache.acquire_filled(
-            spec.key,
-            spec.size,
-            lambda out: write_object(stored, spec.compressed, spec.size, what, out),
-        )
+        try:
+            (stored,) = fetch.future.result()
+            if isinstance(stored, BaseException):
+                raise stored
+            what = f"{spec.fqrn}:{spec.path}"
+            return self.cache.acquire_filled(
+                spec.key,
+                spec.size,
+                lambda out: write_object(stored, spec.compressed, spec.size, what, out),
+            )
+        finally:
+            if self._fetching.get(spec.key) is fetch.future:
+                del self._fetching[spec.key]
 
     def _prefetch_one(self, spec: ObjectSpec, push: _Conn | None) -> None:
         """Load (or find) one object in a pool thread: cache hits and chunked files."""

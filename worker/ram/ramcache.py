@@ -189,6 +189,11 @@ class RamCache:
         with self._lock:
             return key in self._pinned or key in self._lru
 
+    def held_or_loading(self, key: str) -> bool:
+        """In the cache, or being loaded into it now (an acquire of it waits, not loads)."""
+        with self._lock:
+            return key in self._pinned or key in self._lru or key in self._pending
+
     @property
     def used_bytes(self) -> int:
         return self._used
