@@ -114,6 +114,29 @@ enum {
 #define NSYS 512
 #define MAXPATH 4096
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* calloc for a hash table: its pages faulted in for writing at once.  calloc's big blocks are
+ * fresh mappings, and a probe that reads a slot before anything was written on its page maps
+ * the shared zero page there; the write that follows must then replace it, and flush that
+ * page from the TLB of every CPU one of our threads runs on: an interrupt to each (on a VM a
+ * trip through the hypervisor).  Rehashing a table probes every page so.  Populating costs
+ * nothing more at half load (every page is written anyway); older kernels ignore it. */
+static void *table_calloc(size_t n, size_t size)
+{
+    void *p = calloc(n, size);
+    size_t bytes = n * size, page = 4096;
+    if (p && bytes >= (16u << 10)) {
+        uintptr_t from = ((uintptr_t)p + page - 1) & ~(uintptr_t)(page - 1);
+        uintptr_t to = ((uintptr_t)p + bytes) & ~(uintptr_t)(page - 1);
+        if (to > from)
+            madvise((void *)from, to - from, MADV_POPULATE_WRITE);
+    }
+    return p;
+}
+
 /* The sections, in order: one translation unit, so that the hot path's static functions
  * inline across them (see trap/README.md). */
 #include "trap/filter.c"

@@ -181,7 +181,7 @@ static int cache_reserve(size_t more)
     size_t ncap = table_cap ? table_cap : 4096;
     while ((table_len + more) * 2 > ncap)
         ncap *= 2;
-    cslot_t *nt = calloc(ncap, sizeof(*nt));
+    cslot_t *nt = table_calloc(ncap, sizeof(*nt));
     if (!nt)
         return -1;
     OA_MOVE(nt, ncap, table, table_cap, hash) /* (a live slot's hash is never 0) */

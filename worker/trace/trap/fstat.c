@@ -85,7 +85,7 @@ static void ids_put(uint64_t dev, uint64_t ino, const int64_t *st)
         size_t cap = ids_len >= IDS_MAX || !ids_cap ? 1024 : ids_cap * 2;
         fdid_t *old = ids;
         size_t old_cap = ids_cap;
-        fdid_t *n = calloc(cap, sizeof *n);
+        fdid_t *n = table_calloc(cap, sizeof *n);
         if (!n)
             return;
         ids = n;

@@ -55,7 +55,7 @@ static dirmap_slot_t *dirmap_find(dirmap_t *m, const char *d, size_t n, int crea
 {
     if (create && (m->used + 1) * 2 > m->cap) {
         size_t cap = m->cap ? m->cap * 2 : 256;
-        dirmap_slot_t *t = calloc(cap, sizeof *t);
+        dirmap_slot_t *t = table_calloc(cap, sizeof *t);
         if (!t)
             return NULL;
         OA_MOVE(t, cap, m->t, m->cap, h)

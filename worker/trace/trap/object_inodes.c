@@ -122,7 +122,7 @@ static ino_map_t *inodes_read(int dirfd)
     size_t cap = 1024;
     while (ok && cap < n * 2)
         cap *= 2;
-    ino_slot_t *t = ok ? calloc(cap, sizeof *t) : NULL;
+    ino_slot_t *t = ok ? table_calloc(cap, sizeof *t) : NULL;
     ino_map_t *m = t ? malloc(sizeof *m) : NULL;
     if (!m) {
         free(t);

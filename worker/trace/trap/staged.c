@@ -51,7 +51,7 @@ static staged_t *stg_find(const char *d, size_t n, uint64_t h, int create)
     }
     if (create && (stg_used + 1) * 2 > stg_cap) {
         size_t ncap = stg_cap * 2;
-        staged_t *nt = calloc(ncap, sizeof *nt);
+        staged_t *nt = table_calloc(ncap, sizeof *nt);
         if (!nt)
             return NULL;
         OA_MOVE(nt, ncap, stg, stg_cap, h)

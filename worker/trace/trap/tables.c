@@ -70,10 +70,10 @@ static int nt_read(const char *data, size_t n, const char *within, size_t wn, nt
     t->icap = 16;
     while (t->icap < frames * 2)
         t->icap *= 2;
-    t->dirs = calloc(frames + 1, sizeof *t->dirs);
-    t->listings = calloc(frames + 1, sizeof *t->listings);
-    t->looked = calloc(frames + 1, sizeof *t->looked);
-    t->index = calloc(t->icap, sizeof *t->index);
+    t->dirs = table_calloc(frames + 1, sizeof *t->dirs);
+    t->listings = table_calloc(frames + 1, sizeof *t->listings);
+    t->looked = table_calloc(frames + 1, sizeof *t->looked);
+    t->index = table_calloc(t->icap, sizeof *t->index);
     if (!t->dirs || !t->listings || !t->looked || !t->index) {
         nt_free(t);
         return -2;

@@ -48,7 +48,7 @@ static tstate_t *thread_find(pid_t tid, int create)
             live += threads[i].tid > 0;
         size_t ncap = !threads_cap ? 1024 : (live + 1) * 4 > threads_cap ? threads_cap * 2
                                                                         : threads_cap;
-        tstate_t *nt = calloc(ncap, sizeof(*nt));
+        tstate_t *nt = table_calloc(ncap, sizeof(*nt));
         if (!nt)
             return NULL;
         size_t used = 0;
