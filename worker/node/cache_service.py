@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -531,16 +531,25 @@ class CacheService:
         content = spec.hash
 
         def fill(out: RamFileWriter) -> None:
-            fetching = self._fetching.get(spec.key)
-            if fetching is not None:  # a prefetch of it is on its way: its bytes, not ours
-                (stored,) = fetching.result()
-                if not isinstance(stored, BaseException):
-                    what = f"{spec.fqrn}:{spec.path}"
-                    write_object(stored, spec.compressed, spec.size, what, out)
-                    return
+            stored = self._prefetched_bytes(spec.key)  # a prefetch's, not fetched again
+            if stored is not None:
+                write_object(stored, spec.compressed, spec.size, f"{spec.fqrn}:{spec.path}", out)
+                return
             fill_whole(self.fetcher, spec.fqrn, spec.path, content, spec.compressed, spec.size, out)
 
         return self.cache.acquire_filled(spec.key, spec.size, fill)
+
+    def _prefetched_bytes(self, key: str) -> bytes | None:
+        """The verified stored bytes of a prefetch of ``key`` on its way (waited for), or None
+        if there is none or it failed (then the caller fetches them itself)."""
+        fetching = self._fetching.get(key)
+        if fetching is None:
+            return None
+        try:
+            (stored,) = fetching.result()
+        except CancelledError:  # the service stops
+            return None
+        return stored if isinstance(stored, bytes) else None
 
     def _prefetch_wanted(self, spec: ObjectSpec, push: _Conn | None) -> bool:
         """Worth loading: not held already, and room beside what clients hold."""

@@ -85,26 +85,34 @@ class DirReadahead:
         self.asked = 0  # objects asked for
         self._seen: set[tuple[str, str]] = set()
         self._queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def fetched(self, fqrn: str, path: str) -> None:
         directory = (fqrn, posixpath.dirname(path))
-        if directory in self._seen:
-            return
-        self._seen.add(directory)
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name="hep-exec-readahead", daemon=True
-            )
-            self._thread.start()
+        with self._lock:
+            if directory in self._seen or self._closed:
+                return
+            self._seen.add(directory)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hep-exec-readahead")
+                self._thread.daemon = True
+                self._thread.start()
         self._queue.put((fqrn, path))
 
     def close(self) -> None:
-        if self._thread is not None:
+        """No more reading ahead: what is queued is dropped, the directory being listed is the
+        last (waited for briefly: the job's catalogs close after this)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
             self._queue.put(None)
+            thread.join(1.0)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None and not self._closed:
             fqrn, opened = item
             try:
                 entries = self.repos.get(fqrn).listing(posixpath.dirname(opened))
@@ -113,6 +121,6 @@ class DirReadahead:
                 continue
             picked = siblings_to_fetch(entries, opened, self.limits)
             specs = [ObjectSpec.of_entry(fqrn, e) for e in picked]
-            if specs and self.load(specs):
+            if specs and not self._closed and self.load(specs):
                 self.directories += 1
                 self.asked += len(specs)
