@@ -163,6 +163,28 @@ def test_concurrent_acquires_make_one_load() -> None:
     cache.close()
 
 
+def test_an_object_being_loaded_is_known_as_such() -> None:
+    """``held_or_loading``: the node's service asks it before fetching a prefetch, so that an
+    object whose load is under way is waited for, not fetched a second time; ``in`` says
+    only what is held."""
+    cache = RamCache(1 << 20)
+    gate = threading.Event()
+
+    def slow_load() -> bytes:
+        gate.wait(5)
+        return blob(1000)
+
+    loader = threading.Thread(target=lambda: cache.release(cache.acquire("k", slow_load)))
+    loader.start()
+    wait_until(lambda: cache.stats.misses == 1, what="the load under way")
+    assert cache.held_or_loading("k") and "k" not in cache
+    assert not cache.held_or_loading("other")
+    gate.set()
+    loader.join(5)
+    assert cache.held_or_loading("k") and "k" in cache  # held (unpinned, in the LRU)
+    cache.close()
+
+
 def test_loader_error_reaches_every_waiter_and_is_not_cached() -> None:
     cache = RamCache(1 << 20)
     gate = threading.Event()
