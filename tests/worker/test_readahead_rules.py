@@ -28,7 +28,7 @@ def names(entries: list[DirEntry]) -> list[str]:
     return [e.name for e in entries]
 
 
-def test_small_plain_files_but_the_opened_one_in_name_order() -> None:
+def test_small_plain_files_but_the_opened_one_those_after_it_first() -> None:
     listing = [
         entry("a.py"),
         entry("b.so", 300 << 10),  # over the per-file limit: fetched when opened
@@ -40,7 +40,7 @@ def test_small_plain_files_but_the_opened_one_in_name_order() -> None:
         entry("g.py", 10, hashed=False),
         entry("h.py"),
     ]
-    assert names(siblings_to_fetch(listing, "/pkg/c.py", Limits())) == ["a.py", "h.py"]
+    assert names(siblings_to_fetch(listing, "/pkg/c.py", Limits())) == ["h.py", "a.py"]
 
 
 def test_at_most_so_many_files_and_bytes() -> None:
@@ -50,7 +50,16 @@ def test_at_most_so_many_files_and_bytes() -> None:
         "m02.py",
         "m03.py",
     ]
+    assert names(siblings_to_fetch(listing, "/pkg/m08.py", Limits(files=3))) == [
+        "m09.py",
+        "m00.py",
+        "m01.py",
+    ]
     few_bytes = Limits(files=64, file_bytes=1000, bytes=2500)
     assert names(siblings_to_fetch(listing, "/pkg/m09.py", few_bytes)) == ["m00.py", "m01.py"]
+    assert names(siblings_to_fetch(listing, "/pkg/gone.py", Limits(files=2))) == [
+        "m00.py",
+        "m01.py",
+    ]
     assert siblings_to_fetch(listing, "/pkg/m00.py", Limits(files=0)) == []
     assert siblings_to_fetch([entry("only.py")], "/pkg/only.py", Limits()) == []

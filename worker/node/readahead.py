@@ -15,11 +15,12 @@ Not with a private cache: loading them there costs the job's own process the tim
 
 from __future__ import annotations
 
+import itertools
 import logging
 import posixpath
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from cvmfs_format.catalog import DirEntry
@@ -42,13 +43,16 @@ class Limits(NamedTuple):
     bytes: int = MAX_DIR_BYTES
 
 
-def siblings_to_fetch(entries: Iterable[DirEntry], opened: str, limits: Limits) -> list[DirEntry]:
-    """The files of a directory worth fetching with ``opened`` (a path in it), in name order:
-    plain regular files with a content hash, none bigger than ``limits.file_bytes``, at most
-    ``limits.files`` of them and ``limits.bytes`` in all."""
+def siblings_to_fetch(entries: Sequence[DirEntry], opened: str, limits: Limits) -> list[DirEntry]:
+    """The files of a directory (``entries``, in name order) worth fetching with ``opened``, a
+    path in it: plain regular files with a content hash, none bigger than
+    ``limits.file_bytes``, at most ``limits.files`` of them and ``limits.bytes`` in all; those
+    after ``opened`` first (a program reading a directory in order reads those next), then
+    from the top."""
+    at = next((i + 1 for i, e in enumerate(entries) if e.path == opened), 0)
     picked: list[DirEntry] = []
     total = 0
-    for e in entries:
+    for e in itertools.chain(entries[at:], entries[:at]):
         if len(picked) >= limits.files:
             break
         if (
