@@ -7,10 +7,10 @@ are opened, each waits a whole round trip to the proxy, one after another; asked
 together, most are in RAM before they are opened. A cold import of a real Python stack
 opens 1,731 objects in 220 directories, 59 % of the regular files of those directories.
 Bounded per directory (files, each file's size, bytes) and done once per directory per job;
-a file the node already holds starts nothing, so a warm node never reads ahead. With the
-node's cache service, which fetches them and pushes them to the job (as for ``--prefetch``).
-Not with a private cache: loading them there costs the job's own process the time it saves
-(threads of the tracer's process inflating beside it; a cold import 4.5-4.7 s either way).
+a file the node already holds starts nothing, so a warm node never reads ahead. The node's
+cache service fetches them and pushes them to the job (as for ``--prefetch``). Not with a
+private cache: loading them there costs the job's own process the time it saves (threads of
+the tracer's process inflating beside it; a cold import 4.3-4.9 s either way).
 """
 
 from __future__ import annotations
