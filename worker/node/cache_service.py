@@ -140,9 +140,8 @@ class CacheService:
         # prefetch_concurrency in flight), a finisher turns their bytes into RAM files and pushes
         # them; no thread per fetch. Cache hits and chunked files go through ``_pool``.
         self._slots = threading.Semaphore(config.prefetch_concurrency)
-        # prefetches on their way, until their RAM file is made: an open of one waits for its
-        # bytes instead of fetching it again (the download client collapses two requests only
-        # while both are in flight, not once the first has its bytes)
+        # prefetches on their way until their RAM file is made: an open waits for their bytes
+        # (the download client collapses requests only while both are in flight)
         self._fetching: dict[str, Future[Any]] = {}
         self._feed: queue.SimpleQueue[tuple[ObjectSpec, _Conn | None] | None] = queue.SimpleQueue()
         self._fetched: queue.SimpleQueue[_Fetch | None] = queue.SimpleQueue()
@@ -540,13 +539,10 @@ class CacheService:
         return self.cache.acquire_filled(spec.key, spec.size, fill)
 
     def _prefetched_bytes(self, key: str) -> bytes | None:
-        """The verified stored bytes of a prefetch of ``key`` on its way (waited for), or None
-        if there is none or it failed (then the caller fetches them itself)."""
+        """The verified bytes of a prefetch of ``key`` on its way (waited for); None: fetch."""
         fetching = self._fetching.get(key)
-        if fetching is None:
-            return None
         try:
-            (stored,) = fetching.result()
+            (stored,) = fetching.result() if fetching is not None else (None,)
         except CancelledError:  # the service stops
             return None
         return stored if isinstance(stored, bytes) else None
