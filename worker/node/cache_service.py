@@ -548,13 +548,14 @@ class CacheService:
         return stored if isinstance(stored, bytes) else None
 
     def _prefetch_wanted(self, spec: ObjectSpec, push: _Conn | None) -> bool:
-        """Worth loading: not held already, and room beside what clients hold."""
+        """Worth loading: not held already, and room beside what clients hold; for a job that
+        has ended, loaded for the node (its next job likely opens the same files)."""
         if self._stop.is_set():
             return False
-        if push is None:
+        if push is None or push.closed:
             if spec.key in self.cache:
                 return False
-        elif push.closed or spec.key in push.objects:
+        elif spec.key in push.objects:
             return False
         if spec.key not in self.cache and spec.size > self.cache.limit - self.cache.pinned_bytes:
             self.counters["prefetch_skipped"] += 1

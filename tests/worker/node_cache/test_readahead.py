@@ -21,6 +21,7 @@ from tests.support.node_cache import (
     shared_line,
 )
 from tests.support.proxy_process import ProxyProcess
+from tests.support.store_server import StoreServer
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def read_ahead_line(stderr: str) -> str:
 
 
 def run_job(
-    proxy: ProxyProcess,
+    proxy: ProxyProcess | StoreServer,
     cache_dir: Path,
     paths: list[str],
     tree: Tree,
@@ -60,7 +61,7 @@ def run_job(
     before_end: Callable[[], object] = lambda: None,
 ) -> str:
     """A job reading ``paths``; ``before_end`` runs while it still holds them (a job that has
-    ended gets nothing more pushed: the service drops what it read ahead for it)."""
+    ended gets nothing more pushed: what it read ahead is then the node's, not the job's)."""
     job = Job(job_argv(proxy, cache_dir, *extra), paths)
     job.expect("ready")
     job.go()
@@ -129,3 +130,35 @@ def test_a_warm_node_and_readahead_off_read_nothing_ahead(
     err = run_job(proxy, cache_dir, [pkg3[1]], tree)
     assert not read_ahead_line(err), err
     assert fetched_files(proxy, objects) == before == {pkg2[0], *pkg3}, "no object fetched"
+
+
+def test_what_a_job_asked_for_is_read_ahead_after_it_ends(
+    tracing, tree, server, cache_dir, objects
+) -> None:
+    """A job that ends while its read-ahead waits (more siblings than fetches in flight, the
+    server holding every answer) leaves the node holding the whole directory: the service
+    fetches the rest for the node, and the next job opens every file there without a request."""
+    pkg4 = sorted(p for p in objects if p.startswith("/lib/pkg4/"))
+    siblings = pkg4[1:]
+    server.gated = {objects[p] for p in siblings}
+    in_flight = 4
+    assert len(siblings) > in_flight
+    argv = job_argv(server, cache_dir, "--prefetch-concurrency", str(in_flight))
+    job = Job(argv, [pkg4[0]])
+    job.expect("ready")
+    job.go()
+    job.expect("files")
+    wait_until(
+        lambda: sum(server.held.values()) == in_flight, 30, what="the first read-aheads held"
+    )
+    job.finish()  # the rest of its read-ahead is still queued in the service
+    server.open_gate()
+    wait_until(
+        lambda: service_stats(cache_dir).get("prefetched", 0) >= len(siblings), 30,
+        what=f"all {len(siblings)} siblings loaded for the node",
+    )  # fmt: skip
+    asked = {p: server.requests[objects[p]] for p in pkg4}
+    assert asked == dict.fromkeys(pkg4, 1), asked
+    err = run_job(server, cache_dir, pkg4, tree)
+    assert {p: server.requests[objects[p]] for p in pkg4} == asked, "the node held them all"
+    assert not read_ahead_line(err), err
