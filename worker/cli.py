@@ -84,6 +84,29 @@ def _named(config: ExecConfig) -> tuple[str, ...]:
     return named_repositories(config.mount.encode(), texts, config.repositories)
 
 
+def _inside_another_job(config: ExecConfig) -> int | None:
+    """Inside another hep-exec job (worker/nested.py), the command runs as it is (exec: no
+    return) or the reason it cannot is said (an exit status); None: trace it here."""
+    from worker.nested import our_tracer_tgid, outer_job, run_inside
+
+    outer = outer_job(os.environ, our_tracer_tgid())
+    if outer is None:
+        return None
+    options = {
+        "--record": config.record_path,
+        "--prefetch": config.prefetch_path,
+        "--stats": config.stats or config.stats_internals,
+    }
+    unused = [name for name, value in options.items() if value]
+    if unused:
+        print(
+            f"hep-exec: inside hep-exec job {outer.pid}, whose /cvmfs this command uses: "
+            f"{', '.join(unused)} of this hep-exec do not apply",
+            file=sys.stderr,
+        )
+    return run_inside(outer, config.mount, _named(config), config.command)
+
+
 def _run(config: ExecConfig) -> int:
     from worker.catalog_policy import CatalogPolicy
     from worker.session import WorkerSession
@@ -95,6 +118,9 @@ def _run(config: ExecConfig) -> int:
         _reach(config)
         policy = CatalogPolicy(session)
         _started()
+        from worker.nested import MARKER, marker_value
+
+        os.environ[MARKER] = marker_value(os.getpid(), config.mount)  # the command's, and theirs
         try:
             result = run(
                 list(config.command),
@@ -156,6 +182,8 @@ def _main(args: list[str]) -> int:
     for line in config.warnings:
         logging.getLogger("hep_exec").warning("%s", line)
     try:
+        if not config.check and (inside := _inside_another_job(config)) is not None:
+            return inside
         return _check(config) if config.check else _run(config)
     except ConfigError as e:
         print(f"hep-exec: {e}", file=sys.stderr)

@@ -443,10 +443,14 @@ def read_line(path: Path) -> str:
 
 
 def probe(
-    w: World, ops: Sequence[str], *, options: Sequence[str] = ()
+    w: World,
+    ops: Sequence[str],
+    *,
+    options: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The probe under hep-exec."""
-    return hep_exec(w.proxy, [w.prog("probe"), *ops], options=options)
+    return hep_exec(w.proxy, [w.prog("probe"), *ops], options=options, env=env)
 
 
 def native_probe(w: World, ops: Sequence[str]) -> list[str]:
@@ -611,30 +615,42 @@ def test_statvfs_of_a_repository_says_read_only(world: World) -> None:
 # ------------------------------------------------------------------ 3. nested hep-exec
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a hep-exec inside a hep-exec job exits 2 with 'cannot trace the command: "
-    "ptrace(PTRACE_SEIZE) failed: Operation not permitted' instead of falling back to ptrace",
-)
-def test_nested_hep_exec_falls_back_to_ptrace_mode(world: World) -> None:
-    """TRACER.md: a nested hep-exec falls back to ptrace mode by itself.  The outer job's proxy
-    does not serve INNER, so the bytes can only come through the inner hep-exec."""
-    read = [world.prog("probe"), "read", f"/cvmfs/{INNER}/hello"]
-    want = read_line(world.src.parent / "inner" / "hello")
-    alone = hep_exec(world.inner_proxy, read)
-    precondition(alone.stdout.splitlines() == [want], f"INNER not served: {alone.stderr}")
-    outer_alone = hep_exec(world.proxy, read)
-    precondition(
-        outer_alone.stdout.splitlines() == ["read No such file or directory"],
-        f"the outer proxy serves INNER: {outer_alone.stdout}",
-    )
-
+def test_nested_hep_exec_runs_its_command_in_the_outer_jobs_cvmfs(world: World) -> None:
+    """worker/trace/README.md: a hep-exec inside a hep-exec job runs its command as it is, with
+    the outer job's /cvmfs (a second tracer cannot trace inside the first).  The inner one is
+    given only INNER's proxy, which does not serve FQRN: the bytes come through the outer job.
+    Options that only a tracing hep-exec has say so."""
+    read = [world.prog("probe"), "read", f"{MOUNT}/f00"]
     inner = hep_exec_cmd(world.inner_proxy, read, options=["--stats-internals"])
     r = hep_exec(world.proxy, inner)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [want]
-    assert re.search(r"^hep-exec: trap mode: ptrace ", r.stderr, re.M), r.stderr
+    assert r.stdout.splitlines() == [read_line(world.src / "f00")]
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("hep-exec:")]
+    assert len(notes) == 1 and "--stats of this hep-exec do not apply" in notes[0], r.stderr
+    assert "trap mode" not in r.stderr, "the inner hep-exec traced nothing"
+
+
+def test_nested_hep_exec_says_what_the_outer_job_does_not_serve(world: World) -> None:
+    """A command inside a hep-exec job that names a repository the outer job cannot serve (its
+    proxy does not have INNER; the inner hep-exec's does): exit 2 with one line that says why
+    and what to do, and the command does not run."""
+    read = [world.prog("probe"), "read", f"/cvmfs/{INNER}/hello"]
+    alone = hep_exec(world.inner_proxy, read)
+    want = read_line(world.src.parent / "inner" / "hello")
+    precondition(alone.stdout.splitlines() == [want], f"INNER not served: {alone.stderr}")
+    r = hep_exec(world.proxy, hep_exec_cmd(world.inner_proxy, read))
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == ""
+    said = [ln for ln in r.stderr.splitlines() if "inside another hep-exec job" in ln]
+    assert len(said) == 1, r.stderr
+    assert f"not {INNER}" in said[0] and "give the outer hep-exec the servers" in said[0], said
+
+
+def test_a_stale_job_marker_is_ignored(world: World) -> None:
+    """An environment copied from inside a job (its HEP_EXEC_JOB naming a process that does
+    not trace us) changes nothing: hep-exec traces its command and serves /cvmfs itself."""
+    r = probe(world, ["read", f"{MOUNT}/f00"], env={"HEP_EXEC_JOB": f"{os.getpid()} /cvmfs"})
+    assert lines_of(r) == [read_line(world.src / "f00")]
 
 
 # ------------------------------------------------------------------ 4. a program's own seccomp
