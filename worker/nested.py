@@ -7,9 +7,11 @@ outer's filter would still see every call first.  A job script that wraps its ow
 hep-exec (or a pilot that wraps every payload, payloads that do it again) should simply get
 the outer job's /cvmfs.  So the outer job names itself in its command's environment
 (:data:`MARKER`), and an inner hep-exec that finds itself traced by that very process runs
-its command directly, after checking that the outer job serves the repositories the command
-names; one it does not serve is a clear error, not a failed ptrace call.  A stale marker (an
-environment copied from another job) is ignored: only the process that traces us counts.
+its command directly.  A repository the command names that the outer job does not serve is
+said in one line (the inner hep-exec's own servers cannot be used inside the job), but the
+command runs all the same: a name in its arguments or environment is a guess at what it reads,
+and the outer job answers what it actually reads.  A stale marker (an environment copied from
+another job) is ignored: only the process that traces us counts.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def our_tracer_tgid() -> int | None:
 
 def run_inside(outer: OuterJob, mount: str, named: Sequence[str], command: Sequence[str]) -> int:
     """Exec ``command`` as it is, its /cvmfs the outer job's; an exit status only if that
-    cannot be (2: the outer job does not serve what the command needs; 126/127: no command)."""
+    cannot be (2: the outer job serves another mount point; 126/127: no such command)."""
     where = f"this command runs inside another hep-exec job (pid {outer.pid})"
     if mount.rstrip("/") != outer.mount.rstrip("/"):
         print(
@@ -86,11 +88,10 @@ def run_inside(outer: OuterJob, mount: str, named: Sequence[str], command: Seque
         except OSError as e:
             print(
                 f"hep-exec: {where}, which serves {outer.mount} for all its processes but not "
-                f"{fqrn} ({e.strerror}); a second hep-exec cannot trace inside it: give the "
-                f"outer hep-exec the servers for {fqrn}",
+                f"{fqrn} ({e.strerror}); a second hep-exec cannot serve it inside that job: "
+                f"give the outer hep-exec the servers for {fqrn}",
                 file=sys.stderr,
             )
-            return 2
     sys.stdout.flush()
     sys.stderr.flush()
     try:
