@@ -696,6 +696,41 @@ static __attribute__((noinline)) long dispatch_normalized(const char *base, long
     return dispatch(base, nr, b, done);
 }
 
+/* A host path (`where`: absolute, the program's own `a` may say it relatively): made here,
+ * with the cookie (none of these calls has a sixth argument), as the tracer would let it
+ * through (*done).  ENOENT and ENOTDIR are asked again where a host symlink may lead into the
+ * mount (host_missing): the tracer then follows it there (the kernel cannot), and a write
+ * through one must fail with EROFS, not create anything. */
+static long host_call(const char *base, long nr, const long *a, const char *where, int *done)
+{
+    long oflags = nr == 2 ? a[1] : nr == 257 ? a[2] : 0;
+    if ((oflags & FO_REFUSE) || !host_path(base, where))
+        return 0;
+    long r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
+    if ((r != -ENOENT_ && r != -20 /* ENOTDIR */) || host_missing(base, nr, a, where, r)) {
+        __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1, __ATOMIC_RELAXED);
+        *done = 1;
+    }
+    return r;
+}
+
+/* A relative path (to the cwd, or to the call's dirfd): answered as its absolute form
+ * (absolute_of) would be, a host one made as the program gave it. */
+static __attribute__((noinline)) long relative_call(const char *base, long nr, const long *a,
+                                                     const char *p, int *done)
+{
+    char abs[1024];
+    long dirfd = path_arg(nr) == 1 ? (long)(int)a[0] : AT_FDCWD_;
+    if (!absolute_of(base, dirfd, p, abs, sizeof abs))
+        return 0;
+    if (!in_mount(base, abs))
+        return host_call(base, nr, a, abs, done);
+    long b[6] = {a[0], a[1], a[2], a[3], a[4], a[5]};
+    b[path_arg(nr)] = (long)abs;
+    long r = dispatch(base, nr, b, done);
+    return *done ? r : dispatch_normalized(base, nr, b, done);
+}
+
 static long fo_main(const char *base, long nr, const long *a)
 {
     int done = 0;
@@ -704,20 +739,11 @@ static long fo_main(const char *base, long nr, const long *a)
         r = dispatch_normalized(base, nr, a, &done);
     if (done)
         return r;
-    /* A host path: made here, with the cookie (none of these calls has a sixth argument),
-     * as the tracer would let it through.  ENOENT and ENOTDIR are asked again where a host
-     * symlink may lead into the mount (host_missing): the tracer then follows it there (the
-     * kernel cannot), and a write through one must fail with EROFS, not create anything. */
     const char *p = path_of(nr, a);
-    long oflags = nr == 2 ? a[1] : nr == 257 ? a[2] : 0;
-    if (p && !(oflags & FO_REFUSE) && !(nr == 262 && (a[3] & AT_EMPTY_PATH_)) &&
-        host_path(base, p)) {
-        r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
-        if ((r != -ENOENT_ && r != -20 /* ENOTDIR */) || host_missing(base, nr, a, p, r)) {
-            __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1,
-                               __ATOMIC_RELAXED);
+    if (p && !(nr == 262 && (a[3] & AT_EMPTY_PATH_)) && !(nr == 332 && (a[2] & AT_EMPTY_PATH_))) {
+        r = p[0] == '/' ? host_call(base, nr, a, p, &done) : relative_call(base, nr, a, p, &done);
+        if (done)
             return r;
-        }
     }
     return fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
 }

@@ -143,6 +143,26 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
         fo_patch(tid, nr, cur_notif.ip);
 }
 
+/* Is `key` what the in-process handler looks up for the path the program gave (`raw`)?  The
+ * path itself, or a relative one of plain names (no "//", ".", "..", trailing "/") that `key`
+ * ends with after a "/": the handler joins it to its directory's /cvmfs path (absolute_of in
+ * worker/trace/_fastopen_tracee_paths.c), which is then `key`'s beginning.  Answers are
+ * published only for those: any other form the handler hands back, and it traps as before. */
+static int asked_as(const char *raw, long n, const char *key, long kn)
+{
+    if (n == kn)
+        return memcmp(raw, key, (size_t)kn) == 0;
+    if (n <= 0 || n >= kn || raw[0] == '/' || raw[n - 1] == '/' || key[kn - n - 1] != '/' ||
+        memcmp(raw, key + kn - n, (size_t)n) != 0)
+        return 0;
+    for (long i = 0; i < n; i++)
+        if ((i == 0 || raw[i - 1] == '/') &&
+            (raw[i] == '/' || (raw[i] == '.' && (i + 1 == n || raw[i + 1] == '/' ||
+                                                 (raw[i + 1] == '.' && (i + 2 == n || raw[i + 2] == '/'))))))
+            return 0;
+    return 1;
+}
+
 /* The same for other answers from the cache: stat, lstat, newfstatat and statx (a struct
  * stat or statx, ENOENT, ENOTDIR; or the shadow directory to ask), access and its kin (the
  * result, or the shadow directory), readlink (the target, or the error), and a read-only open
@@ -454,8 +474,9 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         /* a host path: its call site too is patched (fo_patch), so that later calls there,
          * on host paths or the mount, are made in-process (the handler hands back what is
          * not its own, which traps as now); else every host call of a site stops until its
-         * first answer from the mount (~100 of a Python's start, before it touches /cvmfs) */
-        if (cur_notif.active && raw[0] == '/' && fo_enabled())
+         * first answer from the mount (~100 of a Python's start, before it touches /cvmfs).
+         * Relative ones too: the handler makes them (absolute_of) */
+        if (cur_notif.active && raw[0] && fo_enabled())
             fo_patch(tid, nr, cur_notif.ip);
         n_pass++;
         return 0;
@@ -509,9 +530,7 @@ again:
     if (cur_notif.active &&
         (cls == C_OPEN || cls == C_STAT || cls == C_ACCESS || cls == C_READLINK ||
          cls == C_XATTR_GET || cls == C_XATTR_LIST) &&
-        a != &tmp &&
-        n == kn &&
-        memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
+        a != &tmp && asked_as(raw, n, key, kn) && fo_enabled())
         offer_answer(tid, nr, cls, flags, a, key, (size_t)kn);
     switch (a->kind) {
     case A_PASS:
@@ -523,8 +542,8 @@ again:
     case A_REDIRECT: {
         if (cls == C_OPEN && a->st[0])
             note_open(a);
-        if (cur_notif.active && cls == C_OPEN && flags == 0 && a != &tmp && n == kn &&
-            memcmp(raw, key, (size_t)kn) == 0 && fo_enabled())
+        if (cur_notif.active && cls == C_OPEN && flags == 0 && a != &tmp &&
+            asked_as(raw, n, key, kn) && fo_enabled())
             offer_open(tid, nr, a, key, (size_t)kn);
         if (cur_notif.active) {
             long rc = notify_redirect(tid, nr, r, a->bval);

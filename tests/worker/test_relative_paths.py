@@ -1,0 +1,173 @@
+"""Relative paths answered inside the program: to the working directory or to a dirfd, in
+/cvmfs (as the absolute path would be) and on the host (made as given, where the tracer would
+let them through).  The oracle is the tracer's own answer (``--no-in-process``) and the
+published tree; the counts say the calls no longer stop the program."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.hep_exec import Served, World, hep_exec
+from tests.support.tracing import ensure_built, needs_ptrace, ram_dir
+
+pytestmark = [needs_ptrace, pytest.mark.slow]
+
+FQRN = "relative.test.org"
+MOUNT = f"/cvmfs/{FQRN}"
+ROUNDS = 20  # each call this often: the first ones stop (their call sites get patched)
+
+# argv: the host area, the mount.  Every call is made ROUNDS times; one line per call.
+SCRIPT = r"""
+import os, sys
+area, mount, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def ask(what, call):
+    for _ in range(rounds):
+        try:
+            r = call()
+            out = r.st_size if hasattr(r, "st_size") else r
+        except OSError as e:
+            out = os.strerror(e.errno)
+    print(what, out)
+
+def read(path, **kw):
+    fd = os.open(path, os.O_RDONLY, **kw)
+    try:
+        return os.read(fd, 1 << 20).hex()[:40] + f" {os.fstat(fd).st_size}"
+    finally:
+        os.close(fd)
+
+PLAIN = ["f00", "sub/g", "link", "missing", "f00/below", "sub/up/f00", "file", "deep/er/file"]
+names = PLAIN if sys.argv[4:] == ["plain"] else PLAIN + ["sub/../f00", ".", "..", "sub/",
+                                                         "into/f00", "into/nosuch"]
+
+def ops(where, dir_fd=None):
+    kw = {} if dir_fd is None else {"dir_fd": dir_fd}
+    for name in names:
+        ask(f"{where} stat {name}", lambda: os.stat(name, **kw))
+        ask(f"{where} lstat {name}", lambda: os.lstat(name, **kw))
+        ask(f"{where} access {name}", lambda: os.access(name, os.R_OK, **kw))
+        ask(f"{where} open {name}", lambda: read(name, **kw))
+    ask(f"{where} readlink link", lambda: os.readlink("link", **kw))
+    if names is PLAIN:
+        return
+    ask(f"{where} readlink into", lambda: os.readlink("into", **kw))
+    ask(f"{where} write f00", lambda: os.open("f00", os.O_WRONLY, **kw))
+    ask(f"{where} create new", lambda: os.open("new", os.O_WRONLY | os.O_CREAT, 0o644, **kw))
+
+os.chdir(mount)
+ops("cvmfs-cwd")
+os.chdir(mount + "/sub")
+ask("cvmfs-sub-cwd stat g", lambda: os.stat("g"))
+ask("cvmfs-sub-cwd stat ../f00", lambda: os.stat("../f00"))
+os.chdir(area)
+ops("host-cwd")
+os.chdir("/")
+fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+ops("cvmfs-dirfd", fd)
+os.close(fd)
+fd = os.open(area, os.O_RDONLY | os.O_DIRECTORY)
+ops("host-dirfd", fd)
+os.close(fd)
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    ensure_built()
+    base = tmp_path_factory.mktemp("relative")
+    with ram_dir() as src:
+        top = src / "tree"
+        (top / "sub").mkdir(parents=True)
+        (top / "deep" / "er").mkdir(parents=True)
+        (top / "f00").write_bytes(os.urandom(5000))
+        (top / "sub" / "g").write_bytes(os.urandom(300))
+        (top / "deep" / "er" / "file").write_bytes(b"in the repository\n")
+        (top / "link").symlink_to("f00")
+        (top / "sub" / "up").symlink_to("..")
+        served = Served(base / "store", base / "keys")
+        served.publish(top, FQRN)
+        proxy = served.serve(base / "nginx")
+        try:
+            yield World(served, proxy, top)
+        finally:
+            served.stop()
+
+
+@pytest.fixture
+def area(tmp_path: Path) -> Path:
+    """A host directory with files, a missing name, and a symlink into the repository."""
+    a = tmp_path / "area"
+    (a / "deep" / "er").mkdir(parents=True)
+    (a / "file").write_bytes(b"host file\n")
+    (a / "deep" / "er" / "file").write_bytes(b"on the host\n")
+    (a / "into").symlink_to(MOUNT)
+    return a
+
+
+def stops(stderr: str) -> int:
+    """Calls that stopped the program, on /cvmfs paths and others."""
+    got = re.search(r"(\d+) on /cvmfs answered by stopping the program", stderr)
+    other = re.search(r"(\d+) stopped that were not for /cvmfs", stderr)
+    assert got and other, stderr
+    return int(got[1]) + int(other[1])
+
+
+def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, area: Path) -> None:
+    """The same answers in-process as from the tracer, for relative paths from a /cvmfs
+    directory and from a host one, to the cwd and to a dirfd: files, symlinks, a missing name,
+    a name below a file, ".." (also through a symlink in the repository), a host symlink into
+    the repository, writes (EROFS in /cvmfs); and far fewer stops."""
+    argv = [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS)]
+    runs = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(world.proxy, argv, options=[opt, "--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        runs[opt] = r
+    lines = runs["--stats-internals"].stdout.splitlines()
+    assert lines == runs["--no-in-process"].stdout.splitlines()
+    said = {" ".join(ln.split(" ")[:3]): ln.split(" ", 3)[3] for ln in lines}
+    size = {p: (world.src / p).stat().st_size for p in ("f00", "sub/g", "deep/er/file")}
+    for where in ("cvmfs-cwd", "cvmfs-dirfd"):
+        assert said[f"{where} stat f00"] == str(size["f00"])
+        assert said[f"{where} stat sub/g"] == str(size["sub/g"])
+        assert said[f"{where} stat sub/../f00"] == str(size["f00"])
+        assert said[f"{where} stat sub/up/f00"] == str(size["f00"])
+        assert said[f"{where} stat deep/er/file"] == str(size["deep/er/file"])
+        assert said[f"{where} stat missing"] == os.strerror(2)
+        assert said[f"{where} stat f00/below"] == os.strerror(20)
+        assert said[f"{where} readlink link"] == "f00"
+        assert said[f"{where} open f00"].endswith(f" {size['f00']}")
+        assert said[f"{where} write f00"] == os.strerror(30)  # EROFS
+        assert said[f"{where} create new"] == os.strerror(30)
+    for where in ("host-cwd", "host-dirfd"):
+        assert said[f"{where} stat file"] == str(len(b"host file\n"))
+        assert said[f"{where} stat deep/er/file"] == str(len(b"on the host\n"))
+        assert said[f"{where} stat into/f00"] == str(size["f00"])  # through the host link
+        assert said[f"{where} open into/f00"].endswith(f" {size['f00']}")
+        assert said[f"{where} stat into/nosuch"] == os.strerror(2)
+        assert said[f"{where} stat missing"] == os.strerror(2)
+        assert said[f"{where} readlink into"] == MOUNT
+    assert said["cvmfs-sub-cwd stat g"] == str(size["sub/g"])
+    assert said["cvmfs-sub-cwd stat ../f00"] == str(size["f00"])
+    assert (area / "new").exists(), "a create on the host is the kernel's"
+
+
+def test_relative_paths_of_plain_names_do_not_stop_the_program(world: World, area: Path) -> None:
+    """Relative paths of plain names (no ".", "..", "//"), from /cvmfs and from the host, to
+    the cwd and to a dirfd: after each call site's first stops, answered inside the program
+    (with ".." or through a host symlink into the repository they still stop, as before)."""
+    argv = [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS), "plain"]
+    counts = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(world.proxy, argv, options=[opt, "--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        counts[opt] = (stops(r.stderr), len(r.stdout.splitlines()) * ROUNDS)
+    (fewer, calls), (every, _) = counts["--stats-internals"], counts["--no-in-process"]
+    assert every > calls // 2 and fewer < calls // 20, (fewer, every, calls)
