@@ -91,6 +91,22 @@ def hep_exec(
     )
 
 
+def in_and_out_of_process(
+    proxy: str, argv: Sequence[str]
+) -> tuple[list[str], dict[str, subprocess.CompletedProcess[str]]]:
+    """``argv`` under hep-exec with in-process answers and with ``--no-in-process`` (both
+    ``--stats-internals``): its output lines, which must be the same both ways (the tracer's
+    own answers are the oracle), and each run by its option."""
+    runs = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(proxy, argv, options=[opt, "--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        runs[opt] = r
+    lines = runs["--stats-internals"].stdout.splitlines()
+    assert lines == runs["--no-in-process"].stdout.splitlines()
+    return lines, runs
+
+
 def corrupt_copy(store: Path, dest: Path, object_relpath: str) -> None:
     """A copy of ``store`` (hard links, cheap) in which one object's bytes are flipped."""
     shutil.copytree(store, dest, copy_function=os.link)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hep_exec import Served, World, hep_exec
+from tests.support.hep_exec import Served, World, hep_exec, in_and_out_of_process
 from tests.support.tracing import ensure_built, needs_ptrace, ram_dir
 
 pytestmark = [needs_ptrace, pytest.mark.slow]
@@ -124,14 +124,9 @@ def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, 
     directory and from a host one, to the cwd and to a dirfd: files, symlinks, a missing name,
     a name below a file, ".." (also through a symlink in the repository), a host symlink into
     the repository, writes (EROFS in /cvmfs); and far fewer stops."""
-    argv = [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS)]
-    runs = {}
-    for opt in ("--stats-internals", "--no-in-process"):
-        r = hep_exec(world.proxy, argv, options=[opt, "--stats-internals"])
-        assert r.returncode == 0, r.stderr
-        runs[opt] = r
-    lines = runs["--stats-internals"].stdout.splitlines()
-    assert lines == runs["--no-in-process"].stdout.splitlines()
+    lines, _ = in_and_out_of_process(
+        world.proxy, [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS)]
+    )
     said = {" ".join(ln.split(" ")[:3]): ln.split(" ", 3)[3] for ln in lines}
     size = {p: (world.src / p).stat().st_size for p in ("f00", "sub/g", "deep/er/file")}
     for where in ("cvmfs-cwd", "cvmfs-dirfd"):

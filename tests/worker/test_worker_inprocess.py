@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hep_exec import Served, World, hep_exec
+from tests.support.hep_exec import Served, World, hep_exec, in_and_out_of_process
 from tests.support.tracing import compile_c, ensure_built, needs_ptrace, ram_dir
 
 pytestmark = needs_ptrace
@@ -621,13 +621,7 @@ def test_missing_host_paths_are_answered_in_process(world: World, tmp_path: Path
     (area / "real" / "odd").symlink_to(MOUNT)  # a link below a real directory
     (area / "dangling").symlink_to(tmp_path / "nowhere")
     argv = [sys.executable, "-c", HOST_MISSING, str(area), f"{MOUNT}/f00"]
-    runs = {}
-    for opt in ("--stats-internals", "--no-in-process"):
-        r = hep_exec(world.proxy, argv, options=[opt, "--stats-internals"])
-        assert r.returncode == 0, r.stderr
-        runs[opt] = r
-    lines = runs["--stats-internals"].stdout.splitlines()
-    assert lines == runs["--no-in-process"].stdout.splitlines()
+    lines, runs = in_and_out_of_process(world.proxy, argv)
     said = {tuple(ln.split(" ", 2)[:2]): ln.split(" ", 2)[2] for ln in lines}
     assert said[("stat", "AREA/hello")] == str(os.path.getsize(world.src / "f01"))
     assert said[("stat", "AREA/odd/f00")] == str(os.path.getsize(world.src / "f00"))
