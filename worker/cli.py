@@ -87,8 +87,10 @@ def _named(config: ExecConfig) -> tuple[str, ...]:
 def _inside_another_job(config: ExecConfig) -> int | None:
     """Inside another hep-exec job (worker/nested.py), the command runs as it is (exec: no
     return) or the reason it cannot is said (an exit status); None: trace it here."""
-    from worker.nested import our_tracer_tgid, outer_job, run_inside
+    from worker.nested import MARKER, our_tracer_tgid, outer_job, run_inside
 
+    if MARKER not in os.environ:  # (no /proc read at a plain job's start)
+        return None
     outer = outer_job(os.environ, our_tracer_tgid())
     if outer is None:
         return None
