@@ -157,6 +157,22 @@ static inline uint64_t fo_hash_finish(uint64_t h, unsigned kind)
     return h ? h : 1;
 }
 
+/* Is p[0, n) a relative path of plain names (no "//", ".", "..", nor a trailing "/")?  The
+ * relative paths the handler joins to a host directory, and whose answers the tracer publishes
+ * under the joined key (worker/trace/_fastopen_tracee_paths.c absolute_of, and asked_as in
+ * worker/trace/trap/seccomp_stop.c): one rule for both sides. */
+static inline int fo_plain_relative(const char *p, unsigned long n)
+{
+    if (!n || p[0] == '/' || p[n - 1] == '/')
+        return 0;
+    for (unsigned long i = 0; i < n; i++)
+        if ((i == 0 || p[i - 1] == '/') &&
+            (p[i] == '/' || (p[i] == '.' && (i + 1 == n || p[i + 1] == '/' ||
+                                             (p[i + 1] == '.' && (i + 2 == n || p[i + 2] == '/'))))))
+            return 0;
+    return 1;
+}
+
 /* Flags that never take the in-process path: writes and creates (EROFS is the tracer's
  * answer), O_PATH, O_NOFOLLOW (the tracer answers those for symlinks), __O_TMPFILE. */
 #define FO_REFUSE (03 | 0100 | 01000 | 010000000 | 020000000 | 0400000)

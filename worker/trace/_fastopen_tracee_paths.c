@@ -134,16 +134,11 @@ static unsigned long absolute_of(const char *base, long dirfd, const char *p, ch
             out[k] = h->mount[k];
         o = mn + rest;
     } else { /* a host directory: plain names only */
-        for (unsigned long k = 0; p[k]; k++) {
-            if (k >= 4000)
-                return 0;
-            if ((k == 0 || p[k - 1] == '/') &&
-                (p[k] == '/' || (p[k] == '.' && (!p[k + 1] || p[k + 1] == '/' ||
-                                                 (p[k + 1] == '.' && (!p[k + 2] || p[k + 2] == '/'))))))
-                return 0; /* "//", ".", ".." */
-            if (p[k] == '/' && !p[k + 1])
-                return 0; /* a trailing "/" */
-        }
+        unsigned long pn = 0;
+        while (p[pn] && pn < cap)
+            pn++;
+        if (pn >= cap || !fo_plain_relative(p, pn))
+            return 0;
     }
     if (o > 1)
         out[o++] = '/'; /* (the root: "/" and the name) */

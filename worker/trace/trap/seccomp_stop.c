@@ -152,15 +152,8 @@ static int asked_as(const char *raw, long n, const char *key, long kn)
 {
     if (n == kn)
         return memcmp(raw, key, (size_t)kn) == 0;
-    if (n <= 0 || n >= kn || raw[0] == '/' || raw[n - 1] == '/' || key[kn - n - 1] != '/' ||
-        memcmp(raw, key + kn - n, (size_t)n) != 0)
-        return 0;
-    for (long i = 0; i < n; i++)
-        if ((i == 0 || raw[i - 1] == '/') &&
-            (raw[i] == '/' || (raw[i] == '.' && (i + 1 == n || raw[i + 1] == '/' ||
-                                                 (raw[i + 1] == '.' && (i + 2 == n || raw[i + 2] == '/'))))))
-            return 0;
-    return 1;
+    return n > 0 && n < kn && key[kn - n - 1] == '/' &&
+           memcmp(raw, key + kn - n, (size_t)n) == 0 && fo_plain_relative(raw, (unsigned long)n);
 }
 
 /* The same for other answers from the cache: stat, lstat, newfstatat and statx (a struct
