@@ -623,40 +623,6 @@ __attribute__((used, noinline, noclone)) static void fo_setup(fo_setup_t *a)
 /* getcwd(buf, size): the kernel's answer, unless the cwd is in the shadow tree, which stands
  * for the same place under the mount (as the tracer answers it:
  * worker/trace/trap/seccomp_stop.c, C_GETCWD). */
-static long do_getcwd(const char *base, char *buf, long size, int *done)
-{
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
-    if (!h->shadow_len || !buf || size <= 0)
-        return 0;
-    char cwd[1100];
-    volatile uint64_t link[3]; /* "/proc/thread-self/cwd", built here: no .rodata in the blob */
-    link[0] = 0x68742f636f72702full;
-    link[1] = 0x6c65732d64616572ull;
-    link[2] = 0x6477632f66ull;
-    long n = fo_syscall6(89, (long)link, (long)cwd, sizeof cwd, 0, 0, cookie_of(base));
-    if (n <= 0 || n >= (long)sizeof cwd)
-        return 0; /* the tracer's */
-    unsigned long m = h->shadow_len, i = 0;
-    while (i < m && i < (unsigned long)n && cwd[i] == h->shadow[i])
-        i++;
-    if (i < m || ((unsigned long)n > m && cwd[m] != '/')) { /* not in the shadow tree */
-        *done = 1;
-        return fo_syscall6(79, (long)buf, size, 0, 0, 0, cookie_of(base));
-    }
-    unsigned long out = h->mount_len + ((unsigned long)n - m); /* without the NUL */
-    if (out + 1 > (unsigned long)size) {
-        *done = 1;
-        return -34; /* ERANGE */
-    }
-    for (unsigned long k = 0; k < h->mount_len; k++)
-        buf[k] = h->mount[k];
-    for (unsigned long k = m; k < (unsigned long)n; k++)
-        buf[h->mount_len + k - m] = cwd[k];
-    buf[out] = 0;
-    *done = 1;
-    return (long)out + 1;
-}
-
 #include "_fastopen_tracee_host.c"
 
 /* The path argument of the calls fo_main handles, or NULL. */

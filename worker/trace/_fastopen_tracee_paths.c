@@ -1,7 +1,8 @@
 /*
- * The in-process handler's paths with "//", "." or ".." under the mount, normalized where
- * that names what the kernel would resolve (worker/trace/_fastopen_tracee.c, which #includes
- * this in its one translation unit).
+ * The in-process handler's paths (worker/trace/_fastopen_tracee.c, which #includes this in its
+ * one translation unit): those with "//", "." or ".." under the mount, normalized where that
+ * names what the kernel would resolve; the working directory and dirfds as /proc spells them,
+ * and in the shadow tree as /cvmfs paths (getcwd, relative paths).
  */
 
 /* Is the published lstat answer of the path out[0, n) a directory?  A directory's answer is
@@ -81,6 +82,63 @@ static unsigned long normalized(const char *base, const char *p, char *out, unsi
     return repo && changed ? o : 0; /* (one in normal form already: the caller's was it) */
 }
 
+/* readlink of the calling thread's cwd (dirfd AT_FDCWD) or of its fd `dirfd`, into out. */
+static long read_dir_link(const char *base, long dirfd, char *out, unsigned long cap)
+{
+    volatile uint64_t link[5]; /* "/proc/thread-self/cwd" or ".../fd/<n>": no .rodata here */
+    link[0] = 0x68742f636f72702full; /* "/proc/th" */
+    link[1] = 0x6c65732d64616572ull; /* "read-sel" */
+    link[2] = dirfd == AT_FDCWD_ ? 0x6477632f66ull : 0x2f64662f66ull; /* "f/cwd", "f/fd/" */
+    link[3] = link[4] = 0;
+    char *l = (char *)link;
+    if (dirfd != AT_FDCWD_) {
+        char digits[12];
+        int nd = 0;
+        for (long v = dirfd; nd == 0 || v; v /= 10)
+            digits[nd++] = (char)('0' + v % 10);
+        for (int k = 0; k < nd; k++)
+            l[21 + k] = digits[nd - 1 - k];
+    }
+    return fo_syscall6(89, (long)l, (long)out, (long)cap, 0, 0, cookie_of(base));
+}
+
+/* Is the path out[0, n) (as /proc spells it) in the shadow tree? */
+static int in_shadow(const fo_hdr_t *h, const char *out, unsigned long n)
+{
+    unsigned long m = h->shadow_len, i = 0;
+    while (i < m && i < n && out[i] == h->shadow[i])
+        i++;
+    return i == m && (n == m || out[m] == '/');
+}
+
+static long do_getcwd(const char *base, char *buf, long size, int *done)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    if (!h->shadow_len || !buf || size <= 0)
+        return 0;
+    char cwd[1100];
+    long n = read_dir_link(base, AT_FDCWD_, cwd, sizeof cwd);
+    if (n <= 0 || n >= (long)sizeof cwd)
+        return 0; /* the tracer's */
+    unsigned long m = h->shadow_len;
+    if (!in_shadow(h, cwd, (unsigned long)n)) {
+        *done = 1;
+        return fo_syscall6(79, (long)buf, size, 0, 0, 0, cookie_of(base));
+    }
+    unsigned long out = h->mount_len + ((unsigned long)n - m); /* without the NUL */
+    if (out + 1 > (unsigned long)size) {
+        *done = 1;
+        return -34; /* ERANGE */
+    }
+    for (unsigned long k = 0; k < h->mount_len; k++)
+        buf[k] = h->mount[k];
+    for (unsigned long k = m; k < (unsigned long)n; k++)
+        buf[h->mount_len + k - m] = cwd[k];
+    buf[out] = 0;
+    *done = 1;
+    return (long)out + 1;
+}
+
 /*
  * A relative path's absolute form (the calling thread's cwd, or the directory `dirfd` is open
  * on, then "/" and the path), written to out: its length, or 0 where it is not known here
@@ -97,30 +155,13 @@ static unsigned long absolute_of(const char *base, long dirfd, const char *p, ch
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     if (!h->shadow_len || !p[0] || p[0] == '/' || (dirfd < 0 && dirfd != AT_FDCWD_))
         return 0;
-    volatile uint64_t link[5]; /* "/proc/thread-self/cwd" or ".../fd/<n>": no .rodata here */
-    link[0] = 0x68742f636f72702full; /* "/proc/th" */
-    link[1] = 0x6c65732d64616572ull; /* "read-sel" */
-    link[2] = dirfd == AT_FDCWD_ ? 0x6477632f66ull : 0x2f64662f66ull; /* "f/cwd", "f/fd/" */
-    link[3] = link[4] = 0;
-    char *l = (char *)link;
-    if (dirfd != AT_FDCWD_) {
-        char digits[12];
-        int nd = 0;
-        for (long v = dirfd; nd == 0 || v; v /= 10)
-            digits[nd++] = (char)('0' + v % 10);
-        for (int k = 0; k < nd; k++)
-            l[21 + k] = digits[nd - 1 - k];
-    }
-    long n = fo_syscall6(89, (long)l, (long)out, (long)cap, 0, 0, cookie_of(base));
+    long n = read_dir_link(base, dirfd, out, cap);
     if (n <= 0 || (unsigned long)n >= cap || out[0] != '/')
         return 0; /* not a path (a pipe, "(unreachable)/..."), or too long */
     if (n >= 10 && out[n - 10] == ' ' && out[n - 9] == '(' && out[n - 1] == ')')
         return 0; /* "... (deleted)": a removed directory (or one named so): the tracer's */
-    unsigned long m = h->shadow_len, i = 0, o = (unsigned long)n;
-    while (i < m && i < o && out[i] == h->shadow[i])
-        i++;
-    int in_shadow = i == m && (o == m || out[m] == '/');
-    if (in_shadow) { /* "<shadow>/x" -> "<mount>/x" */
+    unsigned long m = h->shadow_len, o = (unsigned long)n;
+    if (in_shadow(h, out, o)) { /* "<shadow>/x" -> "<mount>/x" */
         unsigned long mn = h->mount_len, rest = o - m;
         if (mn + rest >= cap)
             return 0;
