@@ -301,6 +301,56 @@ def unpack_reference(dest: Path) -> dict[str, str] | None:
     return dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
 
 
+def cvmfs2_unavailable(ref: Mapping[str, str] | None) -> str:
+    """Why the real cvmfs2 FUSE client cannot be mounted here ("" if it can)."""
+    if ref is None:
+        return f"{REFERENCE} absent"
+    if os.geteuid() != 0:
+        return "not root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if not shutil.which("fusermount3", path=ref["PATH"]):
+        return ("fusermount3 missing (Debian: apt-get install -y fuse3; not installed by "
+                "this benchmark)")  # fmt: skip
+    return ""
+
+
+@contextlib.contextmanager
+def cvmfs2_mounted(
+    ref: Mapping[str, str], work: Path, fqrn: str, server: str, key: Path
+) -> Iterator[tuple[Path, float]]:
+    """The real cvmfs2 mounted from ``server`` (``http://host:port``, serving
+    /cvmfs/<fqrn>) with a fresh private cache under ``work``: (mountpoint, seconds the mount
+    took); unmounted and removed after."""
+    d = Path(tempfile.mkdtemp(prefix="cvmfs2-", dir=work))
+    (d / "cache").mkdir()
+    (d / "mnt").mkdir()
+    conf = d / "c.conf"
+    conf.write_text(
+        f"CVMFS_SERVER_URL={server}/cvmfs/@fqrn@\nCVMFS_HTTP_PROXY=DIRECT\n"
+        f"CVMFS_PUBLIC_KEY={key}\nCVMFS_CACHE_BASE={d / 'cache'}\n"
+        f"CVMFS_RELOAD_SOCKETS={d / 'cache'}\nCVMFS_USER=root\nCVMFS_SHARED_CACHE=no\n"
+        "CVMFS_QUOTA_LIMIT=-1\n"
+    )
+    env = {**os.environ, **ref}
+    cvmfs2 = shutil.which("cvmfs2", path=ref["PATH"]) or "cvmfs2"
+    mount = [cvmfs2, "-o", f"config={conf},fsname=cvmfs2", fqrn, str(d / "mnt")]
+    try:
+        t = time.monotonic()
+        r = subprocess.run(mount, env=env, capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - t
+        if r.returncode != 0:
+            raise RuntimeError(f"cvmfs2 mount: exit {r.returncode}\n{r.stderr[-2000:]}")
+        yield d / "mnt", took
+    finally:
+        umount = subprocess.run(["fusermount3", "-u", str(d / "mnt")], env=env,
+                                capture_output=True, text=True)  # fmt: skip
+        if umount.returncode and os.path.ismount(d / "mnt"):
+            print(f"fusermount3 -u {d / 'mnt'}: {umount.stderr.strip()}; lazy unmount")
+            subprocess.run(["fusermount3", "-uz", str(d / "mnt")], env=env, check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def stop_service(cache_dir: Path) -> None:
     """Kill the node cache service answering in ``cache_dir``, if any: nothing is left running."""
     from worker.node.cache_client import CacheClient, ServiceGone
