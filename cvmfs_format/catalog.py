@@ -133,6 +133,13 @@ class NestedRef(NamedTuple):
     size: int
 
 
+_ALGORITHMS = {0: Algorithm.SHA1, 1: Algorithm.RMD160, 2: Algorithm.SHAKE128}  # flags bits 8-10
+
+
+def _first(entry: DirEntry) -> str:
+    return entry[0]
+
+
 _ENTRY_COLUMNS = (
     "rowid, mode, size, mtime, {mtimens}, flags, hash, symlink, uid, gid, hardlinks, {xattr}"
 )
@@ -221,30 +228,35 @@ class Catalog:
         return int(self.properties.get("TTL", "240"))
 
     def _entry(self, path: str, row: tuple[Any, ...]) -> DirEntry:
+        # built positionally, the algorithm taken from a table: a listing makes one per row
+        # (20,000 rows of a large directory, the first time a job looks at it)
         rowid, mode, size, mtime, mtimens, flags, digest, symlink, uid, gid, hardlinks, xattr = row
         flags = int(flags)
         content: ContentHash | None = None
         if digest is not None:
+            algorithm = _ALGORITHMS.get((flags >> 8) & 0x7)
             try:
-                content = ContentHash(Algorithm.from_flags(flags), bytes(digest))
+                if algorithm is None:
+                    algorithm = Algorithm.from_flags(flags)  # (raises)
+                content = ContentHash(algorithm, bytes(digest))
             except FormatError as e:
                 raise CatalogError(f"{self.what}: {path or '/'}: {e}") from None
         hl = int(hardlinks or 0) & 0xFFFFFFFFFFFFFFFF
         return DirEntry(
-            path=path,
-            mode=int(mode),
-            size=int(size or 0),
-            mtime=int(mtime or 0),
-            mtime_ns=int(mtimens or 0),
-            flags=flags,
-            hash=content,
-            symlink=str(symlink or ""),
-            uid=int(uid or 0),
-            gid=int(gid or 0),
-            hardlink_group=hl >> 32,
-            linkcount=(hl & 0xFFFFFFFF) or 1,
-            xattr_blob=bytes(xattr) if xattr is not None else None,
-            rowid=int(rowid),
+            path,
+            int(mode),
+            int(size or 0),
+            int(mtime or 0),
+            int(mtimens or 0),
+            flags,
+            content,
+            str(symlink or ""),
+            int(uid or 0),
+            int(gid or 0),
+            hl >> 32,
+            (hl & 0xFFFFFFFF) or 1,
+            None if xattr is None else bytes(xattr),
+            int(rowid),
         )
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[Any, ...]]:
@@ -261,8 +273,9 @@ class Catalog:
         """Direct children of ``path`` held in this catalog, sorted by name."""
         rows = self._query(self._list_sql, path_key(path))
         prefix = path + "/"
-        entries = [self._entry(prefix + str(r[0]), r[1:]) for r in rows]
-        entries.sort(key=lambda e: e.path)
+        entry = self._entry
+        entries = [entry(prefix + str(r[0]), r[1:]) for r in rows]
+        entries.sort(key=_first)  # by path
         return entries
 
     def chunks(self, path: str) -> list[Chunk]:

@@ -23,7 +23,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -209,16 +208,19 @@ _KINDS = {k.value: k for k in Kind}
 
 
 def _policy_node(ns: NsNode) -> Node:
-    """The tracer's view of a name-space node."""
+    """The tracer's view of a name-space node (positional: a listing makes one per entry)."""
+    entry = ns.entry
+    mode = ns.mode
     return Node(
-        kind=_KINDS[stat.S_IFMT(ns.mode)],
-        mode=stat.S_IMODE(ns.mode),
-        size=ns.size,
-        ino=ns.ino,
-        nlink=ns.nlink,
-        mtime_ns=ns.mtime * 1_000_000_000 + ns.mtime_ns,
-        rdev=ns.rdev,
-        target=ns.target or b"",
-        volatile=ns.env_dependent,
-        xattrs=(ns.entry.xattr_blob or b"") if ns.entry is not None else b"",
+        _KINDS[mode & 0o170000],  # (stat.S_IFMT)
+        mode & 0o7777,  # (stat.S_IMODE)
+        ns.size,
+        ns.ino,
+        ns.nlink,
+        ns.mtime * 1_000_000_000 + ns.mtime_ns,
+        None,
+        ns.rdev,
+        ns.target or b"",
+        ns.env_dependent,
+        (entry.xattr_blob or b"") if entry is not None else b"",
     )

@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple, Protocol
 
 from lru import LRU
 
-from cvmfs_format.catalog import DirEntry
+from cvmfs_format.catalog import FLAG_DIR, FLAG_LINK, DirEntry
 from cvmfs_format.symlinks import expand_symlink
 from worker.trace.policy import ASKED
 
@@ -335,7 +335,7 @@ class Namespace:
         prefill = not node.env_dependent and is_normal_path(path)
         kids: list[tuple[bytes, Node]] = []
         for c in children:
-            cname = c.name.encode(_ENC, _ERRORS)
+            cname = c.path.rpartition("/")[2].encode(_ENC, _ERRORS)  # (c.name, inlined)
             child = self._entry_node(node.repo, c.path, c, env, False)
             kids.append((cname, child))
             if prefill and not child.env_dependent:
@@ -388,14 +388,16 @@ class Namespace:
     def _entry_node(
         self, fqrn: str, rel: str, entry: DirEntry, env: Mapping[str, str], variant: bool
     ) -> Node:
+        # positional, the flags tested here: a listing makes one per entry
         path = self.mount + b"/" + (fqrn + rel).encode(_ENC, _ERRORS)
         target = None
         size = entry.size
         rdev = 0
         kind: NodeKind
-        if entry.is_dir:
+        flags = entry.flags
+        if flags & FLAG_DIR:
             kind = "dir"
-        elif entry.is_symlink:
+        elif flags & FLAG_LINK:
             kind = "symlink"
             if "$(" in entry.symlink:
                 variant = True
@@ -412,19 +414,20 @@ class Namespace:
         return Node(
             kind,
             path,
-            ino=inode_number(fqrn, rel, entry),
-            mode=entry.mode,
-            nlink=entry.linkcount,
-            size=size,
-            mtime=entry.mtime,
-            mtime_ns=entry.mtime_ns,
-            uid=self.uid,
-            gid=self.gid,
-            rdev=rdev,
-            target=target,
-            repo=fqrn,
-            entry=entry,
-            env_dependent=variant,
+            inode_number(fqrn, rel, entry),
+            entry.mode,
+            entry.linkcount,
+            size,
+            entry.mtime,
+            entry.mtime_ns,
+            self.uid,
+            self.gid,
+            rdev,
+            target,
+            fqrn,
+            entry,
+            None,
+            variant,
         )
 
 

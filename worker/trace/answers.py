@@ -28,7 +28,7 @@ from worker.trace.node_answers import (
     NodeAnswers,
     encode_listing,
 )
-from worker.trace.policy import ASKED, Kind, Node, Policy
+from worker.trace.policy import ASKED, Kind, Node, Policy, access_allowed
 from worker.trace.shebang import exe_link, file_head, parse_shebang
 
 log = logging.getLogger("hep-exec")
@@ -106,16 +106,6 @@ class Outside(NamedTuple):
     """A path that leaves the mount (``..`` or a symlink): the kernel resolves the rest."""
 
     path: bytes
-
-
-def _perm_ok(node: Node, want: int, uid: int) -> bool:
-    """access(2) for the caller, who is shown as the owner of every /cvmfs entry."""
-    if want & os.X_OK and not node.mode & 0o111 and node.kind != Kind.DIR:
-        return False
-    if uid == 0:
-        return not (want & os.X_OK and not node.mode & 0o111)
-    bits = (4 if want & os.R_OK else 0) | (1 if want & os.X_OK else 0)
-    return (node.mode >> 6) & bits == bits
 
 
 Put = tuple[int, list[bytes], list[tuple[bytes, bytes]]]
@@ -460,27 +450,32 @@ class Session:
         if stats:
             answers.append((Cls.LISTED, 0, directory, known))
         files: dict[bytes, Node] = {}
+        # (a directory may hold tens of thousands: enum members and methods looked up once)
+        named, stat_cls, reg, lnk, act_stat = Cls.NAMED, Cls.STAT, Kind.REG, Kind.LNK, Act.STAT
+        lookup, stat_tuple, append = self._lookup, self._stat_tuple, answers.append
+        prefix = directory + b"/"
+        lstat_only, both = (F_NOFOLLOW,), (F_NOFOLLOW, 0)
         for e in entries:
-            key = directory + b"/" + e.name
+            key = prefix + e.name
             if stats:  # every name it has, whatever becomes of its answers below
-                answers.append((Cls.NAMED, 0, key, known))
-            if not stats and e.kind != Kind.REG:
+                append((named, 0, key, known))
+            elif e.kind != reg:
                 continue
-            node = self._lookup(pid, key)
+            node = lookup(pid, key)
             if isinstance(node, int) or node.volatile:
                 continue
-            if node.kind == Kind.REG:
+            kind = node.kind
+            if kind == reg:
                 files[key] = node
             if not stats:
                 continue
-            st: Action = (True, Act.STAT, 0, None, self._stat_tuple(node), None)
-            xa: Action = (True, Act.XATTRS, 0, node.xattrs, None, None)
-            for follow in (False, True) if node.kind != Kind.LNK else (False,):
-                flags = 0 if follow else F_NOFOLLOW
-                answers.append((Cls.STAT, flags, key, st))
+            st: Action = (True, act_stat, 0, None, stat_tuple(node), None)
+            for flags in lstat_only if kind == lnk else both:
+                append((stat_cls, flags, key, st))
                 if node.xattrs:
+                    xa: Action = (True, Act.XATTRS, 0, node.xattrs, None, None)
                     answers += [(Cls.XATTR_GET, flags, key, xa), (Cls.XATTR_LIST, flags, key, xa)]
-            if node.kind == Kind.LNK:
+            if kind == lnk:
                 answers += self._symlink_ahead(pid, key, node)
         if stats:  # after the entries' answers (worker/trace/_trap.c, put_one)
             answers.append((Cls.NOXATTR, 0, directory, known))
@@ -590,10 +585,10 @@ class Session:
 
     def _stat_tuple(self, node: Node) -> tuple[int, ...]:
         m_s, m_ns = divmod(node.mtime_ns, 1_000_000_000)
-        c_s, c_ns = divmod(node.mtime_ns if node.ctime_ns is None else node.ctime_ns, 10**9)
+        c_s, c_ns = (m_s, m_ns) if node.ctime_ns is None else divmod(node.ctime_ns, 10**9)
         size = len(node.target) if node.kind == Kind.LNK else node.size
         return (
-            int(node.kind) | (node.mode & 0o7777),
+            node.kind | (node.mode & 0o7777),
             node.ino,
             node.nlink,
             self.uid,
@@ -706,7 +701,7 @@ class Session:
             want = flags & 7
             if want & os.W_OK:
                 return (cache, Act.RETURN, -errno.EROFS, None, None, None)
-            ok = _perm_ok(node, want, self.uid)
+            ok = access_allowed(node, want, self.uid)
             return (cache, Act.RETURN, 0 if ok else -errno.EACCES, None, None, None)
         if cls == Cls.READLINK:
             if node.kind != Kind.LNK:

@@ -12,6 +12,7 @@ Errors are plain ``errno`` integers (``errno.ENOENT``, ``errno.EIO``, ``errno.EN
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -50,6 +51,16 @@ class Node(NamedTuple):
     target: bytes = b""
     volatile: bool = False
     xattrs: bytes = b""  # published extended attributes: a CVMFS xattr blob (or empty)
+
+
+def access_allowed(node: Node, want: int, uid: int) -> bool:
+    """access(2) for the caller, who is shown as the owner of every /cvmfs entry."""
+    if want & os.X_OK and not node.mode & 0o111 and node.kind != Kind.DIR:
+        return False
+    if uid == 0:
+        return not (want & os.X_OK and not node.mode & 0o111)
+    bits = (4 if want & os.R_OK else 0) | (1 if want & os.X_OK else 0)
+    return (node.mode >> 6) & bits == bits
 
 
 class Opened(NamedTuple):
