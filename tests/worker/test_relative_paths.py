@@ -5,6 +5,7 @@ published tree; the counts say the calls no longer stop the program."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -166,3 +167,30 @@ def test_relative_paths_of_plain_names_do_not_stop_the_program(world: World, are
         counts[opt] = (stops(r.stderr), len(r.stdout.splitlines()) * ROUNDS)
     (fewer, calls), (every, _) = counts["--stats-internals"], counts["--no-in-process"]
     assert every > calls // 2 and fewer < calls // 20, (fewer, every, calls)
+
+
+def cvmfs_stops(stderr: str) -> int:
+    got = re.search(r"(\d+) on /cvmfs answered by stopping the program", stderr)
+    assert got, stderr
+    return int(got[1])
+
+
+def test_dotted_relative_paths_do_not_stop_the_program(world: World) -> None:
+    """Relative paths with "." components and doubled slashes, as cat, xargs and make give
+    them ("./f00", "sub/./g", "./sub//g"), from a /cvmfs cwd: the published bytes, and after
+    the call site's first stop, none stops the program.  Before, each open stopped: the
+    tracer published answers, and patched the site, for plain names only, and nothing else
+    took cat's open through the handler.  A trailing "/." stays ENOTDIR on a file."""
+    names = ["./f00", "sub/./g", "./sub//g", "./link", "./deep/er/file"] * 8
+    want = hashlib.sha1(b"".join((world.src / n).read_bytes() for n in names)).hexdigest()
+    job = ["sh", "-c", f"cd {MOUNT} && cat {' '.join(names)} | sha1sum; cat ./f00/. 2>&1; true"]
+    stopped = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(world.proxy, job, options=[opt, "--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        digest, refused = r.stdout.splitlines()
+        assert digest.split()[0] == want, opt
+        assert refused.endswith("Not a directory"), (opt, refused)
+        stopped[opt] = cvmfs_stops(r.stderr)
+    fewer, every = stopped["--stats-internals"], stopped["--no-in-process"]
+    assert every >= len(names) and fewer < len(names) // 4, (fewer, every)

@@ -143,17 +143,48 @@ static void offer_open(pid_t tid, long nr, const action_t *a, const char *key, s
         fo_patch(tid, nr, cur_notif.ip);
 }
 
+/* A relative path without its "." and empty components ("./x.py", "a//b"), as mount_key
+ * collapsed it into the key, into out (n + 1 bytes); 0 for a ".." component, a trailing "/"
+ * or "." (ENOTDIR on a file, a symlink followed), and nothing left. */
+static long collapse_relative(const char *p, long n, char *out)
+{
+    if (n <= 0 || p[0] == '/' || p[n - 1] == '/' || (p[n - 1] == '.' && (n == 1 || p[n - 2] == '/')))
+        return 0;
+    long o = 0;
+    for (long i = 0; i < n;) {
+        long s = i;
+        while (i < n && p[i] != '/')
+            i++;
+        long len = i - s;
+        i += i < n; /* the '/' */
+        if (len == 0 || (len == 1 && p[s] == '.'))
+            continue;
+        if (len == 2 && p[s] == '.' && p[s + 1] == '.')
+            return 0;
+        if (o)
+            out[o++] = '/';
+        memcpy(out + o, p + s, (size_t)len);
+        o += len;
+    }
+    out[o] = 0;
+    return o;
+}
+
 /* Is `key` what the in-process handler looks up for the path the program gave (`raw`)?  The
- * path itself, or a relative one of plain names (no "//", ".", "..", trailing "/") that `key`
- * ends with after a "/": the handler joins it to its directory's /cvmfs path (absolute_of in
- * worker/trace/_fastopen_tracee_paths.c), which is then `key`'s beginning.  Answers are
- * published only for those: any other form the handler hands back, and it traps as before. */
+ * path itself, or a relative one that `key` ends with after a "/", once its "." and empty
+ * components are out ("./x.py", as from cat, xargs or make): the handler joins it to its
+ * directory's /cvmfs path (absolute_of in worker/trace/_fastopen_tracee_paths.c) and takes
+ * those out the same way; from a host directory it takes plain names only, and hands back the
+ * rest.  Answers are published, and the call site patched, only for those: any other form
+ * (with "..") traps as before. */
 static int asked_as(const char *raw, long n, const char *key, long kn)
 {
     if (n == kn)
         return memcmp(raw, key, (size_t)kn) == 0;
-    return n > 0 && n < kn && key[kn - n - 1] == '/' &&
-           memcmp(raw, key + kn - n, (size_t)n) == 0 && fo_plain_relative(raw, (unsigned long)n);
+    char plain[MAXPATH];
+    long pn = n < MAXPATH ? collapse_relative(raw, n, plain) : 0;
+    return pn > 0 && pn < kn && key[kn - pn - 1] == '/' &&
+           memcmp(plain, key + kn - pn, (size_t)pn) == 0;
 }
 
 /* The same for other answers from the cache: stat, lstat, newfstatat and statx (a struct
