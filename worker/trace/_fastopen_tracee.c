@@ -141,6 +141,10 @@ static void copy_words(void *dst, const void *src, unsigned long n)
 #define AT_NO_AUTOMOUNT_ 0x800
 #define AT_EMPTY_PATH_ 0x1000
 #define ENOENT_ 2
+#define O_NOFOLLOW_ 0400000
+#define S_IFMT_ 0170000
+#define S_IFDIR_ 0040000
+#define S_IFLNK_ 0120000
 
 /* The live answer of this kind for a path under the mount in normal form, or NULL; a path
  * the tracer publishes no answers for (*published = 0) is not a miss. */
@@ -284,19 +288,37 @@ static int opened_shared(const char *base, const fo_slot_t *s, long fd, uint64_t
     return 1;
 }
 
+/* O_NOFOLLOW (tar, grep -r, cp -r, find -exec open so): where the path's published lstat
+ * answer is no symlink, the open is the one without it; a symlink's is ELOOP, the tracer's. */
+static long refused_flags(const char *base, const char *path, long fl)
+{
+    long refused = fl & FO_REFUSE & ~(long)O_NOFOLLOW_;
+    if (refused || !(fl & O_NOFOLLOW_))
+        return refused;
+    int published = 0;
+    const fo_slot_t *l = find(base, FO_LSTAT, path, &published);
+    if (l && l->data_len &&
+        (l->is_path || (*(const uint32_t *)(data_of(base, l) + 24) & S_IFMT_) != S_IFLNK_))
+        return 0;
+    return O_NOFOLLOW_;
+}
+
 static long do_open(const char *base, const char *path, long fl, long mode, int *done)
 {
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
     int published = 0;
-    const fo_slot_t *s = fl & FO_REFUSE ? 0 : find(base, FO_OPEN, path, &published);
+    long refused = refused_flags(base, path, fl);
+    const fo_slot_t *s = refused ? 0 : find(base, FO_OPEN, path, &published);
     if (s && !s->data_len) /* a path that does not exist */
         return answered(&cnt->hits, done, -(long)s->err);
     if (s && s->is_path) {
         uint64_t id[2] = {0, 0};
-        long r = open_in_dir(base, data_of(base, s), fl, mode, id);
+        const char *t = data_of(base, s); /* a RAM file's /proc link is no symlink here */
+        int proc = t[1] == 'p' && t[2] == 'r' && t[3] == 'o' && t[4] == 'c' && t[5] == '/';
+        long tfl = proc ? fl & ~(long)O_NOFOLLOW_ : fl;
+        long r = open_in_dir(base, t, tfl, mode, id);
         if (r == -ENOENT_ || r == NOT_TRIED)
-            r = fo_syscall6(257, AT_FDCWD_, (long)data_of(base, s), fl, mode, 0,
-                            cookie_of(base));
+            r = fo_syscall6(257, AT_FDCWD_, (long)t, tfl, mode, 0, cookie_of(base));
         if (r >= 0 && s->stat_at && !opened_shared(base, s, r, id)) {
             fo_syscall6(3, r, 0, 0, 0, 0, 0);
             r = -ENOENT_; /* (not answered: the tracer's) */
@@ -304,7 +326,7 @@ static long do_open(const char *base, const char *path, long fl, long mode, int 
         if (r != -ENOENT_) /* ENOENT: evicted meanwhile; the tracer fetches it again */
             return answered(&cnt->hits, done, r);
     }
-    if (!s && published && !(fl & FO_REFUSE) && absent(base, path))
+    if (!s && published && !refused && absent(base, path))
         return answered(&cnt->hits, done, -ENOENT_);
     missed(&cnt->misses, published);
     return 0;
@@ -407,9 +429,6 @@ static unsigned stat_mode(const char *base, unsigned kind, const char *path)
     return ((const uint32_t *)data_of(base, s))[6];
 }
 
-#define S_IFMT_ 0170000
-#define S_IFDIR_ 0040000
-#define S_IFLNK_ 0120000
 
 /* access(2) from a published stat, as the tracer answers it (worker/trace/trap/upcall.c,
  * derived): the caller is shown as the owner of every entry; writes are EROFS. */

@@ -566,8 +566,10 @@ again:
     case A_REDIRECT: {
         if (cls == C_OPEN && a->st[0])
             note_open(a);
-        if (cur_notif.active && cls == C_OPEN && flags == 0 && a != &tmp &&
-            asked_as(raw, n, key, kn) && fo_enabled())
+        /* (O_NOFOLLOW redirected: no symlink there, so the open without it; the handler
+         * takes those where the lstat answer says so: refused_flags) */
+        if (cur_notif.active && cls == C_OPEN && (flags == 0 || flags == F_NOFOLLOW) &&
+            a != &tmp && asked_as(raw, n, key, kn) && fo_enabled())
             offer_open(tid, nr, a, key, (size_t)kn);
         if (cur_notif.active) {
             long rc = notify_redirect(tid, nr, r, a->bval);
