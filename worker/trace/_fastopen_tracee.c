@@ -521,56 +521,7 @@ static long do_readlink(const char *base, const char *path, char *buf, long size
     return answered(&cnt->stat_hits, done, s->data_len ? n : -(long)s->err);
 }
 
-/* fstat (newfstatat(fd, "", buf, AT_EMPTY_PATH), glibc's way): the kernel's answer, unless
- * the fd is on a RAM file, whose answer is its path's (published, or the tracer's).  Before
- * the tracer has handed out any RAM file (no device noted: a job's shell before its first
- * /cvmfs call), no fd can be one: the tracer passes every fstat through then (fd_stat). */
-static long do_fstat(const char *base, long fd, void *buf, int *done)
-{
-    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
-    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    if (__atomic_load_n(&h->ram_devs_full, __ATOMIC_ACQUIRE) || !buf)
-        return 0;
-    long r = fo_syscall6(5, fd, (long)buf, 0, 0, 0, cookie_of(base));
-    const uint64_t *st = buf;
-    uint64_t dev = st[0], ino = st[1];
-    uint32_t mode = ((const uint32_t *)buf)[6];
-    int ours = 0;
-    for (int i = 0; i < 4 && h->ram_devs[i]; i++)
-        ours |= h->ram_devs[i] == dev;
-    int dir = (mode & 0170000) == 0040000; /* a /cvmfs directory's mirror */
-    if (r < 0 || !ours || ((mode & 0170000) != 0100000 && !dir)) {
-        *done = 1; /* the tracer would pass it through */
-        return r;
-    }
-    uint64_t key[2] = {dev, ino}, x = FO_HASH_INIT;
-    const unsigned char *kb = (const unsigned char *)key;
-    for (int i = 0; i < 16; i++)
-        x = fo_hash_step(x, kb[i]);
-    const fo_slot_t *s = lookup(base, FO_IDENT, (const char *)key, 16, x);
-    if (s && s->data_len) {
-        const uint64_t *want = (const uint64_t *)data_of(base, s);
-        /* st_size: the same object; a directory: the catalog's stat of its /cvmfs path */
-        if (dir ? (((const uint32_t *)want)[6] & 0170000) == 0040000 : want[6] == st[6]) {
-            copy_stat(buf, want);
-            return answered(&cnt->stat_hits, done, 0);
-        }
-    } else if (!dir) { /* a shared file: the stat of the path opened last */
-        const fo_shared_t *e = shared_find(base, dev, ino);
-        uint64_t last = e ? __atomic_load_n(&e->last, __ATOMIC_ACQUIRE) : 0;
-        uint32_t off = (uint32_t)last;
-        if (last && (uint32_t)(last >> 32) == __atomic_load_n(&h->epoch, __ATOMIC_ACQUIRE) &&
-            off + 144ul <= FO_ARENA_SIZE && !(off & 7)) {
-            const uint64_t *want = (const uint64_t *)(base + FO_ARENA_OFF + off);
-            if (want[6] == st[6]) {
-                copy_stat(buf, want);
-                return answered(&cnt->stat_hits, done, 0);
-            }
-        }
-    }
-    __atomic_fetch_add(&cnt->stat_misses, 1, __ATOMIC_RELAXED);
-    return 0;
-}
+#include "_fastopen_tracee_fstat.c"
 
 /* fo_priv_t's fds: one O_PATH fd per RAM file directory, high in the fd table (from 3/4 of
  * the soft RLIMIT_NOFILE, at most 768), where a program's own opens seldom reach; close-on-
@@ -765,7 +716,10 @@ static long dispatch(const char *base, long nr, const long *a, int *done)
         r = do_fstat(base, a[0], (void *)a[1], done);
         break;
     case 332: /* statx(dirfd, path, flags, mask, buf) */
-        r = do_statx(base, (const char *)a[1], a[2], a[3], (void *)a[4], done);
+        if ((a[2] & AT_EMPTY_PATH_) && a[1] && !*(const char *)a[1])
+            r = do_fstatx(base, a[0], (const char *)a[1], a[2], a[3], (void *)a[4], done);
+        else
+            r = do_statx(base, (const char *)a[1], a[2], a[3], (void *)a[4], done);
         break;
     case 89: /* readlink(path, buf, size) */
         r = do_readlink(base, (const char *)a[0], (char *)a[1], a[2], done);
