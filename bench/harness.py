@@ -287,6 +287,48 @@ def print_header(header: str) -> None:
     print("-" * len(header))
 
 
+# ---------------------------------------------------------------------- the analysis stack
+
+STACK = ["numpy", "scipy", "pandas", "matplotlib", "awkward", "uproot", "hist"]
+
+
+def build_stack(cache: Path) -> Path:
+    """The application tree (``<cache>/src/app/site-packages``), built once: into a temp dir,
+    renamed when complete, so an interrupted build is never mistaken for a finished one."""
+    src = cache / "src"
+    if (src / "app" / "site-packages").is_dir():
+        return src / "app"
+    tmp = cache / "src.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    site = tmp / "app" / "site-packages"
+    print(f"building the tree once: pip install {' '.join(STACK)} ...", flush=True)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(site)]
+    subprocess.run([*pip, *STACK], check=True)
+    # -f: pip already wrote timestamp pycs, which compileall would otherwise keep
+    compile_ = [sys.executable, "-m", "compileall", "-q", "-f", "--invalidation-mode"]
+    r = subprocess.run([*compile_, "unchecked-hash", str(site)], stdout=subprocess.DEVNULL)
+    if r.returncode:
+        print(f"compileall: some files did not compile (exit {r.returncode})")
+    tmp.rename(src)
+    return src / "app"
+
+
+def analysis_stack(cache: Path, fqrn: str) -> tuple[Path, Path]:
+    """A real Python analysis stack (STACK, pip-installed once into ``cache``) published as
+    ``fqrn`` into ``cache/store`` (once): (the tree, the repository's public key).  Real
+    programs over a real tree, for bench/app_startup and bench/tools alike."""
+    tree = build_stack(cache)
+    # hep-exec's own modules byte-compiled now: with PYTHONDONTWRITEBYTECODE set (some shells
+    # do), a module edited since its .pyc was written is compiled again by every job (~8 ms)
+    packages = ["worker", "cvmfs_format", "cvmfs_download", "hep_cli.py"]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], cwd=ROOT,
+                   stdout=subprocess.DEVNULL, check=False)  # fmt: skip
+    if not (cache / "store" / fqrn / ".cvmfspublished").exists():
+        print(f"publishing {tree} as {fqrn} (once; kept in {cache}) ...", flush=True)
+        publish_tree(tree, cache / "store", fqrn, cache / "keys")
+    return tree, cache / "keys" / f"{fqrn}.pub"
+
+
 # ---------------------------------------------------------------------- reference tools, hep-exec
 
 
