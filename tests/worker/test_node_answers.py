@@ -480,3 +480,34 @@ def test_a_new_job_opens_with_o_nofollow_inside_the_program(node: Path, tmp_path
     inproc = re.search(r"in-process opens: (\d+) \(not trapped", runs[1].stderr)
     assert inproc and int(inproc[1]) >= 64 - 8, runs[1].stderr  # (each site's first stops)
     assert upcalls(runs[1].stderr) < 64 // 4, runs[1].stderr
+
+
+WALK_DIRS_NOFOLLOW = """
+import os, sys
+def walk(d):  # as du, find and tar go down a tree: each directory opened with O_NOFOLLOW
+    fd = os.open(d, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    names = sorted(os.listdir(fd))
+    print(d, names)
+    os.close(fd)
+    for name in names:
+        if os.path.isdir(os.path.join(d, name)):
+            walk(os.path.join(d, name))
+walk(sys.argv[1])
+"""
+
+
+def test_directories_the_node_listed_open_with_o_nofollow_without_python(
+    node: Path, tmp_path: Path
+) -> None:
+    """A new job's O_NOFOLLOW opens of directories an earlier job of the node listed are the
+    tracer's from the node's listings, as plain ones are, not Python's (du of a release: 528
+    upcalls -> 16); with in-process answers off, so that every open reaches the tracer."""
+    with ram_dir() as src:
+        for d in range(6):
+            (src / f"d{d}" / "sub").mkdir(parents=True)
+            (src / f"d{d}" / "f").write_text("f")
+        runs = two_jobs(node, tmp_path, "dirs-nofollow.test.org", src, WALK_DIRS_NOFOLLOW,
+                        "--no-in-process")  # fmt: skip
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.count("\n") == 1 + 6 * 2
+    from_node = re.search(r"directories opened from the node's listings (\d+)", runs[1].stderr)
+    assert from_node and int(from_node[1]) >= 6 * 2, runs[1].stderr

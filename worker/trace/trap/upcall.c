@@ -164,7 +164,8 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
         cacheable = 1;
         goto answered;
     }
-    if (cls == C_OPEN && !flags && dir_open_from_node(key, kn, tmp)) {
+    /* (O_NOFOLLOW too: du, find and tar open directories so; the lstat answer says dir) */
+    if (cls == C_OPEN && (!flags || flags == F_NOFOLLOW) && dir_open_from_node(key, kn, tmp)) {
         n_node_dirs++;
         cacheable = 1;
         goto answered;
