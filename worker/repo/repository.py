@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from lru import LRU
 
-from cvmfs_format.catalog import Catalog, CatalogTree, Chunk, DirEntry, NestedRef
+from cvmfs_format.catalog import (
+    FLAG_BIND_MOUNTPOINT,
+    FLAG_NESTED_MOUNTPOINT,
+    Catalog,
+    CatalogTree,
+    Chunk,
+    DirEntry,
+    NestedRef,
+)
 from cvmfs_format.errors import FormatError
 from cvmfs_format.hashes import ContentHash
 from cvmfs_format.manifest import Manifest, parse_manifest
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hep_exec.repository")
 _MISSING = object()
+_MOUNTPOINTS = FLAG_NESTED_MOUNTPOINT | FLAG_BIND_MOUNTPOINT
 NESTED_RETRY = 30.0  # seconds a nested catalog that failed to load is not asked for again
 
 
@@ -329,10 +338,11 @@ class MountedRepository:
             except FormatError as e:
                 raise RepositoryError(errno.EIO, f"{self.fqrn}:{relpath}: {e}") from None
             self._listings[relpath] = entries
-            # their look-ups follow (stat, open); not directories: a nested catalog's
-            # mountpoint is looked up in the nested catalog, where its root entry is
+            # their look-ups follow (stat, open, and a walk's next directory); not a nested
+            # catalog's mountpoint (or a bind mountpoint): that is looked up in the nested
+            # catalog once it is loaded, where its root entry is
             for child in entries:
-                if not child.is_dir and child.path not in self._lookups:
+                if not child.flags & _MOUNTPOINTS and child.path not in self._lookups:
                     self._lookups[child.path] = child
             return entries
 
