@@ -738,3 +738,35 @@ def test_statx_of_an_open_directory_is_answered_in_process(world: World, tmp_pat
     every = re.search(r"hep-exec:\s+statx\s+(\d+)$", runs["--no-in-process"].stderr, re.M)
     assert every and int(every[1]) >= 6 * 5, runs["--no-in-process"].stderr  # 5 directories
     assert not statx or int(statx[1]) <= 2 * 6, runs["--stats-internals"].stderr  # per exec
+
+
+def test_o_nofollow_open_through_a_symlink_out_of_the_repository(tmp_path: Path) -> None:
+    """An O_NOFOLLOW open whose path leaves the repository through a symlink on its way (to
+    a host directory) opens the host file, as natively, and says nothing: asking whether its
+    last component is a symlink must not take the path for a repository one."""
+    ensure_built()
+    src = tmp_path / "src"
+    src.mkdir()
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "file").write_bytes(b"on the host\n")
+    (src / "out").symlink_to(host)
+    served = Served(tmp_path / "store", tmp_path / "keys")
+    served.publish(src, "out.test.org")
+    proxy = served.serve(tmp_path / "nginx")
+    code = (
+        "import os\n"
+        "for name in ['file', 'file', 'nosuch']:\n"
+        "    try:\n"
+        "        fd = os.open('/cvmfs/out.test.org/out/' + name, os.O_RDONLY | os.O_NOFOLLOW)\n"
+        "        print(os.read(fd, 100))\n"
+        "    except OSError as e:\n"
+        "        print(os.strerror(e.errno))\n"
+    )
+    try:
+        r = hep_exec(proxy, [sys.executable, "-c", code])
+    finally:
+        served.stop()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["b'on the host\\n'"] * 2 + ["No such file or directory"]
+    assert r.stderr == "", r.stderr

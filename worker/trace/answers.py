@@ -634,8 +634,8 @@ class Session:
 
     def _answer(self, tid: int, cls: int, flags: int, path: bytes) -> Action:
         if cls == Cls.OPEN and flags == F_NOFOLLOW:  # tar, grep -r: with no symlink there,
-            node = self._lookup(tid, path)  # the plain open (ahead, kept for the node)
-            flags = 0 if not isinstance(node, int) and node.kind != Kind.LNK else flags
+            res = self.resolve(tid, path, False)[0]  # the plain open (ahead, kept for the node)
+            flags = 0 if isinstance(res, Found) and res.node.kind != Kind.LNK else flags
         if self.put is not None and (
             cls in (Cls.STAT, Cls.XATTR_GET, Cls.XATTR_LIST) or (cls == Cls.OPEN and not flags)
         ):
