@@ -150,6 +150,17 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
             return &e->act;
         }
     }
+    if (cls == C_OPEN && flags == F_NOFOLLOW) { /* tar, grep -r, du: O_NOFOLLOW where the */
+        const action_t *st = known_stat(key, kn, F_NOFOLLOW); /* lstat answer is no symlink */
+        if (st && st->kind == A_STAT && !S_ISLNK((mode_t)st->st[0])) { /* is the plain open */
+            flags = 0;
+            h = fnv(cls, flags, key, kn);
+            if ((e = cache_find(cls, flags, key, kn, h))) {
+                n_hits++;
+                return &e->act;
+            }
+        }
+    }
     int cacheable = 0;
     if (cls != C_EXEC && cls < C_WRITE && !(flags & F_PROCEXE) && absent_from_listing(key, kn)) {
         n_absent++;
@@ -164,8 +175,7 @@ static action_t *lookup(pid_t tid, int cls, int flags, const char *key, size_t k
         cacheable = 1;
         goto answered;
     }
-    /* (O_NOFOLLOW too: du, find and tar open directories so; the lstat answer says dir) */
-    if (cls == C_OPEN && (!flags || flags == F_NOFOLLOW) && dir_open_from_node(key, kn, tmp)) {
+    if (cls == C_OPEN && !flags && dir_open_from_node(key, kn, tmp)) {
         n_node_dirs++;
         cacheable = 1;
         goto answered;
