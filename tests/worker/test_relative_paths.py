@@ -112,12 +112,18 @@ def area(tmp_path: Path) -> Path:
     return a
 
 
+def cvmfs_stops(stderr: str) -> int:
+    """Calls on /cvmfs paths that stopped the program."""
+    got = re.search(r"(\d+) on /cvmfs answered by stopping the program", stderr)
+    assert got, stderr
+    return int(got[1])
+
+
 def stops(stderr: str) -> int:
     """Calls that stopped the program, on /cvmfs paths and others."""
-    got = re.search(r"(\d+) on /cvmfs answered by stopping the program", stderr)
     other = re.search(r"(\d+) stopped that were not for /cvmfs", stderr)
-    assert got and other, stderr
-    return int(got[1]) + int(other[1])
+    assert other, stderr
+    return cvmfs_stops(stderr) + int(other[1])
 
 
 def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, area: Path) -> None:
@@ -167,12 +173,6 @@ def test_relative_paths_of_plain_names_do_not_stop_the_program(world: World, are
         counts[opt] = (stops(r.stderr), len(r.stdout.splitlines()) * ROUNDS)
     (fewer, calls), (every, _) = counts["--stats-internals"], counts["--no-in-process"]
     assert every > calls // 2 and fewer < calls // 20, (fewer, every, calls)
-
-
-def cvmfs_stops(stderr: str) -> int:
-    got = re.search(r"(\d+) on /cvmfs answered by stopping the program", stderr)
-    assert got, stderr
-    return int(got[1])
 
 
 def test_dotted_relative_paths_do_not_stop_the_program(world: World) -> None:

@@ -158,9 +158,10 @@ static inline uint64_t fo_hash_finish(uint64_t h, unsigned kind)
 }
 
 /* Is p[0, n) a relative path of plain names (no "//", ".", "..", nor a trailing "/")?  The
- * relative paths the handler joins to a host directory, and whose answers the tracer publishes
- * under the joined key (worker/trace/_fastopen_tracee_paths.c absolute_of, and asked_as in
- * worker/trace/trap/seccomp_stop.c): one rule for both sides. */
+ * relative paths the handler joins to a host directory (worker/trace/_fastopen_tracee_paths.c
+ * absolute_of; the rest it hands back).  The tracer publishes answers under the joined key for
+ * these and for those that are plain once their "." and empty components are out (asked_as in
+ * worker/trace/trap/seccomp_stop.c), which a /cvmfs directory's relative calls normalize to. */
 static inline int fo_plain_relative(const char *p, unsigned long n)
 {
     if (!n || p[0] == '/' || p[n - 1] == '/')
