@@ -23,7 +23,7 @@
 #include <stdint.h>
 
 #define FO_PAGE 4096ul
-#define FO_CODE_MAX (3 * FO_PAGE)
+#define FO_CODE_MAX (4 * FO_PAGE)
 #define FO_HDR_OFF FO_CODE_MAX
 #define FO_CNT_OFF (FO_HDR_OFF + FO_PAGE)
 #define FO_SHARED_OFF (FO_CNT_OFF + FO_PAGE) /* fo_shared_t[FO_NSHARED] */
@@ -121,6 +121,9 @@ typedef struct {
      * kernel's walk through /proc */
     uint32_t dir_len[FO_DIRS];
     char dirs[FO_DIRS][64];
+    /* 1: the mount does not exist on the host (fo_init), so no host path can reach it and
+     * the handler makes writes on host paths itself (_fastopen_tracee_writes.c) */
+    uint32_t host_writes;
 } fo_hdr_t;
 
 /* A tracee's own: the first FO_PRIV_SIZE bytes of its (private) trampoline area, written by
@@ -174,8 +177,11 @@ static inline int fo_plain_relative(const char *p, unsigned long n)
     return 1;
 }
 
-/* Flags that never take the in-process path: writes and creates (EROFS is the tracer's
- * answer), O_PATH, O_NOFOLLOW (the tracer answers those for symlinks), __O_TMPFILE. */
+/* Flags that never take the in-process path to the mount: writes and creates (EROFS is the
+ * tracer's answer), O_PATH, O_NOFOLLOW (the tracer answers those for symlinks), __O_TMPFILE.
+ * On host paths only __O_TMPFILE (FO_REFUSE_HOST) stays the tracer's; the others are made
+ * as writes are (_fastopen_tracee_writes.c). */
 #define FO_REFUSE (03 | 0100 | 01000 | 010000000 | 020000000 | 0400000)
+#define FO_REFUSE_HOST 020000000
 
 #endif

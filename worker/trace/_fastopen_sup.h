@@ -36,6 +36,7 @@ int fo_find(unsigned kind, const char *key, size_t kn, const char **data, size_t
 void fo_reserve(size_t answers, size_t arena_bytes);
 void fo_expect(size_t answers); /* only size the table */
 void fo_add_ram_dev(uint64_t dev); /* the tracer answers fstat for some files there */
+int fo_host_writes(void); /* tracees make writes on host paths themselves (fo_init) */
 void fo_withdraw(unsigned kind, const char *key, size_t kn);
 /* every answer naming this file; the keys of up to `max` opens among them (in the table) */
 size_t fo_withdraw_file(uint64_t dev, uint64_t ino, const char **opens, size_t *lens,

@@ -615,6 +615,7 @@ static const char *path_of(long nr, const long *a)
 }
 
 #include "_fastopen_tracee_paths.c"
+#include "_fastopen_tracee_writes.c"
 
 static long dispatch(const char *base, long nr, const long *a, int *done);
 
@@ -640,8 +641,10 @@ static __attribute__((noinline)) long dispatch_normalized(const char *base, long
 static long host_call(const char *base, long nr, const long *a, const char *where, int *done)
 {
     long oflags = nr == 2 ? a[1] : nr == 257 ? a[2] : 0;
-    if ((oflags & FO_REFUSE) || !host_path(base, where))
+    if ((oflags & FO_REFUSE_HOST) || !host_path(base, where))
         return 0;
+    if (oflags & FO_REFUSE)
+        return host_open_written(base, nr, a, where, done);
     long r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
     if ((r != -ENOENT_ && r != -20 /* ENOTDIR */) || host_missing(base, nr, a, where, r)) {
         __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1, __ATOMIC_RELAXED);
@@ -670,7 +673,12 @@ static __attribute__((noinline)) long relative_call(const char *base, long nr, c
 static long fo_main(const char *base, long nr, const long *a)
 {
     int done = 0;
-    long r = dispatch(base, nr, a, &done);
+    long r;
+    if (path_arg(nr) < 0 && nr != 5 && nr != 79) { /* a write: fchmod, mkdir, rename ... */
+        r = host_write(base, nr, a, &done);
+        return done ? r : fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
+    }
+    r = dispatch(base, nr, a, &done);
     if (!done)
         r = dispatch_normalized(base, nr, a, &done);
     if (done)

@@ -435,6 +435,19 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             }
             if (pa[i] < 0 || !addr)
                 continue;
+            if (n > 5 && ids_len && (!strncmp(raw, "/proc/", 6) || !strncmp(raw, "/dev/", 5))) {
+                /* chmod /proc/self/fd/N, /dev/stdin ... of a RAM file (a memfd's link names
+                 * no path that mount_key maps, as a tmpfs file's does) */
+                char mapped[MAXPATH];
+                struct stat st;
+                fdid_t *id = stat(as_tracee(tid, raw, mapped, sizeof mapped), &st) == 0
+                                 ? ids_find((uint64_t)st.st_dev, (uint64_t)st.st_ino)
+                                 : NULL;
+                if (id && id->ino) {
+                    skip_with(r, -EROFS);
+                    return 1;
+                }
+            }
             long kn = mount_key(tid, t, d, raw, n, key, 1);
             if (kn == 0) /* through a host symlink: does the last component follow? */
                 kn = via_host_symlink(tid, t, d, raw, n, follows_last(nr, r), key);
@@ -443,6 +456,9 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
                 return 1;
             }
         }
+        if (cur_notif.active && fo_host_writes())
+            fo_patch(tid, nr, cur_notif.ip); /* later writes there in-process, as a host
+                                               * read's (_fastopen_tracee_writes.c) */
         n_pass++;
         return 0;
     }
@@ -502,6 +518,9 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
          * Relative ones too: the handler makes them (absolute_of) */
         if (cur_notif.active && raw[0] && fo_enabled())
             fo_patch(tid, nr, cur_notif.ip);
+        else if ((flags & F_OPATH) && nr != 437 && raw[0] && fo_enabled())
+            fo_patch(tid, nr, r->rip); /* an O_PATH open's ptrace stop, in notify mode: glibc's
+                                        * fchmodat and fchownat make one per directory */
         n_pass++;
         return 0;
     }

@@ -1,0 +1,217 @@
+"""Writes on host paths made inside the program (open with O_CREAT, mkdir, rename, chmod,
+utimensat, fchmod ...), where the tracer would let them through, while every write that
+reaches /cvmfs (by its path, through a host symlink, a dirfd, the working directory, an fd
+or /proc/self/fd/N) still fails with EROFS and leaves nothing behind.  The oracle is the
+tracer's own answer (``--no-in-process``); the counts say the host writes no longer stop the
+program."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.hep_exec import Served, World, hep_exec, in_and_out_of_process
+from tests.support.tracing import ensure_built, needs_ptrace, ram_dir
+from tests.worker.test_relative_paths import stops
+
+pytestmark = [needs_ptrace, pytest.mark.slow]
+
+FQRN = "writes.test.org"
+MOUNT = f"/cvmfs/{FQRN}"
+ROUNDS = 12  # each call this often: the first ones stop (their call sites get patched)
+
+# argv: the host area (with "into" -> MOUNT), the mount, rounds, "host" (only the host
+# writes).  One line per call: what its last round said; then the host area as it ends up.
+SCRIPT = r"""
+import os, sys
+area, mount, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+W, C = os.O_WRONLY, os.O_CREAT
+
+def ask(what, call):
+    for i in range(rounds):
+        try:
+            r = call(i)
+            out = "ok"
+            if isinstance(r, int):
+                os.close(r)  # an fd: a write open that should not have worked
+        except OSError as e:
+            out = os.strerror(e.errno)
+    print(f"{what}: {out}")
+
+def host(i):
+    fd = os.open(f"{area}/w{i}", W | C | os.O_TRUNC, 0o640)
+    os.write(fd, b"x" * (i + 2))
+    os.truncate(f"{area}/w{i}", i + 1)
+    os.fchmod(fd, 0o600)
+    os.utime(fd, (1000 + i, 2000 + i))
+    os.fchown(fd, os.getuid(), os.getgid())
+    os.close(fd)
+    os.close(os.open(f"rel{i}", W | C | os.O_EXCL, 0o644))
+    os.mkdir(f"d{i}")
+    os.mkdir(f"{area}/d{i}/sub")
+    os.rename(f"rel{i}", f"d{i}/moved")
+    os.symlink(f"w{i}", f"{area}/s{i}")
+    os.link(f"w{i}", f"d{i}/hard")
+    os.chmod(f"d{i}", 0o750)
+    os.chmod(f"d{i}/sub", 0o701, follow_symlinks=False)  # O_PATH, chmod /proc/self/fd/N
+    os.utime(f"d{i}/moved", (3000, 4000 + i))
+    os.utime(f"s{i}", (5, 6), follow_symlinks=False)
+    os.unlink(f"d{i}/hard")
+    dfd = os.open(area, os.O_RDONLY | os.O_DIRECTORY)
+    os.mkdir(f"e{i}", dir_fd=dfd)
+    os.rename(f"e{i}", f"f{i}", src_dir_fd=dfd, dst_dir_fd=dfd)
+    os.rmdir(f"f{i}", dir_fd=dfd)
+    os.close(dfd)
+
+os.chdir(area)
+ask("host writes", host)
+if sys.argv[4:] != ["host"]:
+    into, O = f"{area}/into", os.O_RDONLY
+    ask("create via link", lambda i: os.open(f"{into}/new", W | C, 0o644))
+    ask("write via link", lambda i: os.open(f"{into}/f00", W))
+    ask("truncating open via link", lambda i: os.open(f"{into}/f00", os.O_RDWR | os.O_TRUNC))
+    ask("mkdir via link", lambda i: os.mkdir(f"{into}/nd"))
+    ask("mkdir via relative link", lambda i: os.mkdir("into/nd"))
+    ask("unlink via link", lambda i: os.unlink(f"{into}/f00"))
+    ask("rmdir via link", lambda i: os.rmdir(f"{into}/sub"))
+    ask("rename into", lambda i: os.rename(f"{area}/w0", f"{into}/w0"))
+    ask("rename out", lambda i: os.rename(f"{into}/f00", f"{area}/stolen"))
+    ask("chmod via link", lambda i: os.chmod(f"{into}/f00", 0o600))
+    ask("chmod nofollow via link", lambda i: os.chmod(f"{into}/sub", 0o700, follow_symlinks=False))
+    ask("utime via link", lambda i: os.utime(f"{into}/f00", (1, 2)))
+    ask("symlink via link", lambda i: os.symlink("t", f"{into}/l"))
+    ask("link via link", lambda i: os.link(f"{area}/w0", f"{into}/hl"))
+    ask("truncate via link", lambda i: os.truncate(f"{into}/f00", 0))
+    ask("chown via link", lambda i: os.chown(f"{into}/f00", os.getuid(), os.getgid()))
+    ask("create absolute", lambda i: os.open(f"{mount}/new", W | C, 0o644))
+    ask("mkdir absolute", lambda i: os.mkdir(f"{mount}/nd"))
+    ask("chmod absolute", lambda i: os.chmod(f"{mount}/f00", 0o600))
+    fd, d = os.open(f"{mount}/f00", O), os.open(f"{mount}/sub", O | os.O_DIRECTORY)
+    ask("fchmod file", lambda i: os.fchmod(fd, 0o600))
+    ask("fchown file", lambda i: os.fchown(fd, os.getuid(), os.getgid()))
+    ask("futimens file", lambda i: os.utime(fd, (1, 2)))
+    ask("fchmod dir", lambda i: os.fchmod(d, 0o700))
+    ask("chmod /proc/self/fd of a file", lambda i: os.chmod(f"/proc/self/fd/{fd}", 0o600))
+    ask("chmod /proc/self/fd of a dir", lambda i: os.chmod(f"/proc/self/fd/{d}", 0o700))
+    ask("mkdir at dirfd", lambda i: os.mkdir("nd", dir_fd=d))
+    ask("create at dirfd", lambda i: os.open("new", W | C, 0o644, dir_fd=d))
+    ask("unlink at dirfd", lambda i: os.unlink("g", dir_fd=d))
+    os.chdir(f"{mount}/sub")
+    ask("create in cwd", lambda i: os.open("new", W | C, 0o644))
+    ask("mkdir in cwd", lambda i: os.mkdir("nd"))
+    ask("rename in cwd", lambda i: os.rename("g", "h"))
+    os.chdir(area)
+    ask("unlink the link itself", lambda i: os.unlink("into") if i == 0 else None)
+for top, dirs, files in sorted(os.walk(area)):
+    dirs.sort()
+    for name in sorted(dirs + files):
+        p = os.path.join(top, name)
+        st = os.lstat(p)
+        print("entry", os.path.relpath(p, area), oct(st.st_mode), st.st_size,
+              int(st.st_mtime) if name.startswith(("w", "moved", "s")) else "-",
+              os.readlink(p) if os.path.islink(p) else "")
+"""
+
+WRITES_TO_CVMFS = [
+    "create via link", "write via link", "truncating open via link", "mkdir via link",
+    "mkdir via relative link", "unlink via link", "rmdir via link", "rename into",
+    "rename out", "chmod via link", "chmod nofollow via link", "utime via link",
+    "symlink via link", "link via link", "truncate via link", "chown via link",
+    "create absolute", "mkdir absolute", "chmod absolute", "fchmod file", "fchown file",
+    "futimens file", "fchmod dir", "chmod /proc/self/fd of a file",
+    "chmod /proc/self/fd of a dir", "mkdir at dirfd", "create at dirfd", "unlink at dirfd",
+    "create in cwd", "mkdir in cwd", "rename in cwd",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    ensure_built()
+    base = tmp_path_factory.mktemp("writes")
+    with ram_dir() as src:
+        top = src / "tree"
+        (top / "sub").mkdir(parents=True)
+        (top / "f00").write_bytes(os.urandom(5000))
+        (top / "sub" / "g").write_bytes(os.urandom(300))
+        served = Served(base / "store", base / "keys")
+        served.publish(top, FQRN)
+        proxy = served.serve(base / "nginx")
+        try:
+            yield World(served, proxy, top)
+        finally:
+            served.stop()
+
+
+def fresh_area(path: Path) -> Path:
+    path.mkdir()
+    (path / "into").symlink_to(MOUNT)
+    return path
+
+
+def test_writes_reaching_cvmfs_fail_and_host_writes_are_made(
+    world: World, tmp_path: Path, ram_files: str
+) -> None:
+    """Every way a write can reach /cvmfs fails with EROFS, in-process as from the tracer,
+    after the same call sites have made host writes (so they are patched); the host writes
+    leave the same files, modes, times and links both ways.  (chmod of /proc/self/fd/N on a
+    memfd RAM file succeeded before, from the tracer too: its link names no /cvmfs path.)"""
+    outs = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        area = fresh_area(tmp_path / opt.strip("-"))
+        r = hep_exec(
+            world.proxy,
+            [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS)],
+            options=[opt, "--stats-internals"],
+        )
+        assert r.returncode == 0, r.stderr
+        outs[opt] = r.stdout.splitlines()
+        said = dict(ln.split(": ", 1) for ln in outs[opt] if not ln.startswith("entry "))
+        for what in WRITES_TO_CVMFS:
+            assert said[what] == "Read-only file system", (opt, what, said[what])
+        assert said["host writes"] == said["unlink the link itself"] == "ok"
+        assert not (area / "stolen").exists() and not (area / "into").is_symlink()
+        made = {ln.split()[1]: ln.split()[2:] for ln in outs[opt] if ln.startswith("entry ")}
+        last = ROUNDS - 1
+        assert made[f"w{last}"] == [oct(0o100600), str(ROUNDS), str(2000 + last)]
+        assert made[f"d{last}"][0] == oct(0o40750)
+        assert made[f"d{last}/sub"][0] == oct(0o40701)
+        assert made[f"d{last}/moved"][2] == str(4000 + last)
+        assert made[f"s{last}"][3] == f"w{last}" and made[f"s{last}"][2] == "6"
+        assert f"d{last}/hard" not in made and f"f{last}" not in made
+    assert outs["--stats-internals"] == outs["--no-in-process"]
+    for name in ("f00", "sub/g"):
+        r = hep_exec(world.proxy, ["sha1sum", f"{MOUNT}/{name}"])
+        assert r.stdout.split()[0] == hashlib.sha1((world.src / name).read_bytes()).hexdigest()
+
+
+def test_host_writes_do_not_stop_the_program(world: World, tmp_path: Path) -> None:
+    """The host writes, each ROUNDS times: after each call site's first stop, made inside
+    the program (before, every one stopped it: tar x out of /cvmfs 4-6 stops a file)."""
+    counts = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        area = fresh_area(tmp_path / opt.strip("-"))
+        argv = [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS), "host"]
+        r = hep_exec(world.proxy, argv, options=[opt, "--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        counts[opt] = stops(r.stderr)
+    calls = 21 * ROUNDS  # the calls host() makes that the filter traps
+    fewer, every = counts["--stats-internals"], counts["--no-in-process"]
+    assert every > calls and fewer < calls // 4, (fewer, every, calls)
+
+
+def test_tar_out_of_cvmfs_makes_the_same_tree(world: World, tmp_path: Path) -> None:
+    """tar cf of a repository directory piped into tar xf on the host: the same bytes and
+    modes as the published tree, in-process and from the tracer alike."""
+    job = f"d=$(mktemp -d -p {tmp_path}) && tar cf - -C {MOUNT} . | tar xf - -C $d && echo done"
+    lines, _ = in_and_out_of_process(world.proxy, ["sh", "-c", job])
+    assert lines == ["done"]
+    (out_in, out_tracer) = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    for out in (out_in, out_tracer):
+        for name in ("f00", "sub/g"):
+            assert (out / name).read_bytes() == (world.src / name).read_bytes()
+            assert (out / name).stat().st_mode & 0o777 == (world.src / name).stat().st_mode & 0o777
