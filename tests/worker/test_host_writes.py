@@ -215,3 +215,18 @@ def test_tar_out_of_cvmfs_makes_the_same_tree(world: World, tmp_path: Path) -> N
         for name in ("f00", "sub/g"):
             assert (out / name).read_bytes() == (world.src / name).read_bytes()
             assert (out / name).stat().st_mode & 0o777 == (world.src / name).stat().st_mode & 0o777
+
+
+def test_shell_redirections_and_dot_do_not_stop_the_program(world: World, tmp_path: Path) -> None:
+    """A shell loop's "> /dev/null" (an O_CREAT|O_TRUNC open of /dev/null) and stat of "."
+    in a host directory (bash before each search of PATH; find, ls): after the first stops,
+    made inside the program.  Before, each one stopped it (/dev was all the tracer's, and "."
+    no plain name)."""
+    loop = f"cd {tmp_path} && for i in $(seq 100); do echo x > /dev/null; test -d . && :; done"
+    counts = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(world.proxy, ["bash", "-c", loop], options=[opt, "--stats-internals"])
+        assert (r.returncode, r.stdout) == (0, ""), r.stderr
+        counts[opt] = stops(r.stderr)
+    fewer, every = counts["--stats-internals"], counts["--no-in-process"]
+    assert every >= 200 and fewer < 40, (fewer, every)

@@ -6,7 +6,7 @@
 
 /* A path the tracer lets through untouched when the kernel finds it: absolute, outside the
  * mount, not under /proc or /dev (magic links the tracer maps: /proc/self/exe, fd links into
- * the mirror, /dev/fd/N ...). */
+ * the mirror, /dev/fd/N ...) but /dev/null (every shell's "> /dev/null"). */
 static int host_path(const char *base, const char *p)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
@@ -17,9 +17,10 @@ static int host_path(const char *base, const char *p)
         i++;
     if (i == h->mount_len)
         return 0; /* the mount, or a name that starts like it: the tracer's */
-    if ((p[1] == 'p' && p[2] == 'r' && p[3] == 'o' && p[4] == 'c') ||
-        (p[1] == 'd' && p[2] == 'e' && p[3] == 'v'))
+    if (p[1] == 'p' && p[2] == 'r' && p[3] == 'o' && p[4] == 'c')
         return 0;
+    if (p[1] == 'd' && p[2] == 'e' && p[3] == 'v')
+        return p[4] == '/' && p[5] == 'n' && p[6] == 'u' && p[7] == 'l' && p[8] == 'l' && !p[9];
     return 1;
 }
 

@@ -144,7 +144,7 @@ static long do_getcwd(const char *base, char *buf, long size, int *done)
  * on, then "/" and the path), written to out: its length, or 0 where it is not known here
  * (then the call is the tracer's, as before).  A directory in the shadow tree stands for its
  * place under the mount ("<mount>/<repository>/..."; a path from there with "." or ".." is
- * normalized by the caller, or left to the tracer); a host directory only with a path of
+ * normalized by the caller, or left to the tracer); a host directory only with "." or a path of
  * plain names (a ".." from a host directory may lead into the mount, which the kernel cannot
  * see).  Why: a program in a build directory (make, a compiler, find, tar) calls stat and
  * open with relative paths, each a trap before, ~5-50 µs against the kernel's ~1 µs.
@@ -174,12 +174,17 @@ static unsigned long absolute_of(const char *base, long dirfd, const char *p, ch
         for (unsigned long k = 0; k < mn; k++)
             out[k] = h->mount[k];
         o = mn + rest;
-    } else { /* a host directory: plain names only */
+    } else { /* a host directory: plain names only, or "." */
         unsigned long pn = 0;
         while (p[pn] && pn < cap)
             pn++;
-        if (pn >= cap || !fo_plain_relative(p, pn))
+        if (pn >= cap || (!fo_plain_relative(p, pn) && !(p[0] == '.' && !p[1])))
             return 0;
+    }
+    if (p[0] == '.' && !p[1]) { /* the directory itself (bash stats "." before each search
+                                  * of PATH, find and ls start there) */
+        out[o] = 0;
+        return o;
     }
     if (o > 1)
         out[o++] = '/'; /* (the root: "/" and the name) */
