@@ -97,7 +97,22 @@ typedef struct {
     uint64_t base;
     int nsites, nrefused;
     uint64_t sites[FO_SITES], refused[FO_SITES];
+    uint64_t entry; /* the image's entry point (ld.so's, in a dynamic program) */
+    int learn;      /* the learnt[] its entry's bytes match, or -1 */
 } fo_proc_t;
+
+/* Call sites near the entry point (ld.so's own: access, openat, fstat of each library), by
+ * their offset from it, for images whose entry starts with the same bytes: patched at the
+ * exec stop itself (learnt_patch), where each new process took a stop for each of them
+ * before its first line of main (and a patch after it). */
+#define FO_LEARN_SITES 16
+#define FO_LEARN_NEAR (256 * 1024) /* ld.so's code around its entry */
+static struct {
+    int used, n;
+    unsigned char sig[FO_SETUP_LEN];
+    int64_t off[FO_LEARN_SITES];
+    unsigned char code[FO_LEARN_SITES][7]; /* the site's bytes when it trapped */
+} learnt[2];
 #define FO_PROCS (1u << 12)
 static fo_proc_t *procs;
 
@@ -330,6 +345,7 @@ void fo_add_object_dir(const char *dir, size_t n)
 
 void fo_fini(void)
 {
+    memset(learnt, 0, sizeof learnt);
     populated_bits = 0;
     n_moves = 0;
     if (shm)
@@ -391,6 +407,8 @@ void fo_counts(unsigned long long *hits, unsigned long long *misses,
 }
 
 /* ---------- injection at exec ---------- */
+
+static void learnt_patch(int fd, fo_proc_t *p, const unsigned char *sig);
 
 /*
  * At an exec stop: copy fo_setup (from the blob) over the new image's entry point, run it
@@ -459,15 +477,19 @@ int fo_exec(pid_t pid, int *other)
          (unsigned long)a.base < -4096UL && a.tramp == a.base + (long)FO_SIZE && a.prot == 0 &&
          a.counters == a.base + (long)FO_CNT_OFF && a.tprot == 0;
     pwrite(mfd, orig, sizeof orig, (off_t)entry);
-    close(mfd);
     ptrace(PTRACE_SETREGS, pid, 0, &saved);
     if (ok) {
         p = proc_find(pid, 1);
         if (p) {
             p->base = (uint64_t)a.base;
+            p->entry = entry;
+            p->learn = -1;
             n_injected++;
+            if (*other < 0)
+                learnt_patch(mfd, p, orig);
         }
     }
+    close(mfd);
     return *other >= 0;
 }
 
@@ -512,52 +534,38 @@ static int listed(const uint64_t *v, int n, uint64_t x)
  * thread hitting the int3 stops in the tracer, which sends it back to the site
  * (fo_sigtrap) once the jump is complete.
  */
-void fo_patch(pid_t tid, long nr, uint64_t ip)
+/* Do these 7 bytes before a trapped call's return address make call nr, patchably?  A
+ * `mov $imm32,%r32; syscall`: to eax naming nr itself, or to edx, esi or edi (no stack, no
+ * RIP; the number set before, as the trap says). */
+static int site_code_ok(const unsigned char *code, long nr)
 {
-    switch (nr) { /* what the handler answers */
-    case 2: case 257: case 4: case 5: case 6: case 262: case 332: case 21: case 269: case 439:
-    case 89: case 267: case 191: case 192: case 194: case 195: case 79 /* getcwd */:
-        break;
-    case 85: case 76: case 83: case 84: case 87: case 90: case 92: case 94: case 132:
-    case 235: case 133: case 188: case 189: case 197: case 198: case 82: case 86: case 91:
-    case 93: case 190: case 199: case 88: case 266: case 264: case 316: case 265: case 258:
-    case 263: case 268: case 452: case 260: case 261: case 280: case 259:
-        if (hdr && hdr->host_writes)
-            break; /* writes on host paths (_fastopen_tracee_writes.c write_args) */
-        return;
-    default:
-        return;
-    }
-    fo_proc_t *p = proc_of_thread(tid);
-    if (!p || ip < 7 || (ip >= p->base && ip < p->base + FO_SIZE + FO_TRAMP_SIZE))
-        return;
-    uint64_t site = ip - 7;
-    if (listed(p->sites, p->nsites, site) || listed(p->refused, p->nrefused, site))
-        return;
-    unsigned char code[7];
-    struct iovec l = {code, 7}, rv = {(void *)site, 7};
-    int ok = process_vm_readv(tid, &l, 1, &rv, 1, 0) == 7 && code[5] == 0x0f && code[6] == 0x05;
-    /* mov $imm32 to eax (the number itself), edx, esi or edi: no stack, no RIP */
-    if (ok && code[0] == 0xb8) {
+    if (code[5] != 0x0f || code[6] != 0x05)
+        return 0;
+    if (code[0] == 0xb8) {
         int32_t imm;
         memcpy(&imm, code + 1, 4);
-        ok = imm == nr;
-    } else {
-        ok = ok && (code[0] == 0xba || code[0] == 0xbe || code[0] == 0xbf);
+        return imm == nr;
     }
+    return code[0] == 0xba || code[0] == 0xbe || code[0] == 0xbf;
+}
+
+/*
+ * The site's trampoline and jump, written through fd (the process's /proc/<pid>/mem).  The
+ * 5-byte `mov $imm32,%r32` before the syscall instruction becomes `jmp trampoline`; the
+ * syscall instruction stays, so a thread stopped between the two (the mov done) still makes
+ * its call the old way.  Other threads may run the site meanwhile (unless `alone`), so the
+ * bytes change as the kernel's text_poke_bp does: int3 first, then the jump's offset, then
+ * its opcode; a thread hitting the int3 stops in the tracer, which sends it back to the site
+ * (fo_sigtrap) once the jump is complete.  0: not patched (no room, too far).
+ */
+static int write_site(int fd, fo_proc_t *p, uint64_t site, const unsigned char *code, int alone)
+{
     enum { TLEN = 5 + 5 + 10 + 3 + 8 + 5 };
     uint64_t t = p->base + FO_SIZE + FO_PRIV_SIZE + p->tramp_used; /* after the fo_priv_t */
     int64_t to_t = (int64_t)(t - (site + 5)), back = (int64_t)((site + 7) - (t + TLEN));
-    ok = ok && FO_PRIV_SIZE + p->tramp_used + TLEN <= FO_TRAMP_SIZE && to_t == (int32_t)to_t &&
-         back == (int32_t)back && p->nsites < FO_SITES;
-    char mem[40];
-    snprintf(mem, sizeof mem, "/proc/%d/mem", (int)tid);
-    int fd = ok ? open(mem, O_RDWR | O_CLOEXEC) : -1;
-    if (fd < 0) {
-        if (p->nrefused < FO_SITES)
-            p->refused[p->nrefused++] = site;
-        return;
-    }
+    if (FO_PRIV_SIZE + p->tramp_used + TLEN > FO_TRAMP_SIZE || to_t != (int32_t)to_t ||
+        back != (int32_t)back || p->nsites >= FO_SITES)
+        return 0;
     unsigned char tr[TLEN], *q = tr;
     memcpy(q, code, 5); /* the mov it displaces */
     q += 5;
@@ -574,18 +582,99 @@ void fo_patch(pid_t tid, long nr, uint64_t ip)
     int32_t rel = (int32_t)back;
     q[0] = 0xe9; /* jmp back, past the syscall instruction */
     memcpy(q + 1, &rel, 4);
+    if (pwrite(fd, tr, TLEN, (off_t)t) != TLEN)
+        return 0;
+    p->tramp_used += (TLEN + 15) & ~15u;
+    p->sites[p->nsites++] = site; /* from the int3 on, fo_sigtrap knows it */
+    unsigned char jmp[5] = {0xe9};
     rel = (int32_t)to_t;
-    const unsigned char int3 = 0xcc, jmp = 0xe9;
-    if (pwrite(fd, tr, TLEN, (off_t)t) == TLEN) {
-        p->tramp_used += (TLEN + 15) & ~15u;
-        p->sites[p->nsites++] = site; /* from the int3 on, fo_sigtrap knows it */
-        if (pwrite(fd, &int3, 1, (off_t)site) == 1 &&
-            pwrite(fd, &rel, 4, (off_t)site + 1) == 4 && pwrite(fd, &jmp, 1, (off_t)site) == 1)
-            n_patched++;
-        else
-            pwrite(fd, code, 5, (off_t)site); /* put the mov back */
+    memcpy(jmp + 1, &rel, 4);
+    if (alone ? pwrite(fd, jmp, 5, (off_t)site) == 5
+              : pwrite(fd, "\xcc", 1, (off_t)site) == 1 &&
+                    pwrite(fd, jmp + 1, 4, (off_t)site + 1) == 4 &&
+                    pwrite(fd, jmp, 1, (off_t)site) == 1)
+        return 1;
+    pwrite(fd, code, 5, (off_t)site); /* put the mov back */
+    return 0;
+}
+
+/* A site patched in a process whose entry matched learnt[k]: remembered, by its offset. */
+static void learn_site(const fo_proc_t *p, uint64_t site, const unsigned char *code)
+{
+    int64_t off = (int64_t)(site - p->entry);
+    if (p->learn < 0 || off <= -FO_LEARN_NEAR || off >= FO_LEARN_NEAR)
+        return;
+    __typeof__(learnt[0]) *l = &learnt[p->learn];
+    for (int i = 0; i < l->n; i++)
+        if (l->off[i] == off)
+            return;
+    if (l->n < FO_LEARN_SITES) {
+        l->off[l->n] = off;
+        memcpy(l->code[l->n++], code, 7);
     }
-    close(fd);
+}
+
+/* At the exec stop (the process alone, stopped): the learnt sites of its entry's kind
+ * patched now, each where its bytes are still those of the call that trapped there. */
+static void learnt_patch(int fd, fo_proc_t *p, const unsigned char *sig)
+{
+    p->learn = -1;
+    for (int k = 0; k < 2 && p->learn < 0; k++) {
+        if (!learnt[k].used) {
+            learnt[k].used = 1;
+            memcpy(learnt[k].sig, sig, FO_SETUP_LEN);
+        }
+        if (!memcmp(learnt[k].sig, sig, FO_SETUP_LEN))
+            p->learn = k;
+    }
+    if (p->learn < 0)
+        return;
+    __typeof__(learnt[0]) *l = &learnt[p->learn];
+    for (int i = 0; i < l->n; i++) {
+        uint64_t site = p->entry + (uint64_t)l->off[i];
+        unsigned char code[7];
+        if (pread(fd, code, 7, (off_t)site) == 7 && !memcmp(code, l->code[i], 7) &&
+            write_site(fd, p, site, code, 1))
+            n_patched++;
+    }
+}
+
+void fo_patch(pid_t tid, long nr, uint64_t ip)
+{
+    switch (nr) { /* what the handler answers */
+    case 2: case 257: case 4: case 5: case 6: case 262: case 332: case 21: case 269: case 439:
+    case 89: case 267: case 191: case 192: case 194: case 195: case 79 /* getcwd */:
+        break;
+    case 85: case 76: case 83: case 84: case 87: case 90: case 92: case 94: case 132:
+    case 235: case 133: case 188: case 189: case 197: case 198: case 82: case 86: case 91:
+    case 93: case 190: case 199: case 88: case 266: case 264: case 316: case 265: case 258:
+    case 263: case 268: case 452: case 260: case 261: case 280: case 259: case 59 /* execve */:
+        if (hdr && hdr->host_writes)
+            break; /* writes on host paths (_fastopen_tracee_writes.c write_args) */
+        return;
+    default:
+        return;
+    }
+    fo_proc_t *p = proc_of_thread(tid);
+    if (!p || ip < 7 || (ip >= p->base && ip < p->base + FO_SIZE + FO_TRAMP_SIZE))
+        return;
+    uint64_t site = ip - 7;
+    if (listed(p->sites, p->nsites, site) || listed(p->refused, p->nrefused, site))
+        return;
+    unsigned char code[7];
+    struct iovec l = {code, 7}, rv = {(void *)site, 7};
+    int ok = process_vm_readv(tid, &l, 1, &rv, 1, 0) == 7 && site_code_ok(code, nr);
+    char mem[40];
+    snprintf(mem, sizeof mem, "/proc/%d/mem", (int)tid);
+    int fd = ok ? open(mem, O_RDWR | O_CLOEXEC) : -1;
+    if (fd >= 0 && write_site(fd, p, site, code, 0)) {
+        n_patched++;
+        learn_site(p, site, code);
+    } else if (p->nrefused < FO_SITES) {
+        p->refused[p->nrefused++] = site;
+    }
+    if (fd >= 0)
+        close(fd);
 }
 
 /* A SIGTRAP stop of thread tid: one of our int3s, met while its site was being patched?

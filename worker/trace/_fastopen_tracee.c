@@ -674,6 +674,8 @@ static long fo_main(const char *base, long nr, const long *a)
 {
     int done = 0;
     long r;
+    if (nr == 59)
+        return host_exec(base, a);
     if (path_arg(nr) < 0 && nr != 5 && nr != 79) { /* a write: fchmod, mkdir, rename ... */
         r = host_write(base, nr, a, &done);
         return done ? r : fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]);

@@ -140,13 +140,47 @@ static long do_getcwd(const char *base, char *buf, long size, int *done)
 }
 
 /*
+ * A relative path p from the host directory out[0, o): "<dir>/<its names>", its "." and
+ * empty components left out ("./x", "a//b": cat, xargs and tar spell paths so), written to
+ * out; its length, or 0 for the tracer: a ".." (it may lead into the mount, which the kernel
+ * cannot see), a trailing "/" or "." but p == "." (the directory itself: bash stats "." before
+ * each search of PATH, find and ls start there), which make the kernel follow a last symlink.
+ */
+static unsigned long host_joined(const char *p, char *out, unsigned long o, unsigned long cap)
+{
+    unsigned long i = 0;
+    while (p[i]) {
+        unsigned long s = i;
+        while (p[i] && p[i] != '/')
+            i++;
+        unsigned long n = i - s;
+        int dot = n == 1 && p[s] == '.';
+        if ((n == 2 && p[s] == '.' && p[s + 1] == '.') || (dot && !p[i] && s > 0) ||
+            (!n && !p[i]))
+            return 0;
+        while (p[i] == '/')
+            i++;
+        if (!n || dot)
+            continue;
+        if (o + 1 + n >= cap || i >= 4000)
+            return 0;
+        if (o > 1)
+            out[o++] = '/'; /* (the root: "/" and the name) */
+        for (unsigned long k = s; k < s + n; k++)
+            out[o++] = p[k];
+    }
+    if (i && p[i - 1] == '/')
+        return 0; /* a trailing "/" */
+    out[o] = 0;
+    return o;
+}
+
+/*
  * A relative path's absolute form (the calling thread's cwd, or the directory `dirfd` is open
  * on, then "/" and the path), written to out: its length, or 0 where it is not known here
  * (then the call is the tracer's, as before).  A directory in the shadow tree stands for its
  * place under the mount ("<mount>/<repository>/..."; a path from there with "." or ".." is
- * normalized by the caller, or left to the tracer); a host directory only with "." or a path of
- * plain names (a ".." from a host directory may lead into the mount, which the kernel cannot
- * see).  Why: a program in a build directory (make, a compiler, find, tar) calls stat and
+ * normalized by the caller, or left to the tracer); a host directory as host_joined says.  Why: a program in a build directory (make, a compiler, find, tar) calls stat and
  * open with relative paths, each a trap before, ~5-50 µs against the kernel's ~1 µs.
  */
 static unsigned long absolute_of(const char *base, long dirfd, const char *p, char *out,
@@ -174,15 +208,10 @@ static unsigned long absolute_of(const char *base, long dirfd, const char *p, ch
         for (unsigned long k = 0; k < mn; k++)
             out[k] = h->mount[k];
         o = mn + rest;
-    } else { /* a host directory: plain names only, or "." */
-        unsigned long pn = 0;
-        while (p[pn] && pn < cap)
-            pn++;
-        if (pn >= cap || (!fo_plain_relative(p, pn) && !(p[0] == '.' && !p[1])))
-            return 0;
+    } else {
+        return host_joined(p, out, o, cap);
     }
-    if (p[0] == '.' && !p[1]) { /* the directory itself (bash stats "." before each search
-                                  * of PATH, find and ls start there) */
+    if (p[0] == '.' && !p[1]) { /* the directory itself */
         out[o] = 0;
         return o;
     }

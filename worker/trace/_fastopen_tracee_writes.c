@@ -155,11 +155,12 @@ static int writable_fd(const char *base, long fd)
     return n > 0 && n < (long)sizeof link && !in_shadow(h, link, (unsigned long)n);
 }
 
-/* The call made here when it succeeds; else (or when it is not ours to make) the tracer's. */
+/* The call made here when it succeeds (or a signal interrupted it: a FIFO's open waits for
+ * its other end, and asking again would wait again); else the tracer's. */
 static long made_here(const char *base, long nr, const long *a, int *done)
 {
     long r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
-    if (r < 0)
+    if (r < 0 && r != -4 /* EINTR */)
         return 0; /* asked again of the tracer: its errno (EROFS through a link) */
     __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1, __ATOMIC_RELAXED);
     *done = 1;
@@ -194,4 +195,27 @@ static long host_write(const char *base, long nr, const long *a, int *done)
         }
     }
     return made_here(base, nr, a, done);
+}
+
+/* execve of a regular host file: made here (it returns only when it failed, which the
+ * tracer then answers again, a #! script whose interpreter is under the mount among them),
+ * where the tracer would let it through.  Not a FIFO, whose exec waits for a writer.  Why:
+ * every exec stopped the program at its call, on top of the stops an exec always takes. */
+static long host_exec(const char *base, const long *a)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    const char *p = (const char *)a[0];
+    char abs[1024];
+    uint64_t st[18]; /* struct stat */
+    fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
+    if (p && p[0] && __atomic_load_n(&h->host_writes, __ATOMIC_RELAXED) &&
+        (p[0] == '/' ? host_path(base, p)
+                     : absolute_of(base, AT_FDCWD_, p, abs, sizeof abs) && host_path(base, abs)) &&
+        fo_syscall6(4, (long)p, (long)st, 0, 0, 0, cookie_of(base)) == 0 &&
+        (((const uint32_t *)st)[6] & S_IFMT_) == 0100000) {
+        __atomic_fetch_add(&cnt->host, 1, __ATOMIC_RELAXED);
+        fo_syscall6(59, a[0], a[1], a[2], 0, 0, cookie_of(base));
+        __atomic_fetch_sub(&cnt->host, 1, __ATOMIC_RELAXED); /* it failed: the tracer's */
+    }
+    return fo_syscall6(59, a[0], a[1], a[2], a[3], a[4], a[5]);
 }

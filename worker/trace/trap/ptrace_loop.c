@@ -225,10 +225,12 @@ static void ptrace_event(pid_t tid, int status, pid_t child, int *exit_status)
              * it has in flight, only say where it came from.  (A dead thread's state is gone
              * with its death report, before its tid can be reused.) */
             tstate_t *c = thread_find((pid_t)msg, 1); /* may move t: not used below */
-            if (c && !c->execd)
+            if (c && !c->execd) {
                 c->origin = event == PTRACE_EVENT_VFORK  ? ORIGIN_VFORK
                             : event == PTRACE_EVENT_FORK ? ORIGIN_OWN
                                                          : ORIGIN_THREAD;
+                c->parent = event == PTRACE_EVENT_CLONE ? 0 : tid;
+            }
             if (event != PTRACE_EVENT_VFORK) /* it exec'd before we knew: not a vfork */
                 scratch_drop((pid_t)msg, SCR_LEFT); /* child, that mapping went with it */
             fo_gone((pid_t)msg);

@@ -23,6 +23,7 @@ typedef struct {
     unsigned long cwd_gen;
     int origin; /* ORIGIN_*: set by the event that created the thread, OWN after an exec */
     int execd;  /* has exec'd: a late creation event must not make it a vfork child again */
+    pid_t parent; /* who forked or vforked it (0: not known): its exec's call site is there */
     /* An exec running from a scratch mapping (scr_len != 0): where the mapping is and the
      * caller's own filename and argv registers, put back if the exec fails. */
     unsigned long scr_addr, scr_len;

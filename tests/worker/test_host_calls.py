@@ -1,14 +1,16 @@
-"""Writes on host paths made inside the program (open with O_CREAT, mkdir, rename, chmod,
-utimensat, fchmod ...), where the tracer would let them through, while every write that
-reaches /cvmfs (by its path, through a host symlink, a dirfd, the working directory, an fd
-or /proc/self/fd/N) still fails with EROFS and leaves nothing behind.  The oracle is the
-tracer's own answer (``--no-in-process``); the counts say the host writes no longer stop the
-program."""
+"""Host calls made inside the program where the tracer would let them through: writes on
+host paths (open with O_CREAT, mkdir, rename, chmod, utimensat, fchmod ...), while every
+write that reaches /cvmfs (by its path, through a host symlink, a dirfd, the working
+directory, an fd or /proc/self/fd/N) still fails with EROFS and leaves nothing behind; a
+shell's "> /dev/null" and stat of "."; exec of host programs, and ld.so's calls in each new
+one.  The oracle is the tracer's own answer (``--no-in-process``); the counts say these calls
+no longer stop the program."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +140,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         (top / "sub").mkdir(parents=True)
         (top / "f00").write_bytes(os.urandom(5000))
         (top / "sub" / "g").write_bytes(os.urandom(300))
+        (top / "interp.sh").write_text('#!/bin/sh\necho "interp $*"\n')
+        (top / "interp.sh").chmod(0o755)
         served = Served(base / "store", base / "keys")
         served.publish(top, FQRN)
         proxy = served.serve(base / "nginx")
@@ -230,3 +234,28 @@ def test_shell_redirections_and_dot_do_not_stop_the_program(world: World, tmp_pa
         counts[opt] = stops(r.stderr)
     fewer, every = counts["--stats-internals"], counts["--no-in-process"]
     assert every >= 200 and fewer < 40, (fewer, every)
+
+
+def test_host_execs_do_not_stop_the_program(world: World, tmp_path: Path) -> None:
+    """A shell loop running host programs, by absolute and relative path: after the first
+    ones, neither their execve nor ld.so's calls in each new program stop it (the shell's
+    execve call site is patched, and ld.so's at each exec stop, as learnt in the first).  A
+    host script whose interpreter is under /cvmfs still runs (the kernel's exec fails, the
+    tracer's runs it), and exec of a FIFO still waits for a writer once and fails (126)."""
+    shutil.copy("/bin/true", tmp_path / "prog")
+    (tmp_path / "cvmfs-interp").write_text(f"#!{MOUNT}/interp.sh -y\n")
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("prog", "cvmfs-interp", "fifo"):
+        (tmp_path / name).chmod(0o755)
+    job = (
+        f"cd {tmp_path}; for i in $(seq 60); do /bin/true; ./prog; done; ./cvmfs-interp z; "
+        "( ./fifo 2>/dev/null; echo fifo $? ) & sleep 0.3; echo x > fifo; wait"
+    )
+    counts = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(world.proxy, ["bash", "-c", job], options=[opt, "--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "interp -y ./cvmfs-interp z\nfifo 126\n", (opt, r.stdout)
+        counts[opt] = stops(r.stderr)
+    fewer, every = counts["--stats-internals"], counts["--no-in-process"]
+    assert every > 4 * 120 and fewer < 60, (fewer, every)
