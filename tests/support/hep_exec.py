@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,33 @@ def serving(src: Path, fqrn: str, base: Path) -> Iterator[tuple[str, Repo]]:
         yield proxy, repo
     finally:
         served.stop()
+
+
+@contextmanager
+def world_of(src: Path, fqrn: str, base: Path) -> Iterator[World]:
+    """``src`` published as ``fqrn`` into a store under ``base`` and served by nginx there,
+    as a :class:`World` (for a module's fixture)."""
+    served = Served(base / "store", base / "keys")
+    served.publish(src, fqrn)
+    proxy = served.serve(base / "nginx")
+    try:
+        yield World(served, proxy, src)
+    finally:
+        served.stop()
+
+
+def cvmfs_stops(stderr: str) -> int:
+    """From ``--stats``: the calls on /cvmfs paths that stopped the program."""
+    got = re.search(r"(\d+) on /cvmfs answered by stopping the program", stderr)
+    assert got, stderr
+    return int(got[1])
+
+
+def stops(stderr: str) -> int:
+    """From ``--stats``: the calls that stopped the program, on /cvmfs paths and others."""
+    other = re.search(r"(\d+) stopped that were not for /cvmfs", stderr)
+    assert other, stderr
+    return cvmfs_stops(stderr) + int(other[1])
 
 
 def hep_exec_cmd(

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hep_exec import Served, World, hep_exec, in_and_out_of_process
+from tests.support.hep_exec import World, hep_exec, in_and_out_of_process, stops, world_of
 from tests.support.tracing import ensure_built, needs_ptrace, ram_dir
-from tests.worker.test_relative_paths import stops
 
 pytestmark = [needs_ptrace, pytest.mark.slow]
 
@@ -134,7 +133,6 @@ WRITES_TO_CVMFS = [
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     ensure_built()
-    base = tmp_path_factory.mktemp("writes")
     with ram_dir() as src:
         top = src / "tree"
         (top / "sub").mkdir(parents=True)
@@ -142,13 +140,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         (top / "sub" / "g").write_bytes(os.urandom(300))
         (top / "interp.sh").write_text('#!/bin/sh\necho "interp $*"\n')
         (top / "interp.sh").chmod(0o755)
-        served = Served(base / "store", base / "keys")
-        served.publish(top, FQRN)
-        proxy = served.serve(base / "nginx")
-        try:
-            yield World(served, proxy, top)
-        finally:
-            served.stop()
+        with world_of(top, FQRN, tmp_path_factory.mktemp("writes")) as world:
+            yield world
 
 
 def fresh_area(path: Path) -> Path:

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.hep_exec import Served, World, hep_exec, in_and_out_of_process
+from tests.support.hep_exec import (
+    World,
+    cvmfs_stops,
+    hep_exec,
+    in_and_out_of_process,
+    stops,
+    world_of,
+)
 from tests.support.tracing import ensure_built, needs_ptrace, ram_dir
 
 pytestmark = [needs_ptrace, pytest.mark.slow]
@@ -82,7 +88,6 @@ os.close(fd)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     ensure_built()
-    base = tmp_path_factory.mktemp("relative")
     with ram_dir() as src:
         top = src / "tree"
         (top / "sub").mkdir(parents=True)
@@ -92,13 +97,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         (top / "deep" / "er" / "file").write_bytes(b"in the repository\n")
         (top / "link").symlink_to("f00")
         (top / "sub" / "up").symlink_to("..")
-        served = Served(base / "store", base / "keys")
-        served.publish(top, FQRN)
-        proxy = served.serve(base / "nginx")
-        try:
-            yield World(served, proxy, top)
-        finally:
-            served.stop()
+        with world_of(top, FQRN, tmp_path_factory.mktemp("relative")) as world:
+            yield world
 
 
 @pytest.fixture
@@ -110,20 +110,6 @@ def area(tmp_path: Path) -> Path:
     (a / "deep" / "er" / "file").write_bytes(b"on the host\n")
     (a / "into").symlink_to(MOUNT)
     return a
-
-
-def cvmfs_stops(stderr: str) -> int:
-    """Calls on /cvmfs paths that stopped the program."""
-    got = re.search(r"(\d+) on /cvmfs answered by stopping the program", stderr)
-    assert got, stderr
-    return int(got[1])
-
-
-def stops(stderr: str) -> int:
-    """Calls that stopped the program, on /cvmfs paths and others."""
-    other = re.search(r"(\d+) stopped that were not for /cvmfs", stderr)
-    assert other, stderr
-    return cvmfs_stops(stderr) + int(other[1])
 
 
 def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, area: Path) -> None:
