@@ -252,3 +252,33 @@ def test_host_execs_do_not_stop_the_program(world: World, tmp_path: Path) -> Non
         counts[opt] = stops(r.stderr)
     fewer, every = counts["--stats-internals"], counts["--no-in-process"]
     assert every > 4 * 120 and fewer < 60, (fewer, every)
+
+
+# argv: a PATH; runs "true" 50 times and "interp.sh" once through it, as subprocess does
+SPAWN = r"""
+import os, subprocess, sys
+os.environ["PATH"] = sys.argv[1]
+for _ in range(50):
+    subprocess.run(["true"], check=True)
+subprocess.run(["interp.sh", "found"], check=True)
+"""
+
+
+def test_path_search_of_a_spawn_does_not_stop_and_follows_links_into_cvmfs(
+    world: World, tmp_path: Path
+) -> None:
+    """Python's subprocess tries execve in each PATH entry: a missing one is ENOENT inside
+    the program (where no host symlink may lead into /cvmfs), the program found is exec'd
+    there; an entry that is a host symlink into /cvmfs still finds what is there (the
+    tracer's).  Before, every try stopped the program (401 stops for 50 spawns)."""
+    (tmp_path / "bin").symlink_to(MOUNT)
+    path = f"{tmp_path}/nope:{tmp_path}/nope2:/usr/bin:/bin:{tmp_path}/bin"
+    counts = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(
+            world.proxy, [sys.executable, "-c", SPAWN, path], options=[opt, "--stats-internals"]
+        )
+        assert (r.returncode, r.stdout) == (0, "interp found\n"), r.stderr
+        counts[opt] = stops(r.stderr)
+    fewer, every = counts["--stats-internals"], counts["--no-in-process"]
+    assert every > 4 * 50 and fewer < 40, (fewer, every)

@@ -199,23 +199,31 @@ static long host_write(const char *base, long nr, const long *a, int *done)
 
 /* execve of a regular host file: made here (it returns only when it failed, which the
  * tracer then answers again, a #! script whose interpreter is under the mount among them),
- * where the tracer would let it through.  Not a FIFO, whose exec waits for a writer.  Why:
- * every exec stopped the program at its call, on top of the stops an exec always takes. */
+ * where the tracer would let it through.  Not a FIFO, whose exec waits for a writer.  A file
+ * that is not there is ENOENT here where that stands (host_missing: execvp and Python's
+ * subprocess try each PATH entry).  Why: each stopped the program, on top of the stops an
+ * exec always takes. */
 static long host_exec(const char *base, const long *a)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
-    const char *p = (const char *)a[0];
+    const char *p = (const char *)a[0], *where = p;
     char abs[1024];
     uint64_t st[18]; /* struct stat */
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    if (p && p[0] && __atomic_load_n(&h->host_writes, __ATOMIC_RELAXED) &&
-        (p[0] == '/' ? host_path(base, p)
-                     : absolute_of(base, AT_FDCWD_, p, abs, sizeof abs) && host_path(base, abs)) &&
-        fo_syscall6(4, (long)p, (long)st, 0, 0, 0, cookie_of(base)) == 0 &&
-        (((const uint32_t *)st)[6] & S_IFMT_) == 0100000) {
-        __atomic_fetch_add(&cnt->host, 1, __ATOMIC_RELAXED);
-        fo_syscall6(59, a[0], a[1], a[2], 0, 0, cookie_of(base));
-        __atomic_fetch_sub(&cnt->host, 1, __ATOMIC_RELAXED); /* it failed: the tracer's */
+    if (p && p[0] && p[0] != '/' && absolute_of(base, AT_FDCWD_, p, abs, sizeof abs))
+        where = abs;
+    if (p && where[0] == '/' && __atomic_load_n(&h->host_writes, __ATOMIC_RELAXED) &&
+        host_path(base, where)) {
+        long r = fo_syscall6(4, (long)p, (long)st, 0, 0, 0, cookie_of(base));
+        if ((r == -ENOENT_ || r == -20 /* ENOTDIR */) && host_missing(base, 59, a, where, r)) {
+            __atomic_fetch_add(&cnt->host, 1, __ATOMIC_RELAXED);
+            return r;
+        }
+        if (r == 0 && (((const uint32_t *)st)[6] & S_IFMT_) == 0100000) {
+            __atomic_fetch_add(&cnt->host, 1, __ATOMIC_RELAXED);
+            fo_syscall6(59, a[0], a[1], a[2], 0, 0, cookie_of(base));
+            __atomic_fetch_sub(&cnt->host, 1, __ATOMIC_RELAXED); /* it failed: the tracer's */
+        }
     }
     return fo_syscall6(59, a[0], a[1], a[2], a[3], a[4], a[5]);
 }
