@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -282,3 +283,19 @@ def test_path_search_of_a_spawn_does_not_stop_and_follows_links_into_cvmfs(
         counts[opt] = stops(r.stderr)
     fewer, every = counts["--stats-internals"], counts["--no-in-process"]
     assert every > 4 * 50 and fewer < 40, (fewer, every)
+
+
+def test_execvp_in_a_new_program_stops_once(world: World, tmp_path: Path) -> None:
+    """execvp in a program just started (env, a pyenv shim's ``#!/usr/bin/env bash``) tries
+    each PATH entry: after its first try stops, the call site is patched in that program
+    too, so the next entries are tried inside it (before: one stop for each entry)."""
+    path = f"{tmp_path}/no1:{tmp_path}/no2:/usr/bin:/bin"
+    job = ["bash", "-c", f"export PATH={path}; for i in $(seq 30); do env true; done"]
+    execs = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(world.proxy, job, options=[opt, "--stats-internals"])
+        assert r.returncode == 0, r.stderr
+        got = re.search(r"hep-exec:\s+execve\s+(\d+)", r.stderr)
+        execs[opt] = int(got[1]) if got else 0
+    fewer, every = execs["--stats-internals"], execs["--no-in-process"]
+    assert every >= 3 * 30 and fewer < 2 * 30, (fewer, every)

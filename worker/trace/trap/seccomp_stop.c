@@ -551,10 +551,14 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             memcpy(key, own, (size_t)kn + 1);
         }
         if (!host_exec_needs_python(key)) {
-            /* the parent's call site (a vfork child runs in its memory; a fork child's is a
-             * copy, gone with this exec): its next children exec host programs in-process */
-            if (nr == SYS_execve && t->parent > 0 && !t->execd && fo_host_writes())
-                fo_patch(t->parent, nr, r->rip);
+            /* the call site, in the caller (execvp's next PATH entries, if this one fails)
+             * and in its parent (a vfork child runs in its memory; a fork child's copy goes
+             * with a successful exec): its next children exec host programs in-process */
+            if (nr == SYS_execve && fo_host_writes()) {
+                fo_patch(tid, nr, r->rip);
+                if (t->parent > 0 && !t->execd)
+                    fo_patch(t->parent, nr, r->rip);
+            }
             n_pass++;
             return 0;
         }
