@@ -30,7 +30,7 @@ ROUNDS = 12  # each call this often: the first ones stop (their call sites get p
 # argv: the host area (with "into" -> MOUNT), the mount, rounds, "host" (only the host
 # writes).  One line per call: what its last round said; then the host area as it ends up.
 SCRIPT = r"""
-import os, sys
+import os, re, sys
 area, mount, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 W, C = os.O_WRONLY, os.O_CREAT
 
@@ -115,7 +115,7 @@ for top, dirs, files in sorted(os.walk(area)):
         p = os.path.join(top, name)
         st = os.lstat(p)
         print("entry", os.path.relpath(p, area), oct(st.st_mode), st.st_size,
-              int(st.st_mtime) if name.startswith(("w", "moved", "s")) else "-",
+              int(st.st_mtime) if re.fullmatch(r"w\d+|moved|s\d+", name) else "-",
               os.readlink(p) if os.path.islink(p) else "")
 """
 
