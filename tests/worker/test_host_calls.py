@@ -108,6 +108,10 @@ if sys.argv[4:] != ["host"]:
     ask("mkdir in cwd", lambda i: os.mkdir("nd"))
     ask("rename in cwd", lambda i: os.rename("g", "h"))
     os.chdir(area)
+    ask("create the link itself, exclusively", lambda i: os.open(into, W | C | os.O_EXCL))
+    ask("mkdir the link itself", lambda i: os.mkdir(into))
+    ask("unlink a missing host file", lambda i: os.unlink(f"{area}/missing{i}"))
+    ask("mkdir an existing host directory", lambda i: os.mkdir(area))
     ask("unlink the link itself", lambda i: os.unlink("into") if i == 0 else None)
 for top, dirs, files in sorted(os.walk(area)):
     dirs.sort()
@@ -172,6 +176,10 @@ def test_writes_reaching_cvmfs_fail_and_host_writes_are_made(
         for what in WRITES_TO_CVMFS:
             assert said[what] == "Read-only file system", (opt, what, said[what])
         assert said["host writes"] == said["unlink the link itself"] == "ok"
+        assert said["create the link itself, exclusively"] == "Read-only file system"
+        assert said["mkdir the link itself"] == said["mkdir an existing host directory"]
+        assert said["mkdir the link itself"] == "File exists"
+        assert said["unlink a missing host file"] == "No such file or directory"
         assert not (area / "stolen").exists() and not (area / "into").is_symlink()
         made = {ln.split()[1]: ln.split()[2:] for ln in outs[opt] if ln.startswith("entry ")}
         last = ROUNDS - 1
@@ -299,3 +307,30 @@ def test_execvp_in_a_new_program_stops_once(world: World, tmp_path: Path) -> Non
         execs[opt] = int(got[1]) if got else 0
     fewer, every = execs["--stats-internals"], execs["--no-in-process"]
     assert every >= 3 * 30 and fewer < 2 * 30, (fewer, every)
+
+
+FAILING = r"""
+import os, sys
+os.chdir(sys.argv[1])
+for _ in range(200):
+    os.makedirs("a/b", exist_ok=True)
+    try:
+        os.unlink("nothere")
+    except FileNotFoundError:
+        pass
+"""
+
+
+def test_failing_host_writes_do_not_stop_the_program(world: World, tmp_path: Path) -> None:
+    """mkdir of what exists and unlink of what does not (``makedirs(exist_ok=True)``, ``rm -f``
+    and ``mkdir -p`` in make, cmake and build scripts): their EEXIST and ENOENT are answered
+    inside the program where no host symlink may lead into /cvmfs (before, every failed
+    write was asked of the tracer again: 600 stops here)."""
+    argv = [sys.executable, "-c", FAILING, str(tmp_path)]
+    counts = {}
+    for opt in ("--stats-internals", "--no-in-process"):
+        r = hep_exec(world.proxy, argv, options=[opt, "--stats-internals"])
+        assert (r.returncode, r.stdout) == (0, ""), r.stderr
+        counts[opt] = stops(r.stderr)
+    fewer, every = counts["--stats-internals"], counts["--no-in-process"]
+    assert every >= 600 and fewer < 100, (fewer, every)

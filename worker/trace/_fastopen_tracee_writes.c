@@ -121,17 +121,25 @@ static long proc_self_fd(const char *p)
 }
 
 /* The same for a path as a call gives it: relative ones joined to the cwd or the dirfd's
- * directory (absolute_of: a shadow directory stands for the mount, a host one takes plain
- * names only); "/proc/self/fd/<n>" as the fd itself. */
-static int writable_at(const char *base, long dirfd, const char *p)
+ * directory (absolute_of: a shadow directory stands for the mount, a host one as
+ * host_joined says), that absolute form written to abs; "/proc/self/fd/<n>" as the fd
+ * itself (abs ""). */
+static int writable_at(const char *base, long dirfd, const char *p, char *abs, unsigned long cap)
 {
     long fd = proc_self_fd(p);
+    abs[0] = 0;
     if (fd >= 0)
         return writable_fd(base, fd);
-    if (p[0] == '/')
-        return writable_host(base, p);
-    char abs[1024];
-    return absolute_of(base, dirfd, p, abs, sizeof abs) && writable_host(base, abs);
+    if (p[0] != '/')
+        return absolute_of(base, dirfd, p, abs, cap) && writable_host(base, abs);
+    unsigned long n = 0;
+    while (p[n] && n + 1 < cap)
+        n++;
+    if (p[n])
+        return 0;
+    for (unsigned long k = 0; k <= n; k++)
+        abs[k] = p[k];
+    return writable_host(base, abs);
 }
 
 /* May a write on what this fd is open on be made here?  Not one of our RAM files (any file
@@ -155,12 +163,22 @@ static int writable_fd(const char *base, long fd)
     return n > 0 && n < (long)sizeof link && !in_shadow(h, link, (unsigned long)n);
 }
 
-/* The call made here when it succeeds (or a signal interrupted it: a FIFO's open waits for
- * its other end, and asking again would wait again); else the tracer's. */
-static long made_here(const char *base, long nr, const long *a, int *done)
+/*
+ * The call made here; its result is the tracer's answer too when it succeeded, or failed
+ * otherwise than where a host symlink may lead into the mount, which the kernel cannot
+ * follow: ENOENT and ENOTDIR of a call on one path (`where`, absolute; NULL: two paths) where
+ * host_missing says they stand, and EEXIST but from an open (O_CREAT|O_EXCL of a dangling
+ * link into the mount is EROFS from the tracer).  Else it is asked again of the tracer (a
+ * call that failed changed nothing).  Why: make, cmake, `rm -f` and `mkdir -p` remove what
+ * is not there and make what is, each failure a stop before.
+ */
+static long made_here(const char *base, long nr, const long *a, const char *where, int *done)
 {
     long r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
-    if (r < 0 && r != -4 /* EINTR */)
+    int is_open = nr == 2 || nr == 257 || nr == 85;
+    if (r < 0 && ((r == -ENOENT_ || r == -20) ? !where || !where[0] ||
+                                                     !host_missing(base, nr, a, where, r)
+                                              : r == -17 /* EEXIST */ && is_open))
         return 0; /* asked again of the tracer: its errno (EROFS through a link) */
     __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1, __ATOMIC_RELAXED);
     *done = 1;
@@ -175,26 +193,31 @@ static long host_open_written(const char *base, long nr, const long *a, const ch
     long oflags = nr == 2 ? a[1] : a[2];
     if ((oflags & (03 | 0100 | 01000)) && !writable_host(base, where))
         return 0;
-    return made_here(base, nr, a, done);
+    return made_here(base, nr, a, where, done);
 }
 
 /* A write call other than open: made here where every path and fd it names may be. */
 static long host_write(const char *base, long nr, const long *a, int *done)
 {
     write_args_t w;
+    char abs[2][1024];
+    int paths = 0;
     if (!write_args(nr, &w))
         return 0;
     for (int i = 0; i < 2; i++) {
         long d = w.dirfd[i] >= 0 ? (long)(int)a[w.dirfd[i]] : AT_FDCWD_;
         const char *p = w.path[i] >= 0 ? (const char *)a[w.path[i]] : 0;
+        abs[i][0] = 0;
         if (w.dirfd[i] >= 0 && d >= 0 && (!p || !p[0])) {
             if (!writable_fd(base, d))
                 return 0; /* fchmod, utimensat(fd, NULL), ... of the fd itself */
-        } else if (w.path[i] >= 0 && (!p || !p[0] || !writable_at(base, d, p))) {
-            return 0;
+        } else if (w.path[i] >= 0) {
+            if (!p || !p[0] || !writable_at(base, d, p, abs[i], sizeof abs[i]))
+                return 0;
+            paths++;
         }
     }
-    return made_here(base, nr, a, done);
+    return made_here(base, nr, a, paths == 1 ? abs[0] : 0, done);
 }
 
 /* execve of a regular host file: made here (it returns only when it failed, which the
