@@ -526,14 +526,6 @@ static int listed(const uint64_t *v, int n, uint64_t x)
     return 0;
 }
 
-/*
- * The 5-byte `mov $imm32,%r32` before the syscall instruction becomes `jmp trampoline`; the
- * syscall instruction stays, so a thread stopped between the two (the mov done) still makes
- * its call the old way.  Other threads may run the site meanwhile, so the bytes change as
- * the kernel's text_poke_bp does: int3 first, then the jump's offset, then its opcode; a
- * thread hitting the int3 stops in the tracer, which sends it back to the site
- * (fo_sigtrap) once the jump is complete.
- */
 /* Do these 7 bytes before a trapped call's return address make call nr, patchably?  A
  * `mov $imm32,%r32; syscall`: to eax naming nr itself, or to edx, esi or edi (no stack, no
  * RIP; the number set before, as the trap says). */
@@ -639,6 +631,8 @@ static void learnt_patch(int fd, fo_proc_t *p, const unsigned char *sig)
     }
 }
 
+/* A trapped call's site (ip: after its syscall instruction) patched to call the handler, in
+ * the process of thread tid, if the handler answers nr there. */
 void fo_patch(pid_t tid, long nr, uint64_t ip)
 {
     switch (nr) { /* what the handler answers */

@@ -1,8 +1,9 @@
 /*
  * The in-process handler's writes on host paths (worker/trace/_fastopen_tracee.c, which
  * #includes this in its one translation unit): opens with O_CREAT, O_TRUNC, O_WRONLY or
- * O_RDWR (and O_NOFOLLOW), mkdir, unlink, rename, chmod, utimensat, fchmod ... of what is
- * not under the mount, made here where the tracer would let them through.  Why: tar x,
+ * O_RDWR (and O_NOFOLLOW, O_PATH), mkdir, unlink, rename, chmod, utimensat, fchmod ... of
+ * what is not under the mount, and execve of host programs, made here where the tracer would
+ * let them through.  Why: tar x,
  * cp -r out of /cvmfs, a compiler's output, pip: every file written stopped the program four
  * to six times (tar xf of numpy, taken out of /cvmfs: 8.6x its native time).
  *
@@ -12,8 +13,9 @@
  * while the mount does not exist on the host (hdr->host_writes, from the start), so no host
  * path can reach it: a path through a host symlink into the mount fails in the kernel
  * (ENOENT) and goes to the tracer; a call that names the mount's own last component (which
- * could create it) is the tracer's.  Every failure is asked of the tracer again (a call that
- * failed changed nothing), so a failing call's errno is always the tracer's.
+ * could create it) is the tracer's.  A failure such a link could explain is asked of the
+ * tracer again (a call that failed changed nothing); any other is the tracer's answer too
+ * (made_here).
  */
 
 /* A write call's arguments: up to two (dirfd, path) pairs, as the tracer reads them;
@@ -200,24 +202,24 @@ static long host_open_written(const char *base, long nr, const long *a, const ch
 static long host_write(const char *base, long nr, const long *a, int *done)
 {
     write_args_t w;
-    char abs[2][1024];
+    char abs[1024]; /* one buffer (the program's stack): the last path's absolute form */
     int paths = 0;
     if (!write_args(nr, &w))
         return 0;
-    for (int i = 0; i < 2; i++) {
+    abs[0] = 0;
+    for (int i = 1; i >= 0; i--) {
         long d = w.dirfd[i] >= 0 ? (long)(int)a[w.dirfd[i]] : AT_FDCWD_;
         const char *p = w.path[i] >= 0 ? (const char *)a[w.path[i]] : 0;
-        abs[i][0] = 0;
         if (w.dirfd[i] >= 0 && d >= 0 && (!p || !p[0])) {
             if (!writable_fd(base, d))
                 return 0; /* fchmod, utimensat(fd, NULL), ... of the fd itself */
         } else if (w.path[i] >= 0) {
-            if (!p || !p[0] || !writable_at(base, d, p, abs[i], sizeof abs[i]))
+            if (!p || !p[0] || !writable_at(base, d, p, abs, sizeof abs))
                 return 0;
             paths++;
         }
     }
-    return made_here(base, nr, a, paths == 1 ? abs[0] : 0, done);
+    return made_here(base, nr, a, paths == 1 ? abs : 0, done);
 }
 
 /* execve of a regular host file: made here (it returns only when it failed, which the
