@@ -39,6 +39,33 @@ static int follows_last(long nr, const long *a)
     }
 }
 
+/* Is the absolute path p in normal form: no "//", "." or ".." component, and no trailing "/"
+ * unless `trailing`?  Its length in *len, its last slash before a name in *slash; not past
+ * 1000 bytes.  Such a path's spelling says where it is (host_missing, writable_host). */
+static int plainly_spelled(const char *p, int trailing, unsigned long *len, unsigned long *slash)
+{
+    unsigned long n = 0, s = 0;
+    for (; p[n]; n++) {
+        if (n >= 1000)
+            return 0;
+        if (p[n] != '/')
+            continue;
+        char c = p[n + 1];
+        if (c == 0) {
+            if (!trailing || n == 0)
+                return 0; /* a trailing "/" (or the root) */
+            continue;
+        }
+        if (c == '/' || (c == '.' && (p[n + 2] == 0 || p[n + 2] == '/' ||
+                                      (p[n + 2] == '.' && (p[n + 3] == 0 || p[n + 3] == '/')))))
+            return 0; /* "//", ".", ".." */
+        s = n;
+    }
+    *len = n;
+    *slash = s;
+    return 1;
+}
+
 /*
  * ENOENT or ENOTDIR from the kernel for an absolute host path: is that the tracer's answer
  * too?  It is unless a host symlink may lead into the mount, which the kernel cannot follow
@@ -49,19 +76,9 @@ static int follows_last(long nr, const long *a)
  */
 static int host_missing(const char *base, long nr, const long *a, const char *p, long r)
 {
-    unsigned long n = 0, slash = 0;
-    for (; p[n]; n++) {
-        if (n >= 1000)
-            return 0;
-        if (p[n] != '/')
-            continue;
-        slash = n;
-        char c = p[n + 1];
-        if (c == 0 || c == '/' ||
-            (c == '.' && (p[n + 2] == 0 || p[n + 2] == '/' ||
-                          (p[n + 2] == '.' && (p[n + 3] == 0 || p[n + 3] == '/')))))
-            return 0; /* "//", ".", "..", a trailing "/" */
-    }
+    unsigned long n, slash;
+    if (!plainly_spelled(p, 0, &n, &slash))
+        return 0;
     if (r == -20 /* ENOTDIR */)
         return 1;
     uint64_t st[18]; /* struct stat */

@@ -73,22 +73,10 @@ static int writable_host(const char *base, const char *p)
     if (!__atomic_load_n(&h->host_writes, __ATOMIC_RELAXED) || !h->shadow_len ||
         !host_path(base, p))
         return 0;
-    unsigned long n = 0, last = 0;
-    for (; p[n]; n++) {
-        if (n >= 1000)
-            return 0;
-        if (p[n] != '/')
-            continue;
-        char c = p[n + 1];
-        if (c == '/' || (c == '.' && (p[n + 2] == 0 || p[n + 2] == '/' ||
-                                      (p[n + 2] == '.' && (p[n + 3] == 0 || p[n + 3] == '/')))))
-            return 0; /* "//", ".", ".." */
-        if (c)
-            last = n + 1;
-    }
-    if (in_shadow(h, p, n))
+    unsigned long n, slash;
+    if (!plainly_spelled(p, 1, &n, &slash) || in_shadow(h, p, n))
         return 0;
-    unsigned long end = n;
+    unsigned long last = slash + 1, end = n;
     while (end > last && p[end - 1] == '/')
         end--; /* "name/" */
     unsigned long m = h->mount_len, mb = m;
