@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.hep_exec import World, hep_exec, in_and_out_of_process, stops, world_of
-from tests.support.tracing import ensure_built, needs_ptrace, ram_dir
+from tests.support.tracing import compile_c, ensure_built, needs_ptrace, ram_dir
 
 pytestmark = [needs_ptrace, pytest.mark.slow]
 
@@ -334,3 +335,44 @@ def test_failing_host_writes_do_not_stop_the_program(world: World, tmp_path: Pat
         counts[opt] = stops(r.stderr)
     fewer, every = counts["--stats-internals"], counts["--no-in-process"]
     assert every >= 600 and fewer < 100, (fewer, every)
+
+
+STATIC_A = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    int fd = open("/etc/passwd", O_RDONLY);
+    printf("A %d %d\n", fd >= 0, access("/etc", R_OK));
+    return 0;
+}
+"""
+STATIC_B = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int main(void) {
+    struct stat st;
+    char *p = malloc(64);
+    strcpy(p, "b");
+    printf("%s %d %d\n", p, stat("/etc/hosts", &st), access("/etc/passwd", F_OK));
+    return 0;
+}
+"""
+
+
+def test_programs_sharing_an_entry_keep_their_own_code(world: World, tmp_path: Path) -> None:
+    """Two different static programs of one libc start with the same entry bytes; the call
+    sites learnt in one are patched at the other's exec only where the code around them is
+    the same, so both run right, alternately, many times (a site patched inside another
+    program's instructions would crash it or change what it does)."""
+    try:
+        a = compile_c(STATIC_A, tmp_path / "a", "-static")
+        b = compile_c(STATIC_B, tmp_path / "b", "-static")
+    except subprocess.CalledProcessError:
+        pytest.skip("no static libc here (Debian: libc6-dev)")
+    job = ["bash", "-c", f"for i in $(seq 30); do {a}; {b}; done | sort | uniq -c"]
+    lines, _ = in_and_out_of_process(world.proxy, job)
+    assert [ln.split() for ln in lines] == [["30", "A", "1", "0"], ["30", "b", "0", "0"]]

@@ -104,14 +104,18 @@ typedef struct {
 /* Call sites near the entry point (ld.so's own: access, openat, fstat of each library), by
  * their offset from it, for images whose entry starts with the same bytes: patched at the
  * exec stop itself (learnt_patch), where each new process took a stop for each of them
- * before its first line of main (and a patch after it). */
+ * before its first line of main (and a patch after it).  Each where the code around it is
+ * still byte for byte what it was around the call that trapped (FO_LEARN_WIN bytes, the
+ * site in the middle): the same function at the same place (static programs of one libc
+ * share their entry's bytes, not the rest). */
 #define FO_LEARN_SITES 16
 #define FO_LEARN_NEAR (256 * 1024) /* ld.so's code around its entry */
+#define FO_LEARN_WIN 64
 static struct {
     int used, n;
     unsigned char sig[FO_SETUP_LEN];
     int64_t off[FO_LEARN_SITES];
-    unsigned char code[FO_LEARN_SITES][7]; /* the site's bytes when it trapped */
+    unsigned char win[FO_LEARN_SITES][FO_LEARN_WIN]; /* from site - FO_LEARN_WIN / 2 */
 } learnt[2];
 #define FO_PROCS (1u << 12)
 static fo_proc_t *procs;
@@ -590,24 +594,29 @@ static int write_site(int fd, fo_proc_t *p, uint64_t site, const unsigned char *
     return 0;
 }
 
-/* A site patched in a process whose entry matched learnt[k]: remembered, by its offset. */
-static void learn_site(const fo_proc_t *p, uint64_t site, const unsigned char *code)
+/* Is this site one to learn: near the entry of a process whose entry matched learnt[k]? */
+static int learnable(const fo_proc_t *p, uint64_t site)
 {
     int64_t off = (int64_t)(site - p->entry);
-    if (p->learn < 0 || off <= -FO_LEARN_NEAR || off >= FO_LEARN_NEAR)
-        return;
+    return p->learn >= 0 && off > -FO_LEARN_NEAR && off < FO_LEARN_NEAR;
+}
+
+/* A learnable site, patched: remembered by its offset, with the code around it (win). */
+static void learn_site(const fo_proc_t *p, uint64_t site, const unsigned char *win)
+{
+    int64_t off = (int64_t)(site - p->entry);
     __typeof__(learnt[0]) *l = &learnt[p->learn];
     for (int i = 0; i < l->n; i++)
         if (l->off[i] == off)
             return;
     if (l->n < FO_LEARN_SITES) {
         l->off[l->n] = off;
-        memcpy(l->code[l->n++], code, 7);
+        memcpy(l->win[l->n++], win, FO_LEARN_WIN);
     }
 }
 
 /* At the exec stop (the process alone, stopped): the learnt sites of its entry's kind
- * patched now, each where its bytes are still those of the call that trapped there. */
+ * patched now, each where the code around it is still what it was. */
 static void learnt_patch(int fd, fo_proc_t *p, const unsigned char *sig)
 {
     p->learn = -1;
@@ -624,9 +633,10 @@ static void learnt_patch(int fd, fo_proc_t *p, const unsigned char *sig)
     __typeof__(learnt[0]) *l = &learnt[p->learn];
     for (int i = 0; i < l->n; i++) {
         uint64_t site = p->entry + (uint64_t)l->off[i];
-        unsigned char code[7];
-        if (pread(fd, code, 7, (off_t)site) == 7 && !memcmp(code, l->code[i], 7) &&
-            write_site(fd, p, site, code, 1))
+        unsigned char win[FO_LEARN_WIN];
+        if (pread(fd, win, sizeof win, (off_t)(site - FO_LEARN_WIN / 2)) == sizeof win &&
+            !memcmp(win, l->win[i], sizeof win) &&
+            write_site(fd, p, site, win + FO_LEARN_WIN / 2, 1))
             n_patched++;
     }
 }
@@ -661,9 +671,13 @@ void fo_patch(pid_t tid, long nr, uint64_t ip)
     char mem[40];
     snprintf(mem, sizeof mem, "/proc/%d/mem", (int)tid);
     int fd = ok ? open(mem, O_RDWR | O_CLOEXEC) : -1;
+    unsigned char win[FO_LEARN_WIN]; /* the code around it, before the patch */
+    int learn = fd >= 0 && learnable(p, site) &&
+                pread(fd, win, sizeof win, (off_t)(site - FO_LEARN_WIN / 2)) == sizeof win;
     if (fd >= 0 && write_site(fd, p, site, code, 0)) {
         n_patched++;
-        learn_site(p, site, code);
+        if (learn)
+            learn_site(p, site, win);
     } else if (p->nrefused < FO_SITES) {
         p->refused[p->nrefused++] = site;
     }
