@@ -400,9 +400,11 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
             if (errno == EINTR) {
                 if (PyErr_CheckSignals() < 0 && !failure) {
                     PyErr_Fetch(&failure, &f_val, &f_tb);
+                    Py_BEGIN_ALLOW_THREADS /* `big` before the GIL: the lock order */
                     big_lock();
                     kill_all();
                     pthread_mutex_unlock(&big);
+                    Py_END_ALLOW_THREADS
                 }
                 continue;
             }
