@@ -20,6 +20,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from worker.trace import _tmpfs
+from worker.trace.elf_interp import InterpCopies
 from worker.trace.node_answers import (
     LISTING,
     OPENED,
@@ -160,6 +161,7 @@ class Session:
         self._resolved: dict[tuple[bytes, bool], Found | Outside | int] = {}
         self._exe_paths: dict[bytes, bytes] = {}  # exec'd file -> /cvmfs path
         self._opened_as: dict[bytes, bytes] = {}  # RAM file -> /cvmfs path
+        self.interp_copies = InterpCopies(self._in_mount)  # (closed by the run)
         self.answering = 0  # the thread answering a call, while it does
         # opens put from the node's answers: (object file, /cvmfs path) lists, and those of
         # them put during the call being answered
@@ -770,9 +772,7 @@ class Session:
             return res
         if isinstance(res, Outside):
             return res.path, file_head(res.path)
-        if res.node.kind != Kind.REG:
-            return errno.EACCES
-        if not res.node.mode & 0o111:
+        if res.node.kind != Kind.REG or not res.node.mode & 0o111:
             return errno.EACCES
         opened = self.policy.open(tid, res.path, res.node)
         if isinstance(opened, int):
@@ -783,14 +783,11 @@ class Session:
     def _exec(self, tid: int, path: bytes) -> Action:
         """execve: /cvmfs binaries run from the policy's file; ``#!`` interpreters under the
         mount are exec'd directly with the script's /cvmfs path as argument, as the kernel
-        would have done."""
-        if self._in_mount(path):
-            got = self._exec_target(tid, path)
-            if isinstance(got, int):
-                return (False, Act.RETURN, -got, None, None, None)
-            file, head = got
-        else:
-            file, head = path, file_head(path)
+        would have done; ELF interpreters under the mount are named anew (elf_interp.py)."""
+        got = self._exec_target(tid, path) if self._in_mount(path) else (path, file_head(path))
+        if isinstance(got, int):
+            return (False, Act.RETURN, -got, None, None, None)
+        file, head = got
         script = path
         prefix: list[bytes] = []
         for _ in range(4):  # nested interpreters, as binfmt_script allows
@@ -809,10 +806,14 @@ class Session:
                 return (False, Act.RETURN, -got, None, None, None)
             file, head = got
             script = interp
-        if self._in_mount(script):
-            self._exe_paths[exe_link(file)] = script
-        if prefix:
-            return (False, Act.EXEC, 0, file, None, prefix)
-        if file == path:
+        image = self.interp_copies.image(file, script, lambda i: self._exec_target(tid, i))
+        if isinstance(image, int):  # its ELF interpreter is under the mount, and not there
+            return (False, Act.RETURN, -image, None, None, None)
+        if image is not None or self._in_mount(script):  # what /proc/self/exe will say
+            shown = exe_link(file)
+            exe = script if self._in_mount(script) else self._opened_as.get(shown, shown)
+            file = image or file
+            self._exe_paths[exe_link(file)] = exe
+        if not prefix and file == path:
             return (False, Act.PASS, 0, None, None, None)
-        return (False, Act.EXEC, 0, file, None, None)
+        return (False, Act.EXEC, 0, file, None, prefix or None)

@@ -34,6 +34,50 @@ static int follows_last(long nr, const struct user_regs_struct *r)
  * read is the kernel's to refuse, as Python would leave it (host symlinks into the mount were
  * followed before: mount_key, via_host_symlink).  Only a regular file is opened (O_NONBLOCK:
  * never a FIFO's wait). */
+/* Does the ELF program open at fd (its first n bytes in head) name an interpreter under the
+ * mount (EESSI's, Gentoo Prefix's)?  The kernel would open it itself, where /cvmfs is not:
+ * Python execs a copy that names the interpreter's file (worker/trace/elf_interp.py).  Only
+ * what the kernel loads: ELF64 or ELF32, little-endian, its phdr table up to 64 KiB. */
+static int elf_interp_in_mount(int fd, const unsigned char *head, ssize_t n)
+{
+    if (n < 52 || memcmp(head, "\x7f" "ELF", 4) != 0 || head[5] != 1 || (head[4] != 1 && head[4] != 2))
+        return 0;
+    int is64 = head[4] == 2;
+    uint64_t phoff = 0;
+    uint16_t entsize, phnum;
+    if (is64 && n < 64)
+        return 0;
+    memcpy(&phoff, head + (is64 ? 0x20 : 0x1c), is64 ? 8 : 4);
+    memcpy(&entsize, head + (is64 ? 0x36 : 0x2a), 2);
+    memcpy(&phnum, head + (is64 ? 0x38 : 0x2c), 2);
+    size_t size = (size_t)entsize * phnum;
+    if (entsize != (is64 ? 56 : 32) || size == 0 || size > 65536)
+        return 0;
+    unsigned char *table = malloc(size);
+    if (!table)
+        return 0;
+    int found = 0;
+    if (pread(fd, table, size, (off_t)phoff) == (ssize_t)size) {
+        for (size_t i = 0; i < phnum; i++) {
+            const unsigned char *ph = table + i * entsize;
+            uint32_t type;
+            memcpy(&type, ph, 4);
+            if (type != 3) /* PT_INTERP: the first one, as the kernel takes it */
+                continue;
+            uint64_t off = 0, filesz = 0;
+            memcpy(&off, ph + (is64 ? 8 : 4), is64 ? 8 : 4);
+            memcpy(&filesz, ph + (is64 ? 32 : 16), is64 ? 8 : 4);
+            char interp[MAXPATH];
+            found = filesz > mount_n + 1 && filesz <= sizeof interp &&
+                    pread(fd, interp, filesz, (off_t)off) == (ssize_t)filesz &&
+                    memcmp(interp, mount_p, mount_n) == 0 && interp[mount_n] == '/';
+            break;
+        }
+    }
+    free(table);
+    return found;
+}
+
 static int host_exec_needs_python(const char *path)
 {
     struct stat st;
@@ -44,7 +88,10 @@ static int host_exec_needs_python(const char *path)
         return 0;
     char head[256]; /* what binfmt_script reads (BINPRM_BUF_SIZE) */
     ssize_t n = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? pread(fd, head, sizeof head, 0) : -1;
+    int elf = elf_interp_in_mount(fd, (const unsigned char *)head, n);
     close(fd);
+    if (elf)
+        return 1;
     if (n < 2 || head[0] != '#' || head[1] != '!')
         return 0;
     const char *end = memchr(head, '\n', (size_t)n);

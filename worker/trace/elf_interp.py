@@ -1,0 +1,155 @@
+"""Programs whose ELF interpreter lives under the mount (EESSI's compat layer, Compute
+Canada's Gentoo Prefix: every program of theirs names ``/cvmfs/…/ld-linux-x86-64.so.2``).
+
+The kernel opens a program's interpreter (PT_INTERP) itself, inside execve, where no filter
+sees it: ``/cvmfs/…`` does not exist on the host, and the exec failed with ENOENT.  Such a
+program is exec'd from a copy of it in RAM whose PT_INTERP names the interpreter's file
+through an fd of ours (``/proc/<tracer>/fd/<n>``, which the kernel opens like any path); the
+program's own bytes are otherwise the same, and /proc/self/exe still says its own path
+(worker.trace.answers, Session._exec).  :func:`interp_span` is the parse, without I/O;
+:class:`InterpCopies` the copies and fds of a run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+import struct
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+PT_INTERP = 3
+_ET_EXEC, _ET_DYN = 2, 3
+# (program header format, its size as the kernel insists on it) for ELFCLASS32 and ELFCLASS64
+_PHDR = {1: ("IIIIIIII", 32), 2: ("IIQQQQQQ", 56)}
+_PHDRS_MAX = 65536  # the kernel reads at most this much of the program header table
+_PATH_MAX = 4096
+MFD_EXEC = 0x10  # Linux 6.3: executable even where vm.memfd_noexec makes memfds noexec
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def interp_span(read: Callable[[int, int], bytes]) -> tuple[int, int] | None:
+    """Where an ELF program names its interpreter: (file offset, size of the field with its
+    NUL), or None (no ELF program, no interpreter, or one the kernel would refuse to load).
+    ``read(offset, size)`` gives the file's bytes there (fewer at its end)."""
+    head = read(0, 64)
+    if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in _PHDR or head[5] not in (1, 2):
+        return None
+    end = "<" if head[5] == 1 else ">"
+    fmt, entsize = _PHDR[head[4]]
+    if head[4] == 2:
+        if len(head) < 64:
+            return None
+        (phoff,) = struct.unpack_from(end + "Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from(end + "HH", head, 0x36)
+    else:
+        (phoff,) = struct.unpack_from(end + "I", head, 0x1C)
+        phentsize, phnum = struct.unpack_from(end + "HH", head, 0x2A)
+    (e_type,) = struct.unpack_from(end + "H", head, 0x10)
+    size = phnum * phentsize
+    if e_type not in (_ET_EXEC, _ET_DYN) or phentsize != entsize or not 0 < size <= _PHDRS_MAX:
+        return None
+    table = read(phoff, size)
+    if len(table) < size:
+        return None
+    for i in range(phnum):
+        ph = struct.unpack_from(end + fmt, table, i * entsize)
+        if ph[0] == PT_INTERP:  # the first one, as the kernel takes it
+            offset, filesz = (ph[2], ph[5]) if head[4] == 2 else (ph[1], ph[4])
+            return (offset, filesz) if 2 <= filesz <= _PATH_MAX else None
+    return None
+
+
+class InterpCopies:
+    """A run's copies of programs whose interpreter is under the mount, and the fds through
+    which the kernel opens those interpreters; kept until :meth:`close` (a program may be
+    exec'd again, and the kernel opens the interpreter of each exec anew)."""
+
+    def __init__(self, in_mount: Callable[[bytes], bool]) -> None:
+        self._in_mount = in_mount
+        self._images: dict[tuple[int, int, int, int, bytes], bytes] = {}
+        self._fds: dict[bytes, int] = {}  # interpreter's file, program copies -> our fd
+
+    def image(
+        self, file: bytes, name: bytes, interp_file: Callable[[bytes], tuple[bytes, bytes] | int]
+    ) -> bytes | int | None:
+        """The file to exec instead of ``file`` (program ``name``) when its interpreter is
+        under the mount (a copy naming the interpreter's file, made once), an errno the exec
+        must fail with (``interp_file`` of the interpreter's /cvmfs path: (its file, its
+        head), or why there is none), or None: ``file`` is exec'd as it is."""
+        try:
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            span = interp_span(lambda offset, size: os.pread(fd, size, offset))
+            if span is None:
+                return None
+            offset, size = span
+            field = os.pread(fd, size, offset)
+            if len(field) < size or field[-1:] != b"\0":
+                return None  # (the kernel's ENOEXEC)
+            interp = field[:-1]
+            if not self._in_mount(interp):
+                return None
+            got = interp_file(interp)
+            if isinstance(got, int):
+                return got
+            target = got[0]
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, target)
+            known = self._images.get(key)
+            if known is None:
+                made = self._copy(fd, st.st_size, span, target, name, interp)
+                if isinstance(made, int):
+                    return made
+                known = self._images[key] = made
+            return known
+        except OSError as e:
+            log.warning("%s: cannot make its copy to exec: %s", os.fsdecode(name), e.strerror)
+            return e.errno or None
+        finally:
+            os.close(fd)
+
+    def _copy(
+        self, fd: int, length: int, span: tuple[int, int], target: bytes, name: bytes, interp: bytes
+    ) -> bytes | int:
+        offset, size = span
+        ifd = self._fds.get(target)
+        if ifd is None:
+            ifd = self._fds[target] = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        via = f"/proc/{os.getpid()}/fd/{ifd}".encode()
+        if len(via) >= size:  # (every real one is longer: /cvmfs/<repository>/…)
+            log.warning(
+                "%s: its ELF interpreter %s has too short a name to be given another",
+                os.fsdecode(name),
+                os.fsdecode(interp),
+            )
+            return 2  # ENOENT, as before
+        label = os.path.basename(name).decode(errors="replace")[:200]
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        try:
+            copy = os.memfd_create(f"hep-exec {label}", flags | MFD_EXEC)
+        except OSError:  # (before Linux 6.3)
+            copy = os.memfd_create(f"hep-exec {label}", flags)
+        self._fds[f"copy {copy}".encode()] = copy
+        done = 0
+        while done < length:  # (copy_file_range: EXDEV between file systems)
+            n = os.sendfile(copy, fd, done, length - done)
+            if n == 0:
+                break
+            done += n
+        os.pwrite(copy, via.ljust(size, b"\0"), offset)
+        fcntl.fcntl(copy, fcntl.F_ADD_SEALS, _SEALS)
+        return f"/proc/{os.getpid()}/fd/{copy}".encode()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._images.clear()
