@@ -119,6 +119,12 @@ def test_a_program_whose_interpreter_is_under_cvmfs_runs(
     want += [f"argv0={ROOT}/bin/prog argc=4 exe={ROOT}/bin/prog lib=42"]
     assert r.stdout.splitlines() == want, r.stderr
 
+    # fexecve: execveat(fd, "", AT_EMPTY_PATH) of an fd opened on the program
+    fexecve = f"import os; os.execve(os.open('{ROOT}/bin/prog', os.O_RDONLY), ['viafd'], {{}})"
+    r = _run(world, ["python3", "-c", fexecve], *opts)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"argv0=viafd argc=1 exe={ROOT}/bin/prog lib=42\n"
+
 
 def test_a_missing_or_unusable_interpreter_fails_as_natively(world: World, trap_mode: str) -> None:
     """ENOENT for an interpreter that is not there, EACCES for one that is not executable:

@@ -806,12 +806,12 @@ class Session:
                 return (False, Act.RETURN, -got, None, None, None)
             file, head = got
             script = interp
-        image = self.interp_copies.image(file, script, lambda i: self._exec_target(tid, i))
+        shown = exe_link(file)  # what /proc/self/exe is to say: exe
+        exe = script if self._in_mount(script) else self._opened_as.get(shown, shown)
+        image = self.interp_copies.image(file, exe, lambda i: self._exec_target(tid, i))
         if isinstance(image, int):  # its ELF interpreter is under the mount, and not there
             return (False, Act.RETURN, -image, None, None, None)
-        if image is not None or self._in_mount(script):  # what /proc/self/exe will say
-            shown = exe_link(file)
-            exe = script if self._in_mount(script) else self._opened_as.get(shown, shown)
+        if image is not None or self._in_mount(script):
             file = image or file
             self._exe_paths[exe_link(file)] = exe
         if not prefix and file == path:

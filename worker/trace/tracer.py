@@ -223,7 +223,7 @@ def run(
     env: Mapping[str, str] | None = None,
     *,
     mount: bytes = b"/cvmfs",
-    spin_us: int = 100,
+    spin_us: int = int(os.environ.get("HX_SPIN", "100")),
     trap: str | None = None,
     in_process: bool | None = None,
     io_uring: bool | None = None,

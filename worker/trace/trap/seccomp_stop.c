@@ -574,9 +574,11 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     if (kn == 0) {
         /* exec of a host path: Python checks for a #! interpreter under the mount */
         char base[MAXPATH];
-        if (n <= 0)
+        if (n <= 0 && !(allow_empty && dirfd >= 0))
             return 0;
-        if (raw[0] == '/') {
+        if (n <= 0) { /* execveat(fd, "", AT_EMPTY_PATH), fexecve's way: the caller's fd */
+            kn = snprintf(key, MAXPATH, "/proc/%d/fd/%d", (int)tid, (int)dirfd);
+        } else if (raw[0] == '/') {
             memcpy(key, raw, (size_t)n + 1);
             kn = n;
         } else {
