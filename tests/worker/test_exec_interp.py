@@ -2,7 +2,7 @@
 Canada's stacks does (``/cvmfs/…/compat/…/ld-linux-x86-64.so.2``): the kernel opens PT_INTERP
 itself, inside execve, and /cvmfs is not there on a worker node.  They failed with "No such
 file or directory", from /cvmfs and from the host alike; now they run from a copy that names
-the interpreter's file (worker/trace/elf_interp.py).  Real hep-exec, a repository published by
+the interpreter's file (worker/trace/exec_files.py).  Real hep-exec, a repository published by
 our publisher and served by nginx on loopback, programs compiled here against the system's
 ld.so copied into the repository; the oracle is the same program linked against that copy
 where it lies on the host."""
@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.hep_exec import World, world_of
 from tests.support.tracing import compile_c, ensure_built
-from worker.trace.elf_interp import interp_span
+from worker.trace.exec_files import interp_span
 
 FQRN = "compat.test.org"
 ROOT = f"/cvmfs/{FQRN}"
@@ -40,6 +40,18 @@ int main(int argc, char **argv) {
 }
 """
 LIBRARY = "int lib_answer(void) { return 42; }\n"
+# the process's name, as ps, top, pgrep and killall see it
+SHOW_COMM = r"""
+#include <stdio.h>
+int main(void) {
+    char name[64] = "";
+    FILE *f = fopen("/proc/self/comm", "r");
+    if (!f || !fgets(name, sizeof name, f)) return 1;
+    fputs(name, stdout);
+    return 0;
+}
+"""
+NAMED = "a-program-with-a-long-name"  # the kernel keeps 15 bytes of it
 
 
 def _link(out: Path, interp: str, lib_dir: Path) -> None:
@@ -63,6 +75,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     _link(src / "bin" / "noldso", f"{ROOT}/lib64/missing.so.2", src / "lib")
     (src / "sbin" / "ld.so").write_bytes((src / LDSO).read_bytes())  # not executable
     _link(src / "bin" / "noexec", f"{ROOT}/sbin/ld.so", src / "lib")
+    compile_c(SHOW_COMM, src / "bin" / NAMED)
+    compile_c(SHOW_COMM, src / "bin" / "compatcomm", f"-Wl,--dynamic-linker={ROOT}/{LDSO}")
+    (src / "bin" / "comm-script.sh").write_text("#!/bin/sh\ncat /proc/$$/comm\n")
+    (src / "bin" / "comm-script.sh").chmod(0o755)
     (src / "bin" / "script").write_text(f"#!{ROOT}/bin/prog one\n")
     (src / "bin" / "script").chmod(0o755)
     host = base / "host"  # a program of the user's, built against the stack in /cvmfs
@@ -180,3 +196,22 @@ def test_interp_span_reads_what_the_kernel_reads(world: World) -> None:
     static = Path(shutil.which("ldconfig") or "/sbin/ldconfig").read_bytes()  # static-pie
     for plain in (b"", b"#!/bin/sh\n", data[:40], library, static):
         assert interp_span(_reader(plain)) is None
+
+
+def test_processes_are_named_as_natively(world: World, ram_files: str, trap_mode: str) -> None:
+    """The kernel names a process after the path it was exec'd by: a /cvmfs program run from
+    its RAM file was a content hash or an fd number to ps, top, pgrep and killall.  Now its
+    own name, as natively: a program's (15 bytes of it), a #! script's own, a program whose
+    interpreter is under /cvmfs, one found along PATH, one run through fexecve (its fd)."""
+    fexecve = (
+        f"import os; fd = os.open('{ROOT}/bin/compatcomm', os.O_RDONLY); os.execve(fd, ['x'], {{}})"
+    )
+    script = (
+        f"{ROOT}/bin/{NAMED}; {ROOT}/bin/comm-script.sh; {ROOT}/bin/compatcomm;"
+        f' PATH={ROOT}/bin:$PATH; compatcomm; comm-script.sh; python3 -c "{fexecve}"'
+    )
+    r = _run(world, ["sh", "-c", script])
+    assert r.returncode == 0, r.stderr
+    names = r.stdout.splitlines()
+    assert names[:5] == [NAMED[:15], "comm-script.sh", "compatcomm", "compatcomm", "comm-script.sh"]
+    assert names[5].isdigit(), names  # /dev/fd/N's last component, natively

@@ -20,7 +20,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from worker.trace import _tmpfs
-from worker.trace.elf_interp import InterpCopies
+from worker.trace.exec_files import ExecFiles
 from worker.trace.node_answers import (
     LISTING,
     OPENED,
@@ -161,7 +161,7 @@ class Session:
         self._resolved: dict[tuple[bytes, bool], Found | Outside | int] = {}
         self._exe_paths: dict[bytes, bytes] = {}  # exec'd file -> /cvmfs path
         self._opened_as: dict[bytes, bytes] = {}  # RAM file -> /cvmfs path
-        self.interp_copies = InterpCopies(self._in_mount)  # (closed by the run)
+        self.exec_files = ExecFiles(self._in_mount, shadow, self.shadow_write)  # (run closes)
         self.answering = 0  # the thread answering a call, while it does
         # opens put from the node's answers: (object file, /cvmfs path) lists, and those of
         # them put during the call being answered
@@ -783,7 +783,7 @@ class Session:
     def _exec(self, tid: int, path: bytes) -> Action:
         """execve: /cvmfs binaries run from the policy's file; ``#!`` interpreters under the
         mount are exec'd directly with the script's /cvmfs path as argument, as the kernel
-        would have done; ELF interpreters under the mount are named anew (elf_interp.py)."""
+        would have done; ELF interpreters under the mount are named anew (exec_files.py)."""
         got = self._exec_target(tid, path) if self._in_mount(path) else (path, file_head(path))
         if isinstance(got, int):
             return (False, Act.RETURN, -got, None, None, None)
@@ -808,7 +808,7 @@ class Session:
             script = interp
         shown = exe_link(file)  # what /proc/self/exe is to say: exe
         exe = script if self._in_mount(script) else self._opened_as.get(shown, shown)
-        image = self.interp_copies.image(file, exe, lambda i: self._exec_target(tid, i))
+        image = self.exec_files.image(file, exe, lambda i: self._exec_target(tid, i))
         if isinstance(image, int):  # its ELF interpreter is under the mount, and not there
             return (False, Act.RETURN, -image, None, None, None)
         if image is not None or self._in_mount(script):
@@ -816,4 +816,5 @@ class Session:
             self._exe_paths[exe_link(file)] = exe
         if not prefix and file == path:
             return (False, Act.PASS, 0, None, None, None)
+        file = self.exec_files.named(file, os.path.basename(path))  # ps, top: its own name
         return (False, Act.EXEC, 0, file, None, prefix or None)

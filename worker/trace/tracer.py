@@ -325,7 +325,7 @@ def run(
         except PermissionError as e:
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
         finally:
-            session.interp_copies.close()
+            session.exec_files.close()
         if exec_errno:
             log.error("%s: %s", os.fsdecode(args[0]), os.strerror(exec_errno))
     finally:

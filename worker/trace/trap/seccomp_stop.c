@@ -36,7 +36,7 @@ static int follows_last(long nr, const struct user_regs_struct *r)
  * never a FIFO's wait). */
 /* Does the ELF program open at fd (its first n bytes in head) name an interpreter under the
  * mount (EESSI's, Gentoo Prefix's)?  The kernel would open it itself, where /cvmfs is not:
- * Python execs a copy that names the interpreter's file (worker/trace/elf_interp.py).  Only
+ * Python execs a copy that names the interpreter's file (worker/trace/exec_files.py).  Only
  * what the kernel loads: ELF64 or ELF32, little-endian, its phdr table up to 64 KiB. */
 static int elf_interp_in_mount(int fd, const unsigned char *head, ssize_t n)
 {

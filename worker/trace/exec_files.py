@@ -1,13 +1,21 @@
-"""Programs whose ELF interpreter lives under the mount (EESSI's compat layer, Compute
-Canada's Gentoo Prefix: every program of theirs names ``/cvmfs/…/ld-linux-x86-64.so.2``).
+"""What a rewritten exec runs: the file the kernel can open for a /cvmfs program, under a
+name that makes the process what it would be natively.
 
-The kernel opens a program's interpreter (PT_INTERP) itself, inside execve, where no filter
-sees it: ``/cvmfs/…`` does not exist on the host, and the exec failed with ENOENT.  Such a
-program is exec'd from a copy of it in RAM whose PT_INTERP names the interpreter's file
-through an fd of ours (``/proc/<tracer>/fd/<n>``, which the kernel opens like any path); the
-program's own bytes are otherwise the same, and /proc/self/exe still says its own path
-(worker.trace.answers, Session._exec).  :func:`interp_span` is the parse, without I/O;
-:class:`InterpCopies` the copies and fds of a run.
+Programs whose ELF interpreter lives under the mount (EESSI's compat layer, Compute Canada's
+Gentoo Prefix: every program of theirs names ``/cvmfs/…/ld-linux-x86-64.so.2``): the kernel
+opens a program's interpreter (PT_INTERP) itself, inside execve, where no filter sees it;
+``/cvmfs/…`` does not exist on the host, and the exec failed with ENOENT.  Such a program is
+exec'd from a copy of it in RAM whose PT_INTERP names the interpreter's file through an fd of
+ours (``/proc/<tracer>/fd/<n>``, which the kernel opens like any path); the program's own
+bytes are otherwise the same, and /proc/self/exe still says its own path (worker.trace.answers,
+Session._exec).  :func:`interp_span` is the parse, without I/O.
+
+The kernel names a process after the last component of the path it was exec'd by (``comm``:
+what ps, top, pgrep, pidof and killall show, and a batch system's per-process accounting):
+for a /cvmfs program run from its RAM file, a content hash or an fd number.
+:class:`ExecFiles` gives each rewritten exec a symlink in the run's private tree named as the
+caller named the program (a script's own name for a ``#!`` script, as binfmt_script does), and
+holds the run's copies and the fds they name.
 """
 
 from __future__ import annotations
@@ -63,15 +71,22 @@ def interp_span(read: Callable[[int, int], bytes]) -> tuple[int, int] | None:
     return None
 
 
-class InterpCopies:
-    """A run's copies of programs whose interpreter is under the mount, and the fds through
-    which the kernel opens those interpreters; kept until :meth:`close` (a program may be
-    exec'd again, and the kernel opens the interpreter of each exec anew)."""
+class ExecFiles:
+    """A run's copies of programs whose interpreter is under the mount, the fds through which
+    the kernel opens those interpreters, and the links programs are exec'd by; kept until
+    :meth:`close` (a program may be exec'd again, and the kernel opens the interpreter of each
+    exec anew).  ``shadow``, ``shadow_write``: the mount's mirror in the run's private tree, as
+    tracees reach it and as we write it; the links go beside it."""
 
-    def __init__(self, in_mount: Callable[[bytes], bool]) -> None:
+    def __init__(
+        self, in_mount: Callable[[bytes], bool], shadow: bytes, shadow_write: bytes
+    ) -> None:
         self._in_mount = in_mount
         self._images: dict[tuple[int, int, int, int, bytes], bytes] = {}
         self._fds: dict[bytes, int] = {}  # interpreter's file, program copies -> our fd
+        self._link_dir = shadow_write.rpartition(b"/")[0] + b"/exec"
+        self._link_access = shadow.rpartition(b"/")[0] + b"/exec"
+        self._links: dict[tuple[bytes, bytes], bytes] = {}
 
     def image(
         self, file: bytes, name: bytes, interp_file: Callable[[bytes], tuple[bytes, bytes] | int]
@@ -148,8 +163,28 @@ class InterpCopies:
         fcntl.fcntl(copy, fcntl.F_ADD_SEALS, _SEALS)
         return f"/proc/{os.getpid()}/fd/{copy}".encode()
 
+    def named(self, file: bytes, name: bytes) -> bytes:
+        """A path to exec ``file`` by that makes the process ``name`` (``file`` itself where
+        no link could be made: the exec runs, named as before)."""
+        if not name or name in (b".", b".."):
+            return file
+        known = self._links.get((name, file))
+        if known is None:
+            k = b"%d" % len(self._links)
+            try:
+                if not self._links:
+                    os.makedirs(self._link_dir, 0o755, exist_ok=True)
+                os.mkdir(self._link_dir + b"/" + k, 0o755)
+                os.symlink(file, self._link_dir + b"/" + k + b"/" + name)
+            except OSError as e:
+                log.debug("%s: no link to exec it by: %s", os.fsdecode(name), e.strerror)
+                return file
+            known = self._links[(name, file)] = self._link_access + b"/" + k + b"/" + name
+        return known
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
         self._images.clear()
+        self._links.clear()  # (in the run's private tree, which goes with it)
