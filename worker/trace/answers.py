@@ -30,7 +30,7 @@ from worker.trace.node_answers import (
     encode_listing,
 )
 from worker.trace.policy import ASKED, Kind, Node, Policy, access_allowed
-from worker.trace.shebang import exe_link, file_head, parse_shebang
+from worker.trace.shebang import file_head
 
 log = logging.getLogger("hep-exec")
 
@@ -159,7 +159,6 @@ class Session:
         self._answered_ahead: set[bytes] = set()  # directories given to ``put``
         self._opened_ahead: set[bytes] = set()  # ... with their files' opens
         self._resolved: dict[tuple[bytes, bool], Found | Outside | int] = {}
-        self._exe_paths: dict[bytes, bytes] = {}  # exec'd file -> /cvmfs path
         self._opened_as: dict[bytes, bytes] = {}  # RAM file -> /cvmfs path
         self.exec_files = ExecFiles(self._in_mount, shadow, self.shadow_write)  # (run closes)
         self.answering = 0  # the thread answering a call, while it does
@@ -665,7 +664,7 @@ class Session:
                 for target, cvmfs_path in opens:
                     self._note_opened(target, cvmfs_path)
             self._notes_put.clear()
-            exe = self._exe_paths.get(real) or self._opened_as.get(real)
+            exe = self.exec_files.exe_paths.get(real) or self._opened_as.get(real)
             if exe is None:
                 return (False, Act.PASS, 0, None, None, None)
             return (False, Act.READLINK, 0, exe, None, None)
@@ -781,40 +780,10 @@ class Session:
         return opened.path, file_head(opened.path)
 
     def _exec(self, tid: int, path: bytes) -> Action:
-        """execve: /cvmfs binaries run from the policy's file; ``#!`` interpreters under the
-        mount are exec'd directly with the script's /cvmfs path as argument, as the kernel
-        would have done; ELF interpreters under the mount are named anew (exec_files.py)."""
-        got = self._exec_target(tid, path) if self._in_mount(path) else (path, file_head(path))
+        """execve: what to run instead, as the kernel would have run it (exec_files.py)."""
+        got = self.exec_files.decide(path, lambda p: self._exec_target(tid, p), self._opened_as)
         if isinstance(got, int):
             return (False, Act.RETURN, -got, None, None, None)
-        file, head = got
-        script = path
-        prefix: list[bytes] = []
-        for _ in range(4):  # nested interpreters, as binfmt_script allows
-            shebang = parse_shebang(head)
-            if shebang is None:
-                break
-            interp, arg = shebang
-            if not self._in_mount(interp) and not self._in_mount(script):
-                break  # host script, host interpreter: the kernel's business
-            prefix = [interp, *([arg] if arg else []), script, *prefix[1:]]
-            if not self._in_mount(interp):
-                file = interp
-                break
-            got = self._exec_target(tid, interp)
-            if isinstance(got, int):
-                return (False, Act.RETURN, -got, None, None, None)
-            file, head = got
-            script = interp
-        shown = exe_link(file)  # what /proc/self/exe is to say: exe
-        exe = script if self._in_mount(script) else self._opened_as.get(shown, shown)
-        image = self.exec_files.image(file, exe, lambda i: self._exec_target(tid, i))
-        if isinstance(image, int):  # its ELF interpreter is under the mount, and not there
-            return (False, Act.RETURN, -image, None, None, None)
-        if image is not None or self._in_mount(script):
-            file = image or file
-            self._exe_paths[exe_link(file)] = exe
-        if not prefix and file == path:
+        if got is None:
             return (False, Act.PASS, 0, None, None, None)
-        file = self.exec_files.named(file, os.path.basename(path))  # ps, top: its own name
-        return (False, Act.EXEC, 0, file, None, prefix or None)
+        return (False, Act.EXEC, 0, got[0], None, got[1] or None)

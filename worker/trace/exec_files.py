@@ -25,7 +25,9 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+from worker.trace.shebang import exe_link, file_head, parse_shebang
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,54 @@ class ExecFiles:
         self._link_dir = shadow_write.rpartition(b"/")[0] + b"/exec"
         self._link_access = shadow.rpartition(b"/")[0] + b"/exec"
         self._links: dict[tuple[bytes, bytes], bytes] = {}
+        self.exe_paths: dict[bytes, bytes] = {}  # exec'd file -> what /proc/<pid>/exe says
+
+    def decide(
+        self,
+        path: bytes,
+        target: Callable[[bytes], tuple[bytes, bytes] | int],
+        opened_as: Mapping[bytes, bytes],
+    ) -> tuple[bytes, list[bytes]] | int | None:
+        """An execve of ``path``: (the file to exec instead, the argv prefix before the
+        caller's argv[1:]), an errno, or None (exec it as it is).  /cvmfs programs run from
+        the file ``target`` gives ((file, its first bytes), or an errno); ``#!`` interpreters
+        under the mount are exec'd directly with the script's path as argument, as
+        binfmt_script would have done; ELF interpreters under the mount are named anew
+        (:meth:`image`); and every rewritten exec goes by a link with the caller's name for
+        the program (:meth:`named`).  ``opened_as``: RAM file -> the /cvmfs path it holds."""
+        got = target(path) if self._in_mount(path) else (path, file_head(path))
+        if isinstance(got, int):
+            return got
+        file, head = got
+        script = path
+        prefix: list[bytes] = []
+        for _ in range(4):  # nested interpreters, as binfmt_script allows
+            shebang = parse_shebang(head)
+            if shebang is None:
+                break
+            interp, arg = shebang
+            if not self._in_mount(interp) and not self._in_mount(script):
+                break  # host script, host interpreter: the kernel's business
+            prefix = [interp, *([arg] if arg else []), script, *prefix[1:]]
+            if not self._in_mount(interp):
+                file = interp
+                break
+            got = target(interp)
+            if isinstance(got, int):
+                return got
+            file, head = got
+            script = interp
+        shown = exe_link(file)  # what /proc/self/exe is to say: exe
+        exe = script if self._in_mount(script) else opened_as.get(shown, shown)
+        image = self.image(file, exe, target)
+        if isinstance(image, int):  # its ELF interpreter is under the mount, and not there
+            return image
+        if image is not None or self._in_mount(script):
+            file = image or file
+            self.exe_paths[exe_link(file)] = exe
+        if not prefix and file == path:
+            return None
+        return self.named(file, os.path.basename(path)), prefix  # ps, top: its own name
 
     def image(
         self, file: bytes, name: bytes, interp_file: Callable[[bytes], tuple[bytes, bytes] | int]
@@ -188,3 +238,4 @@ class ExecFiles:
         self._fds.clear()
         self._images.clear()
         self._links.clear()  # (in the run's private tree, which goes with it)
+        self.exe_paths.clear()
