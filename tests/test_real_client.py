@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_format.magic_xattrs import NAMES as MAGIC_NAMES
 from cvmfs_format.manifest import parse_manifest
 from cvmfs_format.objects import Suffix, make_object, parse_object_path, verify_object
 from cvmfs_format.store import REPLICA_MARKER
@@ -393,3 +394,58 @@ def test_hep_exec_and_cvmfs2_read_the_same_through_one_site_configuration(
         assert (
             under_cvmfs2[rel][3] == hashlib.sha256((published.src / rel).read_bytes()).hexdigest()
         )
+
+
+MAGIC = r"""
+import json, os, sys
+root, names, out = sys.argv[1], sys.argv[2].split(","), {}
+paths = [root]
+for d, dirs, files in os.walk(root):
+    paths += [os.path.join(d, name) for name in dirs + files]
+for p in paths:
+    for name in names:
+        try:
+            value = os.getxattr(p, name, follow_symlinks=False).decode()
+        except OSError as e:
+            value = e.strerror
+        out[os.path.relpath(p, root) + " " + name] = value
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def test_hep_exec_shows_the_magic_xattrs_of_the_real_client(
+    fuse: Reference, published: Published, tmp_path: Path
+) -> None:
+    """CernVM-FS's magic extended attributes that follow from the catalog (``attr -g revision
+    /cvmfs/<repository>`` tells which revision a node sees; ``user.hash`` an object's hash):
+    the same values from hep-exec as from the real client, for every entry of a repository
+    with nested catalogs, chunked files, symlinks and a FIFO (none: the kernel's ENODATA for
+    user.* names there) and a published attribute; a name neither has is ENODATA under both."""
+    names = ",".join(n.decode() for n in MAGIC_NAMES) + f",{XATTR[0]},user.no-such-name"
+    proxy = start_proxy(tmp_path / "proxy", "--store", str(published.repo.store))
+    try:
+        etc = _site_dir(tmp_path / "etc-cvmfs", proxy.url(""), published)
+        with mounted(
+            fuse, tmp_path / "client", FQRN, published.repo.master_pub, "unused",
+            env=VARIANT_ENV, site=etc,
+        ) as mnt:  # fmt: skip
+            theirs = subprocess.run(
+                [sys.executable, "-c", MAGIC, str(mnt), names], capture_output=True, text=True,
+                timeout=120, check=True,
+            ).stdout  # fmt: skip
+        ours = subprocess.run(
+            [
+                sys.executable, "-m", "worker.cli", "--cvmfs-config", str(etc),
+                "--no-shared-cache", "--", sys.executable, "-c", MAGIC, f"/cvmfs/{FQRN}", names,
+            ],
+            env={**env_with(), **VARIANT_ENV}, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert ours.returncode == 0 and ours.stderr == "", ours.stderr
+    finally:
+        assert proxy.stop() == 0
+    under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours.stdout)
+    assert under_hep_exec == under_cvmfs2
+    values = set(under_cvmfs2.values())  # what was compared
+    assert {"zlib", "1", "0", FQRN} <= values
+    assert published.xattr_on is None or XATTR[1].decode() in values
+    assert any(k.endswith(" user.chunks") and v == "3" for k, v in under_cvmfs2.items())

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 from lru import LRU
 
+from cvmfs_format.magic_xattrs import magic_xattrs
+from cvmfs_format.xattrs import decode_xattrs, encode_xattrs
 from worker.ram.ramcache import CachedObject
 from worker.ram.ramfiles import fd_path, named_path
 from worker.repo.namespace import Node as NsNode
@@ -191,6 +193,20 @@ class CatalogPolicy:
     def _close_old_tombs(self, now: float) -> None:
         while self._tombs and now - self._tombs[0][1] >= self.grace:
             os.close(self._tombs.popleft()[0])
+
+    def magic_xattrs(self, pid: int, path: bytes) -> bytes:
+        ns = self._resolve(pid, path)
+        if isinstance(ns, int) or ns.repo is None or ns.kind == "outside":
+            return b""
+        entry, repo = ns.entry, self.session.repos.get(ns.repo)  # (mounted: the walk came here)
+        chunked = entry is not None and entry.is_regular and entry.is_chunked
+        manifest = repo.manifest
+        attrs = magic_xattrs(
+            repo.fqrn, manifest.revision, manifest.root_catalog.hex, entry,
+            len(repo.chunks(entry.path)) if entry is not None and chunked else 1,
+        )  # fmt: skip
+        published = decode_xattrs(entry.xattr_blob) if entry is not None else {}
+        return encode_xattrs({**published, **attrs}) or b""
 
     def close(self) -> None:
         for pin in self._pins.values():

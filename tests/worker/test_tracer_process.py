@@ -543,6 +543,9 @@ class _NamedAhead(HostDirPolicy):
         named = f"/proc/{os.getpid()}/fd/{self.dir_fd}/x.1".encode()
         return {p: Opened(named) for p in paths if p.endswith(b"/x")}
 
+    def magic_xattrs(self, pid: int, path: bytes) -> bytes:
+        return b""
+
     def open(self, pid: int, path: bytes, node: Node) -> Opened | int:
         self.asked.append(os.fsdecode(path.rsplit(b"/", 1)[1]))
         if path.endswith(b"/a") and self.evict:

@@ -110,6 +110,7 @@ enum {
 #define F_OPATH 0x200
 #define F_PROCEXE 0x400 /* never cached: answers depend on the process */
 #define F_WRITE 0x800   /* open for writing, nothing created or truncated: EROFS but FIFOs */
+#define F_USERXATTR 0x1000 /* getxattr of a user.* name: CernVM-FS's magic ones among them */
 
 #define NSYS 512
 #define MAXPATH 4096

@@ -70,6 +70,7 @@ F_NOFOLLOW = 0x100
 F_OPATH = 0x200
 F_PROCEXE = 0x400  # readlink of /proc/<pid>/exe
 F_WRITE = 0x800  # open for writing (nothing created or truncated): EROFS, but a FIFO opens
+F_USERXATTR = 0x1000  # getxattr of a user.* name: CernVM-FS's magic ones are among them
 MAX_AHEAD = 4096  # entries of a directory answered ahead on its first open (if not listed)
 SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
 
@@ -717,6 +718,13 @@ class Session:
             return self._to_shadow(tid, res, cache)
         if cls == Cls.STATFS:
             return (cache, Act.REDIRECT, 0, self.shadow, None, None)
+        if cls == Cls.XATTR_GET and flags & F_USERXATTR:  # CernVM-FS's magic ones too
+            blob = self.policy.magic_xattrs(tid, res.path)
+            return (
+                (cache, Act.XATTRS, 0, blob, None, None)
+                if blob
+                else (cache, Act.RETURN, -errno.ENODATA, None, None, None)
+            )
         if node.xattrs:  # the user.* attributes hep-publish stored
             return (cache, Act.XATTRS, 0, node.xattrs, None, None)
         if cls == Cls.XATTR_GET:

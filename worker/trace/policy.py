@@ -104,6 +104,12 @@ class Policy(Protocol):
         :meth:`open`.  May return nothing."""
         ...
 
+    def magic_xattrs(self, pid: int, path: bytes) -> bytes:
+        """The xattr blob getxattr of a ``user.*`` name reads at entry ``path`` (symlinks not
+        followed): its published attributes and CernVM-FS's magic ones (``user.revision``,
+        ``user.hash`` …, cvmfs_format.magic_xattrs); b"" where there are none."""
+        ...
+
 
 # The /cvmfs path the traced program asked for while its call is being answered: a policy's
 # log line names it (the walk may be at one of its parents when something fails).

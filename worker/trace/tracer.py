@@ -373,6 +373,9 @@ class _NoRepositories:
     def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
         return {}
 
+    def magic_xattrs(self, pid: int, path: bytes) -> bytes:
+        return b""
+
 
 def check() -> str | None:
     """Can this host trace? None if yes, else the one-line reason (for ``hep-exec --check``)."""

@@ -34,6 +34,19 @@ static int follows_last(long nr, const struct user_regs_struct *r)
  * read is the kernel's to refuse, as Python would leave it (host symlinks into the mount were
  * followed before: mount_key, via_host_symlink).  Only a regular file is opened (O_NONBLOCK:
  * never a FIFO's wait). */
+/* F_USERXATTR when the name getxattr asks for is a user.* one: CernVM-FS's magic attributes
+ * (user.revision, user.hash ...) are answered by Python, never derived from "no xattrs here"
+ * (upcall.c derived) nor published for the handler, which leaves those names to us too. */
+static int user_xattr(pid_t tid, unsigned long name)
+{
+    char head[5];
+    struct iovec l = {head, sizeof head}, rv = {(void *)name, sizeof head};
+    return name && process_vm_readv(tid, &l, 1, &rv, 1, 0) == (ssize_t)sizeof head &&
+                   !memcmp(head, "user.", 5)
+               ? F_USERXATTR
+               : 0;
+}
+
 /* Does the ELF program open at fd (its first n bytes in head) name an interpreter under the
  * mount (EESSI's, Gentoo Prefix's)?  The kernel would open it itself, where /cvmfs is not:
  * Python execs a copy that names the interpreter's file (worker/trace/exec_files.py).  Only
@@ -263,7 +276,8 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
             memcpy(&buf, a->bval, a->blen);
             dlen = a->blen;
         }
-    } else if ((cls == C_XATTR_GET && (nr == SYS_getxattr || nr == SYS_lgetxattr)) ||
+    } else if ((cls == C_XATTR_GET && !(flags & F_USERXATTR) &&
+                (nr == SYS_getxattr || nr == SYS_lgetxattr)) ||
                (cls == C_XATTR_LIST && (nr == SYS_listxattr || nr == SYS_llistxattr))) {
         kind = (cls == C_XATTR_GET ? FO_XATTR : FO_XATTR_LIST) + (flags & F_NOFOLLOW ? 1 : 0);
         /* no attribute: any errno, or an empty list (0); never a list to copy */
@@ -412,8 +426,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         return 0;
     case SYS_getcwd: cls = C_GETCWD; break;
     case SYS_statfs: cls = C_STATFS; break;
-    case SYS_getxattr: cls = C_XATTR_GET; break;
-    case SYS_lgetxattr: cls = C_XATTR_GET; flags = F_NOFOLLOW; break;
+    case SYS_getxattr: cls = C_XATTR_GET; flags = user_xattr(tid, r->rsi); break;
+    case SYS_lgetxattr: cls = C_XATTR_GET; flags = F_NOFOLLOW | user_xattr(tid, r->rsi); break;
     case SYS_listxattr: cls = C_XATTR_LIST; break;
     case SYS_llistxattr: cls = C_XATTR_LIST; flags = F_NOFOLLOW; break;
     case 464:
@@ -421,6 +435,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         cls = nr == 464 ? C_XATTR_GET : C_XATTR_LIST; dirfd = (long)(int)r->rdi; path_arg = 1;
         allow_empty = 1;
         if (r->rdx & AT_SYMLINK_NOFOLLOW) flags = F_NOFOLLOW;
+        if (nr == 464) flags |= user_xattr(tid, r->r10);
         break;
     default: cls = C_WRITE; break;
     }
