@@ -356,12 +356,12 @@ def _site_dir(etc: Path, server: str, published: Published) -> Path:
     return etc
 
 
-def test_hep_exec_and_cvmfs2_read_the_same_through_one_site_configuration(
-    fuse: Reference, published: Published, tmp_path: Path
-) -> None:
-    """Issue 17: one configuration directory (default.local, domain.d/, config.d/, keys),
-    read by the real client and by hep-exec: every file's mode, size and bytes and every
-    symlink's target are the same under both, and match the source."""
+def _under_both(
+    fuse: Reference, published: Published, tmp_path: Path, script: str, *args: str
+) -> tuple[str, str, set[str]]:
+    """``python -c script <root> args`` over the repository under the real client and under
+    hep-exec, both through one site configuration and one hep-proxy: (their output, ours,
+    the user agents that asked hep-proxy)."""
     proxy = start_proxy(tmp_path / "proxy", "--store", str(published.repo.store))
     try:
         etc = _site_dir(tmp_path / "etc-cvmfs", proxy.url(""), published)
@@ -370,23 +370,33 @@ def test_hep_exec_and_cvmfs2_read_the_same_through_one_site_configuration(
             env=VARIANT_ENV, site=etc,
         ) as mnt:  # fmt: skip
             theirs = subprocess.run(
-                [sys.executable, "-c", WALK, str(mnt)], capture_output=True, text=True,
+                [sys.executable, "-c", script, str(mnt), *args], capture_output=True, text=True,
                 timeout=120, check=True,
             ).stdout  # fmt: skip
         ours = subprocess.run(
             [
                 sys.executable, "-m", "worker.cli", "--cvmfs-config", str(etc),
-                "--no-shared-cache", "--", sys.executable, "-c", WALK, f"/cvmfs/{FQRN}",
+                "--no-shared-cache", "--", sys.executable, "-c", script, f"/cvmfs/{FQRN}", *args,
             ],
             env={**env_with(), **VARIANT_ENV}, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
         assert ours.returncode == 0 and ours.stderr == "", ours.stderr
-        # both asked hep-proxy, as the one configuration says
         agents = {ln.split('"')[-2] for ln in proxy.flushed_log() if "/cvmfs/" in ln}
-        assert CLIENT_AGENT in agents and any(a.startswith("hep-exec/") for a in agents), agents
     finally:
         assert proxy.stop() == 0
-    under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours.stdout)
+    return theirs, ours.stdout, agents
+
+
+def test_hep_exec_and_cvmfs2_read_the_same_through_one_site_configuration(
+    fuse: Reference, published: Published, tmp_path: Path
+) -> None:
+    """Issue 17: one configuration directory (default.local, domain.d/, config.d/, keys),
+    read by the real client and by hep-exec: every file's mode, size and bytes and every
+    symlink's target are the same under both, and match the source."""
+    theirs, ours, agents = _under_both(fuse, published, tmp_path, WALK)
+    # both asked hep-proxy, as the one configuration says
+    assert CLIENT_AGENT in agents and any(a.startswith("hep-exec/") for a in agents), agents
+    under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours)
     assert under_hep_exec == under_cvmfs2
     files = [rel for rel, what in under_cvmfs2.items() if what[0] == "file"]
     assert len(files) > 50
@@ -422,28 +432,8 @@ def test_hep_exec_shows_the_magic_xattrs_of_the_real_client(
     with nested catalogs, chunked files, symlinks and a FIFO (none: the kernel's ENODATA for
     user.* names there) and a published attribute; a name neither has is ENODATA under both."""
     names = ",".join(n.decode() for n in MAGIC_NAMES) + f",{XATTR[0]},user.no-such-name"
-    proxy = start_proxy(tmp_path / "proxy", "--store", str(published.repo.store))
-    try:
-        etc = _site_dir(tmp_path / "etc-cvmfs", proxy.url(""), published)
-        with mounted(
-            fuse, tmp_path / "client", FQRN, published.repo.master_pub, "unused",
-            env=VARIANT_ENV, site=etc,
-        ) as mnt:  # fmt: skip
-            theirs = subprocess.run(
-                [sys.executable, "-c", MAGIC, str(mnt), names], capture_output=True, text=True,
-                timeout=120, check=True,
-            ).stdout  # fmt: skip
-        ours = subprocess.run(
-            [
-                sys.executable, "-m", "worker.cli", "--cvmfs-config", str(etc),
-                "--no-shared-cache", "--", sys.executable, "-c", MAGIC, f"/cvmfs/{FQRN}", names,
-            ],
-            env={**env_with(), **VARIANT_ENV}, capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
-        assert ours.returncode == 0 and ours.stderr == "", ours.stderr
-    finally:
-        assert proxy.stop() == 0
-    under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours.stdout)
+    theirs, ours, _ = _under_both(fuse, published, tmp_path, MAGIC, names)
+    under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours)
     assert under_hep_exec == under_cvmfs2
     values = set(under_cvmfs2.values())  # what was compared
     assert {"zlib", "1", "0", FQRN} <= values
