@@ -665,6 +665,30 @@ def test_proc_self_exe_after_fexecve_names_the_cvmfs_path(job: Job) -> None:
     assert native.stdout == str(job.src / "bin" / "showexe") + "\n"
 
 
+FD_LINKS = """
+import os, sys
+root, host = sys.argv[1], sys.argv[2]
+fds = [os.open(p, os.O_RDONLY) for p in (root + "/data/h1", root + "/data", host)]
+for fd in fds:
+    print(os.readlink(f"/proc/self/fd/{fd}"), os.readlink(f"/proc/{os.getpid()}/fd/{fd}"))
+print(os.path.realpath(f"/proc/self/fd/{fds[0]}"))
+"""
+
+
+def test_proc_self_fd_links_name_the_cvmfs_paths(job: Job, ram_files: str) -> None:
+    """readlink of /proc/self/fd/N of a file opened from /cvmfs named its RAM file (a content
+    hash, or a memfd); natively, and under the FUSE client, the path it was opened by (lsof,
+    ``ls -l /proc/self/fd``, realpath of /dev/stdin, a program finding its own input)."""
+    host = job.src / "data" / "h1"
+    r = subprocess.run(
+        hep_exec_cmd(job.proxy, ["python3", "-c", FD_LINKS, ROOT, str(host)], keys=job.key),
+        env=env_with(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    want = [f"{p} {p}" for p in (f"{ROOT}/data/h1", f"{ROOT}/data", str(host))]
+    assert r.stdout.splitlines() == [*want, f"{ROOT}/data/h1"]
+
+
 HOST_PATHS = """
 import os, sys
 root, host = sys.argv[1], sys.argv[2]
