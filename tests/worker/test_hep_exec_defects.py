@@ -672,6 +672,7 @@ fds = [os.open(p, os.O_RDONLY) for p in (root + "/data/h1", root + "/data", host
 for fd in fds:
     print(os.readlink(f"/proc/self/fd/{fd}"), os.readlink(f"/proc/{os.getpid()}/fd/{fd}"))
 print(os.path.realpath(f"/proc/self/fd/{fds[0]}"))
+print(os.readlink(f"/proc/self/task/{os.getpid()}/fd/{fds[0]}"))
 """
 
 
@@ -686,7 +687,7 @@ def test_proc_self_fd_links_name_the_cvmfs_paths(job: Job, ram_files: str) -> No
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     want = [f"{p} {p}" for p in (f"{ROOT}/data/h1", f"{ROOT}/data", str(host))]
-    assert r.stdout.splitlines() == [*want, f"{ROOT}/data/h1"]
+    assert r.stdout.splitlines() == [*want, f"{ROOT}/data/h1", f"{ROOT}/data/h1"]
 
 
 HOST_PATHS = """

@@ -565,16 +565,18 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         } else if (n > 10 && strncmp(raw, "/proc/", 6) == 0) {
             /* /proc/<pid>/fd/<n> of a /cvmfs file: the kernel names its RAM file (a content
              * hash, a memfd); the /cvmfs path it was opened by, as natively (Python's) */
-            char *who = raw + 6, *fdp = strstr(who, "/fd/"), *end = NULL;
-            pid_t pid = -1;
-            if (fdp == who + 4 && !strncmp(who, "self", 4))
-                pid = tid;
-            else if (fdp == who + 11 && !strncmp(who, "thread-self", 11))
-                pid = tid;
-            else if (fdp && who[0] >= '1' && who[0] <= '9')
-                pid = (pid_t)strtol(who, &end, 10) * (end == fdp);
-            long fd = pid > 0 ? strtol(fdp + 4, &end, 10) : -1;
-            if (fd >= 0 && end != fdp + 4 && !*end && fd_is_ours(pid, fd)) {
+            char *p = raw + 6, *end = NULL;
+            pid_t pid = -1; /* /proc/{self,thread-self,<pid>}[/task/<tid>]/fd/<n> */
+            if (!strncmp(p, "self/", 5) || !strncmp(p, "thread-self/", 12))
+                pid = tid, p += p[0] == 's' ? 4 : 11;
+            else if (p[0] >= '1' && p[0] <= '9')
+                pid = (pid_t)strtol(p, &p, 10);
+            if (pid > 0 && !strncmp(p, "/task/", 6) && p[6] >= '1' && p[6] <= '9')
+                pid = (pid_t)strtol(p + 6, &p, 10);
+            long fd = pid > 0 && !strncmp(p, "/fd/", 4) && p[4] >= '0' && p[4] <= '9'
+                          ? strtol(p + 4, &end, 10)
+                          : -1;
+            if (fd >= 0 && !*end && fd_is_ours(pid, fd)) {
                 kn = snprintf(key, MAXPATH, "/proc/%d/fd/%ld", (int)pid, fd);
                 flags |= F_PROCEXE;
             }
