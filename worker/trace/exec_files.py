@@ -85,7 +85,8 @@ class ExecFiles:
     ) -> None:
         self._in_mount = in_mount
         self._images: dict[tuple[int, int, int, int, bytes], bytes] = {}
-        self._fds: dict[bytes, int] = {}  # interpreter's file, program copies -> our fd
+        self._interp_fds: dict[bytes, int] = {}  # interpreter's file -> our fd of it
+        self._copy_fds: list[int] = []  # the copies'
         self._link_dir = shadow_write.rpartition(b"/")[0] + b"/exec"
         self._link_access = shadow.rpartition(b"/")[0] + b"/exec"
         self._links: dict[tuple[bytes, bytes], bytes] = {}
@@ -132,8 +133,8 @@ class ExecFiles:
         if isinstance(image, int):  # its ELF interpreter is under the mount, and not there
             return image
         if image is not None or self._in_mount(script):
+            self.exe_paths[shown if image is None else exe_link(image)] = exe
             file = image or file
-            self.exe_paths[exe_link(file)] = exe
         if not prefix and file == path:
             return None
         return self.named(file, os.path.basename(path)), prefix  # ps, top: its own name
@@ -185,9 +186,9 @@ class ExecFiles:
         self, fd: int, length: int, span: tuple[int, int], target: bytes, name: bytes, interp: bytes
     ) -> bytes | int:
         offset, size = span
-        ifd = self._fds.get(target)
+        ifd = self._interp_fds.get(target)
         if ifd is None:
-            ifd = self._fds[target] = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+            ifd = self._interp_fds[target] = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
         via = f"/proc/{os.getpid()}/fd/{ifd}".encode()
         if len(via) >= size:  # (every real one is longer: /cvmfs/<repository>/…)
             log.warning(
@@ -202,7 +203,7 @@ class ExecFiles:
             copy = os.memfd_create(f"hep-exec {label}", flags | MFD_EXEC)
         except OSError:  # (before Linux 6.3)
             copy = os.memfd_create(f"hep-exec {label}", flags)
-        self._fds[f"copy {copy}".encode()] = copy
+        self._copy_fds.append(copy)
         done = 0
         while done < length:  # (copy_file_range: EXDEV between file systems)
             n = os.sendfile(copy, fd, done, length - done)
@@ -233,9 +234,10 @@ class ExecFiles:
         return known
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._interp_fds.values(), *self._copy_fds]:
             os.close(fd)
-        self._fds.clear()
+        self._interp_fds.clear()
+        self._copy_fds.clear()
         self._images.clear()
         self._links.clear()  # (in the run's private tree, which goes with it)
         self.exe_paths.clear()
