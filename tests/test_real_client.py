@@ -406,6 +406,46 @@ def test_hep_exec_and_cvmfs2_read_the_same_through_one_site_configuration(
         )
 
 
+STATS = r"""
+import json, os, stat, sys
+root, out = sys.argv[1], {}
+paths = [root]
+for d, dirs, files in os.walk(root):
+    paths += [os.path.join(d, name) for name in dirs + files]
+for p in paths:
+    st, rel = os.lstat(p), os.path.relpath(p, root)
+    out[rel] = [st.st_mode, st.st_nlink, st.st_size, st.st_blocks, st.st_blksize, int(st.st_mtime)]
+    if stat.S_ISDIR(st.st_mode):
+        out[rel + "/"] = os.listdir(p)  # in the order getdents64 gives them
+# one file system of its own: one st_dev for every entry, the root a mount point
+out["(mount)"] = [len({os.lstat(p).st_dev for p in paths}), os.path.ismount(root)]
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def test_hep_exec_stats_every_entry_as_the_real_client(
+    fuse: Reference, published: Published, tmp_path: Path
+) -> None:
+    """lstat of every entry (files, directories, symlinks, the FIFO, nested catalogs' roots):
+    mode, link count, size, st_blocks, st_blksize and mtime as cvmfs2 shows them (2.11.5
+    shows whole seconds: the catalog's nanoseconds came with 2.12, as hep-exec shows them),
+    every directory's entries in the order it lists them (find, glob, tar), one st_dev for
+    the repository and its root a mount point (os.path.ismount, find -xdev).  Before: st_blocks
+    was rounded up from the size, where the real client counts 1 + size / 512 (an empty file 1
+    block, a directory 9: ``du`` said less); directories listed their entries last first; the
+    repository had the st_dev of /cvmfs."""
+    theirs, ours, _ = _under_both(fuse, published, tmp_path, STATS)
+    under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours)
+    wrong = {k: (v, under_hep_exec.get(k)) for k, v in under_cvmfs2.items()
+             if under_hep_exec.get(k) != v}  # fmt: skip
+    assert not wrong
+    assert under_hep_exec == under_cvmfs2
+    blocks = {v[3] for k, v in under_cvmfs2.items() if len(v) == 6 and not k.endswith("/")}
+    assert 1 in blocks and len(under_cvmfs2) > 100  # empty files, and the whole tree
+    assert any(len(v) > 2 for k, v in under_cvmfs2.items() if k.endswith("/"))
+    assert under_cvmfs2["(mount)"] == [1, True]
+
+
 MAGIC = r"""
 import json, os, sys
 root, names, out = sys.argv[1], sys.argv[2].split(","), {}

@@ -36,7 +36,7 @@ from worker.ram.ramfiles import fd_path, named_path
 from worker.repo.namespace import Node as NsNode
 from worker.repo.namespace import is_normal_path
 from worker.session import WorkerSession
-from worker.trace.policy import Entry, Kind, Node, Opened
+from worker.trace.policy import Entry, Kind, Node, Opened, repository_dev
 from worker.trace.tracee_env import LazyEnviron
 from worker.trace.tracer import forget
 
@@ -239,4 +239,5 @@ def _policy_node(ns: NsNode) -> Node:
         ns.target or b"",
         ns.env_dependent,
         (entry.xattr_blob or b"") if entry is not None else b"",
+        repository_dev(ns.repo) if ns.repo else 0,
     )

@@ -402,7 +402,7 @@ def test_stat_lstat_fstat_answers_are_the_same_in_process(world: World) -> None:
 
 
 def test_what_the_handler_does_not_answer_still_behaves(world: World) -> None:
-    """Writes (EROFS), O_CREAT, O_DIRECTORY on a file, O_NOFOLLOW on a symlink, missing
+    """Writes (EROFS), O_CREAT of a file that is there (opens it), O_DIRECTORY on a file, O_NOFOLLOW on a symlink, missing
     paths (ENOENT, ENOTDIR: answered in-process after the first time) and a path not in
     normal form, all from the patched site."""
     argv = [prog(world), "flags", "1", f"{MOUNT}/f00", f"{MOUNT}/link", f"{MOUNT}/sub"]
@@ -410,7 +410,7 @@ def test_what_the_handler_does_not_answer_still_behaves(world: World) -> None:
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "wronly -1 Read-only file system" in lines
-    assert "creat -1 Read-only file system" in lines
+    assert any(re.fullmatch(r"creat \d+ ", ln) for ln in lines), lines  # opens, as natively
     assert "directory -1 Not a directory" in lines
     assert "nofollow -1 Too many levels of symbolic links" in lines
     assert "follow ok" in lines

@@ -157,18 +157,16 @@ static int writable_fd(const char *base, long fd)
  * The call made here; its result is the tracer's answer too when it succeeded, or failed
  * otherwise than where a host symlink may lead into the mount, which the kernel cannot
  * follow: ENOENT and ENOTDIR of a call on one path (`where`, absolute; NULL: two paths) where
- * host_missing says they stand, and EEXIST but from an open (O_CREAT|O_EXCL of a dangling
- * link into the mount is EROFS from the tracer).  Else it is asked again of the tracer (a
- * call that failed changed nothing).  Why: make, cmake, `rm -f` and `mkdir -p` remove what
+ * host_missing says they stand (EEXIST stands: O_CREAT|O_EXCL of a link into the mount is
+ * EEXIST natively too).  Else it is asked again of the tracer (a call that failed changed
+ * nothing).  Why: make, cmake, `rm -f` and `mkdir -p` remove what
  * is not there and make what is, each failure a stop before.
  */
 static long made_here(const char *base, long nr, const long *a, const char *where, int *done)
 {
     long r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
-    int is_open = nr == 2 || nr == 257 || nr == 85;
-    if (r < 0 && ((r == -ENOENT_ || r == -20) ? !where || !where[0] ||
-                                                     !host_missing(base, nr, a, where, r)
-                                              : r == -17 /* EEXIST */ && is_open))
+    if ((r == -ENOENT_ || r == -20) &&
+        (!where || !where[0] || !host_missing(base, nr, a, where, r)))
         return 0; /* asked again of the tracer: its errno (EROFS through a link) */
     __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1, __ATOMIC_RELAXED);
     *done = 1;

@@ -45,6 +45,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/user.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -85,7 +86,7 @@ enum {
     C_STATFS = 7,
     C_XATTR_GET = 8,
     C_XATTR_LIST = 9,
-    C_WRITE = 10,  /* answered in C: EROFS */
+    C_WRITE = 10,  /* answered in C as on a read-only mount (trap/readonly.c) */
     C_GETCWD = 11, /* answered in C from the shadow mapping */
     /* markers Python puts (trap_put), never asked: a directory whose every entry is known
      * (C_LISTED), and each of those entries (C_NAMED).  A path in a listed directory that is
@@ -150,6 +151,7 @@ static void *table_calloc(size_t n, size_t size)
 #include "trap/upcall.c"
 #include "trap/redirect.c"
 #include "trap/apply.c"
+#include "trap/readonly.c"
 #include "trap/exec.c"
 #include "trap/seccomp_stop.c"
 #include "trap/scratch.c"

@@ -596,9 +596,9 @@ class Session:
             self.uid,
             self.gid,
             size,
-            (size + 511) // 512,
+            1 + size // 512,  # st_blocks as the real client counts them (du agrees with it)
             node.rdev,
-            self.dev,
+            node.dev or self.dev,
             m_s,
             m_ns,
             m_s,
@@ -678,8 +678,12 @@ class Session:
         if isinstance(res, Outside):
             return (cache, Act.REDIRECT, 0, res.path, None, None)
         node = res.node
-        if cls == Cls.OPEN and flags & F_WRITE and node.kind != Kind.FIFO:
-            return (cache, Act.RETURN, -errno.EROFS, None, None, None)
+        if cls == Cls.OPEN and flags & F_WRITE and not flags & F_OPATH:
+            # as the kernel on a read-only mount (trap/readonly.c): a FIFO's other end opens
+            if node.kind == Kind.REG:
+                return (cache, Act.RETURN, -errno.EROFS, None, None, None)
+            if node.kind == Kind.DIR:
+                return (cache, Act.RETURN, -errno.EISDIR, None, None, None)
         if cls == Cls.OPEN:
             if node.kind == Kind.LNK:
                 if flags & F_OPATH:

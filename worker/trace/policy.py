@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+import zlib
 from collections.abc import Sequence
 from contextvars import ContextVar
 from enum import IntEnum
@@ -51,6 +52,21 @@ class Node(NamedTuple):
     target: bytes = b""
     volatile: bool = False
     xattrs: bytes = b""  # published extended attributes: a CVMFS xattr blob (or empty)
+    dev: int = 0  # st_dev: its repository's (repository_dev); 0: the tracer's (/cvmfs itself)
+
+
+_DEVS: dict[str, int] = {}
+
+
+def repository_dev(fqrn: str) -> int:
+    """The st_dev of a repository's entries: one of its own, as each repository is a mount of
+    its own under the real client (``mountpoint /cvmfs/<fqrn>``, ``os.path.ismount``, ``find
+    -xdev`` and ``du -x`` see the boundary), the same in every job (the node's answers keep
+    it), an anonymous device number above those the kernel hands out."""
+    dev = _DEVS.get(fqrn)
+    if dev is None:
+        dev = _DEVS[fqrn] = os.makedev(0, 0x80000 | zlib.crc32(fqrn.encode()) & 0x7FFFF)
+    return dev
 
 
 def access_allowed(node: Node, want: int, uid: int) -> bool:

@@ -1,10 +1,10 @@
 /*
- * One seccomp stop handled (handle_syscall) and its helpers: write calls that follow a
- * symlink, RAM files by name, opens and answers offered to the in-process table, magic
+ * One seccomp stop handled (handle_syscall) and its helpers: a write call's kind (ro_call),
+ * RAM files by name, opens and answers offered to the in-process table, magic
  * readlinks, fds of ours.  (Still in the section "exec of a #! script" of the old _trap.c.)
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
- * _trap.c's header and everything from answers.c to exec.c define.
+ * _trap.c's header and everything from answers.c to exec.c define (readonly.c among them).
  */
 
 /*
@@ -13,20 +13,6 @@
  * t->nrestore > 0 means "stop at syscall exit".
  */
 #define EXEC_SCRATCH 2
-/* Does this write call follow a symlink in the last component of its path? */
-static int follows_last(long nr, const struct user_regs_struct *r)
-{
-    switch (nr) {
-    case SYS_open: return !(r->rsi & O_NOFOLLOW);
-    case SYS_openat: return !(r->rdx & O_NOFOLLOW);
-    case SYS_creat: case SYS_truncate: case SYS_chmod: case SYS_chown: case SYS_utime:
-    case SYS_utimes: case SYS_setxattr: case SYS_removexattr:
-        return 1;
-    default:
-        return 0; /* creates, removes, renames name the link itself */
-    }
-}
-
 /* exec of the host path `path` (absolute): does Python need to look, because its #! line names
  * something under the mount (Session._exec)?  A plain binary or a host script for a host
  * interpreter runs as the kernel runs it, with no upcall (a job's shells and tools exec
@@ -347,11 +333,47 @@ static int fd_is_ours(pid_t tid, long fd)
     return id && id->ino != 0;
 }
 
+/* A write call as trap/readonly.c knows it: its kind, the flags it looks at (an open's,
+ * rename's) and whether the last symlink of its (first) path is followed. */
+static int ro_call(long nr, const struct user_regs_struct *r, long open_fl, long *fl,
+                   int *follow)
+{
+    *fl = 0;
+    *follow = 0;
+    switch (nr) {
+    case SYS_open: case SYS_openat: case 437: case SYS_creat:
+        *fl = open_fl;
+        /* O_CREAT | O_EXCL never follows: a symlink there is EEXIST */
+        *follow = !(open_fl & O_NOFOLLOW) && (open_fl & (O_CREAT | O_EXCL)) != (O_CREAT | O_EXCL);
+        return RO_OPEN;
+    case SYS_mkdir: case SYS_mkdirat: return RO_MKDIR;
+    case SYS_mknod: case SYS_mknodat: return RO_MKNOD;
+    case SYS_symlink: case SYS_symlinkat: return RO_SYMLINK;
+    case SYS_link: return RO_LINK;
+    case SYS_linkat: *follow = (r->r8 & AT_SYMLINK_FOLLOW) != 0; return RO_LINK;
+    case SYS_rename: case SYS_renameat: return RO_RENAME;
+    case 316: *fl = (long)r->r8; return RO_RENAME;
+    case SYS_unlink: return RO_UNLINK;
+    case SYS_unlinkat: return (r->rdx & AT_REMOVEDIR) ? RO_RMDIR : RO_UNLINK;
+    case SYS_rmdir: return RO_RMDIR;
+    case SYS_truncate: *follow = 1; return RO_TRUNCATE;
+    case SYS_chmod: case SYS_chown: case SYS_utime: case SYS_utimes: case SYS_setxattr:
+    case SYS_removexattr: case SYS_fchmodat: case SYS_futimesat:
+        *follow = 1;
+        return RO_ATTR;
+    case 452: *follow = !(r->r10 & AT_SYMLINK_NOFOLLOW); return RO_ATTR; /* fchmodat2 */
+    case SYS_fchownat: *follow = !(r->r8 & AT_SYMLINK_NOFOLLOW); return RO_ATTR;
+    case SYS_utimensat: *follow = !(r->r10 & AT_SYMLINK_NOFOLLOW); return RO_ATTR;
+    case 463: case 466: *follow = !(r->rdx & AT_SYMLINK_NOFOLLOW); return RO_ATTR;
+    default: return RO_ATTR; /* lchown, lsetxattr, lremovexattr */
+    }
+}
+
 static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 {
     long nr = (long)r->orig_rax;
     int cls = C_NONE, flags = 0, path_arg = 0, allow_empty = 0;
-    long dirfd = AT_FDCWD;
+    long dirfd = AT_FDCWD, open_fl = O_CREAT | O_WRONLY | O_TRUNC; /* creat's */
     char key[MAXPATH];
     if (nr >= 0 && nr < NSYS)
         n_trapped[nr]++;
@@ -359,7 +381,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     case SYS_open:
     case SYS_openat:
     case 437: {
-        unsigned long long fl;
+        unsigned long long fl = 0;
         if (nr == SYS_open) {
             path_arg = 0;
             fl = r->rsi;
@@ -374,8 +396,10 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             }
         }
         cls = C_OPEN;
-        if ((fl & (O_CREAT | O_TRUNC)) || (fl & O_TMPFILE) == O_TMPFILE)
-            cls = C_WRITE;
+        open_fl = (long)fl;
+        if ((fl & (O_CREAT | O_TRUNC)) || (fl & O_TMPFILE) == O_TMPFILE ||
+            ((fl & O_DIRECTORY) && (fl & (O_WRONLY | O_RDWR))))
+            cls = C_WRITE; /* trap/readonly.c: what the kernel says first */
         else if (fl & (O_WRONLY | O_RDWR))
             flags |= F_WRITE; /* Python answers: EROFS, or a FIFO's other end */
         if (fl & O_NOFOLLOW)
@@ -481,6 +505,16 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             da[0] = 0; pa[0] = 1; da[1] = 2; pa[1] = 3; break;
         default: da[0] = 0; pa[0] = 1; break; /* *at(dirfd, path, ...) */
         }
+        /* which errno the kernel says first (trap/readonly.c): the states of each path */
+        long ro_flags = 0;
+        int follow = 0, call = ro_call(nr, r, open_fl, &ro_flags, &follow), mounted = 0;
+        int need_node = call != RO_RENAME && call != RO_UNLINK && call != RO_RMDIR;
+        ro_path_t rp[2];
+        int host_i = -1;
+        long host_d = AT_FDCWD, host_n = 0;
+        char host_raw[MAXPATH];
+        memset(rp, 0, sizeof rp);
+        rp[0].node = rp[1].node = rp[0].target = rp[1].target = RO_UNKNOWN;
         for (int i = 0; i < 2; i++) {
             long d = da[i] >= 0 ? (long)(int)*argreg(r, da[i]) : AT_FDCWD;
             unsigned long addr = pa[i] >= 0 ? *argreg(r, pa[i]) : 0;
@@ -490,6 +524,11 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
                 /* the fd itself: fchmod, fchown, f*xattr, utimensat(fd, NULL),
                  * fchmodat2/fchownat(fd, "", AT_EMPTY_PATH) */
                 if (fd_is_ours(tid, d)) {
+                    if (call == RO_LINK && i == 0) {
+                        ro_file_of_ours(&rp[0]);
+                        mounted++;
+                        continue;
+                    }
                     skip_with(r, -EROFS);
                     return 1;
                 }
@@ -505,6 +544,11 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
                 fdid_t *id = stat(as_tracee(tid, raw, mapped, sizeof mapped), &st) == 0
                                  ? ids_find((uint64_t)st.st_dev, (uint64_t)st.st_ino)
                                  : NULL;
+                if (id && id->ino && call == RO_LINK && i == 0) {
+                    ro_file_of_ours(&rp[0]); /* link("/proc/self/fd/N", new) */
+                    mounted++;
+                    continue;
+                }
                 if (id && id->ino) {
                     skip_with(r, -EROFS);
                     return 1;
@@ -512,11 +556,40 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             }
             long kn = mount_key(tid, t, d, raw, n, key, 1);
             if (kn == 0) /* through a host symlink: does the last component follow? */
-                kn = via_host_symlink(tid, t, d, raw, n, follows_last(nr, r), key);
+                kn = via_host_symlink(tid, t, d, raw, n, i == 0 && follow, key);
             if (kn > 0) {
-                skip_with(r, -EROFS);
+                ro_mount_path(tid, raw, (size_t)n, key, (size_t)kn, need_node,
+                              i == 0 && follow, &rp[i]);
+                mounted++;
+            } else if (n > 0) {
+                host_i = i;
+                host_d = d;
+                host_n = n;
+                memcpy(host_raw, raw, (size_t)n + 1);
+            }
+        }
+        if (mounted) {
+            if (host_i >= 0)
+                ro_host_path(tid, t, host_d, host_raw, (size_t)host_n, &rp[host_i]);
+            long e = ro_errno(call, ro_flags, follow, geteuid() == 0, &rp[0], &rp[1]);
+            if (call == RO_MKNOD) { /* the file type is checked first */
+                unsigned long type = (nr == SYS_mknod ? r->rsi : r->rdx) & S_IFMT;
+                if (type == S_IFDIR)
+                    e = -EPERM;
+                else if (type && type != S_IFREG && type != S_IFCHR && type != S_IFBLK &&
+                         type != S_IFIFO && type != S_IFSOCK)
+                    e = -EINVAL;
+            }
+            if (e != 0 || call != RO_OPEN) {
+                skip_with(r, e < 0 ? e : -EROFS);
                 return 1;
             }
+            /* an open of what is there, writing nothing: as one without O_CREAT, O_TRUNC */
+            cls = C_OPEN;
+            flags &= F_NOFOLLOW | F_OPATH;
+            if ((open_fl & O_ACCMODE) == O_WRONLY || (open_fl & O_ACCMODE) == O_RDWR)
+                flags |= F_WRITE;
+            goto asked;
         }
         if (cur_notif.active && fo_host_writes())
             fo_patch(tid, nr, cur_notif.ip); /* later writes there in-process, as a host
@@ -525,6 +598,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         return 0;
     }
 
+asked:;
     char raw[MAXPATH];
     long n = read_string(tid, *argreg(r, path_arg), raw, sizeof raw);
     if (cls == C_READLINK && n > 0 && magic_readlink(tid, r, nr, raw, (size_t)n))
