@@ -1,9 +1,10 @@
 /*
  * Writes to the mount: which errno the kernel gives each on a read-only file system
- * (ro_errno, pure), and the states it needs read from the answers at hand (ro_answer).
+ * (ro_errno, pure), a call's kind (ro_call), and the states of its paths read from the
+ * answers at hand (ro_mount_path, ro_host_path).
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
- * _trap.c's header and paths.c, upcall.c define.
+ * _trap.c's header and paths.c, upcall.c, redirect.c define.
  */
 
 /*
@@ -202,6 +203,42 @@ static long ro_errno(int call, long flags, int follow, int root, const ro_path_t
     if (S_ISLNK((mode_t)st))
         return -ELOOP;
     return 0; /* read-only, or a FIFO or device (O_TRUNC means nothing to those) */
+}
+
+/* A write call as trap/readonly.c knows it: its kind, the flags it looks at (an open's,
+ * rename's) and whether the last symlink of its (first) path is followed. */
+static int ro_call(long nr, const struct user_regs_struct *r, long open_fl, long *fl,
+                   int *follow)
+{
+    *fl = 0;
+    *follow = 0;
+    switch (nr) {
+    case SYS_open: case SYS_openat: case 437: case SYS_creat:
+        *fl = open_fl;
+        /* O_CREAT | O_EXCL never follows: a symlink there is EEXIST */
+        *follow = !(open_fl & O_NOFOLLOW) && (open_fl & (O_CREAT | O_EXCL)) != (O_CREAT | O_EXCL);
+        return RO_OPEN;
+    case SYS_mkdir: case SYS_mkdirat: return RO_MKDIR;
+    case SYS_mknod: case SYS_mknodat: return RO_MKNOD;
+    case SYS_symlink: case SYS_symlinkat: return RO_SYMLINK;
+    case SYS_link: return RO_LINK;
+    case SYS_linkat: *follow = (r->r8 & AT_SYMLINK_FOLLOW) != 0; return RO_LINK;
+    case SYS_rename: case SYS_renameat: return RO_RENAME;
+    case 316: *fl = (long)r->r8; return RO_RENAME;
+    case SYS_unlink: return RO_UNLINK;
+    case SYS_unlinkat: return (r->rdx & AT_REMOVEDIR) ? RO_RMDIR : RO_UNLINK;
+    case SYS_rmdir: return RO_RMDIR;
+    case SYS_truncate: *follow = 1; return RO_TRUNCATE;
+    case SYS_chmod: case SYS_chown: case SYS_utime: case SYS_utimes: case SYS_setxattr:
+    case SYS_removexattr: case SYS_fchmodat: case SYS_futimesat:
+        *follow = 1;
+        return RO_ATTR;
+    case 452: *follow = !(r->r10 & AT_SYMLINK_NOFOLLOW); return RO_ATTR; /* fchmodat2 */
+    case SYS_fchownat: *follow = !(r->r8 & AT_SYMLINK_NOFOLLOW); return RO_ATTR;
+    case SYS_utimensat: *follow = !(r->r10 & AT_SYMLINK_NOFOLLOW); return RO_ATTR;
+    case 463: case 466: *follow = !(r->rdx & AT_SYMLINK_NOFOLLOW); return RO_ATTR;
+    default: return RO_ATTR; /* lchown, lsetxattr, lremovexattr */
+    }
 }
 
 /* ---------- the states, from the answers at hand ---------- */
