@@ -194,6 +194,9 @@ class CatalogPolicy:
         while self._tombs and now - self._tombs[0][1] >= self.grace:
             os.close(self._tombs.popleft()[0])
 
+    def mounted(self) -> Sequence[str]:
+        return list(self.session.repos.mounted())
+
     def magic_xattrs(self, pid: int, path: bytes) -> bytes:
         ns = self._resolve(pid, path)
         if isinstance(ns, int) or ns.repo is None or ns.kind == "outside":

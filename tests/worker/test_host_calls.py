@@ -162,8 +162,9 @@ def test_writes_reaching_cvmfs_fail_and_host_writes_are_made(
 ) -> None:
     """Every way a write can reach /cvmfs fails with EROFS (EXDEV: a rename across mounts),
     in-process as from the tracer, after the same call sites have made host writes (so they
-    are patched); the host writes leave the same files, modes, times and links both ways.  (chmod of /proc/self/fd/N on a
-    memfd RAM file succeeded before, from the tracer too: its link names no /cvmfs path.)"""
+    are patched); the host writes leave the same files, modes, times and links both ways.
+    (chmod of /proc/self/fd/N on a memfd RAM file succeeded before, from the tracer too: its
+    link names no /cvmfs path.)"""
     outs = {}
     for opt in ("--stats-internals", "--no-in-process"):
         area = fresh_area(tmp_path / opt.strip("-"))

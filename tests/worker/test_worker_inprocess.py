@@ -402,9 +402,9 @@ def test_stat_lstat_fstat_answers_are_the_same_in_process(world: World) -> None:
 
 
 def test_what_the_handler_does_not_answer_still_behaves(world: World) -> None:
-    """Writes (EROFS), O_CREAT of a file that is there (opens it), O_DIRECTORY on a file, O_NOFOLLOW on a symlink, missing
-    paths (ENOENT, ENOTDIR: answered in-process after the first time) and a path not in
-    normal form, all from the patched site."""
+    """Writes (EROFS), O_CREAT of a file that is there (opens it), O_DIRECTORY on a file,
+    O_NOFOLLOW on a symlink, missing paths (ENOENT, ENOTDIR: answered in-process after the
+    first time) and a path not in normal form, all from the patched site."""
     argv = [prog(world), "flags", "1", f"{MOUNT}/f00", f"{MOUNT}/link", f"{MOUNT}/sub"]
     r = hep_exec(world.proxy, argv, options=["--stats-internals"])
     assert r.returncode == 0, r.stderr

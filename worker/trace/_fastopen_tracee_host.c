@@ -19,6 +19,9 @@ static int host_path(const char *base, const char *p)
         return 0; /* the mount, or a name that starts like it: the tracer's */
     if (p[1] == 'p' && p[2] == 'r' && p[3] == 'o' && p[4] == 'c')
         return 0;
+    if (p[1] == 'e' && p[2] == 't' && p[3] == 'c' && p[4] == '/' && p[5] == 'm' && p[6] == 't' &&
+        p[7] == 'a' && p[8] == 'b' && !p[9])
+        return 0; /* /etc/mtab: the tracer's mount table (trap/proc_files.c) */
     if (p[1] == 'd' && p[2] == 'e' && p[3] == 'v')
         return p[4] == '/' && p[5] == 'n' && p[6] == 'u' && p[7] == 'l' && p[8] == 'l' && !p[9];
     return 1;

@@ -112,6 +112,7 @@ enum {
 #define F_PROCEXE 0x400 /* never cached: answers depend on the process */
 #define F_WRITE 0x800   /* open for writing, nothing created or truncated: EROFS but FIFOs */
 #define F_USERXATTR 0x1000 /* getxattr of a user.* name: CernVM-FS's magic ones among them */
+#define F_MOUNTS 0x2000 /* an open of a mount table (trap/proc_files.c proc_key) */
 
 #define NSYS 512
 #define MAXPATH 4096
@@ -152,6 +153,7 @@ static void *table_calloc(size_t n, size_t size)
 #include "trap/redirect.c"
 #include "trap/apply.c"
 #include "trap/readonly.c"
+#include "trap/proc_files.c"
 #include "trap/exec.c"
 #include "trap/seccomp_stop.c"
 #include "trap/scratch.c"

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from worker.trace import _tmpfs
 from worker.trace.exec_files import ExecFiles
+from worker.trace.mount_table import MountTables
 from worker.trace.node_answers import (
     LISTING,
     OPENED,
@@ -29,7 +30,7 @@ from worker.trace.node_answers import (
     NodeAnswers,
     encode_listing,
 )
-from worker.trace.policy import ASKED, Kind, Node, Policy, access_allowed
+from worker.trace.policy import ASKED, Kind, Node, Policy, access_allowed, repository_dev
 from worker.trace.shebang import file_head
 
 log = logging.getLogger("hep-exec")
@@ -71,6 +72,7 @@ F_OPATH = 0x200
 F_PROCEXE = 0x400  # readlink of /proc/<pid>/exe
 F_WRITE = 0x800  # open for writing (nothing created or truncated): EROFS, but a FIFO opens
 F_USERXATTR = 0x1000  # getxattr of a user.* name: CernVM-FS's magic ones are among them
+F_MOUNTS = 0x2000  # an open of a mount table (/proc/<pid>/mountinfo ...): worker/trace/mount_table
 MAX_AHEAD = 4096  # entries of a directory answered ahead on its first open (if not listed)
 SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
 
@@ -162,6 +164,9 @@ class Session:
         self._resolved: dict[tuple[bytes, bool], Found | Outside | int] = {}
         self._opened_as: dict[bytes, bytes] = {}  # RAM file -> /cvmfs path
         self.exec_files = ExecFiles(self._in_mount, shadow, self.shadow_write)  # (run closes)
+        self.mount_tables = MountTables(  # (run closes)
+            mount, self.dev, lambda: [(n, repository_dev(n)) for n in policy.mounted()]
+        )
         self.answering = 0  # the thread answering a call, while it does
         # opens put from the node's answers: (object file, /cvmfs path) lists, and those of
         # them put during the call being answered
@@ -653,6 +658,9 @@ class Session:
                     return (True, Act.REDIRECT, SAFE, target, self._stat_tuple(node), None)
         if cls == Cls.EXEC:
             return self._exec(tid, path)
+        if flags & F_MOUNTS:
+            table = self.mount_tables.file_for(path)
+            return (False, Act.PASS if table is None else Act.REDIRECT, SAFE, table, None, None)
         if flags & F_PROCEXE:
             try:
                 real = os.readlink(path)

@@ -93,6 +93,9 @@ class HostDirPolicy:
     def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
         return {}  # host files: opening them costs the same now or later
 
+    def mounted(self) -> Sequence[str]:
+        return [os.fsdecode(name) for name in self.repos]  # (every one, from the start)
+
     def magic_xattrs(self, pid: int, path: bytes) -> bytes:
         return b""  # (a host tree has none of CernVM-FS's)
 

@@ -120,6 +120,11 @@ class Policy(Protocol):
         :meth:`open`.  May return nothing."""
         ...
 
+    def mounted(self) -> Sequence[str]:
+        """The repositories mounted so far, in the order they were (the mount tables list
+        them: worker/trace/mount_table.py)."""
+        ...
+
     def magic_xattrs(self, pid: int, path: bytes) -> bytes:
         """The xattr blob getxattr of a ``user.*`` name reads at entry ``path`` (symlinks not
         followed): its published attributes and CernVM-FS's magic ones (``user.revision``,

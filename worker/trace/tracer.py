@@ -326,6 +326,7 @@ def run(
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
         finally:
             session.exec_files.close()
+            session.mount_tables.close()
         if exec_errno:
             log.error("%s: %s", os.fsdecode(args[0]), os.strerror(exec_errno))
     finally:
@@ -372,6 +373,9 @@ class _NoRepositories:
 
     def opens_ahead(self, pid: int, paths: Sequence[bytes]) -> dict[bytes, Opened]:
         return {}
+
+    def mounted(self) -> Sequence[str]:
+        return []
 
     def magic_xattrs(self, pid: int, path: bytes) -> bytes:
         return b""

@@ -287,51 +287,6 @@ static void offer_answer(pid_t tid, long nr, int cls, int flags, const action_t 
         fo_patch(tid, nr, cur_notif.ip);
 }
 
-/* readlink of /proc/<pid>/cwd or /proc/<pid>/fd/N (/dev/fd/N ...) standing in the shadow
- * tree: the /cvmfs path it stands for, as getcwd says (the kernel would name the shadow). */
-static int magic_readlink(pid_t tid, struct user_regs_struct *r, long nr, const char *raw,
-                          size_t n)
-{
-    char target[MAXPATH], out[MAXPATH];
-    if (raw[0] != '/' || (raw[1] != 'p' && raw[1] != 'd'))
-        return 0;
-    long tn = via_magic_link(tid, raw, n, target, sizeof target, 1);
-    if (tn <= 0 || !has_prefix(target, (size_t)tn, shadow_p, shadow_n))
-        return 0;
-    size_t on = mount_n + (size_t)tn - shadow_n;
-    if (on >= sizeof out)
-        return 0;
-    memcpy(out, mount_p, mount_n);
-    memcpy(out + mount_n, target + shadow_n, (size_t)tn - shadow_n + 1);
-    unsigned long buf = nr == SYS_readlink ? r->rsi : r->rdx;
-    long long sz = (long long)(nr == SYS_readlink ? r->rdx : r->r10);
-    if (sz <= 0) {
-        skip_with(r, -EINVAL);
-        return 1;
-    }
-    size_t w = on < (size_t)sz ? on : (size_t)sz;
-    skip_with(r, write_mem(tid, buf, out, w) < 0 ? -EFAULT : (long long)w);
-    return 1;
-}
-
-/* Is a tracee fd a directory of the shadow tree or one of our RAM files (both stand for
- * read-only /cvmfs entries)? */
-static int fd_is_ours(pid_t tid, long fd)
-{
-    char what[32], target[MAXPATH];
-    snprintf(what, sizeof what, "fd/%d", (int)fd);
-    ssize_t n = proc_link(tid, what, target, sizeof target);
-    if (n > 0 && has_prefix(target, (size_t)n, shadow_p, shadow_n))
-        return 1;
-    struct stat st;
-    char lp[64];
-    snprintf(lp, sizeof lp, "/proc/%d/fd/%d", (int)tid, (int)fd);
-    if (!ids_len || stat(lp, &st) != 0)
-        return 0;
-    fdid_t *id = ids_find((uint64_t)st.st_dev, (uint64_t)st.st_ino);
-    return id && id->ino != 0;
-}
-
 static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
 {
     long nr = (long)r->orig_rax;
@@ -578,47 +533,8 @@ asked:;
         skip_with(r, kn);
         return 1;
     }
-    if (kn == 0 && cls == C_READLINK) {
-        /* /proc/<pid>/exe of a program exec'd from the mount names the file the kernel ran
-         * (a RAM file); ld.so's $ORIGIN and relocatable programs need the /cvmfs path. */
-        if (n > 10 && strncmp(raw, "/proc/", 6) == 0 && strcmp(raw + n - 4, "/exe") == 0) {
-            const char *who = raw + 6;
-            size_t wl = (size_t)n - 10;
-            int ok = (wl == 4 && !strncmp(who, "self", 4)) ||
-                     (wl == 11 && !strncmp(who, "thread-self", 11));
-            if (ok) {
-                kn = snprintf(key, MAXPATH, "/proc/%d/exe", (int)tid);
-            } else {
-                ok = wl > 0 && wl < 12;
-                for (size_t i = 0; ok && i < wl; i++)
-                    ok = who[i] >= '0' && who[i] <= '9';
-                if (ok) {
-                    memcpy(key, raw, (size_t)n + 1);
-                    kn = n;
-                }
-            }
-            if (ok)
-                flags |= F_PROCEXE;
-        } else if (n > 10 && strncmp(raw, "/proc/", 6) == 0) {
-            /* /proc/<pid>/fd/<n> of a /cvmfs file: the kernel names its RAM file (a content
-             * hash, a memfd); the /cvmfs path it was opened by, as natively (Python's) */
-            char *p = raw + 6, *end = NULL;
-            pid_t pid = -1; /* /proc/{self,thread-self,<pid>}[/task/<tid>]/fd/<n> */
-            if (!strncmp(p, "self/", 5) || !strncmp(p, "thread-self/", 12))
-                pid = tid, p += p[0] == 's' ? 4 : 11;
-            else if (p[0] >= '1' && p[0] <= '9')
-                pid = (pid_t)strtol(p, &p, 10);
-            if (pid > 0 && !strncmp(p, "/task/", 6) && p[6] >= '1' && p[6] <= '9')
-                pid = (pid_t)strtol(p + 6, &p, 10);
-            long fd = pid > 0 && !strncmp(p, "/fd/", 4) && p[4] >= '0' && p[4] <= '9'
-                          ? strtol(p + 4, &end, 10)
-                          : -1;
-            if (fd >= 0 && !*end && fd_is_ours(pid, fd)) {
-                kn = snprintf(key, MAXPATH, "/proc/%d/fd/%ld", (int)pid, fd);
-                flags |= F_PROCEXE;
-            }
-        }
-    }
+    if (kn == 0 && (cls == C_READLINK || cls == C_OPEN) && n > 8)
+        kn = proc_key(tid, cls, raw, n, key, &flags); /* trap/proc_files.c */
     if (kn == 0 && cls == C_STAT && !(flags & F_NOFOLLOW) && ids_len) {
         /* stat -L /dev/stdin, /proc/self/fd/N ... of a file opened from the mount */
         char mapped[MAXPATH];
