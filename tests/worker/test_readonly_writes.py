@@ -178,3 +178,25 @@ def test_writes_fail_as_on_a_read_only_mount(
     assert first == native  # every line
     assert second == native  # the second time, from the answers at hand
     assert sorted(os.listdir(tree.host)) == ["exists"]  # nothing made on the host either
+
+
+TOP = r"""
+import errno, os, sys
+for path in sys.argv[1:]:
+    try:
+        os.mkdir(path)
+    except OSError as e:
+        print(path, errno.errorcode[e.errno])
+"""
+
+
+def test_mkdir_of_the_mount_and_its_names(tree: Tree) -> None:
+    """/cvmfs and a repository's root are there (EEXIST, as mkdir -p and os.makedirs expect);
+    a new name in /cvmfs is autofs's to refuse: EACCES, or EROFS to root."""
+    names = ["/cvmfs", f"/cvmfs/{FQRN}", "/cvmfs/no-such.org"]
+    r = hep_exec(tree.proxy, ["python3", "-c", TOP, *names], keys=tree.key)
+    assert r.returncode == 0, r.stderr
+    new = "EROFS" if os.geteuid() == 0 else "EACCES"
+    assert r.stdout.splitlines() == [
+        "/cvmfs EEXIST", f"/cvmfs/{FQRN} EEXIST", f"/cvmfs/no-such.org {new}"
+    ]  # fmt: skip

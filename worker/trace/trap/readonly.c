@@ -296,6 +296,12 @@ static void ro_mount_path(pid_t tid, const char *raw, size_t n, const char *key,
     ro_last(raw, n, p);
     while (kn > 1 && key[kn - 1] == '/')
         kn--;
+    if (kn <= mount_n) { /* the mount's own directory: there, in the host's root */
+        p->node = p->target = S_IFDIR;
+        p->mnt = key;
+        p->top = p->last == RO_NORM;
+        return;
+    }
     size_t pn = kn; /* the directory the last component is in */
     if (p->last == RO_NORM) {
         const char *slash = memrchr(key, '/', kn);
