@@ -12,7 +12,6 @@ EROFS: ``except FileExistsError`` around an ``os.mkdir`` of a directory that is 
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.hep_exec import hep_exec, serving
+from tests.support.read_only_mount import on_a_read_only_mount
 from tests.support.tracing import ensure_built
 
 pytestmark = pytest.mark.slow  # real servers and traced programs
@@ -136,27 +136,12 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
         yield Tree(proxy, repo.master_pub, src, host)
 
 
-def _on_a_read_only_mount(tree: Tree, mnt: Path) -> str:
-    """The probe over ``tree.src`` bind-mounted read-only at ``mnt``: the kernel's answers."""
-    mnt.mkdir(exist_ok=True)
-    script = (
-        'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && exec "$3" -c "$4" "$2" "$5"'
-    )
-    r = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script, "sh", str(tree.src), str(mnt), "python3", PROBE,
-         str(tree.host)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    if r.returncode != 0 and not r.stdout:
-        pytest.skip(f"no read-only bind mount in a user namespace here: {r.stderr.strip()}")
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
 def test_writes_fail_as_on_a_read_only_mount(
     tree: Tree, tmp_path: Path, trap_mode: str, ram_files: str
 ) -> None:
-    native = _on_a_read_only_mount(tree, tmp_path / "mnt")
+    native = on_a_read_only_mount(
+        tree.src, tmp_path / "mnt", ["python3", "-c", PROBE, "{mnt}", str(tree.host)]
+    )
     lines = native.splitlines()
     # what the kernel says, so that the oracle is known to be one
     for expected in [

@@ -292,6 +292,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     long nr = (long)r->orig_rax;
     int cls = C_NONE, flags = 0, path_arg = 0, allow_empty = 0;
     long dirfd = AT_FDCWD, open_fl = O_CREAT | O_WRONLY | O_TRUNC; /* creat's */
+    long forced = 0; /* the key openat2's RESOLVE_* flags lead to (trap/resolve_flags.c) */
+    unsigned long long resolve = 0;
     char key[MAXPATH];
     if (nr >= 0 && nr < NSYS)
         n_trapped[nr]++;
@@ -307,10 +309,13 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             dirfd = (long)(int)r->rdi;
             path_arg = 1;
             fl = r->rdx;
-            if (nr == 437) {
-                struct iovec l = {&fl, sizeof fl}, rv = {(void *)r->rdx, sizeof fl};
-                if (process_vm_readv(tid, &l, 1, &rv, 1, 0) != sizeof fl)
+            if (nr == 437) { /* struct open_how: flags, mode, resolve */
+                unsigned long long how[3];
+                struct iovec l = {how, sizeof how}, rv = {(void *)r->rdx, sizeof how};
+                if (r->r10 < sizeof how || process_vm_readv(tid, &l, 1, &rv, 1, 0) != sizeof how)
                     return 0;
+                fl = how[0];
+                resolve = how[2];
             }
         }
         cls = C_OPEN;
@@ -380,6 +385,16 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         if (nr == 464) flags |= user_xattr(tid, r->r10);
         break;
     default: cls = C_WRITE; break;
+    }
+
+    if (resolve) {
+        char rraw[MAXPATH];
+        long rn = read_string(tid, *argreg(r, path_arg), rraw, sizeof rraw);
+        forced = resolve_key(tid, t, dirfd, rraw, rn, resolve, !(open_fl & O_NOFOLLOW), key);
+        if (forced < 0) {
+            skip_with(r, forced);
+            return 1;
+        }
     }
 
     if (cls == C_GETCWD) {
@@ -472,7 +487,7 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
                     return 1;
                 }
             }
-            long kn = mount_key(tid, t, d, raw, n, key, 1);
+            long kn = forced ? forced : mount_key(tid, t, d, raw, n, key, 1);
             if (kn == 0) /* through a host symlink: does the last component follow? */
                 kn = via_host_symlink(tid, t, d, raw, n, i == 0 && follow, key);
             if (kn > 0) {
@@ -521,7 +536,7 @@ asked:;
     long n = read_string(tid, *argreg(r, path_arg), raw, sizeof raw);
     if (cls == C_READLINK && n > 0 && magic_readlink(tid, r, nr, raw, (size_t)n))
         return 1;
-    long kn = mount_key(tid, t, dirfd, raw, n, key, allow_empty);
+    long kn = forced ? forced : mount_key(tid, t, dirfd, raw, n, key, allow_empty);
     if (kn == 0)
         kn = via_host_symlink(tid, t, dirfd, raw, n, !(flags & F_NOFOLLOW) && cls != C_READLINK,
                               key);
@@ -655,8 +670,8 @@ again:
         if (rc == 0 && cls == C_OPEN && via_proc && !in_shadow && (flags & F_NOFOLLOW) &&
             !(flags & F_OPATH))
             rc = allow_magic_link(tid, r, nr, t, 0);
-        else if (rc == 0 && cls == C_OPEN && in_shadow && via_proc && nr == 437)
-            rc = allow_magic_link(tid, r, nr, t, 1); /* the shadow tree's /proc/<pid>/fd link */
+        else if (rc == 0 && cls == C_OPEN && via_proc && nr == 437)
+            rc = allow_magic_link(tid, r, nr, t, 1); /* RESOLVE_* are decided (resolve_key) */
         if (a->ival == 1 && rc == 0)
             t->nrestore = 0;
         if (rc < 0) {
