@@ -58,8 +58,10 @@ from worker.repo.repository import chunked_key
 if TYPE_CHECKING:
     from worker.config import ExecConfig
 
-VERSION = 5  # 4: vouch and vouched; an answer table is one memfd shared by the jobs
+VERSION = 6  # 4: vouch and vouched; an answer table is one memfd shared by the jobs
 # 5: catalogs handed over inflated, one sealed memfd per catalog for all the node's jobs
+# 6: the answer table's stats have st_blocks 1 + size/512 and each repository's own st_dev
+# (a job of 6 must not take a 5 service's answers: its stats would disagree with its own)
 MAX_MESSAGE = 1 << 20  # bytes per packet; prefetch batches stay far below
 PREFETCH_BATCH = 256
 MAX_FDS = 250  # fds per message (the kernel's SCM_MAX_FD is 253)
