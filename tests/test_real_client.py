@@ -418,7 +418,9 @@ for p in paths:
     if stat.S_ISDIR(st.st_mode):
         out[rel + "/"] = os.listdir(p)  # in the order getdents64 gives them
 # one file system of its own: one st_dev for every entry, the root a mount point
-out["(mount)"] = [len({os.lstat(p).st_dev for p in paths}), os.path.ismount(root)]
+out["(mount)"] = [
+    len({os.lstat(p).st_dev for p in paths}), os.path.ismount(root), os.lstat(root).st_ino
+]
 print(json.dumps(out, sort_keys=True))
 """
 
@@ -430,10 +432,10 @@ def test_hep_exec_stats_every_entry_as_the_real_client(
     mode, link count, size, st_blocks, st_blksize and mtime as cvmfs2 shows them (2.11.5
     shows whole seconds: the catalog's nanoseconds came with 2.12, as hep-exec shows them),
     every directory's entries in the order it lists them (find, glob, tar), one st_dev for
-    the repository and its root a mount point (os.path.ismount, find -xdev).  Before: st_blocks
-    was rounded up from the size, where the real client counts 1 + size / 512 (an empty file 1
-    block, a directory 9: ``du`` said less); directories listed their entries last first; the
-    repository had the st_dev of /cvmfs."""
+    the repository, its root a mount point (os.path.ismount, find -xdev) of inode 256.
+    Before: st_blocks was rounded up from the size, where the real client counts 1 + size /
+    512 (an empty file 1 block, a directory 9: ``du`` said less); directories listed their
+    entries last first; the repository had the st_dev of /cvmfs."""
     theirs, ours, _ = _under_both(fuse, published, tmp_path, STATS)
     under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours)
     wrong = {k: (v, under_hep_exec.get(k)) for k, v in under_cvmfs2.items()
@@ -443,7 +445,7 @@ def test_hep_exec_stats_every_entry_as_the_real_client(
     blocks = {v[3] for k, v in under_cvmfs2.items() if len(v) == 6 and not k.endswith("/")}
     assert 1 in blocks and len(under_cvmfs2) > 100  # empty files, and the whole tree
     assert any(len(v) > 2 for k, v in under_cvmfs2.items() if k.endswith("/"))
-    assert under_cvmfs2["(mount)"] == [1, True]
+    assert under_cvmfs2["(mount)"] == [1, True, 256]
 
 
 MAGIC = r"""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.hep_exec import hep_exec, serving
-from tests.support.tracing import ensure_built
+from tests.support.tracing import compile_c, ensure_built
 from worker.trace.mount_table import with_cvmfs
 from worker.trace.policy import repository_dev
 
@@ -72,6 +72,25 @@ def test_mounts_gets_them_in_its_own_format() -> None:
 class Served:
     proxy: str
     key: Path
+    statx: Path  # prints whether statx says a path is a mount's root
+
+
+STATX = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        struct statx x;
+        if (statx(AT_FDCWD, argv[i], 0, STATX_BASIC_STATS, &x) != 0)
+            return 1;
+        printf("statx mount-root %d %d\n", !!(x.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT),
+               !!(x.stx_attributes & STATX_ATTR_MOUNT_ROOT));
+    }
+    return 0;
+}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +100,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     src = base / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "f").write_bytes(b"in a repository\n")
+    statx = compile_c(STATX, base / "statx")
     with serving(src, FQRN, base) as (proxy, repo):
-        yield Served(proxy, repo.master_pub)
+        yield Served(proxy, repo.master_pub, statx)
 
 
 # util-linux's and coreutils' own answers, and what a Python program would look at
@@ -100,6 +120,7 @@ line = [ln for ln in open('/proc/self/mountinfo') if ' {ROOT} ' in ln][0]
 print('same device', line.split()[2] == '%d:%d' % (os.major(st.st_dev), os.minor(st.st_dev)))
 print('ismount', os.path.ismount('{ROOT}'), os.path.ismount('{ROOT}/d'))
 "
+$0 {ROOT} {ROOT}/d {ROOT}/d/f
 """
 
 
@@ -107,7 +128,7 @@ print('ismount', os.path.ismount('{ROOT}'), os.path.ismount('{ROOT}/d'))
 def test_tools_see_the_repository_mounted(served: Served, trap_mode: str) -> None:
     if not (shutil.which("findmnt") and shutil.which("mountpoint")):
         pytest.skip("util-linux's findmnt and mountpoint are not installed")
-    r = hep_exec(served.proxy, ["sh", "-c", PROBE], keys=served.key)
+    r = hep_exec(served.proxy, ["sh", "-c", PROBE, str(served.statx)], keys=served.key)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "mountpoint yes",
@@ -120,4 +141,7 @@ def test_tools_see_the_repository_mounted(served: Served, trap_mode: str) -> Non
         "/proc/self/mounts:1",
         "same device True",
         "ismount True False",
+        "statx mount-root 1 1",
+        "statx mount-root 1 0",
+        "statx mount-root 1 0",
     ], r.stdout

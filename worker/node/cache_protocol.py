@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 
 VERSION = 6  # 4: vouch and vouched; an answer table is one memfd shared by the jobs
 # 5: catalogs handed over inflated, one sealed memfd per catalog for all the node's jobs
-# 6: the answer table's stats have st_blocks 1 + size/512 and each repository's own st_dev
+# 6: the answer table's stats have st_blocks 1 + size/512, each repository's own st_dev and
+# inode 256 for its root
 # (a job of 6 must not take a 5 service's answers: its stats would disagree with its own)
 MAX_MESSAGE = 1 << 20  # bytes per packet; prefetch batches stay far below
 PREFETCH_BATCH = 256

@@ -120,8 +120,13 @@ def d_type_of(mode: int) -> int:
     return (mode >> 12) & 0xF  # the DT_* values are exactly the S_IFMT bits shifted
 
 
+ROOT_INODE = 256  # a repository's root, as the real client numbers it (and statx's MOUNT_ROOT)
+
+
 def inode_number(repo: str, relpath: str, entry: DirEntry | None = None) -> int:
     """Stable per path, shared by a hardlink group (one directory, one catalog), per repo."""
+    if not relpath:
+        return ROOT_INODE
     if entry is not None and entry.hardlink_group and not entry.is_dir:
         parent = relpath.rsplit("/", 1)[0]
         key = f"{repo}\0h\0{parent}\0{entry.hardlink_group}"

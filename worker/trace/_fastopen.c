@@ -52,6 +52,8 @@ _Static_assert(sizeof(struct statx) == 256 && offsetof(struct statx, stx_blksize
                    offsetof(struct statx, stx_gid) == 24 && offsetof(struct statx, stx_mode) == 28 &&
                    offsetof(struct statx, stx_ino) == 32 && offsetof(struct statx, stx_size) == 40 &&
                    offsetof(struct statx, stx_blocks) == 48 &&
+                   offsetof(struct statx, stx_attributes) == 8 &&
+                   offsetof(struct statx, stx_attributes_mask) == 56 &&
                    offsetof(struct statx, stx_atime) == 64 &&
                    offsetof(struct statx, stx_ctime) == 96 &&
                    offsetof(struct statx, stx_mtime) == 112 &&

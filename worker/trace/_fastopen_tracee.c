@@ -367,6 +367,11 @@ static void statx_of(char *x, const char *st)
         w[i] = 0;
     uint64_t dev = *(const uint64_t *)st, rdev = *(const uint64_t *)(st + 40);
     *(uint32_t *)x = 0x7ff;           /* stx_mask: STATX_BASIC_STATS */
+    /* stx_attributes_mask as FUSE says it (AUTOMOUNT, MOUNT_ROOT, DAX), and MOUNT_ROOT on a
+     * repository's root (inode 256, as the tracer's fill_statx) */
+    *(uint64_t *)(x + 56) = 0x203000;
+    if (*(const uint64_t *)(st + 8) == 256 && (*(const uint32_t *)(st + 24) & 0170000) == 0040000)
+        *(uint64_t *)(x + 8) = 0x2000;
     *(uint32_t *)(x + 4) = 4096;      /* stx_blksize */
     *(uint32_t *)(x + 16) = (uint32_t)*(const uint64_t *)(st + 16); /* stx_nlink */
     *(uint32_t *)(x + 20) = *(const uint32_t *)(st + 28); /* stx_uid */

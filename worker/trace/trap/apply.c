@@ -106,6 +106,10 @@ static void fill_statx(const int64_t *f, struct statx *x)
 {
     memset(x, 0, sizeof *x);
     x->stx_mask = STATX_BASIC_STATS;
+    /* as FUSE says them; a repository's root (the real client's inode 256) is a mount's */
+    x->stx_attributes_mask = STATX_ATTR_AUTOMOUNT | STATX_ATTR_MOUNT_ROOT | STATX_ATTR_DAX;
+    if (f[1] == 256 && S_ISDIR((mode_t)f[0]))
+        x->stx_attributes = STATX_ATTR_MOUNT_ROOT;
     x->stx_blksize = 4096;
     x->stx_nlink = (uint32_t)f[2];
     x->stx_uid = (uint32_t)f[3];

@@ -1,6 +1,7 @@
 /*
  * One seccomp stop handled (handle_syscall) and its helpers: RAM files by name, opens and
- * answers offered to the in-process table, magic readlinks, fds of ours.  (Still in the section "exec of a #! script" of the old _trap.c.)
+ * answers offered to the in-process table.  (Still in the section "exec of a #! script" of
+ * the old _trap.c.)
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
  * _trap.c's header and everything from answers.c to exec.c define (readonly.c among them).
