@@ -112,6 +112,7 @@ mountpoint -q {ROOT}/d && echo d-mountpoint yes || echo d-mountpoint no
 findmnt -rn -o TARGET,FSTYPE,SOURCE -T {ROOT}/d/f
 findmnt -rn -o TARGET,FSTYPE /cvmfs
 df --output=target {ROOT}/d/f | tail -1
+stat -f -c %T {ROOT}/d/f
 grep -c " {ROOT} fuse " /proc/mounts /etc/mtab /proc/self/mounts
 python3 -c "
 import os
@@ -136,6 +137,7 @@ def test_tools_see_the_repository_mounted(served: Served, trap_mode: str) -> Non
         f"{ROOT} fuse cvmfs2",
         "/cvmfs autofs",
         ROOT,
+        "fuseblk",  # (coreutils' name for FUSE_SUPER_MAGIC)
         "/proc/mounts:1",
         "/etc/mtab:1",
         "/proc/self/mounts:1",

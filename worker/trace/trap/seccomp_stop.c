@@ -642,6 +642,15 @@ again:
         changed = 1;
         break;
     case A_REDIRECT: {
+        if (cls == C_STATFS && has_prefix(a->bval, a->blen, target_p, target_n)) {
+            /* the mount's: the shadow tree's, with the f_type of the real client's */
+            struct statfs sf;
+            long rc = statfs(a->bval, &sf) != 0 ? -errno : 0;
+            sf.f_type = 0x65735546; /* FUSE_SUPER_MAGIC */
+            skip_with(r, rc ? rc : write_mem(tid, r->rsi, &sf, sizeof sf) < 0 ? -EFAULT : 0);
+            changed = 1;
+            break;
+        }
         if (cls == C_OPEN && a->st[0])
             note_open(a);
         /* (O_NOFOLLOW redirected: no symlink there, so the open without it; the handler
