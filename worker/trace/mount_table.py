@@ -16,8 +16,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 AUTOFS = b"/etc/auto.cvmfs"  # the map a site's autofs mounts /cvmfs with
-FUSE_OPTIONS = b"ro,nosuid,nodev,relatime"
-FUSE_SUPER = b"ro,user_id=0,group_id=0,default_permissions,allow_other"
+FUSE_OPTIONS = b"ro,nosuid,nodev,relatime"  # the mount's (mountinfo's 6th field)
+FUSE_PRIVATE = b"user_id=0,group_id=0,default_permissions,allow_other"  # FUSE's own
+FUSE_SUPER = b"ro," + FUSE_PRIVATE  # the super block's (mountinfo's last field)
 MAX_TABLE = 16 << 20  # a mount table larger than this is not read: the host's is answered
 KEPT = 64  # table files kept open after their open was answered (the tracee opens them later)
 
@@ -66,7 +67,7 @@ def with_cvmfs(
             fuse = (top + i, top, dev, point, FUSE_OPTIONS, FUSE_SUPER)
             lines.append(b"%d %d %s / %s %s - fuse cvmfs2 %s" % fuse)
         else:
-            lines.append(b"cvmfs2 %s fuse %s,%s 0 0" % (point, FUSE_OPTIONS, FUSE_SUPER[3:]))
+            lines.append(b"cvmfs2 %s fuse %s,%s 0 0" % (point, FUSE_OPTIONS, FUSE_PRIVATE))
     return b"".join(line + b"\n" for line in lines)
 
 
