@@ -90,17 +90,24 @@ static int ro_creat_directory_einval(void)
 
 /*
  * The errno of a write (call) to a read-only mount; `a` (and `b`: link's and rename's second
- * path) as the caller resolved them.  `flags`: an open's flags, rename's RENAME_*; `follow`:
- * the last symlink of `a` followed.  Returns -errno; 0: an open to make as an open without
- * O_CREAT and O_TRUNC (the file is there, and not written); RO_UNKNOWN: not at hand.
+ * path) as the caller resolved them.  `flags`: an open's flags, rename's RENAME_*, mknod's
+ * file type; `follow`: the last symlink of `a` followed.  Returns -errno; 0: an open to make
+ * as an open without O_CREAT and O_TRUNC (the file is there, and not written); RO_UNKNOWN:
+ * not at hand.
  */
 static long ro_errno(int call, long flags, int follow, int root, const ro_path_t *a,
                      const ro_path_t *b)
 {
     long e, st;
     switch (call) {
+    case RO_MKNOD: /* the file type (flags) is checked first */
+        if ((flags & S_IFMT) == S_IFDIR)
+            return -EPERM;
+        if ((flags & S_IFMT) && !S_ISREG(flags) && !S_ISCHR(flags) && !S_ISBLK(flags) &&
+            !S_ISFIFO(flags) && !S_ISSOCK(flags))
+            return -EINVAL;
+        /* fall through */
     case RO_MKDIR:
-    case RO_MKNOD:
     case RO_SYMLINK:
         if ((e = ro_create(call, a)))
             return e;
@@ -219,7 +226,8 @@ static int ro_call(long nr, const struct user_regs_struct *r, long open_fl, long
         *follow = !(open_fl & O_NOFOLLOW) && (open_fl & (O_CREAT | O_EXCL)) != (O_CREAT | O_EXCL);
         return RO_OPEN;
     case SYS_mkdir: case SYS_mkdirat: return RO_MKDIR;
-    case SYS_mknod: case SYS_mknodat: return RO_MKNOD;
+    case SYS_mknod: *fl = (long)(r->rsi & S_IFMT); return RO_MKNOD; /* its file type */
+    case SYS_mknodat: *fl = (long)(r->rdx & S_IFMT); return RO_MKNOD;
     case SYS_symlink: case SYS_symlinkat: return RO_SYMLINK;
     case SYS_link: return RO_LINK;
     case SYS_linkat: *follow = (r->r8 & AT_SYMLINK_FOLLOW) != 0; return RO_LINK;

@@ -506,14 +506,6 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
             if (host_i >= 0)
                 ro_host_path(tid, t, host_d, host_raw, (size_t)host_n, &rp[host_i]);
             long e = ro_errno(call, ro_flags, follow, geteuid() == 0, &rp[0], &rp[1]);
-            if (call == RO_MKNOD) { /* the file type is checked first */
-                unsigned long type = (nr == SYS_mknod ? r->rsi : r->rdx) & S_IFMT;
-                if (type == S_IFDIR)
-                    e = -EPERM;
-                else if (type && type != S_IFREG && type != S_IFCHR && type != S_IFBLK &&
-                         type != S_IFIFO && type != S_IFSOCK)
-                    e = -EINVAL;
-            }
             if (e != 0 || call != RO_OPEN) {
                 skip_with(r, e < 0 ? e : -EROFS);
                 return 1;
