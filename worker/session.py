@@ -164,6 +164,8 @@ class WorkerSession:
                     log.debug("/cvmfs/%s: not mounted ahead: %s", name, e)
                 else:
                     self.mounted_ahead.add(name)  # (or by the command's first call, racing us)
+                    if self.node_answers is not None:
+                        self.node_answers.put_ahead()  # (the mount is over: nobody waits for it)
         finally:
             self._mounting_ahead = frozenset()
 

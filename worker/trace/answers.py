@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from enum import IntEnum
 from typing import NamedTuple
 
 from worker.trace import _tmpfs
@@ -26,58 +25,29 @@ from worker.trace.node_answers import (
     LISTING,
     OPENED,
     OPENS_LOOKED,
-    Buffer,
     NodeAnswers,
     encode_listing,
 )
 from worker.trace.policy import ASKED, Kind, Node, Policy, access_allowed, repository_dev
 from worker.trace.shebang import file_head
+from worker.trace.trap_abi import (
+    F_MOUNTS,
+    F_NOFOLLOW,
+    F_OPATH,
+    F_PROCEXE,
+    F_USERXATTR,
+    F_WRITE,
+    MAX_AHEAD,
+    SAFE,
+    Act,
+    Action,
+    Cls,
+    NodeOps,
+)
 
 log = logging.getLogger("hep-exec")
 
 MAX_SYMLINKS = 40
-
-
-class Cls(IntEnum):
-    """Syscall classes (worker/trace/_trap.c)."""
-
-    OPEN = 1
-    STAT = 2
-    ACCESS = 3
-    READLINK = 4
-    EXEC = 5
-    CHDIR = 6
-    STATFS = 7
-    XATTR_GET = 8
-    XATTR_LIST = 9
-    LISTED = 30  # markers for worker.trace._trap.put: a directory whose entries are all known,
-    NAMED = 31  # and each of its entries (anything else there is ENOENT, answered in C)
-    NOXATTR = 32  # a listed directory: entries without an XATTRS answer have no xattrs
-
-
-class Act(IntEnum):
-    """Answer kinds (worker/trace/_trap.c)."""
-
-    PASS = 0
-    RETURN = 1
-    REDIRECT = 2
-    STAT = 3
-    READLINK = 4
-    EXEC = 5
-    XATTRS = 6  # bval: a CVMFS xattr blob; C answers getxattr/listxattr from it
-
-
-F_NOFOLLOW = 0x100
-F_OPATH = 0x200
-F_PROCEXE = 0x400  # readlink of /proc/<pid>/exe
-F_WRITE = 0x800  # open for writing (nothing created or truncated): EROFS, but a FIFO opens
-F_USERXATTR = 0x1000  # getxattr of a user.* name: CernVM-FS's magic ones are among them
-F_MOUNTS = 0x2000  # an open of a mount table (/proc/<pid>/mountinfo ...): worker/trace/mount_table
-MAX_AHEAD = 4096  # entries of a directory answered ahead on its first open (if not listed)
-SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
-
-# (cacheable, kind, ival, bval, stat tuple, argv prefix)
-Action = tuple[bool, int, int, bytes | None, tuple[int, ...] | None, list[bytes] | None]
 
 
 class _Said(logging.Handler):
@@ -110,26 +80,6 @@ class Outside(NamedTuple):
     """A path that leaves the mount (``..`` or a symlink): the kernel resolves the rest."""
 
     path: bytes
-
-
-Put = tuple[int, list[bytes], list[tuple[bytes, bytes]]]
-
-
-class NodeOps(NamedTuple):
-    """The C side's handling of answers shared with the node's jobs (worker/trace/_trap.c)."""
-
-    pack: Callable[[list[tuple[int, int, bytes, Action]], bytes, int, int, int], bytes]
-    # a revision's table: (table, within, eager bytes, prefix, uid, gid, dev, dirfd) -> the
-    # answers put, the directories listed and the opens put; None: not frames
-    put_table: Callable[[Buffer, bytes, int, bytes, int, int, int, int], Put | None]
-    put_staged: Callable[[bytes], Put | None]
-    take_notes: Callable[[], list[tuple[bytes, bytes]]]
-    node_listing: Callable[[bytes], bytes | None]  # a directory's, as the node's jobs saw it
-    opens_looked: Callable[[bytes], bool]  # an earlier job looked for its opens ahead
-    # the directories the C side mirrors and opens with no upcall (from the node's listings)
-    mirrored: Callable[[bytes], None]  # Python made a mirror
-    take_mirrored: Callable[[], list[bytes]]  # those the C side made since the last call
-    expect: Callable[[int], None]  # the in-process table is sized for so many bytes of them
 
 
 class Session:
@@ -547,12 +497,18 @@ class Session:
         (worker/trace/node_answers.py): from now on its paths are answered without Python.  Called
         by the thread answering a call (the C side's rule for putting answers): at once when
         that call mounted the repository, else at the next call on /cvmfs (which mirrors
-        /cvmfs first: the C side's mirrors made ahead need it, worker/trace/trap/mirror_ahead.c)."""
+        /cvmfs first: the C side's mirrors made ahead need it, worker/trace/trap/mirror_ahead.c),
+        unless the mount's own thread put them first (:meth:`put_node_answers_ahead`)."""
+        self._put_node_answers()
+
+    def _put_node_answers(self) -> list[bytes]:
+        """The roots of the repositories whose answers it put."""
         shared = self.node_answers
         if shared is None or self.node_ops is None or self.answering != threading.get_ident():
-            return
+            return []
         ops = self.node_ops
-        for rev in shared.take():
+        revisions = shared.take()
+        for rev in revisions:
             ops.expect(len(rev.table))  # (a mount on another thread could not: not its table)
             got = ops.put_table(
                 rev.table,
@@ -568,6 +524,50 @@ class Session:
                 log.debug("%s: the node's answers are not frames", os.fsdecode(rev.within))
             else:
                 self._took_from_node(got)
+        return [rev.within for rev in revisions]
+
+    def put_node_answers_ahead(self) -> None:
+        """The same, from a thread that answers no call (the session's mount while the command
+        starts, once that mount is over: no call waits for it then), holding the C side's lock
+        as a thread answering a call does: the command's first call on the repository finds
+        the answers put (else it put them itself, ~6 ms of a warm import's first touch)."""
+        ops = self.node_ops
+        if ops is None or self.node_answers is None or not self.node_answers.pending:
+            return
+        if self.answering == threading.get_ident():
+            self.put_node_answers()
+            return
+
+        def put() -> None:
+            self.answering = threading.get_ident()  # (no call is being answered: we hold it)
+            try:
+                roots = self._put_node_answers()
+                if not ops.running():
+                    return  # it ended while the put gave way to the calls it answered
+                # and /cvmfs mirrored, as the first call would: the C side offers the mirrors
+                # it makes ahead from then on (else the first directory opens stopped); no
+                # process's environment is needed there, nor for a repository's root
+                self.materialize(0, self.mount)
+                for root in roots:
+                    self._root_ahead(root)
+            finally:
+                self.answering = 0
+                self._just_put = []
+
+        ops.holding(put)
+
+    def _root_ahead(self, root: bytes) -> None:
+        """A repository root's stat and lstat answers, as a call on it would get them: the
+        node's answers are of the entries of its directories, not of the root itself (the
+        first touch of a job, in-process once put)."""
+        answers: list[tuple[int, int, bytes, Action]] = []
+        for flags in (0, F_NOFOLLOW):
+            res, cache = self.resolve(0, root, not flags)
+            if cache and isinstance(res, Found):
+                st: Action = (True, Act.STAT, 0, None, self._stat_tuple(res.node), None)
+                answers.append((Cls.STAT, flags, root, st))
+        if answers and self.put is not None:
+            self.put(answers)
 
     def _put_during_this_call(self, path: bytes) -> bytes | None:
         """The object file of an open of ``path`` put from the node's answers by this very

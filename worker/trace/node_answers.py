@@ -245,6 +245,9 @@ class NodeAnswers:
         self.eager_bytes = EAGER_BYTES
         # the tracer's: put what is pending now, if this thread may (else it waits)
         self.arrived: Callable[[], None] = lambda: None
+        # the tracer's: put what is pending now, from a thread that answers no call and whose
+        # mount no call waits for any more (it takes the lock of those that answer calls)
+        self.put_ahead: Callable[[], None] = lambda: None
         # the tracer's: a repository is being mounted, with about so many bytes of answers
         # (their memory, ahead)
         self.mounting: Callable[[int], None] = lambda expected: None

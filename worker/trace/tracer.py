@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from worker.trace import _tmpfs
-from worker.trace.answers import NodeOps, Session
+from worker.trace.answers import Session
 from worker.trace.node_answers import NodeAnswers
 from worker.trace.policy import Entry, Kind, Node, Opened, Policy
+from worker.trace.trap_abi import NodeOps
 
 log = logging.getLogger("hep-exec")
 
@@ -301,8 +302,11 @@ def run(
                 _trap.mirrored,
                 _trap.take_mirrored,
                 _trap.expect,
+                _trap.holding,
+                _trap.running,
             )
             node_answers.arrived = session.put_node_answers
+            node_answers.put_ahead = session.put_node_answers_ahead
             node_answers.mounting = _expect_on(session)  # (none held: nothing)
         node_dirs = [node_answers.prefix] if node_answers and node_answers.prefix else []
         if alongside is not None:

@@ -265,6 +265,28 @@ def test_a_new_job_on_a_warm_node_answers_paths_without_python(
     assert upcalls(second) <= 3 and upcalls(first) > len(paths) // 5, (first, second)
 
 
+def test_the_node_answers_are_put_while_the_command_starts(tracing, tree, proxy, cache_dir) -> None:
+    """A job whose command names the repository mounts it while the command starts, and puts
+    the node's answers then, not at the command's first call on /cvmfs: a command that comes
+    to the repository after that makes no upcall at all (before, its first call did, and
+    put them: ~6 ms of a warm import's first touch)."""
+    paths = sorted(p for p in tree.digests if "/lib/" in p)
+
+    def run(wait: float) -> str:
+        job = Job(job_argv(proxy, cache_dir), paths)
+        job.expect("ready")
+        time.sleep(wait)  # (the mount of a warm node's repository takes ~20 ms)
+        job.go()
+        out = job.expect("files")["files"]
+        assert all(out[p].get("sha256") == tree.digests[p] for p in paths), out
+        return job.finish()
+
+    run(0)
+    second = run(2.0)
+    assert put_from_node(second) >= 2 * len(paths), second
+    assert upcalls(second) == 0, second
+
+
 # argv: a writable directory, then /cvmfs paths; prints what it read, as JSON
 OWN_FD_JOB = r"""
 import ctypes, hashlib, json, mmap, os, sys

@@ -49,6 +49,25 @@ static int big_lock_giving_way(const int *stop)
     return 1;
 }
 
+/* This thread holds `big` through holding() (worker/trace/trap/tables.c): the work it does
+ * there is ahead of the program, so it gives way to the threads answering calls. */
+static __thread int holding_ahead;
+
+/* Between two pieces of holding()'s work: `big` (and the GIL) to a thread answering a call
+ * that waits for it, and back once none does.  0: the run ended meanwhile (its handler is
+ * cleared under `big`), so the work stops. */
+static int give_way_held(void)
+{
+    static const int never = 0;
+    if (!holding_ahead || !__atomic_load_n(&big_wanted, __ATOMIC_ACQUIRE))
+        return 1;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_unlock(&big);
+    big_lock_giving_way(&never);
+    Py_END_ALLOW_THREADS
+    return handler != NULL;
+}
+
 /* A thread of ours working ahead: started with every signal blocked (they stay the main
  * thread's); *running says whether it was. */
 static void ahead_thread_start(pthread_t *t, void *(*fn)(void *), int *running, int *stop)

@@ -143,6 +143,10 @@ static PyMethodDef methods[] = {
     {"put_table", trap_put_table, METH_VARARGS,
      "put_table(table, within, eager, prefix, uid, gid, dev, dirfd) -> (n, "
      "listed directories, opens) or None: a revision's answers from the node"},
+    {"holding", trap_holding, METH_O,
+     "holding(fn) -> fn() or None (no run): fn called holding the lock of the threads "
+     "answering calls"},
+    {"running", trap_running, METH_NOARGS, "running() -> bool: is a run on?"},
     {"read_table", trap_read_table, METH_VARARGS,
      "read_table(table, within, eager) -> (put at once, staged, {directory: listing}, opens "
      "looked) or None: what put_table does with a table"},

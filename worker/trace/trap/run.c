@@ -421,7 +421,11 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     opens_join();
     Py_END_ALLOW_THREADS
     restore_signals(fwd_sigs, saved, forwarding);
+    Py_BEGIN_ALLOW_THREADS
+    big_lock(); /* a thread of ours in holding() puts nothing after this */
+    Py_END_ALLOW_THREADS
     Py_CLEAR(handler);
+    pthread_mutex_unlock(&big);
     size_t cached = table_len;
     for (size_t i = 0; i < threads_cap; i++)
         free(threads[i].cwd);

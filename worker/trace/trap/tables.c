@@ -187,7 +187,7 @@ static PyObject *trap_put_table(PyObject *self, PyObject *args)
     if (!oom)
         ahead_start(); /* (the first revision mounted: the others' as their calls come) */
     size_t size = 0;
-    for (size_t i = 0; i < t.ndirs && !oom; i++) {
+    for (size_t i = 0; i < t.ndirs && !oom && give_way_held(); i++) {
         const nt_dir_t *d = &t.dirs[i];
         if (nt_eager(d, (size_t)eager, &size)) {
             /* its opens when the job first opens a file there (one trap, and the put of a
@@ -228,6 +228,36 @@ static PyObject *trap_put_table(PyObject *self, PyObject *args)
     if (oom)
         return PyErr_NoMemory();
     return put_result(n);
+}
+
+/* holding(fn) -> fn() or None: call fn holding `big`, as a thread answering a call does, for a
+ * thread of ours that is not one (the session's mount while the command starts): the node's
+ * answers it brought are put before the program's first call on them, not by that call (~6 ms
+ * of a warm import's first touch).  None, fn not called, outside a run: the run clears the
+ * handler under `big` on its way out.  The caller holds no lock a thread answering a call may
+ * wait for (lock order: big, then the GIL).  put_table gives way to those threads between
+ * directories (give_way_held): the command's own start (its exec, the ptrace stops of its
+ * loader) waited ~7 ms for a put that held `big` throughout. */
+static PyObject *trap_holding(PyObject *self, PyObject *fn)
+{
+    (void)self;
+    Py_BEGIN_ALLOW_THREADS
+    big_lock();
+    Py_END_ALLOW_THREADS
+    holding_ahead = 1;
+    PyObject *r = handler ? PyObject_CallNoArgs(fn) : Py_NewRef(Py_None);
+    holding_ahead = 0;
+    pthread_mutex_unlock(&big);
+    return r;
+}
+
+/* running() -> bool: is a run on?  (Stable for a caller of holding(): the run clears its
+ * handler under `big`, which put_table may have given way on.) */
+static PyObject *trap_running(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(handler != NULL);
 }
 
 static PyObject *trap_read_table(PyObject *self, PyObject *args)
