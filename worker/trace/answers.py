@@ -554,7 +554,10 @@ class Session:
                 self.answering = 0
                 self._just_put = []
 
-        ops.holding(put)
+        try:
+            ops.holding(put)
+        except Exception as e:  # (out of memory): the calls then get Python's answers
+            log.debug("the node's answers not put ahead: %r", e)
 
     def _root_ahead(self, root: bytes) -> None:
         """A repository root's stat and lstat answers, as a call on it would get them: the
