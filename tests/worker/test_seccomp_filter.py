@@ -32,10 +32,11 @@ TRAPPED = {
     "utimes": 235, "futimesat": 261, "utimensat": 280, "mknod": 133, "mknodat": 259,
     "setxattr": 188, "lsetxattr": 189, "removexattr": 197, "lremovexattr": 198,
     "getxattr": 191, "lgetxattr": 192, "listxattr": 194, "llistxattr": 195, "setxattrat": 463,
-    "getxattrat": 464, "listxattrat": 465, "removexattrat": 466,
+    "getxattrat": 464, "listxattrat": 465, "removexattrat": 466, "inotify_add_watch": 254,
 }  # fmt: skip
-# ... of which these stop for ptrace in notify mode too (exec and chdir change the tracee)
-PTRACE_ONLY = {59, 322, 80, 81, 437, 464, 465}
+# ... of which these stop for ptrace in notify mode too (exec and chdir change the tracee, a
+# watch's path is rewritten)
+PTRACE_ONLY = {59, 322, 80, 81, 437, 464, 465, 254}
 IO_URING_SETUP = 425
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.trace.answers import Found, Outside, Session
+from worker.trace.answers import Session
 from worker.trace.hostpolicy import HostDirPolicy
-from worker.trace.policy import Kind
+from worker.trace.policy import Found, Kind, Outside
 from worker.trace.shebang import parse_shebang
 
 M = b"/cvmfs/test.repo"

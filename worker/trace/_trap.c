@@ -39,6 +39,7 @@
 #include <sys/ptrace.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/inotify.h>
 #include <sys/xattr.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -88,6 +89,7 @@ enum {
     C_XATTR_LIST = 9,
     C_WRITE = 10,  /* answered in C as on a read-only mount (trap/readonly.c) */
     C_GETCWD = 11, /* answered in C from the shadow mapping */
+    C_WATCH = 12,  /* inotify_add_watch: the path's place in the shadow tree */
     /* markers Python puts (trap_put), never asked: a directory whose every entry is known
      * (C_LISTED), and each of those entries (C_NAMED).  A path in a listed directory that is
      * not named there does not exist: ENOENT without asking Python. */

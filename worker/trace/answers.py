@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 
 from worker.trace import _tmpfs
 from worker.trace.exec_files import ExecFiles
@@ -28,7 +27,16 @@ from worker.trace.node_answers import (
     NodeAnswers,
     encode_listing,
 )
-from worker.trace.policy import ASKED, Kind, Node, Policy, access_allowed, repository_dev
+from worker.trace.policy import (
+    ASKED,
+    Found,
+    Kind,
+    Node,
+    Outside,
+    Policy,
+    access_allowed,
+    repository_dev,
+)
 from worker.trace.shebang import file_head
 from worker.trace.trap_abi import (
     F_MOUNTS,
@@ -67,19 +75,6 @@ _EVERYDAY_ERRNOS = frozenset(
     | {errno.ENODATA, errno.EISDIR, errno.ENAMETOOLONG, errno.EPERM}
 )
 logging.getLogger("hep_exec").addHandler(_SAID)
-
-
-class Found(NamedTuple):
-    """A path resolved to an entry inside the mount."""
-
-    path: bytes
-    node: Node
-
-
-class Outside(NamedTuple):
-    """A path that leaves the mount (``..`` or a symlink): the kernel resolves the rest."""
-
-    path: bytes
 
 
 class Session:
@@ -703,7 +698,7 @@ class Session:
             if node.kind == Kind.DIR:  # with its stat: what fstat of the fd must say
                 return self._to_shadow(tid, res, cache, self._stat_tuple(node))
             if node.kind == Kind.FIFO:
-                return self._fifo_in_shadow(tid, res, cache)
+                return self._entry_in_shadow(tid, res, cache, 0)
             opened = self.policy.open(tid, res.path, node)
             if isinstance(opened, int):
                 log.debug("%s: %s", os.fsdecode(res.path), os.strerror(opened))
@@ -733,6 +728,8 @@ class Session:
             return self._to_shadow(tid, res, cache)
         if cls == Cls.STATFS:
             return (cache, Act.REDIRECT, 0, self.shadow, None, None)
+        if cls == Cls.WATCH:  # an inotify watch on the path's place in the shadow tree
+            return self._watched(tid, res, cache)
         if cls == Cls.XATTR_GET and flags & F_USERXATTR:  # CernVM-FS's magic ones too
             blob = self.policy.magic_xattrs(tid, res.path)
             return (
@@ -763,14 +760,24 @@ class Session:
             return (False, Act.RETURN, -errno.EIO, None, None, None)
         return (cache and not res.node.volatile, Act.REDIRECT, SAFE, link, None, None)
 
-    def _fifo_in_shadow(self, tid: int, res: Found, cache: bool) -> Action:
-        """A FIFO published in the repository: the job's own FIFO in the shadow tree, opened
-        as natively (a reader waits for a writer; O_NONBLOCK and O_PATH do not wait)."""
+    def _entry_in_shadow(self, tid: int, res: Found, cache: bool, safe: int = SAFE) -> Action:
+        """A file's own entry in its directory's mirror: empty, or for a FIFO published in the
+        repository the job's own FIFO, opened as natively (a reader waits for a writer;
+        O_NONBLOCK and O_PATH do not wait: not ``SAFE``, the open may block and restart)."""
         parent = self.materialize(tid, res.path.rpartition(b"/")[0] or self.mount)
         if isinstance(parent, int):
             return (False, Act.RETURN, -parent, None, None, None)
-        # not SAFE: the open may block, and be restarted after a signal
-        return (cache, Act.REDIRECT, 0, self.shadow_of(res.path), None, None)
+        return (cache, Act.REDIRECT, safe, self.shadow_of(res.path), None, None)
+
+    def _watched(self, tid: int, res: Found, cache: bool) -> Action:
+        """inotify_add_watch: on the directory's mirror, the symlink itself (IN_DONT_FOLLOW),
+        or the file's empty entry in its directory's mirror.  The watch then succeeds as on a
+        read-only mount (tail -f, file watchers), and nothing there ever changes."""
+        if res.node.kind == Kind.DIR:
+            return self._to_shadow(tid, res, cache)
+        if res.node.kind == Kind.LNK:
+            return self._symlink_in_shadow(tid, res, cache)
+        return self._entry_in_shadow(tid, res, cache)
 
     def _to_shadow(
         self, tid: int, res: Found, cache: bool, st: tuple[int, ...] | None = None

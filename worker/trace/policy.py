@@ -135,3 +135,16 @@ class Policy(Protocol):
 # The /cvmfs path the traced program asked for while its call is being answered: a policy's
 # log line names it (the walk may be at one of its parents when something fails).
 ASKED: ContextVar[bytes | None] = ContextVar("asked", default=None)
+
+
+class Found(NamedTuple):
+    """A path resolved to an entry inside the mount."""
+
+    path: bytes
+    node: Node
+
+
+class Outside(NamedTuple):
+    """A path that leaves the mount (``..`` or a symlink): the kernel resolves the rest."""
+
+    path: bytes

@@ -23,6 +23,7 @@ class Cls(IntEnum):
     STATFS = 7
     XATTR_GET = 8
     XATTR_LIST = 9
+    WATCH = 12  # inotify_add_watch (10, 11: writes and getcwd, answered in C)
     LISTED = 30  # markers for worker.trace._trap.put: a directory whose entries are all known,
     NAMED = 31  # and each of its entries (anything else there is ENOENT, answered in C)
     NOXATTR = 32  # a listed directory: entries without an XATTRS answer have no xattrs

@@ -31,7 +31,7 @@
     X(SYS_lremovexattr, "lremovexattr") X(SYS_getxattr, "getxattr") \
     X(SYS_lgetxattr, "lgetxattr") X(SYS_listxattr, "listxattr") \
     X(SYS_llistxattr, "llistxattr") X(463, "setxattrat") X(464, "getxattrat") \
-    X(465, "listxattrat") X(466, "removexattrat")
+    X(465, "listxattrat") X(466, "removexattrat") X(SYS_inotify_add_watch, "inotify_add_watch")
 #define TRAPPED_NR(nr, name) nr,
 #define TRAPPED_NAME(nr, name) name,
 static const int trapped[] = {TRAPPED_CALLS(TRAPPED_NR)};
@@ -42,13 +42,14 @@ static const char *const trapped_names[] = {TRAPPED_CALLS(TRAPPED_NAME)};
     (SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV)
 
 /* In seccomp-notify mode these still take a ptrace stop: exec and chdir change the tracee
- * (registers, cwd), which only ptrace can do; openat2 and the *xattrat calls are rare. */
+ * (registers, cwd), which only ptrace can do; openat2, the *xattrat calls and
+ * inotify_add_watch (its path rewritten: a watch goes on the caller's inotify fd) are rare. */
 static int ptrace_only(int nr)
 {
     switch (nr) {
     case SYS_execve: case SYS_execveat: case SYS_chdir: case SYS_fchdir:
     case 437: /* openat2: O_PATH hides in struct open_how (see below) */
-    case 464: case 465:
+    case 464: case 465: case SYS_inotify_add_watch:
         return 1;
     default:
         return 0;

@@ -374,6 +374,10 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         return 0;
     case SYS_getcwd: cls = C_GETCWD; break;
     case SYS_statfs: cls = C_STATFS; break;
+    case SYS_inotify_add_watch:
+        cls = C_WATCH; path_arg = 1;
+        if (r->rdx & IN_DONT_FOLLOW) flags = F_NOFOLLOW;
+        break;
     case SYS_getxattr: cls = C_XATTR_GET; flags = user_xattr(tid, r->rsi); break;
     case SYS_lgetxattr: cls = C_XATTR_GET; flags = F_NOFOLLOW | user_xattr(tid, r->rsi); break;
     case SYS_listxattr: cls = C_XATTR_LIST; break;
