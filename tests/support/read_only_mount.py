@@ -24,3 +24,14 @@ def on_a_read_only_mount(src: Path, mnt: Path, argv: list[str]) -> str:
         pytest.skip(f"no read-only bind mount in a user namespace here: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def make_probe_tree(src: Path) -> None:
+    """The small tree the oracle tests publish and bind-mount alike: a file ``f``, directories
+    ``d`` (with ``d/inner``) and ``e``, symlinks to the file and to ``d``, and a dangling one."""
+    (src / "d" / "inner").mkdir(parents=True)
+    (src / "e").mkdir()
+    (src / "f").write_bytes(b"bytes of f\n")
+    (src / "link_f").symlink_to("f")
+    (src / "link_d").symlink_to("d")
+    (src / "dangling").symlink_to("nothere")

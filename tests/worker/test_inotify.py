@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.hep_exec import hep_exec, serving
-from tests.support.read_only_mount import on_a_read_only_mount
+from tests.support.read_only_mount import make_probe_tree, on_a_read_only_mount
 from tests.support.tracing import ensure_built
 
 pytestmark = pytest.mark.slow  # real servers and traced programs
@@ -75,12 +75,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
     ensure_built()
     base = tmp_path_factory.mktemp("inotify")
     src = base / "src"
-    (src / "d" / "inner").mkdir(parents=True)
-    (src / "e").mkdir()
-    (src / "f").write_bytes(b"bytes of f\n")
-    (src / "link_f").symlink_to("f")
-    (src / "link_d").symlink_to("d")
-    (src / "dangling").symlink_to("nothere")
+    make_probe_tree(src)
     with serving(src, FQRN, base) as (proxy, repo):
         yield Tree(proxy, repo.master_pub, src)
 
