@@ -461,6 +461,8 @@ for p in paths:
         except OSError as e:
             value = e.strerror
         out[os.path.relpath(p, root) + " " + name] = value
+    listed = sorted(set(os.listxattr(p, follow_symlinks=False)))
+    out[os.path.relpath(p, root) + " (listed)"] = ",".join(listed)
 print(json.dumps(out, sort_keys=True))
 """
 
@@ -472,10 +474,15 @@ def test_hep_exec_shows_the_magic_xattrs_of_the_real_client(
     /cvmfs/<repository>`` tells which revision a node sees; ``user.hash`` an object's hash):
     the same values from hep-exec as from the real client, for every entry of a repository
     with nested catalogs, chunked files, symlinks and a FIFO (none: the kernel's ENODATA for
-    user.* names there) and a published attribute; a name neither has is ENODATA under both."""
+    user.* names there) and a published attribute; a name neither has is ENODATA under both.
+    listxattr lists the same names everywhere but at the repository's root, where the client
+    lists its magic ones (twice, in 2.11.5) and hep-exec those of them it answers."""
     names = ",".join(n.decode() for n in MAGIC_NAMES) + f",{XATTR[0]},user.no-such-name"
     theirs, ours, _ = _under_both(fuse, published, tmp_path, MAGIC, names)
     under_cvmfs2, under_hep_exec = json.loads(theirs), json.loads(ours)
+    root_theirs, root_ours = under_cvmfs2.pop(". (listed)"), under_hep_exec.pop(". (listed)")
+    assert root_ours == "user.fqrn,user.revision,user.root_hash"
+    assert set(root_ours.split(",")) <= set(root_theirs.split(",")), root_theirs
     assert under_hep_exec == under_cvmfs2
     values = set(under_cvmfs2.values())  # what was compared
     assert {"zlib", "1", "0", FQRN} <= values

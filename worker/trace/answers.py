@@ -37,6 +37,7 @@ from worker.trace.policy import (
     access_allowed,
     repository_dev,
 )
+from worker.trace.said import EVERYDAY_ERRNOS, SAID
 from worker.trace.shebang import file_head
 from worker.trace.trap_abi import (
     F_MOUNTS,
@@ -56,25 +57,6 @@ from worker.trace.trap_abi import (
 log = logging.getLogger("hep-exec")
 
 MAX_SYMLINKS = 40
-
-
-class _Said(logging.Handler):
-    """Counts the warnings and errors hep-exec's loggers print, so that the tracer adds its
-    own line for a failed call only when nothing said why."""
-
-    count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-
-
-_SAID = _Said(logging.WARNING)
-# what programs meet every day (probing names, writing to a read-only tree): no log line
-_EVERYDAY_ERRNOS = frozenset(
-    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EROFS, errno.EACCES, errno.EINVAL}
-    | {errno.ENODATA, errno.EISDIR, errno.ENAMETOOLONG, errno.EPERM}
-)
-logging.getLogger("hep_exec").addHandler(_SAID)
 
 
 class Session:
@@ -614,7 +596,7 @@ class Session:
         """The C side's upcall: never raises (a policy bug becomes EIO and one log line)."""
         self.answering = threading.get_ident()
         asked = ASKED.set(path)
-        said = _SAID.count
+        said = SAID.count
         try:
             shared = self.node_answers if self._in_mount(path) else None
             if shared is not None:  # a mount on another thread: it ends, its answers go in
@@ -622,9 +604,9 @@ class Session:
                 if shared.pending:
                     self.put_node_answers()
             got = self._answer(tid, cls, flags, path)
-            if got[1] == Act.RETURN and got[2] < 0 and _SAID.count == said:
+            if got[1] == Act.RETURN and got[2] < 0 and SAID.count == said:
                 err = -got[2]  # the policy said nothing: one line naming the path
-                if err not in _EVERYDAY_ERRNOS:
+                if err not in EVERYDAY_ERRNOS:
                     log.warning("%s: %s", os.fsdecode(path), os.strerror(err))
             if shared is not None and shared.pending:
                 self.put_node_answers()  # (mounted on another thread during the call)
@@ -737,6 +719,12 @@ class Session:
                 if blob
                 else (cache, Act.RETURN, -errno.ENODATA, None, None, None)
             )
+        if cls == Cls.XATTR_LIST and res.path.count(b"/") == len(self._mparts) + 1:
+            # a repository's root lists the client's magic names (its default visibility,
+            # root only), those that follow from the catalog: getfattr -d shows them
+            blob = self.policy.magic_xattrs(tid, res.path)
+            if blob:
+                return (cache, Act.XATTRS, 0, blob, None, None)
         if node.xattrs:  # the user.* attributes hep-publish stored
             return (cache, Act.XATTRS, 0, node.xattrs, None, None)
         if cls == Cls.XATTR_GET:
