@@ -476,12 +476,14 @@ class Session:
         that call mounted the repository, else at the next call on /cvmfs (which mirrors
         /cvmfs first: the C side's mirrors made ahead need it, worker/trace/trap/mirror_ahead.c),
         unless the mount's own thread put them first (:meth:`put_node_answers_ahead`)."""
-        self._put_node_answers()
+        if self.answering == threading.get_ident():
+            self._put_node_answers()
 
     def _put_node_answers(self) -> list[bytes]:
-        """The roots of the repositories whose answers it put."""
+        """The roots of the repositories whose answers it put; the caller holds the C side's
+        lock (it answers a call, or puts them ahead)."""
         shared = self.node_answers
-        if shared is None or self.node_ops is None or self.answering != threading.get_ident():
+        if shared is None or self.node_ops is None:
             return []
         ops = self.node_ops
         revisions = shared.take()
@@ -511,25 +513,18 @@ class Session:
         ops = self.node_ops
         if ops is None or self.node_answers is None or not self.node_answers.pending:
             return
-        if self.answering == threading.get_ident():
-            self.put_node_answers()
-            return
 
         def put() -> None:
-            self.answering = threading.get_ident()  # (no call is being answered: we hold it)
-            try:
-                roots = self._put_node_answers()
-                if not ops.running():
-                    return  # it ended while the put gave way to the calls it answered
-                # and /cvmfs mirrored, as the first call would: the C side offers the mirrors
-                # it makes ahead from then on (else the first directory opens stopped); no
-                # process's environment is needed there, nor for a repository's root
-                self.materialize(0, self.mount)
-                for root in roots:
-                    self._root_ahead(root)
-            finally:
-                self.answering = 0
-                self._just_put = []
+            roots = self._put_node_answers()
+            self._just_put = []  # (put by no call: see _put_during_this_call)
+            if not ops.running():
+                return  # it ended while the put gave way to the calls it answered
+            # and /cvmfs mirrored, as the first call would: the C side offers the mirrors it
+            # makes ahead from then on (else the first directory opens stopped); no process's
+            # environment is needed there, nor for a repository's root
+            self.materialize(0, self.mount)
+            for root in roots:
+                self._root_ahead(root)
 
         try:
             ops.holding(put)
