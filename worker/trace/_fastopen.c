@@ -72,6 +72,11 @@ static fo_slot_t *slots; /* the table answers go to (_fastopen_table.c) */
 static unsigned slot_bits, first_bits; /* its size; the smallest one a live answer was in */
 static size_t nused, arena_used;
 static unsigned long long n_patched, n_injected;
+/* Tests only (HEP_EXEC_TEST_PATCH_PAUSE_US): a pause after the int3 of a site patched in a
+ * parent is written, so that the parent, which runs meanwhile, forks a child that copies it
+ * half-made (site_whole). */
+static long patch_pause_us;
+static int patching_parent;
 /* ours only, one per slot that names a RAM file, in the order published (appended: a
  * table indexed by slot, 12 MiB touched at random, cost a page fault every few answers put):
  * the file's identity, to withdraw by file, its slot, and the next of these (+1; 0: none)
@@ -99,6 +104,7 @@ typedef struct {
     uint64_t base;
     int nsites, nrefused;
     uint64_t sites[FO_SITES], refused[FO_SITES];
+    uint32_t tramp_at[FO_SITES]; /* each site's trampoline, from base (site_whole) */
     uint64_t entry; /* the image's entry point (ld.so's, in a dynamic program) */
     int learn;      /* the learnt[] its entry's bytes match, or -1 */
 } fo_proc_t;
@@ -252,6 +258,8 @@ int fo_table_given(void)
 
 int fo_init(const char *mount, size_t mount_n, const char *table_dir)
 {
+    const char *pause = getenv("HEP_EXEC_TEST_PATCH_PAUSE_US");
+    patch_pause_us = pause ? atol(pause) : 0;
     if (shm)
         return 0;
     if (mount_n >= sizeof hdr->mount)
@@ -556,6 +564,14 @@ static int site_code_ok(const unsigned char *code, long nr)
  * its opcode; a thread hitting the int3 stops in the tracer, which sends it back to the site
  * (fo_sigtrap) once the jump is complete.  0: not patched (no room, too far).
  */
+/* (HEP_EXEC_TEST_PATCH_PAUSE_US, for a parent's site) */
+static int paused(void)
+{
+    if (patch_pause_us > 0 && patching_parent)
+        usleep((useconds_t)patch_pause_us);
+    return 1;
+}
+
 static int write_site(int fd, fo_proc_t *p, uint64_t site, const unsigned char *code, int alone)
 {
     enum { TLEN = 5 + 5 + 10 + 3 + 8 + 5 };
@@ -583,12 +599,13 @@ static int write_site(int fd, fo_proc_t *p, uint64_t site, const unsigned char *
     if (pwrite(fd, tr, TLEN, (off_t)t) != TLEN)
         return 0;
     p->tramp_used += (TLEN + 15) & ~15u;
+    p->tramp_at[p->nsites] = (uint32_t)(t - p->base);
     p->sites[p->nsites++] = site; /* from the int3 on, fo_sigtrap knows it */
     unsigned char jmp[5] = {0xe9};
     rel = (int32_t)to_t;
     memcpy(jmp + 1, &rel, 4);
     if (alone ? pwrite(fd, jmp, 5, (off_t)site) == 5
-              : pwrite(fd, "\xcc", 1, (off_t)site) == 1 &&
+              : pwrite(fd, "\xcc", 1, (off_t)site) == 1 && paused() &&
                     pwrite(fd, jmp + 1, 4, (off_t)site + 1) == 4 &&
                     pwrite(fd, jmp, 1, (off_t)site) == 1)
         return 1;
@@ -687,6 +704,43 @@ void fo_patch(pid_t tid, long nr, uint64_t ip)
         close(fd);
 }
 
+/*
+ * Is the jump at p's k-th site whole in the memory of thread tid's process?  Made so if it is
+ * not: the process is a fork child of one whose site was being patched when it forked (the
+ * execve site is patched in the parent of the child that trapped there, while that parent
+ * runs: a shell starting a pipeline forks again meanwhile), so its copy of the code has the
+ * int3, maybe the jump's offset, and its parent finished the jump in its own memory only; the
+ * child's threads met the int3 again after each fo_sigtrap, for ever.  Under `big`, so no
+ * patch is under way meanwhile: an int3 seen here was left half-made.  The trampoline was
+ * written before the int3, so the copy holds it.
+ */
+static int site_whole(pid_t tid, const fo_proc_t *p, int k)
+{
+    uint64_t site = p->sites[k];
+    unsigned char op = 0;
+    struct iovec l = {&op, 1}, rv = {(void *)site, 1};
+    if (process_vm_readv(tid, &l, 1, &rv, 1, 0) != 1 || op != 0xcc)
+        return 1;
+    unsigned char jmp[5] = {0xe9};
+    int32_t rel = (int32_t)(int64_t)(p->base + p->tramp_at[k] - (site + 5));
+    memcpy(jmp + 1, &rel, 4);
+    char mem[40];
+    snprintf(mem, sizeof mem, "/proc/%d/mem", (int)tid);
+    int fd = open(mem, O_RDWR | O_CLOEXEC);
+    int ok = fd >= 0 && pwrite(fd, jmp + 1, 4, (off_t)site + 1) == 4 &&
+             pwrite(fd, jmp, 1, (off_t)site) == 1; /* the offset first: others may run it */
+    if (fd >= 0)
+        close(fd);
+    return ok;
+}
+
+void fo_patch_parent(pid_t parent, long nr, uint64_t ip)
+{
+    patching_parent = 1;
+    fo_patch(parent, nr, ip);
+    patching_parent = 0;
+}
+
 /* A SIGTRAP stop of thread tid: one of our int3s, met while its site was being patched?
  * Then the thread goes back to the site (now the jump) and the signal is dropped. */
 int fo_sigtrap(pid_t tid)
@@ -700,7 +754,9 @@ int fo_sigtrap(pid_t tid)
         ptrace(PTRACE_GETREGS, tid, 0, &r) != 0)
         return 0;
     uint64_t site = r.rip - 1;
-    int ours = p && listed(p->sites, p->nsites, site);
+    int ours = 0;
+    for (int k = 0; p && k < p->nsites && !ours; k++)
+        ours = p->sites[k] == site && site_whole(tid, p, k);
     if (!ours && !p) {
         /* a task sharing the memory of a process we patch without being one of its threads
          * (clone with CLONE_VM alone): any process's site, if our jump is there now */

@@ -62,6 +62,8 @@ int fo_exec(pid_t pid, int *other); /* 1: handle waitpid status *other instead *
 void fo_fork(pid_t parent, pid_t child);
 void fo_gone(pid_t tid);
 void fo_patch(pid_t tid, long nr, uint64_t ip);
+/* fo_patch of the site in tid's parent (the process runs meanwhile: see site_whole) */
+void fo_patch_parent(pid_t parent, long nr, uint64_t ip);
 int fo_sigtrap(pid_t tid); /* 1: a patching int3, dealt with: continue without the signal */
 
 #endif

@@ -604,7 +604,7 @@ asked:;
             if (nr == SYS_execve && fo_host_writes()) {
                 fo_patch(tid, nr, r->rip);
                 if (t->parent > 0 && !t->execd)
-                    fo_patch(t->parent, nr, r->rip);
+                    fo_patch_parent(t->parent, nr, r->rip);
             }
             n_pass++;
             return 0;
