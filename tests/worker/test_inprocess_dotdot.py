@@ -1,8 +1,10 @@
 """Paths with "//", "." and ".." under /cvmfs answered in-process (worker/trace/
 _fastopen_tracee_paths.c): ld.so looks for libraries along RPATHs such as "$ORIGIN/../lib",
-each probe and open a trap and a Python upcall before.  A ".." is taken out with the name
-before it only where that name is a directory; a symlink (whose ".." is its target's parent),
-a file (ENOTDIR) or the repository's root stay the tracer's.
+each probe and open a trap and a Python upcall before, and fts (find, du, grep -r) opens and
+stats "<dir>/.." on its way back up.  A ".." is taken out with the name before it, and a
+trailing "/" or "." dropped, only where that name is a directory; after a symlink (whose ".."
+is its target's parent, and which a trailing "/" follows), a file (ENOTDIR) or the
+repository's root they stay the tracer's.
 
 Real hep-exec against a tree published by our publisher and served by nginx on loopback; a C
 program compiled here stats, lstats, opens and checksums each path, and what it prints under
@@ -85,22 +87,29 @@ NORMALIZED = [
     "a/b/c/../../lib/tls/x86_64/libx.so",
     "a/b/c/../../lib/nothere.so",
     "a/b/c/../../nothere/x/y",
+    "a/b/../lib",
+    "a/b/..",  # a trailing "..", "." or "/" after a directory: fts going back up, "find ."
+    "a/b/c/../..",
+    "a/b/.",
+    "a/lib/",
+    "a/./b/c//",
 ]
 # the same calls on paths in normal form, made first: in a real program the call sites in libc
 # and ld.so that the paths above go through serve these too, and are patched by them
-PLAIN = ["a/b/c/file1", "a/lib/libx.so", "d"]
-# what only the tracer can say: ".." after a symlink (its target's parent) or a file, paths
-# that end in "..", ".", or "/"
+PLAIN = ["a/b/c/file1", "a/lib/libx.so", "d", "a", "a/b", "a/b/c", "a/lib"]
+# what only the tracer can say: "..", "." or "/" after a symlink (its target's parent, or the
+# target itself) or a file (ENOTDIR)
 TRACERS = [
-    "a/b/../lib",  # (a directory opened: the tracer's, as its open is not filed under "a/lib")
     "a/link/../c/file1",
     "a/link/../../lib/libx.so",
     "a/plain/../b/c/file1",
     "a/b/c/file1/..",
-    "a/b/..",
-    "a/b/.",
-    "a/lib/",
+    "a/b/c/file1/.",
     "a/lib/libx.so/",
+    "a/link/",
+    "a/link/.",
+    "a/link/..",
+    "a/filelink/",
     "a/filelink/../lib/libx.so",
 ]
 
@@ -185,10 +194,10 @@ def test_later_calls_on_normalized_paths_do_not_stop_the_program(world: World) -
 
 
 def test_the_tracer_s_paths_still_stop(world: World) -> None:
-    """A ".." after a symlink or a file, or a trailing one, is never taken out in-process:
-    each round of those stops the program again (the tracer answers it)."""
+    """A ".." after a symlink or a file, and a trailing "/" after one, is never taken out
+    in-process: each round of those stops the program again (the tracer answers it)."""
     world.needs_named_files()
-    paths = ["a/link/../c/file1", "a/plain/../b/c/file1"]
+    paths = ["a/link/../c/file1", "a/plain/../b/c/file1", "a/link/", "a/plain/"]
     _, stops_once = traced(world, 1, PLAIN + paths)
     _, stops_three = traced(world, 3, PLAIN + paths)
     assert stops_three - stops_once >= 2 * len(paths), (stops_once, stops_three)

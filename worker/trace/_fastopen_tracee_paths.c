@@ -29,11 +29,14 @@ static int published_dir(const char *base, const char *out, unsigned long n)
  * length, or 0 where that would not name what the kernel resolves, which is then the
  * tracer's.  A ".." goes with the name before it only where that name is a directory (its
  * published lstat answer says so: no symlink, whose ".." is its target's parent, and no file,
- * below which the kernel says ENOTDIR), and never takes out the repository; a path that ends
- * in "/", "." or ".." is left as it is.  Dropping "." is always right: an answer for the
- * result exists only where the names before it are directories.  Why: ld.so looks for
- * libraries along RPATHs such as "$ORIGIN/../lib" (HEP stacks, every manylinux wheel's
- * "$ORIGIN/../../<pkg>.libs"), each probe and open a trap and a Python upcall before.
+ * below which the kernel says ENOTDIR), and never takes out the repository; a trailing "/"
+ * or "." goes only after a directory too (after a file the kernel says ENOTDIR, after a
+ * symlink it follows it).  Dropping a "." inside is always right: an answer for the result
+ * exists only where the names before it are directories.  Why: ld.so looks for libraries
+ * along RPATHs such as "$ORIGIN/../lib" (HEP stacks, every manylinux wheel's
+ * "$ORIGIN/../../<pkg>.libs"), each probe and open a trap and a Python upcall before; fts
+ * (find, du, grep -r) opens and stats "<dir>/.." on its way back up, and "find ." opens
+ * "<cwd>/.", a Python upcall each while a path that ends so was left to the tracer.
  */
 static unsigned long normalized(const char *base, const char *p, char *out, unsigned long cap)
 {
@@ -57,8 +60,12 @@ static unsigned long normalized(const char *base, const char *p, char *out, unsi
             return 0;
         unsigned long n = i - s;
         int dot = n == 1 && p[s] == '.', dotdot = n == 2 && p[s] == '.' && p[s + 1] == '.';
-        if (!n || ((dot || dotdot) && !p[i]))
-            return 0; /* a trailing "/", "." or ".." */
+        if (!n || (dot && !p[i])) { /* a trailing "/" or "." */
+            if (!repo || !published_dir(base, out, o))
+                return 0;
+            changed = 1;
+            break;
+        }
         changed |= dot | dotdot;
         if (dot)
             continue;
