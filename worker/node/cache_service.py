@@ -58,6 +58,7 @@ from worker.node.rendezvous import (
     SOCKET_NAME,
     CacheDirError,
     bind_service,
+    daemonize,
     default_runtime_dir,
     ensure_private_dir,
     peer_credentials,
@@ -568,7 +569,7 @@ class CacheService:
             spec, push = item
             if not self._prefetch_wanted(spec, push):
                 continue
-            if spec.chunks or spec.hash is None or self.cache.held_or_loading(spec.key):
+            if spec.chunks or spec.hash is None:
                 self._pool.submit(self._prefetch_one, spec, push)
                 continue
             on_its_way = self._fetching.get(spec.key)
@@ -577,13 +578,19 @@ class CacheService:
                     lambda f, s=spec, c=push: self._fetched.put(_Fetch(s, c, f))  # type: ignore[misc]
                 )
                 continue
+            # on its way before it is known not to be loading: an open from now on waits for
+            # its bytes (_prefetched_bytes); one that began before is seen loading here
+            fetch: Future[Any] = Future()
+            self._fetching[spec.key] = fetch
+            if self.cache.held_or_loading(spec.key):
+                del self._fetching[spec.key]
+                fetch.cancel()
+                self._pool.submit(self._prefetch_one, spec, push)
+                continue
             self._slots.acquire()
             url = object_url(spec.fqrn, spec.hash.object_path())
-            future = self.fetcher.prefetch(
-                [(url, spec.hash, f"{spec.fqrn}:{spec.path}", spec.size)]
-            )
-            self._fetching.setdefault(spec.key, future)
-            future.add_done_callback(
+            wanted = (url, spec.hash, f"{spec.fqrn}:{spec.path}", spec.size)
+            self.fetcher.prefetch([wanted], into=fetch).add_done_callback(
                 lambda f, s=spec, c=push: self._fetch_done(_Fetch(s, c, f))  # type: ignore[misc]
             )
 
@@ -717,20 +724,6 @@ class CacheService:
 # ---------------------------------------------------------------------- command line
 
 
-def _daemonize(log_path: Path) -> None:
-    """Second half of the double fork: the starter's child exits, we live on in a new session."""
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    null = os.open(os.devnull, os.O_RDWR)
-    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.dup2(logfd, 2)
-    os.close(null)
-    os.close(logfd)
-
-
 def _run(config: ExecConfig, listener: socket.socket, lock_fd: int, directory: Path) -> None:
     """Serve until idle or signalled; the start lock is dropped once the service is built."""
     try:
@@ -760,7 +753,7 @@ def fork_service(config: ExecConfig, directory: Path) -> None:
     if pid == 0:  # pragma: no cover - runs in the forked service
         code = 1
         try:
-            _daemonize(directory / LOG_NAME)
+            daemonize(directory / LOG_NAME)
             keep = {listener.fileno(), lock_fd}
             low = 3
             for fd in sorted(keep):
@@ -810,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     listener, lock_fd = bound
     if background:
-        _daemonize(directory / LOG_NAME)
+        daemonize(directory / LOG_NAME)
     _run(config, listener, lock_fd, directory)
     return 0
 

@@ -106,3 +106,17 @@ def bind_service(directory: Path) -> tuple[socket.socket, int] | None:
     except BaseException:
         os.close(lock_fd)
         raise
+
+
+def daemonize(log_path: Path) -> None:
+    """Second half of the double fork: the starter's child exits, we live on in a new session."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(logfd, 2)
+    os.close(null)
+    os.close(logfd)

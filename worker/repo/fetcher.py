@@ -410,8 +410,9 @@ class Fetcher:
             self.fetch(url_path, expected, what, size=size), self._require_loop()
         )
 
-    def prefetch(self, items: Iterable[Item]) -> Future[Any]:
-        """Start fetching in the background; the returned future resolves to get_many's list."""
+    def prefetch(self, items: Iterable[Item], into: Future[Any] | None = None) -> Future[Any]:
+        """Start fetching in the background; the returned future resolves to get_many's list.
+        ``into``: the future to resolve (one that others may wait on already), returned."""
         import asyncio
 
         loop = self._require_loop()
@@ -423,7 +424,20 @@ class Fetcher:
                 return_exceptions=True,
             )
 
-        return asyncio.run_coroutine_threadsafe(all_of(), loop)
+        done = asyncio.run_coroutine_threadsafe(all_of(), loop)
+        if into is None:
+            return done
+
+        def relay(f: Future[Any]) -> None:
+            if f.cancelled():
+                into.cancel()
+            elif (e := f.exception()) is not None:
+                into.set_exception(e)
+            else:
+                into.set_result(f.result())
+
+        done.add_done_callback(relay)
+        return into
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
