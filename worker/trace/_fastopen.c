@@ -564,6 +564,8 @@ static int site_code_ok(const unsigned char *code, long nr)
  * its opcode; a thread hitting the int3 stops in the tracer, which sends it back to the site
  * (fo_sigtrap) once the jump is complete.  0: not patched (no room, too far).
  */
+enum { TLEN = 5 + 5 + 10 + 3 + 8 + 5 }; /* a trampoline (write_site), its last 5: jmp back */
+
 /* (HEP_EXEC_TEST_PATCH_PAUSE_US, for a parent's site) */
 static int paused(void)
 {
@@ -574,7 +576,6 @@ static int paused(void)
 
 static int write_site(int fd, fo_proc_t *p, uint64_t site, const unsigned char *code, int alone)
 {
-    enum { TLEN = 5 + 5 + 10 + 3 + 8 + 5 };
     uint64_t t = p->base + FO_SIZE + FO_PRIV_SIZE + p->tramp_used; /* after the fo_priv_t */
     int64_t to_t = (int64_t)(t - (site + 5)), back = (int64_t)((site + 7) - (t + TLEN));
     if (FO_PRIV_SIZE + p->tramp_used + TLEN > FO_TRAMP_SIZE || to_t != (int32_t)to_t ||
@@ -741,6 +742,19 @@ void fo_patch_parent(pid_t parent, long nr, uint64_t ip)
     patching_parent = 0;
 }
 
+/* Does thread tid's memory hold p's k-th trampoline, the one that jumps back past that site? */
+static int tramp_of_site(pid_t tid, const fo_proc_t *p, int k)
+{
+    uint64_t t = p->base + p->tramp_at[k], site = p->sites[k];
+    unsigned char back[5];
+    struct iovec l = {back, 5}, rv = {(void *)(t + TLEN - 5), 5};
+    if (process_vm_readv(tid, &l, 1, &rv, 1, 0) != 5 || back[0] != 0xe9)
+        return 0;
+    int32_t rel;
+    memcpy(&rel, back + 1, 4);
+    return (int64_t)rel == (int64_t)((site + 7) - (t + TLEN));
+}
+
 /* A SIGTRAP stop of thread tid: one of our int3s, met while its site was being patched?
  * Then the thread goes back to the site (now the jump) and the signal is dropped. */
 int fo_sigtrap(pid_t tid)
@@ -759,11 +773,15 @@ int fo_sigtrap(pid_t tid)
         ours = p->sites[k] == site && site_whole(tid, p, k);
     if (!ours && !p) {
         /* a task sharing the memory of a process we patch without being one of its threads
-         * (clone with CLONE_VM alone): any process's site, if our jump is there now */
+         * (a vfork child, clone with CLONE_VM alone): any process's site, if our jump is there
+         * now, or its half-made copy (site_whole) where this memory holds the trampoline for
+         * it: a vfork child of a process that copied the int3 from its parent met it first */
         unsigned char op = 0;
         struct iovec l = {&op, 1}, rv = {(void *)site, 1};
         for (uint32_t i = 0; i < FO_PROCS && !ours; i++)
-            ours = procs[i].pid > 0 && listed(procs[i].sites, procs[i].nsites, site);
+            for (int k = 0; procs[i].pid > 0 && k < procs[i].nsites && !ours; k++)
+                ours = procs[i].sites[k] == site && tramp_of_site(tid, &procs[i], k) &&
+                       site_whole(tid, &procs[i], k);
         ours = ours && process_vm_readv(tid, &l, 1, &rv, 1, 0) == 1 && op == 0xe9;
     }
     if (!ours)
