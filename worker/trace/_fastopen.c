@@ -566,6 +566,13 @@ static int site_code_ok(const unsigned char *code, long nr)
  */
 enum { TLEN = 5 + 5 + 10 + 3 + 8 + 5 }; /* a trampoline (write_site), its last 5: jmp back */
 
+/* Over the int3 at a site: the jump's offset, then its opcode (a thread meeting the int3
+ * meanwhile waits in the tracer: fo_sigtrap). */
+static int finish_jump(int fd, uint64_t site, const unsigned char *jmp)
+{
+    return pwrite(fd, jmp + 1, 4, (off_t)site + 1) == 4 && pwrite(fd, jmp, 1, (off_t)site) == 1;
+}
+
 /* (HEP_EXEC_TEST_PATCH_PAUSE_US, for a parent's site) */
 static int paused(void)
 {
@@ -606,9 +613,7 @@ static int write_site(int fd, fo_proc_t *p, uint64_t site, const unsigned char *
     rel = (int32_t)to_t;
     memcpy(jmp + 1, &rel, 4);
     if (alone ? pwrite(fd, jmp, 5, (off_t)site) == 5
-              : pwrite(fd, "\xcc", 1, (off_t)site) == 1 && paused() &&
-                    pwrite(fd, jmp + 1, 4, (off_t)site + 1) == 4 &&
-                    pwrite(fd, jmp, 1, (off_t)site) == 1)
+              : pwrite(fd, "\xcc", 1, (off_t)site) == 1 && paused() && finish_jump(fd, site, jmp))
         return 1;
     pwrite(fd, code, 5, (off_t)site); /* put the mov back */
     return 0;
@@ -728,8 +733,7 @@ static int site_whole(pid_t tid, const fo_proc_t *p, int k)
     char mem[40];
     snprintf(mem, sizeof mem, "/proc/%d/mem", (int)tid);
     int fd = open(mem, O_RDWR | O_CLOEXEC);
-    int ok = fd >= 0 && pwrite(fd, jmp + 1, 4, (off_t)site + 1) == 4 &&
-             pwrite(fd, jmp, 1, (off_t)site) == 1; /* the offset first: others may run it */
+    int ok = fd >= 0 && finish_jump(fd, site, jmp);
     if (fd >= 0)
         close(fd);
     return ok;
