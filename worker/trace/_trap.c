@@ -115,6 +115,7 @@ enum {
 #define F_WRITE 0x800   /* open for writing, nothing created or truncated: EROFS but FIFOs */
 #define F_USERXATTR 0x1000 /* getxattr of a user.* name: CernVM-FS's magic ones among them */
 #define F_MOUNTS 0x2000 /* an open of a mount table (trap/proc_files.c proc_key) */
+#define F_MAPS 0x4000   /* an open of a process's maps or smaps (trap/proc_files.c proc_key) */
 
 #define NSYS 512
 #define MAXPATH 4096

@@ -10,7 +10,6 @@ fds.  The class and action numbers here must match worker/trace/_trap.c.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -37,9 +36,12 @@ from worker.trace.policy import (
     access_allowed,
     repository_dev,
 )
+from worker.trace.proc_maps import OpenedFiles, maps_with_cvmfs_paths
 from worker.trace.said import EVERYDAY_ERRNOS, SAID
 from worker.trace.shebang import file_head
+from worker.trace.table_files import TableFiles
 from worker.trace.trap_abi import (
+    F_MAPS,
     F_MOUNTS,
     F_NOFOLLOW,
     F_OPATH,
@@ -89,10 +91,14 @@ class Session:
         self._answered_ahead: set[bytes] = set()  # directories given to ``put``
         self._opened_ahead: set[bytes] = set()  # ... with their files' opens
         self._resolved: dict[tuple[bytes, bool], Found | Outside | int] = {}
-        self._opened_as: dict[bytes, bytes] = {}  # RAM file -> /cvmfs path
+        self.opened = OpenedFiles()
         self.exec_files = ExecFiles(self._in_mount, shadow, self.shadow_write)  # (run closes)
-        self.mount_tables = MountTables(  # (run closes)
-            mount, self.dev, lambda: [(n, repository_dev(n)) for n in policy.mounted()]
+        self.table_files = TableFiles()  # (run closes)
+        self.mount_tables = MountTables(
+            mount,
+            self.dev,
+            lambda: [(n, repository_dev(n)) for n in policy.mounted()],
+            self.table_files,
         )
         self.answering = 0  # the thread answering a call, while it does
         # opens put from the node's answers: (object file, /cvmfs path) lists, and those of
@@ -283,15 +289,16 @@ class Session:
             shared.keep(path + LISTING, listing)
         return listing, False
 
-    def _note_opened(self, target: bytes, path: bytes) -> None:
-        """Remember which /cvmfs path a RAM file was handed out for: a program exec'd
-        through an fd on it (fexecve) asks /proc/self/exe, which names the RAM file."""
-        parts = target.split(b"/")
-        if len(parts) == 6 and parts[1] == b"proc" and parts[3] == b"fd":
-            self._opened_as[b"/" + parts[5]] = path  # a file by name: /proc/P/fd/DIR/NAME
-        elif len(parts) == 5 and parts[1] == b"proc" and parts[3] == b"fd":
-            with contextlib.suppress(OSError):  # a memfd: /proc/P/fd/N
-                self._opened_as[os.readlink(target)] = path
+    def _opened_files(self) -> OpenedFiles:
+        """Which /cvmfs path each RAM file stands for, the opens the C side put from the
+        node's answers in it."""
+        if self.node_ops is not None:
+            self._notes_put.append(self.node_ops.take_notes())
+        for opens in self._notes_put:
+            for target, cvmfs_path in opens:
+                self.opened.note(target, cvmfs_path)
+        self._notes_put.clear()
+        return self.opened
 
     def _plain_directory(self, pid: int, path: bytes) -> bool:
         """Is ``path`` a directory under the mount, named by itself (no symlink on the way,
@@ -418,7 +425,7 @@ class Session:
             for key, opened in self.policy.opens_ahead(pid, list(files)).items():
                 st_tuple = self._stat_tuple(files[key])
                 opens[key] = (True, Act.REDIRECT, SAFE, opened.path, st_tuple, None)
-                self._note_opened(opened.path, key)
+                self.opened.note(opened.path, key)
             answers += [(Cls.OPEN, 0, key, a) for key, a in opens.items()]
         self.put(answers)
         shared = self.node_answers
@@ -633,8 +640,13 @@ class Session:
                     return (True, Act.REDIRECT, SAFE, target, self._stat_tuple(node), None)
         if cls == Cls.EXEC:
             return self._exec(tid, path)
-        if flags & F_MOUNTS:
-            table = self.mount_tables.file_for(path)
+        if flags & (F_MOUNTS | F_MAPS):
+            if flags & F_MOUNTS:
+                table = self.mount_tables.file_for(path)
+            elif (maps := maps_with_cvmfs_paths(path, self._opened_files())) is not None:
+                table = self.table_files.file_of(maps, "maps")
+            else:
+                table = None
             return (False, Act.PASS if table is None else Act.REDIRECT, SAFE, table, None, None)
         if flags & F_PROCEXE:
             try:
@@ -642,13 +654,7 @@ class Session:
             except OSError:
                 return (False, Act.PASS, 0, None, None, None)
             # exec'd by its /cvmfs path, or (fexecve) through an fd opened from one
-            if self.node_ops is not None:  # opens the C side put from the node's answers
-                self._notes_put.append(self.node_ops.take_notes())
-            for opens in self._notes_put:
-                for target, cvmfs_path in opens:
-                    self._note_opened(target, cvmfs_path)
-            self._notes_put.clear()
-            exe = self.exec_files.exe_paths.get(real) or self._opened_as.get(real)
+            exe = self.exec_files.exe_paths.get(real) or self._opened_files().by_name.get(real)
             if exe is None:
                 return (False, Act.PASS, 0, None, None, None)
             return (False, Act.READLINK, 0, exe, None, None)
@@ -682,7 +688,7 @@ class Session:
                 return (False, Act.RETURN, -opened, None, None, None)
             # the stat tuple: what fstat of the fd must say (C records it per RAM file)
             st = self._stat_tuple(node)
-            self._note_opened(opened.path, res.path)
+            self.opened.note(opened.path, res.path)
             action: Action = (cache and opened.stable, Act.REDIRECT, SAFE, opened.path, st, None)
             if flags == 0 and action[0]:
                 self._keep_open(tid, res.path, action)
@@ -794,7 +800,7 @@ class Session:
 
     def _exec(self, tid: int, path: bytes) -> Action:
         """execve: what to run instead, as the kernel would have run it (exec_files.py)."""
-        got = self.exec_files.decide(path, lambda p: self._exec_target(tid, p), self._opened_as)
+        got = self.exec_files.decide(path, lambda p: self._exec_target(tid, p), self.opened.by_name)
         if isinstance(got, int):
             return (False, Act.RETURN, -got, None, None, None)
         if got is None:

@@ -10,17 +10,16 @@ every /cvmfs path.  :func:`with_cvmfs` is the table (bytes in, bytes out);
 
 from __future__ import annotations
 
-import fcntl
 import os
-from collections import deque
 from collections.abc import Callable, Sequence
+
+from worker.trace.table_files import TableFiles
 
 AUTOFS = b"/etc/auto.cvmfs"  # the map a site's autofs mounts /cvmfs with
 FUSE_OPTIONS = b"ro,nosuid,nodev,relatime"  # the mount's (mountinfo's 6th field)
 FUSE_PRIVATE = b"user_id=0,group_id=0,default_permissions,allow_other"  # FUSE's own
 FUSE_SUPER = b"ro," + FUSE_PRIVATE  # the super block's (mountinfo's last field)
 MAX_TABLE = 16 << 20  # a mount table larger than this is not read: the host's is answered
-KEPT = 64  # table files kept open after their open was answered (the tracee opens them later)
 
 
 def _escape(path: bytes) -> bytes:
@@ -72,15 +71,18 @@ def with_cvmfs(
 
 
 class MountTables:
-    """Files holding a process's mount table as :func:`with_cvmfs` makes it: a sealed memfd
-    per open, named to the tracer as ``/proc/<our pid>/fd/<n>``; the last :data:`KEPT` stay
-    open (the tracee opens its file after the answer), older ones are closed."""
+    """Files holding a process's mount table as :func:`with_cvmfs` makes it, one per open
+    (worker.trace.table_files)."""
 
     def __init__(
-        self, mount: bytes, mount_dev: int, mounted: Callable[[], Sequence[tuple[str, int]]]
+        self,
+        mount: bytes,
+        mount_dev: int,
+        mounted: Callable[[], Sequence[tuple[str, int]]],
+        files: TableFiles,
     ) -> None:
         self.mount, self.mount_dev, self.mounted = mount, mount_dev, mounted
-        self._fds: deque[int] = deque()
+        self.files = files
 
     def file_for(self, table: bytes) -> bytes | None:
         """``table`` (``/proc/<pid>/mountinfo`` or ``…/mounts``) with /cvmfs in it: the path
@@ -95,21 +97,4 @@ class MountTables:
         data = with_cvmfs(
             real, table.endswith(b"/mountinfo"), self.mount, self.mount_dev, self.mounted()
         )
-        fd = os.memfd_create("mount-table", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-        except OSError:
-            os.close(fd)
-            return None
-        self._fds.append(fd)
-        while len(self._fds) > KEPT:
-            os.close(self._fds.popleft())
-        return b"/proc/%d/fd/%d" % (os.getpid(), fd)
-
-    def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popleft())
+        return self.files.file_of(data, "mount-table")

@@ -330,7 +330,7 @@ def run(
             raise TracerUnavailable(f"cannot trace the command: {e} (ptrace/seccomp denied)") from e
         finally:
             session.exec_files.close()
-            session.mount_tables.close()
+            session.table_files.close()
         if exec_errno:
             log.error("%s: %s", os.fsdecode(args[0]), os.strerror(exec_errno))
     finally:

@@ -47,6 +47,7 @@ F_PROCEXE = 0x400  # readlink of /proc/<pid>/exe
 F_WRITE = 0x800  # open for writing (nothing created or truncated): EROFS, but a FIFO opens
 F_USERXATTR = 0x1000  # getxattr of a user.* name: CernVM-FS's magic ones are among them
 F_MOUNTS = 0x2000  # an open of a mount table (/proc/<pid>/mountinfo ...): worker/trace/mount_table
+F_MAPS = 0x4000  # an open of /proc/<pid>/maps or smaps: worker/trace/proc_maps
 MAX_AHEAD = 4096  # entries of a directory answered ahead on its first open (if not listed)
 SAFE = 1  # REDIRECT ival: target never blocks or restarts, no need to restore the register
 

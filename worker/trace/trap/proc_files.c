@@ -84,7 +84,9 @@ static const char *proc_who(pid_t tid, const char *p, pid_t *pid)
  * the RAM file it ran; ld.so's $ORIGIN and relocatable programs need the /cvmfs path) and of
  * /proc/<pid>/fd/<n> of a /cvmfs file (the kernel names its RAM file); a plain open of
  * /proc/<pid>/mountinfo or mounts, /proc/mounts or /etc/mtab (F_MOUNTS: the host's table with
- * /cvmfs and the repositories in it, worker/trace/mount_table.py).  Never cached (F_PROCEXE).
+ * /cvmfs and the repositories in it, worker/trace/mount_table.py); a plain open of
+ * /proc/<pid>/maps or smaps (F_MAPS: the /cvmfs files mapped named by their /cvmfs paths,
+ * worker/trace/proc_maps.py).  Never cached (F_PROCEXE).
  */
 static long proc_key(pid_t tid, int cls, const char *raw, long n, char *key, int *flags)
 {
@@ -95,10 +97,14 @@ static long proc_key(pid_t tid, int cls, const char *raw, long n, char *key, int
             return 0;
         if (!strcmp(raw, "/etc/mtab") || !strcmp(raw, "/proc/mounts"))
             pid = tid, file = "mounts";
-        else if (strncmp(raw, "/proc/", 6) || !(file = proc_who(tid, raw + 6, &pid)) ||
-                 (strcmp(file, "mountinfo") && strcmp(file, "mounts")))
+        else if (strncmp(raw, "/proc/", 6) || !(file = proc_who(tid, raw + 6, &pid)))
             return 0;
-        *flags |= F_PROCEXE | F_MOUNTS;
+        if (!strcmp(file, "maps") || !strcmp(file, "smaps"))
+            *flags |= F_PROCEXE | F_MAPS; /* the /cvmfs files mapped named by their paths */
+        else if (!strcmp(file, "mountinfo") || !strcmp(file, "mounts"))
+            *flags |= F_PROCEXE | F_MOUNTS;
+        else
+            return 0;
         return snprintf(key, MAXPATH, "/proc/%d/%s", (int)pid, file);
     }
     if (n <= 10 || strncmp(raw, "/proc/", 6) || !(file = proc_who(tid, raw + 6, &pid)))
