@@ -327,10 +327,11 @@ int fo_init(const char *mount, size_t mount_n, const char *table_dir)
 
 /* Where the shadow tree is, for getcwd in-process (a path too long for the header: the
  * tracer's).  After fo_init, before any tracee maps the table. */
-void fo_set_shadow(const char *shadow, size_t n)
+void fo_set_shadow(const char *shadow, size_t n, uint64_t dev)
 {
     if (!shm || n >= sizeof hdr->shadow)
         return;
+    hdr->shadow_dev = dev;
     memcpy(hdr->shadow, shadow, n);
     hdr->shadow[n] = 0;
     hdr->shadow_len = (uint32_t)n;
@@ -673,6 +674,7 @@ void fo_patch(pid_t tid, long nr, uint64_t ip)
     switch (nr) { /* what the handler answers */
     case 2: case 257: case 4: case 5: case 6: case 262: case 332: case 21: case 269: case 439:
     case 89: case 267: case 191: case 192: case 194: case 195: case 79 /* getcwd */:
+    case 217 /* getdents64 */:
         break;
     case 85: case 76: case 83: case 84: case 87: case 90: case 92: case 94: case 132:
     case 235: case 133: case 188: case 189: case 197: case 198: case 82: case 86: case 91:

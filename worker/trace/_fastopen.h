@@ -23,7 +23,7 @@
 #include <stdint.h>
 
 #define FO_PAGE 4096ul
-#define FO_CODE_MAX (4 * FO_PAGE)
+#define FO_CODE_MAX (5 * FO_PAGE)
 #define FO_HDR_OFF FO_CODE_MAX
 #define FO_CNT_OFF (FO_HDR_OFF + FO_PAGE)
 #define FO_SHARED_OFF (FO_CNT_OFF + FO_PAGE) /* fo_shared_t[FO_NSHARED] */
@@ -53,7 +53,8 @@ enum {
     FO_OPEN = 1,       /* open: the target path to open instead, or an errno */
     FO_STAT = 2,       /* stat following symlinks: a struct stat, an errno, or a path to stat */
     FO_LSTAT = 3,      /* the same, not following the last component */
-    FO_IDENT = 4,      /* fstat of an fd on this RAM file: a struct stat */
+    FO_IDENT = 4,      /* fstat of an fd on this RAM file: a struct stat (a directory's
+                        * mirror: then its /cvmfs path, NUL-terminated, for getdents64) */
     /* 5, 6: none (statx is answered from FO_STAT, FO_LSTAT: one answer for both calls) */
     FO_READLINK = 7,   /* readlink: the link's bytes (data_len of them), or an errno */
     FO_XATTR = 8,      /* getxattr of any name (+1: lgetxattr): an errno (no attributes) */
@@ -115,6 +116,7 @@ typedef struct {
      * stands for the same place under `mount` */
     uint32_t shadow_len;
     char shadow[1024];
+    uint64_t shadow_dev; /* its st_dev (0: unknown): getdents64 of a directory there */
     /* directories of RAM files as open answers name them ("/proc/<tracer>/fd/<n>", no
      * trailing slash; dir_len 0: unused): each tracee holds an O_PATH fd of its own on each
      * (fo_priv_t) and opens "<dir>/<name>" with openat(fd, name), ~2 µs less than the

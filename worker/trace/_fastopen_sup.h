@@ -16,7 +16,8 @@ int fo_make_table(const char *dir, size_t answers, size_t arena);
 void fo_give_table(int fd);
 int fo_table_given(void); /* did this run's fo_init take one */
 void fo_fini(void);
-void fo_set_shadow(const char *shadow, size_t n); /* for getcwd in-process */
+/* for getcwd and getdents64 in-process: the shadow tree as /proc spells it, its st_dev */
+void fo_set_shadow(const char *shadow, size_t n, uint64_t dev);
 void fo_add_object_dir(const char *dir, size_t n); /* opens there: openat on a tracee's fd */
 int fo_enabled(void);
 uint64_t fo_cookie(void);

@@ -627,6 +627,7 @@ static const char *path_of(long nr, const long *a)
 
 #include "_fastopen_tracee_paths.c"
 #include "_fastopen_tracee_writes.c"
+#include "_fastopen_tracee_dents.c"
 
 static long dispatch(const char *base, long nr, const long *a, int *done);
 
@@ -687,6 +688,10 @@ static long fo_main(const char *base, long nr, const long *a)
     long r;
     if (nr == 59)
         return host_exec(base, a);
+    if (nr == 217) { /* getdents64 */
+        r = do_getdents(base, a, &done);
+        return done ? r : fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
+    }
     if (path_arg(nr) < 0 && nr != 5 && nr != 79) { /* a write: fchmod, mkdir, rename ... */
         r = host_write(base, nr, a, &done);
         return done ? r : fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]);

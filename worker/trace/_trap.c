@@ -157,6 +157,7 @@ static void *table_calloc(size_t n, size_t size)
 #include "trap/apply.c"
 #include "trap/readonly.c"
 #include "trap/proc_files.c"
+#include "trap/dents.c"
 #include "trap/resolve_flags.c"
 #include "trap/exec.c"
 #include "trap/seccomp_stop.c"

@@ -146,6 +146,28 @@ static void note_open(action_t *a)
     ids_put(a->ram_dev, a->ram_ino, a->st);
 }
 
+/* What fstat of an fd on (dev, ino) says in-process: the stat answer st of the /cvmfs path
+ * key[0, kn) an open of it was served for (a RAM file, a directory's mirror); a mirror's
+ * answer has that path after it, for getdents64 in-process (worker/trace/_fastopen_tracee_dents.c
+ * names its entries' inodes by their paths).  0 if the table took nothing. */
+static int publish_ident(uint64_t dev, uint64_t ino, const int64_t *st, const char *key,
+                         size_t kn)
+{
+    uint64_t id[2] = {dev, ino};
+    struct {
+        struct stat st;
+        char path[MAXPATH];
+    } data;
+    fill_stat(st, &data.st);
+    size_t n = sizeof data.st;
+    if (S_ISDIR(data.st.st_mode) && kn < sizeof data.path) {
+        memcpy(data.path, key, kn);
+        data.path[kn] = 0;
+        n += kn + 1;
+    }
+    return fo_publish(FO_IDENT, (const char *)id, sizeof id, &data, n, 0, 0, dev, ino);
+}
+
 /* Is the path argument at addr "" (fstatat/statx of the fd itself)?  statx accepts NULL. */
 static int empty_path(pid_t tid, unsigned long addr, int null_ok)
 {

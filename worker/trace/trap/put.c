@@ -137,15 +137,13 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
                         (flags & F_NOFOLLOW ? 1 : 0);
         fo_publish(kind, key, kn, NULL, 0, 0, (int)-a->ival, 0, 0);
     } else if (cls == C_OPEN) {
-        uint64_t id[2] = {a->ram_dev, a->ram_ino};
         struct stat st;
         fill_stat(a->st, &st);
         if (ids_claim(a->ram_dev, a->ram_ino, a->st) != 0)
             fo_publish_shared_open(key, kn, a->bval, a->blen, &st, a->ram_dev, a->ram_ino);
         else if (publish(ph, cls, flags, FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0,
                          a->ram_dev, a->ram_ino))
-            fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, a->ram_dev,
-                       a->ram_ino);
+            publish_ident(a->ram_dev, a->ram_ino, a->st, key, kn);
     }
     return 1;
 skip:

@@ -209,7 +209,8 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     own_fd_prefix_n = (size_t)snprintf(own_fd_prefix, sizeof own_fd_prefix, "/proc/%d/fd/",
                                        (int)getpid());
     if (notify && in_process && fo_init(mount_p, mount_n, mirror_w) == 0) { /* before fork */
-        fo_set_shadow(shadow_p, shadow_n);
+        struct stat sd;
+        fo_set_shadow(shadow_p, shadow_n, stat(target_p, &sd) == 0 ? (uint64_t)sd.st_dev : 0);
         for (Py_ssize_t i = 0; dirs_o && dirs_o != Py_None && i < PyList_GET_SIZE(dirs_o); i++) {
             PyObject *d = PyList_GET_ITEM(dirs_o, i);
             if (PyBytes_Check(d))

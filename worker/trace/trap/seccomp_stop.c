@@ -137,12 +137,8 @@ static int publish_open(const action_t *a, const char *key, size_t kn, uint64_t 
 {
     if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
         return 0;
-    if (ino) {
-        uint64_t id[2] = {dev, ino};
-        struct stat st;
-        fill_stat(a->st, &st);
-        fo_publish(FO_IDENT, (const char *)id, sizeof id, &st, sizeof st, 0, 0, dev, ino);
-    }
+    if (ino)
+        publish_ident(dev, ino, a->st, key, kn);
     return 1;
 }
 
@@ -373,6 +369,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
         t->cwd_changes = 1;
         return 0;
     case SYS_getcwd: cls = C_GETCWD; break;
+    case SYS_getdents64:
+        return dir_entries(tid, r); /* trap/dents.c */
     case SYS_statfs: cls = C_STATFS; break;
     case SYS_inotify_add_watch:
         cls = C_WATCH; path_arg = 1;
