@@ -294,18 +294,21 @@ scratch, paths = sys.argv[1], sys.argv[2:]
 
 def kernel_name(fd):
     # the file behind fd, by the name its RAM file system has for it: readlink of
-    # /proc/self/fd/N says the /cvmfs path (as natively), /proc/self/maps the file mapped
+    # /proc/self/fd/N and /proc/self/maps say the /cvmfs path (as natively); the kernel's own
+    # maps, reopened through an O_PATH fd, the file mapped
     m = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     view = ctypes.c_char.from_buffer(m)
     addr = ctypes.addressof(view)
     del view
+    kernels = os.open("/proc/self/maps", os.O_PATH)
     try:
-        for line in open("/proc/self/maps"):
+        for line in open(f"/proc/self/fd/{kernels}"):
             span, *rest = line.split(None, 5)
             lo, hi = (int(x, 16) for x in span.split("-"))
             if lo <= addr < hi:
                 return rest[4].strip().removesuffix(" (deleted)")
     finally:
+        os.close(kernels)
         m.close()
 
 def digest(p):
