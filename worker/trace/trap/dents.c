@@ -22,22 +22,17 @@
 #define DENTS_MAX (1u << 20) /* bytes of entries read at once for a program (it asks again) */
 
 /* The inode stat says of the /cvmfs path key[0, kn) (lstat: the entry itself), or 0. */
-static uint64_t entry_inode(pid_t tid, const char *key, size_t kn)
+static uint64_t entry_inode(pid_t tid, char *key, size_t kn)
 {
-    const action_t *st = known_stat(key, kn, F_NOFOLLOW);
-    if (st)
-        return (uint64_t)st->st[1];
-    action_t tmp;
-    PyObject *argv = NULL;
-    const action_t *a = lookup(tid, C_STAT, F_NOFOLLOW, key, kn, &tmp, &argv);
-    uint64_t ino = a->kind == A_STAT ? (uint64_t)a->st[1] : 0;
-    if (a == &tmp)
-        free(tmp.bval);
-    if (argv) {
-        PyGILState_STATE gil = PyGILState_Ensure();
-        Py_DECREF(argv);
-        PyGILState_Release(gil);
-    }
+    const action_t *known = known_stat(key, kn, F_NOFOLLOW);
+    if (known)
+        return (uint64_t)known->st[1];
+    int64_t st[15];
+    long err;
+    char keep = key[kn];
+    key[kn] = 0;
+    uint64_t ino = answer_stat(tid, F_NOFOLLOW, key, kn, st, &err) ? (uint64_t)st[1] : 0;
+    key[kn] = keep;
     return ino;
 }
 

@@ -260,23 +260,11 @@ static long ro_stat(pid_t tid, int follow, const char *key, size_t kn)
         return -ENAMETOOLONG;
     memcpy(k, key, kn);
     k[kn] = 0;
-    action_t tmp;
-    PyObject *prefix = NULL;
-    memset(&tmp, 0, sizeof tmp);
-    action_t *a = lookup(tid, C_STAT, follow ? 0 : F_NOFOLLOW, k, kn, &tmp, &prefix);
-    long m = RO_UNKNOWN;
-    if (a->kind == A_STAT && a->st[0] > 1)
-        m = (long)(mode_t)a->st[0];
-    else if (a->kind == A_RETURN && a->ival < 0)
-        m = (long)a->ival;
-    if (a == &tmp)
-        free(tmp.bval);
-    if (prefix) {
-        PyGILState_STATE gil = PyGILState_Ensure();
-        Py_DECREF(prefix);
-        PyGILState_Release(gil);
-    }
-    return m;
+    int64_t st[15];
+    long err;
+    if (answer_stat(tid, follow ? 0 : F_NOFOLLOW, k, kn, st, &err))
+        return st[0] > 1 ? (long)(mode_t)st[0] : RO_UNKNOWN;
+    return err < 0 ? err : RO_UNKNOWN;
 }
 
 /* The last component of a path as written: a dot, two, or a name (and a '/' after it). */

@@ -1,6 +1,7 @@
 /*
  * The upcall: Python's action tuple parsed (parse_action), answers derived in C from answers
- * at hand (absent_from_listing, known_stat, derived), and lookup: cache, node, then Python.
+ * at hand (absent_from_listing, known_stat, derived), and lookup: cache, node, then Python
+ * (answer_stat: a path's stat answer through it).
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
  * _trap.c's header and answers.c, config.c define.
@@ -217,4 +218,28 @@ answered:
     cache_del(cls, flags, key, kn); /* one the handler put meanwhile (trap_put): ours wins */
     cache_put(e);
     return &e->act;
+}
+
+/* The stat answer a call on key[0, kn) (NUL after it) gets (flags 0, or F_NOFOLLOW: lstat),
+ * from the answers at hand or Python: 1 with its fields in st; else 0 with *err its -errno,
+ * or 0 for an answer that is no stat (a path leaving the mount). */
+static int answer_stat(pid_t tid, int flags, const char *key, size_t kn, int64_t st[15],
+                       long *err)
+{
+    action_t tmp;
+    PyObject *prefix = NULL;
+    memset(&tmp, 0, sizeof tmp);
+    const action_t *a = lookup(tid, C_STAT, flags, key, kn, &tmp, &prefix);
+    int ok = a->kind == A_STAT;
+    if (ok)
+        memcpy(st, a->st, 15 * sizeof *st);
+    *err = a->kind == A_RETURN && a->ival < 0 ? (long)a->ival : 0;
+    if (a == &tmp)
+        free(tmp.bval);
+    if (prefix) {
+        PyGILState_STATE gil = PyGILState_Ensure();
+        Py_DECREF(prefix);
+        PyGILState_Release(gil);
+    }
+    return ok;
 }
