@@ -5,6 +5,8 @@ bitmap without running the filter)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import struct
 
@@ -38,6 +40,10 @@ TRAPPED = {
 # ... of which these stop for ptrace in notify mode too (exec and chdir change the tracee, a
 # watch's path is rewritten)
 PTRACE_ONLY = {59, 322, 80, 81, 437, 464, 465, 254}
+# getdents64 only where the tracer can renumber a listing's entries (pidfd_getfd, Linux 5.6)
+_libc = ctypes.CDLL(None, use_errno=True)
+if _libc.syscall(438, -1, 0, 0) < 0 and ctypes.get_errno() == errno.ENOSYS:
+    del TRAPPED["getdents64"]
 IO_URING_SETUP = 425
 
 
