@@ -98,9 +98,11 @@ def test_a_named_repository_is_mounted_as_the_command_starts(tmp_path: Path) -> 
         assert f"repository {fqrn}: revision" in r.stderr
         # "/cvmfs/$R" names no repository: mounted by the command's first call, as before
         assert (ahead in r.stderr) == (how == "named"), (how, node, r.stderr[-2000:])
-    # the node's answers are put as before: the warm job asks Python no more than the cold
+    # the node's answers are put as before: the warm job asks Python no more than the cold,
+    # nor than a job whose repository is mounted by its first call (which asks for that call;
+    # a mount ahead that ends first leaves none to ask)
     assert upcalls(runs["named", "warm"].stderr) < upcalls(runs["named", "cold"].stderr)
-    assert upcalls(runs["named", "warm"].stderr) == upcalls(runs["unnamed", "warm"].stderr)
+    assert upcalls(runs["named", "warm"].stderr) <= upcalls(runs["unnamed", "warm"].stderr)
 
 
 @needs_ptrace

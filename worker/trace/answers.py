@@ -484,7 +484,8 @@ class Session:
         /cvmfs first: the C side's mirrors made ahead need it, worker/trace/trap/mirror_ahead.c),
         unless the mount's own thread put them first (:meth:`put_node_answers_ahead`)."""
         if self.answering == threading.get_ident():
-            self._put_node_answers()
+            for root in self._put_node_answers():
+                self._root_ahead(root)  # (as a mount ahead does: a listing's ".." asks it)
 
     def _put_node_answers(self) -> list[bytes]:
         """The roots of the repositories whose answers it put; the caller holds the C side's
