@@ -1,6 +1,6 @@
 /*
  * getdents64 in-process (part of _fastopen_tracee.c's blob: it uses read_dir_link, in_shadow,
- * find and data_of from there).
+ * lookup, copy_words and data_of from there).
  *
  * A /cvmfs directory is read through its mirror in the shadow tree, whose entries have the
  * mirror's inode numbers; each is given the one stat says of its path (its published lstat
