@@ -28,6 +28,7 @@ class Served:
     proxy: str
     key: Path
     lister: Path  # a static C program: readdir's d_ino against lstat's st_ino, and "." ".."
+    dynamic_lister: Path  # the same, linked against libc (whose call sites get patched)
 
 
 # Static: its calls come from no libc of ours to patch, so each getdents64 goes to the tracer.
@@ -78,13 +79,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     os.link(src / "a" / "same1", src / "a" / "same2")  # one inode for both (a hardlink group)
     (src / "a" / "link").symlink_to("f00")  # its own inode, not its target's
     (src / "a" / "dirlink").symlink_to("b")
+    (src / "a" / "clink").symlink_to("b/c")  # its real parent (a/b) is not where it lies (a)
     big = src / "big"
     big.mkdir()
     for i in range(BIG):
         (big / f"e{i:05d}").write_bytes(b"")
     lister = compile_c(LISTER, base / "lister", "-static")
+    dynamic_lister = compile_c(LISTER, base / "dynamic-lister")
     with serving(src, FQRN, base) as (proxy, repo):
-        yield Served(proxy, repo.master_pub, lister)
+        yield Served(proxy, repo.master_pub, lister, dynamic_lister)
 
 
 # every directory of the tree walked: each entry's d_ino (scandir) against its lstat, then
@@ -118,7 +121,7 @@ def test_every_entry_lists_with_the_inode_stat_says(served: Served, trap_mode: s
     r = hep_exec(served.proxy, [sys.executable, "-c", WALK], keys=served.key)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == (
-        f"{BIG + 30 + 2 + 2 + 1 + 2 + 1 + 1} entries 0 differ hardlinks share one link its own"
+        f"{BIG + 30 + 2 + 2 + 1 + 2 + 1 + 1 + 1} entries 0 differ hardlinks share one link its own"
     ), r.stdout
 
 
@@ -126,7 +129,7 @@ def test_find_sees_the_inodes_stat_says(served: Served) -> None:
     """find -printf %i (the listing's numbers) and find -inum with a number stat gave."""
     job = f"cd {ROOT} && find a -printf '%i %p\\n' | sort -k2 && "
     job += "stat -c '%i %n' $(find a | sort) && find a -inum $(stat -c %i a/f07)"
-    r = hep_exec(served.proxy, ["sh", "-c", job], keys=served.key)
+    r = hep_exec(served.proxy, ["sh", "-c", job], keys=served.key, options=["--stats-internals"])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     n = (len(lines) - 1) // 2
@@ -161,6 +164,40 @@ def test_listing_a_directory_again_takes_no_stop(served: Served) -> None:
     r = hep_exec(served.proxy, [sys.executable, "-c", code], keys=served.key,
                  options=["--no-in-process"])  # fmt: skip
     assert r.returncode == 0 and r.stdout == got[1][1], r.stderr
+
+
+def test_a_directory_opened_through_a_symlink_lists_its_real_parent(served: Served) -> None:
+    """ ".." of a directory opened through a symlink (a/clink -> b/c) is its real parent (a/b),
+    as the kernel says, not the symlink's (a): in a listing and for a relative path from
+    there.  ls -ai shows it (each ls's listing the tracer's); a dynamic program lists one
+    directory after another, the later ones in-process (its getdents64 site patched), named
+    by the path the open of each published."""
+    job = f"cd {ROOT} && for i in 1 2 3; do ls -aiU a/b/ a/clink/ && stat -c %i a/clink/../c; done"
+    job += " && stat -c '%i %n' a a/b a/b/c"
+    r = hep_exec(served.proxy, ["sh", "-c", job], keys=served.key)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    ino = {n: i for i, n in (ln.split() for ln in lines[-4:-1])}
+    listed: list[tuple[str, str, str]] = []  # (directory, name, inode)
+    where = ""
+    for ln in lines[:-4]:
+        if ln.endswith(":"):
+            where = ln[:-1]
+        elif len(ln.split()) == 2:
+            i, name = ln.split()
+            listed.append((where, name, i))
+        elif ln.strip():
+            assert ln.strip() == ino["a/b/c"], "a/clink/../c"
+    want = {("a/b/", "."): "a/b", ("a/b/", ".."): "a", ("a/clink/", "."): "a/b/c",
+            ("a/clink/", ".."): "a/b", ("a/b/", "c"): "a/b/c"}  # fmt: skip
+    seen = [(d, n, i) for d, n, i in listed if (d, n) in want]
+    assert len(seen) == 3 * len(want), r.stdout
+    for d, n, i in seen:
+        assert i == ino[want[d, n]], (d, n, r.stdout)
+    dirs = [f"{ROOT}/a/b", f"{ROOT}/a/clink", f"{ROOT}/a/clink/", f"{ROOT}/a", f"{ROOT}/a/clink"]
+    r = hep_exec(served.proxy, [str(served.dynamic_lister), *dirs], keys=served.key)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.fullmatch(r"\d+ entries, 0 differ\n", r.stdout), r.stdout
 
 
 def test_host_directories_are_the_kernels(served: Served, tmp_path: Path) -> None:

@@ -82,6 +82,16 @@ os.close(fd)
 fd = os.open(area, os.O_RDONLY | os.O_DIRECTORY)
 ops("host-dirfd", fd)
 os.close(fd)
+if names is not PLAIN:  # a directory reached through a symlink: ".." is its real parent's
+    fd = os.open(mount + "/dlink", os.O_RDONLY | os.O_DIRECTORY)
+    ask("cvmfs-linked-dirfd stat ../f01", lambda: os.stat("../f01", dir_fd=fd))
+    ask("cvmfs-linked-dirfd stat file", lambda: os.stat("file", dir_fd=fd))
+    ask("cvmfs-linked-dirfd open ../f01", lambda: read("../f01", dir_fd=fd))
+    ask("cvmfs-linked-dirfd listdir .", lambda: sorted(os.listdir(fd)))
+    os.close(fd)
+    os.chdir(mount + "/dlink")
+    ask("cvmfs-linked-cwd stat ../f01", lambda: os.stat("../f01"))
+    ask("cvmfs-linked-cwd getcwd .", lambda: os.getcwd())
 """
 
 
@@ -97,6 +107,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         (top / "deep" / "er" / "file").write_bytes(b"in the repository\n")
         (top / "link").symlink_to("f00")
         (top / "sub" / "up").symlink_to("..")
+        (top / "deep" / "f01").write_bytes(os.urandom(777))
+        (top / "f01").write_bytes(os.urandom(111))  # where a ".." taken lexically would go
+        (top / "dlink").symlink_to("deep/er")
         with world_of(top, FQRN, tmp_path_factory.mktemp("relative")) as world:
             yield world
 
@@ -115,7 +128,8 @@ def area(tmp_path: Path) -> Path:
 def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, area: Path) -> None:
     """The same answers in-process as from the tracer, for relative paths from a /cvmfs
     directory and from a host one, to the cwd and to a dirfd: files, symlinks, a missing name,
-    a name below a file, ".." (also through a symlink in the repository), a host symlink into
+    a name below a file, ".." (also through a symlink in the repository, and from a directory
+    opened or entered through one: its real parent's, as the kernel's), a host symlink into
     the repository, writes (EROFS in /cvmfs); and far fewer stops."""
     lines, _ = in_and_out_of_process(
         world.proxy, [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS)]
@@ -144,6 +158,13 @@ def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, 
         assert said[f"{where} readlink into"] == MOUNT
     assert said["cvmfs-sub-cwd stat g"] == str(size["sub/g"])
     assert said["cvmfs-sub-cwd stat ../f00"] == str(size["f00"])
+    deep_f01 = str((world.src / "deep" / "f01").stat().st_size)
+    assert said["cvmfs-linked-dirfd stat ../f01"] == deep_f01
+    assert said["cvmfs-linked-dirfd open ../f01"].endswith(f" {deep_f01}")
+    assert said["cvmfs-linked-dirfd stat file"] == str(size["deep/er/file"])
+    assert said["cvmfs-linked-dirfd listdir ."] == "['file']"
+    assert said["cvmfs-linked-cwd stat ../f01"] == deep_f01
+    assert said["cvmfs-linked-cwd getcwd ."] == f"{MOUNT}/deep/er"
     assert (area / "new").exists(), "a create on the host is the kernel's"
 
 

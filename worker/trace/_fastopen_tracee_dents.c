@@ -30,21 +30,15 @@ static uint64_t hash_of(const char *p, unsigned long n, uint64_t x)
 }
 
 /* The /cvmfs path of the directory fd (its fstat: st) is the mirror of, in dir: its length;
- * 1: a host directory; 0: not known here.  An open of it published its path with its
- * fstat answer (worker/trace/trap/apply.c publish_ident); else /proc names the mirror. */
+ * 1: a host directory; 0: not known here.  An open of it published its path with its fstat
+ * answer (mirror_dir_path); else /proc names the mirror. */
 static unsigned long mirror_path(const char *base, long fd, const uint64_t *st, char *dir,
                                  unsigned long cap)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
-    const char *id = (const char *)st; /* (st_dev, st_ino): FO_IDENT's key */
-    const fo_slot_t *s = lookup(base, FO_IDENT, id, 16, hash_of(id, 16, FO_HASH_INIT));
-    unsigned long k, n;
-    if (s && s->data_len > 144 + 1) {
-        const char *p = data_of(base, s) + 144;
-        for (n = 0; p[n] && n < cap; n++)
-            dir[n] = p[n];
-        return n < cap ? n : 0;
-    }
+    unsigned long k, n = mirror_dir_path(base, st, dir, cap);
+    if (n)
+        return n;
     long got = read_dir_link(base, fd, dir, cap);
     unsigned long m = h->shadow_len, mn = h->mount_len;
     if (got <= 0 || (unsigned long)got >= cap)

@@ -2,7 +2,8 @@
  * The in-process handler's paths (worker/trace/_fastopen_tracee.c, which #includes this in its
  * one translation unit): those with "//", "." or ".." under the mount, normalized where that
  * names what the kernel would resolve; the working directory and dirfds as /proc spells them,
- * and in the shadow tree as /cvmfs paths (getcwd, relative paths).
+ * and in the shadow tree as /cvmfs paths (getcwd, relative paths), there from the path its
+ * open published (mirror_dir_path), with no readlink.
  */
 
 /* Is the published lstat answer of the path out[0, n) a directory?  A directory's answer is
@@ -118,12 +119,63 @@ static int in_shadow(const fo_hdr_t *h, const char *out, unsigned long n)
     return i == m && (n == m || out[m] == '/');
 }
 
+/* The /cvmfs path of the mirror directory whose fstat is st, into out: its length; 0 if it
+ * is no mirror's or none was published.  Whoever opened the mirror published its path with
+ * its fstat answer (FO_IDENT: worker/trace/trap/apply.c publish_ident), the directory's own,
+ * with no symlink on the way.  Why: /proc's readlink of an fd took ~5 us a call (its path
+ * walk through /proc/thread-self), most of a tree walk's time in-process (du, find and tar
+ * call fstatat and openat by name in each directory they open). */
+static unsigned long mirror_dir_path(const char *base, const uint64_t *st, char *out,
+                                     unsigned long cap)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    if (!h->shadow_dev || st[0] != h->shadow_dev ||
+        (((const uint32_t *)st)[6] & 0170000) != 0040000)
+        return 0;
+    const char *id = (const char *)st; /* (st_dev, st_ino): FO_IDENT's key */
+    uint64_t x = FO_HASH_INIT;
+    for (int i = 0; i < 16; i++)
+        x = fo_hash_step(x, (unsigned char)id[i]);
+    const fo_slot_t *s = lookup(base, FO_IDENT, id, 16, x);
+    if (!s || s->data_len <= 144 + 1)
+        return 0;
+    const char *p = data_of(base, s) + 144;
+    unsigned long n = 0, most = s->data_len - 144;
+    while (n < most && n < cap && p[n]) {
+        out[n] = p[n];
+        n++;
+    }
+    return n < most && n < cap && n >= h->mount_len ? n : 0;
+}
+
+/* mirror_dir_path of the directory dirfd is open on (AT_FDCWD: the cwd). */
+static unsigned long mirror_dir_path_of(const char *base, long dirfd, char *out, unsigned long cap)
+{
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    uint64_t st[18];
+    char none = 0;
+    if (!h->shadow_dev ||
+        fo_syscall6(262, dirfd, (long)&none, (long)st, AT_EMPTY_PATH_, 0, cookie_of(base)) != 0)
+        return 0;
+    return mirror_dir_path(base, st, out, cap);
+}
+
 static long do_getcwd(const char *base, char *buf, long size, int *done)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     if (!h->shadow_len || !buf || size <= 0)
         return 0;
     char cwd[1100];
+    unsigned long pn = mirror_dir_path_of(base, AT_FDCWD_, cwd, sizeof cwd);
+    if (pn) {
+        *done = 1;
+        if (pn + 1 > (unsigned long)size)
+            return -34; /* ERANGE */
+        for (unsigned long k = 0; k < pn; k++)
+            buf[k] = cwd[k];
+        buf[pn] = 0;
+        return (long)pn + 1;
+    }
     long n = read_dir_link(base, AT_FDCWD_, cwd, sizeof cwd);
     if (n <= 0 || n >= (long)sizeof cwd)
         return 0; /* the tracer's */
@@ -196,14 +248,18 @@ static unsigned long absolute_of(const char *base, long dirfd, const char *p, ch
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     if (!h->shadow_len || !p[0] || p[0] == '/' || (dirfd < 0 && dirfd != AT_FDCWD_))
         return 0;
-    long n = read_dir_link(base, dirfd, out, cap);
-    if (n <= 0 || (unsigned long)n >= cap || out[0] != '/')
-        return 0; /* not a path (a pipe, "(unreachable)/..."), or too long */
-    if (n >= 10 && out[n - 10] == ' ' && out[n - 9] == '(' && out[n - 1] == ')')
-        return 0; /* "... (deleted)": a removed directory (or one named so): the tracer's */
-    unsigned long m = h->shadow_len, o = (unsigned long)n;
-    if (in_shadow(h, out, o)) { /* "<shadow>/x" -> "<mount>/x" */
-        unsigned long mn = h->mount_len, rest = o - m;
+    unsigned long o = mirror_dir_path_of(base, dirfd, out, cap);
+    if (!o) { /* a host directory, or a mirror whose path was not published: as /proc says */
+        long n = read_dir_link(base, dirfd, out, cap);
+        if (n <= 0 || (unsigned long)n >= cap || out[0] != '/')
+            return 0; /* not a path (a pipe, "(unreachable)/..."), or too long */
+        if (n >= 10 && out[n - 10] == ' ' && out[n - 9] == '(' && out[n - 1] == ')')
+            return 0; /* "... (deleted)": a removed directory (or one named so): the tracer's */
+        unsigned long m = h->shadow_len;
+        o = (unsigned long)n;
+        if (!in_shadow(h, out, o))
+            return host_joined(p, out, o, cap);
+        unsigned long mn = h->mount_len, rest = o - m; /* "<shadow>/x" -> "<mount>/x" */
         if (mn + rest >= cap)
             return 0;
         if (mn > m)
@@ -215,8 +271,6 @@ static unsigned long absolute_of(const char *base, long dirfd, const char *p, ch
         for (unsigned long k = 0; k < mn; k++)
             out[k] = h->mount[k];
         o = mn + rest;
-    } else {
-        return host_joined(p, out, o, cap);
     }
     if (p[0] == '.' && !p[1]) { /* the directory itself */
         out[o] = 0;

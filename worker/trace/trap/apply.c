@@ -146,12 +146,15 @@ static void note_open(action_t *a)
     ids_put(a->ram_dev, a->ram_ino, a->st);
 }
 
-/* What fstat of an fd on (dev, ino) says in-process: the stat answer st of the /cvmfs path
- * key[0, kn) an open of it was served for (a RAM file, a directory's mirror); a mirror's
- * answer has that path after it, for getdents64 in-process (worker/trace/_fastopen_tracee_dents.c
- * names its entries' inodes by their paths).  0 if the table took nothing. */
-static int publish_ident(uint64_t dev, uint64_t ino, const int64_t *st, const char *key,
-                         size_t kn)
+/* What fstat of an fd on (dev, ino) says in-process: the stat answer st of the /cvmfs path an
+ * open of it was served for (a RAM file, a directory's mirror); a mirror's answer has the
+ * directory's own /cvmfs path after it, the one its place in the shadow tree (the open's
+ * target[0, tn)) says: no symlink on the way, whatever path the open named, so that ".." from
+ * there is the kernel's.  The handler finds a directory fd's path there, with no readlink of
+ * /proc (worker/trace/_fastopen_tracee_paths.c, mirror_dir_path; its getdents64 names a
+ * listing's inodes by it).  0 if the table took nothing. */
+static int publish_ident(uint64_t dev, uint64_t ino, const int64_t *st, const char *target,
+                         size_t tn)
 {
     uint64_t id[2] = {dev, ino};
     struct {
@@ -159,11 +162,14 @@ static int publish_ident(uint64_t dev, uint64_t ino, const int64_t *st, const ch
         char path[MAXPATH];
     } data;
     fill_stat(st, &data.st);
-    size_t n = sizeof data.st;
-    if (S_ISDIR(data.st.st_mode) && kn < sizeof data.path) {
-        memcpy(data.path, key, kn);
-        data.path[kn] = 0;
-        n += kn + 1;
+    size_t n = sizeof data.st, rest = tn - target_n;
+    if (S_ISDIR(data.st.st_mode) && target && tn >= target_n &&
+        memcmp(target, target_p, target_n) == 0 && (rest == 0 || target[target_n] == '/') &&
+        mount_n + rest < sizeof data.path) {
+        memcpy(data.path, mount_p, mount_n);
+        memcpy(data.path + mount_n, target + target_n, rest);
+        data.path[mount_n + rest] = 0;
+        n += mount_n + rest + 1;
     }
     return fo_publish(FO_IDENT, (const char *)id, sizeof id, &data, n, 0, 0, dev, ino);
 }

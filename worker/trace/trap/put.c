@@ -143,7 +143,7 @@ static int put_one(int cls, int flags, const char *key, size_t kn, action_t *a, 
             fo_publish_shared_open(key, kn, a->bval, a->blen, &st, a->ram_dev, a->ram_ino);
         else if (publish(ph, cls, flags, FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0,
                          a->ram_dev, a->ram_ino))
-            publish_ident(a->ram_dev, a->ram_ino, a->st, key, kn);
+            publish_ident(a->ram_dev, a->ram_ino, a->st, a->bval, a->blen);
     }
     return 1;
 skip:

@@ -138,7 +138,7 @@ static int publish_open(const action_t *a, const char *key, size_t kn, uint64_t 
     if (!fo_publish(FO_OPEN, key, kn, a->bval, a->blen + 1, 1, 0, dev, ino))
         return 0;
     if (ino)
-        publish_ident(dev, ino, a->st, key, kn);
+        publish_ident(dev, ino, a->st, a->bval, a->blen);
     return 1;
 }
 
