@@ -6,7 +6,6 @@ Apart from the configuration (worker.config), which only names the key files.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import re
@@ -74,7 +73,7 @@ _PEM = re.compile(
 def _check_pem(pem: bytes, what: Path) -> None:
     m = _PEM.search(pem)
     try:
-        ok = m is not None and len(base64.b64decode(b"".join(m.group(2).split()))) > 64
+        ok = m is not None and len(binascii.a2b_base64(b"".join(m.group(2).split()))) > 64
     except binascii.Error:
         ok = False
     if not ok:
