@@ -118,6 +118,7 @@ TRAP_DEPENDS = (
     project_files("worker/trace/trap/*.c")
     + project_files("worker/trace/*.h")
     + ["worker/trace/_fastopen_shared.c", "worker/trace/_fastopen_table.c"]
+    + ["worker/trace/_fastopen_host_dirs.c"]
 )
 
 setup(

@@ -92,6 +92,18 @@ if names is not PLAIN:  # a directory reached through a symlink: ".." is its rea
     os.chdir(mount + "/dlink")
     ask("cvmfs-linked-cwd stat ../f01", lambda: os.stat("../f01"))
     ask("cvmfs-linked-cwd getcwd .", lambda: os.getcwd())
+    # from the host directories whose entries lead to the tracer's files: "/", /etc, /proc
+    def lists(name, **kw):
+        with open(os.open(name, os.O_RDONLY, **kw)) as f:
+            return mount in f.read()
+    os.chdir("/")
+    ask("root-cwd lists etc/mtab", lambda: lists("etc/mtab"))
+    ask("root-cwd lists proc/self/mounts", lambda: lists("proc/self/mounts"))
+    ask("root-cwd stat repository-f00", lambda: os.stat(mount[1:] + "/f00"))
+    etc = os.open("/etc", os.O_RDONLY | os.O_DIRECTORY)
+    ask("etc-dirfd lists mtab", lambda: lists("mtab", dir_fd=etc))
+    proc = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
+    ask("proc-dirfd lists mounts", lambda: lists("mounts", dir_fd=proc))
 """
 
 
@@ -130,7 +142,8 @@ def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, 
     directory and from a host one, to the cwd and to a dirfd: files, symlinks, a missing name,
     a name below a file, ".." (also through a symlink in the repository, and from a directory
     opened or entered through one: its real parent's, as the kernel's), a host symlink into
-    the repository, writes (EROFS in /cvmfs); and far fewer stops."""
+    the repository, writes (EROFS in /cvmfs), the mount tables and the repository named from
+    "/", /etc and /proc (the tracer's, however named); and far fewer stops."""
     lines, _ = in_and_out_of_process(
         world.proxy, [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS)]
     )
@@ -165,6 +178,10 @@ def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, 
     assert said["cvmfs-linked-dirfd listdir ."] == "['file']"
     assert said["cvmfs-linked-cwd stat ../f01"] == deep_f01
     assert said["cvmfs-linked-cwd getcwd ."] == f"{MOUNT}/deep/er"
+    for line in ("root-cwd lists etc/mtab", "root-cwd lists proc/self/mounts",
+                 "etc-dirfd lists mtab", "proc-dirfd lists mounts"):  # fmt: skip
+        assert said[line] == "True", line
+    assert said["root-cwd stat repository-f00"] == str(size["f00"])
     assert (area / "new").exists(), "a create on the host is the kernel's"
 
 

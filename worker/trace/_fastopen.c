@@ -256,6 +256,8 @@ int fo_table_given(void)
     return table_given;
 }
 
+static void note_host_dirs(void);
+
 int fo_init(const char *mount, size_t mount_n, const char *table_dir)
 {
     const char *pause = getenv("HEP_EXEC_TEST_PATCH_PAUSE_US");
@@ -318,12 +320,14 @@ int fo_init(const char *mount, size_t mount_n, const char *table_dir)
     memcpy(hdr->mount, mount, mount_n);
     struct stat mst;
     hdr->host_writes = lstat(hdr->mount, &mst) != 0 && errno == ENOENT;
+    note_host_dirs();
     nused = arena_used = 0;
     n_patched = n_injected = 0;
     return 0;
 }
 
 #include "_fastopen_table.c"
+#include "_fastopen_host_dirs.c"
 
 /* Where the shadow tree is, for getcwd in-process (a path too long for the header: the
  * tracer's).  After fo_init, before any tracee maps the table. */

@@ -45,6 +45,8 @@
 #define FO_SIZE (FO_ARENA_OFF + FO_ARENA_SIZE)
 #define FO_TRAMP_SIZE (64 * 1024ul)
 #define FO_DIRS 2
+#define FO_PLAIN_DEVS 8
+#define FO_NEAR_DIRS 8
 #define FO_MAGIC 0x6e65706f74736166ull /* "fastopen" */
 
 /* What a slot answers.  Keys are mount paths in normal form, or for FO_IDENT the 16 bytes
@@ -126,6 +128,11 @@ typedef struct {
     /* 1: the mount does not exist on the host (fo_init), so no host path can reach it and
      * the handler makes writes on host paths itself (_fastopen_tracee_writes.c) */
     uint32_t host_writes;
+    /* a relative call from a host directory on one of these file systems (st_dev; 0: unused),
+     * other than near_dirs (st_dev, st_ino), is made as the program gave it, with no readlink
+     * of the directory (_fastopen_host_dirs.c) */
+    uint64_t plain_devs[FO_PLAIN_DEVS];
+    uint64_t near_dirs[FO_NEAR_DIRS][2];
 } fo_hdr_t;
 
 /* A tracee's own: the first FO_PRIV_SIZE bytes of its (private) trampoline area, written by

@@ -670,9 +670,17 @@ static long host_call(const char *base, long nr, const long *a, const char *wher
 static __attribute__((noinline)) long relative_call(const char *base, long nr, const long *a,
                                                      const char *p, int *done)
 {
-    char abs[1024];
+    const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
+    char abs[1024], none = 0;
     long dirfd = path_arg(nr) == 1 ? (long)(int)a[0] : AT_FDCWD_;
-    if (!absolute_of(base, dirfd, p, abs, sizeof abs))
+    long oflags = nr == 2 ? a[1] : nr == 257 ? a[2] : 0;
+    uint64_t st[18]; /* the directory's fstat */
+    int known = h->shadow_len && (dirfd >= 0 || dirfd == AT_FDCWD_) &&
+                fo_syscall6(262, dirfd, (long)&none, (long)st, AT_EMPTY_PATH_, 0,
+                            cookie_of(base)) == 0;
+    if (known && !(oflags & FO_REFUSE) && plain_host_dir(h, st) && plain_relative(p))
+        return host_direct(base, nr, a, dirfd, p, done);
+    if (!absolute_of(base, dirfd, known ? st : 0, p, abs, sizeof abs))
         return 0;
     if (!in_mount(base, abs))
         return host_call(base, nr, a, abs, done);

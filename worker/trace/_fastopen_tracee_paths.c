@@ -236,19 +236,21 @@ static unsigned long host_joined(const char *p, char *out, unsigned long o, unsi
 
 /*
  * A relative path's absolute form (the calling thread's cwd, or the directory `dirfd` is open
- * on, then "/" and the path), written to out: its length, or 0 where it is not known here
+ * on, whose fstat is st if given, then "/" and the path), written to out: its length, or 0
+ * where it is not known here
  * (then the call is the tracer's, as before).  A directory in the shadow tree stands for its
  * place under the mount ("<mount>/<repository>/..."; a path from there with "." or ".." is
  * normalized by the caller, or left to the tracer); a host directory as host_joined says.  Why: a program in a build directory (make, a compiler, find, tar) calls stat and
  * open with relative paths, each a trap before, ~5-50 µs against the kernel's ~1 µs.
  */
-static unsigned long absolute_of(const char *base, long dirfd, const char *p, char *out,
-                                 unsigned long cap)
+static unsigned long absolute_of(const char *base, long dirfd, const uint64_t *st, const char *p,
+                                 char *out, unsigned long cap)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     if (!h->shadow_len || !p[0] || p[0] == '/' || (dirfd < 0 && dirfd != AT_FDCWD_))
         return 0;
-    unsigned long o = mirror_dir_path_of(base, dirfd, out, cap);
+    unsigned long o = st ? mirror_dir_path(base, st, out, cap)
+                         : mirror_dir_path_of(base, dirfd, out, cap);
     if (!o) { /* a host directory, or a mirror whose path was not published: as /proc says */
         long n = read_dir_link(base, dirfd, out, cap);
         if (n <= 0 || (unsigned long)n >= cap || out[0] != '/')
@@ -285,6 +287,63 @@ static unsigned long absolute_of(const char *base, long dirfd, const char *p, ch
     }
     out[o] = 0;
     return o;
+}
+
+/* Is st (a directory's fstat) one from which a relative path is made as the program gave it:
+ * on a plain host file system, and not one of near_dirs (worker/trace/_fastopen_host_dirs.c)? */
+static int plain_host_dir(const fo_hdr_t *h, const uint64_t *st)
+{
+    int plain = 0;
+    if ((((const uint32_t *)st)[6] & 0170000) != 0040000)
+        return 0;
+    for (int i = 0; i < FO_PLAIN_DEVS && h->plain_devs[i]; i++)
+        plain |= h->plain_devs[i] == st[0];
+    for (int i = 0; plain && i < FO_NEAR_DIRS && (h->near_dirs[i][0] | h->near_dirs[i][1]); i++)
+        plain = h->near_dirs[i][0] != st[0] || h->near_dirs[i][1] != st[1];
+    return plain;
+}
+
+/* A relative path host_joined would join (no "..", no trailing "/" or "/."), whose last name
+ * is not "mtab" (/etc/mtab is the tracer's, however a path reaches it). */
+static int plain_relative(const char *p)
+{
+    unsigned long i = 0, last = 0;
+    while (p[i]) {
+        unsigned long s = i;
+        while (p[i] && p[i] != '/')
+            i++;
+        unsigned long n = i - s;
+        if ((n == 2 && p[s] == '.' && p[s + 1] == '.') || (n == 1 && p[s] == '.' && !p[i] && s) ||
+            i >= 4000)
+            return 0;
+        if (n)
+            last = s;
+        if (p[i] == '/' && !p[++i])
+            return 0; /* a trailing "/" */
+    }
+    return !(p[last] == 'm' && p[last + 1] == 't' && p[last + 2] == 'a' && p[last + 3] == 'b' &&
+             !p[last + 4]);
+}
+
+/* A relative call from a plain host directory (plain_host_dir, plain_relative), made as the
+ * program gave it, as host_call makes it: an ENOENT or ENOTDIR is asked again where a host
+ * symlink may lead into the mount (host_missing, with the path /proc names then). */
+static long host_direct(const char *base, long nr, const long *a, long dirfd, const char *p,
+                        int *done)
+{
+    long r = fo_syscall6(nr, a[0], a[1], a[2], a[3], a[4], cookie_of(base));
+    if (r == -ENOENT_ || r == -20 /* ENOTDIR */) {
+        char abs[1024];
+        long n = read_dir_link(base, dirfd, abs, sizeof abs);
+        if (n <= 0 || (unsigned long)n >= sizeof abs || abs[0] != '/' ||
+            (n >= 10 && abs[n - 10] == ' ' && abs[n - 9] == '(' && abs[n - 1] == ')') ||
+            !host_joined(p, abs, (unsigned long)n, sizeof abs) ||
+            !host_missing(base, nr, a, abs, r))
+            return r; /* the tracer's (*done stays 0): it asks again */
+    }
+    __atomic_fetch_add(&((fo_counters_t *)(base + FO_CNT_OFF))->host, 1, __ATOMIC_RELAXED);
+    *done = 1;
+    return r;
 }
 
 /* Is this absolute path the mount or below it? */

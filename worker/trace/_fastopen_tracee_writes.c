@@ -121,7 +121,7 @@ static int writable_at(const char *base, long dirfd, const char *p, char *abs, u
     if (fd >= 0)
         return writable_fd(base, fd);
     if (p[0] != '/')
-        return absolute_of(base, dirfd, p, abs, cap) && writable_host(base, abs);
+        return absolute_of(base, dirfd, 0, p, abs, cap) && writable_host(base, abs);
     unsigned long n = 0;
     while (p[n] && n + 1 < cap)
         n++;
@@ -221,7 +221,7 @@ static long host_exec(const char *base, const long *a)
     char abs[1024];
     uint64_t st[18]; /* struct stat */
     fo_counters_t *cnt = (fo_counters_t *)(base + FO_CNT_OFF);
-    if (p && p[0] && p[0] != '/' && absolute_of(base, AT_FDCWD_, p, abs, sizeof abs))
+    if (p && p[0] && p[0] != '/' && absolute_of(base, AT_FDCWD_, 0, p, abs, sizeof abs))
         where = abs;
     if (p && where[0] == '/' && __atomic_load_n(&h->host_writes, __ATOMIC_RELAXED) &&
         host_path(base, where)) {

@@ -122,3 +122,39 @@ static long proc_key(pid_t tid, int cls, const char *raw, long n, char *key, int
     *flags |= F_PROCEXE;
     return snprintf(key, MAXPATH, "/proc/%d/fd/%ld", (int)pid, fd);
 }
+
+/* Could a path ending so be one proc_key answers (a mount table, maps, exe, an fd link)? */
+static int proc_key_name(const char *raw, long n)
+{
+    const char *last = raw + n;
+    while (last > raw && last[-1] != '/')
+        last--;
+    static const char *const names[] = {"mtab", "mounts", "mountinfo", "maps", "smaps", "exe"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!strcmp(last, names[i]))
+            return 1;
+    return *last >= '0' && *last <= '9' && last - raw >= 3 && !strncmp(last - 3, "fd/", 3);
+}
+
+/* proc_key of a path relative to dirfd (or the cwd) too: "etc/mtab" from "/", "mounts" from
+ * an fd on /proc/self, as the kernel would resolve them (a program's own tables must list
+ * the mount however it names them, as under the real client). */
+static long proc_key_at(pid_t tid, tstate_t *t, long dirfd, int cls, const char *raw, long n,
+                        char *key, int *flags)
+{
+    if (n <= 0 || raw[0] == '/')
+        return n > 8 ? proc_key(tid, cls, raw, n, key, flags) : 0;
+    char base[MAXPATH], joined[2 * MAXPATH + 2], col[2 * MAXPATH + 4];
+    if (!proc_key_name(raw, n))
+        return 0;
+    ssize_t bn = dirfd_path(tid, t, dirfd, base, sizeof base);
+    if (bn <= 0 || base[0] != '/' || (size_t)bn + 1 + (size_t)n >= MAXPATH)
+        return 0;
+    memcpy(joined, base, (size_t)bn);
+    joined[bn] = '/';
+    memcpy(joined + bn + 1, raw, (size_t)n + 1);
+    size_t cn = collapse(joined, (size_t)bn + 1 + (size_t)n, col);
+    if (strstr(col, "/.."))
+        cn = lexnorm(col, cn);
+    return cn > 8 && cn < MAXPATH ? proc_key(tid, cls, col, (long)cn, key, flags) : 0;
+}

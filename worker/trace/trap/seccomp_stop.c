@@ -543,8 +543,8 @@ asked:;
         skip_with(r, kn);
         return 1;
     }
-    if (kn == 0 && (cls == C_READLINK || cls == C_OPEN) && n > 8)
-        kn = proc_key(tid, cls, raw, n, key, &flags); /* trap/proc_files.c */
+    if (kn == 0 && (cls == C_READLINK || cls == C_OPEN))
+        kn = proc_key_at(tid, t, dirfd, cls, raw, n, key, &flags); /* trap/proc_files.c */
     if (kn == 0 && cls == C_STAT && !(flags & F_NOFOLLOW) && ids_len) {
         /* stat -L /dev/stdin, /proc/self/fd/N ... of a file opened from the mount */
         char mapped[MAXPATH];
