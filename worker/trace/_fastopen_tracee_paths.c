@@ -165,8 +165,15 @@ static long do_getcwd(const char *base, char *buf, long size, int *done)
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
     if (!h->shadow_len || !buf || size <= 0)
         return 0;
-    char cwd[1100];
-    unsigned long pn = mirror_dir_path_of(base, AT_FDCWD_, cwd, sizeof cwd);
+    char cwd[1100], none = 0;
+    uint64_t st[18]; /* the cwd's fstat: a host one's getcwd is the kernel's, with no readlink */
+    int known = h->shadow_dev && fo_syscall6(262, AT_FDCWD_, (long)&none, (long)st,
+                                             AT_EMPTY_PATH_, 0, cookie_of(base)) == 0;
+    if (known && st[0] != h->shadow_dev) {
+        *done = 1;
+        return fo_syscall6(79, (long)buf, size, 0, 0, 0, cookie_of(base));
+    }
+    unsigned long pn = known ? mirror_dir_path(base, st, cwd, sizeof cwd) : 0;
     if (pn) {
         *done = 1;
         if (pn + 1 > (unsigned long)size)
