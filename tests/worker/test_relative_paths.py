@@ -104,6 +104,15 @@ if names is not PLAIN:  # a directory reached through a symlink: ".." is its rea
     ask("etc-dirfd lists mtab", lambda: lists("mtab", dir_fd=etc))
     proc = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
     ask("proc-dirfd lists mounts", lambda: lists("mounts", dir_fd=proc))
+    # leading ".." from a host directory, up to "/" and down again
+    os.chdir(area + "/deep")
+    up = "../" * len(os.getcwd().strip("/").split("/"))
+    ask("host-up stat ../file", lambda: os.stat("../file"))
+    ask("host-up stat ../into/f00", lambda: os.stat("../into/f00"))
+    ask("host-up stat ../missing", lambda: os.stat("../missing"))
+    ask("host-up lists mounts", lambda: lists(up + "proc/self/mounts"))
+    ask("host-up lists mtab", lambda: lists(up + "etc/mtab"))
+    ask("host-up stat repository-f00", lambda: os.stat(up + mount[1:] + "/f00"))
 """
 
 
@@ -143,7 +152,8 @@ def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, 
     a name below a file, ".." (also through a symlink in the repository, and from a directory
     opened or entered through one: its real parent's, as the kernel's), a host symlink into
     the repository, writes (EROFS in /cvmfs), the mount tables and the repository named from
-    "/", /etc and /proc (the tracer's, however named); and far fewer stops."""
+    "/", /etc and /proc, or climbing there with ".." from a host directory (the tracer's,
+    however named); and far fewer stops."""
     lines, _ = in_and_out_of_process(
         world.proxy, [sys.executable, "-c", SCRIPT, str(area), MOUNT, str(ROUNDS)]
     )
@@ -182,6 +192,11 @@ def test_relative_paths_get_the_tracer_s_answers_without_stopping(world: World, 
                  "etc-dirfd lists mtab", "proc-dirfd lists mounts"):  # fmt: skip
         assert said[line] == "True", line
     assert said["root-cwd stat repository-f00"] == str(size["f00"])
+    assert said["host-up stat ../file"] == str(len(b"host file\n"))
+    assert said["host-up stat ../into/f00"] == str(size["f00"])  # (ENOENT from the kernel)
+    assert said["host-up stat ../missing"] == os.strerror(2)
+    assert said["host-up lists mounts"] == said["host-up lists mtab"] == "True"
+    assert said["host-up stat repository-f00"] == str(size["f00"])
     assert (area / "new").exists(), "a create on the host is the kernel's"
 
 

@@ -23,7 +23,7 @@
 #include <stdint.h>
 
 #define FO_PAGE 4096ul
-#define FO_CODE_MAX (5 * FO_PAGE)
+#define FO_CODE_MAX (6 * FO_PAGE) /* the blob: 19.9 KiB (2026-12-07), room to grow */
 #define FO_HDR_OFF FO_CODE_MAX
 #define FO_CNT_OFF (FO_HDR_OFF + FO_PAGE)
 #define FO_SHARED_OFF (FO_CNT_OFF + FO_PAGE) /* fo_shared_t[FO_NSHARED] */

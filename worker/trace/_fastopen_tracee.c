@@ -678,7 +678,7 @@ static __attribute__((noinline)) long relative_call(const char *base, long nr, c
     int known = h->shadow_len && (dirfd >= 0 || dirfd == AT_FDCWD_) &&
                 fo_syscall6(262, dirfd, (long)&none, (long)st, AT_EMPTY_PATH_, 0,
                             cookie_of(base)) == 0;
-    if (known && !(oflags & FO_REFUSE) && plain_host_dir(h, st) && plain_relative(p))
+    if (known && !(oflags & FO_REFUSE) && plain_host_dir(h, st) && plain_relative(h, p))
         return host_direct(base, nr, a, dirfd, p, done);
     if (!absolute_of(base, dirfd, known ? st : 0, p, abs, sizeof abs))
         return 0;
