@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,14 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.support.hep_exec import (
+    CLI,
     World,
     cvmfs_stops,
     hep_exec,
+    hep_exec_cmd,
     in_and_out_of_process,
     stops,
     world_of,
 )
-from tests.support.tracing import ensure_built, needs_ptrace, ram_dir
+from tests.support.tracing import ensure_built, env_with, needs_ptrace, ram_dir
 
 pytestmark = [needs_ptrace, pytest.mark.slow]
 
@@ -233,3 +236,44 @@ def test_dotted_relative_paths_do_not_stop_the_program(world: World) -> None:
         stopped[opt] = cvmfs_stops(r.stderr)
     fewer, every = stopped["--stats-internals"], stopped["--no-in-process"]
     assert every >= len(names) and fewer < len(names) // 4, (fewer, every)
+
+
+# hep-exec where no private tmpfs can be mounted (no user namespaces): the shadow tree is a
+# plain directory, here one on the same file system as a host directory the job works in
+NO_PRIVATE_TMPFS = """
+import errno, sys
+import worker.trace._tmpfs as tmpfs, worker.trace.tracer as tracer, worker.cli as cli
+def refused(*args):
+    raise OSError(errno.EPERM, "no user namespaces here")
+parent = sys.argv.pop(1)
+tmpfs.mount = refused
+tracer._shadow_parent = lambda: parent
+sys.argv[0] = "hep-exec"
+cli.entry()
+"""
+
+
+def test_a_shadow_tree_on_the_host_s_file_system_keeps_its_paths(
+    world: World, tmp_path: Path
+) -> None:
+    """Where the shadow tree is a plain directory (no private tmpfs) on a file system that
+    host directories share, a relative path from a /cvmfs directory is still the
+    repository's (its mirror there is not a host directory), and one from a host directory
+    on that file system the host's."""
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "here").write_bytes(b"x" * 77)
+    work = tmp_path / "work"
+    code = (
+        f"import os\nfor _ in range({ROUNDS}):\n"
+        f"    os.chdir('{MOUNT}'); a = os.stat('f00').st_size\n"
+        f"    os.chdir('{work}'); b = os.stat('here').st_size\n"
+        "print(a, b)"
+    )
+    argv = hep_exec_cmd(world.proxy, [sys.executable, "-c", code])
+    assert argv[: len(CLI)] == CLI
+    argv = [sys.executable, "-c", NO_PRIVATE_TMPFS, str(tmp_path / "shadow"), *argv[len(CLI) :]]
+    r = subprocess.run(argv, env=env_with(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str((world.src / "f00").stat().st_size), "77"], r.stderr
+    assert not [p for p in (tmp_path / "shadow").iterdir()], "the shadow tree was removed"

@@ -297,12 +297,14 @@ static unsigned long absolute_of(const char *base, long dirfd, const uint64_t *s
 }
 
 /* Is st (a directory's fstat) one from which a relative path is made as the program gave it:
- * on a plain host file system, and not one of near_dirs (worker/trace/_fastopen_host_dirs.c)? */
+ * on a plain host file system other than the shadow tree's, and not one of near_dirs
+ * (worker/trace/_fastopen_host_dirs.c)? */
 static int plain_host_dir(const fo_hdr_t *h, const uint64_t *st)
 {
     int plain = 0;
-    if ((((const uint32_t *)st)[6] & 0170000) != 0040000)
-        return 0;
+    if ((((const uint32_t *)st)[6] & 0170000) != 0040000 || !h->shadow_dev ||
+        st[0] == h->shadow_dev)
+        return 0; /* (a shadow tree that is a plain directory shares its file system) */
     for (int i = 0; i < FO_PLAIN_DEVS && h->plain_devs[i]; i++)
         plain |= h->plain_devs[i] == st[0];
     for (int i = 0; plain && i < FO_NEAR_DIRS && (h->near_dirs[i][0] | h->near_dirs[i][1]); i++)
