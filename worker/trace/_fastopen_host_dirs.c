@@ -60,29 +60,34 @@ static void note_host_dirs(void)
     FILE *f = fopen("/proc/self/mountinfo", "re");
     if (!f)
         return;
-    uint64_t good[64], bad[64];
+    uint64_t good[64], bad[66];
     size_t ng = 0, nb = 0;
+    int whole = 1; /* every line read and kept: else no file system is plain */
     char line[4096];
-    while (fgets(line, sizeof line, f)) {
+    while (whole && fgets(line, sizeof line, f)) {
         unsigned maj, min;
         char point[4096];
         /* "36 35 98:0 /root /mount/point options ..." */
-        if (sscanf(line, "%*u %*u %u:%u %*s %4095s", &maj, &min, point) != 3)
+        whole = strchr(line, '\n') != NULL;
+        if (!whole || sscanf(line, "%*u %*u %u:%u %*s %4095s", &maj, &min, point) != 3)
             continue;
         unescape_field(point);
         uint64_t dev = (uint64_t)makedev(maj, min);
         if (tracers_point(point, hdr->mount, hdr->mount_len)) {
-            if (nb < 64 && !listed_dev(bad, nb, dev))
-                bad[nb++] = dev;
-        } else if (ng < 64 && !listed_dev(good, ng, dev)) {
-            good[ng++] = dev;
+            if (!listed_dev(bad, nb, dev))
+                whole = nb < 64 && (bad[nb++] = dev, 1);
+        } else if (!listed_dev(good, ng, dev)) {
+            whole = ng < 64 && (good[ng++] = dev, 1);
         }
     }
+    whole = whole && !ferror(f);
     fclose(f);
+    if (!whole)
+        return;
     struct stat st;
     const char *holders[] = {"/proc", "/dev"}; /* where they are directories of another */
     for (size_t k = 0; k < 2; k++)
-        if (stat(holders[k], &st) == 0 && nb < 64)
+        if (stat(holders[k], &st) == 0)
             bad[nb++] = (uint64_t)st.st_dev;
     size_t n = 0;
     for (size_t i = 0; i < ng && n < FO_PLAIN_DEVS; i++)
