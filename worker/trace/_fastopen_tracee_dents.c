@@ -36,27 +36,15 @@ static unsigned long mirror_path(const char *base, long fd, const uint64_t *st, 
                                  unsigned long cap)
 {
     const fo_hdr_t *h = (const fo_hdr_t *)(base + FO_HDR_OFF);
-    unsigned long k, n = mirror_dir_path(base, st, dir, cap);
+    unsigned long n = mirror_dir_path(base, st, dir, cap);
     if (n)
         return n;
     long got = read_dir_link(base, fd, dir, cap);
-    unsigned long m = h->shadow_len, mn = h->mount_len;
     if (got <= 0 || (unsigned long)got >= cap)
         return 0; /* (perhaps cut short) */
     if (!in_shadow(h, dir, (unsigned long)got))
         return 1;
-    unsigned long rest = (unsigned long)got - m;
-    if (mn + rest >= cap)
-        return 0;
-    if (mn > m) /* "<shadow>/x" -> "<mount>/x" */
-        for (k = rest; k-- > 0;)
-            dir[mn + k] = dir[m + k];
-    else
-        for (k = 0; k < rest; k++)
-            dir[mn + k] = dir[m + k];
-    for (k = 0; k < mn; k++)
-        dir[k] = h->mount[k];
-    return mn + rest;
+    return shadow_to_mount(h, dir, (unsigned long)got, cap);
 }
 
 /* getdents64(fd, buf, count), made here: the kernel's entries; in a mirror, each named by

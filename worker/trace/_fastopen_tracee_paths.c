@@ -119,6 +119,25 @@ static int in_shadow(const fo_hdr_t *h, const char *out, unsigned long n)
     return i == m && (n == m || out[m] == '/');
 }
 
+/* "<shadow>/x" (as /proc spells a path in the shadow tree, n bytes) -> "<mount>/x" in place,
+ * in p[0, cap): its length, or 0 where it does not fit. */
+static unsigned long shadow_to_mount(const fo_hdr_t *h, char *p, unsigned long n,
+                                     unsigned long cap)
+{
+    unsigned long m = h->shadow_len, mn = h->mount_len, rest = n - m;
+    if (mn + rest >= cap)
+        return 0;
+    if (mn > m)
+        for (unsigned long k = rest; k-- > 0;)
+            p[mn + k] = p[m + k];
+    else
+        for (unsigned long k = 0; k < rest; k++)
+            p[mn + k] = p[m + k];
+    for (unsigned long k = 0; k < mn; k++)
+        p[k] = h->mount[k];
+    return mn + rest;
+}
+
 /* The /cvmfs path of the mirror directory whose fstat is st, into out: its length; 0 if it
  * is no mirror's or none was published.  Whoever opened the mirror published its path with
  * its fstat answer (FO_IDENT: worker/trace/trap/apply.c publish_ident), the directory's own,
@@ -174,35 +193,24 @@ static long do_getcwd(const char *base, char *buf, long size, int *done)
         return fo_syscall6(79, (long)buf, size, 0, 0, 0, cookie_of(base));
     }
     unsigned long pn = known ? mirror_dir_path(base, st, cwd, sizeof cwd) : 0;
-    if (pn) {
-        *done = 1;
-        if (pn + 1 > (unsigned long)size)
-            return -34; /* ERANGE */
-        for (unsigned long k = 0; k < pn; k++)
-            buf[k] = cwd[k];
-        buf[pn] = 0;
-        return (long)pn + 1;
+    if (!pn) {
+        long n = read_dir_link(base, AT_FDCWD_, cwd, sizeof cwd);
+        if (n <= 0 || n >= (long)sizeof cwd)
+            return 0; /* the tracer's */
+        if (!in_shadow(h, cwd, (unsigned long)n)) {
+            *done = 1;
+            return fo_syscall6(79, (long)buf, size, 0, 0, 0, cookie_of(base));
+        }
+        if (!(pn = shadow_to_mount(h, cwd, (unsigned long)n, sizeof cwd)))
+            return 0;
     }
-    long n = read_dir_link(base, AT_FDCWD_, cwd, sizeof cwd);
-    if (n <= 0 || n >= (long)sizeof cwd)
-        return 0; /* the tracer's */
-    unsigned long m = h->shadow_len;
-    if (!in_shadow(h, cwd, (unsigned long)n)) {
-        *done = 1;
-        return fo_syscall6(79, (long)buf, size, 0, 0, 0, cookie_of(base));
-    }
-    unsigned long out = h->mount_len + ((unsigned long)n - m); /* without the NUL */
-    if (out + 1 > (unsigned long)size) {
-        *done = 1;
-        return -34; /* ERANGE */
-    }
-    for (unsigned long k = 0; k < h->mount_len; k++)
-        buf[k] = h->mount[k];
-    for (unsigned long k = m; k < (unsigned long)n; k++)
-        buf[h->mount_len + k - m] = cwd[k];
-    buf[out] = 0;
     *done = 1;
-    return (long)out + 1;
+    if (pn + 1 > (unsigned long)size)
+        return -34; /* ERANGE */
+    for (unsigned long k = 0; k < pn; k++)
+        buf[k] = cwd[k];
+    buf[pn] = 0;
+    return (long)pn + 1;
 }
 
 /*
@@ -264,22 +272,10 @@ static unsigned long absolute_of(const char *base, long dirfd, const uint64_t *s
             return 0; /* not a path (a pipe, "(unreachable)/..."), or too long */
         if (n >= 10 && out[n - 10] == ' ' && out[n - 9] == '(' && out[n - 1] == ')')
             return 0; /* "... (deleted)": a removed directory (or one named so): the tracer's */
-        unsigned long m = h->shadow_len;
-        o = (unsigned long)n;
-        if (!in_shadow(h, out, o))
-            return host_joined(p, out, o, cap);
-        unsigned long mn = h->mount_len, rest = o - m; /* "<shadow>/x" -> "<mount>/x" */
-        if (mn + rest >= cap)
+        if (!in_shadow(h, out, (unsigned long)n))
+            return host_joined(p, out, (unsigned long)n, cap);
+        if (!(o = shadow_to_mount(h, out, (unsigned long)n, cap)))
             return 0;
-        if (mn > m)
-            for (unsigned long k = rest; k-- > 0;)
-                out[mn + k] = out[m + k];
-        else
-            for (unsigned long k = 0; k < rest; k++)
-                out[mn + k] = out[m + k];
-        for (unsigned long k = 0; k < mn; k++)
-            out[k] = h->mount[k];
-        o = mn + rest;
     }
     if (p[0] == '.' && !p[1]) { /* the directory itself */
         out[o] = 0;
