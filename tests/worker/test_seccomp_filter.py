@@ -35,7 +35,7 @@ TRAPPED = {
     "setxattr": 188, "lsetxattr": 189, "removexattr": 197, "lremovexattr": 198,
     "getxattr": 191, "lgetxattr": 192, "listxattr": 194, "llistxattr": 195, "setxattrat": 463,
     "getxattrat": 464, "listxattrat": 465, "removexattrat": 466, "inotify_add_watch": 254,
-    "getdents64": 217,
+    "getdents64": 217, "ptrace": 101,
 }  # fmt: skip
 # ... of which these stop for ptrace in notify mode too (exec and chdir change the tracee, a
 # watch's path is rewritten)

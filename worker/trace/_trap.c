@@ -159,6 +159,7 @@ static void *table_calloc(size_t n, size_t size)
 #include "trap/proc_files.c"
 #include "trap/dents.c"
 #include "trap/resolve_flags.c"
+#include "trap/debuggers.c"
 #include "trap/exec.c"
 #include "trap/seccomp_stop.c"
 #include "trap/scratch.c"

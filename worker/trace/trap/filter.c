@@ -32,7 +32,7 @@
     X(SYS_lgetxattr, "lgetxattr") X(SYS_listxattr, "listxattr") \
     X(SYS_llistxattr, "llistxattr") X(463, "setxattrat") X(464, "getxattrat") \
     X(465, "listxattrat") X(466, "removexattrat") X(SYS_inotify_add_watch, "inotify_add_watch") \
-    X(SYS_getdents64, "getdents64")
+    X(SYS_getdents64, "getdents64") X(SYS_ptrace, "ptrace")
 #define TRAPPED_NR(nr, name) nr,
 #define TRAPPED_NAME(nr, name) name,
 static const int trapped[] = {TRAPPED_CALLS(TRAPPED_NR)};

@@ -202,6 +202,7 @@ static PyObject *trap_run(PyObject *self, PyObject *args)
     shadow_n = (size_t)rn;
     memset(n_trapped, 0, sizeof n_trapped);
     n_pass = n_hits = n_upcalls = n_notified = n_absent = 0;
+    said_tracer = 0;
     my_uid = getuid();
     n_scratch = n_held = 0;
     if (getrandom(&scratch_cookie, sizeof scratch_cookie, 0) != sizeof scratch_cookie)

@@ -295,6 +295,8 @@ static int handle_syscall(pid_t tid, struct user_regs_struct *r, tstate_t *t)
     if (nr >= 0 && nr < NSYS)
         n_trapped[nr]++;
     switch (nr) {
+    case SYS_ptrace:
+        return ptrace_call(tid, r);
     case SYS_open:
     case SYS_openat:
     case 437: {
