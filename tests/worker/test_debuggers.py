@@ -28,6 +28,17 @@ TRACERS = r"""
 #include <sys/wait.h>
 #include <unistd.h>
 static const char *res(long r) { return r == 0 ? "ok" : strerror(errno); }
+static void on_child(enum __ptrace_request req, const char *what)
+{
+    pid_t c = fork();
+    if (c == 0) {
+        pause();
+        _exit(0);
+    }
+    printf("%s child: %s\n", what, res(ptrace(req, c, 0, 0)));
+    kill(c, SIGKILL);
+    waitpid(c, NULL, 0);
+}
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -48,22 +59,8 @@ int main(int argc, char **argv)
     ssize_t n = read(p[0], buf, sizeof buf - 1);
     buf[n > 0 ? n : 0] = 0;
     fputs(buf, stdout);
-    c = fork();
-    if (c == 0) {
-        pause();
-        _exit(0);
-    }
-    printf("attach child: %s\n", res(ptrace(PTRACE_ATTACH, c, 0, 0)));
-    kill(c, SIGKILL);
-    waitpid(c, NULL, 0);
-    c = fork();
-    if (c == 0) {
-        pause();
-        _exit(0);
-    }
-    printf("seize child: %s\n", res(ptrace(PTRACE_SEIZE, c, 0, 0)));
-    kill(c, SIGKILL);
-    waitpid(c, NULL, 0);
+    on_child(PTRACE_ATTACH, "attach");
+    on_child(PTRACE_SEIZE, "seize");
     return 0;
 }
 """

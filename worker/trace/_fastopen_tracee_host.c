@@ -88,7 +88,7 @@ static int host_missing(const char *base, long nr, const long *a, const char *p,
     /* One walk that follows no symlink (openat2, RESOLVE_NO_SYMLINKS): ENOENT there means a
      * name is missing below real directories only, and no link can lead anywhere.  A link
      * on the way (ELOOP: merged /usr's /lib, a trailing link) or no openat2 (Linux < 5.6):
-     * the checks below, a syscall a name (glibc's probes of its locales cost 6 each). */
+     * the checks below, a syscall a name (6 for each of glibc's probes of its locales). */
     uint64_t how[3] = {010000000 | 02000000 /* O_PATH|O_CLOEXEC */, 0, 0x04 /* NO_SYMLINKS */};
     long fd = fo_syscall6(437, AT_FDCWD_, (long)p, (long)how, sizeof how, 0, cookie);
     if (fd == -ENOENT_)
