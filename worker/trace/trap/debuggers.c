@@ -8,7 +8,7 @@
  * tracing anything, under hep-exec, where the program's /cvmfs libraries are.
  *
  * Part of the one translation unit of worker/trace/_trap.c (see README.md here): it uses what
- * _trap.c's header and config.c, apply.c define.
+ * _trap.c's header and config.c, paths.c, apply.c define.
  */
 
 static int said_tracer; /* the line is said once a run (trap_run clears it) */
@@ -16,17 +16,8 @@ static int said_tracer; /* the line is said once a run (trap_run clears it) */
 /* Does our process trace tid?  /proc/<tid>/status's TracerPid is the tracer's tgid. */
 static int traced_by_us(pid_t tid)
 {
-    char path[48], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
-    const char *at = strstr(buf, "\nTracerPid:");
+    char buf[1024];
+    const char *at = proc_status(tid, buf, sizeof buf) ? strstr(buf, "\nTracerPid:") : NULL;
     return at && atoi(at + sizeof "\nTracerPid:" - 1) == (int)getpid();
 }
 
@@ -35,15 +26,13 @@ static void say_tracer(pid_t tid, const char *what)
     if (said_tracer)
         return;
     said_tracer = 1;
-    char path[48], comm[32] = "a program";
-    snprintf(path, sizeof path, "/proc/%d/comm", (int)tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        ssize_t n = read(fd, comm, sizeof comm - 1);
-        close(fd);
-        comm[n > 0 ? n - (comm[n - 1] == '\n') : 0] = 0;
-        if (!comm[0])
-            strcpy(comm, "a program");
+    char buf[256], comm[32] = "a program"; /* status's first line: "Name:\t<comm>" */
+    if (proc_status(tid, buf, sizeof buf) && !strncmp(buf, "Name:\t", 6)) {
+        size_t n = strcspn(buf + 6, "\n");
+        if (n && n < sizeof comm) {
+            memcpy(comm, buf + 6, n);
+            comm[n] = 0;
+        }
     }
     dprintf(2,
             "hep-exec: %s (pid %d) asked %s, which no process of this job can be: hep-exec "
